@@ -1,0 +1,156 @@
+"""Record types that flow through a preprocessing job.
+
+raw source ─► RawSample ─► CleanSample (+ features) ─► shard sample / IndexRow
+                  └──────────────► Reject (sample id, stage, reason) ─► IndexRow(status="rejected")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+MODALITIES: tuple[str, ...] = ("text", "image", "audio")
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+
+
+def sample_key(sample_id: str) -> str:
+    """WebDataset ``__key__`` for a sample id: the id itself when it is tar- and dot-safe, else a hash.
+
+    WebDataset splits a member name at its first dot and treats ``/`` as a folder, so ids such as
+    ``img/001.jpg`` cannot be keys. Hashed keys start with ``h-`` and plain ids never do, so the two
+    spaces cannot collide.
+    """
+    if _SAFE_KEY.match(sample_id) and not sample_id.startswith("h-"):
+        return sample_id
+    return "h-" + hashlib.sha1(sample_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Media:
+    """Raw media: a path or URI that Beam's FileSystems can open, or bytes already in hand (from a tar)."""
+
+    uri: str | None = None
+    data: bytes | None = None
+    name: str = ""  # file name as the source gave it, for messages and format hints only
+
+    def __post_init__(self) -> None:
+        if self.uri is None and self.data is None:
+            raise ValueError("Media needs a uri or data")
+
+    def describe(self) -> str:
+        return self.uri or self.name or f"<{len(self.data or b'')} bytes>"
+
+
+@dataclass
+class RawSample:
+    """One input sample as a reader found it; nothing decoded or checked yet.
+
+    ``text`` is ``bytes`` when it came from a file (decoded strictly by the text cleaner) and ``str``
+    when it came from a JSON/CSV/Parquet cell; readers decode manifest lines with ``surrogateescape``
+    so invalid UTF-8 survives as lone surrogates for the text cleaner to reject or repair.
+    """
+
+    id: str
+    text: str | bytes | None = None
+    image: Media | None = None
+    audio: Media | None = None
+    label: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # "manifest.jsonl:12", "shard-0001.tar:000123", ...
+
+    def present(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self, m) is not None]
+
+
+@dataclass
+class CleanSample:
+    """A sample after cleaning (and, once extracted, with features). Arrays are numpy.
+
+    image: uint8 (H, W, 3) RGB sized for the image extractor; audio: float32 (n,) mono at
+    ``sample_rate``; features[modality]: float16 (n, dim). ``dropped`` maps a modality that was
+    present in the input but rejected to ``"stage: reason"``.
+    """
+
+    id: str
+    key: str
+    label: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
+    image: Any = None
+    audio: Any = None
+    sample_rate: int | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    content_hash: str = ""
+    modality_hashes: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    def present(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self, m) is not None]
+
+    def with_(self, **changes: Any) -> CleanSample:
+        return replace(self, **changes)
+
+    def shard_json(self, schema_version: int) -> dict[str, Any]:
+        """The ``json`` member of the shard sample."""
+        return {
+            "id": self.id,
+            "label": self.label,
+            "text": self.text,
+            "modalities": [m for m in MODALITIES if m in self.features],
+            "content_hash": self.content_hash,
+            "modality_hashes": self.modality_hashes,
+            "fingerprint": self.fingerprints,
+            "dropped": self.dropped,
+            "meta": self.meta,
+            "schema_version": schema_version,
+        }
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A sample (or a part of the input that could not become one) that did not land, and why.
+
+    ``stage`` is where it failed (``read``, ``clean.text``, ``clean.image``, ``clean.audio``,
+    ``extract.<modality>``, ``clean``); ``reason`` a stable code (``image.truncated``) that reports
+    group by; ``detail`` the human message. Lines too broken to carry an id use their ``source``.
+    """
+
+    id: str
+    stage: str
+    reason: str
+    detail: str = ""
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Reject:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    """One row of ``index/*.parquet``: every input sample has one, landed or not."""
+
+    id: str
+    key: str
+    shard: str | None  # path relative to the dataset folder; None when rejected
+    content_hash: str
+    fingerprint: str  # JSON of {modality: extractor fingerprint}
+    status: str  # "ok" | "rejected"
+    stage: str  # where it was rejected, or where a modality was dropped ("" when clean)
+    reason: str  # reason code(s), "; "-joined when several modalities were dropped
+    detail: str
+    modalities: str  # comma-joined modalities with features
+    label: str | None
+    source: str
+    version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
