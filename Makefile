@@ -1,0 +1,32 @@
+# mbm — the two quickstart commands:
+#   make demo   sets up .venv and preprocesses the bundled sample dataset
+#   make test   sets up .venv and runs the whole test suite (fast and slow)
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mbm-installed
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mbm demo --output out/demo
+
+# pytest exits 5 when it collected nothing; that is not a failure of the code under test.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check schemas pipelines mbm jobs tests benchmarks
+
+clean:
+	rm -rf out runs .pytest_cache

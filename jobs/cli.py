@@ -1,0 +1,175 @@
+"""The ``mbm`` command line: preprocess, demo, train, evaluate, generate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs.spec import RUNNERS, SpecError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 too; keep its format but say what to fix
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"mbm: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mbm", description="Multimodal datasets → feature shards → fusion models.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    pre = sub.add_parser("preprocess", help="run a preprocessing job spec (TOML)",
+                         description="Run a preprocessing job. Beam pipeline options may follow `--`.")
+    pre.add_argument("spec", help="job spec, e.g. jobs/examples/demo.toml")
+    pre.add_argument("--output", help="dataset folder to write (overrides [output] dir)")
+    pre.add_argument("--runner", choices=RUNNERS, help="Beam runner (default FnApiRunner: in-process, one worker per core)")
+    pre.add_argument("--workers", type=_positive_int, help="worker processes for local runners (default: one per core)")
+    pre.add_argument("--device", help="extractor device: auto, cpu, cuda, cuda:N (default auto)")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pre.set_defaults(func=cmd_preprocess)
+
+    demo = sub.add_parser("demo", help="preprocess the bundled sample dataset")
+    demo.add_argument("--output", default="out/demo", help="dataset folder to write (default out/demo)")
+    demo.add_argument("--workers", type=_positive_int, help="worker processes (default: one per core)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from jobs import train_cli
+    except ImportError:  # the trainer is optional for preprocessing-only installs
+        train_cli = None
+    if train_cli is not None:
+        for name in ("add_train_parser", "add_evaluate_parser", "add_generate_parser"):
+            if hasattr(train_cli, name):
+                getattr(train_cli, name)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    beam_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, beam_args = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    args.beam_args = beam_args
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose < 2:
+        for noisy in ("apache_beam", "absl", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as e:
+        print(f"mbm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mbm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    o: dict[str, dict[str, Any]] = {}
+    if getattr(args, "output", None):
+        o.setdefault("output", {})["dir"] = str(Path(args.output).resolve()) if "://" not in args.output else args.output
+    for flag, key in (("runner", "name"), ("workers", "workers"), ("device", "device")):
+        if getattr(args, flag, None) is not None:
+            o.setdefault("runner", {})[key] = getattr(args, flag)
+    return o
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from jobs.spec import load_spec
+
+    spec = load_spec(args.spec, _overrides(args))
+    return _run_and_summarize(spec, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.demo import demo_spec
+
+    spec = demo_spec(args.output, workers=args.workers)
+    code = _run_and_summarize(spec, args)
+    if code == 0:
+        out = spec.output.dir
+        print(f"\nShards are in {out}/shards (dataset.json lists the current version).")
+        print("Train on them:")
+        print(f"  .venv/bin/mbm train --data {out} --task classify --fusion concat --steps 300 --out runs/demo")
+    return code
+
+
+def _run_and_summarize(spec, args: argparse.Namespace) -> int:
+    from jobs.preprocess import run_preprocess
+    from pipelines.lock import FolderLockedError
+
+    bar = None if args.no_progress or not sys.stderr.isatty() else _progress_bar()
+    try:
+        result = run_preprocess(spec, extra_options=args.beam_args, on_progress=bar)
+    except FolderLockedError as e:
+        print(f"mbm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        if bar is not None:
+            bar.close()
+    print_summary(result.out_dir, result.report)
+    return 0
+
+
+class _progress_bar:
+    """tqdm bar fed with the workers' counts: samples finished (landed or rejected) out of samples read."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, unit="sample", desc="preprocess", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, counts: dict[str, int]) -> None:
+        done = counts.get("extracted", 0) + counts.get("rejected", 0)
+        total = counts.get("read", 0) + counts.get("rejected", 0)
+        self._bar.total = max(total, done)
+        self._bar.n = done
+        self._bar.set_postfix(ok=counts.get("extracted", 0), rejected=counts.get("rejected", 0), refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def print_summary(out_dir: str, report: dict[str, Any]) -> None:
+    c = report["counts"]
+    print(f"dataset {out_dir} version {report.get('version')}")
+    print(f"  samples in   {c['input']:>8}")
+    print(f"  ok           {c['ok']:>8}   (extracted {c['extracted']})")
+    print(f"  rejected     {c['rejected']:>8}")
+    for stage, n in report.get("rejected_by_stage", {}).items():
+        print(f"    at {stage:<20} {n:>6}")
+    for reason, n in report.get("rejected_by_reason", {}).items():
+        print(f"    {reason:<40} {n:>6}")
+    if report.get("dropped_modalities_by_reason"):
+        print("  modalities dropped from samples that landed:")
+        for reason, n in report["dropped_modalities_by_reason"].items():
+            print(f"    {reason:<40} {n:>6}")
+    print(f"  time         {report['seconds']:>8.1f} s   ({report['samples_per_second']:.1f} samples/s)")
+    print(f"  report       {out_dir}/report.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,81 @@
+"""Running a preprocessing job end to end: lock, stage, run the Beam pipeline, commit a version."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+
+from jobs.spec import JobSpec, create_extractors, dump_toml
+from pipelines.build import build_graph, make_runner, pipeline_options
+from pipelines.cleaning import CleanConfig
+from pipelines.commit import commit
+from pipelines.extract import build_handlers
+from pipelines.lock import FolderLock
+from pipelines.progress import ProgressMonitor
+from pipelines.sink import SinkConfig
+from schemas import DatasetManifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    out_dir: str
+    manifest: DatasetManifest
+    report: dict[str, Any]
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def run_preprocess(spec: JobSpec, *, extra_options: list[str] | None = None,
+                   on_progress: Callable[[dict[str, int]], None] | None = None,
+                   clock: Callable[[], float] = time.monotonic) -> JobResult:
+    """Run ``spec`` and commit the result as the output folder's next version."""
+    started = clock()
+    out_dir = spec.output.dir
+    local = _is_local(out_dir)
+    with FolderLock(out_dir) if local else nullcontext():
+        staging_root = f"{out_dir.rstrip('/')}/.staging"
+        if local and Path(staging_root).exists():
+            shutil.rmtree(staging_root)  # we hold the lock: anything here is left from a killed run
+        staging = f"{staging_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        if local:
+            Path(staging).mkdir(parents=True)
+        extractors = create_extractors(spec)
+        fingerprints = {m: ex.fingerprint() for m, ex in extractors.items()}
+        dims = {m: ex.dim for m, ex in extractors.items()}
+        handlers = build_handlers(extractors, {m: e.batch_size for m, e in spec.extract.items()}, spec.runner.device)
+        workers = spec.runner.num_workers()
+        os.environ["MBM_WORKERS"] = str(workers)  # extractors size torch's thread pool from this
+        options = pipeline_options(spec.runner.name, workers, list(spec.runner.options) + list(extra_options or []))
+        progress_dir = f"{staging}/progress"
+        p = beam.Pipeline(runner=make_runner(spec.runner.name), options=options)
+        build_graph(
+            p,
+            source=spec.input,
+            clean=CleanConfig(text=spec.text, image=spec.image, audio=spec.audio),
+            handlers=handlers,
+            sink=SinkConfig(staging=staging, samples_per_shard=spec.output.samples_per_shard,
+                            max_shard_bytes=spec.output.max_shard_bytes, include_text=spec.output.include_media),
+            progress_dir=progress_dir,
+        )
+        monitor = ProgressMonitor(progress_dir, on_progress) if (on_progress and local) else nullcontext()
+        with monitor:
+            p.run().wait_until_finish()
+        if local and Path(progress_dir).exists():
+            shutil.rmtree(progress_dir)
+        result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
+                        fingerprints=fingerprints, feature_dims=dims)
+    return JobResult(out_dir=out_dir, manifest=result.manifest, report=result.report)

@@ -1,0 +1,312 @@
+"""The preprocessing job spec: TOML in, validated dataclasses out.
+
+A minimal spec needs only ``[input]`` (one of ``manifest``, ``folder``, ``shards``) and
+``[output] dir``. Relative paths resolve against the spec file's folder; an input path that does not
+exist there but does relative to the current directory is taken from the current directory.
+Every problem raises ``SpecError`` naming the section and key, so the CLI can exit 2 with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RUNNERS = ("FnApiRunner", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
+SECTIONS = ("input", "output", "text", "image", "audio", "extract", "runner")
+
+
+class SpecError(ValueError):
+    """A job spec or CLI argument that cannot work; the message says what to fix."""
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    dir: str
+    samples_per_shard: int = 1000
+    max_shard_bytes: int = 512 * 1024 * 1024
+    include_media: bool = False  # also store the cleaned text (.txt) next to the features
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ValueError("dir must be a non-empty path")
+        if self.samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_shard_bytes < 1024 * 1024:
+            raise ValueError(f"max_shard_bytes must be >= 1 MiB (1048576), got {self.max_shard_bytes}")
+
+
+@dataclass(kw_only=True)
+class ExtractConfig:
+    name: str
+    batch_size: int = 32
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True)
+class RunnerConfig:
+    name: str = "FnApiRunner"
+    workers: int = 0  # 0: one per core
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    options: list[str] = field(default_factory=list)  # extra Beam pipeline options
+
+    def __post_init__(self) -> None:
+        if self.name not in RUNNERS:
+            raise ValueError(f"name must be one of {', '.join(RUNNERS)}, got {self.name!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = one per core), got {self.workers}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def num_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass(kw_only=True)
+class JobSpec:
+    """A resolved, validated preprocessing job."""
+
+    input: Any  # pipelines.readers.source.SourceConfig
+    output: OutputConfig
+    text: Any  # pipelines.clean.text.TextCleanConfig
+    image: Any  # pipelines.clean.image.ImageCleanConfig
+    audio: Any  # pipelines.clean.audio.AudioCleanConfig
+    extract: dict[str, ExtractConfig]  # modality -> extractor
+    runner: RunnerConfig
+    source_path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain data (what ``job.toml`` records)."""
+        d: dict[str, Any] = {
+            "input": _asdict(self.input),
+            "output": _asdict(self.output),
+            "text": _asdict(self.text),
+            "image": _asdict(self.image),
+            "audio": _asdict(self.audio),
+            "extract": {m: _asdict(e) for m, e in self.extract.items()},
+            "runner": _asdict(self.runner),
+        }
+        return d
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(obj)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if v is not None}
+
+
+def load_spec(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> JobSpec:
+    """Read, merge CLI ``overrides`` (section -> key -> value) into, and validate a TOML job spec."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"job spec {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from e
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return parse_spec(raw, base_dir=path.parent, source_path=str(path))
+
+
+def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec>") -> JobSpec:
+    """Validate a spec given as a dict (already parsed TOML)."""
+    from mbm.extractors.registry import DEFAULTS
+    from pipelines.clean.audio import AudioCleanConfig
+    from pipelines.clean.image import ImageCleanConfig
+    from pipelines.clean.text import TextCleanConfig
+    from pipelines.readers.source import SourceConfig
+
+    where = source_path
+    for section in raw:
+        if section not in SECTIONS:
+            raise SpecError(f"{where}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(raw[section], dict):
+            raise SpecError(f"{where}: [{section}] must be a table, got {type(raw[section]).__name__}")
+    if "input" not in raw:
+        raise SpecError(f"{where}: missing [input] section (set manifest, folder or shards)")
+    if "dir" not in raw.get("output", {}):
+        raise SpecError(f"{where}: missing [output] dir (the dataset folder to write)")
+
+    inp = dict(raw["input"])
+    for key in ("manifest", "folder", "shards"):
+        if isinstance(inp.get(key), str):
+            inp[key] = _resolve_input(inp[key], base_dir, where, key)
+    out = dict(raw["output"])
+    out["dir"] = str(_resolve(out["dir"], base_dir)) if isinstance(out["dir"], str) else out["dir"]
+
+    extract_raw = raw.get("extract", {})
+    extract: dict[str, ExtractConfig] = {}
+    for modality in extract_raw:
+        if modality not in DEFAULTS:
+            raise SpecError(f"{where}: unknown section [extract.{modality}] (known: {', '.join(DEFAULTS)})")
+    for modality, default_name in DEFAULTS.items():
+        section = dict(extract_raw.get(modality, {}))
+        name = section.pop("name", default_name)
+        batch_size = section.pop("batch_size", 32)
+        extract[modality] = _build(ExtractConfig, {"name": name, "batch_size": batch_size, "options": section},
+                                   f"extract.{modality}", where)
+
+    spec = JobSpec(
+        input=_build(SourceConfig, inp, "input", where),
+        output=_build(OutputConfig, out, "output", where),
+        text=_build(TextCleanConfig, raw.get("text", {}), "text", where),
+        image=raw.get("image", {}),
+        audio=raw.get("audio", {}),
+        extract=extract,
+        runner=_build(RunnerConfig, raw.get("runner", {}), "runner", where),
+        source_path=source_path,
+    )
+    extractors = create_extractors(spec)
+    image_spec = extractors["image"].input_spec()
+    audio_spec = extractors["audio"].input_spec()
+    spec.image = _build(ImageCleanConfig, raw.get("image", {}), "image", where,
+                        derived={"size": (image_spec["image_size"], f"[extract.image] {spec.extract['image'].name}")})
+    spec.audio = _build(AudioCleanConfig, raw.get("audio", {}), "audio",
+                        where, derived={"sample_rate": (audio_spec["sample_rate"],
+                                                   f"[extract.audio] {spec.extract['audio'].name}")})
+    return spec
+
+
+def create_extractors(spec: JobSpec) -> dict[str, Any]:
+    """One extractor per modality from the spec; bad names and options raise SpecError."""
+    from mbm.extractors.registry import create_extractor
+
+    out = {}
+    for modality, cfg in spec.extract.items():
+        try:
+            ex = create_extractor(cfg.name, cfg.options)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            raise SpecError(f"{spec.source_path}: [extract.{modality}]: {e}") from e
+        if ex.modality != modality:
+            raise SpecError(f"{spec.source_path}: [extract.{modality}] name = {cfg.name!r} is a {ex.modality} "
+                            f"extractor, not a {modality} one")
+        out[modality] = ex
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], section: str, where: str, derived: dict[str, Any] | None = None) -> Any:
+    """``cls(**values)`` with unknown keys, wrong types and invalid values reported as SpecError.
+
+    ``derived`` holds keys the spec may not choose freely (the image size is the image extractor's):
+    a user value that disagrees with the derived one is an error naming where it comes from.
+    """
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = dict(values)
+    for key in values:
+        if key not in known:
+            raise SpecError(f"{where}: unknown key {key!r} in [{section}] (known: {', '.join(sorted(known))})")
+    for key, (value, origin) in (derived or {}).items():
+        if key in values and values[key] != value:
+            raise SpecError(f"{where}: [{section}] {key} = {values[key]!r} conflicts with {origin}, which needs "
+                            f"{value!r}; remove {key} from [{section}] or change the extractor's setting")
+        values[key] = value
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            values[f.name] = _check_type(values[f.name], f.type, f"{where}: [{section}] {f.name}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"{where}: [{section}]: {e}") from e
+
+
+_SCALARS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_type(value: Any, annotation: Any, what: str) -> Any:
+    """Check a TOML value against a simple field annotation (``int``, ``str | None``, ``tuple[...]``)."""
+    ann = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace(" ", "")
+    options = ann.split("|")
+    if ann.startswith("tuple") and isinstance(value, list):
+        return tuple(value)
+    for name in options:
+        typ = _SCALARS.get(name)
+        if typ is None:
+            return value  # not a simple scalar annotation: the dataclass validates it
+        if isinstance(value, typ) and (name == "bool" or not isinstance(value, bool)):
+            return value
+    if value is None and "None" in options:
+        return value
+    raise SpecError(f"{what} must be {' or '.join(options)}, got {value!r}")
+
+
+def _resolve(p: str, base_dir: Path) -> Path:
+    if "://" in p:
+        return Path(p)  # URIs pass through untouched (str() below keeps them intact on POSIX only)
+    path = Path(os.path.expanduser(p))
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _resolve_input(p: str, base_dir: Path, where: str, key: str) -> str:
+    if "://" in p:
+        return p
+    resolved = _resolve(p, base_dir)
+    if _exists(resolved):
+        return str(resolved)
+    cwd_relative = Path(os.path.expanduser(p)).resolve()
+    if _exists(cwd_relative):
+        log.info("[input] %s = %r: not found next to the spec, using %s", key, p, cwd_relative)
+        return str(cwd_relative)
+    raise SpecError(f"{where}: [input] {key} = {p!r}: {resolved} does not exist")
+
+
+def _exists(path: Path) -> bool:
+    if path.exists():
+        return True
+    text = str(path)
+    if any(c in text for c in "*?[{"):  # glob / brace patterns for shards: check that something matches
+        import glob
+
+        import braceexpand
+
+        return any(glob.glob(x) for x in braceexpand.braceexpand(text))
+    return False
+
+
+def dump_toml(d: dict[str, Any]) -> str:
+    """Serialize the resolved spec (nested dicts of scalars, lists, dicts) as TOML."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix and (scalars or not tables):
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        if prefix and (scalars or not tables):
+            lines.append("")
+        for k, v in tables.items():
+            emit(f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k), v)
+
+    emit("", d)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _toml_key(k: str) -> str:
+    import re
+
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
+def _toml_value(v: Any) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -1,0 +1,68 @@
+"""Raw shard sample → ``Sample`` (parsed json, float16 feature arrays), or ``CorruptSample``."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mbm.data.errors import CorruptSample
+from schemas import MODALITIES, SCHEMA_VERSION
+
+
+@dataclass
+class Sample:
+    """One decoded shard sample; ``features[m]`` is float16 (tokens, dim) for each present modality."""
+
+    id: str
+    key: str
+    label: Any = None
+    text: str | None = None
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An array from .npy bytes; pickles are refused."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _features(raw: dict[str, Any], modality: str, dim: int | None) -> np.ndarray:
+    member = f"{modality}.npy"
+    if member not in raw:
+        raise CorruptSample("npy.missing", f"{raw['__key__']}: {member} listed but absent")
+    try:
+        arr = load_npy(raw[member])
+    except Exception as exn:  # noqa: BLE001 - corrupt bytes can fail in many ways
+        raise CorruptSample("npy.bad", f"{raw['__key__']}.{member}: {exn}") from exn
+    if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.floating):
+        raise CorruptSample("npy.shape", f"{raw['__key__']}.{member}: {arr.dtype} {arr.shape}, want float (n, dim)")
+    if dim is not None and arr.shape[1] != dim:
+        raise CorruptSample("npy.dim", f"{raw['__key__']}.{member}: dim {arr.shape[1]}, dataset says {dim}")
+    if not np.isfinite(arr).all():
+        raise CorruptSample("npy.nonfinite", f"{raw['__key__']}.{member}")
+    return arr.astype(np.float16, copy=False)
+
+
+def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = None) -> Sample:
+    """Decode and check one raw sample; ``feature_dims`` (when given) must match every array's width."""
+    key = raw.get("__key__", "?")
+    try:
+        doc = json.loads(raw["json"])
+    except Exception as exn:  # noqa: BLE001
+        raise CorruptSample("json.bad", f"{key}: {exn}") from exn
+    if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+        raise CorruptSample("json.bad", f"{key}: no string id")
+    if int(doc.get("schema_version", SCHEMA_VERSION)) > SCHEMA_VERSION:
+        raise CorruptSample("schema.newer", f"{key}: schema_version {doc['schema_version']}")
+    listed = doc.get("modalities") or []
+    modalities = [m for m in MODALITIES if m in listed]
+    if not modalities:
+        raise CorruptSample("modalities.none", f"{key}: no modality present")
+    dims = feature_dims or {}
+    features = {m: _features(raw, m, dims.get(m)) for m in modalities}
+    text = doc.get("text")
+    return Sample(id=doc["id"], key=key, label=doc.get("label"),
+                  text=text if isinstance(text, str) else None, features=features)

