@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropImportNoise(logging.Filter):
+    """Beam warns at import time about optional GCP clients that local runs never use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("apitools not found")
+
+
+def _offline_environment() -> None:
+    # Nothing may download at run time; worker processes inherit these.
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_VERBOSITY", "error"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _offline_environment()
     argv = list(sys.argv[1:] if argv is None else argv)
     beam_args: list[str] = []
     if "--" in argv:
@@ -71,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     args.beam_args = beam_args
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropImportNoise())
     if args.verbose < 2:
         for noisy in ("apache_beam", "absl", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -61,7 +61,10 @@ def run_preprocess(spec: JobSpec, *, extra_options: list[str] | None = None,
         os.environ["MBM_WORKERS"] = str(workers)  # extractors size torch's thread pool from this
         options = pipeline_options(spec.runner.name, workers, list(spec.runner.options) + list(extra_options or []))
         progress_dir = f"{staging}/progress"
-        p = beam.Pipeline(runner=make_runner(spec.runner.name), options=options)
+        worker_log = f"{out_dir.rstrip('/')}/.worker.log" if local else None
+        if worker_log:
+            Path(worker_log).unlink(missing_ok=True)
+        p = beam.Pipeline(runner=make_runner(spec.runner.name, workers, worker_log), options=options)
         build_graph(
             p,
             source=spec.input,

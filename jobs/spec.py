@@ -93,7 +93,7 @@ class JobSpec:
             "text": _asdict(self.text),
             "image": _asdict(self.image),
             "audio": _asdict(self.audio),
-            "extract": {m: _asdict(e) for m, e in self.extract.items()},
+            "extract": {m: {"name": e.name, "batch_size": e.batch_size, **e.options} for m, e in self.extract.items()},
             "runner": _asdict(self.runner),
         }
         return d

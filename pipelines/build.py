@@ -18,19 +18,36 @@ log = logging.getLogger(__name__)
 
 def pipeline_options(runner: str, workers: int, extra: list[str]) -> PipelineOptions:
     """Beam options for ``runner``; local runners get one worker process per requested core."""
-    args = [f"--runner={runner}"]
-    if runner in ("FnApiRunner", "DirectRunner"):
+    args = [f"--runner={runner}", "--default_sdk_harness_log_level=WARNING"]
+    if runner == "FnApiRunner":
+        # Worker processes come from make_runner's environment; in_memory keeps Beam from replacing it.
+        args += [f"--direct_num_workers={workers}", "--direct_running_mode=in_memory"]
+    elif runner == "DirectRunner":
         args.append(f"--direct_num_workers={workers}")
         args.append("--direct_running_mode=" + ("multi_processing" if workers > 1 else "in_memory"))
     return PipelineOptions(args + list(extra))
 
 
-def make_runner(name: str):
-    """The runner object; local runners are named explicitly so Beam never tries to download Prism."""
+def make_runner(name: str, workers: int = 1, worker_log: str | None = None):
+    """The runner object; local runners are named explicitly so Beam never tries to download Prism.
+
+    ``FnApiRunner`` with several workers runs them as subprocesses (Beam's ``multi_processing``
+    mode), with their stderr (Beam's per-worker start-up chatter) appended to ``worker_log``.
+    """
     if name == "FnApiRunner":
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-        return FnApiRunner()
+        if workers <= 1:
+            return FnApiRunner()
+        import shlex
+        import sys
+
+        from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+        command = f"{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main"
+        if worker_log:
+            command += f" 2>>{shlex.quote(worker_log)}"
+        return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
     if name == "DirectRunner":
         from apache_beam.runners.direct.direct_runner import DirectRunner
 

@@ -50,7 +50,12 @@ def _config_bytes(cfg: Any) -> bytes:
 
 
 def _text_bytes(text: str | bytes) -> bytes:
-    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+    if isinstance(text, bytes):
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte (e.g. JSON "\ud83d")
+        return text.encode("utf-8", "surrogatepass")
 
 
 def clean_modality(raw: RawSample, modality: str, cfg: CleanConfig) -> tuple[Any, str]:

@@ -145,7 +145,19 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     else:
         replace_atomic_local(dataset_json, manifest.to_json().encode("utf-8"))
     FileSystems.delete([staging])
+    _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report, rows=rows)
+
+
+def _remove_if_empty(folder: str) -> None:
+    if "://" in folder:
+        return  # object stores have no empty folders
+    import os
+
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass  # not empty (another run's leftovers) or already gone
 
 
 def build_report(rows: list[dict[str, Any]], seconds: float) -> tuple[dict[str, int], dict[str, Any]]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from schemas import Media
-
 from pipelines.errors import CleanError
+from schemas import Media
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 

@@ -106,15 +106,18 @@ def reject_row(reject: Reject) -> IndexRow:
 
 
 def _plan_parts(samples: list[CleanSample], cfg: SinkConfig) -> Iterator[list[tuple[CleanSample, dict]]]:
+    """Split a bucket into shards under both limits, evenly: 17 samples at 16 per shard give 9 + 8, not 16 + 1."""
+    encoded = [(s, encode_sample(s, cfg.include_text)) for s in samples]
+    sizes = [member_bytes(m) for _, m in encoded]
+    n_parts = max(math.ceil(len(encoded) / cfg.samples_per_shard), math.ceil(sum(sizes) / cfg.max_shard_bytes), 1)
+    target = math.ceil(len(encoded) / n_parts)
     part: list[tuple[CleanSample, dict]] = []
     size = 0
-    for s in samples:
-        members = encode_sample(s, cfg.include_text)
-        n = member_bytes(members)
-        if part and (len(part) >= cfg.samples_per_shard or size + n > cfg.max_shard_bytes):
+    for item, n in zip(encoded, sizes, strict=True):
+        if part and (len(part) >= target or size + n > cfg.max_shard_bytes):
             yield part
             part, size = [], 0
-        part.append((s, members))
+        part.append(item)
         size += n
     if part:
         yield part

@@ -5,9 +5,22 @@ Importing this package is cheap: torch, transformers and Beam load only when a m
 
 from typing import Any
 
-from mbm.extractors import audio, image, text  # noqa: F401  (registers the built-in extractors)
+from mbm.extractors import (  # noqa: F401  (importing registers the built-ins)
+    audio,
+    hf_audio,
+    hf_image,
+    image,
+    text,
+    torchvision_image,
+)
 from mbm.extractors.base import Extractor, ExtractorConfig
-from mbm.extractors.registry import DEFAULTS, available, create_extractor, get_extractor_class, register_extractor
+from mbm.extractors.registry import (
+    DEFAULTS,
+    available,
+    create_extractor,
+    get_extractor_class,
+    register_extractor,
+)
 
 __all__ = [
     "DEFAULTS",

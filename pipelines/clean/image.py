@@ -62,7 +62,9 @@ class ImageCleanConfig:
             or len(bg) != 3
             or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in bg)
         ):
-            raise ValueError(f"ImageCleanConfig.background must be 3 integers in 0..255 (R, G, B), got {bg!r}")
+            raise ValueError(
+                f"ImageCleanConfig.background must be 3 integers in 0..255 (R, G, B), got {bg!r}"
+            )
         self.background = tuple(bg)
 
     def to_dict(self) -> dict:
@@ -94,7 +96,9 @@ def _open(data: bytes, cfg: ImageCleanConfig) -> Image.Image:
         raise _error(data, e, "open") from None
     w, h = img.size
     if w * h > cfg.max_pixels:
-        raise CleanError("image.too_large", f"{img.format} header says {w}x{h} = {w * h} pixels, limit is {cfg.max_pixels}")
+        raise CleanError(
+            "image.too_large", f"{img.format} header says {w}x{h} = {w * h} pixels, limit is {cfg.max_pixels}"
+        )
     if w < 1 or h < 1:
         raise CleanError("image.unreadable", f"{img.format} header says {w}x{h}")
     if img.format == "JPEG":
@@ -104,6 +108,8 @@ def _open(data: bytes, cfg: ImageCleanConfig) -> Image.Image:
         img.load()
     except Exception as e:
         raise _error(data, e, "load", img.format) from None
+    if _looks_truncated(data, _sniff(data)):  # pixels complete but the file cut short (PNG without IEND)
+        raise CleanError("image.truncated", f"{img.format} ({len(data)} bytes) ends before its last chunk")
     return img
 
 
@@ -111,13 +117,13 @@ def _error(data: bytes, e: Exception, phase: str, fmt: str | None = None) -> Cle
     """Map a Pillow exception to a reason code; the message alone is not reliable, so sniff the bytes too."""
     fmt = fmt or _sniff(data)
     what = f"{fmt or 'unknown format'} ({len(data)} bytes): {type(e).__name__}: {e}"
+    if isinstance(e, Image.DecompressionBombError | MemoryError):
+        return CleanError("image.too_large", what)
     if isinstance(e, EOFError) or "truncated" in str(e).lower() or _looks_truncated(data, fmt):
         return CleanError("image.truncated", what)
     if phase == "open" and fmt is None:
         head = data[:16]
         return CleanError("image.unidentified", f"not an image format Pillow reads; starts with {head!r}")
-    if isinstance(e, MemoryError):
-        return CleanError("image.too_large", what)
     return CleanError("image.unreadable", what)
 
 
@@ -130,13 +136,25 @@ def _sniff(data: bytes) -> str | None:
 def _looks_truncated(data: bytes, fmt: str | None) -> bool:
     """True when the container's own framing says bytes are missing at the end."""
     if fmt == "PNG":
-        return b"IEND" not in data[-64:]
-    if fmt == "JPEG":
-        return b"\xff\xd9" not in data[-4096:]  # EOI; some cameras append data after it
+        return not _png_has_iend(data)
+    if fmt == "JPEG":  # no EOI after the first start-of-scan (markers cannot occur inside scan data)
+        sos = data.find(b"\xff\xda")
+        return sos < 0 or data.rfind(b"\xff\xd9") < sos
     if fmt == "GIF":
         return not data.rstrip(b"\x00").endswith(b";")
     if fmt == "WEBP":
         return len(data) < 8 + struct.unpack("<I", data[4:8])[0]
+    return False
+
+
+def _png_has_iend(data: bytes) -> bool:
+    """Walk the chunk list: True when a complete IEND chunk is reached (junk after it is tolerated)."""
+    pos = 8
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        pos += 12 + length
+        if kind == b"IEND":
+            return pos <= len(data)
     return False
 
 
@@ -154,6 +172,8 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         return Image.fromarray(_scale_to_uint8(np.asarray(img)), mode="L").convert("RGB")
     try:
+        if img.mode == "La":  # premultiplied; Pillow converts it to LA only
+            img = img.convert("LA")
         if img.mode in _ALPHA_MODES or "transparency" in img.info:
             rgba = img.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (*background, 255))
@@ -170,7 +190,7 @@ def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
     16-bit PNG/TIFF used to open), else min-max. Float: x255 when within 0..1, else min-max. NaN/Inf -> 0.
     """
     kind = a.dtype.kind
-    x = a.astype(np.float64)
+    x = a.astype(np.float32)  # enough for 16 bits, half the memory of float64 on huge scans
     x[~np.isfinite(x)] = 0.0
     lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
     if kind == "u" and a.dtype.itemsize == 2:

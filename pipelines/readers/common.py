@@ -8,9 +8,8 @@ import posixpath
 import re
 from typing import Any
 
-from schemas import Media, Reject
-
 from pipelines.errors import CleanError
+from schemas import Media, Reject
 
 STAGE = "read"
 COLUMNS: tuple[str, ...] = ("id", "text", "image", "audio", "label")
@@ -138,9 +137,7 @@ def media_from(value: Any, base: str, allow_outside: bool, where: str, column: s
         if is_empty(value):
             return None
     if not isinstance(value, str):
-        raise CleanError(
-            "read.bad_type", f"{where}: '{column}' is {shown(value)}, expected a path string"
-        )
+        raise CleanError("read.bad_type", f"{where}: '{column}' is {shown(value)}, expected a path string")
     name = value.strip()
     if not name:
         return None

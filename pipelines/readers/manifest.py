@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from schemas import RawSample, Reject
-
 from pipelines.errors import CleanError
 from pipelines.readers.common import (
     COLUMNS,
@@ -25,6 +23,7 @@ from pipelines.readers.common import (
     shown,
 )
 from pipelines.readers.rows import format_of, iter_rows, meta_value
+from schemas import RawSample, Reject
 
 if TYPE_CHECKING:
     from pipelines.readers.source import SourceConfig

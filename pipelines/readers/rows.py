@@ -16,9 +16,8 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from schemas import Reject
-
 from pipelines.readers.common import reject
+from schemas import Reject
 
 FORMATS: dict[str, str] = {
     "jsonl": "jsonl",
@@ -118,7 +117,9 @@ def _json_array_rows(text: str, name: str) -> Iterator[Row | Reject]:
         try:
             row, end = decoder.raw_decode(text, start)
         except ValueError as e:
-            yield reject("read.bad_json", f"{where}: not valid JSON ({e}); the rest of the array is skipped", where)
+            yield reject(
+                "read.bad_json", f"{where}: not valid JSON ({e}); the rest of the array is skipped", where
+            )
             return
         if isinstance(row, dict):
             yield line, row

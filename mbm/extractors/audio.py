@@ -1,0 +1,115 @@
+"""The default audio extractor: log-mel spectrogram frames (torchaudio), no weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from mbm.extractors.base import Extractor, ExtractorConfig
+from mbm.extractors.registry import register_extractor
+from mbm.extractors.runtime import to_device, to_float16_numpy
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class LogMelConfig(ExtractorConfig):
+    """Log-mel spectrogram; defaults are 25 ms windows every 10 ms, 80 mels, at 16 kHz."""
+
+    sample_rate: int = 16000
+    n_fft: int = 400
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+    f_min: float = 0.0
+    f_max: float | None = None  # None: sample_rate / 2
+    log_offset: float = 1e-6  # log(mel + offset) keeps silence finite
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels"):
+            self._check_int(field)
+        if self.win_length > self.n_fft:
+            self._fail("win_length", f"must be <= n_fft ({self.n_fft})")
+        self._check_float("f_min")
+        if self.f_max is not None:
+            self._check_float("f_max", minimum=self.f_min, strict=True)
+            if self.f_max > self.sample_rate / 2:
+                self._fail("f_max", f"must be <= sample_rate / 2 ({self.sample_rate / 2})")
+        elif self.f_min >= self.sample_rate / 2:
+            self._fail("f_min", f"must be < sample_rate / 2 ({self.sample_rate / 2})")
+        self._check_float("log_offset", strict=True)
+
+
+def num_frames(num_samples: int, n_fft: int, hop_length: int) -> int:
+    """Frames of a centred STFT (n_fft // 2 padding each side): 1 + n // hop for an even n_fft."""
+    return 1 + (num_samples + 2 * (n_fft // 2) - n_fft) // hop_length
+
+
+@register_extractor
+class LogMelExtractor(Extractor):
+    """(1 + n // hop, n_mels) log-mel frames per clip; a clip's frames do not depend on its batch."""
+
+    name = "logmel"
+    modality = "audio"
+    config_type = LogMelConfig
+
+    def input_spec(self) -> dict[str, Any]:
+        return {"sample_rate": self.config.sample_rate}
+
+    @property
+    def dim(self) -> int:
+        return self.config.n_mels
+
+    def load(self, device: str) -> Any:
+        import torchaudio
+
+        c = self.config
+        # center=False: each clip is reflect-padded on its own in featurize, so zero padding to the
+        # batch's longest clip never leaks into a clip's last frames.
+        mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=c.sample_rate,
+            n_fft=c.n_fft,
+            win_length=c.win_length,
+            hop_length=c.hop_length,
+            f_min=c.f_min,
+            f_max=c.f_max,
+            n_mels=c.n_mels,
+            center=False,
+            power=2.0,
+        )
+        return mel.eval().to(device)
+
+    def _centre_pad(self, clip: Any, index: int) -> Any:
+        """What center=True would do to this clip alone: n_fft // 2 reflected samples on each side."""
+        import torch
+
+        if not (
+            isinstance(clip, np.ndarray)
+            and clip.ndim == 1
+            and clip.size > 0
+            and np.issubdtype(clip.dtype, np.floating)
+        ):
+            got = f"{clip.dtype} {clip.shape}" if isinstance(clip, np.ndarray) else type(clip).__name__
+            raise ValueError(f"{self.name}: input {index} must be a non-empty 1-D float array, got {got}")
+        if not np.isfinite(clip).all():
+            raise ValueError(f"{self.name}: input {index} holds non-finite samples")
+        pad = self.config.n_fft // 2
+        samples = torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32))[None]  # (1, n)
+        mode = "reflect" if samples.shape[1] > pad else "constant"  # reflect needs more samples than pad
+        return torch.nn.functional.pad(samples, (pad, pad), mode=mode)[0]
+
+    def featurize(self, model: Any, batch: list, device: str) -> list[np.ndarray]:
+        import torch
+
+        padded = [self._centre_pad(clip, i) for i, clip in enumerate(batch)]
+        waves = torch.nn.utils.rnn.pad_sequence(padded, batch_first=True)  # (B, n_max + n_fft)
+        with torch.inference_mode():  # float32 on every device: the STFT is cheap and precision-sensitive
+            mel = model(to_device(waves, device))  # (B, n_mels, frames_max)
+            logmel = torch.log(mel + self.config.log_offset).transpose(1, 2)  # (B, frames_max, n_mels)
+        features = to_float16_numpy(logmel, self.name)
+        c = self.config
+        return [
+            np.ascontiguousarray(f[: num_frames(len(clip), c.n_fft, c.hop_length)])
+            for f, clip in zip(features, batch, strict=True)
+        ]

@@ -1,0 +1,94 @@
+"""Beam ModelHandler around an Extractor: RunInference loads the model once per worker and feeds it batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler
+
+from mbm.extractors.base import Extractor
+from mbm.extractors.runtime import check_device, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def configure_threads() -> None:
+    """Share the CPU between Beam workers: torch threads = cores // MBM_WORKERS (torch's default when unset)."""
+    import torch
+
+    workers = os.environ.get("MBM_WORKERS")
+    if not workers:
+        return
+    try:
+        count = int(workers)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"MBM_WORKERS must be a positive integer, got {workers!r}")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // count))
+
+
+class LoadedModel:
+    """What load_model returns: Beam's Shared keeps a weak reference to it, which tuples and dicts refuse."""
+
+    __slots__ = ("model", "device", "__weakref__")
+
+    def __init__(self, model: Any, device: str) -> None:
+        self.model = model
+        self.device = device
+
+
+class ExtractorHandler(ModelHandler[Any, np.ndarray, LoadedModel]):
+    """Runs `extractor` under RunInference; pickles as the extractor's config, never as a loaded model."""
+
+    def __init__(self, extractor: Extractor, *, batch_size: int = 32, device: str = "auto") -> None:
+        if not isinstance(extractor, Extractor):
+            raise TypeError(f"ExtractorHandler needs an Extractor, got {type(extractor).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        super().__init__(min_batch_size=1, max_batch_size=batch_size)
+        self.extractor = extractor
+        self.batch_size = batch_size
+        self.device = check_device(device)
+
+    def load_model(self) -> LoadedModel:
+        """Resolve the device, size torch's thread pool, and load the extractor's weights."""
+        configure_threads()
+        device = resolve_device(self.device)
+        log.info(
+            "loading extractor %s (%s) on %s", self.extractor.name, self.extractor.fingerprint()[:12], device
+        )
+        return LoadedModel(self.extractor.load(device), device)
+
+    def run_inference(
+        self, batch: Sequence[Any], model: LoadedModel, inference_args: dict[str, Any] | None = None
+    ) -> list[np.ndarray]:
+        """Features for each example of `batch`, in order."""
+        self.validate_inference_args(inference_args)
+        features = self.extractor.featurize(model.model, list(batch), model.device)
+        if len(features) != len(batch):
+            raise ValueError(
+                f"{self.extractor.name} returned {len(features)} results for {len(batch)} inputs"
+            )
+        return features
+
+    def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
+        if inference_args:
+            raise ValueError(f"extractors take no inference_args, got {sorted(inference_args)}")
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        """Input size for Beam's throughput metrics, without pickling the batch."""
+        return sum(x.nbytes if isinstance(x, np.ndarray) else len(str(x).encode()) for x in batch)
+
+    def batch_elements_kwargs(self) -> dict[str, Any]:
+        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+
+    def get_metrics_namespace(self) -> str:
+        return f"mbm_extract_{self.extractor.modality}"
+
+    def __repr__(self) -> str:
+        return f"ExtractorHandler({self.extractor!r}, batch_size={self.batch_size}, device={self.device!r})"

@@ -1,0 +1,181 @@
+"""Audio cleaner: bytes of any format libsndfile reads -> float32 (n,) mono at ``cfg.sample_rate``.
+
+The format is sniffed by libsndfile from the content (WAV PCM/float/µ-law/A-law, FLAC, OGG/Vorbis,
+Opus, MP3, AIFF, ...), never from a file name. Steps: decode as float32 (at most ``max_seconds``, plus
+as much again of leading silence that trimming may remove, so an hour-long file costs no more than a
+minute), reject non-finite samples, mix to mono (channel mean), reject digital silence, trim leading and
+trailing parts quieter than ``peak - trim_db`` dB, check ``min_seconds``, clip to ``max_seconds``,
+resample with torchaudio, peak-normalize. Every failure is a ``CleanError`` with an ``audio.*`` reason.
+
+Partial decodes are accepted when libsndfile returns them without an error (a WAV or MP3 cut short);
+when libsndfile raises (a FLAC that loses sync, an OGG whose last page is cut) the file is rejected.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import soundfile as sf
+
+from pipelines.errors import CleanError
+
+log = logging.getLogger(__name__)
+
+#: Peak at or below -90 dBFS (one 16-bit LSB) is digital silence: rejected as ``audio.silent``.
+SILENCE_PEAK = 10 ** (-90 / 20)
+#: Sample rates outside this range are not audio anyone recorded; rejected as ``audio.bad_sample_rate``.
+RATE_RANGE = (1000, 768_000)
+#: Above this many taps x phases torchaudio's polyphase kernel gets slow (47999 -> 16000 Hz takes
+#: ~45 s); such co-prime rate pairs are resampled in the frequency domain instead.
+_MAX_POLYPHASE = 4_000_000
+_SF_ERR_UNRECOGNISED_FORMAT = 1
+
+
+@dataclass(kw_only=True)
+class AudioCleanConfig:
+    """Target rate, duration limits, silence trimming and normalization for audio."""
+
+    sample_rate: int = 16000
+    max_seconds: float = 30.0  # longer is clipped (not rejected)
+    min_seconds: float = 0.01  # shorter after trimming -> audio.too_short
+    trim_db: float | None = 40.0  # None disables trimming
+    peak: float = 0.95  # peak-normalize to this; 0 disables
+    max_bytes: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AudioCleanConfig.{name} must be an integer >= 1, got {value!r}")
+        lo, hi = RATE_RANGE
+        if not lo <= self.sample_rate <= hi:
+            raise ValueError(f"AudioCleanConfig.sample_rate must be in {lo}..{hi} Hz, got {self.sample_rate}")
+        if not _is_number(self.max_seconds) or not 0 < self.max_seconds < math.inf:
+            raise ValueError(f"AudioCleanConfig.max_seconds must be a number > 0, got {self.max_seconds!r}")
+        if not _is_number(self.min_seconds) or not 0 <= self.min_seconds <= self.max_seconds:
+            raise ValueError(
+                f"AudioCleanConfig.min_seconds must be a number in 0..max_seconds ({self.max_seconds}), "
+                f"got {self.min_seconds!r}"
+            )
+        if self.trim_db is not None and (not _is_number(self.trim_db) or not 0 < self.trim_db < math.inf):
+            raise ValueError(
+                f"AudioCleanConfig.trim_db must be a number > 0 (dB) or None, got {self.trim_db!r}"
+            )
+        if not _is_number(self.peak) or not 0 <= self.peak <= 1:
+            raise ValueError(
+                f"AudioCleanConfig.peak must be a number in 0..1 (0 disables), got {self.peak!r}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
+    """Decode, check, mono-mix, trim, clip, resample and normalize one clip; float32 (n,), all finite."""
+    if len(data) == 0:
+        raise CleanError("audio.empty", "0 bytes")
+    if len(data) > cfg.max_bytes:
+        raise CleanError("audio.file_too_large", f"{len(data)} bytes, limit is {cfg.max_bytes}")
+    lead = cfg.max_seconds if cfg.trim_db is not None else 0.0
+    frames, sr = _decode(data, cfg.max_seconds + lead)
+    bad = ~np.isfinite(frames)
+    if bad.any():
+        first = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise CleanError("audio.non_finite", f"{int(bad.sum())} NaN/Inf samples, first at frame {first}")
+    x = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
+    peak = float(np.abs(x).max())
+    if peak <= SILENCE_PEAK:
+        raise CleanError("audio.silent", f"peak {peak:.3g} is at or below -90 dBFS over {len(x) / sr:.3f} s")
+    if cfg.trim_db is not None:
+        loud = np.flatnonzero(np.abs(x) >= peak * 10 ** (-cfg.trim_db / 20))
+        x = x[loud[0] : loud[-1] + 1]
+    if len(x) / sr < cfg.min_seconds:
+        raise CleanError(
+            "audio.too_short", f"{len(x) / sr:.4f} s after trimming, minimum is {cfg.min_seconds} s"
+        )
+    x = x[: math.ceil(cfg.max_seconds * sr)]
+    y = _resample(x, sr, cfg.sample_rate)[: round(cfg.max_seconds * cfg.sample_rate)]
+    top = float(np.abs(y).max()) if y.size else 0.0
+    if cfg.peak > 0 and top > 0:
+        y = np.clip(y * np.float32(cfg.peak / top), -cfg.peak, cfg.peak)  # float32 rounding stays <= peak
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    if y.size == 0 or not np.isfinite(y).all():
+        raise CleanError(
+            "audio.non_finite", f"resampling {sr} -> {cfg.sample_rate} Hz gave no finite samples"
+        )
+    return y
+
+
+def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
+    """float32 (frames, channels) of at most ``max_seconds``, and the file's sample rate."""
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr, channels, what = f.samplerate, f.channels, f"{f.format}/{f.subtype}"
+            if channels < 1:
+                raise CleanError("audio.decode_error", f"{what} header has {channels} channels")
+            if not RATE_RANGE[0] <= sr <= RATE_RANGE[1]:
+                raise CleanError("audio.bad_sample_rate", f"{what} header says {sr} Hz")
+            frames = f.read(math.ceil(max_seconds * sr), dtype="float32", always_2d=True)
+    except CleanError:
+        raise
+    except sf.LibsndfileError as e:
+        raise _error(
+            data, f"{e.error_string.strip() or 'libsndfile error'} (libsndfile code {e.code})", e.code
+        ) from None
+    except Exception as e:  # soundfile's own checks (ValueError, RuntimeError) and anything else
+        raise _error(data, f"{type(e).__name__}: {e}", None) from None
+    if frames.shape[0] == 0:
+        if _ogg_truncated(data):
+            raise CleanError("audio.truncated", f"{what}: no decodable frames, last Ogg page is cut off")
+        raise CleanError("audio.empty", f"{what} has 0 frames")
+    return frames, sr
+
+
+def _error(data: bytes, detail: str, code: int | None) -> CleanError:
+    if code == _SF_ERR_UNRECOGNISED_FORMAT:
+        return CleanError(
+            "audio.unidentified", f"not an audio format libsndfile reads; starts with {data[:16]!r}"
+        )
+    if _ogg_truncated(data):
+        return CleanError("audio.truncated", f"Ogg stream cut off: {detail}")
+    return CleanError("audio.decode_error", detail)
+
+
+def _ogg_truncated(data: bytes) -> bool:
+    """True for an Ogg file whose last page is incomplete or is not an end-of-stream page."""
+    if not data.startswith(b"OggS"):
+        return False
+    i = data.rfind(b"OggS")
+    if len(data) < i + 27:
+        return True
+    nseg = data[i + 26]
+    body = sum(data[i + 27 : i + 27 + nseg])
+    if len(data) < i + 27 + nseg + body:
+        return True
+    return not data[i + 5] & 0x04
+
+
+def _resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """Band-limited resampling: torchaudio's polyphase sinc, or an FFT for awkward co-prime rates."""
+    if orig == new:
+        return x
+    import torch
+    import torchaudio.functional as AF
+
+    g = math.gcd(orig, new)
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    with torch.no_grad():
+        if (orig // g) * (new // g) <= _MAX_POLYPHASE:
+            return AF.resample(t, orig, new).numpy()
+        log.debug("resampling %d -> %d Hz in the frequency domain", orig, new)
+        n_out = max(1, math.ceil(len(x) * new / orig))
+        spec = torch.fft.rfft(t.double())
+        return (torch.fft.irfft(spec, n=n_out) * (n_out / len(x))).float().numpy()

@@ -1,0 +1,194 @@
+"""``ReadSource``: a manifest, an imagefolder/audiofolder or WebDataset tars as ``RawSample``s and ``Reject``s.
+
+inputs ─► Read (one file per element) ─► GroupById ─► FirstWins ─┬► Reshuffle ─► Route ─► samples
+             └─► rejects ────────────────────────────────────────┘                   └─► rejects
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path
+from pipelines.readers.folder import iter_folder
+from pipelines.readers.manifest import iter_manifest
+from pipelines.readers.rows import FORMATS, format_of
+from pipelines.readers.wds import iter_tar
+from schemas import RawSample, Reject
+
+logger = logging.getLogger(__name__)
+
+SAMPLES, REJECTS = "samples", "rejects"
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """Where a job's raw samples come from: exactly one of ``manifest``, ``folder``, ``shards``."""
+
+    manifest: str | None = None  # .jsonl / .json / .csv / .tsv / .parquet (optionally .gz etc.)
+    folder: str | None = None  # HF imagefolder / audiofolder root
+    shards: str | None = None  # WebDataset tars: a glob or brace pattern, one tar, or a folder of *.tar
+    format: str | None = None  # jsonl | json | csv | tsv | parquet (manifest only; default by extension)
+    allow_outside: bool = False  # allow media outside the manifest folder (../x, absolute paths, URIs)
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("manifest", "folder", "shards") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("[input] needs exactly one of manifest, folder, shards")
+        if self.format is not None:
+            if not self.manifest:
+                raise ValueError("[input] format applies to a manifest only")
+            if self.format.lower() not in FORMATS:
+                raise ValueError(f"[input] format {self.format!r} is not one of {', '.join(sorted(FORMATS))}")
+        if self.manifest:
+            if format_of(self.manifest, self.format) is None:
+                raise ValueError(
+                    f"[input] cannot tell the format of manifest {self.manifest!r} from its extension; "
+                    "set format = jsonl | csv | parquet"
+                )
+            _check_local(self.manifest, "manifest", os.path.isfile, "file")
+        if self.folder:
+            _check_local(self.folder, "folder", os.path.isdir, "folder")
+        if self.shards and not _GLOB.search(self.shards) and "{" not in self.shards:
+            _check_local(self.shards, "shards", os.path.exists, "tar or folder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceConfig:
+        return cls(**d)
+
+
+def _check_local(path: str, key: str, test: Any, what: str) -> None:
+    local = local_path(path)
+    if local is not None and not test(local):
+        state = "is not a " + what if os.path.exists(local) else "does not exist"
+        raise ValueError(f"[input] {key} {path!r} {state}")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One unit of reading: a manifest, a folder or one tar; ``index`` orders inputs for first-wins."""
+
+    index: int
+    kind: str  # "manifest" | "folder" | "tar"
+    path: str
+    name: str  # short name used in sources and reject ids
+
+
+def list_inputs(config: SourceConfig) -> list[Input]:
+    """The inputs of ``config`` in order: shard patterns brace-expanded, globs matched and sorted."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if config.manifest:
+        kind, paths = "manifest", [absolute(config.manifest)]
+    elif config.folder:
+        kind, paths = "folder", [absolute(config.folder)]
+    else:
+        kind, paths = "tar", expand_shards(config.shards or "")
+    if has_scheme(paths[0]) and not FileSystems.exists(paths[0]) and kind != "tar":
+        raise ValueError(f"[input] {kind} {paths[0]!r} does not exist")
+    names = [display_name(p) for p in paths]
+    if len(set(names)) < len(names):  # same base name in two folders: full paths keep sources apart
+        names = paths
+    return [Input(i, kind, p, n) for i, (p, n) in enumerate(zip(paths, names, strict=True))]
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Tar paths of a brace/glob pattern, in pattern order; a missing explicit path is kept (read rejects it)."""
+    from apache_beam.io.filesystems import FileSystems
+    from braceexpand import braceexpand
+
+    parts = [absolute(p) for p in braceexpand(pattern)]
+    parts = [os.path.join(p, "*.tar") if os.path.isdir(p) else p for p in parts]  # a folder of tars
+    globs = [p for p in parts if _GLOB.search(p)]
+    matched = dict(zip(globs, FileSystems.match(globs), strict=True)) if globs else {}
+    paths: list[str] = []
+    for part in parts:
+        paths += sorted(m.path for m in matched[part].metadata_list) if part in matched else [part]
+    paths = list(dict.fromkeys(paths))
+    explicit = (p for p in parts if p not in matched)
+    if not paths or not (
+        any(r.metadata_list for r in matched.values()) or any(map(FileSystems.exists, explicit))
+    ):
+        raise ValueError(f"[input] shards {pattern!r} matches no files")
+    return paths
+
+
+def read_input(item: Input, config: SourceConfig) -> Iterator[RawSample | Reject]:
+    """Samples and rejects of one input, in source order."""
+    if item.kind == "manifest":
+        return iter_manifest(item.path, config, name=item.name)
+    if item.kind == "folder":
+        return iter_folder(item.path, config)
+    return iter_tar(item.path, config, name=item.name)
+
+
+class _ReadFn(beam.DoFn):
+    """One input → ``(id, ((input index, position), sample))`` on the main output, rejects tagged."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        self._config = config
+        self._samples = Metrics.counter("read", "samples")
+
+    def process(self, item: Input) -> Iterator[Any]:
+        for position, out in enumerate(read_input(item, self._config)):
+            if isinstance(out, Reject):
+                Metrics.counter("read", out.reason).inc()
+                yield beam.pvalue.TaggedOutput(REJECTS, out)
+            else:
+                self._samples.inc()
+                yield out.id, ((item.index, position), out)
+
+
+class _FirstWinsFn(beam.DoFn):
+    """The first sample of an id (by input order, then position) passes; the others become rejects."""
+
+    def __init__(self) -> None:
+        self._duplicates = Metrics.counter("read", "read.duplicate_id")
+
+    def process(self, element: tuple[str, Any]) -> Iterator[RawSample | Reject]:
+        sample_id, values = element
+        ranked = sorted(values, key=lambda v: v[0])
+        kept = ranked[0][1]
+        yield kept
+        for _, other in ranked[1:]:
+            self._duplicates.inc()
+            yield duplicate(sample_id, other.source, kept.source)
+
+
+def _route(item: RawSample | Reject) -> Iterator[Any]:
+    yield beam.pvalue.TaggedOutput(REJECTS if isinstance(item, Reject) else SAMPLES, item)
+
+
+class ReadSource(beam.PTransform):
+    """Reads ``config``'s source; outputs ``samples`` (``RawSample``, unique ids) and ``rejects`` (``Reject``)."""
+
+    def __init__(self, config: SourceConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
+        inputs = list_inputs(self._config)
+        logger.info("reading %d %s input(s), first %s", len(inputs), inputs[0].kind, inputs[0].path)
+        read = (
+            pbegin
+            | "Inputs" >> beam.Create(inputs)
+            | "Read" >> beam.ParDo(_ReadFn(self._config)).with_outputs(REJECTS, main="keyed")
+        )
+        unique = read.keyed | "GroupById" >> beam.GroupByKey() | "FirstWins" >> beam.ParDo(_FirstWinsFn())
+        return (
+            (unique, read[REJECTS])
+            | "Merge" >> beam.Flatten()
+            | "Reshuffle" >> beam.Reshuffle()
+            | "Route" >> beam.ParDo(_route).with_outputs(SAMPLES, REJECTS)
+        )

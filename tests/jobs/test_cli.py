@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import main
+
+
+def test_bad_spec_exits_2_with_message(tmp_path, capsys):
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "missing.jsonl"\n[output]\ndir = "o"\n')
+    assert main(["preprocess", str(tmp_path / "job.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["preprocess", "x.toml", "--workers", "0"], "--workers"),
+    (["preprocess", "x.toml", "--runner", "Prism2"], "--runner"),
+    (["nonsense"], "invalid choice"),
+])
+def test_bad_cli_arguments_exit_2(args, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "preprocess" in out.stdout

@@ -1,0 +1,77 @@
+import pytest
+
+from jobs.spec import SpecError, dump_toml, load_spec
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    return tmp_path
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_minimal_spec_resolves_paths_against_spec_folder_and_fills_defaults(data):
+    spec = load_spec(_write(data / "job.toml", '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n'))
+    assert spec.input.manifest == str(data / "data" / "manifest.jsonl")
+    assert spec.output.dir == str(data / "out")
+    assert spec.extract["text"].name == "minilm" and spec.extract["image"].name == "efficientnet-lite0"
+    assert spec.extract["audio"].name == "logmel"
+    assert spec.image.size == 224 and spec.audio.sample_rate == 16000
+    assert spec.runner.name == "FnApiRunner" and spec.runner.num_workers() >= 1
+
+
+def test_resolved_spec_round_trips_through_toml(data, tmp_path):
+    spec = load_spec(_write(data / "job.toml", '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n'
+                                               '[text]\nnormalization = "NFC"\n[extract.image]\nbatch_size = 8\n'))
+    again = load_spec(_write(tmp_path / "again.toml", dump_toml(spec.to_dict())))
+    assert again.to_dict() == spec.to_dict()
+    assert again.text.normalization == "NFC" and again.extract["image"].batch_size == 8
+
+
+def test_input_relative_to_cwd_is_accepted_when_not_next_to_spec(data, tmp_path, monkeypatch):
+    (tmp_path / "specs").mkdir()
+    monkeypatch.chdir(data)
+    spec = load_spec(_write(tmp_path / "specs" / "j.toml", '[input]\nmanifest = "data/manifest.jsonl"\n'
+                                                            '[output]\ndir = "o"\n'))
+    assert spec.input.manifest == str(data / "data" / "manifest.jsonl")
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[input]\nmanifest = "data/manifest.jsonl"\n', r"missing \[output\] dir"),
+        ('[output]\ndir = "o"\n', r"missing \[input\]"),
+        ('[input]\nmanifest = "nope.jsonl"\n[output]\ndir = "o"\n', r"\[input\] manifest = 'nope.jsonl'.*does not exist"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\ndirr = 1\n', r"unknown key 'dirr' in \[output\]"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[outptu]\n', r"unknown section \[outptu\]"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\nsamples_per_shard = "many"\n',
+         r"samples_per_shard must be int"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\nsamples_per_shard = 0\n',
+         r"samples_per_shard must be >= 1"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[runner]\nname = "Prizm"\n',
+         r"\[runner\].*name must be one of"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.image]\nname = "minilm"\n',
+         r"is a text extractor, not a image one"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.text]\nname = "bert-huge"\n',
+         r"\[extract.text\].*bert-huge"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.video]\nname = "x"\n',
+         r"unknown section \[extract.video\]"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[image]\nsize = 300\n',
+         r"\[image\] size = 300 conflicts with \[extract.image\]"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\nfolder = "data"\n[output]\ndir = "o"\n', r"exactly one of"),
+        ('[input\n', r"not valid TOML"),
+    ],
+)
+def test_bad_specs_name_what_to_fix(data, body, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(_write(data / "bad.toml", body))
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.toml")

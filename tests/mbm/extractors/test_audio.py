@@ -1,0 +1,101 @@
+import math
+
+import numpy as np
+import pytest
+
+from mbm.extractors import create_extractor
+from mbm.extractors.audio import num_frames
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def logmel():
+    extractor = create_extractor("logmel")
+    return extractor, extractor.load("cpu")
+
+
+def _hz_to_mel(hz: float) -> float:
+    return 2595.0 * math.log10(1.0 + hz / 700.0)  # HTK, torchaudio's default mel scale
+
+
+def test_frame_count_is_one_plus_samples_over_hop(logmel):
+    extractor, model = logmel
+    lengths = [16000, 16159, 16160, 150, 1]
+    clips = [np.random.default_rng(n).standard_normal(n).astype(np.float32) for n in lengths]
+    features = extractor.featurize(model, clips, "cpu")
+    assert [f.shape for f in features] == [(101, 80), (101, 80), (102, 80), (1, 80), (1, 80)]
+    assert [num_frames(n, 400, 160) for n in lengths] == [101, 101, 102, 1, 1]
+    assert all(f.dtype == np.float16 and np.isfinite(f).all() for f in features)
+    assert extractor.input_spec() == {"sample_rate": SR} and extractor.dim == 80
+
+
+def test_a_clip_gives_the_same_frames_alone_or_in_a_batch(logmel):
+    extractor, model = logmel
+    short = np.random.default_rng(1).standard_normal(8000).astype(np.float32)
+    long = np.random.default_rng(2).standard_normal(48000).astype(np.float32)
+    alone = extractor.featurize(model, [short], "cpu")[0]
+    batched = extractor.featurize(model, [long, short], "cpu")[1]
+    np.testing.assert_allclose(batched.astype(np.float32), alone.astype(np.float32), atol=1e-2)
+
+
+def test_a_1khz_sine_lights_the_1khz_mel_bin(logmel):
+    extractor, model = logmel
+    t = np.arange(SR) / SR
+    features = extractor.featurize(model, [(0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)], "cpu")[0]
+    spectrum = features[5:-5].astype(np.float32).mean(axis=0)  # (80,), edges trimmed
+    centres = np.linspace(0.0, _hz_to_mel(SR / 2), 80 + 2)[1:-1]  # triangular filters' centre mels
+    expected = int(np.argmin(np.abs(centres - _hz_to_mel(1000.0))))
+    assert expected == 28
+    assert int(spectrum.argmax()) in (expected - 1, expected, expected + 1)
+    assert spectrum.max() - np.median(spectrum) > 10.0  # ~e^10 above the typical bin in power
+
+
+def test_silence_is_finite_at_the_log_offset(logmel):
+    extractor, model = logmel
+    features = extractor.featurize(model, [np.zeros(1600, np.float32)], "cpu")[0]
+    np.testing.assert_allclose(features.astype(np.float32), math.log(1e-6), rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 100), np.float32),
+        np.zeros(100, np.int16),
+        np.zeros(0, np.float32),
+        "audio.wav",
+        np.full(10, np.nan, np.float32),
+    ],
+)
+def test_bad_clips_are_rejected(logmel, bad):
+    extractor, model = logmel
+    with pytest.raises(ValueError, match="input 0"):
+        extractor.featurize(model, [bad], "cpu")
+
+
+def test_logmel_fingerprint_comes_from_config_alone():
+    assert create_extractor("logmel").weight_paths() == []
+    assert (
+        create_extractor("logmel", {"hop_length": 80}).fingerprint()
+        != create_extractor("logmel").fingerprint()
+    )
+
+
+def test_hf_audio_tiny_wav2vec2_frames_match_the_model(tiny_wav2vec2_dir):
+    import torch
+    from transformers import Wav2Vec2Model
+
+    extractor = create_extractor("hf-audio", {"path": str(tiny_wav2vec2_dir)})
+    assert extractor.input_spec() == {"sample_rate": SR} and extractor.dim == 32
+    model = extractor.load("cpu")
+    rng = np.random.default_rng(3)
+    short, long = (rng.standard_normal(n).astype(np.float32) * 0.3 + 0.1 for n in (1600, 4000))
+    features = extractor.featurize(model, [long, short], "cpu")
+    assert [f.shape for f in features] == [(399, 32), (159, 32)]  # (n - 10) // 5 + 1, then (L - 3) // 2 + 1
+    reference = Wav2Vec2Model.from_pretrained(tiny_wav2vec2_dir, local_files_only=True).eval()
+    normalized = (short - short.mean()) / np.sqrt(short.var() + 1e-7)
+    with torch.inference_mode():
+        expected = reference(torch.from_numpy(normalized)[None]).last_hidden_state[0].numpy()
+    np.testing.assert_allclose(features[1].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="shorter than one frame"):
+        extractor.featurize(model, [np.zeros(12, np.float32)], "cpu")

@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+
+from mbm.extractors import create_extractor
+from mbm.extractors.torchvision_image import feature_node
+
+RNG = np.random.default_rng(0)
+
+
+def _images(n: int, size: int = 224) -> list[np.ndarray]:
+    return [RNG.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    extractor = create_extractor("efficientnet-lite0")
+    return extractor, extractor.load("cpu")
+
+
+def _flower(size: int = 224) -> np.ndarray:
+    """scikit-learn's sample photo of a daisy, centre-cropped and resized."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    from PIL import Image
+
+    image = datasets.load_sample_image("flower.jpg")
+    h, w, _ = image.shape
+    s = min(h, w)
+    image = image[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def test_lite0_gives_49_patches_of_1280(lite0):
+    extractor, model = lite0
+    features = extractor.featurize(model, _images(3), "cpu")
+    assert [f.shape for f in features] == [(49, 1280)] * 3
+    assert all(f.dtype == np.float16 and np.isfinite(f).all() for f in features)
+    assert extractor.dim == 1280 and extractor.input_spec() == {"image_size": 224}
+    assert not np.array_equal(features[0], features[1])
+
+
+def test_lite0_pretrained_weights_recognise_a_daisy(lite0):
+    extractor, model = lite0
+    pixels = extractor.preprocess([_flower()], "cpu")
+    with torch.inference_mode():
+        logits = model(pixels)[0]
+        random_features = extractor.build().eval().extract_features(pixels)
+    assert torch.isfinite(logits).all() and logits.std() > 1.0
+    assert int(logits.argmax()) == 985  # ImageNet "daisy"
+    assert float(logits.softmax(-1).max()) > 0.15
+    pretrained = extractor.featurize(model, [_flower()], "cpu")[0].astype(np.float32)
+    random = random_features[0].flatten(1).T.numpy()
+    assert np.corrcoef(pretrained.ravel(), random.ravel())[0, 1] < 0.5
+
+
+def test_lite0_weights_must_match_strictly(tmp_path, lite0):
+    extractor, model = lite0
+    state = model.state_dict()
+    del state["_fc.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    bad = create_extractor("efficientnet-lite0", {"weights": str(tmp_path / "bad.pth")})
+    with pytest.raises(
+        ValueError, match=r"1 missing keys \['_fc.bias'\], 1 unexpected keys \['extra.weight'\]"
+    ):
+        bad.load("cpu")
+
+
+def test_lite0_rejects_images_of_the_wrong_size(lite0):
+    extractor, model = lite0
+    with pytest.raises(ValueError, match=r"input 1 must be a uint8 array of shape \(224, 224, 3\)"):
+        extractor.featurize(model, _images(1) + _images(1, size=200), "cpu")
+
+
+def test_torchvision_resnet18_from_a_local_state_dict(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18().eval()
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pt")
+    extractor = create_extractor(
+        "torchvision", {"arch": "resnet18", "weights": str(tmp_path / "resnet18.pt")}
+    )
+    assert extractor.dim == 512
+    images = _images(2)
+    features = extractor.featurize(extractor.load("cpu"), images, "cpu")
+    assert [f.shape for f in features] == [(49, 512)] * 2
+
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
+    with torch.inference_mode():
+        fmap = torch.nn.Sequential(*list(reference.children())[:-2])(x)  # (2, 512, 7, 7)
+    expected = fmap.flatten(2).transpose(1, 2).numpy()
+    np.testing.assert_allclose(np.stack(features).astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_torchvision_random_init_is_opt_in_and_seeded():
+    with pytest.raises(ValueError, match="allow_random"):
+        create_extractor("torchvision", {"arch": "resnet18"})
+    images = _images(1, size=64)
+
+    def run(seed: int) -> np.ndarray:
+        opts = {"arch": "resnet18", "allow_random": True, "seed": seed, "image_size": 64}
+        extractor = create_extractor("torchvision", opts)
+        return extractor.featurize(extractor.load("cpu"), images, "cpu")[0]
+
+    first = run(0)
+    assert first.shape == (4, 512)
+    np.testing.assert_array_equal(first, run(0))
+    assert not np.allclose(first, run(1))
+
+
+def test_torchvision_finds_the_feature_map_across_families():
+    import torchvision
+
+    with torch.device("meta"):
+        assert feature_node(torchvision.models.mobilenet_v2(), "mobilenet_v2") == "features.18"
+        assert feature_node(torchvision.models.efficientnet_b0(), "efficientnet_b0") == "features.8"
+        with pytest.raises(ValueError, match="set `node`"):
+            feature_node(torchvision.models.vit_b_16(), "vit_b_16")
+    assert create_extractor("torchvision", {"arch": "convnext_tiny", "allow_random": True}).dim == 768
+    with pytest.raises(ValueError, match="did you mean resnet18"):
+        _ = create_extractor("torchvision", {"arch": "resnet19", "allow_random": True}).dim
+
+
+def test_hf_image_tiny_vit_tokens_match_the_model(tiny_vit_dir):
+    from transformers import ViTModel
+
+    extractor = create_extractor("hf-image", {"path": str(tiny_vit_dir)})
+    assert extractor.input_spec() == {"image_size": 32} and extractor.dim == 32
+    images = _images(2, size=32)
+    features = extractor.featurize(extractor.load("cpu"), images, "cpu")
+    assert [f.shape for f in features] == [(17, 32)] * 2  # CLS + (32 / 8)^2 patches
+    reference = ViTModel.from_pretrained(tiny_vit_dir, local_files_only=True).eval()
+    pixels = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.inference_mode():
+        expected = reference(pixel_values=pixels).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.stack(features).astype(np.float32), expected, rtol=1e-2, atol=1e-2)

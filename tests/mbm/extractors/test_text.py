@@ -1,0 +1,94 @@
+import time
+
+import numpy as np
+import pytest
+
+from mbm.extractors import create_extractor
+from mbm.extractors.text import length_chunks
+
+SHORT = "the cat sat"
+LONG = "the quick brown fox jumps over the lazy dog on the river bank hello world"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bert_dir):
+    extractor = create_extractor("hf-text", {"path": str(tiny_bert_dir)})
+    return extractor, extractor.load("cpu")
+
+
+def test_features_cover_the_real_tokens(tiny):
+    extractor, model = tiny
+    texts = [SHORT, LONG, ""]
+    features = extractor.featurize(model, texts, "cpu")
+    expected = [len(model.tokenizer(t)["input_ids"]) for t in texts]
+    assert [f.shape for f in features] == [(n, 32) for n in expected]
+    assert expected == [5, 17, 2]  # [CLS] ... [SEP]
+    assert all(f.dtype == np.float16 and np.isfinite(f).all() for f in features)
+    assert extractor.dim == 32
+
+
+def test_features_do_not_depend_on_padding_or_batch_order(tiny):
+    extractor, model = tiny
+    alone = extractor.featurize(model, [SHORT], "cpu")[0]
+    batched = extractor.featurize(model, [LONG, SHORT, "hello world"], "cpu")
+    np.testing.assert_allclose(batched[1].astype(np.float32), alone.astype(np.float32), atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(batched[0], extractor.featurize(model, [LONG], "cpu")[0])
+    assert not np.allclose(batched[0][:5], batched[1])  # different texts, different features
+
+
+def test_token_budget_splits_batches_without_changing_results(tiny_bert_dir, tiny):
+    extractor, model = tiny
+    texts = [LONG, SHORT, "dog", LONG + " cat", "a"]
+    small = create_extractor(
+        "hf-text", {"path": str(tiny_bert_dir), "max_length": 20, "max_batch_tokens": 20}
+    )
+    for a, b in zip(
+        extractor.featurize(model, texts, "cpu"), small.featurize(model, texts, "cpu"), strict=True
+    ):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3, rtol=2e-3)
+
+
+def test_length_chunks_sort_and_respect_the_budget():
+    assert length_chunks([5, 1, 3, 2], max_tokens=9) == [[1, 3, 2], [0]]  # 3 x 3 fits, 4 x 5 does not
+    assert length_chunks([5, 1, 3, 2], max_tokens=6) == [[1, 3], [2], [0]]
+    assert length_chunks([4, 4], max_tokens=4) == [[0], [1]]
+
+
+def test_long_texts_are_truncated_to_max_length(tiny_bert_dir, tiny):
+    _, model = tiny
+    short_ctx = create_extractor("hf-text", {"path": str(tiny_bert_dir), "max_length": 8})
+    assert short_ctx.featurize(model, [LONG], "cpu")[0].shape == (8, 32)
+
+
+def test_non_text_input_is_rejected(tiny):
+    extractor, model = tiny
+    with pytest.raises(ValueError, match="input 1 must be str"):
+        extractor.featurize(model, ["ok", 3], "cpu")
+
+
+def test_missing_model_folder_is_actionable(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        create_extractor("hf-text", {"path": str(tmp_path)}).load("cpu")
+
+
+def _mean_unit(features: np.ndarray) -> np.ndarray:
+    pooled = features.astype(np.float32).mean(axis=0)
+    return pooled / np.linalg.norm(pooled)
+
+
+def test_minilm_paraphrases_are_closer_than_unrelated_text():
+    extractor = create_extractor("minilm")
+    assert extractor.dim == 384
+    start = time.perf_counter()
+    model = extractor.load("cpu")
+    texts = [
+        "A man is playing a guitar on stage.",
+        "Someone performs a song with an acoustic guitar.",
+        "The quarterly tax report is due next Monday.",
+    ]
+    features = extractor.featurize(model, texts, "cpu")
+    assert time.perf_counter() - start < 30
+    assert [f.shape[1] for f in features] == [384] * 3 and all(f.dtype == np.float16 for f in features)
+    a, b, c = (_mean_unit(f) for f in features)
+    assert a @ b > 0.5 > a @ c
+    assert a @ b - a @ c > 0.3

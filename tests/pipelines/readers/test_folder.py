@@ -1,0 +1,101 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.readers import SourceConfig, iter_folder
+from schemas import Media, RawSample, Reject
+
+
+def _touch(root, *names):
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def test_imagefolder_with_metadata_jsonl(tmp_path):
+    _touch(tmp_path, "a.jpg", "sub/b.png", "c.PNG", "unlisted.jpg")
+    rows = [
+        {"file_name": "a.jpg", "text": "a cat", "caption": "kept in meta", "label": "cat", "extra": {"n": 1}},
+        {"file_name": "sub/b.png", "label": 2},
+        {"file_name": "a.jpg", "text": "again"},
+        {"file_name": "../out.jpg"},
+        {"file_name": "notes.txt"},
+        {"text": "no file"},
+        {"file_name": "c.PNG"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = list(iter_folder(str(tmp_path)))
+    samples = [i for i in items if isinstance(i, RawSample)]
+    rejects = [i for i in items if isinstance(i, Reject)]
+    assert [(s.id, s.text, s.label, s.meta, s.source) for s in samples] == [
+        ("a.jpg", "a cat", "cat", {"caption": "kept in meta", "extra": {"n": 1}}, "metadata.jsonl:1"),
+        ("sub/b.png", None, 2, {}, "metadata.jsonl:2"),
+        ("c.PNG", None, None, {}, "metadata.jsonl:7"),
+    ]
+    assert samples[0].image == Media(uri=str(tmp_path / "a.jpg"), name="a.jpg")
+    assert samples[0].audio is None
+    assert [(r.id, r.reason) for r in rejects] == [
+        ("a.jpg", "read.duplicate_id"),
+        ("../out.jpg", "read.path_escape"),
+        ("notes.txt", "read.unsupported_file"),
+        ("metadata.jsonl:6", "read.missing_id"),
+    ]
+
+
+def test_audiofolder_with_metadata_csv_uses_transcription(tmp_path):
+    _touch(tmp_path, "clips/1.wav", "clips/2.flac")
+    (tmp_path / "metadata.csv").write_bytes(
+        b"\xef\xbb\xbffile_name,transcription,speaker\r\nclips/1.wav,hello there,s1\r\nclips/2.flac,,s2\r\n"
+    )
+    s1, s2 = iter_folder(str(tmp_path))
+    assert (s1.id, s1.text, s1.meta, s1.source) == (
+        "clips/1.wav",
+        "hello there",
+        {"speaker": "s1"},
+        "metadata.csv:2",
+    )
+    assert s1.audio == Media(uri=str(tmp_path / "clips" / "1.wav"), name="clips/1.wav")
+    assert s1.image is None
+    assert (s2.id, s2.text, s2.audio.name) == ("clips/2.flac", None, "clips/2.flac")
+
+
+def test_metadata_in_split_subfolders(tmp_path):
+    _touch(tmp_path, "train/a.jpg", "test/a.jpg")
+    (tmp_path / "train" / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "tr"}\n')
+    pq.write_table(pa.table({"file_name": ["a.jpg"], "text": ["te"]}), tmp_path / "test" / "metadata.parquet")
+    got = [(s.id, s.text, s.image.uri, s.source) for s in iter_folder(str(tmp_path))]
+    assert got == [
+        ("test/a.jpg", "te", str(tmp_path / "test" / "a.jpg"), "test/metadata.parquet:1"),
+        ("train/a.jpg", "tr", str(tmp_path / "train" / "a.jpg"), "train/metadata.jsonl:1"),
+    ]
+
+
+def test_class_subfolders_without_metadata(tmp_path):
+    _touch(
+        tmp_path, "dog/2.jpg", "cat/1.png", "cat/readme.txt", "cat/.hidden.jpg", ".cache/x.jpg", "dog/3.wav"
+    )
+    got = [(s.id, s.label, s.present(), s.source) for s in iter_folder(str(tmp_path))]
+    assert got == [
+        ("cat/1.png", "cat", ["image"], "cat/1.png"),
+        ("dog/2.jpg", "dog", ["image"], "dog/2.jpg"),
+        ("dog/3.wav", "dog", ["audio"], "dog/3.wav"),
+    ]
+
+
+def test_flat_folder_and_split_folders_get_no_label(tmp_path):
+    _touch(tmp_path, "a.jpg", "b.mp3")
+    assert [(s.id, s.label) for s in iter_folder(str(tmp_path))] == [("a.jpg", None), ("b.mp3", None)]
+    split_root = tmp_path / "splits"
+    _touch(split_root, "train/a.jpg", "test/b.jpg")
+    got = [(s.id, s.label, s.meta) for s in iter_folder(str(split_root))]
+    assert got == [("test/b.jpg", None, {"split": "test"}), ("train/a.jpg", None, {"split": "train"})]
+
+
+def test_allow_outside_in_metadata(tmp_path):
+    root = tmp_path / "root"
+    _touch(root, "x.jpg")
+    (root / "metadata.jsonl").write_text('{"file_name": "../y.jpg"}\n')
+    (sample,) = iter_folder(str(root), SourceConfig(folder=str(root), allow_outside=True))
+    assert sample.image.uri == str(tmp_path / "y.jpg")

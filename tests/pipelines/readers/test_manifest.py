@@ -1,0 +1,218 @@
+import gzip
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.readers import SourceConfig, iter_manifest
+from schemas import Media, RawSample, Reject
+
+
+def _split(items):
+    samples = [i for i in items if isinstance(i, RawSample)]
+    rejects = [i for i in items if isinstance(i, Reject)]
+    assert len(samples) + len(rejects) == len(items)
+    return samples, rejects
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    outside = tmp_path.parent / "elsewhere.jpg"
+    lines = [
+        _line({"id": "a", "text": "hello", "image": "img/a.jpg", "extra": {"nested": [1, 2]}, "score": 0.5}),
+        b'{"id": "b", "text": "caf\xe9"}\n',  # a Latin-1 byte: invalid UTF-8
+        b"\n",
+        b"   \n",
+        b"{not json\n",
+        b"[1, 2]\n",
+        _line({"id": 7, "audio": "a.wav", "label": 3}),
+        _line({"id": "c", "text": 5}),
+        _line({"id": "d", "image": ["x.jpg"]}),
+        _line({"text": "no id"}),
+        _line({"id": "a", "text": "second a"}),
+        _line({"id": "e", "image": "../escape.jpg"}),
+        _line({"id": "f", "image": str(outside)}),
+        _line({"id": "g", "text": "", "image": None, "label": "x"}),
+        _line({"id": True, "text": "bool id"}),
+        _line({"id": "h", "image": str(tmp_path / "img" / "h.jpg"), "text": None}),
+    ]
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_jsonl_samples_keep_types_meta_and_lone_surrogates(jsonl, tmp_path):
+    samples, _ = _split(list(iter_manifest(str(jsonl))))
+    by_id = {s.id: s for s in samples}
+    assert [s.id for s in samples] == ["a", "b", "7", "h"]
+    a = by_id["a"]
+    assert a.text == "hello"
+    assert a.image == Media(uri=str(tmp_path / "img" / "a.jpg"), name="img/a.jpg")
+    assert a.audio is None and a.label is None
+    assert a.meta == {"extra": {"nested": [1, 2]}, "score": 0.5}
+    assert a.source == "manifest.jsonl:1"
+    assert by_id["b"].text == "caf\udce9"
+    seven = by_id["7"]
+    assert seven.audio == Media(uri=str(tmp_path / "a.wav"), name="a.wav")
+    assert seven.label == 3 and seven.source == "manifest.jsonl:7"
+    assert by_id["h"].image.uri == str(tmp_path / "img" / "h.jpg")
+
+
+def test_jsonl_rejects_name_reason_and_line(jsonl):
+    _, rejects = _split(list(iter_manifest(str(jsonl))))
+    got = [(r.id, r.reason, r.source) for r in rejects]
+    assert got == [
+        ("manifest.jsonl:5", "read.bad_json", "manifest.jsonl:5"),
+        ("manifest.jsonl:6", "read.bad_json", "manifest.jsonl:6"),
+        ("c", "read.bad_type", "manifest.jsonl:8"),
+        ("d", "read.bad_type", "manifest.jsonl:9"),
+        ("manifest.jsonl:10", "read.missing_id", "manifest.jsonl:10"),
+        ("a", "read.duplicate_id", "manifest.jsonl:11"),
+        ("e", "read.path_escape", "manifest.jsonl:12"),
+        ("f", "read.path_escape", "manifest.jsonl:13"),
+        ("g", "read.no_modality", "manifest.jsonl:14"),
+        ("manifest.jsonl:15", "read.bad_type", "manifest.jsonl:15"),
+    ]
+    assert all(r.stage == "read" for r in rejects)
+    dup = rejects[5]
+    assert "manifest.jsonl:1" in dup.detail and "manifest.jsonl:11" in dup.detail
+    assert "'text'" in rejects[2].detail and "../escape.jpg" in rejects[6].detail
+
+
+def test_allow_outside_accepts_escaping_paths_and_uris(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(_line({"id": "e", "image": "../x.jpg"}) + _line({"id": "u", "audio": "gs://b/a.wav"}))
+    strict = list(iter_manifest(str(path)))
+    assert [r.reason for r in strict] == ["read.path_escape", "read.path_escape"]
+    config = SourceConfig(manifest=str(path), allow_outside=True)
+    loose = list(iter_manifest(str(path), config))
+    assert [s.image.uri if s.image else s.audio.uri for s in loose] == [
+        str(tmp_path.parent / "x.jpg"),
+        "gs://b/a.wav",
+    ]
+
+
+def test_bom_and_crlf(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a", "text": "x"}\r\n\r\n{"id": "b", "text": "y"}\r\n')
+    items = list(iter_manifest(str(path)))
+    assert [(s.id, s.text, s.source) for s in items] == [("a", "x", "m.jsonl:1"), ("b", "y", "m.jsonl:3")]
+
+
+def test_csv_manifest(tmp_path):
+    (tmp_path / "m.csv").write_bytes(
+        b"\xef\xbb\xbfid,text,image,label,lang\r\n"
+        b"1,hello,a.jpg,cat,en\r\n"
+        b"\r\n"
+        b'2,"multi\r\nline caf\xe9",,,fr\r\n'
+        b"3,,,dog,de\r\n"
+        b"1,again,,,en\r\n"
+        b",no id,,,en\r\n"
+        b"4,,../up.jpg,,en\r\n"
+        b"5,too,many,cells,x,y\r\n"
+        b"6,short\r\n"
+    )
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv"))))
+    assert [(s.id, s.text, s.label, s.meta, s.source) for s in samples] == [
+        ("1", "hello", "cat", {"lang": "en"}, "m.csv:2"),
+        ("2", "multi\r\nline caf\udce9", None, {"lang": "fr"}, "m.csv:4"),
+        ("6", "short", None, {"lang": ""}, "m.csv:11"),
+    ]
+    assert samples[0].image == Media(uri=str(tmp_path / "a.jpg"), name="a.jpg")
+    assert [(r.id, r.reason, r.source) for r in rejects] == [
+        ("3", "read.no_modality", "m.csv:6"),
+        ("1", "read.duplicate_id", "m.csv:7"),
+        ("m.csv:8", "read.missing_id", "m.csv:8"),
+        ("4", "read.path_escape", "m.csv:9"),
+        ("m.csv:10", "read.bad_csv", "m.csv:10"),
+    ]
+
+
+def test_tsv_by_extension_and_format_override(tmp_path):
+    (tmp_path / "m.tsv").write_text("id\ttext\na\thello, world\n")
+    assert [(s.id, s.text) for s in iter_manifest(str(tmp_path / "m.tsv"))] == [("a", "hello, world")]
+    (tmp_path / "m.txt").write_text('{"id": "x", "text": "t"}\n')
+    config = SourceConfig(manifest=str(tmp_path / "m.txt"), format="jsonl")
+    assert [s.id for s in iter_manifest(str(tmp_path / "m.txt"), config)] == ["x"]
+
+
+def test_parquet_manifest(tmp_path):
+    table = pa.table(
+        {
+            "id": pa.array([10, 11, None, 10, 12], pa.int64()),
+            "text": ["t0", None, "t2", "t3", None],
+            "image": [None, "i/11.png", None, None, "/etc/passwd"],
+            "label": [1, 2, 3, 4, 5],
+            "info": [{"k": "v"}, {"k": "w"}, None, None, None],
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=2)
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.parquet"))))
+    assert [(s.id, s.text, s.label, s.meta, s.source) for s in samples] == [
+        ("10", "t0", 1, {"info": {"k": "v"}}, "m.parquet:1"),
+        ("11", None, 2, {"info": {"k": "w"}}, "m.parquet:2"),
+    ]
+    assert samples[1].image == Media(uri=str(tmp_path / "i" / "11.png"), name="i/11.png")
+    assert [(r.id, r.reason, r.source) for r in rejects] == [
+        ("m.parquet:3", "read.missing_id", "m.parquet:3"),
+        ("10", "read.duplicate_id", "m.parquet:4"),
+        ("12", "read.path_escape", "m.parquet:5"),
+    ]
+
+
+def test_parquet_hf_image_struct_keeps_bytes(tmp_path):
+    images = pa.array([{"bytes": b"\x89PNG", "path": "a.png"}, {"bytes": None, "path": "b.png"}])
+    pq.write_table(pa.table({"id": ["a", "b"], "image": images}), tmp_path / "m.parquet")
+    a, b = iter_manifest(str(tmp_path / "m.parquet"))
+    assert a.image == Media(data=b"\x89PNG", name="a.png")
+    assert b.image == Media(uri=str(tmp_path / "b.png"), name="b.png")
+
+
+def test_json_array_file(tmp_path):
+    (tmp_path / "ann.json").write_text(
+        '[\n  {"id": "a", "image": "a.jpg",\n   "conversations": [{"from": "human"}]},\n  "oops",\n  {"id": "b", "text": "t"}\n]\n'
+    )
+    items = list(iter_manifest(str(tmp_path / "ann.json")))
+    assert [(type(i).__name__, i.id, i.source) for i in items] == [
+        ("RawSample", "a", "ann.json:2"),
+        ("Reject", "ann.json:4", "ann.json:4"),
+        ("RawSample", "b", "ann.json:5"),
+    ]
+    assert items[0].meta == {"conversations": [{"from": "human"}]}
+
+
+def test_integral_float_id_and_nan_cells(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"id": 3.0, "text": "x", "label": NaN}\n{"id": 3.5, "text": "y"}\n')
+    items = list(iter_manifest(str(path)))
+    assert (items[0].id, items[0].label) == ("3", None)
+    assert (items[1].id, items[1].reason) == ("m.jsonl:2", "read.bad_type")
+
+
+def test_unknown_extension_needs_format(tmp_path):
+    (tmp_path / "m.dat").write_text("")
+    with pytest.raises(ValueError, match="format"):
+        list(iter_manifest(str(tmp_path / "m.dat")))
+
+
+def test_relative_manifest_path_gives_absolute_media(tmp_path, monkeypatch):
+    (tmp_path / "m.jsonl").write_bytes(_line({"id": "a", "image": "a.jpg"}))
+    monkeypatch.chdir(tmp_path)
+    (sample,) = iter_manifest("m.jsonl")
+    assert sample.image.uri == os.path.join(str(tmp_path), "a.jpg")
+
+
+def test_gzipped_jsonl(tmp_path):
+    (tmp_path / "m.jsonl.gz").write_bytes(
+        gzip.compress(b'{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n')
+    )
+    assert [(s.id, s.source) for s in iter_manifest(str(tmp_path / "m.jsonl.gz"))] == [
+        ("a", "m.jsonl.gz:1"),
+        ("b", "m.jsonl.gz:3"),
+    ]

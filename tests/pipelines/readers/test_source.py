@@ -1,0 +1,215 @@
+import json
+import os
+import tarfile
+
+import apache_beam as beam
+import pytest
+import webdataset as wds
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.readers import ReadSource, SourceConfig, list_inputs
+from pipelines.readers.source import expand_shards
+
+
+def _tar(path, keys, caption="caption {}"):
+    with wds.TarWriter(str(path)) as sink:
+        for key in keys:
+            sink.write(
+                {
+                    "__key__": key,
+                    "jpg": b"\xff\xd8" + key.encode(),
+                    "txt": caption.format(key),
+                    "json": {"key": key},
+                }
+            )
+    return path
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Three tars: "a" and "c" both hold sample 002, and "c" is cut short inside its last member."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    _tar(root / "00000.tar", ["000", "001", "002"])
+    _tar(root / "00001.tar", ["002", "003"], caption="late {}")
+    full = _tar(root / "full.tar", ["004", "005", "006"])
+    cut = next(m for m in tarfile.open(full) if m.name == "006.jpg").offset_data + 1
+    (root / "00002.tar").write_bytes(full.read_bytes()[:cut])  # inside 006.jpg's data
+    os.remove(full)
+    return root
+
+
+def _ids(pcoll, label):
+    return pcoll | label >> beam.Map(lambda x: x.id)
+
+
+def _run(config, check):
+    with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as p:
+        out = p | ReadSource(config)
+        check(out)
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+
+def test_config_needs_exactly_one_source(tmp_path):
+    (tmp_path / "m.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"exactly one of manifest, folder, shards"):
+        SourceConfig()
+    with pytest.raises(ValueError, match=r"exactly one of manifest, folder, shards"):
+        SourceConfig(manifest=str(tmp_path / "m.jsonl"), folder=str(tmp_path))
+
+
+def test_config_names_a_missing_path(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="nope.jsonl.*does not exist"):
+        SourceConfig(manifest=missing)
+    with pytest.raises(ValueError, match="nope.*does not exist"):
+        SourceConfig(folder=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="x.tar.*does not exist"):
+        SourceConfig(shards=str(tmp_path / "x.tar"))
+    (tmp_path / "m.dat").write_text("")
+    with pytest.raises(ValueError, match="set format"):
+        SourceConfig(manifest=str(tmp_path / "m.dat"))
+    with pytest.raises(ValueError, match="manifest only"):
+        SourceConfig(folder=str(tmp_path), format="csv")
+
+
+def test_config_round_trips(tmp_path):
+    (tmp_path / "m.csv").write_text("id,text\n")
+    config = SourceConfig(manifest=str(tmp_path / "m.csv"), allow_outside=True)
+    d = config.to_dict()
+    assert d == {
+        "manifest": str(tmp_path / "m.csv"),
+        "folder": None,
+        "shards": None,
+        "format": None,
+        "allow_outside": True,
+    }
+    assert SourceConfig.from_dict(d) == config
+
+
+def test_shard_patterns_expand_in_order(shards):
+    root = str(shards)
+    assert [os.path.basename(p) for p in expand_shards(f"{root}/{{00000..00002}}.tar")] == [
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+    ]
+    assert [os.path.basename(p) for p in expand_shards(f"{root}/*.tar")] == [
+        "00000.tar",
+        "00001.tar",
+        "00002.tar",
+    ]
+    # a gap in a brace range stays listed, so that reading it rejects it instead of skipping it quietly
+    assert [os.path.basename(p) for p in expand_shards(f"{root}/{{00001..00003}}.tar")][-1] == "00003.tar"
+    with pytest.raises(ValueError, match="matches no files"):
+        expand_shards(f"{root}/*.tgz")
+    assert expand_shards(root) == expand_shards(f"{root}/*.tar")
+    inputs = list_inputs(SourceConfig(shards=f"{root}/0000[01].tar"))
+    assert [(i.index, i.kind, i.name) for i in inputs] == [(0, "tar", "00000.tar"), (1, "tar", "00001.tar")]
+
+
+# -- Beam ------------------------------------------------------------------------------------------
+
+
+def test_read_source_tars_dedupes_across_tars(shards):
+    config = SourceConfig(shards=f"{shards}/{{00000..00003}}.tar")
+
+    def check(out):
+        assert_that(
+            _ids(out.samples, "SampleIds"),
+            equal_to(["000", "001", "002", "003", "004", "005"]),
+            label="Samples",
+        )
+        texts = out.samples | beam.Filter(lambda s: s.id == "002") | beam.Map(lambda s: (s.text, s.source))
+        assert_that(texts, equal_to([(b"caption 002", "00000.tar:002")]), label="FirstKept")
+        rejects = out["rejects"] | beam.Map(lambda r: (r.id, r.reason, r.source))
+        assert_that(
+            rejects,
+            equal_to(
+                [
+                    ("002", "read.duplicate_id", "00001.tar:002"),
+                    ("00002.tar:006.jpg", "read.corrupt_tar", "00002.tar:006.jpg"),
+                    ("00003.tar:0", "read.corrupt_tar", "00003.tar:0"),
+                ]
+            ),
+            label="Rejects",
+        )
+        details = (
+            out.rejects
+            | beam.Filter(lambda r: r.reason == "read.duplicate_id")
+            | beam.Map(lambda r: r.detail)
+        )
+        assert_that(
+            details,
+            equal_to(["id '002' at 00001.tar:002 duplicates the one at 00000.tar:002 (the first is kept)"]),
+            label="DupDetail",
+        )
+
+    _run(config, check)
+
+
+def test_read_source_manifest(tmp_path):
+    lines = [
+        {"id": "a", "text": "x"},
+        {"id": "b", "image": "b.jpg"},
+        {"id": "a", "text": "dup"},
+        {"id": "c"},
+        {"id": "d", "audio": "../d.wav"},
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines) + "{bad\n")
+
+    def check(out):
+        assert_that(_ids(out.samples, "SampleIds"), equal_to(["a", "b"]), label="Samples")
+        rejects = out.rejects | beam.Map(lambda r: (r.id, r.reason))
+        expected = [
+            ("a", "read.duplicate_id"),
+            ("c", "read.no_modality"),
+            ("d", "read.path_escape"),
+            ("m.jsonl:6", "read.bad_json"),
+        ]
+        assert_that(rejects, equal_to(expected), label="Rejects")
+
+    _run(SourceConfig(manifest=str(path)), check)
+
+
+def test_read_source_folder(tmp_path):
+    for name in ("cat/1.jpg", "dog/2.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+
+    def check(out):
+        labels = out.samples | beam.Map(lambda s: (s.id, s.label))
+        assert_that(labels, equal_to([("cat/1.jpg", "cat"), ("dog/2.jpg", "dog")]), label="Samples")
+        assert_that(out.rejects, equal_to([]), label="Rejects")
+
+    _run(SourceConfig(folder=str(tmp_path)), check)
+
+
+def test_read_source_multi_processing(shards):
+    options = PipelineOptions([], direct_num_workers=2, direct_running_mode="multi_processing")
+    config = SourceConfig(shards=f"{shards}/*.tar")
+
+    def check(out):
+        assert_that(
+            _ids(out.samples, "SampleIds"),
+            equal_to(["000", "001", "002", "003", "004", "005"]),
+            label="Samples",
+        )
+        rejects = out.rejects | beam.Map(lambda r: (r.id, r.reason, r.source))
+        assert_that(
+            rejects,
+            equal_to(
+                [
+                    ("002", "read.duplicate_id", "00001.tar:002"),
+                    ("00002.tar:006.jpg", "read.corrupt_tar", "00002.tar:006.jpg"),
+                ]
+            ),
+            label="Rejects",
+        )
+
+    with beam.Pipeline(runner="DirectRunner", options=options) as p:
+        check(p | ReadSource(config))

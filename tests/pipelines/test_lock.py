@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.lock import FolderLock, FolderLockedError
+from pipelines.progress import ProgressWriter, read_progress
+
+HOLDER = """
+import sys, time
+from pipelines.lock import FolderLock
+with FolderLock(sys.argv[1]):
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _start_holder(folder):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_second_job_on_same_folder_refuses_and_lock_frees_after(tmp_path):
+    proc = _start_holder(tmp_path)
+    try:
+        with pytest.raises(FolderLockedError, match="another mbm job"):
+            with FolderLock(str(tmp_path)):
+                pass
+    finally:
+        proc.communicate("go\n", timeout=30)
+    with FolderLock(str(tmp_path)):  # released once the holder is gone
+        pass
+
+
+def test_lock_is_released_when_holder_is_killed(tmp_path):
+    proc = _start_holder(tmp_path)
+    proc.kill()
+    proc.wait(30)
+    with FolderLock(str(tmp_path)):
+        pass
+
+
+def test_progress_files_sum_across_writers(tmp_path):
+    a, b = ProgressWriter(str(tmp_path), interval=0), ProgressWriter(str(tmp_path), interval=3600)
+    for _ in range(3):
+        a.add("read")
+    b.add("read")
+    b.add("rejected")
+    assert read_progress(str(tmp_path))["read"] == 3  # b has not flushed yet (long interval)
+    b.flush()
+    counts = read_progress(str(tmp_path))
+    assert counts["read"] == 4 and counts["rejected"] == 1
