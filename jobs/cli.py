@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--runner", choices=RUNNERS, help="Beam runner (default FnApiRunner: in-process, one worker per core)")
     pre.add_argument("--workers", type=_positive_int, help="worker processes for local runners (default: one per core)")
     pre.add_argument("--device", help="extractor device: auto, cpu, cuda, cuda:N (default auto)")
+    pre.add_argument("--full", action="store_true", help="recompute every sample, not only what changed")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=cmd_preprocess)
 
@@ -50,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_positive_int, help="worker processes (default: one per core)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)
+
+    ver = sub.add_parser("versions", help="list a dataset folder's versions")
+    ver.add_argument("dir", help="dataset folder")
+    ver.add_argument("--json", action="store_true", help="print JSON")
+    ver.set_defaults(func=cmd_versions)
+
+    dif = sub.add_parser("diff", help="sample ids added / changed / removed between two versions")
+    dif.add_argument("dir", help="dataset folder")
+    dif.add_argument("a", type=_positive_int, help="older version")
+    dif.add_argument("b", type=_positive_int, help="newer version")
+    dif.add_argument("--json", action="store_true", help="print JSON")
+    dif.set_defaults(func=cmd_diff)
+
+    gcp = sub.add_parser("gc", help="delete versions beyond --keep and files no kept version references")
+    gcp.add_argument("dir", help="dataset folder")
+    gcp.add_argument("--keep", type=_positive_int, required=True, help="how many newest versions to keep")
+    gcp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    gcp.set_defaults(func=cmd_gc)
 
     try:
         from jobs import train_cli
@@ -102,6 +121,61 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    from pipelines.versions import describe, list_versions, to_json
+
+    try:
+        versions = list_versions(args.dir)
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+    current = versions[-1].version if versions else 0
+    rows = [describe(m, current) for m in versions]
+    if args.json:
+        print(to_json(rows))
+        return 0
+    print(f"{'version':>7}  {'samples':>8}  {'shards':>6}  {'input':>7}  {'rejected':>8}  created")
+    for r in rows:
+        mark = "  (current)" if r["current"] else ""
+        print(f"{r['version']:>7}  {r['samples']:>8}  {r['shards']:>6}  {r['input'] or 0:>7}  {r['rejected'] or 0:>8}  "
+              f"{r['created']}{mark}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from pipelines.versions import diff_versions, to_json
+
+    try:
+        d = diff_versions(args.dir, args.a, args.b)
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+    if args.json:
+        print(to_json(d))
+        return 0
+    for kind, sign in (("added", "+"), ("changed", "~"), ("removed", "-")):
+        for sid in d[kind]:
+            print(f"{sign} {sid}")
+    print(f"{len(d['added'])} added, {len(d['changed'])} changed, {len(d['removed'])} removed")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pipelines.lock import FolderLock, FolderLockedError
+    from pipelines.versions import gc
+
+    try:
+        with FolderLock(args.dir):
+            result = gc(args.dir, args.keep, dry_run=args.dry_run)
+    except FolderLockedError as e:
+        print(f"mbm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"kept versions {result['kept_versions']}; {verb} versions {result['deleted_versions']} and "
+          f"{len(result['deleted_files'])} files ({result['freed_bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     o: dict[str, dict[str, Any]] = {}
     if getattr(args, "output", None):
@@ -138,7 +212,8 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
 
     bar = None if args.no_progress or not sys.stderr.isatty() else _progress_bar()
     try:
-        result = run_preprocess(spec, extra_options=args.beam_args, on_progress=bar)
+        result = run_preprocess(spec, full=getattr(args, "full", False), extra_options=args.beam_args,
+                                on_progress=bar)
     except FolderLockedError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -159,7 +234,7 @@ class _progress_bar:
 
     def __call__(self, counts: dict[str, int]) -> None:
         done = counts.get("extracted", 0) + counts.get("rejected", 0)
-        total = counts.get("read", 0) + counts.get("rejected", 0)
+        total = counts.get("read", 0)  # samples and unreadable lines seen so far
         self._bar.total = max(total, done)
         self._bar.n = done
         self._bar.set_postfix(ok=counts.get("extracted", 0), rejected=counts.get("rejected", 0), refresh=False)

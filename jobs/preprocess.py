@@ -18,7 +18,7 @@ import apache_beam as beam
 from jobs.spec import JobSpec, create_extractors, dump_toml
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
-from pipelines.commit import commit
+from pipelines.commit import commit, current_manifest, remove_uncommitted
 from pipelines.extract import build_handlers
 from pipelines.lock import FolderLock
 from pipelines.progress import ProgressMonitor
@@ -39,20 +39,25 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
-def run_preprocess(spec: JobSpec, *, extra_options: list[str] | None = None,
+def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str] | None = None,
                    on_progress: Callable[[dict[str, int]], None] | None = None,
                    clock: Callable[[], float] = time.monotonic) -> JobResult:
-    """Run ``spec`` and commit the result as the output folder's next version."""
+    """Run ``spec`` and commit the result as the output folder's next version.
+
+    Samples whose content and extractor fingerprints match the current version are not reprocessed
+    (``full=True`` recomputes everything); when nothing changed no version is made.
+    """
     started = clock()
     out_dir = spec.output.dir
     local = _is_local(out_dir)
     with FolderLock(out_dir) if local else nullcontext():
         staging_root = f"{out_dir.rstrip('/')}/.staging"
-        if local and Path(staging_root).exists():
-            shutil.rmtree(staging_root)  # we hold the lock: anything here is left from a killed run
+        if local:
+            remove_uncommitted(out_dir)  # we hold the lock: anything uncommitted is left from a killed run
         staging = f"{staging_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         if local:
             Path(staging).mkdir(parents=True)
+        previous = current_manifest(out_dir)
         extractors = create_extractors(spec)
         fingerprints = {m: ex.fingerprint() for m, ex in extractors.items()}
         dims = {m: ex.dim for m, ex in extractors.items()}
@@ -68,10 +73,12 @@ def run_preprocess(spec: JobSpec, *, extra_options: list[str] | None = None,
         build_graph(
             p,
             source=spec.input,
-            clean=CleanConfig(text=spec.text, image=spec.image, audio=spec.audio),
+            clean=CleanConfig(text=spec.text, image=spec.image, audio=spec.audio, fingerprints=fingerprints,
+                              previous_index=None if (full or previous is None) else f"{out_dir}/{previous.index}"),
             handlers=handlers,
             sink=SinkConfig(staging=staging, samples_per_shard=spec.output.samples_per_shard,
-                            max_shard_bytes=spec.output.max_shard_bytes, include_text=spec.output.include_media),
+                            max_shard_bytes=spec.output.max_shard_bytes, include_text=spec.output.include_media,
+                            dataset_dir=out_dir),
             progress_dir=progress_dir,
         )
         monitor = ProgressMonitor(progress_dir, on_progress) if (on_progress and local) else nullcontext()

@@ -8,7 +8,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.cleaning import REJECTS, CleanConfig, CleanSampleFn
+from pipelines.cleaning import REJECTS, UNCHANGED, CleanConfig, CleanSampleFn
 from pipelines.extract import ExtractFeatures
 from pipelines.progress import CountProgress
 from pipelines.sink import SinkConfig, WriteShards
@@ -63,12 +63,14 @@ def build_graph(p: beam.Pipeline, *, source: Any, clean: CleanConfig, handlers: 
     read = p | "Read" >> ReadSource(source)
     samples = read["samples"] | "CountRead" >> beam.ParDo(CountProgress("read", progress_dir))
     n_input = samples | "CountInput" >> beam.combiners.Count.Globally()
-    cleaned = samples | "Clean" >> beam.ParDo(CleanSampleFn(clean)).with_outputs(REJECTS, main="samples")
+    cleaned = samples | "Clean" >> beam.ParDo(CleanSampleFn(clean)).with_outputs(REJECTS, UNCHANGED, main="samples")
     extracted = cleaned.samples | "Extract" >> ExtractFeatures(handlers)
     landed = extracted.samples | "CountExtracted" >> beam.ParDo(CountProgress("extracted", progress_dir))
+    read_rejects = read["rejects"] | "CountReadRejects" >> beam.ParDo(CountProgress("read", progress_dir))
     rejects = (
-        (read["rejects"], cleaned[REJECTS], extracted.rejects)
+        (read_rejects, cleaned[REJECTS], extracted.rejects)
         | "AllRejects" >> beam.Flatten()
         | "CountRejected" >> beam.ParDo(CountProgress("rejected", progress_dir))
     )
-    return (landed, rejects, n_input) | "Write" >> WriteShards(sink)
+    unchanged = cleaned[UNCHANGED] | "CountUnchanged" >> beam.ParDo(CountProgress("unchanged", progress_dir))
+    return (landed, rejects, unchanged, n_input) | "Write" >> WriteShards(sink)

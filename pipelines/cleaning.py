@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
@@ -23,15 +23,18 @@ from schemas import CleanSample, RawSample, Reject, sample_key
 log = logging.getLogger(__name__)
 
 REJECTS = "rejects"
+UNCHANGED = "unchanged"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CleanConfig:
-    """The three cleaners' settings, as one picklable value."""
+    """The three cleaners' settings and what incremental planning needs, as one picklable value."""
 
     text: Any  # pipelines.clean.text.TextCleanConfig
     image: Any  # pipelines.clean.image.ImageCleanConfig
     audio: Any  # pipelines.clean.audio.AudioCleanConfig
+    fingerprints: dict[str, str] = field(default_factory=dict)  # modality -> current extractor fingerprint
+    previous_index: str | None = None  # Parquet index of the version to update; None recomputes everything
 
     def for_modality(self, modality: str) -> Any:
         return getattr(self, modality)
@@ -58,39 +61,88 @@ def _text_bytes(text: str | bytes) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
-def clean_modality(raw: RawSample, modality: str, cfg: CleanConfig) -> tuple[Any, str]:
-    """Clean one modality of ``raw``: (cleaned value, content hash). Raises CleanError on bad data."""
+def load_raw(raw: RawSample, cfg: CleanConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """Raw bytes (or a CleanError) and content hash of every present modality.
+
+    The hash covers the raw bytes and that modality's cleaning settings, so a changed caption, a
+    replaced image or new audio settings each change exactly one modality's hash.
+    """
+    data: dict[str, Any] = {}
+    hashes: dict[str, str] = {}
+    for m in raw.present():
+        mcfg = cfg.for_modality(m)
+        if m == "text":
+            data[m] = raw.text
+            hashes[m] = _digest(b"text", _text_bytes(raw.text), _config_bytes(mcfg))
+            continue
+        try:
+            data[m] = read_media(getattr(raw, m), mcfg.max_bytes)
+            hashes[m] = _digest(m.encode(), data[m], _config_bytes(mcfg))
+        except CleanError as e:
+            data[m] = e
+            hashes[m] = _digest(m.encode(), b"<unreadable>", e.reason.encode(), _config_bytes(mcfg))
+    return data, hashes
+
+
+def content_hash(hashes: dict[str, str], label: Any, meta: dict[str, Any]) -> str:
+    label_bytes = json.dumps(label, sort_keys=True, default=str).encode()
+    meta_bytes = json.dumps(meta, sort_keys=True, default=str).encode()
+    return _digest(*(f"{m}={hashes[m]}".encode() for m in sorted(hashes)), label_bytes, meta_bytes)
+
+
+def clean_value(modality: str, data: Any, cfg: CleanConfig) -> Any:
+    """Run one modality's cleaner on its raw value; raises CleanError on bad data."""
     from pipelines.clean.audio import clean_audio
     from pipelines.clean.image import clean_image
     from pipelines.clean.text import clean_text
 
-    mcfg = cfg.for_modality(modality)
-    if modality == "text":
-        data = _text_bytes(raw.text)
-        return clean_text(raw.text, mcfg), _digest(b"text", data, _config_bytes(mcfg))
-    media = getattr(raw, modality)
-    data = read_media(media, mcfg.max_bytes)
-    cleaner = clean_image if modality == "image" else clean_audio
-    return cleaner(data, mcfg), _digest(modality.encode(), data, _config_bytes(mcfg))
+    if isinstance(data, CleanError):
+        raise data
+    cleaner = {"text": clean_text, "image": clean_image, "audio": clean_audio}[modality]
+    return cleaner(data, cfg.for_modality(modality))
 
 
-def clean_sample(raw: RawSample, cfg: CleanConfig) -> CleanSample | Reject:
-    """Clean every present modality of ``raw``; reject it when none survives."""
+def reusable(previous: dict[str, Any] | None, hashes: dict[str, str], cfg: CleanConfig) -> dict[str, str]:
+    """Modalities whose features in the previous version are still valid -> the shard holding them."""
+    if previous is None:
+        return {}
+    old_hashes = json.loads(previous["modality_hashes"] or "{}")
+    old_fps = json.loads(previous["fingerprint"] or "{}")
+    landed = previous["modalities"].split(",") if previous["modalities"] else []
+    return {
+        m: previous["shard"]
+        for m in hashes
+        if m in landed and old_hashes.get(m) == hashes[m] and old_fps.get(m) == cfg.fingerprints.get(m)
+    }
+
+
+def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None = None
+                 ) -> CleanSample | Reject | dict[str, Any]:
+    """Plan and clean one sample against ``previous`` (its index row in the version being updated).
+
+    Returns the previous index row itself when nothing about the sample changed, a Reject when no
+    modality survives cleaning, else a CleanSample whose ``reused`` modalities skip cleaning and
+    extraction (their features are copied from the previous version's shard).
+    """
+    data, hashes = load_raw(raw, cfg)
+    content = content_hash(hashes, raw.label, raw.meta)
+    reuse = reusable(previous, hashes, cfg)
+    if previous is not None and previous["content_hash"] == content and set(reuse) == set(
+            previous["modalities"].split(",")):
+        return previous
     values: dict[str, Any] = {}
-    hashes: dict[str, str] = {}
-    dropped: dict[str, str] = {}
     failures: list[tuple[str, CleanError]] = []
     for modality in raw.present():
+        if modality in reuse and modality != "text":  # text is cheap and its cleaned form goes in the json
+            continue
         try:
-            values[modality], hashes[modality] = clean_modality(raw, modality, cfg)
+            values[modality] = clean_value(modality, data[modality], cfg)
         except CleanError as e:
             failures.append((modality, e))
         except Exception as e:  # a cleaner bug or an exotic decoder failure must not kill the job
             log.debug("unexpected error cleaning %s of %s", modality, raw.id, exc_info=True)
             failures.append((modality, CleanError(f"{modality}.error", f"{type(e).__name__}: {e}")))
-    for modality, e in failures:
-        dropped[modality] = f"clean.{modality}: {e.reason}: {e.detail}"
-    if not values:
+    if not values and not reuse:
         if not failures:
             return Reject(id=raw.id, stage="read", reason="read.no_modality", detail="no text, image or audio",
                           source=raw.source)
@@ -102,9 +154,6 @@ def clean_sample(raw: RawSample, cfg: CleanConfig) -> CleanSample | Reject:
             detail="; ".join(f"{m}: {e.detail}" for m, e in failures),
             source=raw.source,
         )
-    label_bytes = json.dumps(raw.label, sort_keys=True, default=str).encode()
-    meta_bytes = json.dumps(raw.meta, sort_keys=True, default=str).encode()
-    content = _digest(*(f"{m}={hashes[m]}".encode() for m in sorted(hashes)), label_bytes, meta_bytes)
     return CleanSample(
         id=raw.id,
         key=sample_key(raw.id),
@@ -114,29 +163,48 @@ def clean_sample(raw: RawSample, cfg: CleanConfig) -> CleanSample | Reject:
         image=values.get("image"),
         audio=values.get("audio"),
         sample_rate=cfg.audio.sample_rate if "audio" in values else None,
-        dropped=dropped,
+        dropped={m: f"clean.{m}: {e.reason}: {e.detail}" for m, e in failures},
         content_hash=content,
         modality_hashes=hashes,
         source=raw.source,
+        reused=reuse,
+        plan="changed" if previous is not None else "new",
     )
 
 
+def load_previous(index_path: str | None) -> dict[str, dict[str, Any]]:
+    """Landed samples of the previous version by id (empty when there is none)."""
+    if not index_path:
+        return {}
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(index_path, compression_type="uncompressed") as f:
+        rows = pq.read_table(f).to_pylist()
+    return {r["id"]: r for r in rows if r["status"] == "ok"}
+
+
 class CleanSampleFn(beam.DoFn):
-    """Beam stage around ``clean_sample``: main output CleanSample, tagged output ``rejects``."""
+    """Beam stage around ``clean_sample``: main output CleanSample, tagged ``rejects`` and ``unchanged``."""
 
     def __init__(self, cfg: CleanConfig) -> None:
         self._cfg = cfg
+        self._previous: dict[str, dict[str, Any]] = {}
         self._ok = Metrics.counter("mbm", "cleaned")
         self._rejected = Metrics.counter("mbm", "rejected_clean")
-        self._dropped = Metrics.counter("mbm", "modalities_dropped")
+        self._unchanged = Metrics.counter("mbm", "unchanged")
+
+    def setup(self) -> None:
+        self._previous = load_previous(self._cfg.previous_index)
 
     def process(self, raw: RawSample):
-        out = clean_sample(raw, self._cfg)
+        out = clean_sample(raw, self._cfg, self._previous.get(raw.id))
         if isinstance(out, Reject):
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(REJECTS, out)
-            return
-        self._ok.inc()
-        if out.dropped:
-            self._dropped.inc(len(out.dropped))
-        yield out
+        elif isinstance(out, dict):
+            self._unchanged.inc()
+            yield beam.pvalue.TaggedOutput(UNCHANGED, out)
+        else:
+            self._ok.inc()
+            yield out

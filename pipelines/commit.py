@@ -79,74 +79,213 @@ def _label_key(v: Any) -> tuple[str, str]:
     return (type(v).__name__, str(v))
 
 
-def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
-           fingerprints: dict[str, str], feature_dims: dict[str, int]) -> CommitResult:
-    """Turn the staging folder of a finished pipeline into the next dataset version."""
-    previous = current_manifest(out_dir)
-    version = (previous.version if previous else 0) + 1
-    sidecars = load_sidecars(staging)
-
-    renames: dict[str, str] = {}
-    shards: list[str] = []
-    sizes: list[int] = []
-    for sc in sidecars:
-        for sh in sorted(sc["shards"], key=lambda s: s["part"]):
-            final = f"shards/v{version:06d}-{len(shards):06d}.tar"
-            renames[sh["path"]] = final
-            shards.append(final)
-            sizes.append(sh["samples"])
-    if renames:
-        if not FileSystems.exists(join(out_dir, "shards")):
-            FileSystems.mkdirs(join(out_dir, "shards"))
-        FileSystems.rename([join(staging, s) for s in renames], [join(out_dir, d) for d in renames.values()])
-
-    rows = [r for sc in sidecars for r in sc["rows"]]
-    for r in rows:
-        r["version"] = version
-        if r["shard"] is not None:
-            r["shard"] = renames[r["shard"]]
-    rows.sort(key=lambda r: (r["id"], r["source"], r["status"]))
-    labels = {json.dumps(lbl, sort_keys=True): lbl for sc in sidecars for lbl in sc.get("labels", [])}
-
-    index_rel = f"index/{version:06d}.parquet"
-    buf = io.BytesIO()
+def load_index(out_dir: str, manifest: DatasetManifest | None) -> list[dict[str, Any]]:
+    if manifest is None:
+        return []
     import pyarrow.parquet as pq
 
-    pq.write_table(index_table(rows), buf, compression="zstd")
-    write_atomic(join(out_dir, index_rel), buf.getvalue())
+    with FileSystems.open(join(out_dir, manifest.index), compression_type="uncompressed") as f:
+        return pq.read_table(f).to_pylist()
 
+
+def plan_counts(previous_rows: list[dict], new_rows: list[dict], same_rows: list[dict]) -> dict[str, int]:
+    """new / changed / unchanged / removed, relative to the previous version's landed samples.
+
+    A sample rejected again exactly as before counts as unchanged; read-stage rejects without an id
+    are keyed by their source line.
+    """
+    prev_ok = {r["id"] for r in previous_rows if r["status"] == "ok"}
+    prev_rejects = {(r["id"], r["stage"], r["reason"]) for r in previous_rows if r["status"] == "rejected"}
+    seen = {r["id"] for r in new_rows} | {r["id"] for r in same_rows}
+    changed = {r["id"] for r in new_rows if r["id"] in prev_ok}
+    same_rejects = {r["id"] for r in new_rows
+                    if r["status"] == "rejected" and (r["id"], r["stage"], r["reason"]) in prev_rejects}
+    new = {r["id"] for r in new_rows} - changed - same_rejects
+    return {"new": len(new), "changed": len(changed), "unchanged": len(same_rows) + len(same_rejects),
+            "removed": len(prev_ok - seen)}
+
+
+def _copy_members(src: str, dst: str, keys: set[str]) -> int:
+    """Copy the members of ``keys`` from shard ``src`` to a new shard ``dst`` byte for byte."""
+    import tarfile
+
+    n = 0
+    with FileSystems.open(src, compression_type="uncompressed") as f, tarfile.open(fileobj=f, mode="r|") as tin, \
+            FileSystems.create(dst, mime_type="application/x-tar") as out, \
+            tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tout:
+        for info in tin:
+            if info.name.partition(".")[0] in keys:
+                tout.addfile(info, tin.extractfile(info))
+                n += 1
+    return n
+
+
+def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetManifest | None,
+                    sidecars: list[dict], same_rows: list[dict]) -> tuple[list[str], list[int], dict[str, str]]:
+    """The new version's shards: untouched old shards shared, touched ones rewritten, new ones renamed in.
+
+    Returns (shards, sizes, renames) where renames maps staged or old shard paths to new paths.
+    """
+    shards: list[str] = []
+    sizes: list[int] = []
+    renames: dict[str, str] = {}
+    keep: dict[str, set[str]] = {}
+    for r in same_rows:
+        keep.setdefault(r["shard"], set()).add(r["key"])
+    n_new = 0
+
+    def next_name() -> str:
+        nonlocal n_new
+        n_new += 1
+        return f"shards/v{version:06d}-{n_new - 1:06d}.tar"
+
+    if previous is not None:
+        for shard, size in zip(previous.shards, previous.shard_sizes, strict=True):
+            kept = keep.get(shard, set())
+            if len(kept) == size:
+                shards.append(shard)  # untouched: shared with the previous version
+                sizes.append(size)
+            elif kept:  # lost or changed samples: copy-on-write
+                name = next_name()
+                _copy_members(join(out_dir, shard), join(staging, name), kept)
+                renames[shard] = name
+                shards.append(name)
+                sizes.append(len(kept))
+    staged: dict[str, str] = {}
+    for sc in sidecars:
+        for sh in sorted(sc["shards"], key=lambda s: s["part"]):
+            name = next_name()
+            staged[sh["path"]] = name
+            shards.append(name)
+            sizes.append(sh["samples"])
+    moves = {join(staging, n): join(out_dir, n) for n in renames.values()}
+    moves.update({join(staging, src): join(out_dir, dst) for src, dst in staged.items()})
+    if moves:
+        if not FileSystems.exists(join(out_dir, "shards")):
+            FileSystems.mkdirs(join(out_dir, "shards"))
+        FileSystems.rename(list(moves), list(moves.values()))
+    renames.update(staged)
+    return shards, sizes, renames
+
+
+def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
+           fingerprints: dict[str, str], feature_dims: dict[str, int]) -> CommitResult:
+    """Turn the staging folder of a finished pipeline into the next dataset version.
+
+    When nothing changed (no new, changed or removed sample, the same rejects) no version is made and
+    the returned manifest is the current one.
+    """
+    previous = current_manifest(out_dir)
+    previous_rows = load_index(out_dir, previous)
+    version = (previous.version if previous else 0) + 1
+    sidecars = load_sidecars(staging)
+    new_rows = [r for sc in sidecars for r in sc["rows"]]
+    same_rows = [r for sc in sidecars for r in sc.get("same", [])]
+    planned = plan_counts(previous_rows, new_rows, same_rows)
+    extracted = {k: sum(sc.get("extracted", {}).get(k, 0) for sc in sidecars)
+                 for k in ("samples", "text", "image", "audio")}
+    rejects_now = sorted((r["id"], r["stage"], r["reason"]) for r in new_rows if r["status"] == "rejected")
+    rejects_before = sorted((r["id"], r["stage"], r["reason"]) for r in previous_rows if r["status"] == "rejected")
+    unchanged = (previous is not None and planned["new"] == planned["changed"] == planned["removed"] == 0
+                 and rejects_now == rejects_before and previous.fingerprints == fingerprints)
+
+    if unchanged:
+        manifest = previous
+        rows = previous_rows
+    else:
+        shards, sizes, renames = assemble_shards(out_dir, staging, version, previous, sidecars, same_rows)
+        for r in new_rows:
+            r["version"] = version
+            if r["shard"] is not None:
+                r["shard"] = renames[r["shard"]]
+        for r in same_rows:
+            r["shard"] = renames.get(r["shard"], r["shard"])
+        rows = sorted(new_rows + same_rows, key=lambda r: (r["id"], r["source"], r["status"]))
+        index_rel = f"index/{version:06d}.parquet"
+        buf = io.BytesIO()
+        import pyarrow.parquet as pq
+
+        pq.write_table(index_table(rows), buf, compression="zstd")
+        write_atomic(join(out_dir, index_rel), buf.getvalue())
+        manifest = DatasetManifest(
+            version=version, shards=shards, shard_sizes=sizes, num_samples=sum(sizes),
+            counts={}, index=index_rel, fingerprints=fingerprints, feature_dims=feature_dims,
+            labels=_labels(sidecars, same_rows, previous),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            parent=previous.version if previous else None, schema_version=SCHEMA_VERSION,
+        )
     counts, report = build_report(rows, clock() - started)
-    manifest = DatasetManifest(
-        version=version,
-        shards=shards,
-        shard_sizes=sizes,
-        num_samples=sum(sizes),
-        counts=counts,
-        index=index_rel,
-        fingerprints=fingerprints,
-        feature_dims=feature_dims,
-        labels=sorted(labels.values(), key=_label_key),
-        created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        parent=previous.version if previous else None,
-        schema_version=SCHEMA_VERSION,
-    )
-    vpath = join(out_dir, version_path(version))
-    if FileSystems.exists(vpath):
-        raise RuntimeError(f"{vpath} already exists; versions are immutable")
-    write_atomic(vpath, manifest.to_json().encode("utf-8"), "application/json")
-    write_atomic(join(out_dir, "job.toml"), job_toml.encode("utf-8"), "application/toml")
-    report["version"] = version
+    counts["extracted"] = extracted["samples"]
+    report["counts"] = counts
+    report["planned"] = planned
+    report["extracted_by_modality"] = {m: extracted[m] for m in ("text", "image", "audio")}
+    report["version"] = manifest.version
+    report["new_version"] = not unchanged
+    if not unchanged:
+        manifest.counts = counts
+        vpath = join(out_dir, version_path(version))
+        if FileSystems.exists(vpath):
+            raise RuntimeError(f"{vpath} already exists; versions are immutable")
+        write_atomic(vpath, manifest.to_json().encode("utf-8"), "application/json")
+        write_atomic(join(out_dir, "job.toml"), job_toml.encode("utf-8"), "application/toml")
     report["seconds"] = round(clock() - started, 3)
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
     write_atomic(join(out_dir, "report.json"), (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
-    dataset_json = join(out_dir, "dataset.json")
-    if "://" in out_dir:
-        write_atomic(dataset_json, manifest.to_json().encode("utf-8"), "application/json")
-    else:
-        replace_atomic_local(dataset_json, manifest.to_json().encode("utf-8"))
+    if not unchanged:
+        dataset_json = join(out_dir, "dataset.json")
+        if "://" in out_dir:
+            write_atomic(dataset_json, manifest.to_json().encode("utf-8"), "application/json")
+        else:
+            replace_atomic_local(dataset_json, manifest.to_json().encode("utf-8"))
     FileSystems.delete([staging])
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report, rows=rows)
+
+
+def _labels(sidecars: list[dict], same_rows: list[dict], previous: DatasetManifest | None) -> list[Any]:
+    """Label vocabulary of the landed samples, keeping the JSON type (int or str) of each label."""
+    labels = {json.dumps(lbl, sort_keys=True): lbl for sc in sidecars for lbl in sc.get("labels", [])}
+    by_text = {str(lbl): lbl for lbl in (previous.labels if previous else [])}
+    for r in same_rows:
+        if r["label"] is not None:
+            lbl = by_text.get(r["label"], r["label"])
+            labels[json.dumps(lbl, sort_keys=True)] = lbl
+    return sorted(labels.values(), key=_label_key)
+
+
+def remove_uncommitted(out_dir: str) -> list[str]:
+    """Delete what a killed run left behind in a local dataset folder; returns the removed paths.
+
+    Only files no committed version can reference go: the staging folder, and manifests, index
+    files and shards named for versions above the current one (names carry their version).
+    """
+    import re
+    import shutil
+    from pathlib import Path
+
+    root = Path(out_dir)
+    current = current_manifest(out_dir)
+    top = current.version if current else 0
+    removed = []
+    if (root / ".staging").exists():
+        shutil.rmtree(root / ".staging")
+        removed.append(str(root / ".staging"))
+    patterns = {"versions": r"^(\d{6})\.json(\.tmp)?$", "index": r"^(\d{6})\.parquet(\.tmp)?$",
+                "shards": r"^v(\d{6})-\d{6}\.tar$"}
+    for folder, pattern in patterns.items():
+        if not (root / folder).is_dir():
+            continue
+        for f in (root / folder).iterdir():
+            m = re.match(pattern, f.name)
+            if m and int(m.group(1)) > top:
+                f.unlink()
+                removed.append(str(f))
+    for f in root.glob("*.tmp"):
+        f.unlink()
+        removed.append(str(f))
+    if removed:
+        log.warning("removed %d leftovers of an interrupted run in %s", len(removed), out_dir)
+    return removed
 
 
 def _remove_if_empty(folder: str) -> None:

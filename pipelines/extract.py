@@ -41,7 +41,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
 
     def run_inference(self, batch: Sequence[CleanSample], model: Any, inference_args=None) -> Iterable[CleanSample]:
         m = self._modality
-        todo = [i for i, s in enumerate(batch) if getattr(s, m) is not None]
+        todo = [i for i, s in enumerate(batch) if getattr(s, m) is not None and m not in s.reused]
         results: dict[int, np.ndarray | str] = {}
         if todo:
             try:
@@ -59,6 +59,8 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     def _attach(self, sample: CleanSample, result: np.ndarray | str | None) -> CleanSample:
         m = self._modality
         if result is None:
+            if m in sample.reused:  # features come from the previous version's shard, same fingerprint
+                return sample.with_(fingerprints={**sample.fingerprints, m: self._fingerprint})
             return sample
         # Decoded pixels and waveforms are dropped once featurized; the cleaned text stays (it goes in the json).
         media = getattr(sample, m) if m == "text" else None
@@ -76,7 +78,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
 
 def _split_failed(sample: CleanSample):
     """Samples that lost every modality in extraction become rejects."""
-    if sample.features:
+    if sample.features or sample.reused:
         yield sample
         return
     reasons = [d for m, d in sample.dropped.items() if d.startswith("extract.")]

@@ -24,7 +24,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from schemas import SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
+from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class SinkConfig:
     samples_per_shard: int
     max_shard_bytes: int
     include_text: bool = False
+    dataset_dir: str = ""  # the dataset folder, where reused features are read from
 
 
 def num_buckets(n_samples: int, samples_per_shard: int) -> int:
@@ -55,8 +56,12 @@ def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, 
     doc = sample.shard_json(SCHEMA_VERSION)
     members["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
     for modality in doc["modalities"]:
+        feats = sample.features[modality]
+        if isinstance(feats, bytes):  # reused: the previous version's .npy, copied byte for byte
+            members[f"{modality}.npy"] = feats
+            continue
         buf = io.BytesIO()
-        np.save(buf, np.asarray(sample.features[modality], dtype=np.float16), allow_pickle=False)
+        np.save(buf, np.asarray(feats, dtype=np.float16), allow_pickle=False)
         members[f"{modality}.npy"] = buf.getvalue()
     if include_text and sample.text:
         members["txt"] = sample.text.encode("utf-8")
@@ -84,6 +89,7 @@ def ok_row(sample: CleanSample, shard: str) -> IndexRow:
         label=None if sample.label is None else str(sample.label),
         source=sample.source,
         version=0,
+        modality_hashes=json.dumps(sample.modality_hashes, sort_keys=True),
     )
 
 
@@ -136,10 +142,47 @@ def _write_tar(path: str, part: list[tuple[CleanSample, dict]]) -> int:
     return total
 
 
+def read_members(tar_path: str, wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
+    """The members ``{key}.{suffix}`` of one shard for the keys and suffixes in ``wanted``."""
+    import tarfile
+
+    found: dict[tuple[str, str], bytes] = {}
+    with FileSystems.open(tar_path, compression_type="uncompressed") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for info in tf:
+            key, _, suffix = info.name.partition(".")
+            if suffix in wanted.get(key, ()):
+                found[(key, suffix)] = tf.extractfile(info).read()
+    return found
+
+
+def fill_reused(samples: list[CleanSample], dataset_dir: str) -> list[CleanSample]:
+    """Give reused modalities their previous .npy bytes, reading each old shard once."""
+    needs: dict[str, dict[str, set[str]]] = {}
+    for s in samples:
+        for m, shard in s.reused.items():
+            needs.setdefault(shard, {}).setdefault(s.key, set()).add(f"{m}.npy")
+    found: dict[tuple[str, str], bytes] = {}
+    for shard, wanted in sorted(needs.items()):
+        found.update(read_members(f"{dataset_dir.rstrip('/')}/{shard}", wanted))
+    out = []
+    for s in samples:
+        if s.reused:
+            missing = [m for m in s.reused if (s.key, f"{m}.npy") not in found]
+            if missing:
+                raise RuntimeError(f"{s.id}: features of {missing} are missing from {set(s.reused.values())}; "
+                                   "the dataset folder was changed by hand — rerun with --full")
+            s = s.with_(features={**s.features, **{m: found[(s.key, f"{m}.npy")] for m in s.reused}})
+        out.append(s)
+    return out
+
+
 def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig) -> dict[str, Any]:
     """Write one bucket's tars and sidecar; returns the sidecar's content."""
+    items = list(items)
     samples = sorted((x for tag, x in items if tag == "ok"), key=lambda s: (s.key, s.id))
+    samples = fill_reused(samples, cfg.dataset_dir)
     rejects = sorted((x for tag, x in items if tag == "reject"), key=lambda r: (r.id, r.source, r.stage))
+    same = sorted((x for tag, x in items if tag == "same"), key=lambda r: (r["id"], r["source"]))
     shards: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     for i, part in enumerate(_plan_parts(samples, cfg)):
@@ -149,7 +192,10 @@ def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig)
         rows.extend(ok_row(s, rel).to_dict() for s, _ in part)
     rows.extend(reject_row(r).to_dict() for r in rejects)
     labels = sorted({json.dumps(s.label, sort_keys=True) for s in samples if s.label is not None})
-    sidecar = {"bucket": bucket, "shards": shards, "rows": rows, "labels": [json.loads(x) for x in labels]}
+    computed = [s.computed() for s in samples]
+    extracted = {"samples": sum(1 for c in computed if c), **{m: sum(m in c for c in computed) for m in MODALITIES}}
+    sidecar = {"bucket": bucket, "shards": shards, "rows": rows, "same": same, "extracted": extracted,
+               "labels": [json.loads(x) for x in labels]}
     final = f"{cfg.staging}/parts/b{bucket:05d}.json"
     tmp = final + ".tmp"
     with FileSystems.create(tmp, mime_type="application/json") as f:
@@ -174,6 +220,10 @@ class WriteBucketFn(beam.DoFn):
         yield bucket
 
 
+def _tag_same(row: dict[str, Any]) -> tuple[str, Any]:
+    return row["key"], ("same", row)
+
+
 def _tag_ok(sample: CleanSample) -> tuple[str, Any]:
     return sample.key, ("ok", sample)
 
@@ -195,11 +245,12 @@ class WriteShards(beam.PTransform):
         self._cfg = cfg
 
     def expand(self, pcolls):
-        samples, rejects, n_input = pcolls
+        samples, rejects, unchanged, n_input = pcolls
         ok = samples | "TagOk" >> beam.Map(_tag_ok)
         bad = rejects | "TagRejects" >> beam.Map(_tag_reject)
+        same = unchanged | "TagUnchanged" >> beam.Map(_tag_same)
         return (
-            (ok, bad)
+            (ok, bad, same)
             | "Merge" >> beam.Flatten()
             | "Bucket" >> beam.Map(_to_bucket, beam.pvalue.AsSingleton(n_input), self._cfg.samples_per_shard)
             | "GroupBuckets" >> beam.GroupByKey()

@@ -19,6 +19,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("label", pa.string()),
         pa.field("source", pa.string(), nullable=False),
         pa.field("version", pa.int32(), nullable=False),
+        pa.field("modality_hashes", pa.string(), nullable=False),
     ],
     metadata={"mbm.table": "index"},
 )

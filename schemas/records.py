@@ -88,9 +88,17 @@ class CleanSample:
     modality_hashes: dict[str, str] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
     source: str = ""
+    # Incremental runs: modality -> shard (relative path) of the previous version holding features that
+    # are still valid (same content hash and extractor fingerprint); the sink copies them byte for byte.
+    reused: dict[str, str] = field(default_factory=dict)
+    plan: str = "new"  # new | changed (relative to the previous version)
 
     def present(self) -> list[str]:
         return [m for m in MODALITIES if getattr(self, m) is not None]
+
+    def computed(self) -> list[str]:
+        """Modalities whose features were extracted in this run (not reused)."""
+        return [m for m in MODALITIES if m in self.features and m not in self.reused]
 
     def with_(self, **changes: Any) -> CleanSample:
         return replace(self, **changes)
@@ -150,7 +158,8 @@ class IndexRow:
     modalities: str  # comma-joined modalities with features
     label: str | None
     source: str
-    version: int
+    version: int  # the dataset version that last wrote this sample's features (or rejected it)
+    modality_hashes: str = "{}"  # JSON {modality: content hash of raw bytes + cleaning settings}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -69,7 +69,12 @@ class ExtractorHandler(ModelHandler[Any, np.ndarray, LoadedModel]):
     ) -> list[np.ndarray]:
         """Features for each example of `batch`, in order."""
         self.validate_inference_args(inference_args)
-        features = self.extractor.featurize(model.model, list(batch), model.device)
+        inputs = list(batch)
+        if self.extractor.modality == "image" and 0 < len(inputs) < self.batch_size:
+            # Always run full batches: kernels are chosen by shape, so a fixed shape makes every
+            # image's features bit-identical however Beam grouped it (padding rows are dropped).
+            inputs += [inputs[0]] * (self.batch_size - len(inputs))
+        features = self.extractor.featurize(model.model, inputs, model.device)[: len(batch)]
         if len(features) != len(batch):
             raise ValueError(
                 f"{self.extractor.name} returned {len(features)} results for {len(batch)} inputs"

@@ -75,15 +75,26 @@ class TextModel(NamedTuple):
     model: Any
 
 
-def length_chunks(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices sorted by length, cut into chunks whose padded size (count x longest) fits `max_tokens`."""
-    chunks: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if chunks and (len(chunks[-1]) + 1) * lengths[i] <= max_tokens:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
+LENGTH_STEP = 32  # texts are padded to a multiple of this many tokens
+
+
+def fixed_shape_chunks(lengths: list[int], max_tokens: int, max_length: int) -> list[tuple[int, int, list[int]]]:
+    """Group texts into forward passes of a fixed shape that depends only on each text's own length.
+
+    A text of n tokens always runs padded to ``L = ceil(n / 32) * 32`` tokens in a pass of exactly
+    ``R(L) = max(1, min(16, max_tokens // L))`` rows (short chunks are filled with copies of a row),
+    so its features are bit-identical however Beam batched it: matrix kernels are chosen by shape,
+    and rows of one shape never interact. Returns (L, R, indices) per pass.
+    """
+    buckets: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        buckets.setdefault(min(max_length, -(-n // LENGTH_STEP) * LENGTH_STEP), []).append(i)
+    passes = []
+    for length in sorted(buckets):
+        rows = max(1, min(16, max_tokens // length))
+        idx = buckets[length]
+        passes.extend((length, rows, idx[j:j + rows]) for j in range(0, len(idx), rows))
+    return passes
 
 
 @register_extractor
@@ -130,16 +141,17 @@ class HFTextExtractor(Extractor):
         encoded = model.tokenizer(list(batch), truncation=True, max_length=self.config.max_length)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         out: list[np.ndarray | None] = [None] * len(batch)
-        for chunk in length_chunks(lengths, self.config.max_batch_tokens):
-            features = self._forward(model, {k: [v[i] for i in chunk] for k, v in encoded.items()}, device)
-            for i, feats in zip(chunk, features, strict=True):
+        for length, rows, chunk in fixed_shape_chunks(lengths, self.config.max_batch_tokens, self.config.max_length):
+            filled = chunk + [chunk[0]] * (rows - len(chunk))
+            features = self._forward(model, {k: [v[i] for i in filled] for k, v in encoded.items()}, device, length)
+            for i, feats in zip(chunk, features, strict=False):
                 out[i] = feats
         return out
 
-    def _forward(self, model: TextModel, encoded: dict[str, list], device: str) -> list[np.ndarray]:
+    def _forward(self, model: TextModel, encoded: dict[str, list], device: str, length: int) -> list[np.ndarray]:
         import torch
 
-        padded = model.tokenizer.pad(encoded, return_tensors="pt")
+        padded = model.tokenizer.pad(encoded, padding="max_length", max_length=length, return_tensors="pt")
         mask = padded["attention_mask"].bool()  # (B, T); selects real tokens whatever the padding side
         inputs = {k: to_device(v, device) for k, v in padded.items()}
         with torch.inference_mode(), autocast(device):

@@ -88,3 +88,5 @@ def test_report_and_versions(job):
     assert dataset["version"] == 1 and sum(dataset["shard_sizes"]) == landed
     assert all((out / s).is_file() for s in dataset["shards"]) and len(dataset["shards"]) >= 3
     assert (out / "job.toml").is_file() and not (out / ".staging").exists()
+    # Two Beam SDK worker processes did the work.
+    assert (out / ".worker.log").read_text().count("Logging handler created") == 2

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mbm.extractors import create_extractor
-from mbm.extractors.text import length_chunks
+from mbm.extractors.text import fixed_shape_chunks
 
 SHORT = "the cat sat"
 LONG = "the quick brown fox jumps over the lazy dog on the river bank hello world"
@@ -48,10 +48,19 @@ def test_token_budget_splits_batches_without_changing_results(tiny_bert_dir, tin
         np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3, rtol=2e-3)
 
 
-def test_length_chunks_sort_and_respect_the_budget():
-    assert length_chunks([5, 1, 3, 2], max_tokens=9) == [[1, 3, 2], [0]]  # 3 x 3 fits, 4 x 5 does not
-    assert length_chunks([5, 1, 3, 2], max_tokens=6) == [[1, 3], [2], [0]]
-    assert length_chunks([4, 4], max_tokens=4) == [[0], [1]]
+def test_fixed_shape_chunks_depend_only_on_each_texts_length():
+    assert fixed_shape_chunks([5, 40, 3, 33], max_tokens=128, max_length=256) == [(32, 4, [0, 2]), (64, 2, [1, 3])]
+    assert fixed_shape_chunks([300], max_tokens=16384, max_length=256) == [(256, 16, [0])]
+    assert fixed_shape_chunks([1] * 20, max_tokens=16384, max_length=256) == [(32, 16, list(range(16))),
+                                                                              (32, 16, list(range(16, 20)))]
+
+
+def test_features_are_bit_identical_whatever_the_batch(tiny):
+    extractor, model = tiny
+    alone = extractor.featurize(model, [SHORT], "cpu")[0]
+    for batch in ([LONG, SHORT], [SHORT, LONG, LONG, "x"], ["y"] * 7 + [SHORT]):
+        got = extractor.featurize(model, batch, "cpu")[batch.index(SHORT)]
+        assert np.array_equal(got, alone)
 
 
 def test_long_texts_are_truncated_to_max_length(tiny_bert_dir, tiny):

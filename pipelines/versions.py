@@ -1,0 +1,82 @@
+"""Dataset versions: list, diff, and garbage-collect what no kept version references."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from schemas import DatasetManifest
+from schemas.manifest import version_path
+
+log = logging.getLogger(__name__)
+
+
+def list_versions(out_dir: str) -> list[DatasetManifest]:
+    """Every committed version still on disk, oldest first."""
+    root = Path(out_dir)
+    if not (root / "dataset.json").is_file():
+        raise ValueError(f"{out_dir} is not an mbm dataset folder (no dataset.json)")
+    current = DatasetManifest.from_json((root / "dataset.json").read_text())
+    found = []
+    for p in sorted((root / "versions").glob("[0-9]" * 6 + ".json")):
+        m = DatasetManifest.from_json(p.read_text())
+        if m.version <= current.version:
+            found.append(m)
+    return found
+
+
+def load_version(out_dir: str, version: int) -> DatasetManifest:
+    path = Path(out_dir) / version_path(version)
+    if not path.is_file():
+        raise ValueError(f"version {version} of {out_dir} does not exist (or was garbage-collected)")
+    return DatasetManifest.from_json(path.read_text())
+
+
+def _landed(out_dir: str, manifest: DatasetManifest) -> dict[str, tuple[str, str]]:
+    rows = pq.read_table(Path(out_dir) / manifest.index, columns=["id", "status", "content_hash", "fingerprint"])
+    return {r["id"]: (r["content_hash"], r["fingerprint"]) for r in rows.to_pylist() if r["status"] == "ok"}
+
+
+def diff_versions(out_dir: str, a: int, b: int) -> dict[str, list[str]]:
+    """Sample ids added, changed (content or features) and removed from version ``a`` to ``b``."""
+    old, new = _landed(out_dir, load_version(out_dir, a)), _landed(out_dir, load_version(out_dir, b))
+    return {
+        "added": sorted(set(new) - set(old)),
+        "changed": sorted(k for k in set(old) & set(new) if old[k] != new[k]),
+        "removed": sorted(set(old) - set(new)),
+    }
+
+
+def gc(out_dir: str, keep: int, *, dry_run: bool = False) -> dict[str, Any]:
+    """Keep the newest ``keep`` versions (always the current one); delete other versions' manifests and
+    every shard and index file no kept version references. Returns what was (or would be) deleted."""
+    if keep < 1:
+        raise ValueError(f"--keep must be >= 1, got {keep}")
+    root = Path(out_dir)
+    versions = list_versions(out_dir)
+    kept = versions[-keep:]
+    referenced = {s for m in kept for s in m.shards} | {m.index for m in kept}
+    kept_numbers = {m.version for m in kept}
+    doomed_versions = [root / version_path(m.version) for m in versions if m.version not in kept_numbers]
+    doomed_files = [p for folder in ("shards", "index") if (root / folder).is_dir()
+                    for p in sorted((root / folder).iterdir())
+                    if f"{folder}/{p.name}" not in referenced and p.is_file()]
+    freed = sum(p.stat().st_size for p in doomed_files)
+    if not dry_run:
+        for p in doomed_versions + doomed_files:  # manifests first: no version points at a missing shard
+            p.unlink()
+    return {"kept_versions": sorted(kept_numbers), "deleted_versions": [int(p.stem) for p in doomed_versions],
+            "deleted_files": [str(p.relative_to(root)) for p in doomed_files], "freed_bytes": freed}
+
+
+def describe(m: DatasetManifest, current: int) -> dict[str, Any]:
+    return {"version": m.version, "current": m.version == current, "created": m.created,
+            "samples": m.num_samples, "shards": len(m.shards), **{k: m.counts.get(k) for k in ("input", "rejected")}}
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False)

@@ -1,0 +1,197 @@
+"""Incremental reprocessing on the bundled sample data: only what changed is recomputed."""
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from jobs.cli import main
+
+pytestmark = pytest.mark.slow
+
+SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample"
+
+
+def _setup(tmp_path: Path, extra_spec: str = "") -> Path:
+    shutil.copytree(SAMPLE, tmp_path / "data")
+    spec = tmp_path / "job.toml"
+    spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\nsamples_per_shard = 8\n'
+                    '[runner]\nworkers = 1\n' + extra_spec)
+    return spec
+
+
+def _run(spec: Path, *args: str) -> dict:
+    assert main(["preprocess", str(spec), "--no-progress", *args]) == 0
+    return json.loads((spec.parent / "out" / "report.json").read_text())
+
+
+def _members(out: Path, version: int) -> dict[str, dict[str, bytes]]:
+    """id -> {member suffix: bytes} for a version, read with plain webdataset."""
+    manifest = json.loads((out / "versions" / f"{version:06d}.json").read_text())
+    found: dict[str, dict[str, bytes]] = {}
+    for rel in manifest["shards"]:
+        for s in wds.WebDataset(str(out / rel), shardshuffle=False):
+            sid = json.loads(s["json"])["id"]
+            assert sid not in found, f"{sid} twice in version {version}"
+            found[sid] = {k: v for k, v in s.items() if k.endswith(".npy") or k == "json"}
+    assert len(found) == manifest["num_samples"] == sum(manifest["shard_sizes"])
+    return found
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def test_no_change_then_edits_recompute_only_what_changed(tmp_path):
+    spec = _setup(tmp_path)
+    out = tmp_path / "out"
+    first = _run(spec)
+    assert first["planned"]["new"] == 36 and first["new_version"] and first["counts"]["extracted"] == 34
+    shards_v1 = sorted(p.name for p in (out / "shards").iterdir())
+
+    again = _run(spec)
+    assert again["counts"]["extracted"] == 0 and not again["new_version"]
+    assert again["planned"] == {"new": 0, "changed": 0, "unchanged": 36, "removed": 0}
+    assert sorted(p.name for p in (out / "shards").iterdir()) == shards_v1
+    assert json.loads((out / "dataset.json").read_text())["version"] == 1
+    assert sorted(p.name for p in (out / "versions").iterdir()) == ["000001.json"]
+
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    rows = _rows(manifest)
+    ok_with_text_only_change = [r for r in rows if r["text"] and r["image"] and not r["audio"]
+                                and not r["id"].startswith("bad")][:3]
+    for r in ok_with_text_only_change:
+        r["text"] += " (caption revised)"
+    # Replace three images: new bytes under a new file name.
+    image_rows = [r for r in rows if r["image"] and r not in ok_with_text_only_change
+                  and not r["id"].startswith("bad") and r["image"].endswith(".jpg")][:3]
+    for i, r in enumerate(image_rows):
+        src = tmp_path / "data" / r["image"]
+        dst = src.with_name(f"replaced-{i}.jpg")
+        from PIL import Image
+
+        Image.open(src).rotate(90, expand=True).save(dst, quality=90)
+        r["image"] = f"images/{dst.name}"
+    removed = [r["id"] for r in rows if r not in ok_with_text_only_change + image_rows
+               and not r["id"].startswith("bad")][:2]
+    rows = [r for r in rows if r["id"] not in removed]
+    template = next(r for r in rows if r["text"] and r["image"] and not r["audio"] and r["id"] not in
+                    {x["id"] for x in ok_with_text_only_change + image_rows})
+    added = [{**template, "id": f"new-{i}", "text": f"A new caption number {i}."} for i in range(4)]
+    _write_rows(manifest, rows + added)
+
+    second = _run(spec)
+    assert second["new_version"] and second["version"] == 2
+    assert second["planned"] == {"new": 4, "changed": 6, "unchanged": 36 - 6 - 2, "removed": 2}
+    assert second["counts"]["extracted"] == 10
+    assert second["extracted_by_modality"] == {"text": 3 + 4, "image": 3 + 4, "audio": 0}
+
+    v1, v2 = _members(out, 1), _members(out, 2)
+    assert set(v2) == (set(v1) - set(removed)) | {a["id"] for a in added}
+    text_changed = {r["id"] for r in ok_with_text_only_change}
+    image_changed = {r["id"] for r in image_rows}
+    for sid in set(v1) & set(v2):
+        if sid not in text_changed:
+            assert v1[sid].get("text.npy") == v2[sid].get("text.npy"), sid
+        else:
+            assert v1[sid]["text.npy"] != v2[sid]["text.npy"] and v1[sid]["image.npy"] == v2[sid]["image.npy"]
+        if sid not in image_changed:
+            assert v1[sid].get("image.npy") == v2[sid].get("image.npy"), sid
+            assert v1[sid].get("audio.npy") == v2[sid].get("audio.npy"), sid
+        else:
+            assert v1[sid]["image.npy"] != v2[sid]["image.npy"] and v1[sid]["text.npy"] == v2[sid]["text.npy"]
+    m1 = json.loads((out / "versions/000001.json").read_text())
+    m2 = json.loads((out / "versions/000002.json").read_text())
+    assert set(m1["shards"]) & set(m2["shards"]), "untouched shards are shared between versions"
+    assert _members(out, 1) == v1  # the old version is still readable and unchanged
+
+    # Changing only the audio extractor's settings recomputes audio features only.
+    spec.write_text(spec.read_text() + '[extract.audio]\nname = "logmel"\nn_mels = 64\n')
+    third = _run(spec)
+    n_audio = sum(1 for s in v2.values() if "audio.npy" in s)
+    assert third["extracted_by_modality"] == {"text": 0, "image": 0, "audio": n_audio}
+    v3 = _members(out, 3)
+    for sid, s in v3.items():
+        assert s.get("text.npy") == v2[sid].get("text.npy") and s.get("image.npy") == v2[sid].get("image.npy")
+        if "audio.npy" in s:
+            import numpy as np
+
+            assert np.load(io.BytesIO(s["audio.npy"]), allow_pickle=False).shape[1] == 64
+
+    full = _run(spec, "--full")
+    assert full["counts"]["extracted"] == len(v3) and full["version"] == 4
+
+
+def test_versions_diff_and_gc_commands(tmp_path, capsys):
+    spec = _setup(tmp_path)
+    out = tmp_path / "out"
+    _run(spec)
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    rows = _rows(manifest)
+    rows[0]["text"] += " Edited."
+    _write_rows(manifest, rows[1:] + [rows[0], {**rows[1], "id": "added-1"}])
+    _run(spec)
+    capsys.readouterr()
+    assert main(["versions", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert "1" in listing and "2" in listing and "current" in listing
+    assert main(["diff", str(out), "1", "2", "--json"]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    assert diff == {"added": ["added-1"], "changed": [rows[0]["id"]], "removed": []}
+    v1_shards = set(json.loads((out / "versions/000001.json").read_text())["shards"])
+    assert main(["gc", str(out), "--keep", "1"]) == 0
+    v2_shards = set(json.loads((out / "versions/000002.json").read_text())["shards"])
+    left = {f"shards/{p.name}" for p in (out / "shards").iterdir()}
+    assert left == v2_shards and not (out / "versions/000001.json").exists()
+    assert v1_shards - v2_shards, "the edit rewrote at least one shard, which gc removed"
+    assert main(["diff", str(out), "1", "2"]) == 2  # version 1 is gone: a clear error, exit 2
+
+
+def test_killed_run_leaves_previous_version_and_rerun_matches_clean_run(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = _setup(tmp_path)
+    out = tmp_path / "out"
+    _run(spec)
+    v1 = _members(out, 1)
+    rows = _rows(tmp_path / "data" / "manifest.jsonl")
+    _write_rows(tmp_path / "data" / "manifest.jsonl",
+                [{**r, "text": (r["text"] or "") + " v2"} if r["text"] else r for r in rows])
+    rng = random.Random(0)
+    for delay in (rng.uniform(2.0, 6.0), rng.uniform(6.0, 9.0)):
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "preprocess", str(spec), "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        current = json.loads((out / "dataset.json").read_text())["version"]
+        assert _members(out, current) == v1 if current == 1 else True
+        for p in (out / "shards").iterdir():  # no partial shard under a final name
+            with tarfile.open(p) as tf:
+                tf.getmembers()
+    _run(spec)
+    resumed = _members(out, json.loads((out / "dataset.json").read_text())["version"])
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    clean_spec = _setup(clean_dir)
+    shutil.copy(tmp_path / "data" / "manifest.jsonl", clean_dir / "data" / "manifest.jsonl")
+    _run(clean_spec)
+    clean = _members(clean_dir / "out", 1)
+    assert set(resumed) == set(clean)
+    for sid in clean:
+        assert resumed[sid].keys() == clean[sid].keys()
+        for k in clean[sid]:
+            if k.endswith(".npy"):  # extraction runs fixed shapes, so features are bit-identical
+                assert resumed[sid][k] == clean[sid][k], (sid, k)
