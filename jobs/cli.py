@@ -162,6 +162,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from pipelines.lock import FolderLock, FolderLockedError
     from pipelines.versions import gc
 
+    if not Path(args.dir, "dataset.json").is_file():
+        raise SpecError(f"{args.dir} is not an mbm dataset folder (no dataset.json)")
     try:
         with FolderLock(args.dir):
             result = gc(args.dir, args.keep, dry_run=args.dry_run)

@@ -1,0 +1,128 @@
+"""Incremental re-run vs full run: how much a no-change and a 5 %-change re-run cost.
+
+Builds a dataset from the bundled sample media repeated to --samples unique ids, runs
+`mbm preprocess` (whole process, as a user runs it) for: the first full run, a no-change re-run,
+a re-run after changing 5 % of the samples (half new captions, half replaced images), and a
+`--full` recompute of the same changed data for reference. Prints a table and, with --write,
+updates the section in docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/incremental.py --samples 400 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "sample"
+MBM = [sys.executable, "-m", "jobs.cli"]
+
+
+def build(data: Path, n: int) -> list[dict]:
+    shutil.copytree(SAMPLE, data)
+    base = [json.loads(x) for x in (data / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    base = [r for r in base if not r["id"].startswith("bad")]
+    rows = []
+    for i in range(n):
+        r = dict(base[i % len(base)])
+        r["id"] = f"{r['id']}-{i:05d}"
+        if r.get("text"):
+            r["text"] = f"{r['text']} (copy {i})"
+        rows.append(r)
+    write(data, rows)
+    return rows
+
+
+def write(data: Path, rows: list[dict]) -> None:
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def change(data: Path, rows: list[dict], fraction: float, seed: int = 0) -> dict[str, int]:
+    """Change `fraction` of the samples: half get a new caption, half a replaced image."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    k = max(2, round(len(rows) * fraction))
+    texts = [r for r in rows if r.get("text")]
+    images = [r for r in rows if r.get("image") and r not in texts[: k // 2]]
+    for r in rng.sample(texts, k // 2):
+        r["text"] += " Revised."
+    for j, r in enumerate(rng.sample(images, k - k // 2)):
+        src = data / r["image"]
+        dst = src.with_name(f"replaced-{j}.jpg")
+        Image.open(src).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(dst, quality=90)
+        r["image"] = f"images/{dst.name}"
+    write(data, rows)
+    return {"captions": k // 2, "images": k - k // 2}
+
+
+def run(spec: Path, *extra: str) -> dict:
+    start = time.perf_counter()
+    subprocess.run([*MBM, "preprocess", str(spec), "--no-progress", *extra], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    report = json.loads((spec.parent / "out" / "report.json").read_text())
+    return {"wall": wall, "report": report}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--change", type=float, default=0.05)
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows = build(tmp / "data", args.samples)
+        spec = tmp / "job.toml"
+        spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\nsamples_per_shard = 100\n')
+        results = {"full (first run)": run(spec), "no change": run(spec)}
+        changed = change(tmp / "data", rows, args.change)
+        results[f"{args.change:.0%} changed"] = run(spec)
+        results["--full on the changed data"] = run(spec, "--full")
+    base = results["--full on the changed data"]["wall"]
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{args.samples} samples (sample media repeated, unique ids); the change: {changed['captions']} new "
+        f"captions, {changed['images']} replaced images. Wall time of the whole `mbm preprocess` process "
+        "(start-up and model loading included).",
+        "",
+        "| run | wall s | extracted samples | text / image / audio recomputed | new version | full run / this |",
+        "| --- | ---: | ---: | --- | --- | ---: |",
+    ]
+    for name, r in results.items():
+        rep = r["report"]
+        by = rep.get("extracted_by_modality", {})
+        lines.append(f"| {name} | {r['wall']:.1f} | {rep['counts']['extracted']} | "
+                     f"{by.get('text', 0)} / {by.get('image', 0)} / {by.get('audio', 0)} | "
+                     f"{'yes' if rep.get('new_version', True) else 'no'} | {base / r['wall']:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        doc = ROOT / "docs" / "benchmarks.md"
+        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+        head = "## Incremental re-runs"
+        section = (f"{head}\n\nReproduce: `.venv/bin/python benchmarks/incremental.py --samples {args.samples} "
+                   f"--write`\n\n{table}\n")
+        if head in text:
+            start = text.index(head)
+            end = text.find("\n## ", start + len(head))
+            text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        else:
+            text = text.rstrip() + "\n\n" + section
+        doc.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
