@@ -204,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out = spec.output.dir
         print(f"\nShards are in {out}/shards (dataset.json lists the current version).")
         print("Train on them:")
-        print(f"  .venv/bin/mbm train --data {out} --task classify --fusion concat --steps 300 --out runs/demo")
+        print(f"  .venv/bin/mbm train --data {out} --task classify --fusion concat --steps 200 --batch-size 8 --out runs/demo")
     return code
 
 

@@ -46,8 +46,8 @@ def _features(raw: dict[str, Any], modality: str, dim: int | None) -> np.ndarray
     return arr.astype(np.float16, copy=False)
 
 
-def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = None) -> Sample:
-    """Decode and check one raw sample; ``feature_dims`` (when given) must match every array's width."""
+def parse_doc(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sample's ``json`` member, checked to carry a string id and a schema version we can read."""
     key = raw.get("__key__", "?")
     try:
         doc = json.loads(raw["json"])
@@ -55,8 +55,20 @@ def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = Non
         raise CorruptSample("json.bad", f"{key}: {exn}") from exn
     if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
         raise CorruptSample("json.bad", f"{key}: no string id")
-    if int(doc.get("schema_version", SCHEMA_VERSION)) > SCHEMA_VERSION:
+    try:
+        newer = int(doc.get("schema_version", SCHEMA_VERSION)) > SCHEMA_VERSION
+    except (TypeError, ValueError) as exn:
+        raise CorruptSample("json.bad", f"{key}: schema_version {doc.get('schema_version')!r}") from exn
+    if newer:
         raise CorruptSample("schema.newer", f"{key}: schema_version {doc['schema_version']}")
+    return doc
+
+
+def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = None,
+                  doc: dict[str, Any] | None = None) -> Sample:
+    """Decode and check one raw sample; ``feature_dims`` (when given) must match every array's width."""
+    key = raw.get("__key__", "?")
+    doc = doc if doc is not None else parse_doc(raw)
     listed = doc.get("modalities") or []
     modalities = [m for m in MODALITIES if m in listed]
     if not modalities:

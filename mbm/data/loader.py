@@ -1,0 +1,78 @@
+"""``StreamLoader``: endless batches over epochs, with a state for exact mid-epoch resumption.
+
+The state is (epoch, batches consumed in that epoch). It counts batches handed to the caller, not
+batches prefetched by data-loader workers, so a checkpoint taken after an optimizer step records
+exactly what was trained on. Resuming replays the epoch's deterministic order and skips the
+consumed batches before collating them (shards are re-read, samples are not re-trained on).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mbm.data.stream import ShardStream
+
+log = logging.getLogger(__name__)
+
+
+class StreamLoader:
+    """Iterate forever; ``state_dict()``/``load_state_dict()`` save and restore the position."""
+
+    def __init__(self, stream: ShardStream, *, workers: int = 0, pin_memory: bool = False) -> None:
+        if workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {workers}")
+        self.stream = stream
+        self.workers = workers
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.batch = 0  # batches consumed in ``epoch``
+        self.samples = 0  # samples consumed in ``epoch``
+        self.skipped: dict[str, int] = {}  # counters of the current epoch's stream so far
+
+    def state_dict(self) -> dict[str, Any]:
+        cfg = self.stream.cfg
+        return {"epoch": self.epoch, "batch": self.batch, "samples": self.samples, "seed": cfg.seed,
+                "batch_size": cfg.batch_size, "world_size": self.stream.world}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the batches ``state`` had consumed; refuse a state from another layout."""
+        cfg = self.stream.cfg
+        mine = {"seed": cfg.seed, "batch_size": cfg.batch_size, "world_size": self.stream.world}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            changed = ", ".join(f"{k} {theirs[k]} → {mine[k]}" for k in mine if theirs[k] != mine[k])
+            raise ValueError(f"cannot resume the data stream exactly: {changed} changed since the checkpoint")
+        self.epoch, self.batch, self.samples = int(state["epoch"]), int(state["batch"]), int(state["samples"])
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        stream = self.stream.at(self.epoch, self.batch)
+        if self.workers == 0:
+            return iter(stream)
+        # A private generator keeps worker seeding from drawing on the global torch RNG (resumption).
+        gen = torch.Generator().manual_seed(self.stream.cfg.seed)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.workers, generator=gen,
+                               pin_memory=self.pin_memory, persistent_workers=False))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            produced = 0
+            for batch in self._epoch_batches():
+                produced += 1
+                self.batch += 1
+                self.samples += len(batch["ids"])
+                self.skipped = batch.pop("skipped", {})
+                yield batch
+            if produced == 0 and self.batch == 0:
+                raise ValueError(
+                    f"the {self.stream.cfg.split} split yields no batch of {self.stream.cfg.batch_size} on "
+                    f"{self.stream.world} rank(s); lower --batch-size or add data")
+            if self.skipped:
+                log.info("epoch %d: skipped %s", self.epoch, self.skipped)
+            self.epoch += 1
+            self.batch = 0
+            self.samples = 0

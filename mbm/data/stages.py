@@ -1,0 +1,85 @@
+"""Deterministic stream stages: each a small generator whose output is fixed by its arguments and seed.
+
+Exact resumption relies on this: the samples of (seed, epoch, rank, world size) come in one order
+only, so a resumed run can skip exactly the batches it had consumed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from mbm.data.decode import Sample, decode_sample, parse_doc
+from mbm.data.errors import CorruptSample, SkipLog
+
+T = TypeVar("T")
+
+
+def epoch_rng(seed: int, epoch: int, purpose: str) -> random.Random:
+    """A ``random.Random`` fixed by (seed, epoch, purpose); string seeds hash the same in every process."""
+    return random.Random(f"mbm:{seed}:{epoch}:{purpose}")
+
+
+def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
+    """The shards in this epoch's shuffled order."""
+    order = list(shards)
+    epoch_rng(seed, epoch, "shards").shuffle(order)
+    return order
+
+
+def decoded(raws: Iterable[dict[str, Any]], feature_dims: dict[str, int], skips: SkipLog,
+            keep_id: Callable[[str], bool] = lambda _: True) -> Iterator[Sample]:
+    """Decode raw samples whose id passes ``keep_id`` (arrays are loaded only for those); corrupt ones are counted."""
+    for raw in raws:
+        try:
+            doc = parse_doc(raw)
+            if keep_id(doc["id"]):
+                yield decode_sample(raw, feature_dims, doc)
+        except CorruptSample as exn:
+            skips.skip(exn.reason, exn.detail)
+
+
+def selected(samples: Iterable[Sample], keep: Callable[[Sample, SkipLog], bool], skips: SkipLog) -> Iterator[Sample]:
+    for s in samples:
+        if keep(s, skips):
+            yield s
+
+
+def shuffled(items: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:
+    """A shuffle buffer: each output is a random pick among the next ``buffer_size`` pending items."""
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < buffer_size:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        out, buf[i] = buf[i], item
+        yield out
+    rng.shuffle(buf)
+    yield from buf
+
+
+def rank_slice(items: Iterable[T], rank: int, world: int) -> Iterator[T]:
+    """Rank ``rank``'s share: item ``rank`` of each complete group of ``world`` consecutive items.
+
+    Ranks get disjoint items and the same count (the last incomplete group is dropped), so no rank
+    waits for another at the end of an epoch.
+    """
+    group: list[T] = []
+    for item in items:
+        group.append(item)
+        if len(group) == world:
+            yield group[rank]
+            group = []
+
+
+def batched(items: Iterable[T], size: int, drop_last: bool) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch and not drop_last:
+        yield batch

@@ -1,0 +1,69 @@
+"""From settings and a dataset to the pieces of a run: model config, collate and stream configs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from mbm.data.collate import CollateConfig
+from mbm.data.decode import decode_sample
+from mbm.data.errors import CorruptSample
+from mbm.data.shards import iter_tar
+from mbm.data.source import DataSource
+from mbm.data.stream import StreamConfig
+from mbm.data.tokenizer import load_tokenizer, special_tokens
+from mbm.model.decoder import DecoderConfig
+from mbm.model.model import ModelConfig
+from mbm.model.transformer import TransformerConfig
+from mbm.train.config import TrainConfig
+
+
+def common_pair(source: DataSource, limit: int = 1000) -> list[str]:
+    """The two modalities present together most often among the first ``limit`` samples."""
+    counts: Counter[tuple[str, str]] = Counter()
+    seen = 0
+    for path in source.shards:
+        try:
+            for raw in iter_tar(path):
+                try:
+                    mods = [m for m in decode_sample(raw).features if m in source.feature_dims]
+                except CorruptSample:
+                    continue
+                counts.update((a, b) for i, a in enumerate(mods) for b in mods[i + 1:])
+                seen += 1
+                if seen >= limit:
+                    break
+        except Exception:  # noqa: BLE001 - a corrupt shard is reported when training reads it
+            continue
+        if seen >= limit:
+            break
+    if not counts:
+        raise ValueError(f"--pair: no sample of {source.spec} has two modalities; retrieve needs pairs")
+    return list(counts.most_common(1)[0][0])
+
+
+def model_config(cfg: TrainConfig, source: DataSource, labels: list[Any]) -> ModelConfig:
+    """The model a run with these settings trains on this dataset."""
+    decoder = None
+    if cfg.task == "generate":
+        sp = special_tokens(load_tokenizer(cfg.tokenizer))
+        decoder = DecoderConfig(vocab_size=sp.vocab_size, bos=sp.bos, eos=sp.eos, pad=sp.pad,
+                                max_len=cfg.max_target_len, n_layers=cfg.decoder_layers)
+    return ModelConfig(
+        task=cfg.task, feature_dims=dict(source.feature_dims), fusion=cfg.fusion,
+        transformer=TransformerConfig(d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
+                                      mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout),
+        positional=cfg.positional, max_len=max(cfg.max_tokens.values()) + 1, num_labels=len(labels),
+        pair=tuple(cfg.pair) if cfg.pair else None, embed_dim=cfg.embed_dim, decoder=decoder)
+
+
+def stream_config(cfg: TrainConfig, source: DataSource, labels: list[Any], dims: dict[str, int],
+                  split: str, *, train: bool) -> StreamConfig:
+    """A split's stream: shuffled full batches for training; every sample in order for evaluation."""
+    collate = CollateConfig(feature_dims=dims, max_tokens=dict(cfg.max_tokens), labels=tuple(labels),
+                            tokenizer=cfg.tokenizer, max_target_len=cfg.max_target_len,
+                            with_targets=cfg.task == "generate")
+    return StreamConfig(shards=tuple(source.shards), collate=collate, task=cfg.task, split=split,
+                        val_fraction=cfg.val_fraction, pair=tuple(cfg.pair) if cfg.pair else None,
+                        batch_size=cfg.batch_size, shuffle=train, shuffle_buffer=cfg.shuffle_buffer,
+                        drop_last=train, seed=cfg.seed, max_samples=None if train else cfg.eval_samples)

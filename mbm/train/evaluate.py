@@ -1,0 +1,62 @@
+"""Held-out evaluation: loss and the task's metric over one pass of a split."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from mbm.data.collate import IGNORE, batch_to
+from mbm.model.heads import recall_at_k
+from mbm.model.model import MultimodalModel
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device) -> dict[str, float]:
+    """{"loss", "samples", and accuracy/majority_rate (classify), recall@k/chance@5 (retrieve)}."""
+    was_training = model.training
+    model.eval()
+    task = model.cfg.task
+    loss_sum, weight, correct = 0.0, 0, 0
+    label_counts: Counter[int] = Counter()
+    za, zb = [], []
+    for batch in batches:
+        batch = batch_to(batch, device)
+        with autocast(device):
+            out = model(batch)
+        if task == "classify":
+            labels = batch["labels"]
+            n = int((labels != IGNORE).sum())
+            correct += int((out["logits"].argmax(-1) == labels).sum())
+            label_counts.update(labels[labels != IGNORE].tolist())
+        elif task == "retrieve":
+            n = len(batch["ids"])
+            za.append(out["za"].float())
+            zb.append(out["zb"].float())
+        else:
+            n = int(batch["target_mask"][:, 1:].sum())
+        loss_sum += float(out["loss"]) * n
+        weight += n
+    model.train(was_training)
+    if weight == 0:
+        raise ValueError("the held-out split is empty for this task; raise --val-fraction")
+    metrics = {"loss": loss_sum / weight}
+    if task == "classify":
+        metrics.update(accuracy=correct / weight, majority_rate=max(label_counts.values()) / weight, samples=weight)
+    elif task == "retrieve":
+        a, b = torch.cat(za), torch.cat(zb)
+        metrics.update(recall_at_k(a, b), samples=len(a))
+        metrics["chance@5"] = min(5, len(a)) / len(a)
+    else:
+        metrics.update(tokens=weight)
+    return metrics

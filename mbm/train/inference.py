@@ -1,0 +1,92 @@
+"""Using a finished run: load its model from a checkpoint, evaluate a split, generate text."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from mbm.data.collate import batch_to
+from mbm.data.source import DataSource, resolve_data
+from mbm.data.stream import ShardStream
+from mbm.data.tokenizer import decode_ids, load_tokenizer
+from mbm.model.model import ModelConfig, MultimodalModel
+from mbm.train.build import stream_config
+from mbm.train.checkpoint import checkpoint_name, load_checkpoint
+from mbm.train.config import TrainConfig
+from mbm.train.distributed import pick_device
+from mbm.train.evaluate import evaluate
+from mbm.train.run import RunDir
+
+
+@dataclass
+class LoadedRun:
+    cfg: TrainConfig
+    model: MultimodalModel
+    source: DataSource
+    labels: list[Any]
+    step: int
+    device: torch.device
+
+    def stream(self, split: str) -> ShardStream:
+        dims = {m: self.model.cfg.feature_dims[m] for m in self.model.cfg.input_modalities()}
+        for m, dim in dims.items():
+            if self.source.feature_dims.get(m) != dim:
+                raise ValueError(f"--data {self.source.spec}: {m} features are {self.source.feature_dims.get(m)}-d, "
+                                 f"the run was trained on {dim}-d")
+        return ShardStream(stream_config(self.cfg, self.source, self.labels, dims, split, train=False))
+
+
+def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = None, device: str = "auto",
+             **overrides: Any) -> LoadedRun:
+    """The run's model at its latest (or the given) checkpoint, and its data (or ``data``)."""
+    run = RunDir(run_dir)
+    cfg = replace(run.config(), **{k: v for k, v in overrides.items() if v is not None})
+    path = _checkpoint_path(run, checkpoint)
+    state = load_checkpoint(path)
+    model_cfg = ModelConfig.from_dict(state["model_config"])
+    dev = pick_device(device, 0)
+    model = MultimodalModel(model_cfg).to(dev)
+    model.load_state_dict(state["model"])
+    model.eval()
+    labels = list(state.get("labels") or run.read_labels() or [])
+    source = resolve_data(data or cfg.data)
+    pair = list(model_cfg.pair) if model_cfg.pair else cfg.pair
+    return LoadedRun(cfg=replace(cfg, pair=pair), model=model, source=source, labels=labels,
+                     step=int(state["step"]), device=dev)
+
+
+def _checkpoint_path(run: RunDir, checkpoint: str | None) -> str:
+    if checkpoint is None:
+        path = run.latest()
+        if path is None:
+            raise ValueError(f"--run {run.root}: no checkpoint yet")
+        return path
+    if checkpoint.isdigit():
+        checkpoint = os.path.join(run.checkpoints, checkpoint_name(int(checkpoint)))
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"--checkpoint {checkpoint}: no such checkpoint")
+    return checkpoint
+
+
+def evaluate_run(loaded: LoadedRun, split: str = "val") -> dict[str, float]:
+    """The run's metrics on a split of its (or another) dataset."""
+    return {"step": loaded.step, "split": split, **evaluate(loaded.model, iter(loaded.stream(split)), loaded.device)}
+
+
+def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam: int = 1,
+                 max_new: int | None = None) -> list[dict[str, str]]:
+    """Generated text next to the reference text for the first ``limit`` samples of a split."""
+    if loaded.model.cfg.task != "generate":
+        raise ValueError(f"--run: this run was trained for {loaded.model.cfg.task}, not generate")
+    tok = load_tokenizer(loaded.cfg.tokenizer)
+    out: list[dict[str, str]] = []
+    for batch in loaded.stream(split):
+        ids = loaded.model.generate(batch_to(batch, loaded.device), beam=beam, max_new=max_new)
+        for sid, ref, gen in zip(batch["ids"], batch["texts"], ids, strict=True):
+            out.append({"id": sid, "generated": decode_ids(tok, gen), "reference": ref or ""})
+            if len(out) >= limit:
+                return out
+    return out

@@ -1,0 +1,81 @@
+"""A run folder: resolved config, label vocabulary, metrics.jsonl, plot, checkpoints, per-rank sample logs."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from mbm.train.checkpoint import latest_checkpoint, list_checkpoints
+from mbm.train.config import TrainConfig, check_keys, merge
+
+
+class RunDir:
+    """Paths and small files of one run (``--out``)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.checkpoints = os.path.join(root, "checkpoints")
+        self.metrics = os.path.join(root, "metrics.jsonl")
+        self.plot = os.path.join(root, "metrics.png")
+        self.labels_path = os.path.join(root, "labels.json")
+        self.config_json = os.path.join(root, "config.json")
+
+    def samples_log(self, rank: int) -> str:
+        return os.path.join(self.root, f"samples-rank{rank}.jsonl")
+
+    def has_checkpoints(self) -> bool:
+        return bool(list_checkpoints(self.checkpoints))
+
+    def latest(self) -> str | None:
+        return latest_checkpoint(self.checkpoints)
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        _write_text(self.config_json, cfg.to_json())
+        _write_text(os.path.join(self.root, "config.toml"), cfg.to_toml())
+
+    def read_config(self) -> dict[str, Any]:
+        """The run's saved settings (as a dict to merge under new ones)."""
+        if not os.path.isfile(self.config_json):
+            raise ValueError(f"--run {self.root}: no config.json; is this a training run folder?")
+        with open(self.config_json, encoding="utf-8") as f:
+            return check_keys(json.load(f), self.config_json)
+
+    def config(self) -> TrainConfig:
+        return merge(self.read_config())
+
+    def write_labels(self, labels: list[Any]) -> None:
+        _write_text(self.labels_path, json.dumps(labels, ensure_ascii=False) + "\n")
+
+    def read_labels(self) -> list[Any] | None:
+        if not os.path.isfile(self.labels_path):
+            return None
+        with open(self.labels_path, encoding="utf-8") as f:
+            return json.load(f)
+
+
+def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop records after ``step`` (written by a run that went on past its last checkpoint)."""
+    if os.path.isfile(path):
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

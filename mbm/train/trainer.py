@@ -1,0 +1,182 @@
+"""The training loop: streaming batches → model → AdamW, with evaluation, metrics, checkpoints and DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from mbm.data.collate import batch_to
+from mbm.data.loader import StreamLoader
+from mbm.data.source import resolve_data
+from mbm.data.stream import ShardStream
+from mbm.model.model import MultimodalModel
+from mbm.train.build import common_pair, model_config, stream_config
+from mbm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mbm.train.config import TrainConfig
+from mbm.train.distributed import DistEnv, init_distributed
+from mbm.train.evaluate import autocast, evaluate
+from mbm.train.plot import plot_metrics
+from mbm.train.run import RunDir, append_jsonl, read_jsonl, truncate_jsonl
+from mbm.train.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases, norms and the retrieval temperature do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    other = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+class Trainer:
+    """One run: ``Trainer(cfg, env).fit()``; rank 0 writes the run folder."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, *, progress: bool | None = None) -> None:
+        self.env, self.progress, self.run = env, progress, RunDir(cfg.out)
+        resume_from = self.run.latest() if cfg.resume else None
+        if not cfg.resume and self.run.has_checkpoints():
+            raise ValueError(f"--out {cfg.out} already holds a run; pass --resume to continue it or pick another --out")
+        if cfg.resume and resume_from is None:
+            log.warning("--resume: no checkpoint in %s yet, starting from step 0", cfg.out)
+        self.source = resolve_data(cfg.data)
+        if cfg.task == "retrieve" and not cfg.pair:
+            cfg = replace(cfg, pair=common_pair(self.source))
+        self.cfg = cfg
+        self.labels = (self.run.read_labels() if resume_from else None) or list(self.source.labels)
+        torch.manual_seed(cfg.seed)
+        self.model = MultimodalModel(model_config(cfg, self.source, self.labels)).to(env.device)
+        dims = {m: self.source.feature_dims[m] for m in self.model.cfg.input_modalities()}
+        self.train_stream = stream_config(cfg, self.source, self.labels, dims, "train", train=True)
+        self.val_stream = stream_config(cfg, self.source, self.labels, dims, "val", train=False)
+        # Unused parameters are normal here: retrieval never reads the third modality, generate never reads text.
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=True) if env.distributed else self.model
+        self.optimizer = adamw(self.model, cfg)
+        self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio)
+        self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world),
+                                   workers=cfg.workers, pin_memory=env.device.type == "cuda")
+        self.step = 0
+        if resume_from:
+            self._restore(load_checkpoint(resume_from))
+            log.info("resumed %s at step %d (data %s)", resume_from, self.step, self.loader.state_dict())
+        if env.is_main:
+            self.run.write_config(cfg)
+            self.run.write_labels(self.labels)
+            for path in (self.run.metrics, *(self.run.samples_log(r) for r in range(env.world))):
+                truncate_jsonl(path, self.step)
+        env.barrier()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        rngs = self.env.gather(rng_state())  # per rank: dropout draws differ with each rank's batches
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(), "rng": rngs,
+                "world_size": self.env.world, "model_config": self.model.cfg.to_dict(), "labels": self.labels}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exn:
+            raise ValueError(f"--resume: the checkpoint does not fit the model these settings and this --data "
+                             f"build (changed --d-model/--layers/--fusion or feature dims?): {exn}") from exn
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"][self.env.rank])
+        self.step = int(state["step"])
+
+    def save(self) -> None:
+        state = self._state()
+        if self.env.is_main:
+            save_checkpoint(self.run.checkpoints, self.step, state, self.cfg.keep_checkpoints)
+        self.env.barrier()
+
+    # -- steps ------------------------------------------------------------------------------------
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[float, list[str]]:
+        """One optimizer step over ``accum_steps`` batches; returns the mean loss and the sample ids."""
+        self.ddp.train()
+        total, ids = 0.0, []
+        for i in range(self.cfg.accum_steps):
+            batch = batch_to(next(batches), self.env.device)
+            ids.extend(batch["ids"])
+            last = i == self.cfg.accum_steps - 1
+            sync = contextlib.nullcontext() if last or not self.env.distributed else self.ddp.no_sync()
+            with sync:
+                with autocast(self.env.device):
+                    loss = self.ddp(batch)["loss"] / self.cfg.accum_steps
+                loss.backward()
+            total += float(loss.detach())
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total, ids
+
+    def validate(self) -> dict[str, float]:
+        """Every rank evaluates the whole held-out split (identical results, no collectives needed)."""
+        stream = ShardStream(self.val_stream)
+        return evaluate(self.model, iter(stream), self.env.device)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            append_jsonl(self.run.metrics, record)
+
+    def fit(self) -> dict[str, Any]:
+        """Train until ``--steps`` (or ``--stop-at``); returns the last train and val records."""
+        cfg, env = self.cfg, self.env
+        end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        batches = iter(self.loader)
+        last: dict[str, Any] = {}
+        bar = tqdm(total=end, initial=self.step, disable=True if not env.is_main or self.progress is False else None,
+                   unit="step", dynamic_ncols=True)
+        if self.step == 0 and end > 0:  # the untrained baseline, so every curve has its starting point
+            self._log({"step": 0, "split": "val", **self.validate()})
+        t0, seen, losses = time.perf_counter(), 0, []
+        while self.step < end:
+            loss, ids = self.train_step(batches)
+            seen += len(ids)
+            losses.append(loss)
+            if cfg.log_samples:
+                append_jsonl(self.run.samples_log(env.rank), {"step": self.step, "epoch": self.loader.epoch,
+                                                              "ids": ids})
+            if self.step % cfg.log_every == 0 or self.step in (1, cfg.steps):
+                rate = env.mean(seen / max(time.perf_counter() - t0, 1e-9)) * env.world
+                last["train"] = {"step": self.step, "split": "train", "loss": env.mean(loss),
+                                 "loss_avg": env.mean(sum(losses) / len(losses)),
+                                 "lr": self.scheduler.get_last_lr()[0], "samples_per_s": round(rate, 2),
+                                 "epoch": self.loader.epoch, "skipped": self.loader.skipped}
+                self._log(last["train"])
+                bar.set_postfix(loss=f"{last['train']['loss']:.4f}", samples_s=f"{rate:.0f}")
+                t0, seen, losses = time.perf_counter(), 0, []
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                last["val"] = {"step": self.step, "split": "val", **self.validate()}
+                self._log(last["val"])
+                if env.is_main:
+                    plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
+            if self.step % cfg.checkpoint_interval == 0 or self.step == end:
+                self.save()
+            bar.update(1)
+        bar.close()
+        return last
+
+
+def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run (or resume) training as configured, alone or as one rank under torchrun."""
+    env = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, env, progress=progress).fit()
+    finally:
+        env.close()

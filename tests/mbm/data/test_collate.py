@@ -1,0 +1,63 @@
+import numpy as np
+import torch
+
+from mbm.data.collate import IGNORE, CollateConfig, collate, fit_length
+from mbm.data.decode import Sample
+from mbm.data.synthetic import write_tiny_tokenizer
+
+DIMS = {"text": 4, "image": 3, "audio": 2}
+
+
+def sample(sid, label=None, caption=None, **lengths):
+    feats = {m: np.full((n, DIMS[m]), i + 1, np.float16) for i, (m, n) in enumerate(lengths.items())}
+    return Sample(id=sid, key=sid, label=label, text=caption, features=feats)
+
+
+def test_pads_each_modality_and_masks_real_tokens_only():
+    batch = collate([sample("a", "cat", text=2, image=3), sample("b", 1, audio=5, text=4)],
+                    CollateConfig(feature_dims=DIMS, labels=(1, "cat")))
+    assert batch["features"]["text"].shape == (2, 4, 4)
+    assert batch["masks"]["text"].tolist() == [[True, True, False, False], [True] * 4]
+    assert batch["masks"]["image"].tolist() == [[True] * 3, [False] * 3]
+    assert batch["masks"]["audio"].tolist() == [[False] * 5, [True] * 5]
+    assert batch["features"]["image"][1].abs().sum() == 0  # missing modality is zeros
+    assert batch["features"]["text"][0, 2:].abs().sum() == 0  # padding is zeros
+    assert batch["present"].tolist() == [[True, True, False], [True, False, True]]
+    assert batch["labels"].tolist() == [1, 0]
+    assert batch["features"]["text"].dtype == torch.float32
+
+
+def test_modality_absent_from_whole_batch_gets_one_masked_slot():
+    batch = collate([sample("a", text=2)], CollateConfig(feature_dims=DIMS))
+    assert batch["features"]["audio"].shape == (1, 1, 2)
+    assert not batch["masks"]["audio"].any()
+
+
+def test_labels_map_by_type_and_unknown_or_null_is_ignored():
+    cfg = CollateConfig(feature_dims=DIMS, labels=(1, "1", "dog"))
+    batch = collate([sample("a", "1", text=1), sample("b", 1, text=1), sample("c", None, text=1),
+                     sample("d", "emu", text=1)], cfg)
+    assert batch["labels"].tolist() == [1, 0, IGNORE, IGNORE]
+
+
+def test_fit_length_cuts_text_and_pools_other_modalities():
+    arr = np.arange(12, dtype=np.float32).reshape(6, 2)
+    assert fit_length(arr, 4, "text").tolist() == arr[:4].tolist()
+    pooled = fit_length(arr, 3, "audio")
+    assert pooled.shape == (3, 2)
+    assert pooled[:, 0].tolist() == [1.0, 5.0, 9.0]
+    assert fit_length(arr, 10, "audio") is arr
+
+
+def test_max_tokens_applies_in_collate():
+    batch = collate([sample("a", audio=9)], CollateConfig(feature_dims=DIMS, max_tokens={"audio": 4}))
+    assert batch["features"]["audio"].shape == (1, 4, 2)
+
+
+def test_generate_targets_are_bos_text_eos_padded(tmp_path):
+    tok = write_tiny_tokenizer(str(tmp_path / "tok"))
+    cfg = CollateConfig(feature_dims=DIMS, tokenizer=tok, with_targets=True, max_target_len=8)
+    batch = collate([sample("a", caption="a red cat", image=1), sample("b", caption="dog", image=1)], cfg)
+    # tiny vocab: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 a=5 cat=6 dog=7 ... red=14
+    assert batch["target_ids"].tolist() == [[2, 5, 14, 6, 3], [2, 7, 3, 0, 0]]
+    assert batch["target_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]

@@ -1,0 +1,192 @@
+import io
+import itertools
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from mbm.data import CollateConfig, ShardStream, StreamConfig, StreamLoader, resolve_data, split_of
+from mbm.data.errors import SkipLog
+from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+DIMS = {"text": 8, "image": 6, "audio": 4}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ds"))
+    write_synthetic_dataset(out, SyntheticConfig(num_samples=150, samples_per_shard=40, feature_dims=DIMS,
+                                                 lengths={"text": (2, 5), "image": (3, 3), "audio": (2, 6)}))
+    return out
+
+
+def stream_cfg(source, **kw):
+    collate = CollateConfig(feature_dims=source.feature_dims, labels=tuple(source.labels))
+    defaults = dict(shards=tuple(source.shards), collate=collate, batch_size=4, shuffle_buffer=16, seed=3)
+    return StreamConfig(**{**defaults, **kw})
+
+
+def ids_of(batches):
+    return [b["ids"] for b in batches]
+
+
+def test_order_is_fixed_by_seed_and_epoch(dataset):
+    src = resolve_data(dataset)
+    a = ids_of(ShardStream(stream_cfg(src)))
+    assert a == ids_of(ShardStream(stream_cfg(src)))
+    assert a != ids_of(ShardStream(stream_cfg(src), epoch=1))
+    assert a != ids_of(ShardStream(stream_cfg(src, seed=4)))
+    whole = stream_cfg(src, drop_last=False)
+    assert sorted(sum(ids_of(ShardStream(whole)), [])) == sorted(sum(ids_of(ShardStream(whole, epoch=1)), []))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_are_disjoint_and_get_equal_batches(dataset, world):
+    src = resolve_data(dataset)
+    cfg = stream_cfg(src, drop_last=False)
+    per_rank = [sum(ids_of(ShardStream(cfg, rank=r, world=world)), []) for r in range(world)]
+    everything = sum(ids_of(ShardStream(cfg)), [])
+    assert len({len(ids) for ids in per_rank}) == 1
+    assert len({len(ids_of(ShardStream(cfg, rank=r, world=world))) for r in range(world)}) == 1
+    flat = sum(per_rank, [])
+    assert len(flat) == len(set(flat))
+    assert set(flat) <= set(everything) and len(everything) - len(flat) < world
+
+
+def test_split_is_a_hash_of_the_id_and_train_val_partition(dataset):
+    src = resolve_data(dataset)
+    train = set(sum(ids_of(ShardStream(stream_cfg(src, drop_last=False))), []))
+    val = set(sum(ids_of(ShardStream(stream_cfg(src, split="val", shuffle=False, drop_last=False))), []))
+    assert val and not train & val
+    assert all(split_of(i, 0.1) == "val" for i in val) and all(split_of(i, 0.1) == "train" for i in train)
+    assert split_of("s000001", 0.1) == split_of("s000001", 0.1)
+
+
+def test_tasks_select_usable_samples(dataset):
+    src = resolve_data(dataset)
+    skips = SkipLog()
+    cls = [s for b in ShardStream(stream_cfg(src, drop_last=False)).sample_batches(skips) for s in b]
+    assert all(s.label is not None for s in cls) and skips.counts["task.no_label"] > 0
+    ret = [s for b in ShardStream(stream_cfg(src, task="retrieve", pair=("text", "image"), drop_last=False))
+           .sample_batches(SkipLog()) for s in b]
+    assert all({"text", "image"} <= set(s.features) for s in ret)
+    assert any(s.label is None for s in ret)  # unlabeled samples serve retrieval
+    gen = [s for b in ShardStream(stream_cfg(src, task="generate", drop_last=False)).sample_batches(SkipLog())
+           for s in b]
+    assert all(s.text for s in gen)
+
+
+def test_state_round_trip_resumes_with_exactly_the_unseen_batches(dataset):
+    src = resolve_data(dataset)
+    cfg = stream_cfg(src)
+    reference = [b["ids"] for b in itertools.islice(StreamLoader(ShardStream(cfg, rank=1, world=2)), 40)]
+    for cut in (5, 13, 27):  # mid-epoch, at an epoch's end, in a later epoch (13 batches per epoch here)
+        first = StreamLoader(ShardStream(cfg, rank=1, world=2))
+        seen = [b["ids"] for b in itertools.islice(first, cut)]
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = StreamLoader(ShardStream(cfg, rank=1, world=2))
+        resumed.load_state_dict(state)
+        rest = [b["ids"] for b in itertools.islice(resumed, 40 - cut)]
+        assert seen + rest == reference, cut
+    assert first.state_dict()["world_size"] == 2
+
+
+def test_state_from_another_layout_is_refused(dataset):
+    src = resolve_data(dataset)
+    loader = StreamLoader(ShardStream(stream_cfg(src), world=2))
+    with pytest.raises(ValueError, match="batch_size 4 → 8"):
+        StreamLoader(ShardStream(stream_cfg(src, batch_size=8), world=2)).load_state_dict(loader.state_dict())
+
+
+def test_workers_yield_the_same_batches_in_the_same_order(dataset):
+    src = resolve_data(dataset)
+    cfg = stream_cfg(src)
+    alone = StreamLoader(ShardStream(cfg))
+    pooled = StreamLoader(ShardStream(cfg), workers=2)
+    a = [b["ids"] for b in itertools.islice(alone, 30)]
+    b = [b["ids"] for b in itertools.islice(pooled, 30)]
+    assert a == b
+    assert pooled.state_dict() == alone.state_dict()
+
+
+def test_empty_split_is_an_error_not_a_hang(dataset):
+    src = resolve_data(dataset)
+    loader = StreamLoader(ShardStream(stream_cfg(src, batch_size=10_000)))
+    with pytest.raises(ValueError, match="no batch"):
+        next(iter(loader))
+
+
+def _npy(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _write_bad_shard(path):
+    good_json = {"id": "ok1", "label": "cat", "text": "t", "modalities": ["text"], "schema_version": 1}
+    samples = [
+        {"__key__": "ok1", "json": json.dumps(good_json).encode(), "text.npy": _npy(np.ones((2, 8), np.float16))},
+        {"__key__": "pickled", "json": json.dumps({**good_json, "id": "pickled"}).encode(),
+         "text.npy": _npy(np.array([{"evil": 1}], dtype=object))},
+        {"__key__": "garbage", "json": json.dumps({**good_json, "id": "garbage"}).encode(), "text.npy": b"\x93NUMPY!"},
+        {"__key__": "wrongdim", "json": json.dumps({**good_json, "id": "wrongdim"}).encode(),
+         "text.npy": _npy(np.ones((2, 5), np.float16))},
+        {"__key__": "nofeat", "json": json.dumps({**good_json, "id": "nofeat"}).encode()},
+        {"__key__": "badjson", "json": b"{not json", "text.npy": _npy(np.ones((2, 8), np.float16))},
+    ]
+    with wds.TarWriter(path, encoder=False) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def test_corrupt_shards_and_samples_are_skipped_counted_and_warned(dataset, tmp_path, caplog):
+    src = resolve_data(dataset)
+    truncated = tmp_path / "truncated.tar"
+    data = open(src.shards[0], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2 + 100])
+    cut_at_member = tmp_path / "cut.tar"
+    cut_at_member.write_bytes(data[:2048])  # tarfile alone would read this as a complete, shorter archive
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(os.urandom(3000))
+    bad_samples = tmp_path / "bad.tar"
+    _write_bad_shard(str(bad_samples))
+    shards = (str(truncated), str(cut_at_member), str(garbage), str(bad_samples), *src.shards[1:], str(tmp_path / "missing.tar"))
+    cfg = stream_cfg(src, shards=shards, shuffle=False, drop_last=False, val_fraction=0.0)
+    skips = SkipLog()
+    with caplog.at_level(logging.WARNING):
+        ids = [s.id for b in ShardStream(cfg).sample_batches(skips) for s in b]
+    assert skips.counts["shard.corrupt"] == 4
+    assert skips.counts["npy.bad"] == 2 and skips.counts["npy.dim"] == 1
+    assert skips.counts["npy.missing"] == 1 and skips.counts["json.bad"] == 1
+    assert "ok1" in ids and "pickled" not in ids
+    intact = sum(ids_of(ShardStream(stream_cfg(src, shards=tuple(src.shards[1:]), shuffle=False,
+                                                drop_last=False, val_fraction=0.0))), [])
+    assert set(intact) < set(ids)  # the good shards and the truncated shard's head all still arrive
+    assert any("shard.corrupt" in r.getMessage() for r in caplog.records)
+
+
+def test_pattern_and_pinned_versions(dataset, tmp_path):
+    out = str(tmp_path / "ds")
+    write_synthetic_dataset(out, SyntheticConfig(num_samples=30, samples_per_shard=10, feature_dims=DIMS))
+    write_synthetic_dataset(out, SyntheticConfig(num_samples=20, samples_per_shard=20, feature_dims=DIMS,
+                                                 labels=("x", "y"), seed=5), version=2)
+    current, pinned = resolve_data(out), resolve_data(out + "/@1")
+    assert current.version == 2 and current.labels == ["x", "y"] and len(current.shards) == 1
+    assert pinned.version == 1 and len(pinned.shards) == 3
+    pattern = resolve_data(out + "/shards/v000001-{000000..000002}.tar")
+    assert pattern.shard_sizes == [10, 10, 10] and pattern.feature_dims == DIMS
+    assert pattern.labels == pinned.labels
+    with pytest.raises(ValueError, match="--data"):
+        resolve_data(out + "/@7")
+    with pytest.raises(ValueError, match="missing"):
+        resolve_data(out + "/shards/v000009-{000000..000001}.tar")
+
+
+def test_npy_pickles_are_refused_outright():
+    from mbm.data.decode import load_npy
+
+    with pytest.raises(ValueError):
+        load_npy(_npy(np.array([{"a": 1}], dtype=object)))

@@ -1,0 +1,51 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mbm.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def test_save_is_atomic_points_latest_and_prunes(tmp_path):
+    folder = str(tmp_path / "ck")
+    for step in (10, 20, 30, 40):
+        save_checkpoint(folder, step, {"step": step, "w": torch.ones(2) * step}, keep=2)
+    assert list_checkpoints(folder) == [30, 40]
+    assert latest_checkpoint(folder).endswith("step-000040.pt")
+    assert not [f for f in os.listdir(folder) if ".tmp" in f]
+    assert load_checkpoint(latest_checkpoint(folder))["w"].tolist() == [40.0, 40.0]
+
+
+def test_latest_falls_back_to_the_highest_complete_checkpoint(tmp_path):
+    folder = str(tmp_path / "ck")
+    save_checkpoint(folder, 5, {"step": 5}, keep=3)
+    (tmp_path / "ck" / "step-000009.pt.tmp-123").write_bytes(b"partial")  # a writer died mid-way
+    os.remove(os.path.join(folder, "latest"))
+    assert latest_checkpoint(folder).endswith("step-000005.pt")
+
+
+def test_load_refuses_arbitrary_pickles(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"obj": np.random.default_rng(0)}, path)  # a class outside the weights_only allowlist
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_checkpoint(path)
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    path = str(tmp_path / "rng.pt")
+    save_checkpoint(str(tmp_path), 1, {"rng": rng_state()}, keep=1)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand()
+    set_rng_state(load_checkpoint(os.path.join(str(tmp_path), "step-000001.pt"))["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
+    assert not os.path.exists(path)

@@ -1,0 +1,68 @@
+import argparse
+
+import pytest
+
+from jobs.train_cli import add_train_parser, train_config
+from mbm.train.config import TrainConfig, load_toml, merge
+from mbm.train.run import RunDir
+from mbm.train.schedule import warmup_cosine_factor
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["train", *argv])
+
+
+def test_flags_override_config_file_which_overrides_defaults(tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text('data = "ds"\nout = "r"\nsteps = 7\nlr = 0.1\nfusion = "gated"\n[max_tokens]\naudio = 16\n')
+    cfg = train_config(parse(["--config", str(toml), "--steps", "9", "--pair", "text,audio"]))
+    assert (cfg.steps, cfg.lr, cfg.fusion, cfg.pair) == (9, 0.1, "gated", ["text", "audio"])
+    assert cfg.max_tokens == {"text": 64, "image": 64, "audio": 16}
+    assert cfg.batch_size == TrainConfig().batch_size
+
+
+def test_train_table_and_dashed_keys_are_accepted(tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text('[train]\ndata = "ds"\nbatch-size = 3\n')
+    assert load_toml(str(toml)) == {"data": "ds", "batch_size": 3}
+
+
+def test_resume_starts_from_the_runs_saved_settings(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    run.write_config(merge({"data": "ds", "out": run.root, "d_model": 32, "heads": 2, "steps": 10}))
+    cfg = train_config(parse(["--out", run.root, "--resume", "--steps", "20"]))
+    assert (cfg.d_model, cfg.heads, cfg.steps, cfg.data, cfg.resume) == (32, 2, 20, "ds", True)
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = merge({"data": "d", "out": "o", "pair": ["text", "image"], "stop_at": 3, "tokenizer": "tok"})
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert merge(load_toml(str(path))) == cfg
+
+
+@pytest.mark.parametrize("settings, flag", [
+    ({"steps": 0}, "--steps"), ({"fusion": "sum"}, "--fusion"), ({"lr": "fast"}, "--lr"),
+    ({"d_model": 30, "heads": 4}, "--d-model"), ({"pair": "text"}, "--pair"), ({"val_fraction": 1.0}, "--val-fraction"),
+    ({"max_tokens": {"smell": 3}}, "--max-tokens"), ({"workers": -1}, "--workers"),
+])
+def test_bad_settings_name_their_flag(settings, flag):
+    with pytest.raises(ValueError, match=flag):
+        merge(settings)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    toml = tmp_path / "t.toml"
+    toml.write_text("stepz = 3\n")
+    with pytest.raises(ValueError, match="stepz"):
+        load_toml(str(toml))
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = [warmup_cosine_factor(s, 10, 110, 0.1) for s in range(0, 130)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.55)
+    assert f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
