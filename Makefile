@@ -25,6 +25,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/incremental.py --samples 300 --write
+
 lint: $(STAMP)
 	$(BIN)/ruff check schemas pipelines mbm jobs tests benchmarks
 
