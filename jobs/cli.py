@@ -212,7 +212,7 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
     from jobs.preprocess import run_preprocess
     from pipelines.lock import FolderLockedError
 
-    bar = None if args.no_progress or not sys.stderr.isatty() else _progress_bar()
+    bar = None if args.no_progress or not sys.stderr.isatty() else _ProgressBar()
     try:
         result = run_preprocess(spec, full=getattr(args, "full", False), extra_options=args.beam_args,
                                 on_progress=bar)
@@ -226,7 +226,7 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
     return 0
 
 
-class _progress_bar:
+class _ProgressBar:
     """tqdm bar fed with the workers' counts: samples finished (landed or rejected) out of samples read."""
 
     def __init__(self) -> None:

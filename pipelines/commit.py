@@ -42,24 +42,27 @@ def read_text(path: str) -> str:
 
 
 def write_atomic(path: str, data: bytes, mime: str = "application/octet-stream") -> None:
-    """Write via a temporary name and rename, so readers see the old file or the whole new one."""
+    """Write via a temporary name and rename, so readers see the old file or the whole new one.
+
+    Local files are fsynced and swapped with ``os.replace`` (atomic); object stores get
+    delete + rename, the best FileSystems offers there.
+    """
     tmp = path + ".tmp"
+    if "://" not in path:
+        import os
+
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
     with FileSystems.create(tmp, mime_type=mime) as f:
         f.write(data)
     if FileSystems.exists(path):
-        FileSystems.delete([path])  # os.rename would replace atomically; FileSystems.rename refuses
+        FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
-
-
-def replace_atomic_local(path: str, data: bytes) -> None:
-    import os
-
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def current_manifest(out_dir: str) -> DatasetManifest | None:
@@ -231,12 +234,8 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     report["seconds"] = round(clock() - started, 3)
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
     write_atomic(join(out_dir, "report.json"), (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
-    if not unchanged:
-        dataset_json = join(out_dir, "dataset.json")
-        if "://" in out_dir:
-            write_atomic(dataset_json, manifest.to_json().encode("utf-8"), "application/json")
-        else:
-            replace_atomic_local(dataset_json, manifest.to_json().encode("utf-8"))
+    if not unchanged:  # last: until here readers still see the previous version
+        write_atomic(join(out_dir, "dataset.json"), manifest.to_json().encode("utf-8"), "application/json")
     FileSystems.delete([staging])
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report, rows=rows)
