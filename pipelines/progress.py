@@ -26,7 +26,7 @@ class ProgressWriter:
         self._dir = directory
         self._interval = interval
         self._counts: Counter[str] = Counter()
-        self._last = 0.0
+        self._last = time.monotonic()  # first flush after one interval, or at finish_bundle
         self._path: Path | None = None
 
     def add(self, name: str, n: int = 1) -> None:
