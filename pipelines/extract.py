@@ -21,6 +21,22 @@ from schemas import MODALITIES, CleanSample, Reject
 log = logging.getLogger(__name__)
 
 
+class LazyModel:
+    """Loads the inner model on first use, so a run with nothing to extract (all samples unchanged,
+    or none with this modality) never pays for loading weights. Weak-referenceable, as Beam needs."""
+
+    __slots__ = ("_inner", "_model", "__weakref__")
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._model = None
+
+    def get(self) -> Any:
+        if self._model is None:
+            self._model = self._inner.load_model()
+        return self._model
+
+
 class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     """Featurizes one modality of whole CleanSamples with an inner ``ExtractorHandler``."""
 
@@ -30,8 +46,8 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         self._inner = inner
         self._fingerprint = fingerprint
 
-    def load_model(self) -> Any:
-        return self._inner.load_model()
+    def load_model(self) -> LazyModel:
+        return LazyModel(self._inner)
 
     def batch_elements_kwargs(self):
         return self._inner.batch_elements_kwargs()
@@ -44,6 +60,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         todo = [i for i, s in enumerate(batch) if getattr(s, m) is not None and m not in s.reused]
         results: dict[int, np.ndarray | str] = {}
         if todo:
+            model = model.get()
             try:
                 feats = self._inner.run_inference([getattr(batch[i], m) for i in todo], model)
                 results = dict(zip(todo, feats, strict=True))

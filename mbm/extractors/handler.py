@@ -90,7 +90,9 @@ class ExtractorHandler(ModelHandler[Any, np.ndarray, LoadedModel]):
         return sum(x.nbytes if isinstance(x, np.ndarray) else len(str(x).encode()) for x in batch)
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+        # Full batches from the start: Beam's adaptive sizing would begin at 1 and grow, and every
+        # forward pass runs a fixed shape (see run_inference), so small batches only waste compute.
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
 
     def get_metrics_namespace(self) -> str:
         return f"mbm_extract_{self.extractor.modality}"

@@ -76,7 +76,7 @@ def test_runinference_with_a_real_extractor_matches_direct_featurize():
 def test_handler_contract_and_pickling(tmp_path):
     extractor = create_extractor("logmel")
     handler = ExtractorHandler(extractor, batch_size=8, device="cpu")
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 8}
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}
     assert handler.get_metrics_namespace() == "mbm_extract_audio"
     model = handler.load_model()
     clip = np.zeros(320, np.float32)
