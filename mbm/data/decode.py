@@ -29,6 +29,13 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """No inf or NaN; float16 is checked on its exponent bits (``np.isfinite`` on float16 is ~15x slower)."""
+    if arr.dtype == np.dtype("<f2"):
+        return not np.any((arr.view("<u2") & 0x7C00) == 0x7C00)
+    return bool(np.isfinite(arr).all())
+
+
 def _features(raw: dict[str, Any], modality: str, dim: int | None) -> np.ndarray:
     member = f"{modality}.npy"
     if member not in raw:
@@ -41,7 +48,7 @@ def _features(raw: dict[str, Any], modality: str, dim: int | None) -> np.ndarray
         raise CorruptSample("npy.shape", f"{raw['__key__']}.{member}: {arr.dtype} {arr.shape}, want float (n, dim)")
     if dim is not None and arr.shape[1] != dim:
         raise CorruptSample("npy.dim", f"{raw['__key__']}.{member}: dim {arr.shape[1]}, dataset says {dim}")
-    if not np.isfinite(arr).all():
+    if not _all_finite(arr):
         raise CorruptSample("npy.nonfinite", f"{raw['__key__']}.{member}")
     return arr.astype(np.float16, copy=False)
 

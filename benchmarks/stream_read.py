@@ -1,0 +1,138 @@
+"""The three readers `benchmarks/stream.py` compares over one epoch, and the dataset they read.
+
+- ``mbm_epoch``: the trainer's loader (``StreamLoader`` over ``ShardStream``, the train split's
+  config as ``mbm train`` builds it: shuffle buffer, task selection, collate).
+- ``wds_epoch``: plain ``webdataset.WebDataset`` with the same decoding (``np.load`` of each .npy,
+  ``json.loads``), the same samples (train split, labelled), a shuffle buffer of the same size and
+  mbm's own ``collate``, so only the reading differs.
+- ``tar_epoch``: the tar members' bytes read with ``tarfile`` and nothing else (the I/O bound).
+
+Each returns ``Epoch(seconds, batches, samples)``; ``samples`` counts those in the batches.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from mbm.data.collate import CollateConfig, collate
+from mbm.data.decode import Sample
+from mbm.data.loader import StreamLoader
+from mbm.data.source import DataSource, label_key, resolve_data
+from mbm.data.split import split_of
+from mbm.data.stream import ShardStream, StreamConfig
+from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from mbm.train.build import stream_config
+from mbm.train.config import TrainConfig
+
+# Realistic feature shapes: MiniLM token features, EfficientNet-Lite0 7x7 patches, log-mel frames.
+LENGTHS = {"text": (20, 60), "image": (49, 49), "audio": (100, 400)}
+DIMS = {"text": 384, "image": 1280, "audio": 80}
+
+
+@dataclass
+class Epoch:
+    seconds: float
+    batches: int
+    samples: int
+
+
+def make_dataset(out: str, n: int, per_shard: int, seed: int = 0) -> DataSource:
+    """A synthetic dataset in the `mbm preprocess` contract (float16, some modalities missing)."""
+    write_synthetic_dataset(out, SyntheticConfig(num_samples=n, samples_per_shard=per_shard, feature_dims=DIMS,
+                                                 lengths=LENGTHS, seed=seed))
+    return resolve_data(out)
+
+
+def train_stream(source: DataSource, cfg: TrainConfig) -> StreamConfig:
+    """The train split's stream exactly as the trainer builds it for a classify run."""
+    return stream_config(cfg, source, list(source.labels), dict(source.feature_dims), "train", train=True)
+
+
+def mbm_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
+    """One epoch of the trainer's loader with ``cfg.workers`` data-loader workers."""
+    loader = StreamLoader(ShardStream(train_stream(source, cfg)), workers=cfg.workers)
+    start = time.perf_counter()
+    batches = samples = 0
+    # One epoch of what ``StreamLoader.__iter__`` repeats forever (the same DataLoader and stream).
+    for batch in loader._epoch_batches():
+        batches += 1
+        samples += len(batch["ids"])
+    return Epoch(time.perf_counter() - start, batches, samples)
+
+
+class _Keep:
+    """The samples the mbm loader trains on: this split's ids, with a known label (classify)."""
+
+    def __init__(self, scfg: StreamConfig) -> None:
+        self.split, self.val_fraction = scfg.split, scfg.val_fraction
+        self.labels = {label_key(v) for v in scfg.collate.labels}
+
+    def __call__(self, raw: dict[str, Any]) -> bool:
+        doc = raw["doc"] = json.loads(raw["json"])
+        label = doc.get("label")
+        return (split_of(doc["id"], self.val_fraction) == self.split and label is not None
+                and label_key(label) in self.labels)
+
+
+class _Decode:
+    def __init__(self, dims: dict[str, int]) -> None:
+        self.dims = dims
+
+    def __call__(self, raw: dict[str, Any]) -> Sample:
+        doc = raw["doc"]
+        feats = {m: np.load(io.BytesIO(raw[f"{m}.npy"]), allow_pickle=False)
+                 for m in self.dims if f"{m}.npy" in raw}
+        return Sample(id=doc["id"], key=raw["__key__"], label=doc.get("label"), text=doc.get("text"),
+                      features=feats)
+
+
+class _Collate:
+    def __init__(self, cfg: CollateConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+        return collate(samples, self.cfg)
+
+
+def wds_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
+    """One epoch of plain webdataset (shards split over workers by webdataset itself)."""
+    import webdataset as wds
+
+    scfg = train_stream(source, cfg)
+    ds = (wds.WebDataset(list(source.shards), shardshuffle=len(source.shards), seed=cfg.seed, empty_check=False)
+          .select(_Keep(scfg))
+          .map(_Decode(scfg.collate.feature_dims))
+          .shuffle(scfg.shuffle_buffer, initial=scfg.shuffle_buffer)
+          .batched(scfg.batch_size, collation_fn=_Collate(scfg.collate), partial=False))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg.workers)
+    start = time.perf_counter()
+    batches = samples = 0
+    for batch in loader:
+        batches += 1
+        samples += len(batch["ids"])
+    return Epoch(time.perf_counter() - start, batches, samples)
+
+
+def tar_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
+    """Every member's bytes of every shard, read once in this process; ``samples`` counts ``.json`` members."""
+    start = time.perf_counter()
+    samples = 0
+    for path in source.shards:
+        with tarfile.open(path, mode="r|") as tar:
+            for info in tar:
+                if info.isreg():
+                    tar.extractfile(info).read()
+                    samples += info.name.endswith(".json")
+    return Epoch(time.perf_counter() - start, 0, samples)
+
+
+def with_workers(cfg: TrainConfig, workers: int) -> TrainConfig:
+    return replace(cfg, workers=workers)
