@@ -30,7 +30,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+DATASET_COMMANDS = ("preprocess", "demo", "versions", "diff", "gc")  # none of them needs the trainer
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
+    """The CLI's parser; ``with_train=False`` leaves out the trainer's commands, which import torch
+    (1.5 s that a preprocessing run's driver process would otherwise spend before any work)."""
     parser = _Parser(prog="mbm", description="Multimodal datasets → feature shards → fusion models.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -70,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     gcp.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     gcp.set_defaults(func=cmd_gc)
 
-    try:
-        from jobs import train_cli
-    except ImportError:  # the trainer is optional for preprocessing-only installs
-        train_cli = None
+    train_cli = None
+    if with_train:
+        try:
+            from jobs import train_cli
+        except ImportError:  # the trainer is optional for preprocessing-only installs
+            train_cli = None
     if train_cli is not None:
         for name in ("add_train_parser", "add_evaluate_parser", "add_generate_parser"):
             if hasattr(train_cli, name):
@@ -102,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    command = _command(argv)
+    args = build_parser(with_train=command not in DATASET_COMMANDS).parse_args(argv)
     args.beam_args = beam_args
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")

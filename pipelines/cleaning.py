@@ -16,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from mbm.alloc import tune_malloc
 from pipelines.errors import CleanError
 from pipelines.media import read_media
 from schemas import CleanSample, RawSample, Reject, sample_key
@@ -195,6 +196,7 @@ class CleanSampleFn(beam.DoFn):
         self._unchanged = Metrics.counter("mbm", "unchanged")
 
     def setup(self) -> None:
+        tune_malloc()  # decoded images and waveforms are large blocks too
         self._previous = load_previous(self._cfg.previous_index)
 
     def process(self, raw: RawSample):

@@ -86,6 +86,9 @@ class Extractor(ABC):
     # Config fields that only say *where* the weights are; the fingerprint hashes the bytes instead,
     # so the same weights installed elsewhere (another venv, another worker) fingerprint the same.
     location_fields: ClassVar[tuple[str, ...]] = ()
+    # Bumped when the computation changes the features for the same config and weights (batch
+    # shapes, memory layout), so that datasets made before recompute instead of mixing the two.
+    revision: ClassVar[int] = 1
 
     def __init__(self, config: ExtractorConfig | None = None) -> None:
         if config is None:
@@ -127,6 +130,8 @@ class Extractor(ABC):
                 "config": config,
                 "weights": [weights_sha256(p) for p in self.weight_paths()],
             }
+            if self.revision != 1:  # revision 1 fingerprints stay what they were before revisions existed
+                payload["revision"] = self.revision
             blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
             self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()
         return self._fingerprint

@@ -63,6 +63,7 @@ class HFImageExtractor(Extractor):
     """last_hidden_state of a local HF vision model (`AutoModel`): tokens (N, D) or patches (H*W, C)."""
 
     name = "hf-image"
+    revision = 2  # 2: channels_last on the CPU
     modality = "image"
     config_type = HFImageConfig
     location_fields = ("path",)

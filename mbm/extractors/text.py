@@ -12,7 +12,7 @@ import numpy as np
 
 from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.registry import register_extractor
-from mbm.extractors.runtime import autocast, seeded, to_device, to_float16_numpy
+from mbm.extractors.runtime import autocast, is_cuda, seeded, to_device, to_float16_numpy
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +75,42 @@ class TextModel(NamedTuple):
     model: Any
 
 
-LENGTH_STEP = 32  # texts are padded to a multiple of this many tokens
+LENGTH_STEP = 8  # texts are padded to a multiple of this many tokens
+CPU_PASS_TOKENS = 128  # padded tokens per forward pass on the CPU: GEMMs are efficient from here on
+MAX_ROWS = {"cpu": 16, "cuda": 256}  # rows per forward pass
 
 
-def fixed_shape_chunks(lengths: list[int], max_tokens: int, max_length: int) -> list[tuple[int, int, list[int]]]:
+def fixed_shape_chunks(lengths: list[int], max_tokens: int, max_length: int,
+                       max_rows: int = 16) -> list[tuple[int, int, list[int]]]:
     """Group texts into forward passes of a fixed shape that depends only on each text's own length.
 
-    A text of n tokens always runs padded to ``L = ceil(n / 32) * 32`` tokens in a pass of exactly
-    ``R(L) = max(1, min(16, max_tokens // L))`` rows (short chunks are filled with copies of a row),
-    so its features are bit-identical however Beam batched it: matrix kernels are chosen by shape,
-    and rows of one shape never interact. Returns (L, R, indices) per pass.
+    A text of n tokens always runs padded to ``L = ceil(n / 8) * 8`` tokens in a pass of exactly
+    ``R(L) = max(1, min(max_rows, max_tokens // L))`` rows (short chunks are filled with copies of a
+    row), so its features are bit-identical however Beam batched it: matrix kernels are chosen by
+    shape, and rows of one shape never interact. Returns (L, R, indices) per pass.
     """
     buckets: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         buckets.setdefault(min(max_length, -(-n // LENGTH_STEP) * LENGTH_STEP), []).append(i)
     passes = []
     for length in sorted(buckets):
-        rows = max(1, min(16, max_tokens // length))
+        rows = max(1, min(max_rows, max_tokens // length))
         idx = buckets[length]
         passes.extend((length, rows, idx[j:j + rows]) for j in range(0, len(idx), rows))
     return passes
+
+
+def pass_shape(max_batch_tokens: int, device: str) -> tuple[int, int]:
+    """(tokens, rows) bounds of one forward pass on ``device``.
+
+    Small passes on the CPU: each Beam batch spreads over several length buckets and the last pass
+    of each is filled up with copies, so big passes waste compute there (measured 1.2x faster than
+    16 rows of 32 tokens, MiniLM, captions of 25 tokens on average). Big passes on a GPU, where a
+    pass of a few hundred tokens would leave it idle (give text a batch size in the hundreds there).
+    """
+    if is_cuda(device):
+        return max_batch_tokens, MAX_ROWS["cuda"]
+    return min(max_batch_tokens, CPU_PASS_TOKENS), MAX_ROWS["cpu"]
 
 
 @register_extractor
@@ -102,6 +118,7 @@ class HFTextExtractor(Extractor):
     """Token features from any local HF encoder (`AutoModel`): (n_tokens, hidden) per text."""
 
     name = "hf-text"
+    revision = 2  # 2: 8-token length buckets, small passes on the CPU
     modality = "text"
     config_type = HFTextConfig
     location_fields = ("path",)
@@ -141,7 +158,8 @@ class HFTextExtractor(Extractor):
         encoded = model.tokenizer(list(batch), truncation=True, max_length=self.config.max_length)
         lengths = [len(ids) for ids in encoded["input_ids"]]
         out: list[np.ndarray | None] = [None] * len(batch)
-        for length, rows, chunk in fixed_shape_chunks(lengths, self.config.max_batch_tokens, self.config.max_length):
+        tokens, max_rows = pass_shape(self.config.max_batch_tokens, device)
+        for length, rows, chunk in fixed_shape_chunks(lengths, tokens, self.config.max_length, max_rows):
             filled = chunk + [chunk[0]] * (rows - len(chunk))
             features = self._forward(model, {k: [v[i] for i in filled] for k, v in encoded.items()}, device, length)
             for i, feats in zip(chunk, features, strict=False):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mbm.extractors import create_extractor
-from mbm.extractors.text import fixed_shape_chunks
+from mbm.extractors.text import fixed_shape_chunks, pass_shape
 
 SHORT = "the cat sat"
 LONG = "the quick brown fox jumps over the lazy dog on the river bank hello world"
@@ -49,10 +49,20 @@ def test_token_budget_splits_batches_without_changing_results(tiny_bert_dir, tin
 
 
 def test_fixed_shape_chunks_depend_only_on_each_texts_length():
-    assert fixed_shape_chunks([5, 40, 3, 33], max_tokens=128, max_length=256) == [(32, 4, [0, 2]), (64, 2, [1, 3])]
+    assert fixed_shape_chunks([5, 40, 3, 33], max_tokens=128, max_length=256) == [(8, 16, [0, 2]), (40, 3, [1, 3])]
     assert fixed_shape_chunks([300], max_tokens=16384, max_length=256) == [(256, 16, [0])]
-    assert fixed_shape_chunks([1] * 20, max_tokens=16384, max_length=256) == [(32, 16, list(range(16))),
-                                                                              (32, 16, list(range(16, 20)))]
+    assert fixed_shape_chunks([1] * 20, max_tokens=16384, max_length=256) == [(8, 16, list(range(16))),
+                                                                              (8, 16, list(range(16, 20)))]
+    assert fixed_shape_chunks([17, 24, 9], max_tokens=128, max_length=256, max_rows=2) == [(16, 2, [2]),
+                                                                                          (24, 2, [0, 1])]
+    assert fixed_shape_chunks([20], max_tokens=4096, max_length=256, max_rows=256) == [(24, 170, [0])]
+
+
+def test_pass_shape_is_small_on_the_cpu_and_big_on_cuda():
+    assert pass_shape(16384, "cpu") == (128, 16)
+    assert pass_shape(64, "cpu") == (64, 16)
+    assert pass_shape(16384, "cuda") == (16384, 256)
+    assert pass_shape(16384, "cuda:1") == (16384, 256)
 
 
 def test_features_are_bit_identical_whatever_the_batch(tiny):
