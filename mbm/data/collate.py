@@ -27,27 +27,56 @@ class CollateConfig:
 
 
 def fit_length(arr: np.ndarray, max_len: int | None, modality: str) -> np.ndarray:
-    """At most ``max_len`` rows: text keeps its first tokens, image/audio are average-pooled in time."""
+    """At most ``max_len`` rows: text keeps its first tokens, image/audio are average-pooled in time (float32)."""
     n = arr.shape[0]
     if not max_len or n <= max_len:
         return arr
     if modality == "text":
         return arr[:max_len]
     starts = np.linspace(0, n, max_len + 1).astype(np.int64)
-    sums = np.add.reduceat(arr.astype(np.float32), starts[:-1], axis=0)
-    return sums / np.diff(starts)[:, None]
+    sums = np.add.reduceat(_to_float32(arr).numpy(), starts[:-1], axis=0)
+    # float32 / float32 rounds to the same value as float64 division rounded to float32
+    return np.divide(sums, np.diff(starts).astype(np.float32)[:, None], out=sums)
 
 
 def pad_modality(arrays: list[np.ndarray | None], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, dim) float32 zero-padded features and (B, T) bool mask; absent samples are all False."""
-    T = max([a.shape[0] for a in arrays if a is not None], default=1)
-    x = np.zeros((len(arrays), T, dim), np.float32)
-    mask = np.zeros((len(arrays), T), bool)
+    present = [a for a in arrays if a is not None]
+    T = max([a.shape[0] for a in present], default=1)
+    # Padding in float16 (the shards' dtype) copies without casting; one cast to float32 follows.
+    dtype = np.float16 if present and all(a.dtype == np.float16 for a in present) else np.float32
+    x = np.zeros((len(arrays), T, dim), dtype)
+    lengths = np.zeros(len(arrays), np.int64)
     for i, a in enumerate(arrays):
         if a is not None:
             x[i, : a.shape[0]] = a
-            mask[i, : a.shape[0]] = True
-    return torch.from_numpy(x), torch.from_numpy(mask)
+            lengths[i] = a.shape[0]
+    mask = torch.arange(T)[None, :] < torch.from_numpy(lengths)[:, None]
+    return _to_float32(x), mask
+
+
+_SERIAL = 32768  # elements; torch copies fewer than this on the calling thread (at::internal::GRAIN_SIZE)
+
+
+def _to_float32(x: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of ``x`` (shared when ``x`` is a writable, C-contiguous float32 array, else a copy).
+
+    torch casts float16 several times faster than numpy. The copy goes in chunks that torch runs on
+    this thread: a parallel copy leaves OpenMP threads spinning afterwards, which slows the numpy work
+    that follows when the cores are shared.
+    """
+    if x.dtype != np.float16:  # other dtypes, and float16 of the other byte order: numpy's cast
+        x = np.asarray(x, dtype=np.float32)
+    if not (x.flags.writeable and x.flags.c_contiguous):
+        x = x.copy()  # torch wraps only writable arrays with non-negative strides
+    src = torch.from_numpy(x)
+    if src.dtype == torch.float32:
+        return src
+    out = torch.empty(x.shape, dtype=torch.float32)
+    flat, src = out.view(-1), src.reshape(-1)
+    for start in range(0, src.numel(), _SERIAL):
+        flat[start:start + _SERIAL].copy_(src[start:start + _SERIAL])
+    return out
 
 
 def pad_ids(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,16 @@
-"""Raw shard sample → ``Sample`` (parsed json, float16 feature arrays), or ``CorruptSample``."""
+"""Raw shard sample → ``Undecoded`` (json checked, arrays still bytes) → ``Sample`` (float16 arrays), or ``CorruptSample``.
+
+The stream decides what to use from the json doc alone and decodes arrays only for the samples a
+process keeps, so the two steps are separate: ``undecoded`` then ``decode``.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +22,7 @@ from schemas import MODALITIES, SCHEMA_VERSION
 
 @dataclass
 class Sample:
-    """One decoded shard sample; ``features[m]`` is float16 (tokens, dim) for each present modality."""
+    """One decoded shard sample; ``features[m]`` is float16 (tokens, dim) for each decoded modality."""
 
     id: str
     key: str
@@ -24,8 +31,51 @@ class Sample:
     features: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+@dataclass
+class Undecoded:
+    """A shard sample whose json doc is parsed and checked; its arrays are still .npy bytes (None: absent)."""
+
+    id: str
+    key: str
+    label: Any = None
+    text: str | None = None
+    modalities: tuple[str, ...] = ()  # listed in the doc, in ``MODALITIES`` order
+    npy: dict[str, bytes | None] = field(default_factory=dict)  # the members to decode, by modality
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+# The header numpy's own writer produces; anything else (fortran order, structured or object dtypes,
+# headers from other writers) goes through ``np.load``.
+_NPY_HEADER = re.compile(
+    r"\{'descr': '(?P<descr>[<>|=][biufc]\d+)', 'fortran_order': False, "
+    r"'shape': \((?P<shape>(?:\d+, )*(?:\d+,?)?)\), \} *\n?")
+
+
 def load_npy(data: bytes) -> np.ndarray:
-    """An array from .npy bytes; pickles are refused."""
+    """An array from .npy bytes (a read-only view of ``data`` for plain numeric arrays); pickles are refused."""
+    if data[:6] != _NPY_MAGIC:
+        raise ValueError("not a .npy array: bad magic")
+    if data[6:8] == b"\x01\x00":
+        start = 10 + int.from_bytes(data[8:10], "little")
+        header = data[10:start]
+    elif data[6:8] in (b"\x02\x00", b"\x03\x00"):
+        start = 12 + int.from_bytes(data[8:12], "little")
+        header = data[12:start]
+    else:
+        return _np_load(data)
+    match = _NPY_HEADER.fullmatch(header.decode("latin1"))
+    if match is None:
+        return _np_load(data)
+    dtype = np.dtype(match["descr"])
+    shape = tuple(int(n) for n in match["shape"].split(",") if n.strip())
+    count = math.prod(shape)
+    if len(data) < start + count * dtype.itemsize:
+        raise ValueError(f"truncated .npy: {dtype} {shape} needs {start + count * dtype.itemsize} bytes, "
+                         f"got {len(data)}")
+    return np.frombuffer(data, dtype, count, start).reshape(shape)
+
+
+def _np_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
@@ -36,20 +86,20 @@ def _all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
-def _features(raw: dict[str, Any], modality: str, dim: int | None) -> np.ndarray:
+def _features(key: str, modality: str, data: bytes | None, dim: int | None) -> np.ndarray:
     member = f"{modality}.npy"
-    if member not in raw:
-        raise CorruptSample("npy.missing", f"{raw['__key__']}: {member} listed but absent")
+    if data is None:
+        raise CorruptSample("npy.missing", f"{key}: {member} listed but absent")
     try:
-        arr = load_npy(raw[member])
+        arr = load_npy(data)
     except Exception as exn:  # noqa: BLE001 - corrupt bytes can fail in many ways
-        raise CorruptSample("npy.bad", f"{raw['__key__']}.{member}: {exn}") from exn
+        raise CorruptSample("npy.bad", f"{key}.{member}: {exn}") from exn
     if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.floating):
-        raise CorruptSample("npy.shape", f"{raw['__key__']}.{member}: {arr.dtype} {arr.shape}, want float (n, dim)")
+        raise CorruptSample("npy.shape", f"{key}.{member}: {arr.dtype} {arr.shape}, want float (n, dim)")
     if dim is not None and arr.shape[1] != dim:
-        raise CorruptSample("npy.dim", f"{raw['__key__']}.{member}: dim {arr.shape[1]}, dataset says {dim}")
+        raise CorruptSample("npy.dim", f"{key}.{member}: dim {arr.shape[1]}, dataset says {dim}")
     if not _all_finite(arr):
-        raise CorruptSample("npy.nonfinite", f"{raw['__key__']}.{member}")
+        raise CorruptSample("npy.nonfinite", f"{key}.{member}")
     return arr.astype(np.float16, copy=False)
 
 
@@ -71,17 +121,29 @@ def parse_doc(raw: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = None,
-                  doc: dict[str, Any] | None = None) -> Sample:
-    """Decode and check one raw sample; ``feature_dims`` (when given) must match every array's width."""
+def undecoded(raw: dict[str, Any], doc: dict[str, Any] | None = None,
+              modalities: Collection[str] | None = None) -> Undecoded:
+    """The sample with its doc checked; keeps the .npy bytes of the listed modalities in ``modalities`` (None: all)."""
     key = raw.get("__key__", "?")
     doc = doc if doc is not None else parse_doc(raw)
     listed = doc.get("modalities") or []
-    modalities = [m for m in MODALITIES if m in listed]
-    if not modalities:
+    present = tuple(m for m in MODALITIES if m in listed)
+    if not present:
         raise CorruptSample("modalities.none", f"{key}: no modality present")
-    dims = feature_dims or {}
-    features = {m: _features(raw, m, dims.get(m)) for m in modalities}
     text = doc.get("text")
-    return Sample(id=doc["id"], key=key, label=doc.get("label"),
-                  text=text if isinstance(text, str) else None, features=features)
+    wanted = present if modalities is None else [m for m in present if m in modalities]
+    return Undecoded(id=doc["id"], key=key, label=doc.get("label"), text=text if isinstance(text, str) else None,
+                     modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted})
+
+
+def decode(sample: Undecoded, feature_dims: dict[str, int] | None = None) -> Sample:
+    """The sample's kept arrays, checked; ``feature_dims`` (when given) must match every array's width."""
+    dims = feature_dims or {}
+    features = {m: _features(sample.key, m, data, dims.get(m)) for m, data in sample.npy.items()}
+    return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features)
+
+
+def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = None,
+                  doc: dict[str, Any] | None = None) -> Sample:
+    """Decode and check one raw sample: the modalities of ``feature_dims`` when given (widths must match), else all."""
+    return decode(undecoded(raw, doc, feature_dims), feature_dims)

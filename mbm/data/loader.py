@@ -3,12 +3,18 @@
 The state is (epoch, batches consumed in that epoch). It counts batches handed to the caller, not
 batches prefetched by data-loader workers, so a checkpoint taken after an optimizer step records
 exactly what was trained on. Resuming replays the epoch's deterministic order and skips the
-consumed batches before collating them (shards are re-read, samples are not re-trained on).
+consumed batches before decoding them (shards are re-read, samples are not re-trained on).
+
+Skip counters come in two kinds: the stream's (corrupt shards and docs, task misfits), which every
+worker sees alike, and decode counters (corrupt arrays), which only the worker that owns a batch
+sees. ``skipped`` adds the latest stream counters to the sum of each worker's latest decode counters,
+so it is the same for any number of workers.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +39,7 @@ class StreamLoader:
         self.batch = 0  # batches consumed in ``epoch``
         self.samples = 0  # samples consumed in ``epoch``
         self.skipped: dict[str, int] = {}  # counters of the current epoch's stream so far
+        self._decode_skips: dict[int, dict[str, int]] = {}  # worker → its latest decode counters
 
     def state_dict(self) -> dict[str, Any]:
         cfg = self.stream.cfg
@@ -52,25 +59,35 @@ class StreamLoader:
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
         stream = self.stream.at(self.epoch, self.batch)
         if self.workers == 0:
-            return iter(stream)
+            return stream.batches(markers=True)
         # A private generator keeps worker seeding from drawing on the global torch RNG (resumption).
         gen = torch.Generator().manual_seed(self.stream.cfg.seed)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.workers, generator=gen,
                                pin_memory=self.pin_memory, persistent_workers=False))
 
+    def _count_skips(self, skipped: dict[str, Any]) -> None:
+        self._decode_skips[int(skipped["worker"])] = skipped["decode"]
+        total = Counter(skipped["stream"])
+        for counts in self._decode_skips.values():
+            total.update(counts)
+        self.skipped = dict(sorted(total.items()))
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            produced = 0
+            start, produced = self.batch, 0
+            self.skipped, self._decode_skips = {}, {}
             for batch in self._epoch_batches():
+                self._count_skips(batch.pop("skipped"))
+                self.batch += 1  # a dropped batch (all its samples corrupt) counts as consumed too
+                if "dropped" in batch:
+                    continue
                 produced += 1
-                self.batch += 1
                 self.samples += len(batch["ids"])
-                self.skipped = batch.pop("skipped", {})
                 yield batch
-            if produced == 0 and self.batch == 0:
+            if produced == 0 and start == 0:
                 raise ValueError(
                     f"the {self.stream.cfg.split} split yields no batch of {self.stream.cfg.batch_size} on "
-                    f"{self.stream.world} rank(s); lower --batch-size or add data")
+                    f"{self.stream.world} rank(s); lower --batch-size or add data (skipped: {self.skipped})")
             if self.skipped:
                 log.info("epoch %d: skipped %s", self.epoch, self.skipped)
             self.epoch += 1

@@ -1,45 +1,166 @@
-"""Reading WebDataset shards as raw samples ({"__key__", "json": bytes, "text.npy": bytes, ...})."""
+"""Reading WebDataset shards as raw samples ({"__key__", "json": bytes, "text.npy": bytes, ...}).
+
+Plain tars are read by a small header parser (``tarfile`` builds a ``TarInfo`` with every field
+decoded for each header, which costs more than the copy of the data); compressed tars go through
+``tarfile``. Both refuse damage and truncation the same way.
+"""
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from webdataset.tariterators import base_plus_ext
 
 from mbm.data.errors import SkipLog
 
+_BLOCK = tarfile.BLOCKSIZE
+_ZEROS = bytes(_BLOCK)
+_COMPRESSED = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")  # what tarfile's "r|*" detects
+_REGULAR = (b"0", b"\0", b"7")
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: tarfile reads no data for them
+_PAX = (b"x", b"g", b"X")
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+
 
 def iter_tar(path: str) -> Iterator[dict[str, Any]]:
     """Samples of one tar in file order; raises on a corrupt or truncated tar (the partial sample is lost)."""
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with open(path, "rb") as f:
+        members = _tarfile_members(f) if f.peek(6).startswith(_COMPRESSED) else _members(f)
         current: dict[str, Any] | None = None
-        for info in tar:
-            if not info.isreg():
+        for name, data in members:
+            key, ext = base_plus_ext(name)
+            if key is None or ext is None or name.startswith("__"):
                 continue
-            key, ext = base_plus_ext(info.name)
-            if key is None or ext is None or info.name.startswith("__"):
-                continue
-            data = tar.extractfile(info).read()
             if current is not None and current["__key__"] != key:
                 yield current
                 current = None
             if current is None:
                 current = {"__key__": key, "__url__": path}
             current[ext.lower()] = data
-        _check_end(f, tar)
         if current is not None:
             yield current
 
 
-def _check_end(f, tar: tarfile.TarFile) -> None:
+def _members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular members of an uncompressed tar, as ``tarfile`` would name them."""
+    pax: dict[str, str] = {}
+    shared: dict[str, str] = {}  # global pax headers
+    long_name: str | None = None
+    first = True
+    while True:
+        block = f.read(_BLOCK)
+        if len(block) < _BLOCK:
+            raise tarfile.ReadError("empty file" if first and not block else "unexpected end of data: truncated")
+        if block == _ZEROS:
+            tail = f.read(_BLOCK)
+            if tail != _ZEROS:  # tarfile reads this as the end; the second zero block says the file is whole
+                raise tarfile.ReadError("no end-of-archive marker: truncated")
+            return
+        _check_sum(block)
+        first = False
+        kind = block[156:157]
+        size = _number(block[124:136])
+        if kind in _PAX or kind in (b"L", b"K"):
+            data = _read(f, size)
+            if kind == b"g":
+                shared.update(_pax_records(data))
+            elif kind in _PAX:
+                pax.update(_pax_records(data))
+            elif kind == b"L":
+                long_name = _text(data.split(b"\0", 1)[0])
+            continue
+        headers = {**shared, **pax} if shared else pax
+        if kind == b"S" or any(k.startswith("GNU.sparse") for k in headers):
+            raise tarfile.ReadError("sparse members are not supported")
+        if "size" in headers:
+            size = int(headers["size"])
+        name = _name(block, headers, long_name)
+        pax, long_name = {}, None
+        if kind == b"\0" and block[:100].split(b"\0", 1)[0].endswith(b"/"):
+            kind = b"5"  # old tars write a directory as a regular file whose name ends in a slash
+        if kind in _REGULAR:
+            yield name, _read(f, size)
+        elif kind not in _NO_DATA:
+            f.seek(_padded(size), 1)
+
+
+def _read(f: BinaryIO, size: int) -> bytes:
+    """``size`` bytes of member data, then past the block padding."""
+    data = f.read(size)
+    if len(data) < size:
+        raise tarfile.ReadError("unexpected end of data: truncated")
+    if size % _BLOCK:
+        f.seek(_BLOCK - size % _BLOCK, 1)
+    return data
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _number(field: bytes) -> int:
+    if field[0] == 0o200:  # GNU base-256
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError("invalid header") from None
+
+
+def _check_sum(block: bytes) -> None:
+    """The header checksum, as unsigned or (some old tars) signed bytes; the field itself counts as spaces."""
+    stored = _number(block[148:156])
+    unsigned = 256 + sum(block) - sum(block[148:156])
+    if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in block[:148] + block[156:]):
+        raise tarfile.ReadError("bad checksum")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _name(block: bytes, headers: dict[str, str], long_name: str | None) -> str:
+    """A pax path, else a GNU long name, else the header's (ustar prefix + name)."""
+    if "path" in headers:
+        return headers["path"].rstrip("/")
+    if long_name is not None:
+        return long_name
+    name = _text(block[:100].split(b"\0", 1)[0])
+    prefix = _text(block[345:500].split(b"\0", 1)[0])
+    return prefix + "/" + name if prefix else name
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"%d %s=%s\\n"`` records (length, keyword, value) of a pax header."""
+    out, pos = {}, 0
+    while (match := _PAX_RECORD.match(data, pos)) is not None:
+        length = int(match[1])
+        if length == 0:
+            raise tarfile.ReadError("invalid pax header")
+        out[_text(match[2])] = _text(data[match.end(2) + 1:match.start(1) + length - 1])
+        pos += length
+    return out
+
+
+def _tarfile_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular members, read by ``tarfile`` (compressed tars)."""
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg():
+                yield info.name, tar.extractfile(info).read()
+        _check_end(f, tar)
+
+
+def _check_end(f: BinaryIO, tar: tarfile.TarFile) -> None:
     """Refuse a tar cut at a member boundary: tarfile reads it as complete, but the end-of-archive blocks are gone."""
     if getattr(tar.fileobj, "comptype", "tar") != "tar":
         return  # compressed: offsets are not file positions, and gzip/bz2 detect truncation themselves
     f.seek(tar.offset)
-    tail = f.read(2 * tarfile.BLOCKSIZE)
-    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+    tail = f.read(2 * _BLOCK)
+    if len(tail) < 2 * _BLOCK or tail.strip(b"\0"):
         raise tarfile.ReadError(f"no end-of-archive marker after offset {tar.offset}: truncated")
 
 

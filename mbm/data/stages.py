@@ -1,4 +1,5 @@
-"""Deterministic stream stages: each a small generator whose output is fixed by its arguments and seed.
+"""Deterministic stream stages: each a small generator (or, per batch, function) whose output is fixed by
+its arguments and seed.
 
 Exact resumption relies on this: the samples of (seed, epoch, rank, world size) come in one order
 only, so a resumed run can skip exactly the batches it had consumed.
@@ -7,10 +8,10 @@ only, so a resumed run can skip exactly the batches it had consumed.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, TypeVar
 
-from mbm.data.decode import Sample, decode_sample, parse_doc
+from mbm.data.decode import Sample, Undecoded, decode, parse_doc, undecoded
 from mbm.data.errors import CorruptSample, SkipLog
 
 T = TypeVar("T")
@@ -28,22 +29,36 @@ def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def decoded(raws: Iterable[dict[str, Any]], feature_dims: dict[str, int], skips: SkipLog,
-            keep_id: Callable[[str], bool] = lambda _: True) -> Iterator[Sample]:
-    """Decode raw samples whose id passes ``keep_id`` (arrays are loaded only for those); corrupt ones are counted."""
+def parsed(raws: Iterable[dict[str, Any]], skips: SkipLog, keep_id: Callable[[str], bool] = lambda _: True,
+           modalities: Collection[str] | None = None) -> Iterator[Undecoded]:
+    """Raw samples whose id passes ``keep_id``, with the json doc checked and the arrays left as bytes.
+
+    Only the .npy members of ``modalities`` (None: all listed) are kept; corrupt docs are counted.
+    """
     for raw in raws:
         try:
             doc = parse_doc(raw)
             if keep_id(doc["id"]):
-                yield decode_sample(raw, feature_dims, doc)
+                yield undecoded(raw, doc, modalities)
         except CorruptSample as exn:
             skips.skip(exn.reason, exn.detail)
 
 
-def selected(samples: Iterable[Sample], keep: Callable[[Sample, SkipLog], bool], skips: SkipLog) -> Iterator[Sample]:
-    for s in samples:
-        if keep(s, skips):
-            yield s
+def selected(items: Iterable[T], keep: Callable[[T, SkipLog], bool], skips: SkipLog) -> Iterator[T]:
+    for item in items:
+        if keep(item, skips):
+            yield item
+
+
+def decoded(batch: Iterable[Undecoded], feature_dims: dict[str, int], skips: SkipLog) -> list[Sample]:
+    """The batch's samples whose arrays decode, in order; corrupt ones are counted and left out."""
+    out = []
+    for item in batch:
+        try:
+            out.append(decode(item, feature_dims))
+        except CorruptSample as exn:
+            skips.skip(exn.reason, exn.detail)
+    return out
 
 
 def shuffled(items: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:

@@ -1,19 +1,24 @@
 """``ShardStream``: an IterableDataset of collated batches whose order is fixed by (seed, epoch, rank, world).
 
-Pipeline (every rank and every data-loader worker runs it whole, reading every shard):
+Pipeline (every rank and every data-loader worker runs the stream part whole, reading every shard):
 
-    shards (shuffled per epoch) → raw samples → this split's ids → decode (corrupt: skip + count) → select (task)
-    → shuffle buffer → rank slice (groups of world size) → batches → this worker's batches → collate
+    shards (shuffled per epoch) → raw samples → json doc (corrupt: skip + count) → this split's ids
+    → select (task, from the doc alone) → shuffle buffer (arrays still bytes) → rank slice (groups of
+    world size) → batches → this worker's batches → decode arrays (corrupt: dropped + counted) → collate
 
 Splitting at sample level after a global, seeded shuffle makes ranks disjoint and equally sized
-even when the dataset is a single shard; the price is that each rank reads all shards. Workers take
-batches round-robin (batch i goes to worker i mod W), which is the order in which the DataLoader
-returns them, so the batch sequence is the same for any number of workers.
+even when the dataset is a single shard; the price is that each rank reads all shards. Everything up
+to the batches needs only the json docs, so it is cheap; the arrays are decoded only by the worker
+that owns the batch. Workers take batches round-robin (batch i goes to worker i mod W), which is the
+order in which the DataLoader returns them, so the batch sequence is the same for any number of
+workers. A sample with corrupt arrays leaves a shorter batch; a batch left with no sample is not
+yielded (under a DataLoader worker a marker takes its place, so that the round-robin order holds).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +27,14 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mbm.data.collate import TASKS, CollateConfig, collate
-from mbm.data.decode import Sample
+from mbm.data.decode import Sample, Undecoded
 from mbm.data.errors import SkipLog
 from mbm.data.shards import read_shards
 from mbm.data.source import label_key
 from mbm.data.split import SPLITS, split_of
-from mbm.data.stages import batched, decoded, epoch_rng, rank_slice, selected, shard_order, shuffled
+from mbm.data.stages import batched, decoded, epoch_rng, parsed, rank_slice, selected, shard_order, shuffled
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +66,7 @@ class StreamConfig:
 
 
 class Selector:
-    """Which samples a split and task use; task misfits are counted under a reason (picklable)."""
+    """Which samples a split and task use, judged from the json doc; misfits are counted under a reason (picklable)."""
 
     def __init__(self, cfg: StreamConfig) -> None:
         self.cfg = cfg
@@ -68,10 +75,9 @@ class Selector:
     def in_split(self, sample_id: str) -> bool:
         return split_of(sample_id, self.cfg.val_fraction) == self.cfg.split
 
-    def __call__(self, s: Sample, skips: SkipLog) -> bool:
+    def __call__(self, s: Undecoded, skips: SkipLog) -> bool:
         cfg = self.cfg
-        used = [m for m in s.features if m in cfg.collate.feature_dims]
-        if not used:
+        if not any(m in cfg.collate.feature_dims for m in s.modalities):
             skips.count("task.no_used_modality")
             return False
         if cfg.task == "classify":
@@ -82,7 +88,7 @@ class Selector:
                 skips.count("task.unknown_label")
                 return False
         elif cfg.task == "retrieve":
-            if not all(m in s.features for m in cfg.pair):
+            if not all(m in s.modalities for m in cfg.pair):
                 skips.count("task.pair_missing")
                 return False
         elif cfg.task == "generate" and not s.text:
@@ -106,12 +112,13 @@ class ShardStream(IterableDataset):
         """The same stream at another position."""
         return ShardStream(self.cfg, rank=self.rank, world=self.world, epoch=epoch, skip_batches=skip_batches)
 
-    def sample_batches(self, skips: SkipLog) -> Iterator[list[Sample]]:
-        """This rank's batches of samples for the epoch, all of them (nothing skipped yet)."""
+    def raw_batches(self, skips: SkipLog) -> Iterator[list[Undecoded]]:
+        """This rank's batches of the epoch, arrays not decoded yet, all of them (nothing skipped yet)."""
         cfg = self.cfg
         shards = shard_order(list(cfg.shards), cfg.seed, self.epoch) if cfg.shuffle else list(cfg.shards)
         select = Selector(cfg)
-        samples = decoded(read_shards(shards, skips), cfg.collate.feature_dims, skips, keep_id=select.in_split)
+        samples = parsed(read_shards(shards, skips), skips, keep_id=select.in_split,
+                         modalities=cfg.collate.feature_dims)
         samples = selected(samples, select, skips)
         if cfg.max_samples is not None:
             samples = itertools.islice(samples, cfg.max_samples)
@@ -119,15 +126,39 @@ class ShardStream(IterableDataset):
             samples = shuffled(samples, cfg.shuffle_buffer, epoch_rng(cfg.seed, self.epoch, "samples"))
         return batched(rank_slice(samples, self.rank, self.world), cfg.batch_size, cfg.drop_last)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def sample_batches(self, skips: SkipLog) -> Iterator[list[Sample]]:
+        """This rank's batches of decoded samples, all of them; corrupt samples and empty batches left out."""
+        for batch in self.raw_batches(skips):
+            samples = decoded(batch, self.cfg.collate.feature_dims, skips)
+            if samples:
+                yield samples
+
+    def batches(self, *, markers: bool = False) -> Iterator[dict[str, Any]]:
+        """This worker's collated batches; with ``markers``, a batch whose samples were all corrupt comes as
+        ``{"dropped": n, "ids": []}`` (plus position and counters) instead of being left out.
+
+        Every batch carries ``position`` (epoch, index) and ``skipped``: this worker's id, the stream's
+        counters (the same in every worker) and this worker's decode counters (its own batches only).
+        """
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        skips = SkipLog(quiet=self.rank != 0 or worker != 0)
-        for i, samples in enumerate(self.sample_batches(skips)):
+        stream_skips = SkipLog(quiet=self.rank != 0 or worker != 0)
+        decode_skips = SkipLog()  # one process decodes each sample, so each may warn
+        for i, raw in enumerate(self.raw_batches(stream_skips)):
             if i < self.skip_batches or (i - self.skip_batches) % workers != worker:
                 continue
-            batch = collate(samples, self.cfg.collate)
+            samples = decoded(raw, self.cfg.collate.feature_dims, decode_skips)
+            if samples:
+                batch = collate(samples, self.cfg.collate)
+            else:
+                log.warning("epoch %d, batch %d: all %d samples corrupt; the batch is dropped", self.epoch, i, len(raw))
+                if not markers:
+                    continue
+                batch = {"dropped": len(raw), "ids": []}
             batch["position"] = torch.tensor([self.epoch, i])
-            batch["skipped"] = skips.snapshot()
+            batch["skipped"] = {"worker": worker, "stream": stream_skips.snapshot(), "decode": decode_skips.snapshot()}
             yield batch
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Under a DataLoader worker, a left-out batch would shift the round-robin order: send a marker.
+        return self.batches(markers=get_worker_info() is not None)

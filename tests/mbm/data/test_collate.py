@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from mbm.data.collate import IGNORE, CollateConfig, collate, fit_length
+from mbm.data.collate import IGNORE, CollateConfig, collate, fit_length, pad_modality
 from mbm.data.decode import Sample
 from mbm.data.synthetic import write_tiny_tokenizer
 
@@ -61,3 +61,48 @@ def test_generate_targets_are_bos_text_eos_padded(tmp_path):
     # tiny vocab: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 a=5 cat=6 dog=7 ... red=14
     assert batch["target_ids"].tolist() == [[2, 5, 14, 6, 3], [2, 7, 3, 0, 0]]
     assert batch["target_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
+
+
+def reference_pad(arrays, dim):
+    """pad_modality written plainly: a float32 buffer, one casting copy per sample."""
+    T = max([a.shape[0] for a in arrays if a is not None], default=1)
+    x = np.zeros((len(arrays), T, dim), np.float32)
+    mask = np.zeros((len(arrays), T), bool)
+    for i, a in enumerate(arrays):
+        if a is not None:
+            x[i, : a.shape[0]] = a
+            mask[i, : a.shape[0]] = True
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+def read_only(a):
+    out = np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)  # as decoded from a shard
+    assert not out.flags.writeable
+    return out
+
+
+def test_pad_modality_matches_a_plain_float32_copy():
+    rng = np.random.default_rng(0)
+    half = [rng.normal(size=(n, 700)).astype(np.float16) for n in (3, 60, 1)]  # 42000 values > one chunk
+    half[1][5, 7] = np.float16(6e-8)  # subnormal
+    cases = [
+        [read_only(half[0]), None, half[1], read_only(half[2])],
+        [half[0], half[1].astype(np.float32), None],  # mixed dtypes
+        [half[0].astype(">f2"), half[1][::-1], half[2].astype(np.float64)],  # other byte order, negative strides
+        [None, None],
+    ]
+    for arrays in cases:
+        got, mask = pad_modality(arrays, 700)
+        want, want_mask = reference_pad(arrays, 700)
+        assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(mask, want_mask)
+
+
+def test_fit_length_pools_in_float32_exactly_as_before():
+    rng = np.random.default_rng(1)
+    for n, max_len in ((9, 4), (265, 128), (400, 128), (129, 128)):
+        arr = read_only(rng.normal(size=(n, 80)).astype(np.float16))
+        starts = np.linspace(0, n, max_len + 1).astype(np.int64)
+        want = (np.add.reduceat(arr.astype(np.float32), starts[:-1], axis=0) / np.diff(starts)[:, None])
+        got = fit_length(arr, max_len, "audio")
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want.astype(np.float32))

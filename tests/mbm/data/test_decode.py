@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from mbm.data.decode import decode_sample
+from mbm.data.decode import decode_sample, load_npy
 from mbm.data.errors import CorruptSample
 
 
@@ -32,3 +32,74 @@ def test_finite_extremes_pass_as_float16(dtype):
     features = decode_sample(raw_with(values)).features["image"]
     assert features.dtype == np.float16
     np.testing.assert_array_equal(features, values.astype(np.float16))
+
+
+def npy(arr: np.ndarray, version=None) -> bytes:
+    buf = io.BytesIO()
+    if version is None:
+        np.save(buf, arr, allow_pickle=False)
+    else:
+        np.lib.format.write_array(buf, arr, version=version, allow_pickle=False)
+    return buf.getvalue()
+
+
+FAST = [np.arange(12, dtype=dt).reshape(3, 4) for dt in
+        ("<f2", ">f2", "<f4", ">f4", "<f8", "<i1", "<u2", ">i4", "<i8", "<c8", ">c16")]
+FAST += [np.ones((2, 3), bool), np.array(2.5), np.zeros(0, "<f4"), np.zeros((0, 7), "<f2"),
+         np.arange(5, dtype="<f2"), np.ones((2, 3, 4, 5), "<f4"), np.ones((70000,), "<f2")]
+FALLBACK = [np.asfortranarray(np.arange(6, dtype="<f4").reshape(2, 3)), np.array(["ab", "c"]),
+            np.zeros(2, dtype=[("a", "<i4"), ("b", "<f2")])]
+
+
+@pytest.mark.parametrize("version", [None, (1, 0), (2, 0), (3, 0)])
+@pytest.mark.parametrize("arr", FAST + FALLBACK, ids=lambda a: f"{a.dtype.str}{a.shape}")
+def test_load_npy_matches_np_load(arr, version, monkeypatch):
+    data = npy(arr, version)
+    want = np.load(io.BytesIO(data), allow_pickle=False)
+    if any(arr is a for a in FAST):  # parsed here, without np.load
+        monkeypatch.setattr("mbm.data.decode._np_load", lambda _: pytest.fail("fell back to np.load"))
+    got = load_npy(data)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(load_npy(data + b"trailing"), want)  # as np.load: extra bytes ignored
+
+
+@pytest.mark.parametrize("arr", FAST[:6], ids=lambda a: a.dtype.str)
+def test_truncated_npy_is_refused(arr):
+    data = npy(arr)
+    for cut in (1, 7, len(data) - arr.nbytes + 1, 11, 9, 5):
+        with pytest.raises(ValueError):
+            load_npy(data[:-cut])
+
+
+def test_bad_magic_pickles_and_archives_are_refused():
+    good = npy(np.ones((2, 2), "<f4"))
+    for bad in (b"", b"\x93NUMP", b"\x92" + good[1:], good[:6] + b"\x09\x00" + good[8:], good[:9]):
+        with pytest.raises(ValueError):
+            load_npy(bad)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        load_npy(pickled.getvalue())
+    archive = io.BytesIO()
+    np.savez(archive, a=np.ones(2))  # np.load would return an NpzFile, not an array
+    with pytest.raises(ValueError, match="magic"):
+        load_npy(archive.getvalue())
+
+
+def test_header_with_a_lying_shape_is_refused():
+    data = npy(np.ones((3, 4), "<f2")).replace(b"(3, 4)", b"(9, 4)")
+    with pytest.raises(ValueError, match="truncated"):
+        load_npy(data)
+    with pytest.raises(CorruptSample) as exn:
+        decode_sample({"__key__": "k", "json": b'{"id": "s", "modalities": ["text"]}', "text.npy": data})
+    assert exn.value.reason == "npy.bad"
+
+
+def test_only_the_modalities_read_are_decoded():
+    raw = raw_with(np.ones((2, 4), "<f2"))
+    raw["json"] = json.dumps({"id": "s1", "modalities": ["image", "audio"]}).encode()
+    raw["audio.npy"] = b"not an array"  # never decoded: the model reads no audio
+    assert set(decode_sample(raw, {"image": 4}).features) == {"image"}
+    with pytest.raises(CorruptSample):
+        decode_sample(raw)  # all listed modalities

@@ -190,3 +190,86 @@ def test_npy_pickles_are_refused_outright():
 
     with pytest.raises(ValueError):
         load_npy(_npy(np.array([{"a": 1}], dtype=object)))
+
+
+def _npy_bytes(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+CORRUPT = {  # sample → (reason, its broken member); s18..s21 fill one whole batch
+    "s01": ("npy.bad", {"text.npy": b"\x93NUMPY garbage"}),
+    "s06": ("npy.dim", {"text.npy": _npy_bytes(np.ones((2, 5), np.float16))}),
+    "s09": ("npy.missing", {"image.npy": None}),
+    "s13": ("npy.nonfinite", {"text.npy": _npy_bytes(np.full((2, 8), np.inf, np.float16))}),
+    **{f"s{i}": ("npy.bad", {"text.npy": _npy_bytes(np.ones((2, 8), np.float16))[:-3]}) for i in range(18, 22)},
+    "s24": ("npy.shape", {"image.npy": _npy_bytes(np.ones(6, np.float16))}),
+}
+
+
+def _write_partly_corrupt(path):
+    """30 samples: a bad json (s03) and an unlabelled one (s11) are left out by the stream, CORRUPT by decoding."""
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i in range(30):
+            sid = f"s{i:02d}"
+            doc = {"id": sid, "label": None if sid == "s11" else "cat", "text": "t", "modalities": ["text", "image"]}
+            members = {"__key__": sid, "json": b"{bad" if sid == "s03" else json.dumps(doc).encode(),
+                       "text.npy": _npy_bytes(np.full((2, 8), i, np.float16)),
+                       "image.npy": _npy_bytes(np.full((3, 6), i, np.float16))}
+            members.update(CORRUPT.get(sid, (None, {}))[1])
+            sink.write({k: v for k, v in members.items() if v is not None})
+
+
+@pytest.fixture(scope="module")
+def partly_corrupt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corrupt") / "c.tar"
+    _write_partly_corrupt(path)
+    collate = CollateConfig(feature_dims={"text": 8, "image": 6}, labels=("cat",))
+    return StreamConfig(shards=(str(path),), collate=collate, batch_size=4, shuffle=False, drop_last=False,
+                        val_fraction=0.0)
+
+
+def expected_batches():
+    kept = [f"s{i:02d}" for i in range(30) if f"s{i:02d}" not in ("s03", "s11")]
+    batches = [[s for s in kept[i:i + 4] if s not in CORRUPT] for i in range(0, len(kept), 4)]
+    return [b for b in batches if b], len(batches)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_corrupt_arrays_are_dropped_from_their_batch_and_counted_the_same_for_any_worker_count(
+        partly_corrupt, workers, caplog):
+    want, positions = expected_batches()
+    loader = StreamLoader(ShardStream(partly_corrupt), workers=workers)
+    with caplog.at_level(logging.WARNING):
+        got = [b["ids"] for b in itertools.islice(loader, len(want))]
+    assert got == want  # the batch of s18..s21 is gone, the others keep their surviving samples
+    assert loader.state_dict()["batch"] == positions  # the dropped batch counts as consumed
+    assert loader.skipped == {"json.bad": 1, "npy.bad": 5, "npy.dim": 1, "npy.missing": 1,
+                              "npy.nonfinite": 1, "npy.shape": 1, "task.no_label": 1}
+    if workers == 0:
+        assert any("all 4 samples corrupt" in r.getMessage() for r in caplog.records)
+
+
+def test_resuming_around_a_dropped_batch_gives_the_rest(partly_corrupt):
+    want, _ = expected_batches()
+    for cut in (3, 4, 5):  # before, at and after the dropped batch (position 4)
+        first = StreamLoader(ShardStream(partly_corrupt))
+        seen = [b["ids"] for b in itertools.islice(first, cut)]
+        resumed = StreamLoader(ShardStream(partly_corrupt), workers=2)
+        resumed.load_state_dict(first.state_dict())
+        rest = [b["ids"] for b in itertools.islice(resumed, len(want) - cut)]
+        assert seen + rest == want, cut
+
+
+def test_only_the_owner_of_a_batch_decodes_it(partly_corrupt):
+    """Each rank counts the corrupt arrays of its own samples; together, those of every sample."""
+    counts = []
+    for rank in range(2):
+        skips = SkipLog(quiet=True)
+        for _ in ShardStream(partly_corrupt, rank=rank, world=2).sample_batches(skips):
+            pass
+        counts.append({k: v for k, v in skips.counts.items() if k.startswith("npy.")})
+    assert counts[0] and counts[1]
+    total = {k: counts[0].get(k, 0) + counts[1].get(k, 0) for k in {*counts[0], *counts[1]}}
+    assert total == {"npy.bad": 5, "npy.dim": 1, "npy.missing": 1, "npy.nonfinite": 1, "npy.shape": 1}
