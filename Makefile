@@ -37,3 +37,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf out runs .pytest_cache
+
+# Wheels that benchmarks/gpu.sh installs offline on a Python 3.12 GPU machine (into .whl/, about 20 MB).
+.PHONY: gpu-wheels
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh

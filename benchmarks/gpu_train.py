@@ -1,0 +1,80 @@
+"""Training part of the GPU benchmark: ``Trainer.train_step`` on batches in memory, then fed by its StreamLoader.
+
+The dataset is ``mbm.data.synthetic`` in the on-disk contract of ``mbm preprocess``, with feature
+shapes of the default extractors: text 20-60 x 384, image 49 x 1280 (7x7 EfficientNet-Lite0 patches),
+audio 100-400 x 80 (1-4 s of log-mel frames). ``max_tokens`` keeps those lengths (audio is not pooled).
+Both runs use the same Trainer (bf16 autocast on CUDA, AdamW, gradient clipping, the cosine schedule):
+first a few batches are taken from its loader and cycled from memory, then the loader feeds every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gpu_extract import result
+from gpu_monitor import GpuMonitor, timed
+
+LENGTHS = {"text": (20, 60), "image": (49, 49), "audio": (100, 400)}
+MAX_TOKENS = {"text": 64, "image": 64, "audio": 400}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSizes:
+    samples: int = 8192  # written to disk
+    samples_per_shard: int = 256
+    batch: int = 256
+    workers: int = 8
+    cached_batches: int = 6  # taken from the loader once, then cycled
+    d_model: int = 128  # mbm train's defaults
+    layers: int = 2
+    heads: int = 4
+    seconds: float = 20.0
+    warmup: int = 3
+
+
+def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log: Callable[[str], None]) -> dict:
+    from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from mbm.train.config import TrainConfig
+    from mbm.train.distributed import init_distributed
+    from mbm.train.trainer import Trainer
+
+    data = os.path.join(tmp, "train-data")
+    start = time.perf_counter()
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=sizes.samples, lengths=LENGTHS,
+                                                  samples_per_shard=sizes.samples_per_shard))
+    log(f"train: {sizes.samples} synthetic samples written in {time.perf_counter() - start:.1f} s; batch "
+        f"{sizes.batch}, d_model {sizes.d_model}, {sizes.layers} layers, {sizes.workers} loader workers")
+    cfg = TrainConfig(data=data, out=os.path.join(tmp, "train-run"), batch_size=sizes.batch, workers=sizes.workers,
+                      device="cuda" if device.startswith("cuda") else "cpu", max_tokens=dict(MAX_TOKENS),
+                      d_model=sizes.d_model, layers=sizes.layers, heads=sizes.heads, steps=10**6,
+                      warmup_steps=10, eval_every=10**6, log_every=10**6)
+    trainer = Trainer(cfg, init_distributed(cfg.device), progress=False)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    out: dict[str, Any] = {"samples": sizes.samples, "batch": sizes.batch, "workers": sizes.workers,
+                           "d_model": sizes.d_model, "layers": sizes.layers, "parameters": params}
+
+    stream = iter(trainer.loader)
+    cached = [next(stream) for _ in range(sizes.cached_batches)]
+    stream.close()
+    shapes = {m: list(cached[0]["features"][m].shape) for m in cached[0]["features"]}
+    out["batch_shapes"] = shapes
+    log(f"  batch shapes {shapes}, {params / 1e6:.1f} M parameters")
+
+    for name, batches in (("memory", itertools.cycle(cached)), ("loader", iter(trainer.loader))):
+        def step(batches=batches) -> int:
+            return len(trainer.train_step(batches)[1])
+
+        with monitor.window() as gpu:
+            rate = timed(step, seconds=sizes.seconds, warmup=sizes.warmup, device=device)
+        if hasattr(batches, "close"):
+            batches.close()  # stops the loader's workers
+        out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2))
+        log(f"  train step, batches from {name}: {rate.calls / rate.seconds:.2f} steps/s, "
+            f"{rate.per_s:,.0f} samples/s")
+    out["data_overhead"] = round(1 - out["loader"]["per_s"] / out["memory"]["per_s"], 3)
+    return out
