@@ -9,6 +9,7 @@ own modality, recorded in ``dropped``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from apache_beam.ml.inference.base import ModelHandler, RunInference
 from schemas import MODALITIES, CleanSample, Reject
 
 log = logging.getLogger(__name__)
+_LOAD_LOCK = threading.Lock()
 
 
 class LazyModel:
@@ -33,7 +35,11 @@ class LazyModel:
 
     def get(self) -> Any:
         if self._model is None:
-            self._model = self._inner.load_model()
+            # One load at a time per process: bundles may run on several threads, Beam shares the
+            # model between them, and concurrent first imports of transformers fail.
+            with _LOAD_LOCK:
+                if self._model is None:
+                    self._model = self._inner.load_model()
         return self._model
 
 

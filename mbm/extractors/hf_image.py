@@ -63,7 +63,7 @@ class HFImageExtractor(Extractor):
     """last_hidden_state of a local HF vision model (`AutoModel`): tokens (N, D) or patches (H*W, C)."""
 
     name = "hf-image"
-    revision = 2  # 2: channels_last on the CPU
+    revision = 2  # 2: channels_last on the CPU, batch norms folded
     modality = "image"
     config_type = HFImageConfig
     location_fields = ("path",)

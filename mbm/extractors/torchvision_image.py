@@ -68,7 +68,7 @@ class TorchvisionExtractor(Extractor):
     """Last spatial feature map of a torchvision classifier as patches (H*W, C), ImageNet normalization."""
 
     name = "torchvision"
-    revision = 2  # 2: channels_last on the CPU
+    revision = 2  # 2: channels_last on the CPU, batch norms folded
     modality = "image"
     config_type = TorchvisionConfig
     location_fields = ("weights",)

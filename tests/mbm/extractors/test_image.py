@@ -54,8 +54,8 @@ def test_lite0_pretrained_weights_recognise_a_daisy(lite0):
 
 
 def test_lite0_weights_must_match_strictly(tmp_path, lite0):
-    extractor, model = lite0
-    state = model.state_dict()
+    extractor, _ = lite0
+    state = extractor.build().state_dict()  # the checkpoint's layout (the loaded model is folded)
     del state["_fc.bias"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pth")
@@ -138,3 +138,62 @@ def test_hf_image_tiny_vit_tokens_match_the_model(tiny_vit_dir):
     with torch.inference_mode():
         expected = reference(pixel_values=pixels).last_hidden_state.numpy()
     np.testing.assert_allclose(np.stack(features).astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def _random_bn(bn: torch.nn.BatchNorm2d, gen: torch.Generator) -> None:
+    n = bn.num_features
+    bn.running_mean.copy_(torch.randn(n, generator=gen))
+    bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    bn.weight.data.copy_(torch.randn(n, generator=gen))
+    bn.bias.data.copy_(torch.randn(n, generator=gen))
+
+
+def test_fold_batchnorm_keeps_the_function_and_removes_the_norms():
+    from mbm.extractors.image import fold_batchnorm
+
+    gen = torch.Generator().manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 4, 1, bias=False), torch.nn.BatchNorm2d(4))
+
+    class Block(torch.nn.Module):  # named pair, as in EfficientNet ports, plus a static "same" padding
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, groups=4, bias=False)
+            self.conv.static_padding = torch.nn.ZeroPad2d((1, 1, 1, 1))
+            self.norm = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.norm(self.conv(self.conv.static_padding(x)))
+
+    model = torch.nn.Sequential(seq, Block())
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            _random_bn(m, gen)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+        fold_batchnorm(model, (("conv", "norm"),), inplace=True)
+        got = model(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model[1].conv.padding == (1, 1) and isinstance(model[1].conv.static_padding, torch.nn.Identity)
+    assert seq[2].inplace
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_batchnorm_leaves_unfoldable_layers_and_refuses_training_mode():
+    from mbm.extractors.image import fold_batchnorm
+
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(8),
+                              torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(seq)
+    fold_batchnorm(seq.eval())
+    assert isinstance(seq[2], torch.nn.BatchNorm2d)  # not right after a conv
+    assert isinstance(seq[4], torch.nn.BatchNorm2d)  # no running statistics to fold
+
+
+def test_lite0_runs_folded_and_channels_last(lite0):
+    extractor, model = lite0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
