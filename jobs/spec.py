@@ -42,6 +42,11 @@ class OutputConfig:
             raise ValueError(f"max_shard_bytes must be >= 1 MiB (1048576), got {self.max_shard_bytes}")
 
 
+# Inputs per extractor call. Text is cheap to hold and runs in fixed-shape passes per length
+# bucket, so bigger calls fill those passes better (mbm/extractors/text.py, pass_shape).
+DEFAULT_BATCH_SIZE = {"text": 128, "image": 32, "audio": 32}
+
+
 @dataclass(kw_only=True)
 class ExtractConfig:
     name: str
@@ -152,7 +157,7 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
     for modality, default_name in DEFAULTS.items():
         section = dict(extract_raw.get(modality, {}))
         name = section.pop("name", default_name)
-        batch_size = section.pop("batch_size", 32)
+        batch_size = section.pop("batch_size", DEFAULT_BATCH_SIZE[modality])
         extract[modality] = _build(ExtractConfig, {"name": name, "batch_size": batch_size, "options": section},
                                    f"extract.{modality}", where)
 

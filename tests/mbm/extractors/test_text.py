@@ -59,8 +59,8 @@ def test_fixed_shape_chunks_depend_only_on_each_texts_length():
 
 
 def test_pass_shape_is_small_on_the_cpu_and_big_on_cuda():
-    assert pass_shape(16384, "cpu") == (128, 16)
-    assert pass_shape(64, "cpu") == (64, 16)
+    assert pass_shape(16384, "cpu") == (256, 32)
+    assert pass_shape(64, "cpu") == (64, 32)
     assert pass_shape(16384, "cuda") == (16384, 256)
     assert pass_shape(16384, "cuda:1") == (16384, 256)
 
