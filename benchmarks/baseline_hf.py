@@ -94,7 +94,10 @@ def main() -> int:
     start = time.perf_counter()
     rows = read_rows(manifest)
     ds = datasets.Dataset.from_list(rows)
-    mapped = ds.map(process, batched=True, batch_size=32, num_proc=args.num_proc, remove_columns=ds.column_names,
+    # Rows per call: the largest per-modality batch, so every extractor gets calls as full as mbm's.
+    rows_per_call = max(e.batch_size for e in spec.extract.values())
+    mapped = ds.map(process, batched=True, batch_size=rows_per_call, num_proc=args.num_proc,
+                    remove_columns=ds.column_names,
                     fn_kwargs={"job": str(Path(args.job).resolve()), "base": folder_of(manifest)})
     mapped_s = time.perf_counter() - start
     shards = Shards(out, spec.output.samples_per_shard)

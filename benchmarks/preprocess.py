@@ -204,13 +204,13 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
         f"Reproduce: `.venv/bin/python benchmarks/preprocess.py --samples {args.samples} --reps {args.reps} --write`",
         "",
         f"Machine: {machine()}. {args.samples} samples (sample media repeated, unique ids, varied captions), "
-        "default extractors (MiniLM, EfficientNet-Lite0, log-mel), batch size 32, on the CPU. All three run "
+        "default extractors (MiniLM, EfficientNet-Lite0, log-mel) and batch sizes (text 128, image and audio 32), on the CPU. All three run "
         "mbm's readers, cleaners and extractors and write float16 features to WebDataset tars; the baselines "
         "skip bad samples where mbm also writes reject rows, a Parquet index and a dataset version. Wall time "
         "of the whole process (start-up and model loading included), interleaved runs; memory is the peak "
         "over the process tree, RSS sampled every 0.25 s and PSS every 2 s (RSS counts pages shared by forked "
         "workers once per worker, PSS splits them). mbm: Beam FnApiRunner, one worker per core; plain loop: "
-        "one process, torch threads = cores; HF: `datasets.map(batched=True, batch_size=32, num_proc=cores)`, "
+        "one process, torch threads = cores; HF: `datasets.map(batched=True, batch_size=<largest per-modality batch>, num_proc=cores)`, "
         "one torch thread per worker. The baselines call mbm's extractor classes, so what those do "
         "(channels_last convolutions, fixed-shape text passes) they do too; what only mbm's runtime does is "
         "its process layout and the allocator settings of `mbm/alloc.py`.",

@@ -11,7 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.cleaning import REJECTS, UNCHANGED, CleanConfig, CleanSampleFn
 from pipelines.extract import ExtractFeatures
 from pipelines.progress import CountProgress
-from pipelines.sink import SinkConfig, WriteShards
+from pipelines.sink import SinkConfig, SpillFeatures, WriteShards
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,11 @@ def build_graph(p: beam.Pipeline, *, source: Any, clean: CleanConfig, handlers: 
     n_input = samples | "CountInput" >> beam.combiners.Count.Globally()
     cleaned = samples | "Clean" >> beam.ParDo(CleanSampleFn(clean)).with_outputs(REJECTS, UNCHANGED, main="samples")
     extracted = cleaned.samples | "Extract" >> ExtractFeatures(handlers)
-    landed = extracted.samples | "CountExtracted" >> beam.ParDo(CountProgress("extracted", progress_dir))
+    landed = (
+        extracted.samples
+        | "Spill" >> beam.ParDo(SpillFeatures(sink.staging))
+        | "CountExtracted" >> beam.ParDo(CountProgress("extracted", progress_dir))
+    )
     read_rejects = read["rejects"] | "CountReadRejects" >> beam.ParDo(CountProgress("read", progress_dir))
     rejects = (
         (read_rejects, cleaned[REJECTS], extracted.rejects)

@@ -6,6 +6,12 @@ one or more tars (rolled over by sample count and bytes), then a sidecar ``parts
 listing its shards and index rows. The sidecar is written last, via a temporary name, so its
 presence proves the bucket is complete. The same input and spec give the same buckets, order and
 bytes; the commit step (``pipelines.commit``) renames staged shards into the dataset.
+
+Features do not travel through the shuffle: ``SpillFeatures`` runs right after extraction and
+appends each sample's ``.npy`` bytes to a file of its bundle under ``staging/spill/``, leaving a
+``Spilled`` reference in the sample. The grouping then moves only small records (a runner such as
+FnApiRunner holds a whole grouping in the driver's memory), and ``write_bucket`` reads the bytes
+back, one spill file at a time.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import io
 import json
 import logging
 import math
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +57,79 @@ def bucket_of(key: str, n: int) -> int:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") % n
 
 
+def npy_bytes(features: Any) -> bytes:
+    """float16 ``.npy`` bytes of a feature array (no pickles)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(features, dtype=np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """Where a sample's ``.npy`` bytes for one modality wait in a spill file."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class SpillFeatures(beam.DoFn):
+    """Computed feature arrays → ``.npy`` bytes appended to this bundle's spill file; the sample
+    continues with ``Spilled`` references, so only small records reach the shuffle."""
+
+    def __init__(self, staging: str) -> None:
+        self._staging = staging.rstrip("/")
+        self._file = None
+        self._path = ""
+        self._offset = 0
+
+    def start_bundle(self) -> None:
+        self._file, self._path, self._offset = None, "", 0
+
+    def process(self, sample: CleanSample) -> Iterator[CleanSample]:
+        arrays = {m: f for m, f in sample.features.items() if isinstance(f, np.ndarray)}
+        if not arrays:
+            yield sample
+            return
+        if self._file is None:  # a fresh name per bundle: a retried bundle never appends to a failed one's file
+            self._path = f"{self._staging}/spill/{uuid.uuid4().hex}.bin"
+            self._file = FileSystems.create(self._path, mime_type="application/octet-stream")
+            self._offset = 0
+        refs = {}
+        for m, arr in arrays.items():
+            data = npy_bytes(arr)
+            self._file.write(data)
+            refs[m] = Spilled(self._path, self._offset, len(data))
+            self._offset += len(data)
+        yield sample.with_(features={**sample.features, **refs})
+
+    def finish_bundle(self) -> None:
+        if self._file is not None:
+            self._file.close()  # before the bundle commits: readers come after the shuffle
+            self._file = None
+
+
+def load_spilled(samples: list[CleanSample]) -> list[CleanSample]:
+    """Replace ``Spilled`` references by their bytes, reading each spill file once, in offset order."""
+    refs: dict[str, list[Spilled]] = {}
+    for s in samples:
+        for f in s.features.values():
+            if isinstance(f, Spilled):
+                refs.setdefault(f.path, []).append(f)
+    data: dict[Spilled, bytes] = {}
+    for path, wanted in sorted(refs.items()):
+        with FileSystems.open(path, compression_type="uncompressed") as fh:
+            for ref in sorted(set(wanted), key=lambda r: r.offset):
+                fh.seek(ref.offset)
+                chunk = fh.read(ref.length)
+                if len(chunk) != ref.length:
+                    raise RuntimeError(f"spill file {path} is short: wanted {ref.length} bytes at {ref.offset}, "
+                                       f"got {len(chunk)}")
+                data[ref] = chunk
+    return [s.with_(features={m: data[f] if isinstance(f, Spilled) else f for m, f in s.features.items()})
+            if any(isinstance(f, Spilled) for f in s.features.values()) else s for s in samples]
+
+
 def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, bytes | str]:
     """The WebDataset members of one sample: ``json`` plus one float16 ``.npy`` per featurized modality."""
     members: dict[str, bytes | str] = {"__key__": sample.key}
@@ -57,12 +137,10 @@ def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, 
     members["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
     for modality in doc["modalities"]:
         feats = sample.features[modality]
-        if isinstance(feats, bytes):  # reused: the previous version's .npy, copied byte for byte
+        if isinstance(feats, bytes):  # spilled, or reused: the previous version's .npy, copied byte for byte
             members[f"{modality}.npy"] = feats
             continue
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(feats, dtype=np.float16), allow_pickle=False)
-        members[f"{modality}.npy"] = buf.getvalue()
+        members[f"{modality}.npy"] = npy_bytes(feats)
     if include_text and sample.text:
         members["txt"] = sample.text.encode("utf-8")
     return members
@@ -180,7 +258,7 @@ def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig)
     """Write one bucket's tars and sidecar; returns the sidecar's content."""
     items = list(items)
     samples = sorted((x for tag, x in items if tag == "ok"), key=lambda s: (s.key, s.id))
-    samples = fill_reused(samples, cfg.dataset_dir)
+    samples = load_spilled(fill_reused(samples, cfg.dataset_dir))
     rejects = sorted((x for tag, x in items if tag == "reject"), key=lambda r: (r.id, r.source, r.stage))
     same = sorted((x for tag, x in items if tag == "same"), key=lambda r: (r["id"], r["source"]))
     shards: list[dict[str, Any]] = []
