@@ -177,9 +177,9 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         "",
         f"**Streaming**, one epoch, batch {args.batch_size}, shuffle buffer {info['buffer']}, worker start-up "
         "included; rate = dataset samples / epoch wall time. Both loaders deliver the train split's labelled "
-        "samples (the rest: held-out or unlabelled) through mbm's `collate`; the mbm loader's every worker "
-        "reads and decodes every shard (deterministic order for any worker count), webdataset gives each "
-        "worker its own shards.",
+        "samples (the rest: held-out or unlabelled) through mbm's `collate`; every mbm loader worker reads "
+        "every shard's headers and json but decodes only the batches it owns (the same order for any worker "
+        "count), webdataset gives each worker its own shards.",
         "",
         "| reader | workers | samples/s | min–max | MB/s | batches | samples in batches |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -187,7 +187,9 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         "",
         f"**Training data overhead**: `Trainer.train_step` (default model, classify, batch {args.batch_size}) "
         f"over {args.steps} steps after {args.warmup} warm-up steps, fed by its streaming loader vs the same "
-        "batches collected in memory first; overhead = (loader − memory) / loader.",
+        "batches collected in memory first; overhead = (loader − memory) / loader. On a CPU-only machine "
+        "the training step already uses every core, so loader workers take their CPU time from it "
+        "(they run at niceness 19, `MBM_LOADER_NICE`).",
         "",
         "| loader workers | ms/step, loader | ms/step, memory | overhead |",
         "| ---: | ---: | ---: | ---: |",
