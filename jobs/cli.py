@@ -115,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
+    fork = _early_fork_server(command, argv)
     args = build_parser(with_train=command not in DATASET_COMMANDS).parse_args(argv)
+    args.fork = fork
     args.beam_args = beam_args
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
@@ -132,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mbm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if fork is not None:
+            fork.close()
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -221,20 +226,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def _early_fork_server(command: str | None, argv: list[str]):
+    """Start the worker fork server (``pipelines.forkserver``) before the heavy imports, so that its
+    imports overlap the driver's; only for preprocessing on a machine with several cores."""
+    if command not in ("preprocess", "demo") or (os.cpu_count() or 1) < 2 or any(a in ("-h", "--help") for a in argv):
+        return None
+    from pipelines import forkserver
+
+    return forkserver.ForkServer() if forkserver.supported() else None
+
+
 def _run_and_summarize(spec, args: argparse.Namespace) -> int:
+    fork = getattr(args, "fork", None)
+    if fork is not None and (spec.runner.name != "FnApiRunner" or spec.runner.num_workers() <= 1):
+        fork.close()
+        fork = None
     from jobs.preprocess import run_preprocess
     from pipelines.lock import FolderLockedError
 
     bar = None if args.no_progress or not sys.stderr.isatty() else _ProgressBar()
     try:
         result = run_preprocess(spec, full=getattr(args, "full", False), extra_options=args.beam_args,
-                                on_progress=bar)
+                                on_progress=bar, fork=fork)
     except FolderLockedError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         if bar is not None:
             bar.close()
+        if fork is not None:
+            fork.close()
     print_summary(result.out_dir, result.report)
     return 0
 

@@ -41,11 +41,12 @@ def _is_local(path: str) -> bool:
 
 def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str] | None = None,
                    on_progress: Callable[[dict[str, int]], None] | None = None,
-                   clock: Callable[[], float] = time.monotonic) -> JobResult:
+                   clock: Callable[[], float] = time.monotonic, fork: Any = None) -> JobResult:
     """Run ``spec`` and commit the result as the output folder's next version.
 
     Samples whose content and extractor fingerprints match the current version are not reprocessed
-    (``full=True`` recomputes everything); when nothing changed no version is made.
+    (``full=True`` recomputes everything); when nothing changed no version is made. ``fork`` is a
+    started ``pipelines.forkserver.ForkServer`` whose pre-imported workers the local runner uses.
     """
     started = clock()
     out_dir = spec.output.dir
@@ -69,7 +70,12 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         worker_log = f"{out_dir.rstrip('/')}/.worker.log" if local else None
         if worker_log:
             Path(worker_log).unlink(missing_ok=True)
-        p = beam.Pipeline(runner=make_runner(spec.runner.name, workers, worker_log), options=options)
+        if fork is not None:
+            fork.preload(sorted({mod for ex in extractors.values() for mod in ex.preload_modules()}))
+        command = fork.command() if fork is not None and fork.wait_ready() else None
+        if fork is not None and command is None:
+            log.warning("the worker fork server did not start; starting workers the usual way")
+        p = beam.Pipeline(runner=make_runner(spec.runner.name, workers, worker_log, command), options=options)
         build_graph(
             p,
             source=spec.input,

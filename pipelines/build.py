@@ -28,11 +28,13 @@ def pipeline_options(runner: str, workers: int, extra: list[str]) -> PipelineOpt
     return PipelineOptions(args + list(extra))
 
 
-def make_runner(name: str, workers: int = 1, worker_log: str | None = None):
+def make_runner(name: str, workers: int = 1, worker_log: str | None = None, worker_command: str | None = None):
     """The runner object; local runners are named explicitly so Beam never tries to download Prism.
 
     ``FnApiRunner`` with several workers runs them as subprocesses (Beam's ``multi_processing``
     mode), with their stderr (Beam's per-worker start-up chatter) appended to ``worker_log``.
+    ``worker_command`` replaces the default ``python -m apache_beam.runners.worker.sdk_worker_main``
+    (``pipelines.forkserver`` gives one that forks pre-imported workers).
     """
     if name == "FnApiRunner":
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -44,7 +46,7 @@ def make_runner(name: str, workers: int = 1, worker_log: str | None = None):
 
         from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
-        command = f"{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main"
+        command = worker_command or f"{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main"
         if worker_log:
             command += f" 2>>{shlex.quote(worker_log)}"
         return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))

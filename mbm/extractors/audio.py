@@ -54,6 +54,9 @@ class LogMelExtractor(Extractor):
     modality = "audio"
     config_type = LogMelConfig
 
+    def preload_modules(self) -> list[str]:
+        return ["torchaudio"]
+
     def input_spec(self) -> dict[str, Any]:
         return {"sample_rate": self.config.sample_rate}
 

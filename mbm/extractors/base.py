@@ -121,6 +121,10 @@ class Extractor(ABC):
         """Files or folders whose bytes define the weights (none for weight-free extractors)."""
         return []
 
+    def preload_modules(self) -> list[str]:
+        """Modules ``load`` imports, which a worker fork server can import once for all workers."""
+        return []
+
     def fingerprint(self) -> str:
         """sha256 hex of name, config and weights hash; equal configs and weights give equal fingerprints."""
         if self._fingerprint is None:

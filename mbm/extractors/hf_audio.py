@@ -68,6 +68,11 @@ class HFAudioExtractor(Extractor):
     def weight_paths(self) -> list[str]:
         return [self.config.path]
 
+    def preload_modules(self) -> list[str]:
+        from mbm.extractors.text import hf_modules
+
+        return hf_modules(self.config.path)
+
     def load(self, device: str) -> HFAudioModel:
         import torch
         from transformers import AutoModel

@@ -187,6 +187,9 @@ class EfficientNetLite0Extractor(Extractor):
     def weight_paths(self) -> list[str]:
         return [self.weights_path()]
 
+    def preload_modules(self) -> list[str]:
+        return ["efficientnet_lite_pytorch"]
+
     def build(self) -> Any:
         """The architecture, randomly initialised."""
         from efficientnet_lite_pytorch import EfficientNet

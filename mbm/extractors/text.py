@@ -32,6 +32,16 @@ def read_hf_config(path: str) -> dict[str, Any]:
     return json.loads(config_file.read_text())
 
 
+def hf_modules(path: str) -> list[str]:
+    """transformers and the modeling module of the local model at ``path`` (what loading it imports)."""
+    try:
+        model_type = str(read_hf_config(path).get("model_type", ""))
+    except (ValueError, OSError):
+        return ["transformers"]
+    name = model_type.replace("-", "_")
+    return ["transformers", f"transformers.models.{name}.modeling_{name}"] if name.isidentifier() else ["transformers"]
+
+
 def hidden_size(config: dict[str, Any], path: str) -> int:
     """The output width declared by a HF config (encoders name it differently)."""
     for key in ("hidden_size", "d_model", "dim", "hidden_dim"):
@@ -130,6 +140,9 @@ class HFTextExtractor(Extractor):
 
     def weight_paths(self) -> list[str]:
         return [self.model_path()]
+
+    def preload_modules(self) -> list[str]:
+        return hf_modules(self.model_path())
 
     @property
     def dim(self) -> int:

@@ -83,6 +83,9 @@ class TorchvisionExtractor(Extractor):
     def weight_paths(self) -> list[str]:
         return [self.config.weights] if self.config.weights else []
 
+    def preload_modules(self) -> list[str]:
+        return ["torchvision"]
+
     def build(self, device: str = "cpu") -> Any:
         """The whole classifier, randomly initialised (seeded), on `device` ("meta": shapes only)."""
         import torch

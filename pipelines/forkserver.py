@@ -1,0 +1,243 @@
+"""Beam SDK workers forked from one pre-imported process instead of started from scratch.
+
+A local run's worker processes each import Beam, torch and transformers before doing any work:
+about 4 s of CPU per worker, spent after the driver's own imports, while the second core idles.
+``ForkServer`` starts one process at the beginning of a job that imports all of that (in parallel
+with the driver) and then waits on a Unix socket. The command Beam runs for each worker is the small
+client in ``pipelines.forkclient``: it hands its environment (Beam's control and logging addresses,
+pipeline options) and its stdin/stdout/stderr to the server, which forks a child that becomes the
+SDK worker. The child writes its exit status back on the connection; the client exits with it, so
+Beam sees an ordinary worker process.
+
+Fork safety: the server only imports modules; it runs no torch operation (so no OpenMP pool
+exists), opens no gRPC channel and starts no thread, so a forked child starts from a clean state.
+Children watch their client and the server watches the driver: a killed job leaves nothing behind.
+
+    python -m pipelines.forkserver SOCKET DRIVER_PID MODULE[,MODULE...]
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+# What a worker imports before its first element: Beam's worker, torch, the pipeline's modules.
+PRELOAD = (
+    "apache_beam.runners.worker.sdk_worker_main",
+    "apache_beam.ml.inference.base",
+    "torch",
+    "pipelines.build",
+    "pipelines.cleaning",
+    "pipelines.extract",
+    "pipelines.sink",
+    "mbm.extractors.handler",
+)
+READY = b"ready\n"
+DEFAULT_TARGET = "apache_beam.runners.worker.sdk_worker_main:main"  # MBM_FORK_TARGET in the client's env overrides
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch(pid: int, then) -> None:
+    """Call ``then()`` from a daemon thread once process ``pid`` is gone."""
+    def loop() -> None:
+        while _alive(pid):
+            time.sleep(0.5)
+        then()
+
+    threading.Thread(target=loop, daemon=True, name=f"watch-{pid}").start()
+
+
+def recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    """One request: JSON (client pid, environment) up to the client's half-close, with its fds 0, 1, 2."""
+    msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    chunks = [msg]
+    while chunk := conn.recv(1 << 16):
+        chunks.append(chunk)
+    if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
+    return json.loads(b"".join(chunks).decode()), list(fds)
+
+
+def supported() -> bool:
+    """Fork, Unix sockets and descriptor passing are available (Linux, macOS), and not turned off."""
+    return (hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
+            and os.environ.get("MBM_FORKSERVER", "1") != "0")
+
+
+def maybe_start(runner: str, workers: int) -> ForkServer | None:
+    """A fork server for a local FnApiRunner run with several workers; None otherwise."""
+    if runner != "FnApiRunner" or workers <= 1 or not supported():
+        return None
+    return ForkServer()
+
+
+def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked child: become the client's SDK worker; never returns."""
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _watch(int(request["pid"]), lambda: os._exit(1))  # the client was killed: so is its worker
+        module, _, func = request["env"].get("MBM_FORK_TARGET", DEFAULT_TARGET).partition(":")
+        getattr(importlib.import_module(module), func)([sys.argv[0]])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report and exit non-zero, as a worker process would
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            conn.sendall(f"{code}\n".encode())
+        finally:
+            os._exit(code)
+
+
+def _preload(names: list[str]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module that fails here fails again, visibly, in the worker
+            log.warning("forkserver: cannot preload %s", name, exc_info=True)
+
+
+def serve(path: str, driver: int, modules: list[str]) -> None:
+    """Import ``modules``, then the job's own (a JSON list on stdin), signal readiness on stdout,
+    then fork one worker per connection."""
+    _preload(modules)
+    line = sys.stdin.readline()  # the driver knows the extractors' modules once it has read the spec
+    try:
+        extra = json.loads(line) if line.strip() else []
+    except ValueError:
+        extra = []
+    _preload([m for m in extra if isinstance(m, str)])
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(64)
+    os.write(1, READY)
+    server.settimeout(0.5)  # no watcher thread: a forking process stays single-threaded
+    while True:
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if not _alive(driver):  # the driver is gone: stop serving (workers watch their clients)
+                os._exit(0)
+            continue
+        conn.settimeout(None)
+        try:
+            request, fds = recv_request(conn)
+        except (OSError, ValueError):
+            conn.close()
+            continue
+        pid = os.fork()
+        if pid == 0:
+            server.close()
+            _child(conn, request, fds)
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+class ForkServer:
+    """Starts the server process; ``command(python)`` is the worker command line for Beam."""
+
+    def __init__(self, modules: tuple[str, ...] = PRELOAD) -> None:
+        self._dir = tempfile.mkdtemp(prefix="mbm-fork-")
+        self.path = os.path.join(self._dir, "sock")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.forkserver", self.path, str(os.getpid()), ",".join(modules)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.PIPE, env=env,
+            start_new_session=True)
+        self._sent = False
+
+    def preload(self, modules: list[str]) -> None:
+        """Also import ``modules`` (once, before the first worker; later calls do nothing)."""
+        if self._sent:
+            return
+        self._sent = True
+        try:
+            self._proc.stdin.write((json.dumps(sorted(set(modules))) + "\n").encode())
+            self._proc.stdin.close()
+        except OSError:  # the server died: wait_ready says so
+            pass
+
+    def wait_ready(self, timeout: float = 120.0) -> bool:
+        """Block until the server has imported its modules; False if it died or timed out."""
+        import selectors
+
+        self.preload([])
+        sel = selectors.DefaultSelector()
+        sel.register(self._proc.stdout, selectors.EVENT_READ)
+        ok = bool(sel.select(timeout)) and self._proc.stdout.readline() == READY
+        sel.close()
+        return ok and self._proc.poll() is None
+
+    def command(self) -> str:
+        """The worker command line for Beam's SubprocessSDKEnvironment."""
+        import shlex
+
+        return f"{shlex.quote(sys.executable)} -m pipelines.forkclient {shlex.quote(self.path)}"
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        for stream in (self._proc.stdout, self._proc.stdin):
+            if stream and not stream.closed:
+                stream.close()
+        for name in (self.path,):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], int(sys.argv[2]), [m for m in sys.argv[3].split(",") if m])

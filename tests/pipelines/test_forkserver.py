@@ -1,0 +1,78 @@
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import forkserver
+
+pytestmark = pytest.mark.skipif(not forkserver.supported(), reason="needs fork and descriptor passing")
+SUPPORT = str(Path(__file__).resolve().parents[1] / "support")
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]))
+    fs = forkserver.ForkServer(modules=("json", "forktarget"))
+    assert fs.wait_ready(60)
+    yield fs
+    fs.close()
+
+
+def run_client(fs, **env):
+    env = {**os.environ, "MBM_FORK_TARGET": "forktarget:main", **env}
+    return subprocess.Popen(shlex.split(fs.command()), env=env, stdout=subprocess.PIPE, text=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_forked_child_gets_the_clients_env_output_and_exit_code(server):
+    proc = run_client(server, FORK_TEST_WORD="hello", FORK_TEST_CODE="3")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    child = int(out.split()[1])
+    assert out.strip() == f"child {child} says hello"  # written by the child on the client's stdout
+    assert child != proc.pid
+    ok = run_client(server, FORK_TEST_WORD="again")
+    assert ok.communicate(timeout=30)[0].endswith("says again\n") and ok.returncode == 0
+
+
+def test_killing_the_client_ends_its_child(server):
+    proc = run_client(server, FORK_TEST_SLEEP="60")
+    child = int(proc.stdout.readline().split()[1])
+    assert alive(child)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+
+
+def test_the_server_stops_with_close_and_when_its_driver_dies(tmp_path):
+    fs = forkserver.ForkServer(modules=("json",))
+    assert fs.wait_ready(60)
+    fs.close()
+    assert fs._proc.poll() is not None and not Path(fs.path).exists()
+    # A driver killed with -9 cannot close it: the server notices and exits on its own.
+    root = str(Path(__file__).resolve().parents[2])
+    code = (f"import sys, time; sys.path.insert(0, {root!r}); from pipelines import forkserver; "
+            "fs = forkserver.ForkServer(modules=('json',)); fs.wait_ready(60); print(fs._proc.pid, flush=True); "
+            "time.sleep(60)")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server_pid = int(driver.stdout.readline())
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 10
+    while alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(server_pid)
