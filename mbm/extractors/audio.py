@@ -46,6 +46,23 @@ def num_frames(num_samples: int, n_fft: int, hop_length: int) -> int:
     return 1 + (num_samples + 2 * (n_fft // 2) - n_fft) // hop_length
 
 
+def length_groups(lengths: list[int], ratio: float = 1.25) -> list[list[int]]:
+    """Indices grouped by length: sorted, and a group's longest is at most ``ratio`` x its shortest.
+
+    A batch of clips from 1 to 10 s padded to its longest computes up to ~2x the frames it keeps;
+    groups bound that to ``ratio``. A clip's frames do not depend on its group (each is reflect-padded
+    on its own, and frames past its end are cut), so grouping changes no feature.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= ratio * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 @register_extractor
 class LogMelExtractor(Extractor):
     """(1 + n // hop, n_mels) log-mel frames per clip; a clip's frames do not depend on its batch."""
@@ -106,13 +123,13 @@ class LogMelExtractor(Extractor):
         import torch
 
         padded = [self._centre_pad(clip, i) for i, clip in enumerate(batch)]
-        waves = torch.nn.utils.rnn.pad_sequence(padded, batch_first=True)  # (B, n_max + n_fft)
-        with torch.inference_mode():  # float32 on every device: the STFT is cheap and precision-sensitive
-            mel = model(to_device(waves, device))  # (B, n_mels, frames_max)
-            logmel = torch.log(mel + self.config.log_offset).transpose(1, 2)  # (B, frames_max, n_mels)
-        features = to_float16_numpy(logmel, self.name)
         c = self.config
-        return [
-            np.ascontiguousarray(f[: num_frames(len(clip), c.n_fft, c.hop_length)])
-            for f, clip in zip(features, batch, strict=True)
-        ]
+        out: list[np.ndarray | None] = [None] * len(batch)
+        for group in length_groups([len(p) for p in padded]):  # similar lengths: little zero padding
+            waves = torch.nn.utils.rnn.pad_sequence([padded[i] for i in group], batch_first=True)  # (b, n_max)
+            with torch.inference_mode():  # float32 on every device: the STFT is cheap and precision-sensitive
+                mel = model(to_device(waves, device))  # (b, n_mels, frames_max)
+                logmel = torch.log(mel + c.log_offset).transpose(1, 2)  # (b, frames_max, n_mels)
+            for i, f in zip(group, to_float16_numpy(logmel, self.name), strict=True):
+                out[i] = np.ascontiguousarray(f[: num_frames(len(batch[i]), c.n_fft, c.hop_length)])
+        return out

@@ -99,3 +99,24 @@ def test_hf_audio_tiny_wav2vec2_frames_match_the_model(tiny_wav2vec2_dir):
     np.testing.assert_allclose(features[1].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="shorter than one frame"):
         extractor.featurize(model, [np.zeros(12, np.float32)], "cpu")
+
+
+def test_length_groups_sort_and_bound_the_padding():
+    from mbm.extractors.audio import length_groups
+
+    lengths = [100, 1000, 120, 126, 900, 1250, 10]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == [[6], [0, 2], [3], [4, 1], [5]]
+    for g in groups:
+        assert max(lengths[i] for i in g) <= 1.25 * min(lengths[i] for i in g)
+    assert length_groups([]) == []
+
+
+def test_grouped_batches_give_every_clip_its_own_frames(logmel):
+    extractor, model = logmel
+    rng = np.random.default_rng(1)
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 1600, 48000, 17000, 800, 47000)]
+    together = extractor.featurize(model, clips, "cpu")
+    for clip, got in zip(clips, together, strict=True):
+        assert np.array_equal(got, extractor.featurize(model, [clip], "cpu")[0])
