@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 # Benchmarks: side by side with the alternatives, written into docs/benchmarks.md (about 30-40 min on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
-	$(BIN)/python benchmarks/preprocess.py --write
+	$(BIN)/python benchmarks/preprocess.py --memory --write
 	$(BIN)/python benchmarks/stream.py --write
 	$(BIN)/python benchmarks/incremental.py --samples 300 --write
 

@@ -183,6 +183,35 @@ def table(results: dict[str, list[dict]], n: int) -> list[str]:
     return lines
 
 
+def memory_growth(tmp: Path, n: int) -> list[str]:
+    """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each)."""
+    rows, peaks = [], {}
+    for factor in (1, 4):
+        data = tmp / f"mem-{factor}x"
+        build(data / "data", factor * n)
+        spec = data / "job.toml"
+        spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n')
+        r = measure(commands(spec, data / "out")["mbm preprocess"], data / "run.log")
+        peaks[factor] = r
+        print(f"memory {factor}x: {factor * n} samples, {r['wall']:.1f} s, RSS {r['rss']:.0f} MiB, "
+              f"PSS {r['pss']:.0f} MiB", file=sys.stderr, flush=True)
+        rows.append(f"| {factor}× | {factor * n} | {r['wall']:.1f} | {r['rss']:.0f} | {r['pss']:.0f} |")
+    ratio_rss = peaks[4]["rss"] / peaks[1]["rss"]
+    ratio_pss = peaks[4]["pss"] / peaks[1]["pss"]
+    verdict = "met" if max(ratio_rss, ratio_pss) <= 1.2 else "**not met**"
+    return [
+        "",
+        "**Preprocessing memory**: one `mbm preprocess` run on the same data at 1× and 4× the samples, peak "
+        "over the process tree (driver, worker fork server, workers).",
+        "",
+        "| dataset | samples | wall s | peak RSS MiB, tree | peak PSS MiB, tree |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        f"4× / 1×: RSS {ratio_rss:.2f}, PSS {ratio_pss:.2f} (target ≤ 1.2: {verdict}).",
+    ]
+
+
 def profile(spec: Path, tmp: Path) -> None:
     """Run the loop baseline under cProfile and print the top 15 cumulative entries."""
     import pstats
@@ -197,11 +226,13 @@ def profile(spec: Path, tmp: Path) -> None:
     print("profiled plain loop, seconds per stage:", ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
 
 
-def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loop_stages: str) -> None:
+def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loop_stages: str,
+              extra: list[str] | None = None) -> None:
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     body = "\n".join([
-        f"Reproduce: `.venv/bin/python benchmarks/preprocess.py --samples {args.samples} --reps {args.reps} --write`",
+        f"Reproduce: `.venv/bin/python benchmarks/preprocess.py --samples {args.samples} --reps {args.reps} "
+        f"{'--memory ' if extra else ''}--write`",
         "",
         f"Machine: {machine()}. {args.samples} samples (sample media repeated, unique ids, varied captions), "
         "default extractors (MiniLM, EfficientNet-Lite0, log-mel) and batch sizes (text 128, image and audio 32), on the CPU. All three run "
@@ -219,6 +250,7 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
         "",
         f"Landed samples (text / image / audio features): {counts}.",
         f"Plain loop, seconds per stage (last run): {loop_stages}.",
+        *(extra or []),
     ])
     section = f"{HEAD}\n\n{body}\n"
     if HEAD in text:
@@ -236,6 +268,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--profile", action="store_true", help="also run the plain loop under cProfile")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure mbm's peak memory at 1x and 4x --samples (one run each)")
     args = ap.parse_args()
     has_hf = importlib.util.find_spec("datasets") is not None
     if not has_hf:
@@ -264,6 +298,7 @@ def main() -> int:
                     loop_stages = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
         if args.profile:
             profile(spec, tmp)
+        extra = memory_growth(tmp, args.samples) if args.memory else []
     lines = table(results, args.samples)
     shown = {name: f"{c['samples']} ({c['text']} / {c['image']} / {c['audio']})" for name, c in counts.items()}
     same = len({(c["samples"], c["text"], c["image"], c["audio"]) for c in counts.values()}) == 1
@@ -274,8 +309,10 @@ def main() -> int:
     print(f"plain loop seconds per stage: {loop_stages}")
     if not same:
         print("WARNING: the pipelines landed different samples; the comparison is not like for like", file=sys.stderr)
+    if extra:
+        print("\n".join(extra))
     if args.write:
-        write_doc(lines, args, summary, loop_stages)
+        write_doc(lines, args, summary, loop_stages, extra)
     return 0 if same else 1
 
 
