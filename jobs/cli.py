@@ -241,6 +241,10 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
     if fork is not None and (spec.runner.name != "FnApiRunner" or spec.runner.num_workers() <= 1):
         fork.close()
         fork = None
+    if fork is not None:  # as early as possible: the server imports these while the driver imports Beam
+        from jobs.spec import create_extractors
+
+        fork.preload(sorted({m for ex in create_extractors(spec).values() for m in ex.preload_modules()}))
     from jobs.preprocess import run_preprocess
     from pipelines.lock import FolderLockedError
 

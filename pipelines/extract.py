@@ -8,6 +8,7 @@ own modality, recorded in ``dropped``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,13 @@ class LazyModel:
         return self._model
 
 
+TODO_WEIGHT = 8  # batch weight of a sample with the modality to featurize; any other sample weighs 1
+
+
+def _weight(modality: str, sample: CleanSample) -> int:
+    return TODO_WEIGHT if getattr(sample, modality) is not None and modality not in sample.reused else 1
+
+
 class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     """Featurizes one modality of whole CleanSamples with an inner ``ExtractorHandler``."""
 
@@ -56,7 +64,20 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         return LazyModel(self._inner)
 
     def batch_elements_kwargs(self):
-        return self._inner.batch_elements_kwargs()
+        """Batches of up to ``batch_size`` samples that carry this modality, plus a few that do not.
+
+        Beam counts every sample towards a batch, so a batch of 32 samples of which 24 carry an
+        image would run an image pass padded to 32. Weighted instead: a sample to featurize counts
+        ``TODO_WEIGHT``, any other 1, against ``TODO_WEIGHT x (batch_size + 1) - 1``; a batch holds at
+        most ``batch_size`` samples to featurize (all of them when fewer than ``TODO_WEIGHT`` others
+        are mixed in) and at most that many samples in all when the modality is rare.
+        """
+        kwargs = dict(self._inner.batch_elements_kwargs())
+        for key in ("min_batch_size", "max_batch_size"):
+            if key in kwargs:
+                kwargs[key] = TODO_WEIGHT * (kwargs[key] + 1) - 1
+        kwargs["element_size_fn"] = functools.partial(_weight, self._modality)
+        return kwargs
 
     def get_metrics_namespace(self) -> str:
         return f"mbm_extract_{self._modality}"

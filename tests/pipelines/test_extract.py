@@ -67,3 +67,29 @@ def test_samples_left_without_features_become_rejects():
     assert reject.reason == "image.extract_error"
     kept = _s("y", reused={"image": "shards/a.tar"})
     assert list(_split_failed(kept)) == [kept]
+
+
+def test_batches_fill_up_with_samples_that_carry_the_modality():
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that
+
+    from pipelines.extract import TODO_WEIGHT
+
+    h = ModalityHandler("text", FakeInner(), "fp")
+    kwargs = h.batch_elements_kwargs()
+    assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 5 * TODO_WEIGHT - 1
+    size = kwargs["element_size_fn"]
+    assert size(_s("t", text="x")) == TODO_WEIGHT
+    assert size(_s("i", image=np.zeros((2, 2, 3), np.uint8))) == 1
+    assert size(_s("r", text="x", reused={"text": "shards/a.tar"})) == 1
+    # 3 in 4 samples carry text: every batch holds at most 4 texts, and all full batches hold exactly 4.
+    samples = [_s(f"s{i:02d}", text="x" if i % 4 else None) for i in range(40)]
+
+    def check(batches):
+        texts = [sum(s.text is not None for s in b) for b in batches]
+        assert sum(texts) == 30 and max(texts) == 4
+        assert sorted(texts)[1:] == [4] * (len(texts) - 1)  # one bundle: only the last batch may be short
+
+    with beam.Pipeline("DirectRunner") as p:
+        batches = p | beam.Create(samples, reshuffle=False) | beam.BatchElements(**kwargs)
+        assert_that(batches, check)
