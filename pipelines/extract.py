@@ -82,6 +82,14 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     def get_metrics_namespace(self) -> str:
         return f"mbm_extract_{self._modality}"
 
+    def get_num_bytes(self, batch: Sequence[CleanSample]) -> int:
+        """Bytes of this modality's inputs, for Beam's metrics; the default pickles the whole batch."""
+        total = 0
+        for s in batch:
+            value = getattr(s, self._modality)
+            total += value.nbytes if isinstance(value, np.ndarray) else len(value.encode()) if isinstance(value, str) else 0
+        return total
+
     def run_inference(self, batch: Sequence[CleanSample], model: Any, inference_args=None) -> Iterable[CleanSample]:
         m = self._modality
         todo = [i for i, s in enumerate(batch) if getattr(s, m) is not None and m not in s.reused]

@@ -93,3 +93,10 @@ def test_batches_fill_up_with_samples_that_carry_the_modality():
     with beam.Pipeline("DirectRunner") as p:
         batches = p | beam.Create(samples, reshuffle=False) | beam.BatchElements(**kwargs)
         assert_that(batches, check)
+
+
+def test_num_bytes_counts_only_the_modalitys_inputs():
+    h = ModalityHandler("image", FakeInner(), "fp")
+    batch = [_s("a", text="hello", image=np.zeros((4, 4, 3), np.uint8)), _s("b", text="x")]
+    assert h.get_num_bytes(batch) == 48
+    assert ModalityHandler("text", FakeInner(), "fp").get_num_bytes(batch) == 6
