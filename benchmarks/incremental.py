@@ -117,7 +117,7 @@ def main() -> int:
         if head in text:
             start = text.index(head)
             end = text.find("\n## ", start + len(head))
-            text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+            text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")  # a blank line before the next section
         else:
             text = text.rstrip() + "\n\n" + section
         doc.write_text(text)

@@ -256,7 +256,7 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
     if HEAD in text:
         start = text.index(HEAD)
         end = text.find("\n## ", start + len(HEAD))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")  # a blank line before the next section
     else:
         text = text.rstrip() + "\n\n" + section
     doc.write_text(text)

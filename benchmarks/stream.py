@@ -219,7 +219,7 @@ def write_section(table: str) -> None:
     if HEAD in text:
         start = text.index(HEAD)
         end = text.find("\n## ", start + len(HEAD))
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")  # a blank line before the next section
     else:
         text = text.rstrip() + "\n\n" + section
     doc.write_text(text)
