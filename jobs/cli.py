@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
     fork = _early_fork_server(command, argv)
-    args = build_parser(with_train=command not in DATASET_COMMANDS).parse_args(argv)
+    try:
+        args = build_parser(with_train=command not in DATASET_COMMANDS).parse_args(argv)
+    except BaseException:  # argparse exits on a bad argument: the server must not outlive this call
+        if fork is not None:
+            fork.close()
+        raise
     args.fork = fork
     args.beam_args = beam_args
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],

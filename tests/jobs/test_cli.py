@@ -28,3 +28,33 @@ def test_bad_cli_arguments_exit_2(args, needle, capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "preprocess" in out.stdout
+
+
+def _forkservers() -> set[int]:
+    """Pids of fork servers started by this process."""
+    import os
+    from pathlib import Path
+
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"pipelines.forkserver" in (entry / "cmdline").read_bytes():
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("args", [
+    ["preprocess", "missing-spec.toml"],  # SpecError
+    ["preprocess", "x.toml", "--workers", "0"],  # argparse exits
+])
+def test_a_failed_preprocess_leaves_no_fork_server(args, capsys):
+    try:
+        main(args)
+    except SystemExit:
+        pass
+    assert _forkservers() == set()
