@@ -238,7 +238,13 @@ def _early_fork_server(command: str | None, argv: list[str]):
         return None
     from pipelines import forkserver
 
-    return forkserver.ForkServer() if forkserver.supported() else None
+    if not forkserver.supported():
+        return None
+    try:
+        return forkserver.ForkServer()
+    except OSError as e:  # no temporary folder, no process: workers start the usual way
+        logging.getLogger(__name__).warning("cannot start the worker fork server (%s); starting workers the usual way", e)
+        return None
 
 
 def _run_and_summarize(spec, args: argparse.Namespace) -> int:
