@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample"
 MBM = [sys.executable, "-m", "jobs.cli"]
@@ -109,18 +111,8 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        head = "## Incremental re-runs"
-        section = (f"{head}\n\nReproduce: `.venv/bin/python benchmarks/incremental.py --samples {args.samples} "
-                   f"--write`\n\n{table}\n")
-        if head in text:
-            start = text.index(head)
-            end = text.find("\n## ", start + len(head))
-            text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")  # a blank line before the next section
-        else:
-            text = text.rstrip() + "\n\n" + section
-        doc.write_text(text)
+        write_section("## Incremental re-runs", f"Reproduce: `.venv/bin/python benchmarks/incremental.py --samples "
+                      f"{args.samples} --write`\n\n{table}")
     return 0
 
 

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from incremental import build
+from report import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -183,14 +184,20 @@ def table(results: dict[str, list[dict]], n: int) -> list[str]:
     return lines
 
 
+def dataset(folder: Path, n: int) -> Path:
+    """The sample media repeated to ``n`` samples under ``folder/data``; returns the job spec written beside it."""
+    build(folder / "data", n)
+    spec = folder / "job.toml"
+    spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n')
+    return spec
+
+
 def memory_growth(tmp: Path, n: int) -> list[str]:
     """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each)."""
     rows, peaks = [], {}
     for factor in (1, 4):
         data = tmp / f"mem-{factor}x"
-        build(data / "data", factor * n)
-        spec = data / "job.toml"
-        spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n')
+        spec = dataset(data, factor * n)
         r = measure(commands(spec, data / "out")["mbm preprocess"], data / "run.log")
         peaks[factor] = r
         print(f"memory {factor}x: {factor * n} samples, {r['wall']:.1f} s, RSS {r['rss']:.0f} MiB, "
@@ -228,8 +235,6 @@ def profile(spec: Path, tmp: Path) -> None:
 
 def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loop_stages: str,
               extra: list[str] | None = None) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     body = "\n".join([
         f"Reproduce: `.venv/bin/python benchmarks/preprocess.py --samples {args.samples} --reps {args.reps} "
         f"{'--memory ' if extra else ''}--write`",
@@ -252,14 +257,7 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
         f"Plain loop, seconds per stage (last run): {loop_stages}.",
         *(extra or []),
     ])
-    section = f"{HEAD}\n\n{body}\n"
-    if HEAD in text:
-        start = text.index(HEAD)
-        end = text.find("\n## ", start + len(HEAD))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")  # a blank line before the next section
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.write_text(text)
+    write_section(HEAD, body)
 
 
 def main() -> int:
@@ -280,9 +278,7 @@ def main() -> int:
     loop_stages = ""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        build(tmp / "data", args.samples)
-        spec = tmp / "job.toml"
-        spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n')
+        spec = dataset(tmp, args.samples)
         for rep in range(args.reps):
             for i, name in enumerate(commands(spec, tmp)):
                 if name.startswith("HF") and not has_hf:

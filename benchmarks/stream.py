@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from report import write_section
+
 HEAD = "## Streaming and training overhead"
 TARGETS = {"ratio": 0.9, "overhead": 0.05, "memory": 1.2}
 
@@ -211,18 +212,9 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
     ])
 
 
-def write_section(table: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+def write_doc(table: str) -> None:
     command = shlex.join([".venv/bin/python", "benchmarks/stream.py", *sys.argv[1:]])
-    section = f"{HEAD}\n\nReproduce: `{command}`\n\n{table}\n"
-    if HEAD in text:
-        start = text.index(HEAD)
-        end = text.find("\n## ", start + len(HEAD))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")  # a blank line before the next section
-    else:
-        text = text.rstrip() + "\n\n" + section
-    doc.write_text(text)
+    write_section(HEAD, f"Reproduce: `{command}`\n\n{table}")
 
 
 def main() -> int:
@@ -253,7 +245,7 @@ def main() -> int:
     table = report(args, info, stream_rows, ratios, train_rows, overheads, mem_rows, mem_ratio)
     print(table)
     if args.write:
-        write_section(table)
+        write_doc(table)
     return 0
 
 

@@ -116,22 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
     fork = _early_fork_server(command, argv)
-    try:
+    try:  # whatever happens (argparse exits on a bad argument), the server must not outlive this call
         args = build_parser(with_train=command not in DATASET_COMMANDS).parse_args(argv)
-    except BaseException:  # argparse exits on a bad argument: the server must not outlive this call
-        if fork is not None:
-            fork.close()
-        raise
-    args.fork = fork
-    args.beam_args = beam_args
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropImportNoise())
-    if args.verbose < 2:
-        for noisy in ("apache_beam", "absl", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
+        args.fork = fork
+        args.beam_args = beam_args
+        logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                            format="%(levelname)s %(name)s: %(message)s")
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_DropImportNoise())
+        if args.verbose < 2:
+            for noisy in ("apache_beam", "absl", "urllib3"):
+                logging.getLogger(noisy).setLevel(logging.ERROR)
         return int(args.func(args) or 0)
     except SpecError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
@@ -253,9 +248,9 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
         fork.close()
         fork = None
     if fork is not None:  # as early as possible: the server imports these while the driver imports Beam
-        from jobs.spec import create_extractors
+        from jobs.spec import create_extractors, extractor_modules
 
-        fork.preload(sorted({m for ex in create_extractors(spec).values() for m in ex.preload_modules()}))
+        fork.preload(extractor_modules(create_extractors(spec)))
     from jobs.preprocess import run_preprocess
     from pipelines.lock import FolderLockedError
 
@@ -269,8 +264,6 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-        if fork is not None:
-            fork.close()
     print_summary(result.out_dir, result.report)
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from jobs.spec import JobSpec, create_extractors, dump_toml
+from jobs.spec import JobSpec, create_extractors, dump_toml, extractor_modules
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
 from pipelines.commit import commit, current_manifest, remove_uncommitted
@@ -71,7 +71,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         if worker_log:
             Path(worker_log).unlink(missing_ok=True)
         if fork is not None:
-            fork.preload(sorted({mod for ex in extractors.values() for mod in ex.preload_modules()}))
+            fork.preload(extractor_modules(extractors))
         command = fork.command() if fork is not None and fork.wait_ready() else None
         if fork is not None and command is None:
             log.warning("the worker fork server did not start; starting workers the usual way")

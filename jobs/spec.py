@@ -199,6 +199,11 @@ def create_extractors(spec: JobSpec) -> dict[str, Any]:
     return out
 
 
+def extractor_modules(extractors: dict[str, Any]) -> list[str]:
+    """The modules the extractors import when they load (for a worker fork server to preload)."""
+    return sorted({module for ex in extractors.values() for module in ex.preload_modules()})
+
+
 def _build(cls: type, values: dict[str, Any], section: str, where: str, derived: dict[str, Any] | None = None) -> Any:
     """``cls(**values)`` with unknown keys, wrong types and invalid values reported as SpecError.
 

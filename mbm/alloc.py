@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
@@ -30,14 +31,9 @@ MMAP_THRESHOLD = 2**31 - 1  # the largest value mallopt accepts: no block is ser
 TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of free heap instead of returning it after each pass
 TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps
 
-_state: dict[str, bool] = {}
-
-
+@functools.cache
 def tune_malloc() -> bool:
     """Apply the settings above to this process once; True when they are in effect."""
-    if "tuned" in _state:
-        return _state["tuned"]
-    _state["tuned"] = False
     if os.environ.get("MBM_MALLOC", "").strip().lower() == "default":
         return False
     if not sys.platform.startswith("linux"):
@@ -55,5 +51,4 @@ def tune_malloc() -> bool:
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
     if not ok:
         log.debug("mallopt refused the allocator settings (glibc %s)", gnu().decode())
-    _state["tuned"] = ok
     return ok

@@ -87,7 +87,10 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         total = 0
         for s in batch:
             value = getattr(s, self._modality)
-            total += value.nbytes if isinstance(value, np.ndarray) else len(value.encode()) if isinstance(value, str) else 0
+            if isinstance(value, np.ndarray):
+                total += value.nbytes
+            elif isinstance(value, str):
+                total += len(value.encode())
         return total
 
     def run_inference(self, batch: Sequence[CleanSample], model: Any, inference_args=None) -> Iterable[CleanSample]:

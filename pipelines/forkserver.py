@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,13 +85,6 @@ def supported() -> bool:
     """Fork, Unix sockets and descriptor passing are available (Linux, macOS), and not turned off."""
     return (hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")
             and os.environ.get("MBM_FORKSERVER", "1") != "0")
-
-
-def maybe_start(runner: str, workers: int) -> ForkServer | None:
-    """A fork server for a local FnApiRunner run with several workers; None otherwise."""
-    if runner != "FnApiRunner" or workers <= 1 or not supported():
-        return None
-    return ForkServer()
 
 
 def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
@@ -189,7 +183,7 @@ class ForkServer:
             return
         self._sent = True
         try:
-            self._proc.stdin.write((json.dumps(sorted(set(modules))) + "\n").encode())
+            self._proc.stdin.write((json.dumps(list(modules)) + "\n").encode())
             self._proc.stdin.close()
         except OSError:  # the server died: wait_ready says so
             pass
@@ -222,21 +216,7 @@ class ForkServer:
         for stream in (self._proc.stdout, self._proc.stdin):
             if stream and not stream.closed:
                 stream.close()
-        for name in (self.path,):
-            try:
-                os.unlink(name)
-            except FileNotFoundError:
-                pass
-        try:
-            os.rmdir(self._dir)
-        except OSError:
-            pass
-
-    def __enter__(self) -> ForkServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the socket's folder
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ class LateFusion(nn.Module):
         self.encoder = Encoder(cfg)
 
     def combine(self, pooled: torch.Tensor, present: torch.Tensor, index: list[int]) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, M, d) pooled vectors and (B, M) presence → (B, d); each late fusion defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define combine()")
 
     def forward(self, tokens: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> Fused:
         index = [self.modalities.index(m) for m in tokens]

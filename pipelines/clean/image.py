@@ -198,7 +198,7 @@ def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
     elif kind == "f" and lo >= 0.0 and hi <= 1.0:
         x = x * 255.0
     elif kind == "i" and lo >= 0 and hi <= 255:
-        pass
+        pass  # already 0..255
     elif kind == "i" and lo >= 0 and hi <= 65535:
         x = x / 257.0
     elif hi > lo:
