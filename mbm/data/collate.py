@@ -1,7 +1,12 @@
-"""Collate: a list of ``Sample`` → padded tensors and masks per modality (True = a real token)."""
+"""Collate: a list of ``Sample`` → padded tensors and masks per modality (True = a real token).
+
+Features stay float16, as the shards store them: half the bytes between processes and to the device.
+The model casts them to its own dtype on its device (``ModalityEmbedding``).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,84 +39,127 @@ def fit_length(arr: np.ndarray, max_len: int | None, modality: str) -> np.ndarra
     if modality == "text":
         return arr[:max_len]
     starts = np.linspace(0, n, max_len + 1).astype(np.int64)
-    sums = np.add.reduceat(_to_float32(arr).numpy(), starts[:-1], axis=0)
+    sums = np.add.reduceat(arr.astype(np.float32), starts[:-1], axis=0)
     # float32 / float32 rounds to the same value as float64 division rounded to float32
     return np.divide(sums, np.diff(starts).astype(np.float32)[:, None], out=sums)
 
 
-def pad_modality(arrays: list[np.ndarray | None], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T, dim) float32 zero-padded features and (B, T) bool mask; absent samples are all False."""
-    present = [a for a in arrays if a is not None]
-    T = max([a.shape[0] for a in present], default=1)
-    # Padding in float16 (the shards' dtype) copies without casting; one cast to float32 follows.
-    dtype = np.float16 if present and all(a.dtype == np.float16 for a in present) else np.float32
-    x = np.zeros((len(arrays), T, dim), dtype)
-    lengths = np.zeros(len(arrays), np.int64)
+_ALIGN = 64  # bytes; every tensor of a packed batch starts at a multiple of this
+_DTYPES = {"float16": torch.float16, "bool": torch.bool, "int64": torch.int64}
+
+
+@dataclass
+class PackedBatch:
+    """A collated batch as one uint8 buffer, the layout of its tensors, and its plain fields.
+
+    DataLoader workers send batches in this form: torch moves every tensor it sends to its own
+    shared-memory segment and passes each segment's file descriptor over a socket, so one buffer per
+    batch costs one segment instead of one per tensor. ``unpack`` gives the batch dict, its tensors
+    views of the buffer.
+    """
+
+    buffer: torch.Tensor  # uint8, 1-D
+    layout: tuple[tuple[str, str | None, str, tuple[int, ...], int], ...]  # (key, sub-key, dtype, shape, offset)
+    extras: dict[str, Any]  # ids, texts and whatever the stream adds
+
+    def pin_memory(self) -> PackedBatch:  # called by DataLoader(pin_memory=True)
+        return PackedBatch(self.buffer.pin_memory(), self.layout, self.extras)
+
+    def unpack(self) -> dict[str, Any]:
+        batch: dict[str, Any] = dict(self.extras)
+        for key, sub, dtype, shape, offset in self.layout:
+            dt = _DTYPES[dtype]
+            tensor = self.buffer[offset: offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+            if sub is None:
+                batch[key] = tensor
+            else:
+                batch.setdefault(key, {})[sub] = tensor
+        return batch
+
+
+class _Layout:
+    """Offsets of a batch's tensors in one buffer; ``views`` gives numpy views to fill."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str | None, str, tuple[int, ...], int]] = []
+        self.size = 0
+
+    def add(self, key: str, sub: str | None, dtype: str, shape: tuple[int, ...]) -> None:
+        self.entries.append((key, sub, dtype, shape, self.size))
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        self.size += -(-nbytes // _ALIGN) * _ALIGN
+
+    def allocate(self, shared: bool) -> torch.Tensor:
+        """A zeroed uint8 buffer; ``shared``: in a new shared-memory segment (zero-filled by the kernel)."""
+        if not shared:  # numpy: calloc'd pages, where torch.zeros fills in parallel threads
+            return torch.from_numpy(np.zeros(max(self.size, 1), np.uint8))
+        storage = torch.UntypedStorage._new_shared(max(self.size, 1))
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+    def views(self, buffer: torch.Tensor) -> dict[tuple[str, str | None], np.ndarray]:
+        raw = buffer.numpy()
+        out = {}
+        for key, sub, dtype, shape, offset in self.entries:
+            n = math.prod(shape) * np.dtype(dtype).itemsize
+            out[key, sub] = raw[offset: offset + n].view(dtype).reshape(shape)
+        return out
+
+
+def pad_into(x: np.ndarray, mask: np.ndarray, arrays: list[np.ndarray | None]) -> None:
+    """Copy each array into its row of the zeroed (B, T, dim) ``x`` and mark its tokens in (B, T) ``mask``."""
     for i, a in enumerate(arrays):
         if a is not None:
             x[i, : a.shape[0]] = a
-            lengths[i] = a.shape[0]
-    mask = torch.arange(T)[None, :] < torch.from_numpy(lengths)[:, None]
-    return _to_float32(x), mask
+            mask[i, : a.shape[0]] = True
 
 
-_SERIAL = 32768  # elements; torch copies fewer than this on the calling thread (at::internal::GRAIN_SIZE)
+def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = False) -> PackedBatch:
+    """The batch of ``samples`` in one buffer (``shared``: a shared-memory one, for a DataLoader worker to send).
 
-
-def _to_float32(x: np.ndarray) -> torch.Tensor:
-    """A float32 tensor of ``x`` (shared when ``x`` is a writable, C-contiguous float32 array, else a copy).
-
-    torch casts float16 several times faster than numpy. The copy goes in chunks that torch runs on
-    this thread: a parallel copy leaves OpenMP threads spinning afterwards, which slows the numpy work
-    that follows when the cores are shared.
+    Features are float16 (B, T_m, dim) per modality, zero-padded, with (B, T_m) masks (True = a real
+    token; a modality absent from the whole batch gets one masked slot); pooled features (``max_tokens``)
+    are averaged in float32, then stored as float16. ``present`` (B, M) says which modalities each
+    sample has, ``labels`` (B,) the label index (``IGNORE`` for none or unknown); generate adds
+    ``target_ids``/``target_mask`` (B, L).
     """
-    if x.dtype != np.float16:  # other dtypes, and float16 of the other byte order: numpy's cast
-        x = np.asarray(x, dtype=np.float32)
-    if not (x.flags.writeable and x.flags.c_contiguous):
-        x = x.copy()  # torch wraps only writable arrays with non-negative strides
-    src = torch.from_numpy(x)
-    if src.dtype == torch.float32:
-        return src
-    out = torch.empty(x.shape, dtype=torch.float32)
-    flat, src = out.view(-1), src.reshape(-1)
-    for start in range(0, src.numel(), _SERIAL):
-        flat[start:start + _SERIAL].copy_(src[start:start + _SERIAL])
-    return out
-
-
-def pad_ids(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) int64 ids padded with ``pad`` and their (B, L) bool mask."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = True
-    return ids, mask
-
-
-def collate(samples: list[Sample], cfg: CollateConfig) -> dict[str, Any]:
-    """A batch dict: ids, texts, features/masks per modality, present (B, M), labels (B,), targets for generate."""
-    features, masks = {}, {}
+    n = len(samples)
+    fitted = {m: [fit_length(s.features[m], cfg.max_tokens.get(m), m) if m in s.features else None
+                  for s in samples] for m in cfg.feature_dims}
+    layout = _Layout()
     for m, dim in cfg.feature_dims.items():
-        arrays = [fit_length(s.features[m], cfg.max_tokens.get(m), m) if m in s.features else None
-                  for s in samples]
-        features[m], masks[m] = pad_modality(arrays, dim)
-    index = {label_key(v): i for i, v in enumerate(cfg.labels)}
-    labels = [index.get(label_key(s.label), IGNORE) if s.label is not None else IGNORE for s in samples]
-    batch: dict[str, Any] = {
-        "ids": [s.id for s in samples],
-        "texts": [s.text for s in samples],
-        "features": features,
-        "masks": masks,
-        "present": torch.tensor([[m in s.features for m in cfg.feature_dims] for s in samples], dtype=torch.bool),
-        "labels": torch.tensor(labels, dtype=torch.long),
-    }
+        steps = max([a.shape[0] for a in fitted[m] if a is not None], default=1)
+        layout.add("features", m, "float16", (n, steps, dim))
+        layout.add("masks", m, "bool", (n, steps))
+    layout.add("present", None, "bool", (n, len(cfg.feature_dims)))
+    layout.add("labels", None, "int64", (n,))
+    seqs: list[list[int]] = []
     if cfg.with_targets:
         tok = load_tokenizer(cfg.tokenizer)
         seqs = encode_targets(tok, [s.text or "" for s in samples], cfg.max_target_len)
-        batch["target_ids"], batch["target_mask"] = pad_ids(seqs, special_tokens(tok).pad)
-    return batch
+        layout.add("target_ids", None, "int64", (n, max(len(s) for s in seqs)))
+        layout.add("target_mask", None, "bool", (n, max(len(s) for s in seqs)))
+    buffer = layout.allocate(shared)
+    views = layout.views(buffer)
+    for m in cfg.feature_dims:
+        pad_into(views["features", m], views["masks", m], fitted[m])
+    views["present", None][:] = [[m in s.features for m in cfg.feature_dims] for s in samples]
+    index = {label_key(v): i for i, v in enumerate(cfg.labels)}
+    views["labels", None][:] = [index.get(label_key(s.label), IGNORE) if s.label is not None else IGNORE
+                                for s in samples]
+    if cfg.with_targets:
+        ids, mask = views["target_ids", None], views["target_mask", None]
+        ids[:] = special_tokens(tok).pad
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = True
+    extras = {"ids": [s.id for s in samples], "texts": [s.text for s in samples]}
+    return PackedBatch(buffer, tuple(layout.entries), extras)
+
+
+def collate(samples: list[Sample], cfg: CollateConfig) -> dict[str, Any]:
+    """A batch dict: ids, texts, features/masks per modality, present (B, M), labels (B,), targets for generate
+    (see ``pack_collate``); its tensors share one buffer."""
+    return pack_collate(samples, cfg).unpack()
 
 
 def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from mbm.data.errors import CorruptSample
+from mbm.data.shards import MemberRef
 from schemas import MODALITIES, SCHEMA_VERSION
 
 
@@ -33,14 +34,15 @@ class Sample:
 
 @dataclass
 class Undecoded:
-    """A shard sample whose json doc is parsed and checked; its arrays are still .npy bytes (None: absent)."""
+    """A shard sample whose json doc is parsed and checked; its arrays are still .npy bytes, or references to
+    them in the shard (None: absent)."""
 
     id: str
     key: str
     label: Any = None
     text: str | None = None
     modalities: tuple[str, ...] = ()  # listed in the doc, in ``MODALITIES`` order
-    npy: dict[str, bytes | None] = field(default_factory=dict)  # the members to decode, by modality
+    npy: dict[str, bytes | MemberRef | None] = field(default_factory=dict)  # the members to decode, by modality
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -86,10 +88,15 @@ def _all_finite(arr: np.ndarray) -> bool:
     return bool(np.isfinite(arr).all())
 
 
-def _features(key: str, modality: str, data: bytes | None, dim: int | None) -> np.ndarray:
+def _features(key: str, modality: str, data: bytes | MemberRef | None, dim: int | None) -> np.ndarray:
     member = f"{modality}.npy"
     if data is None:
         raise CorruptSample("npy.missing", f"{key}: {member} listed but absent")
+    if isinstance(data, MemberRef):
+        try:
+            data = data.read()
+        except (OSError, ValueError) as exn:
+            raise CorruptSample("npy.unreadable", f"{key}.{member}: {exn}") from exn
     try:
         arr = load_npy(data)
     except Exception as exn:  # noqa: BLE001 - corrupt bytes can fail in many ways

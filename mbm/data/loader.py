@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from mbm.data.collate import PackedBatch
 from mbm.data.stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,11 @@ class StreamLoader:
             return stream.batches(markers=True)
         # A private generator keeps worker seeding from drawing on the global torch RNG (resumption).
         gen = torch.Generator().manual_seed(self.stream.cfg.seed)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.workers, generator=gen,
-                               pin_memory=self.pin_memory, persistent_workers=False,
-                               worker_init_fn=_lower_priority if LOADER_NICE else None))
+        loader = DataLoader(stream, batch_size=None, num_workers=self.workers, generator=gen,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            worker_init_fn=_lower_priority if LOADER_NICE else None)
+        # Workers send collated batches packed in one shared-memory buffer each (see ``PackedBatch``).
+        return (b.unpack() if isinstance(b, PackedBatch) else b for b in loader)
 
     def _count_skips(self, skipped: dict[str, Any]) -> None:
         self._decode_skips[int(skipped["worker"])] = skipped["decode"]

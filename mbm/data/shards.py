@@ -3,12 +3,18 @@
 Plain tars are read by a small header parser (``tarfile`` builds a ``TarInfo`` with every field
 decoded for each header, which costs more than the copy of the data); compressed tars go through
 ``tarfile``. Both refuse damage and truncation the same way.
+
+With ``lazy``, the ``.npy`` members of a plain tar are not read during the scan: the sample holds a
+``MemberRef`` whose ``read`` fetches the bytes later. DataLoader workers scan every shard to agree on
+the sample order but decode only the batches they own, so each reads only its own arrays.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
 
@@ -25,10 +31,81 @@ _PAX = (b"x", b"g", b"X")
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 
 
-def iter_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of one tar in file order; raises on a corrupt or truncated tar (the partial sample is lost)."""
+class MemberRef:
+    """A member's data left in its shard at ``offset``; ``read`` fetches it (``ValueError`` when the shard
+    has changed since the scan, ``OSError`` when it cannot be read)."""
+
+    __slots__ = ("shard", "offset", "size")
+
+    def __init__(self, shard: ShardFile, offset: int, size: int) -> None:
+        self.shard, self.offset, self.size = shard, offset, size
+
+    def read(self) -> bytes:
+        data = os.pread(_OPEN.fd(self.shard), self.size, self.offset)
+        if len(data) < self.size:
+            raise ValueError(f"{self.shard.path}: member at byte {self.offset} cut short since the scan")
+        return data
+
+
+class ShardFile:
+    """A shard as it was scanned: its path and the (device, inode, size, mtime) that identify that file."""
+
+    __slots__ = ("path", "identity")
+
+    def __init__(self, path: str, stat: os.stat_result) -> None:
+        self.path, self.identity = path, _identity(stat)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class _OpenShards:
+    """Read-only descriptors of the shards members are read from, the ``limit`` most recently used kept
+    open (samples of a few shards at a time sit in the shuffle buffer)."""
+
+    def __init__(self, limit: int = 32) -> None:
+        self.limit = limit
+        self.fds: OrderedDict[str, tuple[int, tuple[int, int, int, int]]] = OrderedDict()
+
+    def fd(self, shard: ShardFile) -> int:
+        entry = self.fds.get(shard.path)
+        if entry is not None and entry[1] == shard.identity:
+            self.fds.move_to_end(shard.path)
+            return entry[0]
+        if entry is not None:
+            self._close(shard.path)
+        fd = os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC)
+        identity = _identity(os.fstat(fd))
+        if identity != shard.identity:
+            os.close(fd)
+            raise ValueError(f"{shard.path} changed since it was scanned")
+        self.fds[shard.path] = (fd, identity)
+        while len(self.fds) > self.limit:
+            self._close(next(iter(self.fds)))
+        return fd
+
+    def _close(self, path: str) -> None:
+        os.close(self.fds.pop(path)[0])
+
+
+_OPEN = _OpenShards()
+
+
+def read_member(data: bytes | MemberRef) -> bytes:
+    return data.read() if isinstance(data, MemberRef) else data
+
+
+def iter_tar(path: str, *, lazy: bool = False) -> Iterator[dict[str, Any]]:
+    """Samples of one tar in file order; raises on a corrupt or truncated tar (the partial sample is lost).
+
+    ``lazy``: ``.npy`` members of a plain tar come as ``MemberRef`` instead of bytes.
+    """
     with open(path, "rb") as f:
-        members = _tarfile_members(f) if f.peek(6).startswith(_COMPRESSED) else _members(f)
+        if f.peek(6).startswith(_COMPRESSED):
+            members = _tarfile_members(f)
+        else:
+            members = _members(f, ShardFile(path, os.fstat(f.fileno())) if lazy else None)
         current: dict[str, Any] | None = None
         for name, data in members:
             key, ext = base_plus_ext(name)
@@ -44,14 +121,17 @@ def iter_tar(path: str) -> Iterator[dict[str, Any]]:
             yield current
 
 
-def _members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular members of an uncompressed tar, as ``tarfile`` would name them."""
+def _members(f: BinaryIO, shard: ShardFile | None = None) -> Iterator[tuple[str, bytes | MemberRef]]:
+    """(name, data) of the regular members of an uncompressed tar, as ``tarfile`` would name them; with a
+    ``shard``, the data of ``.npy`` members is a ``MemberRef`` and the scan skips over it."""
     pax: dict[str, str] = {}
     shared: dict[str, str] = {}  # global pax headers
     long_name: str | None = None
     first = True
+    offset = 0  # of the next header
     while True:
         block = f.read(_BLOCK)
+        offset += _BLOCK
         if len(block) < _BLOCK:
             raise tarfile.ReadError("empty file" if first and not block else "unexpected end of data: truncated")
         if block == _ZEROS:
@@ -65,6 +145,7 @@ def _members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         size = _number(block[124:136])
         if kind in _PAX or kind in (b"L", b"K"):
             data = _read(f, size)
+            offset += _padded(size)
             if kind == b"g":
                 shared.update(_pax_records(data))
             elif kind in _PAX:
@@ -81,10 +162,15 @@ def _members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
         pax, long_name = {}, None
         if kind == b"\0" and block[:100].split(b"\0", 1)[0].endswith(b"/"):
             kind = b"5"  # old tars write a directory as a regular file whose name ends in a slash
-        if kind in _REGULAR:
+        if kind in _REGULAR and shard is not None and name.endswith(".npy"):
+            # A member cut short shows at the next header: the scan reads past the end of the file.
+            yield name, MemberRef(shard, offset, size)
+            f.seek(_padded(size), 1)
+        elif kind in _REGULAR:
             yield name, _read(f, size)
         elif kind not in _NO_DATA:
             f.seek(_padded(size), 1)
+        offset += _padded(size) if kind not in _NO_DATA else 0
 
 
 def _read(f: BinaryIO, size: int) -> bytes:
@@ -164,10 +250,10 @@ def _check_end(f: BinaryIO, tar: tarfile.TarFile) -> None:
         raise tarfile.ReadError(f"no end-of-archive marker after offset {tar.offset}: truncated")
 
 
-def read_shards(paths: Iterable[str], skips: SkipLog) -> Iterator[dict[str, Any]]:
+def read_shards(paths: Iterable[str], skips: SkipLog, *, lazy: bool = False) -> Iterator[dict[str, Any]]:
     """Raw samples of the given shards in order; a corrupt shard yields what precedes the damage, then is skipped."""
     for path in paths:
         try:
-            yield from iter_tar(path)
+            yield from iter_tar(path, lazy=lazy)
         except Exception as exn:  # noqa: BLE001 - any failure to read a shard is a data error, not ours
             skips.skip("shard.corrupt", f"{path}: {type(exn).__name__}: {exn}")

@@ -23,10 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mbm.data.collate import TASKS, CollateConfig, collate
+from mbm.data.collate import TASKS, CollateConfig, PackedBatch, pack_collate
 from mbm.data.decode import Sample, Undecoded
 from mbm.data.errors import SkipLog
 from mbm.data.shards import read_shards
@@ -117,7 +116,7 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         shards = shard_order(list(cfg.shards), cfg.seed, self.epoch) if cfg.shuffle else list(cfg.shards)
         select = Selector(cfg)
-        samples = parsed(read_shards(shards, skips), skips, keep_id=select.in_split,
+        samples = parsed(read_shards(shards, skips, lazy=True), skips, keep_id=select.in_split,
                          modalities=cfg.collate.feature_dims)
         samples = selected(samples, select, skips)
         if cfg.max_samples is not None:
@@ -133,7 +132,7 @@ class ShardStream(IterableDataset):
             if samples:
                 yield samples
 
-    def batches(self, *, markers: bool = False) -> Iterator[dict[str, Any]]:
+    def batches(self, *, markers: bool = False) -> Iterator[dict[str, Any] | PackedBatch]:
         """This worker's collated batches; with ``markers``, a batch whose samples were all corrupt comes as
         ``{"dropped": n, "ids": []}`` (plus position and counters) instead of being left out.
 
@@ -148,16 +147,18 @@ class ShardStream(IterableDataset):
             if i < self.skip_batches or (i - self.skip_batches) % workers != worker:
                 continue
             samples = decoded(raw, self.cfg.collate.feature_dims, decode_skips)
-            if samples:
-                batch = collate(samples, self.cfg.collate)
-            else:
+            extras = {"position": (self.epoch, i),
+                      "skipped": {"worker": worker, "stream": stream_skips.snapshot(),
+                                  "decode": decode_skips.snapshot()}}
+            if not samples:
                 log.warning("epoch %d, batch %d: all %d samples corrupt; the batch is dropped", self.epoch, i, len(raw))
-                if not markers:
-                    continue
-                batch = {"dropped": len(raw), "ids": []}
-            batch["position"] = torch.tensor([self.epoch, i])
-            batch["skipped"] = {"worker": worker, "stream": stream_skips.snapshot(), "decode": decode_skips.snapshot()}
-            yield batch
+                if markers:
+                    yield {"dropped": len(raw), "ids": [], **extras}
+                continue
+            batch = pack_collate(samples, self.cfg.collate, shared=info is not None)
+            batch.extras.update(extras)
+            # A worker sends the packed batch (one shared-memory segment); ``StreamLoader`` unpacks it.
+            yield batch if info is not None else batch.unpack()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Under a DataLoader worker, a left-out batch would shift the round-robin order: send a marker.

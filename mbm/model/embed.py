@@ -59,7 +59,8 @@ class ModalityEmbedding(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], modalities: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for m in modalities:
-            x = self.proj[m](features[m])  # (B, T_m, C)
+            norm = self.proj[m][0]
+            x = self.proj[m](features[m].to(norm.weight.dtype))  # (B, T_m, C); batches carry float16
             x = self.pos(x + self.type_embed.weight[self.modalities.index(m)])
             out[m] = self.drop(x)
         return out

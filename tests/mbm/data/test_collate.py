@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from mbm.data.collate import IGNORE, CollateConfig, collate, fit_length, pad_modality
+from mbm.data.collate import IGNORE, CollateConfig, PackedBatch, collate, fit_length, pack_collate
 from mbm.data.decode import Sample
 from mbm.data.synthetic import write_tiny_tokenizer
 
@@ -24,7 +24,7 @@ def test_pads_each_modality_and_masks_real_tokens_only():
     assert batch["features"]["text"][0, 2:].abs().sum() == 0  # padding is zeros
     assert batch["present"].tolist() == [[True, True, False], [True, False, True]]
     assert batch["labels"].tolist() == [1, 0]
-    assert batch["features"]["text"].dtype == torch.float32
+    assert batch["features"]["text"].dtype == torch.float16  # as stored; the model casts
 
 
 def test_modality_absent_from_whole_batch_gets_one_masked_slot():
@@ -63,38 +63,72 @@ def test_generate_targets_are_bos_text_eos_padded(tmp_path):
     assert batch["target_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
 
 
-def reference_pad(arrays, dim):
-    """pad_modality written plainly: a float32 buffer, one casting copy per sample."""
-    T = max([a.shape[0] for a in arrays if a is not None], default=1)
-    x = np.zeros((len(arrays), T, dim), np.float32)
-    mask = np.zeros((len(arrays), T), bool)
-    for i, a in enumerate(arrays):
-        if a is not None:
-            x[i, : a.shape[0]] = a
-            mask[i, : a.shape[0]] = True
-    return torch.from_numpy(x), torch.from_numpy(mask)
-
-
 def read_only(a):
     out = np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)  # as decoded from a shard
     assert not out.flags.writeable
     return out
 
 
-def test_pad_modality_matches_a_plain_float32_copy():
+def reference_batch(samples, cfg):
+    """The classify batch written plainly: one float16 array per modality, one copy per sample."""
+    feats, masks = {}, {}
+    for m, dim in cfg.feature_dims.items():
+        arrays = [fit_length(s.features[m], cfg.max_tokens.get(m), m) if m in s.features else None for s in samples]
+        T = max([a.shape[0] for a in arrays if a is not None], default=1)
+        feats[m] = np.zeros((len(samples), T, dim), np.float16)
+        masks[m] = np.zeros((len(samples), T), bool)
+        for i, a in enumerate(arrays):
+            if a is not None:
+                feats[m][i, : a.shape[0]] = a.astype(np.float16)
+                masks[m][i, : a.shape[0]] = True
+    return feats, masks
+
+
+def random_samples(rng, n):
+    out = []
+    for i in range(n):
+        lengths = {m: int(rng.integers(1, 40)) for m in DIMS if rng.random() < 0.7}
+        feats = {m: read_only(rng.normal(size=(k, DIMS[m])).astype(np.float16)) for m, k in lengths.items()}
+        out.append(Sample(id=f"s{i}", key=f"s{i}", label=int(rng.integers(0, 3)), features=feats))
+    return out
+
+
+def test_batches_match_a_plain_reference_shared_or_not():
     rng = np.random.default_rng(0)
-    half = [rng.normal(size=(n, 700)).astype(np.float16) for n in (3, 60, 1)]  # 42000 values > one chunk
-    half[1][5, 7] = np.float16(6e-8)  # subnormal
-    cases = [
-        [read_only(half[0]), None, half[1], read_only(half[2])],
-        [half[0], half[1].astype(np.float32), None],  # mixed dtypes
-        [half[0].astype(">f2"), half[1][::-1], half[2].astype(np.float64)],  # other byte order, negative strides
-        [None, None],
-    ]
-    for arrays in cases:
-        got, mask = pad_modality(arrays, 700)
-        want, want_mask = reference_pad(arrays, 700)
-        assert got.dtype == torch.float32 and torch.equal(got, want) and torch.equal(mask, want_mask)
+    cfg = CollateConfig(feature_dims=DIMS, max_tokens={"audio": 16}, labels=(0, 1, 2))
+    for n in (1, 5, 17):
+        samples = random_samples(rng, n)
+        want_feats, want_masks = reference_batch(samples, cfg)
+        for shared in (False, True):
+            packed = pack_collate(samples, cfg, shared=shared)
+            assert packed.buffer.is_shared() == shared
+            batch = packed.unpack()
+            for m in DIMS:
+                assert batch["features"][m].dtype == torch.float16
+                np.testing.assert_array_equal(batch["features"][m].numpy(), want_feats[m])  # padding zeros too
+                np.testing.assert_array_equal(batch["masks"][m].numpy(), want_masks[m])
+            assert batch["labels"].tolist() == [s.label for s in samples]
+            assert batch["present"].tolist() == [[m in s.features for m in DIMS] for s in samples]
+            assert batch["ids"] == [s.id for s in samples]
+
+
+def test_a_packed_batch_is_one_buffer_that_crosses_processes_as_one_segment():
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions
+
+    samples = [sample("a", "cat", text=2, image=3), sample("b", 1, audio=5, text=4)]
+    packed = pack_collate(samples, CollateConfig(feature_dims=DIMS, labels=(1, "cat")), shared=True)
+    batch = packed.unpack()
+    bases = {t.untyped_storage().data_ptr() for t in (*batch["features"].values(), *batch["masks"].values(),
+                                                       batch["labels"], batch["present"])}
+    assert bases == {packed.buffer.untyped_storage().data_ptr()}
+    copy = pickle.loads(ForkingPickler.dumps(packed))  # torch shares the storage, as between processes
+    assert isinstance(copy, PackedBatch)
+    got = copy.unpack()
+    assert torch.equal(got["features"]["text"], batch["features"]["text"])
+    assert got["masks"]["audio"].tolist() == [[False] * 5, [True] * 5]
 
 
 def test_fit_length_pools_in_float32_exactly_as_before():

@@ -103,3 +103,20 @@ def test_only_the_modalities_read_are_decoded():
     assert set(decode_sample(raw, {"image": 4}).features) == {"image"}
     with pytest.raises(CorruptSample):
         decode_sample(raw)  # all listed modalities
+
+
+def test_arrays_left_in_the_shard_decode_or_become_unreadable_rows(tmp_path):
+    import webdataset as wds
+
+    from mbm.data.shards import iter_tar
+
+    arr = np.arange(12, dtype=np.float16).reshape(3, 4)
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        sink.write(raw_with(arr))
+    raw = next(iter_tar(str(path), lazy=True))
+    np.testing.assert_array_equal(decode_sample(raw).features["image"], arr)
+    path.write_bytes(path.read_bytes()[:600])  # cut after the scan
+    with pytest.raises(CorruptSample) as exn:
+        decode_sample(raw)
+    assert exn.value.reason == "npy.unreadable" and "k1.image.npy" in str(exn.value)

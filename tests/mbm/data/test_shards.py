@@ -1,5 +1,6 @@
 import gzip
 import io
+import os
 import tarfile
 
 import pytest
@@ -7,7 +8,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from mbm.data.errors import SkipLog
-from mbm.data.shards import iter_tar, read_shards
+from mbm.data.shards import MemberRef, _OpenShards, iter_tar, read_member, read_shards
 
 
 def reference(path):
@@ -40,19 +41,19 @@ def reference(path):
     return out, error
 
 
-def ours(path):
+def ours(path, lazy=False):
     out = []
     try:
-        for sample in iter_tar(path):
-            out.append(sample)
+        for sample in iter_tar(path, lazy=lazy):
+            out.append({k: read_member(v) for k, v in sample.items()})
     except Exception as exn:  # noqa: BLE001
         return out, exn
     return out, None
 
 
-def assert_same(path):
+def assert_same(path, lazy=False):
     want, want_error = reference(path)
-    got, got_error = ours(path)
+    got, got_error = ours(path, lazy)
     assert got == want
     assert (got_error is None) == (want_error is None), (got_error, want_error)
     return got
@@ -90,8 +91,9 @@ def write_varied(path, fmt, compress=False):
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 @pytest.mark.parametrize("compress", [False, True])
-def test_reads_what_tarfile_reads(tmp_path, fmt, compress):
-    got = assert_same(write_varied(tmp_path / "t.tar", fmt, compress))
+@pytest.mark.parametrize("lazy", [False, True])
+def test_reads_what_tarfile_reads(tmp_path, fmt, compress, lazy):
+    got = assert_same(write_varied(tmp_path / "t.tar", fmt, compress), lazy)
     keys = [s["__key__"] for s in got]
     assert keys[:2] == ["a", "b"] and keys[-1] == "d" and len(keys) == (4 if fmt == tarfile.USTAR_FORMAT else 5)
     assert got[0]["empty"] == b"" and got[0]["text.npy"] == bytes(range(256)) * 4
@@ -107,7 +109,8 @@ def test_webdataset_shard(tmp_path):
     assert [s["text.npy"] for s in got] == [bytes([i]) * (100 + 600 * i) for i in range(5)]
 
 
-def test_truncation_and_damage_anywhere_are_refused_after_the_whole_samples(tmp_path):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_truncation_and_damage_anywhere_are_refused_after_the_whole_samples(tmp_path, lazy):
     whole = write_varied(tmp_path / "t.tar", tarfile.PAX_FORMAT).read_bytes()
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
         tar.getmembers()
@@ -115,12 +118,12 @@ def test_truncation_and_damage_anywhere_are_refused_after_the_whole_samples(tmp_
     cut = tmp_path / "cut.tar"
     for end in [*range(0, len(whole), 512), *range(100, len(whole), 1500)]:
         cut.write_bytes(whole[:end])
-        got = assert_same(str(cut))
+        got = assert_same(str(cut), lazy)
         assert (len(got) == 5) == (end >= needed), end
     errors = 0
     for at in range(0, needed, 512):  # a damaged header or data block
         cut.write_bytes(whole[:at] + b"\x07" * 512 + whole[at + 512:])
-        errors += assert_same(str(cut)) is not None and ours(str(cut))[1] is not None
+        errors += assert_same(str(cut), lazy) is not None and ours(str(cut), lazy)[1] is not None
     assert errors > 5
 
 
@@ -134,3 +137,30 @@ def test_corrupt_shards_are_counted_and_the_rest_read(tmp_path):
     paths = [str(tmp_path / "garbage.tar"), str(tmp_path / "empty.tar"), str(tmp_path / "missing.tar"), good]
     assert [s["__key__"] for s in read_shards(paths, skips)] == ["k"]
     assert skips.counts["shard.corrupt"] == 3
+
+
+def test_lazy_scan_leaves_npy_in_the_shard_and_reads_it_on_demand(tmp_path):
+    path = tmp_path / "w.tar"
+    with wds.TarWriter(str(path), encoder=False, mtime=0.0) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"k{i}", "json": b"{}", "text.npy": bytes([i]) * (100 + 600 * i)})
+    got = list(iter_tar(str(path), lazy=True))
+    assert [type(s["text.npy"]) for s in got] == [MemberRef] * 3 and got[0]["json"] == b"{}"
+    assert [s["text.npy"].read() for s in reversed(got)] == [bytes([i]) * (100 + 600 * i) for i in (2, 1, 0)]
+    path.write_bytes(path.read_bytes()[:2048])  # the shard is cut after the scan
+    with pytest.raises(ValueError, match="changed since it was scanned|cut short"):
+        got[2]["text.npy"].read()
+
+
+def test_open_shard_descriptors_are_bounded(tmp_path):
+    refs = []
+    for n in range(5):
+        path = str(tmp_path / f"s{n}.tar")
+        with wds.TarWriter(path, encoder=False) as sink:
+            sink.write({"__key__": "k", "json": b"{}", "text.npy": bytes([n]) * 10})
+        refs.append(next(iter_tar(path, lazy=True))["text.npy"])
+    cache = _OpenShards(limit=2)
+    for n in (0, 1, 2, 0, 3, 4, 0):
+        assert os.pread(cache.fd(refs[n].shard), 10, refs[n].offset) == bytes([n]) * 10
+        assert len(cache.fds) <= 2
+    assert list(cache.fds) == [refs[4].shard.path, refs[0].shard.path]
