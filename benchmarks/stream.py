@@ -15,6 +15,7 @@ Prints a table and, with --write, updates the section in docs/benchmarks.md.
     .venv/bin/python benchmarks/stream.py --write
     .venv/bin/python benchmarks/stream.py --samples 300 --reps 1 --steps 10   # a quick check
     .venv/bin/python benchmarks/stream.py --samples 300 --profile              # where an epoch's time goes
+    .venv/bin/python benchmarks/stream.py --breakdown    # loader CPU per batch; step time, wait and CPU
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=50, help="timed optimizer steps (default 50)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     ap.add_argument("--profile", action="store_true", help="only cProfile one epoch of each reader (0 workers)")
+    ap.add_argument("--breakdown", action="store_true", help="only print the loader's CPU time per batch and, "
+                    "for each of --train-workers, the training step's wall time, wait for data and CPU time")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--child-epoch", metavar="DATA", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -90,6 +93,22 @@ def profile(source, cfg) -> None:
         prof.disable()
         print(f"\n=== {name}, 0 workers: {epoch.seconds:.2f} s, {epoch.samples} samples in batches")
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+def breakdown(source, cfg, args, tmp: str) -> None:
+    from stream_read import loader_cpu, with_workers
+    from stream_train import step_breakdown
+
+    print("| loader workers | main process CPU ms/batch | workers' CPU ms/batch | wall ms/batch |")
+    print("| ---: | ---: | ---: | ---: |")
+    for w in sorted({0, *args.workers}):
+        main, workers, wall = loader_cpu(source, with_workers(cfg, w), epochs=max(args.reps, 3))
+        print(f"| {w} | {main:.1f} | {workers:.1f} | {wall:.1f} |")
+    print("\n| loader workers | ms/step | of which waiting for a batch | training process CPU ms/step |")
+    print("| ---: | ---: | ---: | ---: |")
+    for w in args.train_workers:
+        b = step_breakdown(with_workers(cfg, w), os.path.join(tmp, f"breakdown-{w}"), args.warmup, args.steps)
+        print(f"| {w} | {b.step_ms:.1f} | {b.wait_ms:.1f} | {b.cpu_ms:.0f} |")
 
 
 def spread(values: list[float], fmt: str) -> tuple[str, str]:
@@ -178,9 +197,10 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         "",
         f"**Streaming**, one epoch, batch {args.batch_size}, shuffle buffer {info['buffer']}, worker start-up "
         "included; rate = dataset samples / epoch wall time. Both loaders deliver the train split's labelled "
-        "samples (the rest: held-out or unlabelled) through mbm's `collate`; every mbm loader worker reads "
-        "every shard's headers and json but decodes only the batches it owns (the same order for any worker "
-        "count), webdataset gives each worker its own shards.",
+        "samples (the rest: held-out or unlabelled) through mbm's `collate` (float16 features); every mbm "
+        "loader worker reads every shard's headers and json but reads and decodes only the arrays of the "
+        "batches it owns (the same order for any worker count) and sends each batch as one shared-memory "
+        "buffer; webdataset gives each worker its own shards and sends torch's usual one segment per tensor.",
         "",
         "| reader | workers | samples/s | min–max | MB/s | batches | samples in batches |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -190,7 +210,8 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         f"over {args.steps} steps after {args.warmup} warm-up steps, fed by its streaming loader vs the same "
         "batches collected in memory first; overhead = (loader − memory) / loader. On a CPU-only machine "
         "the training step already uses every core, so loader workers take their CPU time from it "
-        "(they run at niceness 19, `MBM_LOADER_NICE`).",
+        "(they run at niceness 19, `MBM_LOADER_NICE`), and a torch thread they preempt leaves the other "
+        "spinning at the next barrier.",
         "",
         "| loader workers | ms/step, loader | ms/step, memory | overhead |",
         "| ---: | ---: | ---: | ---: |",
@@ -231,6 +252,9 @@ def main() -> int:
         cfg = base_config(os.path.join(tmp, "x1"), args)
         if args.profile:
             profile(source, cfg)
+            return 0
+        if args.breakdown:
+            breakdown(source, cfg, args, tmp)
             return 0
         info = {"machine": machine(), "shards": len(source.shards), "buffer": cfg.shuffle_buffer,
                 "size_mb": sum(os.path.getsize(p) for p in source.shards) / 1e6,

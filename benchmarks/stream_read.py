@@ -136,3 +136,17 @@ def tar_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
 
 def with_workers(cfg: TrainConfig, workers: int) -> TrainConfig:
     return replace(cfg, workers=workers)
+
+
+def loader_cpu(source: DataSource, cfg: TrainConfig, epochs: int) -> tuple[float, float, float]:
+    """CPU ms per batch of the mbm loader over ``epochs`` epochs (after one untimed): (this process,
+    its workers, wall). Each epoch's workers exit and are reaped at its end, so ``os.times`` counts them."""
+    import os
+
+    mbm_epoch(source, cfg)
+    before, start = os.times(), time.perf_counter()
+    batches = sum(mbm_epoch(source, cfg).batches for _ in range(epochs))
+    after, wall = os.times(), time.perf_counter() - start
+    main = (after.user - before.user) + (after.system - before.system)
+    workers = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return main / batches * 1e3, workers / batches * 1e3, wall / batches * 1e3

@@ -79,3 +79,46 @@ def overhead(cfg: TrainConfig, tmp: str, warmup: int, steps: int, tag: str, *,
     order = ["memory", "loader"] if memory_first else ["loader", "memory"]
     times = {name: runs[name](cfg, os.path.join(tmp, f"run-{name}-{tag}"), warmup, steps) for name in order}
     return StepTimes(**times)
+
+
+@dataclass
+class StepBreakdown:
+    step_ms: float  # wall time per step
+    wait_ms: float  # of which the step waited for its batch
+    cpu_ms: float  # CPU time of the training process (all its threads) per step
+
+
+class _TimedBatches:
+    """An iterator that adds up the time spent waiting in ``next``."""
+
+    def __init__(self, it: Iterator[dict[str, Any]]) -> None:
+        self.it, self.wait = it, 0.0
+
+    def __iter__(self) -> _TimedBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.wait += time.perf_counter() - start
+
+
+def step_breakdown(cfg: TrainConfig, out: str, warmup: int, steps: int) -> StepBreakdown:
+    """Steps fed by the loader: wall time, time spent waiting for batches, and the process's CPU time."""
+    trainer = _trainer(cfg, out)
+    stream = iter(trainer.loader)
+    batches = _TimedBatches(stream)
+    try:
+        for _ in range(warmup):
+            trainer.train_step(batches)
+        batches.wait = 0.0
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batches)
+        _sync(trainer.env.device)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        stream.close()
+    return StepBreakdown(wall / steps * 1e3, batches.wait / steps * 1e3, cpu / steps * 1e3)
