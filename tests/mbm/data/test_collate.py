@@ -140,3 +140,20 @@ def test_fit_length_pools_in_float32_exactly_as_before():
         got = fit_length(arr, max_len, "audio")
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_dataloader_pinning_pins_the_one_buffer(monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+
+    def fake_pin(self, *args, **kwargs):  # no accelerator here: stand in for page-locking
+        pinned.append(self)
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    packed = pack_collate([sample("a", "cat", text=2, image=3)], CollateConfig(feature_dims=DIMS, labels=("cat",)))
+    out = pin_memory(packed)  # what DataLoader(pin_memory=True) does to each batch
+    assert isinstance(out, PackedBatch) and pinned == [packed.buffer]
+    assert out.buffer.data_ptr() != packed.buffer.data_ptr()
+    assert torch.equal(out.unpack()["features"]["text"], packed.unpack()["features"]["text"])
