@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
@@ -41,7 +42,7 @@ class MemberRef:
         self.shard, self.offset, self.size = shard, offset, size
 
     def read(self) -> bytes:
-        data = os.pread(_OPEN.fd(self.shard), self.size, self.offset)
+        data = _OPEN.pread(self.shard, self.size, self.offset)
         if len(data) < self.size:
             raise ValueError(f"{self.shard.path}: member at byte {self.offset} cut short since the scan")
         return data
@@ -62,11 +63,21 @@ def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
 
 class _OpenShards:
     """Read-only descriptors of the shards members are read from, the ``limit`` most recently used kept
-    open (samples of a few shards at a time sit in the shuffle buffer)."""
+    open (samples of a few shards at a time sit in the shuffle buffer). Reads hold a lock, so a
+    descriptor is never closed under a read on another thread."""
 
     def __init__(self, limit: int = 32) -> None:
         self.limit = limit
         self.fds: OrderedDict[str, tuple[int, tuple[int, int, int, int]]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def reset_lock(self) -> None:
+        """A forked child's fresh lock (the parent's may have been held by another thread at the fork)."""
+        self.lock = threading.Lock()
+
+    def pread(self, shard: ShardFile, size: int, offset: int) -> bytes:
+        with self.lock:
+            return os.pread(self.fd(shard), size, offset)
 
     def fd(self, shard: ShardFile) -> int:
         entry = self.fds.get(shard.path)
@@ -90,6 +101,7 @@ class _OpenShards:
 
 
 _OPEN = _OpenShards()
+os.register_at_fork(after_in_child=_OPEN.reset_lock)
 
 
 def read_member(data: bytes | MemberRef) -> bytes:
