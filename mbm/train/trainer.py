@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -70,6 +71,12 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio)
         self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world),
                                    workers=cfg.workers, pin_memory=env.device.type == "cuda")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if env.device.type == "cpu" and cfg.workers and torch.get_num_threads() + cfg.workers > cores:
+            # Measured on 2 cores with 2 workers: steps 12 % slower than --workers 0 (docs/benchmarks.md).
+            log.warning("--workers %d: training on the CPU with %d torch threads on %d cores, loader workers "
+                        "take cores from every step; --workers 0 is usually faster here", cfg.workers,
+                        torch.get_num_threads(), cores)
         self.step = 0
         if resume_from:
             self._restore(load_checkpoint(resume_from))

@@ -1,7 +1,9 @@
 import json
+import logging
 import os
 
 import pytest
+import torch
 
 from jobs.train_cli import main
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset, write_tiny_tokenizer
@@ -107,10 +109,14 @@ def test_generate_trains_and_decodes_text(data, tmp_path, capsys):
     assert all(x.strip().startswith("reference: a ") for x in lines if "reference:" in x)
 
 
-def test_accumulation_and_loader_workers_see_the_same_samples(data, tmp_path):
+def test_accumulation_and_loader_workers_see_the_same_samples(data, tmp_path, caplog):
     common = ["--data", data, "--steps", "3", "--eval-every", "3", "--log-samples", "--accum-steps", "2"]
-    assert train(*common, "--out", str(tmp_path / "w0")) == 0
-    assert train(*common, "--out", str(tmp_path / "w2"), "--workers", "2") == 0
+    with caplog.at_level(logging.WARNING, logger="mbm.train.trainer"):
+        assert train(*common, "--out", str(tmp_path / "w0")) == 0
+        assert "loader workers take cores" not in caplog.text
+        assert train(*common, "--out", str(tmp_path / "w2"), "--workers", "2") == 0
+    if torch.get_num_threads() + 2 > len(os.sched_getaffinity(0)):
+        assert "--workers 2: training on the CPU" in caplog.text
     a = read_jsonl(str(tmp_path / "w0" / "samples-rank0.jsonl"))
     b = read_jsonl(str(tmp_path / "w2" / "samples-rank0.jsonl"))
     assert [len(r["ids"]) for r in a] == [16, 16, 16]  # two batches of 8 per optimizer step
