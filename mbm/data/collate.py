@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mbm.data import segments
 from mbm.data.decode import Sample
 from mbm.data.source import label_key
 from mbm.data.tokenizer import encode_targets, load_tokenizer, special_tokens
@@ -54,22 +55,33 @@ class PackedBatch:
 
     DataLoader workers send batches in this form: torch moves every tensor it sends to its own
     shared-memory segment and passes each segment's file descriptor over a socket, so one buffer per
-    batch costs one segment instead of one per tensor. ``unpack`` gives the batch dict, its tensors
-    views of the buffer.
+    batch costs one segment instead of one per tensor, and workers reuse their segments
+    (``mbm.data.segments``). ``unpack`` gives the batch dict, its tensors views of one buffer; a
+    batch in a reused segment is copied out first and the segment handed back, so unpack it once.
     """
 
     buffer: torch.Tensor  # uint8, 1-D
     layout: tuple[tuple[str, str | None, str, tuple[int, ...], int], ...]  # (key, sub-key, dtype, shape, offset)
     extras: dict[str, Any]  # ids, texts and whatever the stream adds
+    seq: int | None = None  # set: the buffer is a worker's reusable segment, released under this number
+
+    @property
+    def end(self) -> int:
+        """Bytes of the buffer in use."""
+        return max(offset + math.prod(shape) * np.dtype(dtype).itemsize for _, _, dtype, shape, offset in self.layout)
 
     def pin_memory(self) -> PackedBatch:  # called by DataLoader(pin_memory=True)
-        return PackedBatch(self.buffer.pin_memory(), self.layout, self.extras)
+        if self.seq is None:
+            return PackedBatch(self.buffer.pin_memory(), self.layout, self.extras)
+        pinned = torch.empty(self.end, dtype=torch.uint8, pin_memory=True)
+        return PackedBatch(segments.copy_out(self.buffer, self.end, self.seq, into=pinned), self.layout, self.extras)
 
     def unpack(self) -> dict[str, Any]:
+        buffer = self.buffer if self.seq is None else segments.copy_out(self.buffer, self.end, self.seq)
         batch: dict[str, Any] = dict(self.extras)
         for key, sub, dtype, shape, offset in self.layout:
             dt = _DTYPES[dtype]
-            tensor = self.buffer[offset: offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+            tensor = buffer[offset: offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
             if sub is None:
                 batch[key] = tensor
             else:
@@ -82,19 +94,19 @@ class _Layout:
 
     def __init__(self) -> None:
         self.entries: list[tuple[str, str | None, str, tuple[int, ...], int]] = []
-        self.size = 0
+        self.size = segments.HEADER  # a reused segment's header; unused in other buffers
 
     def add(self, key: str, sub: str | None, dtype: str, shape: tuple[int, ...]) -> None:
         self.entries.append((key, sub, dtype, shape, self.size))
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         self.size += -(-nbytes // _ALIGN) * _ALIGN
 
-    def allocate(self, shared: bool) -> torch.Tensor:
-        """A zeroed uint8 buffer; ``shared``: in a new shared-memory segment (zero-filled by the kernel)."""
-        if not shared:  # numpy: calloc'd pages, where torch.zeros fills in parallel threads
-            return torch.from_numpy(np.zeros(max(self.size, 1), np.uint8))
-        storage = torch.UntypedStorage._new_shared(max(self.size, 1))
-        return torch.empty(0, dtype=torch.uint8).set_(storage)
+    def allocate(self, shared: bool) -> tuple[torch.Tensor, int | None]:
+        """A uint8 buffer zeroed past the header, and the sequence number its segment is released
+        under; ``shared``: a segment of this process's pool (``mbm.data.segments``)."""
+        if shared:
+            return segments.pool().take(self.size)
+        return torch.from_numpy(np.zeros(self.size, np.uint8)), None  # calloc'd; torch.zeros fills in threads
 
     def views(self, buffer: torch.Tensor) -> dict[tuple[str, str | None], np.ndarray]:
         raw = buffer.numpy()
@@ -138,7 +150,7 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
         seqs = encode_targets(tok, [s.text or "" for s in samples], cfg.max_target_len)
         layout.add("target_ids", None, "int64", (n, max(len(s) for s in seqs)))
         layout.add("target_mask", None, "bool", (n, max(len(s) for s in seqs)))
-    buffer = layout.allocate(shared)
+    buffer, seq = layout.allocate(shared)
     views = layout.views(buffer)
     for m in cfg.feature_dims:
         pad_into(views["features", m], views["masks", m], fitted[m])
@@ -153,7 +165,7 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
             ids[i, : len(s)] = s
             mask[i, : len(s)] = True
     extras = {"ids": [s.id for s in samples], "texts": [s.text for s in samples]}
-    return PackedBatch(buffer, tuple(layout.entries), extras)
+    return PackedBatch(buffer, tuple(layout.entries), extras, seq)
 
 
 def collate(samples: list[Sample], cfg: CollateConfig) -> dict[str, Any]:

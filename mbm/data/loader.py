@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from mbm.data.collate import PackedBatch
+from mbm.data.segments import SLOTS
 from mbm.data.stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,21 @@ def _lower_priority(_worker_id: int) -> None:
         os.nice(LOADER_NICE)
     except OSError:  # not permitted here: run at the parent's priority
         pass
+
+
+def _unpacked(batches: Iterable[Any], mapped: int) -> Iterator[dict[str, Any]]:
+    """Batch dicts from what DataLoader workers send: ``PackedBatch``es in their reused segments.
+
+    The last ``mapped`` segments stay referenced here, so torch finds them in its cache when a
+    worker sends one again, instead of mapping and faulting in the segment for every batch.
+    """
+    recent: deque[torch.Tensor] = deque(maxlen=mapped)
+    for batch in batches:
+        if isinstance(batch, PackedBatch):
+            if batch.seq is not None:
+                recent.append(batch.buffer)
+            batch = batch.unpack()
+        yield batch
 
 
 class StreamLoader:
@@ -81,8 +97,7 @@ class StreamLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.workers, generator=gen,
                             pin_memory=self.pin_memory, persistent_workers=False,
                             worker_init_fn=_lower_priority if LOADER_NICE else None)
-        # Workers send collated batches packed in one shared-memory buffer each (see ``PackedBatch``).
-        return (b.unpack() if isinstance(b, PackedBatch) else b for b in loader)
+        return _unpacked(loader, mapped=SLOTS * self.workers)
 
     def _count_skips(self, skipped: dict[str, Any]) -> None:
         self._decode_skips[int(skipped["worker"])] = skipped["decode"]

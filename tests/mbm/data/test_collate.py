@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from mbm.data.collate import IGNORE, CollateConfig, PackedBatch, collate, fit_length, pack_collate
@@ -120,15 +121,44 @@ def test_a_packed_batch_is_one_buffer_that_crosses_processes_as_one_segment():
 
     samples = [sample("a", "cat", text=2, image=3), sample("b", 1, audio=5, text=4)]
     packed = pack_collate(samples, CollateConfig(feature_dims=DIMS, labels=(1, "cat")), shared=True)
-    batch = packed.unpack()
-    bases = {t.untyped_storage().data_ptr() for t in (*batch["features"].values(), *batch["masks"].values(),
-                                                       batch["labels"], batch["present"])}
-    assert bases == {packed.buffer.untyped_storage().data_ptr()}
+    assert packed.buffer.is_shared() and packed.seq is not None
     copy = pickle.loads(ForkingPickler.dumps(packed))  # torch shares the storage, as between processes
-    assert isinstance(copy, PackedBatch)
+    assert isinstance(copy, PackedBatch) and copy.seq == packed.seq
     got = copy.unpack()
-    assert torch.equal(got["features"]["text"], batch["features"]["text"])
+    bases = {t.untyped_storage().data_ptr() for t in (*got["features"].values(), *got["masks"].values(),
+                                                       got["labels"], got["present"])}
+    assert len(bases) == 1 and not got["features"]["text"].is_shared()  # copied out of the segment
+    want = collate(samples, CollateConfig(feature_dims=DIMS, labels=(1, "cat")))
+    assert torch.equal(got["features"]["text"], want["features"]["text"])
     assert got["masks"]["audio"].tolist() == [[False] * 5, [True] * 5]
+
+
+def test_worker_segments_are_reused_only_once_released():
+    from mbm.data.segments import HEADER, SegmentPool
+
+    cfg = CollateConfig(feature_dims=DIMS, labels=(1, "cat"))
+    big = [sample("a", "cat", text=30, image=3), sample("b", 1, audio=5, text=4)]
+    small = [sample("c", 1, text=1)]
+    pool = SegmentPool(slots=2)
+    import mbm.data.segments as segments
+
+    old, segments._POOL = segments._POOL, pool
+    try:
+        a = pack_collate(big, cfg, shared=True)
+        b = pack_collate(big, cfg, shared=True)
+        c = pack_collate(small, cfg, shared=True)  # both slots out: a one-off segment
+        assert c.seq is None and len(pool.segments) == 2
+        want_a = collate(big, cfg)
+        got_a = a.unpack()  # copies out, releases a's slot
+        d = pack_collate(small, cfg, shared=True)  # reuses a's slot: zeroed past the header, then filled
+        assert d.buffer.data_ptr() == a.buffer.data_ptr() and d.seq == 4
+        assert torch.equal(got_a["features"]["text"], want_a["features"]["text"])  # a's copy is untouched
+        assert torch.equal(d.unpack()["features"]["text"], collate(small, cfg)["features"]["text"])
+        with pytest.raises(RuntimeError, match="reused before it was read"):
+            a.unpack()  # its slot now holds another batch
+        assert b.unpack()["ids"] == ["a", "b"] and HEADER == 64
+    finally:
+        segments._POOL = old
 
 
 def test_fit_length_pools_in_float32_exactly_as_before():
@@ -157,3 +187,24 @@ def test_dataloader_pinning_pins_the_one_buffer(monkeypatch):
     assert isinstance(out, PackedBatch) and pinned == [packed.buffer]
     assert out.buffer.data_ptr() != packed.buffer.data_ptr()
     assert torch.equal(out.unpack()["features"]["text"], packed.unpack()["features"]["text"])
+
+
+def test_pinning_a_batch_in_a_reused_segment_copies_it_out_and_releases_the_segment(monkeypatch):
+    from mbm.data.segments import header
+
+    real_empty, pinned = torch.empty, []
+
+    def fake_empty(*args, pin_memory=False, **kwargs):  # no accelerator here: stand in for page-locking
+        out = real_empty(*args, **kwargs)
+        if pin_memory:
+            pinned.append(out)
+        return out
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    samples = [sample("a", "cat", text=2, image=3)]
+    cfg = CollateConfig(feature_dims=DIMS, labels=("cat",))
+    packed = pack_collate(samples, cfg, shared=True)
+    assert packed.seq is not None and header(packed.buffer)[1] != packed.seq
+    out = packed.pin_memory()
+    assert out.seq is None and out.buffer is pinned[0] and header(packed.buffer)[1] == packed.seq
+    assert torch.equal(out.unpack()["features"]["text"], collate(samples, cfg)["features"]["text"])
