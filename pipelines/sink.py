@@ -211,8 +211,9 @@ def _write_tar(path: str, part: list[tuple[CleanSample, dict]]) -> int:
     import webdataset as wds
 
     with FileSystems.create(path, mime_type="application/x-tar") as f:
-        # Fixed owner and mtime: the same samples give the same bytes.
-        writer = wds.TarWriter(f, user="mbm", group="mbm", encoder=False, mtime=0.0)
+        # Fixed owner and mtime: the same samples give the same bytes. An int mtime keeps headers
+        # plain ustar: a float one makes tarfile add a pax header (two more blocks) to every member.
+        writer = wds.TarWriter(f, user="mbm", group="mbm", encoder=False, mtime=0)
         total = 0
         for _, members in part:
             total += writer.write(members)

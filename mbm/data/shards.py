@@ -15,6 +15,7 @@ import os
 import re
 import tarfile
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any, BinaryIO
@@ -208,10 +209,16 @@ def _number(field: bytes) -> int:
         raise tarfile.ReadError("invalid header") from None
 
 
+def _byte_sum(block: bytes) -> int:
+    """The sum of a 512-byte block's bytes, 10x faster than ``sum``: adler32's low half is 1 + the
+    sum modulo 65521, which is exact for 256 bytes (at most 65280)."""
+    return (zlib.adler32(block[:256]) & 0xFFFF) + (zlib.adler32(block[256:]) & 0xFFFF) - 2
+
+
 def _check_sum(block: bytes) -> None:
     """The header checksum, as unsigned or (some old tars) signed bytes; the field itself counts as spaces."""
     stored = _number(block[148:156])
-    unsigned = 256 + sum(block) - sum(block[148:156])
+    unsigned = 256 + _byte_sum(block) - sum(block[148:156])
     if stored != unsigned and stored != unsigned - 256 * sum(b >= 128 for b in block[:148] + block[156:]):
         raise tarfile.ReadError("bad checksum")
 

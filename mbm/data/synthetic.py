@@ -84,7 +84,7 @@ def write_synthetic_dataset(out: str, cfg: SyntheticConfig | None = None, versio
     for start in range(0, cfg.num_samples, cfg.samples_per_shard):
         rel = f"shards/v{version:06d}-{len(shards):06d}.tar"
         n = min(cfg.samples_per_shard, cfg.num_samples - start)
-        with wds.TarWriter(os.path.join(out, rel), encoder=False, mtime=0.0) as sink:
+        with wds.TarWriter(os.path.join(out, rel), encoder=False, mtime=0) as sink:
             for i in range(start, start + n):
                 members = _sample(i, cfg, rng, proj, protos, w / w.sum())
                 labels.append(json.loads(members["json"])["label"])

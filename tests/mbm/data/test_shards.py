@@ -164,3 +164,14 @@ def test_open_shard_descriptors_are_bounded(tmp_path):
         assert os.pread(cache.fd(refs[n].shard), 10, refs[n].offset) == bytes([n]) * 10
         assert len(cache.fds) <= 2
     assert list(cache.fds) == [refs[4].shard.path, refs[0].shard.path]
+
+
+def test_byte_sum_is_exact_for_any_header_block():
+    import random
+
+    from mbm.data.shards import _byte_sum
+
+    rng = random.Random(0)
+    blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
+    blocks += [bytes(rng.randrange(256) for _ in range(512)) for _ in range(200)]
+    assert all(_byte_sum(b) == sum(b) for b in blocks)
