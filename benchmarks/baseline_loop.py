@@ -95,7 +95,9 @@ class Shards:
 
         if self.count % self.per_shard == 0:
             self.close()
-            self.writer = wds.TarWriter(str(self.out / f"shard-{self.count // self.per_shard:06d}.tar"), encoder=False)
+            # mtime=0, as mbm's sink: the same plain ustar headers (a float mtime adds a pax header per member)
+            self.writer = wds.TarWriter(str(self.out / f"shard-{self.count // self.per_shard:06d}.tar"),
+                                        encoder=False, mtime=0)
         self.writer.write(members)
         self.count += 1
 
