@@ -208,3 +208,17 @@ def test_pinning_a_batch_in_a_reused_segment_copies_it_out_and_releases_the_segm
     out = packed.pin_memory()
     assert out.seq is None and out.buffer is pinned[0] and header(packed.buffer)[1] == packed.seq
     assert torch.equal(out.unpack()["features"]["text"], collate(samples, cfg)["features"]["text"])
+
+
+def test_fit_length_sums_each_segment_in_order():
+    rng = np.random.default_rng(2)
+    for n, max_len in ((3000, 128), (1000, 999), (17, 16), (50, 7)):
+        arr = read_only(rng.normal(-20, 10, size=(n, 6)).astype(np.float16))
+        starts = np.linspace(0, n, max_len + 1).astype(np.int64)
+        want = np.empty((max_len, 6), np.float32)
+        for i, (a, b) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+            acc = arr[a].astype(np.float32)
+            for row in arr[a + 1: b]:
+                acc = acc + row.astype(np.float32)
+            want[i] = acc / np.float32(b - a)
+        np.testing.assert_array_equal(fit_length(arr, max_len, "audio"), want)
