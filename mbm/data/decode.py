@@ -1,4 +1,4 @@
-"""Raw shard sample → ``Undecoded`` (json checked, arrays still bytes) → ``Sample`` (float16 arrays), or ``CorruptSample``.
+"""Raw shard sample → ``Undecoded`` (json checked, arrays not decoded) → ``Sample`` (float16 arrays), or ``CorruptSample``.
 
 The stream decides what to use from the json doc alone and decodes arrays only for the samples a
 process keeps, so the two steps are separate: ``undecoded`` then ``decode``.

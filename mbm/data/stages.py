@@ -31,7 +31,7 @@ def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
 
 def parsed(raws: Iterable[dict[str, Any]], skips: SkipLog, keep_id: Callable[[str], bool] = lambda _: True,
            modalities: Collection[str] | None = None) -> Iterator[Undecoded]:
-    """Raw samples whose id passes ``keep_id``, with the json doc checked and the arrays left as bytes.
+    """Raw samples whose id passes ``keep_id``, with the json doc checked and the arrays not decoded.
 
     Only the .npy members of ``modalities`` (None: all listed) are kept; corrupt docs are counted.
     """

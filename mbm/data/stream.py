@@ -1,15 +1,16 @@
 """``ShardStream``: an IterableDataset of collated batches whose order is fixed by (seed, epoch, rank, world).
 
-Pipeline (every rank and every data-loader worker runs the stream part whole, reading every shard):
+Pipeline (every rank and every data-loader worker runs the stream part whole, scanning every shard):
 
     shards (shuffled per epoch) → raw samples → json doc (corrupt: skip + count) → this split's ids
-    → select (task, from the doc alone) → shuffle buffer (arrays still bytes) → rank slice (groups of
-    world size) → batches → this worker's batches → decode arrays (corrupt: dropped + counted) → collate
+    → select (task, from the doc alone) → shuffle buffer (arrays still in the shard) → rank slice
+    (groups of world size) → batches → this worker's batches → read + decode arrays (corrupt:
+    dropped + counted) → collate (a worker: into a reused shared-memory segment, see ``PackedBatch``)
 
 Splitting at sample level after a global, seeded shuffle makes ranks disjoint and equally sized
-even when the dataset is a single shard; the price is that each rank reads all shards. Everything up
-to the batches needs only the json docs, so it is cheap; the arrays are decoded only by the worker
-that owns the batch. Workers take batches round-robin (batch i goes to worker i mod W), which is the
+even when the dataset is a single shard; the price is that each rank scans all shards. Everything up
+to the batches needs only the tar headers and json docs, so it is cheap; the arrays are read and
+decoded only by the worker that owns the batch. Workers take batches round-robin (batch i goes to worker i mod W), which is the
 order in which the DataLoader returns them, so the batch sequence is the same for any number of
 workers. A sample with corrupt arrays leaves a shorter batch; a batch left with no sample is not
 yielded (under a DataLoader worker a marker takes its place, so that the round-robin order holds).
