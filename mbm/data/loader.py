@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from mbm.data.collate import PackedBatch
 from mbm.data.segments import SLOTS
@@ -58,6 +58,20 @@ def _unpacked(batches: Iterable[Any], mapped: int) -> Iterator[dict[str, Any]]:
         yield batch
 
 
+class _PositionedStream(IterableDataset):
+    """``stream`` at the (epoch, skipped batches) in a shared tensor: persistent DataLoader workers,
+    forked once, read the position each time the loader starts an epoch."""
+
+    def __init__(self, stream: ShardStream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, skip = (int(v) for v in self.position)
+        return iter(self.stream.at(epoch, skip))
+
+
 class StreamLoader:
     """Iterate forever; ``state_dict()``/``load_state_dict()`` save and restore the position."""
 
@@ -72,6 +86,8 @@ class StreamLoader:
         self.samples = 0  # samples consumed in ``epoch``
         self.skipped: dict[str, int] = {}  # counters of the current epoch's stream so far
         self._decode_skips: dict[int, dict[str, int]] = {}  # worker → its latest decode counters
+        self._positioned: _PositionedStream | None = None
+        self._loader: DataLoader | None = None  # its workers live from the first epoch until iteration stops
 
     def state_dict(self) -> dict[str, Any]:
         cfg = self.stream.cfg
@@ -89,15 +105,24 @@ class StreamLoader:
         self.epoch, self.batch, self.samples = int(state["epoch"]), int(state["batch"]), int(state["samples"])
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
-        stream = self.stream.at(self.epoch, self.batch)
         if self.workers == 0:
-            return stream.batches(markers=True)
-        # A private generator keeps worker seeding from drawing on the global torch RNG (resumption).
-        gen = torch.Generator().manual_seed(self.stream.cfg.seed)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.workers, generator=gen,
-                            pin_memory=self.pin_memory, persistent_workers=False,
-                            worker_init_fn=_lower_priority if LOADER_NICE else None)
-        return _unpacked(loader, mapped=SLOTS * self.workers)
+            return self.stream.at(self.epoch, self.batch).batches(markers=True)
+        if self._loader is None:
+            # Workers persist across epochs: no fork of the training process per epoch, and they keep
+            # their shared-memory segments. A private generator keeps worker seeding from drawing on
+            # the global torch RNG (resumption).
+            self._positioned = _PositionedStream(self.stream)
+            gen = torch.Generator().manual_seed(self.stream.cfg.seed)
+            self._loader = DataLoader(self._positioned, batch_size=None, num_workers=self.workers, generator=gen,
+                                      pin_memory=self.pin_memory, persistent_workers=True,
+                                      worker_init_fn=_lower_priority if LOADER_NICE else None)
+        assert self._positioned is not None
+        self._positioned.position[0], self._positioned.position[1] = self.epoch, self.batch
+        return _unpacked(self._loader, mapped=SLOTS * self.workers)
+
+    def close(self) -> None:
+        """Stop the data-loader workers (iteration starts new ones)."""
+        self._loader = self._positioned = None  # the DataLoader's iterator shuts its workers down when freed
 
     def _count_skips(self, skipped: dict[str, Any]) -> None:
         self._decode_skips[int(skipped["worker"])] = skipped["decode"]
@@ -107,6 +132,12 @@ class StreamLoader:
         self.skipped = dict(sorted(total.items()))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self._epochs()
+        finally:  # closed or dropped mid-way: stop the workers
+            self.close()
+
+    def _epochs(self) -> Iterator[dict[str, Any]]:
         while True:
             start, produced = self.batch, 0
             self.skipped, self._decode_skips = {}, {}

@@ -273,3 +273,22 @@ def test_only_the_owner_of_a_batch_decodes_it(partly_corrupt):
     assert counts[0] and counts[1]
     total = {k: counts[0].get(k, 0) + counts[1].get(k, 0) for k in {*counts[0], *counts[1]}}
     assert total == {"npy.bad": 5, "npy.dim": 1, "npy.missing": 1, "npy.nonfinite": 1, "npy.shape": 1}
+
+
+def test_loader_workers_persist_across_epochs_and_stop_when_iteration_stops(dataset):
+    import multiprocessing
+
+    src = resolve_data(dataset)
+    cfg = stream_cfg(src)
+    alone = [b["ids"] for b in itertools.islice(StreamLoader(ShardStream(cfg)), 33)]  # 13 batches per epoch
+    loader = StreamLoader(ShardStream(cfg), workers=2)
+    batches = iter(loader)
+    got, workers = [], []
+    for _ in range(30):
+        got.append(next(batches)["ids"])
+        workers.append({p.pid for p in multiprocessing.active_children()})
+    assert got == alone[:30]
+    assert len(workers[0]) == 2 and all(w == workers[0] for w in workers)  # the same two across 3 epochs
+    batches.close()
+    assert not multiprocessing.active_children()
+    assert [b["ids"] for b in itertools.islice(loader, 3)] == alone[30:33]  # iterating again starts new ones
