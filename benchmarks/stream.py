@@ -210,8 +210,8 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         f"over {args.steps} steps after {args.warmup} warm-up steps, fed by its streaming loader vs the same "
         "batches collected in memory first; overhead = (loader − memory) / loader. On a CPU-only machine "
         "the training step already uses every core, so loader workers take their CPU time from it "
-        "(they run at niceness 19, `MBM_LOADER_NICE`), and a torch thread they preempt leaves the other "
-        "spinning at the next barrier.",
+        "(they run at niceness 19, `MBM_LOADER_NICE`). The timed steps cross an epoch boundary "
+        "(52 batches per epoch here); the workers live for the whole run.",
         "",
         "| loader workers | ms/step, loader | ms/step, memory | overhead |",
         "| ---: | ---: | ---: | ---: |",

@@ -73,10 +73,11 @@ class Trainer:
                                    workers=cfg.workers, pin_memory=env.device.type == "cuda")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if env.device.type == "cpu" and cfg.workers and torch.get_num_threads() + cfg.workers > cores:
-            # Measured on 2 cores with 2 workers: steps 12 % slower than --workers 0 (docs/benchmarks.md).
-            log.warning("--workers %d: training on the CPU with %d torch threads on %d cores, loader workers "
-                        "take cores from every step; --workers 0 is usually faster here", cfg.workers,
-                        torch.get_num_threads(), cores)
+            # Measured on 2 cores with 2 workers: data overhead 4 % of a step, 2 % with --workers 0
+            # (docs/benchmarks.md).
+            log.info("--workers %d: training on the CPU with %d torch threads on %d cores, loader workers "
+                     "take cores from every step; --workers 0 may be as fast here", cfg.workers,
+                     torch.get_num_threads(), cores)
         self.step = 0
         if resume_from:
             self._restore(load_checkpoint(resume_from))

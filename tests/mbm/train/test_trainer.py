@@ -111,7 +111,7 @@ def test_generate_trains_and_decodes_text(data, tmp_path, capsys):
 
 def test_accumulation_and_loader_workers_see_the_same_samples(data, tmp_path, caplog):
     common = ["--data", data, "--steps", "3", "--eval-every", "3", "--log-samples", "--accum-steps", "2"]
-    with caplog.at_level(logging.WARNING, logger="mbm.train.trainer"):
+    with caplog.at_level(logging.INFO, logger="mbm.train.trainer"):
         assert train(*common, "--out", str(tmp_path / "w0")) == 0
         assert "loader workers take cores" not in caplog.text
         assert train(*common, "--out", str(tmp_path / "w2"), "--workers", "2") == 0
