@@ -8,12 +8,18 @@ training process copies a batch out (into private or pinned memory) and then rel
 by writing its sequence number back; the worker reuses only segments whose two numbers match, and
 takes a one-off segment when all of its own are still out, so it never waits and never overwrites
 a batch that has not been read.
+
+The handshake relies on x86-64's memory order: a load is never reordered with a later store. The
+training process's copy (loads) therefore completes before its release (a store) is visible, and a
+worker's read of the header (a load) before it writes the segment again. Weakly ordered CPUs
+(arm64) allow both reorderings and Python has no fence to forbid them, so there every batch gets a
+one-off segment, as with torch's own sharing.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import platform
 
 import numpy as np
 import torch
@@ -21,14 +27,7 @@ import torch
 HEADER = 64  # bytes before a batch's data in every buffer (written and released sequence numbers)
 SLOTS = 4  # segments a worker keeps; a DataLoader holds 2 batches per worker in flight by default
 GROWTH = 1.25  # a segment that must grow gets this much headroom for the batches that follow
-_BARRIER = threading.Lock()
-
-
-def _barrier() -> None:
-    """A full memory barrier (a lock's acquire and release): the copy out of a segment completes
-    before its release is visible, and a worker sees the release before it writes the segment again."""
-    with _BARRIER:
-        pass
+REUSABLE = platform.machine().lower() in ("x86_64", "amd64")  # see the module docstring
 
 
 def header(buffer: torch.Tensor) -> np.ndarray:
@@ -46,7 +45,7 @@ class SegmentPool:
     """A worker's reusable segments; ``take`` gives one with ``[HEADER, nbytes)`` zeroed."""
 
     def __init__(self, slots: int = SLOTS) -> None:
-        self.limit = slots
+        self.limit = slots if REUSABLE else 0
         self.segments: list[torch.Tensor] = []
         self.seq = 0
 
@@ -57,7 +56,6 @@ class SegmentPool:
             written, released = header(segment)
             if written != released:
                 continue  # still with the training process
-            _barrier()
             if segment.numel() < nbytes:
                 segment = self.segments[i] = new_segment(int(nbytes * GROWTH))
             else:
@@ -78,8 +76,7 @@ def copy_out(buffer: torch.Tensor, end: int, seq: int, into: torch.Tensor | None
         raise RuntimeError(f"batch {seq}'s shared memory was reused before it was read (unpack a batch once)")
     out = into if into is not None else torch.from_numpy(np.empty(end, np.uint8))
     np.copyto(out.numpy()[:end], buffer.numpy()[:end])  # numpy: on this thread, no OpenMP pool woken
-    _barrier()
-    header(buffer)[1] = seq
+    header(buffer)[1] = seq  # after the copy's loads (x86-64 order; see the module docstring)
     return out
 
 

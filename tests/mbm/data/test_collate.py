@@ -4,6 +4,7 @@ import torch
 
 from mbm.data.collate import IGNORE, CollateConfig, PackedBatch, collate, fit_length, pack_collate
 from mbm.data.decode import Sample
+from mbm.data.segments import REUSABLE
 from mbm.data.synthetic import write_tiny_tokenizer
 
 DIMS = {"text": 4, "image": 3, "audio": 2}
@@ -121,7 +122,7 @@ def test_a_packed_batch_is_one_buffer_that_crosses_processes_as_one_segment():
 
     samples = [sample("a", "cat", text=2, image=3), sample("b", 1, audio=5, text=4)]
     packed = pack_collate(samples, CollateConfig(feature_dims=DIMS, labels=(1, "cat")), shared=True)
-    assert packed.buffer.is_shared() and packed.seq is not None
+    assert packed.buffer.is_shared() and (packed.seq is not None) == REUSABLE
     copy = pickle.loads(ForkingPickler.dumps(packed))  # torch shares the storage, as between processes
     assert isinstance(copy, PackedBatch) and copy.seq == packed.seq
     got = copy.unpack()
@@ -133,6 +134,7 @@ def test_a_packed_batch_is_one_buffer_that_crosses_processes_as_one_segment():
     assert got["masks"]["audio"].tolist() == [[False] * 5, [True] * 5]
 
 
+@pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
 def test_worker_segments_are_reused_only_once_released():
     from mbm.data.segments import HEADER, SegmentPool
 
@@ -189,6 +191,7 @@ def test_dataloader_pinning_pins_the_one_buffer(monkeypatch):
     assert torch.equal(out.unpack()["features"]["text"], packed.unpack()["features"]["text"])
 
 
+@pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
 def test_pinning_a_batch_in_a_reused_segment_copies_it_out_and_releases_the_segment(monkeypatch):
     from mbm.data.segments import header
 
@@ -222,3 +225,16 @@ def test_fit_length_sums_each_segment_in_order():
                 acc = acc + row.astype(np.float32)
             want[i] = acc / np.float32(b - a)
         np.testing.assert_array_equal(fit_length(arr, max_len, "audio"), want)
+
+
+def test_without_segment_reuse_every_batch_gets_its_own_segment(monkeypatch):
+    import mbm.data.segments as segments
+
+    monkeypatch.setattr(segments, "REUSABLE", False)
+    monkeypatch.setattr(segments, "_POOL", None)  # the next pool is built without reuse
+    cfg = CollateConfig(feature_dims=DIMS, labels=("cat",))
+    samples = [sample("a", "cat", text=2, image=3)]
+    packed = [pack_collate(samples, cfg, shared=True) for _ in range(3)]
+    assert all(p.seq is None and p.buffer.is_shared() for p in packed)
+    assert len({p.buffer.data_ptr() for p in packed}) == 3
+    assert torch.equal(packed[0].unpack()["features"]["text"], collate(samples, cfg)["features"]["text"])
