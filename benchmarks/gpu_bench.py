@@ -88,7 +88,7 @@ def environment(device: str) -> dict[str, Any]:
         import transformers
 
         env["transformers"] = transformers.__version__
-    except ImportError:
+    except ImportError:  # not installed here: the report leaves the version out
         pass
     return env
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import time
 from dataclasses import dataclass, replace
@@ -143,8 +144,6 @@ def with_workers(cfg: TrainConfig, workers: int) -> TrainConfig:
 def loader_cpu(source: DataSource, cfg: TrainConfig, epochs: int) -> tuple[float, float, float]:
     """CPU ms per batch of the mbm loader over ``epochs`` epochs (after one untimed): (this process,
     its workers, wall). Each epoch's workers exit and are reaped at its end, so ``os.times`` counts them."""
-    import os
-
     mbm_epoch(source, cfg)
     before, start = os.times(), time.perf_counter()
     batches = sum(mbm_epoch(source, cfg).batches for _ in range(epochs))

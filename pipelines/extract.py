@@ -44,11 +44,11 @@ class LazyModel:
         return self._model
 
 
-TODO_WEIGHT = 8  # batch weight of a sample with the modality to featurize; any other sample weighs 1
+FEATURIZE_WEIGHT = 8  # batch weight of a sample with the modality to featurize; any other sample weighs 1
 
 
 def _weight(modality: str, sample: CleanSample) -> int:
-    return TODO_WEIGHT if getattr(sample, modality) is not None and modality not in sample.reused else 1
+    return FEATURIZE_WEIGHT if getattr(sample, modality) is not None and modality not in sample.reused else 1
 
 
 class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
@@ -68,14 +68,14 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
 
         Beam counts every sample towards a batch, so a batch of 32 samples of which 24 carry an
         image would run an image pass padded to 32. Weighted instead: a sample to featurize counts
-        ``TODO_WEIGHT``, any other 1, against ``TODO_WEIGHT x (batch_size + 1) - 1``; a batch holds at
-        most ``batch_size`` samples to featurize (all of them when fewer than ``TODO_WEIGHT`` others
+        ``FEATURIZE_WEIGHT``, any other 1, against ``FEATURIZE_WEIGHT x (batch_size + 1) - 1``; a batch holds at
+        most ``batch_size`` samples to featurize (all of them when fewer than ``FEATURIZE_WEIGHT`` others
         are mixed in) and at most that many samples in all when the modality is rare.
         """
         kwargs = dict(self._inner.batch_elements_kwargs())
         for key in ("min_batch_size", "max_batch_size"):
             if key in kwargs:
-                kwargs[key] = TODO_WEIGHT * (kwargs[key] + 1) - 1
+                kwargs[key] = FEATURIZE_WEIGHT * (kwargs[key] + 1) - 1
         kwargs["element_size_fn"] = functools.partial(_weight, self._modality)
         return kwargs
 

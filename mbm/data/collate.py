@@ -63,6 +63,10 @@ _ALIGN = 64  # bytes; every tensor of a packed batch starts at a multiple of thi
 _DTYPES = {"float16": torch.float16, "bool": torch.bool, "int64": torch.int64}
 
 
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
 @dataclass
 class PackedBatch:
     """A collated batch as one uint8 buffer, the layout of its tensors, and its plain fields.
@@ -82,7 +86,7 @@ class PackedBatch:
     @property
     def end(self) -> int:
         """Bytes of the buffer in use."""
-        return max(offset + math.prod(shape) * np.dtype(dtype).itemsize for _, _, dtype, shape, offset in self.layout)
+        return max(offset + _nbytes(dtype, shape) for _, _, dtype, shape, offset in self.layout)
 
     def pin_memory(self) -> PackedBatch:  # called by DataLoader(pin_memory=True)
         if self.seq is None:
@@ -94,8 +98,7 @@ class PackedBatch:
         buffer = self.buffer if self.seq is None else segments.copy_out(self.buffer, self.end, self.seq)
         batch: dict[str, Any] = dict(self.extras)
         for key, sub, dtype, shape, offset in self.layout:
-            dt = _DTYPES[dtype]
-            tensor = buffer[offset: offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
+            tensor = buffer[offset: offset + _nbytes(dtype, shape)].view(_DTYPES[dtype]).view(shape)
             if sub is None:
                 batch[key] = tensor
             else:
@@ -112,8 +115,7 @@ class _Layout:
 
     def add(self, key: str, sub: str | None, dtype: str, shape: tuple[int, ...]) -> None:
         self.entries.append((key, sub, dtype, shape, self.size))
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        self.size += -(-nbytes // _ALIGN) * _ALIGN
+        self.size += -(-_nbytes(dtype, shape) // _ALIGN) * _ALIGN
 
     def allocate(self, shared: bool) -> tuple[torch.Tensor, int | None]:
         """A uint8 buffer zeroed past the header, and the sequence number its segment is released
@@ -126,8 +128,7 @@ class _Layout:
         raw = buffer.numpy()
         out = {}
         for key, sub, dtype, shape, offset in self.entries:
-            n = math.prod(shape) * np.dtype(dtype).itemsize
-            out[key, sub] = raw[offset: offset + n].view(dtype).reshape(shape)
+            out[key, sub] = raw[offset: offset + _nbytes(dtype, shape)].view(dtype).reshape(shape)
         return out
 
 
@@ -162,8 +163,9 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
     if cfg.with_targets:
         tok = load_tokenizer(cfg.tokenizer)
         seqs = encode_targets(tok, [s.text or "" for s in samples], cfg.max_target_len)
-        layout.add("target_ids", None, "int64", (n, max(len(s) for s in seqs)))
-        layout.add("target_mask", None, "bool", (n, max(len(s) for s in seqs)))
+        longest = max(len(s) for s in seqs)
+        layout.add("target_ids", None, "int64", (n, longest))
+        layout.add("target_mask", None, "bool", (n, longest))
     buffer, seq = layout.allocate(shared)
     views = layout.views(buffer)
     for m in cfg.feature_dims:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mbm.data.errors import CorruptSample
-from mbm.data.shards import MemberRef
+from mbm.data.shards import MemberRef, read_member
 from schemas import MODALITIES, SCHEMA_VERSION
 
 
@@ -92,11 +92,10 @@ def _features(key: str, modality: str, data: bytes | MemberRef | None, dim: int 
     member = f"{modality}.npy"
     if data is None:
         raise CorruptSample("npy.missing", f"{key}: {member} listed but absent")
-    if isinstance(data, MemberRef):
-        try:
-            data = data.read()
-        except (OSError, ValueError) as exn:
-            raise CorruptSample("npy.unreadable", f"{key}.{member}: {exn}") from exn
+    try:
+        data = read_member(data)  # bytes left in the shard by a lazy scan are read now
+    except (OSError, ValueError) as exn:
+        raise CorruptSample("npy.unreadable", f"{key}.{member}: {exn}") from exn
     try:
         arr = load_npy(data)
     except Exception as exn:  # noqa: BLE001 - corrupt bytes can fail in many ways

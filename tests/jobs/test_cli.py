@@ -1,3 +1,4 @@
+import contextlib
 import subprocess
 import sys
 
@@ -53,8 +54,6 @@ def _forkservers() -> set[int]:
     ["preprocess", "x.toml", "--workers", "0"],  # argparse exits
 ])
 def test_a_failed_preprocess_leaves_no_fork_server(args, capsys):
-    try:
+    with contextlib.suppress(SystemExit):
         main(args)
-    except SystemExit:
-        pass
     assert _forkservers() == set()

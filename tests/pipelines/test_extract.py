@@ -73,13 +73,13 @@ def test_batches_fill_up_with_samples_that_carry_the_modality():
     import apache_beam as beam
     from apache_beam.testing.util import assert_that
 
-    from pipelines.extract import TODO_WEIGHT
+    from pipelines.extract import FEATURIZE_WEIGHT
 
     h = ModalityHandler("text", FakeInner(), "fp")
     kwargs = h.batch_elements_kwargs()
-    assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 5 * TODO_WEIGHT - 1
+    assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 5 * FEATURIZE_WEIGHT - 1
     size = kwargs["element_size_fn"]
-    assert size(_s("t", text="x")) == TODO_WEIGHT
+    assert size(_s("t", text="x")) == FEATURIZE_WEIGHT
     assert size(_s("i", image=np.zeros((2, 2, 3), np.uint8))) == 1
     assert size(_s("r", text="x", reused={"text": "shards/a.tar"})) == 1
     # 3 in 4 samples carry text: every batch holds at most 4 texts, and all full batches hold exactly 4.

@@ -35,6 +35,13 @@ def alive(pid: int) -> bool:
     return True
 
 
+def gone_within(pid: int, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
 def test_a_forked_child_gets_the_clients_env_output_and_exit_code(server):
     proc = run_client(server, FORK_TEST_WORD="hello", FORK_TEST_CODE="3")
     out, _ = proc.communicate(timeout=30)
@@ -52,10 +59,7 @@ def test_killing_the_client_ends_its_child(server):
     assert alive(child)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10
-    while alive(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(child)
+    assert gone_within(child)
 
 
 def test_the_server_stops_with_close_and_when_its_driver_dies(tmp_path):
@@ -72,7 +76,4 @@ def test_the_server_stops_with_close_and_when_its_driver_dies(tmp_path):
     server_pid = int(driver.stdout.readline())
     driver.kill()
     driver.wait()
-    deadline = time.monotonic() + 10
-    while alive(server_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(server_pid)
+    assert gone_within(server_pid)
