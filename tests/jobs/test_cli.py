@@ -31,6 +31,36 @@ def test_console_script_runs():
     assert out.returncode == 0 and "preprocess" in out.stdout
 
 
+def test_dataset_command_exit_status_and_output_survive_the_fast_exit(tmp_path):
+    """Dataset commands end with ``os._exit``: the status and every line printed must still arrive."""
+    import json
+    import os
+
+    from schemas import DatasetManifest
+
+    out = tmp_path / "ds"
+    (out / "versions").mkdir(parents=True)
+    for v in (1, 2):
+        m = DatasetManifest(version=v, shards=[f"shards/{v:06d}-{i:06d}.tar" for i in range(300)],
+                            shard_sizes=[10] * 300, num_samples=3000 * v, counts={"input": 3000, "rejected": 7},
+                            index=f"index/{v:06d}.parquet", created=f"2026-01-0{v}T00:00:00Z")
+        (out / "versions" / f"{v:06d}.json").write_text(m.to_json())
+    (out / "dataset.json").write_text(m.to_json())
+    cmd = [sys.executable, "-m", "jobs.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe is block-buffered
+    ok = subprocess.run([*cmd, "versions", str(out), "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert ok.returncode == 0, ok.stderr
+    rows = json.loads(ok.stdout)  # complete: the buffered output was flushed before exiting
+    assert [(r["version"], r["samples"], r["shards"], r["current"]) for r in rows] == [
+        (1, 3000, 300, False), (2, 6000, 300, True)]
+    bad = subprocess.run([*cmd, "versions", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert bad.returncode == 2 and "is not an mbm dataset folder" in bad.stderr
+    usage = subprocess.run([*cmd, "preprocess", "x.toml", "--workers", "0"], capture_output=True, text=True,
+                           timeout=120, env=env)
+    assert usage.returncode == 2 and "--workers" in usage.stderr
+
+
 def _forkservers() -> set[int]:
     """Pids of fork servers started by this process."""
     import os
