@@ -184,12 +184,23 @@ def table(results: dict[str, list[dict]], n: int) -> list[str]:
     return lines
 
 
-def dataset(folder: Path, n: int) -> Path:
-    """The sample media repeated to ``n`` samples under ``folder/data``; returns the job spec written beside it."""
+def dataset(folder: Path, n: int, precision: dict[str, str] | None = None) -> Path:
+    """The sample media repeated to ``n`` samples under ``folder/data``; returns the job spec written beside it
+    (with ``precision``, modality -> extractor precision, in its [extract] sections)."""
     build(folder / "data", n)
     spec = folder / "job.toml"
-    spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n')
+    extract = "".join(f'[extract.{m}]\nprecision = "{p}"\n' for m, p in sorted((precision or {}).items()))
+    spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n' + extract)
     return spec
+
+
+def precision_arg(text: str) -> tuple[str, str]:
+    """``MODALITY=PRECISION`` from the command line."""
+    modality, _, value = text.partition("=")
+    if modality not in MODALITIES or value not in ("auto", "float32", "bfloat16"):
+        raise argparse.ArgumentTypeError(f"expected MODALITY=PRECISION (text|image|audio = auto|float32|bfloat16), "
+                                         f"got {text!r}")
+    return modality, value
 
 
 def memory_growth(tmp: Path, n: int) -> list[str]:
@@ -268,7 +279,11 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="also run the plain loop under cProfile")
     ap.add_argument("--memory", action="store_true",
                     help="also measure mbm's peak memory at 1x and 4x --samples (one run each)")
+    ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
+                    help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
     args = ap.parse_args()
+    if args.precision and args.write:
+        ap.error("--write records the default settings; leave out --precision")
     has_hf = importlib.util.find_spec("datasets") is not None
     if not has_hf:
         print("HF datasets is not installed (pip install -e '.[dev,bench]'): skipping the datasets.map baseline",
@@ -278,7 +293,7 @@ def main() -> int:
     loop_stages = ""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        spec = dataset(tmp, args.samples)
+        spec = dataset(tmp, args.samples, dict(args.precision))
         for rep in range(args.reps):
             for i, name in enumerate(commands(spec, tmp)):
                 if name.startswith("HF") and not has_hf:

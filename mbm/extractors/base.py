@@ -14,17 +14,29 @@ import numpy as np
 from mbm.extractors.hashing import weights_sha256
 
 MODALITIES = ("text", "image", "audio")
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ExtractorConfig:
-    """Base of extractor configs: keyword-only, immutable, JSON-friendly (paths are stored as str)."""
+    """Base of extractor configs: keyword-only, immutable, JSON-friendly (paths are stored as str).
+
+    ``precision`` is the model's compute precision (features are stored as float16 whatever it is):
+    "auto" runs bfloat16 autocast on CUDA and float32 on the CPU; "float32" and "bfloat16" apply on
+    every device. bfloat16 on a CPU is fast only where the CPU has bfloat16 dot products (AVX512-BF16,
+    AMX); measured on one with AVX512-BF16: MiniLM 3x faster at 0.6 % relative difference from float32,
+    EfficientNet-Lite0 2.3x faster at 8 %. Weight-free extractors (log-mel) compute in float32 always.
+    """
+
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, os.PathLike):
                 object.__setattr__(self, f.name, os.fspath(value))
+        if self.precision not in PRECISIONS:
+            self._fail("precision", f"must be one of {', '.join(PRECISIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (what a job spec or a fingerprint records)."""
@@ -129,6 +141,8 @@ class Extractor(ABC):
         """sha256 hex of name, config and weights hash; equal configs and weights give equal fingerprints."""
         if self._fingerprint is None:
             config = {k: v for k, v in self.config.to_dict().items() if k not in self.location_fields}
+            if config.get("precision") == "auto":  # the default leaves fingerprints as they were before the option
+                del config["precision"]
             payload = {
                 "name": self.name,
                 "config": config,

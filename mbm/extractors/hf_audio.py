@@ -121,7 +121,7 @@ class HFAudioExtractor(Extractor):
         inputs = {"input_values": to_device(waves, device)}
         if model.masked:
             inputs["attention_mask"] = to_device(mask, device)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, self.config.precision):
             hidden = model.model(**inputs).last_hidden_state  # (B, frames_max, D)
         features = to_float16_numpy(hidden, self.name)
         return [np.ascontiguousarray(f[: model.frames(n)]) for f, n in zip(features, lengths, strict=True)]

@@ -103,6 +103,6 @@ class HFImageExtractor(Extractor):
 
         pixels = images_to_tensor(batch, model.image_size, device, self.name)
         pixels = normalize(pixels, model.mean, model.std, model.scale)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, self.config.precision):
             hidden = model.model(pixel_values=pixels).last_hidden_state  # (B, N, D) or (B, C, H, W)
         return to_patches(hidden, self.name)

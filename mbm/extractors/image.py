@@ -210,6 +210,6 @@ class EfficientNetLite0Extractor(Extractor):
         import torch
 
         pixels = self.preprocess(batch, device)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, self.config.precision):
             features = model.extract_features(pixels)  # (B, 1280, S/32, S/32)
         return to_patches(features, self.name)

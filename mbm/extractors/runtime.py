@@ -35,13 +35,41 @@ def is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
-def autocast(device: str, dtype: Any = None) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA (or `dtype`); nothing on CPU, which stays float32."""
+_WARNED_BF16: set[str] = set()
+
+
+def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The compute precision of an extractor's forward pass (``ExtractorConfig.precision``).
+
+    "auto": bfloat16 autocast on CUDA, float32 on the CPU; "float32": no autocast anywhere;
+    "bfloat16": bfloat16 autocast on any device (warned once on a CPU without bfloat16 dot products,
+    where it is emulated and slower than float32).
+    """
     import torch
 
-    if not is_cuda(device):
+    if precision == "float32" or (precision == "auto" and not is_cuda(device)):
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype or torch.bfloat16)
+    if precision not in ("auto", "bfloat16"):
+        raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    if not is_cuda(device) and "cpu" not in _WARNED_BF16:
+        _WARNED_BF16.add("cpu")
+        if not cpu_has_bf16():
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "precision = bfloat16 on a CPU without bfloat16 dot products (AVX512-BF16 or AMX): "
+                "it is emulated and slower than float32")
+    return torch.autocast("cuda" if is_cuda(device) else "cpu", dtype=torch.bfloat16)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 matrix products natively on this CPU."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def to_device(tensor: Any, device: str) -> Any:

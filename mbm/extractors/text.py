@@ -187,7 +187,7 @@ class HFTextExtractor(Extractor):
         padded = model.tokenizer.pad(encoded, padding="max_length", max_length=length, return_tensors="pt")
         mask = padded["attention_mask"].bool()  # (B, T); selects real tokens whatever the padding side
         inputs = {k: to_device(v, device) for k, v in padded.items()}
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, self.config.precision):
             hidden = model.model(**inputs).last_hidden_state  # (B, T, D)
         hidden = to_float16_numpy(hidden, self.name)
         return [hidden[b][m] for b, m in enumerate(mask.numpy())]  # boolean indexing copies

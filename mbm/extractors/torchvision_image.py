@@ -142,6 +142,6 @@ class TorchvisionExtractor(Extractor):
 
         pixels = images_to_tensor(batch, self.config.image_size, device, self.name)
         pixels = normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, self.config.precision):
             features = model(pixels)["features"]  # (B, C, H, W), or (B, N, C) for a token node
         return to_patches(features, self.name)

@@ -33,6 +33,8 @@ from mbm.extractors.torchvision_image import TorchvisionConfig
         (lambda: LogMelConfig(f_min=100.0, f_max=50.0), "f_max"),
         (lambda: LogMelConfig(log_offset=0.0), "log_offset"),
         (lambda: LogMelConfig(hop_length=-160), "hop_length"),
+        (lambda: MiniLMConfig(precision="float16"), "precision"),
+        (lambda: EfficientNetLiteConfig(precision=None), "precision"),
     ],
 )
 def test_config_validation_names_the_field(make, field):
@@ -58,6 +60,22 @@ def test_fingerprint_follows_the_config():
         create_extractor("minilm", {"max_length": 128}).fingerprint()
         != create_extractor("minilm").fingerprint()
     )
+
+
+def test_precision_is_in_the_fingerprint_only_when_set():
+    """``auto`` (the default) leaves fingerprints as they were before the option existed, so datasets
+    made before do not recompute; an explicit precision is part of the fingerprint."""
+    import json
+
+    default = create_extractor("logmel")
+    config = {k: v for k, v in default.config.to_dict().items() if k != "precision"}
+    before = json.dumps({"name": "logmel", "config": config, "weights": []}, sort_keys=True, separators=(",", ":"),
+                        default=str)
+    assert default.fingerprint() == hashlib.sha256(before.encode()).hexdigest()
+    assert create_extractor("logmel", {"precision": "auto"}).fingerprint() == default.fingerprint()
+    prints = {p: create_extractor("minilm", {"precision": p}).fingerprint() for p in ("auto", "float32", "bfloat16")}
+    assert len(set(prints.values())) == 3
+    assert prints["auto"] == create_extractor("minilm").fingerprint()
 
 
 def test_fingerprint_is_stable_across_processes():

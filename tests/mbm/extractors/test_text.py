@@ -111,3 +111,18 @@ def test_minilm_paraphrases_are_closer_than_unrelated_text():
     a, b, c = (_mean_unit(f) for f in features)
     assert a @ b > 0.5 > a @ c
     assert a @ b - a @ c > 0.3
+
+
+def test_bfloat16_precision_on_the_cpu_is_close_to_float32(tiny_bert_dir, tiny):
+    extractor, model = tiny
+    bf16 = create_extractor("hf-text", {"path": str(tiny_bert_dir), "precision": "bfloat16"})
+    f32 = create_extractor("hf-text", {"path": str(tiny_bert_dir), "precision": "float32"})
+    texts = [SHORT, LONG]
+    ref = [f.astype(np.float32) for f in extractor.featurize(model, texts, "cpu")]
+    np.testing.assert_array_equal(np.concatenate(f32.featurize(model, texts, "cpu")), np.concatenate(ref))
+    low = bf16.featurize(model, texts, "cpu")
+    assert [f.shape for f in low] == [f.shape for f in ref] and all(f.dtype == np.float16 for f in low)
+    a, b = np.concatenate(ref), np.concatenate(low).astype(np.float32)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert 0 < rel < 0.05, rel  # computed in bfloat16 (not bit-equal), still the same features
+    np.testing.assert_array_equal(np.concatenate(low), np.concatenate(bf16.featurize(model, texts, "cpu")))
