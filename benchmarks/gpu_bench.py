@@ -8,9 +8,12 @@ Parts (each bounded by --seconds of timed work, after untimed warm-up calls):
 - text: the hf-text extractor on a MiniLM-shaped encoder with random weights, on captions of 5-60 words;
 - audio: the logmel extractor on 2-10 s clips already decoded, in arrival order and length-bucketed;
   then WAV decode + clean in workers, alone and feeding the extractor;
-- train: ``Trainer.train_step`` on cached batches, then fed by the streaming loader.
+- train: ``Trainer.train_step`` on cached batches, then fed by the streaming loader;
+- preprocess: the whole ``mbm preprocess`` job (Beam, one worker per core) on the sample media
+  repeated to thousands of samples, at two sizes (the marginal rate leaves start-up out), then with
+  bigger text and image batches (``benchmarks/gpu_preprocess.py``).
 
-Runs offline (nothing is downloaded) and without Apache Beam. ``benchmarks/gpu.sh`` wraps it:
+Runs offline (nothing is downloaded); only the preprocess part needs Apache Beam. ``benchmarks/gpu.sh`` wraps it:
 
     python benchmarks/gpu_bench.py --device cuda --json out.json
     python benchmarks/gpu_bench.py --device cpu --quick        # a small smoke run
@@ -41,9 +44,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from gpu_extract import Sizes, run_audio, run_image, run_text  # noqa: E402
 from gpu_monitor import GpuMonitor  # noqa: E402
+from gpu_preprocess import PreprocessSizes, run_preprocess  # noqa: E402
 from gpu_train import TrainSizes, run_train  # noqa: E402
 
-PARTS = ("image", "text", "audio", "train")
+PARTS = ("image", "text", "audio", "train", "preprocess")
 TARGETS = {"image_e2e": 2500.0, "text": 10000.0}  # images/s end to end (decode-bound), sentences/s
 
 
@@ -52,6 +56,12 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def preprocess_sizes(args: argparse.Namespace) -> PreprocessSizes:
+    if args.quick:
+        return PreprocessSizes(small=40, large=80, workers=2, gpu_batches=(64, 16))
+    return PreprocessSizes()
 
 
 def sizes_for(args: argparse.Namespace) -> tuple[Sizes, TrainSizes]:
@@ -130,7 +140,7 @@ def targets(results: dict[str, Any], device: str) -> dict[str, str]:
 
 
 def table(results: dict[str, Any], device: str) -> str:
-    img, txt, aud, trn = (results.get(p, {}) for p in PARTS)
+    img, txt, aud, trn, pre = (results.get(p, {}) for p in PARTS)
     best = max(img.get("model", {}).items(), key=lambda kv: kv[1]["per_s"], default=(None, None))
     rows = [
         ("images/s, decode+clean only", fmt_rate(img, "decode"), "n/a", f"{img.get('workers', '-')} workers"),
@@ -150,6 +160,7 @@ def table(results: dict[str, Any], device: str) -> str:
          f"{trn.get('memory', {}).get('steps_per_s', '-')} steps/s"),
         ("train samples/s, streaming loader", fmt_rate(trn, "loader"), fmt_gpu(trn, "loader"),
          f"data overhead {trn['data_overhead']:.0%}" if "data_overhead" in trn else "-"),
+        *preprocess_rows(pre),
     ]
     widths = [max(len(r[i]) for r in rows + [("measure", "rate", "GPU util / peak mem", "note")]) for i in range(4)]
     line = "  ".join(f"{{:{'<' if i in (0, 3) else '>'}{w}}}" for i, w in enumerate(widths))
@@ -173,6 +184,21 @@ def table(results: dict[str, Any], device: str) -> str:
     for part in results.get("skipped", []):
         out.append(f"{part}: skipped (time budget)")
     return "\n".join(out)
+
+
+def preprocess_rows(pre: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The preprocess part's rows: each run's whole-process rates, and the marginal rate."""
+    rows = []
+    for name, r in pre.get("runs", {}).items():
+        gpu = r.get("gpu", {}).get("util_mean_pct")
+        rows.append((f"samples/s, mbm preprocess, {name}", f"{r['samples'] / r['wall_s']:,.0f}",
+                     "n/a" if gpu is None else f"{gpu:.0f}%",
+                     f"whole process {r['wall_s']:.0f} s; {r['images'] / r['wall_s']:,.0f} images/s"))
+    m = pre.get("marginal", {})
+    if m.get("samples_per_s") is not None:
+        rows.append(("samples/s, mbm preprocess, marginal", f"{m['samples_per_s']:,.0f}", "n/a",
+                     f"{m['images_per_s']:,.0f} images/s, {pre.get('workers', '-')} Beam workers"))
+    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def estimate(part: str, seconds: float) -> float:
     """Rough wall time of a part on the GPU machine: timed measures plus set-up."""
     return {"image": 4.3 * seconds + 15, "text": 1.5 * seconds + 15, "audio": 2 * seconds + 10,
-            "train": 2 * seconds + 30}[part]
+            "train": 2 * seconds + 30, "preprocess": 90}[part]
 
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print,
@@ -226,7 +252,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print,
     runners = {"image": lambda t: run_image(sizes, device, monitor, t, log),
                "text": lambda t: run_text(sizes, device, monitor, t, log),
                "audio": lambda t: run_audio(sizes, device, monitor, t, log),
-               "train": lambda t: run_train(train_sizes, device, monitor, t, log)}
+               "train": lambda t: run_train(train_sizes, device, monitor, t, log),
+               "preprocess": lambda t: run_preprocess(preprocess_sizes(args), device, monitor, t, log)}
     with tempfile.TemporaryDirectory(prefix="mbm-gpu-bench-", dir=args.tmp) as tmp:
         for part in args.parts.split(","):
             elapsed = time.perf_counter() - start

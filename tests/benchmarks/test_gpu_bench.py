@@ -116,10 +116,47 @@ def test_quick_cpu_run_measures_every_part(tmp_path, capsys):
     assert gpu_bench.main(["--device", "cpu", "--quick", "--seconds", "0.3", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["errors"] == {} and results["skipped"] == []
-    image, text, audio, train = (results[p] for p in gpu_bench.PARTS)
+    image, text, audio, train, pre = (results[p] for p in gpu_bench.PARTS)
     assert image["decode"]["per_s"] > 0 and image["e2e"]["per_s"] > 0 and image["layout"]["convs"] > 0
     assert text["featurize"]["per_s"] > 0 and text["featurize"]["unit"] == "sentences"
     assert audio["e2e"]["unit"] == "audio-seconds" and audio["bucketed"]["padded_per_real"] >= 1.0
     assert train["batch_shapes"]["image"][1:] == [49, 1280] and train["loader"]["steps_per_s"] > 0
+    assert [r["samples"] for r in pre["runs"].values()] == [40, 80, 80]  # every sample landed, in each run
+    assert all(r["images"] > 0 and r["texts"] > 0 for r in pre["runs"].values())
+    assert pre["workers"] == 2 and pre["marginal"]["samples_per_s"] > 0
     printed = capsys.readouterr().out
     assert "sentences/s, hf-text featurize" in printed and "target text" in printed
+    assert "samples/s, mbm preprocess, marginal" in printed
+
+
+def test_preprocess_job_spec_runs_the_asked_settings(tmp_path):
+    from gpu_preprocess import job_spec, marginal
+
+    from jobs.spec import create_extractors, load_spec
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    model = tmp_path / "my model"
+    (model).mkdir()
+    (model / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+    spec = load_spec(str(job_spec(tmp_path, str(model), "cpu", 3, (512, 128))))
+    assert spec.runner.device == "cpu" and spec.runner.workers == 3
+    assert spec.extract["text"].name == "hf-text" and spec.extract["text"].batch_size == 512
+    assert spec.extract["image"].batch_size == 128 and spec.extract["audio"].batch_size == 32
+    assert create_extractors(spec)["text"].config.path == str(model)
+    plain = load_spec(str(job_spec(tmp_path, str(model), "cuda", 0, None)))
+    assert plain.extract["text"].batch_size == 128 and plain.runner.device == "cuda"
+    small, large = {"wall_s": 10.0, "samples": 100, "images": 80}, {"wall_s": 14.0, "samples": 500, "images": 400}
+    assert marginal(small, large, "samples") == 100.0 and marginal(small, large, "images") == 80.0
+    assert marginal(large, {**large}, "samples") is None
+
+
+def test_table_shows_the_preprocess_runs_and_the_marginal_rate():
+    pre = {"runs": {"default 8000": {"wall_s": 20.0, "samples": 8000, "images": 6000, "gpu": {"util_mean_pct": 41.0}},
+                    "default 24000": {"wall_s": 40.0, "samples": 24000, "images": 18000,
+                                      "gpu": {"util_mean_pct": None}}},
+           "marginal": {"samples_per_s": 800.0, "images_per_s": 600.0}, "workers": 16}
+    text = gpu_bench.table({"preprocess": pre, "errors": {}, "skipped": []}, "cuda")
+    assert "samples/s, mbm preprocess, default 8000" in text and "400" in text and "41%" in text
+    assert "whole process 20 s; 300 images/s" in text
+    assert "samples/s, mbm preprocess, marginal" in text and "600 images/s, 16 Beam workers" in text
