@@ -49,6 +49,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
     started ``pipelines.forkserver.ForkServer`` whose pre-imported workers the local runner uses.
     """
     started = clock()
+    spec.runner.check_device()
     out_dir = spec.output.dir
     local = _is_local(out_dir)
     with FolderLock(out_dir) if local else nullcontext():

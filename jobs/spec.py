@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 RUNNERS = ("FnApiRunner", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "PrismRunner")  # workers run on this machine
 SECTIONS = ("input", "output", "text", "image", "audio", "extract", "runner")
 
 
@@ -70,11 +72,28 @@ class RunnerConfig:
             raise ValueError(f"name must be one of {', '.join(RUNNERS)}, got {self.name!r}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = one per core), got {self.workers}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def num_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    def check_device(self) -> None:
+        """A local run's CUDA device must exist on this machine: say so before any worker starts.
+
+        Remote runners (Dataflow, Flink, Spark) are not checked: their workers, not the machine
+        that submits the job, hold the GPUs.
+        """
+        if self.name not in LOCAL_RUNNERS or not self.device.startswith("cuda"):
+            return
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(self.device.partition(":")[2] or 0)
+        if index >= count:
+            seen = "no GPU" if count == 0 else f"{count} GPU{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})"
+            raise SpecError(f"[runner] device = {self.device!r}, but torch sees {seen} on this machine; use "
+                            f"device = \"auto\" (a GPU when there is one) or \"cpu\"")
 
 
 @dataclass(kw_only=True)

@@ -26,6 +26,15 @@ def test_bad_cli_arguments_exit_2(args, needle, capsys):
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu_exits_2_before_any_work(tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n')
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--device", "cuda", "--no-progress"]) == 2
+    assert "device = 'cuda', but torch sees no GPU on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "dataset.json").exists()
+
+
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "preprocess" in out.stdout

@@ -65,6 +65,10 @@ def test_input_relative_to_cwd_is_accepted_when_not_next_to_spec(data, tmp_path,
          r"\[image\] size = 300 conflicts with \[extract.image\]"),
         ('[input]\nmanifest = "data/manifest.jsonl"\nfolder = "data"\n[output]\ndir = "o"\n', r"exactly one of"),
         ('[input\n', r"not valid TOML"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[runner]\ndevice = "cuda:x"\n',
+         r"\[runner\].*device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[runner]\ndevice = "gpu"\n',
+         r"device must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_specs_name_what_to_fix(data, body, message):
@@ -75,3 +79,29 @@ def test_bad_specs_name_what_to_fix(data, body, message):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(("gpus", "device", "error"), [
+    (0, "cuda", "torch sees no GPU on this machine"),
+    (0, "cuda:0", "torch sees no GPU"),
+    (2, "cuda:1", None),
+    (2, "cuda:2", r"sees 2 GPUs \(cuda:0..cuda:1\)"),
+    (1, "cuda:3", r"sees 1 GPU \(cuda:0..cuda:0\)"),
+    (0, "cpu", None),
+    (0, "auto", None),
+])
+def test_a_local_run_on_a_missing_gpu_fails_before_any_worker_starts(monkeypatch, gpus, device, error):
+    import torch
+
+    from jobs.spec import RunnerConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    runner = RunnerConfig(device=device)
+    if error is None:
+        runner.check_device()
+    else:
+        with pytest.raises(SpecError, match=error) as exc:
+            runner.check_device()
+        assert 'use device = "auto"' in str(exc.value)
+    RunnerConfig(name="DataflowRunner", device="cuda:7").check_device()  # its workers hold the GPUs, not this machine
