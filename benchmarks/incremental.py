@@ -30,16 +30,37 @@ SAMPLE = ROOT / "examples" / "sample"
 MBM = [sys.executable, "-m", "jobs.cli"]
 
 
-def build(data: Path, n: int) -> list[dict]:
-    shutil.copytree(SAMPLE, data)
-    base = [json.loads(x) for x in (data / "manifest.jsonl").read_text().splitlines() if x.strip()]
-    base = [r for r in base if not r["id"].startswith("bad")]
+def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
+    """``n`` manifest rows under ``data``, with unique ids, cycling through a corpus's rows.
+
+    Default corpus: the bundled sample (copied; its two deliberately bad rows left out). ``source``:
+    any folder with a ``manifest.jsonl`` (mbm's columns, media paths relative to it), whose entries
+    are symlinked rather than copied and whose rows are all kept; ``n = 0`` takes its rows once.
+    A text repeated gets its copy number appended, so repeated captions are not identical.
+    """
+    if source is None:
+        shutil.copytree(SAMPLE, data)
+        base = [json.loads(x) for x in (data / "manifest.jsonl").read_text().splitlines() if x.strip()]
+        base = [r for r in base if not r["id"].startswith("bad")]
+    else:
+        manifest = Path(source) / "manifest.jsonl"
+        if not manifest.is_file():
+            raise SystemExit(f"--source {source}: no manifest.jsonl there (mbm's manifest columns: id, text, "
+                             "image, audio, label; media paths relative to the folder)")
+        data.mkdir(parents=True)
+        for entry in Path(source).iterdir():
+            if entry.name != "manifest.jsonl":
+                (data / entry.name).symlink_to(entry.resolve())
+        base = [json.loads(x) for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if not base:
+            raise SystemExit(f"--source {source}: manifest.jsonl has no rows")
     rows = []
-    for i in range(n):
+    for i in range(n or len(base)):
         r = dict(base[i % len(base)])
-        r["id"] = f"{r['id']}-{i:05d}"
-        if r.get("text"):
-            r["text"] = f"{r['text']} (copy {i})"
+        if i >= len(base) or source is None:
+            r["id"] = f"{r.get('id', 'row')}-{i:05d}"
+            if isinstance(r.get("text"), str) and r["text"]:
+                r["text"] = f"{r['text']} (copy {i})"
         rows.append(r)
     write(data, rows)
     return rows

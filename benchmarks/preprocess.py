@@ -184,10 +184,10 @@ def table(results: dict[str, list[dict]], n: int) -> list[str]:
     return lines
 
 
-def dataset(folder: Path, n: int, precision: dict[str, str] | None = None) -> Path:
-    """The sample media repeated to ``n`` samples under ``folder/data``; returns the job spec written beside it
-    (with ``precision``, modality -> extractor precision, in its [extract] sections)."""
-    build(folder / "data", n)
+def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, source: Path | None = None) -> Path:
+    """The sample media (or ``source``'s corpus) repeated to ``n`` samples under ``folder/data``; returns the
+    job spec written beside it (with ``precision``, modality -> extractor precision, in its [extract] sections)."""
+    build(folder / "data", n, source)
     spec = folder / "job.toml"
     extract = "".join(f'[extract.{m}]\nprecision = "{p}"\n' for m, p in sorted((precision or {}).items()))
     spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n' + extract)
@@ -203,12 +203,12 @@ def precision_arg(text: str) -> tuple[str, str]:
     return modality, value
 
 
-def memory_growth(tmp: Path, n: int) -> list[str]:
+def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
     """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each)."""
     rows, peaks = [], {}
     for factor in (1, 4):
         data = tmp / f"mem-{factor}x"
-        spec = dataset(data, factor * n)
+        spec = dataset(data, factor * n, source=source)
         r = measure(commands(spec, data / "out")["mbm preprocess"], data / "run.log")
         peaks[factor] = r
         print(f"memory {factor}x: {factor * n} samples, {r['wall']:.1f} s, RSS {r['rss']:.0f} MiB, "
@@ -281,9 +281,14 @@ def main() -> int:
                     help="also measure mbm's peak memory at 1x and 4x --samples (one run each)")
     ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
                     help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
+    ap.add_argument("--source", type=Path, default=None, metavar="DIR",
+                    help="another corpus: a folder with manifest.jsonl (mbm's columns, media paths relative to it), "
+                         "its rows repeated to --samples with unique ids (--samples 0: each row once)")
     args = ap.parse_args()
-    if args.precision and args.write:
-        ap.error("--write records the default settings; leave out --precision")
+    if (args.precision or args.source) and args.write:
+        ap.error("--write records the bundled sample with the default settings; leave out --precision and --source")
+    if args.samples < (0 if args.source else 1):
+        ap.error("--samples must be >= 1 (0 with --source: each of its rows once)")
     has_hf = importlib.util.find_spec("datasets") is not None
     if not has_hf:
         print("HF datasets is not installed (pip install -e '.[dev,bench]'): skipping the datasets.map baseline",
@@ -293,7 +298,8 @@ def main() -> int:
     loop_stages = ""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        spec = dataset(tmp, args.samples, dict(args.precision))
+        spec = dataset(tmp, args.samples, dict(args.precision), args.source)
+        n = sum(1 for line in (tmp / "data" / "manifest.jsonl").open() if line.strip())
         for rep in range(args.reps):
             for i, name in enumerate(commands(spec, tmp)):
                 if name.startswith("HF") and not has_hf:
@@ -309,8 +315,8 @@ def main() -> int:
                     loop_stages = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
         if args.profile:
             profile(spec, tmp)
-        extra = memory_growth(tmp, args.samples) if args.memory else []
-    lines = table(results, args.samples)
+        extra = memory_growth(tmp, n, args.source) if args.memory else []
+    lines = table(results, n)
     shown = {name: f"{c['samples']} ({c['text']} / {c['image']} / {c['audio']})" for name, c in counts.items()}
     same = len({(c["samples"], c["text"], c["image"], c["audio"]) for c in counts.values()}) == 1
     summary = (", ".join(f"{name} {s}" for name, s in shown.items()) if not same

@@ -10,12 +10,17 @@ some modalities missing) of --samples samples and a 4x copy, then measures:
    for each of --train-workers;
 3. memory: peak RSS of one loader epoch (child process + workers) at 1x and 4x the dataset size.
 
+With --data, an existing dataset folder (what `mbm preprocess` wrote; labelled samples, as the
+classify task needs) replaces the synthetic one, and the 4x dataset of the memory check is a view
+that lists each of its shards four times.
+
 Prints a table and, with --write, updates the section in docs/benchmarks.md.
 
     .venv/bin/python benchmarks/stream.py --write
     .venv/bin/python benchmarks/stream.py --samples 300 --reps 1 --steps 10   # a quick check
     .venv/bin/python benchmarks/stream.py --samples 300 --profile              # where an epoch's time goes
     .venv/bin/python benchmarks/stream.py --breakdown    # loader CPU per batch; step time, wait and CPU
+    .venv/bin/python benchmarks/stream.py --data out/mydata   # another dataset
 """
 
 from __future__ import annotations
@@ -58,8 +63,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--breakdown", action="store_true", help="only print the loader's CPU time per batch and, "
                     "for each of --train-workers, the training step's wall time, wait for data and CPU time")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    ap.add_argument("--data", default=None, metavar="DIR",
+                    help="a dataset folder written by mbm preprocess, instead of the synthetic dataset")
     ap.add_argument("--child-epoch", metavar="DATA", help=argparse.SUPPRESS)
-    return ap.parse_args()
+    args = ap.parse_args()
+    if args.data and args.write:
+        ap.error("--write records the synthetic dataset; leave out --data")
+    return args
 
 
 def base_config(data: str, args: argparse.Namespace):
@@ -170,6 +180,27 @@ def memory(datasets: list[tuple[str, str, int]], workers: int) -> tuple[list[str
     return rows, peaks[-1][2].tree_mib / peaks[0][2].tree_mib
 
 
+def times_four(source, folder: str) -> str:
+    """A dataset folder under ``folder`` whose version lists each of ``source``'s shards four times
+    (symlinks): 4x the samples to read, each id four times, for the memory check of a real dataset."""
+    from schemas import DatasetManifest
+
+    os.makedirs(os.path.join(folder, "shards"))
+    sizes = source.shard_sizes or [0] * len(source.shards)
+    shards, counts = [], []
+    for copy in range(4):
+        for i, path in enumerate(source.shards):
+            name = f"shards/c{copy}-{i:06d}.tar"
+            os.symlink(os.path.abspath(path), os.path.join(folder, name))
+            shards.append(name)
+            counts.append(sizes[i])
+    manifest = DatasetManifest(version=1, shards=shards, shard_sizes=counts, num_samples=sum(counts), counts={},
+                               index="", feature_dims=dict(source.feature_dims), labels=list(source.labels))
+    with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+    return folder
+
+
 def machine() -> str:
     import torch
     import webdataset
@@ -190,10 +221,9 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
     over_txt = "; ".join(f"{w} worker{'s' * (w != 1)}: {o:.1%} ({verdict(o < TARGETS['overhead'])})"
                          for w, o in overheads.items())
     return "\n".join([
-        f"Machine: {info['machine']}. Dataset: {args.samples} synthetic samples in {info['shards']} shards "
-        f"({info['size_mb']:.0f} MB; float16 text 20–60×384, image 49×1280, audio 100–400×80; each modality "
-        f"absent from 10–15 % of samples, 5 % unlabelled), in the page cache. Each figure: median of {args.reps} "
-        "run(s), min–max in brackets or beside it.",
+        f"Machine: {info['machine']}. Dataset: {info['dataset']} in {info['shards']} shards "
+        f"({info['size_mb']:.0f} MB), in the page cache. Each figure: median of {args.reps} run(s), min–max in "
+        "brackets or beside it.",
         "",
         f"**Streaming**, one epoch, batch {args.batch_size}, shuffle buffer {info['buffer']}, worker start-up "
         "included; rate = dataset samples / epoch wall time. Both loaders deliver the train split's labelled "
@@ -211,7 +241,7 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         "batches collected in memory first; overhead = (loader − memory) / loader. On a CPU-only machine "
         "the training step already uses every core, so loader workers take their CPU time from it "
         "(they run at niceness 19, `MBM_LOADER_NICE`). The timed steps cross an epoch boundary "
-        "(52 batches per epoch here); the workers live for the whole run.",
+        f"({info['batches']} batches per epoch here); the workers live for the whole run.",
         "",
         "| loader workers | ms/step, loader | ms/step, memory | overhead |",
         "| ---: | ---: | ---: | ---: |",
@@ -246,26 +276,45 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="mbm-bench-stream-") as tmp:
         start = time.perf_counter()
-        source = make_dataset(os.path.join(tmp, "x1"), args.samples, args.per_shard)
-        print(f"dataset: {args.samples} samples, {len(source.shards)} shards "
+        if args.data:
+            from mbm.data.source import resolve_data
+
+            x1 = args.data
+            source = resolve_data(x1)
+            if not source.labels:
+                raise SystemExit(f"--data {x1}: no labelled samples; the training part trains the classify task")
+            n = sum(source.shard_sizes) if source.shard_sizes else int(source.counts.get("ok", 0))
+            described = f"{n} samples of {x1}"
+        else:
+            x1 = os.path.join(tmp, "x1")
+            source = make_dataset(x1, args.samples, args.per_shard)
+            n = args.samples
+            described = (f"{n} synthetic samples (float16 text 20–60×384, image 49×1280, audio 100–400×80; each "
+                         "modality absent from 10–15 % of samples, 5 % unlabelled)")
+        print(f"dataset: {n} samples, {len(source.shards)} shards "
               f"({time.perf_counter() - start:.0f} s to write)", file=sys.stderr)
-        cfg = base_config(os.path.join(tmp, "x1"), args)
+        cfg = base_config(x1, args)
         if args.profile:
             profile(source, cfg)
             return 0
         if args.breakdown:
             breakdown(source, cfg, args, tmp)
             return 0
-        info = {"machine": machine(), "shards": len(source.shards), "buffer": cfg.shuffle_buffer,
+        info = {"machine": machine(), "dataset": described, "shards": len(source.shards),
+                "buffer": cfg.shuffle_buffer,
                 "size_mb": sum(os.path.getsize(p) for p in source.shards) / 1e6,
                 "memory_workers": args.memory_workers if args.memory_workers is not None else max(args.workers)}
-        stream_rows, ratios = streaming(source, cfg, args, args.samples)
+        stream_rows, ratios = streaming(source, cfg, args, n)
+        info["batches"] = int(stream_rows[0].split("|")[6])  # the mbm loader's batches in one epoch
         print("streaming done", file=sys.stderr)
         train_rows, overheads = training(cfg, args, tmp)
         print("training done", file=sys.stderr)
-        make_dataset(os.path.join(tmp, "x4"), 4 * args.samples, args.per_shard)
-        mem_rows, mem_ratio = memory([("1×", os.path.join(tmp, "x1"), args.samples),
-                                      ("4×", os.path.join(tmp, "x4"), 4 * args.samples)], info["memory_workers"])
+        x4 = os.path.join(tmp, "x4")
+        if args.data:
+            times_four(source, x4)
+        else:
+            make_dataset(x4, 4 * n, args.per_shard)
+        mem_rows, mem_ratio = memory([("1×", x1, n), ("4×", x4, 4 * n)], info["memory_workers"])
     table = report(args, info, stream_rows, ratios, train_rows, overheads, mem_rows, mem_ratio)
     print(table)
     if args.write:

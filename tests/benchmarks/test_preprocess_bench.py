@@ -8,6 +8,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
+from incremental import build  # noqa: E402
 from preprocess import dataset, precision_arg  # noqa: E402
 
 from jobs.spec import create_extractors, load_spec  # noqa: E402
@@ -29,3 +30,25 @@ def test_dataset_spec_carries_the_precision_to_every_pipelines_extractors(tmp_pa
     assert len(manifest) == 12
     plain = load_spec(str(dataset(tmp_path / "plain", 3)))
     assert all(ex.config.precision == "auto" for ex in create_extractors(plain).values())
+
+
+def test_another_corpus_is_linked_and_its_rows_repeated_with_unique_ids(tmp_path):
+    import json
+
+    source = tmp_path / "corpus"
+    (source / "img").mkdir(parents=True)
+    (source / "img" / "a.png").write_bytes(b"not really a png")
+    rows = [{"id": "x", "text": "one", "image": "img/a.png"}, {"id": "bad", "image": "img/missing.png"}]
+    (source / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    once = build(tmp_path / "once", 0, source)
+    assert once == rows  # each row once, as it is (bad rows too: mbm rejects them, the baselines skip them)
+    assert (tmp_path / "once" / "img").is_symlink() and not (tmp_path / "once" / "img" / "missing.png").exists()
+    five = build(tmp_path / "five", 5, source)
+    assert [r["id"] for r in five] == ["x", "bad", "x-00002", "bad-00003", "x-00004"]
+    assert [r.get("text") for r in five] == ["one", None, "one (copy 2)", None, "one (copy 4)"]
+    written = [json.loads(x) for x in (tmp_path / "five" / "manifest.jsonl").read_text().splitlines()]
+    assert written == five and (source / "manifest.jsonl").read_text().count("\n") == 2  # the source is untouched
+    spec = load_spec(str(dataset(tmp_path / "spec", 3, source=source)))
+    assert spec.input.manifest == str(tmp_path / "spec" / "data" / "manifest.jsonl")
+    with pytest.raises(SystemExit, match="no manifest.jsonl"):
+        build(tmp_path / "none", 3, tmp_path / "img-only")
