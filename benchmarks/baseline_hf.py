@@ -43,9 +43,9 @@ def _worker(job: str) -> tuple[Any, Any, Any]:
 
 
 def process(batch: dict[str, list], job: str, base: str) -> dict[str, list]:
-    """A batch of manifest rows → the rows of the samples that landed (columns ``COLUMNS``)."""
+    """A batch of manifest rows (each a JSON string) → the rows of the samples that landed (columns ``COLUMNS``)."""
     spec, cfg, models = _worker(job)
-    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    rows = [json.loads(row) for row in batch["row"]]
     kept = []
     for n, row in enumerate(rows):
         try:
@@ -67,10 +67,28 @@ def process(batch: dict[str, list], job: str, base: str) -> dict[str, list]:
     return out
 
 
-def read_rows(manifest: str) -> list[dict[str, Any]]:
-    """The manifest's rows as plain dicts (what a user hands to ``Dataset.from_list``)."""
-    fmt = format_of(manifest)
-    return [item[1] for item in iter_rows(manifest, fmt, Path(manifest).name) if not isinstance(item, Reject)]
+def read_rows(manifest: str, allow_outside: bool) -> list[dict[str, str]]:
+    """The manifest's readable rows for ``Dataset.from_list``, each as one JSON string; of several valid
+    rows with one id only the first (as mbm and the loop keep it).
+
+    Arrow needs one type per column, and real manifests mix them (a label that is a number in one row
+    and a string in the next, metadata nested in some rows only): ``from_list`` on the plain dicts
+    fails there, so each row travels as JSON and ``process`` parses it.
+    """
+    base, seen, rows = folder_of(manifest), set(), []
+    for item in iter_rows(manifest, format_of(manifest), Path(manifest).name):
+        if isinstance(item, Reject):
+            continue
+        try:
+            sample_id = normalize_id(item[1].get("id"), "")
+            row_sample(sample_id, item[1], "", base, allow_outside)
+        except CleanError:
+            sample_id = None  # process() skips it; it does not count as the id's first row
+        if sample_id is not None and sample_id in seen:
+            continue
+        seen.add(sample_id)
+        rows.append({"row": json.dumps(item[1])})  # ASCII: undecodable bytes stay as escaped surrogates
+    return rows
 
 
 def main() -> int:
@@ -92,7 +110,7 @@ def main() -> int:
     spec = load_spec(args.job)
     manifest = spec.input.manifest
     start = time.perf_counter()
-    rows = read_rows(manifest)
+    rows = read_rows(manifest, spec.input.allow_outside)
     ds = datasets.Dataset.from_list(rows)
     # Rows per call: the largest per-modality batch, so every extractor gets calls as full as mbm's.
     rows_per_call = max(e.batch_size for e in spec.extract.values())

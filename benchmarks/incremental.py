@@ -35,8 +35,9 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
 
     Default corpus: the bundled sample (copied; its two deliberately bad rows left out). ``source``:
     any folder with a ``manifest.jsonl`` (mbm's columns, media paths relative to it), whose entries
-    are symlinked rather than copied and whose rows are all kept; ``n = 0`` takes its rows once.
-    A text repeated gets its copy number appended, so repeated captions are not identical.
+    are symlinked rather than copied; ``n = 0`` takes its manifest byte for byte (malformed lines
+    too), otherwise its JSON-object lines are repeated. A text repeated gets its copy number
+    appended, so repeated captions are not identical.
     """
     if source is None:
         shutil.copytree(SAMPLE, data)
@@ -51,9 +52,12 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
         for entry in Path(source).iterdir():
             if entry.name != "manifest.jsonl":
                 (data / entry.name).symlink_to(entry.resolve())
-        base = [json.loads(x) for x in manifest.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if n == 0:  # as it is: every line, readable or not, is the pipelines' business
+            shutil.copyfile(manifest, data / "manifest.jsonl")
+            return []
+        base = [r for r in map(_json_object, manifest.read_bytes().splitlines()) if r is not None]
         if not base:
-            raise SystemExit(f"--source {source}: manifest.jsonl has no rows")
+            raise SystemExit(f"--source {source}: manifest.jsonl has no JSON-object rows")
     rows = []
     for i in range(n or len(base)):
         r = dict(base[i % len(base)])
@@ -64,6 +68,15 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
         rows.append(r)
     write(data, rows)
     return rows
+
+
+def _json_object(line: bytes) -> dict | None:
+    """One manifest line as a dict, or None when it is blank, not JSON or not an object."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # also invalid UTF-8
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def write(data: Path, rows: list[dict]) -> None:

@@ -299,7 +299,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = dataset(tmp, args.samples, dict(args.precision), args.source)
-        n = sum(1 for line in (tmp / "data" / "manifest.jsonl").open() if line.strip())
+        n = sum(1 for line in (tmp / "data" / "manifest.jsonl").read_bytes().splitlines() if line.strip())
         for rep in range(args.reps):
             for i, name in enumerate(commands(spec, tmp)):
                 if name.startswith("HF") and not has_hf:

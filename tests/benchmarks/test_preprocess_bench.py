@@ -40,15 +40,34 @@ def test_another_corpus_is_linked_and_its_rows_repeated_with_unique_ids(tmp_path
     (source / "img" / "a.png").write_bytes(b"not really a png")
     rows = [{"id": "x", "text": "one", "image": "img/a.png"}, {"id": "bad", "image": "img/missing.png"}]
     (source / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    once = build(tmp_path / "once", 0, source)
-    assert once == rows  # each row once, as it is (bad rows too: mbm rejects them, the baselines skip them)
+    (source / "manifest.jsonl").write_bytes((source / "manifest.jsonl").read_bytes() + b"{broken\n\xff\n")
+    build(tmp_path / "once", 0, source)  # the manifest as it is, malformed lines too: the pipelines judge them
+    assert (tmp_path / "once" / "manifest.jsonl").read_bytes() == (source / "manifest.jsonl").read_bytes()
     assert (tmp_path / "once" / "img").is_symlink() and not (tmp_path / "once" / "img" / "missing.png").exists()
     five = build(tmp_path / "five", 5, source)
     assert [r["id"] for r in five] == ["x", "bad", "x-00002", "bad-00003", "x-00004"]
     assert [r.get("text") for r in five] == ["one", None, "one (copy 2)", None, "one (copy 4)"]
     written = [json.loads(x) for x in (tmp_path / "five" / "manifest.jsonl").read_text().splitlines()]
-    assert written == five and (source / "manifest.jsonl").read_text().count("\n") == 2  # the source is untouched
+    assert written == five and (source / "manifest.jsonl").read_bytes().count(b"\n") == 4  # the source is untouched
     spec = load_spec(str(dataset(tmp_path / "spec", 3, source=source)))
     assert spec.input.manifest == str(tmp_path / "spec" / "data" / "manifest.jsonl")
     with pytest.raises(SystemExit, match="no manifest.jsonl"):
         build(tmp_path / "none", 3, tmp_path / "img-only")
+
+
+def test_hf_baseline_rows_survive_mixed_types_and_keep_the_first_of_an_id(tmp_path):
+    """``Dataset.from_list`` needs one Arrow type per column: rows travel as JSON; duplicates go as in mbm."""
+    import json
+
+    from baseline_hf import read_rows
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    lines = [b'{"id": "a", "text": "one", "label": 1}', b'{"id": "b", "text": "two", "label": "cat", "meta": [1, 2]}',
+             b'{"id": "a", "text": "again"}', b'{"id": "c", "text": "caf\xe9"}', b'{broken', b'{"id": "d"}',
+             b'{"id": "d", "image": "a.png"}']
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    rows = [json.loads(r["row"]) for r in read_rows(str(manifest), False)]
+    assert [r["id"] for r in rows] == ["a", "b", "c", "d", "d"]  # the second "a" dropped; "d" without media is
+    assert rows[0]["text"] == "one" and rows[1]["meta"] == [1, 2]  # not valid, so the next "d" is its first
+    assert all(isinstance(r["row"], str) for r in read_rows(str(manifest), False))

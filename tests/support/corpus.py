@@ -447,3 +447,10 @@ def write_wds_corpus(root: Path, n: int = 20, *, per_shard: int = 8) -> Path:
         stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0}
         (root / f"{shard:05d}_stats.json").write_text(json.dumps(stats))
     return root
+
+
+if __name__ == "__main__":  # python tests/support/corpus.py ROOT [N_GOOD]: the corpus for a benchmark run
+    import sys
+
+    built = build_corpus(Path(sys.argv[1]), n_good=int(sys.argv[2]) if len(sys.argv) > 2 else 60)
+    print(f"{built.manifest}: {built.n_lines} lines, {len(built.good)} good, {built.bad} bad")
