@@ -123,10 +123,11 @@ def test_quick_cpu_run_measures_every_part(tmp_path, capsys):
     assert train["batch_shapes"]["image"][1:] == [49, 1280] and train["loader"]["steps_per_s"] > 0
     assert [r["samples"] for r in pre["runs"].values()] == [40, 80, 80]  # every sample landed, in each run
     assert all(r["images"] > 0 and r["texts"] > 0 for r in pre["runs"].values())
-    assert pre["workers"] == 2 and pre["marginal"]["samples_per_s"] > 0
+    # The quick sizes differ by 40 samples, within the start-up's noise: the marginal rate may be absent.
+    assert pre["workers"] == 2 and set(pre["marginal"]) == {"samples_per_s", "images_per_s", "texts_per_s"}
     printed = capsys.readouterr().out
     assert "sentences/s, hf-text featurize" in printed and "target text" in printed
-    assert "samples/s, mbm preprocess, marginal" in printed
+    assert "samples/s, mbm preprocess, default 80" in printed
 
 
 def test_preprocess_job_spec_runs_the_asked_settings(tmp_path):
