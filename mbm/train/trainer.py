@@ -41,6 +41,26 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                               {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """``--workers``, or when it is not given: 0 on the CPU, where the training step already uses every
+    core (2 % data overhead against 4 % with 2 workers on 2 cores, docs/benchmarks.md); on a GPU, where
+    the training process must stay free to feed it, this rank's share of the cores (``LOCAL_WORLD_SIZE``
+    ranks on the machine) less one for the training process, from 1 to ``MAX_AUTO_WORKERS``."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks_here = 1
+    return max(1, min(MAX_AUTO_WORKERS, cores // ranks_here - 1))
+
+
 class Trainer:
     """One run: ``Trainer(cfg, env).fit()``; rank 0 writes the run folder."""
 
@@ -69,15 +89,18 @@ class Trainer:
         self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=True) if env.distributed else self.model
         self.optimizer = adamw(self.model, cfg)
         self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio)
+        workers = loader_workers(cfg.workers, env.device)
         self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world),
-                                   workers=cfg.workers, pin_memory=env.device.type == "cuda")
+                                   workers=workers, pin_memory=env.device.type == "cuda")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        if env.device.type == "cpu" and cfg.workers and torch.get_num_threads() + cfg.workers > cores:
+        if env.device.type == "cpu" and workers and torch.get_num_threads() + workers > cores:
             # Measured on 2 cores with 2 workers: data overhead 4 % of a step, 2 % with --workers 0
             # (docs/benchmarks.md).
             log.info("--workers %d: training on the CPU with %d torch threads on %d cores, loader workers "
-                     "take cores from every step; --workers 0 may be as fast here", cfg.workers,
+                     "take cores from every step; --workers 0 may be as fast here", workers,
                      torch.get_num_threads(), cores)
+        elif cfg.workers is None and workers:
+            log.info("%d data-loader workers per rank (--workers sets another number)", workers)
         self.step = 0
         if resume_from:
             self._restore(load_checkpoint(resume_from))

@@ -66,3 +66,25 @@ def test_warmup_then_cosine_to_the_floor():
     assert f[60] == pytest.approx(0.55)
     assert f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
+
+
+def test_loader_workers_default_to_none_on_the_cpu_and_the_rank_share_of_the_cores_on_a_gpu(monkeypatch):
+    import os
+
+    import torch
+
+    from mbm.train.config import merge
+    from mbm.train.trainer import loader_workers
+
+    assert TrainConfig().workers is None and merge({"workers": 0}).workers == 0
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert loader_workers(None, cpu) == 0 and loader_workers(3, cpu) == 3 and loader_workers(0, gpu) == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, ranks, expected in [(16, None, 8), (6, None, 5), (2, None, 1), (1, None, 1), (16, "2", 7),
+                                   (16, "8", 1), (64, "4", 8), (16, "junk", 8)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
+        if ranks is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert loader_workers(None, gpu) == expected, (cores, ranks)
