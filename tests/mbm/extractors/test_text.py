@@ -126,3 +126,41 @@ def test_bfloat16_precision_on_the_cpu_is_close_to_float32(tiny_bert_dir, tiny):
     rel = np.linalg.norm(a - b) / np.linalg.norm(a)
     assert 0 < rel < 0.05, rel  # computed in bfloat16 (not bit-equal), still the same features
     np.testing.assert_array_equal(np.concatenate(low), np.concatenate(bf16.featurize(model, texts, "cpu")))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_arrays_equal_the_tokenizers_own_padding(tiny, side):
+    import torch
+
+    from mbm.extractors.text import padded_arrays
+
+    _, model = tiny
+    tok = model.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = side
+    try:
+        encoded = tok([SHORT, LONG, "", "hello world"], truncation=True, max_length=64)
+        rows = [1, 0, 3, 2, 1, 1]  # filler rows repeat one, as the passes do
+        for keys in (list(encoded), ["input_ids", "attention_mask"]):
+            sub = {k: encoded[k] for k in keys}
+            fast = padded_arrays(tok, sub, rows, 24)
+            slow = tok.pad({k: [v[i] for i in rows] for k, v in sub.items()}, padding="max_length", max_length=24,
+                           return_tensors="pt")
+            assert set(fast) == set(slow) == set(keys)
+            for k in keys:
+                assert torch.equal(torch.from_numpy(fast[k]), slow[k]), k
+        assert padded_arrays(tok, {**encoded, "special_tokens_mask": encoded["input_ids"]}, rows, 24) is None
+    finally:
+        tok.padding_side = old_side
+
+
+def test_features_are_the_same_through_the_tokenizers_padding(tiny, monkeypatch):
+    import mbm.extractors.text as text_module
+
+    extractor, model = tiny
+    texts = [SHORT, LONG, "hello world", "the cat", LONG + " again"]
+    fast = extractor.featurize(model, texts, "cpu")
+    monkeypatch.setattr(text_module, "padded_arrays", lambda *a: None)
+    slow = extractor.featurize(model, texts, "cpu")
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
