@@ -257,7 +257,7 @@ def featurize_uncapped(extractor: HFTextExtractor, model: Any, batch: list[str],
         rows = max(1, cfg.max_batch_tokens // length)
         for j in range(0, len(idx), rows):
             chunk = idx[j:j + rows]
-            extractor._forward(model, {k: [v[i] for i in chunk] for k, v in encoded.items()}, device, length)
+            extractor._forward(model, encoded, chunk, len(chunk), device, length)
     return len(batch)
 
 
