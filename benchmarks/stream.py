@@ -114,6 +114,16 @@ def breakdown(source, cfg, args, tmp: str) -> None:
     for w in sorted({0, *args.workers}):
         main, workers, wall = loader_cpu(source, with_workers(cfg, w), epochs=max(args.reps, 3))
         print(f"| {w} | {main:.1f} | {workers:.1f} | {wall:.1f} |")
+    if sys.platform.startswith("linux"):
+        from stream_read import persistent_epochs
+
+        print("\nWorkers that live across epochs, as the trainer's (each remembers its shard scans after the "
+              "first epoch; MBM_SCAN_CACHE=0 scans every epoch):\n")
+        print("| loader workers | epoch | workers' CPU ms/batch | wall ms/batch |")
+        print("| ---: | ---: | ---: | ---: |")
+        for w in sorted(set(args.workers) - {0}):
+            for e, (cpu, wall) in enumerate(persistent_epochs(source, with_workers(cfg, w), epochs=4)):
+                print(f"| {w} | {e + 1} | {cpu:.1f} | {wall:.1f} |")
     print("\n| loader workers | ms/step | of which waiting for a batch | training process CPU ms/step |")
     print("| ---: | ---: | ---: | ---: |")
     for w in args.train_workers:

@@ -141,6 +141,42 @@ def with_workers(cfg: TrainConfig, workers: int) -> TrainConfig:
     return replace(cfg, workers=workers)
 
 
+def children_cpu() -> float:
+    """CPU seconds of this process's live children (its loader workers), from /proc."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[1]) == os.getpid():
+                total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def persistent_epochs(source: DataSource, cfg: TrainConfig, epochs: int) -> list[tuple[float, float]]:
+    """(workers' CPU ms per batch, wall ms per batch) of each of ``epochs`` epochs of one loader whose
+    workers live for all of them, as the trainer's do (Linux: read from /proc)."""
+    import mbm.data.scan as scan
+    from mbm.data.errors import SkipLog
+
+    stream = ShardStream(train_stream(source, cfg))
+    scan._CACHE = scan.ScanCache(limit=0)  # count the batches without leaving scans for the workers to inherit
+    per_epoch = sum(1 for _ in stream.raw_batches(SkipLog(quiet=True)))
+    scan._CACHE = None  # each worker starts empty: its first epoch scans
+    loader = StreamLoader(stream, workers=cfg.workers)
+    out, batches = [], iter(loader)
+    for _ in range(epochs):
+        cpu, start = children_cpu(), time.perf_counter()
+        for _ in range(per_epoch):
+            next(batches)
+        out.append(((children_cpu() - cpu) / per_epoch * 1e3, (time.perf_counter() - start) / per_epoch * 1e3))
+    loader.close()
+    return out
+
+
 def loader_cpu(source: DataSource, cfg: TrainConfig, epochs: int) -> tuple[float, float, float]:
     """CPU ms per batch of the mbm loader over ``epochs`` epochs (after one untimed): (this process,
     its workers, wall). Each epoch's workers exit and are reaped at its end, so ``os.times`` counts them."""

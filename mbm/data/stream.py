@@ -29,10 +29,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mbm.data.collate import TASKS, CollateConfig, PackedBatch, pack_collate
 from mbm.data.decode import Sample, Undecoded
 from mbm.data.errors import SkipLog
-from mbm.data.shards import read_shards
+from mbm.data.scan import cache as scan_cache
 from mbm.data.source import label_key
 from mbm.data.split import SPLITS, split_of
-from mbm.data.stages import batched, decoded, epoch_rng, parsed, rank_slice, selected, shard_order, shuffled
+from mbm.data.stages import batched, decoded, epoch_rng, rank_slice, selected, shard_order, shuffled
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,9 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         shards = shard_order(list(cfg.shards), cfg.seed, self.epoch) if cfg.shuffle else list(cfg.shards)
         select = Selector(cfg)
-        samples = parsed(read_shards(shards, skips, lazy=True), skips, keep_id=select.in_split,
-                         modalities=cfg.collate.feature_dims)
+        # Each shard scanned once per process: a long-lived worker replays its scans in later epochs.
+        samples = scan_cache().samples(shards, skips, select.in_split, cfg.collate.feature_dims,
+                                       split=(cfg.split, cfg.val_fraction))
         samples = selected(samples, select, skips)
         if cfg.max_samples is not None:
             samples = itertools.islice(samples, cfg.max_samples)

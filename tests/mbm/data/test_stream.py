@@ -292,3 +292,19 @@ def test_loader_workers_persist_across_epochs_and_stop_when_iteration_stops(data
     batches.close()
     assert not multiprocessing.active_children()
     assert [b["ids"] for b in itertools.islice(loader, 3)] == alone[30:33]  # iterating again starts new ones
+
+
+def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatch):
+    import mbm.data.scan as scan
+
+    src = resolve_data(dataset)
+    cfg = stream_cfg(src, drop_last=False)
+
+    def epochs(cache):
+        monkeypatch.setattr(scan, "_CACHE", cache)
+        return [[(b["ids"], b["skipped"]["stream"]) for b in ShardStream(cfg, epoch=e)] for e in range(3)]
+
+    remembered = scan.ScanCache(limit=10_000)
+    first = epochs(remembered)
+    assert remembered.size > 0  # every shard was remembered after the first epoch
+    assert epochs(remembered) == first == epochs(scan.ScanCache(limit=0))
