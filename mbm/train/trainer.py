@@ -46,7 +46,7 @@ MAX_AUTO_WORKERS = 8
 
 def loader_workers(requested: int | None, device: torch.device) -> int:
     """``--workers``, or when it is not given: 0 on the CPU, where the training step already uses every
-    core (2 % data overhead against 4 % with 2 workers on 2 cores, docs/benchmarks.md); on a GPU, where
+    core (2.6 % data overhead against 2.9 % with 2 workers on 2 cores, docs/benchmarks.md); on a GPU, where
     the training process must stay free to feed it, this rank's share of the cores (``LOCAL_WORLD_SIZE``
     ranks on the machine) less one for the training process, from 1 to ``MAX_AUTO_WORKERS``."""
     if requested is not None:
@@ -94,8 +94,8 @@ class Trainer:
                                    workers=workers, pin_memory=env.device.type == "cuda")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if env.device.type == "cpu" and workers and torch.get_num_threads() + workers > cores:
-            # Measured on 2 cores with 2 workers: data overhead 4 % of a step, 2 % with --workers 0
-            # (docs/benchmarks.md).
+            # Measured on 2 cores: data overhead 2.9 % of a step with 2 workers, 2.6 % with --workers 0
+            # (4.2 % and 1.7 % before the workers remembered their scans; docs/benchmarks.md).
             log.info("--workers %d: training on the CPU with %d torch threads on %d cores, loader workers "
                      "take cores from every step; --workers 0 may be as fast here", workers,
                      torch.get_num_threads(), cores)
