@@ -28,7 +28,8 @@ class Peak:
     seconds: float
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
+    """Pids of ``pid``'s child processes, from /proc (none when it is gone)."""
     kids: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -53,7 +54,7 @@ def tree_rss_kib(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         sizes.append(_rss_kib(p))
-        todo.extend(_children(p))
+        todo.extend(children(p))
     return sizes
 
 

@@ -143,17 +143,17 @@ def with_workers(cfg: TrainConfig, workers: int) -> TrainConfig:
 
 def children_cpu() -> float:
     """CPU seconds of this process's live children (its loader workers), from /proc."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue  # exited meanwhile
-            if int(fields[1]) == os.getpid():
-                total += int(fields[11]) + int(fields[12])
-    return total / tick
+    from stream_memory import children
+
+    total = 0
+    for pid in children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def persistent_epochs(source: DataSource, cfg: TrainConfig, epochs: int) -> list[tuple[float, float]]:

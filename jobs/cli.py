@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -154,10 +155,8 @@ def run() -> None:
     if _command(argv) in DATASET_COMMANDS:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said on it
                 stream.flush()
-            except (OSError, ValueError):  # a closed pipe: nothing more can be said on it
-                pass
         os._exit(code)
     sys.exit(code)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from mbm.data.decode import Undecoded
 from mbm.data.errors import SkipLog
-from mbm.data.shards import read_shards
+from mbm.data.shards import file_identity, read_shards
 from mbm.data.stages import parsed
 
 DEFAULT_LIMIT = 100_000
@@ -64,8 +64,7 @@ class ScanCache:
     def _shard(self, path: str, skips: SkipLog, keep_id: Callable[[str], bool], mods: tuple[str, ...],
                key: tuple[str, Any]) -> Iterator[Undecoded]:
         try:
-            st = os.stat(path)
-            identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            identity = file_identity(os.stat(path))
         except OSError:
             identity = None
         hit = self.entries.get(key)

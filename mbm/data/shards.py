@@ -55,10 +55,11 @@ class ShardFile:
     __slots__ = ("path", "identity")
 
     def __init__(self, path: str, stat: os.stat_result) -> None:
-        self.path, self.identity = path, _identity(stat)
+        self.path, self.identity = path, file_identity(stat)
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime): a file that changed no longer has the same."""
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
@@ -88,7 +89,7 @@ class _OpenShards:
         if entry is not None:
             self._close(shard.path)
         fd = os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC)
-        identity = _identity(os.fstat(fd))
+        identity = file_identity(os.fstat(fd))
         if identity != shard.identity:
             os.close(fd)
             raise ValueError(f"{shard.path} changed since it was scanned")

@@ -6,6 +6,8 @@ torch is imported inside each function so that importing the extractors stays ch
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import re
 from typing import Any
 
@@ -35,9 +37,6 @@ def is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
-_WARNED_BF16: set[str] = set()
-
-
 def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager:
     """The compute precision of an extractor's forward pass (``ExtractorConfig.precision``).
 
@@ -51,15 +50,18 @@ def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContext
         return contextlib.nullcontext()
     if precision not in ("auto", "bfloat16"):
         raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
-    if not is_cuda(device) and "cpu" not in _WARNED_BF16:
-        _WARNED_BF16.add("cpu")
-        if not cpu_has_bf16():
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "precision = bfloat16 on a CPU without bfloat16 dot products (AVX512-BF16 or AMX): "
-                "it is emulated and slower than float32")
+    if not is_cuda(device):
+        _check_cpu_bf16()
     return torch.autocast("cuda" if is_cuda(device) else "cpu", dtype=torch.bfloat16)
+
+
+@functools.cache
+def _check_cpu_bf16() -> None:
+    """Warn, once per process, when bfloat16 is asked for on a CPU that can only emulate it."""
+    if not cpu_has_bf16():
+        logging.getLogger(__name__).warning(
+            "precision = bfloat16 on a CPU without bfloat16 dot products (AVX512-BF16 or AMX): "
+            "it is emulated and slower than float32")
 
 
 def cpu_has_bf16() -> bool:

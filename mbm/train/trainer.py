@@ -44,6 +44,11 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 MAX_AUTO_WORKERS = 8
 
 
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def loader_workers(requested: int | None, device: torch.device) -> int:
     """``--workers``, or when it is not given: 0 on the CPU, where the training step already uses every
     core (2.6 % data overhead against 2.9 % with 2 workers on 2 cores, docs/benchmarks.md); on a GPU, where
@@ -53,7 +58,7 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
         return requested
     if device.type != "cuda":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     try:
         ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
@@ -92,7 +97,7 @@ class Trainer:
         workers = loader_workers(cfg.workers, env.device)
         self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world),
                                    workers=workers, pin_memory=env.device.type == "cuda")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         if env.device.type == "cpu" and workers and torch.get_num_threads() + workers > cores:
             # Measured on 2 cores: data overhead 2.9 % of a step with 2 workers, 2.6 % with --workers 0
             # (4.2 % and 1.7 % before the workers remembered their scans; docs/benchmarks.md).

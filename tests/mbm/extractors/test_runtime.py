@@ -39,7 +39,7 @@ def test_unknown_precision_is_refused():
 
 def test_bfloat16_on_a_cpu_without_bf16_dot_products_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
-    monkeypatch.setattr(runtime, "_WARNED_BF16", set())
+    runtime._check_cpu_bf16.cache_clear()
     with caplog.at_level(logging.WARNING, logger="mbm.extractors.runtime"):
         autocast("cpu", "bfloat16")
         autocast("cpu", "bfloat16")
