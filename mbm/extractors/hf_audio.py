@@ -12,7 +12,7 @@ import numpy as np
 from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.registry import register_extractor
 from mbm.extractors.runtime import autocast, seeded, to_device, to_float16_numpy
-from mbm.extractors.text import hidden_size, read_hf_config
+from mbm.extractors.text import HFFolderModel, read_hf_config
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -46,7 +46,7 @@ def output_frames(num_samples: int, kernels: list[int], strides: list[int]) -> i
 
 
 @register_extractor
-class HFAudioExtractor(Extractor):
+class HFAudioExtractor(HFFolderModel, Extractor):
     """last_hidden_state (frames, hidden) of a local wav2vec2-style encoder; ~50 frames per second."""
 
     name = "hf-audio"
@@ -60,18 +60,6 @@ class HFAudioExtractor(Extractor):
 
     def input_spec(self) -> dict[str, Any]:
         return {"sample_rate": int(self._preprocessor().get("sampling_rate", 16000))}
-
-    @property
-    def dim(self) -> int:
-        return hidden_size(read_hf_config(self.config.path), self.config.path)
-
-    def weight_paths(self) -> list[str]:
-        return [self.config.path]
-
-    def preload_modules(self) -> list[str]:
-        from mbm.extractors.text import hf_modules
-
-        return hf_modules(self.config.path)
 
     def load(self, device: str) -> HFAudioModel:
         import torch

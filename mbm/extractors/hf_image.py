@@ -20,7 +20,7 @@ from mbm.extractors.image import (
 )
 from mbm.extractors.registry import register_extractor
 from mbm.extractors.runtime import autocast, seeded
-from mbm.extractors.text import hidden_size, read_hf_config
+from mbm.extractors.text import HFFolderModel, read_hf_config
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -59,7 +59,7 @@ class HFImageModel(NamedTuple):
 
 
 @register_extractor
-class HFImageExtractor(Extractor):
+class HFImageExtractor(HFFolderModel, Extractor):
     """last_hidden_state of a local HF vision model (`AutoModel`): tokens (N, D) or patches (H*W, C)."""
 
     name = "hf-image"
@@ -76,18 +76,6 @@ class HFImageExtractor(Extractor):
 
     def input_spec(self) -> dict[str, Any]:
         return {"image_size": self.image_size()}
-
-    @property
-    def dim(self) -> int:
-        return hidden_size(read_hf_config(self.config.path), self.config.path)
-
-    def weight_paths(self) -> list[str]:
-        return [self.config.path]
-
-    def preload_modules(self) -> list[str]:
-        from mbm.extractors.text import hf_modules
-
-        return hf_modules(self.config.path)
 
     def load(self, device: str) -> HFImageModel:
         import torch

@@ -54,6 +54,24 @@ def hidden_size(config: dict[str, Any], path: str) -> int:
     )
 
 
+class HFFolderModel:
+    """What every extractor over a local Hugging Face model folder shares: the folder is its weights,
+    config.json declares its width, and loading imports transformers and the model's modeling module."""
+
+    def model_path(self) -> str:
+        return self.config.path
+
+    def weight_paths(self) -> list[str]:
+        return [self.model_path()]
+
+    def preload_modules(self) -> list[str]:
+        return hf_modules(self.model_path())
+
+    @property
+    def dim(self) -> int:
+        return hidden_size(read_hf_config(self.model_path()), self.model_path())
+
+
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class HFTextConfig(ExtractorConfig):
     """A local Hugging Face text encoder."""
@@ -153,7 +171,7 @@ def padded_arrays(tokenizer: Any, encoded: dict[str, list], rows: list[int], len
 
 
 @register_extractor
-class HFTextExtractor(Extractor):
+class HFTextExtractor(HFFolderModel, Extractor):
     """Token features from any local HF encoder (`AutoModel`): (n_tokens, hidden) per text."""
 
     name = "hf-text"
@@ -161,19 +179,6 @@ class HFTextExtractor(Extractor):
     modality = "text"
     config_type = HFTextConfig
     location_fields = ("path",)
-
-    def model_path(self) -> str:
-        return self.config.path
-
-    def weight_paths(self) -> list[str]:
-        return [self.model_path()]
-
-    def preload_modules(self) -> list[str]:
-        return hf_modules(self.model_path())
-
-    @property
-    def dim(self) -> int:
-        return hidden_size(read_hf_config(self.model_path()), self.model_path())
 
     def load(self, device: str) -> TextModel:
         import torch
