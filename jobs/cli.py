@@ -199,7 +199,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from pipelines.lock import FolderLock, FolderLockedError
+    from mbm.lock import FolderLock, FolderLockedError
     from pipelines.versions import gc
 
     if not Path(args.dir, "dataset.json").is_file():
@@ -220,7 +220,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     o: dict[str, dict[str, Any]] = {}
-    if getattr(args, "output", None):
+    if getattr(args, "output", None) is not None:
+        if not args.output.strip():
+            raise SpecError("--output is empty; give the dataset folder to write")
         o.setdefault("output", {})["dir"] = str(Path(args.output).resolve()) if "://" not in args.output else args.output
     for flag, key in (("runner", "name"), ("workers", "workers"), ("device", "device")):
         if getattr(args, flag, None) is not None:
@@ -274,7 +276,7 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
 
         fork.preload(extractor_modules(create_extractors(spec)))
     from jobs.preprocess import run_preprocess
-    from pipelines.lock import FolderLockedError
+    from mbm.lock import FolderLockedError
 
     bar = None if args.no_progress or not sys.stderr.isatty() else _ProgressBar()
     try:

@@ -15,12 +15,12 @@ from typing import Any
 
 import apache_beam as beam
 
-from jobs.spec import JobSpec, create_extractors, dump_toml, extractor_modules
+from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
+from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
 from pipelines.commit import commit, current_manifest, remove_uncommitted
 from pipelines.extract import build_handlers
-from pipelines.lock import FolderLock
 from pipelines.progress import ProgressMonitor
 from pipelines.sink import SinkConfig
 from schemas import DatasetManifest
@@ -76,7 +76,13 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         command = fork.command() if fork is not None and fork.wait_ready() else None
         if fork is not None and command is None:
             log.warning("the worker fork server did not start; starting workers the usual way")
-        p = beam.Pipeline(runner=make_runner(spec.runner.name, workers, worker_log, command), options=options)
+        try:
+            p = beam.Pipeline(runner=make_runner(spec.runner.name, workers, worker_log, command), options=options)
+        except ValueError as e:  # Beam's own check of the runner's options (a remote runner's project, region, ...)
+            if local:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise SpecError(f"[runner] {spec.runner.name}: {e}; pass the runner's options after `--` or in "
+                            "[runner] options") from e
         build_graph(
             p,
             source=spec.input,

@@ -47,6 +47,7 @@ class OutputConfig:
 # Inputs per extractor call. Text is cheap to hold and runs in fixed-shape passes per length
 # bucket, so bigger calls fill those passes better (mbm/extractors/text.py, pass_shape).
 DEFAULT_BATCH_SIZE = {"text": 128, "image": 32, "audio": 32}
+MODEL_PATH_KEYS = ("path", "weights")  # extractor options that name local files (resolved like input paths)
 
 
 @dataclass(kw_only=True)
@@ -131,6 +132,8 @@ def _asdict(obj: Any) -> dict[str, Any]:
 def load_spec(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> JobSpec:
     """Read, merge CLI ``overrides`` (section -> key -> value) into, and validate a TOML job spec."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"job spec {path} is a folder; give the job's .toml file")
     if not path.is_file():
         raise SpecError(f"job spec {path} does not exist")
     try:
@@ -166,7 +169,11 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
         if isinstance(inp.get(key), str):
             inp[key] = _resolve_input(inp[key], base_dir, where, key)
     out = dict(raw["output"])
-    out["dir"] = str(_resolve(out["dir"], base_dir)) if isinstance(out["dir"], str) else out["dir"]
+    if isinstance(out["dir"], str):
+        if not out["dir"].strip():
+            raise SpecError(f"{where}: [output] dir is empty; set the dataset folder to write")
+        out["dir"] = str(_resolve(out["dir"], base_dir))
+        _check_output_dir(out["dir"], where)
 
     extract_raw = raw.get("extract", {})
     extract: dict[str, ExtractConfig] = {}
@@ -174,7 +181,14 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
         if modality not in DEFAULTS:
             raise SpecError(f"{where}: unknown section [extract.{modality}] (known: {', '.join(DEFAULTS)})")
     for modality, default_name in DEFAULTS.items():
-        section = dict(extract_raw.get(modality, {}))
+        section = extract_raw.get(modality, {})
+        if not isinstance(section, dict):
+            raise SpecError(f"{where}: [extract.{modality}] must be a table (e.g. [extract.{modality}] "
+                            f"name = {default_name!r}), got {type(section).__name__} {section!r}")
+        section = dict(section)
+        for key in MODEL_PATH_KEYS:  # a model folder or weights file: relative to the spec, like the input
+            if isinstance(section.get(key), str) and section[key].strip() and "://" not in section[key]:
+                section[key] = _resolve_existing(section[key], base_dir)
         name = section.pop("name", default_name)
         batch_size = section.pop("batch_size", DEFAULT_BATCH_SIZE[modality])
         extract[modality] = _build(ExtractConfig, {"name": name, "batch_size": batch_size, "options": section},
@@ -191,14 +205,21 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
         source_path=source_path,
     )
     extractors = create_extractors(spec)
-    image_spec = extractors["image"].input_spec()
-    audio_spec = extractors["audio"].input_spec()
+    image_spec, audio_spec = (_input_spec(extractors, m, where) for m in ("image", "audio"))
     spec.image = _build(ImageCleanConfig, raw.get("image", {}), "image", where,
                         derived={"size": (image_spec["image_size"], f"[extract.image] {spec.extract['image'].name}")})
     spec.audio = _build(AudioCleanConfig, raw.get("audio", {}), "audio",
                         where, derived={"sample_rate": (audio_spec["sample_rate"],
                                                    f"[extract.audio] {spec.extract['audio'].name}")})
     return spec
+
+
+def _input_spec(extractors: dict[str, Any], modality: str, where: str) -> dict[str, Any]:
+    """What the modality's extractor needs of the cleaned input (read from its model folder)."""
+    try:
+        return extractors[modality].input_spec()
+    except (ValueError, OSError) as e:
+        raise SpecError(f"{where}: [extract.{modality}]: {e}") from e
 
 
 def create_extractors(spec: JobSpec) -> dict[str, Any]:
@@ -214,6 +235,10 @@ def create_extractors(spec: JobSpec) -> dict[str, Any]:
         if ex.modality != modality:
             raise SpecError(f"{spec.source_path}: [extract.{modality}] name = {cfg.name!r} is a {ex.modality} "
                             f"extractor, not a {modality} one")
+        for path in ex.weight_paths():  # models load from local files only: say so before any work starts
+            if "://" not in path and not os.path.exists(path):
+                raise SpecError(f"{spec.source_path}: [extract.{modality}] {cfg.name}: the model path {path!r} "
+                                "does not exist (models load from local folders only, never from a hub)")
         out[modality] = ex
     return out
 
@@ -254,6 +279,10 @@ _SCALARS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float
 def _check_type(value: Any, annotation: Any, what: str) -> Any:
     """Check a TOML value against a simple field annotation (``int``, ``str | None``, ``tuple[...]``)."""
     ann = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace(" ", "")
+    if ann == "list[str]":
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise SpecError(f"{what} must be a list of strings (e.g. [\"--opt=value\"]), got {value!r}")
     options = ann.split("|")
     if ann.startswith("tuple") and isinstance(value, list):
         return tuple(value)
@@ -275,16 +304,37 @@ def _resolve(p: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else (base_dir / path).resolve()
 
 
-def _resolve_input(p: str, base_dir: Path, where: str, key: str) -> str:
-    if "://" in p:
-        return p
+def _check_output_dir(path: str, where: str) -> None:
+    """A local output folder must be a folder, or creatable: no file in its place or above it."""
+    if "://" in path:
+        return
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "is a file" if candidate == p else f"cannot be created: {candidate} is a file"
+                raise SpecError(f"{where}: [output] dir = {path!r} {what}; choose a folder")
+            return
+
+
+def _resolve_existing(p: str, base_dir: Path) -> str:
+    """``p`` against the spec's folder, or against the current folder when only that one exists."""
     resolved = _resolve(p, base_dir)
     if _exists(resolved):
         return str(resolved)
     cwd_relative = Path(os.path.expanduser(p)).resolve()
     if _exists(cwd_relative):
-        log.info("[input] %s = %r: not found next to the spec, using %s", key, p, cwd_relative)
+        log.info("%r: not found next to the spec, using %s", p, cwd_relative)
         return str(cwd_relative)
+    return str(resolved)
+
+
+def _resolve_input(p: str, base_dir: Path, where: str, key: str) -> str:
+    if "://" in p:
+        return p
+    resolved = _resolve_existing(p, base_dir)
+    if _exists(Path(resolved)):
+        return resolved
     raise SpecError(f"{where}: [input] {key} = {p!r}: {resolved} does not exist")
 
 

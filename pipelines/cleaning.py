@@ -20,6 +20,7 @@ from mbm.alloc import tune_malloc
 from pipelines.errors import CleanError
 from pipelines.media import read_media
 from schemas import CleanSample, RawSample, Reject, sample_key
+from schemas.records import escape_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
         image=values.get("image"),
         audio=values.get("audio"),
         sample_rate=cfg.audio.sample_rate if "audio" in values else None,
-        dropped={m: f"clean.{m}: {e.reason}: {e.detail}" for m, e in failures},
+        dropped={m: escape_undecodable(f"clean.{m}: {e.reason}: {e.detail}") for m, e in failures},
         content_hash=content,
         modality_hashes=hashes,
         source=raw.source,

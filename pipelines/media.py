@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 from pipelines.errors import CleanError
 from schemas import Media
 
@@ -21,9 +24,31 @@ def read_media(media: Media, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     return data
 
 
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"))
+
+
+def _check_local(uri: str) -> None:
+    """A local path that is a named pipe, socket or device is refused before it is opened: reading a
+    pipe nobody writes to would block the worker forever."""
+    from pipelines.readers.common import local_path
+
+    path = local_path(uri)
+    if path is None:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # opening it reports what is wrong
+    for test, what in _SPECIAL:
+        if test(mode):
+            raise CleanError("file.unreadable", f"{uri} is {what}, not a regular file")
+
+
 def _read_uri(uri: str, max_bytes: int) -> bytes:
     from apache_beam.io.filesystems import FileSystems
 
+    _check_local(uri)
     try:
         with FileSystems.open(uri, mime_type="application/octet-stream", compression_type="uncompressed") as f:
             data = f.read(max_bytes + 1)

@@ -28,6 +28,44 @@ def sample_key(sample_id: str) -> str:
     return "h-" + hashlib.sha1(sample_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def escape_undecodable(value: str) -> str:
+    """``value`` with what UTF-8 cannot hold written as escapes: a byte that was not valid UTF-8 (which
+    readers keep as a ``surrogateescape`` surrogate) as ``\\xNN``, any other lone surrogate as ``\\uNNNN``.
+
+    Ids, labels, metadata and messages go into JSON, Parquet and tar names, which refuse lone
+    surrogates; escaped, a Latin-1 file name or label stays distinct and readable instead of failing
+    the job. Text cells are not passed through here: the text cleaner rejects or repairs them.
+    """
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for ch in value:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def escape_nested(value: Any) -> Any:
+    """``escape_undecodable`` applied to every string (dict keys included) inside lists and dicts."""
+    if isinstance(value, str):
+        return escape_undecodable(value)
+    if isinstance(value, dict):
+        return {escape_nested(k): escape_nested(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [escape_nested(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Media:
     """Raw media: a path or URI that Beam's FileSystems can open, or bytes already in hand (from a tar)."""
@@ -60,6 +98,12 @@ class RawSample:
     label: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "manifest.jsonl:12", "shard-0001.tar:000123", ...
+
+    def __post_init__(self) -> None:
+        self.id = escape_undecodable(self.id) if isinstance(self.id, str) else self.id
+        self.label = escape_nested(self.label)
+        self.meta = escape_nested(self.meta)
+        self.source = escape_undecodable(self.source)
 
     def present(self) -> list[str]:
         return [m for m in MODALITIES if getattr(self, m) is not None]
@@ -133,6 +177,12 @@ class Reject:
     reason: str
     detail: str = ""
     source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("id", "detail", "source"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, escape_undecodable(value))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

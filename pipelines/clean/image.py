@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 from dataclasses import asdict, dataclass
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FITS = ("crop", "pad")
 _REDUCING_GAP = 2.0  # JPEG draft keeps >= 2x the target size, then BICUBIC does the rest
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "PNG",
@@ -116,7 +118,8 @@ def _open(data: bytes, cfg: ImageCleanConfig) -> Image.Image:
 def _error(data: bytes, e: Exception, phase: str, fmt: str | None = None) -> CleanError:
     """Map a Pillow exception to a reason code; the message alone is not reliable, so sniff the bytes too."""
     fmt = fmt or _sniff(data)
-    what = f"{fmt or 'unknown format'} ({len(data)} bytes): {type(e).__name__}: {e}"
+    message = _OBJECT_REPR.sub("<bytes>", str(e))  # Pillow names the BytesIO by its address: not reproducible
+    what = f"{fmt or 'unknown format'} ({len(data)} bytes): {type(e).__name__}: {message}"
     if isinstance(e, Image.DecompressionBombError | MemoryError):
         return CleanError("image.too_large", what)
     if isinstance(e, EOFError) or "truncated" in str(e).lower() or _looks_truncated(data, fmt):
@@ -170,7 +173,12 @@ def _orient(img: Image.Image) -> Image.Image:
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     """Any Pillow mode -> RGB; alpha (or a transparency key) is composited over ``background``."""
     if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(img)), mode="L").convert("RGB")
+        values = np.asarray(img)
+        rgb = np.repeat(_scale_to_uint8(values)[..., None], 3, axis=2)
+        key = img.info.get("transparency")
+        if isinstance(key, int | float) and not isinstance(key, bool):  # a PNG tRNS grey key: that value is transparent
+            rgb[values == key] = background
+        return Image.fromarray(rgb, mode="RGB")
     try:
         if img.mode == "La":  # premultiplied; Pillow converts it to LA only
             img = img.convert("LA")

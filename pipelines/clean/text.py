@@ -16,7 +16,8 @@ Steps, in order (each documented where a choice was made):
 4. Unicode normalization (``cfg.normalization``), then ``lowercase`` when asked.
 5. Whitespace: single newlines are kept (line structure survives); any run of whitespace that holds a
    newline becomes one ``\\n``, any other run one space; both ends are stripped.
-6. Length in code points: empty -> ``text.empty``, under ``min_chars`` -> ``text.too_short``, over
+6. Length in code points: empty, or nothing but marks, format and private-use characters (a lone
+   ZWJ, bidi marks, combining accents: the tokenizer would see no token) -> ``text.empty``, under ``min_chars`` -> ``text.too_short``, over
    ``max_chars`` -> truncated (never inside a base + combining-mark cluster or after a dangling ZWJ) or
    ``text.too_long``.
 """
@@ -158,6 +159,9 @@ def _limit_length(text: str, cfg: TextCleanConfig) -> str:
     n = len(text)
     if n == 0 and cfg.min_chars > 0:
         raise CleanError("text.empty", "no text left after cleaning")
+    if cfg.min_chars > 0 and not any(unicodedata.category(c)[0] in "LNPS" for c in text):
+        shown = " ".join(f"U+{ord(c):04X}" for c in text[:8]) + (" ..." if n > 8 else "")
+        raise CleanError("text.empty", f"no letter, digit, punctuation or symbol left after cleaning, only {shown}")
     if n < cfg.min_chars:
         raise CleanError("text.too_short", f"{n} characters after cleaning, minimum is {cfg.min_chars}")
     if n <= cfg.max_chars:

@@ -7,6 +7,7 @@ sample per media file, labelled by its class folder when files sit in more than 
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from pipelines.readers.common import (
     FirstWins,
     absolute,
     is_empty,
+    local_path,
     media_kind,
     reject,
     resolve_media,
@@ -49,12 +51,26 @@ def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSa
 
 
 def list_files(root: str) -> list[str]:
-    """Paths under ``root`` relative to it, sorted, hidden (``.x``, ``__x``) files and folders left out."""
-    from apache_beam.io.filesystems import FileSystems
+    """Paths under ``root`` relative to it, sorted, hidden (``.x``, ``__x``) files and folders left out.
 
-    (result,) = FileSystems.match([root.rstrip("/") + "/**"])
-    prefix = root.rstrip("/") + "/"
-    rels = (m.path[len(prefix) :] for m in result.metadata_list if m.path.startswith(prefix))
+    A local folder is walked with ``os.walk`` (symlinked folders are not entered), so a broken
+    symlink or a symlink loop is listed and becomes a reject when read; Beam's listing drops any
+    entry whose size it cannot read, and such a file would vanish without a row.
+    """
+    local = local_path(root)
+    if local is not None:
+        prefix = local.rstrip("/") + "/"
+        rels = (
+            posixpath.join(folder, name)[len(prefix):]
+            for folder, _, names in os.walk(local)
+            for name in names
+        )
+    else:
+        from apache_beam.io.filesystems import FileSystems
+
+        (result,) = FileSystems.match([root.rstrip("/") + "/**"])
+        prefix = root.rstrip("/") + "/"
+        rels = (m.path[len(prefix) :] for m in result.metadata_list if m.path.startswith(prefix))
     return sorted(r for r in rels if not any(part.startswith((".", "__")) for part in r.split("/")))
 
 

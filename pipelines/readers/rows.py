@@ -7,11 +7,13 @@ Used by the manifest reader and by the imagefolder/audiofolder metadata reader. 
 from __future__ import annotations
 
 import base64
+import collections
 import csv
 import datetime
 import decimal
 import io
 import json
+import math
 import posixpath
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -143,26 +145,50 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row | Reject]:
+    """Rows of a CSV/TSV, parsed strictly so that a quote opened and never closed cannot swallow the
+    rest of the file into one cell. A record that fails is taken from its first line alone, parsed
+    leniently (``"12" inch`` reads as ``12 inch``, as a lenient parser would), or rejected when even
+    that fails; either way parsing goes on at the next line."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    reader = csv.reader(_decoded(lines), delimiter=delimiter)
+    source = _decoded(lines)
+    pending: collections.deque[str] = collections.deque()  # lines to read again after a failed record
+    taken: list[str] = []  # the lines the current record consumed
+
+    def feed() -> Iterator[str]:
+        while True:
+            if pending:
+                line = pending.popleft()
+            elif (line := next(source, None)) is None:
+                return
+            taken.append(line)
+            yield line
+
+    base = 0  # physical lines before the current reader's first
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     while True:
-        start = reader.line_num + 1
+        taken.clear()
+        start = base + reader.line_num + 1
+        where = f"{name}:{start}"
         try:
             cells = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            where = f"{name}:{start}"
-            yield reject("read.bad_csv", f"{where}: cannot parse the row ({e})", where)
-            continue
+            first, rest = (taken[0], taken[1:]) if taken else ("", [])
+            pending.extendleft(reversed(rest))
+            base, reader = start, csv.reader(feed(), delimiter=delimiter, strict=True)
+            try:
+                cells = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter), [])
+            except csv.Error:
+                yield reject("read.bad_csv", f"{where}: cannot parse the row ({e})", where)
+                continue
         if not any(cell.strip() for cell in cells):
             continue
         if header is None:
             header = [cell.strip() for cell in cells]
             continue
         if len(cells) > len(header):
-            where = f"{name}:{start}"
             detail = f"{where}: {len(cells)} cells but the header has {len(header)} columns"
             yield reject("read.bad_csv", detail, where)
             continue
@@ -196,7 +222,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def meta_value(value: Any) -> Any:
-    """A meta cell safe for JSON: bytes become base64 text (binary meta columns are rare)."""
+    """A meta cell safe for JSON: bytes become base64 text (binary meta columns are rare); NaN and
+    infinities become null (strict JSON has no such numbers; NaN is how pandas writes a missing cell)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode("ascii")
     if isinstance(value, dict):

@@ -177,8 +177,14 @@ def _sample(
         text = _caption(info.get("caption"), source)
     image = _media(group, IMAGE_EXTS)
     audio = _media(group, AUDIO_EXTS)
+    status = info.get("status")
+    what = "no text, image or audio member"
+    if isinstance(status, str) and status != "success":  # img2dataset keeps the json of a failed download
+        what += f"; the json says status {status!r}"
+        if isinstance(info.get("error_message"), str) and info["error_message"]:
+            what += f": {info['error_message']}"
     if text is None and image is None and audio is None:
-        raise CleanError("read.no_modality", f"{source}: no text, image or audio member")
+        raise CleanError("read.no_modality", f"{source}: {what}")
     label = _label(_bytes(group, LABEL_SUFFIXES))
     if label is None and not is_empty(info.get("label")):
         label = meta_value(info["label"])

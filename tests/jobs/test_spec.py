@@ -69,6 +69,19 @@ def test_input_relative_to_cwd_is_accepted_when_not_next_to_spec(data, tmp_path,
          r"\[runner\].*device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
         ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[runner]\ndevice = "gpu"\n',
          r"device must be auto, cpu, cuda or cuda:N"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = ""\n', r"\[output\] dir is empty"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "data/manifest.jsonl"\n',
+         r"\[output\] dir = '.*manifest.jsonl' is a file; choose a folder"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "data/manifest.jsonl/sub"\n',
+         r"cannot be created: .*manifest.jsonl is a file"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract]\ntext = "minilm"\n',
+         r"\[extract.text\] must be a table .* got str 'minilm'"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[runner]\noptions = "--foo"\n',
+         r"\[runner\] options must be a list of strings"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.text]\nname = "hf-text"\n'
+         'path = "/nonexistent/bert"\n', r"\[extract.text\] hf-text: the model path '/nonexistent/bert' does not exist"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.image]\nname = "hf-image"\n'
+         'path = "data"\n', r"\[extract.image\]: .*data is not a local Hugging Face model folder"),
     ],
 )
 def test_bad_specs_name_what_to_fix(data, body, message):
@@ -79,6 +92,8 @@ def test_bad_specs_name_what_to_fix(data, body, message):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "nope.toml")
+    with pytest.raises(SpecError, match="is a folder; give the job's .toml file"):
+        load_spec(tmp_path)
 
 
 @pytest.mark.parametrize(("gpus", "device", "error"), [

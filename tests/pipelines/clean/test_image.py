@@ -182,6 +182,15 @@ def test_16_bit_png_gradient_is_scaled_not_clipped(make_image):
     assert np.all(np.diff(row) >= 0)
 
 
+def test_16_bit_png_transparency_key_uses_background(make_image):
+    grey = np.full((16, 16), 30000, np.uint16)
+    grey[:8] = 1234  # the tRNS key: transparent
+    data = make_image(Image.fromarray(grey), "PNG", transparency=1234)
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    out = clean_image(data, ImageCleanConfig(size=16, background=(255, 0, 0)))
+    assert np.array_equal(out[0, 0], (255, 0, 0)) and np.array_equal(out[-1, -1], (117, 117, 117))
+
+
 @pytest.mark.parametrize("mode", ["I;16B", "I", "F"])
 def test_wide_modes_in_tiff(make_image, mode):
     if mode == "F":
@@ -262,6 +271,12 @@ def test_truncated_files_are_rejected(make_stripes, make_image, fmt):
     for cut in (0.5, 0.95):
         assert reason(data[: int(len(data) * cut)]).reason == "image.truncated", cut
     assert reason(data[:30]).reason == "image.truncated"
+
+
+def test_error_details_are_reproducible():
+    """Pillow names the stream by its memory address; a reject's detail must not change between runs."""
+    detail = reason(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40).detail
+    assert "0x" not in detail and "<bytes>" in detail
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,18 @@ def test_nothing_left_is_text_empty(raw):
     assert reason(raw).reason == "text.empty"
 
 
+@pytest.mark.parametrize("raw", ["\u200d", "\u200e\u200f", "\ufe0f", "\U000e0041\U000e0042", "\ue000\ue001",
+                                 "\u0301\u0302"])
+def test_only_marks_format_or_private_use_characters_is_text_empty(raw):
+    error = reason(raw)
+    assert error.reason == "text.empty" and f"U+{ord(raw[0]):04X}" in error.detail
+
+
+@pytest.mark.parametrize("raw", ["\u200dx", ".", "\U0001f600", "\u0661", "e\u0301"])
+def test_one_letter_digit_punctuation_or_symbol_is_enough(raw):
+    assert clean_text(raw, CFG) == unicodedata.normalize("NFKC", raw)
+
+
 def test_min_chars():
     assert reason("abc", TextCleanConfig(min_chars=5)).reason == "text.too_short"
     assert clean_text("abcde", TextCleanConfig(min_chars=5)) == "abcde"

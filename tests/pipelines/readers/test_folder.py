@@ -99,3 +99,11 @@ def test_allow_outside_in_metadata(tmp_path):
     (root / "metadata.jsonl").write_text('{"file_name": "../y.jpg"}\n')
     (sample,) = iter_folder(str(root), SourceConfig(folder=str(root), allow_outside=True))
     assert sample.image.uri == str(tmp_path / "y.jpg")
+
+
+def test_broken_symlinks_and_loops_are_listed_so_they_become_rejects(tmp_path):
+    _touch(tmp_path, "cat/1.jpg", "dog/2.jpg")
+    (tmp_path / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "dog" / "loop.jpg").symlink_to(tmp_path / "dog" / "loop.jpg")
+    got = [(s.id, s.label) for s in iter_folder(str(tmp_path))]
+    assert got == [("cat/1.jpg", "cat"), ("cat/gone.jpg", "cat"), ("dog/2.jpg", "dog"), ("dog/loop.jpg", "dog")]

@@ -216,3 +216,46 @@ def test_gzipped_jsonl(tmp_path):
         ("a", "m.jsonl.gz:1"),
         ("b", "m.jsonl.gz:3"),
     ]
+
+
+def test_csv_quote_never_closed_does_not_swallow_the_rows_after_it(tmp_path):
+    (tmp_path / "m.csv").write_bytes(
+        b'id,text\nr1,first\nr2,"12 inch record\nr3,third\nr4,"fourth"\nr5,"multi\nline"\nr6,"7" single\nr7,last\n'
+    )
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv"))))
+    assert [(s.id, s.text, s.source) for s in samples] == [
+        ("r1", "first", "m.csv:2"),
+        ("r2", "12 inch record", "m.csv:3"),  # its first line alone, read leniently
+        ("r3", "third", "m.csv:4"),
+        ("r4", "fourth", "m.csv:5"),
+        ("r5", "multi\nline", "m.csv:6"),
+        ("r6", "7 single", "m.csv:8"),
+        ("r7", "last", "m.csv:9"),
+    ]
+    assert rejects == []
+
+
+def test_csv_unclosed_quote_at_the_end_and_an_unparseable_line(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b'id,text,label\r\nr1,"open\r\nr2,ok,x\r\nr3,a"b"c,y\r\n')
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv"))))
+    assert [(s.id, s.text) for s in samples] == [("r1", "open"), ("r2", "ok"), ("r3", 'a"b"c')]
+    assert rejects == []
+
+
+def test_undecodable_bytes_in_ids_labels_and_meta_are_escaped(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"id,text,label,note\ncaf\xe9,fine,caf\xe8,\xff\nok,fine,x,y\n")
+    (tmp_path / "m.jsonl").write_bytes(_line({"id": "s\udce9", "text": "x", "label": "\ud83d",
+                                              "extra": {"k\udc80": ["v\udce9"]}}).replace(b"\\\\", b"\\"))
+    first, second = iter_manifest(str(tmp_path / "m.csv"))
+    assert (first.id, first.text, first.label, first.meta) == ("caf\\xe9", "fine", "caf\\xe8", {"note": "\\xff"})
+    assert second.id == "ok"
+    (sample,) = iter_manifest(str(tmp_path / "m.jsonl"))
+    assert (sample.id, sample.label, sample.meta) == ("s\\xe9", "\\ud83d", {"extra": {"k\\x80": ["v\\xe9"]}})
+    for value in (sample.id, sample.label, json.dumps(sample.meta, ensure_ascii=False)):
+        value.encode("utf-8")  # JSON, Parquet and tar names take these now
+
+
+def test_nan_and_infinite_meta_become_null(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x", "label": Infinity, "score": NaN, "w": [1.5, -Infinity]}\n')
+    (sample,) = iter_manifest(str(tmp_path / "m.jsonl"))
+    assert sample.label is None and sample.meta == {"score": None, "w": [1.5, None]}

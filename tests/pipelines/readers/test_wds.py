@@ -123,3 +123,22 @@ def test_gzipped_tar(tmp_path):
     (tmp_path / "z.tar.gz").write_bytes(gzip.compress(plain))
     (sample,) = iter_tar(str(tmp_path / "z.tar.gz"))
     assert (sample.id, sample.source) == ("a", "z.tar.gz:a")
+
+
+def test_a_failed_download_says_so(tmp_path):
+    samples = [{"__key__": "k", "json": {"key": "k", "status": "failed_to_download",
+                                         "error_message": "HTTP Error 404: Not Found"}}]
+    (item,) = iter_tar(str(write_tar(tmp_path / "t.tar", samples)))
+    assert item.reason == "read.no_modality"
+    assert "status 'failed_to_download': HTTP Error 404: Not Found" in item.detail
+
+
+def test_undecodable_member_names_and_labels_are_escaped(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:  # raw name bytes
+        for name, data in ((b"caf\xe9.jpg", JPG), (b"caf\xe9.cls", b"caf\xe8")):
+            info = tarfile.TarInfo(name.decode("latin-1"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (sample,) = iter_tar(str(path))
+    assert (sample.id, sample.label) == ("caf\\xe9", "caf\\xe8")

@@ -1,4 +1,5 @@
-"""One job per output folder: an advisory ``flock`` on ``OUT/.lock``, released by the OS even on kill -9."""
+"""One job per output folder (a dataset or a training run): an advisory ``flock`` on ``OUT/.lock``, released by
+the OS even on kill -9."""
 
 from __future__ import annotations
 

@@ -3,12 +3,12 @@ import sys
 
 import pytest
 
-from pipelines.lock import FolderLock, FolderLockedError
+from mbm.lock import FolderLock, FolderLockedError
 from pipelines.progress import ProgressWriter, read_progress
 
 HOLDER = """
 import sys, time
-from pipelines.lock import FolderLock
+from mbm.lock import FolderLock
 with FolderLock(sys.argv[1]):
     print("ready", flush=True)
     sys.stdin.readline()
