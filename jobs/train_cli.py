@@ -134,11 +134,28 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
+# What a run is: its model, its data and their order. A resumed run keeps them; the schedule, logging,
+# checkpointing and runtime settings may change between invocations.
+FIXED_ON_RESUME = ("task", "fusion", "d_model", "layers", "heads", "mlp_ratio", "positional", "embed_dim",
+                   "decoder_layers", "max_tokens", "pair", "tokenizer", "max_target_len", "data", "val_fraction",
+                   "seed", "batch_size", "shuffle_buffer")
+
+
+def absolute_data(data: str) -> str:
+    """``--data`` with a local path made absolute, so a run's config still finds it from another folder."""
+    return data if not data or "://" in data else os.path.abspath(os.path.expanduser(data))
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """Settings from defaults < the run's config (with --resume) < --config < flags."""
     flags = {k: getattr(args, k) for k in known_keys() if getattr(args, k, None) is not None}
     file_settings = load_toml(args.config) if args.config else {}
+    for layer in (flags, file_settings):
+        if isinstance(layer.get("data"), str):
+            layer["data"] = absolute_data(layer["data"])
     out = flags.get("out") or file_settings.get("out")
+    if isinstance(out, str):
+        _check_out(out)
     saved: dict[str, Any] = {}
     resume = flags.get("resume", file_settings.get("resume", False))
     if resume and out and os.path.isfile(os.path.join(out, "config.json")):
@@ -146,11 +163,43 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
         # --stop-at belongs to the invocation that was interrupted, not to the run
         saved = {k: v for k, v in RunDir(out).read_config().items() if k not in ("resume", "stop_at")}
+        if isinstance(saved.get("data"), str) and "://" not in saved["data"] and not os.path.isabs(saved["data"]):
+            saved["data"] = absolute_data(saved["data"])  # a run saved before paths were stored absolute
     cfg = merge(saved, file_settings, flags)
     for name in ("data", "out"):
         if not getattr(cfg, name):
             raise _Fail(f"--{name} is required (on the command line or in --config)")
+    if saved:
+        _check_resume(merge(saved), cfg, out)
     return cfg
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be a folder, or creatable: no file in its place or above it."""
+    if not out.strip():
+        raise _Fail("--out is empty; give the run folder")
+    path = os.path.abspath(out)
+    while True:
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                what = "is a file" if path == os.path.abspath(out) else f"cannot be created: {path} is a file"
+                raise _Fail(f"--out {out} {what}; give a folder for the run")
+            return
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:
+    """A resumed run keeps its model, data and data order: a setting that would change them is refused
+    before anything in the run folder is touched."""
+    changed = [name for name in FIXED_ON_RESUME if getattr(saved, name) != getattr(cfg, name)]
+    if changed:
+        shown = "; ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)!r} (the run has {getattr(saved, n)!r})"
+                          for n in changed)
+        raise _Fail(f"--resume: {shown}. A run keeps its model, data and data order once started; leave "
+                    f"these out to continue {out}, or start a new run with another --out")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -198,6 +247,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     """Handler of ``mbm generate``."""
     _setup_logging()
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        return _fail("generate", f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     for name in ("limit", "beam"):
         if getattr(args, name) < 1:
             return _fail("generate", f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -62,8 +63,12 @@ def resolve_data(spec: str) -> DataSource:
 def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
     if not os.path.isfile(manifest_path):
         raise ValueError(f"--data {spec}: no dataset manifest at {manifest_path}")
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = DatasetManifest.from_json(f.read())
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = DatasetManifest.from_json(f.read())
+    except (ValueError, TypeError, KeyError, AttributeError) as exn:  # not JSON, or not mbm's manifest fields
+        raise ValueError(f"--data {spec}: {manifest_path} is not a readable mbm dataset manifest "
+                         f"({type(exn).__name__}: {exn})") from None
     if not manifest.shards:
         raise ValueError(f"--data {spec}: dataset version {manifest.version} has no shards")
     dims = {m: int(manifest.feature_dims[m]) for m in MODALITIES if m in manifest.feature_dims}
@@ -75,7 +80,16 @@ def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
 
 
 def _from_pattern(spec: str) -> DataSource:
-    paths = list(braceexpand.braceexpand(spec))
+    """Shards named by brace ranges (``{000..009}``, as webdataset takes them) and shell globs (``*.tar``)."""
+    paths = []
+    for path in braceexpand.braceexpand(spec):
+        if glob.has_magic(path):
+            matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
+            if not matches:
+                raise ValueError(f"--data {spec}: not a dataset folder, and {path} matches no file")
+            paths.extend(matches)
+        else:
+            paths.append(path)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"--data {spec}: not a dataset folder, and {len(missing)} shard(s) missing, e.g. {missing[0]}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,7 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream_skips = SkipLog(quiet=self.rank != 0 or worker != 0)
         decode_skips = SkipLog()  # one process decodes each sample, so each may warn
+        self._skip_logs = (stream_skips, decode_skips)
         for i, raw in enumerate(self.raw_batches(stream_skips)):
             if i < self.skip_batches or (i - self.skip_batches) % workers != worker:
                 continue
@@ -161,6 +163,13 @@ class ShardStream(IterableDataset):
             batch.extras.update(extras)
             # A worker sends the packed batch (one shared-memory segment); ``StreamLoader`` unpacks it.
             yield batch if info is not None else batch.unpack()
+
+    def skipped(self) -> dict[str, int]:
+        """What the last pass over this stream (in this process) skipped, by reason."""
+        total: Counter[str] = Counter()
+        for skips in getattr(self, "_skip_logs", ()):
+            total.update(skips.counts)
+        return dict(sorted(total.items()))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Under a DataLoader worker, a left-out batch would shift the round-robin order: send a marker.

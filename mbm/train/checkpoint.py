@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from typing import Any
@@ -58,8 +59,20 @@ def latest_checkpoint(folder: str) -> str | None:
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """A checkpoint's state on the CPU; only tensors and plain containers are unpickled."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's state on the CPU; only tensors and plain containers are unpickled.
+
+    Raises ``ValueError`` naming the file when it cannot be read (cut short, not a checkpoint)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist") from None
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise ValueError(f"checkpoint {path} ({size} bytes) cannot be read, it may be cut short or not a "
+                         f"checkpoint: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not an mbm checkpoint")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -7,6 +7,7 @@ Validation errors name the flag (``--steps``) so the CLI can report them as bad 
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -83,6 +84,9 @@ class TrainConfig:
         for name in ("warmup_steps", "workers", "shuffle_buffer", "grad_clip", "weight_decay"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "dropout", "val_fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -91,6 +95,9 @@ class TrainConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.task == "retrieve" and self.batch_size < 2:
+            raise ValueError(f"--batch-size must be >= 2 for retrieve (the other samples of a batch are the "
+                             f"negatives), got {self.batch_size}")
         if self.d_model % self.heads:
             raise ValueError(f"--d-model {self.d_model} must be divisible by --heads {self.heads}")
         bad = [m for m in (*self.max_tokens, *self.pair) if m not in MODALITIES]

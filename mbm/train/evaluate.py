@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -13,6 +14,8 @@ from mbm.data.collate import IGNORE, batch_to
 from mbm.model.heads import recall_at_k
 from mbm.model.model import MultimodalModel
 
+log = logging.getLogger(__name__)
+
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; full precision on the CPU."""
@@ -21,9 +24,29 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+SKIP_HINTS = {
+    "task.no_label": "samples without a label (classify needs one)",
+    "task.unknown_label": "labels the run's vocabulary does not hold",
+    "task.no_text": "samples without text (generate predicts the text)",
+    "task.no_used_modality": "samples with none of the modalities this model reads",
+    "task.pair_missing": "samples lacking one of the two retrieval modalities",
+}
+
+
+def empty_split(task: str, skipped: dict[str, int]) -> str:
+    """Why a pass found nothing to evaluate, from what the stream skipped."""
+    if skipped:
+        reasons = "; ".join(f"{n} {SKIP_HINTS.get(r, r)} ({r})" for r, n in skipped.items())
+        return f"the held-out split has no sample the {task} task can use: skipped {reasons}"
+    return ("the held-out split is empty: no readable sample falls in it; raise --val-fraction, "
+            "or check that the dataset's shards exist and hold samples")
+
+
 @torch.no_grad()
 def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device) -> dict[str, float]:
-    """{"loss", "samples", and accuracy/majority_rate (classify), recall@k/chance@5 (retrieve)}."""
+    """{"loss", "samples", and accuracy/majority_rate (classify), recall@k/chance@5 (retrieve)}.
+
+    ``batches`` may be a ``ShardStream``: when nothing usable comes out, its skip counts say why."""
     was_training = model.training
     model.eval()
     task = model.cfg.task
@@ -48,8 +71,11 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
         loss_sum += float(out["loss"]) * n
         weight += n
     model.train(was_training)
+    skipped = getattr(batches, "skipped", dict)()
     if weight == 0:
-        raise ValueError("the held-out split is empty for this task; raise --val-fraction")
+        raise ValueError(empty_split(task, skipped))
+    if skipped:
+        log.info("evaluation left out %s", "; ".join(f"{n} {SKIP_HINTS.get(r, r)} ({r})" for r, n in skipped.items()))
     metrics = {"loss": loss_sum / weight}
     if task == "classify":
         metrics.update(accuracy=correct / weight, majority_rate=max(label_counts.values()) / weight, samples=weight)

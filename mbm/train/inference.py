@@ -73,7 +73,7 @@ def _checkpoint_path(run: RunDir, checkpoint: str | None) -> str:
 
 def evaluate_run(loaded: LoadedRun, split: str = "val") -> dict[str, float]:
     """The run's metrics on a split of its (or another) dataset."""
-    return {"step": loaded.step, "split": split, **evaluate(loaded.model, iter(loaded.stream(split)), loaded.device)}
+    return {"step": loaded.step, "split": split, **evaluate(loaded.model, loaded.stream(split), loaded.device)}
 
 
 def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam: int = 1,

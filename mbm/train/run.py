@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from mbm.train.checkpoint import latest_checkpoint, list_checkpoints
+from mbm.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints
 from mbm.train.config import TrainConfig, check_keys, merge
 
 
@@ -29,6 +29,12 @@ class RunDir:
 
     def latest(self) -> str | None:
         return latest_checkpoint(self.checkpoints)
+
+    def candidates(self) -> list[str]:
+        """Checkpoint paths to resume from, best first: the one ``latest`` names, then the rest newest first."""
+        latest = self.latest()
+        rest = [os.path.join(self.checkpoints, checkpoint_name(s)) for s in reversed(list_checkpoints(self.checkpoints))]
+        return ([latest] if latest else []) + [p for p in rest if p != latest]
 
     def write_config(self, cfg: TrainConfig) -> None:
         os.makedirs(self.root, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from mbm.data.collate import batch_to
 from mbm.data.loader import StreamLoader
 from mbm.data.source import resolve_data
 from mbm.data.stream import ShardStream
+from mbm.lock import FolderLock, FolderLockedError
 from mbm.model.model import MultimodalModel
 from mbm.train.build import common_pair, model_config, stream_config
 from mbm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -74,7 +76,7 @@ class Trainer:
         # Every step allocates and frees tens of MB of activations (and a batch buffer): keep them in
         # the heap rather than fault fresh pages in each step (5-7 % faster CPU steps, docs/benchmarks.md).
         tune_malloc()
-        resume_from = self.run.latest() if cfg.resume else None
+        resume_from, resume_state = self._resume_point() if cfg.resume else (None, None)
         if not cfg.resume and self.run.has_checkpoints():
             raise ValueError(f"--out {cfg.out} already holds a run; pass --resume to continue it or pick another --out")
         if cfg.resume and resume_from is None:
@@ -108,16 +110,29 @@ class Trainer:
             log.info("%d data-loader workers per rank (--workers sets another number)", workers)
         self.step = 0
         if resume_from:
-            self._restore(load_checkpoint(resume_from))
+            self._restore(resume_state)
             log.info("resumed %s at step %d (data %s)", resume_from, self.step, self.loader.state_dict())
         if env.is_main:
             self.run.write_config(cfg)
             self.run.write_labels(self.labels)
             for path in (self.run.metrics, *(self.run.samples_log(r) for r in range(env.world))):
-                truncate_jsonl(path, self.step)
+                # from a checkpoint: what came after it is redone; from nothing: everything is
+                truncate_jsonl(path, self.step if resume_from else -1)
         env.barrier()
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def _resume_point(self) -> tuple[str | None, dict[str, Any] | None]:
+        """The newest checkpoint that loads; one that does not (cut short by a full disk, a bad copy)
+        is reported and the one before it is used."""
+        for path in self.run.candidates():
+            try:
+                return path, load_checkpoint(path)
+            except ValueError as e:
+                log.warning("--resume: %s; trying the checkpoint before it", e)
+        if self.run.has_checkpoints():
+            raise ValueError(f"--resume: no checkpoint in {self.run.checkpoints} can be read")
+        return None, None
+
     def _state(self) -> dict[str, Any]:
         rngs = self.env.gather(rng_state())  # per rank: dropout draws differ with each rank's batches
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -167,8 +182,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Every rank evaluates the whole held-out split (identical results, no collectives needed)."""
-        stream = ShardStream(self.val_stream)
-        return evaluate(self.model, iter(stream), self.env.device)
+        return evaluate(self.model, ShardStream(self.val_stream), self.env.device)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -187,6 +201,11 @@ class Trainer:
         t0, seen, losses = time.perf_counter(), 0, []
         while self.step < end:
             loss, ids = self.train_step(batches)
+            if not math.isfinite(loss):
+                raise ValueError(
+                    f"the training loss is {loss} at step {self.step}: training diverged. Lower --lr (now "
+                    f"{cfg.lr:g}), raise --warmup-steps or keep --grad-clip on, and start again with another "
+                    "--out (this run's latest checkpoint may already hold the diverged weights)")
             seen += len(ids)
             losses.append(loss)
             if cfg.log_samples:
@@ -217,6 +236,11 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) training as configured, alone or as one rank under torchrun."""
     env = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, env, progress=progress).fit()
+        # One training per run folder: rank 0 holds the lock (a second job's checkpoints and metrics
+        # would interleave with this one's); the OS releases it when the process ends, however it ends.
+        with FolderLock(cfg.out) if env.is_main else contextlib.nullcontext():
+            return Trainer(cfg, env, progress=progress).fit()
+    except FolderLockedError as e:
+        raise ValueError(f"--out {cfg.out}: {e}") from None
     finally:
         env.close()

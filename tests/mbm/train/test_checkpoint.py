@@ -49,3 +49,17 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(expected[0], got[0]) and expected[1:] == got[1:]
     assert not os.path.exists(path)
+
+
+def test_a_cut_or_foreign_file_is_a_clear_error(tmp_path):
+    folder = str(tmp_path / "ck")
+    path = save_checkpoint(folder, 1, {"step": 1, "w": torch.ones(1000)}, keep=1)
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=r"step-000001.pt \(1000 bytes\) cannot be read"):
+        load_checkpoint(path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt \(0 bytes\) cannot be read"):
+        load_checkpoint(str(tmp_path / "empty.pt"))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope.pt"))

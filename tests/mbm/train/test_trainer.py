@@ -124,3 +124,115 @@ def test_accumulation_and_loader_workers_see_the_same_samples(data, tmp_path, ca
     la = read_jsonl(str(tmp_path / "w0" / "metrics.jsonl"))
     lb = read_jsonl(str(tmp_path / "w2" / "metrics.jsonl"))
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-6)
+
+
+def test_resume_refuses_a_changed_model_or_data_and_leaves_the_run_untouched(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train("--data", data, "--out", out, "--steps", "4", "--eval-every", "4") == 0
+    config = open(os.path.join(out, "config.json")).read()
+    assert json.loads(config)["data"] == os.path.abspath(data)  # found again from any folder
+    capsys.readouterr()
+    other = str(tmp_path / "other-data")
+    write_synthetic_dataset(other, SyntheticConfig(num_samples=40, samples_per_shard=40, feature_dims=DIMS))
+    for flags, named in ((["--heads", "4"], "--heads 4"), (["--positional", "none"], "--positional 'none'"),
+                         (["--val-fraction", "0.5"], "--val-fraction 0.5"), (["--data", other], "--data"),
+                         (["--max-tokens", "text=8"], "--max-tokens")):
+        assert train("--data", data, "--out", out, "--steps", "8", "--resume", *flags) == 2
+        err = capsys.readouterr().err
+        assert named in err and "the run has" in err and "another --out" in err, err
+        assert open(os.path.join(out, "config.json")).read() == config
+    # The schedule and logging may change; the run continues from its checkpoint.
+    assert train("--out", out, "--steps", "8", "--eval-every", "4", "--resume", "--lr", "1e-3") == 0
+    steps = [r["step"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "val"]
+    assert steps == [0, 4, 8]
+
+
+def test_evaluate_finds_the_data_from_another_folder(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(data))
+    out = str(tmp_path / "run")
+    assert train("--data", os.path.basename(data), "--out", out, "--steps", "2", "--eval-every", "2") == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+
+
+def test_out_that_is_a_file_and_a_run_folder_in_use(data, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert train("--data", data, "--out", str(afile)) == 2
+    assert "--out" in capsys.readouterr().err
+    assert train("--data", data, "--out", str(afile / "sub")) == 2
+    assert "afile is a file" in capsys.readouterr().err
+    from mbm.lock import FolderLock
+
+    out = tmp_path / "busy"
+    with FolderLock(str(out)):  # another training holds the run folder
+        assert train("--data", data, "--out", str(out), "--steps", "2") == 2
+    assert "another mbm job" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags", [["--lr", "inf"], ["--weight-decay", "nan"], ["--grad-clip", "nan"]])
+def test_non_finite_settings_exit_2(data, tmp_path, capsys, flags):
+    assert train("--data", data, "--out", str(tmp_path / "r"), *flags) == 2
+    assert f"{flags[0]} must be a finite number" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_a_message(data, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert train("--data", data, "--out", out, "--steps", "6", "--lr", "1e12", "--warmup-steps", "0",
+                 "--grad-clip", "0") == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "--lr" in err
+
+
+def test_resume_skips_a_cut_checkpoint_and_reports_an_unreadable_one(data, tmp_path, capsys, caplog):
+    out = str(tmp_path / "r")
+    assert train("--data", data, "--out", out, "--steps", "8", "--eval-every", "4", "--stop-at", "8") == 0
+    newest = os.path.join(out, "checkpoints", "step-000008.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(1000)
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert train("--data", data, "--out", out, "--steps", "12", "--eval-every", "4", "--resume") == 0
+    assert "step-000008.pt (1000 bytes) cannot be read" in caplog.text
+    assert main(["evaluate", "--run", out, "--checkpoint", str(tmp_path / "r" / "metrics.jsonl")]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+
+
+def test_glob_patterns_in_data(data, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert train("--data", os.path.join(data, "shards", "*.tar"), "--out", out, "--steps", "2",
+                 "--eval-every", "2") == 0
+    assert train("--data", os.path.join(data, "nope-*.tar"), "--out", str(tmp_path / "r2")) == 2
+    assert "matches no file" in capsys.readouterr().err
+
+
+def test_an_empty_held_out_split_says_why(data, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert train("--data", data, "--out", out, "--steps", "2", "--eval-every", "2") == 0
+    other = str(tmp_path / "other-labels")
+    write_synthetic_dataset(other, SyntheticConfig(num_samples=60, samples_per_shard=60, feature_dims=DIMS,
+                                                   labels=("x", "y")))
+    capsys.readouterr()
+    assert main(["evaluate", "--run", out, "--data", other, "--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "no sample the classify task can use" in err and "task.unknown_label" in err, err
+    assert "--val-fraction" not in err
+
+
+def test_small_flag_checks(data, tmp_path, capsys):
+    assert train("--data", data, "--out", str(tmp_path / "r"), "--task", "retrieve", "--batch-size", "1") == 2
+    assert "--batch-size must be >= 2 for retrieve" in capsys.readouterr().err
+    assert main(["generate", "--run", str(tmp_path / "r"), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(data, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "split": "val", "loss": 9.0}\n')  # all a killed run left
+    assert train("--data", data, "--out", str(out), "--steps", "2", "--eval-every", "2", "--resume") == 0
+    val = [r for r in read_jsonl(str(out / "metrics.jsonl")) if r["split"] == "val"]
+    assert [r["step"] for r in val] == [0, 2] and val[0]["loss"] != 9.0
