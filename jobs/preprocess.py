@@ -16,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 
 from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
+from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
@@ -61,7 +62,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             Path(staging).mkdir(parents=True)
         previous = current_manifest(out_dir)
         extractors = create_extractors(spec)
-        fingerprints = {m: ex.fingerprint() for m, ex in extractors.items()}
+        fingerprints = {m: features_fingerprint(ex, spec.extract[m].batch_size) for m, ex in extractors.items()}
         dims = {m: ex.dim for m, ex in extractors.items()}
         handlers = build_handlers(extractors, {m: e.batch_size for m, e in spec.extract.items()}, spec.runner.device)
         workers = spec.runner.num_workers()

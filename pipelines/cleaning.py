@@ -207,7 +207,8 @@ class CleanSampleFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(REJECTS, out)
         elif isinstance(out, dict):
             self._unchanged.inc()
-            yield beam.pvalue.TaggedOutput(UNCHANGED, out)
+            # The index holds labels as text; the vocabulary needs the label as read (1 and "1" differ).
+            yield beam.pvalue.TaggedOutput(UNCHANGED, {**out, "label_value": raw.label})
         else:
             self._ok.inc()
             yield out

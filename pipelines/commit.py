@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from schemas import SCHEMA_VERSION, DatasetManifest
 from schemas.arrow import index_table
-from schemas.manifest import version_path
+from schemas.manifest import job_path, version_path
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def plan_counts(previous_rows: list[dict], new_rows: list[dict], same_rows: list
     prev_ok = {r["id"] for r in previous_rows if r["status"] == "ok"}
     prev_rejects = {(r["id"], r["stage"], r["reason"]) for r in previous_rows if r["status"] == "rejected"}
     seen = {r["id"] for r in new_rows} | {r["id"] for r in same_rows}
-    changed = {r["id"] for r in new_rows if r["id"] in prev_ok}
+    lands = {r["id"] for r in new_rows if r["status"] == "ok"} | {r["id"] for r in same_rows}
+    # A reject row of a landed id (a later row repeating the id) does not change that sample.
+    changed = {r["id"] for r in new_rows if r["id"] in prev_ok and (r["status"] == "ok" or r["id"] not in lands)}
     same_rejects = {r["id"] for r in new_rows
                     if r["status"] == "rejected" and (r["id"], r["stage"], r["reason"]) in prev_rejects}
     new = {r["id"] for r in new_rows} - changed - same_rejects
@@ -230,12 +232,14 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         if FileSystems.exists(vpath):
             raise RuntimeError(f"{vpath} already exists; versions are immutable")
         write_atomic(vpath, manifest.to_json().encode("utf-8"), "application/json")
-        write_atomic(join(out_dir, "job.toml"), job_toml.encode("utf-8"), "application/toml")
+        write_atomic(join(out_dir, job_path(version)), job_toml.encode("utf-8"), "application/toml")
     report["seconds"] = round(clock() - started, 3)
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
-    write_atomic(join(out_dir, "report.json"), (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
-    if not unchanged:  # last: until here readers still see the previous version
+    if not unchanged:  # until here readers still see the previous version
         write_atomic(join(out_dir, "dataset.json"), manifest.to_json().encode("utf-8"), "application/json")
+        # The current version's spec; a run killed before this line gets it restored by remove_uncommitted.
+        write_atomic(join(out_dir, "job.toml"), job_toml.encode("utf-8"), "application/toml")
+    write_atomic(join(out_dir, "report.json"), (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
     FileSystems.delete([staging])
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report, rows=rows)
@@ -246,8 +250,13 @@ def _labels(sidecars: list[dict], same_rows: list[dict], previous: DatasetManife
     labels = {json.dumps(lbl, sort_keys=True): lbl for sc in sidecars for lbl in sc.get("labels", [])}
     by_text = {str(lbl): lbl for lbl in (previous.labels if previous else [])}
     for r in same_rows:
-        if r["label"] is not None:
+        if "label_value" in r:  # the unchanged sample's label as read, with its JSON type (1 is not "1")
+            lbl = r["label_value"]
+        elif r["label"] is not None:
             lbl = by_text.get(r["label"], r["label"])
+        else:
+            continue
+        if lbl is not None:
             labels[json.dumps(lbl, sort_keys=True)] = lbl
     return sorted(labels.values(), key=_label_key)
 
@@ -269,7 +278,7 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     if (root / ".staging").exists():
         shutil.rmtree(root / ".staging")
         removed.append(str(root / ".staging"))
-    patterns = {"versions": r"^(\d{6})\.json(\.tmp)?$", "index": r"^(\d{6})\.parquet(\.tmp)?$",
+    patterns = {"versions": r"^(\d{6})\.(json|toml)(\.tmp)?$", "index": r"^(\d{6})\.parquet(\.tmp)?$",
                 "shards": r"^v(\d{6})-\d{6}\.tar$"}
     for folder, pattern in patterns.items():
         if not (root / folder).is_dir():
@@ -282,6 +291,11 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     for f in root.glob("*.tmp"):
         f.unlink()
         removed.append(str(f))
+    spec = root / job_path(top)
+    if top and spec.is_file() and (not (root / "job.toml").is_file()
+                                   or (root / "job.toml").read_bytes() != spec.read_bytes()):
+        (root / "job.toml").write_bytes(spec.read_bytes())  # killed after the commit, before job.toml
+        removed.append(str(root / "job.toml"))
     if removed:
         log.warning("removed %d leftovers of an interrupted run in %s", len(removed), out_dir)
     return removed

@@ -159,9 +159,10 @@ class ExtractFeatures(beam.PTransform):
 
 def build_handlers(extractors: dict[str, Any], batch_sizes: dict[str, int], device: str) -> dict[str, ModalityHandler]:
     """One ModalityHandler per modality around each extractor's ExtractorHandler."""
-    from mbm.extractors.handler import ExtractorHandler
+    from mbm.extractors.handler import ExtractorHandler, features_fingerprint
 
     return {
-        m: ModalityHandler(m, ExtractorHandler(ex, batch_size=batch_sizes[m], device=device), ex.fingerprint())
+        m: ModalityHandler(m, ExtractorHandler(ex, batch_size=batch_sizes[m], device=device),
+                           features_fingerprint(ex, batch_sizes[m]))
         for m, ex in extractors.items()
     }

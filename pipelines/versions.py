@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from schemas import DatasetManifest
-from schemas.manifest import version_path
+from schemas.manifest import job_path, version_path
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,13 @@ def gc(out_dir: str, keep: int, *, dry_run: bool = False) -> dict[str, Any]:
     referenced = {s for m in kept for s in m.shards} | {m.index for m in kept}
     kept_numbers = {m.version for m in kept}
     doomed_versions = [root / version_path(m.version) for m in versions if m.version not in kept_numbers]
+    doomed_specs = [p for m in versions if m.version not in kept_numbers and (p := root / job_path(m.version)).is_file()]
     doomed_files = [p for folder in ("shards", "index") if (root / folder).is_dir()
                     for p in sorted((root / folder).iterdir())
                     if f"{folder}/{p.name}" not in referenced and p.is_file()]
     freed = sum(p.stat().st_size for p in doomed_files)
     if not dry_run:
-        for p in doomed_versions + doomed_files:  # manifests first: no version points at a missing shard
+        for p in doomed_versions + doomed_specs + doomed_files:  # manifests first: no version points at a missing shard
             p.unlink()
     return {"kept_versions": sorted(kept_numbers), "deleted_versions": [int(p.stem) for p in doomed_versions],
             "deleted_files": [str(p.relative_to(root)) for p in doomed_files], "freed_bytes": freed}

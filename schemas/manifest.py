@@ -55,3 +55,8 @@ class DatasetManifest:
 def version_path(version: int) -> str:
     """Relative path of a version's manifest."""
     return f"versions/{version:06d}.json"
+
+
+def job_path(version: int) -> str:
+    """Relative path of the resolved job spec that made a version (``job.toml`` is the current one's)."""
+    return f"versions/{version:06d}.toml"

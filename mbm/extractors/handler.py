@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -37,6 +38,24 @@ def configure_threads() -> None:
     if count < 1:
         raise ValueError(f"MBM_WORKERS must be a positive integer, got {workers!r}")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // count))
+
+
+FINGERPRINT_BATCH = 32  # the image batch size (pass shape) a plain extractor fingerprint stands for
+
+
+def features_fingerprint(extractor: Extractor, batch_size: int) -> str:
+    """The fingerprint stored with features: the extractor's, plus the pass shape where features depend on it.
+
+    Image passes always run ``batch_size`` rows (``ExtractorHandler.run_inference``), and convolution
+    kernels are picked by shape: on the CPU a pass of 1 row gives features ~1e-5 apart from passes of
+    2 to 32. So an image batch size other than 32 is part of the fingerprint (a dataset extended with
+    another batch size recomputes its images rather than mix the two). Text passes have fixed shapes
+    per length and log-mel frames do not depend on the batch: their fingerprints stay the extractor's.
+    """
+    fingerprint = extractor.fingerprint()
+    if extractor.modality != "image" or batch_size == FINGERPRINT_BATCH:
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}|image passes of {batch_size}".encode()).hexdigest()
 
 
 class LoadedModel:

@@ -62,7 +62,7 @@ def test_no_change_then_edits_recompute_only_what_changed(tmp_path):
     assert again["planned"] == {"new": 0, "changed": 0, "unchanged": 36, "removed": 0}
     assert sorted(p.name for p in (out / "shards").iterdir()) == shards_v1
     assert json.loads((out / "dataset.json").read_text())["version"] == 1
-    assert sorted(p.name for p in (out / "versions").iterdir()) == ["000001.json"]
+    assert sorted(p.name for p in (out / "versions").iterdir()) == ["000001.json", "000001.toml"]
 
     manifest = tmp_path / "data" / "manifest.jsonl"
     rows = _rows(manifest)

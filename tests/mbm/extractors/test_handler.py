@@ -146,3 +146,14 @@ def test_runinference_with_a_text_encoder(tiny_bert_dir):
         )
         assert_that(out, equal_to([f.shape for f in direct]))
     assert [f.shape for f in direct] == [(8, 32), (3, 32), (6, 32)]
+
+
+def test_the_image_pass_shape_is_part_of_the_fingerprint_unless_it_is_32():
+    from mbm.extractors.handler import features_fingerprint
+
+    image, audio = create_extractor("efficientnet-lite0", {}), create_extractor("logmel", {})
+    assert features_fingerprint(image, 32) == image.fingerprint()
+    others = {features_fingerprint(image, n) for n in (1, 16, 64)}
+    assert len(others) == 3 and image.fingerprint() not in others
+    assert features_fingerprint(image, 16) == features_fingerprint(image, 16)
+    assert features_fingerprint(audio, 1) == features_fingerprint(audio, 64) == audio.fingerprint()
