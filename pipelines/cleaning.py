@@ -208,7 +208,8 @@ class CleanSampleFn(beam.DoFn):
         elif isinstance(out, dict):
             self._unchanged.inc()
             # The index holds labels as text; the vocabulary needs the label as read (1 and "1" differ).
-            yield beam.pvalue.TaggedOutput(UNCHANGED, {**out, "label_value": raw.label})
+            # The source is where the sample is now (rows move, manifests change format).
+            yield beam.pvalue.TaggedOutput(UNCHANGED, {**out, "label_value": raw.label, "source": raw.source})
         else:
             self._ok.inc()
             yield out
