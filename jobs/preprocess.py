@@ -8,7 +8,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,13 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
     spec.runner.check_device()
     out_dir = spec.output.dir
     local = _is_local(out_dir)
-    with FolderLock(out_dir) if local else nullcontext():
+    held = ExitStack()
+    try:
+        if local:
+            held.enter_context(FolderLock(out_dir))
+    except OSError as e:
+        raise SpecError(f"[output] dir = {out_dir!r} cannot be created or locked: {e}") from e
+    with held:
         staging_root = f"{out_dir.rstrip('/')}/.staging"
         if local:
             remove_uncommitted(out_dir)  # we hold the lock: anything uncommitted is left from a killed run
@@ -62,8 +68,13 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             Path(staging).mkdir(parents=True)
         previous = current_manifest(out_dir)
         extractors = create_extractors(spec)
-        fingerprints = {m: features_fingerprint(ex, spec.extract[m].batch_size) for m, ex in extractors.items()}
-        dims = {m: ex.dim for m, ex in extractors.items()}
+        fingerprints, dims = {}, {}
+        for m, ex in extractors.items():
+            try:  # hashes the weights and reads the model's config: a folder that is no model fails here
+                fingerprints[m] = features_fingerprint(ex, spec.extract[m].batch_size)
+                dims[m] = ex.dim
+            except (ValueError, OSError) as e:
+                raise SpecError(f"[extract.{m}] {ex.name}: {e}") from e
         handlers = build_handlers(extractors, {m: e.batch_size for m, e in spec.extract.items()}, spec.runner.device)
         workers = spec.runner.num_workers()
         os.environ["MBM_WORKERS"] = str(workers)  # extractors size torch's thread pool from this

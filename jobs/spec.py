@@ -137,7 +137,8 @@ def load_spec(path: str | Path, overrides: dict[str, dict[str, Any]] | None = No
     if not path.is_file():
         raise SpecError(f"job spec {path} does not exist")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # surrogateescape: a path written in another encoding (a Latin-1 folder name) keeps its bytes
+        raw = tomllib.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from e
     for section, values in (overrides or {}).items():
@@ -301,7 +302,10 @@ def _resolve(p: str, base_dir: Path) -> Path:
     if "://" in p:
         return Path(p)  # URIs pass through untouched (str() below keeps them intact on POSIX only)
     path = Path(os.path.expanduser(p))
-    return path if path.is_absolute() else (base_dir / path).resolve()
+    try:
+        return path if path.is_absolute() else (base_dir / path).resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop
+        raise SpecError(f"{p!r}: cannot resolve the path ({e})") from e
 
 
 def _check_output_dir(path: str, where: str) -> None:

@@ -232,14 +232,14 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         if FileSystems.exists(vpath):
             raise RuntimeError(f"{vpath} already exists; versions are immutable")
         write_atomic(vpath, manifest.to_json().encode("utf-8"), "application/json")
-        write_atomic(join(out_dir, job_path(version)), job_toml.encode("utf-8"), "application/toml")
+        write_atomic(join(out_dir, job_path(version)), job_toml.encode("utf-8", "surrogateescape"), "application/toml")
     report["seconds"] = round(clock() - started, 3)
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
     if not unchanged:  # until here readers still see the previous version
         write_atomic(join(out_dir, "dataset.json"), manifest.to_json().encode("utf-8"), "application/json")
         # The current version's spec; a run killed before this line gets it restored by remove_uncommitted.
-        write_atomic(join(out_dir, "job.toml"), job_toml.encode("utf-8"), "application/toml")
-    write_atomic(join(out_dir, "report.json"), (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode())
+        write_atomic(join(out_dir, "job.toml"), job_toml.encode("utf-8", "surrogateescape"), "application/toml")
+    write_atomic(join(out_dir, "report.json"), (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
     FileSystems.delete([staging])
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report, rows=rows)

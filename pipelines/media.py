@@ -28,9 +28,10 @@ _SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.
             (stat.S_ISBLK, "a block device"))
 
 
-def _check_local(uri: str) -> None:
+def check_regular(uri: str) -> None:
     """A local path that is a named pipe, socket or device is refused before it is opened: reading a
-    pipe nobody writes to would block the worker forever."""
+    pipe nobody writes to would block the worker forever. A path no file system can name (a lone
+    surrogate) is ``file.unreadable``; a missing one is left for opening to report."""
     from pipelines.readers.common import local_path
 
     path = local_path(uri)
@@ -38,6 +39,8 @@ def _check_local(uri: str) -> None:
         return
     try:
         mode = os.stat(path).st_mode
+    except (ValueError, UnicodeError) as e:
+        raise CleanError("file.unreadable", f"{uri!r} is not a path this file system can name ({e})") from None
     except OSError:
         return  # opening it reports what is wrong
     for test, what in _SPECIAL:
@@ -48,7 +51,7 @@ def _check_local(uri: str) -> None:
 def _read_uri(uri: str, max_bytes: int) -> bytes:
     from apache_beam.io.filesystems import FileSystems
 
-    _check_local(uri)
+    check_regular(uri)
     try:
         with FileSystems.open(uri, mime_type="application/octet-stream", compression_type="uncompressed") as f:
             data = f.read(max_bytes + 1)

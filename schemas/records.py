@@ -33,8 +33,10 @@ def escape_undecodable(value: str) -> str:
     readers keep as a ``surrogateescape`` surrogate) as ``\\xNN``, any other lone surrogate as ``\\uNNNN``.
 
     Ids, labels, metadata and messages go into JSON, Parquet and tar names, which refuse lone
-    surrogates; escaped, a Latin-1 file name or label stays distinct and readable instead of failing
-    the job. Text cells are not passed through here: the text cleaner rejects or repairs them.
+    surrogates; escaped, a Latin-1 file name or label stays readable, and distinct from other such
+    names, instead of failing the job (it can meet an id that spells the escape out literally, which
+    then counts as a repeated id). Text cells are not passed through here: the text cleaner rejects or
+    repairs them.
     """
     if value.isascii():
         return value

@@ -155,11 +155,16 @@ def _normalize(text: str, form: str) -> str:
     return text if form == "none" else unicodedata.normalize(form, text)
 
 
+# Letters and symbols that show nothing: Hangul fillers, the Braille blank, and U+FFFD (what a repair
+# leaves of bytes that were not text). A text of only these has no token worth a feature.
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800\ufffd")
+
+
 def _limit_length(text: str, cfg: TextCleanConfig) -> str:
     n = len(text)
     if n == 0 and cfg.min_chars > 0:
         raise CleanError("text.empty", "no text left after cleaning")
-    if cfg.min_chars > 0 and not any(unicodedata.category(c)[0] in "LNPS" for c in text):
+    if cfg.min_chars > 0 and not any(unicodedata.category(c)[0] in "LNPS" and c not in _BLANK for c in text):
         shown = " ".join(f"U+{ord(c):04X}" for c in text[:8]) + (" ..." if n > 8 else "")
         raise CleanError("text.empty", f"no letter, digit, punctuation or symbol left after cleaning, only {shown}")
     if n < cfg.min_chars:

@@ -83,6 +83,16 @@ def _metadata_samples(
 ) -> Iterator[RawSample | Reject]:
     subdir = posixpath.dirname(rel)
     base = f"{root}/{subdir}" if subdir else root
+    try:
+        yield from _metadata_rows(root, rel, subdir, base, allow_outside, seen)
+    except (CleanError, OSError) as e:  # a broken symlink, a loop, a pipe: one reject for the file
+        detail = e.detail if isinstance(e, CleanError) else f"{type(e).__name__}: {e}"
+        yield reject("read.unreadable", f"{rel}: cannot read the metadata file ({detail})", rel, rel)
+
+
+def _metadata_rows(
+    root: str, rel: str, subdir: str, base: str, allow_outside: bool, seen: FirstWins
+) -> Iterator[RawSample | Reject]:
     for item in iter_rows(f"{root}/{rel}", format_of(rel) or "", rel):
         if isinstance(item, Reject):
             yield item

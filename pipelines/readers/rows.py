@@ -78,6 +78,10 @@ def _open(path: str, compressed: bool) -> BinaryIO:
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
+    from pipelines.media import check_regular
+
+    check_regular(path)  # a named pipe would block the worker
+
     kind = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
     return FileSystems.open(path, compression_type=kind)
 
@@ -147,8 +151,8 @@ def _skip_space(text: str, pos: int) -> int:
 def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row | Reject]:
     """Rows of a CSV/TSV, parsed strictly so that a quote opened and never closed cannot swallow the
     rest of the file into one cell. A record that fails is taken from its first line alone, parsed
-    leniently (``"12" inch`` reads as ``12 inch``, as a lenient parser would), or rejected when even
-    that fails; either way parsing goes on at the next line."""
+    leniently (``"12" inch`` reads as ``12 inch``, as a lenient parser would) when that gives exactly
+    the header's columns, else rejected; either way parsing goes on at the next line."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     source = _decoded(lines)
     pending: collections.deque[str] = collections.deque()  # lines to read again after a failed record
@@ -181,6 +185,9 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
             try:
                 cells = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter), [])
             except csv.Error:
+                cells = None
+            if cells is None or (header is not None and len(cells) != len(header)):
+                # its cells would shift into the wrong columns (an image path read as caption text)
                 yield reject("read.bad_csv", f"{where}: cannot parse the row ({e})", where)
                 continue
         if not any(cell.strip() for cell in cells):

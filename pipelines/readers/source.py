@@ -6,6 +6,7 @@ inputs ─► Read (one file per element) ─► GroupById ─► FirstWins ─�
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -110,16 +111,18 @@ def expand_shards(pattern: str) -> list[str]:
 
     parts = [absolute(p) for p in braceexpand(pattern)]
     parts = [os.path.join(p, "*.tar") if os.path.isdir(p) else p for p in parts]  # a folder of tars
-    globs = [p for p in parts if _GLOB.search(p)]
-    matched = dict(zip(globs, FileSystems.match(globs), strict=True)) if globs else {}
+    remote = [p for p in parts if _GLOB.search(p) and local_path(p) is None]
+    matched = {p: sorted(m.path for m in r.metadata_list)
+               for p, r in zip(remote, FileSystems.match(remote), strict=True)} if remote else {}
+    for p in parts:
+        if _GLOB.search(p) and p not in matched:  # local: glob lists broken links too, so they become rejects
+            matched[p] = sorted(glob.glob(local_path(p)))
     paths: list[str] = []
     for part in parts:
-        paths += sorted(m.path for m in matched[part].metadata_list) if part in matched else [part]
+        paths += matched[part] if part in matched else [part]
     paths = list(dict.fromkeys(paths))
     explicit = (p for p in parts if p not in matched)
-    if not paths or not (
-        any(r.metadata_list for r in matched.values()) or any(map(FileSystems.exists, explicit))
-    ):
+    if not paths or not (any(matched.values()) or any(map(FileSystems.exists, explicit))):
         raise ValueError(f"[input] shards {pattern!r} matches no files")
     return paths
 

@@ -121,7 +121,10 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes] | _Damage]:
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
+    from pipelines.media import check_regular
+
     try:
+        check_regular(path)  # a named pipe would block the worker
         f = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
     except Exception as e:  # missing, no permission, ...: Beam wraps them in several types
         yield _Damage(None, 0, f"{type(e).__name__}: {e}", opened=False)

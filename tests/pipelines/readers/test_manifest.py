@@ -235,11 +235,12 @@ def test_csv_quote_never_closed_does_not_swallow_the_rows_after_it(tmp_path):
     assert rejects == []
 
 
-def test_csv_unclosed_quote_at_the_end_and_an_unparseable_line(tmp_path):
-    (tmp_path / "m.csv").write_bytes(b'id,text,label\r\nr1,"open\r\nr2,ok,x\r\nr3,a"b"c,y\r\n')
+def test_csv_unclosed_quote_whose_line_would_shift_columns_is_rejected(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b'id,text,image,label\r\nr1,"open caption,a.png,x\r\nr2,ok,,x\r\n'
+                                     b'r3,a"b"c,,y\r\n')
     samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv"))))
-    assert [(s.id, s.text) for s in samples] == [("r1", "open"), ("r2", "ok"), ("r3", 'a"b"c')]
-    assert rejects == []
+    assert [(s.id, s.text) for s in samples] == [("r2", "ok"), ("r3", 'a"b"c')]
+    assert [(r.id, r.reason) for r in rejects] == [("m.csv:2", "read.bad_csv")]  # not a caption holding the path
 
 
 def test_undecodable_bytes_in_ids_labels_and_meta_are_escaped(tmp_path):
