@@ -165,6 +165,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         saved = {k: v for k, v in RunDir(out).read_config().items() if k not in ("resume", "stop_at")}
         if isinstance(saved.get("data"), str) and "://" not in saved["data"] and not os.path.isabs(saved["data"]):
             saved["data"] = absolute_data(saved["data"])  # a run saved before paths were stored absolute
+    if saved and isinstance(flags.get("data"), str):
+        flags["data"] = _same_version(flags["data"], saved.get("data"))
     cfg = merge(saved, file_settings, flags)
     for name in ("data", "out"):
         if not getattr(cfg, name):
@@ -172,6 +174,27 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if saved:
         _check_resume(merge(saved), cfg, out)
     return cfg
+
+
+def _same_version(data: str, saved: Any) -> str:
+    """``--data DIR`` on resume means the version of DIR the run started on (its config has ``DIR/@N``);
+    a newer version written since is not mixed into the run."""
+    from mbm.data.source import unpinned_root
+
+    root = unpinned_root(saved) if isinstance(saved, str) else None
+    if root is None or os.path.normpath(root) != os.path.normpath(data):
+        return data
+    current = os.path.join(data, "dataset.json")
+    try:
+        with open(current, encoding="utf-8") as f:
+            version = json.load(f).get("version")
+    except (OSError, ValueError):
+        version = None
+    if version is not None and f"{root}/@{version}" != saved:
+        logging.getLogger(__name__).warning(
+            "--data %s is at version %s now; this run continues on %s, the version it started on", data, version,
+            saved)
+    return saved
 
 
 def _check_out(out: str) -> None:

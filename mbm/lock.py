@@ -16,32 +16,48 @@ class FolderLockedError(RuntimeError):
 
 
 class FolderLock:
-    """Exclusive lock on a local dataset folder; a second holder gets ``FolderLockedError`` at once."""
+    """Exclusive lock on a local dataset or run folder; a second holder gets ``FolderLockedError`` at once.
+
+    A POSIX record lock (``lockf``) belongs to the process that took it: processes it forks (Beam
+    workers, data-loader workers) do not hold it, so the folder is free the moment that process dies,
+    even while its children are still winding down. Such a lock does not exclude the same process,
+    so ``_HELD`` does.
+    """
+
+    _HELD: set[str] = set()
 
     def __init__(self, folder: str) -> None:
         self._path = Path(folder) / ".lock"
         self._fd: int | None = None
 
+    def _refuse(self, holder: str) -> FolderLockedError:
+        return FolderLockedError(
+            f"{self._path.parent} is being written by another mbm job ({holder or 'unknown holder'}); "
+            "wait for it to finish or use another output folder"
+        )
+
     def __enter__(self) -> FolderLock:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self._path)
+        if key in self._HELD:
+            raise self._refuse(f"pid {os.getpid()}, this process")
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN / EACCES: held
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
             os.close(fd)
-            raise FolderLockedError(
-                f"{self._path.parent} is being written by another mbm job ({holder or 'unknown holder'}); "
-                "wait for it to finish or use another output folder"
-            ) from None
+            raise self._refuse(holder) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
-        self._fd = fd
+        self._fd, self._key = fd, key
+        self._HELD.add(key)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            self._HELD.discard(self._key)

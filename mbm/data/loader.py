@@ -86,6 +86,7 @@ class StreamLoader:
         self.epoch = 0
         self.batch = 0  # batches consumed in ``epoch``
         self.samples = 0  # samples consumed in ``epoch``
+        self._missing_at_start: set[str] | None = None  # shards already missing at the first epoch
         self.skipped: dict[str, int] = {}  # counters of the current epoch's stream so far
         self._decode_skips: dict[int, dict[str, int]] = {}  # worker → its latest decode counters
         self._positioned: _PositionedStream | None = None
@@ -139,8 +140,21 @@ class StreamLoader:
         finally:  # closed or dropped mid-way: stop the workers
             self.close()
 
+    def _check_shards(self) -> None:
+        """Shards that were there when the run started must stay: one deleted under a running training
+        (``mbm gc`` of the version it reads) would change the data from one epoch to the next."""
+        missing = {p for p in self.stream.cfg.shards if not os.path.exists(p)}
+        if self._missing_at_start is None:
+            self._missing_at_start = missing
+            return
+        gone = sorted(missing - self._missing_at_start)
+        if gone:
+            raise ValueError(f"{len(gone)} shard(s) of the training data disappeared during the run, e.g. {gone[0]} "
+                             "(a `mbm gc` of the version this run reads?); keep the version until the run ends")
+
     def _epochs(self) -> Iterator[dict[str, Any]]:
         while True:
+            self._check_shards()
             start, produced = self.batch, 0
             self.skipped, self._decode_skips = {}, {}
             for batch in self._epoch_batches():

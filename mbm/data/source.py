@@ -36,6 +36,19 @@ class DataSource:
     counts: dict[str, int] = field(default_factory=dict)
 
 
+def pinned(spec: str, version: int | None) -> str:
+    """``spec`` as ``ROOT/@N`` when it names a dataset folder's current version (N), else unchanged."""
+    if version is None or _PINNED.match(spec) or not os.path.isdir(spec):
+        return spec
+    return f"{spec.rstrip('/')}/@{version}"
+
+
+def unpinned_root(spec: str) -> str | None:
+    """The dataset folder of a pinned ``ROOT/@N``; None when ``spec`` is not pinned."""
+    m = _PINNED.match(spec)
+    return (m["root"] or ".") if m else None
+
+
 def label_key(label: Any) -> str:
     """Identity of a label: 1 and "1" are different labels (as in the dataset's index)."""
     return json.dumps(label, sort_keys=True)

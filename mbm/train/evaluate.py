@@ -38,7 +38,7 @@ def empty_split(task: str, skipped: dict[str, int]) -> str:
     if skipped:
         reasons = "; ".join(f"{n} {SKIP_HINTS.get(r, r)} ({r})" for r, n in skipped.items())
         return f"the held-out split has no sample the {task} task can use: skipped {reasons}"
-    return ("the held-out split is empty: no readable sample falls in it; raise --val-fraction, "
+    return ("the held-out split is empty: no readable sample falls in it; train with a larger --val-fraction, "
             "or check that the dataset's shards exist and hold samples")
 
 

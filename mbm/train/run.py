@@ -1,4 +1,7 @@
-"""A run folder: resolved config, label vocabulary, metrics.jsonl, plot, checkpoints, per-rank sample logs."""
+"""A run folder: resolved config, label vocabulary, metrics.jsonl, plot, checkpoints, per-rank sample logs.
+
+Files are UTF-8; ``surrogateescape`` keeps paths the file system spells in another encoding (a
+Latin-1 folder name in ``--data`` or ``--out``) as their bytes instead of failing the run."""
 
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ class RunDir:
         """The run's saved settings (as a dict to merge under new ones)."""
         if not os.path.isfile(self.config_json):
             raise ValueError(f"--run {self.root}: no config.json; is this a training run folder?")
-        with open(self.config_json, encoding="utf-8") as f:
+        with open(self.config_json, encoding="utf-8", errors="surrogateescape") as f:
             return check_keys(json.load(f), self.config_json)
 
     def config(self) -> TrainConfig:
@@ -57,19 +60,19 @@ class RunDir:
     def read_labels(self) -> list[Any] | None:
         if not os.path.isfile(self.labels_path):
             return None
-        with open(self.labels_path, encoding="utf-8") as f:
+        with open(self.labels_path, encoding="utf-8", errors="surrogateescape") as f:
             return json.load(f)
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
         f.write(json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         return []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -82,6 +85,6 @@ def truncate_jsonl(path: str, step: int) -> None:
 
 def _write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(text)
     os.replace(tmp, path)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from mbm.alloc import tune_malloc
 from mbm.data.collate import batch_to
 from mbm.data.loader import StreamLoader
-from mbm.data.source import resolve_data
+from mbm.data.source import pinned, resolve_data
 from mbm.data.stream import ShardStream
 from mbm.lock import FolderLock, FolderLockedError
 from mbm.model.model import MultimodalModel
@@ -68,6 +68,9 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return max(1, min(MAX_AUTO_WORKERS, cores // ranks_here - 1))
 
 
+RESUME_KEYS = frozenset({"step", "model", "optimizer", "scheduler", "data", "rng"})  # what _state() writes
+
+
 class Trainer:
     """One run: ``Trainer(cfg, env).fit()``; rank 0 writes the run folder."""
 
@@ -82,6 +85,11 @@ class Trainer:
         if cfg.resume and resume_from is None:
             log.warning("--resume: no checkpoint in %s yet, starting from step 0", cfg.out)
         self.source = resolve_data(cfg.data)
+        if (data := pinned(cfg.data, self.source.version)) != cfg.data:
+            # The run trains on this version from start to end (a resume included), whatever
+            # `mbm preprocess` adds to the folder meanwhile; the config records it pinned.
+            log.info("--data %s: training on its version %d (%s)", cfg.data, self.source.version, data)
+            cfg = replace(cfg, data=data)
         if cfg.task == "retrieve" and not cfg.pair:
             cfg = replace(cfg, pair=common_pair(self.source))
         self.cfg = cfg
@@ -126,7 +134,11 @@ class Trainer:
         is reported and the one before it is used."""
         for path in self.run.candidates():
             try:
-                return path, load_checkpoint(path)
+                state = load_checkpoint(path)
+                missing = sorted(RESUME_KEYS - set(state))
+                if missing:
+                    raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}; is it a training checkpoint?")
+                return path, state
             except ValueError as e:
                 log.warning("--resume: %s; trying the checkpoint before it", e)
         if self.run.has_checkpoints():

@@ -52,3 +52,34 @@ def test_progress_files_sum_across_writers(tmp_path):
     b.flush()
     counts = read_progress(str(tmp_path))
     assert counts["read"] == 4 and counts["rejected"] == 1
+
+
+def test_the_same_process_cannot_take_a_folder_twice(tmp_path):
+    with FolderLock(str(tmp_path)):
+        with pytest.raises(FolderLockedError, match="this process"):
+            with FolderLock(str(tmp_path)):
+                pass
+    with FolderLock(str(tmp_path)):
+        pass
+
+
+FORKER = """
+import os, sys, time
+from mbm.lock import FolderLock
+lock = FolderLock(sys.argv[1]).__enter__()
+if os.fork() == 0:  # a child that outlives its parent (an orphaned data-loader worker)
+    time.sleep(10)
+    os._exit(0)
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", FORKER, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait(30)
+    with FolderLock(str(tmp_path)):  # free although the child still runs
+        pass

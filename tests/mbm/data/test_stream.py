@@ -308,3 +308,18 @@ def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatc
     first = epochs(remembered)
     assert remembered.size > 0  # every shard was remembered after the first epoch
     assert epochs(remembered) == first == epochs(scan.ScanCache(limit=0))
+
+
+def test_a_shard_deleted_during_the_run_stops_it_at_the_next_epoch(tmp_path):
+    out = str(tmp_path / "ds")
+    write_synthetic_dataset(out, SyntheticConfig(num_samples=40, samples_per_shard=10, feature_dims=DIMS))
+    src = resolve_data(out)
+    os.remove(src.shards[0])  # missing from the start: skipped with a warning, as before
+    loader = iter(StreamLoader(ShardStream(stream_cfg(src, batch_size=5, shuffle=False))))
+    per_epoch = 30 // 5
+    assert len([next(loader) for _ in range(per_epoch)]) == per_epoch
+    next(loader)  # epoch 2 starts: nothing new is missing
+    os.remove(src.shards[1])  # `mbm gc` of the version under a running training
+    with pytest.raises(ValueError, match="1 shard.* disappeared during the run"):
+        for _ in range(2 * per_epoch):
+            next(loader)

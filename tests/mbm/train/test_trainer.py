@@ -130,7 +130,7 @@ def test_resume_refuses_a_changed_model_or_data_and_leaves_the_run_untouched(dat
     out = str(tmp_path / "run")
     assert train("--data", data, "--out", out, "--steps", "4", "--eval-every", "4") == 0
     config = open(os.path.join(out, "config.json")).read()
-    assert json.loads(config)["data"] == os.path.abspath(data)  # found again from any folder
+    assert json.loads(config)["data"] == os.path.abspath(data) + "/@1"  # absolute, and the version it trains on
     capsys.readouterr()
     other = str(tmp_path / "other-data")
     write_synthetic_dataset(other, SyntheticConfig(num_samples=40, samples_per_shard=40, feature_dims=DIMS))
@@ -236,3 +236,21 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(data
     assert train("--data", data, "--out", str(out), "--steps", "2", "--eval-every", "2", "--resume") == 0
     val = [r for r in read_jsonl(str(out / "metrics.jsonl")) if r["split"] == "val"]
     assert [r["step"] for r in val] == [0, 2] and val[0]["loss"] != 9.0
+
+
+def test_resume_stays_on_the_version_the_run_started_on(data, tmp_path, caplog):
+    import shutil
+
+    ds = str(tmp_path / "ds")
+    shutil.copytree(data, ds)
+    out = str(tmp_path / "r")
+    assert train("--data", ds, "--out", out, "--steps", "8", "--eval-every", "4", "--stop-at", "4") == 0
+    v1 = json.load(open(os.path.join(ds, "dataset.json")))
+    v2 = {**v1, "version": 2, "shards": v1["shards"][:1], "shard_sizes": v1["shard_sizes"][:1]}
+    for path in ("versions/000002.json", "dataset.json"):  # `mbm preprocess` made a version 2 meanwhile
+        with open(os.path.join(ds, path), "w") as f:
+            json.dump(v2, f)
+    with caplog.at_level(logging.WARNING):
+        assert train("--data", ds, "--out", out, "--steps", "8", "--eval-every", "4", "--resume") == 0
+    assert "continues on" in caplog.text and ds + "/@1" in caplog.text
+    assert json.load(open(os.path.join(out, "config.json")))["data"] == ds + "/@1"
