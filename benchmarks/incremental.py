@@ -34,30 +34,26 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
     """``n`` manifest rows under ``data``, with unique ids, cycling through a corpus's rows.
 
     Default corpus: the bundled sample (copied; its two deliberately bad rows left out). ``source``:
-    any folder with a ``manifest.jsonl`` (mbm's columns, media paths relative to it), whose entries
-    are symlinked rather than copied; ``n = 0`` takes its manifest byte for byte (malformed lines
-    too), otherwise its JSON-object lines are repeated. A text repeated gets its copy number
-    appended, so repeated captions are not identical.
+    a manifest (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``, mbm's columns, media paths
+    relative to it) or a folder holding one named ``manifest.*``; the folder's other entries are
+    symlinked rather than copied. ``n = 0`` takes the manifest byte for byte (malformed lines too),
+    otherwise its readable rows (read by mbm's own reader) are repeated into ``manifest.jsonl``. A
+    text repeated gets its copy number appended, so repeated captions are not identical.
     """
     if source is None:
         shutil.copytree(SAMPLE, data)
         base = [json.loads(x) for x in (data / "manifest.jsonl").read_text().splitlines() if x.strip()]
         base = [r for r in base if not r["id"].startswith("bad")]
     else:
-        manifest = Path(source) / "manifest.jsonl"
-        if not manifest.is_file():
-            raise SystemExit(f"--source {source}: no manifest.jsonl there (mbm's manifest columns: id, text, "
-                             "image, audio, label; media paths relative to the folder)")
+        manifest = source_manifest(Path(source))
         data.mkdir(parents=True)
-        for entry in Path(source).iterdir():
-            if entry.name != "manifest.jsonl":
+        for entry in manifest.parent.iterdir():
+            if entry != manifest:
                 (data / entry.name).symlink_to(entry.resolve())
         if n == 0:  # as it is: every line, readable or not, is the pipelines' business
-            shutil.copyfile(manifest, data / "manifest.jsonl")
+            shutil.copyfile(manifest, data / f"manifest{''.join(manifest.suffixes)}")
             return []
-        base = [r for r in map(_json_object, manifest.read_bytes().splitlines()) if r is not None]
-        if not base:
-            raise SystemExit(f"--source {source}: manifest.jsonl has no JSON-object rows")
+        base = source_rows(manifest)
     rows = []
     for i in range(n or len(base)):
         r = dict(base[i % len(base)])
@@ -68,6 +64,48 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
         rows.append(r)
     write(data, rows)
     return rows
+
+
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".csv.gz")
+
+
+def source_manifest(source: Path) -> Path:
+    """The manifest ``--source`` names: the file itself, or the one ``manifest.*`` in the folder."""
+    if source.is_file():
+        return source
+    found = [p for p in sorted(source.glob("manifest.*")) if "".join(p.suffixes) in MANIFEST_SUFFIXES]
+    if len(found) != 1:
+        raise SystemExit(f"--source {source}: expected one manifest.jsonl/.csv/.tsv/.parquet there, found "
+                         f"{[p.name for p in found] or 'none'} (mbm's columns: id, text, image, audio, label; "
+                         "media paths relative to the folder)")
+    return found[0]
+
+
+def source_rows(manifest: Path) -> list[dict]:
+    """The manifest's readable rows as JSON objects (mbm's reader: any format it takes)."""
+    if manifest.suffix == ".jsonl":
+        rows = [r for r in map(_json_object, manifest.read_bytes().splitlines()) if r is not None]
+    else:
+        from pipelines.readers.rows import format_of, iter_rows
+
+        fmt = format_of(str(manifest))
+        if fmt is None:
+            raise SystemExit(f"--source {manifest}: not a manifest format mbm reads")
+        rows = [item[1] for item in iter_rows(str(manifest), fmt, manifest.name) if isinstance(item, tuple)]
+        try:
+            json.dumps(rows)
+        except (TypeError, ValueError):
+            raise SystemExit(f"--source {manifest}: cells that are not JSON values (embedded image bytes?) cannot "
+                             "be repeated; use --samples 0 to run it as it is") from None
+    if not rows:
+        raise SystemExit(f"--source {manifest}: no readable rows")
+    return rows
+
+
+def manifest_of(data: Path) -> str:
+    """The name of the manifest ``build`` wrote into ``data``."""
+    names = [p.name for p in sorted(data.glob("manifest.*")) if "".join(p.suffixes) in MANIFEST_SUFFIXES]
+    return names[0]
 
 
 def _json_object(line: bytes) -> dict | None:

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from incremental import build
+from incremental import build, manifest_of
 from report import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,8 +190,19 @@ def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, sourc
     build(folder / "data", n, source)
     spec = folder / "job.toml"
     extract = "".join(f'[extract.{m}]\nprecision = "{p}"\n' for m, p in sorted((precision or {}).items()))
-    spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n' + extract)
+    manifest = manifest_of(folder / "data")
+    spec.write_text(f'[input]\nmanifest = "data/{manifest}"\n[output]\ndir = "out"\n' + extract)
     return spec
+
+
+def input_rows(manifest: Path) -> int:
+    """Input rows of the benchmark's manifest: non-blank JSONL lines, else the rows (and malformed
+    lines) mbm's reader finds."""
+    if manifest.suffix == ".jsonl":
+        return sum(1 for line in manifest.read_bytes().splitlines() if line.strip())
+    from pipelines.readers.rows import format_of, iter_rows
+
+    return sum(1 for _ in iter_rows(str(manifest), format_of(str(manifest)) or "", manifest.name))
 
 
 def precision_arg(text: str) -> tuple[str, str]:
@@ -282,8 +293,9 @@ def main() -> int:
     ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
                     help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
     ap.add_argument("--source", type=Path, default=None, metavar="DIR",
-                    help="another corpus: a folder with manifest.jsonl (mbm's columns, media paths relative to it), "
-                         "its rows repeated to --samples with unique ids (--samples 0: each row once)")
+                    help="another corpus: a manifest (.jsonl/.csv/.tsv/.parquet, mbm's columns, media paths relative to "
+                         "it) or a folder with one named manifest.*; its rows repeated to --samples with unique ids "
+                         "(--samples 0: the manifest as it is)")
     args = ap.parse_args()
     if (args.precision or args.source) and args.write:
         ap.error("--write records the bundled sample with the default settings; leave out --precision and --source")
@@ -299,7 +311,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = dataset(tmp, args.samples, dict(args.precision), args.source)
-        n = sum(1 for line in (tmp / "data" / "manifest.jsonl").read_bytes().splitlines() if line.strip())
+        n = input_rows(tmp / "data" / manifest_of(tmp / "data"))
         for rep in range(args.reps):
             for i, name in enumerate(commands(spec, tmp)):
                 if name.startswith("HF") and not has_hf:

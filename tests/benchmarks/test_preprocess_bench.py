@@ -51,8 +51,34 @@ def test_another_corpus_is_linked_and_its_rows_repeated_with_unique_ids(tmp_path
     assert written == five and (source / "manifest.jsonl").read_bytes().count(b"\n") == 4  # the source is untouched
     spec = load_spec(str(dataset(tmp_path / "spec", 3, source=source)))
     assert spec.input.manifest == str(tmp_path / "spec" / "data" / "manifest.jsonl")
-    with pytest.raises(SystemExit, match="no manifest.jsonl"):
+    with pytest.raises(SystemExit, match="expected one manifest"):
         build(tmp_path / "none", 3, tmp_path / "img-only")
+
+
+def test_a_csv_or_parquet_corpus_is_repeated_as_jsonl_or_taken_as_it_is(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "corpus"
+    source.mkdir()
+    (source / "a.png").write_bytes(b"x")
+    (source / "manifest.csv").write_bytes(b'id,text,image,label\n1,"multi\nline",a.png,3\n2,two,,\n')
+    rows = build(tmp_path / "rep", 3, source)
+    assert [(r["id"], r["text"]) for r in rows] == [("1", "multi\nline"), ("2", "two"), ("1-00002", "multi\nline (copy 2)")]
+    spec = load_spec(str(dataset(tmp_path / "spec", 3, source=source)))
+    assert spec.input.manifest.endswith("data/manifest.jsonl")
+    as_is = load_spec(str(dataset(tmp_path / "as-is", 0, source=source)))
+    assert as_is.input.manifest.endswith("data/manifest.csv")
+    assert (tmp_path / "as-is" / "data" / "manifest.csv").read_bytes() == (source / "manifest.csv").read_bytes()
+    pq.write_table(pa.table({"id": ["p"], "text": ["from parquet"]}), tmp_path / "m.parquet")
+    assert [r["text"] for r in build(tmp_path / "pq", 2, tmp_path / "m.parquet")] == ["from parquet",
+                                                                                      "from parquet (copy 1)"]
+    pq.write_table(pa.table({"id": ["q"], "image": [{"bytes": b"\x89PNG", "path": "q.png"}]}), tmp_path / "b.parquet")
+    with pytest.raises(SystemExit, match="--samples 0"):
+        build(tmp_path / "bytes", 2, tmp_path / "b.parquet")
+    assert json.loads((tmp_path / "rep" / "manifest.jsonl").read_text().splitlines()[0])["label"] == "3"
 
 
 def test_hf_baseline_rows_survive_mixed_types_and_keep_the_first_of_an_id(tmp_path):
