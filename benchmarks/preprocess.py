@@ -292,7 +292,7 @@ def main() -> int:
                     help="also measure mbm's peak memory at 1x and 4x --samples (one run each)")
     ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
                     help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
-    ap.add_argument("--source", type=Path, default=None, metavar="DIR",
+    ap.add_argument("--source", type=Path, default=None, metavar="PATH",
                     help="another corpus: a manifest (.jsonl/.csv/.tsv/.parquet, mbm's columns, media paths relative to "
                          "it) or a folder with one named manifest.*; its rows repeated to --samples with unique ids "
                          "(--samples 0: the manifest as it is)")

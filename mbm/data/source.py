@@ -75,7 +75,9 @@ def resolve_data(spec: str) -> DataSource:
 
 def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
     if not os.path.isfile(manifest_path):
-        raise ValueError(f"--data {spec}: no dataset manifest at {manifest_path}")
+        pinned_version = _PINNED.match(spec)
+        why = " (no such version, or `mbm gc` deleted it; `mbm versions` lists them)" if pinned_version else ""
+        raise ValueError(f"--data {spec}: no dataset manifest at {manifest_path}{why}")
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = DatasetManifest.from_json(f.read())

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -247,6 +248,7 @@ class Trainer:
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) training as configured, alone or as one rank under torchrun."""
     env = init_distributed(cfg.device)
+    fresh = not os.path.exists(cfg.out)
     try:
         # One training per run folder: rank 0 holds the lock (a second job's checkpoints and metrics
         # would interleave with this one's); the OS releases it when the process ends, however it ends.
@@ -254,5 +256,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
             return Trainer(cfg, env, progress=progress).fit()
     except FolderLockedError as e:
         raise ValueError(f"--out {cfg.out}: {e}") from None
+    except ValueError:
+        # refused before anything was written (bad data, a setting): leave no folder holding only the lock
+        if fresh and env.is_main and os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) <= {".lock"}:
+            shutil.rmtree(cfg.out, ignore_errors=True)
+        raise
     finally:
         env.close()

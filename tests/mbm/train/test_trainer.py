@@ -254,3 +254,10 @@ def test_resume_stays_on_the_version_the_run_started_on(data, tmp_path, caplog):
         assert train("--data", ds, "--out", out, "--steps", "8", "--eval-every", "4", "--resume") == 0
     assert "continues on" in caplog.text and ds + "/@1" in caplog.text
     assert json.load(open(os.path.join(out, "config.json")))["data"] == ds + "/@1"
+
+
+def test_a_run_refused_at_the_start_leaves_no_folder(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert train("--data", os.path.join(data, "@9"), "--out", str(out)) == 2
+    assert "no such version, or `mbm gc` deleted it" in capsys.readouterr().err
+    assert not out.exists()
