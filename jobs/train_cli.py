@@ -8,6 +8,8 @@ and returns an exit code: 0 done, 2 bad arguments or settings (with a message na
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import glob
 import json
 import logging
 import os
@@ -165,8 +167,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         saved = {k: v for k, v in RunDir(out).read_config().items() if k not in ("resume", "stop_at")}
         if isinstance(saved.get("data"), str) and "://" not in saved["data"] and not os.path.isabs(saved["data"]):
             saved["data"] = absolute_data(saved["data"])  # a run saved before paths were stored absolute
-    if saved and isinstance(flags.get("data"), str):
-        flags["data"] = _same_version(flags["data"], saved.get("data"))
+    for layer in (flags, file_settings) if saved else ():
+        if isinstance(layer.get("data"), str):
+            layer["data"] = _same_version(layer["data"], saved.get("data"))
     cfg = merge(saved, file_settings, flags)
     for name in ("data", "out"):
         if not getattr(cfg, name):
@@ -179,9 +182,22 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def _same_version(data: str, saved: Any) -> str:
     """``--data DIR`` on resume means the version of DIR the run started on (its config has ``DIR/@N``);
     a newer version written since is not mixed into the run."""
-    from mbm.data.source import unpinned_root
+    from mbm.data.source import pinned, unpinned_root
 
+    data = pinned(data, None)  # OUT/@01 is OUT/@1
+    if glob.has_magic(data) and isinstance(saved, str):  # the run recorded the shards its glob matched then
+        import braceexpand
+
+        shards = list(braceexpand.braceexpand(saved))
+        if shards and all(fnmatch.fnmatchcase(s, data) for s in shards):
+            if sorted(glob.glob(data)) != sorted(shards):
+                logging.getLogger(__name__).warning(
+                    "--data %s matches other shards now; this run continues on the %d it started on", data,
+                    len(shards))
+            return saved
     root = unpinned_root(saved) if isinstance(saved, str) else None
+    if os.path.basename(data) == "dataset.json":
+        data = os.path.dirname(data)
     if root is None or os.path.normpath(root) != os.path.normpath(data):
         return data
     current = os.path.join(data, "dataset.json")

@@ -37,7 +37,8 @@ def load_version(out_dir: str, version: int) -> DatasetManifest:
 
 
 def _landed(out_dir: str, manifest: DatasetManifest) -> dict[str, tuple[str, str]]:
-    rows = pq.read_table(Path(out_dir) / manifest.index, columns=["id", "status", "content_hash", "fingerprint"])
+    with open(Path(out_dir) / manifest.index, "rb") as f:  # an open file: Arrow refuses non-UTF-8 path names
+        rows = pq.read_table(f, columns=["id", "status", "content_hash", "fingerprint"])
     return {r["id"]: (r["content_hash"], r["fingerprint"]) for r in rows.to_pylist() if r["status"] == "ok"}
 
 

@@ -36,11 +36,21 @@ class DataSource:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def pinned(spec: str, version: int | None) -> str:
-    """``spec`` as ``ROOT/@N`` when it names a dataset folder's current version (N), else unchanged."""
-    if version is None or _PINNED.match(spec) or not os.path.isdir(spec):
-        return spec
-    return f"{spec.rstrip('/')}/@{version}"
+def pinned(spec: str, version: int | None, shards: list[str] | None = None) -> str:
+    """What a run records for ``--data``: the dataset's current version as ``ROOT/@N`` (from the folder
+    or its ``dataset.json``), a pinned ``ROOT/@N`` written canonically, a glob as the brace list of the
+    shards it matched now (a newer version's shards must not join a resumed run), else ``spec``."""
+    if (m := _PINNED.match(spec)) is not None:
+        return f"{(m['root'] or '.').rstrip('/')}/@{int(m['version'])}"
+    if version is not None and os.path.isdir(spec):
+        return f"{spec.rstrip('/')}/@{version}"
+    if version is not None and os.path.basename(spec) == "dataset.json":
+        return f"{os.path.dirname(spec) or '.'}/@{version}"
+    if shards and glob.has_magic(spec):
+        folder = os.path.commonpath(shards) if len(shards) > 1 else os.path.dirname(shards[0])
+        names = [os.path.relpath(s, folder) for s in shards]
+        return f"{folder}/{{{','.join(names)}}}" if len(names) > 1 else shards[0]
+    return spec
 
 
 def unpinned_root(spec: str) -> str | None:

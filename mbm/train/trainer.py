@@ -86,10 +86,10 @@ class Trainer:
         if cfg.resume and resume_from is None:
             log.warning("--resume: no checkpoint in %s yet, starting from step 0", cfg.out)
         self.source = resolve_data(cfg.data)
-        if (data := pinned(cfg.data, self.source.version)) != cfg.data:
+        if (data := pinned(cfg.data, self.source.version, self.source.shards)) != cfg.data:
             # The run trains on this version from start to end (a resume included), whatever
             # `mbm preprocess` adds to the folder meanwhile; the config records it pinned.
-            log.info("--data %s: training on its version %d (%s)", cfg.data, self.source.version, data)
+            log.info("--data %s: training on %s", cfg.data, data)
             cfg = replace(cfg, data=data)
         if cfg.task == "retrieve" and not cfg.pair:
             cfg = replace(cfg, pair=common_pair(self.source))

@@ -59,3 +59,21 @@ def test_gc_deletes_the_specs_of_deleted_versions(tmp_path):
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == [
         "000002.json", "000002.toml", "000003.json", "000003.toml"]
     assert json.loads((tmp_path / "dataset.json").read_text())["version"] == 3
+
+
+def test_diff_in_a_folder_whose_name_is_not_utf8(tmp_path):
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.versions import diff_versions
+
+    root = tmp_path / os.fsdecode(b"caf\xe9")
+    _dataset(root, [1, 2])
+    (root / "index").mkdir()
+    for v, ids in ((1, ["a", "b"]), (2, ["b", "c"])):
+        table = pa.table({"id": ids, "status": ["ok"] * 2, "content_hash": ["h"] * 2, "fingerprint": ["{}"] * 2})
+        with open(root / "index" / f"{v:06d}.parquet", "wb") as f:
+            pq.write_table(table, f)
+    assert diff_versions(str(root), 1, 2) == {"added": ["c"], "changed": [], "removed": ["a"]}

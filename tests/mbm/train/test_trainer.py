@@ -261,3 +261,27 @@ def test_a_run_refused_at_the_start_leaves_no_folder(data, tmp_path, capsys):
     assert train("--data", os.path.join(data, "@9"), "--out", str(out)) == 2
     assert "no such version, or `mbm gc` deleted it" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_what_a_run_records_for_data_and_resumes_on(data, tmp_path, capsys):
+    import glob as globlib
+
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'data = "{data}"\nsteps = 2\neval_every = 2\nbatch_size = 8\nd_model = 16\nheads = 2\nlayers = 1\n')
+    out = str(tmp_path / "cfgrun")
+    assert main(["train", "--config", str(cfg), "--out", out, "--no-progress"]) == 0
+    assert main(["train", "--config", str(cfg), "--out", out, "--steps", "4", "--resume", "--no-progress"]) == 0
+    for given, recorded in ((os.path.join(data, "dataset.json"), os.path.abspath(data) + "/@1"),
+                            (os.path.join(data, "@01"), os.path.abspath(data) + "/@1")):
+        run = str(tmp_path / f"r{len(given)}")
+        assert train("--data", given, "--out", run, "--steps", "2", "--eval-every", "2") == 0
+        assert json.load(open(os.path.join(run, "config.json")))["data"] == recorded
+        assert train("--data", given, "--out", run, "--steps", "4", "--eval-every", "2", "--resume") == 0
+    pattern = os.path.join(data, "shards", "*.tar")
+    run = str(tmp_path / "glob")
+    assert train("--data", pattern, "--out", run, "--steps", "2", "--eval-every", "2") == 0
+    recorded = json.load(open(os.path.join(run, "config.json")))["data"]
+    import braceexpand
+
+    assert sorted(braceexpand.braceexpand(recorded)) == sorted(globlib.glob(os.path.abspath(pattern)))
+    assert train("--data", pattern, "--out", run, "--steps", "4", "--eval-every", "2", "--resume") == 0
