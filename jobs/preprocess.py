@@ -25,6 +25,7 @@ from pipelines.extract import build_handlers
 from pipelines.progress import ProgressMonitor
 from pipelines.sink import SinkConfig
 from schemas import DatasetManifest
+from schemas.manifest import job_path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,26 @@ class JobResult:
 
 def _is_local(path: str) -> bool:
     return "://" not in path
+
+
+LAYOUT_KEYS = ("samples_per_shard", "max_shard_bytes", "include_media")  # how shards are cut, not what they hold
+
+
+def _warn_output_changes(out_dir: str, version: int, spec: JobSpec) -> None:
+    """Shard layout settings apply to the shards a run writes; unchanged samples keep theirs. Say so when
+    they differ from the ones that made the current version, rather than let a rerun look like it ignored them."""
+    import tomllib
+
+    path = Path(out_dir) / job_path(version)
+    try:
+        before = tomllib.loads(path.read_bytes().decode("utf-8", "surrogateescape")).get("output", {})
+    except (OSError, ValueError):
+        return  # a version made before specs were kept per version
+    changed = [f"{k} {before[k]!r} -> {getattr(spec.output, k)!r}" for k in LAYOUT_KEYS
+               if k in before and before[k] != getattr(spec.output, k)]
+    if changed:
+        log.warning("[output] %s since version %d: this applies to the shards this run writes; unchanged samples "
+                    "keep their shards (run with --full to rewrite them all)", ", ".join(changed), version)
 
 
 def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str] | None = None,
@@ -67,6 +88,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         if local:
             Path(staging).mkdir(parents=True)
         previous = current_manifest(out_dir)
+        if previous is not None and local and not full:
+            _warn_output_changes(out_dir, previous.version, spec)
         extractors = create_extractors(spec)
         fingerprints, dims = {}, {}
         for m, ex in extractors.items():

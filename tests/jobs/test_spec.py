@@ -120,3 +120,20 @@ def test_a_local_run_on_a_missing_gpu_fails_before_any_worker_starts(monkeypatch
             runner.check_device()
         assert 'use device = "auto"' in str(exc.value)
     RunnerConfig(name="DataflowRunner", device="cuda:7").check_device()  # its workers hold the GPUs, not this machine
+
+
+def test_a_changed_shard_layout_is_reported_against_the_version_it_differs_from(data, tmp_path, caplog):
+    import logging
+
+    from jobs.preprocess import _warn_output_changes
+
+    out = tmp_path / "out"
+    (out / "versions").mkdir(parents=True)
+    (out / "versions" / "000003.toml").write_text('[output]\ndir = "x"\nsamples_per_shard = 1000\ninclude_media = false\n')
+    spec = load_spec(_write(data / "job.toml", '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n'
+                                               'samples_per_shard = 2\n'))
+    with caplog.at_level(logging.WARNING):
+        _warn_output_changes(str(out), 3, spec)
+        _warn_output_changes(str(out), 2, spec)  # no spec kept for that version: nothing to compare
+    assert caplog.text.count("samples_per_shard 1000 -> 2") == 1 and "since version 3" in caplog.text
+    assert "include_media" not in caplog.text and "--full" in caplog.text
