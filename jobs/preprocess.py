@@ -135,5 +135,6 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         if local and Path(progress_dir).exists():
             shutil.rmtree(progress_dir)
         result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
-                        fingerprints=fingerprints, feature_dims=dims)
+                        fingerprints=fingerprints, feature_dims=dims,
+                        samples_per_shard=spec.output.samples_per_shard)
     return JobResult(out_dir=out_dir, manifest=result.manifest, report=result.report)

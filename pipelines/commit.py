@@ -112,22 +112,73 @@ def plan_counts(previous_rows: list[dict], new_rows: list[dict], same_rows: list
 
 def _copy_members(src: str, dst: str, keys: set[str]) -> int:
     """Copy the members of ``keys`` from shard ``src`` to a new shard ``dst`` byte for byte."""
+    return _copy_many([(src, keys)], dst)
+
+
+def _copy_many(sources: list[tuple[str, set[str]]], dst: str) -> int:
+    """Copy the members of each ``(shard, keys)`` in order into one new shard ``dst``, byte for byte;
+    returns the number of samples copied."""
     import tarfile
 
-    n = 0
-    with FileSystems.open(src, compression_type="uncompressed") as f, tarfile.open(fileobj=f, mode="r|") as tin, \
-            FileSystems.create(dst, mime_type="application/x-tar") as out, \
+    copied: set[tuple[int, str]] = set()
+    with FileSystems.create(dst, mime_type="application/x-tar") as out, \
             tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tout:
-        for info in tin:
-            if info.name.partition(".")[0] in keys:
-                tout.addfile(info, tin.extractfile(info))
-                n += 1
-    return n
+        for number, (src, keys) in enumerate(sources):
+            with FileSystems.open(src, compression_type="uncompressed") as f, \
+                    tarfile.open(fileobj=f, mode="r|") as tin:
+                for info in tin:
+                    if (key := info.name.partition(".")[0]) in keys:
+                        tout.addfile(info, tin.extractfile(info))
+                        copied.add((number, key))
+    return len(copied)
+
+
+COMPACT_AT = 8  # small shards carried from earlier versions before they are merged
+
+
+def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], keep: dict[str, set[str]],
+             renames: dict[str, str], samples_per_shard: int, next_name) -> tuple[list[str], list[int]]:
+    """Merge the small shards the previous versions left (each incremental run adds one or more shards of
+    only its changed samples) once there are ``COMPACT_AT`` of them: their members are copied byte for
+    byte into shards of up to ``samples_per_shard`` samples. Earlier versions keep the originals."""
+    small_size = max(1, samples_per_shard // 4)
+    small = [i for i, size in enumerate(sizes) if size < small_size]
+    if len(small) < COMPACT_AT:
+        return shards, sizes
+    groups: list[list[int]] = [[]]
+    for i in small:
+        if groups[-1] and sum(sizes[j] for j in groups[-1]) + sizes[i] > samples_per_shard:
+            groups.append([])
+        groups[-1].append(i)
+    merged: dict[int, tuple[str, int]] = {}
+    for group in groups:
+        name = next_name()
+        sources = []
+        for i in group:
+            original = next((old for old, new in renames.items() if new == shards[i]), shards[i])
+            src = join(staging, shards[i]) if shards[i] in renames.values() else join(out_dir, shards[i])
+            sources.append((src, keep[original]))
+        n = _copy_many(sources, join(staging, name))
+        merged[group[0]] = (name, n)
+        for i in group:
+            original = next((old for old, new in renames.items() if new == shards[i]), shards[i])
+            renames[original] = name
+    out_shards, out_sizes = [], []
+    for i, (shard, size) in enumerate(zip(shards, sizes, strict=True)):
+        if i in merged:
+            out_shards.append(merged[i][0])
+            out_sizes.append(merged[i][1])
+        elif i not in small:
+            out_shards.append(shard)
+            out_sizes.append(size)
+    return out_shards, out_sizes
 
 
 def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetManifest | None,
-                    sidecars: list[dict], same_rows: list[dict]) -> tuple[list[str], list[int], dict[str, str]]:
-    """The new version's shards: untouched old shards shared, touched ones rewritten, new ones renamed in.
+                    sidecars: list[dict], same_rows: list[dict], samples_per_shard: int | None = None
+                    ) -> tuple[list[str], list[int], dict[str, str]]:
+    """The new version's shards: untouched old shards shared, touched ones rewritten, small ones left by
+    earlier versions merged (with ``samples_per_shard``), new ones renamed in.
 
     Returns (shards, sizes, renames) where renames maps staged or old shard paths to new paths.
     """
@@ -156,6 +207,8 @@ def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetM
                 renames[shard] = name
                 shards.append(name)
                 sizes.append(len(kept))
+        if samples_per_shard:
+            shards, sizes = _compact(out_dir, staging, shards, sizes, keep, renames, samples_per_shard, next_name)
     staged: dict[str, str] = {}
     for sc in sidecars:
         for sh in sorted(sc["shards"], key=lambda s: s["part"]):
@@ -163,7 +216,7 @@ def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetM
             staged[sh["path"]] = name
             shards.append(name)
             sizes.append(sh["samples"])
-    moves = {join(staging, n): join(out_dir, n) for n in renames.values()}
+    moves = {join(staging, n): join(out_dir, n) for n in set(renames.values()) if n in shards}
     moves.update({join(staging, src): join(out_dir, dst) for src, dst in staged.items()})
     if moves:
         if not FileSystems.exists(join(out_dir, "shards")):
@@ -174,7 +227,8 @@ def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetM
 
 
 def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
-           fingerprints: dict[str, str], feature_dims: dict[str, int]) -> CommitResult:
+           fingerprints: dict[str, str], feature_dims: dict[str, int],
+           samples_per_shard: int | None = None) -> CommitResult:
     """Turn the staging folder of a finished pipeline into the next dataset version.
 
     When nothing changed (no new, changed or removed sample, the same rejects) no version is made and
@@ -198,7 +252,8 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         manifest = previous
         rows = previous_rows
     else:
-        shards, sizes, renames = assemble_shards(out_dir, staging, version, previous, sidecars, same_rows)
+        shards, sizes, renames = assemble_shards(out_dir, staging, version, previous, sidecars, same_rows,
+                                                 samples_per_shard)
         for r in new_rows:
             r["version"] = version
             if r["shard"] is not None:
