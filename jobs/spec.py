@@ -308,17 +308,21 @@ def _resolve(p: str, base_dir: Path) -> Path:
         raise SpecError(f"{p!r}: cannot resolve the path ({e})") from e
 
 
-def _check_output_dir(path: str, where: str) -> None:
-    """A local output folder must be a folder, or creatable: no file in its place or above it."""
-    if "://" in path:
-        return
-    p = Path(path)
+def file_in_the_way(path: str) -> str | None:
+    """Why a local folder ``path`` cannot be used or created: it is a file, or lies under one; else None."""
+    p = Path(os.path.abspath(path))
     for candidate in (p, *p.parents):
         if candidate.exists():
-            if not candidate.is_dir():
-                what = "is a file" if candidate == p else f"cannot be created: {candidate} is a file"
-                raise SpecError(f"{where}: [output] dir = {path!r} {what}; choose a folder")
-            return
+            if candidate.is_dir():
+                return None
+            return "is a file" if candidate == p else f"cannot be created: {candidate} is a file"
+    return None
+
+
+def _check_output_dir(path: str, where: str) -> None:
+    """A local output folder must be a folder, or creatable: no file in its place or above it."""
+    if "://" not in path and (what := file_in_the_way(path)):
+        raise SpecError(f"{where}: [output] dir = {path!r} {what}; choose a folder")
 
 
 def _resolve_existing(p: str, base_dir: Path) -> str:

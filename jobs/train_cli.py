@@ -182,7 +182,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def _same_version(data: str, saved: Any) -> str:
     """``--data DIR`` on resume means the version of DIR the run started on (its config has ``DIR/@N``);
     a newer version written since is not mixed into the run."""
-    from mbm.data.source import pinned, unpinned_root
+    from mbm.data.source import pinned, resolve_data, unpinned_root
 
     data = pinned(data, None)  # OUT/@01 is OUT/@1
     if glob.has_magic(data) and isinstance(saved, str):  # the run recorded the shards its glob matched then
@@ -200,11 +200,9 @@ def _same_version(data: str, saved: Any) -> str:
         data = os.path.dirname(data)
     if root is None or os.path.normpath(root) != os.path.normpath(data):
         return data
-    current = os.path.join(data, "dataset.json")
     try:
-        with open(current, encoding="utf-8") as f:
-            version = json.load(f).get("version")
-    except (OSError, ValueError):
+        version = resolve_data(data).version
+    except ValueError:  # the folder has no readable current version: the run's pinned one decides
         version = None
     if version is not None and f"{root}/@{version}" != saved:
         logging.getLogger(__name__).warning(
@@ -215,19 +213,12 @@ def _same_version(data: str, saved: Any) -> str:
 
 def _check_out(out: str) -> None:
     """``--out`` must be a folder, or creatable: no file in its place or above it."""
+    from jobs.spec import file_in_the_way
+
     if not out.strip():
         raise _Fail("--out is empty; give the run folder")
-    path = os.path.abspath(out)
-    while True:
-        if os.path.exists(path):
-            if not os.path.isdir(path):
-                what = "is a file" if path == os.path.abspath(out) else f"cannot be created: {path} is a file"
-                raise _Fail(f"--out {out} {what}; give a folder for the run")
-            return
-        parent = os.path.dirname(path)
-        if parent == path:
-            return
-        path = parent
+    if what := file_in_the_way(out):
+        raise _Fail(f"--out {out} {what}; give a folder for the run")
 
 
 def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:

@@ -1,5 +1,5 @@
-"""One job per output folder (a dataset or a training run): an advisory ``flock`` on ``OUT/.lock``, released by
-the OS even on kill -9."""
+"""One job per output folder (a dataset or a training run): an advisory ``lockf`` record lock on
+``OUT/.lock``, released by the OS when the holding process ends, even on kill -9."""
 
 from __future__ import annotations
 

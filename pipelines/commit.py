@@ -146,23 +146,22 @@ def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], ke
     if len(small) < COMPACT_AT:
         return shards, sizes
     groups: list[list[int]] = [[]]
+    total = 0
     for i in small:
-        if groups[-1] and sum(sizes[j] for j in groups[-1]) + sizes[i] > samples_per_shard:
+        if groups[-1] and total + sizes[i] > samples_per_shard:
             groups.append([])
+            total = 0
         groups[-1].append(i)
+        total += sizes[i]
+    origin = {new: old for old, new in renames.items()}  # a shard rewritten this run -> the one it replaces
     merged: dict[int, tuple[str, int]] = {}
     for group in groups:
         name = next_name()
-        sources = []
-        for i in group:
-            original = next((old for old, new in renames.items() if new == shards[i]), shards[i])
-            src = join(staging, shards[i]) if shards[i] in renames.values() else join(out_dir, shards[i])
-            sources.append((src, keep[original]))
-        n = _copy_many(sources, join(staging, name))
-        merged[group[0]] = (name, n)
-        for i in group:
-            original = next((old for old, new in renames.items() if new == shards[i]), shards[i])
-            renames[original] = name
+        members = [shards[i] for i in group]
+        sources = [(join(staging, s) if s in origin else join(out_dir, s), keep[origin.get(s, s)]) for s in members]
+        merged[group[0]] = (name, _copy_many(sources, join(staging, name)))
+        for s in members:
+            renames[origin.get(s, s)] = name
     out_shards, out_sizes = [], []
     for i, (shard, size) in enumerate(zip(shards, sizes, strict=True)):
         if i in merged:
@@ -236,6 +235,7 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     """
     previous = current_manifest(out_dir)
     previous_rows = load_index(out_dir, previous)
+    job_bytes = job_toml.encode("utf-8", "surrogateescape")  # a path in another encoding keeps its bytes
     version = (previous.version if previous else 0) + 1
     sidecars = load_sidecars(staging)
     new_rows = [r for sc in sidecars for r in sc["rows"]]
@@ -287,14 +287,15 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         if FileSystems.exists(vpath):
             raise RuntimeError(f"{vpath} already exists; versions are immutable")
         write_atomic(vpath, manifest.to_json().encode("utf-8"), "application/json")
-        write_atomic(join(out_dir, job_path(version)), job_toml.encode("utf-8", "surrogateescape"), "application/toml")
+        write_atomic(join(out_dir, job_path(version)), job_bytes, "application/toml")
     report["seconds"] = round(clock() - started, 3)
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
     if not unchanged:  # until here readers still see the previous version
         write_atomic(join(out_dir, "dataset.json"), manifest.to_json().encode("utf-8"), "application/json")
         # The current version's spec; a run killed before this line gets it restored by remove_uncommitted.
-        write_atomic(join(out_dir, "job.toml"), job_toml.encode("utf-8", "surrogateescape"), "application/toml")
-    write_atomic(join(out_dir, "report.json"), (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape"))
+        write_atomic(join(out_dir, "job.toml"), job_bytes, "application/toml")
+    report_text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    write_atomic(join(out_dir, "report.json"), report_text.encode("utf-8", "surrogateescape"))
     FileSystems.delete([staging])
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report, rows=rows)
@@ -305,12 +306,8 @@ def _labels(sidecars: list[dict], same_rows: list[dict], previous: DatasetManife
     labels = {json.dumps(lbl, sort_keys=True): lbl for sc in sidecars for lbl in sc.get("labels", [])}
     by_text = {str(lbl): lbl for lbl in (previous.labels if previous else [])}
     for r in same_rows:
-        if "label_value" in r:  # the unchanged sample's label as read, with its JSON type (1 is not "1")
-            lbl = r["label_value"]
-        elif r["label"] is not None:
-            lbl = by_text.get(r["label"], r["label"])
-        else:
-            continue
+        # the unchanged sample's label as read, with its JSON type (1 is not "1"); older rows: the index's text
+        lbl = r["label_value"] if "label_value" in r else by_text.get(r["label"], r["label"])
         if lbl is not None:
             labels[json.dumps(lbl, sort_keys=True)] = lbl
     return sorted(labels.values(), key=_label_key)
@@ -346,13 +343,12 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     for f in root.glob("*.tmp"):
         f.unlink()
         removed.append(str(f))
-    spec = root / job_path(top)
-    if top and spec.is_file() and (not (root / "job.toml").is_file()
-                                   or (root / "job.toml").read_bytes() != spec.read_bytes()):
-        (root / "job.toml").write_bytes(spec.read_bytes())  # killed after the commit, before job.toml
-        removed.append(str(root / "job.toml"))
     if removed:
         log.warning("removed %d leftovers of an interrupted run in %s", len(removed), out_dir)
+    spec, current_spec = root / job_path(top), root / "job.toml"
+    if top and spec.is_file() and (not current_spec.is_file() or current_spec.read_bytes() != spec.read_bytes()):
+        current_spec.write_bytes(spec.read_bytes())  # killed after the commit, before job.toml
+        log.warning("restored %s from %s (a run stopped between the two)", current_spec, spec)
     return removed
 
 

@@ -38,13 +38,8 @@ def escape_undecodable(value: str) -> str:
     then counts as a repeated id). Text cells are not passed through here: the text cleaner rejects or
     repairs them.
     """
-    if value.isascii():
+    if value.isascii() or _encodable(value):
         return value
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        pass
     out = []
     for ch in value:
         code = ord(ch)
@@ -55,6 +50,14 @@ def escape_undecodable(value: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def escape_nested(value: Any) -> Any:

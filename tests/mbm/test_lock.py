@@ -15,8 +15,8 @@ with FolderLock(sys.argv[1]):
 """
 
 
-def _start_holder(folder):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE,
+def _start_holder(folder, script=HOLDER):
+    proc = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
@@ -76,9 +76,7 @@ sys.stdin.readline()
 
 
 def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", FORKER, str(tmp_path)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
+    proc = _start_holder(tmp_path, FORKER)
     proc.kill()
     proc.wait(30)
     with FolderLock(str(tmp_path)):  # free although the child still runs
