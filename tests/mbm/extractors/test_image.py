@@ -72,6 +72,52 @@ def test_lite0_rejects_images_of_the_wrong_size(lite0):
         extractor.featurize(model, _images(1) + _images(1, size=200), "cpu")
 
 
+def _eager(extractor, model, images):
+    fused, model.mbm_fused = model.mbm_fused, None
+    try:
+        return extractor.featurize(model, images, "cpu")
+    finally:
+        model.mbm_fused = fused
+
+
+@pytest.mark.parametrize("size, pads", [(224, {(0, 1, 0, 1), (1, 2, 1, 2)}), (257, set())])
+def test_lite0_fused_cpu_convolutions_equal_the_eager_forward(size, pads):
+    extractor = create_extractor("efficientnet-lite0", {"image_size": size})
+    model = extractor.load("cpu")
+    plan = model.mbm_fused
+    assert plan is not None and len(plan.steps) == 49
+    assert sum(act == "residual" for _, _, act, _ in plan.steps) == 9  # the blocks MBConvBlock adds its input to
+    # TF "same" padding of the stride-2 convolutions: asymmetric on even sizes, folded into the convolution on odd
+    assert {pad for _, pad, _, _ in plan.steps if pad} == pads
+    images = _images(32, size)
+    fused = extractor.featurize(model, images, "cpu")
+    eager = _eager(extractor, model, images)
+    assert all(np.array_equal(a, b) for a, b in zip(fused, eager, strict=True))  # a full pass: bit-identical
+    few = extractor.featurize(model, images[:3], "cpu")
+    for a, b in zip(few, _eager(extractor, model, images[:3]), strict=True):  # other shapes: within float16 steps
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=4e-3)
+
+
+def test_lite0_fused_path_only_for_the_expected_structure_and_float32(lite0, monkeypatch):
+    from mbm.extractors.image import FusedConvs
+
+    extractor, model = lite0
+    assert FusedConvs.build(extractor.build().eval()) is None  # batch norms not folded
+    assert FusedConvs.build(extractor.load("cpu").train()) is None
+    swish = extractor.load("cpu")
+    swish._blocks[3]._swish = torch.nn.SiLU()  # an activation the plan does not fuse
+    assert FusedConvs.build(swish) is None
+    bf16 = create_extractor("efficientnet-lite0", {"precision": "bfloat16"})
+
+    def refuse(self, x):
+        raise AssertionError("the fused float32 path ran under precision = bfloat16")
+
+    monkeypatch.setattr(FusedConvs, "__call__", refuse)
+    assert bf16.featurize(model, _images(1), "cpu")[0].shape == (49, 1280)
+    with pytest.raises(AssertionError, match="fused float32 path"):
+        extractor.featurize(model, _images(1), "cpu")
+
+
 def test_torchvision_resnet18_from_a_local_state_dict(tmp_path):
     import torchvision
 
