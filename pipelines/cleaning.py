@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from mbm.alloc import tune_malloc
+from pipelines.clean import REVISIONS
 from pipelines.errors import CleanError
 from pipelines.media import read_media
 from schemas import CleanSample, RawSample, Reject, sample_key
@@ -50,8 +51,12 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-def _config_bytes(cfg: Any) -> bytes:
-    return json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()
+def _config_bytes(modality: str, cfg: Any) -> bytes:
+    """A modality's cleaning settings, and its cleaner's revision where it is past 1 (``REVISIONS``)."""
+    settings = cfg.to_dict()
+    if REVISIONS.get(modality, 1) != 1:
+        settings["revision"] = REVISIONS[modality]
+    return json.dumps(settings, sort_keys=True, default=str).encode()
 
 
 def _text_bytes(text: str | bytes) -> bytes:
@@ -75,14 +80,14 @@ def load_raw(raw: RawSample, cfg: CleanConfig) -> tuple[dict[str, Any], dict[str
         mcfg = cfg.for_modality(m)
         if m == "text":
             data[m] = raw.text
-            hashes[m] = _digest(b"text", _text_bytes(raw.text), _config_bytes(mcfg))
+            hashes[m] = _digest(b"text", _text_bytes(raw.text), _config_bytes(m, mcfg))
             continue
         try:
             data[m] = read_media(getattr(raw, m), mcfg.max_bytes)
-            hashes[m] = _digest(m.encode(), data[m], _config_bytes(mcfg))
+            hashes[m] = _digest(m.encode(), data[m], _config_bytes(m, mcfg))
         except CleanError as e:
             data[m] = e
-            hashes[m] = _digest(m.encode(), b"<unreadable>", e.reason.encode(), _config_bytes(mcfg))
+            hashes[m] = _digest(m.encode(), b"<unreadable>", e.reason.encode(), _config_bytes(m, mcfg))
     return data, hashes
 
 

@@ -144,9 +144,36 @@ def _looks_truncated(data: bytes, fmt: str | None) -> bool:
         sos = data.find(b"\xff\xda")
         return sos < 0 or data.rfind(b"\xff\xd9") < sos
     if fmt == "GIF":
-        return not data.rstrip(b"\x00").endswith(b";")
+        return not _gif_has_trailer(data)
     if fmt == "WEBP":
         return len(data) < 8 + struct.unpack("<I", data[4:8])[0]
+    return False
+
+
+def _gif_has_trailer(data: bytes) -> bool:
+    """Walk the GIF's blocks: True when its trailer (``;``) is reached or a block is not GIF's (Pillow
+    judged the pixels; junk after the trailer is tolerated), False when the data ends first."""
+    pos = 13
+    if len(data) < pos:
+        return False
+    if data[10] & 0x80:  # global colour table
+        pos += 3 << ((data[10] & 7) + 1)
+    while pos < len(data):
+        kind = data[pos]
+        if kind == 0x3B:
+            return True
+        if kind == 0x21:  # extension: label, then sub-blocks
+            pos += 2
+        elif kind == 0x2C:  # image: descriptor, local colour table, LZW code size, then sub-blocks
+            if pos + 10 > len(data):
+                return False
+            packed = data[pos + 9]
+            pos += 10 + ((3 << ((packed & 7) + 1)) if packed & 0x80 else 0) + 1
+        else:
+            return True
+        while pos < len(data) and data[pos]:  # sub-blocks: a length byte, that many bytes; 0 ends them
+            pos += 1 + data[pos]
+        pos += 1
     return False
 
 
@@ -217,18 +244,27 @@ def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def _fit(img: Image.Image, cfg: ImageCleanConfig) -> Image.Image:
-    """Resize (BICUBIC, antialiased) so the short side (crop) or long side (pad) is ``size``, then square it."""
+    """Resize (BICUBIC, antialiased) so the short side (crop) or long side (pad) is ``size``, then square it.
+
+    A crop resamples only the region it keeps (``box``, in source pixels): the centre crop of the whole
+    resized image up to rounding, without ever holding that image (a 65535x1 strip would be 14.7
+    million pixels wide at 224 high) or resampling pixels that are cropped away.
+    """
     w, h = img.size
     s = cfg.size
-    scale = s / (min(w, h) if cfg.fit == "crop" else max(w, h))
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if cfg.fit == "crop":
-        nw, nh = max(nw, s), max(nh, s)
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        left, top = (nw - s) // 2, (nh - s) // 2
+        if (nw, nh) == (w, h):
+            return img.crop((left, top, left + s, top + s))
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+        return img.resize((s, s), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    scale = s / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    if cfg.fit == "crop":
-        left, top = (nw - s) // 2, (nh - s) // 2
-        return img.crop((left, top, left + s, top + s))
     canvas = Image.new("RGB", (s, s), cfg.background)
     canvas.paste(img, ((s - nw) // 2, (s - nh) // 2))
     return canvas

@@ -8,8 +8,11 @@ Steps, in order (each documented where a choice was made):
    ``on_invalid_utf8="repair"``, re-read as cp1252 (latin-1 for the five bytes cp1252 leaves undefined).
    Any other lone surrogate (U+D800..U+DC7F, U+DD00..U+DFFF, e.g. from a JSON ``\\ud83d`` escape) cannot be
    a byte: it is rejected as ``text.invalid_unicode``, or replaced by U+FFFD when repairing.
-2. A leading BOM is dropped; CRLF, CR, NEL (U+0085), U+2028 and U+2029 become ``\\n``.
-3. Control characters (category Cc except ``\\n`` and ``\\t``) are removed, and so are the invisible
+2. A leading BOM is dropped; CRLF, CR, NEL (U+0085), U+2028 and U+2029 become ``\\n``, and so do the
+   controls that mean a break: vertical tab (an in-cell line break from FileMaker and old Excel), form
+   feed (a page break in text taken from PDFs) and the file, group and record separators (U+001C..1E).
+   The unit separator (U+001F) is whitespace, like a tab.
+3. Other control characters (category Cc except ``\\n`` and ``\\t``) are removed, and so are the invisible
    characters in ``INVISIBLE`` (zero-width space, word joiner, soft hyphen, BOM inside the text, ...).
    Other format characters are kept on purpose: ZWJ/ZWNJ shape Indic and Persian text and build emoji
    sequences, bidi marks order Arabic and Hebrew text, tag characters make subdivision flags.
@@ -42,8 +45,8 @@ ON_TOO_LONG = ("truncate", "reject")
 #: word joiner, zero-width no-break space (BOM). They carry no meaning for a text encoder.
 INVISIBLE = "\u00ad\u180e\u200b\u2060\ufeff"
 
-_LINE_BREAKS = re.compile(r"\r\n|[\r\u0085\u2028\u2029]")
-_DROP = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f" + INVISIBLE + "]")
+_LINE_BREAKS = re.compile(r"\r\n|[\r\x0b\x0c\x1c-\x1e\u0085\u2028\u2029]")
+_DROP = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x9f" + INVISIBLE + "]")  # U+001F is left to the whitespace step
 _WS_WITH_NEWLINE = re.compile(r"[^\S\n]*\n\s*")
 _WS = re.compile(r"[^\S\n]+")
 _ESCAPED = re.compile("[\udc80-\udcff]")

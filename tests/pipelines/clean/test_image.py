@@ -100,9 +100,10 @@ def test_format_is_sniffed_from_content_not_name(make_image, tmp_path):
 
 
 def test_trailing_bytes_after_the_image_are_tolerated(make_image):
-    for fmt in ("JPEG", "PNG"):
-        data = make_image(Image.new("RGB", (16, 16), BLUE), fmt, quality=95) + b"\x00camera-trailer" * 10
-        assert np.allclose(mean_rgb(clean_image(data, CFG)), BLUE, atol=4), fmt
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP"):
+        image = make_image(Image.new("RGB", (16, 16), BLUE), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        for junk in (b"\n", b"\x00camera-trailer" * 10):
+            assert np.allclose(mean_rgb(clean_image(image + junk, CFG)), BLUE, atol=4), (fmt, junk)
 
 
 def test_exif_orientation_6_is_applied(make_image):
@@ -247,6 +248,27 @@ def test_crop_and_pad_geometry(make_stripes, make_image):
     )
 
 
+def test_crop_resamples_only_the_region_it_keeps(make_image):
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (427, 640, 3), dtype=np.uint8))
+    out = clean_image(make_image(photo, "PNG"), ImageCleanConfig())
+    whole = photo.resize((336, 224), Image.Resampling.BICUBIC, reducing_gap=3.0).crop((56, 0, 280, 224))
+    diff = np.abs(out.astype(int) - np.asarray(whole))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # the centre crop of the whole resized image, up to rounding
+
+
+@pytest.mark.parametrize("size", [(65535, 1), (1, 30000)])
+def test_a_thin_strip_is_cropped_without_the_whole_resized_image(make_image, size):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = clean_image(make_image(Image.new("RGB", size, GREEN), "PNG"), ImageCleanConfig())
+    assert_output(out, 224)
+    assert np.array_equal(mean_rgb(out), GREEN)
+    # resizing the whole strip to a short side of 224 would hold 14.7e6 x 224 pixels (~10 GB)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024
+
+
 def test_4k_jpeg(jpeg_4k):
     start = time.perf_counter()
     crop = clean_image(jpeg_4k, ImageCleanConfig())
@@ -271,6 +293,14 @@ def test_truncated_files_are_rejected(make_stripes, make_image, fmt):
     for cut in (0.5, 0.95):
         assert reason(data[: int(len(data) * cut)]).reason == "image.truncated", cut
     assert reason(data[:30]).reason == "image.truncated"
+
+
+def test_a_gif_cut_inside_a_later_frame_is_truncated(make_image):
+    frames = [Image.new("RGB", (16, 16), c) for c in (RED, GREEN, BLUE)]
+    data = make_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert np.array_equal(mean_rgb(clean_image(data, CFG)), RED)
+    assert reason(data[:-1]).reason == "image.truncated"  # the trailer is missing
+    assert reason(data[:-12]).reason == "image.truncated"  # the last frame is cut
 
 
 def test_error_details_are_reproducible():

@@ -100,6 +100,16 @@ def test_control_and_invisible_characters_are_removed():
     assert clean_text(raw, CFG) == "abcdef ghijk"
 
 
+@pytest.mark.parametrize("raw, expected", [
+    ("end of page one.\fPage two", "end of page one.\nPage two"),  # a PDF page break
+    ("first line\x0bsecond line", "first line\nsecond line"),  # an in-cell line break (FileMaker, old Excel)
+    ("a\x1cb\x1dc\x1ed", "a\nb\nc\nd"),  # file, group and record separators
+    ("a\x1fb", "a b"),  # the unit separator
+])
+def test_controls_that_separate_words_are_breaks_not_deleted(raw, expected):
+    assert clean_text(raw, CFG) == expected
+
+
 def test_whitespace_collapses_but_single_newlines_stay():
     assert clean_text("  a \t b\u3000c \n\n\n  d  \u2028 e  ", CFG) == "a b c\nd\ne"
 
