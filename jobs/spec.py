@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 RUNNERS = ("FnApiRunner", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "PrismRunner")  # workers run on this machine
+# Options that spare Beam a download: a local file, or the address of a job server already running.
+OFFLINE_OPTIONS = {"PrismRunner": ("--prism_location", "--job_endpoint"),
+                   "FlinkRunner": ("--flink_job_server_jar", "--job_endpoint"),
+                   "SparkRunner": ("--spark_job_server_jar", "--job_endpoint")}
+OFFLINE_OPTIONS_WHAT = {"PrismRunner": "the Prism runner binary", "FlinkRunner": "the Flink job server jar",
+                        "SparkRunner": "the Spark job server jar"}
 SECTIONS = ("input", "output", "text", "image", "audio", "extract", "runner")
 
 
@@ -78,6 +84,25 @@ class RunnerConfig:
 
     def num_workers(self) -> int:
         return self.workers or os.cpu_count() or 1
+
+    def check_offline(self, extra: list[str] | None = None) -> None:
+        """Runners that Beam would fetch something for (the Prism binary, a Flink or Spark job server
+        jar) need a local copy or a running job server among their options: mbm never downloads."""
+        keys = OFFLINE_OPTIONS.get(self.name)
+        if not keys:
+            return
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        given = PipelineOptions(list(self.options) + list(extra or [])).get_all_options()
+        for key in keys:
+            value = given.get(key.removeprefix("--"))
+            if value and key != "--job_endpoint" and not os.path.isfile(value):
+                raise SpecError(f"[runner] {key}={value!r} is not a file on this machine (mbm never downloads)")
+            if value:
+                return
+        raise SpecError(f"[runner] name = {self.name!r} makes Beam download {OFFLINE_OPTIONS_WHAT[self.name]} at run "
+                        f"time, and mbm never downloads; give {' or '.join(f'{k}=...' for k in keys)} in [runner] "
+                        "options (or after `--`)")
 
     def check_device(self) -> None:
         """A local run's CUDA device must exist on this machine: say so before any worker starts.
@@ -206,6 +231,7 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
         source_path=source_path,
     )
     extractors = create_extractors(spec)
+    _input_spec(extractors, "text", where)  # checks the token limit against the model
     image_spec, audio_spec = (_input_spec(extractors, m, where) for m in ("image", "audio"))
     spec.image = _build(ImageCleanConfig, raw.get("image", {}), "image", where,
                         derived={"size": (image_spec["image_size"], f"[extract.image] {spec.extract['image'].name}")})
@@ -288,6 +314,8 @@ def _check_type(value: Any, annotation: Any, what: str) -> Any:
     if ann.startswith("tuple") and isinstance(value, list):
         return tuple(value)
     for name in options:
+        if name == "None":
+            continue
         typ = _SCALARS.get(name)
         if typ is None:
             return value  # not a simple scalar annotation: the dataclass validates it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import apache_beam as beam
@@ -47,8 +48,9 @@ def make_runner(name: str, workers: int = 1, worker_log: str | None = None, work
         from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
         command = worker_command or f"{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main"
-        if worker_log:
-            command += f" 2>>{shlex.quote(worker_log)}"
+        if worker_log:  # through the environment: Beam sends the command as UTF-8, a path may not be
+            os.environ["MBM_WORKER_LOG"] = worker_log
+            command += ' 2>>"$MBM_WORKER_LOG"'
         return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
     if name == "DirectRunner":
         from apache_beam.runners.direct.direct_runner import DirectRunner

@@ -40,7 +40,7 @@ def weights_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     for rel, file in listing:
         if rel:  # a single file hashes to exactly its bytes (same as `sha256sum`)
-            digest.update(rel.encode() + b"\0")
+            digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")  # names that are not UTF-8 too
         with open(file, "rb") as fh:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)

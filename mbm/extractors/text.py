@@ -180,22 +180,25 @@ class HFTextExtractor(HFFolderModel, Extractor):
     config_type = HFTextConfig
     location_fields = ("path",)
 
+    def input_spec(self) -> dict[str, Any]:
+        """The token limit, checked against the positions the model's config.json declares."""
+        max_positions = read_hf_config(self.model_path()).get("max_position_embeddings")
+        if isinstance(max_positions, int) and self.config.max_length > max_positions:
+            raise ValueError(f"max_length = {self.config.max_length} exceeds the {max_positions} positions "
+                             f"of the model at {self.model_path()}; set max_length <= {max_positions}")
+        return {"max_length": self.config.max_length}
+
     def load(self, device: str) -> TextModel:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         path = self.model_path()
-        read_hf_config(path)
+        self.input_spec()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         with seeded(0):  # any weight missing from the checkpoint is initialised the same on every worker
             model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        max_positions = getattr(model.config, "max_position_embeddings", None)
-        if isinstance(max_positions, int) and self.config.max_length > max_positions:
-            raise ValueError(
-                f"max_length {self.config.max_length} exceeds the model's {max_positions} positions"
-            )
         return TextModel(tokenizer, model.eval().to(device))
 
     def featurize(self, model: TextModel, batch: list, device: str) -> list[np.ndarray]:

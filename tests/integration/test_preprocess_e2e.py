@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,11 @@ DIMS = {"text": 384, "image": 1280, "audio": 80}
 
 @pytest.fixture(scope="module")
 def job(messy_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e") / "out"
+    out = tmp_path_factory.mktemp("e2e") / os.fsdecode(b"out-caf\xe9")  # a folder name that is not UTF-8
     spec = out.parent / "job.toml"
-    spec.write_text(f'[input]\nmanifest = "{messy_corpus.manifest}"\n[output]\ndir = "{out}"\nsamples_per_shard = 20\n'
-                    '[runner]\nworkers = 2\n')
-    assert main(["preprocess", str(spec), "--no-progress"]) == 0
+    spec.write_text(f'[input]\nmanifest = "{messy_corpus.manifest}"\n[output]\ndir = "elsewhere"\n'
+                    'samples_per_shard = 20\n[runner]\nworkers = 2\n')
+    assert main(["preprocess", str(spec), "--no-progress", "--output", str(out)]) == 0
     return messy_corpus, out
 
 
@@ -56,7 +57,8 @@ def test_every_good_sample_lands_once_with_finite_consistent_features(job):
 def test_index_has_a_row_for_every_input_line_with_stage_and_reason(job):
     corpus, out = job
     manifest = json.loads((out / "dataset.json").read_text())
-    rows = pq.read_table(out / manifest["index"]).to_pylist()
+    with open(out / manifest["index"], "rb") as f:  # pyarrow takes only UTF-8 path strings
+        rows = pq.read_table(f).to_pylist()
     assert len(rows) == corpus.n_lines
     by_id = {}
     for r in rows:

@@ -82,6 +82,10 @@ def test_input_relative_to_cwd_is_accepted_when_not_next_to_spec(data, tmp_path,
          'path = "/nonexistent/bert"\n', r"\[extract.text\] hf-text: the model path '/nonexistent/bert' does not exist"),
         ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.image]\nname = "hf-image"\n'
          'path = "data"\n', r"\[extract.image\]: .*data is not a local Hugging Face model folder"),
+        ('[input]\nmanifest = ["data/manifest.jsonl"]\n[output]\ndir = "o"\n',
+         r"\[input\] manifest must be str or None, got \['data/manifest.jsonl'\]"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.text]\nmax_length = 1024\n',
+         r"\[extract.text\]: max_length = 1024 exceeds the 512 positions of the model .*; set max_length <= 512"),
     ],
 )
 def test_bad_specs_name_what_to_fix(data, body, message):
@@ -137,3 +141,26 @@ def test_a_changed_shard_layout_is_reported_against_the_version_it_differs_from(
         _warn_output_changes(str(out), 2, spec)  # no spec kept for that version: nothing to compare
     assert caplog.text.count("samples_per_shard 1000 -> 2") == 1 and "since version 3" in caplog.text
     assert "include_media" not in caplog.text and "--full" in caplog.text
+
+
+@pytest.mark.parametrize("name, options, error", [
+    ("PrismRunner", [], r"makes Beam download the Prism runner binary .* give --prism_location=\.\.\. or --job_endpoint"),
+    ("FlinkRunner", ["--flink_master=host:8081"], r"the Flink job server jar"),
+    ("SparkRunner", [], r"the Spark job server jar"),
+    ("PrismRunner", ["--prism_location=https://example.com/prism.zip"], r"is not a file on this machine"),
+    ("PrismRunner", ["--prism_location={file}"], None),
+    ("FlinkRunner", ["--flink_job_server_jar", "{file}"], None),
+    ("SparkRunner", ["--job_endpoint=localhost:8099"], None),
+    ("DataflowRunner", [], None),
+])
+def test_runners_that_would_download_need_a_local_copy_or_a_job_server(tmp_path, name, options, error):
+    from jobs.spec import RunnerConfig
+
+    (tmp_path / "artifact").write_bytes(b"")
+    runner = RunnerConfig(name=name, options=[o.format(file=tmp_path / "artifact") for o in options])
+    for check in (runner.check_offline, lambda: RunnerConfig(name=name).check_offline(runner.options)):  # or after `--`
+        if error is None:
+            check()
+        else:
+            with pytest.raises(SpecError, match=error):
+                check()

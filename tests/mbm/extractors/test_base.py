@@ -107,3 +107,13 @@ def test_weights_hash_of_a_file_is_its_sha256(tmp_path):
     assert weights_sha256(file) == hashlib.sha256(b"weights").hexdigest()
     with pytest.raises(ValueError, match="does not exist"):
         weights_sha256(tmp_path / "missing.pt")
+
+
+def test_weights_hash_of_a_folder_with_a_file_name_that_is_not_utf8(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / os.fsdecode(b"notes_caf\xe9.txt")).write_text("latin-1 name")
+    first = weights_sha256(folder)
+    (folder / os.fsdecode(b"notes_caf\xe9.txt")).write_text("changed")
+    assert len(first) == 64 and weights_sha256(folder) != first
