@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 _PINNED = re.compile(r"^(?P<root>.*?)/?@(?P<version>\d+)$")
 
 
+def _pin(spec: str) -> re.Match | None:
+    """``ROOT/@N`` (or ``ROOT@N``) split into root and version; None for anything else, and for an
+    existing folder whose own name ends in ``@digits`` (a dataset written to ``coco@2017``)."""
+    m = _PINNED.match(spec)
+    return None if m is None or os.path.isdir(spec) else m
+
+
 @dataclass
 class DataSource:
     """The shards to read and what the trainer must know about them."""
@@ -40,7 +47,7 @@ def pinned(spec: str, version: int | None, shards: list[str] | None = None) -> s
     """What a run records for ``--data``: the dataset's current version as ``ROOT/@N`` (from the folder
     or its ``dataset.json``), a pinned ``ROOT/@N`` written canonically, a glob as the brace list of the
     shards it matched now (a newer version's shards must not join a resumed run), else ``spec``."""
-    if (m := _PINNED.match(spec)) is not None:
+    if (m := _pin(spec)) is not None:
         return f"{(m['root'] or '.').rstrip('/')}/@{int(m['version'])}"
     if version is not None and os.path.isdir(spec):
         return f"{spec.rstrip('/')}/@{version}"
@@ -55,7 +62,7 @@ def pinned(spec: str, version: int | None, shards: list[str] | None = None) -> s
 
 def unpinned_root(spec: str) -> str | None:
     """The dataset folder of a pinned ``ROOT/@N``; None when ``spec`` is not pinned."""
-    m = _PINNED.match(spec)
+    m = _pin(spec)
     return (m["root"] or ".") if m else None
 
 
@@ -72,7 +79,7 @@ def sort_labels(labels: list[Any]) -> list[Any]:
 
 def resolve_data(spec: str) -> DataSource:
     """A ``DataSource`` for ``--data``; raises ``ValueError`` naming what is wrong."""
-    pinned = _PINNED.match(spec)
+    pinned = _pin(spec)
     if pinned:
         root = pinned["root"] or "."
         return _from_manifest(spec, root, os.path.join(root, version_path(int(pinned["version"]))))
@@ -85,7 +92,7 @@ def resolve_data(spec: str) -> DataSource:
 
 def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
     if not os.path.isfile(manifest_path):
-        pinned_version = _PINNED.match(spec)
+        pinned_version = _pin(spec)
         why = " (no such version, or `mbm gc` deleted it; `mbm versions` lists them)" if pinned_version else ""
         raise ValueError(f"--data {spec}: no dataset manifest at {manifest_path}{why}")
     try:

@@ -91,8 +91,9 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 < self.val_fraction < 1:  # the held-out split is what evaluation and metrics.jsonl report on
+            raise ValueError(f"--val-fraction must be in (0, 1), got {self.val_fraction}; a run evaluates on its "
+                             "held-out split (use e.g. 0.01 to hold out very little)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.task == "retrieve" and self.batch_size < 2:

@@ -11,7 +11,7 @@ import torch
 from mbm.data.collate import batch_to
 from mbm.data.source import DataSource, resolve_data
 from mbm.data.stream import ShardStream
-from mbm.data.tokenizer import decode_ids, load_tokenizer
+from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens
 from mbm.model.model import ModelConfig, MultimodalModel
 from mbm.train.build import stream_config
 from mbm.train.checkpoint import checkpoint_name, load_checkpoint
@@ -32,10 +32,10 @@ class LoadedRun:
 
     def stream(self, split: str) -> ShardStream:
         dims = {m: self.model.cfg.feature_dims[m] for m in self.model.cfg.input_modalities()}
-        for m, dim in dims.items():
-            if self.source.feature_dims.get(m) != dim:
-                raise ValueError(f"--data {self.source.spec}: {m} features are {self.source.feature_dims.get(m)}-d, "
-                                 f"the run was trained on {dim}-d")
+        for m, dim in dims.items():  # a modality the data lacks is masked, as in training
+            got = self.source.feature_dims.get(m)
+            if got is not None and got != dim:
+                raise ValueError(f"--data {self.source.spec}: {m} features are {got}-d, the run was trained on {dim}-d")
         return ShardStream(stream_config(self.cfg, self.source, self.labels, dims, split, train=False))
 
 
@@ -51,11 +51,24 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
     model = MultimodalModel(model_cfg).to(dev)
     model.load_state_dict(state["model"])
     model.eval()
+    if model_cfg.decoder is not None:
+        _check_tokenizer(cfg.tokenizer, model_cfg.decoder)
     labels = list(state.get("labels") or run.read_labels() or [])
     source = resolve_data(data or cfg.data)
     pair = list(model_cfg.pair) if model_cfg.pair else cfg.pair
     return LoadedRun(cfg=replace(cfg, pair=pair), model=model, source=source, labels=labels,
                      step=int(state["step"]), device=dev)
+
+
+def _check_tokenizer(path: str | None, decoder: Any) -> None:
+    """The tokenizer must be the one the decoder was trained with: same vocabulary size and special ids."""
+    sp = special_tokens(load_tokenizer(path))
+    trained = {"vocabulary size": decoder.vocab_size, "BOS id": decoder.bos, "EOS id": decoder.eos, "PAD id": decoder.pad}
+    given = {"vocabulary size": sp.vocab_size, "BOS id": sp.bos, "EOS id": sp.eos, "PAD id": sp.pad}
+    differ = [f"{k} {given[k]} (the run's decoder: {v})" for k, v in trained.items() if given[k] != v]
+    if differ:
+        raise ValueError(f"--tokenizer {path or 'default'} does not match the run's decoder: {', '.join(differ)}; "
+                         "leave --tokenizer out to use the run's own")
 
 
 def _checkpoint_path(run: RunDir, checkpoint: str | None) -> str:

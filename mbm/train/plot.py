@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -17,7 +18,7 @@ def _series(records: list[dict[str, Any]]) -> tuple[dict[str, list], dict[str, l
     metrics: dict[str, list] = {}
     for r in records:
         for k, v in r.items():
-            if k in SKIP or not isinstance(v, (int, float)) or isinstance(v, bool):
+            if k in SKIP or not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 continue
             if k == "loss":
                 losses.setdefault(f"{r['split']} loss", []).append((r["step"], float(v)))

@@ -6,11 +6,15 @@ Latin-1 folder name in ``--data`` or ``--out``) as their bytes instead of failin
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from typing import Any
 
 from mbm.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints
 from mbm.train.config import TrainConfig, check_keys, merge
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -32,6 +36,18 @@ class RunDir:
 
     def latest(self) -> str | None:
         return latest_checkpoint(self.checkpoints)
+
+    def remove_partial_files(self) -> list[str]:
+        """Delete what a killed process left half-written (``NAME.tmp-PID`` beside the run's files and
+        checkpoints); call it holding the run folder's lock. Returns the paths removed."""
+        removed = []
+        for folder in (self.root, self.checkpoints):
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if ".tmp-" in name and os.path.isfile(os.path.join(folder, name)):
+                        os.remove(os.path.join(folder, name))
+                        removed.append(os.path.join(folder, name))
+        return removed
 
     def candidates(self) -> list[str]:
         """Checkpoint paths to resume from, best first: the one ``latest`` names, then the rest newest first."""
@@ -65,15 +81,37 @@ class RunDir:
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    """One JSON line; a NaN or infinite metric is written as null (strict JSON readers refuse NaN)."""
     with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n")
+        f.write(json.dumps(_finite(record), ensure_ascii=False, sort_keys=False, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A last line cut short (a full disk, a crash inside a write) is
+    dropped with a warning; a bad line elsewhere is an error naming the file and line."""
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError as exn:
+            if i < len(lines) - 1 or line.endswith("\n"):
+                raise ValueError(f"{path} line {n} is not JSON ({exn}); remove or fix that line") from None
+            log.warning("%s: dropping its last line, which was cut short: %r", path, line[:80])
+    return records
 
 
 def truncate_jsonl(path: str, step: int) -> None:

@@ -253,6 +253,9 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
         # One training per run folder: rank 0 holds the lock (a second job's checkpoints and metrics
         # would interleave with this one's); the OS releases it when the process ends, however it ends.
         with FolderLock(cfg.out) if env.is_main else contextlib.nullcontext():
+            if env.is_main:
+                for path in RunDir(cfg.out).remove_partial_files():
+                    log.warning("removed %s, left half-written by a run that was killed", path)
             return Trainer(cfg, env, progress=progress).fit()
     except FolderLockedError as e:
         raise ValueError(f"--out {cfg.out}: {e}") from None

@@ -48,6 +48,7 @@ def test_toml_round_trip(tmp_path):
 @pytest.mark.parametrize("settings, flag", [
     ({"steps": 0}, "--steps"), ({"fusion": "sum"}, "--fusion"), ({"lr": "fast"}, "--lr"),
     ({"d_model": 30, "heads": 4}, "--d-model"), ({"pair": "text"}, "--pair"), ({"val_fraction": 1.0}, "--val-fraction"),
+    ({"val_fraction": 0.0}, r"--val-fraction must be in \(0, 1\), got 0.0; a run evaluates on its held-out split"),
     ({"max_tokens": {"smell": 3}}, "--max-tokens"), ({"workers": -1}, "--workers"),
 ])
 def test_bad_settings_name_their_flag(settings, flag):

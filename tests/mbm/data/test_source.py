@@ -1,0 +1,28 @@
+import pytest
+
+from mbm.data.source import pinned, resolve_data, unpinned_root
+from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+
+@pytest.fixture(scope="module")
+def at_folder(tmp_path_factory):
+    """A dataset written to a folder whose own name ends in @digits."""
+    out = str(tmp_path_factory.mktemp("ds") / "coco@2017")
+    write_synthetic_dataset(out, SyntheticConfig(num_samples=12, samples_per_shard=5, feature_dims={"text": 4}))
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_a_folder_named_like_a_pin_is_the_folder(at_folder, suffix):
+    source = resolve_data(at_folder + suffix)
+    assert len(source.shards) == 3 and all(s.startswith(at_folder) for s in source.shards)
+    assert unpinned_root(at_folder + suffix) is None
+    assert pinned(at_folder, source.version) == f"{at_folder}/@{source.version}"
+    assert unpinned_root(pinned(at_folder, source.version)) == at_folder
+
+
+def test_a_pin_below_a_folder_named_like_a_pin(at_folder):
+    spec = f"{at_folder}/@{resolve_data(at_folder).version}"
+    assert resolve_data(spec).shards == resolve_data(at_folder).shards
+    with pytest.raises(ValueError, match=r"no dataset manifest at .*coco@2017/versions/000007.json \(no such version"):
+        resolve_data(f"{at_folder}/@7")

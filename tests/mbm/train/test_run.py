@@ -1,0 +1,53 @@
+import json
+import logging
+import math
+import os
+
+import pytest
+
+from jobs.train_cli import main
+from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from mbm.train.plot import plot_metrics
+from mbm.train.run import RunDir, append_jsonl, read_jsonl
+
+TINY = ["--d-model", "16", "--heads", "2", "--layers", "1", "--batch-size", "8", "--no-progress", "--eval-every", "2"]
+
+
+def test_non_finite_metrics_are_written_as_null_and_plotted_around(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    append_jsonl(path, {"step": 0, "split": "val", "loss": 1.5, "accuracy": 0.5})
+    append_jsonl(path, {"step": 2, "split": "val", "loss": math.nan, "accuracy": math.inf, "skipped": {"a": 1}})
+    lines = open(path).read().splitlines()
+    assert json.loads(lines[1], parse_constant=pytest.fail) == {"step": 2, "split": "val", "loss": None,
+                                                                  "accuracy": None, "skipped": {"a": 1}}
+    plot_metrics(read_jsonl(path) + [{"step": 3, "split": "val", "loss": math.nan}], str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_last_line_cut_short_is_dropped_and_a_bad_line_elsewhere_is_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    with caplog.at_level(logging.WARNING):
+        assert read_jsonl(str(path)) == [{"step": 1, "loss": 2.0}]
+    assert "cut short" in caplog.text
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON"):
+        read_jsonl(str(path))
+
+
+def test_resume_after_a_kill_inside_a_write(tmp_path, caplog):
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=40, samples_per_shard=20, feature_dims={"text": 6}))
+    out = str(tmp_path / "run")
+    assert main(["train", *TINY, "--data", data, "--out", out, "--steps", "4", "--stop-at", "2"]) == 0
+    run = RunDir(out)
+    leftovers = [os.path.join(run.checkpoints, "step-000004.pt.tmp-99999"), os.path.join(out, "config.json.tmp-99999")]
+    for path in leftovers:
+        open(path, "wb").write(b"half a checkpoint")
+    with open(run.metrics, "a") as f:
+        f.write('{"step": 3, "split": "tr')  # a line cut short
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", *TINY, "--data", data, "--out", out, "--steps", "4", "--resume"]) == 0
+    assert not any(os.path.exists(p) for p in leftovers)
+    assert "left half-written" in caplog.text
+    assert [r["step"] for r in read_jsonl(run.metrics) if r["split"] == "val"] == [0, 2, 4]
