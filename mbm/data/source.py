@@ -86,7 +86,10 @@ def resolve_data(spec: str) -> DataSource:
     if os.path.isdir(spec):
         return _from_manifest(spec, spec, os.path.join(spec, "dataset.json"))
     if spec.endswith(".json") and os.path.isfile(spec):
-        return _from_manifest(spec, os.path.dirname(spec) or ".", spec)
+        root = os.path.dirname(spec) or "."
+        if re.fullmatch(r"\d{6}\.json", os.path.basename(spec)) and os.path.basename(os.path.abspath(root)) == "versions":
+            root = os.path.dirname(os.path.abspath(root))  # OUT/versions/000001.json: shard paths are relative to OUT
+        return _from_manifest(spec, root, spec)
     return _from_pattern(spec)
 
 

@@ -26,3 +26,9 @@ def test_a_pin_below_a_folder_named_like_a_pin(at_folder):
     assert resolve_data(spec).shards == resolve_data(at_folder).shards
     with pytest.raises(ValueError, match=r"no dataset manifest at .*coco@2017/versions/000007.json \(no such version"):
         resolve_data(f"{at_folder}/@7")
+
+
+def test_a_version_manifest_given_directly(at_folder):
+    version = resolve_data(at_folder).version
+    source = resolve_data(f"{at_folder}/versions/{version:06d}.json")
+    assert source.shards == resolve_data(at_folder).shards and source.version == version
