@@ -13,8 +13,18 @@ from schemas import Media, Reject
 
 STAGE = "read"
 COLUMNS: tuple[str, ...] = ("id", "text", "image", "audio", "label")
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp"})
-AUDIO_EXTS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3"})
+# Extensions of the formats the cleaners decode here (Pillow with AVIF and OpenJPEG; libsndfile with
+# MP3): the cleaners sniff the content, so these only tell media from other files. HEIC, JPEG XL and
+# M4A/AAC are left out: nothing in the environment decodes them.
+IMAGE_EXTS = frozenset({
+    "jpg", "jpeg", "jpe", "jfif", "pjpeg", "pjp", "mpo", "png", "apng", "gif", "bmp", "dib", "tif", "tiff",
+    "webp", "avif", "avifs", "tga", "jp2", "j2k", "j2c", "jpc", "jpf", "jpx", "pbm", "pgm", "ppm", "pnm",
+    "qoi",
+})
+AUDIO_EXTS = frozenset({
+    "wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "aifc", "au", "snd", "caf", "w64", "rf64",
+    "voc", "sph",
+})
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

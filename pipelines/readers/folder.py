@@ -2,7 +2,10 @@
 
 With ``metadata.jsonl`` / ``metadata.csv`` / ``metadata.parquet`` (at the root or in subfolders, each
 naming files relative to its own folder by ``file_name``): one sample per metadata row. Without: one
-sample per media file, labelled by its class folder when files sit in more than one class folder.
+sample per media file, labelled by its class folder when files sit in more than one class folder, and
+one ``read.unsupported_file`` reject per other file, so that a photo in a format mbm does not read
+(``.heic``) or a stray file is listed rather than silently left out. Hidden files and folders and the
+thumbnail and settings files Windows and macOS leave behind are skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pipelines.errors import CleanError
 from pipelines.readers.common import (
     FirstWins,
     absolute,
+    extension,
     is_empty,
     local_path,
     media_kind,
@@ -34,6 +38,8 @@ METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 TEXT_COLUMNS = ("text", "caption", "transcription")  # the first one present is the text
 # folders HF reads as splits, not classes
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval"})
+# files the system writes into any folder it shows (compared lower-case); not part of a dataset
+CLUTTER_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 
 
 def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSample | Reject]:
@@ -81,18 +87,10 @@ def _depth_first(rel: str) -> tuple[int, str]:
 def _metadata_samples(
     root: str, rel: str, allow_outside: bool, seen: FirstWins
 ) -> Iterator[RawSample | Reject]:
+    """The samples of one metadata file; one that cannot be read (a broken symlink, a pipe, a cut
+    Parquet file) is one ``read.unreadable`` reject from ``iter_rows``."""
     subdir = posixpath.dirname(rel)
     base = f"{root}/{subdir}" if subdir else root
-    try:
-        yield from _metadata_rows(root, rel, subdir, base, allow_outside, seen)
-    except (CleanError, OSError) as e:  # a broken symlink, a loop, a pipe: one reject for the file
-        detail = e.detail if isinstance(e, CleanError) else f"{type(e).__name__}: {e}"
-        yield reject("read.unreadable", f"{rel}: cannot read the metadata file ({detail})", rel, rel)
-
-
-def _metadata_rows(
-    root: str, rel: str, subdir: str, base: str, allow_outside: bool, seen: FirstWins
-) -> Iterator[RawSample | Reject]:
     for item in iter_rows(f"{root}/{rel}", format_of(rel) or "", rel):
         if isinstance(item, Reject):
             yield item
@@ -140,11 +138,15 @@ def _row_sample(
     )
 
 
-def _file_samples(root: str, files: list[str]) -> Iterator[RawSample]:
-    media = [(rel, kind) for rel in files if (kind := media_kind(rel)) is not None]
-    parents = {posixpath.basename(posixpath.dirname(rel)) for rel, _ in media}
-    labelled = all("/" in rel for rel, _ in media) and len(parents) > 1 and not parents <= SPLIT_NAMES
-    for rel, kind in media:
+def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
+    kinds = [(rel, media_kind(rel)) for rel in files if posixpath.basename(rel).lower() not in CLUTTER_NAMES]
+    parents = {posixpath.basename(posixpath.dirname(rel)) for rel, kind in kinds if kind}
+    in_folders = all("/" in rel for rel, kind in kinds if kind)
+    labelled = in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES
+    for rel, kind in kinds:
+        if kind is None:
+            yield _unsupported(rel)
+            continue
         split = rel.split("/", 1)[0] if "/" in rel else ""
         parent = posixpath.basename(posixpath.dirname(rel))
         yield RawSample(
@@ -154,3 +156,9 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample]:
             source=rel,
             **{kind: Media(uri=f"{root}/{rel}", name=rel)},
         )
+
+
+def _unsupported(rel: str) -> Reject:
+    ext = extension(rel)
+    what = f"'.{ext}' is not an image or audio extension mbm reads" if ext else "it has no extension"
+    return reject("read.unsupported_file", f"{rel}: not read as a sample ({what})", rel, rel)

@@ -2,6 +2,8 @@
 
 Used by the manifest reader and by the imagefolder/audiofolder metadata reader. Text is decoded with
 ``surrogateescape`` so invalid UTF-8 reaches the text cleaner as lone surrogates instead of failing here.
+A file that cannot be read, decompressed or decoded as its format (a cut Parquet file, a plain file
+named ``.gz``) ends in one ``read.unreadable`` reject naming it; the rows read before that are kept.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import io
 import json
 import math
 import posixpath
+import re
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from pipelines.errors import CleanError
 from pipelines.readers.common import reject
 from schemas import Reject
 
@@ -34,6 +38,13 @@ _COMPRESSED = (".gz", ".bz2", ".zst", ".deflate", ".xz", ".lzma")
 _BOM = "\ufeff"
 _CSV_FIELD_LIMIT = 1 << 26  # the csv module's default (128 KiB) is shorter than some captions
 _PARQUET_BATCH = 4096
+# Lists and objects nested deeper than this are refused: the recursive steps after reading (meta
+# cleaning, json.dumps, pickling between workers) would overflow the stack near 1000 levels, and no
+# hand-written metadata comes near 100 (Ruby's JSON parser has the same default limit).
+MAX_JSON_DEPTH = 100
+_TOO_DEEP = f"lists and objects nested more than {MAX_JSON_DEPTH} levels deep"
+_DECODER = json.JSONDecoder(strict=False)  # raw tabs inside strings are common; accept them
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 Row = tuple[int, dict[str, Any]]
 
@@ -54,24 +65,45 @@ def iter_rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
     """Rows of ``path`` in file order; ``line`` is the 1-based physical line (Parquet: row index + 1)."""
     if FORMATS.get(fmt) is None:
         raise ValueError(f"unknown table format {fmt!r} for {path}; use one of {sorted(FORMATS)}")
+    line = 0
+    try:
+        for item in _rows(path, fmt, name):
+            line = item[0] if isinstance(item, tuple) else line
+            yield item
+    except _Unreadable as e:
+        kept = f"; the rows up to line {line} are kept" if line else ""
+        yield reject("read.unreadable", f"{name}: cannot read the file ({e}){kept}", name)
+
+
+class _Unreadable(Exception):
+    """Opening, reading or decompressing the file failed; ``iter_rows`` turns it into one reject.
+
+    Raised only around the I/O calls, so that a bug in the row parsers still fails loudly.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        text = error.detail if isinstance(error, CleanError) else f"{type(error).__name__}: {error}"
+        super().__init__(_ADDRESS.sub("", text))
+
+
+def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
     if FORMATS[fmt] == "parquet":
         yield from _parquet_rows(path)
         return
     with _open(path, compressed=True) as f:
         if fmt == "json":
             # a .json file is JSON lines, or (LLaVA-style annotation files) one array of objects
-            data = f.read()
+            data = b"".join(_lines(f))
             text = data.decode("utf-8", errors="surrogateescape").lstrip(_BOM)
             if text.lstrip().startswith("["):
                 yield from _json_array_rows(text, name)
             else:
-                yield from _json_rows(iter(io.BytesIO(data).readline, b""), name)
+                yield from _json_rows(_lines(io.BytesIO(data)), name)
             return
-        lines = iter(f.readline, b"")
         if FORMATS[fmt] == "jsonl":
-            yield from _json_rows(lines, name)
+            yield from _json_rows(_lines(f), name)
         else:
-            yield from _csv_rows(lines, name, delimiter="\t" if fmt == "tsv" else ",")
+            yield from _csv_rows(_lines(f), name, delimiter="\t" if fmt == "tsv" else ",")
 
 
 def _open(path: str, compressed: bool) -> BinaryIO:
@@ -80,10 +112,29 @@ def _open(path: str, compressed: bool) -> BinaryIO:
 
     from pipelines.media import check_regular
 
-    check_regular(path)  # a named pipe would block the worker
-
     kind = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
-    return FileSystems.open(path, compression_type=kind)
+    try:
+        check_regular(path)  # a named pipe would block the worker
+        return FileSystems.open(path, compression_type=kind)
+    except Exception as e:  # missing, a broken link, no permission: Beam wraps them in several types
+        raise _Unreadable(e) from e
+
+
+def _lines(f: BinaryIO) -> Iterator[bytes]:
+    """The lines of a text file with their endings: LF or CRLF, or a lone CR in a file with no LF
+    before its end (classic Mac "CSV (Macintosh)" files), which would otherwise read as one line. In
+    a file of LF lines a lone CR stays inside its line (a raw CR in a JSON string or a quoted cell)."""
+    try:
+        first = f.readline()
+        second = f.readline() if first.endswith(b"\n") else b""
+        if not second:
+            yield from first.splitlines(keepends=True)  # bytes split at LF, CRLF and CR only
+            return
+        yield first
+        yield second
+        yield from iter(f.readline, b"")
+    except Exception as e:  # gzip, zlib, bz2, lzma and zstd each raise their own types for bad data
+        raise _Unreadable(e) from e
 
 
 def _decoded(lines: Iterator[bytes]) -> Iterator[str]:
@@ -92,15 +143,52 @@ def _decoded(lines: Iterator[bytes]) -> Iterator[str]:
         yield text[1:] if number == 1 and text.startswith(_BOM) else text
 
 
+def load_json(text: str) -> Any:
+    """``text`` as JSON, raw control characters in strings allowed; ``ValueError`` when it is not JSON
+    or nests lists and objects more than ``MAX_JSON_DEPTH`` levels deep."""
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+    if _nested_too_deep(value, text):
+        raise ValueError(_TOO_DEEP)
+    return value
+
+
+def _raw_decode(text: str, start: int) -> tuple[Any, int]:
+    """The JSON value at ``start`` of ``text`` and where it ends; ``ValueError`` as ``load_json``."""
+    try:
+        return _DECODER.raw_decode(text, start)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+
+
+def _nested_too_deep(value: Any, text: str, start: int = 0, end: int | None = None) -> bool:
+    """Whether ``value`` (decoded from ``text[start:end]``) nests more than ``MAX_JSON_DEPTH`` levels,
+    found level by level without recursion; a text with fewer brackets than that cannot, and is not walked."""
+    if text.count("[", start, end) + text.count("{", start, end) <= MAX_JSON_DEPTH:
+        return False
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+            if isinstance(child, (dict, list))
+        ]
+        if not level:
+            return False
+    return True
+
+
 def _json_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject]:
-    decoder = json.JSONDecoder(strict=False)  # raw tabs inside strings are common; accept them
     for line, text in enumerate(_decoded(lines), start=1):
         text = text.strip().lstrip(_BOM)  # a BOM mid-file comes from concatenated files
         if not text:
             continue
         where = f"{name}:{line}"
         try:
-            row = decoder.decode(text)
+            row = load_json(text)
         except ValueError as e:
             yield reject("read.bad_json", f"{where}: not valid JSON ({e})", where)
             continue
@@ -112,7 +200,6 @@ def _json_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject]:
 
 def _json_array_rows(text: str, name: str) -> Iterator[Row | Reject]:
     """Elements of a top-level JSON array, each numbered by the physical line it starts on."""
-    decoder = json.JSONDecoder(strict=False)
     pos = text.index("[") + 1
     line = 1 + text.count("\n", 0, pos)
     expect_value = _skip_space(text, pos) >= len(text) or text[_skip_space(text, pos)] != "]"
@@ -121,13 +208,15 @@ def _json_array_rows(text: str, name: str) -> Iterator[Row | Reject]:
         line += text.count("\n", pos, start)
         where = f"{name}:{line}"
         try:
-            row, end = decoder.raw_decode(text, start)
+            row, end = _raw_decode(text, start)
         except ValueError as e:
             yield reject(
                 "read.bad_json", f"{where}: not valid JSON ({e}); the rest of the array is skipped", where
             )
             return
-        if isinstance(row, dict):
+        if _nested_too_deep(row, text, start, end):
+            yield reject("read.bad_json", f"{where}: {_TOO_DEEP}", where)
+        elif isinstance(row, dict):
             yield line, row
         else:
             yield reject("read.bad_json", f"{where}: a JSON {type(row).__name__}, expected an object", where)
@@ -150,9 +239,11 @@ def _skip_space(text: str, pos: int) -> int:
 
 def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row | Reject]:
     """Rows of a CSV/TSV, parsed strictly so that a quote opened and never closed cannot swallow the
-    rest of the file into one cell. A record that fails is taken from its first line alone, parsed
-    leniently (``"12" inch`` reads as ``12 inch``, as a lenient parser would) when that gives exactly
-    the header's columns, else rejected; either way parsing goes on at the next line."""
+    rest of the file into one cell. A record that fails and whose quoted cell spans lines up to a line
+    that balances its quotes (see ``_quoted_span``) is rejected whole, and parsing goes on after it:
+    its continuation lines are no records. Any other failed record is taken from its first line alone,
+    parsed leniently (``"12" inch`` reads as ``12 inch``, as a lenient parser would) when that gives
+    exactly the header's columns, else rejected; either way parsing goes on at the next line."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     source = _decoded(lines)
     pending: collections.deque[str] = collections.deque()  # lines to read again after a failed record
@@ -179,9 +270,14 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
         except StopIteration:
             return
         except csv.Error as e:
-            first, rest = (taken[0], taken[1:]) if taken else ("", [])
-            pending.extendleft(reversed(rest))
-            base, reader = start, csv.reader(feed(), delimiter=delimiter, strict=True)
+            span = _quoted_span(taken)
+            pending.extendleft(reversed(taken[span or 1 :]))
+            base, reader = start + max(span - 1, 0), csv.reader(feed(), delimiter=delimiter, strict=True)
+            if span:
+                detail = f"{where}: cannot parse the record on lines {start}-{start + span - 1} ({e})"
+                yield reject("read.bad_csv", detail, where)
+                continue
+            first = taken[0] if taken else ""
             try:
                 cells = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter), [])
             except csv.Error:
@@ -202,15 +298,73 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
         yield start, dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True))
 
 
-def _parquet_rows(path: str) -> Iterator[Row]:
-    import pyarrow.parquet as pq
+def _quoted_span(lines: list[str]) -> int:
+    """How many of ``lines`` (those a record that failed to parse took) the record spans: up to the
+    first later line at which the count of quote characters turns even, as it does on the line where
+    a quoted cell holding unescaped quotes (``"a "b" c"``) ends. 0 when the first line's count is even
+    (no quote left open) or no later line evens it (a quote never closed: the lines after it are
+    records of their own)."""
+    count = lines[0].count('"') if lines else 0
+    if count % 2 == 0:
+        return 0
+    for number, line in enumerate(lines[1:], start=2):
+        count += line.count('"')
+        if count % 2 == 0:
+            return number
+    return 0
 
+
+def _parquet_rows(path: str) -> Iterator[Row]:
     with _open(path, compressed=False) as f:
         line = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH):
-            for row in batch.to_pylist():
+        for batch in _batches(f):
+            for row in _pylist(batch):
                 line += 1
                 yield line, {key: _jsonable(value) for key, value in row.items()}
+
+
+def _batches(f: BinaryIO) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    try:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH)
+    except Exception as e:  # Arrow raises ArrowInvalid, OSError, ... for a cut or garbled file
+        raise _Unreadable(e) from e
+
+
+def _pylist(batch: Any) -> list[dict[str, Any]]:
+    """The rows of a record batch; a column ``to_pylist`` cannot convert is converted cell by cell."""
+    try:
+        return batch.to_pylist()
+    except OverflowError:
+        columns = [_column(column) for column in batch.columns]
+        return [dict(zip(batch.schema.names, cells, strict=True)) for cells in zip(*columns, strict=True)]
+
+
+def _column(column: Any) -> list[Any]:
+    try:
+        return column.to_pylist()
+    except OverflowError:
+        return [_cell(scalar) for scalar in column]
+
+
+def _cell(scalar: Any) -> Any:
+    """One Parquet cell as Python. A timestamp, date or duration beyond Python's range (a 2**63-1
+    "never expires" sentinel) stays the integer Arrow stores it as, in the column's unit; only that
+    value changes, the rest of the cell converts as usual."""
+    import pyarrow as pa
+
+    try:
+        return scalar.as_py()
+    except OverflowError:
+        if isinstance(scalar, pa.StructScalar):
+            return {key: _cell(value) for key, value in scalar.items()}
+        if isinstance(scalar, pa.MapScalar):
+            return [(_cell(pair["key"]), _cell(pair["value"])) for pair in scalar.values]
+        if hasattr(scalar, "values"):  # the list types
+            return [_cell(item) for item in scalar.values]
+        value = scalar.value  # a temporal scalar's integer; a dictionary-encoded one's value scalar
+        return _cell(value) if isinstance(value, pa.Scalar) else value
 
 
 def _jsonable(value: Any) -> Any:

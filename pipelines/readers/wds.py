@@ -1,13 +1,16 @@
 """WebDataset tar reader (img2dataset layout): ``{key}.jpg``, ``{key}.txt``, ``{key}.json``, ``{key}.cls``.
 
 Members are grouped into samples the way ``webdataset`` does: consecutive members sharing the part of the
-name before the first dot of the base name. A tar damaged part-way keeps the samples before the damage
-and yields one ``read.corrupt_tar`` reject.
+name before the first dot of the base name. Hard links and symlinks to members read as their targets,
+as ``tarfile.extractfile`` reads them; a sample with a link to nothing is one ``read.unreadable`` reject.
+Concatenated tars (``cat a.tar b.tar``) are read to their end, like ``tar --ignore-zeros``. A tar damaged
+part-way keeps the samples before the damage and yields one ``read.corrupt_tar`` reject.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ from pipelines.readers.common import (
     reject,
     shown,
 )
-from pipelines.readers.rows import meta_value
+from pipelines.readers.rows import load_json, meta_value
 from schemas import Media, RawSample, Reject
 
 if TYPE_CHECKING:
@@ -60,6 +63,7 @@ def iter_tar(
         source = f"{name}:{key}"
         sample_id = key  # until the json names another
         try:
+            _check_readable(group, source)
             info = _json(group, source)
             sample_id = _sample_id(info, key, source)
             sample = _sample(sample_id, info, group, source)
@@ -69,7 +73,7 @@ def iter_tar(
         yield seen.check(sample_id, source) or sample
 
 
-def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, bytes]] | Reject]]:
+def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, bytes | CleanError]] | Reject]]:
     """``(key, {suffix: (member, bytes)})`` per sample; ``(key, Reject)`` once when the tar is damaged."""
     key, group, previous = "", {}, set()
     for item in _members(path, name):
@@ -116,8 +120,9 @@ def _damage_reject(name: str, damage: _Damage, dropped_key: str | None) -> Rejec
     return reject("read.corrupt_tar", detail, f"{name}:{where}")
 
 
-def _members(path: str, name: str) -> Iterator[tuple[str, bytes] | _Damage]:
-    """``(member name, bytes)`` of the regular files of a tar, then a ``_Damage`` if it ends badly."""
+def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | _Damage]:
+    """``(member name, bytes)`` of the regular files and links of a tar, then a ``_Damage`` if it ends
+    badly; a link whose target cannot be read comes with the ``CleanError`` saying why."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
@@ -129,37 +134,145 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes] | _Damage]:
     except Exception as e:  # missing, no permission, ...: Beam wraps them in several types
         yield _Damage(None, 0, f"{type(e).__name__}: {e}", opened=False)
         return
-    with f:
+    with f, _Links(path) as links:
         member, offset = None, 0
         try:
-            stream = tarfile.open(fileobj=f, mode="r|*", tarinfo=_TarInfo)  # streamed: reads .tar.gz too
+            # streamed: reads .tar.gz too; ignore_zeros reads on past the end marker of each part
+            stream = tarfile.open(fileobj=f, mode="r|*", tarinfo=_TarInfo, ignore_zeros=True)
             while (info := stream.next()) is not None:
                 offset = stream.offset
-                if not info.isreg() or _SKIP.match(info.name):
-                    continue
-                member = info.name
-                data = stream.extractfile(info).read()
-                yield member, data
-                member = None
                 stream.members = []  # a streamed tar otherwise keeps every TarInfo
-            if (error := getattr(stream, "mbm_header_error", None)) is not None:
-                yield _Damage(None, offset, f"{type(error).__name__}: {error}")
+                if _SKIP.match(info.name):
+                    continue
+                if info.isreg():
+                    member = info.name
+                    data = stream.extractfile(info).read()
+                    yield member, data
+                    member = None
+                elif (info.islnk() or info.issym()) and _KEY.match(info.name):
+                    yield info.name, links.read(info)
+        except _HeaderDamage as e:
+            yield _Damage(None, e.offset, str(e))
         except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError: all mean damage
             yield _Damage(member, offset, f"{type(e).__name__}: {e}")
 
 
+class _HeaderDamage(tarfile.ReadError):
+    """A cut or garbled header at ``offset``. A ``ReadError``, so that ``tarfile.open(mode="r:*")``
+    goes on to try the next compression when the first block is no tar header."""
+
+    def __init__(self, offset: int, error: tarfile.HeaderError) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.offset = offset
+
+
 class _TarInfo(tarfile.TarInfo):
-    """Notes a cut or garbled header on the tar: ``tarfile`` ends iteration there without an error."""
+    """Raises ``_HeaderDamage`` at a cut or garbled header, where ``tarfile`` would end iteration
+    without an error (or, with ``ignore_zeros``, skip the block and read on from garbage). Zero blocks
+    are end-of-archive markers that ``ignore_zeros`` reads past; the end of the file after one is the
+    proper end, and so is a last zero block cut short (nothing is lost)."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        if 0 < len(buf) < tarfile.BLOCKSIZE and not buf.strip(tarfile.NUL):
+            raise tarfile.EOFHeaderError("end of file header")
+        return super().frombuf(buf, encoding, errors)
 
     @classmethod
     def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
         try:
-            return super().fromtarfile(tf)
-        except tarfile.EOFHeaderError:  # a zero block: the proper end of the archive
+            info = super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:
+            tf.mbm_after_zeros = True  # type: ignore[attr-defined]
             raise
+        except tarfile.EmptyHeaderError as e:
+            if getattr(tf, "mbm_after_zeros", False):
+                raise
+            raise _HeaderDamage(tf.offset, e) from e
         except tarfile.HeaderError as e:
-            tf.mbm_header_error = e  # type: ignore[attr-defined]
-            raise
+            raise _HeaderDamage(tf.offset, e) from e
+        tf.mbm_after_zeros = False  # type: ignore[attr-defined]
+        return info
+
+
+class _Links:
+    """Reads the targets of link members, which a streamed tar cannot (it never seeks back, and a
+    symlink may point ahead). On the first link a second, seekable handle on the tar lists its members
+    once; a link is then followed the way ``tarfile.extractfile`` follows it: a hard link to the last
+    member of that name before it, a symlink to the last member of that name in the archive, relative
+    to the link's folder; links to links are followed in turn. Each link read from a compressed tar
+    decompresses it again up to the target."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._stack = contextlib.ExitStack()
+        self._archive: tarfile.TarFile | None = None
+        self._by_name: dict[str, list[tarfile.TarInfo]] | None = None
+        self._cut = ""  # why the listing stopped early, when it did
+
+    def __enter__(self) -> _Links:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def read(self, link: tarfile.TarInfo) -> bytes | CleanError:
+        """The bytes ``link`` leads to, or the ``read.unreadable`` error saying why there are none."""
+        try:
+            target = self._follow(link)
+            data = self._archive.extractfile(target) if self._archive else None
+            if data is None:  # a directory, a device
+                return CleanError("read.unreadable", f"{_described(link)}, which is not a file")
+            return data.read()
+        except CleanError as e:
+            return e
+        except Exception as e:  # the target's data is cut short: the streamed pass reports the tar too
+            return CleanError("read.unreadable", f"{_described(link)}, unreadable ({type(e).__name__}: {e})")
+
+    def _follow(self, link: tarfile.TarInfo) -> tarfile.TarInfo:
+        member, seen = link, set()
+        while member.islnk() or member.issym():
+            if member.offset in seen:
+                raise CleanError("read.unreadable", f"{_described(link)}, which leads back to itself")
+            seen.add(member.offset)
+            member = self._target(member, link)
+        return member
+
+    def _target(self, member: tarfile.TarInfo, link: tarfile.TarInfo) -> tarfile.TarInfo:
+        if member.issym():
+            name, before = "/".join(filter(None, (posixpath.dirname(member.name), member.linkname))), None
+        else:
+            name, before = member.linkname, member.offset
+        named = self._members().get(posixpath.normpath(name), [])
+        found = [m for m in named if before is None or m.offset < before]
+        if not found:
+            raise CleanError("read.unreadable", f"{_described(link)}, which is not in the tar{self._cut}")
+        return found[-1]
+
+    def _members(self) -> dict[str, list[tarfile.TarInfo]]:
+        """The tar's members by normalized name, in order; listed on first use."""
+        from apache_beam.io.filesystem import CompressionTypes
+        from apache_beam.io.filesystems import FileSystems
+
+        if self._by_name is None:
+            self._by_name = {}
+            try:
+                f = self._stack.enter_context(
+                    FileSystems.open(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
+                )
+                self._archive = self._stack.enter_context(
+                    tarfile.open(fileobj=f, mode="r:*", tarinfo=_TarInfo, ignore_zeros=True)
+                )
+                for member in iter(self._archive.next, None):
+                    self._by_name.setdefault(posixpath.normpath(member.name), []).append(member)
+            except Exception as e:  # damage, which the streamed pass reports: members past it are not found
+                self._cut = f" (the tar is damaged before its end: {type(e).__name__}: {e})"
+        return self._by_name
+
+
+def _described(link: tarfile.TarInfo) -> str:
+    kind = "a symlink" if link.issym() else "a hard link"
+    return f"member {link.name!r} is {kind} to {link.linkname!r}"
 
 
 def _sample_id(info: dict[str, Any], key: str, source: str) -> str:
@@ -195,12 +308,20 @@ def _sample(
     return RawSample(id=sample_id, text=text, image=image, audio=audio, label=label, meta=meta, source=source)
 
 
+def _check_readable(group: dict[str, tuple[str, bytes | CleanError]], source: str) -> None:
+    """Raises the error of a member that could not be read (a link to nothing): the sample is rejected
+    whole, as it is not the sample its writer meant."""
+    error = next((data for _, data in group.values() if isinstance(data, CleanError)), None)
+    if error is not None:
+        raise CleanError(error.reason, f"{source}: {error.detail}")
+
+
 def _json(group: dict[str, tuple[str, bytes]], source: str) -> dict[str, Any]:
     if "json" not in group:
         return {}
     member, data = group["json"]
     try:
-        info = json.loads(data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff"), strict=False)
+        info = load_json(data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff"))
     except ValueError as e:
         raise CleanError("read.bad_json", f"{source}: {member} is not valid JSON ({e})") from e
     if not isinstance(info, dict):
@@ -226,10 +347,10 @@ def _caption(value: Any, source: str) -> str | None:
 
 
 def _media(group: dict[str, tuple[str, bytes]], extensions: frozenset[str]) -> Media | None:
-    for suffix, (member, data) in group.items():
-        if suffix in extensions:
-            return Media(data=data, name=member)
-    return None
+    """The first member with one of ``extensions`` that has bytes (``s1.flac`` empty, ``s1.wav`` not:
+    the wav), else the first one, whose emptiness the cleaner reports."""
+    found = [Media(data=data, name=name) for suffix, (name, data) in group.items() if suffix in extensions]
+    return next((media for media in found if media.data), found[0] if found else None)
 
 
 def _label(data: bytes | None) -> int | str | None:

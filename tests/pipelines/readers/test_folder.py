@@ -76,12 +76,15 @@ def test_class_subfolders_without_metadata(tmp_path):
     _touch(
         tmp_path, "dog/2.jpg", "cat/1.png", "cat/readme.txt", "cat/.hidden.jpg", ".cache/x.jpg", "dog/3.wav"
     )
-    got = [(s.id, s.label, s.present(), s.source) for s in iter_folder(str(tmp_path))]
+    items = list(iter_folder(str(tmp_path)))
+    got = [(s.id, s.label, s.present(), s.source) for s in items if isinstance(s, RawSample)]
     assert got == [
         ("cat/1.png", "cat", ["image"], "cat/1.png"),
         ("dog/2.jpg", "dog", ["image"], "dog/2.jpg"),
         ("dog/3.wav", "dog", ["audio"], "dog/3.wav"),
     ]
+    rejects = [(r.id, r.reason) for r in items if isinstance(r, Reject)]
+    assert rejects == [("cat/readme.txt", "read.unsupported_file")]
 
 
 def test_flat_folder_and_split_folders_get_no_label(tmp_path):
@@ -107,3 +110,75 @@ def test_broken_symlinks_and_loops_are_listed_so_they_become_rejects(tmp_path):
     (tmp_path / "dog" / "loop.jpg").symlink_to(tmp_path / "dog" / "loop.jpg")
     got = [(s.id, s.label) for s in iter_folder(str(tmp_path))]
     assert got == [("cat/1.jpg", "cat"), ("cat/gone.jpg", "cat"), ("dog/2.jpg", "dog"), ("dog/loop.jpg", "dog")]
+
+
+def test_less_common_media_extensions_and_unknown_files_without_metadata(tmp_path):
+    _touch(
+        tmp_path,
+        *("cats/a.jpg", "cats/b.jfif", "cats/c.avif", "cats/d.pjpeg", "dogs/e.tga", "dogs/f.jp2"),
+        *("dogs/g.aiff", "dogs/h.au", "dogs/i.caf", "dogs/j.HEIC", "dogs/LICENSE", "cats/Thumbs.db"),
+        *("dogs/desktop.ini", "cats/.DS_Store", "cats/._b.jfif"),
+    )
+    items = list(iter_folder(str(tmp_path)))
+    samples = [(s.id, s.label, s.present()) for s in items if isinstance(s, RawSample)]
+    assert samples == [
+        ("cats/a.jpg", "cats", ["image"]),
+        ("cats/b.jfif", "cats", ["image"]),
+        ("cats/c.avif", "cats", ["image"]),
+        ("cats/d.pjpeg", "cats", ["image"]),
+        ("dogs/e.tga", "dogs", ["image"]),
+        ("dogs/f.jp2", "dogs", ["image"]),
+        ("dogs/g.aiff", "dogs", ["audio"]),
+        ("dogs/h.au", "dogs", ["audio"]),
+        ("dogs/i.caf", "dogs", ["audio"]),
+    ]
+    rejects = [(r.id, r.reason, r.source, r.detail) for r in items if isinstance(r, Reject)]
+    assert rejects == [
+        ("dogs/LICENSE", "read.unsupported_file", "dogs/LICENSE",
+         "dogs/LICENSE: not read as a sample (it has no extension)"),
+        ("dogs/j.HEIC", "read.unsupported_file", "dogs/j.HEIC",
+         "dogs/j.HEIC: not read as a sample ('.heic' is not an image or audio extension mbm reads)"),
+    ]
+
+
+def test_every_listed_extension_decodes(tmp_path):
+    """The extension tables claim only what the cleaners decode in this environment."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    from pipelines.clean.audio import AudioCleanConfig, clean_audio
+    from pipelines.clean.image import ImageCleanConfig, clean_image
+    from pipelines.readers.common import AUDIO_EXTS, IMAGE_EXTS
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    formats = Image.registered_extensions()
+    for ext in sorted(IMAGE_EXTS):
+        buf = io.BytesIO()
+        picture.convert("L" if ext in ("pbm", "pgm") else "RGB").save(buf, formats.get(f".{ext}", "JPEG"))
+        assert clean_image(buf.getvalue(), ImageCleanConfig()).shape == (224, 224, 3), ext
+    tone = (0.3 * np.sin(np.arange(48000) / 5)).astype(np.float32)
+    writers = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "oga": "OGG", "opus": "OGG/OPUS", "mp3": "MP3",
+               "aiff": "AIFF", "aif": "AIFF", "aifc": "AIFF", "au": "AU", "snd": "AU", "caf": "CAF",
+               "w64": "W64", "rf64": "RF64", "voc": "VOC", "sph": "NIST"}
+    assert set(writers) == AUDIO_EXTS
+    for ext, writer in writers.items():
+        buf = io.BytesIO()
+        fmt, _, subtype = writer.partition("/")
+        sf.write(buf, tone, 48000, format=fmt, subtype=subtype or None)
+        assert len(clean_audio(buf.getvalue(), AudioCleanConfig())) > 15000, ext
+
+
+def test_unreadable_metadata_parquet_is_one_reject_and_the_rest_is_read(tmp_path):
+    _touch(tmp_path, "a.png", "sub/b.png")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n')
+    (tmp_path / "sub" / "metadata.parquet").write_bytes(b"PAR1" + bytes(range(256)) + b"PAR1")
+    sample, unreadable = iter_folder(str(tmp_path))
+    assert (sample.id, sample.text) == ("a.png", "ok")
+    assert (unreadable.id, unreadable.reason, unreadable.source) == (
+        "sub/metadata.parquet", "read.unreadable", "sub/metadata.parquet"
+    )
+    assert unreadable.detail.startswith("sub/metadata.parquet: cannot read the file (ArrowInvalid: ")
+    assert " at 0x" not in unreadable.detail

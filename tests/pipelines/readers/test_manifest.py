@@ -260,3 +260,126 @@ def test_nan_and_infinite_meta_become_null(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x", "label": Infinity, "score": NaN, "w": [1.5, -Infinity]}\n')
     (sample,) = iter_manifest(str(tmp_path / "m.jsonl"))
     assert sample.label is None and sample.meta == {"score": None, "w": [1.5, None]}
+
+
+@pytest.mark.parametrize("cut", ["half", "random"])
+def test_unreadable_parquet_manifest_is_one_reject(tmp_path, cut):
+    table = pa.table({"id": [f"r{i}" for i in range(200)], "text": ["caption " * 20] * 200})
+    pq.write_table(table, tmp_path / "f.pq")
+    full = (tmp_path / "f.pq").read_bytes()
+    (tmp_path / "m.parquet").write_bytes(full[: len(full) // 2] if cut == "half" else os.urandom(3000))
+    (item,) = iter_manifest(str(tmp_path / "m.parquet"))
+    assert (item.id, item.reason, item.source) == ("m.parquet", "read.unreadable", "m.parquet")
+    assert item.detail == (
+        "m.parquet: cannot read the file (ArrowInvalid: Parquet magic bytes not found in footer. "
+        "Either the file is corrupted or this is not a parquet file.)"
+    )
+
+
+def test_plain_file_named_gz_is_one_reject(tmp_path):
+    (tmp_path / "m.jsonl.gz").write_bytes(_line({"id": "a", "text": "plain text named .gz"}))
+    (item,) = iter_manifest(str(tmp_path / "m.jsonl.gz"))
+    assert (item.id, item.reason) == ("m.jsonl.gz", "read.unreadable")
+    assert item.detail == (
+        "m.jsonl.gz: cannot read the file (error: Error -3 while decompressing data: incorrect header check)"
+    )
+
+
+def test_parquet_damaged_after_some_rows_keeps_them(tmp_path):
+    ids = [f"r{i}" for i in range(10000)]
+    table = pa.table({"id": ids, "text": ["caption"] * 10000})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=5000, use_dictionary=False)
+    second = pq.ParquetFile(tmp_path / "m.parquet").metadata.row_group(1).column(0).data_page_offset
+    data = bytearray((tmp_path / "m.parquet").read_bytes())
+    data[second : second + 50] = b"\xff" * 50  # the second row group's first page header
+    (tmp_path / "m.parquet").write_bytes(bytes(data))
+    *samples, broken = iter_manifest(str(tmp_path / "m.parquet"))
+    assert [s.id for s in samples] == ids[:4096]  # the first batch read
+    assert (broken.id, broken.reason) == ("m.parquet", "read.unreadable")
+    assert broken.detail.startswith("m.parquet: cannot read the file (OSError: ")
+    assert broken.detail.endswith("; the rows up to line 4096 are kept")
+
+
+def test_out_of_range_timestamps_in_parquet_keep_their_integer(tmp_path):
+    never = 2**63 - 1
+    table = pa.table({
+        "id": ["a", "b", "c"],
+        "text": ["first", "second", "third"],
+        "expires_at": pa.array([0, never, 1_700_000_000_000], pa.timestamp("ms")),
+        "day": pa.array([0, 1, 2**31 - 1], pa.date32()),
+        "history": pa.array([[0], [0, never], None], pa.list_(pa.timestamp("ms"))),
+        "info": pa.array([{"t": 0, "n": 1}, {"t": never, "n": 2}, None],
+                         pa.struct([("t", pa.timestamp("ms")), ("n", pa.int64())])),
+    })
+    pq.write_table(table, tmp_path / "m.parquet")
+    a, b, c = iter_manifest(str(tmp_path / "m.parquet"))
+    assert [s.id for s in (a, b, c)] == ["a", "b", "c"]
+    assert a.meta == {"expires_at": "1970-01-01T00:00:00", "day": "1970-01-01",
+                      "history": ["1970-01-01T00:00:00"], "info": {"t": "1970-01-01T00:00:00", "n": 1}}
+    assert b.meta == {"expires_at": never, "day": "1970-01-02",
+                      "history": ["1970-01-01T00:00:00", never], "info": {"t": never, "n": 2}}
+    assert c.meta == {"expires_at": "2023-11-14T22:13:20", "day": 2**31 - 1, "history": None, "info": None}
+
+
+def test_csv_broken_multiline_record_is_one_reject(tmp_path):
+    (tmp_path / "m.csv").write_bytes(
+        b'id,text,label\nr1,"first line of the caption\n'
+        b'second line with "bad" quote, more",cat\nr2,fine caption,dog\n'
+    )
+    (tmp_path / "two.csv").write_bytes(
+        b'id,text\r\nr1,"first line\r\nsecond "bad" line, more"\r\nr2,fine\r\nr3,"multi\r\nline"\r\n'
+    )
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv"))))
+    assert [(s.id, s.text, s.source) for s in samples] == [("r2", "fine caption", "m.csv:4")]
+    assert [(r.id, r.reason, r.source) for r in rejects] == [("m.csv:2", "read.bad_csv", "m.csv:2")]
+    assert rejects[0].detail.startswith("m.csv:2: cannot parse the record on lines 2-3 (")
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "two.csv"))))
+    assert [(s.id, s.text, s.source) for s in samples] == [
+        ("r2", "fine", "two.csv:4"), ("r3", "multi\r\nline", "two.csv:5")
+    ]
+    assert [(r.id, r.reason) for r in rejects] == [("two.csv:2", "read.bad_csv")]
+
+
+def test_cr_only_line_endings(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b'id,text\rr0,first\r\rr1,"two\rlines"\rr2,third\r')
+    (tmp_path / "m.tsv").write_bytes(b"id\ttext\rr0\tfirst\rr1\tsecond")
+    (tmp_path / "m.jsonl").write_bytes(b'{"id": "a", "text": "x"}\r{broken\r{"id": "b", "text": "y"}\r\n')
+    assert [(s.id, s.text, s.source) for s in iter_manifest(str(tmp_path / "m.csv"))] == [
+        ("r0", "first", "m.csv:2"), ("r1", "two\rlines", "m.csv:4"), ("r2", "third", "m.csv:6")
+    ]
+    assert [(s.id, s.text, s.source) for s in iter_manifest(str(tmp_path / "m.tsv"))] == [
+        ("r0", "first", "m.tsv:2"), ("r1", "second", "m.tsv:3")
+    ]
+    assert [(type(i).__name__, i.id) for i in iter_manifest(str(tmp_path / "m.jsonl"))] == [
+        ("RawSample", "a"), ("Reject", "m.jsonl:2"), ("RawSample", "b")
+    ]
+
+
+def test_a_lone_cr_inside_a_line_of_an_lf_file_stays_in_it(tmp_path):
+    (tmp_path / "m.jsonl").write_bytes(b'{"id": "a", "text": "one\rtwo"}\n{"id": "b", "text": "x"}\n')
+    (tmp_path / "m.csv").write_bytes(b'id,text\nr0,"one\rtwo"\nr1,x\n')
+    for name, ids in (("m.jsonl", ("a", "b")), ("m.csv", ("r0", "r1"))):
+        assert [(s.id, s.text) for s in iter_manifest(str(tmp_path / name))] == [(ids[0], "one\rtwo"), (ids[1], "x")]
+
+
+def test_json_nested_too_deep_is_bad_json(tmp_path):
+    deep = "[" * 1500 + "]" * 1500
+    (tmp_path / "m.jsonl").write_text(
+        '{"id": "ok1", "text": "fine"}\n'
+        f'{{"id": "deep", "text": "t", "extra": {deep}}}\n'
+        f'{{"id": "d101", "text": "t", "extra": {"[" * 100 + "]" * 100}}}\n'
+        f'{{"id": "d100", "text": "t", "extra": {"[" * 99 + "]" * 99}, "wide": [{"[1]," * 200}[2]]}}\n'
+    )
+    (tmp_path / "a.json").write_text(f'[{{"id": "x", "text": "t"}}, {{"id": "y", "e": {deep}}}, {{"id": "z"}}]')
+    deep101 = "[" * 100 + "]" * 100
+    (tmp_path / "b.json").write_text(f'[{{"id": "x", "text": "t"}},\n {{"e": {deep101}}},\n {{"id": "z", "text": "t"}}]')
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.jsonl"))))
+    assert [s.id for s in samples] == ["ok1", "d100"]
+    assert [(r.id, r.reason) for r in rejects] == [("m.jsonl:2", "read.bad_json"), ("m.jsonl:3", "read.bad_json")]
+    assert all("nested more than 100 levels deep" in r.detail for r in rejects)
+    assert [(type(i).__name__, i.id) for i in iter_manifest(str(tmp_path / "a.json"))] == [
+        ("RawSample", "x"), ("Reject", "a.json:1")  # the end of a value too deep to decode is not known
+    ]
+    assert [(type(i).__name__, i.id) for i in iter_manifest(str(tmp_path / "b.json"))] == [
+        ("RawSample", "x"), ("Reject", "b.json:2"), ("RawSample", "z")
+    ]

@@ -142,3 +142,142 @@ def test_undecodable_member_names_and_labels_are_escaped(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     (sample,) = iter_tar(str(path))
     assert (sample.id, sample.label) == ("caf\\xe9", "caf\\xe8")
+
+
+def _add(tar, name, data=None, *, link=None, kind=tarfile.REGTYPE):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    if link is not None:
+        info.linkname = link
+    if data is not None:
+        info.size = len(data)
+    tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+
+def test_hard_links_and_symlinks_read_as_their_targets(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "d/a.jpg", JPG + b"a")
+        _add(tar, "d/a.txt", b"caption a")
+        _add(tar, "d/b.jpg", link="d/a.jpg", kind=tarfile.LNKTYPE)  # tar's hard link: the archive path
+        _add(tar, "d/c.jpg", link="a.jpg", kind=tarfile.SYMTYPE)  # relative to the link's folder
+        _add(tar, "d/e.jpg", link="c.jpg", kind=tarfile.SYMTYPE)  # a link to a link
+        _add(tar, "d/f.jpg", link="g.jpg", kind=tarfile.SYMTYPE)  # a target further on
+        _add(tar, "d/g.jpg", JPG + b"g")
+    items = list(iter_tar(str(path)))
+    assert [(type(i).__name__, i.id) for i in items] == [("RawSample", f"d/{k}") for k in "abcefg"]
+    by_id = {i.id: i for i in items}
+    assert by_id["d/a"].text == b"caption a"
+    for k in "bce":
+        assert by_id[f"d/{k}"].image == Media(data=JPG + b"a", name=f"d/{k}.jpg")
+    assert by_id["d/f"].image == Media(data=JPG + b"g", name="d/f.jpg")
+
+
+def test_links_to_nothing_are_rejects_naming_the_link(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.jpg", JPG)
+        _add(tar, "out.jpg", link="../secret.jpg", kind=tarfile.SYMTYPE)
+        _add(tar, "abs.jpg", link="/etc/hostname", kind=tarfile.SYMTYPE)
+        _add(tar, "early.jpg", link="late.jpg", kind=tarfile.LNKTYPE)  # a hard link only looks back
+        _add(tar, "late.jpg", JPG)
+        _add(tar, "x.jpg", link="y.jpg", kind=tarfile.SYMTYPE)
+        _add(tar, "y.jpg", link="x.jpg", kind=tarfile.SYMTYPE)
+        _add(tar, "sub", kind=tarfile.DIRTYPE)
+        _add(tar, "dir.jpg", link="sub", kind=tarfile.SYMTYPE)
+        _add(tar, "z.jpg", JPG)
+    items = list(iter_tar(str(path)))
+    assert [(type(i).__name__, i.id) for i in items] == [
+        ("RawSample", "a"),
+        ("Reject", "out"),
+        ("Reject", "abs"),
+        ("Reject", "early"),
+        ("RawSample", "late"),
+        ("Reject", "x"),
+        ("Reject", "y"),
+        ("Reject", "dir"),
+        ("RawSample", "z"),
+    ]
+    rejects = [i for i in items if isinstance(i, Reject)]
+    assert {r.reason for r in rejects} == {"read.unreadable"}
+    assert [r.detail for r in rejects] == [
+        "t.tar:out: member 'out.jpg' is a symlink to '../secret.jpg', which is not in the tar",
+        "t.tar:abs: member 'abs.jpg' is a symlink to '/etc/hostname', which is not in the tar",
+        "t.tar:early: member 'early.jpg' is a hard link to 'late.jpg', which is not in the tar",
+        "t.tar:x: member 'x.jpg' is a symlink to 'y.jpg', which leads back to itself",
+        "t.tar:y: member 'y.jpg' is a symlink to 'x.jpg', which leads back to itself",
+        "t.tar:dir: member 'dir.jpg' is a symlink to 'sub', which is not a file",
+    ]
+
+
+def test_a_link_in_a_gzipped_tar(tmp_path):
+    import gzip
+
+    plain = tmp_path / "p.tar"
+    with tarfile.open(plain, "w") as tar:
+        _add(tar, "a.jpg", JPG)
+        _add(tar, "b.jpg", link="a.jpg", kind=tarfile.LNKTYPE)
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    a, b = iter_tar(str(tmp_path / "z.tar.gz"))
+    assert (b.id, b.image) == ("b", Media(data=JPG, name="b.jpg"))
+
+
+def test_concatenated_tars_are_read_to_the_end(tmp_path):
+    import gzip
+
+    first = write_tar(tmp_path / "a.tar", img2dataset(["a0", "a1"])).read_bytes()
+    second = write_tar(tmp_path / "b.tar", img2dataset(["b0", "b1"])).read_bytes()
+    (tmp_path / "ab.tar").write_bytes(first + second)
+    (tmp_path / "ab.tar.gz").write_bytes(gzip.compress(first + second))
+    for name in ("ab.tar", "ab.tar.gz"):
+        items = list(iter_tar(str(tmp_path / name)))
+        assert [(type(i).__name__, i.id) for i in items] == [("RawSample", k) for k in ("a0", "a1", "b0", "b1")]
+
+
+def test_damage_after_an_end_of_archive_marker_is_still_damage(tmp_path):
+    first = write_tar(tmp_path / "a.tar", img2dataset(["a0"])).read_bytes()
+    second = write_tar(tmp_path / "b.tar", img2dataset(["b0", "b1"])).read_bytes()
+    b1 = next(m for m in tarfile.open(fileobj=io.BytesIO(second)) if m.name == "b1.jpg")
+    (tmp_path / "cut.tar").write_bytes(first + second[: b1.offset_data + 10])
+    (tmp_path / "junk.tar").write_bytes(first + b"not a tar header at all " * 100)
+    (tmp_path / "padding.tar").write_bytes(first[:-100])  # cut inside the zero blocks at its end
+    cut = list(iter_tar(str(tmp_path / "cut.tar")))
+    assert [(type(i).__name__, i.id) for i in cut] == [
+        ("RawSample", "a0"), ("RawSample", "b0"), ("Reject", "cut.tar:b1.jpg")
+    ]
+    junk = list(iter_tar(str(tmp_path / "junk.tar")))
+    assert [(type(i).__name__, i.id) for i in junk] == [
+        ("RawSample", "a0"), ("Reject", f"junk.tar:{len(first)}")
+    ]
+    assert junk[-1].reason == "read.corrupt_tar" and "InvalidHeaderError" in junk[-1].detail
+    assert [i.id for i in iter_tar(str(tmp_path / "padding.tar"))] == ["a0"]
+
+
+def test_a_non_empty_member_is_preferred_for_a_modality(tmp_path):
+    samples = [
+        {"__key__": "s1", "flac": b"", "wav": b"RIFFwav", "jpg": b"", "png": b"png"},
+        {"__key__": "s2", "flac": b"", "wav": b""},
+        {"__key__": "s3", "wav": b"RIFF1", "flac": b"fLaC"},
+    ]
+    s1, s2, s3 = iter_tar(str(write_tar(tmp_path / "t.tar", samples)))
+    assert (s1.audio, s1.image) == (Media(data=b"RIFFwav", name="s1.wav"), Media(data=b"png", name="s1.png"))
+    assert s2.audio == Media(data=b"", name="s2.flac")  # all empty: the first, which cleaning rejects
+    assert s3.audio == Media(data=b"fLaC", name="s3.flac")  # both hold bytes: the first member, as before
+
+
+def test_less_common_media_extensions(tmp_path):
+    samples = [{"__key__": "a", "jfif": JPG, "aiff": b"FORM"},
+               {"__key__": "b", "jp2": b"jp2", "caf": b"caff"}]
+    a, b = iter_tar(str(write_tar(tmp_path / "t.tar", samples)))
+    assert (a.image.name, a.audio.name, b.image.name, b.audio.name) == ("a.jfif", "a.aiff", "b.jp2", "b.caf")
+
+
+def test_a_json_member_nested_too_deep_is_bad_json(tmp_path):
+    deep = b'{"key": "k", "x": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    nested = b'{"x": ' + b"[" * 101 + b"]" * 101 + b"}"
+    samples = [{"__key__": "k", "jpg": JPG, "json": deep}, {"__key__": "n", "jpg": JPG, "json": nested},
+               {"__key__": "ok", "jpg": JPG, "json": b'{"x": ' + b"[" * 99 + b"]" * 99 + b"}"}]
+    k, n, ok = iter_tar(str(write_tar(tmp_path / "t.tar", samples)))
+    assert [(k.id, k.reason), (n.id, n.reason)] == [("k", "read.bad_json"), ("n", "read.bad_json")]
+    assert "nested more than 100 levels deep" in k.detail and "nested more than 100 levels deep" in n.detail
+    assert ok.id == "ok" and len(repr(ok.meta["x"])) == 198
