@@ -33,13 +33,14 @@ SKIP_HINTS = {
 }
 
 
-def empty_split(task: str, skipped: dict[str, int]) -> str:
-    """Why a pass found nothing to evaluate, from what the stream skipped."""
+def empty_split(task: str, skipped: dict[str, int], split: str = "val") -> str:
+    """Why a pass over ``split`` found nothing to evaluate, from what the stream skipped."""
+    name = "the held-out split" if split == "val" else f"the {split} split"
     if skipped:
         reasons = "; ".join(f"{n} {SKIP_HINTS.get(r, r)} ({r})" for r, n in skipped.items())
-        return f"the held-out split has no sample the {task} task can use: skipped {reasons}"
-    return ("the held-out split is empty: no readable sample falls in it; train with a larger --val-fraction, "
-            "or check that the dataset's shards exist and hold samples")
+        return f"{name} has no sample the {task} task can use: skipped {reasons}"
+    advice = "train with a larger --val-fraction, or check" if split == "val" else "check"
+    return f"{name} is empty: no readable sample falls in it; {advice} that the dataset's shards exist and hold samples"
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     model.train(was_training)
     skipped = getattr(batches, "skipped", dict)()
     if weight == 0:
-        raise ValueError(empty_split(task, skipped))
+        raise ValueError(empty_split(task, skipped, getattr(getattr(batches, "cfg", None), "split", "val")))
     if skipped:
         log.info("evaluation left out %s", "; ".join(f"{n} {SKIP_HINTS.get(r, r)} ({r})" for r, n in skipped.items()))
     metrics = {"loss": loss_sum / weight}
