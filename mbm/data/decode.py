@@ -2,6 +2,12 @@
 
 The stream decides what to use from the json doc alone and decodes arrays only for the samples a
 process keeps, so the two steps are separate: ``undecoded`` then ``decode``.
+
+Reasons a sample's arrays are corrupt (``CorruptSample.reason``): ``npy.missing`` (listed, absent),
+``npy.unreadable`` (the member cannot be read from its shard), ``npy.bad`` (not a .npy array, or a
+pickle), ``npy.shape`` (not a float (n, dim) array), ``npy.dim`` (another width than the dataset's),
+``npy.nonfinite`` (inf or NaN) and ``npy.out_of_range`` (finite, but beyond float16's range: the
+features are batched as float16, where such a value would be inf).
 """
 
 from __future__ import annotations
@@ -106,7 +112,11 @@ def _features(key: str, modality: str, data: bytes | MemberRef | None, dim: int 
         raise CorruptSample("npy.dim", f"{key}.{member}: dim {arr.shape[1]}, dataset says {dim}")
     if not _all_finite(arr):
         raise CorruptSample("npy.nonfinite", f"{key}.{member}")
-    return arr.astype(np.float16, copy=False)
+    with np.errstate(over="ignore"):  # checked below
+        half = arr.astype(np.float16, copy=False)
+    if half is not arr and not _all_finite(half):  # wider floats beyond float16's ±65504 became inf
+        raise CorruptSample("npy.out_of_range", f"{key}.{member}: values beyond float16's range (±65504)")
+    return half
 
 
 def parse_doc(raw: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,9 @@ consumed batches before decoding them (shards are re-read, samples are not re-tr
 Skip counters come in two kinds: the stream's (corrupt shards and docs, task misfits), which every
 worker sees alike, and decode counters (corrupt arrays), which only the worker that owns a batch
 sees. ``skipped`` adds the latest stream counters to the sum of each worker's latest decode counters,
-so it is the same for any number of workers.
+so it is the same for any number of workers. A resumed stream scans the consumed batches again (so
+its stream counters are whole) but does not decode them: the state carries the epoch's decode
+counters so far, and ``skipped`` continues from them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import logging
 import os
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from mbm.data.collate import PackedBatch
+from mbm.data.errors import SkipLog
 from mbm.data.segments import SLOTS
 from mbm.data.stream import ShardStream
 
@@ -89,13 +93,15 @@ class StreamLoader:
         self._missing_at_start: set[str] | None = None  # shards already missing at the first epoch
         self.skipped: dict[str, int] = {}  # counters of the current epoch's stream so far
         self._decode_skips: dict[int, dict[str, int]] = {}  # worker → its latest decode counters
+        self._decoded_before: dict[str, int] = {}  # decode counters of the epoch's batches before this pass
         self._positioned: _PositionedStream | None = None
         self._loader: DataLoader | None = None  # its workers live from the first epoch until iteration stops
 
     def state_dict(self) -> dict[str, Any]:
         cfg = self.stream.cfg
         return {"epoch": self.epoch, "batch": self.batch, "samples": self.samples, "seed": cfg.seed,
-                "batch_size": cfg.batch_size, "world_size": self.stream.world}
+                "batch_size": cfg.batch_size, "world_size": self.stream.world,
+                "decode_skipped": dict(sorted(self._decode_total().items()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the batches ``state`` had consumed; refuse a state from another layout."""
@@ -106,6 +112,7 @@ class StreamLoader:
             changed = ", ".join(f"{k} {theirs[k]} → {mine[k]}" for k in mine if theirs[k] != mine[k])
             raise ValueError(f"cannot resume the data stream exactly: {changed} changed since the checkpoint")
         self.epoch, self.batch, self.samples = int(state["epoch"]), int(state["batch"]), int(state["samples"])
+        self._decoded_before = {k: int(v) for k, v in state.get("decode_skipped", {}).items()}  # older states: none
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
         if self.workers == 0:
@@ -127,12 +134,16 @@ class StreamLoader:
         """Stop the data-loader workers (iteration starts new ones)."""
         self._loader = self._positioned = None  # the DataLoader's iterator shuts its workers down when freed
 
-    def _count_skips(self, skipped: dict[str, Any]) -> None:
-        self._decode_skips[int(skipped["worker"])] = skipped["decode"]
-        total = Counter(skipped["stream"])
+    def _decode_total(self) -> Counter[str]:
+        """Decode counters of the epoch's consumed batches."""
+        total = Counter(self._decoded_before)
         for counts in self._decode_skips.values():
             total.update(counts)
-        self.skipped = dict(sorted(total.items()))
+        return total
+
+    def _count_skips(self, skipped: dict[str, Any]) -> None:
+        self._decode_skips[int(skipped["worker"])] = skipped["decode"]
+        self.skipped = dict(sorted((Counter(skipped["stream"]) + self._decode_total()).items()))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
@@ -156,7 +167,9 @@ class StreamLoader:
         while True:
             self._check_shards()
             start, produced = self.batch, 0
-            self.skipped, self._decode_skips = {}, {}
+            # The workers of this pass count from zero; the consumed batches' counters stay (a pass that
+            # starts mid-epoch: after a resume, or after an earlier pass was closed).
+            self._decoded_before, self._decode_skips = dict(self._decode_total()), {}
             for batch in self._epoch_batches():
                 self._count_skips(batch.pop("skipped"))
                 self.batch += 1  # a dropped batch (all its samples corrupt) counts as consumed too
@@ -166,11 +179,28 @@ class StreamLoader:
                 self.samples += len(batch["ids"])
                 yield batch
             if produced == 0 and start == 0:
-                raise ValueError(
-                    f"the {self.stream.cfg.split} split yields no batch of {self.stream.cfg.batch_size} on "
-                    f"{self.stream.world} rank(s); lower --batch-size or add data (skipped: {self.skipped})")
+                raise ValueError(self._no_batch())
             if self.skipped:
                 log.info("epoch %d: skipped %s", self.epoch, self.skipped)
             self.epoch += 1
             self.batch = 0
             self.samples = 0
+            self.skipped, self._decoded_before, self._decode_skips = {}, {}, {}
+
+    def _no_batch(self) -> str:
+        """Why an epoch gave no batch, naming what was skipped. Workers send their counters with batches
+        only, so the stream is scanned again here (every rank's samples, arrays not decoded)."""
+        cfg = self.stream.cfg
+        skips = SkipLog(quiet=True)
+        whole = ShardStream(replace(cfg, batch_size=1, drop_last=False), epoch=self.epoch)
+        usable = sum(1 for _ in whole.raw_batches(skips))
+        counts = skips.counts + self._decode_total()
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "nothing"
+        split = f"the {cfg.split} split"
+        if self.batch:  # batches came, and every one was dropped
+            return (f"{split} yields no batch: every sample in this rank's batches has corrupt arrays "
+                    f"(skipped {skipped})")
+        if usable == 0:
+            return f"{split} has no sample the {cfg.task} task can use (skipped {skipped})"
+        return (f"{split} yields no batch of {cfg.batch_size} on {self.stream.world} rank(s): {usable} usable "
+                f"sample(s) (skipped {skipped}); lower --batch-size or add data")

@@ -44,6 +44,15 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
                               {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """The checkpoint's moments and step counts under this run's lr and weight decay: its param groups
+    hold the ones the run had, and a resume may change them (the lr schedule is rebuilt from them)."""
+    settings = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, current in zip(optimizer.param_groups, settings, strict=True):
+        group.update(current)
+
+
 MAX_AUTO_WORKERS = 8
 
 
@@ -69,7 +78,8 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
     return max(1, min(MAX_AUTO_WORKERS, cores // ranks_here - 1))
 
 
-RESUME_KEYS = frozenset({"step", "model", "optimizer", "scheduler", "data", "rng"})  # what _state() writes
+# What _state() writes. The lr schedule is rebuilt at the step (older checkpoints also hold a "scheduler").
+RESUME_KEYS = frozenset({"step", "model", "optimizer", "data", "rng"})
 
 
 class Trainer:
@@ -104,7 +114,6 @@ class Trainer:
         ids = [env.device.index] if env.device.type == "cuda" else None
         self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=True) if env.distributed else self.model
         self.optimizer = adamw(self.model, cfg)
-        self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio)
         workers = loader_workers(cfg.workers, env.device)
         self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world),
                                    workers=workers, pin_memory=env.device.type == "cuda")
@@ -121,6 +130,8 @@ class Trainer:
         if resume_from:
             self._restore(resume_state)
             log.info("resumed %s at step %d (data %s)", resume_from, self.step, self.loader.state_dict())
+        self.scheduler = warmup_cosine(self.optimizer, cfg.warmup_steps, cfg.horizon, cfg.min_lr_ratio,
+                                       done=self.step)
         if env.is_main:
             self.run.write_config(cfg)
             self.run.write_labels(self.labels)
@@ -148,9 +159,10 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         rngs = self.env.gather(rng_state())  # per rank: dropout draws differ with each rank's batches
+        data = self.env.gather(self.loader.state_dict())  # per rank: one that dropped a batch is ahead of the others
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(), "rng": rngs,
-                "world_size": self.env.world, "model_config": self.model.cfg.to_dict(), "labels": self.labels}
+                "data": data, "rng": rngs, "world_size": self.env.world, "model_config": self.model.cfg.to_dict(),
+                "labels": self.labels}
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:
@@ -158,11 +170,17 @@ class Trainer:
         except RuntimeError as exn:
             raise ValueError(f"--resume: the checkpoint does not fit the model these settings and this --data "
                              f"build (changed --d-model/--layers/--fusion or feature dims?): {exn}") from exn
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["data"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.loader.load_state_dict(self._loader_state(state["data"]))
         set_rng_state(state["rng"][self.env.rank])
         self.step = int(state["step"])
+
+    def _loader_state(self, data: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+        """This rank's loader state; older checkpoints hold rank 0's alone. From another world size, rank 0's
+        (its ``world_size`` makes ``load_state_dict`` refuse it, naming the change)."""
+        if isinstance(data, dict):
+            return data
+        return data[self.env.rank] if len(data) == self.env.world else data[0]
 
     def save(self) -> None:
         state = self._state()

@@ -49,3 +49,54 @@ def test_two_ranks_take_equal_steps_on_disjoint_samples_and_resume_exactly(tmp_p
         assert read_jsonl(os.path.join(twice, f"samples-rank{r}.jsonl")) == logs[r]
     resumed = read_jsonl(os.path.join(twice, "metrics.jsonl"))
     assert [x["loss"] for x in resumed] == pytest.approx([x["loss"] for x in metrics], abs=1e-6)
+
+
+def _write_shards(folder, corrupt):
+    """Four shards of ten labelled text+image samples; the image arrays of the ``corrupt`` ones hold an inf."""
+    import io
+    import json
+
+    import numpy as np
+    import webdataset as wds
+
+    def npy(arr):
+        buf = io.BytesIO()
+        np.save(buf, arr)
+        return buf.getvalue()
+
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for s in range(4):
+        with wds.TarWriter(os.path.join(folder, f"{s:02d}.tar"), encoder=False) as sink:
+            for i in range(s * 10, (s + 1) * 10):
+                image = rng.standard_normal((4, DIMS["image"])).astype(np.float16)
+                image[0, 0] = np.inf if i in corrupt else image[0, 0]
+                doc = {"id": f"s{i:03d}", "label": "ab"[i % 2], "text": "t", "modalities": ["text", "image"]}
+                sink.write({"__key__": f"s{i:03d}", "json": json.dumps(doc).encode(), "image.npy": npy(image),
+                            "text.npy": npy(rng.standard_normal((3, DIMS["text"])).astype(np.float16))})
+    return os.path.join(folder, "{00..03}.tar")
+
+
+@pytest.mark.slow
+def test_ranks_that_dropped_different_batches_resume_exactly(tmp_path):
+    """A batch whose samples are all corrupt is dropped but consumed: each rank resumes at its own position,
+    and the skip counters continue where they were."""
+    import torch
+
+    data = _write_shards(str(tmp_path / "ds"), {3, 8, 17, 21, 30, 34})
+    common = ["--data", data, "--steps", "24", "--batch-size", "1", "--log-every", "1", "--eval-every", "100",
+              "--checkpoint-every", "12", "--seed", "3"]
+    once, twice = str(tmp_path / "once"), str(tmp_path / "twice")
+    torchrun(*common, "--out", once)
+    torchrun(*common, "--out", twice, "--stop-at", "12")
+    positions = [s["batch"] for s in torch.load(os.path.join(twice, "checkpoints", "step-000012.pt"),
+                                                weights_only=True)["data"]]
+    assert positions[0] != positions[1]  # the ranks had dropped different numbers of batches by the checkpoint
+    torchrun(*common, "--out", twice, "--resume")
+    for r in (0, 1):
+        assert read_jsonl(os.path.join(twice, f"samples-rank{r}.jsonl")) == read_jsonl(
+            os.path.join(once, f"samples-rank{r}.jsonl"))
+    a, b = (read_jsonl(os.path.join(run, "metrics.jsonl")) for run in (once, twice))
+    assert [x["skipped"] for x in a if x["split"] == "train"] == [x["skipped"] for x in b if x["split"] == "train"]
+    assert any(x.get("skipped") for x in a)
+    assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], abs=1e-6)

@@ -120,3 +120,15 @@ def test_arrays_left_in_the_shard_decode_or_become_unreadable_rows(tmp_path):
     with pytest.raises(CorruptSample) as exn:
         decode_sample(raw)
     assert exn.value.reason == "npy.unreadable" and "k1.image.npy" in str(exn.value)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<f8"])
+@pytest.mark.parametrize("big", [7e4, -65520.0, 1e30])
+def test_finite_values_beyond_float16_are_out_of_range(dtype, big):
+    arr = np.ones((3, 4), dtype)
+    arr[1, 2] = big  # finite here, inf as float16 (-65520 rounds to -inf)
+    with pytest.raises(CorruptSample) as exn:
+        decode_sample(raw_with(arr))
+    assert exn.value.reason == "npy.out_of_range" and "k1.image.npy" in str(exn.value)
+    arr[1, 2] = 65519.0  # rounds to float16's largest, 65504
+    assert decode_sample(raw_with(arr)).features["image"][1, 2] == 65504

@@ -205,6 +205,7 @@ CORRUPT = {  # sample → (reason, its broken member); s18..s21 fill one whole b
     "s13": ("npy.nonfinite", {"text.npy": _npy_bytes(np.full((2, 8), np.inf, np.float16))}),
     **{f"s{i}": ("npy.bad", {"text.npy": _npy_bytes(np.ones((2, 8), np.float16))[:-3]}) for i in range(18, 22)},
     "s24": ("npy.shape", {"image.npy": _npy_bytes(np.ones(6, np.float16))}),
+    "s27": ("npy.out_of_range", {"image.npy": _npy_bytes(np.full((3, 6), 7e4, np.float32))}),  # inf as float16
 }
 
 
@@ -246,7 +247,7 @@ def test_corrupt_arrays_are_dropped_from_their_batch_and_counted_the_same_for_an
     assert got == want  # the batch of s18..s21 is gone, the others keep their surviving samples
     assert loader.state_dict()["batch"] == positions  # the dropped batch counts as consumed
     assert loader.skipped == {"json.bad": 1, "npy.bad": 5, "npy.dim": 1, "npy.missing": 1,
-                              "npy.nonfinite": 1, "npy.shape": 1, "task.no_label": 1}
+                              "npy.nonfinite": 1, "npy.out_of_range": 1, "npy.shape": 1, "task.no_label": 1}
     if workers == 0:
         assert any("all 4 samples corrupt" in r.getMessage() for r in caplog.records)
 
@@ -262,6 +263,21 @@ def test_resuming_around_a_dropped_batch_gives_the_rest(partly_corrupt):
         assert seen + rest == want, cut
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_counters_continue_across_a_resume(partly_corrupt, workers):
+    """A resumed stream does not decode the consumed batches: their decode counters come with the state."""
+    want, _ = expected_batches()
+    reference = StreamLoader(ShardStream(partly_corrupt))
+    counters = [dict(reference.skipped) for _ in itertools.islice(reference, len(want))]
+    assert counters[1]["npy.bad"] == 1 and counters[4]["npy.bad"] == 5  # after the dropped batch
+    for cut in (2, 4, 5):
+        first = StreamLoader(ShardStream(partly_corrupt))
+        list(itertools.islice(first, cut))
+        resumed = StreamLoader(ShardStream(partly_corrupt), workers=workers)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert [dict(resumed.skipped) for _ in itertools.islice(resumed, len(want) - cut)] == counters[cut:], cut
+
+
 def test_only_the_owner_of_a_batch_decodes_it(partly_corrupt):
     """Each rank counts the corrupt arrays of its own samples; together, those of every sample."""
     counts = []
@@ -272,7 +288,8 @@ def test_only_the_owner_of_a_batch_decodes_it(partly_corrupt):
         counts.append({k: v for k, v in skips.counts.items() if k.startswith("npy.")})
     assert counts[0] and counts[1]
     total = {k: counts[0].get(k, 0) + counts[1].get(k, 0) for k in {*counts[0], *counts[1]}}
-    assert total == {"npy.bad": 5, "npy.dim": 1, "npy.missing": 1, "npy.nonfinite": 1, "npy.shape": 1}
+    assert total == {"npy.bad": 5, "npy.dim": 1, "npy.missing": 1, "npy.nonfinite": 1, "npy.out_of_range": 1,
+                     "npy.shape": 1}
 
 
 def test_loader_workers_persist_across_epochs_and_stop_when_iteration_stops(dataset):
@@ -323,3 +340,33 @@ def test_a_shard_deleted_during_the_run_stops_it_at_the_next_epoch(tmp_path):
     with pytest.raises(ValueError, match="1 shard.* disappeared during the run"):
         for _ in range(2 * per_epoch):
             next(loader)
+
+
+def _write_samples(path, n, *, label="cat", text=None):
+    """``n`` samples with text and image arrays; ``text`` (.npy bytes) replaces every text array."""
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i in range(n):
+            doc = {"id": f"s{i:02d}", "label": label, "text": "t", "modalities": ["text", "image"]}
+            sink.write({"__key__": f"s{i:02d}", "json": json.dumps(doc).encode(),
+                        "text.npy": _npy_bytes(np.full((2, 8), i, np.float16)) if text is None else text,
+                        "image.npy": _npy_bytes(np.full((3, 6), i, np.float16))})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_split_without_a_batch_says_what_was_skipped(tmp_path, workers):
+    collate = CollateConfig(feature_dims={"text": 8, "image": 6}, labels=("cat",))
+
+    def error(name, batch_size=4, **samples):
+        _write_samples(tmp_path / f"{name}.tar", 10, **samples)
+        cfg = StreamConfig(shards=(str(tmp_path / f"{name}.tar"),), collate=collate, batch_size=batch_size,
+                           val_fraction=0.0)
+        with pytest.raises(ValueError) as exn:
+            next(iter(StreamLoader(ShardStream(cfg, world=2), workers=workers)))
+        return str(exn.value)
+
+    unlabelled = error("unlabelled", label=None)
+    assert unlabelled == "the train split has no sample the classify task can use (skipped 10 task.no_label)"
+    assert error("few", batch_size=8) == ("the train split yields no batch of 8 on 2 rank(s): 10 usable sample(s) "
+                                          "(skipped nothing); lower --batch-size or add data")
+    corrupt = error("corrupt", text=_npy_bytes(np.full((2, 8), np.nan, np.float16)))
+    assert corrupt.endswith("every sample in this rank's batches has corrupt arrays (skipped 4 npy.nonfinite)")

@@ -91,3 +91,21 @@ def test_loader_workers_default_to_none_on_the_cpu_and_the_rank_share_of_the_cor
         else:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
         assert loader_workers(None, gpu) == expected, (cores, ranks)
+
+
+def test_a_schedule_built_at_a_step_continues_as_one_stepped_there():
+    import torch
+
+    from mbm.train.schedule import warmup_cosine
+
+    def optimizer(lr):
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+    stepped = warmup_cosine(opt := optimizer(1e-2), 3, 10, 0.1)
+    for _ in range(5):
+        opt.step()
+        stepped.step()
+    resumed = warmup_cosine(optimizer(1e-2), 3, 10, 0.1, done=5)
+    assert resumed.last_epoch == 5 and resumed.get_last_lr() == pytest.approx(stepped.get_last_lr())
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * warmup_cosine_factor(5, 3, 10, 0.1))
+    assert resumed.base_lrs == [1e-2]

@@ -285,3 +285,37 @@ def test_what_a_run_records_for_data_and_resumes_on(data, tmp_path, capsys):
 
     assert sorted(braceexpand.braceexpand(recorded)) == sorted(globlib.glob(os.path.abspath(pattern)))
     assert train("--data", pattern, "--out", run, "--steps", "4", "--eval-every", "2", "--resume") == 0
+
+
+def test_resume_with_a_new_lr_and_weight_decay_trains_on_them(data, tmp_path):
+    common = ["--data", data, "--steps", "8", "--eval-every", "8", "--log-every", "1"]
+    resumed, fresh = str(tmp_path / "resumed"), str(tmp_path / "fresh")
+    assert train(*common, "--out", resumed, "--stop-at", "4") == 0
+    assert train(*common, "--out", resumed, "--resume", "--lr", "1e-2", "--weight-decay", "0.5") == 0
+    assert train(*common, "--out", fresh, "--lr", "1e-2") == 0
+
+    def lrs(out):
+        return {r["step"]: r["lr"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"}
+
+    a, b = lrs(resumed), lrs(fresh)
+    assert a[4] == pytest.approx(3e-3)  # the end of warmup at the old --lr
+    assert [a[k] for k in range(5, 9)] == pytest.approx([b[k] for k in range(5, 9)])  # then the new one's schedule
+    assert a[5] > 5e-3
+    state = torch.load(os.path.join(resumed, "checkpoints", "step-000008.pt"), weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(1e-2, 0.5), (1e-2, 0.0)]
+
+
+def test_a_checkpoint_with_a_single_loader_state_still_resumes(data, tmp_path):
+    common = ["--data", data, "--steps", "8", "--eval-every", "4", "--log-samples"]
+    once, twice = str(tmp_path / "once"), str(tmp_path / "twice")
+    assert train(*common, "--out", once) == 0
+    assert train(*common, "--out", twice, "--stop-at", "4") == 0
+    path = os.path.join(twice, "checkpoints", "step-000004.pt")
+    state = torch.load(path, weights_only=True)
+    assert [s["batch"] for s in state["data"]] == [4]  # one loader state per rank
+    state["data"] = {k: v for k, v in state["data"][0].items() if k != "decode_skipped"}  # as older runs saved it
+    torch.save(state, path)
+    assert train(*common, "--out", twice, "--resume") == 0
+    samples = [read_jsonl(os.path.join(run, "samples-rank0.jsonl")) for run in (once, twice)]
+    assert samples[0] == samples[1]
