@@ -3,22 +3,28 @@
 Used by the manifest reader and by the imagefolder/audiofolder metadata reader. Text is decoded with
 ``surrogateescape`` so invalid UTF-8 reaches the text cleaner as lone surrogates instead of failing here.
 A file that cannot be read, decompressed or decoded as its format (a cut Parquet file, a plain file
-named ``.gz``) ends in one ``read.unreadable`` reject naming it; the rows read before that are kept.
+named ``.gz``, a compressed file cut short) ends in one ``read.unreadable`` reject naming it; the rows read
+before that are kept.
 """
 
 from __future__ import annotations
 
 import base64
+import bz2
 import collections
+import contextlib
 import csv
 import datetime
 import decimal
+import gzip
 import io
 import json
+import lzma
 import math
 import posixpath
 import re
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from pipelines.errors import CleanError
@@ -34,7 +40,8 @@ FORMATS: dict[str, str] = {
     "parquet": "parquet",
     "pq": "parquet",
 }
-_COMPRESSED = (".gz", ".bz2", ".zst", ".deflate", ".xz", ".lzma")
+_COMPRESSED = (".gz", ".bz2", ".zst", ".zstd", ".deflate", ".xz", ".lzma")  # all Beam detects
+_CHUNK = 1 << 16  # compressed bytes read at a time by ``_Streams``
 _BOM = "\ufeff"
 _CSV_FIELD_LIMIT = 1 << 26  # the csv module's default (128 KiB) is shorter than some captions
 _PARQUET_BATCH = 4096
@@ -82,42 +89,130 @@ class _Unreadable(Exception):
     """
 
     def __init__(self, error: Exception) -> None:
-        text = error.detail if isinstance(error, CleanError) else f"{type(error).__name__}: {error}"
+        if isinstance(error, EOFError):  # what each reader ``decompressed`` returns raises at a cut
+            text = "it ends before its compressed stream does: the file was cut short"
+        elif isinstance(error, CleanError):
+            text = error.detail
+        else:
+            text = f"{type(error).__name__}: {error}"
         super().__init__(_ADDRESS.sub("", text))
 
 
 def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
+    from apache_beam.io.filesystem import CompressionTypes
+
     if FORMATS[fmt] == "parquet":
         yield from _parquet_rows(path)
         return
-    with _open(path, compressed=True) as f:
+    kind = CompressionTypes.detect_compression_type(path)  # by suffix, as Beam's AUTO
+    with _open(path) as raw, decompressed(raw, kind) as f:
         if fmt == "json":
-            # a .json file is JSON lines, or (LLaVA-style annotation files) one array of objects
-            data = b"".join(_lines(f))
-            text = data.decode("utf-8", errors="surrogateescape").lstrip(_BOM)
-            if text.lstrip().startswith("["):
-                yield from _json_array_rows(text, name)
-            else:
-                yield from _json_rows(_lines(io.BytesIO(data)), name)
-            return
-        if FORMATS[fmt] == "jsonl":
+            yield from _json_file_rows(f, name)
+        elif FORMATS[fmt] == "jsonl":
             yield from _json_rows(_lines(f), name)
         else:
             yield from _csv_rows(_lines(f), name, delimiter="\t" if fmt == "tsv" else ",")
 
 
-def _open(path: str, compressed: bool) -> BinaryIO:
+def _json_file_rows(f: BinaryIO, name: str) -> Iterator[Row | Reject]:
+    """Rows of a .json file: JSON lines, or (LLaVA-style annotation files) one array of objects. It is
+    read whole to tell which; when reading stops early (a cut compressed file) the rows in what was read
+    come first, then the error."""
+    lines: list[bytes] = []
+    error: _Unreadable | None = None
+    try:
+        lines.extend(_lines(f))
+    except _Unreadable as e:
+        error = e
+    data = b"".join(lines)
+    text = data.decode("utf-8", errors="surrogateescape").lstrip(_BOM)
+    if text.lstrip().startswith("["):
+        yield from _json_array_rows(text, name)
+    else:
+        yield from _json_rows(_lines(io.BytesIO(data)), name)
+    if error is not None:
+        raise error
+
+
+def _open(path: str) -> BinaryIO:
+    """``path``'s bytes as stored (local or remote, through Beam's file systems)."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
     from pipelines.media import check_regular
 
-    kind = CompressionTypes.AUTO if compressed else CompressionTypes.UNCOMPRESSED
     try:
         check_regular(path)  # a named pipe would block the worker
-        return FileSystems.open(path, compression_type=kind)
+        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
     except Exception as e:  # missing, a broken link, no permission: Beam wraps them in several types
         raise _Unreadable(e) from e
+
+
+@contextlib.contextmanager
+def decompressed(f: BinaryIO, kind: str) -> Iterator[BinaryIO]:
+    """``f`` read through the compression ``kind`` (one of Beam's ``CompressionTypes``); ``f`` stays open.
+
+    Not Beam's own decompression (``FileSystems.open`` with a compression type): where a file ends
+    inside its compressed stream, Beam's reader stops quietly and the file's tail is lost without a
+    word; these readers raise ``EOFError`` there. Concatenated streams (``cat a.gz b.gz``, pbzip2's
+    output) are read one after another, as gzip(1) reads them."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    if kind == CompressionTypes.UNCOMPRESSED:
+        yield f
+        return
+    with _decompressor(f, kind) as data:
+        yield data
+
+
+def _decompressor(f: BinaryIO, kind: str) -> BinaryIO:
+    from apache_beam.io.filesystem import CompressionTypes
+
+    if kind == CompressionTypes.GZIP:
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if kind == CompressionTypes.BZIP2:
+        return bz2.BZ2File(f)
+    if kind == CompressionTypes.LZMA:
+        return lzma.LZMAFile(f)  # .xz and the older .lzma
+    if kind == CompressionTypes.DEFLATE:
+        return io.BufferedReader(_Streams(f, zlib.decompressobj))
+    if kind == CompressionTypes.ZSTD:
+        import zstandard  # Beam depends on it
+
+        # Beam's window limit, so that files written with ``zstd --long`` read as they do in Beam
+        zstd = zstandard.ZstdDecompressor(max_window_size=1 << 31)
+        return io.BufferedReader(_Streams(f, zstd.decompressobj))
+    raise ValueError(f"unknown compression type {kind!r}")
+
+
+class _Streams(io.RawIOBase):
+    """The data of the compressed streams in ``f``, one after another, for DEFLATE (zlib) and zstd, which
+    have no file class in the standard library. Raises ``EOFError`` where ``f`` ends inside a stream, as
+    ``gzip``, ``bz2`` and ``lzma`` files do (zstandard's own ``stream_reader`` stops quietly there)."""
+
+    def __init__(self, f: BinaryIO, new: Callable[[], Any]) -> None:
+        self._f = f
+        self._new = new  # a decompressor for the next stream
+        self._decompressor = new()
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out:
+            if self._decompressor.eof:
+                data = self._decompressor.unused_data or self._f.read(_CHUNK)
+                if not data:
+                    return 0
+                self._decompressor = self._new()
+            elif not (data := self._f.read(_CHUNK)):
+                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            self._out = memoryview(self._decompressor.decompress(data))
+        size = min(len(buffer), len(self._out))
+        buffer[:size] = self._out[:size]
+        self._out = self._out[size:]
+        return size
 
 
 def _lines(f: BinaryIO) -> Iterator[bytes]:
@@ -315,7 +410,7 @@ def _quoted_span(lines: list[str]) -> int:
 
 
 def _parquet_rows(path: str) -> Iterator[Row]:
-    with _open(path, compressed=False) as f:
+    with _open(path) as f:
         line = 0
         for batch in _batches(f):
             for row in _pylist(batch):

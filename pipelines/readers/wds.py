@@ -3,8 +3,9 @@
 Members are grouped into samples the way ``webdataset`` does: consecutive members sharing the part of the
 name before the first dot of the base name. Hard links and symlinks to members read as their targets,
 as ``tarfile.extractfile`` reads them; a sample with a link to nothing is one ``read.unreadable`` reject.
-Concatenated tars (``cat a.tar b.tar``) are read to their end, like ``tar --ignore-zeros``. A tar damaged
-part-way keeps the samples before the damage and yields one ``read.corrupt_tar`` reject.
+Concatenated tars (``cat a.tar b.tar``, ``cat a.tar.gz b.tar.gz``) are read to their end, like
+``tar --ignore-zeros``. A tar damaged part-way (a compressed one cut short too) keeps the samples before
+the damage and yields one ``read.corrupt_tar`` reject.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pipelines.errors import CleanError
 from pipelines.readers.common import (
@@ -29,7 +30,7 @@ from pipelines.readers.common import (
     reject,
     shown,
 )
-from pipelines.readers.rows import load_json, meta_value
+from pipelines.readers.rows import decompressed, load_json, meta_value
 from schemas import Media, RawSample, Reject
 
 if TYPE_CHECKING:
@@ -137,29 +138,60 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | 
     with f, _Links(path) as links:
         member, offset = None, 0
         try:
-            # streamed: reads .tar.gz too; ignore_zeros reads on past the end marker of each part
-            stream = tarfile.open(fileobj=f, mode="r|*", tarinfo=_TarInfo, ignore_zeros=True)
-            while (info := stream.next()) is not None:
-                offset = stream.offset
-                stream.members = []  # a streamed tar otherwise keeps every TarInfo
-                if _SKIP.match(info.name):
-                    continue
-                if info.isreg():
-                    member = info.name
-                    data = stream.extractfile(info).read()
-                    yield member, data
-                    member = None
-                elif (info.islnk() or info.issym()) and _KEY.match(info.name):
-                    yield info.name, links.read(info)
+            kind = _compression(f)
+            with decompressed(f, kind) as tar:
+                source = tar if kind == CompressionTypes.UNCOMPRESSED else _UpToTheCut(tar)
+                # streamed; ignore_zeros reads on past the end marker of each part
+                stream = tarfile.open(fileobj=source, mode="r|", tarinfo=_TarInfo, ignore_zeros=True)
+                while (info := stream.next()) is not None:
+                    offset = stream.offset
+                    stream.members = []  # a streamed tar otherwise keeps every TarInfo
+                    if _SKIP.match(info.name):
+                        continue
+                    if info.isreg():
+                        member = info.name
+                        data = stream.extractfile(info).read()
+                        yield member, data
+                        member = None
+                    elif (info.islnk() or info.issym()) and _KEY.match(info.name):
+                        yield info.name, links.read(info)
         except _HeaderDamage as e:
             yield _Damage(None, e.offset, str(e))
         except Exception as e:  # tarfile.ReadError, EOFError, zlib.error, OSError: all mean damage
             yield _Damage(member, offset, f"{type(e).__name__}: {e}")
 
 
-class _HeaderDamage(tarfile.ReadError):
-    """A cut or garbled header at ``offset``. A ``ReadError``, so that ``tarfile.open(mode="r:*")``
-    goes on to try the next compression when the first block is no tar header."""
+def _compression(f: BinaryIO) -> str:
+    """The compression of the tar in ``f`` by its magic number, as tarfile's ``r|*`` detects it. The tar
+    is then read through ``decompressed``, not tarfile's own decompression, which stops quietly after
+    the first part of ``cat a.tar.gz b.tar.gz`` (or of concatenated bzip2 or xz streams) and loses the
+    rest: so it is read whole, like ``tar -xzf --ignore-zeros``."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    magic = {
+        b"\x1f\x8b\x08": CompressionTypes.GZIP,
+        b"BZh": CompressionTypes.BZIP2,
+        b"\x5d\x00\x00\x80": CompressionTypes.LZMA,
+        b"\xfd7zXZ": CompressionTypes.LZMA,
+    }
+    head = f.read(6)
+    f.seek(0)
+    found = (kind for start, kind in magic.items() if head.startswith(start))
+    return next(found, CompressionTypes.UNCOMPRESSED)
+
+
+class _UpToTheCut:
+    """A decompressing file for tarfile's streamed reader, read through ``read1``, which hands over all
+    that was decompressed before a cut and raises only at the next call. The file's own ``read`` (tarfile
+    asks for 10 KiB at a time) raises at a cut without handing over what it had: the whole members in
+    that last part would be lost."""
+
+    def __init__(self, tar: BinaryIO) -> None:
+        self.read = tar.read1
+
+
+class _HeaderDamage(Exception):
+    """A cut or garbled header at ``offset``."""
 
     def __init__(self, offset: int, error: tarfile.HeaderError) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
@@ -260,8 +292,9 @@ class _Links:
                 f = self._stack.enter_context(
                     FileSystems.open(self._path, compression_type=CompressionTypes.UNCOMPRESSED)
                 )
+                tar = self._stack.enter_context(decompressed(f, _compression(f)))  # as the streamed pass
                 self._archive = self._stack.enter_context(
-                    tarfile.open(fileobj=f, mode="r:*", tarinfo=_TarInfo, ignore_zeros=True)
+                    tarfile.open(fileobj=tar, mode="r:", tarinfo=_TarInfo, ignore_zeros=True)
                 )
                 for member in iter(self._archive.next, None):
                     self._by_name.setdefault(posixpath.normpath(member.name), []).append(member)

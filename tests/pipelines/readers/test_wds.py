@@ -1,6 +1,11 @@
+import bz2
+import gzip
 import io
+import lzma
 import tarfile
+import zlib
 
+import pytest
 import webdataset as wds
 
 from pipelines.readers import iter_tar
@@ -281,3 +286,49 @@ def test_a_json_member_nested_too_deep_is_bad_json(tmp_path):
     assert [(k.id, k.reason), (n.id, n.reason)] == [("k", "read.bad_json"), ("n", "read.bad_json")]
     assert "nested more than 100 levels deep" in k.detail and "nested more than 100 levels deep" in n.detail
     assert ok.id == "ok" and len(repr(ok.meta["x"])) == 198
+
+
+# by suffix: how to compress a tar, and a decompressor of one stream to tell what a cut file still holds
+_COMPRESSIONS = {
+    "gz": (gzip.compress, lambda: zlib.decompressobj(zlib.MAX_WBITS | 16)),
+    "bz2": (lambda data: bz2.compress(data, 1), bz2.BZ2Decompressor),  # 100 kB blocks: a cut keeps some
+    "xz": (lzma.compress, lzma.LZMADecompressor),
+}
+
+
+@pytest.mark.parametrize("suffix", sorted(_COMPRESSIONS))
+def test_concatenated_compressed_tars_are_read_whole(tmp_path, suffix):
+    compress, _ = _COMPRESSIONS[suffix]
+    first = write_tar(tmp_path / "a.tar", img2dataset(["a0", "a1"])).read_bytes()
+    with tarfile.open(tmp_path / "b.tar", "w") as tar:
+        _add(tar, "b0.jpg", JPG + b"b0")
+        _add(tar, "b1.jpg", link="a0.jpg", kind=tarfile.LNKTYPE)  # into the first part
+    second = (tmp_path / "b.tar").read_bytes()
+    (tmp_path / f"ab.tar.{suffix}").write_bytes(compress(first) + compress(second))  # cat a.tar.gz b.tar.gz
+    items = list(iter_tar(str(tmp_path / f"ab.tar.{suffix}")))
+    assert [(type(i).__name__, i.id) for i in items] == [("RawSample", k) for k in ("a0", "a1", "b0", "b1")]
+    assert items[2].image == Media(data=JPG + b"b0", name="b0.jpg")
+    assert items[3].image == Media(data=JPG + b"a0", name="b1.jpg")
+
+
+@pytest.mark.parametrize("suffix", sorted(_COMPRESSIONS))
+def test_a_cut_compressed_tar_keeps_every_sample_before_the_cut(tmp_path, suffix):
+    compress, decompressor = _COMPRESSIONS[suffix]
+    keys = [f"{i:04d}" for i in range(1000)]  # 2 MB, several bzip2 blocks
+    # small samples: several of them lie in the last 10 kB before the cut, which tarfile reads at once
+    plain = write_tar(tmp_path / "t.tar", [{"__key__": k, "txt": f"caption {k}"} for k in keys]).read_bytes()
+    data = compress(plain)
+    cut = data[: len(data) // 2]
+    held = len(decompressor().decompress(cut))  # the tar bytes the cut file still holds
+    members = tarfile.open(fileobj=io.BytesIO(plain)).getmembers()
+    whole = [k for k in keys if all(m.offset_data + m.size <= held for m in members if m.name.startswith(f"{k}."))]
+    assert 0 < len(whole) < len(keys)
+    (tmp_path / f"cut.tar.{suffix}").write_bytes(cut)
+    *samples, damage = iter_tar(str(tmp_path / f"cut.tar.{suffix}"))
+    assert [s.id for s in samples] == whole
+    assert damage.reason == "read.corrupt_tar"
+    assert damage.detail.startswith(f"cut.tar.{suffix} is damaged at ")
+    assert (
+        " (EOFError: Compressed file ended before the end-of-stream marker was reached); "
+        "the samples before it are kept, the rest is lost"
+    ) in damage.detail
