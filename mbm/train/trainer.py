@@ -223,6 +223,10 @@ class Trainer:
         """Train until ``--steps`` (or ``--stop-at``); returns the last train and val records."""
         cfg, env = self.cfg, self.env
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        if self.step >= end:
+            log.warning("the run is already at step %d (--steps %d%s): nothing to train; raise --steps to go on",
+                        self.step, cfg.steps, f", --stop-at {cfg.stop_at}" if cfg.stop_at else "")
+            return {}
         batches = iter(self.loader)
         last: dict[str, Any] = {}
         bar = tqdm(total=end, initial=self.step, disable=True if not env.is_main or self.progress is False else None,

@@ -51,3 +51,7 @@ def test_resume_after_a_kill_inside_a_write(tmp_path, caplog):
     assert not any(os.path.exists(p) for p in leftovers)
     assert "left half-written" in caplog.text
     assert [r["step"] for r in read_jsonl(run.metrics) if r["split"] == "val"] == [0, 2, 4]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a finished run says so
+        assert main(["train", *TINY, "--data", data, "--out", out, "--steps", "4", "--resume"]) == 0
+    assert "already at step 4 (--steps 4): nothing to train" in caplog.text
