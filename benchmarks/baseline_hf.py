@@ -1,9 +1,12 @@
-"""The Hugging Face baseline: ``Dataset.from_list(rows).map(fn, batched=True, num_proc=cores)``.
+"""The Hugging Face baseline: ``Dataset.from_generator(samples).map(fn, batched=True, num_proc=cores)``.
 
-``fn`` does the loop baseline's work on a batch of manifest rows (mbm's readers and cleaners, the
-job's extractors in per-modality batches) with models loaded once per worker process and one torch
-thread per worker (the best setting measured with one process per core). The mapped dataset (keys,
-json, feature ``.npy`` bytes) is then written to WebDataset tars. Needs the ``bench`` extra.
+The job's input (a manifest, an imagefolder/audiofolder or WebDataset tars) is read by mbm's own readers
+(``iter_source``, the samples mbm's Beam job sees) into a dataset, written to an Arrow file in the cache
+as ``datasets`` does with what it loads; ``fn`` does the loop baseline's work on a batch of those
+samples (mbm's cleaners, the job's extractors in per-modality batches) with models loaded once per
+worker process and one torch thread per worker (the best setting measured with one process per core).
+The mapped dataset (keys, json, feature ``.npy`` bytes) is then written to WebDataset tars. Needs the
+``bench`` extra.
 
     .venv/bin/python benchmarks/baseline_hf.py JOB.toml --output OUT
 """
@@ -13,19 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from baseline_loop import Shards, clean_config, clean_one, encode, featurize, load_models
+from baseline_loop import Shards, clean_config, clean_one, encode, featurize, iter_source, load_models
 
 from jobs.spec import load_spec
-from pipelines.errors import CleanError
-from pipelines.readers.common import folder_of, normalize_id
-from pipelines.readers.manifest import row_sample
-from pipelines.readers.rows import format_of, iter_rows
-from schemas import MODALITIES, Reject
+from schemas import MODALITIES, RawSample
 
 COLUMNS = ["key", "json", *(f"{m}.npy" for m in MODALITIES)]
 _WORKER: dict[int, tuple[Any, Any, Any]] = {}  # pid -> (spec, clean config, models): load once per process
@@ -42,17 +43,11 @@ def _worker(job: str) -> tuple[Any, Any, Any]:
     return _WORKER[pid]
 
 
-def process(batch: dict[str, list], job: str, base: str) -> dict[str, list]:
-    """A batch of manifest rows (each a JSON string) → the rows of the samples that landed (columns ``COLUMNS``)."""
+def process(batch: dict[str, list], job: str) -> dict[str, list]:
+    """A batch of samples (each pickled) → the rows of the samples that landed (columns ``COLUMNS``)."""
     spec, cfg, models = _worker(job)
-    rows = [json.loads(row) for row in batch["row"]]
     kept = []
-    for n, row in enumerate(rows):
-        try:
-            raw = row_sample(normalize_id(row.get("id"), f"row {n}"), row, f"row {n}", base,
-                             spec.input.allow_outside)
-        except CleanError:
-            continue
+    for raw in map(pickle.loads, batch["sample"]):
         values = clean_one(raw, cfg)
         if values:
             kept.append((raw, values))
@@ -67,33 +62,23 @@ def process(batch: dict[str, list], job: str, base: str) -> dict[str, list]:
     return out
 
 
-def read_rows(manifest: str, allow_outside: bool) -> list[dict[str, str]]:
-    """The manifest's readable rows for ``Dataset.from_list``, each as one JSON string; of several valid
-    rows with one id only the first (as mbm and the loop keep it).
+def samples(job: str) -> Iterator[dict[str, bytes]]:
+    """The job's samples (mbm's readers; rejects left out, as the loop skips them), one pickled
+    ``RawSample`` per row.
 
-    Arrow needs one type per column, and real manifests mix them (a label that is a number in one row
-    and a string in the next, metadata nested in some rows only): ``from_list`` on the plain dicts
-    fails there, so each row travels as JSON and ``process`` parses it.
+    Arrow needs one type per column, and real inputs mix them (a label that is a number in one row
+    and a string in the next, metadata nested in some rows only, media as a path in a manifest but as
+    bytes in a tar): a column per field fails there, so each sample travels whole and ``process``
+    unpickles it.
     """
-    base, seen, rows = folder_of(manifest), set(), []
-    for item in iter_rows(manifest, format_of(manifest), Path(manifest).name):
-        if isinstance(item, Reject):
-            continue
-        try:
-            sample_id = normalize_id(item[1].get("id"), "")
-            row_sample(sample_id, item[1], "", base, allow_outside)
-        except CleanError:
-            sample_id = None  # process() skips it; it does not count as the id's first row
-        if sample_id is not None and sample_id in seen:
-            continue
-        seen.add(sample_id)
-        rows.append({"row": json.dumps(item[1])})  # ASCII: undecodable bytes stay as escaped surrogates
-    return rows
+    for raw in iter_source(load_spec(job).input):
+        if isinstance(raw, RawSample):
+            yield {"sample": pickle.dumps(raw)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", help="job spec (TOML); its [input] manifest, cleaning and [extract] settings are used")
+    ap.add_argument("job", help="job spec (TOML); its [input], cleaning and [extract] settings are used")
     ap.add_argument("--output", required=True, help="folder for the tars and baseline.json")
     ap.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
@@ -107,22 +92,21 @@ def main() -> int:
               "`.venv/bin/pip install -e '.[dev,bench]'`", file=sys.stderr)
         return 3
     datasets.disable_progress_bars()
-    spec = load_spec(args.job)
-    manifest = spec.input.manifest
+    job = str(Path(args.job).resolve())
+    spec = load_spec(job)
     start = time.perf_counter()
-    rows = read_rows(manifest, spec.input.allow_outside)
-    ds = datasets.Dataset.from_list(rows)
+    ds = datasets.Dataset.from_generator(samples, features=datasets.Features({"sample": datasets.Value("binary")}),
+                                         gen_kwargs={"job": job})
     # Rows per call: the largest per-modality batch, so every extractor gets calls as full as mbm's.
     rows_per_call = max(e.batch_size for e in spec.extract.values())
     mapped = ds.map(process, batched=True, batch_size=rows_per_call, num_proc=args.num_proc,
-                    remove_columns=ds.column_names,
-                    fn_kwargs={"job": str(Path(args.job).resolve()), "base": folder_of(manifest)})
+                    remove_columns=ds.column_names, fn_kwargs={"job": job})
     mapped_s = time.perf_counter() - start
     shards = Shards(out, spec.output.samples_per_shard)
     for row in mapped:
         shards.write({"__key__": row["key"], **{c: row[c] for c in COLUMNS[1:] if row[c] is not None}})
     shards.close()
-    summary = {"landed": len(mapped), "skipped": len(rows) - len(mapped),
+    summary = {"landed": len(mapped), "skipped": len(ds) - len(mapped),
                "seconds": {"map": round(mapped_s, 3), "write": round(time.perf_counter() - start - mapped_s, 3)}}
     (out / "baseline.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))

@@ -1,6 +1,7 @@
 """The hand-written baseline: one process, a plain PyTorch loop doing mbm's work without Beam.
 
-Reads the job's manifest, decodes and cleans every sample with mbm's own cleaners, runs the job's
+Reads the job's input (a manifest, an imagefolder/audiofolder or WebDataset tars) with mbm's own
+readers (``iter_source``), decodes and cleans every sample with mbm's own cleaners, runs the job's
 extractors (loaded once, on the CPU, torch threads = cores) in per-modality batches of the job's
 batch size, and writes ``json`` + one float16 ``.npy`` per modality into WebDataset tars. A sample
 whose every modality fails is skipped and counted, as a careful user would. Writes ``baseline.json``
@@ -26,10 +27,26 @@ import numpy as np
 
 from jobs.spec import JobSpec, create_extractors, load_spec
 from pipelines.cleaning import CleanConfig, clean_value, load_raw
-from pipelines.readers.manifest import iter_manifest
-from schemas import MODALITIES, RawSample, sample_key
+from pipelines.readers.common import FirstWins
+from pipelines.readers.source import SourceConfig, list_inputs, read_input
+from schemas import MODALITIES, RawSample, Reject, sample_key
 
 CHUNK = 512  # samples cleaned before extraction: big enough that most per-modality batches are full
+
+
+def iter_source(config: SourceConfig) -> Iterator[RawSample | Reject]:
+    """The samples and rejects mbm's Beam job reads from ``config`` (its ``ReadSource``), without Beam.
+
+    The same inputs in the same order (``list_inputs``: one manifest, one folder, or each tar of a
+    pattern), each read by mbm's reader for it; as ``ReadSource`` keeps the first sample of an id across
+    all inputs, a later one (the same key in a second tar) becomes a ``read.duplicate_id`` reject here too.
+    """
+    seen = FirstWins()
+    for item in list_inputs(config):
+        for out in read_input(item, config):
+            if isinstance(out, RawSample):
+                out = seen.check(out.id, out.source) or out
+            yield out
 
 
 def clean_config(spec: JobSpec) -> CleanConfig:
@@ -130,7 +147,7 @@ def run(spec: JobSpec, out: Path) -> dict[str, Any]:
     cfg = clean_config(spec)
     shards = Shards(out, spec.output.samples_per_shard)
     landed = skipped = 0
-    for chunk in chunks(iter_manifest(spec.input.manifest, spec.input), CHUNK):
+    for chunk in chunks(iter_source(spec.input), CHUNK):
         t = time.perf_counter()
         kept = []
         for raw in chunk:
@@ -155,12 +172,10 @@ def run(spec: JobSpec, out: Path) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("job", help="job spec (TOML); its [input] manifest, cleaning and [extract] settings are used")
+    ap.add_argument("job", help="job spec (TOML); its [input], cleaning and [extract] settings are used")
     ap.add_argument("--output", required=True, help="folder for the tars and baseline.json")
     args = ap.parse_args()
     spec = load_spec(args.job)
-    if not spec.input.manifest:
-        raise SystemExit("the baselines read [input] manifest only")
     out = Path(args.output)
     summary = run(spec, out)
     (out / "baseline.json").write_text(json.dumps(summary, indent=1))

@@ -3,13 +3,28 @@
 Builds a dataset from the bundled sample media repeated to --samples unique ids (``incremental.build``)
 and runs, --reps times each and interleaved: ``mbm preprocess`` (Beam, one worker per core), the
 single-process PyTorch loop (``baseline_loop.py``) and ``datasets.map`` with one process per core
-(``baseline_hf.py``). All three do the same decode, cleaning and extraction with the same models and
-batch size, and write float16 features into WebDataset tars. For each run: wall time of the whole
-process (start-up and model loading included), samples/s, and peak memory summed over the process
-tree (RSS, and PSS, which counts pages shared between forked workers once). Prints a table and, with
---write, updates the section in docs/benchmarks.md.
+(``baseline_hf.py``). All three read the input with mbm's readers, do the same decode, cleaning and
+extraction with the same models and batch size, and write float16 features into WebDataset tars; the
+samples they land (counts per modality and ids) are compared. For each run: wall time of the whole
+process (start-up and model loading included), samples/s (input samples and rejects mbm's readers
+find, per second), and peak memory summed over the process tree (RSS, and PSS, which counts pages
+shared between forked workers once). Prints a table and, with --write, updates the section in
+docs/benchmarks.md.
+
+--source PATH runs them on your data instead, anything ``mbm preprocess`` reads:
+
+- a manifest (.jsonl/.json/.csv/.tsv/.parquet, maybe compressed; mbm's columns, media paths relative
+  to it) or a folder holding one named ``manifest.*``: its rows repeated to --samples with unique ids
+  (default 2000), or taken as they are with --samples 0;
+- an imagefolder/audiofolder (any other folder; with or without metadata.jsonl/csv/parquet), one tar,
+  a folder of ``*.tar`` or a glob/brace pattern of tars (quoted): used as they are, in place (so relative
+  paths in metadata files keep resolving); --samples cannot change their size and is refused;
+- a job spec (.toml): its [input] as it is (whatever its kind), its [text]/[image]/[audio] cleaning and
+  [extract] settings; its [output] is replaced by a temporary folder and its [runner] left out (all
+  three run here, mbm with one worker per core). --samples is refused as for a folder.
 
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --write
+    .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -29,13 +45,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from incremental import build, manifest_of
+from incremental import MANIFEST_SUFFIXES, build, manifest_of
 from report import write_section
+
+from jobs.spec import SpecError, dump_toml, load_spec
+from pipelines.readers.rows import format_of
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 HEAD = "## Preprocessing vs a plain loop and HF datasets.map"
 MODALITIES = ("text", "image", "audio")
+DEFAULT_SAMPLES = 2000  # the bundled sample, or a manifest --source, repeated to this many
+# --source kinds used as they are (only a manifest's rows can be repeated), as error messages name them
+KINDS = {"folder": "an imagefolder/audiofolder", "shards": "WebDataset tars", "spec": "a job spec"}
 
 
 def commands(spec: Path, out: Path) -> dict[str, list[str]]:
@@ -134,18 +156,21 @@ def measure(cmd: list[str], log: Path) -> dict[str, float]:
     return {"wall": wall, "rss": mem.peak_rss / 1024, "pss": mem.peak_pss / 1024}
 
 
-def landed(out: Path) -> Counter:
-    """Samples and features per modality in every tar under ``out`` (what a reader would get)."""
+def landed(out: Path) -> tuple[Counter, list[str]]:
+    """Samples and features per modality in every tar under ``out``, and the sorted sample keys (what a
+    reader would get): equal counts alone could hide two pipelines landing different samples."""
     counts: Counter = Counter()
+    keys = []
     for tar in sorted(out.rglob("*.tar")):
         with tarfile.open(tar) as t:
             for name in t.getnames():
-                suffix = name.split(".", 1)[-1]
+                key, _, suffix = name.partition(".")
                 if suffix == "json":
                     counts["samples"] += 1
+                    keys.append(key)
                 elif suffix.endswith(".npy"):
                     counts[suffix[:-4]] += 1
-    return counts
+    return counts, sorted(keys)
 
 
 def machine() -> str:
@@ -184,25 +209,73 @@ def table(results: dict[str, list[dict]], n: int) -> list[str]:
     return lines
 
 
+def source_kind(source: Path) -> str:
+    """What ``--source`` is, told the way a user names an input: ``"spec"`` (a ``.toml``), ``"manifest"``
+    (a manifest file, or a folder holding a ``manifest.*``), ``"shards"`` (a tar, a folder with ``*.tar``
+    in it, which mbm reads as its tars, or a glob/brace pattern) or ``"folder"`` (any other folder, an
+    imagefolder/audiofolder). Raises ``ValueError`` for a path that is none of them."""
+    if source.is_file():
+        if source.suffix == ".toml":
+            return "spec"
+        if format_of(str(source)) is not None:
+            return "manifest"
+        if ".tar" in source.suffixes or source.suffix == ".tgz" or tarfile.is_tarfile(source):
+            return "shards"
+        raise ValueError(f"--source {source}: not a manifest (.jsonl/.json/.csv/.tsv/.parquet), a tar or a job "
+                         "spec (.toml)")
+    if source.is_dir():
+        if any("".join(p.suffixes) in MANIFEST_SUFFIXES for p in source.glob("manifest.*")):
+            return "manifest"
+        return "shards" if any(source.glob("*.tar")) else "folder"
+    if re.search(r"[*?\[{]", str(source)):
+        return "shards"
+    raise ValueError(f"--source {source} does not exist")
+
+
+def spec_tables(job: Path) -> dict:
+    """A job spec's [input], cleaning and [extract] tables, resolved (its relative paths made absolute, so
+    they hold from another folder); [output] and [runner] are left for the benchmark to set."""
+    try:
+        tables = load_spec(job).to_dict()
+    except SpecError as e:
+        raise SystemExit(f"--source {job}: {e}") from None
+    return {k: v for k, v in tables.items() if k not in ("output", "runner")}
+
+
 def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, source: Path | None = None) -> Path:
-    """The sample media (or ``source``'s corpus) repeated to ``n`` samples under ``folder/data``; returns the
-    job spec written beside it (with ``precision``, modality -> extractor precision, in its [extract] sections)."""
-    build(folder / "data", n, source)
+    """The job spec ``folder/job.toml`` the three pipelines run (with ``precision``, modality -> extractor
+    precision, in its [extract] sections), writing into ``folder/out``.
+
+    The sample media, or a manifest ``source``'s rows, are repeated to ``n`` samples under ``folder/data``
+    (``incremental.build``); any other ``source`` is read where it is, as it is (``n`` is not used).
+    """
+    kind = source_kind(source) if source else "manifest"
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "spec":
+        tables = spec_tables(source)
+    elif kind == "manifest":
+        build(folder / "data", n, source)
+        tables = {"input": {"manifest": str(folder / "data" / manifest_of(folder / "data"))}}
+    else:
+        tables = {"input": {kind: os.path.abspath(source)}}
+    tables["output"] = {"dir": "out"}
+    for m, p in sorted((precision or {}).items()):
+        tables.setdefault("extract", {}).setdefault(m, {})["precision"] = p
     spec = folder / "job.toml"
-    extract = "".join(f'[extract.{m}]\nprecision = "{p}"\n' for m, p in sorted((precision or {}).items()))
-    manifest = manifest_of(folder / "data")
-    spec.write_text(f'[input]\nmanifest = "data/{manifest}"\n[output]\ndir = "out"\n' + extract)
+    spec.write_text(dump_toml(tables))
     return spec
 
 
-def input_rows(manifest: Path) -> int:
-    """Input rows of the benchmark's manifest: non-blank JSONL lines, else the rows (and malformed
-    lines) mbm's reader finds."""
-    if manifest.suffix == ".jsonl":
-        return sum(1 for line in manifest.read_bytes().splitlines() if line.strip())
-    from pipelines.readers.rows import format_of, iter_rows
+def input_count(spec: Path) -> int:
+    """Inputs the pipelines are given: the samples and rejects mbm's readers yield for the spec's [input]
+    (a manifest's non-blank lines; a folder's media files, other files or metadata rows; a tar's samples)."""
+    from baseline_loop import iter_source
 
-    return sum(1 for _ in iter_rows(str(manifest), format_of(str(manifest)) or "", manifest.name))
+    try:
+        config = load_spec(spec).input
+    except SpecError as e:  # a pattern that matches nothing, a model path the spec names that is not here
+        raise SystemExit(f"the benchmark's job spec cannot run: {e}") from None
+    return sum(1 for _ in iter_source(config))
 
 
 def precision_arg(text: str) -> tuple[str, str]:
@@ -282,36 +355,68 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
     write_section(HEAD, body)
 
 
-def main() -> int:
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses settings that cannot work together; sets ``--samples`` from the kind of data: its default
+    for what can be repeated (the bundled sample, a manifest), 0 (as it is) for what cannot."""
+    if (args.precision or args.source) and args.write:
+        ap.error("--write records the bundled sample with the default settings; leave out --precision and --source")
+    try:
+        kind = source_kind(args.source) if args.source else "manifest"
+    except ValueError as e:
+        ap.error(str(e))
+    if kind != "manifest":
+        if args.samples:
+            ap.error(f"--samples {args.samples}: --source {args.source} is {KINDS[kind]}, used as it is (only a "
+                     "manifest's rows are repeated to --samples); leave out --samples")
+        if args.memory:
+            ap.error(f"--memory repeats the data to 4x; --source {args.source} is {KINDS[kind]}, which cannot be "
+                     "repeated (a manifest can)")
+        args.samples = 0
+    elif args.samples is None:
+        args.samples = DEFAULT_SAMPLES
+    elif args.samples < (0 if args.source else 1):
+        ap.error("--samples must be >= 1 (0 with --source: each of its rows once)")
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=None,
+                    help=f"samples built from the bundled sample or a manifest --source, its rows repeated with "
+                         f"unique ids (default {DEFAULT_SAMPLES}; 0 with a manifest: its rows as they are); other "
+                         "--source kinds are used as they are and refuse it")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--profile", action="store_true", help="also run the plain loop under cProfile")
     ap.add_argument("--memory", action="store_true",
-                    help="also measure mbm's peak memory at 1x and 4x --samples (one run each)")
+                    help="also measure mbm's peak memory at 1x and 4x --samples (one run each; the bundled sample or a "
+                         "manifest --source only)")
     ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
                     help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
     ap.add_argument("--source", type=Path, default=None, metavar="PATH",
-                    help="another corpus: a manifest (.jsonl/.csv/.tsv/.parquet, mbm's columns, media paths relative to "
-                         "it) or a folder with one named manifest.*; its rows repeated to --samples with unique ids "
-                         "(--samples 0: the manifest as it is)")
-    args = ap.parse_args()
-    if (args.precision or args.source) and args.write:
-        ap.error("--write records the bundled sample with the default settings; leave out --precision and --source")
-    if args.samples < (0 if args.source else 1):
-        ap.error("--samples must be >= 1 (0 with --source: each of its rows once)")
+                    help="your data, anything mbm preprocess reads: a manifest (.jsonl/.json/.csv/.tsv/.parquet, "
+                         "mbm's columns, media paths relative to it) or a folder with one named manifest.*, its rows "
+                         "repeated to --samples; an imagefolder/audiofolder (any other folder), a tar, a folder of "
+                         "*.tar or a quoted glob/brace pattern of tars, used as they are; or a job spec (.toml), "
+                         "whose [input] (as it is), cleaning and [extract] settings are used")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     has_hf = importlib.util.find_spec("datasets") is not None
     if not has_hf:
         print("HF datasets is not installed (pip install -e '.[dev,bench]'): skipping the datasets.map baseline",
               file=sys.stderr)
     results: dict[str, list[dict]] = {}
     counts: dict[str, Counter] = {}
+    keys: dict[str, list[str]] = {}
     loop_stages = ""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = dataset(tmp, args.samples, dict(args.precision), args.source)
-        n = input_rows(tmp / "data" / manifest_of(tmp / "data"))
+        n = input_count(spec)
         for rep in range(args.reps):
             for i, name in enumerate(commands(spec, tmp)):
                 if name.startswith("HF") and not has_hf:
@@ -319,7 +424,7 @@ def main() -> int:
                 out = tmp / f"run-{rep}-{i}"  # a fresh output folder for every run
                 r = measure(commands(spec, out)[name], tmp / f"{out.name}.log")
                 results.setdefault(name, []).append(r)
-                counts[name] = landed(out)
+                counts[name], keys[name] = landed(out)
                 print(f"rep {rep + 1}/{args.reps} {name}: {r['wall']:.1f} s, {counts[name]['samples']} landed",
                       file=sys.stderr, flush=True)
                 if name == "plain loop":
@@ -330,9 +435,11 @@ def main() -> int:
         extra = memory_growth(tmp, n, args.source) if args.memory else []
     lines = table(results, n)
     shown = {name: f"{c['samples']} ({c['text']} / {c['image']} / {c['audio']})" for name, c in counts.items()}
-    same = len({(c["samples"], c["text"], c["image"], c["audio"]) for c in counts.values()}) == 1
-    summary = (", ".join(f"{name} {s}" for name, s in shown.items()) if not same
-               else f"{next(iter(shown.values()))}, the same for all")
+    same_counts = len({(c["samples"], c["text"], c["image"], c["audio"]) for c in counts.values()}) == 1
+    same = same_counts and len({tuple(k) for k in keys.values()}) == 1
+    first = next(iter(shown.values()))
+    summary = (", ".join(f"{name} {s}" for name, s in shown.items()) if not same_counts
+               else f"{first}, the same for all" if same else f"{first} for all, but not the same sample ids")
     print("\n".join(lines))
     print(f"\nlanded samples (text / image / audio): {summary}")
     print(f"plain loop seconds per stage: {loop_stages}")

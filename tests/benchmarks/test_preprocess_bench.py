@@ -1,4 +1,6 @@
 import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -8,10 +10,54 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
-from incremental import build  # noqa: E402
-from preprocess import dataset, precision_arg  # noqa: E402
+from baseline_loop import iter_source  # noqa: E402
+from incremental import SAMPLE, build  # noqa: E402
+from preprocess import (  # noqa: E402
+    check_args,
+    dataset,
+    input_count,
+    landed,
+    main,
+    parser,
+    precision_arg,
+    source_kind,
+)
 
 from jobs.spec import create_extractors, load_spec  # noqa: E402
+from schemas import RawSample  # noqa: E402
+
+
+def imagefolder(root: Path) -> Path:
+    """A tiny imagefolder: a metadata.jsonl in ``train/`` naming files relative to that folder (captions,
+    an audio file, a broken image, a file that is no media, a repeated file name) and a metadata.csv at the
+    root naming class photos with labels: 8 rows, of which 5 land."""
+    for rel, name in [("train/images/astronaut.jpg", "images/astronaut.jpg"), ("train/images/coffee.jpg", "images/coffee.jpg"),
+                      ("train/images/broken.jpg", "images/broken.jpg"), ("train/sounds/cat.wav", "audio/cat_caption.wav"),
+                      ("photos/cat/chelsea.png", "images/chelsea.png"), ("photos/man/camera.png", "images/camera.png")]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SAMPLE / name, root / rel)
+    (root / "train" / "notes.txt").write_text("not a sample")
+    rows = [{"file_name": "images/astronaut.jpg", "text": "an astronaut"}, {"file_name": "images/coffee.jpg",
+            "caption": "a cup of coffee"}, {"file_name": "images/broken.jpg"}, {"file_name": "sounds/cat.wav",
+            "transcription": "a cat"}, {"file_name": "notes.txt"}, {"file_name": "images/coffee.jpg", "text": "again"}]
+    (root / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "metadata.csv").write_text("file_name,label\nphotos/cat/chelsea.png,cat\nphotos/man/camera.png,man\n")
+    return root
+
+
+def tar_set(root: Path) -> str:
+    """Four tiny WebDataset tars, as a brace pattern: three img2dataset shards (10 samples, images and
+    captions) and a fourth holding an audio sample, a sample with only a json, and again the key of the
+    first shard's first sample (a duplicate across tars, which only the first keeps)."""
+    import webdataset as wds
+    from corpus import write_wds_corpus
+
+    write_wds_corpus(root, 10, per_shard=4)
+    with wds.TarWriter(str(root / "00003.tar")) as sink:
+        sink.write({"__key__": "voice", "flac": (SAMPLE / "audio" / "harvard_03.flac").read_bytes(), "txt": b"hi"})
+        sink.write({"__key__": "failed", "json": json.dumps({"status": "failed_to_download"}).encode()})
+        sink.write({"__key__": "000000000", "txt": b"a second sample with the first key"})
+    return f"{root}/{{00000..00003}}.tar"
 
 
 def test_precision_argument_is_checked():
@@ -82,18 +128,164 @@ def test_a_csv_or_parquet_corpus_is_repeated_as_jsonl_or_taken_as_it_is(tmp_path
 
 
 def test_hf_baseline_rows_survive_mixed_types_and_keep_the_first_of_an_id(tmp_path):
-    """``Dataset.from_list`` needs one Arrow type per column: rows travel as JSON; duplicates go as in mbm."""
-    import json
+    """Arrow needs one type per column: samples travel pickled, whole; duplicates and rejects go as in mbm."""
+    import pickle
 
-    from baseline_hf import read_rows
+    from baseline_hf import samples
 
     (tmp_path / "a.png").write_bytes(b"x")
     lines = [b'{"id": "a", "text": "one", "label": 1}', b'{"id": "b", "text": "two", "label": "cat", "meta": [1, 2]}',
              b'{"id": "a", "text": "again"}', b'{"id": "c", "text": "caf\xe9"}', b'{broken', b'{"id": "d"}',
              b'{"id": "d", "image": "a.png"}']
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_bytes(b"\n".join(lines) + b"\n")
-    rows = [json.loads(r["row"]) for r in read_rows(str(manifest), False)]
-    assert [r["id"] for r in rows] == ["a", "b", "c", "d", "d"]  # the second "a" dropped; "d" without media is
-    assert rows[0]["text"] == "one" and rows[1]["meta"] == [1, 2]  # not valid, so the next "d" is its first
-    assert all(isinstance(r["row"], str) for r in read_rows(str(manifest), False))
+    (tmp_path / "manifest.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "manifest.jsonl"\n[output]\ndir = "out"\n')
+    rows = list(samples(str(tmp_path / "job.toml")))
+    assert all(set(r) == {"sample"} and isinstance(r["sample"], bytes) for r in rows)
+    raws = [pickle.loads(r["sample"]) for r in rows]
+    assert [r.id for r in raws] == ["a", "b", "c", "d"]  # the second "a" dropped; "d" without media is not
+    assert raws[0].label == 1 and raws[1].label == "cat" and raws[1].meta == {"meta": [1, 2]}  # valid, so the
+    assert raws[3].image.uri == str(tmp_path / "a.png")  # next "d" is its first
+
+
+def test_source_kind_tells_every_input_mbm_preprocess_reads(tmp_path):
+    folder = imagefolder(tmp_path / "folder")
+    pattern = tar_set(tmp_path / "tars")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.csv").write_text("id,text\n1,x\n")
+    (tmp_path / "job.toml").write_text("")
+    (tmp_path / "plain.tgz").write_bytes(b"")  # named as a tar: mbm judges it
+    (tmp_path / "notes.txt").write_text("x")
+    kinds = {folder: "folder", folder / "train": "folder", tmp_path / "tars": "shards", Path(pattern): "shards",
+             tmp_path / "tars" / "00000.tar": "shards", tmp_path / "plain.tgz": "shards",
+             Path(f"{tmp_path}/tars/*.tar"): "shards", tmp_path / "m": "manifest",
+             tmp_path / "m" / "manifest.csv": "manifest", folder / "train" / "metadata.jsonl": "manifest",
+             tmp_path / "job.toml": "spec"}
+    assert {path: source_kind(path) for path in kinds} == kinds
+    with pytest.raises(ValueError, match="not a manifest"):
+        source_kind(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="does not exist"):
+        source_kind(tmp_path / "gone")
+
+
+def _stream(items):
+    return sorted((type(x).__name__, x.id, x.source, getattr(x, "reason", "")) for x in items)
+
+
+def test_the_baselines_read_what_mbms_beam_job_reads(tmp_path):
+    """``iter_source`` gives the samples and rejects of mbm's ``ReadSource``: a folder's metadata rows, each
+    tar of a pattern, a key repeated across tars kept only where it comes first."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from pipelines.readers import ReadSource, SourceConfig
+
+    for config in (SourceConfig(folder=str(imagefolder(tmp_path / "folder"))),
+                   SourceConfig(shards=tar_set(tmp_path / "tars"))):
+        ours = _stream(iter_source(config))
+        with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as p:
+            out = p | ReadSource(config)
+            both = (out.samples, out.rejects) | beam.Flatten()
+            assert_that(both | beam.combiners.ToList() | beam.Map(_stream), equal_to([ours]))
+        assert len(ours) > 5
+    reasons = [x[3] for x in ours if x[0] == "Reject"]
+    assert reasons == ["read.duplicate_id", "read.no_modality"]
+    kept = next(x for x in iter_source(config) if isinstance(x, RawSample) and x.id == "000000000")
+    assert kept.source == "00000.tar:000000000"
+
+
+def test_a_folder_or_tars_is_read_in_place_as_it_is(tmp_path):
+    folder = imagefolder(tmp_path / "folder")
+    spec = load_spec(str(dataset(tmp_path / "bench", 0, {"image": "float32"}, folder)))
+    assert spec.input.folder == str(folder) and spec.extract["image"].options["precision"] == "float32"
+    assert spec.output.dir == str(tmp_path / "bench" / "out") and not (tmp_path / "bench" / "data").exists()
+    assert input_count(tmp_path / "bench" / "job.toml") == 8  # 6 rows in train/, 2 at the root
+    pattern = tar_set(tmp_path / "tars")
+    shards = load_spec(str(dataset(tmp_path / "tar-bench", 0, source=Path(pattern))))
+    assert shards.input.shards == pattern
+    assert input_count(tmp_path / "tar-bench" / "job.toml") == 13  # 10 + 3, the duplicate key a reject
+    assert load_spec(str(dataset(tmp_path / "dir", 0, source=tmp_path / "tars"))).input.shards == str(tmp_path / "tars")
+
+
+def test_a_job_spec_gives_its_input_and_settings_and_the_benchmark_its_output(tmp_path):
+    folder = imagefolder(tmp_path / "jobs" / "data")
+    job = tmp_path / "jobs" / "job.toml"
+    job.write_text('[input]\nfolder = "data"\n[output]\ndir = "elsewhere"\nsamples_per_shard = 3\n'
+                   '[image]\nfit = "pad"\n[text]\nlowercase = true\n[extract.image]\nbatch_size = 8\n'
+                   '[extract.text]\nprecision = "float32"\n[runner]\nworkers = 1\ndevice = "cpu"\n')
+    spec = load_spec(str(dataset(tmp_path / "bench", 0, {"text": "bfloat16"}, job)))
+    assert spec.input.folder == str(folder) and spec.image.fit == "pad" and spec.text.lowercase
+    assert spec.extract["image"].batch_size == 8 and spec.extract["text"].options["precision"] == "bfloat16"
+    assert spec.output.dir == str(tmp_path / "bench" / "out") and spec.output.samples_per_shard == 1000
+    assert spec.runner.workers == 0 and spec.runner.device == "auto"  # all three run here, mbm one worker per core
+    (tmp_path / "broken.toml").write_text('[input]\nfolder = "nowhere"\n[output]\ndir = "o"\n')
+    with pytest.raises(SystemExit, match="nowhere"):
+        dataset(tmp_path / "b", 0, source=tmp_path / "broken.toml")
+
+
+def _samples(*argv: str) -> int:
+    """``--samples`` as the benchmark takes it from ``argv``; argparse's exit for what it refuses."""
+    ap = parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
+    return args.samples
+
+
+def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    folder = str(imagefolder(tmp_path / "folder"))
+    assert _samples() == 2000 and _samples("--source", str(tmp_path / "m.jsonl")) == 2000
+    assert _samples("--source", str(tmp_path / "m.jsonl"), "--samples", "0") == 0
+    assert _samples("--source", folder) == 0 and _samples("--source", folder, "--samples", "0") == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--source", "FOLDER", "--samples", "5"], "an imagefolder/audiofolder, used as it is"),
+    (["--source", "TARS", "--samples", "5"], "WebDataset tars, used as it is"),
+    (["--source", "FOLDER", "--memory"], "cannot be repeated"),
+    (["--source", "FOLDER", "--write"], "--write records"),
+    (["--source", "GONE"], "does not exist"),
+    (["--samples", "0"], "--samples must be >= 1"),
+])
+def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
+    paths = {"FOLDER": str(imagefolder(tmp_path / "folder")), "TARS": str(tmp_path / "tars"), "GONE": str(tmp_path / "x")}
+    tar_set(tmp_path / "tars")
+    with pytest.raises(SystemExit) as e:
+        _samples(*(paths.get(a, a) for a in argv))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _job_over_tars(tmp_path: Path) -> Path:
+    """A job spec whose [input] is a folder of tars, with its own cleaning and extraction settings."""
+    tar_set(tmp_path / "tars")
+    (tmp_path / "job.toml").write_text('[input]\nshards = "tars"\n[output]\ndir = "out"\n[image]\nfit = "pad"\n'
+                                       '[extract.image]\nbatch_size = 4\n[runner]\nworkers = 1\n')
+    return tmp_path / "job.toml"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source, landed_line", [
+    # metadata rows' relative paths resolve in every pipeline; the broken image, the text file and the
+    # repeated file name land nowhere
+    (lambda tmp: imagefolder(tmp / "folder"), "5 (3 / 4 / 1)"),
+    (lambda tmp: imagefolder(tmp / "folder") / "photos", "2 (0 / 2 / 0)"),  # class folders, no metadata
+    (lambda tmp: tar_set(tmp / "tars"), "11 (11 / 10 / 1)"),  # the json-only sample and the duplicate key: none
+    (_job_over_tars, "11 (11 / 10 / 1)"),
+], ids=["imagefolder", "class-folders", "tar-pattern", "job-spec"])
+def test_all_three_pipelines_land_the_same_samples(tmp_path, capsys, source, landed_line):
+    """One rep on a tiny folder, tar set or job spec: the run exits 0 only when the three pipelines land
+    the same samples (counts per modality and sample keys)."""
+    assert main(["--source", str(source(tmp_path)), "--reps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"landed samples (text / image / audio): {landed_line}, the same for all" in printed
+
+
+def test_landed_counts_features_and_lists_sample_keys(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "shards").mkdir()
+    with wds.TarWriter(str(tmp_path / "shards" / "a.tar")) as sink:
+        sink.write({"__key__": "k2", "json": b"{}", "text.npy": b"x", "image.npy": b"x"})
+        sink.write({"__key__": "k1", "json": b"{}", "audio.npy": b"x"})
+    counts, keys = landed(tmp_path)
+    assert counts == {"samples": 2, "text": 1, "image": 1, "audio": 1} and keys == ["k1", "k2"]
