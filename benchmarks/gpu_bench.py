@@ -169,7 +169,10 @@ def table(results: dict[str, Any], device: str) -> str:
     for key, verdict in targets(results, device).items():
         out.append(f"target {key} (>= {TARGETS[key]:,.0f}/s): {verdict}")
     layout = img.get("layout")
-    if layout:
+    if layout and layout.get("fused"):
+        out.append(f"image convs: {layout['convs']} fused oneDNN convolutions (CPU, float32), features "
+                   f"{', '.join(layout['output_dtypes'])}")
+    elif layout:
         out.append(f"image convs: {layout['channels_last_inputs']}/{layout['convs']} channels_last inputs, "
                    f"outputs {', '.join(layout['output_dtypes'])}")
     if "model_no_autotune" in img:

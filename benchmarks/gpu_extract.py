@@ -129,7 +129,14 @@ def _clips(batch: list[torch.Tensor]) -> list[np.ndarray]:
 # -- image ------------------------------------------------------------------------------------------
 
 def conv_layout(extractor: EfficientNetLite0Extractor, model: Any, batch: list, device: str) -> dict[str, Any]:
-    """How many convolutions see channels_last inputs and run in bfloat16 during one featurize call."""
+    """How many convolutions see channels_last inputs and run in bfloat16 during one featurize call.
+
+    On the CPU in float32 the model runs as one fused oneDNN plan (``FusedConvs``), where no module's
+    forward runs: its convolutions are counted from the plan."""
+    plan = getattr(model, "mbm_fused", None)
+    if plan is not None and extractor.config.precision != "bfloat16":
+        features = extractor.featurize(model, batch, device)
+        return {"convs": len(plan.steps), "fused": True, "output_dtypes": sorted({str(f.dtype) for f in features})}
     seen: list[tuple[bool, str]] = []
 
     def hook(module: Any, args: tuple, output: Any) -> None:
