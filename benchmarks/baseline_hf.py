@@ -95,8 +95,11 @@ def main() -> int:
     job = str(Path(args.job).resolve())
     spec = load_spec(job)
     start = time.perf_counter()
-    ds = datasets.Dataset.from_generator(samples, features=datasets.Features({"sample": datasets.Value("binary")}),
-                                         gen_kwargs={"job": job})
+    features = datasets.Features({"sample": datasets.Value("binary")})
+    if next(samples(job), None) is None:  # datasets refuses a generator that yields nothing
+        ds = datasets.Dataset.from_dict({"sample": []}, features=features)
+    else:
+        ds = datasets.Dataset.from_generator(samples, features=features, gen_kwargs={"job": job})
     # Rows per call: the largest per-modality batch, so every extractor gets calls as full as mbm's.
     rows_per_call = max(e.batch_size for e in spec.extract.values())
     mapped = ds.map(process, batched=True, batch_size=rows_per_call, num_proc=args.num_proc,

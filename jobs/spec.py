@@ -200,6 +200,10 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
             raise SpecError(f"{where}: [output] dir is empty; set the dataset folder to write")
         out["dir"] = str(_resolve(out["dir"], base_dir))
         _check_output_dir(out["dir"], where)
+        if isinstance(inp.get("folder"), str) and _inside(out["dir"], inp["folder"]):
+            raise SpecError(f"{where}: [output] dir = {out['dir']!r} is inside [input] folder = {inp['folder']!r}, "
+                            "whose every file is read as input (the dataset would read itself on the next run); "
+                            "choose an output folder outside it")
 
     extract_raw = raw.get("extract", {})
     extract: dict[str, ExtractConfig] = {}
@@ -345,6 +349,14 @@ def file_in_the_way(path: str) -> str | None:
                 return None
             return "is a file" if candidate == p else f"cannot be created: {candidate} is a file"
     return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether local ``path`` is ``folder`` or below it."""
+    if "://" in path or "://" in folder:
+        return False
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _check_output_dir(path: str, where: str) -> None:

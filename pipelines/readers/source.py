@@ -60,6 +60,8 @@ class SourceConfig:
             _check_local(self.folder, "folder", os.path.isdir, "folder")
         if self.shards and not _GLOB.search(self.shards) and "{" not in self.shards:
             _check_local(self.shards, "shards", os.path.exists, "tar or folder")
+        if self.shards and local_path(self.shards) is not None:
+            expand_shards(self.shards)  # a folder without *.tar, a pattern matching nothing: say so now
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -100,10 +100,12 @@ def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, by
 
 
 def _complete(group: dict[str, Any], previous: set[str], damage: _Damage, key: str) -> bool:
-    """Whether the sample being read when the damage came is whole: not cut, and has the members the last one had."""
+    """Whether the sample being read when the damage came is whole. The damage names its member: whole
+    unless that member is the sample's own (a later sample's header was read, so this one had ended).
+    It does not (a cut header): whole when it has the members the sample before it had."""
     cut = _KEY.match(damage.member or "")
-    if cut and cut.group(1) == key:
-        return False
+    if cut:
+        return cut.group(1) != key
     return set(group) >= previous
 
 
@@ -162,7 +164,7 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | 
 
 
 def _compression(f: BinaryIO) -> str:
-    """The compression of the tar in ``f`` by its magic number, as tarfile's ``r|*`` detects it. The tar
+    """The compression of the tar in ``f`` by its magic number (tarfile's ``r|*`` set, and zstd). The tar
     is then read through ``decompressed``, not tarfile's own decompression, which stops quietly after
     the first part of ``cat a.tar.gz b.tar.gz`` (or of concatenated bzip2 or xz streams) and loses the
     rest: so it is read whole, like ``tar -xzf --ignore-zeros``."""
@@ -173,6 +175,7 @@ def _compression(f: BinaryIO) -> str:
         b"BZh": CompressionTypes.BZIP2,
         b"\x5d\x00\x00\x80": CompressionTypes.LZMA,
         b"\xfd7zXZ": CompressionTypes.LZMA,
+        b"\x28\xb5\x2f\xfd": CompressionTypes.ZSTD,  # .tar.zst, which tarfile itself does not read
     }
     head = f.read(6)
     f.seek(0)

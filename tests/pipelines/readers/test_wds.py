@@ -100,6 +100,19 @@ def test_truncated_tar_keeps_samples_before_the_cut(tmp_path):
     assert items[-1].reason == "read.corrupt_tar" and items[-1].stage == "read"
 
 
+def test_a_sample_with_fewer_members_before_the_cut_one_is_whole(tmp_path):
+    samples = img2dataset(["s0", "s1", "s2"])
+    del samples[1]["json"]  # s1 has jpg and txt only
+    full = write_tar(tmp_path / "full.tar", samples).read_bytes()
+    third_jpg = next(m for m in tarfile.open(fileobj=io.BytesIO(full)).getmembers() if m.name == "s2.jpg")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(full[: third_jpg.offset_data + 100])  # s2.jpg's header was read: s1 had ended
+    items = list(iter_tar(str(cut)))
+    assert [(type(i).__name__, i.id) for i in items] == [
+        ("RawSample", "s0"), ("RawSample", "s1"), ("Reject", "cut.tar:s2.jpg")]
+    assert "incomplete sample" not in items[-1].detail
+
+
 def test_cut_inside_a_header_is_damage_too(tmp_path):
     full = write_tar(tmp_path / "full.tar", img2dataset(["a", "b"])).read_bytes()
     second = next(m for m in tarfile.open(fileobj=io.BytesIO(full)).getmembers() if m.name == "b.jpg")
@@ -332,3 +345,10 @@ def test_a_cut_compressed_tar_keeps_every_sample_before_the_cut(tmp_path, suffix
         " (EOFError: Compressed file ended before the end-of-stream marker was reached); "
         "the samples before it are kept, the rest is lost"
     ) in damage.detail
+
+
+def test_a_zstd_compressed_tar(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    plain = write_tar(tmp_path / "p.tar", img2dataset(["a", "b"])).read_bytes()
+    (tmp_path / "z.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    assert [s.id for s in iter_tar(str(tmp_path / "z.tar.zst"))] == ["a", "b"]
