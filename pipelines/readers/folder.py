@@ -59,18 +59,16 @@ def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSa
 def list_files(root: str) -> list[str]:
     """Paths under ``root`` relative to it, sorted, hidden (``.x``, ``__x``) files and folders left out.
 
-    A local folder is walked with ``os.walk`` (symlinked folders are not entered), so a broken
-    symlink or a symlink loop is listed and becomes a reject when read; Beam's listing drops any
-    entry whose size it cannot read, and such a file would vanish without a row.
+    A local folder is walked with ``os.walk``, so a broken symlink or a symlink to itself is listed
+    and becomes a reject when read (Beam's listing drops any entry whose size it cannot read, and such
+    a file would vanish without a row). Symlinked folders are entered (a class folder linked from
+    elsewhere), each real folder once: a link back up the tree, or a second link to a folder already
+    listed, is not walked again.
     """
     local = local_path(root)
     if local is not None:
         prefix = local.rstrip("/") + "/"
-        rels = (
-            posixpath.join(folder, name)[len(prefix):]
-            for folder, _, names in os.walk(local)
-            for name in names
-        )
+        rels = (posixpath.join(folder, name)[len(prefix):] for folder, names in _walk(local) for name in names)
     else:
         from apache_beam.io.filesystems import FileSystems
 
@@ -78,6 +76,19 @@ def list_files(root: str) -> list[str]:
         prefix = root.rstrip("/") + "/"
         rels = (m.path[len(prefix) :] for m in result.metadata_list if m.path.startswith(prefix))
     return sorted(r for r in rels if not any(part.startswith((".", "__")) for part in r.split("/")))
+
+
+def _walk(local: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) under ``local``, following symlinked folders, each real folder once, in name order."""
+    seen: set[str] = set()
+    for folder, dirs, names in os.walk(local, followlinks=True):
+        dirs.sort()
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        yield folder, names
 
 
 def _depth_first(rel: str) -> tuple[int, str]:

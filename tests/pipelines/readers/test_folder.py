@@ -87,6 +87,17 @@ def test_class_subfolders_without_metadata(tmp_path):
     assert rejects == [("cat/readme.txt", "read.unsupported_file")]
 
 
+def test_symlinked_class_folders_are_read_once_each(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    _touch(root, "dog/2.jpg")
+    _touch(elsewhere, "cats/1.png")
+    (root / "cat").symlink_to(elsewhere / "cats")  # a class folder linked from elsewhere
+    (root / "cat" / "loop").symlink_to(root)  # a link back up the tree
+    (root / "kitten").symlink_to(elsewhere / "cats")  # a second link to a folder already listed
+    got = [(s.id, s.label, s.present()) for s in iter_folder(str(root)) if isinstance(s, RawSample)]
+    assert got == [("cat/1.png", "cat", ["image"]), ("dog/2.jpg", "dog", ["image"])]
+
+
 def test_flat_folder_and_split_folders_get_no_label(tmp_path):
     _touch(tmp_path, "a.jpg", "b.mp3")
     assert [(s.id, s.label) for s in iter_folder(str(tmp_path))] == [("a.jpg", None), ("b.mp3", None)]
