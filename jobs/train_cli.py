@@ -144,7 +144,8 @@ FIXED_ON_RESUME = ("task", "fusion", "d_model", "layers", "heads", "mlp_ratio", 
 
 
 def absolute_data(data: str) -> str:
-    """``--data`` with a local path made absolute, so a run's config still finds it from another folder."""
+    """``--data`` (or ``--tokenizer``) with a local path made absolute, so a run's config still finds it
+    from another folder."""
     return data if not data or "://" in data else os.path.abspath(os.path.expanduser(data))
 
 
@@ -153,8 +154,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     flags = {k: getattr(args, k) for k in known_keys() if getattr(args, k, None) is not None}
     file_settings = load_toml(args.config) if args.config else {}
     for layer in (flags, file_settings):
-        if isinstance(layer.get("data"), str):
-            layer["data"] = absolute_data(layer["data"])
+        for key in ("data", "tokenizer"):  # paths the run's config must find from any folder
+            if isinstance(layer.get(key), str):
+                layer[key] = absolute_data(layer[key])
     out = flags.get("out") or file_settings.get("out")
     if isinstance(out, str):
         _check_out(out)

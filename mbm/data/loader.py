@@ -78,6 +78,9 @@ class _PositionedStream(IterableDataset):
         return iter(self.stream.at(epoch, skip))
 
 
+MAX_EMPTY_EPOCHS = 8  # epochs in a row without a batch after which the data is taken to give none
+
+
 class StreamLoader:
     """Iterate forever; ``state_dict()``/``load_state_dict()`` save and restore the position."""
 
@@ -164,6 +167,7 @@ class StreamLoader:
                              "(a `mbm gc` of the version this run reads?); keep the version until the run ends")
 
     def _epochs(self) -> Iterator[dict[str, Any]]:
+        empty = 0  # epochs in a row that gave no batch
         while True:
             self._check_shards()
             start, produced = self.batch, 0
@@ -179,7 +183,15 @@ class StreamLoader:
                 self.samples += len(batch["ids"])
                 yield batch
             if produced == 0 and start == 0:
-                raise ValueError(self._no_batch())
+                # The first epoch, or many in a row: the data gives nothing. A later epoch alone: its
+                # shuffle put every usable sample of this rank into dropped batches; the next one differs.
+                empty += 1
+                if self.epoch == 0 or empty >= MAX_EMPTY_EPOCHS:
+                    raise ValueError(self._no_batch())
+                log.warning("epoch %d gave this rank no batch (skipped %s); going on with the next epoch",
+                            self.epoch, self.skipped)
+            elif produced:
+                empty = 0
             if self.skipped:
                 log.info("epoch %d: skipped %s", self.epoch, self.skipped)
             self.epoch += 1

@@ -17,7 +17,7 @@ from mbm.train.build import stream_config
 from mbm.train.checkpoint import checkpoint_name, load_checkpoint
 from mbm.train.config import TrainConfig
 from mbm.train.distributed import pick_device
-from mbm.train.evaluate import evaluate
+from mbm.train.evaluate import empty_split, evaluate
 from mbm.train.run import RunDir
 
 
@@ -46,6 +46,8 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
     cfg = replace(run.config(), **{k: v for k, v in overrides.items() if v is not None})
     path = _checkpoint_path(run, checkpoint)
     state = load_checkpoint(path)
+    if not isinstance(state.get("model_config"), dict):
+        raise ValueError(f"--checkpoint {path}: holds no model_config, so the model cannot be rebuilt from it")
     model_cfg = ModelConfig.from_dict(state["model_config"])
     dev = pick_device(device, 0)
     model = MultimodalModel(model_cfg).to(dev)
@@ -96,10 +98,13 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
         raise ValueError(f"--run: this run was trained for {loaded.model.cfg.task}, not generate")
     tok = load_tokenizer(loaded.cfg.tokenizer)
     out: list[dict[str, str]] = []
-    for batch in loaded.stream(split):
+    stream = loaded.stream(split)
+    for batch in stream:
         ids = loaded.model.generate(batch_to(batch, loaded.device), beam=beam, max_new=max_new)
         for sid, ref, gen in zip(batch["ids"], batch["texts"], ids, strict=True):
             out.append({"id": sid, "generated": decode_ids(tok, gen), "reference": ref or ""})
             if len(out) >= limit:
                 return out
+    if not out:
+        raise ValueError(empty_split("generate", stream.skipped(), split))
     return out

@@ -179,6 +179,10 @@ class Trainer:
         """This rank's loader state; older checkpoints hold rank 0's alone. From another world size, rank 0's
         (its ``world_size`` makes ``load_state_dict`` refuse it, naming the change)."""
         if isinstance(data, dict):
+            if self.env.world > 1 and self.env.is_main:
+                log.warning("the checkpoint holds rank 0's data position only (written before each rank's was "
+                            "saved): every rank resumes there, which repeats or skips batches on a rank that "
+                            "had dropped a different number of all-corrupt batches")
             return data
         return data[self.env.rank] if len(data) == self.env.world else data[0]
 

@@ -3,6 +3,7 @@ import itertools
 import json
 import logging
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -370,3 +371,27 @@ def test_a_split_without_a_batch_says_what_was_skipped(tmp_path, workers):
                                           "(skipped nothing); lower --batch-size or add data")
     corrupt = error("corrupt", text=_npy_bytes(np.full((2, 8), np.nan, np.float16)))
     assert corrupt.endswith("every sample in this rank's batches has corrupt arrays (skipped 4 npy.nonfinite)")
+
+
+def test_a_later_epoch_without_a_batch_is_passed_over(tmp_path, caplog):
+    """One good sample among five, batches of four: an epoch whose batch leaves the good one out drops
+    it (all corrupt) and gives nothing; training goes on with the next epoch instead of stopping."""
+    nan = _npy_bytes(np.full((2, 8), np.nan, np.float16))
+    with wds.TarWriter(str(tmp_path / "d.tar"), encoder=False) as sink:
+        for i in range(5):
+            doc = {"id": f"s{i:02d}", "label": "cat", "text": "t", "modalities": ["text"]}
+            sink.write({"__key__": f"s{i:02d}", "json": json.dumps(doc).encode(),
+                        "text.npy": _npy_bytes(np.ones((2, 8), np.float16)) if i == 0 else nan})
+    cfg = StreamConfig(shards=(str(tmp_path / "d.tar"),), collate=CollateConfig(feature_dims={"text": 8}, labels=("cat",)),
+                       batch_size=4, val_fraction=0.0, seed=1, shuffle_buffer=8)
+    loader = StreamLoader(ShardStream(cfg))
+    with caplog.at_level(logging.WARNING, logger="mbm.data.loader"):
+        batches = list(itertools.islice(iter(loader), 12))
+    assert all(b["ids"] == ["s00"] for b in batches)  # each batch keeps its one good sample
+    assert loader.epoch >= 12 and "gave this rank no batch" in caplog.text  # some epochs gave none
+    nothing = tmp_path / "nothing.tar"
+    _write_samples(nothing, 4, text=nan)
+    resumed = StreamLoader(ShardStream(replace(cfg, shards=(str(nothing),))))
+    resumed.load_state_dict({**resumed.state_dict(), "epoch": 3})  # a resumed run: epochs after the first
+    with pytest.raises(ValueError, match="corrupt arrays"):  # many empty epochs in a row: the data gives nothing
+        next(iter(resumed))

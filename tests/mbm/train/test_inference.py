@@ -42,3 +42,28 @@ def test_a_tokenizer_other_than_the_decoders_is_refused(no_audio, tmp_path, caps
         err = capsys.readouterr().err
         assert "does not match the run's decoder: vocabulary size 30522" in err, err
     assert main(["generate", "--run", run, "--limit", "1"]) == 0  # the run's own tokenizer
+
+
+def test_generate_on_a_split_without_usable_samples_says_why(no_audio, tmp_path, capsys):
+    run = str(tmp_path / "gen")
+    tok = write_tiny_tokenizer(str(tmp_path / "tok"))
+    assert main(["train", *TINY, "--data", no_audio, "--out", run, "--task", "generate", "--tokenizer", tok,
+                 "--max-target-len", "6"]) == 0
+    only_audio = str(tmp_path / "only-audio")  # no text: nothing for generate to compare with
+    write_synthetic_dataset(only_audio, SyntheticConfig(num_samples=24, samples_per_shard=24, feature_dims={"audio": 4},
+                                                        lengths={"audio": (2, 4)}, missing={"audio": 0.0}))
+    capsys.readouterr()
+    assert main(["generate", "--run", run, "--data", only_audio, "--split", "train"]) == 2
+    assert "the train split has no sample the generate task can use" in capsys.readouterr().err
+
+
+def test_a_relative_tokenizer_is_recorded_absolute(no_audio, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_tiny_tokenizer("tok")
+    assert main(["train", *TINY, "--data", no_audio, "--out", "gen", "--task", "generate", "--tokenizer", "tok",
+                 "--max-target-len", "6"]) == 0
+    assert json.load(open("gen/config.json"))["tokenizer"] == str(tmp_path / "tok")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["evaluate", "--run", "../gen", "--json"]) == 0, capsys.readouterr().err
