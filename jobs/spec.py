@@ -21,12 +21,11 @@ log = logging.getLogger(__name__)
 
 RUNNERS = ("FnApiRunner", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
 LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "PrismRunner")  # workers run on this machine
-# Options that spare Beam a download: a local file, or the address of a job server already running.
-OFFLINE_OPTIONS = {"PrismRunner": ("--prism_location", "--job_endpoint"),
-                   "FlinkRunner": ("--flink_job_server_jar", "--job_endpoint"),
-                   "SparkRunner": ("--spark_job_server_jar", "--job_endpoint")}
-OFFLINE_OPTIONS_WHAT = {"PrismRunner": "the Prism runner binary", "FlinkRunner": "the Flink job server jar",
-                        "SparkRunner": "the Spark job server jar"}
+# What Beam would download for a runner, and the options that spare it: a local copy of that file, or
+# the address of a job server already running.
+OFFLINE_OPTIONS = {"PrismRunner": ("the Prism runner binary", ("--prism_location", "--job_endpoint")),
+                   "FlinkRunner": ("the Flink job server jar", ("--flink_job_server_jar", "--job_endpoint")),
+                   "SparkRunner": ("the Spark job server jar", ("--spark_job_server_jar", "--job_endpoint"))}
 SECTIONS = ("input", "output", "text", "image", "audio", "extract", "runner")
 
 
@@ -88,9 +87,9 @@ class RunnerConfig:
     def check_offline(self, extra: list[str] | None = None) -> None:
         """Runners that Beam would fetch something for (the Prism binary, a Flink or Spark job server
         jar) need a local copy or a running job server among their options: mbm never downloads."""
-        keys = OFFLINE_OPTIONS.get(self.name)
-        if not keys:
+        if self.name not in OFFLINE_OPTIONS:
             return
+        what, keys = OFFLINE_OPTIONS[self.name]
         from apache_beam.options.pipeline_options import PipelineOptions
 
         given = PipelineOptions(list(self.options) + list(extra or [])).get_all_options()
@@ -100,7 +99,7 @@ class RunnerConfig:
                 raise SpecError(f"[runner] {key}={value!r} is not a file on this machine (mbm never downloads)")
             if value:
                 return
-        raise SpecError(f"[runner] name = {self.name!r} makes Beam download {OFFLINE_OPTIONS_WHAT[self.name]} at run "
+        raise SpecError(f"[runner] name = {self.name!r} makes Beam download {what} at run "
                         f"time, and mbm never downloads; give {' or '.join(f'{k}=...' for k in keys)} in [runner] "
                         "options (or after `--`)")
 

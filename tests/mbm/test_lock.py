@@ -1,3 +1,5 @@
+import json
+import os
 import subprocess
 import sys
 
@@ -15,6 +17,11 @@ with FolderLock(sys.argv[1]):
 """
 
 
+def _held_here(folder) -> bool:
+    """Whether the folder's lock file names this process as its holder."""
+    return json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
+
+
 def _start_holder(folder, script=HOLDER):
     proc = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
@@ -27,11 +34,11 @@ def test_second_job_on_same_folder_refuses_and_lock_frees_after(tmp_path):
     try:
         with pytest.raises(FolderLockedError, match="another mbm job"):
             with FolderLock(str(tmp_path)):
-                pass
+                pytest.fail("the lock was taken twice")
     finally:
         proc.communicate("go\n", timeout=30)
     with FolderLock(str(tmp_path)):  # released once the holder is gone
-        pass
+        assert _held_here(tmp_path)
 
 
 def test_lock_is_released_when_holder_is_killed(tmp_path):
@@ -39,7 +46,7 @@ def test_lock_is_released_when_holder_is_killed(tmp_path):
     proc.kill()
     proc.wait(30)
     with FolderLock(str(tmp_path)):
-        pass
+        assert _held_here(tmp_path)
 
 
 def test_progress_files_sum_across_writers(tmp_path):
@@ -58,9 +65,9 @@ def test_the_same_process_cannot_take_a_folder_twice(tmp_path):
     with FolderLock(str(tmp_path)):
         with pytest.raises(FolderLockedError, match="this process"):
             with FolderLock(str(tmp_path)):
-                pass
+                pytest.fail("the lock was taken twice")
     with FolderLock(str(tmp_path)):
-        pass
+        assert _held_here(tmp_path)
 
 
 FORKER = """
@@ -80,4 +87,4 @@ def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
     proc.kill()
     proc.wait(30)
     with FolderLock(str(tmp_path)):  # free although the child still runs
-        pass
+        assert _held_here(tmp_path)
