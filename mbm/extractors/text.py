@@ -188,12 +188,26 @@ class HFTextExtractor(HFFolderModel, Extractor):
                              f"of the model at {self.model_path()}; set max_length <= {max_positions}")
         return {"max_length": self.config.max_length}
 
+    def preload_modules(self) -> list[str]:
+        from mbm.extractors.bert import plain_bert
+
+        if plain_bert(self.model_path()) is None:
+            return ["mbm.extractors.bert_encoder", "safetensors.torch", "tokenizers"]
+        return super().preload_modules()
+
     def load(self, device: str) -> TextModel:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+
+        from mbm.extractors import bert
 
         path = self.model_path()
         self.input_spec()
+        native = bert.load(path)  # a BERT encoder without importing transformers; the same features
+        if native is not None:
+            return TextModel(native[0], native[1].to(device))
+        log.debug("%s: loading %s with transformers (%s)", self.name, path, bert.plain_bert(path) or "its weights")
+        from transformers import AutoModel, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token

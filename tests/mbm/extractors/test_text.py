@@ -3,7 +3,7 @@ import time
 import numpy as np
 import pytest
 
-from mbm.extractors import create_extractor
+from mbm.extractors import bert, create_extractor
 from mbm.extractors.text import fixed_shape_chunks, pass_shape
 
 SHORT = "the cat sat"
@@ -14,6 +14,15 @@ LONG = "the quick brown fox jumps over the lazy dog on the river bank hello worl
 def tiny(tiny_bert_dir):
     extractor = create_extractor("hf-text", {"path": str(tiny_bert_dir)})
     return extractor, extractor.load("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_bert_dir):
+    """The tiny model loaded through transformers, as a folder that is not a plain BERT is."""
+    extractor = create_extractor("hf-text", {"path": str(tiny_bert_dir)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bert, "load", lambda path: None)
+        return extractor, extractor.load("cpu")
 
 
 def test_features_cover_the_real_tokens(tiny):
@@ -129,12 +138,12 @@ def test_bfloat16_precision_on_the_cpu_is_close_to_float32(tiny_bert_dir, tiny):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_arrays_equal_the_tokenizers_own_padding(tiny, side):
+def test_padded_arrays_equal_the_tokenizers_own_padding(tiny_hf, side):
     import torch
 
     from mbm.extractors.text import padded_arrays
 
-    _, model = tiny
+    _, model = tiny_hf
     tok = model.tokenizer
     old_side = tok.padding_side
     tok.padding_side = side
@@ -154,10 +163,10 @@ def test_padded_arrays_equal_the_tokenizers_own_padding(tiny, side):
         tok.padding_side = old_side
 
 
-def test_features_are_the_same_through_the_tokenizers_padding(tiny, monkeypatch):
+def test_features_are_the_same_through_the_tokenizers_padding(tiny_hf, monkeypatch):
     import mbm.extractors.text as text_module
 
-    extractor, model = tiny
+    extractor, model = tiny_hf
     texts = [SHORT, LONG, "hello world", "the cat", LONG + " again"]
     fast = extractor.featurize(model, texts, "cpu")
     monkeypatch.setattr(text_module, "padded_arrays", lambda *a: None)

@@ -1,0 +1,167 @@
+"""The BERT encoder of ``mbm.extractors.bert`` as torch modules: transformers' ``BertModel`` forward
+(sdpa attention) without transformers, bit-identical ``last_hidden_state``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+# keys a BERT checkpoint may hold that the encoder does not use
+UNUSED_PREFIXES = ("pooler.", "cls.")
+UNUSED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+class Output(NamedTuple):
+    last_hidden_state: Any
+
+
+def _weight(*shape: int) -> nn.Parameter:
+    """Uninitialised: every weight is loaded from the checkpoint (nn.Linear's random initialisation of
+    MiniLM's 22M weights costs ~0.1 s, and building on the meta device imports ~900 modules)."""
+    return nn.Parameter(torch.empty(*shape))
+
+
+class _Dense(nn.Module):
+    def __init__(self, width_in: int, width_out: int) -> None:
+        super().__init__()
+        self.weight = _weight(width_out, width_in)
+        self.bias = _weight(width_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Norm(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = _weight(width)
+        self.bias = _weight(width)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class _Table(nn.Module):
+    def __init__(self, rows: int, width: int) -> None:
+        super().__init__()
+        self.weight = _weight(rows, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.query = _Dense(width, width)
+        self.key = _Dense(width, width)
+        self.value = _Dense(width, width)
+
+
+class _Projection(nn.Module):
+    """A dense layer, then the residual add and the layer norm (BertSelfOutput, BertOutput)."""
+
+    def __init__(self, width_in: int, width: int, eps: float) -> None:
+        super().__init__()
+        self.dense = _Dense(width_in, width)
+        self.LayerNorm = _Norm(width, eps=eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.self = _SelfAttention(width)
+        self.output = _Projection(width, width, eps)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, width: int, inner: int) -> None:
+        super().__init__()
+        self.dense = _Dense(width, inner)
+
+
+class _Layer(nn.Module):
+    def __init__(self, width: int, inner: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention = _Attention(width, eps)
+        self.intermediate = _Intermediate(width, inner)
+        self.output = _Projection(inner, width, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, width = x.shape
+        head = width // self.heads
+        proj = self.attention.self
+        q, k, v = (p(x).view(batch, length, -1, head).transpose(1, 2) for p in (proj.query, proj.key, proj.value))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=head ** -0.5,
+                                                  is_causal=False)
+        attended = attended.transpose(1, 2).contiguous().reshape(batch, length, -1)
+        x = self.attention.output(attended, x)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        width = config["hidden_size"]
+        self.word_embeddings = _Table(config["vocab_size"], width)
+        self.position_embeddings = _Table(config["max_position_embeddings"], width)
+        self.token_type_embeddings = _Table(config["type_vocab_size"], width)
+        self.LayerNorm = _Norm(width, eps=config.get("layer_norm_eps", 1e-12))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        return self.LayerNorm(x + self.position_embeddings(positions))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        eps = config.get("layer_norm_eps", 1e-12)
+        self.layer = nn.ModuleList(
+            _Layer(config["hidden_size"], config["intermediate_size"], config["num_attention_heads"], eps)
+            for _ in range(config["num_hidden_layers"]))
+
+
+class BertEncoder(nn.Module):
+    """BertModel's encoder path; parameter names as in its checkpoints. Built with uninitialised
+    weights: ``load`` fills them from the checkpoint."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.embeddings = _Embeddings(config)
+        self.encoder = _Encoder(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> Output:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            batch, length = input_ids.shape  # (B, 1, T, T): query q may attend key k where k is a real token
+            mask = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length).contiguous()
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return Output(x)
+
+
+def checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The encoder's weights in a safetensors file, float32, named as ``BertEncoder`` names them."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for key, tensor in load_file(str(path)).items():
+        key = key.removeprefix("bert.")  # BertFor* checkpoints prefix the encoder's keys
+        if key.startswith(UNUSED_PREFIXES) or key in UNUSED_KEYS:
+            continue
+        state[key] = tensor.float() if tensor.is_floating_point() else tensor
+    return state

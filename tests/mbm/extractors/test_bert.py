@@ -1,0 +1,130 @@
+"""BERT encoders without transformers: the same features as transformers' BertModel, and a fallback to
+transformers for every folder that is not exactly such a model."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mbm.extractors import bert, create_extractor
+from mbm.extractors.text import minilm_path
+
+TEXTS = ["the cat sat on the mat", "", "hello world " * 80, "Ünïcödé 日本語 and emoji 🐶", "quick brown fox",
+         "the dog", "a river bank full of money and the lazy fox jumps over it"]
+
+
+def _through_transformers(monkeypatch, extractor):
+    monkeypatch.setattr(bert, "load", lambda path: None)
+    model = extractor.load("cpu")
+    monkeypatch.undo()
+    return model
+
+
+def _same_features(monkeypatch, path, texts, **config):
+    extractor = create_extractor("hf-text", {"path": str(path), **config})
+    native = extractor.load("cpu")
+    assert isinstance(native.tokenizer, bert.WordPieceTokenizer)
+    reference = _through_transformers(monkeypatch, extractor)
+    assert not isinstance(reference.tokenizer, bert.WordPieceTokenizer)
+    assert native.tokenizer(texts, truncation=True, max_length=extractor.config.max_length) == {
+        k: v for k, v in reference.tokenizer(texts, truncation=True, max_length=extractor.config.max_length).items()}
+    got = extractor.featurize(native, texts, "cpu")
+    want = extractor.featurize(reference, texts, "cpu")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    return got
+
+
+def test_tiny_bert_features_are_bit_identical_to_transformers(tiny_bert_dir, monkeypatch):
+    assert bert.plain_bert(str(tiny_bert_dir)) is None
+    got = _same_features(monkeypatch, tiny_bert_dir, TEXTS, max_length=24)
+    assert [len(f) for f in got][:3] == [8, 2, 24]  # [CLS] ... [SEP], truncated at max_length
+
+
+def test_minilm_features_are_bit_identical_to_transformers(monkeypatch):
+    """The default model: the tokenizer.json it ships truncates at 128 and pads, which must not apply."""
+    assert bert.plain_bert(minilm_path()) is None
+    texts = TEXTS + [f"caption number {i} of a photo with {i % 7} dogs" for i in range(40)]
+    got = _same_features(monkeypatch, minilm_path(), texts)
+    assert len(got[2]) == 162  # 160 word pieces and the special tokens, beyond tokenizer.json's own 128 cap
+    assert {f.shape[1] for f in got} == {384}
+
+
+def test_a_bert_for_masked_lm_checkpoint_is_read_as_its_encoder(tiny_bert_dir, tmp_path, monkeypatch):
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = tmp_path / "mlm"
+    shutil.copytree(tiny_bert_dir, folder)
+    (folder / "model.safetensors").unlink()
+    torch.manual_seed(1)
+    BertForMaskedLM(BertConfig.from_pretrained(folder)).save_pretrained(folder)  # keys "bert.*" and "cls.*"
+    assert bert.load(str(folder)) is not None
+    _same_features(monkeypatch, folder, TEXTS[:4])
+
+
+def _variant(tmp_path, tiny_bert_dir, name, config=None, tokenizer_config=None, remove=()):
+    folder = tmp_path / name
+    shutil.copytree(tiny_bert_dir, folder)
+    for file, change in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
+        if change:
+            values = json.loads((folder / file).read_text())
+            values.update(change)
+            (folder / file).write_text(json.dumps(values))
+    for file in remove:
+        (folder / file).unlink()
+    return folder
+
+
+@pytest.mark.parametrize("name, change, reason", [
+    ("relative", {"config": {"position_embedding_type": "relative_key"}}, "position_embedding_type"),
+    ("act", {"config": {"hidden_act": "gelu_new"}}, "hidden_act"),
+    ("decoder", {"config": {"is_decoder": True}}, "decoder"),
+    ("roberta", {"config": {"model_type": "roberta"}}, "model_type"),
+    ("cased", {"tokenizer_config": {"do_lower_case": False}}, "do_lower_case"),
+    ("cls", {"tokenizer_config": {"cls_token": "[MASK]"}}, "[CLS]"),
+    ("notok", {"remove": ["tokenizer.json"]}, "tokenizer.json"),
+])
+def test_other_folders_load_through_transformers(tiny_bert_dir, tmp_path, name, change, reason):
+    folder = _variant(tmp_path, tiny_bert_dir, name, **change)
+    assert reason in bert.plain_bert(str(folder))
+    assert bert.load(str(folder)) is None
+    if name != "roberta":  # the others still load, through transformers
+        extractor = create_extractor("hf-text", {"path": str(folder)})
+        model = extractor.load("cpu")
+        assert not isinstance(model.tokenizer, bert.WordPieceTokenizer)
+        assert extractor.preload_modules()[0] == "transformers"
+        assert len(extractor.featurize(model, ["the cat"], "cpu")[0]) >= 2
+
+
+def test_weights_that_do_not_fit_the_encoder_load_through_transformers(tiny_bert_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    extra = _variant(tmp_path, tiny_bert_dir, "extra")
+    state = load_file(str(extra / "model.safetensors"))
+    save_file({**state, "encoder.layer.1.output.dense.bias": torch.zeros(32)}, str(extra / "model.safetensors"))
+    missing = _variant(tmp_path, tiny_bert_dir, "missing")
+    save_file({k: v for k, v in state.items() if "intermediate" not in k}, str(missing / "model.safetensors"))
+    damaged = _variant(tmp_path, tiny_bert_dir, "damaged")
+    (damaged / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    for folder in (extra, missing, damaged):
+        assert bert.plain_bert(str(folder)) is None  # the folder looks right; its weights decide
+        assert bert.load(str(folder)) is None
+
+
+def test_the_default_text_model_loads_without_importing_transformers():
+    code = (
+        "import sys\n"
+        "from mbm.extractors import create_extractor\n"
+        "ex = create_extractor('minilm', {})\n"
+        "model = ex.load('cpu')\n"
+        "print(len(ex.featurize(model, ['a photo of a dog'], 'cpu')[0]))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
+        "print(ex.preload_modules())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:3] == ["7", "[]", "['mbm.extractors.bert_encoder', 'safetensors.torch', 'tokenizers']"]
