@@ -6,6 +6,7 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from pipelines.errors import CleanError
@@ -13,6 +14,7 @@ from schemas import Media, Reject
 
 STAGE = "read"
 COLUMNS: tuple[str, ...] = ("id", "text", "image", "audio", "label")
+TEXT_COLUMNS = ("text", "caption", "transcription")  # the first one present is the text
 # Extensions of the formats the cleaners decode here (Pillow with AVIF and OpenJPEG; libsndfile with
 # MP3): the cleaners sniff the content, so these only tell media from other files. HEIC, JPEG XL and
 # M4A/AAC are left out: nothing in the environment decodes them.
@@ -27,6 +29,7 @@ AUDIO_EXTS = frozenset({
 })
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_URL = re.compile(r"^https?://", re.IGNORECASE)
 
 
 def has_scheme(path: str) -> bool:
@@ -60,6 +63,11 @@ def media_kind(name: str) -> str | None:
     if ext in AUDIO_EXTS:
         return "audio"
     return None
+
+
+def text_column(columns: Iterable[str]) -> str | None:
+    """The column that holds a row's text: the first of ``TEXT_COLUMNS`` among ``columns``."""
+    return next((c for c in TEXT_COLUMNS if c in columns), None)
 
 
 def is_empty(value: Any) -> bool:
@@ -100,7 +108,15 @@ def resolve_media(value: str, base: str, allow_outside: bool, where: str, column
 
     Raises ``CleanError("read.path_escape")`` when it lies outside ``base`` and ``allow_outside`` is off.
     URIs and absolute paths count as outside unless they fall under ``base``. Symlinks are not resolved.
+    An http(s) URL raises ``CleanError("read.url")`` either way: media are read, never downloaded.
     """
+    if _URL.match(value):
+        raise CleanError(
+            "read.url",
+            f"{where}: '{column}' is a web URL ({value!r}); mbm reads local files only and does not download: "
+            "fetch the media first (e.g. img2dataset, which writes WebDataset tars) and read those tars with "
+            "[input] shards = ...",
+        )
     value_local = local_path(value)
     base_local = local_path(base)
     if value_local is not None and base_local is not None:

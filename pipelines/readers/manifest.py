@@ -1,7 +1,8 @@
 """Manifest reader: one ``RawSample`` per row of a JSONL / JSON / CSV / TSV / Parquet manifest.
 
-Columns ``id, text, image, audio, label``; every other column goes to ``meta`` unchanged. Media cells are
-paths relative to the manifest's folder (or URIs) and become ``Media(uri=...)``; their bytes are not read here.
+Columns ``id, text, image, audio, label``; without ``text``, a ``caption`` or ``transcription`` column is the
+text. Every other column goes to ``meta`` unchanged. Media cells are paths relative to the manifest's folder
+(or URIs) and become ``Media(uri=...)``; their bytes are not read here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.errors import CleanError
 from pipelines.readers.common import (
     COLUMNS,
+    TEXT_COLUMNS,
     FirstWins,
     absolute,
     display_name,
@@ -21,12 +23,15 @@ from pipelines.readers.common import (
     normalize_id,
     reject,
     shown,
+    text_column,
 )
-from pipelines.readers.rows import format_of, iter_rows, meta_value
+from pipelines.readers.rows import FORMATS, coco_hint, columns_of, format_of, iter_rows, meta_value
 from schemas import RawSample, Reject
 
 if TYPE_CHECKING:
     from pipelines.readers.source import SourceConfig
+
+CHECKED_ROWS = 100  # JSON rows ``check_columns`` looks at
 
 
 def iter_manifest(
@@ -56,9 +61,42 @@ def iter_manifest(
         yield seen.check(sample_id, source) or sample
 
 
+def check_columns(path: str, fmt: str) -> None:
+    """Raises ``ValueError`` when ``path``'s columns cannot give any sample (no ``id``, or none of text,
+    image, audio), so that a wrong file or a misnamed column stops the job before it starts instead of
+    rejecting every row. Reads the header or schema only, and of JSON the first rows: a file whose first
+    rows are merely broken is left to the per-row rejects."""
+    try:
+        rows = columns_of(absolute(path), fmt, display_name(path), CHECKED_ROWS)
+    except ValueError as e:  # a .json file that is one JSON object
+        raise ValueError(f"[input] manifest {path!r}: {e}") from None
+    if not rows:
+        return
+    names = list(dict.fromkeys(column for row in rows for column in row))
+    found = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+
+    def lacks(what: str) -> str:
+        if FORMATS[fmt] != "jsonl":
+            return f"it has no {what} column (columns: {found or 'none'})"
+        rows_read = f"none of its first {len(rows)} rows has" if len(rows) > 1 else "its first row has no"
+        return f"{rows_read} {what} (keys found: {found or 'none'})"
+
+    if not any("id" in row for row in rows):
+        raise ValueError(
+            f"[input] manifest {path!r}: {lacks(repr('id'))}; every row needs an 'id' (a string or an integer, "
+            f"one per sample): add one, e.g. the row number or the media file's name{coco_hint(names)}"
+        )
+    if not any(text_column(row) or "image" in row or "audio" in row for row in rows):
+        raise ValueError(
+            f"[input] manifest {path!r}: {lacks('text, image or audio')}; name the text column one of "
+            f"{', '.join(TEXT_COLUMNS)}, and the columns of media paths image and audio"
+        )
+
+
 def row_sample(sample_id: str, row: dict[str, Any], source: str, base: str, allow_outside: bool) -> RawSample:
     """The sample for one manifest row; raises ``CleanError`` for wrong types, escaping paths, no modality."""
-    text = text_cell(row.get("text"), source, "text")
+    column = text_column(row)
+    text = text_cell(row.get(column), source, column) if column else None
     image = media_from(row.get("image"), base, allow_outside, source, "image")
     audio = media_from(row.get("audio"), base, allow_outside, source, "audio")
     if text is None and image is None and audio is None:
@@ -70,7 +108,7 @@ def row_sample(sample_id: str, row: dict[str, Any], source: str, base: str, allo
         image=image,
         audio=audio,
         label=None if is_empty(label) else meta_value(label),
-        meta={key: meta_value(value) for key, value in row.items() if key not in COLUMNS},
+        meta={key: meta_value(value) for key, value in row.items() if key not in COLUMNS and key != column},
         source=source,
     )
 

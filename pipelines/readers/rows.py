@@ -1,4 +1,4 @@
-"""Rows of a table file (JSON lines, CSV/TSV, Parquet) as ``(line, dict)``, or a ``Reject`` per broken row.
+"""Rows of a table file (JSON lines or array, CSV/TSV, Parquet) as ``(line, dict)``, or a ``Reject`` per bad row.
 
 Used by the manifest reader and by the imagefolder/audiofolder metadata reader. Text is decoded with
 ``surrogateescape`` so invalid UTF-8 reaches the text cleaner as lone surrogates instead of failing here.
@@ -18,6 +18,7 @@ import datetime
 import decimal
 import gzip
 import io
+import itertools
 import json
 import lzma
 import math
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from pipelines.errors import CleanError
-from pipelines.readers.common import reject
+from pipelines.readers.common import COLUMNS, TEXT_COLUMNS, reject
 from schemas import Reject
 
 FORMATS: dict[str, str] = {
@@ -52,6 +53,8 @@ MAX_JSON_DEPTH = 100
 _TOO_DEEP = f"lists and objects nested more than {MAX_JSON_DEPTH} levels deep"
 _DECODER = json.JSONDecoder(strict=False)  # raw tabs inside strings are common; accept them
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_ROW_KEYS = frozenset(COLUMNS + TEXT_COLUMNS)  # a JSON object with one of these is a row, not a document
+_NOT_ROWS = "read.json_object"  # the reason for a .json file that is one JSON object, not rows
 
 Row = tuple[int, dict[str, Any]]
 
@@ -82,6 +85,33 @@ def iter_rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
         yield reject("read.unreadable", f"{name}: cannot read the file ({e}){kept}", name)
 
 
+def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str]]:
+    """The column names of ``path``'s first rows, read cheaply: one list for Parquet (its schema) and
+    CSV/TSV (the header, from the first row that parses), one per row for JSON (up to ``rows`` rows that
+    parse, among the first ``10 * rows`` lines). Empty where nothing can be told: no rows, or a file that
+    cannot be read (its reader reports that). A .json file that is one JSON object, not rows, raises
+    ``ValueError`` saying so."""
+    if FORMATS[fmt] == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            with _open(path) as f:
+                return [list(pq.ParquetFile(f).schema_arrow.names)]
+        except Exception:  # a cut or garbled file: read.unreadable when read
+            return []
+    found: list[list[str]] = []
+    with contextlib.closing(iter_rows(path, fmt, name)) as items:
+        for item in itertools.islice(items, 10 * rows):
+            if isinstance(item, Reject):
+                if item.reason == _NOT_ROWS:
+                    raise ValueError(item.detail)
+                continue
+            found.append(list(item[1]))
+            if FORMATS[fmt] == "csv" or len(found) >= rows:
+                break
+    return found
+
+
 class _Unreadable(Exception):
     """Opening, reading or decompressing the file failed; ``iter_rows`` turns it into one reject.
 
@@ -110,14 +140,21 @@ def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
             yield from _json_file_rows(f, name)
         elif FORMATS[fmt] == "jsonl":
             yield from _json_rows(_lines(f), name)
+        elif fmt == "tsv":
+            yield from _tsv_rows(_lines(f), name)
         else:
-            yield from _csv_rows(_lines(f), name, delimiter="\t" if fmt == "tsv" else ",")
+            yield from _csv_rows(_lines(f), name, delimiter=",")
 
 
 def _json_file_rows(f: BinaryIO, name: str) -> Iterator[Row | Reject]:
-    """Rows of a .json file: JSON lines, or (LLaVA-style annotation files) one array of objects. It is
-    read whole to tell which; when reading stops early (a cut compressed file) the rows in what was read
-    come first, then the error."""
+    """Rows of a .json file: JSON lines, or one JSON document: an array of objects (LLaVA-style
+    annotation files), pretty-printed or not. It is read whole to tell which; when reading stops early
+    (a cut compressed file) the rows in what was read come first, then the error.
+
+    A document that is one object is one row when it has a manifest column, else one ``read.json_object``
+    reject (a COCO annotation file is not rows). A file whose first line is not a whole JSON value and
+    that is no JSON document either is read as lines, but where no line gives a row (a pretty-printed
+    document with an error in it) it is one reject, not one per line."""
     lines: list[bytes] = []
     error: _Unreadable | None = None
     try:
@@ -129,9 +166,70 @@ def _json_file_rows(f: BinaryIO, name: str) -> Iterator[Row | Reject]:
     if text.lstrip().startswith("["):
         yield from _json_array_rows(text, name)
     else:
-        yield from _json_rows(_lines(io.BytesIO(data)), name)
+        document: Any = None
+        problem: ValueError | None = None
+        try:
+            document = load_json(text)
+        except ValueError as e:  # JSON lines ("Extra data" after the first line's value), or broken
+            problem = e
+        if isinstance(document, dict):
+            line = 1 + text.count("\n", 0, _skip_space(text, 0))
+            if _ROW_KEYS.isdisjoint(document):
+                yield reject(_NOT_ROWS, _not_rows(name, document), name)
+            else:
+                yield line, document
+        else:
+            rows = _json_rows(_lines(io.BytesIO(data)), name)
+            start = _skip_space(text, 0)
+            end = text.find("\n", start)
+            first = text[start : end if end >= 0 else None].strip()
+            if problem is not None and first.startswith("{") and not _is_json(first):
+                detail = (f"{name}: not valid JSON ({problem}); its first line is not a whole JSON value, "
+                          "so the file is read as one JSON document")
+                rows = _rows_or(rows, reject("read.bad_json", detail, name))
+            yield from rows
     if error is not None:
         raise error
+
+
+def _not_rows(name: str, document: dict[str, Any]) -> str:
+    """Why a .json file that is one JSON object cannot be read as a manifest, and what to do."""
+    keys = ", ".join(list(document)[:10]) + (", ..." if len(document) > 10 else "")
+    return (f"{name} is one JSON object (keys: {keys}), not rows: a .json manifest must be JSON Lines "
+            f"(one row object per line) or a JSON array of row objects{coco_hint(document)}")
+
+
+def coco_hint(columns: Any) -> str:
+    """How to turn COCO annotations (keys ``images`` and ``annotations``) into a manifest, or ''."""
+    if "images" not in columns or "annotations" not in columns:
+        return ""
+    return ("; this is a COCO annotation file: convert it to rows of id, image, text first, one per caption "
+            "(id: the annotation's id, image: the image's file_name under its image folder, text: the caption), "
+            'e.g. a captions.jsonl beside train2017/ with lines like '
+            '{"id": 48, "image": "train2017/000000000009.jpg", "text": "A man riding a horse."}')
+
+
+def _is_json(text: str) -> bool:
+    try:
+        load_json(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _rows_or(items: Iterator[Row | Reject], instead: Reject) -> Iterator[Row | Reject]:
+    """``items``, or ``instead`` alone where they hold no row: the rejects are held until a row comes."""
+    held: list[Reject] | None = []
+    for item in items:
+        if held is not None and isinstance(item, Reject):
+            held.append(item)
+            continue
+        if held is not None:
+            yield from held
+            held = None
+        yield item
+    if held is not None:
+        yield instead
 
 
 def _open(path: str) -> BinaryIO:
@@ -333,7 +431,7 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row | Reject]:
-    """Rows of a CSV/TSV, parsed strictly so that a quote opened and never closed cannot swallow the
+    """Rows of a CSV, parsed strictly so that a quote opened and never closed cannot swallow the
     rest of the file into one cell. A record that fails and whose quoted cell spans lines up to a line
     that balances its quotes (see ``_quoted_span``) is rejected whole, and parsing goes on after it:
     its continuation lines are no records. Any other failed record is taken from its first line alone,
@@ -391,6 +489,29 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
             yield reject("read.bad_csv", detail, where)
             continue
         yield start, dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True))
+
+
+def _tsv_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject]:
+    """Rows of a TSV: one record per line, cells split at tabs and taken as they are. There is no
+    quoting: a quote is an ordinary character, as pandas' ``quoting=csv.QUOTE_NONE`` reads it (Common
+    Voice sentences hold unbalanced quotes, which a CSV parser would join to the lines after them). A
+    line with more cells than the header has columns (a tab inside a cell) is rejected alone; one with
+    fewer is padded with empty cells, as the CSV reader and pandas do."""
+    header: list[str] | None = None
+    for line, text in enumerate(_decoded(lines), start=1):
+        cells = text.rstrip("\r\n").split("\t")
+        if not any(cell.strip() for cell in cells):
+            continue
+        if header is None:
+            header = [cell.strip() for cell in cells]
+            continue
+        if len(cells) > len(header):
+            where = f"{name}:{line}"
+            detail = (f"{where}: {len(cells)} tab-separated cells but the header has {len(header)} columns "
+                      "(a TSV row is one line with one cell per column, and a cell holds no tab)")
+            yield reject("read.bad_tsv", detail, where)
+            continue
+        yield line, dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True))
 
 
 def _quoted_span(lines: list[str]) -> int:

@@ -19,7 +19,7 @@ from apache_beam.metrics import Metrics
 
 from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path
 from pipelines.readers.folder import iter_folder
-from pipelines.readers.manifest import iter_manifest
+from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import iter_tar
 from schemas import RawSample, Reject
@@ -50,12 +50,16 @@ class SourceConfig:
             if self.format.lower() not in FORMATS:
                 raise ValueError(f"[input] format {self.format!r} is not one of {', '.join(sorted(FORMATS))}")
         if self.manifest:
-            if format_of(self.manifest, self.format) is None:
+            _check_one_file(self.manifest)
+            fmt = format_of(self.manifest, self.format)
+            if fmt is None:
                 raise ValueError(
                     f"[input] cannot tell the format of manifest {self.manifest!r} from its extension; "
                     "set format = jsonl | csv | parquet"
                 )
             _check_local(self.manifest, "manifest", os.path.isfile, "file")
+            if local_path(self.manifest) is not None:
+                check_columns(self.manifest, fmt)  # a file no row of which can be a sample: say so now
         if self.folder:
             _check_local(self.folder, "folder", os.path.isdir, "folder")
         if self.shards and not _GLOB.search(self.shards) and "{" not in self.shards:
@@ -76,6 +80,27 @@ def _check_local(path: str, key: str, test: Any, what: str) -> None:
     if local is not None and not test(local):
         state = "is not a " + what if os.path.exists(local) else "does not exist"
         raise ValueError(f"[input] {key} {path!r} {state}")
+
+
+def _check_one_file(manifest: str) -> None:
+    """A manifest is one file: a glob or brace pattern (a Hugging Face Hub split in several Parquet
+    files) is not expanded, and is refused with what to do instead."""
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    local = local_path(manifest)
+    if local is None or os.path.isfile(local) or not (_GLOB.search(local) or "{" in local):
+        return
+    try:
+        count = len({m for part in braceexpand(local) for m in glob.glob(part)})
+    except UnbalancedBracesError:
+        count = 0
+    which = f"it matches {count} file{'s' if count > 1 else ''}" if count else "it matches no file"
+    raise ValueError(
+        f"[input] manifest {manifest!r} is a pattern ({which}): manifest names one file and patterns are not "
+        "expanded (only shards = takes patterns, of WebDataset tars). Join the files into one manifest and "
+        "name that: JSON Lines with cat, CSV/TSV with cat keeping the first header line only, Parquet with "
+        "pyarrow.parquet.write_table(pyarrow.parquet.read_table(sorted(glob.glob(PATTERN))), 'train.parquet')"
+    )
 
 
 @dataclass(frozen=True)

@@ -167,3 +167,38 @@ def test_runners_that_would_download_need_a_local_copy_or_a_job_server(tmp_path,
         else:
             with pytest.raises(SpecError, match=error):
                 check()
+
+
+def test_a_manifest_that_gives_no_sample_exits_2_before_the_job_starts(data, capsys):
+    import json
+
+    from jobs.cli import main
+
+    doc = {"info": {}, "images": [{"id": 9, "file_name": "9.jpg"}], "annotations": [{"id": 1, "image_id": 9}]}
+    (data / "data" / "captions_train2017.json").write_text(json.dumps(doc, indent=2))
+    _write(data / "coco.toml", '[input]\nmanifest = "data/captions_train2017.json"\n[output]\ndir = "out"\n')
+    assert main(["preprocess", str(data / "coco.toml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "captions_train2017.json is one JSON object (keys: info, images, annotations), not rows" in err
+    assert "a .json manifest must be JSON Lines" in err and "convert it to rows of id, image, text" in err
+    assert not (data / "out" / "dataset.json").exists()
+
+
+@pytest.mark.parametrize("manifest, body, message", [
+    ("data/captions.txt", "image,caption\n0.jpg,a dog\n",
+     r"\[input\] manifest '.*captions.txt': it has no 'id' column \(columns: image, caption\)"),
+    ("data/train-*.parquet", None,
+     r"\[input\] manifest '.*data/train-\*.parquet' is a pattern \(it matches no file\): manifest names one file"),
+])
+def test_manifest_problems_are_spec_errors(data, manifest, body, message):
+    if body is not None:
+        (data / manifest).write_text(body)
+    fmt = 'format = "csv"\n' if manifest.endswith(".txt") else ""
+    with pytest.raises(SpecError, match=message):
+        load_spec(_write(data / "bad.toml", f'[input]\nmanifest = "{manifest}"\n{fmt}[output]\ndir = "o"\n'))
+
+
+def test_a_manifest_with_a_caption_column_is_accepted(data):
+    (data / "data" / "captions.csv").write_text("id,image,caption\ns0,0.jpg,a dog\n")
+    spec = load_spec(_write(data / "job.toml", '[input]\nmanifest = "data/captions.csv"\n[output]\ndir = "o"\n'))
+    assert spec.input.manifest == str(data / "data" / "captions.csv")

@@ -460,3 +460,131 @@ def test_a_concatenated_compressed_manifest_is_read_whole(tmp_path, suffix):
     samples, rejects = _split(list(iter_manifest(str(tmp_path / f"m.jsonl.{suffix}"))))
     assert [s.id for s in samples] == [f"r{i}" for i in range(300)]
     assert rejects == []
+
+
+# -- TSV without quoting -----------------------------------------------------------------------------
+
+
+def test_tsv_quotes_are_ordinary_characters_and_text_lands_as_written(tmp_path):
+    sentences = ['"Good-bye," said the boy.', "Plain one.", '"Unbalanced opening quote.', 'He said "hi.',
+                 'x, "y"\tz', "Plain two.", '""', "Plain three."]
+    lines = ["id\taudio\ttext\tup_votes"] + [f"c{i}\tclips/c{i}.mp3\t{s}\t2" for i, s in enumerate(sentences)]
+    (tmp_path / "m.tsv").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.tsv"))))
+    expected = [(f"c{i}", s) for i, s in enumerate(sentences) if "\tz" not in s]
+    assert [(s.id, s.text) for s in samples] == expected
+    assert samples[0].meta == {"up_votes": "2"} and samples[0].source == "m.tsv:2"
+    # the line with a tab inside its sentence has five cells: it alone is rejected, naming its line
+    assert [(r.id, r.reason, r.source) for r in rejects] == [("m.tsv:6", "read.bad_tsv", "m.tsv:6")]
+    assert "5 tab-separated cells but the header has 4 columns" in rejects[0].detail
+
+
+def test_tsv_lines_with_too_few_cells_are_padded_and_too_many_rejected_alone(tmp_path):
+    data = b'id\ttext\tlabel\na\t"open\tx\nb\tshort\nc\tlast"\ty\nd\tone\ttwo\tthree\n\n'
+    (tmp_path / "m.tsv.gz").write_bytes(gzip.compress(data))
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.tsv.gz"))))
+    assert [(s.id, s.text, s.label) for s in samples] == [("a", '"open', "x"), ("b", "short", None),
+                                                          ("c", 'last"', "y")]
+    assert [(r.id, r.reason) for r in rejects] == [("m.tsv.gz:5", "read.bad_tsv")]
+
+
+def test_format_tsv_reads_without_quoting_and_csv_keeps_quoting(tmp_path):
+    (tmp_path / "m.txt").write_bytes(b'id\ttext\na\t"quoted, kept"\n')
+    config = SourceConfig(manifest=str(tmp_path / "m.txt"), format="tsv")
+    assert [s.text for s in iter_manifest(str(tmp_path / "m.txt"), config)] == ['"quoted, kept"']
+    (tmp_path / "m.csv").write_bytes(b'id,text\na,"quoted, ""unquoted"""\n')
+    assert [s.text for s in iter_manifest(str(tmp_path / "m.csv"))] == ['quoted, "unquoted"']
+
+
+# -- text columns ------------------------------------------------------------------------------------
+
+
+def test_caption_or_transcription_is_the_text_when_there_is_no_text_column(tmp_path):
+    (tmp_path / "m.csv").write_text("id,image,caption,lang\ns0,0.jpg,a dog,en\n")
+    (sample,) = iter_manifest(str(tmp_path / "m.csv"))
+    assert (sample.text, sample.meta) == ("a dog", {"lang": "en"})
+    (tmp_path / "m.jsonl").write_bytes(
+        _line({"id": "a", "audio": "a.wav", "transcription": "hello there"})
+        + _line({"id": "b", "text": "the text", "caption": "a caption", "transcription": "spoken"})
+    )
+    a, b = iter_manifest(str(tmp_path / "m.jsonl"))
+    assert (a.text, a.meta) == ("hello there", {})
+    assert (b.text, b.meta) == ("the text", {"caption": "a caption", "transcription": "spoken"})
+
+
+def test_a_caption_of_the_wrong_type_is_rejected_naming_the_column(tmp_path):
+    (tmp_path / "m.jsonl").write_bytes(_line({"id": "a", "caption": 5}))
+    (item,) = iter_manifest(str(tmp_path / "m.jsonl"))
+    assert (item.id, item.reason) == ("a", "read.bad_type") and "'caption' is int 5" in item.detail
+
+
+# -- .json documents ---------------------------------------------------------------------------------
+
+
+def _coco():
+    return {"info": {"description": "COCO 2017"}, "licenses": [],
+            "images": [{"file_name": "000000000009.jpg", "id": 9}],
+            "annotations": [{"image_id": 9, "id": 100 + k, "caption": f"photo {k}"} for k in range(5)]}
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_file_that_is_one_object_is_one_reject_saying_what_a_manifest_is(tmp_path, indent):
+    (tmp_path / "captions.json").write_text(json.dumps(_coco(), indent=indent))
+    (item,) = iter_manifest(str(tmp_path / "captions.json"))
+    assert (item.id, item.reason, item.source) == ("captions.json", "read.json_object", "captions.json")
+    assert "is one JSON object (keys: info, licenses, images, annotations)" in item.detail
+    assert "must be JSON Lines (one row object per line) or a JSON array of row objects" in item.detail
+    assert "COCO annotation file: convert it to rows of id, image, text" in item.detail
+
+
+def test_pretty_printed_json_documents_are_read_whole(tmp_path):
+    (tmp_path / "row.json").write_text('\n{\n  "id": "a",\n  "text": "one row"\n}\n')
+    (sample,) = iter_manifest(str(tmp_path / "row.json"))
+    assert (sample.id, sample.text, sample.source) == ("a", "one row", "row.json:2")
+    (tmp_path / "other.json").write_text(json.dumps({"version": 1, "data": [1, 2]}, indent=2))
+    (item,) = iter_manifest(str(tmp_path / "other.json"))
+    assert item.reason == "read.json_object" and "COCO" not in item.detail
+
+
+def test_a_broken_pretty_printed_json_document_is_one_reject_not_one_per_line(tmp_path):
+    text = json.dumps(_coco(), indent=2)
+    (tmp_path / "captions.json").write_text(text.replace('"id": 101', '"id": 101,,'))
+    (item,) = iter_manifest(str(tmp_path / "captions.json"))
+    assert (item.id, item.reason) == ("captions.json", "read.bad_json")
+    assert item.detail.startswith("captions.json: not valid JSON (Expecting")
+    assert "read as one JSON document" in item.detail
+
+
+def test_a_json_lines_file_whose_first_line_is_broken_keeps_its_other_rows(tmp_path):
+    (tmp_path / "m.json").write_bytes(b'{"id": "x", "text": "the line stops in the mid\n'
+                                      + _line({"id": "a", "text": "fine"}) + b"[1]\n" + _line({"id": "b", "text": "ok"}))
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.json"))))
+    assert [(s.id, s.source) for s in samples] == [("a", "m.json:2"), ("b", "m.json:4")]
+    assert [(r.id, r.reason) for r in rejects] == [("m.json:1", "read.bad_json"), ("m.json:3", "read.bad_json")]
+
+
+# -- web URLs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("allow_outside", [False, True])
+def test_http_media_cells_are_one_reject_each_saying_mbm_does_not_download(tmp_path, allow_outside):
+    pq.write_table(pa.table({"id": ["l0", "l1"], "text": ["cap 0", "cap 1"],
+                             "image": ["https://ex.com/0.jpg", "0.jpg"]}), tmp_path / "laion.parquet")
+    config = SourceConfig(manifest=str(tmp_path / "laion.parquet"), allow_outside=allow_outside)
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "laion.parquet"), config)))
+    assert [s.id for s in samples] == ["l1"]
+    assert [(r.id, r.reason, r.source) for r in rejects] == [("l0", "read.url", "laion.parquet:1")]
+    assert rejects[0].detail == (
+        "laion.parquet:1: 'image' is a web URL ('https://ex.com/0.jpg'); mbm reads local files only and does not "
+        "download: fetch the media first (e.g. img2dataset, which writes WebDataset tars) and read those tars "
+        "with [input] shards = ..."
+    )
+    (tmp_path / "m.jsonl").write_bytes(_line({"id": "a", "audio": {"bytes": None, "path": "HTTP://ex.com/a.wav"}})
+                                       + _line({"id": "g", "audio": "gs://b/a.wav"}))
+    items = list(iter_manifest(str(tmp_path / "m.jsonl"), config))
+    assert (items[0].id, items[0].reason) == ("a", "read.url") and "'audio' is a web URL" in items[0].detail
+    # other schemes are left as they were: outside the manifest's folder, read where allowed
+    if allow_outside:
+        assert items[1].audio.uri == "gs://b/a.wav"
+    else:
+        assert items[1].reason == "read.path_escape"

@@ -213,3 +213,78 @@ def test_read_source_multi_processing(shards):
 
     with beam.Pipeline(runner="DirectRunner", options=options) as p:
         check(p | ReadSource(config))
+
+
+# -- manifests that cannot give a sample fail before the job starts ------------------------------------
+
+
+def _table(path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("captions.csv", "image,caption\nImages/0.jpg,a dog\n",
+     r"captions.csv': it has no 'id' column \(columns: image, caption\); every row needs an 'id'"),
+    ("m.tsv", "id\tlabel\nc0\tx\n",
+     r"m.tsv': it has no text, image or audio column \(columns: id, label\); name the text column one of "
+     r"text, caption, transcription, and the columns of media paths image and audio"),
+    ("m.csv.gz", b"url,caption\nhttps://x/0.jpg,a\n", r"m.csv.gz': it has no 'id' column \(columns: url, caption\)"),
+    ("m.jsonl", '{"image": "a.jpg"}\n{"text": "b"}\n',
+     r"none of its first 2 rows has 'id' \(keys found: image, text\)"),
+    ("m.jsonl", '{"id": "a", "url": "x"}\n',
+     r"its first row has no text, image or audio \(keys found: id, url\)"),
+    ("coco.jsonl", '{"info": {}, "images": [], "annotations": []}\n',
+     r"its first row has no 'id' .*; this is a COCO annotation file: convert it to rows of id, image, text"),
+    ("coco.json", '{\n "info": {},\n "images": [],\n "annotations": []\n}\n',
+     r"coco.json': coco.json is one JSON object \(keys: info, images, annotations\), not rows: a .json manifest "
+     r"must be JSON Lines .* or a JSON array of row objects; this is a COCO annotation file"),
+])
+def test_config_refuses_a_manifest_whose_columns_give_no_sample(tmp_path, name, body, message):
+    import gzip
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(body) if name.endswith(".gz") else body.encode())
+    with pytest.raises(ValueError, match=message):
+        SourceConfig(manifest=str(path))
+
+
+def test_config_reads_a_parquet_schema_for_its_columns(tmp_path):
+    with pytest.raises(ValueError, match=r"it has no 'id' column \(columns: image, caption\)"):
+        SourceConfig(manifest=str(_table(tmp_path / "hf.parquet", {"image": ["a.jpg"], "caption": ["c"]})))
+    with pytest.raises(ValueError, match=r"it has no text, image or audio column \(columns: id, url\)"):
+        SourceConfig(manifest=str(_table(tmp_path / "laion.parquet", {"id": ["a"], "url": ["https://x"]})))
+    SourceConfig(manifest=str(_table(tmp_path / "ok.parquet", {"id": ["a"], "transcription": ["t"]})))
+
+
+@pytest.mark.parametrize("name, body", [
+    # rows that are merely broken come first: they stay per-row rejects, the job runs
+    ("m.jsonl", '{"id": "x", "text": "the line stops\n["a"]\n{"text": "no id"}\n{"id": "a", "caption": "fine"}\n'),
+    ("m.json", '{"id": "x", "text": "the line stops\n{"id": "a", "image": "a.jpg"}\n'),
+    ("m.csv", 'id,text\nr1,"never closed\nr2,fine\n'),
+    ("m.csv", "id,image\n"),  # a header alone: nothing to reject
+    ("m.jsonl", ""),
+    ("cut.parquet", "PAR1 cut"),  # unreadable: one read.unreadable reject when read
+])
+def test_config_accepts_manifests_with_bad_first_rows(tmp_path, name, body):
+    (tmp_path / name).write_text(body)
+    SourceConfig(manifest=str(tmp_path / name))
+
+
+def test_config_refuses_a_manifest_pattern_and_says_what_to_do(tmp_path):
+    (tmp_path / "data").mkdir()
+    for k in range(2):
+        _table(tmp_path / "data" / f"train-{k:05d}-of-00002.parquet", {"id": [f"p{k}"], "text": ["t"]})
+    for pattern, matches in (("data/train-*.parquet", "it matches 2 files"),
+                             ("data/train-{00000,00001}-of-00002.parquet", "it matches 2 files"),
+                             ("data/test-*.parquet", "it matches no file")):
+        with pytest.raises(ValueError) as exc:
+            SourceConfig(manifest=str(tmp_path / pattern))
+        message = str(exc.value)
+        assert f"is a pattern ({matches}): manifest names one file and patterns are not expanded" in message
+        assert "Join the files into one manifest" in message and "pyarrow.parquet.read_table" in message
+    literal = _table(tmp_path / "data" / "odd[1].parquet", {"id": ["a"], "text": ["t"]})
+    assert SourceConfig(manifest=str(literal)).manifest == str(literal)  # a file of that name is read
