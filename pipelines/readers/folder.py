@@ -1,11 +1,15 @@
 """Hugging Face imagefolder / audiofolder reader.
 
 With ``metadata.jsonl`` / ``metadata.csv`` / ``metadata.parquet`` (at the root or in subfolders, each
-naming files relative to its own folder by ``file_name``): one sample per metadata row. Without: one
-sample per media file, labelled by its class folder when files sit in more than one class folder, and
-one ``read.unsupported_file`` reject per other file, so that a photo in a format mbm does not read
-(``.heic``) or a stray file is listed rather than silently left out. Hidden files and folders and the
-thumbnail and settings files Windows and macOS leave behind are skipped.
+naming files relative to its own folder by ``file_name``): one sample per metadata row, and one
+``read.not_in_metadata`` reject per image or audio file that no row names (a split shipped without
+metadata, a file added after the metadata was written), so that none vanishes without a row; other
+files are not samples there and are left alone. Without metadata: one sample per media file, labelled
+by its class folder when files sit in more than one class folder, its text taken from a ``.txt`` file
+of the same name beside it (``img.png`` + ``img.txt``: img2dataset's ``files`` output, caption
+folders), and one ``read.unsupported_file`` reject per other file, so that a photo in a format mbm
+does not read (``.heic``) or a stray file is listed rather than silently left out. Hidden files and
+folders and the thumbnail and settings files Windows and macOS leave behind are skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import CleanError
+from pipelines.media import read_media
 from pipelines.readers.common import (
     FirstWins,
     absolute,
@@ -26,6 +31,7 @@ from pipelines.readers.common import (
     reject,
     resolve_media,
     shown,
+    text_column,
 )
 from pipelines.readers.manifest import text_cell
 from pipelines.readers.rows import format_of, iter_rows, meta_value
@@ -35,7 +41,7 @@ if TYPE_CHECKING:
     from pipelines.readers.source import SourceConfig
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-TEXT_COLUMNS = ("text", "caption", "transcription")  # the first one present is the text
+TEXT_EXTENSION = "txt"  # without metadata, the text of the media files of the same name
 # folders HF reads as splits, not classes
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval"})
 # files the system writes into any folder it shows (compared lower-case); not part of a dataset
@@ -52,8 +58,11 @@ def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSa
         return
     allow_outside = bool(config and config.allow_outside)
     seen = FirstWins()
+    named: set[str] = set()  # the paths metadata rows resolve to
+    damaged: set[str] = set()  # metadata files with rows that could not be read
     for rel in metadata:
-        yield from _metadata_samples(root, rel, allow_outside, seen)
+        yield from _metadata_samples(root, rel, allow_outside, seen, named, damaged)
+    yield from _not_in_metadata(root, files, metadata, named, damaged)
 
 
 def list_files(root: str) -> list[str]:
@@ -96,14 +105,16 @@ def _depth_first(rel: str) -> tuple[int, str]:
 
 
 def _metadata_samples(
-    root: str, rel: str, allow_outside: bool, seen: FirstWins
+    root: str, rel: str, allow_outside: bool, seen: FirstWins, named: set[str], damaged: set[str]
 ) -> Iterator[RawSample | Reject]:
-    """The samples of one metadata file; one that cannot be read (a broken symlink, a pipe, a cut
-    Parquet file) is one ``read.unreadable`` reject from ``iter_rows``."""
+    """The samples of one metadata file, adding the paths its rows name to ``named``; one that cannot
+    be read (a broken symlink, a pipe, a cut Parquet file) is one ``read.unreadable`` reject from
+    ``iter_rows``."""
     subdir = posixpath.dirname(rel)
     base = f"{root}/{subdir}" if subdir else root
     for item in iter_rows(f"{root}/{rel}", format_of(rel) or "", rel):
         if isinstance(item, Reject):
+            damaged.add(rel)
             yield item
             continue
         line, row = item
@@ -112,7 +123,10 @@ def _metadata_samples(
         try:
             file_name = _file_name(row.get("file_name"), source)
             sample_id = f"{subdir}/{file_name}" if subdir else file_name
-            sample = _row_sample(sample_id, file_name, row, source, base, allow_outside)
+            kind = _kind(file_name, source)
+            uri = resolve_media(file_name, base, allow_outside, source, "file_name")
+            named.add(uri)
+            sample = _row_sample(sample_id, row, source, kind, Media(uri=uri, name=file_name))
         except CleanError as e:
             yield reject(e.reason, e.detail, source, sample_id)
             continue
@@ -127,21 +141,22 @@ def _file_name(value: Any, source: str) -> str:
     return value
 
 
-def _row_sample(
-    sample_id: str, file_name: str, row: dict[str, Any], source: str, base: str, allow_outside: bool
-) -> RawSample:
+def _kind(file_name: str, source: str) -> str:
     kind = media_kind(file_name)
     if kind is None:
         raise CleanError(
             "read.unsupported_file", f"{source}: {file_name!r} is neither an image nor an audio file"
         )
-    media = Media(uri=resolve_media(file_name, base, allow_outside, source, "file_name"), name=file_name)
-    text_column = next((c for c in TEXT_COLUMNS if c in row), None)
-    used = {"file_name", "label", text_column}
+    return kind
+
+
+def _row_sample(sample_id: str, row: dict[str, Any], source: str, kind: str, media: Media) -> RawSample:
+    column = text_column(row)
+    used = {"file_name", "label", column}
     label = row.get("label")
     return RawSample(
         id=sample_id,
-        text=text_cell(row.get(text_column), source, text_column) if text_column else None,
+        text=text_cell(row.get(column), source, column) if column else None,
         label=None if is_empty(label) else meta_value(label),
         meta={key: meta_value(value) for key, value in row.items() if key not in used},
         source=source,
@@ -149,19 +164,70 @@ def _row_sample(
     )
 
 
+def _not_in_metadata(
+    root: str, files: list[str], metadata: list[str], named: set[str], damaged: set[str]
+) -> Iterator[Reject]:
+    """A ``read.not_in_metadata`` reject per image or audio file that no metadata row names: with
+    metadata, the rows are the samples, and such a file would otherwise vanish without a row. Other
+    files (a README, a licence) are not samples here and are left alone, as before."""
+    covering: dict[str, list[str]] = {}  # folder -> its metadata files
+    for rel in metadata:
+        covering.setdefault(posixpath.dirname(rel), []).append(rel)
+    for rel in files:
+        if media_kind(rel) is not None and posixpath.join(root, rel) not in named:
+            yield _unnamed(rel, covering, damaged)
+
+
+def _unnamed(rel: str, covering: dict[str, list[str]], damaged: set[str]) -> Reject:
+    """The reject of a media file no row names, saying which metadata file would name it."""
+    folder = posixpath.dirname(rel)
+    while folder not in covering and folder:
+        folder = posixpath.dirname(folder)
+    if folder not in covering:
+        every = sorted(f for files in covering.values() for f in files)
+        listed = ", ".join(every[:3]) + (", ..." if len(every) > 3 else "")
+        detail = (
+            f"{rel}: not read as a sample: no metadata file covers its folder "
+            f"({posixpath.dirname(rel) or 'the dataset root'}), and with metadata ({listed}) only the files "
+            "their rows name are read; add a metadata file there with a row for it, or move the file out "
+            "of the dataset folder"
+        )
+    else:
+        meta = " or ".join(covering[folder])
+        name = rel[len(folder) + 1 :] if folder else rel
+        unread = ""
+        if damaged.intersection(covering[folder]):
+            unread = " (some of its rows could not be read: see their rejects)"
+        detail = (
+            f"{rel}: not read as a sample: no row of {meta} names it{unread}; add a row with "
+            f"file_name {name!r} there, or move the file out of the dataset folder"
+        )
+    return reject("read.not_in_metadata", detail, rel, rel)
+
+
 def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
     kinds = [(rel, media_kind(rel)) for rel in files if posixpath.basename(rel).lower() not in CLUTTER_NAMES]
     parents = {posixpath.basename(posixpath.dirname(rel)) for rel, kind in kinds if kind}
     in_folders = all("/" in rel for rel, kind in kinds if kind)
     labelled = in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES
+    texts = _text_files(kinds)
     for rel, kind in kinds:
+        stem = posixpath.splitext(rel)[0]
         if kind is None:
-            yield _unsupported(rel)
+            if texts.get(stem) != rel:
+                yield _unsupported(rel, texts.get(stem))
             continue
         split = rel.split("/", 1)[0] if "/" in rel else ""
         parent = posixpath.basename(posixpath.dirname(rel))
+        try:
+            text = _text_file(root, texts[stem]) if stem in texts else None
+        except CleanError as e:
+            detail = f"{rel}: its text file {texts[stem]} cannot be read ({e.detail})"
+            yield reject(e.reason, detail, rel, rel)
+            continue
         yield RawSample(
             id=rel,
+            text=text,
             label=parent if labelled and parent not in SPLIT_NAMES else None,
             meta={"split": split} if split in SPLIT_NAMES else {},
             source=rel,
@@ -169,7 +235,38 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
         )
 
 
-def _unsupported(rel: str) -> Reject:
+def _text_files(kinds: list[tuple[str, str | None]]) -> dict[str, str]:
+    """Path without extension -> the ``.txt`` file beside the media files of that name, which holds their
+    text (img2dataset's ``files`` output, caption folders); with an image and an audio file of one name,
+    both take it."""
+    media = {posixpath.splitext(rel)[0] for rel, kind in kinds if kind}
+    texts: dict[str, str] = {}
+    for rel, kind in kinds:
+        stem = posixpath.splitext(rel)[0]
+        if kind is None and extension(rel) == TEXT_EXTENSION and stem in media:
+            texts.setdefault(stem, rel)  # a.TXT before a.txt: the other one is a reject
+    return texts
+
+
+def _text_file(root: str, rel: str) -> bytes | None:
+    """A text file's bytes, decoded strictly by the text cleaner as a tar's ``.txt`` is; None when empty."""
+    try:
+        return read_media(Media(uri=f"{root}/{rel}", name=rel))
+    except CleanError as e:
+        if e.reason == "file.empty":
+            return None
+        raise
+
+
+def _unsupported(rel: str, text_file: str | None = None) -> Reject:
     ext = extension(rel)
-    what = f"'.{ext}' is not an image or audio extension mbm reads" if ext else "it has no extension"
+    stem = posixpath.basename(posixpath.splitext(rel)[0])
+    if ext == TEXT_EXTENSION and text_file is not None:
+        what = f"{text_file} already holds the text of the image or audio files named '{stem}.*'"
+    elif ext == TEXT_EXTENSION:
+        what = f"no image or audio file named '{stem}.*' beside it, whose text it would be"
+    elif ext:
+        what = f"'.{ext}' is not an image or audio extension mbm reads"
+    else:
+        what = "it has no extension"
     return reject("read.unsupported_file", f"{rel}: not read as a sample ({what})", rel, rel)

@@ -5,7 +5,9 @@ name before the first dot of the base name. Hard links and symlinks to members r
 as ``tarfile.extractfile`` reads them; a sample with a link to nothing is one ``read.unreadable`` reject.
 Concatenated tars (``cat a.tar b.tar``, ``cat a.tar.gz b.tar.gz``) are read to their end, like
 ``tar --ignore-zeros``. A tar damaged part-way (a compressed one cut short too) keeps the samples before
-the damage and yields one ``read.corrupt_tar`` reject.
+the damage and yields one ``read.corrupt_tar`` reject. A file that is neither named nor made like a tar
+(the ``.parquet`` and ``_stats.json`` img2dataset writes beside its tars, matched by ``dir/*``) is one
+``read.not_a_tar`` reject.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -41,6 +43,9 @@ LABEL_SUFFIXES = ("cls", "label")
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta (__index__ and the like)
 _INT = re.compile(r"^[+-]?\d+$")
+# names of tars, plain or compressed; a file named otherwise is read only when it starts like one
+TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.lzma",
+             ".tar.zst", ".tzst")
 
 
 @dataclass(frozen=True)
@@ -75,9 +80,13 @@ def iter_tar(
 
 
 def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, bytes | CleanError]] | Reject]]:
-    """``(key, {suffix: (member, bytes)})`` per sample; ``(key, Reject)`` once when the tar is damaged."""
+    """``(key, {suffix: (member, bytes)})`` per sample; ``(key, Reject)`` once when the tar is damaged, or
+    when the file is not a tar."""
     key, group, previous = "", {}, set()
     for item in _members(path, name):
+        if isinstance(item, Reject):  # not a tar at all
+            yield "", item
+            return
         if isinstance(item, _Damage):
             if group and _complete(group, previous, item, key):
                 yield key, group
@@ -123,9 +132,10 @@ def _damage_reject(name: str, damage: _Damage, dropped_key: str | None) -> Rejec
     return reject("read.corrupt_tar", detail, f"{name}:{where}")
 
 
-def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | _Damage]:
+def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | _Damage | Reject]:
     """``(member name, bytes)`` of the regular files and links of a tar, then a ``_Damage`` if it ends
-    badly; a link whose target cannot be read comes with the ``CleanError`` saying why."""
+    badly; a link whose target cannot be read comes with the ``CleanError`` saying why. A file that is
+    not a tar is one ``Reject``."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
@@ -141,6 +151,9 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | 
         member, offset = None, 0
         try:
             kind = _compression(f)
+            if kind == CompressionTypes.UNCOMPRESSED and not _tar_like(path, f):
+                yield _not_a_tar(name)
+                return
             with decompressed(f, kind) as tar:
                 source = tar if kind == CompressionTypes.UNCOMPRESSED else _UpToTheCut(tar)
                 # streamed; ignore_zeros reads on past the end marker of each part
@@ -181,6 +194,31 @@ def _compression(f: BinaryIO) -> str:
     f.seek(0)
     found = (kind for start, kind in magic.items() if head.startswith(start))
     return next(found, CompressionTypes.UNCOMPRESSED)
+
+
+def _tar_like(path: str, f: BinaryIO) -> bool:
+    """Whether an uncompressed file is named like a tar or starts with a tar header (checksum and all)
+    or an end-of-archive block; ``f`` is left at its start."""
+    if path.lower().endswith(TAR_NAMES):
+        return True
+    head = f.read(tarfile.BLOCKSIZE)
+    f.seek(0)
+    if len(head) == tarfile.BLOCKSIZE and not head.strip(tarfile.NUL):
+        return True  # an empty tar
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _not_a_tar(name: str) -> Reject:
+    detail = (
+        f"{name} is not a WebDataset tar (its name does not end in .tar, .tar.gz, ... and it does not "
+        "start like a tar or a compressed tar), yet `shards` matched it; give `shards` a pattern that "
+        'matches the tars only ("dir/*.tar"), or the folder itself (shards = "dir" reads its *.tar files)'
+    )
+    return reject("read.not_a_tar", detail, name)
 
 
 class _UpToTheCut:
@@ -330,7 +368,7 @@ def _sample(
     image = _media(group, IMAGE_EXTS)
     audio = _media(group, AUDIO_EXTS)
     status = info.get("status")
-    what = "no text, image or audio member"
+    what = _dotted_keys(group) or "no text, image or audio member"
     if isinstance(status, str) and status != "success":  # img2dataset keeps the json of a failed download
         what += f"; the json says status {status!r}"
         if isinstance(info.get("error_message"), str) and info["error_message"]:
@@ -342,6 +380,33 @@ def _sample(
         label = meta_value(info["label"])
     meta = {k: meta_value(v) for k, v in info.items() if k not in ("key", "caption", "label")}
     return RawSample(id=sample_id, text=text, image=image, audio=audio, label=label, meta=meta, source=source)
+
+
+def _dotted_keys(group: dict[str, tuple[str, bytes | CleanError]]) -> str:
+    """Why members whose key has dots (``photo.2019.01.jpg``) gave no modality, and what to do; "" when
+    none has. The key ends at the first dot of the base name, as in webdataset, so the extension of
+    ``photo.2019.01.jpg`` is ``2019.01.jpg``."""
+    known = (*TEXT_SUFFIXES, *IMAGE_EXTS, *AUDIO_EXTS)
+    dotted = [(member, suffix) for suffix, (member, _) in group.items()
+              if "." in suffix and suffix.rsplit(".", 1)[1] in known]
+    if not dotted:
+        return ""
+    first = dotted[0][0]
+    match = _KEY.match(first)
+    stem, _, ext = posixpath.basename(first).rpartition(".")
+    return (
+        f"a WebDataset key ends at the first dot of a file name, so {_some(m for m, _ in dotted)} were "
+        f"read as key {match.group(1) if match else first!r} with extensions {_some(x for _, x in dotted)}, "
+        "none of them a text, image or audio extension; rename the files without dots in the key "
+        f"({stem.replace('.', '_')}.{ext}, not {posixpath.basename(first)})"
+    )
+
+
+def _some(items: Iterable[str], at_most: int = 4) -> str:
+    """``items`` quoted and comma-joined, the first ``at_most`` of them."""
+    quoted = [repr(item) for item in items]
+    more = f", ... ({len(quoted)} in all)" if len(quoted) > at_most else ""
+    return ", ".join(quoted[:at_most]) + more
 
 
 def _check_readable(group: dict[str, tuple[str, bytes | CleanError]], source: str) -> None:

@@ -3,6 +3,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.cleaning import CleanConfig
 from pipelines.readers import SourceConfig, iter_folder
 from schemas import Media, RawSample, Reject
 
@@ -41,6 +42,7 @@ def test_imagefolder_with_metadata_jsonl(tmp_path):
         ("../out.jpg", "read.path_escape"),
         ("notes.txt", "read.unsupported_file"),
         ("metadata.jsonl:6", "read.missing_id"),
+        ("unlisted.jpg", "read.not_in_metadata"),
     ]
 
 
@@ -111,8 +113,9 @@ def test_allow_outside_in_metadata(tmp_path):
     root = tmp_path / "root"
     _touch(root, "x.jpg")
     (root / "metadata.jsonl").write_text('{"file_name": "../y.jpg"}\n')
-    (sample,) = iter_folder(str(root), SourceConfig(folder=str(root), allow_outside=True))
+    sample, unnamed = iter_folder(str(root), SourceConfig(folder=str(root), allow_outside=True))
     assert sample.image.uri == str(tmp_path / "y.jpg")
+    assert (unnamed.id, unnamed.reason) == ("x.jpg", "read.not_in_metadata")
 
 
 def test_broken_symlinks_and_loops_are_listed_so_they_become_rejects(tmp_path):
@@ -186,10 +189,135 @@ def test_unreadable_metadata_parquet_is_one_reject_and_the_rest_is_read(tmp_path
     _touch(tmp_path, "a.png", "sub/b.png")
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n')
     (tmp_path / "sub" / "metadata.parquet").write_bytes(b"PAR1" + bytes(range(256)) + b"PAR1")
-    sample, unreadable = iter_folder(str(tmp_path))
+    sample, unreadable, unnamed = iter_folder(str(tmp_path))
     assert (sample.id, sample.text) == ("a.png", "ok")
     assert (unreadable.id, unreadable.reason, unreadable.source) == (
         "sub/metadata.parquet", "read.unreadable", "sub/metadata.parquet"
     )
     assert unreadable.detail.startswith("sub/metadata.parquet: cannot read the file (ArrowInvalid: ")
     assert " at 0x" not in unreadable.detail
+    assert (unnamed.id, unnamed.reason, unnamed.detail) == (  # its row, if it had one, was lost
+        "sub/b.png",
+        "read.not_in_metadata",
+        "sub/b.png: not read as a sample: no row of sub/metadata.parquet names it (some of its rows could "
+        "not be read: see their rejects); add a row with file_name 'b.png' there, or move the file out "
+        "of the dataset folder",
+    )
+
+
+def test_media_files_no_metadata_row_names_are_rejects(tmp_path):
+    _touch(
+        tmp_path,
+        *("a.jpg", "train/t0.jpg", "train/t1.jpg", "train/deep/t2.wav", "train/unlisted.jpg"),
+        *("train/deep/stray.flac", "test/u0.jpg", "README.md", "train/notes.txt", "train/Thumbs.db"),
+        *("train/.hidden.jpg", "test/._u0.jpg", "test/photo.heic"),
+    )
+    rows = ["t0.jpg", "./t1.jpg", "deep/../deep/t2.wav", "gone.jpg"]  # named, however the path is spelled
+    lines = "".join(json.dumps({"file_name": r}) + "\n" for r in rows)
+    (tmp_path / "train" / "metadata.jsonl").write_text(lines)
+    items = list(iter_folder(str(tmp_path)))
+    samples = [s.id for s in items if isinstance(s, RawSample)]
+    assert samples == ["train/t0.jpg", "train/./t1.jpg", "train/deep/../deep/t2.wav", "train/gone.jpg"]
+    rejects = [(r.id, r.reason, r.source, r.detail) for r in items if isinstance(r, Reject)]
+    uncovered = (
+        "not read as a sample: no metadata file covers its folder ({}), and with metadata "
+        "(train/metadata.jsonl) only the files their rows name are read; add a metadata file there with a "
+        "row for it, or move the file out of the dataset folder"
+    )
+    covered = (
+        "not read as a sample: no row of train/metadata.jsonl names it; add a row with file_name {!r} "
+        "there, or move the file out of the dataset folder"
+    )
+    assert rejects == [  # README.md, notes.txt, .heic, hidden and clutter files are no samples: left alone
+        ("a.jpg", "read.not_in_metadata", "a.jpg", "a.jpg: " + uncovered.format("the dataset root")),
+        ("test/u0.jpg", "read.not_in_metadata", "test/u0.jpg", "test/u0.jpg: " + uncovered.format("test")),
+        ("train/deep/stray.flac", "read.not_in_metadata", "train/deep/stray.flac",
+         "train/deep/stray.flac: " + covered.format("deep/stray.flac")),
+        ("train/unlisted.jpg", "read.not_in_metadata", "train/unlisted.jpg",
+         "train/unlisted.jpg: " + covered.format("unlisted.jpg")),
+    ]
+    (tmp_path / "metadata.csv").write_text("file_name\na.jpg\n")  # covers test/ too, from the root
+    rejects = [(r.id, r.detail) for r in iter_folder(str(tmp_path)) if isinstance(r, Reject)]
+    assert rejects[0] == (
+        "test/u0.jpg",
+        "test/u0.jpg: not read as a sample: no row of metadata.csv names it; add a row with file_name "
+        "'test/u0.jpg' there, or move the file out of the dataset folder",
+    )
+    assert [i for i, _ in rejects] == ["test/u0.jpg", "train/deep/stray.flac", "train/unlisted.jpg"]
+
+
+def test_a_file_named_only_by_a_rejected_row_gets_no_second_reject(tmp_path):
+    _touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")
+    rows = [{"file_name": "a.jpg", "text": 3}, {"file_name": "b.jpg"}, {"file_name": "./b.jpg"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [(i.id, getattr(i, "reason", "ok")) for i in iter_folder(str(tmp_path))]
+    assert got == [
+        ("a.jpg", "read.bad_type"), ("b.jpg", "ok"), ("./b.jpg", "ok"), ("c.jpg", "read.not_in_metadata")
+    ]
+
+
+def test_a_text_file_beside_a_media_file_is_its_text(tmp_path):
+    for shard in ("00000", "00001"):  # img2dataset --output_format files
+        _touch(tmp_path / "i2d", f"{shard}/{shard}0000.jpg", f"{shard}/{shard}0000.json")
+        (tmp_path / "i2d" / shard / f"{shard}0000.txt").write_text(f"caption {shard}")
+    items = list(iter_folder(str(tmp_path / "i2d")))
+    got = [(s.id, s.text, s.present()) for s in items if isinstance(s, RawSample)]
+    assert got == [
+        ("00000/000000000.jpg", b"caption 00000", ["text", "image"]),
+        ("00001/000010000.jpg", b"caption 00001", ["text", "image"]),
+    ]
+    rejects = [(r.id, r.reason) for r in items if isinstance(r, Reject)]
+    assert rejects == [(f"{s}/{s}0000.json", "read.unsupported_file") for s in ("00000", "00001")]
+    root = tmp_path / "kohya"
+    _touch(root, "a.png", "a.heic", "b.jpg", "b.txt", "c.wav", "c.png", "sub/a.txt", "d.jpg", "d.TXT", "d.txt")
+    _touch(root, "e.png")
+    (root / "a.txt").write_bytes(b"caf\xe9 au lait")  # bytes as they are: the text cleaner decodes them
+    (root / "c.txt").write_bytes(b"one text for both")
+    (root / "e.txt").write_bytes(b"")
+    items = list(iter_folder(str(root)))
+    samples = [(s.id, s.text, s.present()) for s in items if isinstance(s, RawSample)]
+    assert samples == [
+        ("a.png", b"caf\xe9 au lait", ["text", "image"]),
+        ("b.jpg", b"x", ["text", "image"]),
+        ("c.png", b"one text for both", ["text", "image"]),
+        ("c.wav", b"one text for both", ["text", "audio"]),
+        ("d.jpg", b"x", ["text", "image"]),
+        ("e.png", None, ["image"]),  # an empty text file: no text, as for an empty .txt member of a tar
+    ]
+    rejects = [(r.id, r.reason, r.detail) for r in items if isinstance(r, Reject)]
+    assert rejects == [
+        ("a.heic", "read.unsupported_file",
+         "a.heic: not read as a sample ('.heic' is not an image or audio extension mbm reads)"),
+        ("d.txt", "read.unsupported_file",
+         "d.txt: not read as a sample "
+         "(d.TXT already holds the text of the image or audio files named 'd.*')"),
+        ("sub/a.txt", "read.unsupported_file",
+         "sub/a.txt: not read as a sample "
+         "(no image or audio file named 'a.*' beside it, whose text it would be)"),
+    ]
+
+
+def test_an_unreadable_text_file_rejects_its_sample(tmp_path):
+    _touch(tmp_path, "a.jpg", "b.jpg", "b.txt")
+    (tmp_path / "a.txt").symlink_to(tmp_path / "nowhere.txt")
+    a, b = iter_folder(str(tmp_path))
+    assert (a.id, a.reason) == ("a.jpg", "file.missing")
+    assert a.detail.startswith("a.jpg: its text file a.txt cannot be read (")
+    assert (b.id, b.text) == ("b.jpg", b"x")
+
+
+def test_a_changed_text_file_changes_the_text_hash_only(tmp_path):
+    from pipelines.clean.audio import AudioCleanConfig
+    from pipelines.clean.image import ImageCleanConfig
+    from pipelines.clean.text import TextCleanConfig
+    from pipelines.cleaning import load_raw
+
+    config = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig())
+    _touch(tmp_path, "a.jpg")
+    (tmp_path / "a.txt").write_text("a cat")
+    (before,) = iter_folder(str(tmp_path))
+    (tmp_path / "a.txt").write_text("a black cat")
+    (after,) = iter_folder(str(tmp_path))
+    _, old = load_raw(before, config)
+    _, new = load_raw(after, config)
+    assert (old["image"] == new["image"], old["text"] == new["text"]) == (True, False)

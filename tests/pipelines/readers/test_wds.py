@@ -352,3 +352,70 @@ def test_a_zstd_compressed_tar(tmp_path):
     plain = write_tar(tmp_path / "p.tar", img2dataset(["a", "b"])).read_bytes()
     (tmp_path / "z.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
     assert [s.id for s in iter_tar(str(tmp_path / "z.tar.zst"))] == ["a", "b"]
+
+
+def test_dots_in_a_key_are_named_in_the_reject(tmp_path):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        for key in ("photo.2019.01", "photo.2019.02"):  # scraped names: one key, "photo", for webdataset
+            _add(tar, f"{key}.jpg", JPG)
+            _add(tar, f"{key}.txt", b"a caption")
+        _add(tar, "d/plain.jpg", JPG)
+        _add(tar, "d/v1.2.wav", b"RIFF")
+    photo, plain, v1 = iter_tar(str(path))
+    assert (photo.id, photo.reason, photo.source) == ("photo", "read.no_modality", "t.tar:photo")
+    assert photo.detail == (
+        "t.tar:photo: a WebDataset key ends at the first dot of a file name, so 'photo.2019.01.jpg', "
+        "'photo.2019.01.txt', 'photo.2019.02.jpg', 'photo.2019.02.txt' were read as key 'photo' with "
+        "extensions '2019.01.jpg', '2019.01.txt', '2019.02.jpg', '2019.02.txt', none of them a text, image "
+        "or audio extension; rename the files without dots in the key (photo_2019_01.jpg, not "
+        "photo.2019.01.jpg)"
+    )
+    assert (plain.id, plain.image) == ("d/plain", Media(data=JPG, name="d/plain.jpg"))
+    assert v1.detail == (
+        "t.tar:d/v1: a WebDataset key ends at the first dot of a file name, so 'd/v1.2.wav' were read as "
+        "key 'd/v1' with extensions '2.wav', none of them a text, image or audio extension; rename the "
+        "files without dots in the key (v1_2.wav, not v1.2.wav)"
+    )
+    many = tmp_path / "many.tar"
+    with tarfile.open(many, "w") as tar:
+        for i in range(6):
+            _add(tar, f"img.{i}.png", JPG)
+    (item,) = iter_tar(str(many))
+    assert "'img.0.png', 'img.1.png', 'img.2.png', 'img.3.png', ... (6 in all) were read as key 'img'" in (
+        item.detail
+    )
+
+
+def test_files_beside_the_tars_that_are_no_tars_say_so(tmp_path):
+    import json
+
+    from pipelines.readers.source import expand_shards
+
+    write_tar(tmp_path / "00000.tar", img2dataset(["000000000"]))  # img2dataset's webdataset output
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1" + bytes(300) + b"PAR1")
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 1}))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    write_tar(tmp_path / "renamed.dat", img2dataset(["r"]))  # a tar by its content: read
+    (tmp_path / "stats.json.gz").write_bytes(gzip.compress(b'{"n": 1}'))  # compressed: read as a tar
+    items = [item for path in expand_shards(f"{tmp_path}/*") for item in iter_tar(path)]
+    assert [(i.id, getattr(i, "reason", "ok")) for i in items] == [
+        ("00000.parquet", "read.not_a_tar"),
+        ("000000000", "ok"),
+        ("00000_stats.json", "read.not_a_tar"),
+        ("empty.txt", "read.not_a_tar"),
+        ("r", "ok"),
+        ("stats.json.gz:0", "read.corrupt_tar"),
+    ]
+    assert items[0].source == "00000.parquet"
+    assert items[0].detail == (
+        "00000.parquet is not a WebDataset tar (its name does not end in .tar, .tar.gz, ... and it does not "
+        "start like a tar or a compressed tar), yet `shards` matched it; give `shards` a pattern that "
+        'matches the tars only ("dir/*.tar"), or the folder itself (shards = "dir" reads its *.tar files)'
+    )
+    (tmp_path / "named.tar").write_text(json.dumps({"successes": 1}))
+    (junk,) = iter_tar(str(tmp_path / "named.tar"))  # named a tar: damaged, as before
+    assert (junk.id, junk.reason) == ("named.tar:0", "read.corrupt_tar")
+    full = (tmp_path / "renamed.dat").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(full[:1000])  # a tar by its first header, cut short: damaged
+    assert [i.reason for i in iter_tar(str(tmp_path / "cut.bin"))] == ["read.corrupt_tar"]
