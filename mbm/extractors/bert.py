@@ -13,8 +13,9 @@ bit-identical to ``AutoModel``'s ``last_hidden_state`` (tested), so a dataset ex
 holds the same bytes. The pooler is not computed: nothing reads it.
 
 ``plain_bert(path)`` says whether a folder is such a model. A folder that is not (another
-architecture, relative positions, a decoder, another activation, no safetensors weights or no
-tokenizer.json, a tokenizer_config.json that changes the normalizer tokenizer.json holds) loads
+architecture, relative positions, a decoder, another activation or attention implementation, no
+safetensors weights or no tokenizer.json, a tokenizer.json other than the one transformers'
+BertTokenizer rebuilds from tokenizer_config.json, or settings there that change its output) loads
 through transformers as before.
 """
 
@@ -29,6 +30,11 @@ TOKENIZER = "tokenizer.json"
 # tokenizer_config.json keys of BertTokenizer and the BertNormalizer fields they set (with their defaults)
 NORMALIZER_KEYS = {"do_lower_case": ("lowercase", True), "strip_accents": ("strip_accents", None),
                    "tokenize_chinese_chars": ("handle_chinese_chars", True)}
+# tokenizer_config.json settings that change what transformers' tokenizer does, at the values that do not
+TOKENIZER_SETTINGS = {"padding_side": "right", "truncation_side": "right", "split_special_tokens": False,
+                      "do_basic_tokenize": True, "never_split": None, "add_special_tokens": True}
+SPECIAL_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]"}
+WORDPIECE = {"continuing_subword_prefix": "##", "max_input_chars_per_word": 100}  # as BertTokenizer builds it
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -51,6 +57,8 @@ def plain_bert(path: str) -> str | None:
          f"position_embedding_type {config.get('position_embedding_type')!r}"),
         (config.get("hidden_act", "gelu") == "gelu", f"hidden_act {config.get('hidden_act')!r}"),
         (not config.get("chunk_size_feed_forward"), "chunked feed-forward"),
+        (config.get("_attn_implementation", config.get("attn_implementation")) in (None, "sdpa"),
+         "an attention implementation other than sdpa"),
         (all(isinstance(config.get(k), int) and config[k] > 0 for k in
              ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
               "vocab_size", "max_position_embeddings", "type_vocab_size")), "config.json lacks a size"),
@@ -68,16 +76,30 @@ def plain_bert(path: str) -> str | None:
 def _tokenizer_mismatch(folder: Path) -> str | None:
     """Why tokenizer.json may not be what transformers builds for this folder (None: it is).
 
-    transformers builds a BERT tokenizer from tokenizer_config.json's settings; tokenizer.json must
-    hold the BertNormalizer those settings describe, and a WordPiece model.
+    transformers' BertTokenizer rebuilds the tokenizer from tokenizer_config.json's settings: a
+    BertNormalizer (clean_text on, the case, accent and Chinese-character flags of the settings), the
+    BERT pre-tokenizer, a WordPiece model with "##" continuations, 100-character words and the
+    settings' unknown token, [CLS] text [SEP] around a text, right padding and truncation. tokenizer.json
+    must hold exactly that, and the settings ask nothing else of the tokenizer.
     """
     settings = _json(folder / "tokenizer_config.json")
     if settings.get("tokenizer_class") not in (None, "BertTokenizer", "BertTokenizerFast"):
         return f"tokenizer_class {settings.get('tokenizer_class')!r}"
+    for key, default in TOKENIZER_SETTINGS.items():
+        if settings.get(key, default) != default:
+            return f"tokenizer_config.json sets {key} = {settings[key]!r}"
     spec = _json(folder / TOKENIZER)
     normalizer = spec.get("normalizer") or {}
-    if normalizer.get("type") != "BertNormalizer" or (spec.get("model") or {}).get("type") != "WordPiece":
+    model = spec.get("model") or {}
+    if normalizer.get("type") != "BertNormalizer" or model.get("type") != "WordPiece":
         return "tokenizer.json is not a BERT WordPiece tokenizer"
+    if (spec.get("pre_tokenizer") or {}).get("type") != "BertPreTokenizer":
+        return "tokenizer.json's pre-tokenizer is not BERT's"
+    expected_model = {**WORDPIECE, "unk_token": _token(settings, "unk_token")}
+    if any(model.get(key) != value for key, value in expected_model.items()):
+        return "tokenizer.json's WordPiece settings are not BertTokenizer's"
+    if normalizer.get("clean_text") is not True:
+        return "tokenizer.json does not clean text as BertTokenizer does"
     for key, (field, default) in NORMALIZER_KEYS.items():
         if normalizer.get(field) != settings.get(key, default):
             return f"tokenizer_config.json {key} disagrees with tokenizer.json"
@@ -88,7 +110,7 @@ def _tokenizer_mismatch(folder: Path) -> str | None:
 
 def _token(settings: dict[str, Any], key: str) -> Any:
     """A special token as tokenizer_config.json names it (a string or an AddedToken dict), with BERT's default."""
-    value = settings.get(key, {"cls_token": "[CLS]", "sep_token": "[SEP]"}[key])
+    value = settings.get(key, SPECIAL_TOKENS[key])
     return value.get("content") if isinstance(value, dict) else value
 
 

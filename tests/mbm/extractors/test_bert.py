@@ -66,7 +66,9 @@ def test_a_bert_for_masked_lm_checkpoint_is_read_as_its_encoder(tiny_bert_dir, t
     _same_features(monkeypatch, folder, TEXTS[:4])
 
 
-def _variant(tmp_path, tiny_bert_dir, name, config=None, tokenizer_config=None, remove=()):
+def _variant(tmp_path, tiny_bert_dir, name, config=None, tokenizer_config=None, tokenizer=None, remove=()):
+    """A copy of the tiny BERT with keys of its config.json / tokenizer_config.json set, and sections of
+    its tokenizer.json updated (``tokenizer``: section -> keys to set)."""
     folder = tmp_path / name
     shutil.copytree(tiny_bert_dir, folder)
     for file, change in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
@@ -74,6 +76,11 @@ def _variant(tmp_path, tiny_bert_dir, name, config=None, tokenizer_config=None, 
             values = json.loads((folder / file).read_text())
             values.update(change)
             (folder / file).write_text(json.dumps(values))
+    if tokenizer:
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        for section, keys in tokenizer.items():
+            spec[section].update(keys)
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
     for file in remove:
         (folder / file).unlink()
     return folder
@@ -87,6 +94,14 @@ def _variant(tmp_path, tiny_bert_dir, name, config=None, tokenizer_config=None, 
     ("cased", {"tokenizer_config": {"do_lower_case": False}}, "do_lower_case"),
     ("cls", {"tokenizer_config": {"cls_token": "[MASK]"}}, "[CLS]"),
     ("notok", {"remove": ["tokenizer.json"]}, "tokenizer.json"),
+    ("eager", {"config": {"_attn_implementation": "eager"}}, "attention implementation"),
+    ("padleft", {"tokenizer_config": {"padding_side": "left"}}, "padding_side"),
+    ("split", {"tokenizer_config": {"split_special_tokens": True}}, "split_special_tokens"),
+    ("unk", {"tokenizer_config": {"unk_token": "[MASK]"}}, "WordPiece settings"),
+    ("chars", {"tokenizer": {"model": {"max_input_chars_per_word": 3}}}, "WordPiece settings"),
+    ("prefix", {"tokenizer": {"model": {"continuing_subword_prefix": "@@"}}}, "WordPiece settings"),
+    ("clean", {"tokenizer": {"normalizer": {"clean_text": False}}}, "clean text"),
+    ("whitespace", {"tokenizer": {"pre_tokenizer": {"type": "Whitespace"}}}, "pre-tokenizer"),
 ])
 def test_other_folders_load_through_transformers(tiny_bert_dir, tmp_path, name, change, reason):
     folder = _variant(tmp_path, tiny_bert_dir, name, **change)
