@@ -380,11 +380,14 @@ def _resolve_input(p: str, base_dir: Path, where: str, key: str) -> str:
     if "://" in p:
         return p
     resolved = _resolve_existing(p, base_dir)
-    if key == "manifest" and any(c in p for c in "*?[{") and not Path(resolved).is_file():
-        return resolved  # the input check says that a manifest is one file, not a pattern
     if _exists(Path(resolved)):
-        return resolved
-    raise SpecError(f"{where}: [input] {key} = {p!r}: {resolved} does not exist")
+        return resolved  # a manifest pattern that matches files: the input check says to join them
+    why = ""
+    if key == "manifest" and any(c in p for c in "*?[{"):
+        from pipelines.readers.source import NOT_EXPANDED
+
+        why = f" ({NOT_EXPANDED})"
+    raise SpecError(f"{where}: [input] {key} = {p!r}: {resolved} does not exist{why}")
 
 
 def _exists(path: Path) -> bool:

@@ -6,7 +6,7 @@ import math
 import os
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pipelines.errors import CleanError
@@ -14,7 +14,7 @@ from schemas import Media, Reject
 
 STAGE = "read"
 COLUMNS: tuple[str, ...] = ("id", "text", "image", "audio", "label")
-TEXT_COLUMNS = ("text", "caption", "transcription")  # the first one present is the text
+TEXT_COLUMNS = ("text", "caption", "transcription")  # a row's first non-empty one is its text
 # Extensions of the formats the cleaners decode here (Pillow with AVIF and OpenJPEG; libsndfile with
 # MP3): the cleaners sniff the content, so these only tell media from other files. HEIC, JPEG XL and
 # M4A/AAC are left out: nothing in the environment decodes them.
@@ -66,8 +66,13 @@ def media_kind(name: str) -> str | None:
 
 
 def text_column(columns: Iterable[str]) -> str | None:
-    """The column that holds a row's text: the first of ``TEXT_COLUMNS`` among ``columns``."""
-    return next((c for c in TEXT_COLUMNS if c in columns), None)
+    """The column that holds a row's text: the first of ``TEXT_COLUMNS`` among ``columns``. Given a row
+    (a mapping), the first whose cell is not empty or blank, so that a row with an empty ``text`` and a
+    ``caption`` gets the caption (a CSV has every column in every row); else the first present."""
+    present = [c for c in TEXT_COLUMNS if c in columns]
+    if isinstance(columns, Mapping):
+        return next((c for c in present if not _blank(columns[c])), present[0] if present else None)
+    return present[0] if present else None
 
 
 def is_empty(value: Any) -> bool:
@@ -77,6 +82,10 @@ def is_empty(value: Any) -> bool:
     if isinstance(value, (str, bytes)):
         return len(value) == 0
     return isinstance(value, float) and math.isnan(value)
+
+
+def _blank(value: Any) -> bool:
+    return is_empty(value) or (isinstance(value, str) and not value.strip())
 
 
 def shown(value: Any, limit: int = 60) -> str:

@@ -1,12 +1,14 @@
 """Manifest reader: one ``RawSample`` per row of a JSONL / JSON / CSV / TSV / Parquet manifest.
 
-Columns ``id, text, image, audio, label``; without ``text``, a ``caption`` or ``transcription`` column is the
-text. Every other column goes to ``meta`` unchanged. Media cells are paths relative to the manifest's folder
-(or URIs) and become ``Media(uri=...)``; their bytes are not read here.
+Columns ``id, text, image, audio, label``; the text is a row's first non-empty cell of ``text``,
+``caption`` and ``transcription``. Every other column goes to ``meta`` unchanged. Media cells are paths
+relative to the manifest's folder (or URIs) and become ``Media(uri=...)``; their bytes are not read here.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +27,22 @@ from pipelines.readers.common import (
     shown,
     text_column,
 )
-from pipelines.readers.rows import FORMATS, coco_hint, columns_of, format_of, iter_rows, meta_value
+from pipelines.readers.rows import (
+    FORMATS,
+    ROW_KEYS,
+    coco_hint,
+    columns_of,
+    format_of,
+    iter_rows,
+    meta_value,
+    unique_columns,
+)
 from schemas import RawSample, Reject
 
 if TYPE_CHECKING:
     from pipelines.readers.source import SourceConfig
+
+logger = logging.getLogger(__name__)
 
 CHECKED_ROWS = 100  # JSON rows ``check_columns`` looks at
 
@@ -63,17 +76,21 @@ def iter_manifest(
 
 def check_columns(path: str, fmt: str) -> None:
     """Raises ``ValueError`` when ``path``'s columns cannot give any sample (no ``id``, or none of text,
-    image, audio), so that a wrong file or a misnamed column stops the job before it starts instead of
-    rejecting every row. Reads the header or schema only, and of JSON the first rows: a file whose first
-    rows are merely broken is left to the per-row rejects."""
+    image, audio) or repeat one of mbm's columns, so that a wrong file or a misnamed column stops the
+    job before it starts instead of rejecting every row, or reading only one of two ``text`` columns.
+    Reads the header or schema only (a header with no rows too), and of JSON the first rows: a file
+    whose first rows are merely broken is left to the per-row rejects."""
     try:
         rows = columns_of(absolute(path), fmt, display_name(path), CHECKED_ROWS)
-    except ValueError as e:  # a .json file that is one JSON object
+    except ValueError as e:  # a JSON file that is one JSON object
         raise ValueError(f"[input] manifest {path!r}: {e}") from None
     if not rows:
         return
     names = list(dict.fromkeys(column for row in rows for column in row))
-    found = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    found = _listed(names)
+    near = _near(names)
+    if FORMATS[fmt] != "jsonl":  # a repeated JSON key is gone once parsed (the last wins, in any JSON reader)
+        _check_repeats(path, rows[0], "schema" if FORMATS[fmt] == "parquet" else "header")
 
     def lacks(what: str) -> str:
         if FORMATS[fmt] != "jsonl":
@@ -83,14 +100,50 @@ def check_columns(path: str, fmt: str) -> None:
 
     if not any("id" in row for row in rows):
         raise ValueError(
-            f"[input] manifest {path!r}: {lacks(repr('id'))}; every row needs an 'id' (a string or an integer, "
-            f"one per sample): add one, e.g. the row number or the media file's name{coco_hint(names)}"
+            f"[input] manifest {path!r}: {lacks(repr('id'))}{near}; every row needs an 'id' "
+            "(a string or an integer, one per sample): add one, e.g. the row number or the media file's name"
+            f"{coco_hint(names)}"
         )
     if not any(text_column(row) or "image" in row or "audio" in row for row in rows):
         raise ValueError(
-            f"[input] manifest {path!r}: {lacks('text, image or audio')}; name the text column one of "
+            f"[input] manifest {path!r}: {lacks('text, image or audio')}{near}; name the text column one of "
             f"{', '.join(TEXT_COLUMNS)}, and the columns of media paths image and audio"
         )
+
+
+def _check_repeats(path: str, header: list[str], where: str) -> None:
+    """A header or schema that repeats one of mbm's columns is refused: only the first would be read (an
+    id or a caption in another lost). Other repeats are read as pandas reads them, and logged."""
+    repeats = {name: count for name, count in Counter(header).items() if count > 1}
+    ours = [name for name in repeats if name in ROW_KEYS]
+    columns = _listed(header)
+    if ours:
+        times = ", ".join(f"{name!r} {repeats[name]} times" for name in ours)
+        raise ValueError(
+            f"[input] manifest {path!r}: its {where} repeats {'a column' if len(ours) == 1 else 'columns'} "
+            f"mbm reads ({times}; columns: {columns}), and only the first of each would be read: rename or "
+            "remove the others"
+        )
+    if repeats:
+        renamed = [new for old, new in zip(header, unique_columns(header), strict=True) if old != new]
+        logger.warning("[input] manifest %r: its %s repeats %s (columns: %s); the first of each keeps its "
+                       "name, the others are kept in meta as %s", path, where, ", ".join(map(repr, repeats)),
+                       columns, ", ".join(map(repr, renamed)))
+
+
+def _listed(names: list[str]) -> str:
+    """The first 20 column names, quoted so that a space or a quote in one shows."""
+    return ", ".join(map(repr, names[:20])) + (", ..." if len(names) > 20 else "")
+
+
+def _near(names: list[str]) -> str:
+    """'; did you mean ...' for the columns that would be mbm's but for case, surrounding spaces or quotes
+    (a TSV header is not unquoted)."""
+    near = {name: name.strip(" \t\"'").lower() for name in names if name not in ROW_KEYS}
+    pairs = ", ".join(f"{want!r} (not {name!r})" for name, want in near.items() if want in ROW_KEYS)
+    if not pairs:
+        return ""
+    return f"; did you mean {pairs}? column names are matched exactly"
 
 
 def row_sample(sample_id: str, row: dict[str, Any], source: str, base: str, allow_outside: bool) -> RawSample:

@@ -4,7 +4,8 @@ Used by the manifest reader and by the imagefolder/audiofolder metadata reader. 
 ``surrogateescape`` so invalid UTF-8 reaches the text cleaner as lone surrogates instead of failing here.
 A file that cannot be read, decompressed or decoded as its format (a cut Parquet file, a plain file
 named ``.gz``, a compressed file cut short) ends in one ``read.unreadable`` reject naming it; the rows read
-before that are kept.
+before that are kept. A column name the header or schema repeats is read as pandas reads it: the
+first keeps its name, the later ones become ``name.1``, ``name.2``, ... (see ``unique_columns``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ MAX_JSON_DEPTH = 100
 _TOO_DEEP = f"lists and objects nested more than {MAX_JSON_DEPTH} levels deep"
 _DECODER = json.JSONDecoder(strict=False)  # raw tabs inside strings are common; accept them
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_ROW_KEYS = frozenset(COLUMNS + TEXT_COLUMNS)  # a JSON object with one of these is a row, not a document
+ROW_KEYS = frozenset(COLUMNS + TEXT_COLUMNS)  # a JSON object with one of these is a row, not a document
+_MEDIA_STRUCT = frozenset({"bytes", "path"})  # a Hugging Face image/audio cell: one row's value
 _NOT_ROWS = "read.json_object"  # the reason for a .json file that is one JSON object, not rows
 
 Row = tuple[int, dict[str, Any]]
@@ -71,8 +73,18 @@ def format_of(path: str, format: str | None = None) -> str | None:
     return ext if ext in FORMATS else None
 
 
+class _Header(list[str]):
+    """The column names a CSV/TSV header line gives, repeats included, yielded before its rows: a
+    header with no rows under it still tells ``columns_of`` the columns. ``iter_rows`` leaves it out."""
+
+
 def iter_rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
     """Rows of ``path`` in file order; ``line`` is the 1-based physical line (Parquet: row index + 1)."""
+    return (item for item in _items(path, fmt, name) if not isinstance(item, _Header))
+
+
+def _items(path: str, fmt: str, name: str) -> Iterator[Row | Reject | _Header]:
+    """``iter_rows`` with the CSV/TSV header."""
     if FORMATS.get(fmt) is None:
         raise ValueError(f"unknown table format {fmt!r} for {path}; use one of {sorted(FORMATS)}")
     line = 0
@@ -87,10 +99,11 @@ def iter_rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
 
 def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str]]:
     """The column names of ``path``'s first rows, read cheaply: one list for Parquet (its schema) and
-    CSV/TSV (the header, from the first row that parses), one per row for JSON (up to ``rows`` rows that
-    parse, among the first ``10 * rows`` lines). Empty where nothing can be told: no rows, or a file that
-    cannot be read (its reader reports that). A .json file that is one JSON object, not rows, raises
-    ``ValueError`` saying so."""
+    CSV/TSV (the header line, with no rows under it too), repeated names included; one per row for JSON
+    (up to ``rows`` rows that parse, among the first ``10 * rows`` lines). Empty where nothing can be
+    told: no rows, or a file that cannot be read (its reader reports that). A JSON file that is one
+    JSON object, not rows (COCO annotations, pandas' column-oriented ``to_json``), raises ``ValueError``
+    saying so."""
     if FORMATS[fmt] == "parquet":
         import pyarrow.parquet as pq
 
@@ -99,17 +112,39 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
                 return [list(pq.ParquetFile(f).schema_arrow.names)]
         except Exception:  # a cut or garbled file: read.unreadable when read
             return []
-    found: list[list[str]] = []
-    with contextlib.closing(iter_rows(path, fmt, name)) as items:
+    found: list[dict[str, Any]] = []
+    with contextlib.closing(_items(path, fmt, name)) as items:
         for item in itertools.islice(items, 10 * rows):
+            if isinstance(item, _Header):
+                return [list(item)]
             if isinstance(item, Reject):
                 if item.reason == _NOT_ROWS:
                     raise ValueError(item.detail)
                 continue
-            found.append(list(item[1]))
-            if FORMATS[fmt] == "csv" or len(found) >= rows:
+            found.append(item[1])
+            if len(found) >= rows:
                 break
-    return found
+    if len(found) == 1 and _by_column(found[0]):  # pandas' to_json() written to a .jsonl file
+        raise ValueError(_not_rows(name, found[0]))
+    return [list(row) for row in found]
+
+
+def unique_columns(names: list[str]) -> list[str]:
+    """``names`` with each repeat renamed as pandas reads it: the first keeps its name, the later ones
+    become ``name.1``, ``name.2``, ... (past names the file already has). Without it the last of a
+    repeated column would overwrite the others in each row (an empty second ``text`` erasing the first)."""
+    if len(set(names)) == len(names):
+        return names
+    taken, renamed = set(names), []
+    for name in names:
+        if name in renamed:
+            number = 1
+            while f"{name}.{number}" in taken:
+                number += 1
+            name = f"{name}.{number}"
+            taken.add(name)
+        renamed.append(name)
+    return renamed
 
 
 class _Unreadable(Exception):
@@ -128,7 +163,7 @@ class _Unreadable(Exception):
         super().__init__(_ADDRESS.sub("", text))
 
 
-def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject]:
+def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject | _Header]:
     from apache_beam.io.filesystem import CompressionTypes
 
     if FORMATS[fmt] == "parquet":
@@ -151,8 +186,9 @@ def _json_file_rows(f: BinaryIO, name: str) -> Iterator[Row | Reject]:
     annotation files), pretty-printed or not. It is read whole to tell which; when reading stops early
     (a cut compressed file) the rows in what was read come first, then the error.
 
-    A document that is one object is one row when it has a manifest column, else one ``read.json_object``
-    reject (a COCO annotation file is not rows). A file whose first line is not a whole JSON value and
+    A document that is one object is one row when it has a manifest column and those hold one value
+    each, else one ``read.json_object`` reject (a COCO annotation file, or pandas' default ``to_json``
+    with one object per column, is not rows). A file whose first line is not a whole JSON value and
     that is no JSON document either is read as lines, but where no line gives a row (a pretty-printed
     document with an error in it) it is one reject, not one per line."""
     lines: list[bytes] = []
@@ -174,7 +210,7 @@ def _json_file_rows(f: BinaryIO, name: str) -> Iterator[Row | Reject]:
             problem = e
         if isinstance(document, dict):
             line = 1 + text.count("\n", 0, _skip_space(text, 0))
-            if _ROW_KEYS.isdisjoint(document):
+            if ROW_KEYS.isdisjoint(document) or _by_column(document):
                 yield reject(_NOT_ROWS, _not_rows(name, document), name)
             else:
                 yield line, document
@@ -193,10 +229,40 @@ def _json_file_rows(f: BinaryIO, name: str) -> Iterator[Row | Reject]:
 
 
 def _not_rows(name: str, document: dict[str, Any]) -> str:
-    """Why a .json file that is one JSON object cannot be read as a manifest, and what to do."""
-    keys = ", ".join(list(document)[:10]) + (", ..." if len(document) > 10 else "")
-    return (f"{name} is one JSON object (keys: {keys}), not rows: a .json manifest must be JSON Lines "
-            f"(one row object per line) or a JSON array of row objects{coco_hint(document)}")
+    """Why a JSON file that is one JSON object cannot be read as a manifest, and what to do."""
+    column = _by_column(document)
+    if column:
+        value = document[column]
+        what = (f"one JSON object of columns, not rows ({column!r} holds a {type(value).__name__} of "
+                f"{len(value)} values, one per row: the layout pandas' DataFrame.to_json() writes by "
+                "default)")
+    else:
+        keys = ", ".join(list(document)[:10]) + (", ..." if len(document) > 10 else "")
+        what = f"one JSON object (keys: {keys}), not rows"
+    return (f"{name} is {what}: a JSON manifest must be JSON Lines (one row object per line) or a JSON array "
+            f"of row objects{_pandas_hint(document) or coco_hint(document)}")
+
+
+def _by_column(document: dict[str, Any]) -> str | None:
+    """The first manifest column of a one-object document that holds a list or an object of values
+    (an image's ``{"bytes", "path"}`` aside): a column of a column-oriented document, not a row's
+    cell. None for a row. A ``label`` may be a list (several labels) and does not count."""
+    for key, value in document.items():
+        if key in ROW_KEYS and key != "label":
+            if isinstance(value, list) or (isinstance(value, dict) and not value.keys() <= _MEDIA_STRUCT):
+                return key
+    return None
+
+
+def _pandas_hint(document: dict[str, Any]) -> str:
+    """How to write rows with pandas when ``document`` has the layout of one of ``DataFrame.to_json``'s
+    orients that are not rows (columns, index, split, table), or ''."""
+    keys = document.keys()
+    values = list(itertools.islice(document.values(), 10))
+    by_row = bool(values) and all(isinstance(v, dict) and not ROW_KEYS.isdisjoint(v) for v in values)
+    if _by_column(document) or by_row or {"columns", "data"} <= keys or {"schema", "data"} <= keys:
+        return '; from pandas, write the rows: df.to_json(path, orient="records", lines=True)'
+    return ""
 
 
 def coco_hint(columns: Any) -> str:
@@ -430,7 +496,7 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
-def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row | Reject]:
+def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row | Reject | _Header]:
     """Rows of a CSV, parsed strictly so that a quote opened and never closed cannot swallow the
     rest of the file into one cell. A record that fails and whose quoted cell spans lines up to a line
     that balances its quotes (see ``_quoted_span``) is rejected whole, and parsing goes on after it:
@@ -483,6 +549,8 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
             continue
         if header is None:
             header = [cell.strip() for cell in cells]
+            yield _Header(header)
+            header = unique_columns(header)
             continue
         if len(cells) > len(header):
             detail = f"{where}: {len(cells)} cells but the header has {len(header)} columns"
@@ -491,7 +559,7 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
         yield start, dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True))
 
 
-def _tsv_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject]:
+def _tsv_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject | _Header]:
     """Rows of a TSV: one record per line, cells split at tabs and taken as they are. There is no
     quoting: a quote is an ordinary character, as pandas' ``quoting=csv.QUOTE_NONE`` reads it (Common
     Voice sentences hold unbalanced quotes, which a CSV parser would join to the lines after them). A
@@ -504,6 +572,8 @@ def _tsv_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject]:
             continue
         if header is None:
             header = [cell.strip() for cell in cells]
+            yield _Header(header)
+            header = unique_columns(header)
             continue
         if len(cells) > len(header):
             where = f"{name}:{line}"
@@ -534,6 +604,9 @@ def _parquet_rows(path: str) -> Iterator[Row]:
     with _open(path) as f:
         line = 0
         for batch in _batches(f):
+            names = unique_columns(batch.schema.names)
+            if names != batch.schema.names:
+                batch = batch.rename_columns(names)
             for row in _pylist(batch):
                 line += 1
                 yield line, {key: _jsonable(value) for key, value in row.items()}

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLES, REJECTS = "samples", "rejects"
 _GLOB = re.compile(r"[*?\[]")
+NOT_EXPANDED = "manifest names one file and patterns are not expanded"
 
 
 @dataclass(kw_only=True)
@@ -84,21 +85,26 @@ def _check_local(path: str, key: str, test: Any, what: str) -> None:
 
 def _check_one_file(manifest: str) -> None:
     """A manifest is one file: a glob or brace pattern (a Hugging Face Hub split in several Parquet
-    files) is not expanded, and is refused with what to do instead."""
+    files) is not expanded, and is refused with what to do instead; one that matches nothing is a file
+    that does not exist."""
     from braceexpand import UnbalancedBracesError, braceexpand
 
     local = local_path(manifest)
     if local is None or os.path.isfile(local) or not (_GLOB.search(local) or "{" in local):
         return
     try:
-        count = len({m for part in braceexpand(local) for m in glob.glob(part)})
+        matches = sorted({m for part in braceexpand(local) for m in glob.glob(part)})
     except UnbalancedBracesError:
-        count = 0
-    which = f"it matches {count} file{'s' if count > 1 else ''}" if count else "it matches no file"
+        matches = []
+    if not matches:
+        raise ValueError(f"[input] manifest {manifest!r} does not exist ({NOT_EXPANDED})")
+    if len(matches) == 1:
+        raise ValueError(f"[input] manifest {manifest!r} does not exist; as a pattern it would match "
+                         f"{matches[0]!r}, but {NOT_EXPANDED}: name that file")
     raise ValueError(
-        f"[input] manifest {manifest!r} is a pattern ({which}): manifest names one file and patterns are not "
-        "expanded (only shards = takes patterns, of WebDataset tars). Join the files into one manifest and "
-        "name that: JSON Lines with cat, CSV/TSV with cat keeping the first header line only, Parquet with "
+        f"[input] manifest {manifest!r} is a pattern (it matches {len(matches)} files): {NOT_EXPANDED} (only "
+        "shards = takes patterns, of WebDataset tars). Join the files into one manifest and name that: JSON "
+        "Lines with cat, CSV/TSV with cat keeping the first header line only, Parquet with "
         "pyarrow.parquet.write_table(pyarrow.parquet.read_table(sorted(glob.glob(PATTERN))), 'train.parquet')"
     )
 

@@ -180,15 +180,15 @@ def test_a_manifest_that_gives_no_sample_exits_2_before_the_job_starts(data, cap
     assert main(["preprocess", str(data / "coco.toml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "captions_train2017.json is one JSON object (keys: info, images, annotations), not rows" in err
-    assert "a .json manifest must be JSON Lines" in err and "convert it to rows of id, image, text" in err
+    assert "a JSON manifest must be JSON Lines" in err and "convert it to rows of id, image, text" in err
     assert not (data / "out" / "dataset.json").exists()
 
 
 @pytest.mark.parametrize("manifest, body, message", [
     ("data/captions.txt", "image,caption\n0.jpg,a dog\n",
-     r"\[input\] manifest '.*captions.txt': it has no 'id' column \(columns: image, caption\)"),
-    ("data/train-*.parquet", None,
-     r"\[input\] manifest '.*data/train-\*.parquet' is a pattern \(it matches no file\): manifest names one file"),
+     r"\[input\] manifest '.*captions.txt': it has no 'id' column \(columns: 'image', 'caption'\)"),
+    ("data/train-*.parquet", None, r"\[input\] manifest = 'data/train-\*.parquet': .*/data/train-\*.parquet does not "
+     r"exist \(manifest names one file and patterns are not expanded\)"),
 ])
 def test_manifest_problems_are_spec_errors(data, manifest, body, message):
     if body is not None:
@@ -196,6 +196,60 @@ def test_manifest_problems_are_spec_errors(data, manifest, body, message):
     fmt = 'format = "csv"\n' if manifest.endswith(".txt") else ""
     with pytest.raises(SpecError, match=message):
         load_spec(_write(data / "bad.toml", f'[input]\nmanifest = "{manifest}"\n{fmt}[output]\ndir = "o"\n'))
+
+
+def _pandas_columns(path):
+    import pandas as pd
+
+    pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(path)
+
+
+def _parquet(path, names, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_arrays([pa.array(c) for c in columns], names=names), path)
+
+
+@pytest.mark.parametrize("manifest, write, errors", [
+    # a repeated mbm column: only the first would be read
+    ("m.csv", "id,text,image,text\n1,a red square,a.png,\n",
+     ["its header repeats a column mbm reads ('text' 2 times; columns: 'id', 'text', 'image', 'text')",
+      "rename or remove the others"]),
+    ("m.tsv", "id\ttext\tid\n7\ta caption\t\n", ["its header repeats a column mbm reads ('id' 2 times"]),
+    ("m.parquet", lambda p: _parquet(p, ["id", "text", "text"], [[1], ["hello"], [None]]),
+     ["its schema repeats a column mbm reads ('text' 2 times; columns: 'id', 'text', 'text')"]),
+    # pandas' default to_json: columns, not rows
+    ("m.json", _pandas_columns, ["one JSON object of columns, not rows ('id' holds a dict of 2 values",
+                                 'df.to_json(path, orient="records", lines=True)']),
+    ("m.jsonl", _pandas_columns, ["one JSON object of columns, not rows"]),
+    # a header with no rows is judged too
+    ("m.csv", "path,caption\n", ["it has no 'id' column (columns: 'path', 'caption')"]),
+    ("m.tsv", "id\tpath\n", ["it has no text, image or audio column (columns: 'id', 'path')"]),
+    # names that are mbm's but for spaces or case are shown quoted, with what was meant
+    ("m.parquet", lambda p: _parquet(p, ["id ", "text"], [[1], ["a"]]),
+     ["(columns: 'id ', 'text'); did you mean 'id' (not 'id ')? column names are matched exactly"]),
+    ("m.csv", "ID,Caption\n1,a dog\n", ["did you mean 'id' (not 'ID'), 'caption' (not 'Caption')?"]),
+    # a file that does not exist is not called a pattern to join
+    ("missing[1].jsonl", None, ["[input] manifest = 'data/missing[1].jsonl': ",
+                                "missing[1].jsonl does not exist (manifest names one file and patterns are not "
+                                "expanded)"]),
+])
+def test_a_manifest_that_would_lose_or_misread_rows_exits_2_saying_what_to_fix(data, capsys, manifest, write,
+                                                                                 errors):
+    from jobs.cli import main
+
+    path = data / "data" / manifest
+    if callable(write):
+        write(path)
+    elif write is not None:
+        path.write_text(write)
+    _write(data / "job.toml", f'[input]\nmanifest = "data/{manifest}"\n[output]\ndir = "out"\n')
+    assert main(["preprocess", str(data / "job.toml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    for error in errors:
+        assert error in err
+    assert "Join the files" not in err and not (data / "out").exists()
 
 
 def test_a_manifest_with_a_caption_column_is_accepted(data):

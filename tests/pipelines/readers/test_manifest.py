@@ -512,6 +512,37 @@ def test_caption_or_transcription_is_the_text_when_there_is_no_text_column(tmp_p
     assert (b.text, b.meta) == ("the text", {"caption": "a caption", "transcription": "spoken"})
 
 
+def test_the_text_is_the_first_non_empty_of_text_caption_and_transcription(tmp_path):
+    """A CSV row has every column: an empty text cell must not hide the caption beside it."""
+    (tmp_path / "m.csv").write_text("id,text,caption,transcription,image\n"
+                                    "1,,a caption,said,a.png\n2,,,spoken,\n3,the text,c,,\n4,  ,cap 4,,\n")
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv"))))
+    assert [(s.id, s.text, s.meta) for s in samples] == [
+        ("1", "a caption", {"transcription": "said"}),
+        ("2", "spoken", {"caption": ""}),
+        ("3", "the text", {"caption": "c", "transcription": ""}),
+        ("4", "cap 4", {"transcription": ""}),
+    ]
+    assert rejects == []
+
+
+# -- repeated columns --------------------------------------------------------------------------------
+
+
+def test_a_repeated_column_is_read_as_pandas_reads_it_and_the_first_wins(tmp_path):
+    """Where the spec check is not run (a remote manifest), a later column of the same name must not
+    overwrite the first: it is kept in meta as pandas names it."""
+    (tmp_path / "m.csv").write_text("id,text,image,text,lang,lang,lang.1\n1,a red square,a.png,,en,fr,x\n")
+    (tmp_path / "m.tsv").write_text("id\ttext\tid\n7\ta caption\t\n")
+    columns = [pa.array([1]), pa.array(["hello"]), pa.array([None], pa.string())]
+    pq.write_table(pa.Table.from_arrays(columns, names=["id", "text", "text"]), tmp_path / "m.parquet")
+    (csv,), (tsv,), (parquet,) = (list(iter_manifest(str(tmp_path / n))) for n in ("m.csv", "m.tsv", "m.parquet"))
+    assert (csv.id, csv.text, csv.image.name) == ("1", "a red square", "a.png")
+    assert csv.meta == {"text.1": "", "lang": "en", "lang.2": "fr", "lang.1": "x"}
+    assert (tsv.id, tsv.text, tsv.meta) == ("7", "a caption", {"id.1": ""})
+    assert (parquet.id, parquet.text, parquet.meta) == ("1", "hello", {"text.1": None})
+
+
 def test_a_caption_of_the_wrong_type_is_rejected_naming_the_column(tmp_path):
     (tmp_path / "m.jsonl").write_bytes(_line({"id": "a", "caption": 5}))
     (item,) = iter_manifest(str(tmp_path / "m.jsonl"))
@@ -535,6 +566,26 @@ def test_a_json_file_that_is_one_object_is_one_reject_saying_what_a_manifest_is(
     assert "is one JSON object (keys: info, licenses, images, annotations)" in item.detail
     assert "must be JSON Lines (one row object per line) or a JSON array of row objects" in item.detail
     assert "COCO annotation file: convert it to rows of id, image, text" in item.detail
+
+
+def test_a_json_file_of_columns_is_one_reject_saying_how_to_write_rows(tmp_path):
+    """pandas' DataFrame.to_json() writes one object of columns by default: no row of it is a sample."""
+    import pandas as pd
+
+    pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(tmp_path / "m.json")
+    (item,) = iter_manifest(str(tmp_path / "m.json"))
+    assert (item.id, item.reason) == ("m.json", "read.json_object")
+    assert item.detail == (
+        "m.json is one JSON object of columns, not rows ('id' holds a dict of 2 values, one per row: the layout "
+        "pandas' DataFrame.to_json() writes by default): a JSON manifest must be JSON Lines (one row object per "
+        'line) or a JSON array of row objects; from pandas, write the rows: df.to_json(path, orient="records", '
+        "lines=True)"
+    )
+    # one row whose cells are an image struct and a list of labels is still a row
+    (tmp_path / "row.json").write_text(json.dumps({"id": "a", "image": {"bytes": None, "path": "a.jpg"},
+                                                   "label": [1, 2]}))
+    (sample,) = iter_manifest(str(tmp_path / "row.json"))
+    assert (sample.id, sample.image.name, sample.label) == ("a", "a.jpg", [1, 2])
 
 
 def test_pretty_printed_json_documents_are_read_whole(tmp_path):

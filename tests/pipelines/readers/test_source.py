@@ -228,19 +228,19 @@ def _table(path, columns):
 
 @pytest.mark.parametrize("name, body, message", [
     ("captions.csv", "image,caption\nImages/0.jpg,a dog\n",
-     r"captions.csv': it has no 'id' column \(columns: image, caption\); every row needs an 'id'"),
+     r"captions.csv': it has no 'id' column \(columns: 'image', 'caption'\); every row needs an 'id'"),
     ("m.tsv", "id\tlabel\nc0\tx\n",
-     r"m.tsv': it has no text, image or audio column \(columns: id, label\); name the text column one of "
+     r"m.tsv': it has no text, image or audio column \(columns: 'id', 'label'\); name the text column one of "
      r"text, caption, transcription, and the columns of media paths image and audio"),
-    ("m.csv.gz", b"url,caption\nhttps://x/0.jpg,a\n", r"m.csv.gz': it has no 'id' column \(columns: url, caption\)"),
+    ("m.csv.gz", b"url,caption\nhttps://x/0.jpg,a\n", r"m.csv.gz': it has no 'id' column \(columns: 'url', 'caption'\)"),
     ("m.jsonl", '{"image": "a.jpg"}\n{"text": "b"}\n',
-     r"none of its first 2 rows has 'id' \(keys found: image, text\)"),
+     r"none of its first 2 rows has 'id' \(keys found: 'image', 'text'\)"),
     ("m.jsonl", '{"id": "a", "url": "x"}\n',
-     r"its first row has no text, image or audio \(keys found: id, url\)"),
+     r"its first row has no text, image or audio \(keys found: 'id', 'url'\)"),
     ("coco.jsonl", '{"info": {}, "images": [], "annotations": []}\n',
      r"its first row has no 'id' .*; this is a COCO annotation file: convert it to rows of id, image, text"),
     ("coco.json", '{\n "info": {},\n "images": [],\n "annotations": []\n}\n',
-     r"coco.json': coco.json is one JSON object \(keys: info, images, annotations\), not rows: a .json manifest "
+     r"coco.json': coco.json is one JSON object \(keys: info, images, annotations\), not rows: a JSON manifest "
      r"must be JSON Lines .* or a JSON array of row objects; this is a COCO annotation file"),
 ])
 def test_config_refuses_a_manifest_whose_columns_give_no_sample(tmp_path, name, body, message):
@@ -253,9 +253,9 @@ def test_config_refuses_a_manifest_whose_columns_give_no_sample(tmp_path, name, 
 
 
 def test_config_reads_a_parquet_schema_for_its_columns(tmp_path):
-    with pytest.raises(ValueError, match=r"it has no 'id' column \(columns: image, caption\)"):
+    with pytest.raises(ValueError, match=r"it has no 'id' column \(columns: 'image', 'caption'\)"):
         SourceConfig(manifest=str(_table(tmp_path / "hf.parquet", {"image": ["a.jpg"], "caption": ["c"]})))
-    with pytest.raises(ValueError, match=r"it has no text, image or audio column \(columns: id, url\)"):
+    with pytest.raises(ValueError, match=r"it has no text, image or audio column \(columns: 'id', 'url'\)"):
         SourceConfig(manifest=str(_table(tmp_path / "laion.parquet", {"id": ["a"], "url": ["https://x"]})))
     SourceConfig(manifest=str(_table(tmp_path / "ok.parquet", {"id": ["a"], "transcription": ["t"]})))
 
@@ -274,17 +274,32 @@ def test_config_accepts_manifests_with_bad_first_rows(tmp_path, name, body):
     SourceConfig(manifest=str(tmp_path / name))
 
 
+def test_config_reads_a_repeated_column_that_is_not_mbm_s_and_logs_how(tmp_path, caplog):
+    """Only a repeat of one of mbm's columns loses data that matters; others are kept in meta."""
+    (tmp_path / "m.csv").write_text("id,text,lang,lang\n1,hi,en,fr\n")
+    SourceConfig(manifest=str(tmp_path / "m.csv"))
+    assert "its header repeats 'lang' (columns: 'id', 'text', 'lang', 'lang'); the first of each keeps its " \
+           "name, the others are kept in meta as 'lang.1'" in caplog.text
+
+
 def test_config_refuses_a_manifest_pattern_and_says_what_to_do(tmp_path):
     (tmp_path / "data").mkdir()
     for k in range(2):
         _table(tmp_path / "data" / f"train-{k:05d}-of-00002.parquet", {"id": [f"p{k}"], "text": ["t"]})
-    for pattern, matches in (("data/train-*.parquet", "it matches 2 files"),
-                             ("data/train-{00000,00001}-of-00002.parquet", "it matches 2 files"),
-                             ("data/test-*.parquet", "it matches no file")):
+    for pattern in ("data/train-*.parquet", "data/train-{00000,00001}-of-00002.parquet"):
         with pytest.raises(ValueError) as exc:
             SourceConfig(manifest=str(tmp_path / pattern))
         message = str(exc.value)
-        assert f"is a pattern ({matches}): manifest names one file and patterns are not expanded" in message
+        assert "is a pattern (it matches 2 files): manifest names one file and patterns are not expanded" in message
         assert "Join the files into one manifest" in message and "pyarrow.parquet.read_table" in message
     literal = _table(tmp_path / "data" / "odd[1].parquet", {"id": ["a"], "text": ["t"]})
     assert SourceConfig(manifest=str(literal)).manifest == str(literal)  # a file of that name is read
+    with pytest.raises(ValueError) as exc:  # a missing file whose name would match one as a pattern
+        SourceConfig(manifest=str(tmp_path / "data" / "train-0000[0]-of-00002.parquet"))
+    assert str(exc.value) == (
+        f"[input] manifest '{tmp_path}/data/train-0000[0]-of-00002.parquet' does not exist; as a pattern it "
+        f"would match '{tmp_path}/data/train-00000-of-00002.parquet', but manifest names one file and patterns "
+        "are not expanded: name that file"
+    )
+    with pytest.raises(ValueError, match=r"test-\*.parquet' does not exist \(manifest names one file and patterns "):
+        SourceConfig(manifest=str(tmp_path / "data" / "test-*.parquet"))
