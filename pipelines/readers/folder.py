@@ -3,13 +3,16 @@
 With ``metadata.jsonl`` / ``metadata.csv`` / ``metadata.parquet`` (at the root or in subfolders, each
 naming files relative to its own folder by ``file_name``): one sample per metadata row, and one
 ``read.not_in_metadata`` reject per image or audio file that no row names (a split shipped without
-metadata, a file added after the metadata was written), so that none vanishes without a row; other
-files are not samples there and are left alone. Without metadata: one sample per media file, labelled
-by its class folder when files sit in more than one class folder, its text taken from a ``.txt`` file
-of the same name beside it (``img.png`` + ``img.txt``: img2dataset's ``files`` output, caption
-folders), and one ``read.unsupported_file`` reject per other file, so that a photo in a format mbm
-does not read (``.heic``) or a stray file is listed rather than silently left out. Hidden files and
-folders and the thumbnail and settings files Windows and macOS leave behind are skipped.
+metadata, a file added after the metadata was written), so that none vanishes without a row; a file
+reached through a symlinked folder is named when its real path is. Other files are not samples there
+and are left alone. Without metadata: one sample per media file, labelled by its class folder when
+files sit in more than one class folder, its text taken from a ``.txt`` file of the same name beside it
+(``img.png`` + ``img.txt``: img2dataset's ``files`` output, caption folders) and its metadata from a
+``.json`` file of that name, read as a tar's json member is; and one ``read.unsupported_file`` reject
+per other file, so that a photo in a format mbm does not read (``.heic``) or a stray file is listed
+rather than silently left out. Folders whose media files all have a ``.json`` with img2dataset's
+fields are its shards (``00000/``, ``00001/``), not classes. Hidden files and folders and the thumbnail
+and settings files Windows and macOS leave behind are skipped.
 """
 
 from __future__ import annotations
@@ -35,13 +38,18 @@ from pipelines.readers.common import (
 )
 from pipelines.readers.manifest import text_cell
 from pipelines.readers.rows import format_of, iter_rows, meta_value
+from pipelines.readers.wds import json_object, with_json
 from schemas import Media, RawSample, Reject
 
 if TYPE_CHECKING:
     from pipelines.readers.source import SourceConfig
 
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
-TEXT_EXTENSION = "txt"  # without metadata, the text of the media files of the same name
+# without metadata, the files that hold the text and the metadata of the media files of the same name
+TEXT_EXTENSION, INFO_EXTENSION = "txt", "json"
+PARTNERS = {TEXT_EXTENSION: "text", INFO_EXTENSION: "metadata"}
+# fields img2dataset writes into each sample's .json: with them beside every media file, folders are shards
+IMG2DATASET_FIELDS = ("key", "status")
 # folders HF reads as splits, not classes
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval"})
 # files the system writes into any folder it shows (compared lower-case); not part of a dataset
@@ -173,9 +181,36 @@ def _not_in_metadata(
     covering: dict[str, list[str]] = {}  # folder -> its metadata files
     for rel in metadata:
         covering.setdefault(posixpath.dirname(rel), []).append(rel)
+    real = _RealPaths(root, named)
     for rel in files:
-        if media_kind(rel) is not None and posixpath.join(root, rel) not in named:
+        if media_kind(rel) is not None and posixpath.join(root, rel) not in named and rel not in real:
             yield _unnamed(rel, covering, damaged)
+
+
+class _RealPaths:
+    """Whether a listed file of a local dataset is named by its real path: the walk lists a file in a
+    symlinked folder once, under one of its paths (``link/r.png``), and a row may name another
+    (``real/r.png``). Only folders are resolved, each once, and only once a listed file is not named
+    as it is; remote file systems have no symlinks."""
+
+    def __init__(self, root: str, named: set[str]) -> None:
+        self._root = root
+        self._named = named
+        self._real: set[str] | None = None
+        self._folders: dict[str, str] = {}
+
+    def __contains__(self, rel: str) -> bool:
+        if local_path(self._root) is None:
+            return False
+        if self._real is None:
+            self._real = {self._resolve(path) for path in self._named if local_path(path) is not None}
+        return self._resolve(posixpath.join(self._root, rel)) in self._real
+
+    def _resolve(self, path: str) -> str:
+        folder, name = os.path.split(local_path(path) or path)
+        if folder not in self._folders:
+            self._folders[folder] = os.path.realpath(folder)
+        return os.path.join(self._folders[folder], name)
 
 
 def _unnamed(rel: str, covering: dict[str, list[str]], damaged: set[str]) -> Reject:
@@ -209,13 +244,18 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
     kinds = [(rel, media_kind(rel)) for rel in files if posixpath.basename(rel).lower() not in CLUTTER_NAMES]
     parents = {posixpath.basename(posixpath.dirname(rel)) for rel, kind in kinds if kind}
     in_folders = all("/" in rel for rel, kind in kinds if kind)
-    labelled = in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES
-    texts = _text_files(kinds)
+    partners = _partners(kinds)
+    texts, infos = partners[TEXT_EXTENSION], partners[INFO_EXTENSION]
+    labelled = (
+        in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES and not _shards(root, kinds, infos)
+    )
+    bad_infos: set[str] = set()  # .json files already rejected (one may serve an image and an audio file)
     for rel, kind in kinds:
         stem = posixpath.splitext(rel)[0]
         if kind is None:
-            if texts.get(stem) != rel:
-                yield _unsupported(rel, texts.get(stem))
+            partner = partners.get(extension(rel), {}).get(stem)
+            if partner != rel:
+                yield _unsupported(rel, partner)
             continue
         split = rel.split("/", 1)[0] if "/" in rel else ""
         parent = posixpath.basename(posixpath.dirname(rel))
@@ -225,27 +265,49 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
             detail = f"{rel}: its text file {texts[stem]} cannot be read ({e.detail})"
             yield reject(e.reason, detail, rel, rel)
             continue
-        yield RawSample(
-            id=rel,
-            text=text,
-            label=parent if labelled and parent not in SPLIT_NAMES else None,
-            meta={"split": split} if split in SPLIT_NAMES else {},
-            source=rel,
-            **{kind: Media(uri=f"{root}/{rel}", name=rel)},
-        )
+        label = parent if labelled and parent not in SPLIT_NAMES else None
+        meta: dict[str, Any] = {}
+        if stem in infos:
+            try:
+                text, label, meta = with_json(_info_file(root, infos[stem]), text, label, infos[stem])
+            except CleanError as e:
+                if infos[stem] not in bad_infos:
+                    bad_infos.add(infos[stem])
+                    yield _bad_info(infos[stem], e)
+        if split in SPLIT_NAMES:
+            meta["split"] = split
+        media = Media(uri=f"{root}/{rel}", name=rel)
+        yield RawSample(id=rel, text=text, label=label, meta=meta, source=rel, **{kind: media})
 
 
-def _text_files(kinds: list[tuple[str, str | None]]) -> dict[str, str]:
-    """Path without extension -> the ``.txt`` file beside the media files of that name, which holds their
-    text (img2dataset's ``files`` output, caption folders); with an image and an audio file of one name,
-    both take it."""
+def _partners(kinds: list[tuple[str, str | None]]) -> dict[str, dict[str, str]]:
+    """For ``.txt`` and ``.json``: path without extension -> the file beside the media files of that name
+    that holds their text or metadata (img2dataset's ``files`` output, caption folders); with an image
+    and an audio file of one name, both take it."""
     media = {posixpath.splitext(rel)[0] for rel, kind in kinds if kind}
-    texts: dict[str, str] = {}
+    partners: dict[str, dict[str, str]] = {ext: {} for ext in PARTNERS}
     for rel, kind in kinds:
-        stem = posixpath.splitext(rel)[0]
-        if kind is None and extension(rel) == TEXT_EXTENSION and stem in media:
-            texts.setdefault(stem, rel)  # a.TXT before a.txt: the other one is a reject
-    return texts
+        stem, ext = posixpath.splitext(rel)[0], extension(rel)
+        if kind is None and ext in partners and stem in media:
+            partners[ext].setdefault(stem, rel)  # a.TXT before a.txt: the other one is a reject
+    return partners
+
+
+def _shards(root: str, kinds: list[tuple[str, str | None]], infos: dict[str, str]) -> bool:
+    """Whether the folders are img2dataset's shards (``00000/``, ``00001/``), not classes: every media
+    file has a ``.json`` and each that can be read holds img2dataset's fields. Reads the ``.json`` files
+    (again when their samples are read) until one does not; only for a dataset that could be labelled."""
+    stems = dict.fromkeys(posixpath.splitext(rel)[0] for rel, kind in kinds if kind)
+    if not all(stem in infos for stem in stems):
+        return False
+    for stem in stems:
+        try:
+            info = _info_file(root, infos[stem])
+        except CleanError:
+            continue  # its reject comes with its sample
+        if not all(field in info for field in IMG2DATASET_FIELDS):
+            return False
+    return True
 
 
 def _text_file(root: str, rel: str) -> bytes | None:
@@ -258,13 +320,36 @@ def _text_file(root: str, rel: str) -> bytes | None:
         raise
 
 
-def _unsupported(rel: str, text_file: str | None = None) -> Reject:
+def _info_file(root: str, rel: str) -> dict[str, Any]:
+    """A ``.json`` file's object, as a tar's json member is read; ``CleanError`` when it cannot be read or
+    is not a JSON object."""
+    try:
+        data = read_media(Media(uri=f"{root}/{rel}", name=rel))
+    except CleanError as e:
+        if e.reason != "file.empty":
+            raise CleanError(e.reason, f"{rel} cannot be read ({e.detail})") from e
+        data = b""
+    return json_object(data, rel)
+
+
+def _bad_info(rel: str, error: CleanError) -> Reject:
+    """The reject of a ``.json`` that cannot be used: its media files are read without it, so that a
+    damaged metadata file does not cost the samples."""
+    stem = posixpath.basename(posixpath.splitext(rel)[0])
+    detail = (
+        f"{error.detail}; the image or audio files named '{stem}.*' beside it are read without it: fix the "
+        "file, or remove it"
+    )
+    return reject(error.reason, detail, rel, rel)
+
+
+def _unsupported(rel: str, partner: str | None = None) -> Reject:
     ext = extension(rel)
     stem = posixpath.basename(posixpath.splitext(rel)[0])
-    if ext == TEXT_EXTENSION and text_file is not None:
-        what = f"{text_file} already holds the text of the image or audio files named '{stem}.*'"
-    elif ext == TEXT_EXTENSION:
-        what = f"no image or audio file named '{stem}.*' beside it, whose text it would be"
+    if ext in PARTNERS and partner is not None:
+        what = f"{partner} already holds the {PARTNERS[ext]} of the image or audio files named '{stem}.*'"
+    elif ext in PARTNERS:
+        what = f"no image or audio file named '{stem}.*' beside it, whose {PARTNERS[ext]} it would be"
     elif ext:
         what = f"'.{ext}' is not an image or audio extension mbm reads"
     else:

@@ -6,8 +6,11 @@ as ``tarfile.extractfile`` reads them; a sample with a link to nothing is one ``
 Concatenated tars (``cat a.tar b.tar``, ``cat a.tar.gz b.tar.gz``) are read to their end, like
 ``tar --ignore-zeros``. A tar damaged part-way (a compressed one cut short too) keeps the samples before
 the damage and yields one ``read.corrupt_tar`` reject. A file that is neither named nor made like a tar
-(the ``.parquet`` and ``_stats.json`` img2dataset writes beside its tars, matched by ``dir/*``) is one
-``read.not_a_tar`` reject.
+(the ``.parquet`` and ``_stats.json`` img2dataset writes beside its tars, matched by ``dir/*``; a
+``captions.jsonl.gz``, compressed but no tar inside) is one ``read.not_a_tar`` reject.
+
+A member whose extension has dots (``p.en.txt``: key ``p``, extension ``en.txt``) stands in for a text,
+image or audio member the sample lacks when its extension ends in one; see ``_stand_ins``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ LABEL_SUFFIXES = ("cls", "label")
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta (__index__ and the like)
 _INT = re.compile(r"^[+-]?\d+$")
+JSON_FIELDS = ("key", "caption", "label")  # fields of a sample's json that are its id, text and label
+UNREAD_MEMBERS = "unread_members"  # meta key: the members with dotted extensions that were not used
 # names of tars, plain or compressed; a file named otherwise is read only when it starts like one
 TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.lzma",
              ".tar.zst", ".tzst")
@@ -151,8 +156,8 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | 
         member, offset = None, 0
         try:
             kind = _compression(f)
-            if kind == CompressionTypes.UNCOMPRESSED and not _tar_like(path, f):
-                yield _not_a_tar(name)
+            if not _tar_like(path, f, kind):
+                yield _not_a_tar(name, kind)
                 return
             with decompressed(f, kind) as tar:
                 source = tar if kind == CompressionTypes.UNCOMPRESSED else _UpToTheCut(tar)
@@ -196,12 +201,14 @@ def _compression(f: BinaryIO) -> str:
     return next(found, CompressionTypes.UNCOMPRESSED)
 
 
-def _tar_like(path: str, f: BinaryIO) -> bool:
-    """Whether an uncompressed file is named like a tar or starts with a tar header (checksum and all)
-    or an end-of-archive block; ``f`` is left at its start."""
+def _tar_like(path: str, f: BinaryIO, kind: str) -> bool:
+    """Whether a file is named like a tar or starts, once decompressed, with a tar header (checksum and
+    all) or an end-of-archive block; only its first block is decompressed, and ``f`` is left at its
+    start."""
     if path.lower().endswith(TAR_NAMES):
         return True
-    head = f.read(tarfile.BLOCKSIZE)
+    with decompressed(f, kind) as data:
+        head = data.read(tarfile.BLOCKSIZE)
     f.seek(0)
     if len(head) == tarfile.BLOCKSIZE and not head.strip(tarfile.NUL):
         return True  # an empty tar
@@ -212,11 +219,17 @@ def _tar_like(path: str, f: BinaryIO) -> bool:
     return True
 
 
-def _not_a_tar(name: str) -> Reject:
+def _not_a_tar(name: str, kind: str) -> Reject:
+    from apache_beam.io.filesystem import CompressionTypes
+
+    if kind == CompressionTypes.UNCOMPRESSED:
+        what = "it does not start like a tar or a compressed tar"
+    else:
+        what = f"it is {kind}-compressed data, but what it holds does not start like a tar"
     detail = (
-        f"{name} is not a WebDataset tar (its name does not end in .tar, .tar.gz, ... and it does not "
-        "start like a tar or a compressed tar), yet `shards` matched it; give `shards` a pattern that "
-        'matches the tars only ("dir/*.tar"), or the folder itself (shards = "dir" reads its *.tar files)'
+        f"{name} is not a WebDataset tar (its name does not end in .tar, .tar.gz, ... and {what}), yet "
+        "`shards` matched it; give `shards` a pattern that matches the tars only (\"dir/*.tar\"), or the "
+        'folder itself (shards = "dir" reads its *.tar files)'
     )
     return reject("read.not_a_tar", detail, name)
 
@@ -362,11 +375,12 @@ def _sample_id(info: dict[str, Any], key: str, source: str) -> str:
 def _sample(
     sample_id: str, info: dict[str, Any], group: dict[str, tuple[str, bytes]], source: str
 ) -> RawSample:
-    text = _bytes(group, TEXT_SUFFIXES)
-    if text is None:
-        text = _caption(info.get("caption"), source)
-    image = _media(group, IMAGE_EXTS)
-    audio = _media(group, AUDIO_EXTS)
+    stand_ins, unread = _stand_ins(group)
+    members = {**group, **stand_ins}
+    text = _bytes(members, TEXT_SUFFIXES)
+    text, label, meta = with_json(info, text, _label(_bytes(group, LABEL_SUFFIXES)), source)
+    image = _media(members, IMAGE_EXTS)
+    audio = _media(members, AUDIO_EXTS)
     status = info.get("status")
     what = _dotted_keys(group) or "no text, image or audio member"
     if isinstance(status, str) and status != "success":  # img2dataset keeps the json of a failed download
@@ -375,17 +389,51 @@ def _sample(
             what += f": {info['error_message']}"
     if text is None and image is None and audio is None:
         raise CleanError("read.no_modality", f"{source}: {what}")
-    label = _label(_bytes(group, LABEL_SUFFIXES))
+    if unread:
+        meta[UNREAD_MEMBERS] = unread
+    return RawSample(id=sample_id, text=text, image=image, audio=audio, label=label, meta=meta, source=source)
+
+
+def with_json(info: dict[str, Any], text: Any, label: Any, source: str) -> tuple[Any, Any, dict[str, Any]]:
+    """The text, label and meta of a sample whose json is ``info``: its ``caption`` stands in for a
+    missing text, its ``label`` for a missing label, and its other fields but ``key`` (the id) are meta.
+    A caption that is not a string raises ``read.bad_type``."""
+    if text is None:
+        text = _caption(info.get("caption"), source)
     if label is None and not is_empty(info.get("label")):
         label = meta_value(info["label"])
-    meta = {k: meta_value(v) for k, v in info.items() if k not in ("key", "caption", "label")}
-    return RawSample(id=sample_id, text=text, image=image, audio=audio, label=label, meta=meta, source=source)
+    return text, label, {k: meta_value(v) for k, v in info.items() if k not in JSON_FIELDS}
+
+
+def _stand_ins(group: dict[str, tuple[str, bytes]]) -> tuple[dict[str, tuple[str, bytes]], list[str]]:
+    """Members with dotted extensions used for a modality the sample has no member for (``p.jpg`` +
+    ``p.en.txt``: the text is ``p.en.txt``), by the last part of their extension, and the names of those
+    left unused, for meta. A modality that has a member with a plain extension keeps it, and its dotted
+    ones are ignored, as before. One candidate is used; of several (``p.en.txt``, ``p.de.txt``), the first
+    in name order, unless every member of the sample is dotted: then they are most likely several files
+    under one key (``photo.2019.01.jpg``, ``photo.2019.02.jpg``) and none is used."""
+    plain = any("." not in suffix for suffix in group)
+    used: dict[str, tuple[str, bytes]] = {}
+    unread: list[str] = []
+    for suffixes in (TEXT_SUFFIXES, IMAGE_EXTS, AUDIO_EXTS):
+        if any(suffix in suffixes for suffix in group):
+            continue
+        candidates = sorted(
+            (suffix for suffix in group if "." in suffix and suffix.rsplit(".", 1)[1] in suffixes),
+            key=lambda suffix: group[suffix][0],
+        )
+        if len(candidates) == 1 or (candidates and plain):
+            used[candidates[0].rsplit(".", 1)[1]] = group[candidates[0]]
+            candidates = candidates[1:]
+        unread += [group[suffix][0] for suffix in candidates]
+    return used, sorted(unread)
 
 
 def _dotted_keys(group: dict[str, tuple[str, bytes | CleanError]]) -> str:
     """Why members whose key has dots (``photo.2019.01.jpg``) gave no modality, and what to do; "" when
     none has. The key ends at the first dot of the base name, as in webdataset, so the extension of
-    ``photo.2019.01.jpg`` is ``2019.01.jpg``."""
+    ``photo.2019.01.jpg`` is ``2019.01.jpg``; such members give no modality when several would stand in
+    for one and no member of the sample has a plain extension (see ``_stand_ins``)."""
     known = (*TEXT_SUFFIXES, *IMAGE_EXTS, *AUDIO_EXTS)
     dotted = [(member, suffix) for suffix, (member, _) in group.items()
               if "." in suffix and suffix.rsplit(".", 1)[1] in known]
@@ -421,14 +469,18 @@ def _json(group: dict[str, tuple[str, bytes]], source: str) -> dict[str, Any]:
     if "json" not in group:
         return {}
     member, data = group["json"]
+    return json_object(data, f"{source}: {member}")
+
+
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """A sample's json (``what`` names it in the error) as a dict; ``read.bad_json`` when it is not JSON
+    or not an object."""
     try:
         info = load_json(data.decode("utf-8", errors="surrogateescape").lstrip("\ufeff"))
     except ValueError as e:
-        raise CleanError("read.bad_json", f"{source}: {member} is not valid JSON ({e})") from e
+        raise CleanError("read.bad_json", f"{what} is not valid JSON ({e})") from e
     if not isinstance(info, dict):
-        raise CleanError(
-            "read.bad_json", f"{source}: {member} holds a JSON {type(info).__name__}, expected an object"
-        )
+        raise CleanError("read.bad_json", f"{what} holds a JSON {type(info).__name__}, expected an object")
     return info
 
 

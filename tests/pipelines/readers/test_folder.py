@@ -257,17 +257,6 @@ def test_a_file_named_only_by_a_rejected_row_gets_no_second_reject(tmp_path):
 
 
 def test_a_text_file_beside_a_media_file_is_its_text(tmp_path):
-    for shard in ("00000", "00001"):  # img2dataset --output_format files
-        _touch(tmp_path / "i2d", f"{shard}/{shard}0000.jpg", f"{shard}/{shard}0000.json")
-        (tmp_path / "i2d" / shard / f"{shard}0000.txt").write_text(f"caption {shard}")
-    items = list(iter_folder(str(tmp_path / "i2d")))
-    got = [(s.id, s.text, s.present()) for s in items if isinstance(s, RawSample)]
-    assert got == [
-        ("00000/000000000.jpg", b"caption 00000", ["text", "image"]),
-        ("00001/000010000.jpg", b"caption 00001", ["text", "image"]),
-    ]
-    rejects = [(r.id, r.reason) for r in items if isinstance(r, Reject)]
-    assert rejects == [(f"{s}/{s}0000.json", "read.unsupported_file") for s in ("00000", "00001")]
     root = tmp_path / "kohya"
     _touch(root, "a.png", "a.heic", "b.jpg", "b.txt", "c.wav", "c.png", "sub/a.txt", "d.jpg", "d.TXT", "d.txt")
     _touch(root, "e.png")
@@ -321,3 +310,121 @@ def test_a_changed_text_file_changes_the_text_hash_only(tmp_path):
     _, old = load_raw(before, config)
     _, new = load_raw(after, config)
     assert (old["image"] == new["image"], old["text"] == new["text"]) == (True, False)
+
+
+def _img2dataset_files(root, shards, status="success"):
+    """img2dataset --output_format files: shard folders of KEY.jpg, KEY.txt, KEY.json, and each shard's
+    stats and parquet beside its folder; a failed download keeps its .txt and .json only."""
+    for shard, keys in shards.items():
+        for key in keys:
+            if status == "success":
+                _touch(root, f"{shard}/{key}.jpg")
+            info = {"key": key, "status": status, "url": f"http://x/{key}.jpg", "caption": f"caption {key}",
+                    "width": 8}
+            (root / shard).mkdir(parents=True, exist_ok=True)
+            (root / shard / f"{key}.json").write_text(json.dumps(info))
+            (root / shard / f"{key}.txt").write_text(f"caption {key}")
+        (root / f"{shard}_stats.json").write_text(json.dumps({"count": len(keys)}))
+        (root / f"{shard}.parquet").write_bytes(b"PAR1")
+
+
+def test_img2dataset_files_output_reads_each_json_as_its_samples_metadata(tmp_path):
+    root = tmp_path / "i2d"
+    _img2dataset_files(root, {"00000": ["000000000", "000000001"], "00001": ["000010000"]})
+    _img2dataset_files(root, {"00001": ["000010001"]}, status="failed_to_download")
+    (root / "00000" / "000000001.txt").unlink()  # no .txt: the json's caption is the text, as in a tar
+    items = list(iter_folder(str(root)))
+    samples = [(s.id, s.text, s.label, s.meta, s.source) for s in items if isinstance(s, RawSample)]
+    assert samples == [  # shard folders, not classes: no label
+        (f"{shard}/{key}.jpg", text, None, {"status": "success", "url": f"http://x/{key}.jpg", "width": 8},
+         f"{shard}/{key}.jpg")
+        for shard, key, text in [
+            ("00000", "000000000", b"caption 000000000"),
+            ("00000", "000000001", "caption 000000001"),
+            ("00001", "000010000", b"caption 000010000"),
+        ]
+    ]
+    rejects = [(r.id, r.reason, r.detail) for r in items if isinstance(r, Reject)]
+    parquet = "{}: not read as a sample ('.parquet' is not an image or audio extension mbm reads)"
+    whose = "{}: not read as a sample (no image or audio file named '{}.*' beside it, whose {} it would be)"
+    assert rejects == [  # one row per shard for its stats and parquet, and two for the failed download
+        ("00000.parquet", "read.unsupported_file", parquet.format("00000.parquet")),
+        ("00000_stats.json", "read.unsupported_file",
+         whose.format("00000_stats.json", "00000_stats", "metadata")),
+        ("00001.parquet", "read.unsupported_file", parquet.format("00001.parquet")),
+        ("00001/000010001.json", "read.unsupported_file",
+         whose.format("00001/000010001.json", "000010001", "metadata")),
+        ("00001/000010001.txt", "read.unsupported_file",
+         whose.format("00001/000010001.txt", "000010001", "text")),
+        ("00001_stats.json", "read.unsupported_file",
+         whose.format("00001_stats.json", "00001_stats", "metadata")),
+    ]
+
+
+def test_class_folders_keep_their_labels_beside_json_files_of_other_fields(tmp_path):
+    """Only .json files with img2dataset's fields beside every media file make the folders its shards:
+    MNIST's numeric class folders, with their own metadata files, stay classes."""
+    root = tmp_path / "mnist"
+    for digit in ("0", "1"):
+        _touch(root, f"{digit}/a.png")
+        (root / digit / "a.json").write_text(json.dumps({"key": f"{digit}a", "writer": 7}))
+    _img2dataset_files(root, {"1": ["b"]})  # one file with img2dataset's fields does not decide
+    got = [(s.id, s.label, s.meta) for s in iter_folder(str(root)) if isinstance(s, RawSample)]
+    assert got == [
+        ("0/a.png", "0", {"writer": 7}),
+        ("1/a.png", "1", {"writer": 7}),
+        ("1/b.jpg", "1", {"status": "success", "url": "http://x/b.jpg", "width": 8}),
+    ]
+
+
+def test_a_json_file_that_cannot_be_used_is_its_own_reject_and_its_sample_is_kept(tmp_path):
+    _touch(tmp_path, "a.png", "b.png", "c.png", "c.wav", "d.png", "e.png", "f.png")
+    (tmp_path / "a.json").write_text("{not json")
+    (tmp_path / "b.json").write_text("[1, 2]")
+    (tmp_path / "c.json").write_text(json.dumps({"caption": 3, "lang": "en"}))  # one reject for both files
+    (tmp_path / "d.json").write_text(json.dumps({"caption": "from json", "label": "cat", "n": {"k": [1]}}))
+    (tmp_path / "e.json").write_bytes(b"")
+    (tmp_path / "f.json").symlink_to(tmp_path / "nowhere.json")
+    items = list(iter_folder(str(tmp_path)))
+    samples = [(s.id, s.text, s.label, s.meta) for s in items if isinstance(s, RawSample)]
+    assert samples == [
+        ("a.png", None, None, {}),
+        ("b.png", None, None, {}),
+        ("c.png", None, None, {}),
+        ("c.wav", None, None, {}),
+        ("d.png", "from json", "cat", {"n": {"k": [1]}}),
+        ("e.png", None, None, {}),
+        ("f.png", None, None, {}),
+    ]
+    rejects = [(r.id, r.reason, r.source, r.detail) for r in items if isinstance(r, Reject)]
+    kept = "; the image or audio files named '{}.*' beside it are read without it: fix the file, or remove it"
+    assert rejects == [
+        ("a.json", "read.bad_json", "a.json",
+         "a.json is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+         "(char 1))" + kept.format("a")),
+        ("b.json", "read.bad_json", "b.json",
+         "b.json holds a JSON list, expected an object" + kept.format("b")),
+        ("c.json", "read.bad_type", "c.json",
+         "c.json: json 'caption' is int 3, expected a string" + kept.format("c")),
+        ("e.json", "read.bad_json", "e.json",
+         "e.json is not valid JSON (Expecting value: line 1 column 1 (char 0))" + kept.format("e")),
+        ("f.json", "file.missing", "f.json",
+         f"f.json cannot be read ({tmp_path}/f.json does not exist)" + kept.format("f")),
+    ]
+
+
+def test_a_file_in_a_symlinked_folder_is_named_by_its_real_path(tmp_path):
+    """The walk lists a file in a symlinked folder under one path; a row naming the other names it too:
+    a read.not_in_metadata row for it would advise adding a second sample of the same file."""
+    _touch(tmp_path, "real/r.png", "real/unnamed.png")
+    (tmp_path / "link").symlink_to("real")  # listed first: the walk lists link/r.png
+    (tmp_path / "z").symlink_to("real")  # a second link: not walked
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "real/r.png", "text": "a red square"}\n')
+    items = list(iter_folder(str(tmp_path)))
+    assert [(i.id, getattr(i, "reason", "ok")) for i in items] == [
+        ("real/r.png", "ok"), ("link/unnamed.png", "read.not_in_metadata")
+    ]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "z/r.png"}\n{"file_name": "link/unnamed.png"}\n')
+    assert [(i.id, getattr(i, "reason", "ok")) for i in iter_folder(str(tmp_path))] == [
+        ("z/r.png", "ok"), ("link/unnamed.png", "ok")
+    ]
