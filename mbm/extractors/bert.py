@@ -22,6 +22,7 @@ through transformers as before.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ def _json(path: Path) -> dict[str, Any]:
 def plain_bert(path: str) -> str | None:
     """None when the folder at ``path`` holds a BERT encoder that ``load`` runs exactly as transformers
     would; otherwise why not (for the log)."""
+    if os.environ.get("MBM_NATIVE_BERT", "1") == "0":
+        return "turned off by MBM_NATIVE_BERT=0"
     folder = Path(path)
     config = _json(folder / "config.json")
     checks = [

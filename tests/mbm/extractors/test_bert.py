@@ -143,3 +143,11 @@ def test_the_default_text_model_loads_without_importing_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:3] == ["7", "[]", "['mbm.extractors.bert_encoder', 'safetensors.torch', 'tokenizers']"]
+
+
+def test_mbm_native_bert_0_loads_through_transformers(tiny_bert_dir, monkeypatch):
+    monkeypatch.setenv("MBM_NATIVE_BERT", "0")
+    assert "MBM_NATIVE_BERT" in bert.plain_bert(str(tiny_bert_dir))
+    extractor = create_extractor("hf-text", {"path": str(tiny_bert_dir)})
+    assert not isinstance(extractor.load("cpu").tokenizer, bert.WordPieceTokenizer)
+    assert extractor.preload_modules()[0] == "transformers"
