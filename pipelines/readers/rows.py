@@ -519,7 +519,7 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
 
     base = 0  # physical lines before the current reader's first
     reader = csv.reader(feed(), delimiter=delimiter, strict=True)
-    header: list[str] | None = None
+    table = _Table(name, "read.bad_csv", "cells")
     while True:
         taken.clear()
         start = base + reader.line_num + 1
@@ -541,22 +541,11 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
                 cells = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter), [])
             except csv.Error:
                 cells = None
-            if cells is None or (header is not None and len(cells) != len(header)):
+            if cells is None or (table.header is not None and len(cells) != len(table.header)):
                 # its cells would shift into the wrong columns (an image path read as caption text)
                 yield reject("read.bad_csv", f"{where}: cannot parse the row ({e})", where)
                 continue
-        if not any(cell.strip() for cell in cells):
-            continue
-        if header is None:
-            header = [cell.strip() for cell in cells]
-            yield _Header(header)
-            header = unique_columns(header)
-            continue
-        if len(cells) > len(header):
-            detail = f"{where}: {len(cells)} cells but the header has {len(header)} columns"
-            yield reject("read.bad_csv", detail, where)
-            continue
-        yield start, dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True))
+        yield from table.take(start, cells)
 
 
 def _tsv_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject | _Header]:
@@ -565,23 +554,34 @@ def _tsv_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject | _Hea
     Voice sentences hold unbalanced quotes, which a CSV parser would join to the lines after them). A
     line with more cells than the header has columns (a tab inside a cell) is rejected alone; one with
     fewer is padded with empty cells, as the CSV reader and pandas do."""
-    header: list[str] | None = None
+    table = _Table(name, "read.bad_tsv", "tab-separated cells",
+                   " (a TSV row is one line with one cell per column, and a cell holds no tab)")
     for line, text in enumerate(_decoded(lines), start=1):
-        cells = text.rstrip("\r\n").split("\t")
+        yield from table.take(line, text.rstrip("\r\n").split("\t"))
+
+
+class _Table:
+    """The header of a CSV/TSV, then the rows under it: blank lines skipped, a row with fewer cells
+    padded with empty ones (as pandas does), one with more rejected alone (``reason``)."""
+
+    def __init__(self, name: str, reason: str, cells: str, hint: str = "") -> None:
+        self.name, self.reason, self.cells, self.hint = name, reason, cells, hint
+        self.header: list[str] | None = None  # repeated names made unique
+
+    def take(self, line: int, cells: list[str]) -> Iterator[Row | Reject | _Header]:
         if not any(cell.strip() for cell in cells):
-            continue
-        if header is None:
+            return
+        if self.header is None:
             header = [cell.strip() for cell in cells]
             yield _Header(header)
-            header = unique_columns(header)
-            continue
-        if len(cells) > len(header):
-            where = f"{name}:{line}"
-            detail = (f"{where}: {len(cells)} tab-separated cells but the header has {len(header)} columns "
-                      "(a TSV row is one line with one cell per column, and a cell holds no tab)")
-            yield reject("read.bad_tsv", detail, where)
-            continue
-        yield line, dict(zip(header, cells + [""] * (len(header) - len(cells)), strict=True))
+            self.header = unique_columns(header)
+            return
+        if len(cells) > len(self.header):
+            where = f"{self.name}:{line}"
+            detail = f"{where}: {len(cells)} {self.cells} but the header has {len(self.header)} columns{self.hint}"
+            yield reject(self.reason, detail, where)
+            return
+        yield line, dict(zip(self.header, cells + [""] * (len(self.header) - len(cells)), strict=True))
 
 
 def _quoted_span(lines: list[str]) -> int:
