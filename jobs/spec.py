@@ -300,7 +300,8 @@ def _build(cls: type, values: dict[str, Any], section: str, where: str, derived:
     try:
         return cls(**values)
     except (ValueError, TypeError) as e:
-        raise SpecError(f"{where}: [{section}]: {e}") from e
+        said = str(e)  # a message that names its section already (SourceConfig's) keeps its own
+        raise SpecError(f"{where}: {said}" if said.startswith(f"[{section}]") else f"{where}: [{section}]: {said}") from e
 
 
 _SCALARS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}

@@ -10,15 +10,21 @@ files sit in more than one class folder, its text taken from a ``.txt`` file of 
 (``img.png`` + ``img.txt``: img2dataset's ``files`` output, caption folders) and its metadata from a
 ``.json`` file of that name, read as a tar's json member is; and one ``read.unsupported_file`` reject
 per other file, so that a photo in a format mbm does not read (``.heic``) or a stray file is listed
-rather than silently left out. Folders whose media files all have a ``.json`` with img2dataset's
-fields are its shards (``00000/``, ``00001/``), not classes. Hidden files and folders and the thumbnail
-and settings files Windows and macOS leave behind are skipped.
+rather than silently left out; a ``.txt`` or ``.json`` that cannot be used is a reject of its own, and
+its media files are read without it. Folders all named by digits of one width of five or more are
+img2dataset's shards (``00000/``, ``00001/``), not classes. Hidden files and folders, folders named
+``__x`` (``__MACOSX``, ``__pycache__``) and the thumbnail and settings files Windows and macOS leave
+behind are skipped.
+
+``check_metadata`` refuses, before the job starts, a metadata file with no ``file_name`` column.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,20 +42,27 @@ from pipelines.readers.common import (
     shown,
     text_column,
 )
-from pipelines.readers.manifest import text_cell
-from pipelines.readers.rows import format_of, iter_rows, meta_value
+from pipelines.readers.manifest import CHECKED_ROWS, listed_columns, text_cell
+from pipelines.readers.rows import FORMATS, columns_of, format_of, iter_rows, meta_value
 from pipelines.readers.wds import json_object, with_json
 from schemas import Media, RawSample, Reject
 
 if TYPE_CHECKING:
     from pipelines.readers.source import SourceConfig
 
+logger = logging.getLogger(__name__)
+
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+# column names meant as file_name (compared lower-case, letters and digits only): a did-you-mean for them
+FILE_NAME_NEAR = frozenset({"filename", "file", "filepath", "path", "image", "imagepath", "imagefile", "img",
+                            "audio", "audiopath", "audiofile"})
 # without metadata, the files that hold the text and the metadata of the media files of the same name
 TEXT_EXTENSION, INFO_EXTENSION = "txt", "json"
 PARTNERS = {TEXT_EXTENSION: "text", INFO_EXTENSION: "metadata"}
-# fields img2dataset writes into each sample's .json: with them beside every media file, folders are shards
-IMG2DATASET_FIELDS = ("key", "status")
+# img2dataset names its shard folders {shard:05d}: folders all named so are shards, not classes
+SHARD_FOLDER = re.compile(r"[0-9]{5,}")
+# prefixes of the folders (and, but for "__", files) that are not part of a dataset: .git, __MACOSX
+SKIPPED_FOLDERS, SKIPPED_FILES = (".", "__"), "."
 # folders HF reads as splits, not classes
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval"})
 # files the system writes into any folder it shows (compared lower-case); not part of a dataset
@@ -60,7 +73,7 @@ def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSa
     """Samples and rejects of an imagefolder/audiofolder, metadata files (root first) or files in path order."""
     root = absolute(root).rstrip("/") or "/"
     files = list_files(root)
-    metadata = sorted((f for f in files if posixpath.basename(f) in METADATA_NAMES), key=_depth_first)
+    metadata = _metadata_files(files)
     if not metadata:
         yield from _file_samples(root, files)
         return
@@ -73,14 +86,56 @@ def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSa
     yield from _not_in_metadata(root, files, metadata, named, damaged)
 
 
+def check_metadata(folder: str) -> None:
+    """Raises ``ValueError`` when a metadata file of ``folder`` has no ``file_name`` column, so that a
+    misnamed column (``filename``) stops the job before it starts instead of giving an empty version,
+    a ``read.missing_id`` row per row and a ``read.not_in_metadata`` row per file. Reads headers,
+    schemas and the first rows of JSON only; a file that cannot be read is left to its reject."""
+    root = absolute(folder).rstrip("/") or "/"
+    for rel in _metadata_files(list_files(root)):
+        fmt = format_of(rel) or ""
+        where = f"[input] folder metadata file {posixpath.join(folder, rel)!r}"
+        try:
+            rows = columns_of(f"{root}/{rel}", fmt, rel, CHECKED_ROWS)
+        except ValueError as e:  # a JSON file that is one JSON object
+            raise ValueError(f"{where}: {e}") from None
+        if not rows or any("file_name" in row for row in rows):
+            continue
+        names = list(dict.fromkeys(column for row in rows for column in row))
+        if FORMATS[fmt] != "jsonl":
+            lacks = f"it has no 'file_name' column (columns: {listed_columns(names) or 'none'})"
+        else:
+            rows_read = f"none of its first {len(rows)} rows has" if len(rows) > 1 else "its first row has no"
+            lacks = f"{rows_read} 'file_name' (keys found: {listed_columns(names) or 'none'})"
+        raise ValueError(
+            f"{where}: {lacks}{_near_file_name(names)}; each row names its image or audio file by 'file_name', "
+            "a path relative to the metadata file's folder: rename the column, or add it"
+        )
+
+
+def _near_file_name(names: list[str]) -> str:
+    """'; did you mean ...' for the columns most likely meant as ``file_name`` (``filename``, ``path``)."""
+    near = [name for name in names if re.sub(r"[^0-9a-z]", "", name.lower()) in FILE_NAME_NEAR]
+    if not near:
+        return ""
+    names_shown = " or ".join(map(repr, near))
+    return f"; did you mean 'file_name' (not {names_shown})? column names are matched exactly"
+
+
+def _metadata_files(files: list[str]) -> list[str]:
+    """The metadata files among ``files``, the root's first."""
+    return sorted((f for f in files if posixpath.basename(f) in METADATA_NAMES), key=_depth_first)
+
+
 def list_files(root: str) -> list[str]:
-    """Paths under ``root`` relative to it, sorted, hidden (``.x``, ``__x``) files and folders left out.
+    """Paths under ``root`` relative to it, sorted; hidden files (``.x``) and hidden or ``__x`` folders
+    (``.git``, ``__MACOSX``) left out. A file named ``__x`` is read as any other.
 
     A local folder is walked with ``os.walk``, so a broken symlink or a symlink to itself is listed
     and becomes a reject when read (Beam's listing drops any entry whose size it cannot read, and such
-    a file would vanish without a row). Symlinked folders are entered (a class folder linked from
-    elsewhere), each real folder once: a link back up the tree, or a second link to a folder already
-    listed, is not walked again.
+    a file would vanish without a row). Symlinked folders outside the root are entered (a class folder
+    linked from elsewhere), each real folder once; one whose real folder is inside the root is not
+    (see ``_walk``).
     """
     local = local_path(root)
     if local is not None:
@@ -92,20 +147,42 @@ def list_files(root: str) -> list[str]:
         (result,) = FileSystems.match([root.rstrip("/") + "/**"])
         prefix = root.rstrip("/") + "/"
         rels = (m.path[len(prefix) :] for m in result.metadata_list if m.path.startswith(prefix))
-    return sorted(r for r in rels if not any(part.startswith((".", "__")) for part in r.split("/")))
+    return sorted(r for r in rels if _kept(r))
+
+
+def _kept(rel: str) -> bool:
+    *folders, name = rel.split("/")
+    return not name.startswith(SKIPPED_FILES) and _kept_folders(folders)
+
+
+def _kept_folders(folders: list[str]) -> bool:
+    return not any(folder.startswith(SKIPPED_FOLDERS) for folder in folders)
 
 
 def _walk(local: str) -> Iterator[tuple[str, list[str]]]:
-    """(folder, file names) under ``local``, following symlinked folders, each real folder once, in name order."""
+    """(folder, file names) under ``local`` in name order, following symlinked folders, each real folder
+    once. A symlinked folder whose real folder is walked under its own name (inside the root, not in a
+    skipped folder) is not entered: ``latest -> train`` sorts first and would take over train's samples,
+    their ids, labels and split. Skipped folders are not walked at all."""
+    top = os.path.realpath(local)
     seen: set[str] = set()
     for folder, dirs, names in os.walk(local, followlinks=True):
-        dirs.sort()
         real = os.path.realpath(folder)
         if real in seen:
             dirs.clear()
             continue
         seen.add(real)
+        dirs[:] = sorted(d for d in dirs if _kept_folders([d]) and not _walked(folder, d, top))
         yield folder, names
+
+
+def _walked(folder: str, name: str, top: str) -> bool:
+    """Whether ``folder/name`` is a symlink to a folder that the walk of ``top`` reaches by its own name."""
+    path = os.path.join(folder, name)
+    if not os.path.islink(path):
+        return False
+    real, prefix = os.path.realpath(path), top.rstrip("/") + "/"
+    return real == top or (real.startswith(prefix) and _kept_folders(real[len(prefix) :].split("/")))
 
 
 def _depth_first(rel: str) -> tuple[int, str]:
@@ -188,10 +265,10 @@ def _not_in_metadata(
 
 
 class _RealPaths:
-    """Whether a listed file of a local dataset is named by its real path: the walk lists a file in a
-    symlinked folder once, under one of its paths (``link/r.png``), and a row may name another
-    (``real/r.png``). Only folders are resolved, each once, and only once a listed file is not named
-    as it is; remote file systems have no symlinks."""
+    """Whether a listed file of a local dataset is named by its real path: the walk lists a file once,
+    under one of its paths (``real/r.png``, or ``link/r.png`` for a folder linked from outside the
+    root), and a row may name another (``link/r.png``). Only folders are resolved, each once, and only
+    once a listed file is not named as it is; remote file systems have no symlinks."""
 
     def __init__(self, root: str, named: set[str]) -> None:
         self._root = root
@@ -241,15 +318,16 @@ def _unnamed(rel: str, covering: dict[str, list[str]], damaged: set[str]) -> Rej
 
 
 def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
+    """The samples of a folder without metadata, one per media file, with the text and metadata of the
+    ``.txt`` and ``.json`` beside it; one of those that cannot be used is a reject of its own, read once
+    (one may serve an image and an audio file), and its media files are read without it."""
     kinds = [(rel, media_kind(rel)) for rel in files if posixpath.basename(rel).lower() not in CLUTTER_NAMES]
     parents = {posixpath.basename(posixpath.dirname(rel)) for rel, kind in kinds if kind}
     in_folders = all("/" in rel for rel, kind in kinds if kind)
     partners = _partners(kinds)
     texts, infos = partners[TEXT_EXTENSION], partners[INFO_EXTENSION]
-    labelled = (
-        in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES and not _shards(root, kinds, infos)
-    )
-    bad_infos: set[str] = set()  # .json files already rejected (one may serve an image and an audio file)
+    labelled = in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES and not _shards(root, parents)
+    bad: set[str] = set()  # .txt and .json files already rejected
     for rel, kind in kinds:
         stem = posixpath.splitext(rel)[0]
         if kind is None:
@@ -259,21 +337,20 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
             continue
         split = rel.split("/", 1)[0] if "/" in rel else ""
         parent = posixpath.basename(posixpath.dirname(rel))
-        try:
-            text = _text_file(root, texts[stem]) if stem in texts else None
-        except CleanError as e:
-            detail = f"{rel}: its text file {texts[stem]} cannot be read ({e.detail})"
-            yield reject(e.reason, detail, rel, rel)
-            continue
+        text: str | bytes | None = None
         label = parent if labelled and parent not in SPLIT_NAMES else None
         meta: dict[str, Any] = {}
+        if stem in texts:
+            try:
+                text = _partner_file(root, texts[stem])
+            except CleanError as e:
+                yield from _bad_partner(texts[stem], e, bad)
         if stem in infos:
             try:
-                text, label, meta = with_json(_info_file(root, infos[stem]), text, label, infos[stem])
+                info = json_object(_partner_file(root, infos[stem]) or b"", infos[stem])
+                text, label, meta = with_json(info, text, label, infos[stem])
             except CleanError as e:
-                if infos[stem] not in bad_infos:
-                    bad_infos.add(infos[stem])
-                    yield _bad_info(infos[stem], e)
+                yield from _bad_partner(infos[stem], e, bad)
         if split in SPLIT_NAMES:
             meta["split"] = split
         media = Media(uri=f"{root}/{rel}", name=rel)
@@ -293,54 +370,46 @@ def _partners(kinds: list[tuple[str, str | None]]) -> dict[str, dict[str, str]]:
     return partners
 
 
-def _shards(root: str, kinds: list[tuple[str, str | None]], infos: dict[str, str]) -> bool:
-    """Whether the folders are img2dataset's shards (``00000/``, ``00001/``), not classes: every media
-    file has a ``.json`` and each that can be read holds img2dataset's fields. Reads the ``.json`` files
-    (again when their samples are read) until one does not; only for a dataset that could be labelled."""
-    stems = dict.fromkeys(posixpath.splitext(rel)[0] for rel, kind in kinds if kind)
-    if not all(stem in infos for stem in stems):
+def _shards(root: str, parents: set[str]) -> bool:
+    """Whether the folders of the media files are img2dataset's shards (``00000/``, ``00001/``), not
+    classes: all named by digits of one width of five or more, as img2dataset names them. MNIST's
+    ``0/`` .. ``9/`` are classes, and so are ``cats/`` and ``dogs/`` whatever files lie beside the images."""
+    if len({len(name) for name in parents}) != 1 or not all(SHARD_FOLDER.fullmatch(name) for name in parents):
         return False
-    for stem in stems:
-        try:
-            info = _info_file(root, infos[stem])
-        except CleanError:
-            continue  # its reject comes with its sample
-        if not all(field in info for field in IMG2DATASET_FIELDS):
-            return False
+    shown_names = ", ".join(sorted(parents)[:3]) + (", ..." if len(parents) > 3 else "")
+    logger.info(
+        "folder %r: its folders (%s) are numbered as img2dataset numbers its shards, so they are read as "
+        "shards, not classes, and give no label; to label by folder, name the folders by class",
+        root, shown_names,
+    )
     return True
 
 
-def _text_file(root: str, rel: str) -> bytes | None:
-    """A text file's bytes, decoded strictly by the text cleaner as a tar's ``.txt`` is; None when empty."""
+def _partner_file(root: str, rel: str) -> bytes | None:
+    """The bytes of a ``.txt`` or ``.json`` beside a media file, None when empty (as an empty member of a
+    tar); ``CleanError`` saying which file when it cannot be read. A text's bytes are decoded strictly by
+    the text cleaner, as a tar's ``.txt`` is."""
     try:
         return read_media(Media(uri=f"{root}/{rel}", name=rel))
     except CleanError as e:
         if e.reason == "file.empty":
             return None
-        raise
+        raise CleanError(e.reason, f"{rel} cannot be read ({e.detail})") from e
 
 
-def _info_file(root: str, rel: str) -> dict[str, Any]:
-    """A ``.json`` file's object, as a tar's json member is read; ``CleanError`` when it cannot be read or
-    is not a JSON object."""
-    try:
-        data = read_media(Media(uri=f"{root}/{rel}", name=rel))
-    except CleanError as e:
-        if e.reason != "file.empty":
-            raise CleanError(e.reason, f"{rel} cannot be read ({e.detail})") from e
-        data = b""
-    return json_object(data, rel)
-
-
-def _bad_info(rel: str, error: CleanError) -> Reject:
-    """The reject of a ``.json`` that cannot be used: its media files are read without it, so that a
-    damaged metadata file does not cost the samples."""
+def _bad_partner(rel: str, error: CleanError, bad: set[str]) -> Iterator[Reject]:
+    """The reject of a ``.txt`` or ``.json`` that cannot be used, once (an image and an audio file may
+    share it): its media files are read without it, so that a damaged sidecar does not cost the samples."""
+    if rel in bad:
+        return
+    bad.add(rel)
     stem = posixpath.basename(posixpath.splitext(rel)[0])
+    without = "this text" if extension(rel) == TEXT_EXTENSION else "it"
     detail = (
-        f"{error.detail}; the image or audio files named '{stem}.*' beside it are read without it: fix the "
-        "file, or remove it"
+        f"{error.detail}; the image or audio files named '{stem}.*' beside it are read without {without}: "
+        "fix the file, or remove it"
     )
-    return reject(error.reason, detail, rel, rel)
+    yield reject(error.reason, detail, rel, rel)
 
 
 def _unsupported(rel: str, partner: str | None = None) -> Reject:

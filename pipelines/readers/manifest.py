@@ -33,6 +33,7 @@ from pipelines.readers.rows import (
     coco_hint,
     columns_of,
     format_of,
+    is_blank,
     iter_rows,
     meta_value,
     unique_columns,
@@ -79,7 +80,14 @@ def check_columns(path: str, fmt: str) -> None:
     image, audio) or repeat one of mbm's columns, so that a wrong file or a misnamed column stops the
     job before it starts instead of rejecting every row, or reading only one of two ``text`` columns.
     Reads the header or schema only (a header with no rows too), and of JSON the first rows: a file
-    whose first rows are merely broken is left to the per-row rejects."""
+    whose first rows are merely broken is left to the per-row rejects. An empty file is refused too: a
+    version of it would hold no sample (on a rerun, removing every one)."""
+    if is_blank(absolute(path)):
+        raise ValueError(
+            f"[input] manifest {path!r} is empty (no header, no rows): a job reading it would commit a "
+            "version with no samples, removing every sample of the version before; write the manifest again "
+            "(a failed export, a full disk?) or name the right file"
+        )
     try:
         rows = columns_of(absolute(path), fmt, display_name(path), CHECKED_ROWS)
     except ValueError as e:  # a JSON file that is one JSON object
@@ -87,7 +95,7 @@ def check_columns(path: str, fmt: str) -> None:
     if not rows:
         return
     names = list(dict.fromkeys(column for row in rows for column in row))
-    found = _listed(names)
+    found = listed_columns(names)
     near = _near(names)
     if FORMATS[fmt] != "jsonl":  # a repeated JSON key is gone once parsed (the last wins, in any JSON reader)
         _check_repeats(path, rows[0], "schema" if FORMATS[fmt] == "parquet" else "header")
@@ -116,7 +124,7 @@ def _check_repeats(path: str, header: list[str], where: str) -> None:
     id or a caption in another lost). Other repeats are read as pandas reads them, and logged."""
     repeats = {name: count for name, count in Counter(header).items() if count > 1}
     ours = [name for name in repeats if name in ROW_KEYS]
-    columns = _listed(header)
+    columns = listed_columns(header)
     if ours:
         times = ", ".join(f"{name!r} {repeats[name]} times" for name in ours)
         raise ValueError(
@@ -131,7 +139,7 @@ def _check_repeats(path: str, header: list[str], where: str) -> None:
                        columns, ", ".join(map(repr, renamed)))
 
 
-def _listed(names: list[str]) -> str:
+def listed_columns(names: list[str]) -> str:
     """The first 20 column names, quoted so that a space or a quote in one shows."""
     return ", ".join(map(repr, names[:20])) + (", ..." if len(names) > 20 else "")
 

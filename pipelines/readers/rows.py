@@ -57,8 +57,11 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 ROW_KEYS = frozenset(COLUMNS + TEXT_COLUMNS)  # a JSON object with one of these is a row, not a document
 _MEDIA_STRUCT = frozenset({"bytes", "path"})  # a Hugging Face image/audio cell: one row's value
 _NOT_ROWS = "read.json_object"  # the reason for a .json file that is one JSON object, not rows
+_LIST_ROW = "a JSON list, expected an object"  # the detail's end for a row that is an array (pandas' values)
 
-Row = tuple[int, dict[str, Any]]
+# ``(where, row)``: ``where`` is the 1-based physical line (Parquet: row index + 1); in a JSON array with
+# several elements starting on one line, ``LINE[INDEX]`` (the element's 0-based index) tells them apart
+Row = tuple[int | str, dict[str, Any]]
 
 
 def format_of(path: str, format: str | None = None) -> str | None:
@@ -102,8 +105,8 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
     CSV/TSV (the header line, with no rows under it too), repeated names included; one per row for JSON
     (up to ``rows`` rows that parse, among the first ``10 * rows`` lines). Empty where nothing can be
     told: no rows, or a file that cannot be read (its reader reports that). A JSON file that is one
-    JSON object, not rows (COCO annotations, pandas' column-oriented ``to_json``), raises ``ValueError``
-    saying so."""
+    JSON object, not rows (COCO annotations, pandas' column-oriented ``to_json``), or whose first rows
+    are arrays, not objects (pandas' ``orient="values"``), raises ``ValueError`` saying so."""
     if FORMATS[fmt] == "parquet":
         import pyarrow.parquet as pq
 
@@ -113,6 +116,7 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
         except Exception:  # a cut or garbled file: read.unreadable when read
             return []
     found: list[dict[str, Any]] = []
+    lists = 0  # rows that are arrays
     with contextlib.closing(_items(path, fmt, name)) as items:
         for item in itertools.islice(items, 10 * rows):
             if isinstance(item, _Header):
@@ -120,13 +124,40 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
             if isinstance(item, Reject):
                 if item.reason == _NOT_ROWS:
                     raise ValueError(item.detail)
+                lists += item.detail.endswith(_LIST_ROW)
                 continue
             found.append(item[1])
             if len(found) >= rows:
                 break
-    if len(found) == 1 and _by_column(found[0]):  # pandas' to_json() written to a .jsonl file
+    if not found and lists:
+        raise ValueError(
+            f"{name}: its first rows are JSON arrays of values, not objects naming their columns (the layout "
+            "pandas' DataFrame.to_json(orient=\"values\") writes), so no row has an id or a text, image or "
+            "audio: a JSON manifest must be JSON Lines (one row object per line) or a JSON array of row "
+            'objects; from pandas, write the rows: df.to_json(path, orient="records", lines=True)'
+        )
+    # pandas' to_json() written to a .jsonl file; in a .json file only a top-level object can be one, and
+    # ``_json_file_rows`` tells (the one row of an array holding a list is a row)
+    if fmt != "json" and len(found) == 1 and _by_column(found[0]):
         raise ValueError(_not_rows(name, found[0]))
     return [list(row) for row in found]
+
+
+def is_blank(path: str) -> bool:
+    """Whether ``path`` holds nothing but white space once decompressed (0 bytes: a failed export, a full
+    disk); False when it cannot be read, which its reader reports."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    try:
+        with _open(path) as raw, decompressed(raw, CompressionTypes.detect_compression_type(path)) as f:
+            first = True
+            while chunk := f.read(_CHUNK):
+                if (chunk.removeprefix(_BOM.encode()) if first else chunk).strip():
+                    return False
+                first = False
+    except Exception:  # unreadable, cut, not what its name says: left to the reader's reject
+        return False
+    return True
 
 
 def unique_columns(names: list[str]) -> list[str]:
@@ -452,42 +483,63 @@ def _json_rows(lines: Iterator[bytes], name: str) -> Iterator[Row | Reject]:
             yield reject("read.bad_json", f"{where}: not valid JSON ({e})", where)
             continue
         if not isinstance(row, dict):
-            yield reject("read.bad_json", f"{where}: a JSON {type(row).__name__}, expected an object", where)
+            yield _not_an_object(where, row)
             continue
         yield line, row
 
 
+def _not_an_object(where: str, row: Any) -> Reject:
+    if isinstance(row, list):
+        return reject("read.bad_json", f"{where}: {_LIST_ROW}", where)
+    return reject("read.bad_json", f"{where}: a JSON {type(row).__name__}, expected an object", where)
+
+
 def _json_array_rows(text: str, name: str) -> Iterator[Row | Reject]:
-    """Elements of a top-level JSON array, each numbered by the physical line it starts on."""
+    """Elements of a top-level JSON array, each located by the physical line it starts on, or, where
+    several start on one line (an array written on one line), by ``LINE[INDEX]``: a row without an id,
+    or a bad one, is then a reject of its own, not one of several sharing an id."""
     pos = text.index("[") + 1
     line = 1 + text.count("\n", 0, pos)
     expect_value = _skip_space(text, pos) >= len(text) or text[_skip_space(text, pos)] != "]"
+    index, previous = 0, 0  # the element's index; the line the one before it started on
     while expect_value:
         start = _skip_space(text, pos)
         line += text.count("\n", pos, start)
-        where = f"{name}:{line}"
         try:
             row, end = _raw_decode(text, start)
         except ValueError as e:
+            where = f"{name}:{_element(line, index, line == previous)}"
             yield reject(
                 "read.bad_json", f"{where}: not valid JSON ({e}); the rest of the array is skipped", where
             )
             return
+        pos = _skip_space(text, end)
+        more = pos < len(text) and text[pos] == ","
+        after = _skip_space(text, pos + more)
+        shared = line == previous or (more and "\n" not in text[start:after])
+        at = _element(line, index, shared)
+        where = f"{name}:{at}"
         if _nested_too_deep(row, text, start, end):
             yield reject("read.bad_json", f"{where}: {_TOO_DEEP}", where)
         elif isinstance(row, dict):
-            yield line, row
+            yield at, row
         else:
-            yield reject("read.bad_json", f"{where}: a JSON {type(row).__name__}, expected an object", where)
-        pos = _skip_space(text, end)
+            yield _not_an_object(where, row)
+        previous = line
         line += text.count("\n", start, pos)
-        expect_value = pos < len(text) and text[pos] == ","
-        pos += expect_value
+        expect_value = more
+        pos += more
+        index += 1
     end = _skip_space(text, pos)
     line += text.count("\n", pos, end)
     if end >= len(text) or text[end] != "]" or text[end + 1 :].strip():
         where = f"{name}:{line}"
         yield reject("read.bad_json", f"{where}: expected ',' or a final ']' in the JSON array", where)
+
+
+def _element(line: int, index: int, shared: bool) -> int | str:
+    """Where an array element is: its line, or ``LINE[INDEX]`` on a line it shares with another."""
+    return f"{line}[{index}]" if shared else line
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -572,7 +624,8 @@ class _Table:
         if not any(cell.strip() for cell in cells):
             return
         if self.header is None:
-            header = [cell.strip() for cell in cells]
+            # a blank name as pandas reads it: "Unnamed: 2" for the third column
+            header = [cell.strip() or f"Unnamed: {number}" for number, cell in enumerate(cells)]
             yield _Header(header)
             self.header = unique_columns(header)
             return

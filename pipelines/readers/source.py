@@ -18,7 +18,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path
-from pipelines.readers.folder import iter_folder
+from pipelines.readers.folder import check_metadata, iter_folder
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import iter_tar
@@ -63,6 +63,8 @@ class SourceConfig:
                 check_columns(self.manifest, fmt)  # a file no row of which can be a sample: say so now
         if self.folder:
             _check_local(self.folder, "folder", os.path.isdir, "folder")
+            if local_path(self.folder) is not None:
+                check_metadata(self.folder)  # a metadata file no row of which can name a file: say so now
         if self.shards and not _GLOB.search(self.shards) and "{" not in self.shards:
             _check_local(self.shards, "shards", os.path.exists, "tar or folder")
         if self.shards and local_path(self.shards) is not None:

@@ -10,7 +10,10 @@ the damage and yields one ``read.corrupt_tar`` reject. A file that is neither na
 ``captions.jsonl.gz``, compressed but no tar inside) is one ``read.not_a_tar`` reject.
 
 A member whose extension has dots (``p.en.txt``: key ``p``, extension ``en.txt``) stands in for a text,
-image or audio member the sample lacks when its extension ends in one; see ``_stand_ins``.
+image or audio member the sample lacks (or has empty) when its extension ends in one; see ``_stand_ins``.
+Members that are not read (a second image, a dotted one) are listed in the sample's meta. A json member
+that cannot be used (not JSON, not an object, a caption that is not a string) is a reject of its own,
+and its sample is read without it, as beside a folder's image.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta (__index__ and the like)
 _INT = re.compile(r"^[+-]?\d+$")
 JSON_FIELDS = ("key", "caption", "label")  # fields of a sample's json that are its id, text and label
-UNREAD_MEMBERS = "unread_members"  # meta key: the members with dotted extensions that were not used
+UNREAD_MEMBERS = "unread_members"  # meta key: the members that hold bytes and were not used
 # names of tars, plain or compressed; a file named otherwise is read only when it starts like one
 TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.lzma",
              ".tar.zst", ".tzst")
@@ -71,17 +74,57 @@ def iter_tar(
         if isinstance(group, Reject):
             yield group
             continue
-        source = f"{name}:{key}"
-        sample_id = key  # until the json names another
+        for item in _read(key, group, name):
+            yield item if isinstance(item, Reject) else seen.check(item.id, item.source) or item
+
+
+def _read(key: str, group: dict[str, tuple[str, bytes | CleanError]], name: str) -> Iterator[RawSample | Reject]:
+    """The sample of one key, or its reject; before it, the reject of a json member that cannot be used
+    when the sample has other members (it is then read without the json, its id the tar key)."""
+    source = f"{name}:{key}"
+    try:
+        _check_readable(group, source)
+    except CleanError as e:
+        yield reject(e.reason, e.detail, source, key)
+        return
+    stand_ins = _stand_ins(group)
+    members = {**group, **stand_ins}
+    text = _member(members, TEXT_SUFFIXES)
+    label = _member(group, LABEL_SUFFIXES)
+    info: dict[str, Any] = {}
+    used_text, used_label, meta = text and text[1], _label(label and label[1]), {}
+    used = {member for member, _ in filter(None, (text, label))}
+    if "json" in group:
+        member = group["json"][0]
+        used.add(member)  # read, or a reject of its own
         try:
-            _check_readable(group, source)
-            info = _json(group, source)
-            sample_id = _sample_id(info, key, source)
-            sample = _sample(sample_id, info, group, source)
+            info = json_object(group["json"][1], f"{name}:{member}")
+            used_text, used_label, meta = with_json(info, used_text, used_label, f"{name}:{member}")
         except CleanError as e:
-            yield reject(e.reason, e.detail, source, sample_id)
-            continue
-        yield seen.check(sample_id, source) or sample
+            if len(group) == 1:  # the sample is its json alone
+                yield reject(e.reason, e.detail, source, key)
+                return
+            yield _bad_json(name, member, key, e)
+            info = {}
+    sample_id = _sample_id(info, key, source)
+    image = _media(members, IMAGE_EXTS)
+    audio = _media(members, AUDIO_EXTS)
+    used |= {media.name for media in (image, audio) if media is not None}
+    unread = sorted(member for member, data in group.values() if member not in used and data)
+    if used_text is None and image is None and audio is None:
+        yield reject("read.no_modality", f"{source}: {_nothing(info, group, unread)}", source, sample_id)
+        return
+    if unread:
+        meta[UNREAD_MEMBERS] = unread
+    yield RawSample(id=sample_id, text=used_text, image=image, audio=audio, label=used_label, meta=meta,
+                    source=source)
+
+
+def _bad_json(name: str, member: str, key: str, error: CleanError) -> Reject:
+    """The reject of a json member that cannot be used; its sample is read without it."""
+    detail = (f"{error.detail}; the other members of sample {key!r} are read without it: fix the json, or "
+              "remove it")
+    return reject(error.reason, detail, f"{name}:{member}", member)
 
 
 def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, bytes | CleanError]] | Reject]]:
@@ -372,51 +415,54 @@ def _sample_id(info: dict[str, Any], key: str, source: str) -> str:
         return key
 
 
-def _sample(
-    sample_id: str, info: dict[str, Any], group: dict[str, tuple[str, bytes]], source: str
-) -> RawSample:
-    stand_ins, unread = _stand_ins(group)
-    members = {**group, **stand_ins}
-    text = _bytes(members, TEXT_SUFFIXES)
-    text, label, meta = with_json(info, text, _label(_bytes(group, LABEL_SUFFIXES)), source)
-    image = _media(members, IMAGE_EXTS)
-    audio = _media(members, AUDIO_EXTS)
+def _nothing(info: dict[str, Any], group: dict[str, tuple[str, bytes | CleanError]], unread: list[str]) -> str:
+    """Why a sample has no text, image or audio."""
+    what = _dotted_keys(group, unread) or "no text, image or audio member"
     status = info.get("status")
-    what = _dotted_keys(group) or "no text, image or audio member"
     if isinstance(status, str) and status != "success":  # img2dataset keeps the json of a failed download
         what += f"; the json says status {status!r}"
         if isinstance(info.get("error_message"), str) and info["error_message"]:
             what += f": {info['error_message']}"
-    if text is None and image is None and audio is None:
-        raise CleanError("read.no_modality", f"{source}: {what}")
-    if unread:
-        meta[UNREAD_MEMBERS] = unread
-    return RawSample(id=sample_id, text=text, image=image, audio=audio, label=label, meta=meta, source=source)
+    return what
 
 
 def with_json(info: dict[str, Any], text: Any, label: Any, source: str) -> tuple[Any, Any, dict[str, Any]]:
     """The text, label and meta of a sample whose json is ``info``: its ``caption`` stands in for a
-    missing text, its ``label`` for a missing label, and its other fields but ``key`` (the id) are meta.
-    A caption that is not a string raises ``read.bad_type``."""
+    missing text, its ``label`` for a missing label, and its other fields but ``key`` (the id) are meta;
+    so are a caption and a label not used, as a manifest keeps an unused caption, unless they say what
+    the text or label already says (img2dataset writes the caption to the json and the .txt). A caption
+    used as the text that is not a string raises ``read.bad_type``."""
     if text is None:
         text = _caption(info.get("caption"), source)
     if label is None and not is_empty(info.get("label")):
         label = meta_value(info["label"])
-    return text, label, {k: meta_value(v) for k, v in info.items() if k not in JSON_FIELDS}
+    said = {"key": None, "caption": text, "label": label}
+    return text, label, {
+        k: meta_value(v) for k, v in info.items()
+        if k not in JSON_FIELDS or not (k == "key" or is_empty(v) or _same(v, said[k]))
+    }
 
 
-def _stand_ins(group: dict[str, tuple[str, bytes]]) -> tuple[dict[str, tuple[str, bytes]], list[str]]:
-    """Members with dotted extensions used for a modality the sample has no member for (``p.jpg`` +
-    ``p.en.txt``: the text is ``p.en.txt``), by the last part of their extension, and the names of those
-    left unused, for meta. A modality that has a member with a plain extension keeps it, and its dotted
-    ones are ignored, as before. One candidate is used; of several (``p.en.txt``, ``p.de.txt``), the first
-    in name order, unless every member of the sample is dotted: then they are most likely several files
-    under one key (``photo.2019.01.jpg``, ``photo.2019.02.jpg``) and none is used."""
+def _same(value: Any, used: Any) -> bool:
+    """Whether a json field says what the sample's text or label (``used``) says."""
+    if used is None:
+        return False
+    if isinstance(used, bytes):
+        used = used.decode("utf-8", errors="surrogateescape")
+    return value == used or (isinstance(value, (str, int)) and str(value).strip() == str(used).strip())
+
+
+def _stand_ins(group: dict[str, tuple[str, bytes]]) -> dict[str, tuple[str, bytes]]:
+    """Members with dotted extensions used for a modality the sample has no member with bytes for
+    (``p.jpg`` + ``p.en.txt``: the text is ``p.en.txt``; an empty ``p.txt`` does not hide it), by the
+    last part of their extension. A modality that has a plain member with bytes keeps it. One candidate
+    is used; of several (``p.en.txt``, ``p.de.txt``), the first in name order, unless every member of the
+    sample is dotted: then they are most likely several files under one key (``photo.2019.01.jpg``,
+    ``photo.2019.02.jpg``) and none is used. Those not used are listed in meta by the caller."""
     plain = any("." not in suffix for suffix in group)
     used: dict[str, tuple[str, bytes]] = {}
-    unread: list[str] = []
     for suffixes in (TEXT_SUFFIXES, IMAGE_EXTS, AUDIO_EXTS):
-        if any(suffix in suffixes for suffix in group):
+        if any(suffix in suffixes and data for suffix, (_, data) in group.items()):
             continue
         candidates = sorted(
             (suffix for suffix in group if "." in suffix and suffix.rsplit(".", 1)[1] in suffixes),
@@ -424,19 +470,17 @@ def _stand_ins(group: dict[str, tuple[str, bytes]]) -> tuple[dict[str, tuple[str
         )
         if len(candidates) == 1 or (candidates and plain):
             used[candidates[0].rsplit(".", 1)[1]] = group[candidates[0]]
-            candidates = candidates[1:]
-        unread += [group[suffix][0] for suffix in candidates]
-    return used, sorted(unread)
+    return used
 
 
-def _dotted_keys(group: dict[str, tuple[str, bytes | CleanError]]) -> str:
-    """Why members whose key has dots (``photo.2019.01.jpg``) gave no modality, and what to do; "" when
-    none has. The key ends at the first dot of the base name, as in webdataset, so the extension of
-    ``photo.2019.01.jpg`` is ``2019.01.jpg``; such members give no modality when several would stand in
-    for one and no member of the sample has a plain extension (see ``_stand_ins``)."""
+def _dotted_keys(group: dict[str, tuple[str, bytes | CleanError]], unread: list[str]) -> str:
+    """Why the unread members whose key has dots (``photo.2019.01.jpg``) gave no modality, and what to
+    do; "" when none has. The key ends at the first dot of the base name, as in webdataset, so the
+    extension of ``photo.2019.01.jpg`` is ``2019.01.jpg``; when every member of a sample is dotted and
+    several would stand in for one modality, none is used (see ``_stand_ins``)."""
     known = (*TEXT_SUFFIXES, *IMAGE_EXTS, *AUDIO_EXTS)
     dotted = [(member, suffix) for suffix, (member, _) in group.items()
-              if "." in suffix and suffix.rsplit(".", 1)[1] in known]
+              if member in unread and "." in suffix and suffix.rsplit(".", 1)[1] in known]
     if not dotted:
         return ""
     first = dotted[0][0]
@@ -444,9 +488,10 @@ def _dotted_keys(group: dict[str, tuple[str, bytes | CleanError]]) -> str:
     stem, _, ext = posixpath.basename(first).rpartition(".")
     return (
         f"a WebDataset key ends at the first dot of a file name, so {_some(m for m, _ in dotted)} were "
-        f"read as key {match.group(1) if match else first!r} with extensions {_some(x for _, x in dotted)}, "
-        "none of them a text, image or audio extension; rename the files without dots in the key "
-        f"({stem.replace('.', '_')}.{ext}, not {posixpath.basename(first)})"
+        f"read as one sample, key {match.group(1) if match else first!r}, with extensions "
+        f"{_some(x for _, x in dotted)}: most likely several files under one key, so none was used as its "
+        f"text, image or audio; rename the files without dots in the key ({stem.replace('.', '_')}.{ext}, "
+        f"not {posixpath.basename(first)})"
     )
 
 
@@ -465,13 +510,6 @@ def _check_readable(group: dict[str, tuple[str, bytes | CleanError]], source: st
         raise CleanError(error.reason, f"{source}: {error.detail}")
 
 
-def _json(group: dict[str, tuple[str, bytes]], source: str) -> dict[str, Any]:
-    if "json" not in group:
-        return {}
-    member, data = group["json"]
-    return json_object(data, f"{source}: {member}")
-
-
 def json_object(data: bytes, what: str) -> dict[str, Any]:
     """A sample's json (``what`` names it in the error) as a dict; ``read.bad_json`` when it is not JSON
     or not an object."""
@@ -484,10 +522,11 @@ def json_object(data: bytes, what: str) -> dict[str, Any]:
     return info
 
 
-def _bytes(group: dict[str, tuple[str, bytes]], suffixes: tuple[str, ...]) -> bytes | None:
+def _member(group: dict[str, tuple[str, bytes]], suffixes: tuple[str, ...]) -> tuple[str, bytes] | None:
+    """``(name, bytes)`` of the first member with one of ``suffixes`` that has bytes."""
     for suffix in suffixes:
         if suffix in group and group[suffix][1]:
-            return group[suffix][1]
+            return group[suffix]
     return None
 
 

@@ -204,6 +204,12 @@ def _pandas_columns(path):
     pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(path)
 
 
+def _pandas_values(path):
+    import pandas as pd
+
+    pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(path, orient="values")
+
+
 def _parquet(path, names, columns):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -223,6 +229,11 @@ def _parquet(path, names, columns):
     ("m.json", _pandas_columns, ["one JSON object of columns, not rows ('id' holds a dict of 2 values",
                                  'df.to_json(path, orient="records", lines=True)']),
     ("m.jsonl", _pandas_columns, ["one JSON object of columns, not rows"]),
+    ("m.json", _pandas_values, ["m.json: its first rows are JSON arrays of values, not objects naming their columns",
+                                'df.to_json(path, orient="records", lines=True)']),
+    # an empty file: a version of it would remove every sample
+    ("m.csv", "", ["job.toml: [input] manifest ", "m.csv' is empty (no header, no rows)"]),
+    ("m.jsonl", " \n\n", ["m.jsonl' is empty", "write the manifest again"]),
     # a header with no rows is judged too
     ("m.csv", "path,caption\n", ["it has no 'id' column (columns: 'path', 'caption')"]),
     ("m.tsv", "id\tpath\n", ["it has no text, image or audio column (columns: 'id', 'path')"]),
@@ -249,6 +260,7 @@ def test_a_manifest_that_would_lose_or_misread_rows_exits_2_saying_what_to_fix(d
     err = capsys.readouterr().err
     for error in errors:
         assert error in err
+    assert "[input]: [input]" not in err  # one prefix, not the section named twice
     assert "Join the files" not in err and not (data / "out").exists()
 
 

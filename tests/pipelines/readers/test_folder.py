@@ -1,8 +1,13 @@
 import json
+import logging
+import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from jobs.cli import main
 from pipelines.cleaning import CleanConfig
 from pipelines.readers import SourceConfig, iter_folder
 from schemas import Media, RawSample, Reject
@@ -98,6 +103,34 @@ def test_symlinked_class_folders_are_read_once_each(tmp_path):
     (root / "kitten").symlink_to(elsewhere / "cats")  # a second link to a folder already listed
     got = [(s.id, s.label, s.present()) for s in iter_folder(str(root)) if isinstance(s, RawSample)]
     assert got == [("cat/1.png", "cat", ["image"]), ("dog/2.jpg", "dog", ["image"])]
+
+
+def test_a_symlink_to_a_folder_inside_the_dataset_changes_nothing(tmp_path):
+    """A link to a folder the walk reaches by its own name (``latest -> train``) sorts first: entered, it
+    would take over that folder's samples, their ids, labels and split, and every one would be new."""
+    _touch(tmp_path, "train/cat/1.png", "train/dog/2.png", "val/cat/3.png")
+    expected = [
+        ("train/cat/1.png", "cat", {"split": "train"}),
+        ("train/dog/2.png", "dog", {"split": "train"}),
+        ("val/cat/3.png", "cat", {"split": "val"}),
+    ]
+    assert [(s.id, s.label, s.meta) for s in iter_folder(str(tmp_path))] == expected
+    (tmp_path / "latest").symlink_to("train")
+    (tmp_path / "val" / "dog").symlink_to("../train/dog")
+    (tmp_path / "val" / "all").symlink_to(tmp_path)
+    assert [(s.id, s.label, s.meta) for s in iter_folder(str(tmp_path))] == expected
+
+
+def test_a_symlink_to_a_hidden_folder_inside_the_dataset_is_read(tmp_path):
+    """The walk skips hidden folders, so the link is the only way to their files."""
+    _touch(tmp_path, ".snapshots/v3/a.png")
+    (tmp_path / "current").symlink_to(".snapshots/v3")
+    assert [s.id for s in iter_folder(str(tmp_path))] == ["current/a.png"]
+
+
+def test_files_named_with_two_underscores_are_read_and_such_folders_are_skipped(tmp_path):
+    _touch(tmp_path, "a/__cover.png", "a/ok.png", "a/.thumb.png", "__MACOSX/a/._ok.png", "a/__pycache__/x.png")
+    assert [(s.id, s.label) for s in iter_folder(str(tmp_path))] == [("a/__cover.png", None), ("a/ok.png", None)]
 
 
 def test_flat_folder_and_split_folders_get_no_label(tmp_path):
@@ -286,13 +319,26 @@ def test_a_text_file_beside_a_media_file_is_its_text(tmp_path):
     ]
 
 
-def test_an_unreadable_text_file_rejects_its_sample(tmp_path):
-    _touch(tmp_path, "a.jpg", "b.jpg", "b.txt")
+def test_a_text_file_that_cannot_be_read_is_its_own_reject_and_its_sample_is_kept(tmp_path):
+    """As for a .json beside it: a broken link or a pipe in place of a caption does not cost the image."""
+    _touch(tmp_path, "a.jpg", "b.jpg", "b.txt", "c.png", "c.wav")
     (tmp_path / "a.txt").symlink_to(tmp_path / "nowhere.txt")
-    a, b = iter_folder(str(tmp_path))
-    assert (a.id, a.reason) == ("a.jpg", "file.missing")
-    assert a.detail.startswith("a.jpg: its text file a.txt cannot be read (")
-    assert (b.id, b.text) == ("b.jpg", b"x")
+    os.mkfifo(tmp_path / "c.txt")  # one reject for both files
+    items = list(iter_folder(str(tmp_path)))
+    samples = [(s.id, s.text, s.present()) for s in items if isinstance(s, RawSample)]
+    assert samples == [
+        ("a.jpg", None, ["image"]),
+        ("b.jpg", b"x", ["text", "image"]),
+        ("c.png", None, ["image"]),
+        ("c.wav", None, ["audio"]),
+    ]
+    rejects = [(r.id, r.reason, r.source, r.detail) for r in items if isinstance(r, Reject)]
+    kept = "; the image or audio files named '{}.*' beside it are read without this text: fix the file, or remove it"
+    assert rejects == [
+        ("a.txt", "file.missing", "a.txt", f"a.txt cannot be read ({tmp_path}/a.txt does not exist)" + kept.format("a")),
+        ("c.txt", "file.unreadable", "c.txt",
+         f"c.txt cannot be read ({tmp_path}/c.txt is a named pipe, not a regular file)" + kept.format("c")),
+    ]
 
 
 def test_a_changed_text_file_changes_the_text_hash_only(tmp_path):
@@ -361,19 +407,35 @@ def test_img2dataset_files_output_reads_each_json_as_its_samples_metadata(tmp_pa
     ]
 
 
-def test_class_folders_keep_their_labels_beside_json_files_of_other_fields(tmp_path):
-    """Only .json files with img2dataset's fields beside every media file make the folders its shards:
-    MNIST's numeric class folders, with their own metadata files, stay classes."""
-    root = tmp_path / "mnist"
-    for digit in ("0", "1"):
-        _touch(root, f"{digit}/a.png")
-        (root / digit / "a.json").write_text(json.dumps({"key": f"{digit}a", "writer": 7}))
-    _img2dataset_files(root, {"1": ["b"]})  # one file with img2dataset's fields does not decide
-    got = [(s.id, s.label, s.meta) for s in iter_folder(str(root)) if isinstance(s, RawSample)]
-    assert got == [
-        ("0/a.png", "0", {"writer": 7}),
-        ("1/a.png", "1", {"writer": 7}),
-        ("1/b.jpg", "1", {"status": "success", "url": "http://x/b.jpg", "width": 8}),
+def test_folders_are_img2dataset_shards_by_their_names_only(tmp_path, caplog):
+    """img2dataset numbers its shard folders with five digits or more; what lies beside the images does
+    not decide: images downloaded by it and sorted into classes keep their labels, and a shard missing
+    a .json does not turn the shard numbers into labels."""
+    sorted_ = tmp_path / "sorted"
+    _img2dataset_files(sorted_, {"cats": ["000000000"], "dogs": ["000000001"]})
+    mnist = tmp_path / "mnist"
+    _img2dataset_files(mnist, {"0": ["a"], "1": ["b"]})
+    years = tmp_path / "years"
+    _touch(years, "2019/a.png", "2020/b.png")
+    shards = tmp_path / "shards"
+    _img2dataset_files(shards, {"00000": ["000000000"], "00001": ["000010000"]})
+    (shards / "00001" / "000010000.json").unlink()
+    widths = tmp_path / "widths"
+    _touch(widths, "00000/a.png", "000001/b.png")
+
+    def labels(root):
+        return [(s.id, s.label) for s in iter_folder(str(root)) if isinstance(s, RawSample)]
+
+    with caplog.at_level(logging.INFO, logger="pipelines.readers.folder"):
+        assert labels(sorted_) == [("cats/000000000.jpg", "cats"), ("dogs/000000001.jpg", "dogs")]
+        assert labels(mnist) == [("0/a.jpg", "0"), ("1/b.jpg", "1")]
+        assert labels(years) == [("2019/a.png", "2019"), ("2020/b.png", "2020")]
+        assert labels(widths) == [("00000/a.png", "00000"), ("000001/b.png", "000001")]
+        assert caplog.messages == []
+        assert labels(shards) == [("00000/000000000.jpg", None), ("00001/000010000.jpg", None)]
+    assert caplog.messages == [
+        f"folder {str(shards)!r}: its folders (00000, 00001) are numbered as img2dataset numbers its shards, so "
+        "they are read as shards, not classes, and give no label; to label by folder, name the folders by class"
     ]
 
 
@@ -414,17 +476,55 @@ def test_a_json_file_that_cannot_be_used_is_its_own_reject_and_its_sample_is_kep
 
 
 def test_a_file_in_a_symlinked_folder_is_named_by_its_real_path(tmp_path):
-    """The walk lists a file in a symlinked folder under one path; a row naming the other names it too:
+    """The walk lists a file under its real folder's path; a row naming it through a link names it too:
     a read.not_in_metadata row for it would advise adding a second sample of the same file."""
     _touch(tmp_path, "real/r.png", "real/unnamed.png")
-    (tmp_path / "link").symlink_to("real")  # listed first: the walk lists link/r.png
-    (tmp_path / "z").symlink_to("real")  # a second link: not walked
+    (tmp_path / "link").symlink_to("real")  # sorts first, but is not walked
+    (tmp_path / "z").symlink_to("real")
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "real/r.png", "text": "a red square"}\n')
     items = list(iter_folder(str(tmp_path)))
     assert [(i.id, getattr(i, "reason", "ok")) for i in items] == [
-        ("real/r.png", "ok"), ("link/unnamed.png", "read.not_in_metadata")
+        ("real/r.png", "ok"), ("real/unnamed.png", "read.not_in_metadata")
     ]
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "z/r.png"}\n{"file_name": "link/unnamed.png"}\n')
     assert [(i.id, getattr(i, "reason", "ok")) for i in iter_folder(str(tmp_path))] == [
         ("z/r.png", "ok"), ("link/unnamed.png", "ok")
     ]
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("metadata.csv", lambda p: p.write_text("filename,text\nim0.png,a\n"),
+     r"it has no 'file_name' column \(columns: 'filename', 'text'\); did you mean 'file_name' \(not 'filename'\)\?"),
+    ("train/metadata.csv", lambda p: p.write_text("File_Name,file name,caption\n"),
+     r"it has no 'file_name' column \(columns: 'File_Name', 'file name', 'caption'\); did you mean 'file_name' "
+     r"\(not 'File_Name' or 'file name'\)\?"),
+    ("metadata.jsonl", lambda p: p.write_text('{"image": "a.png"}\n{"path": "b.png", "text": "b"}\n'),
+     r"none of its first 2 rows has 'file_name' \(keys found: 'image', 'path', 'text'\); did you mean "
+     r"'file_name' \(not 'image' or 'path'\)\?"),
+    ("metadata.parquet", lambda p: pq.write_table(pa.table({"label": ["cat"]}), p),
+     r"it has no 'file_name' column \(columns: 'label'\); each row"),
+])
+def test_config_refuses_a_metadata_file_without_file_name(tmp_path, name, write, message):
+    """Every row would be read.missing_id and every file read.not_in_metadata, in an empty version. Files
+    that cannot be told (a cut Parquet file, an empty CSV) are left to the readers' rejects."""
+    _touch(tmp_path, "im0.png", "a/metadata.parquet")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "im0.png"}\n')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metadata.csv").write_text("")
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    write(tmp_path / name)
+    where = f"[input] folder metadata file {os.path.join(str(tmp_path), name)!r}: "
+    with pytest.raises(ValueError, match=f"^{re.escape(where)}{message}"):
+        SourceConfig(folder=str(tmp_path))
+
+
+def test_a_metadata_file_without_file_name_exits_2_naming_it(tmp_path, capsys):
+    _touch(tmp_path, "data/im0.png")
+    (tmp_path / "data" / "metadata.csv").write_text("filename,text\nim0.png,a cat\n")
+    (tmp_path / "job.toml").write_text('[input]\nfolder = "data"\n[output]\ndir = "out"\n')
+    assert main(["preprocess", str(tmp_path / "job.toml")]) == 2
+    err = capsys.readouterr().err
+    assert f"metadata file '{tmp_path}/data/metadata.csv': it has no 'file_name' column (columns: 'filename', " \
+        "'text'); did you mean 'file_name' (not 'filename')? column names are matched exactly; each row names " \
+        "its image or audio file by 'file_name'" in err
+    assert not (tmp_path / "out").exists()

@@ -379,7 +379,7 @@ def test_json_nested_too_deep_is_bad_json(tmp_path):
     assert [(r.id, r.reason) for r in rejects] == [("m.jsonl:2", "read.bad_json"), ("m.jsonl:3", "read.bad_json")]
     assert all("nested more than 100 levels deep" in r.detail for r in rejects)
     assert [(type(i).__name__, i.id) for i in iter_manifest(str(tmp_path / "a.json"))] == [
-        ("RawSample", "x"), ("Reject", "a.json:1")  # the end of a value too deep to decode is not known
+        ("RawSample", "x"), ("Reject", "a.json:1[1]")  # the end of a value too deep to decode is not known
     ]
     assert [(type(i).__name__, i.id) for i in iter_manifest(str(tmp_path / "b.json"))] == [
         ("RawSample", "x"), ("Reject", "b.json:2"), ("RawSample", "z")
@@ -639,3 +639,34 @@ def test_http_media_cells_are_one_reject_each_saying_mbm_does_not_download(tmp_p
         assert items[1].audio.uri == "gs://b/a.wav"
     else:
         assert items[1].reason == "read.path_escape"
+
+
+def test_rows_of_a_json_array_on_one_line_are_told_apart_by_their_index(tmp_path):
+    """Each row that cannot be read is a reject of its own: several sharing one id would hide all but one."""
+    (tmp_path / "v.json").write_text('[[1, "a"], [2, "b"]]')
+    (tmp_path / "r.json").write_text('[{"text": "no id"}, {"text": "none either"}, {"id": 3, "text": "ok"},\n'
+                                     ' {"id": 4, "text": "alone on its line"}]')
+    assert [(r.id, r.reason, r.detail) for r in iter_manifest(str(tmp_path / "v.json"))] == [
+        ("v.json:1[0]", "read.bad_json", "v.json:1[0]: a JSON list, expected an object"),
+        ("v.json:1[1]", "read.bad_json", "v.json:1[1]: a JSON list, expected an object"),
+    ]
+    assert [(i.id, i.source) for i in iter_manifest(str(tmp_path / "r.json"))] == [
+        ("r.json:1[0]", "r.json:1[0]"), ("r.json:1[1]", "r.json:1[1]"), ("3", "r.json:1[2]"), ("4", "r.json:2"),
+    ]
+
+
+def test_blank_header_cells_are_named_as_pandas_names_them(tmp_path):
+    (tmp_path / "m.csv").write_text("id,text,,\n1,a,x,y\n")
+    (tmp_path / "m.tsv").write_text("id\t \ttext\n1\tx\ta\n")
+    (csv_sample,) = iter_manifest(str(tmp_path / "m.csv"))
+    (tsv_sample,) = iter_manifest(str(tmp_path / "m.tsv"))
+    assert (csv_sample.text, csv_sample.meta) == ("a", {"Unnamed: 2": "x", "Unnamed: 3": "y"})
+    assert (tsv_sample.text, tsv_sample.meta) == ("a", {"Unnamed: 1": "x"})
+
+
+def test_the_one_row_of_a_json_array_holding_a_list_is_a_row(tmp_path):
+    """Only a top-level object can be pandas' columns; a row of an array is judged as a row."""
+    (tmp_path / "one.json").write_text('[{"id": 1, "text": ["first caption", "second caption"]}]')
+    SourceConfig(manifest=str(tmp_path / "one.json"))
+    (item,) = iter_manifest(str(tmp_path / "one.json"))
+    assert (item.id, item.reason) == ("1", "read.bad_type")

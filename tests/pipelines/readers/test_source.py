@@ -266,7 +266,6 @@ def test_config_reads_a_parquet_schema_for_its_columns(tmp_path):
     ("m.json", '{"id": "x", "text": "the line stops\n{"id": "a", "image": "a.jpg"}\n'),
     ("m.csv", 'id,text\nr1,"never closed\nr2,fine\n'),
     ("m.csv", "id,image\n"),  # a header alone: nothing to reject
-    ("m.jsonl", ""),
     ("cut.parquet", "PAR1 cut"),  # unreadable: one read.unreadable reject when read
 ])
 def test_config_accepts_manifests_with_bad_first_rows(tmp_path, name, body):

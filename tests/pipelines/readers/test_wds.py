@@ -65,12 +65,15 @@ def test_bad_members_become_rejects(tmp_path):
     ]
     items = list(iter_tar(str(write_tar(tmp_path / "t.tar", samples))))
     assert [(type(i).__name__, i.id) for i in items] == [
-        ("Reject", "a"),
+        ("Reject", "a.json"),  # the broken json alone: its image lands
+        ("RawSample", "a"),
         ("Reject", "b"),
         ("RawSample", "c"),
-        ("RawSample", "a"),  # the broken first "a" claimed no id
+        ("Reject", "a"),
     ]
-    assert [i.reason for i in items if isinstance(i, Reject)] == ["read.bad_json", "read.no_modality"]
+    assert [i.reason for i in items if isinstance(i, Reject)] == [
+        "read.bad_json", "read.no_modality", "read.duplicate_id"
+    ]
 
 
 def test_duplicate_key_in_one_tar_keeps_first(tmp_path):
@@ -295,9 +298,10 @@ def test_a_json_member_nested_too_deep_is_bad_json(tmp_path):
     nested = b'{"x": ' + b"[" * 101 + b"]" * 101 + b"}"
     samples = [{"__key__": "k", "jpg": JPG, "json": deep}, {"__key__": "n", "jpg": JPG, "json": nested},
                {"__key__": "ok", "jpg": JPG, "json": b'{"x": ' + b"[" * 99 + b"]" * 99 + b"}"}]
-    k, n, ok = iter_tar(str(write_tar(tmp_path / "t.tar", samples)))
-    assert [(k.id, k.reason), (n.id, n.reason)] == [("k", "read.bad_json"), ("n", "read.bad_json")]
-    assert "nested more than 100 levels deep" in k.detail and "nested more than 100 levels deep" in n.detail
+    k_json, k, n_json, n, ok = iter_tar(str(write_tar(tmp_path / "t.tar", samples)))
+    assert [(r.id, r.reason) for r in (k_json, n_json)] == [("k.json", "read.bad_json"), ("n.json", "read.bad_json")]
+    assert "nested more than 100 levels deep" in k_json.detail and "nested more than 100 levels deep" in n_json.detail
+    assert (k.id, k.meta, n.id) == ("k", {}, "n")  # read without their json
     assert ok.id == "ok" and len(repr(ok.meta["x"])) == 198
 
 
@@ -365,10 +369,10 @@ def test_dots_in_a_key_are_named_in_the_reject(tmp_path):
     assert (photo.id, photo.reason, photo.source) == ("photo", "read.no_modality", "t.tar:photo")
     assert photo.detail == (
         "t.tar:photo: a WebDataset key ends at the first dot of a file name, so 'photo.2019.01.jpg', "
-        "'photo.2019.01.txt', 'photo.2019.02.jpg', 'photo.2019.02.txt' were read as key 'photo' with "
-        "extensions '2019.01.jpg', '2019.01.txt', '2019.02.jpg', '2019.02.txt', none of them a text, image "
-        "or audio extension; rename the files without dots in the key (photo_2019_01.jpg, not "
-        "photo.2019.01.jpg)"
+        "'photo.2019.01.txt', 'photo.2019.02.jpg', 'photo.2019.02.txt' were read as one sample, key 'photo', "
+        "with extensions '2019.01.jpg', '2019.01.txt', '2019.02.jpg', '2019.02.txt': most likely several "
+        "files under one key, so none was used as its text, image or audio; rename the files without dots in "
+        "the key (photo_2019_01.jpg, not photo.2019.01.jpg)"
     )
     assert (plain.id, plain.image) == ("d/plain", Media(data=JPG, name="d/plain.jpg"))
     many = tmp_path / "many.tar"
@@ -376,7 +380,7 @@ def test_dots_in_a_key_are_named_in_the_reject(tmp_path):
         for i in range(6):
             _add(tar, f"img.{i}.png", JPG)
     (item,) = iter_tar(str(many))
-    assert "'img.0.png', 'img.1.png', 'img.2.png', 'img.3.png', ... (6 in all) were read as key 'img'" in (
+    assert "'img.0.png', 'img.1.png', 'img.2.png', 'img.3.png', ... (6 in all) were read as one sample, key 'img'" in (
         item.detail
     )
 
@@ -423,7 +427,7 @@ def test_a_member_with_a_dotted_extension_stands_in_for_a_missing_one(tmp_path):
         for name, data in [
             ("p.jpg", JPG), ("p.en.txt", b"a red square"),  # the one candidate: used
             ("m.jpg", JPG), ("m.en.txt", b"english"), ("m.de.txt", b"deutsch"),  # several: first by name
-            ("q.jpg", JPG), ("q.txt", b"plain"), ("q.en.txt", b"ignored"),  # a plain txt: as before
+            ("q.jpg", JPG), ("q.txt", b"plain"), ("q.en.txt", b"unread"),  # a plain txt wins
             ("a.en.txt", b"only dotted"), ("a.v2.wav", b"RIFF"),  # one candidate each: used
             ("j.json", b'{"width": 8}'), ("j.left.png", b"left"), ("j.right.png", b"right"),
             ("x.a.txt", b"one"), ("x.b.txt", b"two"), ("x.c.jpg", JPG),  # all dotted: the texts are ambiguous
@@ -432,7 +436,7 @@ def test_a_member_with_a_dotted_extension_stands_in_for_a_missing_one(tmp_path):
     p, m, q, a, j, x = iter_tar(str(path))
     assert (p.id, p.text, p.image.name, p.meta) == ("p", b"a red square", "p.jpg", {})
     assert (m.text, m.meta) == (b"deutsch", {"unread_members": ["m.en.txt"]})
-    assert (q.text, q.meta) == (b"plain", {})
+    assert (q.text, q.meta) == (b"plain", {"unread_members": ["q.en.txt"]})
     assert (a.id, a.text, a.audio) == ("a", b"only dotted", Media(data=b"RIFF", name="a.v2.wav"))
     assert j.image == Media(data=b"left", name="j.left.png")
     assert j.meta == {"width": 8, "unread_members": ["j.right.png"]}
@@ -466,3 +470,66 @@ def test_compressed_data_that_holds_no_tar_is_not_a_tar(tmp_path):
         '`shards` a pattern that matches the tars only ("dir/*.tar"), or the folder itself (shards = "dir" '
         "reads its *.tar files)",
     )
+
+
+def test_a_json_member_that_cannot_be_used_is_its_own_reject_and_its_sample_lands(tmp_path):
+    """As beside a folder's image: a bad json costs its own row, not the good image with it."""
+    samples = [
+        {"__key__": "a", "jpg": JPG, "json": {"key": "custom", "caption": 5, "url": "http://x/a.jpg"}},
+        {"__key__": "b", "jpg": JPG, "json": b"[1]"},
+        {"__key__": "c", "jpg": JPG, "txt": b"a caption", "json": b"{oops"},
+        {"__key__": "d", "json": b"{oops"},  # nothing but the json: one row, as before
+        {"__key__": "e", "json": {"key": "e", "status": "failed_to_download", "error_message": "HTTP 404"}},
+    ]
+    items = list(iter_tar(str(write_tar(tmp_path / "t.tar", samples))))
+    assert [(type(i).__name__, i.id, getattr(i, "reason", None), i.source) for i in items] == [
+        ("Reject", "a.json", "read.bad_type", "t.tar:a.json"),
+        ("RawSample", "a", None, "t.tar:a"),  # the json's key is not used: the tar key
+        ("Reject", "b.json", "read.bad_json", "t.tar:b.json"),
+        ("RawSample", "b", None, "t.tar:b"),
+        ("Reject", "c.json", "read.bad_json", "t.tar:c.json"),
+        ("RawSample", "c", None, "t.tar:c"),
+        ("Reject", "d", "read.bad_json", "t.tar:d"),
+        ("Reject", "e", "read.no_modality", "t.tar:e"),
+    ]
+    a_json, a = items[:2]
+    assert a_json.detail == (
+        "t.tar:a.json: json 'caption' is int 5, expected a string; the other members of sample 'a' are read "
+        "without it: fix the json, or remove it"
+    )
+    assert (a.image, a.text, a.meta) == (Media(data=JPG, name="a.jpg"), None, {})
+    assert items[2].detail.startswith("t.tar:b.json holds a JSON list, expected an object; the other members")
+    assert (items[5].text, items[5].meta) == (b"a caption", {})
+    assert items[-1].detail.endswith("the json says status 'failed_to_download': HTTP 404")
+
+
+def test_members_not_read_are_listed_and_an_empty_plain_member_hides_no_stand_in(tmp_path):
+    """Nothing in a tar goes unread without a trace: a second image, a dotted text beside a plain one,
+    a member of an extension mbm does not read; an empty r.txt gives way to r.en.txt."""
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [
+            ("q.jpg", JPG), ("q.thumb.jpg", b"thumb"), ("q.txt", b"plain"), ("q.en.txt", b"en"),
+            ("r.jpg", JPG), ("r.txt", b""), ("r.en.txt", b"the only real caption"),
+            ("s.jpg", JPG), ("s.png", b"png"), ("s.npy", b"\x93NUMPY"), ("s.cls", b"3"), ("s.label", b"x"),
+            ("t.jpg", b""), ("t.v2.jpg", b"v2"),
+        ]:
+            _add(tar, name, data)
+    q, r, s, t = iter_tar(str(path))
+    assert (q.text, q.image.name, q.meta) == (b"plain", "q.jpg", {"unread_members": ["q.en.txt", "q.thumb.jpg"]})
+    assert (r.text, r.meta) == (b"the only real caption", {})
+    assert (s.image.name, s.label, s.meta) == ("s.jpg", 3, {"unread_members": ["s.label", "s.npy", "s.png"]})
+    assert (t.image, t.meta) == (Media(data=b"v2", name="t.v2.jpg"), {})
+
+
+def test_a_json_caption_or_label_not_used_is_kept_in_meta(tmp_path):
+    """As a manifest keeps an unused caption: a .txt or .cls wins, the json's differing values stay."""
+    samples = [
+        {"__key__": "k", "jpg": JPG, "txt": b"from txt", "cls": b"7",
+         "json": {"caption": "from json", "src": "flickr", "label": "tabby"}},
+        {"__key__": "m", "jpg": JPG, "txt": b"same", "cls": b"7", "json": {"caption": "same", "label": 7}},
+    ]
+    k, m = iter_tar(str(write_tar(tmp_path / "t.tar", samples)))
+    assert (k.text, k.label) == (b"from txt", 7)
+    assert list(k.meta.items()) == [("caption", "from json"), ("src", "flickr"), ("label", "tabby")]
+    assert (m.text, m.label, m.meta) == (b"same", 7, {})  # saying it twice adds nothing
