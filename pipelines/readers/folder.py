@@ -43,7 +43,7 @@ from pipelines.readers.common import (
     text_column,
 )
 from pipelines.readers.manifest import CHECKED_ROWS, listed_columns, text_cell
-from pipelines.readers.rows import FORMATS, columns_of, format_of, iter_rows, meta_value
+from pipelines.readers.rows import FORMATS, columns_of, format_of, is_blank, iter_rows, meta_value
 from pipelines.readers.wds import json_object, with_json
 from schemas import Media, RawSample, Reject
 
@@ -99,6 +99,11 @@ def check_metadata(folder: str) -> None:
             rows = columns_of(f"{root}/{rel}", fmt, rel, CHECKED_ROWS)
         except ValueError as e:  # a JSON file that is one JSON object
             raise ValueError(f"{where}: {e}") from None
+        if not rows and is_blank(f"{root}/{rel}"):
+            raise ValueError(
+                f"{where} is empty (no header, no rows): a version read from it would hold none of the files "
+                "it should name (a failed export, a full disk?); write it again, or remove it"
+            )
         if not rows or any("file_name" in row for row in rows):
             continue
         names = list(dict.fromkeys(column for row in rows for column in row))

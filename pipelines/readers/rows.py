@@ -111,7 +111,7 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
         import pyarrow.parquet as pq
 
         try:
-            with _open(path) as f:
+            with _parquet_file(path) as f:
                 return [list(pq.ParquetFile(f).schema_arrow.names)]
         except Exception:  # a cut or garbled file: read.unreadable when read
             return []
@@ -264,9 +264,8 @@ def _not_rows(name: str, document: dict[str, Any]) -> str:
     column = _by_column(document)
     if column:
         value = document[column]
-        what = (f"one JSON object of columns, not rows ({column!r} holds a {type(value).__name__} of "
-                f"{len(value)} values, one per row: the layout pandas' DataFrame.to_json() writes by "
-                "default)")
+        what = (f"one JSON object of columns, not rows ({column!r} holds an object of {len(value)} values "
+                "keyed by row: the layout pandas' DataFrame.to_json() writes by default)")
     else:
         keys = ", ".join(list(document)[:10]) + (", ..." if len(document) > 10 else "")
         what = f"one JSON object (keys: {keys}), not rows"
@@ -275,13 +274,16 @@ def _not_rows(name: str, document: dict[str, Any]) -> str:
 
 
 def _by_column(document: dict[str, Any]) -> str | None:
-    """The first manifest column of a one-object document that holds a list or an object of values
-    (an image's ``{"bytes", "path"}`` aside): a column of a column-oriented document, not a row's
-    cell. None for a row. A ``label`` may be a list (several labels) and does not count."""
-    for key, value in document.items():
-        if key in ROW_KEYS and key != "label":
-            if isinstance(value, list) or (isinstance(value, dict) and not value.keys() <= _MEDIA_STRUCT):
-                return key
+    """The first manifest column of a one-object document laid out as pandas' ``to_json()`` writes it:
+    objects of values keyed by the row index, the same keys in every such column (or row numbers when
+    there is one). None for a row, whose cells are values: a list (a bad cell, rejected as a row) or an
+    image's ``{"bytes", "path"}`` struct, even with extra fields, is no column. ``label`` does not count."""
+    columns = {key: value for key, value in document.items()
+               if key in ROW_KEYS and key != "label" and isinstance(value, dict) and value
+               and not value.keys() <= _MEDIA_STRUCT}
+    indexes = {frozenset(map(str, value)) for value in columns.values()}
+    if len(indexes) == 1 and (len(columns) > 1 or all(str(key).isdigit() for key in next(iter(indexes)))):
+        return next(iter(columns))
     return None
 
 
@@ -653,8 +655,27 @@ def _quoted_span(lines: list[str]) -> int:
     return 0
 
 
-def _parquet_rows(path: str) -> Iterator[Row]:
+@contextlib.contextmanager
+def _parquet_file(path: str) -> Iterator[BinaryIO]:
+    """``path``'s Parquet bytes, seekable as Arrow needs them: a compressed file (``.parquet.gz``) is
+    decompressed into memory first."""
+    from apache_beam.io.filesystem import CompressionTypes
+
+    kind = CompressionTypes.detect_compression_type(path)
     with _open(path) as f:
+        if kind == CompressionTypes.UNCOMPRESSED:
+            yield f
+            return
+        try:
+            with decompressed(f, kind) as stream:
+                data = io.BytesIO(stream.read())
+        except Exception as e:  # a cut or garbled compressed file
+            raise _Unreadable(e) from e
+        yield data
+
+
+def _parquet_rows(path: str) -> Iterator[Row]:
+    with _parquet_file(path) as f:
         line = 0
         for batch in _batches(f):
             names = unique_columns(batch.schema.names)

@@ -65,7 +65,7 @@ class SourceConfig:
             _check_local(self.folder, "folder", os.path.isdir, "folder")
             if local_path(self.folder) is not None:
                 check_metadata(self.folder)  # a metadata file no row of which can name a file: say so now
-        if self.shards and not _GLOB.search(self.shards) and "{" not in self.shards:
+        if self.shards and not _literal(self.shards) and not _GLOB.search(self.shards) and "{" not in self.shards:
             _check_local(self.shards, "shards", os.path.exists, "tar or folder")
         if self.shards and local_path(self.shards) is not None:
             expand_shards(self.shards)  # a folder without *.tar, a pattern matching nothing: say so now
@@ -139,18 +139,26 @@ def list_inputs(config: SourceConfig) -> list[Input]:
     return [Input(i, kind, p, n) for i, (p, n) in enumerate(zip(paths, names, strict=True))]
 
 
+def _literal(path: str) -> bool:
+    """Whether a local ``shards`` value names an existing file or folder as it is written (``run [2024]``):
+    then its brackets and braces are part of the name, not a pattern."""
+    local = local_path(absolute(path))
+    return local is not None and os.path.exists(local)
+
+
 def expand_shards(pattern: str) -> list[str]:
     """Tar paths of a brace/glob pattern, in pattern order; a missing explicit path is kept (read rejects it)."""
     from apache_beam.io.filesystems import FileSystems
     from braceexpand import braceexpand
 
-    parts = [absolute(p) for p in braceexpand(pattern)]
-    parts = [os.path.join(p, "*.tar") if os.path.isdir(p) else p for p in parts]  # a folder of tars
+    parts = [absolute(p) for p in ([pattern] if _literal(pattern) else braceexpand(pattern))]
+    # a folder of tars; a local folder's own name is escaped ("run [2024]")
+    parts = [os.path.join(glob.escape(p) if local_path(p) else p, "*.tar") if os.path.isdir(p) else p for p in parts]
     remote = [p for p in parts if _GLOB.search(p) and local_path(p) is None]
     matched = {p: sorted(m.path for m in r.metadata_list)
                for p, r in zip(remote, FileSystems.match(remote), strict=True)} if remote else {}
     for p in parts:
-        if _GLOB.search(p) and p not in matched:  # local: glob lists broken links too, so they become rejects
+        if _GLOB.search(p) and p not in matched and not _literal(p):  # local: glob lists broken links too
             matched[p] = sorted(glob.glob(local_path(p)))
     paths: list[str] = []
     for part in parts:

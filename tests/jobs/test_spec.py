@@ -226,7 +226,7 @@ def _parquet(path, names, columns):
     ("m.parquet", lambda p: _parquet(p, ["id", "text", "text"], [[1], ["hello"], [None]]),
      ["its schema repeats a column mbm reads ('text' 2 times; columns: 'id', 'text', 'text')"]),
     # pandas' default to_json: columns, not rows
-    ("m.json", _pandas_columns, ["one JSON object of columns, not rows ('id' holds a dict of 2 values",
+    ("m.json", _pandas_columns, ["one JSON object of columns, not rows ('id' holds an object of 2 values",
                                  'df.to_json(path, orient="records", lines=True)']),
     ("m.jsonl", _pandas_columns, ["one JSON object of columns, not rows"]),
     ("m.json", _pandas_values, ["m.json: its first rows are JSON arrays of values, not objects naming their columns",

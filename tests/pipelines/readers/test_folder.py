@@ -505,12 +505,10 @@ def test_a_file_in_a_symlinked_folder_is_named_by_its_real_path(tmp_path):
      r"it has no 'file_name' column \(columns: 'label'\); each row"),
 ])
 def test_config_refuses_a_metadata_file_without_file_name(tmp_path, name, write, message):
-    """Every row would be read.missing_id and every file read.not_in_metadata, in an empty version. Files
-    that cannot be told (a cut Parquet file, an empty CSV) are left to the readers' rejects."""
+    """Every row would be read.missing_id and every file read.not_in_metadata, in an empty version. A file
+    that cannot be told (a cut Parquet file) is left to the readers' rejects."""
     _touch(tmp_path, "im0.png", "a/metadata.parquet")
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "im0.png"}\n')
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "metadata.csv").write_text("")
     (tmp_path / name).parent.mkdir(exist_ok=True)
     write(tmp_path / name)
     where = f"[input] folder metadata file {os.path.join(str(tmp_path), name)!r}: "
@@ -528,3 +526,12 @@ def test_a_metadata_file_without_file_name_exits_2_naming_it(tmp_path, capsys):
         "'text'); did you mean 'file_name' (not 'filename')? column names are matched exactly; each row names " \
         "its image or audio file by 'file_name'" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("body", [b"", b"  \n\n", b"\xef\xbb\xbf\n"])
+def test_config_refuses_an_empty_metadata_file(tmp_path, body):
+    """A metadata file cut to nothing (a failed export): a version read from it would remove every sample."""
+    _touch(tmp_path, "im0.png")
+    (tmp_path / "metadata.jsonl").write_bytes(body)
+    with pytest.raises(ValueError, match=r"metadata file .*metadata.jsonl' is empty \(no header, no rows\)"):
+        SourceConfig(folder=str(tmp_path))

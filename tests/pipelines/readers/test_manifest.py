@@ -1,5 +1,6 @@
 import bz2
 import gzip
+import io
 import json
 import lzma
 import os
@@ -576,7 +577,7 @@ def test_a_json_file_of_columns_is_one_reject_saying_how_to_write_rows(tmp_path)
     (item,) = iter_manifest(str(tmp_path / "m.json"))
     assert (item.id, item.reason) == ("m.json", "read.json_object")
     assert item.detail == (
-        "m.json is one JSON object of columns, not rows ('id' holds a dict of 2 values, one per row: the layout "
+        "m.json is one JSON object of columns, not rows ('id' holds an object of 2 values keyed by row: the layout "
         "pandas' DataFrame.to_json() writes by default): a JSON manifest must be JSON Lines (one row object per "
         'line) or a JSON array of row objects; from pandas, write the rows: df.to_json(path, orient="records", '
         "lines=True)"
@@ -670,3 +671,33 @@ def test_the_one_row_of_a_json_array_holding_a_list_is_a_row(tmp_path):
     SourceConfig(manifest=str(tmp_path / "one.json"))
     (item,) = iter_manifest(str(tmp_path / "one.json"))
     assert (item.id, item.reason) == ("1", "read.bad_type")
+
+
+def test_a_gzipped_parquet_manifest_is_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.readers.manifest import check_columns
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"]}), buffer)
+    (tmp_path / "m.parquet.gz").write_bytes(gzip.compress(buffer.getvalue()))
+    check_columns(str(tmp_path / "m.parquet.gz"), "parquet")
+    assert [(s.id, s.text) for s in iter_manifest(str(tmp_path / "m.parquet.gz"))] == [("a", "x"), ("b", "y")]
+    (tmp_path / "cut.parquet.gz").write_bytes(gzip.compress(buffer.getvalue())[:60])
+    (cut,) = iter_manifest(str(tmp_path / "cut.parquet.gz"))
+    assert cut.reason == "read.unreadable" and "compressed stream" in cut.detail
+
+
+@pytest.mark.parametrize("row", ['{"id": 1, "text": ["a", "b"]}',
+                                 '{"id": 1, "image": {"path": "i.png", "bytes": null, "width": 8}}'])
+def test_the_one_row_of_a_json_lines_file_holding_a_list_or_a_struct_is_a_row(tmp_path, row):
+    """Not pandas' columns (objects keyed by row): the row is read, and a bad cell is its reject."""
+    from pipelines.readers.manifest import check_columns
+
+    (tmp_path / "one.jsonl").write_text(row + "\n")
+    check_columns(str(tmp_path / "one.jsonl"), "jsonl")
+    (item,) = iter_manifest(str(tmp_path / "one.jsonl"), SourceConfig(manifest=str(tmp_path / "one.jsonl"),
+                                                                     allow_outside=True))
+    assert item.id == "1"
+    assert getattr(item, "reason", None) in ("read.bad_type", None)

@@ -302,3 +302,17 @@ def test_config_refuses_a_manifest_pattern_and_says_what_to_do(tmp_path):
     )
     with pytest.raises(ValueError, match=r"test-\*.parquet' does not exist \(manifest names one file and patterns "):
         SourceConfig(manifest=str(tmp_path / "data" / "test-*.parquet"))
+
+
+def test_a_shards_path_with_brackets_that_exists_is_taken_as_it_is(tmp_path):
+    """``run [2024]`` is a folder's name, not a character class: it matched nothing."""
+    folder = tmp_path / "run [2024]"
+    folder.mkdir()
+    _tar(folder / "00000.tar", ["a", "b"])
+    _tar(folder / "00001.tar", ["c"])
+    tars = [os.path.basename(p) for p in expand_shards(str(folder))]
+    assert tars == ["00000.tar", "00001.tar"]
+    assert expand_shards(str(folder / "00001.tar")) == [str(folder / "00001.tar")]
+    assert [i.name for i in list_inputs(SourceConfig(shards=str(folder)))] == tars
+    with pytest.raises(ValueError, match="matches no files"):
+        SourceConfig(shards=str(tmp_path / "run [2025]"))
