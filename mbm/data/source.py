@@ -90,6 +90,9 @@ def resolve_data(spec: str) -> DataSource:
         if re.fullmatch(r"\d{6}\.json", os.path.basename(spec)) and os.path.basename(os.path.abspath(root)) == "versions":
             root = os.path.dirname(os.path.abspath(root))  # OUT/versions/000001.json: shard paths are relative to OUT
         return _from_manifest(spec, root, spec)
+    if not glob.has_magic(spec) and "{" not in spec and not os.path.exists(spec):
+        raise ValueError(f"--data {spec}: no such folder or file; give the output folder of `mbm preprocess` "
+                         "(OUT, or OUT/@N for version N), its dataset.json, or shards (a .tar, a pattern)")
     return _from_pattern(spec)
 
 

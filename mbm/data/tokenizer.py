@@ -46,6 +46,16 @@ def special_tokens(tokenizer: Any) -> SpecialTokens:
     return SpecialTokens(bos=bos, eos=eos, pad=pad, vocab_size=len(tokenizer))
 
 
+def vocab_digest(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's vocabulary (each token with its id): two tokenizers of one size that
+    map ids to other tokens differ here."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def encode_targets(tokenizer: Any, texts: list[str], max_len: int) -> list[list[int]]:
     """Token ids ``[BOS] ... [EOS]`` of each text, at most ``max_len`` long."""
     sp = special_tokens(tokenizer)

@@ -20,6 +20,7 @@ class DecoderConfig:
     pad: int
     max_len: int = 32  # target tokens, [BOS] and [EOS] included
     n_layers: int = 2
+    vocab_digest: str | None = None  # the tokenizer's (``vocab_digest``); None in runs from before it was kept
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2 or self.max_len < 2:

@@ -11,7 +11,7 @@ from mbm.data.errors import CorruptSample
 from mbm.data.shards import iter_tar
 from mbm.data.source import DataSource
 from mbm.data.stream import StreamConfig
-from mbm.data.tokenizer import load_tokenizer, special_tokens
+from mbm.data.tokenizer import load_tokenizer, special_tokens, vocab_digest
 from mbm.model.decoder import DecoderConfig
 from mbm.model.model import ModelConfig
 from mbm.model.transformer import TransformerConfig
@@ -46,9 +46,11 @@ def model_config(cfg: TrainConfig, source: DataSource, labels: list[Any]) -> Mod
     """The model a run with these settings trains on this dataset."""
     decoder = None
     if cfg.task == "generate":
-        sp = special_tokens(load_tokenizer(cfg.tokenizer))
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        sp = special_tokens(tokenizer)
         decoder = DecoderConfig(vocab_size=sp.vocab_size, bos=sp.bos, eos=sp.eos, pad=sp.pad,
-                                max_len=cfg.max_target_len, n_layers=cfg.decoder_layers)
+                                max_len=cfg.max_target_len, n_layers=cfg.decoder_layers,
+                                vocab_digest=vocab_digest(tokenizer))
     return ModelConfig(
         task=cfg.task, feature_dims=dict(source.feature_dims), fusion=cfg.fusion,
         transformer=TransformerConfig(d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,

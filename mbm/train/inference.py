@@ -11,7 +11,7 @@ import torch
 from mbm.data.collate import batch_to
 from mbm.data.source import DataSource, resolve_data
 from mbm.data.stream import ShardStream
-from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens
+from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens, vocab_digest
 from mbm.model.model import ModelConfig, MultimodalModel
 from mbm.train.build import stream_config
 from mbm.train.checkpoint import checkpoint_name, load_checkpoint
@@ -63,11 +63,15 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
 
 
 def _check_tokenizer(path: str | None, decoder: Any) -> None:
-    """The tokenizer must be the one the decoder was trained with: same vocabulary size and special ids."""
-    sp = special_tokens(load_tokenizer(path))
+    """The tokenizer must be the one the decoder was trained with: same vocabulary size and special ids,
+    and the same token for every id (runs that recorded their vocabulary's digest)."""
+    tokenizer = load_tokenizer(path)
+    sp = special_tokens(tokenizer)
     trained = {"vocabulary size": decoder.vocab_size, "BOS id": decoder.bos, "EOS id": decoder.eos, "PAD id": decoder.pad}
     given = {"vocabulary size": sp.vocab_size, "BOS id": sp.bos, "EOS id": sp.eos, "PAD id": sp.pad}
     differ = [f"{k} {given[k]} (the run's decoder: {v})" for k, v in trained.items() if given[k] != v]
+    if not differ and decoder.vocab_digest and vocab_digest(tokenizer) != decoder.vocab_digest:
+        differ = ["the same size, but other tokens for some ids"]
     if differ:
         raise ValueError(f"--tokenizer {path or 'default'} does not match the run's decoder: {', '.join(differ)}; "
                          "leave --tokenizer out to use the run's own")

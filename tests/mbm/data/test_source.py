@@ -32,3 +32,10 @@ def test_a_version_manifest_given_directly(at_folder):
     version = resolve_data(at_folder).version
     source = resolve_data(f"{at_folder}/versions/{version:06d}.json")
     assert source.shards == resolve_data(at_folder).shards and source.version == version
+
+
+def test_a_data_path_that_does_not_exist_is_named_as_missing(tmp_path):
+    with pytest.raises(ValueError, match=r"nope: no such folder or file; give the output folder of `mbm preprocess`"):
+        resolve_data(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"matches no file"):  # a pattern is still a pattern
+        resolve_data(str(tmp_path / "nope" / "*.tar"))

@@ -41,7 +41,18 @@ def test_a_tokenizer_other_than_the_decoders_is_refused(no_audio, tmp_path, caps
         assert main([command, "--run", run, "--tokenizer", default_tokenizer_path()]) == 2
         err = capsys.readouterr().err
         assert "does not match the run's decoder: vocabulary size 30522" in err, err
+    # the same size and special ids, other words for the ids: refused too
+    from transformers import AutoTokenizer, BertTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(tok).get_vocab()
+    words = sorted(vocab, key=vocab.get)
+    shuffled = str(tmp_path / "shuffled")
+    BertTokenizer(vocab={w: i for i, w in enumerate(words[:5] + words[5:][::-1])}).save_pretrained(shuffled)
+    for command in ("evaluate", "generate"):
+        assert main([command, "--run", run, "--tokenizer", shuffled]) == 2
+        assert "the same size, but other tokens for some ids" in capsys.readouterr().err
     assert main(["generate", "--run", run, "--limit", "1"]) == 0  # the run's own tokenizer
+    assert main(["evaluate", "--run", run, "--tokenizer", tok]) == 0  # the same tokenizer named again
 
 
 def test_generate_on_a_split_without_usable_samples_says_why(no_audio, tmp_path, capsys):
