@@ -171,8 +171,16 @@ def media_from(value: Any, base: str, allow_outside: bool, where: str, column: s
         value = path
         if is_empty(value):
             return None
+    if isinstance(value, dict) and "array" in value:
+        raise CleanError(
+            "read.bad_type",
+            f"{where}: '{column}' is a decoded array ({', '.join(map(repr, value))}), as Hugging Face datasets "
+            f"decodes audio in Python; mbm reads media files or their bytes: store the column as {{bytes, path}} "
+            f"structs (datasets: ds.cast_column({column!r}, Audio(decode=False)) before to_parquet) or as paths",
+        )
     if not isinstance(value, str):
-        raise CleanError("read.bad_type", f"{where}: '{column}' is {shown(value)}, expected a path string")
+        raise CleanError("read.bad_type", f"{where}: '{column}' is {shown(value)}, expected a path string "
+                                          "or a {bytes, path} struct")
     name = value.strip()
     if not name:
         return None

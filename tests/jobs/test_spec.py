@@ -199,15 +199,13 @@ def test_manifest_problems_are_spec_errors(data, manifest, body, message):
 
 
 def _pandas_columns(path):
-    import pandas as pd
-
-    pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(path)
+    """What pandas' ``DataFrame({"id": [1, 2], "text": [...]}).to_json(path)`` writes."""
+    path.write_text('{"id":{"0":1,"1":2},"text":{"0":"a cat","1":"a dog"}}')
 
 
 def _pandas_values(path):
-    import pandas as pd
-
-    pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(path, orient="values")
+    """What pandas' ``to_json(path, orient="values")`` writes."""
+    path.write_text('[[1,"a cat"],[2,"a dog"]]')
 
 
 def _parquet(path, names, columns):

@@ -571,9 +571,8 @@ def test_a_json_file_that_is_one_object_is_one_reject_saying_what_a_manifest_is(
 
 def test_a_json_file_of_columns_is_one_reject_saying_how_to_write_rows(tmp_path):
     """pandas' DataFrame.to_json() writes one object of columns by default: no row of it is a sample."""
-    import pandas as pd
-
-    pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(tmp_path / "m.json")
+    # what pd.DataFrame({"id": [1, 2], "text": ["a cat", "a dog"]}).to_json(path) writes
+    (tmp_path / "m.json").write_text('{"id":{"0":1,"1":2},"text":{"0":"a cat","1":"a dog"}}')
     (item,) = iter_manifest(str(tmp_path / "m.json"))
     assert (item.id, item.reason) == ("m.json", "read.json_object")
     assert item.detail == (
@@ -701,3 +700,17 @@ def test_the_one_row_of_a_json_lines_file_holding_a_list_or_a_struct_is_a_row(tm
                                                                      allow_outside=True))
     assert item.id == "1"
     assert getattr(item, "reason", None) in ("read.bad_type", None)
+
+
+def test_a_decoded_audio_array_is_a_reject_saying_how_to_store_audio(tmp_path):
+    """Hugging Face datasets decodes an Audio column to {array, sampling_rate, path} in Python; such a cell
+    is no file or bytes mbm can read, and the reject says how to store it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": "a1", "text": "hello", "audio": {"array": [0.0, 0.5], "sampling_rate": 16000, "path": "a1.wav"}}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    (item,) = iter_manifest(str(tmp_path / "m.parquet"))
+    assert (item.id, item.reason) == ("a1", "read.bad_type")
+    assert "'audio' is a decoded array ('array', 'sampling_rate', 'path')" in item.detail
+    assert "ds.cast_column('audio', Audio(decode=False))" in item.detail
