@@ -343,7 +343,7 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
         "workers once per worker, PSS splits them). mbm: Beam FnApiRunner, one worker per core; plain loop: "
         "one process, torch threads = cores; HF: `datasets.map(batched=True, batch_size=<largest per-modality batch>, num_proc=cores)`, "
         "one torch thread per worker. The baselines call mbm's extractor classes, so what those do "
-        "(channels_last convolutions, fixed-shape text passes) they do too; what only mbm's runtime does is "
+        "(fused convolutions, fixed-shape text passes, MiniLM without transformers) they do too; what only mbm's runtime does is "
         "its process layout and the allocator settings of `mbm/alloc.py`.",
         "",
         *table_lines,
