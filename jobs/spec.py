@@ -103,6 +103,29 @@ class RunnerConfig:
                         f"time, and mbm never downloads; give {' or '.join(f'{k}=...' for k in keys)} in [runner] "
                         "options (or after `--`)")
 
+    def check_options(self, extra: list[str] | None = None) -> None:
+        """Every Beam option ([runner] options, and those after ``--``) must be one Beam knows: Beam
+        only logs and drops an unknown one, so a typo (``--direct_num_worker``) would run the job with
+        other settings than asked."""
+        import argparse
+        import difflib
+
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+        for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+            cls._add_argparse_args(parser)  # noqa: SLF001 - how Beam itself collects its options
+        _, unknown = parser.parse_known_args(list(self.options) + list(extra or []))
+        if not unknown:
+            return
+        known = [opt for action in parser._actions for opt in action.option_strings]  # noqa: SLF001
+        shown = []
+        for arg in unknown:
+            near = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.8) if arg.startswith("--") else []
+            shown.append(f"{arg!r}" + (f" (did you mean {near[0]}?)" if near else ""))
+        raise SpecError(f"Beam knows no option {', '.join(shown)}; it would ignore it and run the job with other "
+                        "settings than asked: fix it in [runner] options or after `--`")
+
     def check_device(self) -> None:
         """A local run's CUDA device must exist on this machine: say so before any worker starts.
 

@@ -169,6 +169,19 @@ def test_runners_that_would_download_need_a_local_copy_or_a_job_server(tmp_path,
                 check()
 
 
+def test_beam_options_beam_does_not_know_are_refused_naming_them(tmp_path):
+    """Beam logs and drops an unknown option: a typo would run the job with other settings than asked."""
+    from jobs.spec import RunnerConfig
+
+    runner = RunnerConfig(options=["--direct_running_mode=in_memory", "--job_name", "mine"])
+    runner.check_options(["--experiments=a", "--temp_location=/tmp/x"])  # all Beam's
+    with pytest.raises(SpecError, match=r"Beam knows no option '--direct_num_worker=1' \(did you mean "
+                                        r"--direct_num_workers\?\), '--some_beam_option=value'; it would"):
+        runner.check_options(["--direct_num_worker=1", "--some_beam_option=value"])
+    with pytest.raises(SpecError, match="'--flink_mastr=h:1'"):
+        RunnerConfig(name="FlinkRunner", options=["--flink_mastr=h:1"]).check_options()
+
+
 def test_a_manifest_that_gives_no_sample_exits_2_before_the_job_starts(data, capsys):
     import json
 
