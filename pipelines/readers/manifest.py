@@ -33,6 +33,7 @@ from pipelines.readers.rows import (
     coco_hint,
     columns_of,
     format_of,
+    has_rows,
     is_blank,
     iter_rows,
     meta_value,
@@ -93,6 +94,7 @@ def check_columns(path: str, fmt: str) -> None:
     except ValueError as e:  # a JSON file that is one JSON object
         raise ValueError(f"[input] manifest {path!r}: {e}") from None
     if not rows:
+        _check_has_rows(path, fmt)  # an empty JSON array
         return
     names = list(dict.fromkeys(column for row in rows for column in row))
     found = listed_columns(names)
@@ -116,6 +118,18 @@ def check_columns(path: str, fmt: str) -> None:
         raise ValueError(
             f"[input] manifest {path!r}: {lacks('text, image or audio')}{near}; name the text column one of "
             f"{', '.join(TEXT_COLUMNS)}, and the columns of media paths image and audio"
+        )
+    _check_has_rows(path, fmt)  # a header or schema alone
+
+
+def _check_has_rows(path: str, fmt: str) -> None:
+    """A manifest without one row (a header alone, an empty JSON array, a Parquet file of 0 rows) is
+    refused as an empty one is: its version would hold no sample."""
+    if not has_rows(absolute(path), fmt, display_name(path)):
+        raise ValueError(
+            f"[input] manifest {path!r} has no rows: a job reading it would commit a version with no samples, "
+            "removing every sample of the version before; write the manifest again (a failed export?) or name "
+            "the right file"
         )
 
 

@@ -143,6 +143,21 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
     return [list(row) for row in found]
 
 
+def has_rows(path: str, fmt: str, name: str) -> bool:
+    """Whether ``path`` holds a row besides its header: a good one or a bad one (which becomes a reject
+    row); True when it cannot be read, which its reader reports. Reads up to the first row."""
+    if FORMATS[fmt] == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            with _parquet_file(path) as f:
+                return pq.ParquetFile(f).metadata.num_rows > 0
+        except Exception:  # a cut or garbled file: read.unreadable when read
+            return True
+    with contextlib.closing(_items(path, fmt, name)) as items:
+        return any(not isinstance(item, _Header) for item in items)
+
+
 def is_blank(path: str) -> bool:
     """Whether ``path`` holds nothing but white space once decompressed (0 bytes: a failed export, a full
     disk); False when it cannot be read, which its reader reports."""

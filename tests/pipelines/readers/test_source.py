@@ -77,7 +77,7 @@ def test_config_names_a_missing_path(tmp_path):
 
 
 def test_config_round_trips(tmp_path):
-    (tmp_path / "m.csv").write_text("id,text\n")
+    (tmp_path / "m.csv").write_text("id,text\na,b\n")
     config = SourceConfig(manifest=str(tmp_path / "m.csv"), allow_outside=True)
     d = config.to_dict()
     assert d == {
@@ -265,7 +265,6 @@ def test_config_reads_a_parquet_schema_for_its_columns(tmp_path):
     ("m.jsonl", '{"id": "x", "text": "the line stops\n["a"]\n{"text": "no id"}\n{"id": "a", "caption": "fine"}\n'),
     ("m.json", '{"id": "x", "text": "the line stops\n{"id": "a", "image": "a.jpg"}\n'),
     ("m.csv", 'id,text\nr1,"never closed\nr2,fine\n'),
-    ("m.csv", "id,image\n"),  # a header alone: nothing to reject
     ("cut.parquet", "PAR1 cut"),  # unreadable: one read.unreadable reject when read
 ])
 def test_config_accepts_manifests_with_bad_first_rows(tmp_path, name, body):
@@ -316,3 +315,22 @@ def test_a_shards_path_with_brackets_that_exists_is_taken_as_it_is(tmp_path):
     assert [i.name for i in list_inputs(SourceConfig(shards=str(folder)))] == tars
     with pytest.raises(ValueError, match="matches no files"):
         SourceConfig(shards=str(tmp_path / "run [2025]"))
+
+
+@pytest.mark.parametrize("name, body", [
+    ("m.csv", "id,image\n"),
+    ("m.tsv", "id\ttext\n\n"),
+    ("m.json", "[]"),
+    ("m.json", "  [\n ]\n"),
+])
+def test_config_refuses_a_manifest_without_rows(tmp_path, name, body):
+    """A header alone (a failed export) would commit a version with no sample, removing every one."""
+    (tmp_path / name).write_text(body)
+    with pytest.raises(ValueError, match=r"has no rows: a job reading it would commit a version with no samples"):
+        SourceConfig(manifest=str(tmp_path / name))
+
+
+def test_config_refuses_a_parquet_manifest_of_no_rows(tmp_path):
+    path = _table(tmp_path / "m.parquet", {"id": [], "text": []})
+    with pytest.raises(ValueError, match="has no rows"):
+        SourceConfig(manifest=str(path))
