@@ -205,7 +205,8 @@ class HFTextExtractor(HFFolderModel, Extractor):
         native = bert.load(path)  # a BERT encoder without importing transformers; the same features
         if native is not None:
             return TextModel(native[0], native[1].to(device))
-        log.debug("%s: loading %s with transformers (%s)", self.name, path, bert.plain_bert(path) or "its weights")
+        if log.isEnabledFor(logging.DEBUG):  # plain_bert reads tokenizer.json again: only to say why
+            log.debug("%s: loading %s with transformers (%s)", self.name, path, bert.plain_bert(path) or "its weights")
         from transformers import AutoModel, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

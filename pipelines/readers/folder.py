@@ -42,8 +42,8 @@ from pipelines.readers.common import (
     shown,
     text_column,
 )
-from pipelines.readers.manifest import CHECKED_ROWS, listed_columns, text_cell
-from pipelines.readers.rows import FORMATS, columns_of, format_of, is_blank, iter_rows, meta_value
+from pipelines.readers.manifest import CHECKED_ROWS, lacking, text_cell
+from pipelines.readers.rows import columns_of, format_of, is_blank, iter_rows, meta_value
 from pipelines.readers.wds import json_object, with_json
 from schemas import Media, RawSample, Reject
 
@@ -107,13 +107,9 @@ def check_metadata(folder: str) -> None:
         if not rows or any("file_name" in row for row in rows):
             continue
         names = list(dict.fromkeys(column for row in rows for column in row))
-        if FORMATS[fmt] != "jsonl":
-            lacks = f"it has no 'file_name' column (columns: {listed_columns(names) or 'none'})"
-        else:
-            rows_read = f"none of its first {len(rows)} rows has" if len(rows) > 1 else "its first row has no"
-            lacks = f"{rows_read} 'file_name' (keys found: {listed_columns(names) or 'none'})"
         raise ValueError(
-            f"{where}: {lacks}{_near_file_name(names)}; each row names its image or audio file by 'file_name', "
+            f"{where}: {lacking(repr('file_name'), rows, fmt)}{_near_file_name(names)}; each row names its image "
+            "or audio file by 'file_name', "
             "a path relative to the metadata file's folder: rename the column, or add it"
         )
 

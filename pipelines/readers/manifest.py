@@ -97,26 +97,18 @@ def check_columns(path: str, fmt: str) -> None:
         _check_has_rows(path, fmt)  # an empty JSON array
         return
     names = list(dict.fromkeys(column for row in rows for column in row))
-    found = listed_columns(names)
     near = _near(names)
     if FORMATS[fmt] != "jsonl":  # a repeated JSON key is gone once parsed (the last wins, in any JSON reader)
         _check_repeats(path, rows[0], "schema" if FORMATS[fmt] == "parquet" else "header")
-
-    def lacks(what: str) -> str:
-        if FORMATS[fmt] != "jsonl":
-            return f"it has no {what} column (columns: {found or 'none'})"
-        rows_read = f"none of its first {len(rows)} rows has" if len(rows) > 1 else "its first row has no"
-        return f"{rows_read} {what} (keys found: {found or 'none'})"
-
     if not any("id" in row for row in rows):
         raise ValueError(
-            f"[input] manifest {path!r}: {lacks(repr('id'))}{near}; every row needs an 'id' "
+            f"[input] manifest {path!r}: {lacking(repr('id'), rows, fmt)}{near}; every row needs an 'id' "
             "(a string or an integer, one per sample): add one, e.g. the row number or the media file's name"
             f"{coco_hint(names)}"
         )
     if not any(text_column(row) or "image" in row or "audio" in row for row in rows):
         raise ValueError(
-            f"[input] manifest {path!r}: {lacks('text, image or audio')}{near}; name the text column one of "
+            f"[input] manifest {path!r}: {lacking('text, image or audio', rows, fmt)}{near}; name the text column one of "
             f"{', '.join(TEXT_COLUMNS)}, and the columns of media paths image and audio"
         )
     _check_has_rows(path, fmt)  # a header or schema alone
@@ -151,6 +143,16 @@ def _check_repeats(path: str, header: list[str], where: str) -> None:
         logger.warning("[input] manifest %r: its %s repeats %s (columns: %s); the first of each keeps its "
                        "name, the others are kept in meta as %s", path, where, ", ".join(map(repr, repeats)),
                        columns, ", ".join(map(repr, renamed)))
+
+
+def lacking(what: str, rows: list[list[str]], fmt: str) -> str:
+    """That a table file lacks the column ``what``, with the columns it has (``rows``: ``columns_of``'s):
+    its header or schema, or, in JSON, its first rows' keys."""
+    found = listed_columns(list(dict.fromkeys(column for row in rows for column in row))) or "none"
+    if FORMATS[fmt] != "jsonl":
+        return f"it has no {what} column (columns: {found})"
+    rows_read = f"none of its first {len(rows)} rows has" if len(rows) > 1 else "its first row has no"
+    return f"{rows_read} {what} (keys found: {found})"
 
 
 def listed_columns(names: list[str]) -> str:
