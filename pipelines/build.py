@@ -53,10 +53,23 @@ def make_runner(name: str, workers: int = 1, worker_log: str | None = None, work
             command += ' 2>>"$MBM_WORKER_LOG"'
         return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
     if name == "DirectRunner":
-        from apache_beam.runners.direct.direct_runner import DirectRunner
-
-        return DirectRunner()
+        return offline_direct_runner()
     return name
+
+
+def offline_direct_runner() -> Any:
+    """Beam's DirectRunner without its first try on Prism.
+
+    Beam's DirectRunner runs a batch pipeline on Prism when it can, downloading the Prism binary from
+    GitHub at run time (and, offline, failing, logging it and leaving a ``beam-temp*`` folder in the
+    temp dir); it then falls back to the FnApiRunner. Beam skips Prism for interactive pipelines, and
+    that flag is read nowhere else, so this runner is that fallback from the start.
+    """
+    from apache_beam.runners.direct.direct_runner import DirectRunner
+
+    runner = DirectRunner()
+    runner.is_interactive()
+    return runner
 
 
 def build_graph(p: beam.Pipeline, *, source: Any, clean: CleanConfig, handlers: dict[str, Any], sink: SinkConfig,

@@ -1,5 +1,6 @@
 import numpy as np
 
+from pipelines.build import offline_direct_runner
 from pipelines.extract import ModalityHandler, _split_failed
 from schemas import CleanSample, Reject
 
@@ -90,7 +91,7 @@ def test_batches_fill_up_with_samples_that_carry_the_modality():
         assert sum(texts) == 30 and max(texts) == 4
         assert sorted(texts)[1:] == [4] * (len(texts) - 1)  # one bundle: only the last batch may be short
 
-    with beam.Pipeline("DirectRunner") as p:
+    with beam.Pipeline(offline_direct_runner()) as p:
         batches = p | beam.Create(samples, reshuffle=False) | beam.BatchElements(**kwargs)
         assert_that(batches, check)
 

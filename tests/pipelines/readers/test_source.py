@@ -8,6 +8,7 @@ import webdataset as wds
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipelines.build import offline_direct_runner
 from pipelines.readers import ReadSource, SourceConfig, list_inputs
 from pipelines.readers.source import expand_shards
 
@@ -211,7 +212,7 @@ def test_read_source_multi_processing(shards):
             label="Rejects",
         )
 
-    with beam.Pipeline(runner="DirectRunner", options=options) as p:
+    with beam.Pipeline(runner=offline_direct_runner(), options=options) as p:
         check(p | ReadSource(config))
 
 
