@@ -16,8 +16,8 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, RunInference
 
+from mbm.extractors.beam_api import ModelHandler, RunInference
 from schemas import MODALITIES, CleanSample, Reject
 
 log = logging.getLogger(__name__)

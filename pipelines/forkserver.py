@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # What a worker imports before its first element: Beam's worker, torch, the pipeline's modules.
 PRELOAD = (
     "apache_beam.runners.worker.sdk_worker_main",
-    "apache_beam.ml.inference.base",
+    "mbm.extractors.beam_api",  # Beam's RunInference without its ModelManager (scipy)
     "torch",
     "pipelines.build",
     "pipelines.cleaning",

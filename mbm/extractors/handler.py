@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler
 
 from mbm.alloc import tune_malloc
 from mbm.extractors.base import Extractor
+from mbm.extractors.beam_api import ModelHandler
 from mbm.extractors.runtime import check_device, resolve_device
 
 log = logging.getLogger(__name__)
