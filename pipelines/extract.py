@@ -1,14 +1,13 @@
 """The extraction transform: one RunInference step per modality over the stream of CleanSamples.
 
 Each step's ModelHandler wraps the modality's ``ExtractorHandler``: a worker loads the model once,
-Beam batches samples, and only the samples that carry the modality are featurized; the others pass
-through. A batch that fails is retried one sample at a time so a single bad input loses only its
+``FillBatches`` batches samples so that they fill the model's forward passes, and only the samples
+that carry the modality are featurized; the others pass through. A batch that fails is retried one sample at a time so a single bad input loses only its
 own modality, recorded in ``dropped``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -44,11 +43,92 @@ class LazyModel:
         return self._model
 
 
-FEATURIZE_WEIGHT = 8  # batch weight of a sample with the modality to featurize; any other sample weighs 1
+RIDERS_PER_SLOT = 8  # a batch carries at most this many samples without the modality per batch_size
 
 
-def _weight(modality: str, sample: CleanSample) -> int:
-    return FEATURIZE_WEIGHT if getattr(sample, modality) is not None and modality not in sample.reused else 1
+def _featurizes(modality: str, sample: CleanSample) -> bool:
+    return getattr(sample, modality) is not None and modality not in sample.reused
+
+
+class FillBatches(beam.DoFn):
+    """Batches for one modality's extraction that fill its forward passes.
+
+    Beam's BatchElements cuts a batch by count, so image passes (always ``batch_size`` rows) ran
+    31 images and a copy when others were mixed in, and each batch of texts split into token-length
+    buckets whose last pass of each was filled with copies of a row. Here the samples to featurize
+    wait in one queue per pass shape (``ModalityHandler.pass_keys``: one for images, one per padded
+    token length for text); once ``batch_size`` are waiting, a batch takes whole passes of them, up
+    to ``batch_size``. Samples without the modality ride along with the next batch (at most
+    ``RIDERS_PER_SLOT x batch_size``; that many leave on their own). Leftovers that fill no
+    pass go as they are once ``2 x batch_size`` are waiting, and at the end of the bundle, so memory
+    stays bounded. Features do not depend on the batching: passes have fixed shapes either way.
+    """
+
+    def __init__(self, handler: ModalityHandler) -> None:
+        super().__init__()
+        self._handler = handler
+        self._size = handler.batch_size
+
+    def setup(self) -> None:
+        self._keys: Any = None  # loaded with the first sample to featurize (a tokenizer for text)
+
+    def start_bundle(self) -> None:
+        self._queues: dict[Any, tuple[int, list[CleanSample]]] = {}
+        self._riders: list[CleanSample] = []
+        self._waiting = 0
+
+    def process(self, sample: CleanSample):
+        m = self._handler.modality
+        if not _featurizes(m, sample):
+            self._riders.append(sample)
+            if len(self._riders) >= RIDERS_PER_SLOT * self._size:
+                yield self._batch([])
+            return
+        if self._keys is None:
+            self._keys = self._handler.pass_keys()
+        try:
+            key, rows = self._keys(getattr(sample, m))
+        except Exception:  # noqa: BLE001 - the extractor reports what is wrong with the input, in its batch
+            key, rows = None, 1
+        queue = self._queues.setdefault(key, (max(1, min(rows, self._size)), []))[1]
+        queue.append(sample)
+        self._waiting += 1
+        while self._waiting >= self._size:
+            taken = self._full_passes() or (self._any() if self._waiting >= 2 * self._size else [])
+            if not taken:
+                break
+            yield self._batch(taken)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        while self._waiting or self._riders:
+            taken = (self._full_passes() or self._any()) if self._waiting else []
+            yield GlobalWindows.windowed_value_at_end_of_window(self._batch(taken))
+
+    def _full_passes(self) -> list[CleanSample]:
+        taken: list[CleanSample] = []
+        for key in sorted(self._queues, key=repr):
+            rows, queue = self._queues[key]
+            n = min(len(queue) // rows, (self._size - len(taken)) // rows) * rows
+            taken += queue[:n]
+            del queue[:n]
+        return taken
+
+    def _any(self) -> list[CleanSample]:
+        taken: list[CleanSample] = []
+        for key in sorted(self._queues, key=repr):
+            queue = self._queues[key][1]
+            n = min(len(queue), self._size - len(taken))
+            taken += queue[:n]
+            del queue[:n]
+        return taken
+
+    def _batch(self, taken: list[CleanSample]) -> list[CleanSample]:
+        self._waiting -= len(taken)
+        riders = self._riders[:RIDERS_PER_SLOT * self._size]
+        del self._riders[:len(riders)]
+        return taken + riders
 
 
 class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
@@ -63,21 +143,19 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     def load_model(self) -> LazyModel:
         return LazyModel(self._inner)
 
-    def batch_elements_kwargs(self):
-        """Batches of up to ``batch_size`` samples that carry this modality, plus a few that do not.
+    @property
+    def modality(self) -> str:
+        return self._modality
 
-        Beam counts every sample towards a batch, so a batch of 32 samples of which 24 carry an
-        image would run an image pass padded to 32. Weighted instead: a sample to featurize counts
-        ``FEATURIZE_WEIGHT``, any other 1, against ``FEATURIZE_WEIGHT x (batch_size + 1) - 1``; a batch holds at
-        most ``batch_size`` samples to featurize (all of them when fewer than ``FEATURIZE_WEIGHT`` others
-        are mixed in) and at most that many samples in all when the modality is rare.
-        """
-        kwargs = dict(self._inner.batch_elements_kwargs())
-        for key in ("min_batch_size", "max_batch_size"):
-            if key in kwargs:
-                kwargs[key] = FEATURIZE_WEIGHT * (kwargs[key] + 1) - 1
-        kwargs["element_size_fn"] = functools.partial(_weight, self._modality)
-        return kwargs
+    @property
+    def batch_size(self) -> int:
+        return self._inner.batch_size
+
+    def pass_keys(self) -> Any:
+        return self._inner.pass_keys()
+
+    def should_skip_batching(self) -> bool:
+        return True  # FillBatches batches the samples before RunInference
 
     def get_metrics_namespace(self) -> str:
         return f"mbm_extract_{self._modality}"
@@ -95,7 +173,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
 
     def run_inference(self, batch: Sequence[CleanSample], model: Any, inference_args=None) -> Iterable[CleanSample]:
         m = self._modality
-        todo = [i for i, s in enumerate(batch) if getattr(s, m) is not None and m not in s.reused]
+        todo = [i for i, s in enumerate(batch) if _featurizes(m, s)]
         results: dict[int, np.ndarray | str] = {}
         if todo:
             model = model.get()
@@ -153,7 +231,10 @@ class ExtractFeatures(beam.PTransform):
     def expand(self, samples):
         for modality in MODALITIES:
             if modality in self._handlers:
-                samples = samples | f"Extract{modality.title()}" >> RunInference(self._handlers[modality])
+                handler = self._handlers[modality]
+                samples = (samples
+                           | f"Batch{modality.title()}" >> beam.ParDo(FillBatches(handler))
+                           | f"Extract{modality.title()}" >> RunInference(handler))
         return samples | "SplitFailed" >> beam.FlatMap(_split_failed).with_outputs("rejects", main="samples")
 
 

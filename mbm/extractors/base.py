@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -128,6 +129,12 @@ class Extractor(ABC):
     @abstractmethod
     def dim(self) -> int:
         """Feature dimension."""
+
+    def pass_keys(self, device: str) -> Callable[[Any], tuple[Any, int]] | None:
+        """For batching that fills forward passes: a function giving an input the key of the pass
+        shape ``featurize`` runs it in on ``device`` and how many inputs of that key fill one pass.
+        None (the default): a batch is one pass, whatever its inputs."""
+        return None
 
     def weight_paths(self) -> list[str]:
         """Files or folders whose bytes define the weights (none for weight-free extractors)."""

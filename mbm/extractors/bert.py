@@ -165,6 +165,15 @@ class WordPieceTokenizer:
                 "attention_mask": [e.attention_mask for e in encodings]}
 
 
+def load_tokenizer(path: str) -> WordPieceTokenizer | None:
+    """The tokenizer ``load`` gives for the folder at ``path``, without the weights; None when
+    ``plain_bert`` refuses the folder or its tokenizer has no pad token."""
+    if plain_bert(path) is not None:
+        return None
+    tokenizer = WordPieceTokenizer(Path(path) / TOKENIZER)
+    return tokenizer if tokenizer.pad_token_id is not None else None
+
+
 def load(path: str) -> tuple[WordPieceTokenizer, Any] | None:
     """(tokenizer, float32 model in eval mode on the CPU) for the BERT folder at ``path``; None when
     ``plain_bert`` refuses it or its weights are not exactly the encoder's (missing or unknown keys,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -106,6 +106,16 @@ class ExtractorHandler(ModelHandler[Any, np.ndarray, LoadedModel]):
                 f"{self.extractor.name} returned {len(features)} results for {len(batch)} inputs"
             )
         return features
+
+    def pass_keys(self) -> Callable[[Any], tuple[Any, int]]:
+        """For batching that fills forward passes: an input's pass-shape key and how many inputs of that
+        key fill one pass (the extractor's ``pass_keys``; otherwise ``batch_size`` inputs, which image
+        passes always run, fill one)."""
+        keys = self.extractor.pass_keys(resolve_device(self.device))
+        if keys is not None:
+            return keys
+        full = (None, self.batch_size)
+        return lambda value: full
 
     def validate_inference_args(self, inference_args: dict[str, Any] | None) -> None:
         if inference_args:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -108,22 +109,26 @@ CPU_PASS_TOKENS = 256  # padded tokens per forward pass on the CPU: GEMMs are ef
 MAX_ROWS = {"cpu": 32, "cuda": 256}  # rows per forward pass
 
 
+def pass_of(n_tokens: int, max_tokens: int, max_length: int, max_rows: int = 16) -> tuple[int, int]:
+    """(L, R): a text of ``n_tokens`` runs padded to ``L = ceil(n / 8) * 8`` tokens (at most
+    ``max_length``) in a pass of exactly ``R = max(1, min(max_rows, max_tokens // L))`` rows."""
+    length = min(max_length, -(-n_tokens // LENGTH_STEP) * LENGTH_STEP)
+    return length, max(1, min(max_rows, max_tokens // length))
+
+
 def fixed_shape_chunks(lengths: list[int], max_tokens: int, max_length: int,
                        max_rows: int = 16) -> list[tuple[int, int, list[int]]]:
     """Group texts into forward passes of a fixed shape that depends only on each text's own length.
 
-    A text of n tokens always runs padded to ``L = ceil(n / 8) * 8`` tokens in a pass of exactly
-    ``R(L) = max(1, min(max_rows, max_tokens // L))`` rows (short chunks are filled with copies of a
-    row), so its features are bit-identical however Beam batched it: matrix kernels are chosen by
-    shape, and rows of one shape never interact. Returns (L, R, indices) per pass.
+    A text always runs in a pass of the shape ``pass_of`` gives it (short chunks are filled with
+    copies of a row), so its features are bit-identical however Beam batched it: matrix kernels are
+    chosen by shape, and rows of one shape never interact. Returns (L, R, indices) per pass.
     """
-    buckets: dict[int, list[int]] = {}
+    buckets: dict[tuple[int, int], list[int]] = {}
     for i, n in enumerate(lengths):
-        buckets.setdefault(min(max_length, -(-n // LENGTH_STEP) * LENGTH_STEP), []).append(i)
+        buckets.setdefault(pass_of(n, max_tokens, max_length, max_rows), []).append(i)
     passes = []
-    for length in sorted(buckets):
-        rows = max(1, min(max_rows, max_tokens // length))
-        idx = buckets[length]
+    for (length, rows), idx in sorted(buckets.items()):
         passes.extend((length, rows, idx[j:j + rows]) for j in range(0, len(idx), rows))
     return passes
 
@@ -207,14 +212,38 @@ class HFTextExtractor(HFFolderModel, Extractor):
             return TextModel(native[0], native[1].to(device))
         if log.isEnabledFor(logging.DEBUG):  # plain_bert reads tokenizer.json again: only to say why
             log.debug("%s: loading %s with transformers (%s)", self.name, path, bert.plain_bert(path) or "its weights")
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
+
+        tokenizer = self._hf_tokenizer(path)
+        with seeded(0):  # any weight missing from the checkpoint is initialised the same on every worker
+            model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        return TextModel(tokenizer, model.eval().to(device))
+
+    @staticmethod
+    def _hf_tokenizer(path: str) -> Any:
+        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
-        with seeded(0):  # any weight missing from the checkpoint is initialised the same on every worker
-            model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-        return TextModel(tokenizer, model.eval().to(device))
+        return tokenizer
+
+    def pass_keys(self, device: str) -> Callable[[Any], tuple[Any, int]]:
+        """The pass shape ``featurize`` runs a text in, (L, R) of ``pass_of``, from its token count
+        (the model's tokenizer, loaded without the weights); (None, 1) for anything but a str."""
+        from mbm.extractors import bert
+
+        tokenizer = bert.load_tokenizer(self.model_path()) or self._hf_tokenizer(self.model_path())
+        tokens, max_rows = pass_shape(self.config.max_batch_tokens, device)
+        max_length = self.config.max_length
+
+        def key(text: Any) -> tuple[Any, int]:
+            if not isinstance(text, str):
+                return None, 1
+            n = len(tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+            return pass_of(n, tokens, max_length, max_rows)
+
+        return key
 
     def featurize(self, model: TextModel, batch: list, device: str) -> list[np.ndarray]:
         for i, text in enumerate(batch):

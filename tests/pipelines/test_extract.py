@@ -1,23 +1,29 @@
+from collections import Counter
+
 import numpy as np
 
 from pipelines.build import offline_direct_runner
-from pipelines.extract import ModalityHandler, _split_failed
+from pipelines.extract import FillBatches, ModalityHandler, _split_failed
 from schemas import CleanSample, Reject
 
 
 class FakeInner:
     """Stands in for ExtractorHandler: counts loads; 'boom' inputs fail, 'nan' inputs give NaN."""
 
-    def __init__(self):
+    def __init__(self, batch_size=4, keys=None):
         self.loads = 0
         self.calls = []
+        self.batch_size = batch_size
+        self._keys = keys or (lambda value: (None, batch_size))
+        self.keys_made = 0
+
+    def pass_keys(self):
+        self.keys_made += 1
+        return self._keys
 
     def load_model(self):
         self.loads += 1
         return "model"
-
-    def batch_elements_kwargs(self):
-        return {"min_batch_size": 4, "max_batch_size": 4}
 
     def run_inference(self, batch, model):
         assert model == "model"
@@ -70,30 +76,80 @@ def test_samples_left_without_features_become_rejects():
     assert list(_split_failed(kept)) == [kept]
 
 
-def test_batches_fill_up_with_samples_that_carry_the_modality():
-    import apache_beam as beam
-    from apache_beam.testing.util import assert_that
+def _fill(samples, batch_size=4, keys=None, modality="text"):
+    """The batches FillBatches gives ``samples`` in one bundle (the inner handler's pass keys: ``keys``)."""
+    inner = FakeInner(batch_size, keys)
+    fill = FillBatches(ModalityHandler(modality, inner, "fp"))
+    fill.setup()
+    fill.start_bundle()
+    streamed = [b for s in samples for b in fill.process(s)]
+    inner.streamed = len(streamed)  # batches before the end of the bundle
+    return streamed + [w.value for w in fill.finish_bundle()], inner
 
-    from pipelines.extract import FEATURIZE_WEIGHT
 
-    h = ModalityHandler("text", FakeInner(), "fp")
-    kwargs = h.batch_elements_kwargs()
-    assert kwargs["min_batch_size"] == kwargs["max_batch_size"] == 5 * FEATURIZE_WEIGHT - 1
-    size = kwargs["element_size_fn"]
-    assert size(_s("t", text="x")) == FEATURIZE_WEIGHT
-    assert size(_s("i", image=np.zeros((2, 2, 3), np.uint8))) == 1
-    assert size(_s("r", text="x", reused={"text": "shards/a.tar"})) == 1
-    # 3 in 4 samples carry text: every batch holds at most 4 texts, and all full batches hold exactly 4.
+def _ids(batches):
+    return sorted(s.id for b in batches for s in b)
+
+
+def test_batches_hold_batch_size_samples_to_featurize_and_the_others_ride_along():
+    # 3 in 4 samples carry text: every batch but the last holds exactly 4 texts.
     samples = [_s(f"s{i:02d}", text="x" if i % 4 else None) for i in range(40)]
+    batches, _ = _fill(samples)
+    texts = [sum(s.text is not None for s in b) for b in batches]
+    assert texts[:-1] == [4] * (len(texts) - 1) and sum(texts) == 30
+    assert _ids(batches) == [s.id for s in samples]  # every sample once, none lost
 
-    def check(batches):
-        texts = [sum(s.text is not None for s in b) for b in batches]
-        assert sum(texts) == 30 and max(texts) == 4
-        assert sorted(texts)[1:] == [4] * (len(texts) - 1)  # one bundle: only the last batch may be short
 
+def test_batches_take_whole_passes_of_one_shape():
+    # key = the text's length; passes of 3 one-letter texts, 2 two-letter texts, 4 three-letter ones
+    rows = {1: 3, 2: 2, 3: 4}
+    texts = ["a", "bb", "ccc", "d", "ee", "f", "ggg", "hh", "i", "jj", "kkk", "l", "mm", "nnn", "o", "p"]
+    samples = [_s(f"s{i:02d}", text=t) for i, t in enumerate(texts)]
+    batches, inner = _fill(samples, batch_size=6, keys=lambda t: (len(t), rows[len(t)]))
+    assert _ids(batches) == [s.id for s in samples]
+    for b in batches[:inner.streamed]:  # before the end of the bundle: whole passes, at most 6 texts
+        counts = Counter(len(s.text) for s in b)
+        assert len(b) <= 6 and all(n % rows[k] == 0 for k, n in counts.items()), counts
+    assert inner.streamed == 3 and [len(b) for b in batches] == [5, 2, 4, 3, 2]
+
+
+def test_leftovers_that_fill_no_pass_leave_once_twice_batch_size_wait():
+    samples = [_s(f"s{i:02d}", text="x" * (i + 1)) for i in range(10)]  # ten shapes, passes of 4 rows
+    batches, _ = _fill(samples, batch_size=4, keys=lambda t: (len(t), 4))
+    assert [len(b) for b in batches] == [4, 4, 2]  # at 8 waiting, then 8 again, then the end
+    assert _ids(batches) == [s.id for s in samples]
+
+
+def test_samples_without_the_modality_leave_in_bounded_batches_and_load_nothing():
+    samples = [_s(f"s{i:03d}", image=np.zeros((1, 1, 3), np.uint8)) for i in range(70)]
+    batches, inner = _fill(samples, batch_size=4)
+    assert [len(b) for b in batches] == [32, 32, 6] and inner.keys_made == 0  # no tokenizer for nothing
+    assert _ids(batches) == [s.id for s in samples]
+
+
+def test_reused_samples_ride_along_and_bad_keys_still_batch():
+    samples = [_s("r", text="x", reused={"text": "shards/a.tar"}), _s("a", text="boom"), _s("b", text="y")]
+
+    def keys(t):
+        if t == "boom":
+            raise ValueError("cannot tokenize")
+        return 1, 2
+
+    batches, _ = _fill(samples, batch_size=4, keys=keys)
+    assert _ids(batches) == ["a", "b", "r"]
+
+
+def test_fill_batches_feed_run_inference_in_a_pipeline():
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.testing.util import assert_that, equal_to
+
+    handler = ModalityHandler("text", FakeInner(3), "fp")
+    samples = [_s(f"s{i}", text="ab" if i % 2 else None) for i in range(11)]
     with beam.Pipeline(offline_direct_runner()) as p:
-        batches = p | beam.Create(samples, reshuffle=False) | beam.BatchElements(**kwargs)
-        assert_that(batches, check)
+        out = (p | beam.Create(samples, reshuffle=False) | beam.ParDo(FillBatches(handler)) | RunInference(handler)
+               | beam.Map(lambda s: (s.id, float(s.features["text"][0, 0]) if "text" in s.features else None)))
+        assert_that(out, equal_to([(f"s{i}", 2.0 if i % 2 else None) for i in range(11)]))
 
 
 def test_num_bytes_counts_only_the_modalitys_inputs():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mbm.extractors import bert, create_extractor
-from mbm.extractors.text import fixed_shape_chunks, pass_shape
+from mbm.extractors.text import fixed_shape_chunks, pass_of, pass_shape
 
 SHORT = "the cat sat"
 LONG = "the quick brown fox jumps over the lazy dog on the river bank hello world"
@@ -65,6 +65,24 @@ def test_fixed_shape_chunks_depend_only_on_each_texts_length():
     assert fixed_shape_chunks([17, 24, 9], max_tokens=128, max_length=256, max_rows=2) == [(16, 2, [2]),
                                                                                           (24, 2, [0, 1])]
     assert fixed_shape_chunks([20], max_tokens=4096, max_length=256, max_rows=256) == [(24, 170, [0])]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pass_keys_are_the_shapes_featurize_runs_each_text_in(tiny_bert_dir, tiny, monkeypatch, native):
+    extractor, model = tiny
+    if not native:  # a folder transformers loads: its tokenizer gives the keys
+        monkeypatch.setattr(bert, "load_tokenizer", lambda path: None)
+    small = create_extractor("hf-text", {"path": str(tiny_bert_dir), "max_length": 12, "max_batch_tokens": 48})
+    key = small.pass_keys("cpu")
+    texts = [SHORT, LONG, "", "dog " * 9]
+    lengths = [len(model.tokenizer(t)["input_ids"]) for t in texts]
+    assert lengths == [5, 17, 2, 11]
+    assert [key(t) for t in texts] == [(8, 6), (12, 4), (8, 6), (12, 4)]  # (L, R), L capped at max_length
+    assert [key(t) for t in texts] == [pass_of(min(n, 12), 48, 12, 32) for n in lengths]
+    passes = {(length, rows) for length, rows, _ in fixed_shape_chunks([min(n, 12) for n in lengths], 48, 12, 32)}
+    assert passes == {key(t) for t in texts}
+    assert key(3) == (None, 1)  # featurize rejects it, in its batch
+    assert create_extractor("logmel").pass_keys("cpu") is None
 
 
 def test_pass_shape_is_small_on_the_cpu_and_big_on_cuda():
