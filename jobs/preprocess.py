@@ -108,11 +108,10 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         worker_log = f"{out_dir.rstrip('/')}/.worker.log" if local else None
         if worker_log:
             Path(worker_log).unlink(missing_ok=True)
-        if fork is not None:
+        command = None
+        if fork is not None:  # not waited for: its workers wait for it while Beam prepares the pipeline
             fork.preload(extractor_modules(extractors))
-        command = fork.command() if fork is not None and fork.wait_ready() else None
-        if fork is not None and command is None:
-            log.warning("the worker fork server did not start; starting workers the usual way")
+            command = fork.command()
         try:
             p = beam.Pipeline(runner=make_runner(spec.runner.name, workers, worker_log, command), options=options)
         except ValueError as e:  # Beam's own check of the runner's options (a remote runner's project, region, ...)

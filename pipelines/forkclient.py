@@ -4,7 +4,12 @@ Sends this process's environment and stdin/stdout/stderr to the fork server, the
 forked worker's exit status and exits with it. SIGTERM/SIGINT end the wait; the worker notices
 this process is gone and exits too.
 
-    python -m pipelines.forkclient SOCKET
+The driver starts its workers without waiting for the server to finish its imports (it builds and
+translates the pipeline meanwhile), so the client waits for the server's socket. If the server
+exits first, or is not listening within ``WAIT`` seconds, the client becomes the worker itself, as
+an ordinary worker process would (slower to start, same result) and says so on stderr.
+
+    python -m pipelines.forkclient SOCKET SERVER_PID
 """
 
 from __future__ import annotations
@@ -13,11 +18,61 @@ import json
 import os
 import socket
 import sys
+import time
+
+WAIT = 120.0  # seconds the server may take to import its modules
+DEFAULT_TARGET = "apache_beam.runners.worker.sdk_worker_main:main"  # as pipelines.forkserver forks
 
 
-def main(path: str) -> int:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.connect(path)
+def running(pid: int) -> bool:
+    """Process ``pid`` exists and has not exited (a zombie, not yet reaped by the driver, has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill's answer stands
+
+
+def connect(path: str, server: int, wait: float = WAIT) -> socket.socket | None:
+    """A connection to the server at ``path``, once it listens; None if it exits or ``wait`` runs out."""
+    deadline = time.monotonic() + wait
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+        if not running(server) or time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
+def run_here() -> int:
+    """Be the worker in this process, without the server (``MBM_FORK_TARGET`` as the server reads it)."""
+    import importlib
+
+    print("mbm: the worker fork server is not running; starting this worker the usual way",
+          file=sys.stderr, flush=True)
+    module, _, func = os.environ.get("MBM_FORK_TARGET", DEFAULT_TARGET).partition(":")
+    try:
+        getattr(importlib.import_module(module), func)([sys.argv[0]])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+def main(path: str, server: int) -> int:
+    conn = connect(path, server)
+    if conn is None:
+        return run_here()
+    with conn:
         request = json.dumps({"pid": os.getpid(), "env": dict(os.environ)}).encode()
         socket.send_fds(conn, [request], [0, 1, 2])
         conn.shutdown(socket.SHUT_WR)
@@ -31,4 +86,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

@@ -7,7 +7,9 @@ with the driver) and then waits on a Unix socket. The command Beam runs for each
 client in ``pipelines.forkclient``: it hands its environment (Beam's control and logging addresses,
 pipeline options) and its stdin/stdout/stderr to the server, which forks a child that becomes the
 SDK worker. The child writes its exit status back on the connection; the client exits with it, so
-Beam sees an ordinary worker process.
+Beam sees an ordinary worker process. The driver does not wait for the server: clients wait for its
+socket (and run the worker themselves if the server is gone), so Beam translates the pipeline and
+starts its workers while the server still imports.
 
 Fork safety: the server only imports modules; it runs no torch operation (so no OpenMP pool
 exists), opens no gRPC channel and starts no thread, so a forked child starts from a clean state.
@@ -31,6 +33,8 @@ import tempfile
 import threading
 import time
 
+from pipelines.forkclient import DEFAULT_TARGET, running
+
 log = logging.getLogger(__name__)
 
 # What a worker imports before its first element: Beam's worker, torch, the pipeline's modules.
@@ -45,23 +49,12 @@ PRELOAD = (
     "mbm.extractors.handler",
 )
 READY = b"ready\n"
-DEFAULT_TARGET = "apache_beam.runners.worker.sdk_worker_main:main"  # MBM_FORK_TARGET in the client's env overrides
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _watch(pid: int, then) -> None:
     """Call ``then()`` from a daemon thread once process ``pid`` is gone."""
     def loop() -> None:
-        while _alive(pid):
+        while running(pid):
             time.sleep(0.5)
         then()
 
@@ -145,7 +138,7 @@ def serve(path: str, driver: int, modules: list[str]) -> None:
         try:
             conn, _ = server.accept()
         except TimeoutError:
-            if not _alive(driver):  # the driver is gone: stop serving (workers watch their clients)
+            if not running(driver):  # the driver is gone: stop serving (workers watch their clients)
                 os._exit(0)
             continue
         conn.settimeout(None)
@@ -200,10 +193,10 @@ class ForkServer:
         return ok and self._proc.poll() is None
 
     def command(self) -> str:
-        """The worker command line for Beam's SubprocessSDKEnvironment."""
+        """The worker command line for Beam's SubprocessSDKEnvironment (usable before the server is ready)."""
         import shlex
 
-        return f"{shlex.quote(sys.executable)} -m pipelines.forkclient {shlex.quote(self.path)}"
+        return f"{shlex.quote(sys.executable)} -m pipelines.forkclient {shlex.quote(self.path)} {self._proc.pid}"
 
     def close(self) -> None:
         if self._proc.poll() is None:

@@ -77,3 +77,39 @@ def test_the_server_stops_with_close_and_when_its_driver_dies(tmp_path):
     driver.kill()
     driver.wait()
     assert gone_within(server_pid)
+
+
+def test_a_client_started_before_the_server_is_ready_waits_for_it(monkeypatch):
+    # The driver starts its workers without waiting for the server's imports.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]))
+    fs = forkserver.ForkServer(modules=("json", "forktarget", "forkslow"))
+    try:
+        fs.preload([])  # what the driver does, then it builds the pipeline and starts the workers
+        proc = run_client(fs, FORK_TEST_WORD="early", FORK_TEST_CODE="4")  # the server has not bound its socket yet
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 4 and out.endswith("says early\n")
+        assert int(out.split()[1]) != proc.pid  # forked by the server
+        assert fs.wait_ready(1)  # it was ready by then
+    finally:
+        fs.close()
+
+
+def test_a_client_whose_server_is_gone_runs_the_worker_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([SUPPORT, os.environ.get("PYTHONPATH", "")]))
+    fs = forkserver.ForkServer(modules=("json",))
+    command = fs.command()
+    fs.close()  # the server is gone before any worker connects
+    env = {**os.environ, "MBM_FORK_TARGET": "forktarget:main", "FORK_TEST_WORD": "alone", "FORK_TEST_CODE": "5"}
+    proc = subprocess.Popen(shlex.split(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5
+    assert out.strip() == f"child {proc.pid} says alone"  # the client itself
+    assert "fork server is not running" in err
+
+
+def test_a_client_stops_waiting_after_the_deadline(tmp_path):
+    from pipelines import forkclient
+
+    start = time.monotonic()
+    assert forkclient.connect(str(tmp_path / "never"), os.getpid(), wait=0.3) is None  # alive, never listening
+    assert 0.3 <= time.monotonic() - start < 5
