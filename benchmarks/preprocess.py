@@ -344,7 +344,8 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
         "one process, torch threads = cores; HF: `datasets.map(batched=True, batch_size=<largest per-modality batch>, num_proc=cores)`, "
         "one torch thread per worker. The baselines call mbm's extractor classes, so what those do "
         "(fused convolutions, fixed-shape text passes, MiniLM without transformers) they do too; what only mbm's runtime does is "
-        "its process layout and the allocator settings of `mbm/alloc.py`.",
+        "its process layout, batches that fill the forward passes (`FillBatches`) and the allocator settings of "
+        "`mbm/alloc.py`.",
         "",
         *table_lines,
         "",

@@ -58,8 +58,8 @@ def run_here() -> int:
     """Be the worker in this process, without the server (``MBM_FORK_TARGET`` as the server reads it)."""
     import importlib
 
-    print("mbm: the worker fork server is not running; starting this worker the usual way",
-          file=sys.stderr, flush=True)
+    sys.stderr.write("mbm: the worker fork server is not running; starting this worker the usual way\n")  # one write:
+    sys.stderr.flush()  # workers share the log
     module, _, func = os.environ.get("MBM_FORK_TARGET", DEFAULT_TARGET).partition(":")
     try:
         getattr(importlib.import_module(module), func)([sys.argv[0]])
