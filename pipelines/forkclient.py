@@ -47,7 +47,7 @@ def connect(path: str, server: int, wait: float = WAIT) -> socket.socket | None:
         try:
             conn.connect(path)
             return conn
-        except (FileNotFoundError, ConnectionRefusedError):
+        except OSError:  # not bound or not listening yet; or a path it cannot bind (it exits then)
             conn.close()
         if not running(server) or time.monotonic() > deadline:
             return None

@@ -156,11 +156,24 @@ def serve(path: str, driver: int, modules: list[str]) -> None:
         conn.close()
 
 
+MAX_SOCKET_PATH = 100  # AF_UNIX socket paths are limited to 107 bytes on Linux, 103 on macOS
+
+
+def _socket_dir() -> str:
+    """A new private folder for the server's socket: in the temp dir, or in /tmp when the temp dir's
+    path is too long for a socket path (a server that cannot bind leaves its workers to start alone)."""
+    folder = tempfile.mkdtemp(prefix="mbm-fork-")
+    if len(os.path.join(folder, "sock").encode()) <= MAX_SOCKET_PATH or not os.path.isdir("/tmp"):
+        return folder
+    os.rmdir(folder)
+    return tempfile.mkdtemp(prefix="mbm-fork-", dir="/tmp")
+
+
 class ForkServer:
     """Starts the server process; ``command(python)`` is the worker command line for Beam."""
 
     def __init__(self, modules: tuple[str, ...] = PRELOAD) -> None:
-        self._dir = tempfile.mkdtemp(prefix="mbm-fork-")
+        self._dir = _socket_dir()
         self.path = os.path.join(self._dir, "sock")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}

@@ -2,6 +2,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,3 +114,21 @@ def test_a_client_stops_waiting_after_the_deadline(tmp_path):
     start = time.monotonic()
     assert forkclient.connect(str(tmp_path / "never"), os.getpid(), wait=0.3) is None  # alive, never listening
     assert 0.3 <= time.monotonic() - start < 5
+
+
+def test_a_temp_dir_too_long_for_a_socket_path_gives_way_to_tmp(tmp_path, monkeypatch):
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    folder = forkserver._socket_dir()
+    try:
+        assert folder.startswith("/tmp/mbm-fork-") and len(os.path.join(folder, "sock")) <= forkserver.MAX_SOCKET_PATH
+    finally:
+        os.rmdir(folder)
+
+
+def test_a_socket_path_that_cannot_be_used_is_no_crash_of_the_client():
+    from pipelines import forkclient
+
+    too_long = "/tmp/" + "x" * 200 + "/sock"  # connect raises OSError: it waits, then gives up (and runs the worker)
+    assert forkclient.connect(too_long, os.getpid(), wait=0.2) is None
