@@ -6,8 +6,9 @@ this process is gone and exits too.
 
 The driver starts its workers without waiting for the server to finish its imports (it builds and
 translates the pipeline meanwhile), so the client waits for the server's socket. If the server
-exits first, or is not listening within ``WAIT`` seconds, the client becomes the worker itself, as
-an ordinary worker process would (slower to start, same result) and says so on stderr.
+exits first, is not listening within ``WAIT`` seconds, or dies before it answers ``accepted`` (it
+does so before forking), the client becomes the worker itself, as an ordinary worker process would
+(slower to start, same result) and says so on stderr.
 
     python -m pipelines.forkclient SOCKET SERVER_PID
 """
@@ -22,6 +23,7 @@ import time
 
 WAIT = 120.0  # seconds the server may take to import its modules
 DEFAULT_TARGET = "apache_beam.runners.worker.sdk_worker_main:main"  # as pipelines.forkserver forks
+ACCEPTED = b"accepted\n"  # the server's first line: it took the worker on and forks it
 
 
 def running(pid: int) -> bool:
@@ -72,15 +74,20 @@ def main(path: str, server: int) -> int:
     conn = connect(path, server)
     if conn is None:
         return run_here()
+    reply = b""
     with conn:
-        request = json.dumps({"pid": os.getpid(), "env": dict(os.environ)}).encode()
-        socket.send_fds(conn, [request], [0, 1, 2])
-        conn.shutdown(socket.SHUT_WR)
-        reply = b""
-        while chunk := conn.recv(64):
-            reply += chunk
+        try:
+            request = json.dumps({"pid": os.getpid(), "env": dict(os.environ)}).encode()
+            socket.send_fds(conn, [request], [0, 1, 2])
+            conn.shutdown(socket.SHUT_WR)
+            while chunk := conn.recv(64):
+                reply += chunk
+        except OSError:  # the server died (reset): what it said so far tells whether a worker was forked
+            pass
+    if not reply.startswith(ACCEPTED):  # the server died before taking this worker on
+        return run_here()
     try:
-        return int(reply.strip() or b"1")
+        return int(reply[len(ACCEPTED):].strip() or b"1")  # nothing: the forked worker died without a word
     except ValueError:
         return 1
 

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 
-from pipelines.forkclient import DEFAULT_TARGET, running
+from pipelines.forkclient import ACCEPTED, DEFAULT_TARGET, running
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """In the forked child: become the client's SDK worker; never returns."""
     code = 1
     try:
+        conn.sendall(ACCEPTED)  # the client's worker runs here now: the client no longer runs it itself
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -139,6 +140,7 @@ def serve(path: str, driver: int, modules: list[str]) -> None:
             conn, _ = server.accept()
         except TimeoutError:
             if not running(driver):  # the driver is gone: stop serving (workers watch their clients)
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)  # the socket's folder (close() is not run)
                 os._exit(0)
             continue
         conn.settimeout(None)
@@ -147,7 +149,13 @@ def serve(path: str, driver: int, modules: list[str]) -> None:
         except (OSError, ValueError):
             conn.close()
             continue
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no process to be had: the client, told nothing, runs its worker itself
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            continue
         if pid == 0:
             server.close()
             _child(conn, request, fds)

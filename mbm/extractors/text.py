@@ -45,7 +45,7 @@ def hf_modules(path: str) -> list[str]:
 
 def hidden_size(config: dict[str, Any], path: str) -> int:
     """The output width declared by a HF config (encoders name it differently)."""
-    for key in ("hidden_size", "d_model", "dim", "hidden_dim"):
+    for key in ("hidden_size", "d_model", "dim", "hidden_dim", "n_embd"):  # n_embd: GPT-2
         if isinstance(config.get(key), int):
             return config[key]
     if isinstance(config.get("hidden_sizes"), list) and config["hidden_sizes"]:
@@ -104,6 +104,9 @@ class TextModel(NamedTuple):
     model: Any
 
 
+# files a tokenizer is loaded from (one is enough: fast tokenizers, WordPiece, BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 LENGTH_STEP = 8  # texts are padded to a multiple of this many tokens
 CPU_PASS_TOKENS = 256  # padded tokens per forward pass on the CPU: GEMMs are efficient from here on
 MAX_ROWS = {"cpu": 32, "cuda": 256}  # rows per forward pass
@@ -186,8 +189,14 @@ class HFTextExtractor(HFFolderModel, Extractor):
     location_fields = ("path",)
 
     def input_spec(self) -> dict[str, Any]:
-        """The token limit, checked against the positions the model's config.json declares."""
-        max_positions = read_hf_config(self.model_path()).get("max_position_embeddings")
+        """The token limit, checked against the positions the model's config.json declares; the folder
+        must hold its tokenizer (transformers would otherwise build one that knows 5 tokens, every word
+        ``[UNK]``)."""
+        config = read_hf_config(self.model_path())
+        if not any((Path(self.model_path()) / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"{self.model_path()} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                             "save it beside the model: tokenizer.save_pretrained(folder)")
+        max_positions = config.get("max_position_embeddings", config.get("n_positions"))  # n_positions: GPT-2
         if isinstance(max_positions, int) and self.config.max_length > max_positions:
             raise ValueError(f"max_length = {self.config.max_length} exceeds the {max_positions} positions "
                              f"of the model at {self.model_path()}; set max_length <= {max_positions}")

@@ -141,6 +141,7 @@ def test_preprocess_job_spec_runs_the_asked_settings(tmp_path):
     model = tmp_path / "my model"
     (model).mkdir()
     (model / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+    (model / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     spec = load_spec(str(job_spec(tmp_path, str(model), "cpu", 3, (512, 128))))
     assert spec.runner.device == "cpu" and spec.runner.workers == 3
     assert spec.extract["text"].name == "hf-text" and spec.extract["text"].batch_size == 512

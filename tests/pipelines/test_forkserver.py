@@ -1,5 +1,6 @@
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,11 +74,13 @@ def test_the_server_stops_with_close_and_when_its_driver_dies(tmp_path):
     code = (f"import sys, time; sys.path.insert(0, {root!r}); from pipelines import forkserver; "
             "fs = forkserver.ForkServer(modules=('json',)); fs.wait_ready(60); print(fs._proc.pid, flush=True); "
             "time.sleep(60)")
-    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    server_pid = int(driver.stdout.readline())
+    driver = subprocess.Popen([sys.executable, "-c", code.replace("print(fs._proc.pid", "print(fs._proc.pid, fs.path")],
+                              stdout=subprocess.PIPE, text=True)
+    server_pid, path = driver.stdout.readline().split()
     driver.kill()
     driver.wait()
-    assert gone_within(server_pid)
+    assert gone_within(int(server_pid))
+    assert not Path(path).parent.exists()  # it removed its socket's folder on the way out
 
 
 def test_a_client_started_before_the_server_is_ready_waits_for_it(monkeypatch):
@@ -132,3 +135,12 @@ def test_a_socket_path_that_cannot_be_used_is_no_crash_of_the_client():
 
     too_long = "/tmp/" + "x" * 200 + "/sock"  # connect raises OSError: it waits, then gives up (and runs the worker)
     assert forkclient.connect(too_long, os.getpid(), wait=0.2) is None
+
+
+def test_a_server_that_dies_before_forking_leaves_the_worker_to_its_client(server):
+    os.kill(server._proc.pid, signal.SIGSTOP)  # the client connects and sends its request, the server takes none
+    proc = run_client(server, FORK_TEST_WORD="orphan", FORK_TEST_CODE="6")
+    time.sleep(1.0)
+    os.kill(server._proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 6 and out.strip() == f"child {proc.pid} says orphan"  # the client ran it

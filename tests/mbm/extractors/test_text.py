@@ -191,3 +191,19 @@ def test_features_are_the_same_through_the_tokenizers_padding(tiny_hf, monkeypat
     slow = extractor.featurize(model, texts, "cpu")
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused(tiny_bert_dir, tmp_path):
+    import shutil
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_dir / name, tmp_path / name)
+    extractor = create_extractor("hf-text", {"path": str(tmp_path)})
+    with pytest.raises(ValueError, match="holds no tokenizer .*tokenizer.save_pretrained"):
+        extractor.input_spec()
+
+
+def test_gpt2_style_configs_give_their_width():
+    from mbm.extractors.text import hidden_size
+
+    assert hidden_size({"model_type": "gpt2", "n_embd": 48, "n_positions": 64}, "gpt2-folder") == 48
