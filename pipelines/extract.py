@@ -43,7 +43,9 @@ class LazyModel:
         return self._model
 
 
-RIDERS_PER_SLOT = 8  # a batch carries at most this many samples without the modality per batch_size
+# A batch carries at most this many samples without the modality; that many waiting leave on their own.
+# Few: they hold decoded media (a 30 s clip is 1.9 MB) and gain nothing from waiting.
+MAX_RIDERS = 32
 
 
 def _featurizes(modality: str, sample: CleanSample) -> bool:
@@ -59,7 +61,7 @@ class FillBatches(beam.DoFn):
     wait in one queue per pass shape (``ModalityHandler.pass_keys``: one for images, one per padded
     token length for text); once ``batch_size`` are waiting, a batch takes whole passes of them, up
     to ``batch_size``. Samples without the modality ride along with the next batch (at most
-    ``RIDERS_PER_SLOT x batch_size``; that many leave on their own). Leftovers that fill no
+    ``MAX_RIDERS``; that many leave on their own). Leftovers that fill no
     pass go as they are once ``2 x batch_size`` are waiting, and at the end of the bundle, so memory
     stays bounded. Features do not depend on the batching: passes have fixed shapes either way.
     """
@@ -81,7 +83,7 @@ class FillBatches(beam.DoFn):
         m = self._handler.modality
         if not _featurizes(m, sample):
             self._riders.append(sample)
-            if len(self._riders) >= RIDERS_PER_SLOT * self._size:
+            if len(self._riders) >= MAX_RIDERS:
                 yield self._batch([])
             return
         if self._keys is None:
@@ -126,7 +128,7 @@ class FillBatches(beam.DoFn):
 
     def _batch(self, taken: list[CleanSample]) -> list[CleanSample]:
         self._waiting -= len(taken)
-        riders = self._riders[:RIDERS_PER_SLOT * self._size]
+        riders = self._riders[:MAX_RIDERS]
         del self._riders[:len(riders)]
         return taken + riders
 
