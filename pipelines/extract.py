@@ -2,8 +2,8 @@
 
 Each step's ModelHandler wraps the modality's ``ExtractorHandler``: a worker loads the model once,
 ``FillBatches`` batches samples so that they fill the model's forward passes, and only the samples
-that carry the modality are featurized; the others pass through. A batch that fails is retried one sample at a time so a single bad input loses only its
-own modality, recorded in ``dropped``.
+that carry the modality are featurized; the others pass through. A batch that fails is retried one
+sample at a time so a single bad input loses only its own modality, recorded in ``dropped``.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ class FillBatches(beam.DoFn):
     wait in one queue per pass shape (``ModalityHandler.pass_keys``: one for images, one per padded
     token length for text); once ``batch_size`` are waiting, a batch takes whole passes of them, up
     to ``batch_size``. Samples without the modality ride along with the next batch (at most
-    ``MAX_RIDERS``; that many leave on their own). Leftovers that fill no
-    pass go as they are once ``2 x batch_size`` are waiting, and at the end of the bundle, so memory
-    stays bounded. Features do not depend on the batching: passes have fixed shapes either way.
+    ``MAX_RIDERS``; that many leave on their own). Leftovers that fill no pass go as they are once
+    ``2 x batch_size`` are waiting, and at the end of the bundle, so memory stays bounded. Passes have
+    fixed shapes either way, so features do not depend on the batching (but see the README on
+    bfloat16 on a GPU).
     """
 
     def __init__(self, handler: ModalityHandler) -> None:

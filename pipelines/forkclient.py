@@ -6,8 +6,8 @@ this process is gone and exits too.
 
 The driver starts its workers without waiting for the server to finish its imports (it builds and
 translates the pipeline meanwhile), so the client waits for the server's socket. If the server
-exits first, is not listening within ``WAIT`` seconds, or dies before it answers ``accepted`` (it
-does so before forking), the client becomes the worker itself, as an ordinary worker process would
+exits first, is not listening within ``WAIT`` seconds, or dies before the child it forks for this
+client answers ``accepted``, the client becomes the worker itself, as an ordinary worker process would
 (slower to start, same result) and says so on stderr.
 
     python -m pipelines.forkclient SOCKET SERVER_PID
@@ -23,7 +23,7 @@ import time
 
 WAIT = 120.0  # seconds the server may take to import its modules
 DEFAULT_TARGET = "apache_beam.runners.worker.sdk_worker_main:main"  # as pipelines.forkserver forks
-ACCEPTED = b"accepted\n"  # the server's first line: it took the worker on and forks it
+ACCEPTED = b"accepted\n"  # first line from the forked child: it runs this client's worker
 
 
 def running(pid: int) -> bool:
