@@ -127,7 +127,9 @@ def pad(audio: dict, key: str) -> str:
 def targets(results: dict[str, Any], device: str) -> dict[str, str]:
     """Each target: met / not met with the number, or why it cannot be judged here."""
     got = {"image_e2e": results.get("image", {}).get("e2e", {}).get("per_s"),
-           "text": results.get("text", {}).get("featurize", {}).get("per_s")}
+           # the job's calls (FillBatches: whole passes) where measured; calls in arrival order otherwise
+           "text": (results.get("text", {}).get("featurize_filled")
+                    or results.get("text", {}).get("featurize", {})).get("per_s")}
     out = {}
     for key, target in TARGETS.items():
         if not device.startswith("cuda"):
@@ -147,7 +149,9 @@ def table(results: dict[str, Any], device: str) -> str:
         (f"images/s, model only (batch {best[0]})", fmt_rate(best[1]), fmt_gpu(best[1]), "efficientnet-lite0"),
         ("images/s, end to end", fmt_rate(img, "e2e"), fmt_gpu(img, "e2e"), f"bound: {img.get('bound', '-')}"),
         ("sentences/s, hf-text featurize", fmt_rate(txt, "featurize"), fmt_gpu(txt, "featurize"),
-         f"batch {txt.get('batch', '-')}, passes <= {txt.get('pass_bounds', ['-', '-'])[1]} rows"),
+         f"batch {txt.get('batch', '-')} in arrival order, passes <= {txt.get('pass_bounds', ['-', '-'])[1]} rows"),
+        ("sentences/s, the job's calls (FillBatches)", fmt_rate(txt, "featurize_filled"),
+         fmt_gpu(txt, "featurize_filled"), f"{txt.get('padding', {}).get('filled', '-')} token slots per token"),
         ("sentences/s, passes of max_batch_tokens/L rows", fmt_rate(txt, "uncapped"), fmt_gpu(txt, "uncapped"),
          "same forward, no row cap or filler"),
         ("audio-s/s, logmel, arrival order", fmt_rate(aud, "arrival"), fmt_gpu(aud, "arrival"),
