@@ -97,7 +97,7 @@ class FillBatches(beam.DoFn):
         queue.append(sample)
         self._waiting += 1
         while self._waiting >= self._size:
-            taken = self._full_passes() or (self._any() if self._waiting >= 2 * self._size else [])
+            taken = self._take(True) or (self._take(False) if self._waiting >= 2 * self._size else [])
             if not taken:
                 break
             yield self._batch(taken)
@@ -106,23 +106,17 @@ class FillBatches(beam.DoFn):
         from apache_beam.transforms.window import GlobalWindows
 
         while self._waiting or self._riders:
-            taken = (self._full_passes() or self._any()) if self._waiting else []
+            taken = (self._take(True) or self._take(False)) if self._waiting else []
             yield GlobalWindows.windowed_value_at_end_of_window(self._batch(taken))
 
-    def _full_passes(self) -> list[CleanSample]:
+    def _take(self, whole_passes: bool) -> list[CleanSample]:
+        """Up to ``batch_size`` waiting samples, queue by queue: whole passes only, or any."""
         taken: list[CleanSample] = []
         for key in sorted(self._queues, key=repr):
             rows, queue = self._queues[key]
-            n = min(len(queue) // rows, (self._size - len(taken)) // rows) * rows
-            taken += queue[:n]
-            del queue[:n]
-        return taken
-
-    def _any(self) -> list[CleanSample]:
-        taken: list[CleanSample] = []
-        for key in sorted(self._queues, key=repr):
-            queue = self._queues[key][1]
             n = min(len(queue), self._size - len(taken))
+            if whole_passes:
+                n = n // rows * rows
             taken += queue[:n]
             del queue[:n]
         return taken

@@ -15,11 +15,13 @@ client answers ``accepted``, the client becomes the worker itself, as an ordinar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 
 WAIT = 120.0  # seconds the server may take to import its modules
 DEFAULT_TARGET = "apache_beam.runners.worker.sdk_worker_main:main"  # as pipelines.forkserver forks
@@ -56,15 +58,21 @@ def connect(path: str, server: int, wait: float = WAIT) -> socket.socket | None:
         time.sleep(0.02)
 
 
-def run_here() -> int:
-    """Be the worker in this process, without the server (``MBM_FORK_TARGET`` as the server reads it)."""
+def run_target(env: Mapping[str, str]) -> None:
+    """Run the worker: ``MBM_FORK_TARGET`` (``module:function``) of ``env``, Beam's SDK worker by default."""
     import importlib
 
-    sys.stderr.write("mbm: the worker fork server is not running; starting this worker the usual way\n")  # one write:
-    sys.stderr.flush()  # workers share the log
-    module, _, func = os.environ.get("MBM_FORK_TARGET", DEFAULT_TARGET).partition(":")
+    module, _, func = env.get("MBM_FORK_TARGET", DEFAULT_TARGET).partition(":")
+    getattr(importlib.import_module(module), func)([sys.argv[0]])
+
+
+def run_here() -> int:
+    """Be the worker in this process, without the server."""
+    # one write, not print's two: the workers share the log
+    sys.stderr.write("mbm: the worker fork server is not running; starting this worker the usual way\n")
+    sys.stderr.flush()
     try:
-        getattr(importlib.import_module(module), func)([sys.argv[0]])
+        run_target(os.environ)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0
@@ -75,15 +83,13 @@ def main(path: str, server: int) -> int:
     if conn is None:
         return run_here()
     reply = b""
-    with conn:
-        try:
-            request = json.dumps({"pid": os.getpid(), "env": dict(os.environ)}).encode()
-            socket.send_fds(conn, [request], [0, 1, 2])
-            conn.shutdown(socket.SHUT_WR)
-            while chunk := conn.recv(64):
-                reply += chunk
-        except OSError:  # the server died (reset): what it said so far tells whether a worker was forked
-            pass
+    # A reset means the server died: what it said until then tells whether a worker was forked.
+    with conn, contextlib.suppress(OSError):
+        request = json.dumps({"pid": os.getpid(), "env": dict(os.environ)}).encode()
+        socket.send_fds(conn, [request], [0, 1, 2])
+        conn.shutdown(socket.SHUT_WR)
+        while chunk := conn.recv(64):
+            reply += chunk
     if not reply.startswith(ACCEPTED):  # the server died before taking this worker on
         return run_here()
     try:

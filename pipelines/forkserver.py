@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 
-from pipelines.forkclient import ACCEPTED, DEFAULT_TARGET, running
+from pipelines.forkclient import ACCEPTED, run_target, running
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         _watch(int(request["pid"]), lambda: os._exit(1))  # the client was killed: so is its worker
-        module, _, func = request["env"].get("MBM_FORK_TARGET", DEFAULT_TARGET).partition(":")
-        getattr(importlib.import_module(module), func)([sys.argv[0]])
+        run_target(request["env"])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
