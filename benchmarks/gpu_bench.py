@@ -61,6 +61,8 @@ def cores() -> int:
 def preprocess_sizes(args: argparse.Namespace) -> PreprocessSizes:
     if args.quick:
         return PreprocessSizes(small=40, large=80, workers=2, gpu_batches=(64, 16))
+    if args.preprocess_samples:
+        return PreprocessSizes(small=args.preprocess_samples[0], large=args.preprocess_samples[1])
     return PreprocessSizes()
 
 
@@ -152,8 +154,10 @@ def table(results: dict[str, Any], device: str) -> str:
          f"batch {txt.get('batch', '-')} in arrival order, passes <= {txt.get('pass_bounds', ['-', '-'])[1]} rows"),
         ("sentences/s, the job's calls (FillBatches)", fmt_rate(txt, "featurize_filled"),
          fmt_gpu(txt, "featurize_filled"), f"{txt.get('padding', {}).get('filled', '-')} token slots per token"),
-        ("sentences/s, passes of max_batch_tokens/L rows", fmt_rate(txt, "uncapped"), fmt_gpu(txt, "uncapped"),
-         "same forward, no row cap or filler"),
+        *((f"sentences/s, the job's calls, passes <= {name.removeprefix('featurize_filled_rows')} rows",
+           fmt_rate(txt, name), fmt_gpu(txt, name), f"{txt[name].get('slots_per_token', '-')} token slots per token")
+          for name in sorted((n for n in txt if n.startswith("featurize_filled_rows")),
+                             key=lambda n: -int(n.removeprefix("featurize_filled_rows")))),
         ("audio-s/s, logmel, arrival order", fmt_rate(aud, "arrival"), fmt_gpu(aud, "arrival"),
          f"decode excluded, {pad(aud, 'arrival')}"),
         ("audio-s/s, logmel, length-bucketed", fmt_rate(aud, "bucketed"), fmt_gpu(aud, "bucketed"),
@@ -208,6 +212,17 @@ def preprocess_rows(pre: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def sample_pair(text: str) -> tuple[int, int]:
+    """"SMALL,LARGE": two sample counts, 1 <= SMALL < LARGE."""
+    try:
+        small, large = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SMALL,LARGE (two integers), got {text!r}") from None
+    if not 1 <= small < large:
+        raise argparse.ArgumentTypeError(f"expected 1 <= SMALL < LARGE, got {text!r}")
+    return small, large
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -223,6 +238,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-layers", type=int, default=None)
     p.add_argument("--no-cudnn-benchmark", action="store_true",
                    help="leave cudnn autotuning off, as mbm's pipeline does")
+    p.add_argument("--preprocess-samples", type=sample_pair, default=None, metavar="SMALL,LARGE",
+                   help="samples in the preprocess part's first run and in its two others (default 8000,24000)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--tmp", default=None, help="folder for generated inputs (default: a temporary one)")
     args = p.parse_args(argv)
@@ -236,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def estimate(part: str, seconds: float) -> float:
     """Rough wall time of a part on the GPU machine: timed measures plus set-up."""
-    return {"image": 4.3 * seconds + 15, "text": 1.5 * seconds + 15, "audio": 2 * seconds + 10,
+    return {"image": 4.3 * seconds + 15, "text": 3 * seconds + 25, "audio": 2 * seconds + 10,
             "train": 2 * seconds + 30, "preprocess": 90}[part]
 
 

@@ -7,7 +7,9 @@ called through ``featurize`` as the pipeline's ExtractorHandler calls them. Beam
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from mbm.extractors import text as text_extractor
 from mbm.extractors.audio import LogMelExtractor
 from mbm.extractors.image import EfficientNetLite0Extractor
-from mbm.extractors.text import LENGTH_STEP, HFTextConfig, HFTextExtractor, fixed_shape_chunks
+from mbm.extractors.text import HFTextConfig, HFTextExtractor, fixed_shape_chunks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,19 +271,51 @@ def filled_calls(extractor: HFTextExtractor, sentences: list[str], per_call: int
     return [[s.text for s in b] for b in batches]
 
 
-def featurize_uncapped(extractor: HFTextExtractor, model: Any, batch: list[str], device: str) -> int:
-    """The extractor's own forward pass, in passes of max_batch_tokens // L rows (no row cap, no filler rows)."""
-    cfg = extractor.config
-    encoded = model.tokenizer(batch, truncation=True, max_length=cfg.max_length)
-    buckets: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded["input_ids"]):
-        buckets.setdefault(min(cfg.max_length, -(-len(ids) // LENGTH_STEP) * LENGTH_STEP), []).append(i)
-    for length, idx in buckets.items():
-        rows = max(1, cfg.max_batch_tokens // length)
-        for j in range(0, len(idx), rows):
-            chunk = idx[j:j + rows]
-            extractor._forward(model, encoded, chunk, len(chunk), device, length)
-    return len(batch)
+@contextlib.contextmanager
+def rows_per_pass(device: str, rows: int) -> Iterator[None]:
+    """The extractor's passes on ``device`` capped at ``rows`` rows instead of its own cap."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    old = text_extractor.MAX_ROWS[kind]
+    text_extractor.MAX_ROWS[kind] = rows
+    try:
+        yield
+    finally:
+        text_extractor.MAX_ROWS[kind] = old
+
+
+def host_profile(step: Callable[[], int], seconds: float, top: int = 12) -> list[str]:
+    """The functions ``step`` spends most of its own host time in (cProfile, ``seconds`` of calls)."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    while time.perf_counter() - start < seconds:
+        step()
+    profile.disable()
+    stats = pstats.Stats(profile)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # by own time
+    total = sum(v[2] for v in stats.stats.values())
+    return [f"{v[2] / total:6.1%} {v[2]:7.3f} s {v[1]:>7} calls  {pstats.func_std_string(k)}" for k, v in rows]
+
+
+def cuda_checks(extractor: HFTextExtractor, model: Any, texts: list[str], device: str) -> dict[str, Any]:
+    """Features through the CUDA graphs vs the eager encoder, and each text alone vs in one call."""
+    from mbm.extractors.text import TextModel
+
+    together = extractor.featurize(model, texts, device)
+    alone = [f for t in texts[:128] for f in extractor.featurize(model, [t], device)]
+    out = {"alone_equal_in_call": sum(np.array_equal(a, b) for a, b in zip(alone, together, strict=False)),
+           "alone_checked": len(alone)}
+    eager = getattr(model.model, "model", None)
+    if eager is not None:
+        plain = extractor.featurize(TextModel(model.tokenizer, eager), texts, device)
+        diffs = [float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max()) for a, b in zip(plain, together,
+                                                                                              strict=True)]
+        out.update(graphed_equal_eager=sum(d == 0 for d in diffs), graphed_checked=len(diffs),
+                   graphed_max_abs_diff=max(diffs))
+    return out
 
 
 def run_text(sizes: Sizes, device: str, monitor: GpuMonitor, tmp: str, log: Callable[[str], None]) -> dict:
@@ -304,25 +338,47 @@ def run_text(sizes: Sizes, device: str, monitor: GpuMonitor, tmp: str, log: Call
                                                     extractor.config.max_length, device)}
     arrival = [sentences[i:i + sizes.text_batch] for i in range(0, len(sentences), sizes.text_batch)]
     filled = filled_calls(extractor, sentences, sizes.text_batch, device)
-    slots = sum(length * n for call in filled
-                for length, n, _ in passes([len(ids) for ids in model.tokenizer(call, truncation=True,
-                                            max_length=extractor.config.max_length)["input_ids"]],
-                                           max_batch_tokens, extractor.config.max_length, device))
+    max_length = extractor.config.max_length
+
+    def pass_list(calls: list[list[str]]) -> list[tuple[int, int, list]]:
+        return [p for call in calls for p in passes(
+            [len(ids) for ids in model.tokenizer(call, truncation=True, max_length=max_length)["input_ids"]],
+            max_batch_tokens, max_length, device)]
+
+    slots = sum(length * n for length, n, _ in pass_list(filled))
     out["padding"]["filled"] = round(slots / sum(lengths), 3)  # what the preprocessing job computes
-    for name, fn, share, calls in (("featurize", extractor.featurize, 1.0, arrival),
-                                   ("featurize_filled", extractor.featurize, 1.0, filled),
-                                   ("uncapped", lambda m, b, d: featurize_uncapped(extractor, m, b, d), 0.5, arrival)):
-        it = iter(range(10**9))
+    if device.startswith("cuda"):
+        out["checks"] = cuda_checks(extractor, model, sentences[:512], device)
+        log(f"  checks: {out['checks']}")
+    measures = [("featurize", 0.5, arrival, None), ("featurize_filled", 1.0, filled, None)]
+    default_rows = bounds[1]
+    measures += [(f"featurize_filled_rows{rows}", 0.5, None, rows)
+                 for rows in (256, 128, 64, 32) if rows != default_rows]
+    for name, share, calls, rows in measures:
+        with rows_per_pass(device, rows or default_rows):
+            calls = calls or filled_calls(extractor, sentences, sizes.text_batch, device)
+            it = iter(range(10**9))
 
-        def step(fn=fn, it=it, calls=calls) -> int:
-            batch = calls[next(it) % len(calls)]
-            fn(model, batch, device)
-            return len(batch)
+            def step(it=it, calls=calls) -> int:
+                batch = calls[next(it) % len(calls)]
+                extractor.featurize(model, batch, device)
+                return len(batch)
 
-        with monitor.window() as gpu:
-            rate = timed(step, seconds=sizes.seconds * share, warmup=sizes.warmup, device=device)
-        out[name] = result(rate, "sentences", gpu)
-        log(f"  {name}: {rate.per_s:,.0f} sentences/s")
+            first = time.perf_counter()  # one pass over the calls first: CUDA graphs are captured per new shape
+            for _ in calls:
+                step()
+            first = time.perf_counter() - first
+            with monitor.window() as gpu:
+                rate = timed(step, seconds=sizes.seconds * share, warmup=0, device=device)
+            shapes = pass_list(calls)
+            per_token = sum(length * n for length, n, _ in shapes) / sum(lengths)
+            out[name] = result(rate, "sentences", gpu, calls=len(calls), passes=len(shapes),
+                               slots_per_token=round(per_token, 2), first_round_s=round(first, 2))
+            log(f"  {name}: {rate.per_s:,.0f} sentences/s; {len(shapes)} passes in {len(calls)} calls, "
+                f"{per_token:.2f} token slots per token; first round {first:.2f} s")
+            if name == "featurize_filled":
+                out["host_profile"] = host_profile(step, seconds=min(3.0, sizes.seconds * 0.25))
+                log("  host time by function, featurize_filled:\n    " + "\n    ".join(out["host_profile"]))
     return out
 
 

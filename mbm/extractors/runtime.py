@@ -81,15 +81,21 @@ def to_device(tensor: Any, device: str) -> Any:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def to_float16_numpy(tensor: Any, what: str) -> np.ndarray:
-    """Float features -> float16 numpy on the host, saturating at the float16 range; non-finite raises."""
+def float16_on_device(tensor: Any) -> tuple[Any, Any]:
+    """Float features -> (float16, saturated at the float16 range; a 0-d bool tensor: all finite), on
+    the tensor's device and without waiting for it."""
     import torch
 
     tensor = tensor.float()
-    if not bool(torch.isfinite(tensor).all()):
+    return tensor.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16), torch.isfinite(tensor).all()
+
+
+def to_float16_numpy(tensor: Any, what: str) -> np.ndarray:
+    """Float features -> float16 numpy on the host, saturating at the float16 range; non-finite raises."""
+    half, finite = float16_on_device(tensor)  # converted before the device-to-host copy: half the bytes
+    if not bool(finite):
         raise ValueError(f"{what} produced non-finite features")
-    # Convert before the device-to-host copy: half the bytes over the bus.
-    return tensor.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).cpu().numpy()
+    return half.cpu().numpy()
 
 
 def seeded(seed: int) -> contextlib.AbstractContextManager:

@@ -151,3 +151,52 @@ def test_mbm_native_bert_0_loads_through_transformers(tiny_bert_dir, monkeypatch
     extractor = create_extractor("hf-text", {"path": str(tiny_bert_dir)})
     assert not isinstance(extractor.load("cpu").tokenizer, bert.WordPieceTokenizer)
     assert extractor.preload_modules()[0] == "transformers"
+
+
+def test_the_graphed_encoder_runs_eagerly_off_cuda(tiny_bert_dir):
+    import torch
+
+    from mbm.extractors.bert_encoder import GraphedEncoder
+
+    _, model = bert.load(str(tiny_bert_dir))
+    graphed = GraphedEncoder(model)
+    ids = torch.tensor([[2, 7, 9, 3], [2, 8, 3, 0]])
+    mask = (ids != 0).long()
+    with torch.inference_mode():
+        assert torch.equal(graphed(ids, attention_mask=mask).last_hidden_state,
+                           model(ids, attention_mask=mask).last_hidden_state)
+    assert graphed._graphs == {} and graphed.training is False  # nothing captured; attributes are the model's
+
+
+cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["auto", "float32"])
+def test_cuda_graphs_give_the_eager_features_and_each_text_its_own(tiny_bert_dir, precision):
+    import threading
+
+    from mbm.extractors import create_extractor
+    from mbm.extractors.text import TextModel
+
+    extractor = create_extractor("hf-text", {"path": str(tiny_bert_dir), "precision": precision})
+    model = extractor.load("cuda")
+    texts = [f"word {i} " * (1 + i % 23) for i in range(300)]
+    graphed = extractor.featurize(model, texts, "cuda")
+    eager = extractor.featurize(TextModel(model.tokenizer, model.model.model), texts, "cuda")
+    assert all(np.array_equal(a, b) for a, b in zip(graphed, eager, strict=True))
+    assert len(model.model._graphs) > 1  # one per pass shape and precision
+    alone = [extractor.featurize(model, [t], "cuda")[0] for t in texts[:40]]  # other pass-mates: the same bits
+    assert all(np.array_equal(a, b) for a, b in zip(alone, graphed, strict=False))
+    results: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        results[i] = extractor.featurize(model, texts[i::4], "cuda")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):  # threads sharing the model read only their own passes
+        assert all(np.array_equal(a, b) for a, b in zip(results[i], graphed[i::4], strict=True))

@@ -88,8 +88,40 @@ def test_pass_keys_are_the_shapes_featurize_runs_each_text_in(tiny_bert_dir, tin
 def test_pass_shape_is_small_on_the_cpu_and_big_on_cuda():
     assert pass_shape(16384, "cpu") == (256, 32)
     assert pass_shape(64, "cpu") == (64, 32)
-    assert pass_shape(16384, "cuda") == (16384, 256)
-    assert pass_shape(16384, "cuda:1") == (16384, 256)
+    assert pass_shape(16384, "cuda") == (16384, 64)
+    assert pass_shape(16384, "cuda:1") == (16384, 64)
+
+
+def test_non_finite_features_are_refused_for_the_whole_call(tiny):
+    import torch
+
+    from mbm.extractors.text import TextModel
+
+    extractor, model = tiny
+
+    class Overflowing(torch.nn.Module):  # the tiny encoder, with inf in the features of "dog" passes
+        def forward(self, input_ids, **kw):
+            hidden = model.model(input_ids, **kw).last_hidden_state
+            dog = model.tokenizer(["dog"])["input_ids"][0][1]
+            return type(model.model(input_ids, **kw))(hidden.masked_fill((input_ids == dog)[..., None], float("inf")))
+
+    broken = TextModel(model.tokenizer, Overflowing())
+    assert len(extractor.featurize(broken, [SHORT, "hello world"], "cpu")) == 2
+    with pytest.raises(ValueError, match="non-finite"):
+        extractor.featurize(broken, [SHORT, "a dog", "hello world"], "cpu")
+    assert extractor.featurize(model, [], "cpu") == []
+
+
+def test_features_saturate_at_the_float16_range():
+    import torch
+
+    from mbm.extractors.runtime import FLOAT16_MAX, float16_on_device, to_float16_numpy
+
+    half, finite = float16_on_device(torch.tensor([1e6, -1e6, 0.5]))
+    assert half.dtype == torch.float16 and half.tolist() == [FLOAT16_MAX, -FLOAT16_MAX, 0.5] and bool(finite)
+    assert not bool(float16_on_device(torch.tensor([1.0, float("nan")]))[1])
+    with pytest.raises(ValueError, match="x produced non-finite"):
+        to_float16_numpy(torch.tensor([float("inf")]), "x")
 
 
 def test_features_are_bit_identical_whatever_the_batch(tiny):
