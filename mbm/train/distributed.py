@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -50,7 +51,20 @@ class DistEnv:
             dist.barrier()
 
     def close(self) -> None:
+        """Tear the process group down; on gloo that joins its worker threads, so none outlives the run.
+
+        Measured cause: a gloo worker frees a finished collective after the caller has returned from it,
+        and when the work holds tensors made in Python, freeing them takes the GIL. A worker doing so as
+        the interpreter shuts down is ended by CPython inside that C++ destructor, and the rank aborts with
+        "terminate called without an active exception" (rank 1, 1 torchrun in 10 to 60 here on 2
+        cores; its core dump: the worker in ~AsyncBarrierWork → ~AsyncAllgatherWork → a tensor's decref,
+        the last checkpoint's barrier and all-gathers, the main thread in Py_FinalizeEx). The group was
+        never destroyed: DDP holds it through its reducer and sits in a reference cycle, hence the
+        collection first; the group's own references keep it alive until destroy_process_group drops the
+        last one, where torch releases the GIL to join the workers.
+        """
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -74,6 +88,12 @@ def init_distributed(device: str = "auto") -> DistEnv:
         return DistEnv(rank=0, world=1, local_rank=0, device=dev)
     owns = False
     if not dist.is_initialized():
+        # torch.distributed.nn binds ``group=group.WORLD`` as default arguments when it is imported; DDP's
+        # construction imports it, and after this call that would be the world group itself, kept for the
+        # life of the process: destroy_process_group could then never free the group nor join its threads
+        # (see ``DistEnv.close``). Imported now, the defaults are None (the world group at call time).
+        import torch.distributed.nn  # noqa: F401
+
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
         owns = True
     log.info("rank %d of %d on %s (%s)", rank, world, dev, dist.get_backend())

@@ -1,5 +1,6 @@
 """Two processes under torchrun on the CPU (gloo): equal steps, disjoint samples, exact resumption."""
 
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,45 @@ def test_ranks_that_dropped_different_batches_resume_exactly(tmp_path):
     assert [x["skipped"] for x in a if x["split"] == "train"] == [x["skipped"] for x in b if x["split"] == "train"]
     assert any(x.get("skipped") for x in a)
     assert [x["loss"] for x in b] == pytest.approx([x["loss"] for x in a], abs=1e-6)
+
+
+# Runs `mbm train` in a rank, then records the native threads that outlived it (Linux: /proc/self/task).
+_THREADS_DRIVER = """
+import json, os, sys, threading
+
+def native_threads():
+    return {int(t): open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")}
+
+from jobs.train_cli import main
+
+before = native_threads()
+code = main(sys.argv[2:])
+python_threads = {t.native_id for t in threading.enumerate()}
+left = sorted(name for tid, name in native_threads().items() if tid not in before and tid not in python_threads)
+with open(os.path.join(sys.argv[1], f"threads-rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"code": code, "left": left}, f)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists the process's threads through /proc")
+def test_training_joins_the_process_group_threads_before_returning(tmp_path):
+    """When training returns, no thread of the process group is left: a gloo worker still running may be
+    freeing a finished collective's tensors, which takes the GIL, as the interpreter shuts down; CPython then
+    ends that thread inside a C++ destructor and the rank aborts ("terminate called without an active
+    exception"), now and then, after a run that went well."""
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=60, samples_per_shard=60, feature_dims=DIMS,
+                                                  lengths={"text": (3, 6), "image": (4, 4), "audio": (3, 8)}))
+    driver = tmp_path / "driver.py"
+    driver.write_text(_THREADS_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(driver),
+           str(tmp_path), "train", "--data", data, "--out", str(tmp_path / "run"), "--steps", "4", "--d-model", "16",
+           "--heads", "2", "--layers", "1", "--batch-size", "4", "--no-progress", "--eval-every", "2",
+           "--checkpoint-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        record = json.loads((tmp_path / f"threads-rank{r}.json").read_text())
+        assert record == {"code": 0, "left": []}, f"rank {r}: threads left running after training: {record}"
