@@ -73,10 +73,12 @@ def sizes_for(args: argparse.Namespace) -> tuple[Sizes, TrainSizes]:
                       clips=16, wavs=8, audio_batch=4, workers=min(workers, 2), seconds=args.seconds or 1.0,
                       warmup=1)
         train = TrainSizes(samples=96, samples_per_shard=24, batch=8, workers=min(workers, 2), cached_batches=2,
-                           d_model=32, layers=1, heads=2, seconds=args.seconds or 1.0, warmup=1)
+                           d_model=32, layers=1, heads=2, seconds=args.seconds or 1.0, warmup=1,
+                           more_workers=tuple(args.train_more_workers))
     else:
         sizes = replace(Sizes(), workers=workers, seconds=args.seconds or Sizes.seconds)
-        train = replace(TrainSizes(), workers=min(args.train_workers, workers), seconds=args.seconds or 20.0)
+        train = replace(TrainSizes(), workers=min(args.train_workers, workers), seconds=args.seconds or 20.0,
+                        more_workers=tuple(args.train_more_workers))
     if args.text_batch:
         sizes = replace(sizes, text_batch=args.text_batch)
     if args.train_d_model:
@@ -168,6 +170,10 @@ def table(results: dict[str, Any], device: str) -> str:
          f"{trn.get('memory', {}).get('steps_per_s', '-')} steps/s"),
         ("train samples/s, streaming loader", fmt_rate(trn, "loader"), fmt_gpu(trn, "loader"),
          f"data overhead {trn['data_overhead']:.0%}" if "data_overhead" in trn else "-"),
+        *((f"train samples/s, loader with {name.split('_')[1]} workers", fmt_rate(trn, name), fmt_gpu(trn, name),
+           f"data overhead {trn[name]['data_overhead']:.0%}") for name in trn if name.endswith("_workers")),
+        *((f"samples/s, loader alone, {name.split('_')[2]} workers", fmt_rate(trn, name), "n/a", "no step")
+          for name in trn if name.startswith("loader_alone_")),
         *preprocess_rows(pre),
     ]
     widths = [max(len(r[i]) for r in rows + [("measure", "rate", "GPU util / peak mem", "note")]) for i in range(4)]
@@ -233,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: cores - 1)")
     p.add_argument("--text-batch", type=int, default=None, help="sentences per featurize call (default 1024)")
     p.add_argument("--train-workers", type=int, default=8)
+    p.add_argument("--train-more-workers", type=lambda t: [int(x) for x in t.split(",")], default=[],
+                   metavar="N[,N...]", help="also measure the training loader with these worker counts")
     p.add_argument("--train-d-model", type=int, default=None)
     p.add_argument("--train-heads", type=int, default=None)
     p.add_argument("--train-layers", type=int, default=None)

@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gpu_extract import result
@@ -29,6 +29,7 @@ class TrainSizes:
     samples_per_shard: int = 256
     batch: int = 256
     workers: int = 8
+    more_workers: tuple[int, ...] = ()  # loader worker counts also measured, each with a new trainer
     cached_batches: int = 6  # taken from the loader once, then cycled
     d_model: int = 128  # mbm train's defaults
     layers: int = 2
@@ -77,4 +78,22 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
         log(f"  train step, batches from {name}: {rate.calls / rate.seconds:.2f} steps/s, "
             f"{rate.per_s:,.0f} samples/s")
     out["data_overhead"] = round(1 - out["loader"]["per_s"] / out["memory"]["per_s"], 3)
+    # Does the loader scale with its workers, or is the training process the bound? The loader alone
+    # (batches taken, no step), then the step fed by it, per worker count.
+    for workers in sizes.more_workers:
+        other = Trainer(replace(cfg, workers=workers), trainer.env, progress=False)
+        for name, train in ((f"loader_alone_{workers}", False), (f"loader_{workers}_workers", True)):
+            batches = iter(other.loader)
+
+            def step(other=other, batches=batches, train=train) -> int:
+                return len(other.train_step(batches)[1]) if train else len(next(batches)["ids"])
+
+            with monitor.window() as gpu:
+                rate = timed(step, seconds=sizes.seconds * (1.0 if train else 0.5), warmup=sizes.warmup,
+                             device=device)
+            batches.close()
+            out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2),
+                               data_overhead=round(1 - rate.per_s / out["memory"]["per_s"], 3))
+            log(f"  {'train step, batches from' if train else 'batches alone from'} the loader with {workers} "
+                f"workers: {rate.calls / rate.seconds:.2f} batches/s, {rate.per_s:,.0f} samples/s")
     return out
