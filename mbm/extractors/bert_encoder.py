@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -175,16 +177,14 @@ class GraphedEncoder:
 
     An eager pass of MiniLM launches ~150 kernels from Python (on an H200 machine its 36 ``linear``
     calls alone took ~2 ms of host time per pass) and the GPU idled more than half the time; a graph
-    replay launches them all in one call (text 6,306 -> 7,496 sentences/s with 256-row passes). Passes have a few fixed shapes (``text.pass_of``), so few
-    graphs are captured, each on its first pass, and all share one memory pool (passes run one after
-    another on one stream). Replays are serialised by a lock and each returns its own copy of the
+    replay launches them all in one call (text 6,306 -> 7,496 sentences/s with 256-row passes).
+    Passes have a few fixed shapes (``text.pass_of``), so few graphs are captured, each on its first
+    pass, and all share one memory pool (passes run one after another on one stream). Replays are serialised by a lock and each returns its own copy of the
     output, so threads sharing the model never read one another's passes. A capture that fails
     turns the graphs off for this model (eager passes from then on), with a warning.
     """
 
     def __init__(self, model: BertEncoder) -> None:
-        import threading
-
         self.model = model
         self._graphs: dict[tuple, tuple[Any, dict[str, torch.Tensor], torch.Tensor]] = {}
         self._pool: Any = None
@@ -207,8 +207,6 @@ class GraphedEncoder:
                 try:
                     self._graphs[key] = self._capture(inputs, autocast)
                 except Exception as exc:  # noqa: BLE001 - any capture failure: run eagerly, as without graphs
-                    import logging
-
                     logging.getLogger(__name__).warning("CUDA graph capture failed (%s: %s); running the "
                                                         "encoder eagerly", type(exc).__name__, exc)
                     self._broken = True
