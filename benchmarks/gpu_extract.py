@@ -345,8 +345,6 @@ def run_text(sizes: Sizes, device: str, monitor: GpuMonitor, tmp: str, log: Call
             [len(ids) for ids in model.tokenizer(call, truncation=True, max_length=max_length)["input_ids"]],
             max_batch_tokens, max_length, device)]
 
-    slots = sum(length * n for length, n, _ in pass_list(filled))
-    out["padding"]["filled"] = round(slots / sum(lengths), 3)  # what the preprocessing job computes
     if device.startswith("cuda"):
         out["checks"] = cuda_checks(extractor, model, sentences[:512], device)
         log(f"  checks: {out['checks']}")
@@ -377,6 +375,7 @@ def run_text(sizes: Sizes, device: str, monitor: GpuMonitor, tmp: str, log: Call
             log(f"  {name}: {rate.per_s:,.0f} sentences/s; {len(shapes)} passes in {len(calls)} calls, "
                 f"{per_token:.2f} token slots per token; first round {first:.2f} s")
             if name == "featurize_filled":
+                out["padding"]["filled"] = round(per_token, 3)  # what the preprocessing job computes
                 out["host_profile"] = host_profile(step, seconds=min(3.0, sizes.seconds * 0.25))
                 log("  host time by function, featurize_filled:\n    " + "\n    ".join(out["host_profile"]))
     return out

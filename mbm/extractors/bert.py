@@ -178,18 +178,16 @@ def load(path: str) -> tuple[WordPieceTokenizer, Any] | None:
     """(tokenizer, float32 model in eval mode on the CPU) for the BERT folder at ``path``; None when
     ``plain_bert`` refuses it or its weights are not exactly the encoder's (missing or unknown keys,
     other shapes), which transformers then loads."""
-    folder = Path(path)
-    if plain_bert(path) is not None:
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
         return None
     from mbm.extractors.bert_encoder import BertEncoder, checkpoint
 
+    folder = Path(path)
     model = BertEncoder(_json(folder / "config.json"))
     try:
         state = checkpoint(folder / WEIGHTS)
         model.load_state_dict(state, strict=True)
     except Exception:  # noqa: BLE001 - a damaged or foreign checkpoint: transformers loads it, or says what is wrong
-        return None
-    tokenizer = WordPieceTokenizer(folder / TOKENIZER)
-    if tokenizer.pad_token_id is None:
         return None
     return tokenizer, model.eval()
