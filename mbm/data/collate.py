@@ -82,6 +82,7 @@ class PackedBatch:
     layout: tuple[tuple[str, str | None, str, tuple[int, ...], int], ...]  # (key, sub-key, dtype, shape, offset)
     extras: dict[str, Any]  # ids, texts and whatever the stream adds
     seq: int | None = None  # set: the buffer is a worker's reusable segment, released under this number
+    source: torch.Tensor | None = None  # a pinned copy: the reusable segment it was copied from (kept mapped)
 
     @property
     def end(self) -> int:
@@ -92,7 +93,8 @@ class PackedBatch:
         if self.seq is None:
             return PackedBatch(self.buffer.pin_memory(), self.layout, self.extras)
         pinned = torch.empty(self.end, dtype=torch.uint8, pin_memory=True)
-        return PackedBatch(segments.copy_out(self.buffer, self.end, self.seq, into=pinned), self.layout, self.extras)
+        return PackedBatch(segments.copy_out(self.buffer, self.end, self.seq, into=pinned), self.layout, self.extras,
+                           source=self.buffer)
 
     def unpack(self) -> dict[str, Any]:
         buffer = self.buffer if self.seq is None else segments.copy_out(self.buffer, self.end, self.seq)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -49,17 +49,39 @@ def _lower_priority(_worker_id: int) -> None:
         pass
 
 
-def _unpacked(batches: Iterable[Any], mapped: int) -> Iterator[dict[str, Any]]:
-    """Batch dicts from what DataLoader workers send: ``PackedBatch``es in their reused segments.
+class _Mapped:
+    """The workers' segments the training process last received, held so that they stay mapped.
 
-    The last ``mapped`` segments stay referenced here, so torch finds them in its cache when a
-    worker sends one again, instead of mapping and faulting in the segment for every batch.
+    torch keeps a received storage in its cache only while something references it; holding the
+    segments here (across epochs) lets it find one when a worker sends it again, instead of mapping
+    and faulting in the segment for every batch and unmapping it after. Least recently used first
+    out: the workers' live segments (at most ``SLOTS`` each) all stay, one a worker replaced by a
+    larger one goes once ``limit`` newer ones came.
     """
-    recent: deque[torch.Tensor] = deque(maxlen=mapped)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.segments: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def hold(self, segment: torch.Tensor) -> None:
+        key = segment.data_ptr()
+        self.segments[key] = segment
+        self.segments.move_to_end(key)
+        if len(self.segments) > self.limit:
+            self.segments.popitem(last=False)
+
+    def clear(self) -> None:
+        self.segments.clear()
+
+
+def _unpacked(batches: Iterable[Any], mapped: _Mapped) -> Iterator[dict[str, Any]]:
+    """Batch dicts from what DataLoader workers send: ``PackedBatch``es in their reused segments,
+    which ``mapped`` holds (a batch pinned by the DataLoader keeps its segment as ``source``)."""
     for batch in batches:
         if isinstance(batch, PackedBatch):
-            if batch.seq is not None:
-                recent.append(batch.buffer)
+            segment = batch.buffer if batch.seq is not None else batch.source
+            if segment is not None:
+                mapped.hold(segment)
             batch = batch.unpack()
         yield batch
 
@@ -99,6 +121,7 @@ class StreamLoader:
         self._decoded_before: dict[str, int] = {}  # decode counters of the epoch's batches before this pass
         self._positioned: _PositionedStream | None = None
         self._loader: DataLoader | None = None  # its workers live from the first epoch until iteration stops
+        self._mapped = _Mapped(SLOTS * workers)
 
     def state_dict(self) -> dict[str, Any]:
         cfg = self.stream.cfg
@@ -131,11 +154,12 @@ class StreamLoader:
                                       worker_init_fn=_lower_priority if LOADER_NICE else None)
         assert self._positioned is not None
         self._positioned.position[0], self._positioned.position[1] = self.epoch, self.batch
-        return _unpacked(self._loader, mapped=SLOTS * self.workers)
+        return _unpacked(self._loader, self._mapped)
 
     def close(self) -> None:
         """Stop the data-loader workers (iteration starts new ones)."""
         self._loader = self._positioned = None  # the DataLoader's iterator shuts its workers down when freed
+        self._mapped.clear()
 
     def _decode_total(self) -> Counter[str]:
         """Decode counters of the epoch's consumed batches."""

@@ -210,6 +210,7 @@ def test_pinning_a_batch_in_a_reused_segment_copies_it_out_and_releases_the_segm
     assert packed.seq is not None and header(packed.buffer)[1] != packed.seq
     out = packed.pin_memory()
     assert out.seq is None and out.buffer is pinned[0] and header(packed.buffer)[1] == packed.seq
+    assert out.source is packed.buffer  # the loader keeps the segment mapped for the worker's next batch
     assert torch.equal(out.unpack()["features"]["text"], collate(samples, cfg)["features"]["text"])
 
 

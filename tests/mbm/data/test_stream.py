@@ -7,10 +7,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from mbm.data import CollateConfig, ShardStream, StreamConfig, StreamLoader, resolve_data, split_of
 from mbm.data.errors import SkipLog
+from mbm.data.segments import REUSABLE, SLOTS
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
 
 DIMS = {"text": 8, "image": 6, "audio": 4}
@@ -310,6 +312,56 @@ def test_loader_workers_persist_across_epochs_and_stop_when_iteration_stops(data
     batches.close()
     assert not multiprocessing.active_children()
     assert [b["ids"] for b in itertools.islice(loader, 3)] == alone[30:33]  # iterating again starts new ones
+
+
+@pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
+def test_each_worker_segment_is_mapped_once_across_epochs(dataset, monkeypatch):
+    """A worker sends its few reused segments again and again: the training process maps each once
+    (torch's cache of received storages finds it while the loader holds it), not again every epoch."""
+    import torch.multiprocessing.reductions as reductions
+
+    lookups = []
+    real = reductions.storage_from_cache
+
+    def spy(cls, key):
+        found = real(cls, key)
+        lookups.append((key, found is not None))
+        return found
+
+    monkeypatch.setattr(reductions, "storage_from_cache", spy)
+    loader = StreamLoader(ShardStream(stream_cfg(resolve_data(dataset))), workers=2)
+    batches = iter(loader)
+    for _ in range(40):  # 13 batches per epoch
+        next(batches)
+    batches.close()
+    segments = {key for key, _ in lookups}
+    mapped = [key for key, found in lookups if not found]
+    assert len(lookups) >= 40 and len(segments) <= 2 * SLOTS  # batches prefetched past the 40th too
+    assert sorted(mapped) == sorted(segments)  # each mapped once, found in the cache every other time
+
+
+def test_pinned_batches_keep_their_segment_mapped():
+    from mbm.data.collate import PackedBatch
+    from mbm.data.loader import _Mapped, _unpacked
+
+    segment, pinned = torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)
+    layout = (("labels", None, "int64", (2,), 0),)
+    mapped = _Mapped(limit=2)
+    batches = [PackedBatch(pinned, layout, {"ids": ["a", "b"]}, source=segment),  # pinned by the DataLoader
+               PackedBatch(torch.zeros(64, dtype=torch.uint8), layout, {"ids": ["c", "d"]})]  # a one-off segment
+    out = list(_unpacked(batches, mapped))
+    assert [b["ids"] for b in out] == [["a", "b"], ["c", "d"]]
+    assert list(mapped.segments.values()) == [segment]
+
+
+def test_held_segments_go_least_recently_used_first():
+    from mbm.data.loader import _Mapped
+
+    a, b, c = (torch.zeros(8, dtype=torch.uint8) for _ in range(3))
+    mapped = _Mapped(limit=2)
+    for segment in (a, b, a, a, c):  # a sent again and again stays; b, unused longest, goes
+        mapped.hold(segment)
+    assert list(mapped.segments.values()) == [a, c]
 
 
 def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatch):
