@@ -9,6 +9,7 @@ first a few batches are taken from its loader and cycled from memory, then the l
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gpu_extract import result
+from gpu_handover import HandOver
 from gpu_monitor import GpuMonitor, timed
 
 LENGTHS = {"text": (20, 60), "image": (49, 49), "audio": (100, 400)}
@@ -70,13 +72,15 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
         def step(batches=batches) -> int:
             return len(trainer.train_step(batches)[1])
 
-        with monitor.window() as gpu:
-            rate = timed(step, seconds=sizes.seconds, warmup=sizes.warmup, device=device)
+        rate, gpu, probe = probed(step, sizes.seconds, sizes.warmup, device, monitor, probe=name == "loader")
         if hasattr(batches, "close"):
             batches.close()  # stops the loader's workers
         out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2))
         log(f"  train step, batches from {name}: {rate.calls / rate.seconds:.2f} steps/s, "
             f"{rate.per_s:,.0f} samples/s")
+        if probe is not None:
+            out[name]["hand_over"] = probe.summary(rate.calls * cfg.accum_steps)
+            log(probe.line(rate.calls * cfg.accum_steps))
     out["data_overhead"] = round(1 - out["loader"]["per_s"] / out["memory"]["per_s"], 3)
     # Does the loader scale with its workers, or is the training process the bound? The loader alone
     # (batches taken, no step), then the step fed by it, per worker count.
@@ -88,12 +92,25 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
             def step(other=other, batches=batches, train=train) -> int:
                 return len(other.train_step(batches)[1]) if train else len(next(batches)["ids"])
 
-            with monitor.window() as gpu:
-                rate = timed(step, seconds=sizes.seconds * (1.0 if train else 0.5), warmup=sizes.warmup,
-                             device=device)
+            rate, gpu, probe = probed(step, sizes.seconds * (1.0 if train else 0.5), sizes.warmup, device, monitor)
             batches.close()
+            used = rate.calls * (cfg.accum_steps if train else 1)
             out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2),
-                               data_overhead=round(1 - rate.per_s / out["memory"]["per_s"], 3))
+                               data_overhead=round(1 - rate.per_s / out["memory"]["per_s"], 3),
+                               hand_over=probe.summary(used))
             log(f"  {'train step, batches from' if train else 'batches alone from'} the loader with {workers} "
                 f"workers: {rate.calls / rate.seconds:.2f} batches/s, {rate.per_s:,.0f} samples/s")
+            log(probe.line(used))
     return out
+
+
+def probed(step: Callable[[], int], seconds: float, warmup: int, device: str, monitor: GpuMonitor,
+           probe: bool = True) -> tuple[Any, Any, HandOver | None]:
+    """``timed(step)`` after ``warmup`` untimed steps, with the GPU monitor and (``probe``) the hand-over
+    probe of ``gpu_handover`` open over the timed steps only."""
+    for _ in range(warmup):
+        step()
+    hand_over = HandOver() if probe else None
+    with monitor.window() as gpu, hand_over or contextlib.nullcontext():
+        rate = timed(step, seconds=seconds, warmup=0, device=device)
+    return rate, gpu, hand_over
