@@ -73,28 +73,37 @@ class PackedBatch:
 
     DataLoader workers send batches in this form: torch moves every tensor it sends to its own
     shared-memory segment and passes each segment's file descriptor over a socket, so one buffer per
-    batch costs one segment instead of one per tensor, and workers reuse their segments
-    (``mbm.data.segments``). ``unpack`` gives the batch dict, its tensors views of one buffer; a
-    batch in a reused segment is copied out first and the segment handed back, so unpack it once.
+    batch costs one segment instead of one per tensor, and workers reuse their segments, which cross
+    to the training process once (``mbm.data.segments``). ``unpack`` gives the batch dict, its tensors
+    views of one buffer; a batch in a reused segment is copied out first and the segment handed back,
+    so unpack it once.
     """
 
     buffer: torch.Tensor  # uint8, 1-D
     layout: tuple[tuple[str, str | None, str, tuple[int, ...], int], ...]  # (key, sub-key, dtype, shape, offset)
     extras: dict[str, Any]  # ids, texts and whatever the stream adds
     seq: int | None = None  # set: the buffer is a worker's reusable segment, released under this number
-    source: torch.Tensor | None = None  # a pinned copy: the reusable segment it was copied from (kept mapped)
+    key: segments.Key | None = None  # the worker's reusable segment the batch is (or was, once pinned) in
 
     @property
     def end(self) -> int:
         """Bytes of the buffer in use."""
         return max(offset + _nbytes(dtype, shape) for _, _, dtype, shape, offset in self.layout)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled by a worker: a reused segment travels with its first batch only (``mbm.data.segments``)."""
+        if self.key is None:
+            return PackedBatch, (self.buffer, self.layout, self.extras, self.seq)
+        if segments.pool().first_send(self.key):
+            return _first_in_segment, (self.key, self.buffer, self.layout, self.extras, self.seq)
+        return _in_received_segment, (self.key, self.layout, self.extras, self.seq)
+
     def pin_memory(self) -> PackedBatch:  # called by DataLoader(pin_memory=True)
         if self.seq is None:
             return PackedBatch(self.buffer.pin_memory(), self.layout, self.extras)
         pinned = torch.empty(self.end, dtype=torch.uint8, pin_memory=True)
         return PackedBatch(segments.copy_out(self.buffer, self.end, self.seq, into=pinned), self.layout, self.extras,
-                           source=self.buffer)
+                           key=self.key)
 
     def unpack(self) -> dict[str, Any]:
         buffer = self.buffer if self.seq is None else segments.copy_out(self.buffer, self.end, self.seq)
@@ -108,6 +117,15 @@ class PackedBatch:
         return batch
 
 
+def _first_in_segment(key: segments.Key, buffer: torch.Tensor, *rest: Any) -> PackedBatch:
+    segments.receive(key, buffer)
+    return PackedBatch(buffer, *rest, key=key)
+
+
+def _in_received_segment(key: segments.Key, *rest: Any) -> PackedBatch:
+    return PackedBatch(segments.received(key), *rest, key=key)
+
+
 class _Layout:
     """Offsets of a batch's tensors in one buffer; ``views`` gives numpy views to fill."""
 
@@ -119,12 +137,12 @@ class _Layout:
         self.entries.append((key, sub, dtype, shape, self.size))
         self.size += -(-_nbytes(dtype, shape) // _ALIGN) * _ALIGN
 
-    def allocate(self, shared: bool) -> tuple[torch.Tensor, int | None]:
-        """A uint8 buffer zeroed past the header, and the sequence number its segment is released
-        under; ``shared``: a segment of this process's pool (``mbm.data.segments``)."""
+    def allocate(self, shared: bool) -> tuple[torch.Tensor, int | None, segments.Key | None]:
+        """A uint8 buffer zeroed past the header, the sequence number its segment is released under and
+        the segment's key; ``shared``: a segment of this process's pool (``mbm.data.segments``)."""
         if shared:
             return segments.pool().take(self.size)
-        return torch.from_numpy(np.zeros(self.size, np.uint8)), None  # calloc'd; torch.zeros fills in threads
+        return torch.from_numpy(np.zeros(self.size, np.uint8)), None, None  # calloc'd; torch.zeros fills in threads
 
     def views(self, buffer: torch.Tensor) -> dict[tuple[str, str | None], np.ndarray]:
         raw = buffer.numpy()
@@ -168,7 +186,7 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
         longest = max(len(s) for s in seqs)
         layout.add("target_ids", None, "int64", (n, longest))
         layout.add("target_mask", None, "bool", (n, longest))
-    buffer, seq = layout.allocate(shared)
+    buffer, seq, key = layout.allocate(shared)
     views = layout.views(buffer)
     for m in cfg.feature_dims:
         pad_into(views["features", m], views["masks", m], fitted[m])
@@ -183,7 +201,7 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
             ids[i, : len(s)] = s
             mask[i, : len(s)] = True
     extras = {"ids": [s.id for s in samples], "texts": [s.text for s in samples]}
-    return PackedBatch(buffer, tuple(layout.entries), extras, seq)
+    return PackedBatch(buffer, tuple(layout.entries), extras, seq, key)
 
 
 def collate(samples: list[Sample], cfg: CollateConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from mbm.data import segments
 from mbm.data.collate import PackedBatch
 from mbm.data.errors import SkipLog
-from mbm.data.segments import SLOTS
 from mbm.data.stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -49,39 +49,13 @@ def _lower_priority(_worker_id: int) -> None:
         pass
 
 
-class _Mapped:
-    """The workers' segments the training process last received, held so that they stay mapped.
-
-    torch keeps a received storage in its cache only while something references it; holding the
-    segments here (across epochs) lets it find one when a worker sends it again, instead of mapping
-    and faulting in the segment for every batch and unmapping it after. Least recently used first
-    out: the workers' live segments (at most ``SLOTS`` each) all stay, one a worker replaced by a
-    larger one goes once ``limit`` newer ones came.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.segments: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def hold(self, segment: torch.Tensor) -> None:
-        key = segment.data_ptr()
-        self.segments[key] = segment
-        self.segments.move_to_end(key)
-        if len(self.segments) > self.limit:
-            self.segments.popitem(last=False)
-
-    def clear(self) -> None:
-        self.segments.clear()
-
-
-def _unpacked(batches: Iterable[Any], mapped: _Mapped) -> Iterator[dict[str, Any]]:
-    """Batch dicts from what DataLoader workers send: ``PackedBatch``es in their reused segments,
-    which ``mapped`` holds (a batch pinned by the DataLoader keeps its segment as ``source``)."""
+def _unpacked(batches: Iterable[Any], workers: set[int]) -> Iterator[dict[str, Any]]:
+    """Batch dicts from what DataLoader workers send (``PackedBatch``es), noting in ``workers`` the
+    pids of those whose reused segments this process keeps (``mbm.data.segments``)."""
     for batch in batches:
         if isinstance(batch, PackedBatch):
-            segment = batch.buffer if batch.seq is not None else batch.source
-            if segment is not None:
-                mapped.hold(segment)
+            if batch.key is not None:
+                workers.add(batch.key[0])
             batch = batch.unpack()
         yield batch
 
@@ -121,7 +95,7 @@ class StreamLoader:
         self._decoded_before: dict[str, int] = {}  # decode counters of the epoch's batches before this pass
         self._positioned: _PositionedStream | None = None
         self._loader: DataLoader | None = None  # its workers live from the first epoch until iteration stops
-        self._mapped = _Mapped(SLOTS * workers)
+        self._senders: set[int] = set()  # pids of the workers whose segments this process keeps
 
     def state_dict(self) -> dict[str, Any]:
         cfg = self.stream.cfg
@@ -154,12 +128,13 @@ class StreamLoader:
                                       worker_init_fn=_lower_priority if LOADER_NICE else None)
         assert self._positioned is not None
         self._positioned.position[0], self._positioned.position[1] = self.epoch, self.batch
-        return _unpacked(self._loader, self._mapped)
+        return _unpacked(self._loader, self._senders)
 
     def close(self) -> None:
         """Stop the data-loader workers (iteration starts new ones)."""
         self._loader = self._positioned = None  # the DataLoader's iterator shuts its workers down when freed
-        self._mapped.clear()
+        segments.forget(self._senders)
+        self._senders.clear()
 
     def _decode_total(self) -> Counter[str]:
         """Decode counters of the epoch's consumed batches."""

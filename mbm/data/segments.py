@@ -2,12 +2,20 @@
 
 A fresh segment per batch costs a worker about 4 ms per 6 MB on a 2-core VM: the kernel allocates,
 zeroes and maps every page, and frees them again when the training process is done. Each worker
-keeps a few segments instead. A segment starts with a 64-byte header of two int64: the sequence
-number of the batch the worker wrote into it, and the one the training process released. The
-training process copies a batch out (into private or pinned memory) and then releases the segment
-by writing its sequence number back; the worker reuses only segments whose two numbers match, and
-takes a one-off segment when all of its own are still out, so it never waits and never overwrites
-a batch that has not been read.
+keeps a few segments instead. A segment starts with a 64-byte header of int64: the sequence number
+of the batch the worker wrote into it, the one the training process released, and a flag the worker
+sets when it drops the segment for a larger one. The training process copies a batch out (into
+private or pinned memory) and then releases the segment by writing its sequence number back; the
+worker reuses only segments whose two numbers match, and takes a one-off segment when all of its own
+are still out, so it never waits and never overwrites a batch that has not been read.
+
+A segment crosses to the training process once: torch sends a storage as a file descriptor, which
+costs a connection to the worker's resource-sharer thread per batch (~0.7 ms of the receiving
+thread, most of it waiting, on a 2-core VM) and a new mapping when nothing holds the last one. So
+the first batch in a segment carries it with its key (``Key``: the worker's pid, a random token of
+its pool, the segment's number), the training process keeps it under that key (``received``), and
+later batches in it carry the key alone. The training process drops a segment when the worker
+flags it dropped, and a loader drops its workers' segments when it stops them (``forget``).
 
 The handshake relies on x86-64's memory order: a load is never reordered with a later store. The
 training process's copy (loads) therefore completes before its release (a store) is visible, and a
@@ -20,19 +28,23 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
-HEADER = 64  # bytes before a batch's data in every buffer (written and released sequence numbers)
+Key = tuple[int, int, int]  # (worker pid, its pool's token, segment number)
+
+HEADER = 64  # bytes before a batch's data in every buffer (written and released sequence numbers, dropped flag)
 SLOTS = 4  # segments a worker keeps; a DataLoader holds 2 batches per worker in flight by default
 GROWTH = 1.25  # a segment that must grow gets this much headroom for the batches that follow
 REUSABLE = platform.machine().lower() in ("x86_64", "amd64")  # see the module docstring
 
 
 def header(buffer: torch.Tensor) -> np.ndarray:
-    """The (written, released) int64 pair at the start of ``buffer``."""
-    return buffer.numpy()[:16].view(np.int64)
+    """The (written, released, dropped) int64s at the start of ``buffer``."""
+    return buffer.numpy()[:24].view(np.int64)
 
 
 def new_segment(nbytes: int) -> torch.Tensor:
@@ -47,27 +59,81 @@ class SegmentPool:
     def __init__(self, slots: int = SLOTS) -> None:
         self.limit = slots if REUSABLE else 0
         self.segments: list[torch.Tensor] = []
+        self.keys: list[Key] = []
         self.seq = 0
+        self.token = int.from_bytes(os.urandom(8), "little") >> 1
+        self.numbered = 0  # segments this pool has made
+        self.sent: set[Key] = set()  # keys of the segments the training process has received
 
-    def take(self, nbytes: int) -> tuple[torch.Tensor, int | None]:
-        """A segment and the sequence number to release it with (None: a one-off segment, freed when dropped)."""
+    def _new(self, nbytes: int) -> tuple[torch.Tensor, Key]:
+        self.numbered += 1
+        return new_segment(int(nbytes * GROWTH)), (os.getpid(), self.token, self.numbered)
+
+    def take(self, nbytes: int) -> tuple[torch.Tensor, int | None, Key | None]:
+        """A segment, the sequence number to release it with and its key (None, None: a one-off
+        segment, freed when dropped)."""
         self.seq += 1
         for i, segment in enumerate(self.segments):
-            written, released = header(segment)
+            written, released, _ = header(segment)
             if written != released:
                 continue  # still with the training process
             if segment.numel() < nbytes:
-                segment = self.segments[i] = new_segment(int(nbytes * GROWTH))
+                header(segment)[2] = 1  # dropped: the training process lets go of it too
+                self.sent.discard(self.keys[i])
+                segment, self.keys[i] = self._new(nbytes)
+                self.segments[i] = segment
             else:
                 segment.numpy()[HEADER:nbytes] = 0
             header(segment)[0] = self.seq
-            return segment, self.seq
+            return segment, self.seq, self.keys[i]
         if len(self.segments) < self.limit:
-            segment = new_segment(int(nbytes * GROWTH))
+            segment, key = self._new(nbytes)
             self.segments.append(segment)
+            self.keys.append(key)
             header(segment)[0] = self.seq
-            return segment, self.seq
-        return new_segment(nbytes), None
+            return segment, self.seq, key
+        return new_segment(nbytes), None, None
+
+    def first_send(self, key: Key) -> bool:
+        """Whether a batch in segment ``key`` must carry the segment: not sent yet (then counted as sent
+        from now on), or another process's segment."""
+        if key[1] != self.token:
+            return True
+        if key in self.sent:
+            return False
+        self.sent.add(key)
+        return True
+
+
+# The training process's side: segments received from workers, by key.
+_RECEIVED: dict[Key, torch.Tensor] = {}
+_RECEIVED_LOCK = threading.Lock()
+
+
+def receive(key: Key, segment: torch.Tensor) -> None:
+    """Keep ``segment``, sent for the first time, under ``key``; let go of those their workers dropped."""
+    with _RECEIVED_LOCK:
+        for old in [k for k, s in _RECEIVED.items() if header(s)[2]]:
+            del _RECEIVED[old]
+        _RECEIVED[key] = segment
+
+
+def received(key: Key) -> torch.Tensor:
+    """The segment a worker sent before under ``key``."""
+    with _RECEIVED_LOCK:
+        segment = _RECEIVED.get(key)
+    if segment is None:
+        raise RuntimeError(f"a data-loader worker (pid {key[0]}) sent a batch in shared segment {key[2]}, which "
+                           "this process has not received or has let go of (a loader closed while its workers ran?)")
+    return segment
+
+
+def forget(pids: Iterable[int]) -> None:
+    """Let go of the segments of these workers (stopped, or about to be)."""
+    pids = set(pids)
+    with _RECEIVED_LOCK:
+        for key in [k for k in _RECEIVED if k[0] in pids]:
+            del _RECEIVED[key]
 
 
 def copy_out(buffer: torch.Tensor, end: int, seq: int, into: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,10 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
+from mbm.data import segments
 from mbm.data.collate import IGNORE, CollateConfig, PackedBatch, collate, fit_length, pack_collate
 from mbm.data.decode import Sample
 from mbm.data.segments import REUSABLE
@@ -132,6 +135,58 @@ def test_a_packed_batch_is_one_buffer_that_crosses_processes_as_one_segment():
     want = collate(samples, CollateConfig(feature_dims=DIMS, labels=(1, "cat")))
     assert torch.equal(got["features"]["text"], want["features"]["text"])
     assert got["masks"]["audio"].tolist() == [[False] * 5, [True] * 5]
+    segments.forget([os.getpid()])
+
+
+@pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
+def test_a_reused_segment_crosses_once_and_later_batches_name_it():
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 - registers torch's reductions
+
+    cfg = CollateConfig(feature_dims=DIMS, labels=(1, "cat"))
+    pool = segments.SegmentPool(slots=1)
+    old, segments._POOL = segments._POOL, pool
+    try:
+        first = [sample("a", "cat", text=2, image=3)]
+        packed = pack_collate(first, cfg, shared=True)
+        sent = ForkingPickler.dumps(packed)  # as a worker's queue sends it
+        got = pickle.loads(sent)  # as the training process receives it: keeps the segment
+        assert got.key == packed.key == (os.getpid(), pool.token, 1)
+        assert torch.equal(got.unpack()["features"]["text"], collate(first, cfg)["features"]["text"])
+        second = [sample("b", 1, text=4, audio=2)]
+        again = pack_collate(second, cfg, shared=True)  # the same segment, released by the unpack above
+        assert again.key == packed.key
+        named = ForkingPickler.dumps(again)
+        assert len(named) < len(sent) and b"rebuild_storage" not in named  # the key alone, no descriptor
+        got = pickle.loads(named)
+        assert got.buffer is segments.received(packed.key)
+        assert torch.equal(got.unpack()["features"]["text"], collate(second, cfg)["features"]["text"])
+        segments.forget([os.getpid()])
+        with pytest.raises(RuntimeError, match="has not received or has let go of"):
+            pickle.loads(ForkingPickler.dumps(pack_collate(second, cfg, shared=True)))
+    finally:
+        segments._POOL = old
+        segments.forget([os.getpid()])
+
+
+@pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
+def test_a_segment_a_worker_outgrows_is_let_go_of_on_both_sides():
+    pool = segments.SegmentPool(slots=1)
+    small, seq, key = pool.take(1000)
+    segments.receive(key, small)
+    segments.header(small)[1] = seq  # the training process is done with it
+    big, _, bigger = pool.take(10_000)  # too small now: a new segment under a new key
+    assert bigger != key and bigger[2] == 2 and big.numel() >= 10_000
+    assert segments.header(small)[2] == 1  # flagged dropped
+    segments.receive(bigger, big)  # the larger one arrives; the dropped one goes
+    assert segments.received(bigger) is big
+    with pytest.raises(RuntimeError):
+        segments.received(key)
+    segments.forget([os.getpid()])
+    with pytest.raises(RuntimeError):
+        segments.received(bigger)
 
 
 @pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
@@ -210,7 +265,7 @@ def test_pinning_a_batch_in_a_reused_segment_copies_it_out_and_releases_the_segm
     assert packed.seq is not None and header(packed.buffer)[1] != packed.seq
     out = packed.pin_memory()
     assert out.seq is None and out.buffer is pinned[0] and header(packed.buffer)[1] == packed.seq
-    assert out.source is packed.buffer  # the loader keeps the segment mapped for the worker's next batch
+    assert out.key == packed.key  # the loader learns from it whose segments this process keeps
     assert torch.equal(out.unpack()["features"]["text"], collate(samples, cfg)["features"]["text"])
 
 

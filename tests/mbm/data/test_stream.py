@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 
 from mbm.data import CollateConfig, ShardStream, StreamConfig, StreamLoader, resolve_data, split_of
@@ -315,10 +314,12 @@ def test_loader_workers_persist_across_epochs_and_stop_when_iteration_stops(data
 
 
 @pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
-def test_each_worker_segment_is_mapped_once_across_epochs(dataset, monkeypatch):
-    """A worker sends its few reused segments again and again: the training process maps each once
-    (torch's cache of received storages finds it while the loader holds it), not again every epoch."""
+def test_each_worker_segment_crosses_once_across_epochs_and_is_let_go_of_at_close(dataset, monkeypatch):
+    """A worker sends its few reused segments again and again: each crosses to the training process
+    (a file descriptor, a mapping) with its first batch only, not again every batch or every epoch."""
     import torch.multiprocessing.reductions as reductions
+
+    from mbm.data import segments
 
     lookups = []
     real = reductions.storage_from_cache
@@ -329,39 +330,18 @@ def test_each_worker_segment_is_mapped_once_across_epochs(dataset, monkeypatch):
         return found
 
     monkeypatch.setattr(reductions, "storage_from_cache", spy)
-    loader = StreamLoader(ShardStream(stream_cfg(resolve_data(dataset))), workers=2)
+    cfg = stream_cfg(resolve_data(dataset))
+    alone = [b["ids"] for b in itertools.islice(StreamLoader(ShardStream(cfg)), 40)]
+    loader = StreamLoader(ShardStream(cfg), workers=2)
     batches = iter(loader)
-    for _ in range(40):  # 13 batches per epoch
-        next(batches)
+    got = [next(batches)["ids"] for _ in range(40)]  # 13 batches per epoch
+    assert got == alone
+    held = dict(segments._RECEIVED)
+    assert 2 <= len(held) <= 2 * SLOTS and {key[0] for key in held} == loader._senders
+    assert len(lookups) == len({key for key, _ in lookups}) == len(held)  # each received once
+    assert not any(found for _, found in lookups)
     batches.close()
-    segments = {key for key, _ in lookups}
-    mapped = [key for key, found in lookups if not found]
-    assert len(lookups) >= 40 and len(segments) <= 2 * SLOTS  # batches prefetched past the 40th too
-    assert sorted(mapped) == sorted(segments)  # each mapped once, found in the cache every other time
-
-
-def test_pinned_batches_keep_their_segment_mapped():
-    from mbm.data.collate import PackedBatch
-    from mbm.data.loader import _Mapped, _unpacked
-
-    segment, pinned = torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)
-    layout = (("labels", None, "int64", (2,), 0),)
-    mapped = _Mapped(limit=2)
-    batches = [PackedBatch(pinned, layout, {"ids": ["a", "b"]}, source=segment),  # pinned by the DataLoader
-               PackedBatch(torch.zeros(64, dtype=torch.uint8), layout, {"ids": ["c", "d"]})]  # a one-off segment
-    out = list(_unpacked(batches, mapped))
-    assert [b["ids"] for b in out] == [["a", "b"], ["c", "d"]]
-    assert list(mapped.segments.values()) == [segment]
-
-
-def test_held_segments_go_least_recently_used_first():
-    from mbm.data.loader import _Mapped
-
-    a, b, c = (torch.zeros(8, dtype=torch.uint8) for _ in range(3))
-    mapped = _Mapped(limit=2)
-    for segment in (a, b, a, a, c):  # a sent again and again stays; b, unused longest, goes
-        mapped.hold(segment)
-    assert list(mapped.segments.values()) == [a, c]
+    assert not segments._RECEIVED and not loader._senders
 
 
 def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatch):
