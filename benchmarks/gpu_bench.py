@@ -174,6 +174,10 @@ def table(results: dict[str, Any], device: str) -> str:
            f"data overhead {trn[name]['data_overhead']:.0%}") for name in trn if name.endswith("_workers")),
         *((f"samples/s, loader alone, {name.split('_')[2]} workers", fmt_rate(trn, name), "n/a", "no step")
           for name in trn if name.startswith("loader_alone_")),
+        *((f"train samples/s, loader, registered feed{', alone' if name.endswith('alone') else ''}",
+           fmt_rate(trn, name), fmt_gpu(trn, name),
+           f"data overhead {trn[name]['data_overhead']:.0%}" if not name.endswith("alone") else "no step")
+          for name in ("loader_registered", "loader_registered_alone") if name in trn),
         *preprocess_rows(pre),
     ]
     widths = [max(len(r[i]) for r in rows + [("measure", "rate", "GPU util / peak mem", "note")]) for i in range(4)]

@@ -9,6 +9,8 @@ the DataLoader workers send:
 - ``pin``: ``PackedBatch.pin_memory`` in the DataLoader's pin thread (CUDA runs), of which ``pin_alloc``
   is the page-locked buffer (torch's caching host allocator) and ``copy`` the copy out of the segment;
 - ``unpack``: ``PackedBatch.unpack`` (on the CPU this is where the copy out happens);
+- with ``MBM_LOADER_FEED=registered``: ``feed``, the main thread's whole hand-over of a batch
+  (``RegisteredFeed``), of which ``lock`` is page-locking a segment the first time it arrives;
 
 and the CPU seconds of every thread of the process over the window, by thread name (``pt_data_pin``
 is the pin thread; the main thread carries the process's name). A pin thread near 100 % of the window
@@ -72,7 +74,7 @@ class HandOver:
         import torch
         import torch.multiprocessing.reductions as reductions
 
-        from mbm.data import segments
+        from mbm.data import feed, segments
         from mbm.data.collate import PackedBatch
 
         cache = reductions.storage_from_cache
@@ -89,6 +91,8 @@ class HandOver:
         self._wrap(PackedBatch, "pin_memory", "pin")
         self._wrap(PackedBatch, "unpack", "unpack")
         self._wrap(segments, "copy_out", "copy")
+        self._wrap(feed.RegisteredFeed, "__call__", "feed")
+        self._wrap(feed.CudaCopies, "lock", "lock")
         empty = torch.empty
 
         def pinned_empty(*args: Any, pin_memory: bool = False, **kwargs: Any) -> Any:

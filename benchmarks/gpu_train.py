@@ -82,6 +82,12 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
             out[name]["hand_over"] = probe.summary(rate.calls * cfg.accum_steps)
             log(probe.line(rate.calls * cfg.accum_steps))
     out["data_overhead"] = round(1 - out["loader"]["per_s"] / out["memory"]["per_s"], 3)
+    # On the CPU the feed setting changes nothing (no pinning there): the smoke run still goes through it.
+    try:
+        out.update(registered_feed(cfg, trainer.env, sizes, device, monitor, out["memory"]["per_s"], log))
+    except Exception as e:  # noqa: BLE001 - an opt-in path not yet measured on a GPU: keep the other figures
+        out["loader_registered_error"] = f"{type(e).__name__}: {e}"
+        log(f"  registered feed failed: {out['loader_registered_error']}")
     # Does the loader scale with its workers, or is the training process the bound? The loader alone
     # (batches taken, no step), then the step fed by it, per worker count.
     for workers in sizes.more_workers:
@@ -101,6 +107,40 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
             log(f"  {'train step, batches from' if train else 'batches alone from'} the loader with {workers} "
                 f"workers: {rate.calls / rate.seconds:.2f} batches/s, {rate.per_s:,.0f} samples/s")
             log(probe.line(used))
+    return out
+
+
+def registered_feed(cfg: Any, env: Any, sizes: TrainSizes, device: str, monitor: GpuMonitor, memory_rate: float,
+                    log: Callable[[str], None]) -> dict:
+    """The step fed by the loader with ``MBM_LOADER_FEED=registered`` (batches copied to the GPU straight
+    from the workers' page-locked segments, ``mbm.data.feed``), then that loader alone."""
+    from mbm.train.trainer import Trainer
+
+    out: dict[str, Any] = {}
+    before = os.environ.get("MBM_LOADER_FEED")
+    os.environ["MBM_LOADER_FEED"] = "registered"
+    try:
+        other = Trainer(cfg, env, progress=False)
+    finally:
+        if before is None:
+            del os.environ["MBM_LOADER_FEED"]
+        else:
+            os.environ["MBM_LOADER_FEED"] = before
+    for name, train in (("loader_registered", True), ("loader_registered_alone", False)):
+        batches = iter(other.loader)
+
+        def step(batches=batches, train=train) -> int:
+            return len(other.train_step(batches)[1]) if train else len(next(batches)["ids"])
+
+        rate, gpu, probe = probed(step, sizes.seconds * (1.0 if train else 0.5), sizes.warmup, device, monitor)
+        batches.close()
+        used = rate.calls * (cfg.accum_steps if train else 1)
+        out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2),
+                           data_overhead=round(1 - rate.per_s / memory_rate, 3), hand_over=probe.summary(used))
+        log(f"  {'train step, batches from' if train else 'batches alone from'} the loader, registered feed "
+            f"({sizes.workers} workers): {rate.calls / rate.seconds:.2f} batches/s, {rate.per_s:,.0f} samples/s, "
+            f"data overhead {out[name]['data_overhead']:.1%}")
+        log(probe.line(used))
     return out
 
 

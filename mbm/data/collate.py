@@ -106,7 +106,10 @@ class PackedBatch:
                            key=self.key)
 
     def unpack(self) -> dict[str, Any]:
-        buffer = self.buffer if self.seq is None else segments.copy_out(self.buffer, self.end, self.seq)
+        return self.views(self.buffer if self.seq is None else segments.copy_out(self.buffer, self.end, self.seq))
+
+    def views(self, buffer: torch.Tensor) -> dict[str, Any]:
+        """The batch dict with its tensors as views of ``buffer`` (this batch's buffer or a copy of it)."""
         batch: dict[str, Any] = dict(self.extras)
         for key, sub, dtype, shape, offset in self.layout:
             tensor = buffer[offset: offset + _nbytes(dtype, shape)].view(_DTYPES[dtype]).view(shape)

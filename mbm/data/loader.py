@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from mbm.data import segments
 from mbm.data.collate import PackedBatch
 from mbm.data.errors import SkipLog
+from mbm.data.feed import RegisteredFeed
 from mbm.data.stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,15 @@ def _lower_priority(_worker_id: int) -> None:
         pass
 
 
-def _unpacked(batches: Iterable[Any], workers: set[int]) -> Iterator[dict[str, Any]]:
+def _unpacked(batches: Iterable[Any], workers: set[int], feed: RegisteredFeed | None = None) -> Iterator[dict[str, Any]]:
     """Batch dicts from what DataLoader workers send (``PackedBatch``es), noting in ``workers`` the
-    pids of those whose reused segments this process keeps (``mbm.data.segments``)."""
+    pids of those whose reused segments this process keeps (``mbm.data.segments``); with a ``feed``,
+    on its device."""
     for batch in batches:
         if isinstance(batch, PackedBatch):
             if batch.key is not None:
                 workers.add(batch.key[0])
-            batch = batch.unpack()
+            batch = batch.unpack() if feed is None else feed(batch)
         yield batch
 
 
@@ -80,12 +82,20 @@ MAX_EMPTY_EPOCHS = 8  # epochs in a row without a batch after which the data is 
 class StreamLoader:
     """Iterate forever; ``state_dict()``/``load_state_dict()`` save and restore the position."""
 
-    def __init__(self, stream: ShardStream, *, workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(self, stream: ShardStream, *, workers: int = 0, pin_memory: bool = False,
+                 feed_device: torch.device | None = None) -> None:
+        """``pin_memory``: workers' batches go through page-locked memory (DataLoader's pin thread);
+        ``feed_device``: a CUDA device that batches are copied to straight from the workers' segments
+        instead (``mbm.data.feed``; workers > 0 only)."""
         if workers < 0:
             raise ValueError(f"--workers must be >= 0, got {workers}")
+        if feed_device is not None and torch.device(feed_device).type != "cuda":
+            raise ValueError(f"feed_device must be a CUDA device, got {feed_device}")
         self.stream = stream
         self.workers = workers
-        self.pin_memory = pin_memory
+        self.feed_device = torch.device(feed_device) if feed_device is not None and workers else None
+        self.pin_memory = pin_memory and self.feed_device is None
+        self._feed: RegisteredFeed | None = None
         self.epoch = 0
         self.batch = 0  # batches consumed in ``epoch``
         self.samples = 0  # samples consumed in ``epoch``
@@ -128,10 +138,15 @@ class StreamLoader:
                                       worker_init_fn=_lower_priority if LOADER_NICE else None)
         assert self._positioned is not None
         self._positioned.position[0], self._positioned.position[1] = self.epoch, self.batch
-        return _unpacked(self._loader, self._senders)
+        if self.feed_device is not None and self._feed is None:
+            self._feed = RegisteredFeed(self.feed_device)
+        return _unpacked(self._loader, self._senders, self._feed)
 
     def close(self) -> None:
         """Stop the data-loader workers (iteration starts new ones)."""
+        if self._feed is not None:
+            self._feed.close()  # its copies done and segments unlocked before they are let go of
+            self._feed = None
         self._loader = self._positioned = None  # the DataLoader's iterator shuts its workers down when freed
         segments.forget(self._senders)
         self._senders.clear()

@@ -136,13 +136,23 @@ def forget(pids: Iterable[int]) -> None:
             del _RECEIVED[key]
 
 
-def copy_out(buffer: torch.Tensor, end: int, seq: int, into: torch.Tensor | None = None) -> torch.Tensor:
-    """``buffer[:end]`` copied into private memory (or into ``into``), then the segment released."""
+def check(buffer: torch.Tensor, seq: int) -> None:
+    """Raise unless ``buffer`` still holds batch ``seq`` (not released and reused yet)."""
     if header(buffer)[0] != seq:
         raise RuntimeError(f"batch {seq}'s shared memory was reused before it was read (unpack a batch once)")
+
+
+def release(buffer: torch.Tensor, seq: int) -> None:
+    """Hand the segment back to its worker: batch ``seq`` has been read out of it."""
+    header(buffer)[1] = seq  # after the reads' loads (x86-64 order; see the module docstring)
+
+
+def copy_out(buffer: torch.Tensor, end: int, seq: int, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``buffer[:end]`` copied into private memory (or into ``into``), then the segment released."""
+    check(buffer, seq)
     out = into if into is not None else torch.from_numpy(np.empty(end, np.uint8))
     np.copyto(out.numpy()[:end], buffer.numpy()[:end])  # numpy: on this thread, no OpenMP pool woken
-    header(buffer)[1] = seq  # after the copy's loads (x86-64 order; see the module docstring)
+    release(buffer, seq)
     return out
 
 

@@ -319,3 +319,12 @@ def test_a_checkpoint_with_a_single_loader_state_still_resumes(data, tmp_path):
     assert train(*common, "--out", twice, "--resume") == 0
     samples = [read_jsonl(os.path.join(run, "samples-rank0.jsonl")) for run in (once, twice)]
     assert samples[0] == samples[1]
+
+
+def test_an_unknown_loader_feed_exits_2_before_the_run_starts(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MBM_LOADER_FEED", "gpu")
+    assert train("--data", data, "--out", str(tmp_path / "r"), "--steps", "1") == 2
+    assert "MBM_LOADER_FEED='gpu': use one of pinned, registered" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setenv("MBM_LOADER_FEED", "registered")  # accepted; on the CPU the batches move as before
+    assert train("--data", data, "--out", str(tmp_path / "r2"), "--steps", "2", "--batch-size", "8") == 0
