@@ -119,17 +119,22 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 shutil.rmtree(staging, ignore_errors=True)
             raise SpecError(f"[runner] {spec.runner.name}: {e}; pass the runner's options after `--` or in "
                             "[runner] options") from e
-        build_graph(
-            p,
-            source=spec.input,
-            clean=CleanConfig(text=spec.text, image=spec.image, audio=spec.audio, fingerprints=fingerprints,
-                              previous_index=None if (full or previous is None) else f"{out_dir}/{previous.index}"),
-            handlers=handlers,
-            sink=SinkConfig(staging=staging, samples_per_shard=spec.output.samples_per_shard,
-                            max_shard_bytes=spec.output.max_shard_bytes, include_text=spec.output.include_media,
-                            dataset_dir=out_dir),
-            progress_dir=progress_dir,
-        )
+        try:
+            build_graph(
+                p,
+                source=spec.input,
+                clean=CleanConfig(text=spec.text, image=spec.image, audio=spec.audio, fingerprints=fingerprints,
+                                  previous_index=None if (full or previous is None) else f"{out_dir}/{previous.index}"),
+                handlers=handlers,
+                sink=SinkConfig(staging=staging, samples_per_shard=spec.output.samples_per_shard,
+                                max_shard_bytes=spec.output.max_shard_bytes, include_text=spec.output.include_media,
+                                dataset_dir=out_dir),
+                progress_dir=progress_dir,
+            )
+        except BaseException:
+            # Beam removes the pipeline's local temp folder when the pipeline runs; this one never will
+            shutil.rmtree(getattr(p, "local_tempdir", ""), ignore_errors=True)
+            raise
         monitor = ProgressMonitor(progress_dir, on_progress) if (on_progress and local) else nullcontext()
         with monitor:
             p.run().wait_until_finish()

@@ -156,6 +156,7 @@ def test_versions_diff_and_gc_commands(tmp_path, capsys):
 
 
 def test_killed_run_leaves_previous_version_and_rerun_matches_clean_run(tmp_path):
+    import os
     import random
     import signal
     import subprocess
@@ -169,10 +170,13 @@ def test_killed_run_leaves_previous_version_and_rerun_matches_clean_run(tmp_path
     rows = _rows(tmp_path / "data" / "manifest.jsonl")
     _write_rows(tmp_path / "data" / "manifest.jsonl",
                 [{**r, "text": (r["text"] or "") + " v2"} if r["text"] else r for r in rows])
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     rng = random.Random(0)
     for delay in (rng.uniform(2.0, 6.0), rng.uniform(6.0, 9.0)):
+        # a killed driver cannot remove Beam's temp folder: give it one under the test's
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "preprocess", str(spec), "--no-progress"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(temp)})
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -15,6 +15,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DIMS = {"text": 12, "image": 10, "audio": 6}
 
 
+@pytest.fixture(autouse=True)
+def _own_temp_dir(tmp_path, monkeypatch):
+    """torchrun leaves a torchelastic_* folder in the temp dir after each run: keep those under the test's."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+
+
 def torchrun(*argv, timeout=150):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "jobs.train_cli", "train", "--d-model", "16", "--heads", "2", "--layers", "1",

@@ -96,3 +96,23 @@ def test_a_failed_preprocess_leaves_no_fork_server(args, capsys):
     with contextlib.suppress(SystemExit):
         main(args)
     assert _forkservers() == set()
+
+
+def test_a_job_that_fails_while_building_its_pipeline_leaves_no_beam_temp_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    import jobs.preprocess as preprocess
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where Beam makes each pipeline's local temp folder
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the graph broke")
+
+    monkeypatch.setattr(preprocess, "build_graph", broken)
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n')
+    with pytest.raises(RuntimeError, match="the graph broke"):
+        main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"])
+    assert not list(temp.glob("beam-pipeline-temp*"))
