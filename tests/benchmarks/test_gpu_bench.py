@@ -99,7 +99,8 @@ def test_table_names_each_rate_and_judges_the_targets_on_cuda():
         "text": {"featurize": _result(8000, 60.0), "batch": 1024, "pass_bounds": [65536, 256]},
         "audio": {"arrival": _result(40000, 20.0)},
         "train": {"memory": {**_result(30000, 70.0), "steps_per_s": 117.2}, "loader": _result(15000, 35.0),
-                  "data_overhead": 0.5},
+                  "data_overhead": 0.5, "loader_registered": {**_result(28500, 66.0), "data_overhead": 0.05},
+                  "loader_registered_alone": _result(60000)},
         "errors": {"x": "Traceback\nValueError: boom"}, "skipped": [],
     }
     verdicts = gpu_bench.targets(results, "cuda")
@@ -108,6 +109,7 @@ def test_table_names_each_rate_and_judges_the_targets_on_cuda():
     text = gpu_bench.table(results, "cuda")
     assert "images/s, model only (batch 256)" in text and "9,000" in text and "80% / 1.5 GiB" in text
     assert "data overhead 50%" in text and "x: FAILED: ValueError: boom" in text
+    assert "loader, registered feed" in text and "data overhead 5%" in text and "60,000" in text
 
 
 @pytest.mark.slow
@@ -122,6 +124,8 @@ def test_quick_cpu_run_measures_every_part(tmp_path, capsys):
     assert text["featurize"]["per_s"] > 0 and text["featurize"]["unit"] == "sentences"
     assert audio["e2e"]["unit"] == "audio-seconds" and audio["bucketed"]["padded_per_real"] >= 1.0
     assert train["batch_shapes"]["image"][1:] == [49, 1280] and train["loader"]["steps_per_s"] > 0
+    assert train["loader_registered"]["steps_per_s"] > 0 and "loader_registered_error" not in train
+    assert train["loader_registered_alone"]["hand_over"]["batches"] > 0
     assert [r["samples"] for r in pre["runs"].values()] == [40, 80, 80]  # every sample landed, in each run
     assert all(r["images"] > 0 and r["texts"] > 0 for r in pre["runs"].values())
     # The quick sizes differ by 40 samples, within the start-up's noise: the marginal rate may be absent.
