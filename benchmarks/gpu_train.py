@@ -92,21 +92,31 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
     # (batches taken, no step), then the step fed by it, per worker count.
     for workers in sizes.more_workers:
         other = Trainer(replace(cfg, workers=workers), trainer.env, progress=False)
-        for name, train in ((f"loader_alone_{workers}", False), (f"loader_{workers}_workers", True)):
-            batches = iter(other.loader)
+        out.update(loader_measures(other, ((f"loader_alone_{workers}", False), (f"loader_{workers}_workers", True)),
+                                   f"with {workers} workers", sizes, device, monitor, out["memory"]["per_s"], log))
+    return out
 
-            def step(other=other, batches=batches, train=train) -> int:
-                return len(other.train_step(batches)[1]) if train else len(next(batches)["ids"])
 
-            rate, gpu, probe = probed(step, sizes.seconds * (1.0 if train else 0.5), sizes.warmup, device, monitor)
-            batches.close()
-            used = rate.calls * (cfg.accum_steps if train else 1)
-            out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2),
-                               data_overhead=round(1 - rate.per_s / out["memory"]["per_s"], 3),
-                               hand_over=probe.summary(used))
-            log(f"  {'train step, batches from' if train else 'batches alone from'} the loader with {workers} "
-                f"workers: {rate.calls / rate.seconds:.2f} batches/s, {rate.per_s:,.0f} samples/s")
-            log(probe.line(used))
+def loader_measures(trainer: Any, names: tuple[tuple[str, bool], ...], label: str, sizes: TrainSizes, device: str,
+                    monitor: GpuMonitor, memory_rate: float, log: Callable[[str], None]) -> dict:
+    """For each (name, train): the step fed by ``trainer``'s loader (train) or that loader alone, with the
+    hand-over probe, its data overhead against ``memory_rate`` samples/s; the loader's workers stopped after."""
+    out: dict[str, Any] = {}
+    for name, train in names:
+        batches = iter(trainer.loader)
+
+        def step(batches=batches, train=train) -> int:
+            return len(trainer.train_step(batches)[1]) if train else len(next(batches)["ids"])
+
+        rate, gpu, probe = probed(step, sizes.seconds * (1.0 if train else 0.5), sizes.warmup, device, monitor)
+        batches.close()
+        used = rate.calls * (trainer.cfg.accum_steps if train else 1)
+        out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2),
+                           data_overhead=round(1 - rate.per_s / memory_rate, 3), hand_over=probe.summary(used))
+        log(f"  {'train step, batches from' if train else 'batches alone from'} the loader {label}: "
+            f"{rate.calls / rate.seconds:.2f} batches/s, {rate.per_s:,.0f} samples/s"
+            + (f", data overhead {out[name]['data_overhead']:.1%}" if train else ""))
+        log(probe.line(used))
     return out
 
 
@@ -116,7 +126,6 @@ def registered_feed(cfg: Any, env: Any, sizes: TrainSizes, device: str, monitor:
     from the workers' page-locked segments, ``mbm.data.feed``), then that loader alone."""
     from mbm.train.trainer import Trainer
 
-    out: dict[str, Any] = {}
     before = os.environ.get("MBM_LOADER_FEED")
     os.environ["MBM_LOADER_FEED"] = "registered"
     try:
@@ -126,22 +135,9 @@ def registered_feed(cfg: Any, env: Any, sizes: TrainSizes, device: str, monitor:
             del os.environ["MBM_LOADER_FEED"]
         else:
             os.environ["MBM_LOADER_FEED"] = before
-    for name, train in (("loader_registered", True), ("loader_registered_alone", False)):
-        batches = iter(other.loader)
-
-        def step(batches=batches, train=train) -> int:
-            return len(other.train_step(batches)[1]) if train else len(next(batches)["ids"])
-
-        rate, gpu, probe = probed(step, sizes.seconds * (1.0 if train else 0.5), sizes.warmup, device, monitor)
-        batches.close()
-        used = rate.calls * (cfg.accum_steps if train else 1)
-        out[name] = result(rate, "samples", gpu, steps_per_s=round(rate.calls / rate.seconds, 2),
-                           data_overhead=round(1 - rate.per_s / memory_rate, 3), hand_over=probe.summary(used))
-        log(f"  {'train step, batches from' if train else 'batches alone from'} the loader, registered feed "
-            f"({sizes.workers} workers): {rate.calls / rate.seconds:.2f} batches/s, {rate.per_s:,.0f} samples/s, "
-            f"data overhead {out[name]['data_overhead']:.1%}")
-        log(probe.line(used))
-    return out
+    return loader_measures(other, (("loader_registered", True), ("loader_registered_alone", False)),
+                           f"with the registered feed ({sizes.workers} workers)", sizes, device, monitor, memory_rate,
+                           log)
 
 
 def probed(step: Callable[[], int], seconds: float, warmup: int, device: str, monitor: GpuMonitor,

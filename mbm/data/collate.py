@@ -7,6 +7,7 @@ The model casts them to its own dtype on its device (``ModalityEmbedding``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,12 +214,17 @@ def collate(samples: list[Sample], cfg: CollateConfig) -> dict[str, Any]:
     return pack_collate(samples, cfg).unpack()
 
 
+def map_tensors(batch: dict[str, Any], fn: Callable[[torch.Tensor], Any]) -> dict[str, Any]:
+    """The batch with ``fn`` applied to every tensor (also inside dicts); other values as they are."""
+    def apply(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return fn(v)
+        if isinstance(v, dict):
+            return {k: apply(x) for k, x in v.items()}
+        return v
+    return {k: apply(v) for k, v in batch.items()}
+
+
 def batch_to(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
     """The batch with every tensor (also inside dicts) on ``device``."""
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
-        return v
-    return {k: move(v) for k, v in batch.items()}
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from mbm.data import segments
-from mbm.data.collate import PackedBatch, batch_to
+from mbm.data.collate import PackedBatch, batch_to, map_tensors
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ class CudaCopies:
             done = torch.cuda.Event()
             done.record(self.stream)
         step.wait_event(done)
-        for t in _tensors(moved):
-            t.record_stream(step)  # allocated on the side stream, used and freed on the step's
+        map_tensors(moved, lambda t: t.record_stream(step))  # allocated on the side stream, used and freed on the step's
         return moved, done
 
     def move(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -94,21 +93,10 @@ class CudaCopies:
         token.synchronize()
 
 
-def _tensors(batch: dict[str, Any]) -> list[torch.Tensor]:
-    out = []
-    for v in batch.values():
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, dict):
-            out.extend(x for x in v.values() if isinstance(x, torch.Tensor))
-    return out
-
-
 class RegisteredFeed:
     """Turns what DataLoader workers send into batch dicts on the device (see the module docstring)."""
 
     def __init__(self, device: torch.device, copies: Copies | None = None) -> None:
-        self.device = device
         self.copies = copies if copies is not None else CudaCopies(device)
         self.locked: dict[segments.Key, tuple[torch.Tensor, bool]] = {}  # key → (segment, page-locked?)
         self.pending: deque[tuple[Any, torch.Tensor, int]] = deque()  # (token, segment, seq), in copy order

@@ -8,7 +8,7 @@ import torch
 
 import mbm.data.loader as loader_module
 from mbm.data import CollateConfig, ShardStream, StreamConfig, StreamLoader, resolve_data, segments
-from mbm.data.collate import collate, pack_collate
+from mbm.data.collate import collate, map_tensors, pack_collate
 from mbm.data.decode import Sample
 from mbm.data.feed import RegisteredFeed, feed_from_env
 from mbm.data.segments import REUSABLE, SegmentPool, header
@@ -18,14 +18,6 @@ DIMS = {"text": 4, "image": 3, "audio": 2}
 CUDA = torch.device("cuda")  # a name only: the copies below stand in for the device
 
 needs_reuse = pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
-
-
-def _map(value, fn):
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
-    return value
 
 
 def _tensors(value):
@@ -63,7 +55,7 @@ class LaggingCopies:
     def copy(self, batch):
         for t in _tensors(batch):
             assert t.untyped_storage().data_ptr() in self.locked  # copies read page-locked memory only
-        token = {"source": batch, "moved": _map(batch, torch.empty_like), "done": False}
+        token = {"source": batch, "moved": map_tensors(batch, torch.empty_like), "done": False}
         self.queued.append(token)
         while self.lag is not None and len(self.queued) > self.lag:
             self._complete(self.queued.popleft())
@@ -71,7 +63,7 @@ class LaggingCopies:
 
     def move(self, batch):
         self.moved += 1
-        return _map(batch, torch.clone)
+        return map_tensors(batch, torch.clone)
 
     def complete_all(self):
         while self.queued:
