@@ -15,7 +15,15 @@ if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
 import gpu_bench  # noqa: E402
-from gpu_extract import CleanImage, audio_batches, padded_per_real, padding_stats, regroup  # noqa: E402
+from gpu_extract import (  # noqa: E402
+    CleanImage,
+    audio_batches,
+    concat_clips,
+    padded_per_real,
+    padding_stats,
+    regroup,
+    split_clips,
+)
 from gpu_inputs import make_clips, make_jpegs, make_sentences, sample_photos  # noqa: E402
 from gpu_monitor import GpuMonitor, timed  # noqa: E402
 
@@ -43,6 +51,20 @@ def test_clips_last_two_to_ten_seconds():
     seconds = [len(c) / 16000 for c in clips]
     assert min(seconds) >= 2.0 and max(seconds) <= 10.0
     assert all(c.dtype == np.float32 and np.abs(c).max() <= 0.9 + 1e-6 for c in clips)
+
+
+def test_worker_batches_of_clips_cross_as_one_tensor_and_split_back():
+    import torch
+
+    clips = [torch.from_numpy(c) for c in make_clips(5, 8000, seed=2)]
+    flat, lengths = concat_clips(clips)
+    assert flat.ndim == 1 and lengths.tolist() == [len(c) for c in clips]
+    back = split_clips((flat, lengths))
+    assert len(back) == 5 and all(np.array_equal(a, c.numpy()) for a, c in zip(back, clips, strict=True))
+    # regrouping worker batches into featurize calls keeps every clip in order
+    calls = list(regroup(iter([(flat, lengths), concat_clips(clips[:3])]), 4, split_clips))
+    assert [len(c) for c in calls] == [4, 4]
+    assert np.array_equal(calls[1][3], clips[2].numpy())
 
 
 def test_length_bucketed_audio_batches_pad_less_and_keep_every_clip():
