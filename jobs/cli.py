@@ -13,6 +13,7 @@ from typing import Any
 from jobs.spec import RUNNERS, SpecError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1  # the job stopped: out of memory, a failed GPU (what to change is in its message)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +102,14 @@ class _DropImportNoise(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
+class _DropRelayedResourceErrors(logging.Filter):
+    """Beam relays a failed worker's log, tracebacks and all; a ``ResourceError`` is then said once, in
+    one line, as the command's error (the tracebacks stay in the output folder's ``.worker.log``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("apache_beam") and "ResourceError: " in record.getMessage())
+
+
 def _offline_environment() -> None:
     # Nothing may download at run time; worker processes inherit these.
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropImportNoise())
+            if args.verbose < 2:
+                handler.addFilter(_DropRelayedResourceErrors())
         if args.verbose < 2:
             for noisy in ("apache_beam", "absl", "urllib3"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -275,7 +286,7 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
         from jobs.spec import create_extractors, extractor_modules
 
         fork.preload(extractor_modules(create_extractors(spec)))
-    from jobs.preprocess import run_preprocess
+    from jobs.preprocess import JobError, run_preprocess
     from mbm.lock import FolderLockedError
 
     bar = None if args.no_progress or not sys.stderr.isatty() else _ProgressBar()
@@ -285,6 +296,12 @@ def _run_and_summarize(spec, args: argparse.Namespace) -> int:
     except FolderLockedError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except JobError as e:
+        if bar is not None:
+            bar.close()
+            bar = None
+        print(f"mbm: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if bar is not None:
             bar.close()

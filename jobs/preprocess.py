@@ -8,7 +8,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
 from pipelines.commit import commit, current_manifest, remove_uncommitted
+from pipelines.errors import resource_failure
 from pipelines.extract import build_handlers
 from pipelines.progress import ProgressMonitor
 from pipelines.sink import SinkConfig
@@ -28,6 +29,10 @@ from schemas import DatasetManifest
 from schemas.manifest import job_path
 
 log = logging.getLogger(__name__)
+
+
+class JobError(RuntimeError):
+    """The job stopped, for a reason its message gives in one line (the machine's, not the data's)."""
 
 
 @dataclass
@@ -136,8 +141,19 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             shutil.rmtree(getattr(p, "local_tempdir", ""), ignore_errors=True)
             raise
         monitor = ProgressMonitor(progress_dir, on_progress) if (on_progress and local) else nullcontext()
-        with monitor:
-            p.run().wait_until_finish()
+        try:
+            with monitor:
+                p.run().wait_until_finish()
+        except Exception as e:
+            failure = resource_failure(e)
+            if failure is None:
+                raise
+            if local:  # nothing of this run is committed; its spilled features go now, not at the next run
+                shutil.rmtree(staging, ignore_errors=True)
+                with suppress(OSError):
+                    os.rmdir(staging_root)
+            where = f" (the workers' log: {worker_log})" if worker_log and os.path.exists(worker_log) else ""
+            raise JobError(failure + where) from e
         if local and Path(progress_dir).exists():
             shutil.rmtree(progress_dir)
         result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,

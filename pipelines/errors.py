@@ -1,6 +1,10 @@
-"""The error a stage raises for bad data; the caller turns it into a Reject, never a crash."""
+"""Errors of the job's stages: ``CleanError`` for bad data (the caller turns it into a Reject, never a
+crash) and ``ResourceError`` for a machine that cannot run the job as set up (the job stops, and no
+sample is rejected for it)."""
 
 from __future__ import annotations
+
+import re
 
 
 class CleanError(ValueError):
@@ -14,3 +18,49 @@ class CleanError(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail or reason
+
+
+class ResourceError(RuntimeError):
+    """A worker ran out of memory, or its GPU failed: the machine's fault, not the sample's.
+
+    Its message is one line; the driver finds it in the text of the failure Beam reports from a
+    worker process (``resource_failure``) and stops the job with it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+# What torch says when the GPU fails (the CUDA context is then unusable: every later call fails too)
+_GPU_FAILURE = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|CUDA driver error|NCCL error")
+
+
+def resource_kind(e: BaseException) -> str | None:
+    """"host memory", "GPU memory" or "GPU" when ``e`` is the machine's failure, else None (the input's)."""
+    if isinstance(e, MemoryError):
+        return "host memory"
+    name = type(e).__name__
+    text = str(e)
+    if name == "OutOfMemoryError" or "CUDA out of memory" in text:  # torch.cuda.OutOfMemoryError
+        return "GPU memory"
+    if name == "AcceleratorError" or (isinstance(e, RuntimeError) and _GPU_FAILURE.search(text)):
+        return "GPU"
+    return None
+
+
+_MARK = re.compile(r"ResourceError: (.+?)(?: \[while running '[^']*'\])*\s*$", re.MULTILINE)
+
+
+def resource_failure(e: BaseException) -> str | None:
+    """The message of a ``ResourceError`` behind ``e``: raised here, chained, or quoted in the text of
+    the error Beam reports for a worker process."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ResourceError):
+            return str(e).split(" [while running", 1)[0]
+        found = _MARK.findall(str(e))
+        if found:
+            return found[-1]
+        e = e.__cause__ or e.__context__
+    return None

@@ -3,12 +3,14 @@
 Each step's ModelHandler wraps the modality's ``ExtractorHandler``: a worker loads the model once,
 ``FillBatches`` batches samples so that they fill the model's forward passes, and only the samples
 that carry the modality are featurized; the others pass through. A batch that fails is retried one
-sample at a time so a single bad input loses only its own modality, recorded in ``dropped``.
+sample at a time so a single bad input loses only its own modality, recorded in ``dropped``; a failure
+of the machine (out of memory, a failed GPU) is no input's fault and stops the job (``ResourceError``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -17,6 +19,7 @@ import apache_beam as beam
 import numpy as np
 
 from mbm.extractors.beam_api import ModelHandler, RunInference
+from pipelines.errors import ResourceError, resource_kind
 from schemas import MODALITIES, CleanSample, Reject
 
 log = logging.getLogger(__name__)
@@ -128,6 +131,17 @@ class FillBatches(beam.DoFn):
         return taken + riders
 
 
+def _empty_gpu_cache() -> bool:
+    """Give the CUDA caching allocator's unused blocks back to the device; False without CUDA."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return False
+    torch.cuda.empty_cache()
+    return True
+
+
 class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     """Featurizes one modality of whole CleanSamples with an inner ``ExtractorHandler``."""
 
@@ -175,16 +189,58 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         if todo:
             model = model.get()
             try:
-                feats = self._inner.run_inference([getattr(batch[i], m) for i in todo], model)
+                feats = self._featurize([getattr(batch[i], m) for i in todo], model)
                 results = dict(zip(todo, feats, strict=True))
+            except ResourceError:
+                raise
             except Exception:
                 log.warning("%s extraction failed for a batch of %d; retrying one by one", m, len(todo), exc_info=True)
                 for i in todo:
                     try:
-                        results[i] = self._inner.run_inference([getattr(batch[i], m)], model)[0]
+                        results[i] = self._featurize([getattr(batch[i], m)], model)[0]
+                    except ResourceError:
+                        raise
                     except Exception as e:
                         results[i] = f"extract.{m}: {m}.extract_error: {type(e).__name__}: {e}"
         return [self._attach(s, results.get(i)) for i, s in enumerate(batch)]
+
+    def _featurize(self, inputs: list, model: Any) -> list:
+        """The inner handler's features; a failure of the machine (memory, the GPU) raises ResourceError,
+        which stops the job instead of rejecting samples that are not at fault. Out of GPU memory, the
+        allocator's cached blocks are given back and the call is tried once more first."""
+        try:
+            return self._inner.run_inference(inputs, model)
+        except Exception as e:
+            kind = resource_kind(e)
+            if kind is None:
+                raise
+            if kind == "GPU memory" and _empty_gpu_cache():
+                log.warning("%s extraction ran out of GPU memory for %d input(s); retrying once with the "
+                            "allocator's cache emptied", self._modality, len(inputs))
+                try:
+                    return self._inner.run_inference(inputs, model)
+                except Exception as again:
+                    if resource_kind(again) is None:
+                        raise
+                    e = again
+            raise ResourceError(self._advice(kind, e, len(inputs), model)) from e
+
+    def _advice(self, kind: str, e: BaseException, n: int, model: Any) -> str:
+        m = self._modality
+        inner = self._inner
+        name = getattr(getattr(inner, "extractor", None), "name", type(inner).__name__)
+        device = getattr(model, "device", None) or getattr(inner, "device", "?")
+        workers = os.environ.get("MBM_WORKERS", "?")
+        detail = " ".join(f"{type(e).__name__}: {e}".split()).removesuffix(":")[:300]
+        what = "failed" if kind == "GPU" else f"ran out of {kind}"
+        fix = ("the GPU is unusable in this process from now on; check the device (nvidia-smi), or run on "
+               'device = "cpu"' if kind == "GPU" else
+               f"run fewer workers ([runner] workers, now {workers}: each holds its own copy of every model) or "
+               f"smaller batches ([extract.{m}] batch_size, now {inner.batch_size})"
+               + (', or on device = "cpu"' if str(device).startswith("cuda") else ""))
+        return (f"extract.{m}: {name} on {device} {what} featurizing {n} input(s) ({detail}); this is the "
+                f"machine's limit, not bad data, so the job stops without rejecting samples for it: {fix}")
+
 
     def _attach(self, sample: CleanSample, result: np.ndarray | str | None) -> CleanSample:
         m = self._modality

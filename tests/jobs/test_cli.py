@@ -116,3 +116,53 @@ def test_a_job_that_fails_while_building_its_pipeline_leaves_no_beam_temp_folder
     with pytest.raises(RuntimeError, match="the graph broke"):
         main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"])
     assert not list(temp.glob("beam-pipeline-temp*"))
+
+
+def _failing_job(tmp_path, error: str, workers: int):
+    import json
+
+    rows = [{"id": f"s{i:02d}", "text": "an oom text" if i == 7 else f"caption number {i}"} for i in range(24)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "job.toml").write_text(
+        '[input]\nmanifest = "m.jsonl"\n[extract.text]\nname = "failing-text"\n'
+        f'error = "{error}"\n[runner]\nworkers = {workers}\n[output]\ndir = "out"\n')
+    return tmp_path / "job.toml"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_worker_out_of_memory_stops_the_job_in_one_line_and_rejects_nothing(tmp_path, monkeypatch, capsys, workers):
+    """Out of memory is the machine's failure: no sample becomes a reject for it, no version is made,
+    and the command says what to change in one line (Beam's relayed worker tracebacks stay in the log)."""
+    import os
+    from pathlib import Path
+
+    import tests.support.failing_extractor  # noqa: F401 - registers "failing-text" here and, preloaded, in workers
+
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    spec = _failing_job(tmp_path, "MemoryError", workers)
+    assert main(["preprocess", str(spec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mbm: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "extract.text: failing-text on cpu ran out of host memory" in lines[0]
+    assert f"[runner] workers, now {workers}" in lines[0] and "[extract.text] batch_size, now 128" in lines[0]
+    out = tmp_path / "out"
+    assert not (out / "dataset.json").exists() and not list(out.glob("versions/*"))
+    assert not (out / ".staging").exists()  # the spilled features of the stopped run are gone
+    # The same data with the trigger gone lands every sample: nothing was lost to the stopped run.
+    (tmp_path / "m.jsonl").write_text((tmp_path / "m.jsonl").read_text().replace("an oom text", "a fine text"))
+    assert main(["preprocess", str(spec), "--no-progress"]) == 0
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["counts"]["rejected"] == 0 and report["counts"]["ok"] == 24
+
+
+def test_a_bad_input_still_becomes_a_reject_row(tmp_path, monkeypatch, capsys):
+    import json
+
+    import tests.support.failing_extractor  # noqa: F401
+
+    spec = _failing_job(tmp_path, "ValueError", 1)
+    assert main(["preprocess", str(spec), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["counts"]["rejected"] == 1 and report["counts"]["ok"] == 23

@@ -60,6 +60,76 @@ def test_batch_failure_isolates_the_bad_sample_and_nan_is_dropped():
     assert len(inner.calls) == 1 + 3  # the batch, then one by one
 
 
+
+class FailingInner(FakeInner):
+    """Raises ``errors[k]`` on its k-th call (None: succeeds)."""
+
+    def __init__(self, errors, **kw):
+        super().__init__(**kw)
+        self.errors = list(errors)
+
+    def run_inference(self, batch, model):
+        error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            self.calls.append(list(batch))
+            raise error
+        return super().run_inference(batch, model)
+
+
+def test_out_of_memory_stops_the_job_instead_of_rejecting_the_batch(monkeypatch):
+    import pytest
+
+    from pipelines.errors import ResourceError
+
+    monkeypatch.setenv("MBM_WORKERS", "16")
+    inner = FailingInner([MemoryError()])
+    h = ModalityHandler("text", inner, "fp")
+    with pytest.raises(ResourceError) as got:
+        h.run_inference([_s("a", text="abc"), _s("b", text="de")], h.load_model())
+    assert len(inner.calls) == 1  # not retried one by one: no sample is to blame
+    message = str(got.value)
+    assert message.startswith("extract.text: FailingInner on ") and "ran out of host memory featurizing 2" in message
+    assert "[runner] workers, now 16" in message and "[extract.text] batch_size, now 4" in message
+
+
+def test_a_machine_failure_while_retrying_one_by_one_stops_the_job_too():
+    import pytest
+
+    from pipelines.errors import ResourceError
+
+    inner = FailingInner([ValueError("bad input"), None, RuntimeError("CUDA error: an illegal memory access")])
+    h = ModalityHandler("text", inner, "fp")
+    with pytest.raises(ResourceError, match="failed featurizing 1 input"):
+        h.run_inference([_s("a", text="abc"), _s("b", text="de"), _s("c", text="f")], h.load_model())
+
+
+def test_out_of_gpu_memory_is_tried_once_more_with_the_cache_emptied(monkeypatch):
+    import pytest
+    import torch
+
+    import pipelines.extract as extract
+    from pipelines.errors import ResourceError
+
+    emptied = []
+    monkeypatch.setattr(extract, "_empty_gpu_cache", lambda: emptied.append(1) or True)
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    inner = FailingInner([oom])
+    h = ModalityHandler("text", inner, "fp")
+    out = h.run_inference([_s("a", text="abc")], h.load_model())
+    assert float(out[0].features["text"][0, 0]) == 3.0 and len(emptied) == 1
+    inner = FailingInner([oom, oom])
+    h = ModalityHandler("text", inner, "fp")
+    with pytest.raises(ResourceError, match="ran out of GPU memory"):
+        h.run_inference([_s("a", text="abc")], h.load_model())
+    assert len(inner.calls) == 2
+    # Without CUDA in the process there is no cache to empty: no second try.
+    monkeypatch.setattr(extract, "_empty_gpu_cache", lambda: False)
+    inner = FailingInner([oom, None])
+    h = ModalityHandler("text", inner, "fp")
+    with pytest.raises(ResourceError):
+        h.run_inference([_s("a", text="abc")], h.load_model())
+    assert len(inner.calls) == 1
+
 def test_reused_modalities_are_not_recomputed_but_get_the_fingerprint():
     inner = FakeInner()
     h = ModalityHandler("text", inner, "fp")
