@@ -244,6 +244,19 @@ def run_train(args: argparse.Namespace) -> int:
         last = train(cfg, progress=False if args.no_progress else None)
     except (ValueError, _Fail) as exn:
         return _fail("train", str(exn))
+    except Exception as exn:
+        from pipelines.errors import resource_kind
+
+        kind = resource_kind(exn)
+        if kind is None:
+            raise
+        detail = " ".join(f"{type(exn).__name__}: {exn}".split()).removesuffix(":")[:300]
+        what = "the GPU failed" if kind == "GPU" else f"ran out of {kind}"
+        print(f"mbm train: error: {what} ({detail}). The checkpoints already in {cfg.out} stay: `--resume` "
+              f"continues from the last one once the machine has room; a smaller --batch-size (now "
+              f"{cfg.batch_size}), --d-model or --max-tokens needs a new --out; fewer --workers (now "
+              f"{'auto' if cfg.workers is None else cfg.workers}) lowers host memory", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         for record in last.values():
             print(json.dumps(record, ensure_ascii=False))

@@ -55,3 +55,31 @@ def test_resume_after_a_kill_inside_a_write(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):  # a finished run says so
         assert main(["train", *TINY, "--data", data, "--out", out, "--steps", "4", "--resume"]) == 0
     assert "already at step 4 (--steps 4): nothing to train" in caplog.text
+
+
+def test_out_of_gpu_memory_mid_run_says_what_to_do_and_keeps_the_checkpoints(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from mbm.train.trainer import Trainer
+
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=40, samples_per_shard=20, feature_dims={"text": 6}))
+    out = str(tmp_path / "run")
+    step = Trainer.train_step
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", failing)
+    assert main(["train", *TINY, "--data", data, "--out", out, "--steps", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "mbm train: error: ran out of GPU memory (OutOfMemoryError: CUDA out of memory" in err
+    assert "--resume" in err and "--batch-size (now 8)" in err and "Traceback" not in err
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert main(["train", *TINY, "--data", data, "--out", out, "--steps", "6", "--resume"]) == 0
+    steps = [r["step"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("split") == "train"]
+    assert steps and steps[-1] == 6 and min(steps) >= 1
