@@ -187,7 +187,13 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         todo = [i for i, s in enumerate(batch) if _featurizes(m, s)]
         results: dict[int, np.ndarray | str] = {}
         if todo:
-            model = model.get()
+            try:
+                model = model.get()
+            except Exception as e:  # a model that does not fit is the machine's limit too
+                kind = resource_kind(e)
+                if kind is None:
+                    raise
+                raise ResourceError(self._advice(kind, e, "loading its model", None)) from e
             try:
                 feats = self._featurize([getattr(batch[i], m) for i in todo], model)
                 results = dict(zip(todo, feats, strict=True))
@@ -223,9 +229,9 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
                     if resource_kind(again) is None:
                         raise
                     e = again
-            raise ResourceError(self._advice(kind, e, len(inputs), model)) from e
+            raise ResourceError(self._advice(kind, e, f"featurizing {len(inputs)} input(s)", model)) from e
 
-    def _advice(self, kind: str, e: BaseException, n: int, model: Any) -> str:
+    def _advice(self, kind: str, e: BaseException, action: str, model: Any) -> str:
         m = self._modality
         inner = self._inner
         name = getattr(getattr(inner, "extractor", None), "name", type(inner).__name__)
@@ -238,9 +244,8 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
                f"run fewer workers ([runner] workers, now {workers}: each holds its own copy of every model) or "
                f"smaller batches ([extract.{m}] batch_size, now {inner.batch_size})"
                + (', or on device = "cpu"' if str(device).startswith("cuda") else ""))
-        return (f"extract.{m}: {name} on {device} {what} featurizing {n} input(s) ({detail}); this is the "
+        return (f"extract.{m}: {name} on {device} {what} {action} ({detail}); this is the "
                 f"machine's limit, not bad data, so the job stops without rejecting samples for it: {fix}")
-
 
     def _attach(self, sample: CleanSample, result: np.ndarray | str | None) -> CleanSample:
         m = self._modality

@@ -228,3 +228,25 @@ def test_num_bytes_counts_only_the_modalitys_inputs():
     batch = [_s("a", text="hello", image=np.zeros((4, 4, 3), np.uint8)), _s("b", text="x")]
     assert h.get_num_bytes(batch) == 48
     assert ModalityHandler("text", FakeInner(), "fp").get_num_bytes(batch) == 6
+
+
+def test_a_model_that_does_not_fit_stops_the_job_at_load():
+    import pytest
+    import torch
+
+    from pipelines.errors import ResourceError
+
+    class NoRoom(FakeInner):
+        device = "cuda:0"
+
+        def load_model(self):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 90.00 MiB")
+
+    h = ModalityHandler("text", NoRoom(), "fp")
+    with pytest.raises(ResourceError, match=r"on cuda:0 ran out of GPU memory loading its model .*device = \"cpu\""):
+        h.run_inference([_s("a", text="abc")], h.load_model())
+    bad = FakeInner()
+    bad.load_model = lambda: (_ for _ in ()).throw(OSError("no such weights file"))
+    h = ModalityHandler("text", bad, "fp")
+    with pytest.raises(OSError, match="no such weights"):  # not the machine's limit: raised as it is
+        h.run_inference([_s("a", text="abc")], h.load_model())
