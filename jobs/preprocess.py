@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext, suppress
@@ -40,6 +43,81 @@ class JobResult:
     out_dir: str
     manifest: DatasetManifest
     report: dict[str, Any]
+
+
+class HeldErrors:
+    """While the pipeline runs, Beam's ERROR records and its threads' uncaught exceptions are held
+    instead of printed. When a worker fails for a reason the job then states in one line (out of
+    memory, killed), they are the same failure told a dozen times over from Beam's side, and go to
+    the workers' log (``divert``); otherwise they are printed after the run (``release``)."""
+
+    def __init__(self) -> None:
+        self.records: list[logging.LogRecord] = []
+        self.threads: list[str] = []
+        self._handlers: list[logging.Handler] = []
+        self._hook = threading.excepthook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.name.startswith("apache_beam"):
+            return True
+        if not any(r is record for r in self.records):  # one record passes every handler's filter
+            self.records.append(record)
+        return False
+
+    def _thread_exception(self, args: Any) -> None:
+        name = args.thread.name if args.thread is not None else "?"
+        self.threads.append(f"Exception in thread {name}:\n"
+                            + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
+
+    def __enter__(self) -> HeldErrors:
+        self._handlers = list(logging.getLogger().handlers)
+        for h in self._handlers:
+            h.addFilter(self)
+        self._hook, threading.excepthook = threading.excepthook, self._thread_exception
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handlers:
+            h.removeFilter(self)
+        threading.excepthook = self._hook
+
+    def release(self) -> None:
+        for text in self.threads:
+            sys.stderr.write(text)
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        self.records, self.threads = [], []
+
+    def divert(self, path: str) -> None:
+        with suppress(OSError), open(path, "a") as f:
+            for text in self.threads:
+                f.write(f"driver: {text}")
+            for record in self.records:
+                f.write(f"driver: {logging.Formatter('%(levelname)s %(name)s: %(message)s').format(record)}\n")
+        self.records, self.threads = [], []
+
+
+def killed_worker(worker_log: str | None, spec: JobSpec) -> str | None:
+    """What to tell of a job whose Beam worker process a signal killed (the workers' log says so:
+    ``pipelines.forkclient``); None when none was."""
+    from pipelines.forkclient import KILLED
+
+    if not worker_log:
+        return None
+    try:
+        with open(worker_log, errors="replace") as f:
+            lines = [line.strip() for line in f if line.startswith(KILLED)]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    said = lines[0].removeprefix("mbm: ")
+    if "SIGKILL" not in said:
+        return f"{said}: a crash in native code or a signal from outside the job; the workers' log has what it printed"
+    batches = ", ".join(f"[extract.{m}] batch_size = {e.batch_size}" for m, e in sorted(spec.extract.items()))
+    return (f"{said}; nothing was committed. If it was memory: run fewer workers ([runner] workers, now "
+            f"{spec.runner.num_workers()}: each holds its own copy of every model and its share of the data "
+            f"in flight) or smaller batches ({batches})")
 
 
 def _is_local(path: str) -> bool:
@@ -141,19 +219,27 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             shutil.rmtree(getattr(p, "local_tempdir", ""), ignore_errors=True)
             raise
         monitor = ProgressMonitor(progress_dir, on_progress) if (on_progress and local) else nullcontext()
+        beam_errors = HeldErrors()
         try:
-            with monitor:
+            with beam_errors, monitor:
                 p.run().wait_until_finish()
         except Exception as e:
-            failure = resource_failure(e)
+            failure = resource_failure(e) or killed_worker(worker_log, spec)
             if failure is None:
+                beam_errors.release()
                 raise
+            if worker_log and local:  # Beam's side of the same failure: kept, not printed
+                beam_errors.divert(worker_log)
             if local:  # nothing of this run is committed; its spilled features go now, not at the next run
                 shutil.rmtree(staging, ignore_errors=True)
                 with suppress(OSError):
                     os.rmdir(staging_root)
             where = f" (the workers' log: {worker_log})" if worker_log and os.path.exists(worker_log) else ""
             raise JobError(failure + where) from e
+        except BaseException:  # interrupted: what Beam said is shown, as it would have been
+            beam_errors.release()
+            raise
+        beam_errors.release()
         if local and Path(progress_dir).exists():
             shutil.rmtree(progress_dir)
         result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,

@@ -41,12 +41,17 @@ def resource_kind(e: BaseException) -> str | None:
         return "host memory"
     name = type(e).__name__
     text = str(e)
+    if isinstance(e, RuntimeError) and _LOADER_KILLED.search(text):  # torch's words for a SIGKILLed worker
+        return "host memory"
     if name == "OutOfMemoryError" or "CUDA out of memory" in text:  # torch.cuda.OutOfMemoryError
         return "GPU memory"
     if name == "AcceleratorError" or (isinstance(e, RuntimeError) and _GPU_FAILURE.search(text)):
         return "GPU"
     return None
 
+
+# The kernel's out-of-memory killer sends SIGKILL; torch then says this of a data-loader worker
+_LOADER_KILLED = re.compile(r"DataLoader worker \(pid.*\) is killed by signal: Killed")
 
 _MARK = re.compile(r"ResourceError: (.+?)(?: \[while running '[^']*'\])*\s*$", re.MULTILINE)
 

@@ -1,7 +1,8 @@
 """The worker command of a forked local run (see ``pipelines.forkserver``); imports nothing heavy.
 
 Sends this process's environment and stdin/stdout/stderr to the fork server, then waits for the
-forked worker's exit status and exits with it. SIGTERM/SIGINT end the wait; the worker notices
+forked worker's exit status and exits with it; a worker killed by a signal (SIGKILL from the kernel's
+out-of-memory killer) is said in the workers' log (``killed_line``) and exits 128 + N. SIGTERM/SIGINT end the wait; the worker notices
 this process is gone and exits too.
 
 The driver starts its workers without waiting for the server to finish its imports (it builds and
@@ -26,6 +27,21 @@ from collections.abc import Mapping
 WAIT = 120.0  # seconds the server may take to import its modules
 DEFAULT_TARGET = "apache_beam.runners.worker.sdk_worker_main:main"  # as pipelines.forkserver forks
 ACCEPTED = b"accepted\n"  # first line from the forked child: it runs this client's worker
+SIGNALLED = "signal "  # from the server, for a forked child that a signal killed: "signal N"
+KILLED = "mbm: a Beam worker process was killed by "  # the start of the line that says so in the workers' log
+
+
+def killed_line(signum: int) -> str:
+    """The workers'-log line for a worker that signal ``signum`` killed."""
+    import signal
+
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    why = " (on Linux usually the kernel's out-of-memory killer: the machine ran out of memory)" \
+        if signum == signal.SIGKILL else ""
+    return f"{KILLED}{name}{why}\n"
 
 
 def running(pid: int) -> bool:
@@ -83,17 +99,27 @@ def main(path: str, server: int) -> int:
     if conn is None:
         return run_here()
     reply = b""
-    # A reset means the server died: what it said until then tells whether a worker was forked.
+    # A reset means the server died: what it said until then tells whether a worker was forked. The
+    # worker's status is one line after ACCEPTED: its exit code from the worker itself, or "signal N"
+    # from the server once a signal killed it.
     with conn, contextlib.suppress(OSError):
         request = json.dumps({"pid": os.getpid(), "env": dict(os.environ)}).encode()
         socket.send_fds(conn, [request], [0, 1, 2])
         conn.shutdown(socket.SHUT_WR)
         while chunk := conn.recv(64):
             reply += chunk
+            if reply.startswith(ACCEPTED) and reply.endswith(b"\n") and reply.count(b"\n") >= 2:
+                break
     if not reply.startswith(ACCEPTED):  # the server died before taking this worker on
         return run_here()
+    status = reply[len(ACCEPTED):].decode(errors="replace").strip()
+    if status.startswith(SIGNALLED) and status[len(SIGNALLED):].isdigit():
+        signum = int(status[len(SIGNALLED):])
+        sys.stderr.write(killed_line(signum))  # one write: the workers share the log
+        sys.stderr.flush()
+        return 128 + signum
     try:
-        return int(reply[len(ACCEPTED):].strip() or b"1")  # nothing: the forked worker died without a word
+        return int(status or "1")  # nothing: the worker and the server died without a word
     except ValueError:
         return 1
 

@@ -7,9 +7,11 @@ with the driver) and then waits on a Unix socket. The command Beam runs for each
 client in ``pipelines.forkclient``: it hands its environment (Beam's control and logging addresses,
 pipeline options) and its stdin/stdout/stderr to the server, which forks a child that becomes the
 SDK worker. The child writes its exit status back on the connection; the client exits with it, so
-Beam sees an ordinary worker process. The driver does not wait for the server: clients wait for its
-socket (and run the worker themselves if the server is gone), so Beam translates the pipeline and
-starts its workers while the server still imports.
+Beam sees an ordinary worker process. A child killed by a signal writes nothing: the server, which
+reaps its children, sends ``signal N`` instead, and the client says so in the workers' log (the
+kernel's out-of-memory killer sends SIGKILL) and exits with 128 + N. The driver does not wait for
+the server: clients wait for its socket (and run the worker themselves if the server is gone), so
+Beam translates the pipeline and starts its workers while the server still imports.
 
 Fork safety: the server only imports modules; it runs no torch operation (so no OpenMP pool
 exists), opens no gRPC channel and starts no thread, so a forked child starts from a clean state.
@@ -20,6 +22,7 @@ Children watch their client and the server watches the driver: a killed job leav
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import json
@@ -35,7 +38,7 @@ import threading
 import time
 from typing import Any
 
-from pipelines.forkclient import ACCEPTED, run_target, running
+from pipelines.forkclient import ACCEPTED, SIGNALLED, run_target, running
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +156,14 @@ def serve(path: str, driver: int, modules: list[str]) -> None:
     except ValueError:
         extra = []
     _preload([m for m in extra if isinstance(m, str)])
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    children: dict[int, socket.socket] = {}  # forked worker → the server's end of its client's connection
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(64)
     os.write(1, READY)
     server.settimeout(0.5)  # no watcher thread: a forking process stays single-threaded
     while True:
+        _reap(children)
         try:
             conn, _ = server.accept()
         except TimeoutError:
@@ -182,10 +186,31 @@ def serve(path: str, driver: int, modules: list[str]) -> None:
             continue
         if pid == 0:
             server.close()
+            for other in children.values():
+                other.close()
             _child(conn, request, fds)
         for fd in fds:
             os.close(fd)
-        conn.close()
+        children[pid] = conn  # kept until the child is reaped: its client hears of a killing signal
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    """Reap the children that have exited; tell the client of each one a signal killed which one
+    (a child that exits writes its own status)."""
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        with conn:
+            if os.WIFSIGNALED(status):
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"{SIGNALLED}{os.WTERMSIG(status)}\n".encode())
 
 
 MAX_SOCKET_PATH = 100  # AF_UNIX socket paths are limited to 107 bytes on Linux, 103 on macOS

@@ -166,3 +166,27 @@ def test_a_bad_input_still_becomes_a_reject_row(tmp_path, monkeypatch, capsys):
     assert main(["preprocess", str(spec), "--no-progress"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["counts"]["rejected"] == 1 and report["counts"]["ok"] == 23
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server reports the signal")
+def test_a_worker_killed_by_the_oom_killer_stops_the_job_with_one_line(tmp_path, monkeypatch, capsys):
+    """SIGKILL is what the kernel's out-of-memory killer sends: Beam reports a closed channel and a
+    dozen threads' tracebacks; the command says which signal killed a worker and what to lower."""
+    import os
+    from pathlib import Path
+
+    import tests.support.failing_extractor  # noqa: F401
+
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    spec = _failing_job(tmp_path, "SIGKILL", 2)
+    assert main(["preprocess", str(spec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("mbm: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "a Beam worker process was killed by SIGKILL (on Linux usually the kernel's out-of-memory killer" in lines[0]
+    assert "[runner] workers, now 2" in lines[0] and "[extract.text] batch_size = 128" in lines[0]
+    out = tmp_path / "out"
+    assert not (out / "dataset.json").exists() and not (out / ".staging").exists()
+    log = (out / ".worker.log").read_text()
+    assert "killed by SIGKILL" in log and "driver: " in log  # Beam's side of it is kept there

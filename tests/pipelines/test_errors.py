@@ -10,6 +10,8 @@ from pipelines.errors import ResourceError, resource_failure, resource_kind
     (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"), "GPU memory"),  # older torch
     (RuntimeError("CUDA error: an illegal memory access was encountered"), "GPU"),
     (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm`"), "GPU"),
+    (RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. "), "host memory"),
+    (RuntimeError("DataLoader worker (pid 4321) is killed by signal: Segmentation fault. "), None),
     (ValueError("input 3 must be a non-empty 1-D float array"), None),
     (RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"), None),
     (ValueError("CUDA error in a caption is just text"), None),  # only a RuntimeError can be torch's

@@ -164,3 +164,25 @@ def test_preloading_skips_an_optional_import_for_then_only(tmp_path, monkeypatch
     assert optional_dep.VALUE == 7
     monkeypatch.delitem(sys.modules, "optional_dep")
     assert forkserver.OPTIONAL_FOR_BEAM == ("pandas",)
+
+
+def test_a_worker_killed_by_a_signal_is_said_in_its_log_and_exit_status(server):
+    """The kernel's out-of-memory killer sends SIGKILL: the client says so on its stderr (the workers'
+    log) and exits 128 + 9, where it used to exit 1 without a word."""
+    env = {**os.environ, "MBM_FORK_TARGET": "forktarget:killed"}
+    proc = subprocess.Popen(shlex.split(server.command()), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline().split()[1])
+    os.kill(child, signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "mbm: a Beam worker process was killed by SIGKILL (on Linux usually the kernel's out-of-memory killer" in err
+    assert gone_within(child)  # reaped by the server, not left a zombie
+    segv = subprocess.Popen(shlex.split(server.command()), env={**env, "FORK_TEST_SIGNAL": "SIGSEGV"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = segv.communicate(timeout=30)
+    assert segv.returncode == 128 + signal.SIGSEGV and "killed by SIGSEGV\n" in err
+    # An ordinary exit still reports its own code, at once.
+    ok = run_client(server, FORK_TEST_CODE="4")
+    ok.communicate(timeout=30)
+    assert ok.returncode == 4

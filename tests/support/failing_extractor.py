@@ -2,7 +2,8 @@
 
 A text holding ``config.trigger`` makes a featurize call raise ``config.error``: "MemoryError",
 "OutOfMemoryError" (torch.cuda's, which the CPU can raise too), "CudaError" (a RuntimeError as torch
-words a failed CUDA call) or "ValueError" (a bad input). Other texts give one row of features per
+words a failed CUDA call), "ValueError" (a bad input) or "SIGKILL" (the worker process is killed, as
+the kernel's out-of-memory killer does). Other texts give one row of features per
 word, each row the word's length. Its module is preloaded by Beam's worker fork server, so spawned
 workers know the name too.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.registry import register_extractor
 
-ERRORS = ("MemoryError", "OutOfMemoryError", "CudaError", "ValueError")
+ERRORS = ("MemoryError", "OutOfMemoryError", "CudaError", "ValueError", "SIGKILL")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -62,5 +63,10 @@ class FailingTextExtractor(Extractor):
 
     def featurize(self, model: Any, batch: list, device: str) -> list[np.ndarray]:
         if any(self.config.trigger in text for text in batch):
+            if self.config.error == "SIGKILL":
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             raise make_error(self.config.error)
         return [np.array([[len(w)] * self.config.dim for w in text.split() or [""]], np.float32) for text in batch]

@@ -10,3 +10,13 @@ def main(argv):
     if os.environ.get("FORK_TEST_SLEEP"):
         time.sleep(float(os.environ["FORK_TEST_SLEEP"]))
     sys.exit(int(os.environ.get("FORK_TEST_CODE", "0")))
+
+
+def killed(argv):
+    """Says its pid, then waits to be killed (or FORK_TEST_SIGNAL kills it at once)."""
+    import signal
+
+    print(f"child {os.getpid()} waits", flush=True)
+    if os.environ.get("FORK_TEST_SIGNAL"):
+        os.kill(os.getpid(), getattr(signal, os.environ["FORK_TEST_SIGNAL"]))
+    time.sleep(60)

@@ -1,0 +1,61 @@
+import contextlib
+import io
+import logging
+import threading
+
+from jobs.preprocess import HeldErrors
+
+
+@contextlib.contextmanager
+def _root_handler():
+    """A handler on the root logger, as the CLI sets one up; what it printed, in a StringIO."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield out
+    finally:
+        root.removeHandler(handler)
+
+
+def _beam_errors_and_a_thread_exception():
+    logging.getLogger("apache_beam.runners.worker.data_plane").error("Failed to read inputs in the data plane.")
+    logging.getLogger("apache_beam.runners.portability").warning("a Beam warning passes")
+    logging.getLogger("mbm.other").error("not Beam's: passes")
+    t = threading.Thread(target=lambda: 1 / 0, name="beam_control_read")
+    t.start()
+    t.join()
+
+
+def test_beam_errors_are_held_during_the_run_then_printed(capsys):
+    with _root_handler() as out:
+        held = HeldErrors()
+        with held:
+            _beam_errors_and_a_thread_exception()
+        printed = out.getvalue() + capsys.readouterr().err
+        assert "a Beam warning passes" in printed and "not Beam's: passes" in printed
+        assert "data plane" not in printed and "ZeroDivisionError" not in printed
+        held.release()
+        printed = out.getvalue() + capsys.readouterr().err
+    assert "ERROR apache_beam.runners.worker.data_plane: Failed to read inputs in the data plane." in printed
+    assert "Exception in thread beam_control_read" in printed and "ZeroDivisionError" in printed
+    assert threading.excepthook is not held._thread_exception  # restored
+
+
+def test_held_errors_of_a_failure_told_in_one_line_go_to_the_log(tmp_path, capsys):
+    with _root_handler() as out:
+        held = HeldErrors()
+        with held:
+            _beam_errors_and_a_thread_exception()
+        log = tmp_path / ".worker.log"
+        log.write_text("INFO worker line\n")
+        held.divert(str(log))
+        held.release()  # nothing left to print
+        printed = out.getvalue() + capsys.readouterr().err
+    assert "data plane" not in printed and "ZeroDivisionError" not in printed
+    text = log.read_text()
+    assert text.startswith("INFO worker line\n")
+    assert "driver: ERROR apache_beam.runners.worker.data_plane: Failed to read inputs" in text
+    assert "driver: Exception in thread beam_control_read" in text and "ZeroDivisionError" in text
