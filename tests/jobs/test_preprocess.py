@@ -12,12 +12,15 @@ def _root_handler():
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
+    root, beam = logging.getLogger(), logging.getLogger("apache_beam")
+    level = beam.level  # the CLI, run by other tests in this process, quiets Beam below ERROR
     root.addHandler(handler)
+    beam.setLevel(logging.INFO)
     try:
         yield out
     finally:
         root.removeHandler(handler)
+        beam.setLevel(level)
 
 
 def _beam_errors_and_a_thread_exception():
