@@ -4,7 +4,10 @@ sample is rejected for it)."""
 
 from __future__ import annotations
 
+import errno
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class CleanError(ValueError):
@@ -31,14 +34,19 @@ class ResourceError(RuntimeError):
         super().__init__(" ".join(message.split()))
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, disk quota exceeded
+
 # What torch says when the GPU fails (the CUDA context is then unusable: every later call fails too)
 _GPU_FAILURE = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|CUDA driver error|NCCL error")
 
 
 def resource_kind(e: BaseException) -> str | None:
-    """"host memory", "GPU memory" or "GPU" when ``e`` is the machine's failure, else None (the input's)."""
+    """"host memory", "GPU memory", "GPU" or "disk space" when ``e`` is the machine's failure, else None
+    (the input's)."""
     if isinstance(e, MemoryError):
         return "host memory"
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return "disk space"
     name = type(e).__name__
     text = str(e)
     if isinstance(e, RuntimeError) and _LOADER_KILLED.search(text):  # torch's words for a SIGKILLed worker
@@ -69,3 +77,15 @@ def resource_failure(e: BaseException) -> str | None:
             return found[-1]
         e = e.__cause__ or e.__context__
     return None
+
+
+@contextmanager
+def disk_guard(what: str, where: str) -> Iterator[None]:
+    """A full disk (or quota) while ``what`` in ``where`` raises ``ResourceError`` saying so."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise ResourceError(f"{what}: no space left in {where} ({e.strerror}); the job stops and commits "
+                            "nothing: free space there, or give [output] dir on a disk with room") from e

@@ -31,6 +31,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipelines.errors import disk_guard
 from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
 
 log = logging.getLogger(__name__)
@@ -91,21 +92,23 @@ class SpillFeatures(beam.DoFn):
         if not arrays:
             yield sample
             return
-        if self._file is None:  # a fresh name per bundle: a retried bundle never appends to a failed one's file
-            self._path = f"{self._staging}/spill/{uuid.uuid4().hex}.bin"
-            self._file = FileSystems.create(self._path, mime_type="application/octet-stream")
-            self._offset = 0
-        refs = {}
-        for m, arr in arrays.items():
-            data = npy_bytes(arr)
-            self._file.write(data)
-            refs[m] = Spilled(self._path, self._offset, len(data))
-            self._offset += len(data)
+        with disk_guard("writing features", self._staging):
+            if self._file is None:  # a fresh name per bundle: a retried bundle never appends to a failed one's file
+                self._path = f"{self._staging}/spill/{uuid.uuid4().hex}.bin"
+                self._file = FileSystems.create(self._path, mime_type="application/octet-stream")
+                self._offset = 0
+            refs = {}
+            for m, arr in arrays.items():
+                data = npy_bytes(arr)
+                self._file.write(data)
+                refs[m] = Spilled(self._path, self._offset, len(data))
+                self._offset += len(data)
         yield sample.with_(features={**sample.features, **refs})
 
     def finish_bundle(self) -> None:
         if self._file is not None:
-            self._file.close()  # before the bundle commits: readers come after the shuffle
+            with disk_guard("writing features", self._staging):
+                self._file.close()  # before the bundle commits: readers come after the shuffle
             self._file = None
 
 
@@ -293,7 +296,8 @@ class WriteBucketFn(beam.DoFn):
 
     def process(self, element: tuple[int, Iterable[tuple[str, Any]]]):
         bucket, items = element
-        sidecar = write_bucket(bucket, items, self._cfg)
+        with disk_guard("writing shards", self._cfg.staging):
+            sidecar = write_bucket(bucket, items, self._cfg)
         self._written.inc(sum(s["samples"] for s in sidecar["shards"]))
         self._shards.inc(len(sidecar["shards"]))
         yield bucket

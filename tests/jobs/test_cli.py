@@ -190,3 +190,24 @@ def test_a_worker_killed_by_the_oom_killer_stops_the_job_with_one_line(tmp_path,
     assert not (out / "dataset.json").exists() and not (out / ".staging").exists()
     log = (out / ".worker.log").read_text()
     assert "killed by SIGKILL" in log and "driver: " in log  # Beam's side of it is kept there
+
+
+def test_a_full_disk_at_commit_is_one_line_and_the_current_version_stands(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import jobs.preprocess as preprocess
+    import tests.support.failing_extractor  # noqa: F401
+
+    spec = _failing_job(tmp_path, "ValueError", 1)
+    assert main(["preprocess", str(spec), "--no-progress"]) == 0  # version 1
+    (tmp_path / "m.jsonl").write_text((tmp_path / "m.jsonl").read_text().replace("caption number 3", "a new caption"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(preprocess, "commit", full)
+    capsys.readouterr()
+    assert main(["preprocess", str(spec), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mbm: error: committing the new version: no space left in") and "Traceback" not in err
+    assert __import__("json").loads((tmp_path / "out" / "dataset.json").read_text())["version"] == 1

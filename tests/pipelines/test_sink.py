@@ -130,3 +130,35 @@ def test_samples_without_arrays_pass_through_and_a_short_spill_file_is_an_error(
     spill.write_bytes(spill.read_bytes()[:10])
     with pytest.raises(RuntimeError, match="is short"):
         load_spilled(light)
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk with no space left: every write fails as the kernel says so."""
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_stops_the_job_instead_of_failing_a_bundle_obscurely(tmp_path, monkeypatch):
+    import pipelines.sink as sink
+    from pipelines.errors import ResourceError, resource_failure
+    from pipelines.sink import SpillFeatures, WriteBucketFn
+
+    monkeypatch.setattr(sink.FileSystems, "create", lambda *a, **k: _FullDisk())
+    fn = SpillFeatures(str(tmp_path / "staging"))
+    with pytest.raises(ResourceError) as got:
+        _spill(fn, [_sample(1)])
+    assert str(got.value).startswith(f"writing features: no space left in {tmp_path / 'staging'}")
+    assert resource_failure(RuntimeError(f"worker traceback...\npipelines.errors.ResourceError: {got.value}"))
+    cfg = SinkConfig(staging=str(tmp_path / "s"), samples_per_shard=3, max_shard_bytes=1 << 20)
+    with pytest.raises(ResourceError, match="writing shards: no space left in"):
+        list(WriteBucketFn(cfg).process((0, [("ok", _sample(2))])))
+    # Any other failure to write is raised as it is.
+    monkeypatch.setattr(sink.FileSystems, "create", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "no")))
+    with pytest.raises(PermissionError):
+        _spill(SpillFeatures(str(tmp_path / "other")), [_sample(3)])
