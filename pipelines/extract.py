@@ -142,6 +142,16 @@ def _empty_gpu_cache() -> bool:
     return True
 
 
+def _resolved(device: str) -> str:
+    """The device "auto" stands for here, for messages; the name as it is when that cannot be told."""
+    try:
+        from mbm.extractors.runtime import resolve_device
+
+        return resolve_device(device)
+    except Exception:  # noqa: BLE001 - only a message depends on it
+        return device
+
+
 class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     """Featurizes one modality of whole CleanSamples with an inner ``ExtractorHandler``."""
 
@@ -235,15 +245,18 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         m = self._modality
         inner = self._inner
         name = getattr(getattr(inner, "extractor", None), "name", type(inner).__name__)
-        device = getattr(model, "device", None) or getattr(inner, "device", "?")
+        device = getattr(model, "device", None) or _resolved(getattr(inner, "device", "?"))
         workers = os.environ.get("MBM_WORKERS", "?")
         detail = " ".join(f"{type(e).__name__}: {e}".split()).removesuffix(":")[:300]
         what = "failed" if kind == "GPU" else f"ran out of {kind}"
-        fix = ("the GPU is unusable in this process from now on; check the device (nvidia-smi), or run on "
-               'device = "cpu"' if kind == "GPU" else
-               f"run fewer workers ([runner] workers, now {workers}: each holds its own copy of every model) or "
-               f"smaller batches ([extract.{m}] batch_size, now {inner.batch_size})"
-               + (', or on device = "cpu"' if str(device).startswith("cuda") else ""))
+        if kind == "GPU":
+            fix = 'the GPU is unusable in this process from now on; check the device (nvidia-smi), or run on device = "cpu"'
+        elif kind == "disk space":
+            fix = "free space on the disk it writes to"
+        else:
+            fix = (f"run fewer workers ([runner] workers, now {workers}: each holds its own copy of every model) or "
+                   f"smaller batches ([extract.{m}] batch_size, now {inner.batch_size})"
+                   + (', or on device = "cpu"' if str(device).startswith("cuda") else ""))
         return (f"extract.{m}: {name} on {device} {what} {action} ({detail}); this is the "
                 f"machine's limit, not bad data, so the job stops without rejecting samples for it: {fix}")
 
