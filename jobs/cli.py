@@ -102,14 +102,6 @@ class _DropImportNoise(logging.Filter):
         return not record.getMessage().startswith("apitools not found")
 
 
-class _DropRelayedResourceErrors(logging.Filter):
-    """Beam relays a failed worker's log, tracebacks and all; a ``ResourceError`` is then said once, in
-    one line, as the command's error (the tracebacks stay in the output folder's ``.worker.log``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("apache_beam") and "ResourceError: " in record.getMessage())
-
-
 def _offline_environment() -> None:
     # Nothing may download at run time; worker processes inherit these.
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
@@ -134,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         for handler in logging.getLogger().handlers:
             handler.addFilter(_DropImportNoise())
-            if args.verbose < 2:
-                handler.addFilter(_DropRelayedResourceErrors())
         if args.verbose < 2:
             for noisy in ("apache_beam", "absl", "urllib3"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
