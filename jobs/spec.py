@@ -66,6 +66,67 @@ class ExtractConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+# What one preprocessing worker may need, for the default worker count. Measured with the default
+# extractors (MiniLM, EfficientNet-Lite0, log-mel): 0.9-1.2 GB of PSS per worker on the CPU
+# (docs/benchmarks.md: 2.6 GB for two workers and the driver), 1.6-2.4 GiB of GPU memory per worker on
+# an H200 (a CUDA context, three models, their passes).
+WORKER_HOST_BYTES = 2 << 30
+DRIVER_HOST_BYTES = 1 << 30
+WORKER_GPU_BYTES = 5 << 29  # 2.5 GiB
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says can be had without swapping (``MemAvailable``); None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def gpu_memory(device: str) -> int | None:
+    """Total bytes of the GPU ``device`` ("cuda", "cuda:N" or "auto") names, from ``nvidia-smi``, which
+    does not start CUDA in this process; None without an NVIDIA GPU or the tool."""
+    import shutil
+    import subprocess
+
+    if device == "cpu" or shutil.which("nvidia-smi") is None:
+        return None
+    index = device.partition(":")[2] or "0"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", index],
+                             capture_output=True, text=True, timeout=20)
+        return int(out.stdout.split()[0]) << 20 if out.returncode == 0 else None  # MiB
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def auto_workers(device: str, cores: int | None = None, memory: int | None = None,
+                 gpu: int | None = None) -> int:
+    """Workers for ``workers = 0``: one per core, but no more than fit in the free memory (a worker may
+    need ``WORKER_HOST_BYTES``, the driver ``DRIVER_HOST_BYTES``) and, on a GPU, in its memory (each
+    worker holds its own models there). The machine is asked for what is not given."""
+    cores = cores or os.cpu_count() or 1
+    memory = available_memory() if memory is None else memory
+    gpu = gpu_memory(device) if gpu is None else gpu
+    limits = {"cores": cores}
+    if memory:
+        limits["free memory"] = max(1, (memory - DRIVER_HOST_BYTES) // WORKER_HOST_BYTES)
+    if gpu:
+        limits["GPU memory"] = max(1, int(gpu * 0.9) // WORKER_GPU_BYTES)
+    n = min(limits.values())
+    if n < cores:
+        why = min(limits, key=limits.get)
+        log.warning("%d preprocessing workers, not one per core (%d): that is what the %s holds (%.1f GiB; a worker "
+                    "may need %.1f GiB); set [runner] workers to choose", n, cores, why,
+                    (memory if why == "free memory" else gpu) / 2**30,
+                    (WORKER_HOST_BYTES if why == "free memory" else WORKER_GPU_BYTES) / 2**30)
+    return n
+
+
 @dataclass(kw_only=True)
 class RunnerConfig:
     name: str = "FnApiRunner"
@@ -82,7 +143,15 @@ class RunnerConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def num_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        """``workers``, or for 0 one per core, as many as this machine's free memory (and a local run's
+        GPU memory) holds (``auto_workers``; worked out once per spec)."""
+        if self.workers:
+            return self.workers
+        auto = getattr(self, "_auto_workers", None)  # not a field: job.toml records workers = 0
+        if auto is None:
+            auto = auto_workers(self.device) if self.name in LOCAL_RUNNERS else (os.cpu_count() or 1)
+            object.__setattr__(self, "_auto_workers", auto)
+        return auto
 
     def check_offline(self, extra: list[str] | None = None) -> None:
         """Runners that Beam would fetch something for (the Prism binary, a Flink or Spark job server

@@ -279,3 +279,51 @@ def test_a_manifest_with_a_caption_column_is_accepted(data):
     (data / "data" / "captions.csv").write_text("id,image,caption\ns0,0.jpg,a dog\n")
     spec = load_spec(_write(data / "job.toml", '[input]\nmanifest = "data/captions.csv"\n[output]\ndir = "o"\n'))
     assert spec.input.manifest == str(data / "data" / "captions.csv")
+
+
+def test_default_workers_are_one_per_core_as_far_as_memory_holds(caplog):
+    import logging
+
+    from jobs.spec import auto_workers
+
+    GiB = 1 << 30
+    assert auto_workers("cpu", cores=16, memory=64 * GiB, gpu=0) == 16
+    with caplog.at_level(logging.WARNING):
+        assert auto_workers("cpu", cores=16, memory=15 * GiB, gpu=0) == 7  # (15 - 1) / 2
+    assert "7 preprocessing workers, not one per core (16): that is what the free memory holds" in caplog.text
+    assert auto_workers("cpu", cores=16, memory=int(1.5 * GiB), gpu=0) == 1  # never none
+    assert auto_workers("cuda", cores=16, memory=128 * GiB, gpu=16 * GiB) == 5  # 16 * 0.9 / 2.5
+    assert auto_workers("cuda", cores=16, memory=128 * GiB, gpu=141 * GiB) == 16  # an H200
+    assert auto_workers("cpu", cores=4, memory=0, gpu=0) == 4  # memory unknown: one per core
+
+
+def test_the_default_worker_count_is_worked_out_once_and_job_toml_keeps_workers_0(tmp_path, monkeypatch):
+    import jobs.spec as spec_module
+    from jobs.spec import RunnerConfig
+
+    calls = []
+    monkeypatch.setattr(spec_module, "auto_workers", lambda device: calls.append(device) or 3)
+    runner = RunnerConfig(device="cpu")
+    assert runner.num_workers() == 3 and runner.num_workers() == 3 and calls == ["cpu"]
+    assert spec_module._asdict(runner)["workers"] == 0 and "_auto_workers" not in spec_module._asdict(runner)
+    assert RunnerConfig(workers=5).num_workers() == 5  # chosen: as it is
+    assert RunnerConfig(name="DataflowRunner").num_workers() == (__import__("os").cpu_count() or 1)
+
+
+def test_free_memory_and_gpu_memory_are_read_without_starting_cuda(tmp_path, monkeypatch):
+    import os
+
+    from jobs.spec import available_memory, gpu_memory
+
+    memory = available_memory()
+    assert memory is None or memory > 0
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\necho 81559\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert gpu_memory("cuda:1") == 81559 << 20
+    assert (tmp_path / "args").read_text().split() == [
+        "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "1"]
+    assert gpu_memory("cpu") is None
+    tool.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert gpu_memory("auto") is None
