@@ -70,6 +70,8 @@ class HeldErrors:
                             + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
 
     def __enter__(self) -> HeldErrors:
+        if logging.getLogger("apache_beam").isEnabledFor(logging.DEBUG):  # `-vv`: everything as it happens
+            return self
         self._handlers = list(logging.getLogger().handlers)
         for h in self._handlers:
             h.addFilter(self)
@@ -77,8 +79,11 @@ class HeldErrors:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if not self._handlers:
+            return
         for h in self._handlers:
             h.removeFilter(self)
+        self._handlers = []
         threading.excepthook = self._hook
 
     def release(self) -> None:

@@ -62,3 +62,12 @@ def test_held_errors_of_a_failure_told_in_one_line_go_to_the_log(tmp_path, capsy
     assert text.startswith("INFO worker line\n")
     assert "driver: ERROR apache_beam.runners.worker.data_plane: Failed to read inputs" in text
     assert "driver: Exception in thread beam_control_read" in text and "ZeroDivisionError" in text
+
+
+def test_with_beam_at_debug_level_nothing_is_held(capsys):
+    with _root_handler() as out:
+        logging.getLogger("apache_beam").setLevel(logging.DEBUG)  # what `mbm preprocess -vv` sets
+        held = HeldErrors()
+        with held:
+            logging.getLogger("apache_beam.runners.worker.data_plane").error("Failed to read inputs.")
+        assert "Failed to read inputs." in out.getvalue() and held.records == []
