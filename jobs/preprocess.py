@@ -235,6 +235,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 raise
             if worker_log and local:  # Beam's side of the same failure: kept, not printed
                 beam_errors.divert(worker_log)
+            else:  # no log file to keep it in
+                beam_errors.release()
             if local:  # nothing of this run is committed; its spilled features go now, not at the next run
                 shutil.rmtree(staging, ignore_errors=True)
                 with suppress(OSError):
