@@ -136,6 +136,19 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
+def _machine_failure(command: str, exn: Exception, advice: str) -> int:
+    """Out of memory, a failed GPU, a full disk: one line and exit 1; anything else is raised again."""
+    from pipelines.errors import resource_kind
+
+    kind = resource_kind(exn)
+    if kind is None:
+        raise exn
+    detail = " ".join(f"{type(exn).__name__}: {exn}".split()).removesuffix(":")[:300]
+    what = "the GPU failed" if kind == "GPU" else f"ran out of {kind}"
+    print(f"mbm {command}: error: {what} ({detail}). {advice}", file=sys.stderr)
+    return 1
+
+
 # What a run is: its model, its data and their order. A resumed run keeps them; the schedule, logging,
 # checkpointing and runtime settings may change between invocations.
 FIXED_ON_RESUME = ("task", "fusion", "d_model", "layers", "heads", "mlp_ratio", "positional", "embed_dim",
@@ -245,18 +258,10 @@ def run_train(args: argparse.Namespace) -> int:
     except (ValueError, _Fail) as exn:
         return _fail("train", str(exn))
     except Exception as exn:
-        from pipelines.errors import resource_kind
-
-        kind = resource_kind(exn)
-        if kind is None:
-            raise
-        detail = " ".join(f"{type(exn).__name__}: {exn}".split()).removesuffix(":")[:300]
-        what = "the GPU failed" if kind == "GPU" else f"ran out of {kind}"
-        print(f"mbm train: error: {what} ({detail}). The checkpoints already in {cfg.out} stay: `--resume` "
-              f"continues from the last one once the machine has room; a smaller --batch-size (now "
-              f"{cfg.batch_size}), --d-model or --max-tokens needs a new --out; fewer --workers (now "
-              f"{'auto' if cfg.workers is None else cfg.workers}) lowers host memory", file=sys.stderr)
-        return 1
+        return _machine_failure("train", exn, (
+            f"The checkpoints already in {cfg.out} stay: `--resume` continues from the last one once the machine "
+            f"has room; a smaller --batch-size (now {cfg.batch_size}), --d-model or --max-tokens needs a new "
+            f"--out; fewer --workers (now {'auto' if cfg.workers is None else cfg.workers}) lowers host memory"))
     if int(os.environ.get("RANK", "0")) == 0:
         for record in last.values():
             print(json.dumps(record, ensure_ascii=False))
@@ -279,6 +284,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate_run(_load(args), split=args.split)
     except ValueError as exn:
         return _fail("evaluate", str(exn))
+    except Exception as exn:
+        now = args.batch_size or "the run's"
+        return _machine_failure("evaluate", exn, f"A smaller --batch-size (now {now}) or --eval-samples needs less memory")
     if args.json:
         print(json.dumps(metrics, ensure_ascii=False))
     else:
@@ -306,6 +314,9 @@ def run_generate(args: argparse.Namespace) -> int:
                             max_new=args.max_new_tokens)
     except ValueError as exn:
         return _fail("generate", str(exn))
+    except Exception as exn:
+        return _machine_failure("generate", exn, f"A smaller --batch-size (now {args.batch_size}) or --beam (now "
+                                f"{args.beam}) needs less memory")
     for row in rows:
         print(f"{row['id']}\n  generated: {row['generated']}\n  reference: {row['reference']}")
     return 0

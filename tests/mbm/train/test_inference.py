@@ -78,3 +78,28 @@ def test_a_relative_tokenizer_is_recorded_absolute(no_audio, tmp_path, capsys, m
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()
     assert main(["evaluate", "--run", "../gen", "--json"]) == 0, capsys.readouterr().err
+
+
+def test_evaluate_and_generate_out_of_memory_is_one_line(no_audio, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import mbm.train.inference as inference
+
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--data", no_audio, "--out", run]) == 0
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(inference, "evaluate_run", oom)
+    monkeypatch.setattr(inference, "generate_run", oom)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", run, "--batch-size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mbm evaluate: error: ran out of GPU memory (OutOfMemoryError: CUDA out of memory")
+    assert "--batch-size (now 64)" in err and "Traceback" not in err
+    assert main(["generate", "--run", run, "--limit", "4"]) == 1
+    assert "mbm generate: error: ran out of GPU memory" in capsys.readouterr().err
+    monkeypatch.setattr(inference, "evaluate_run", lambda *a, **k: 1 / 0)  # a bug is not the machine's
+    with pytest.raises(ZeroDivisionError):
+        main(["evaluate", "--run", run])
