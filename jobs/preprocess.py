@@ -24,7 +24,7 @@ from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
 from pipelines.commit import commit, current_manifest, remove_uncommitted
-from pipelines.errors import resource_failure, resource_kind
+from pipelines.errors import ResourceError, disk_guard, resource_failure
 from pipelines.extract import build_handlers
 from pipelines.progress import ProgressMonitor
 from pipelines.sink import SinkConfig
@@ -250,12 +250,10 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         if local and Path(progress_dir).exists():
             shutil.rmtree(progress_dir)
         try:
-            result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
-                            fingerprints=fingerprints, feature_dims=dims,
-                            samples_per_shard=spec.output.samples_per_shard)
-        except OSError as e:
-            if resource_kind(e) != "disk space":
-                raise
-            raise JobError(f"committing the new version: no space left in {out_dir} ({e.strerror}); nothing was "
-                           "committed and the current version stands: free space there and run the job again") from e
+            with disk_guard("committing the new version", out_dir):
+                result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
+                                fingerprints=fingerprints, feature_dims=dims,
+                                samples_per_shard=spec.output.samples_per_shard)
+        except ResourceError as e:  # nothing committed: the current version stands
+            raise JobError(str(e)) from e
     return JobResult(out_dir=out_dir, manifest=result.manifest, report=result.report)

@@ -79,12 +79,10 @@ def available_memory() -> int | None:
     """Bytes of memory the kernel says can be had without swapping (``MemAvailable``); None when unknown."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+            lines = [line for line in f if line.startswith("MemAvailable:")]
+        return int(lines[0].split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # no /proc (macOS), or a kernel without the field
+        return None
 
 
 def gpu_memory(device: str) -> int | None:

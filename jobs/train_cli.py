@@ -138,13 +138,13 @@ def _fail(command: str, message: str) -> int:
 
 def _machine_failure(command: str, exn: Exception, advice: str) -> int:
     """Out of memory, a failed GPU, a full disk: one line and exit 1; anything else is raised again."""
-    from pipelines.errors import resource_kind
+    from pipelines.errors import describe, resource_kind
 
     kind = resource_kind(exn)
     if kind is None:
         raise exn
-    detail = " ".join(f"{type(exn).__name__}: {exn}".split()).removesuffix(":")[:300]
-    what = "the GPU failed" if kind == "GPU" else f"ran out of {kind}"
+    what, detail = describe(kind, exn)
+    what = "the GPU failed" if kind == "GPU" else what
     print(f"mbm {command}: error: {what} ({detail}). {advice}", file=sys.stderr)
     return 1
 

@@ -38,6 +38,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, disk q
 
 # What torch says when the GPU fails (the CUDA context is then unusable: every later call fails too)
 _GPU_FAILURE = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|CUDA driver error|NCCL error")
+# The kernel's out-of-memory killer sends SIGKILL; torch then says this of a data-loader worker
+_LOADER_KILLED = re.compile(r"DataLoader worker \(pid.*\) is killed by signal: Killed")
 
 
 def resource_kind(e: BaseException) -> str | None:
@@ -58,8 +60,12 @@ def resource_kind(e: BaseException) -> str | None:
     return None
 
 
-# The kernel's out-of-memory killer sends SIGKILL; torch then says this of a data-loader worker
-_LOADER_KILLED = re.compile(r"DataLoader worker \(pid.*\) is killed by signal: Killed")
+def describe(kind: str, e: BaseException) -> tuple[str, str]:
+    """For a failure of ``kind`` (``resource_kind``): what happened ("ran out of GPU memory", "failed")
+    and the exception in one short line."""
+    what = "failed" if kind == "GPU" else f"ran out of {kind}"
+    return what, " ".join(f"{type(e).__name__}: {e}".split()).removesuffix(":")[:300]
+
 
 _MARK = re.compile(r"ResourceError: (.+?)(?: \[while running '[^']*'\])*\s*$", re.MULTILINE)
 
@@ -85,7 +91,7 @@ def disk_guard(what: str, where: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno not in _DISK_FULL:
+        if resource_kind(e) != "disk space":
             raise
         raise ResourceError(f"{what}: no space left in {where} ({e.strerror}); the job stops and commits "
                             "nothing: free space there, or give [output] dir on a disk with room") from e

@@ -19,7 +19,7 @@ import apache_beam as beam
 import numpy as np
 
 from mbm.extractors.beam_api import ModelHandler, RunInference
-from pipelines.errors import ResourceError, resource_kind
+from pipelines.errors import ResourceError, describe, resource_kind
 from schemas import MODALITIES, CleanSample, Reject
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         name = getattr(getattr(inner, "extractor", None), "name", type(inner).__name__)
         device = getattr(model, "device", None) or _resolved(getattr(inner, "device", "?"))
         workers = os.environ.get("MBM_WORKERS", "?")
-        detail = " ".join(f"{type(e).__name__}: {e}".split()).removesuffix(":")[:300]
-        what = "failed" if kind == "GPU" else f"ran out of {kind}"
+        what, detail = describe(kind, e)
         if kind == "GPU":
             fix = 'the GPU is unusable in this process from now on; check the device (nvidia-smi), or run on device = "cpu"'
         elif kind == "disk space":

@@ -2,8 +2,8 @@
 
 Sends this process's environment and stdin/stdout/stderr to the fork server, then waits for the
 forked worker's exit status and exits with it; a worker killed by a signal (SIGKILL from the kernel's
-out-of-memory killer) is said in the workers' log (``killed_line``) and exits 128 + N. SIGTERM/SIGINT end the wait; the worker notices
-this process is gone and exits too.
+out-of-memory killer) is said in the workers' log (``killed_line``) and exits 128 + N. SIGTERM/SIGINT
+end the wait; the worker notices this process is gone and exits too.
 
 The driver starts its workers without waiting for the server to finish its imports (it builds and
 translates the pipeline meanwhile), so the client waits for the server's socket. If the server
