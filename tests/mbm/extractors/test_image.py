@@ -80,6 +80,23 @@ def _eager(extractor, model, images):
         model.mbm_fused = fused
 
 
+def test_padded_pixels_equal_normalizing_then_padding(lite0):
+    from mbm.extractors.image import _zero_pad, padded_pixels
+
+    extractor, _ = lite0
+    images = _images(3)
+    for pad in [(0, 1, 0, 1), (1, 2, 1, 2), (0, 0, 2, 0)]:
+        got = padded_pixels(images, 224, pad, extractor.MEAN, extractor.STD, extractor.name)
+        want = _zero_pad(extractor.preprocess(images, "cpu"), pad)
+        assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
+        assert got.shape == want.shape and torch.equal(got, want)
+        left, right, top, bottom = pad
+        inner = got[:, :, top:top + 224, left:left + 224]
+        assert float(got.abs().sum()) == float(inner.abs().sum()) > 0  # zeros outside the image
+    with pytest.raises(ValueError, match="input 0 must be a uint8 array"):
+        padded_pixels([images[0].astype(np.float32)], 224, (0, 1, 0, 1), 127.0, 128.0, "lite0")
+
+
 @pytest.mark.parametrize("size, pads", [(224, {(0, 1, 0, 1), (1, 2, 1, 2)}), (257, set())])
 def test_lite0_fused_cpu_convolutions_equal_the_eager_forward(size, pads):
     extractor = create_extractor("efficientnet-lite0", {"image_size": size})
@@ -89,6 +106,12 @@ def test_lite0_fused_cpu_convolutions_equal_the_eager_forward(size, pads):
     assert sum(act == "residual" for _, _, act, _ in plan.steps) == 9  # the blocks MBConvBlock adds its input to
     # TF "same" padding of the stride-2 convolutions: asymmetric on even sizes, folded into the convolution on odd
     assert {pad for _, pad, _, _ in plan.steps if pad} == pads
+    # the stride-2 depthwise convolutions' paddings move to the input of their block's 1x1 expansion,
+    # which zeroes that border of its output; only the stem keeps its own padding
+    moved = [(conv.kernel_size, pad) for conv, pad, _, _, border in plan.plan if border]
+    assert [pad for conv, pad, _, _, border in plan.plan if pad and not border] == ([(0, 1, 0, 1)] if pads else [])
+    assert len(moved) == (4 if pads else 0) and all(k == (1, 1) for k, _ in moved)
+    assert plan.input_padding == ((0, 1, 0, 1) if pads else None)
     images = _images(32, size)
     fused = extractor.featurize(model, images, "cpu")
     eager = _eager(extractor, model, images)
@@ -109,7 +132,7 @@ def test_lite0_fused_path_only_for_the_expected_structure_and_float32(lite0, mon
     assert FusedConvs.build(swish) is None
     bf16 = create_extractor("efficientnet-lite0", {"precision": "bfloat16"})
 
-    def refuse(self, x):
+    def refuse(self, x, padded=False):
         raise AssertionError("the fused float32 path ran under precision = bfloat16")
 
     monkeypatch.setattr(FusedConvs, "__call__", refuse)
