@@ -162,3 +162,29 @@ def test_a_full_disk_stops_the_job_instead_of_failing_a_bundle_obscurely(tmp_pat
     monkeypatch.setattr(sink.FileSystems, "create", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "no")))
     with pytest.raises(PermissionError):
         _spill(SpillFeatures(str(tmp_path / "other")), [_sample(3)])
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 511, 512, 513], [10_000, 3, 125_440], [10_239], [9_216]])
+def test_shards_are_the_bytes_webdatasets_tar_writer_writes(tmp_path, sizes):
+    from pipelines.sink import _write_tar
+
+    rng = np.random.default_rng(len(sizes))
+    part = []
+    for i, n in enumerate(sizes):
+        members = {"__key__": f"k{i:04d}", "json": '{"id": "é"}'.encode(), "text.npy": rng.bytes(n), "_meta": "left out"}
+        part.append((None, members))
+    part.append((None, {"__key__": "ключ-" + "x" * 120, "json": b"{}"}))  # not ASCII and over 100 bytes: a pax header
+    total = _write_tar(str(tmp_path / "mbm.tar"), part)
+    with open(tmp_path / "wds.tar", "wb") as f:
+        writer = wds.TarWriter(f, user="mbm", group="mbm", encoder=False, mtime=0)
+        want = sum(writer.write(dict(m)) for _, m in part)
+        writer.close()
+    got = (tmp_path / "mbm.tar").read_bytes()
+    assert got == (tmp_path / "wds.tar").read_bytes() and total == want
+    assert len(got) % tarfile.RECORDSIZE == 0
+    with tarfile.open(tmp_path / "mbm.tar") as tf:
+        names = tf.getnames()
+        assert tf.extractfile("k0000.text.npy").read() == part[0][1]["text.npy"]
+    assert "k0000._meta" not in names and names[-1] == "ключ-" + "x" * 120 + ".json"
+    with pytest.raises(TypeError, match="k0000.json: a shard member must be bytes, got str"):
+        _write_tar(str(tmp_path / "bad.tar"), [(None, {"__key__": "k0000", "json": "{}"})])
