@@ -51,7 +51,9 @@ def make_runner(name: str, workers: int = 1, worker_log: str | None = None, work
         if worker_log:  # through the environment: Beam sends the command as UTF-8, a path may not be
             os.environ["MBM_WORKER_LOG"] = worker_log
             command += ' 2>>"$MBM_WORKER_LOG"'
-        return FnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
+        from pipelines.runner import BalancedFnApiRunner
+
+        return BalancedFnApiRunner(default_environment=SubprocessSDKEnvironment.from_command_string(command))
     if name == "DirectRunner":
         return offline_direct_runner()
     return name

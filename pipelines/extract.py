@@ -62,8 +62,11 @@ class FillBatches(beam.DoFn):
     31 images and a copy when others were mixed in, and each batch of texts split into token-length
     buckets whose last pass of each was filled with copies of a row. Here the samples to featurize
     wait in one queue per pass shape (``ModalityHandler.pass_keys``: one for images, one per padded
-    token length for text); once ``batch_size`` are waiting, a batch takes whole passes of them, up
-    to ``batch_size``. Samples without the modality ride along with the next batch (at most
+    token length for text); once ``batch_size`` are waiting, or the waiting samples fill
+    ``max(4, batch_size // 32)`` whole passes, a batch takes whole passes of them, up to
+    ``batch_size``. The second trigger is for long texts (a 512-token text is a pass of its own): the
+    work then follows the input instead of piling up to the end of the bundle, where no idle worker
+    can take part of it (``pipelines.runner``). Samples without the modality ride along with the next batch (at most
     ``MAX_RIDERS``; that many leave on their own). Leftovers that fill no pass go as they are once
     ``2 x batch_size`` are waiting, and at the end of the bundle, so memory stays bounded. Passes have
     fixed shapes either way, so features do not depend on the batching (but see the README on
@@ -74,6 +77,7 @@ class FillBatches(beam.DoFn):
         super().__init__()
         self._handler = handler
         self._size = handler.batch_size
+        self._passes = max(4, self._size // 32)
 
     def setup(self) -> None:
         self._keys: Any = None  # loaded with the first sample to featurize (a tokenizer for text)
@@ -99,7 +103,7 @@ class FillBatches(beam.DoFn):
         queue = self._queues.setdefault(key, (max(1, min(rows, self._size)), []))[1]
         queue.append(sample)
         self._waiting += 1
-        while self._waiting >= self._size:
+        while self._waiting >= self._size or self._whole_passes() >= self._passes:
             taken = self._take(True) or (self._take(False) if self._waiting >= 2 * self._size else [])
             if not taken:
                 break
@@ -111,6 +115,9 @@ class FillBatches(beam.DoFn):
         while self._waiting or self._riders:
             taken = (self._take(True) or self._take(False)) if self._waiting else []
             yield GlobalWindows.windowed_value_at_end_of_window(self._batch(taken))
+
+    def _whole_passes(self) -> int:
+        return sum(len(queue) // rows for rows, queue in self._queues.values())
 
     def _take(self, whole_passes: bool) -> list[CleanSample]:
         """Up to ``batch_size`` waiting samples, queue by queue: whole passes only, or any."""

@@ -250,3 +250,12 @@ def test_a_model_that_does_not_fit_stops_the_job_at_load():
     h = ModalityHandler("text", bad, "fp")
     with pytest.raises(OSError, match="no such weights"):  # not the machine's limit: raised as it is
         h.run_inference([_s("a", text="abc")], h.load_model())
+
+
+def test_long_texts_leave_once_four_whole_passes_wait_not_batch_size_texts():
+    # a text of length >= 3 fills a pass of its own; shorter ones need 8 to a pass
+    samples = [_s(f"s{i:02d}", text="x" * (3 + i % 2) if i < 9 else "y") for i in range(20)]
+    batches, inner = _fill(samples, batch_size=128, keys=lambda t: (len(t), 1 if len(t) >= 3 else 8))
+    assert [len(b) for b in batches[:inner.streamed]] == [4, 4]  # texts 0-3, then 4-7: not the bundle's end
+    assert _ids(batches) == [s.id for s in samples]
+    assert [len(b) for b in batches[inner.streamed:]] == [9, 3]  # at the end: whole passes (text 8, 8 "y"s), then the rest
