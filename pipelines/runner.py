@@ -40,7 +40,6 @@ class _Running:
     """A bundle in flight that an idle worker may split."""
 
     handler: Any
-    transform_id: str
     payload: list[bytes]  # the encoded elements sent
     elements: list[Any] | None = None  # decoded, once a split needs them
     bundle_id: str | None = None  # known once its input is sent
@@ -115,7 +114,7 @@ class BalancedBundleManager(fn_runner.ParallelBundleManager):
         errors: list[BaseException] = []
 
         def run(handler: Any, payload: list[bytes], elements: list[Any] | None) -> None:
-            job = _Running(handler, transform_id, payload, elements)
+            job = _Running(handler, payload, elements)
             with lock:
                 running.append(job)
             manager = _TrackedBundleManager(job, _OneWorker(self.bundle_context_manager, handler),
@@ -133,35 +132,29 @@ class BalancedBundleManager(fn_runner.ParallelBundleManager):
 
         def steal() -> tuple[list[bytes], list[Any]] | None:
             """Half of the unread rest of another worker's bundle (encoded, decoded), or None."""
-            while True:
-                with lock:
-                    if errors:
-                        return None
-                    candidates = sorted(running, key=lambda j: j.splits)
-                if not candidates:
-                    return None
-                for job in candidates:
-                    with job.lock:  # not held during the request: the owner marks its job done meanwhile
-                        if job.done or job.splitting or job.bundle_id is None:
-                            continue
-                        if job.elements is None:
-                            job.elements = list(coder.decode_all(b"".join(job.payload)))
-                        if len(job.elements) < MIN_SPLIT_ELEMENTS:
-                            continue
-                        job.splitting = True
-                    try:
-                        first = split_rest(job.handler, job.bundle_id, transform_id, len(job.elements))
-                        if first is None or first >= len(job.elements):
-                            continue
-                        # the worker accepted: it stops before element ``first`` even if its bundle has ended since
-                        rest, job.elements = job.elements[first:], job.elements[:first]
-                        job.splits += 1
-                    finally:
-                        job.splitting = False
-                    log.debug("split %s at element %d: %d elements move to another worker",
-                              job.bundle_id, first, len(rest))
-                    return [coder.encode_all(rest)], rest
-                return None
+            with lock:
+                candidates = [] if errors else sorted(running, key=lambda j: j.splits)
+            for job in candidates:
+                with job.lock:  # not held during the request: the owner marks its job done meanwhile
+                    if job.done or job.splitting or job.bundle_id is None:
+                        continue
+                    if job.elements is None:
+                        job.elements = list(coder.decode_all(b"".join(job.payload)))
+                    if len(job.elements) < MIN_SPLIT_ELEMENTS:
+                        continue
+                    job.splitting = True
+                try:
+                    first = split_rest(job.handler, job.bundle_id, transform_id, len(job.elements))
+                    if first is None or first >= len(job.elements):
+                        continue
+                    # the worker accepted: it stops before element ``first`` even if its bundle has ended since
+                    rest, job.elements = job.elements[first:], job.elements[:first]
+                    job.splits += 1
+                finally:
+                    job.splitting = False
+                log.debug("split %s at element %d: %d elements move to another worker", job.bundle_id, first, len(rest))
+                return [coder.encode_all(rest)], rest
+            return None
 
         def work(handler: Any, part: tuple[list[bytes], list[Any] | None] | None) -> None:
             try:

@@ -394,7 +394,7 @@ class EfficientNetLite0Extractor(Extractor):
                     x = padded_pixels(batch, self.config.image_size, pad, self.MEAN, self.STD, self.name)
                 else:
                     x = self.preprocess(batch, device).contiguous(memory_format=torch.channels_last)
-                return to_patches(fused(x, padded=pad is not None), self.name)
+                return to_patches(fused(x, padded=bool(pad)), self.name)
         pixels = self.preprocess(batch, device)
         with torch.inference_mode(), autocast(device, self.config.precision):
             features = model.extract_features(pixels)  # (B, 1280, S/32, S/32)
