@@ -16,7 +16,10 @@ from __future__ import annotations
 import io
 import logging
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -33,6 +36,14 @@ RATE_RANGE = (1000, 768_000)
 #: ~45 s); such co-prime rate pairs are resampled in the frequency domain instead.
 _MAX_POLYPHASE = 4_000_000
 _SF_ERR_UNRECOGNISED_FORMAT = 1
+#: resampling kernels kept (``_resampler``): how many rate pairs, and the largest kernel in floats
+#: (44.1 -> 16 kHz: 76,000; 8.82 -> 16 kHz: 364,000)
+_KEPT_KERNELS = 16
+_MAX_KEPT_KERNEL = 4_000_000
+_RESAMPLERS: OrderedDict[tuple[int, int], Any] = OrderedDict()
+_RESAMPLERS_LOCK = threading.Lock()
+#: numpy sums a row of this many channels or more pairwise (``_mono`` adds columns in order below it)
+_PAIRWISE_FROM = 8
 
 
 @dataclass(kw_only=True)
@@ -86,11 +97,11 @@ def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
         raise CleanError("audio.file_too_large", f"{len(data)} bytes, limit is {cfg.max_bytes}")
     lead = cfg.max_seconds if cfg.trim_db is not None else 0.0
     frames, sr = _decode(data, cfg.max_seconds + lead)
-    bad = ~np.isfinite(frames)
-    if bad.any():
+    if not np.isfinite(frames).all():
+        bad = ~np.isfinite(frames)
         first = int(np.flatnonzero(bad.any(axis=1))[0])
         raise CleanError("audio.non_finite", f"{int(bad.sum())} NaN/Inf samples, first at frame {first}")
-    x = frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else frames[:, 0]
+    x = _mono(frames)
     peak = float(np.abs(x).max())
     if peak <= SILENCE_PEAK:
         raise CleanError("audio.silent", f"peak {peak:.3g} is at or below -90 dBFS over {len(x) / sr:.3f} s")
@@ -163,18 +174,58 @@ def _ogg_truncated(data: bytes) -> bool:
     return not data[i + 5] & 0x04
 
 
+def _mono(frames: np.ndarray) -> np.ndarray:
+    """The channel mean of float32 (frames, channels), bit for bit ``frames.mean(axis=1, dtype=float32)``.
+
+    numpy reduces a row of a few channels one after another, so adding whole columns in the same order
+    gives the same sums, without its per-row reduction loop: 2.6 instead of 71 ms for a minute of 48 kHz
+    stereo. From 8 channels numpy sums a row pairwise, so those go through ``mean``.
+    """
+    channels = frames.shape[1]
+    if channels == 1:
+        return frames[:, 0]
+    if channels >= _PAIRWISE_FROM:
+        return frames.mean(axis=1, dtype=np.float32)
+    x = frames[:, 0] + frames[:, 1]
+    for c in range(2, channels):
+        x += frames[:, c]
+    x /= np.float32(channels)
+    return x
+
+
+def _resampler(orig: int, new: int) -> Any:
+    """torchaudio's ``Resample`` for one rate pair, its sinc kernel kept for the next clip at that rate
+    (``torchaudio.functional.resample`` builds it again for every clip: up to seconds for rates such as
+    8820 Hz; the same kernel and output, bit for bit). The ``_KEPT_KERNELS`` pairs used last are kept,
+    each kernel at most ``_MAX_KEPT_KERNEL`` floats."""
+    with _RESAMPLERS_LOCK:
+        found = _RESAMPLERS.get((orig, new))
+        if found is not None:
+            _RESAMPLERS.move_to_end((orig, new))
+            return found
+    import torch
+    import torchaudio.transforms as AT
+
+    resampler = AT.Resample(orig, new, dtype=torch.float32)
+    if resampler.kernel.numel() <= _MAX_KEPT_KERNEL:
+        with _RESAMPLERS_LOCK:
+            _RESAMPLERS[(orig, new)] = resampler
+            while len(_RESAMPLERS) > _KEPT_KERNELS:
+                _RESAMPLERS.popitem(last=False)
+    return resampler
+
+
 def _resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
     """Band-limited resampling: torchaudio's polyphase sinc, or an FFT for awkward co-prime rates."""
     if orig == new:
         return x
     import torch
-    import torchaudio.functional as AF
 
     g = math.gcd(orig, new)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     with torch.no_grad():
         if (orig // g) * (new // g) <= _MAX_POLYPHASE:
-            return AF.resample(t, orig, new).numpy()
+            return _resampler(orig, new)(t).numpy()
         log.debug("resampling %d -> %d Hz in the frequency domain", orig, new)
         n_out = max(1, math.ceil(len(x) * new / orig))
         spec = torch.fft.rfft(t.double())

@@ -5,7 +5,8 @@ import struct
 import numpy as np
 import pytest
 
-from pipelines.clean.audio import AudioCleanConfig, clean_audio
+from pipelines.clean import audio
+from pipelines.clean.audio import AudioCleanConfig, _mono, _resample, _resampler, clean_audio
 from pipelines.errors import CleanError
 
 CFG = AudioCleanConfig()
@@ -111,6 +112,44 @@ def test_stereo_is_mixed_by_channel_mean(make_sine, make_audio, peak_hz):
     # opposite channels cancel: the mean, not the first channel, is taken
     err = reason(make_audio(np.stack([left, -left], axis=1), 16000, "WAV", "FLOAT"))
     assert err.reason == "audio.silent"
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6, 7, 8, 12])
+def test_mono_mix_equals_numpys_channel_mean_bit_for_bit(channels):
+    frames = np.random.default_rng(channels).standard_normal((40_001, channels)).astype(np.float32)
+    frames[::97] *= 1e-6  # mixed magnitudes: rounding differs with the order of the additions
+    expected = frames.mean(axis=1, dtype=np.float32)
+    got = _mono(frames)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert _mono(frames)[0] == got[0] and frames.shape == (40_001, channels)  # the input is left alone
+
+
+@pytest.mark.parametrize("orig", [8000, 11025, 22050, 44100, 48000])
+def test_resampling_matches_torchaudio_functional_bit_for_bit(orig):
+    import torch
+    import torchaudio.functional as AF
+
+    x = np.random.default_rng(orig).standard_normal(orig // 2).astype(np.float32)
+    expected = AF.resample(torch.from_numpy(x), orig, 16000).numpy()
+    for _ in range(2):  # the second call takes the kept kernel
+        assert np.array_equal(_resample(x, orig, 16000), expected)
+
+
+def test_resampling_kernels_are_kept_up_to_a_size_for_the_rates_used_last(monkeypatch):
+    from collections import OrderedDict
+
+    monkeypatch.setattr(audio, "_RESAMPLERS", OrderedDict())
+    assert _resampler(8820, 16000) is _resampler(8820, 16000)  # 1.4 MB, ~1.6 s to build
+    monkeypatch.setattr(audio, "_MAX_KEPT_KERNEL", 1000)
+    assert _resampler(11025, 16000) is not _resampler(11025, 16000)
+    monkeypatch.setattr(audio, "_MAX_KEPT_KERNEL", 10**9)
+    monkeypatch.setattr(audio, "_KEPT_KERNELS", 2)
+    kept = _resampler(22050, 16000)
+    _resampler(8820, 16000)  # used again: 22050 is now the oldest
+    _resampler(44100, 16000)
+    assert list(audio._RESAMPLERS) == [(8820, 16000), (44100, 16000)]
+    assert _resampler(22050, 16000) is not kept
 
 
 # --- trimming, clipping, normalization ------------------------------------------------------------
