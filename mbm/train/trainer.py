@@ -41,8 +41,11 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     other = [p for p in params if p.dim() < 2]
+    # On a GPU one fused kernel updates every parameter: the default (foreach) launches several per
+    # group, and a small model's step is bound by kernel launches on the host.
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
+                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, fused=fused or None)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -198,10 +201,12 @@ class Trainer:
         self.env.barrier()
 
     # -- steps ------------------------------------------------------------------------------------
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[float, list[str]]:
-        """One optimizer step over ``accum_steps`` batches; returns the mean loss and the sample ids."""
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, list[str]]:
+        """One optimizer step over ``accum_steps`` batches; returns the mean loss (a 0-d tensor on the
+        device, so that the step does not wait for the device) and the sample ids."""
         self.ddp.train()
-        total, ids = 0.0, []
+        total: torch.Tensor | None = None
+        ids: list[str] = []
         for i in range(self.cfg.accum_steps):
             batch = batch_to(next(batches), self.env.device)
             ids.extend(batch["ids"])
@@ -211,14 +216,24 @@ class Trainer:
                 with autocast(self.env.device):
                     loss = self.ddp(batch)["loss"] / self.cfg.accum_steps
                 loss.backward()
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        assert total is not None  # accum_steps >= 1
         return total, ids
+
+    def _checked_loss(self, step: int, loss: torch.Tensor) -> float:
+        value = float(loss)
+        if not math.isfinite(value):
+            raise ValueError(
+                f"the training loss is {value} at step {step}: training diverged. Lower --lr (now "
+                f"{self.cfg.lr:g}), raise --warmup-steps or keep --grad-clip on, and start again with another "
+                "--out (this run's latest checkpoint may already hold the diverged weights)")
+        return value
 
     def validate(self) -> dict[str, float]:
         """Every rank evaluates the whole held-out split (identical results, no collectives needed)."""
@@ -243,33 +258,38 @@ class Trainer:
         if self.step == 0 and end > 0:  # the untrained baseline, so every curve has its starting point
             self._log({"step": 0, "split": "val", **self.validate()})
         t0, seen, losses = time.perf_counter(), 0, []
+        pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
         while self.step < end:
-            loss, ids = self.train_step(batches)
-            if not math.isfinite(loss):
-                raise ValueError(
-                    f"the training loss is {loss} at step {self.step}: training diverged. Lower --lr (now "
-                    f"{cfg.lr:g}), raise --warmup-steps or keep --grad-clip on, and start again with another "
-                    "--out (this run's latest checkpoint may already hold the diverged weights)")
+            loss_t, ids = self.train_step(batches)
+            pending.append((self.step, loss_t))
+            logs = self.step % cfg.log_every == 0 or self.step in (1, cfg.steps)
+            evals = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+            saves = self.step % cfg.checkpoint_interval == 0 or self.step == end
+            # A step's loss is read once the next step is queued (the device has finished it meanwhile),
+            # so the host never waits for the device between steps; all of them before a log, an
+            # evaluation or a checkpoint, so a diverged run never saves its weights.
+            ready, pending = (pending, []) if logs or evals or saves else (pending[:-1], pending[-1:])
+            for step, value in ready:
+                losses.append(self._checked_loss(step, value))
             seen += len(ids)
-            losses.append(loss)
             if cfg.log_samples:
                 append_jsonl(self.run.samples_log(env.rank), {"step": self.step, "epoch": self.loader.epoch,
                                                               "ids": ids})
-            if self.step % cfg.log_every == 0 or self.step in (1, cfg.steps):
+            if logs:
                 rate = env.mean(seen / max(time.perf_counter() - t0, 1e-9)) * env.world
-                last["train"] = {"step": self.step, "split": "train", "loss": env.mean(loss),
+                last["train"] = {"step": self.step, "split": "train", "loss": env.mean(losses[-1]),
                                  "loss_avg": env.mean(sum(losses) / len(losses)),
                                  "lr": self.scheduler.get_last_lr()[0], "samples_per_s": round(rate, 2),
                                  "epoch": self.loader.epoch, "skipped": self.loader.skipped}
                 self._log(last["train"])
                 bar.set_postfix(loss=f"{last['train']['loss']:.4f}", samples_s=f"{rate:.0f}")
                 t0, seen, losses = time.perf_counter(), 0, []
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            if evals:
                 last["val"] = {"step": self.step, "split": "val", **self.validate()}
                 self._log(last["val"])
                 if env.is_main:
                     plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
-            if self.step % cfg.checkpoint_interval == 0 or self.step == end:
+            if saves:
                 self.save()
             bar.update(1)
         bar.close()

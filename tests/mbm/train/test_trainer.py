@@ -187,6 +187,56 @@ def test_a_diverging_run_stops_with_a_message(data, tmp_path, capsys):
     assert "training diverged" in err and "--lr" in err
 
 
+def test_a_steps_loss_is_read_after_the_next_step_is_queued_or_before_a_log_eval_or_save(data, tmp_path,
+                                                                                          monkeypatch):
+    from mbm.train.trainer import Trainer
+
+    reads = []  # (the step of the loss, the trainer's step when it was read)
+    checked = Trainer._checked_loss
+
+    def recording(self, step, loss):
+        reads.append((step, self.step))
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+        return checked(self, step, loss)
+
+    monkeypatch.setattr(Trainer, "_checked_loss", recording)
+    out = str(tmp_path / "r")
+    assert train("--data", data, "--out", out, "--steps", "9", "--log-every", "4", "--eval-every", "6",
+                 "--checkpoint-every", "3") == 0
+    assert [s for s, _ in reads] == list(range(1, 10))  # every loss read once, in order
+    # steps 1 (logged), 3, 6, 9 (saved), 4, 8 (logged): at once; the others once the next step is queued
+    assert reads == [(1, 1), (2, 3), (3, 3), (4, 4), (5, 6), (6, 6), (7, 8), (8, 8), (9, 9)]
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 4, 8, 9]
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records if r["split"] == "train")
+
+
+def test_a_diverged_step_is_never_saved(data, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert train("--data", data, "--out", out, "--steps", "6", "--lr", "1e12", "--warmup-steps", "0",
+                 "--grad-clip", "0", "--checkpoint-every", "1", "--eval-every", "100") == 2
+    err = capsys.readouterr().err
+    diverged_at = int(err.split("at step ")[1].split(":")[0])
+    saved = sorted(os.listdir(os.path.join(out, "checkpoints"))) if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    assert all(int(name.split("-")[1].split(".")[0]) < diverged_at for name in saved if name.startswith("step-"))
+    assert diverged_at == 1 or "step-000001.pt" in saved  # the steps before it were saved
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_adamw_is_fused_on_a_gpu(device):
+    from mbm.train.config import TrainConfig
+    from mbm.train.trainer import adamw
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)).to(device)
+    opt = adamw(model, TrainConfig(data="unused", out="unused"))
+    assert bool(opt.defaults["fused"]) == (device == "cuda")
+    assert [g["weight_decay"] > 0 for g in opt.param_groups] == [True, False]
+    model(torch.ones(2, 4, device=device)).sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_resume_skips_a_cut_checkpoint_and_reports_an_unreadable_one(data, tmp_path, capsys, caplog):
     out = str(tmp_path / "r")
     assert train("--data", data, "--out", out, "--steps", "8", "--eval-every", "4", "--stop-at", "8") == 0
