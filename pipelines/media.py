@@ -15,6 +15,10 @@ def read_media(media: Media, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """The bytes of ``media``; missing, unreadable, empty or oversized files raise ``CleanError``."""
     if media.data is not None:
         data = media.data
+    elif media.offset is not None:
+        if (media.size or 0) > max_bytes:  # its tar header says so: not read
+            raise CleanError("file.too_large", f"{media.describe()} has {media.size} bytes, limit is {max_bytes}")
+        data = _read_range(media) if media.size else b""
     else:
         data = _read_uri(media.uri or "", max_bytes)
     if len(data) == 0:
@@ -46,6 +50,24 @@ def check_regular(uri: str) -> None:
     for test, what in _SPECIAL:
         if test(mode):
             raise CleanError("file.unreadable", f"{uri} is {what}, not a regular file")
+
+
+def _read_range(media: Media) -> bytes:
+    """The ``size`` bytes at ``offset`` of the file at ``uri`` (a tar member). Fewer than ``size`` means
+    the file was cut or replaced since it was listed."""
+    from apache_beam.io.filesystems import FileSystems
+
+    assert media.uri is not None and media.offset is not None and media.size is not None
+    try:
+        with FileSystems.open(media.uri, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+            f.seek(media.offset)
+            data = f.read(media.size)
+    except Exception as e:  # removed or unreadable since it was listed
+        raise CleanError("file.unreadable", f"{media.describe()} in {media.uri}: {type(e).__name__}: {e}") from e
+    if len(data) != media.size:
+        raise CleanError("file.unreadable", f"{media.describe()} in {media.uri}: {len(data)} of its {media.size} "
+                         "bytes are there now; the file was cut short or replaced while the job ran")
+    return data
 
 
 def _read_uri(uri: str, max_bytes: int) -> bytes:

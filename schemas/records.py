@@ -73,17 +73,27 @@ def escape_nested(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Media:
-    """Raw media: a path or URI that Beam's FileSystems can open, or bytes already in hand (from a tar)."""
+    """Raw media: a path or URI that Beam's FileSystems can open, the ``size`` bytes at ``offset`` of
+    one (a member of an uncompressed tar, read when the sample is cleaned, so that no media bytes go
+    through the job's shuffles), or bytes already in hand."""
 
     uri: str | None = None
     data: bytes | None = None
     name: str = ""  # file name as the source gave it, for messages and format hints only
+    offset: int | None = None  # with ``uri`` and ``size``: where in that file the media's bytes start
+    size: int | None = None
 
     def __post_init__(self) -> None:
         if self.uri is None and self.data is None:
             raise ValueError("Media needs a uri or data")
+        if (self.offset is None) != (self.size is None) or (self.offset is not None and self.uri is None):
+            raise ValueError("Media: offset and size go together, with a uri")
+        if self.offset is not None and (self.offset < 0 or self.size < 0):
+            raise ValueError(f"Media: offset and size must be >= 0, got {self.offset} and {self.size}")
 
     def describe(self) -> str:
+        if self.offset is not None:
+            return self.name or f"bytes {self.offset}..{self.offset + (self.size or 0)} of {self.uri}"
         return self.uri or self.name or f"<{len(self.data or b'')} bytes>"
 
 

@@ -19,6 +19,7 @@ and its sample is read without it, as beside a folder's image.
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import re
 import tarfile
@@ -34,6 +35,8 @@ from pipelines.readers.common import (
     absolute,
     display_name,
     is_empty,
+    local_path,
+    media_kind,
     normalize_id,
     reject,
     shown,
@@ -54,6 +57,20 @@ UNREAD_MEMBERS = "unread_members"  # meta key: the members that hold bytes and w
 # names of tars, plain or compressed; a file named otherwise is read only when it starts like one
 TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.lzma",
              ".tar.zst", ".tzst")
+
+
+@dataclass(frozen=True)
+class _Range:
+    """An image or audio member's data left where it is in an uncompressed local tar: the sample's
+    ``Media`` points there and the cleaner reads it, so media bytes never travel through the job's
+    shuffles (which the local runner holds in memory: a dataset's worth of them)."""
+
+    path: str
+    offset: int
+    size: int
+
+    def __bool__(self) -> bool:  # "has bytes", as a member's non-empty bytes are
+        return self.size > 0
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,10 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | 
             if not _tar_like(path, f, kind):
                 yield _not_a_tar(name, kind)
                 return
+            # Media members of an uncompressed local tar stay in it (``_Range``); a compressed tar cannot
+            # be read at an offset, and a remote one would cost a request per member: their bytes are read.
+            local = local_path(path) if kind == CompressionTypes.UNCOMPRESSED else None
+            length = os.fstat(f.fileno()).st_size if local is not None and hasattr(f, "fileno") else -1
             with decompressed(f, kind) as tar:
                 source = tar if kind == CompressionTypes.UNCOMPRESSED else _UpToTheCut(tar)
                 # streamed; ignore_zeros reads on past the end marker of each part
@@ -213,8 +234,11 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | 
                         continue
                     if info.isreg():
                         member = info.name
-                        data = stream.extractfile(info).read()
-                        yield member, data
+                        if (local is not None and info.size and not info.issparse() and media_kind(member)
+                                and info.offset_data + info.size <= length):
+                            yield member, _Range(local, info.offset_data, info.size)
+                        else:  # whole, or cut short: reading it raises, and the damage names it
+                            yield member, stream.extractfile(info).read()
                         member = None
                     elif (info.islnk() or info.issym()) and _KEY.match(info.name):
                         yield info.name, links.read(info)
@@ -541,8 +565,14 @@ def _caption(value: Any, source: str) -> str | None:
 def _media(group: dict[str, tuple[str, bytes]], extensions: frozenset[str]) -> Media | None:
     """The first member with one of ``extensions`` that has bytes (``s1.flac`` empty, ``s1.wav`` not:
     the wav), else the first one, whose emptiness the cleaner reports."""
-    found = [Media(data=data, name=name) for suffix, (name, data) in group.items() if suffix in extensions]
-    return next((media for media in found if media.data), found[0] if found else None)
+    found = [_as_media(name, data) for suffix, (name, data) in group.items() if suffix in extensions]
+    return next((media for media in found if media.data or media.size), found[0] if found else None)
+
+
+def _as_media(name: str, data: bytes | _Range) -> Media:
+    if isinstance(data, _Range):
+        return Media(uri=data.path, offset=data.offset, size=data.size, name=name)
+    return Media(data=data, name=name)
 
 
 def _label(data: bytes | None) -> int | str | None:

@@ -2,16 +2,35 @@ import bz2
 import gzip
 import io
 import lzma
+import pickle
 import tarfile
 import zlib
 
 import pytest
 import webdataset as wds
 
-from pipelines.readers import iter_tar
-from schemas import Media, Reject
+from pipelines.errors import CleanError
+from pipelines.media import read_media
+from pipelines.readers import iter_tar as read_tar
+from schemas import Media, RawSample, Reject
 
 JPG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8
+
+
+def _held(media):
+    """``media`` with its bytes in hand: the tests below compare what a sample's media hold."""
+    if media is None or media.offset is None:
+        return media
+    return Media(data=read_media(media), name=media.name)
+
+
+def iter_tar(path):
+    """``read_tar``, each sample's media read (an uncompressed local tar's media stay in it: see the
+    tests of ``_Range`` at the end)."""
+    for item in read_tar(path):
+        if isinstance(item, RawSample):
+            item.image, item.audio = _held(item.image), _held(item.audio)
+        yield item
 
 
 def write_tar(path, samples):
@@ -533,3 +552,61 @@ def test_a_json_caption_or_label_not_used_is_kept_in_meta(tmp_path):
     assert (k.text, k.label) == (b"from txt", 7)
     assert list(k.meta.items()) == [("caption", "from json"), ("src", "flickr"), ("label", "tabby")]
     assert (m.text, m.label, m.meta) == (b"same", 7, {})  # saying it twice adds nothing
+
+
+# --- media left in the tar ------------------------------------------------------------------------
+
+
+def test_media_of_an_uncompressed_local_tar_stay_in_it_and_read_back(tmp_path):
+    samples = [{"__key__": "a", "jpg": JPG + b"a", "txt": "x", "wav": b"RIFFwav"},
+               {"__key__": "b", "png": b"", "flac": b"fLaC" * 1000}]
+    path = write_tar(tmp_path / "t.tar", samples)
+    a, b = read_tar(str(path))
+    for media, data in ((a.image, JPG + b"a"), (a.audio, b"RIFFwav"), (b.audio, b"fLaC" * 1000)):
+        assert media.data is None and media.uri == str(path) and media.size == len(data)
+        assert read_media(media) == data
+        assert path.read_bytes()[media.offset:media.offset + media.size] == data
+    assert (a.image.name, a.text) == ("a.jpg", b"x")
+    assert b.image == Media(data=b"", name="b.png")  # empty: nothing to point at
+    # the samples travel small: a reference, not the bytes
+    assert len(pickle.dumps(b)) < 600
+
+
+def test_media_of_a_compressed_tar_are_read(tmp_path):
+    path = write_tar(tmp_path / "t.tar", [{"__key__": "a", "jpg": JPG}])
+    (tmp_path / "t.tar.gz").write_bytes(gzip.compress(path.read_bytes()))
+    (a,) = read_tar(str(tmp_path / "t.tar.gz"))
+    assert a.image == Media(data=JPG, name="a.jpg")
+
+
+def test_a_tar_cut_short_after_it_was_read_makes_the_media_unreadable(tmp_path):
+    path = write_tar(tmp_path / "t.tar", [{"__key__": "a", "jpg": JPG}, {"__key__": "b", "jpg": JPG + b"b"}])
+    a, b = read_tar(str(path))
+    with open(path, "r+b") as f:
+        f.truncate(b.image.offset + 10)
+    assert read_media(a.image) == JPG
+    with pytest.raises(CleanError) as info:
+        read_media(b.image)
+    assert info.value.reason == "file.unreadable" and "cut short or replaced" in info.value.detail
+    with pytest.raises(CleanError) as info:
+        read_media(a.image, max_bytes=100)  # over the limit: known from the header, not read
+    assert info.value.reason == "file.too_large" and f"{len(JPG)} bytes" in info.value.detail
+
+
+def test_a_member_cut_short_is_still_damage(tmp_path):
+    path = write_tar(tmp_path / "t.tar", [{"__key__": "a", "jpg": JPG}, {"__key__": "b", "jpg": JPG * 4}])
+    data = path.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: data.index(JPG * 4) + 100])
+    a, damage = read_tar(str(tmp_path / "cut.tar"))
+    assert a.id == "a" and read_media(a.image) == JPG
+    assert isinstance(damage, Reject) and damage.reason == "read.corrupt_tar" and "member 'b.jpg'" in damage.detail
+
+
+def test_media_reference_checks():
+    with pytest.raises(ValueError, match="offset and size go together"):
+        Media(uri="x.tar", offset=5)
+    with pytest.raises(ValueError, match="offset and size go together"):
+        Media(data=b"x", offset=0, size=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        Media(uri="x.tar", offset=-1, size=3)
+    assert Media(uri="/d/x.tar", offset=512, size=3, name="k.jpg").describe() == "k.jpg"
