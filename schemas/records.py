@@ -93,7 +93,7 @@ class Media:
 
     def describe(self) -> str:
         if self.offset is not None:
-            return self.name or f"bytes {self.offset}..{self.offset + (self.size or 0)} of {self.uri}"
+            return self.name or f"<{self.size} bytes>"
         return self.uri or self.name or f"<{len(self.data or b'')} bytes>"
 
 

@@ -10,19 +10,21 @@ import glob
 import logging
 import os
 import re
+import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from pipelines.errors import disk_guard
 from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path
 from pipelines.readers.folder import check_metadata, iter_folder
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import iter_tar
-from schemas import RawSample, Reject
+from schemas import Media, RawSample, Reject
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +182,22 @@ def read_input(item: Input, config: SourceConfig) -> Iterator[RawSample | Reject
 
 
 class _ReadFn(beam.DoFn):
-    """One input → ``(id, ((input index, position), sample))`` on the main output, rejects tagged."""
+    """One input → ``(id, ((input index, position), sample))`` on the main output, rejects tagged.
 
-    def __init__(self, config: SourceConfig) -> None:
+    With ``spool`` (a local folder), media bytes a reader holds (a compressed or remote tar's members,
+    bytes cells of a Parquet or JSON manifest) are appended to one file there per bundle and the sample
+    continues with a reference (``Media`` with an offset and a size) that the cleaner reads: the shuffles
+    after this step, which the local runner holds in memory, carry no media.
+    """
+
+    def __init__(self, config: SourceConfig, spool: str | None = None) -> None:
         self._config = config
+        self._spool = spool
         self._samples = Metrics.counter("read", "samples")
+
+    def start_bundle(self) -> None:
+        self._file: Any = None
+        self._path, self._offset = "", 0
 
     def process(self, item: Input) -> Iterator[Any]:
         for position, out in enumerate(read_input(item, self._config)):
@@ -193,7 +206,30 @@ class _ReadFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(REJECTS, out)
             else:
                 self._samples.inc()
-                yield out.id, ((item.index, position), out)
+                yield out.id, ((item.index, position), self._spooled(out) if self._spool else out)
+
+    def finish_bundle(self) -> None:
+        if self._file is not None:
+            with disk_guard("spooling media", self._spool or ""):
+                self._file.close()  # before the bundle commits: the cleaner reads after the shuffle
+            self._file = None
+
+    def _spooled(self, sample: RawSample) -> RawSample:
+        held = {m: media for m in ("image", "audio") if (media := getattr(sample, m)) is not None and media.data}
+        if not held:
+            return sample
+        with disk_guard("spooling media", self._spool or ""):
+            if self._file is None:  # a fresh name per bundle: a retried bundle never appends to a failed one's
+                os.makedirs(self._spool, exist_ok=True)
+                self._path = os.path.join(self._spool, f"{uuid.uuid4().hex}.bin")
+                self._file = open(self._path, "wb")  # noqa: SIM115 - closed in finish_bundle
+                self._offset = 0
+            moved = {}
+            for m, media in held.items():
+                self._file.write(media.data)
+                moved[m] = Media(uri=self._path, offset=self._offset, size=len(media.data), name=media.name)
+                self._offset += len(media.data)
+        return replace(sample, **moved)
 
 
 class _FirstWinsFn(beam.DoFn):
@@ -219,9 +255,12 @@ def _route(item: RawSample | Reject) -> Iterator[Any]:
 class ReadSource(beam.PTransform):
     """Reads ``config``'s source; outputs ``samples`` (``RawSample``, unique ids) and ``rejects`` (``Reject``)."""
 
-    def __init__(self, config: SourceConfig) -> None:
+    def __init__(self, config: SourceConfig, spool: str | None = None) -> None:
+        """``spool``: a local folder for the media bytes readers hold (``_ReadFn``); None keeps them in
+        the samples (a remote runner's shuffle is not held in one process's memory)."""
         super().__init__()
         self._config = config
+        self._spool = spool
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
         inputs = list_inputs(self._config)
@@ -229,7 +268,7 @@ class ReadSource(beam.PTransform):
         read = (
             pbegin
             | "Inputs" >> beam.Create(inputs)
-            | "Read" >> beam.ParDo(_ReadFn(self._config)).with_outputs(REJECTS, main="keyed")
+            | "Read" >> beam.ParDo(_ReadFn(self._config, self._spool)).with_outputs(REJECTS, main="keyed")
         )
         unique = read.keyed | "GroupById" >> beam.GroupByKey() | "FirstWins" >> beam.ParDo(_FirstWinsFn())
         return (

@@ -335,3 +335,58 @@ def test_config_refuses_a_parquet_manifest_of_no_rows(tmp_path):
     path = _table(tmp_path / "m.parquet", {"id": [], "text": []})
     with pytest.raises(ValueError, match="has no rows"):
         SourceConfig(manifest=str(path))
+
+
+# -- media spooled out of the shuffles ---------------------------------------------------------------
+
+
+def _media_read(sample):
+    """(id, image bytes, where they are: "bytes" in the sample, or "range" of a file)"""
+    from pipelines.media import read_media
+
+    where = "bytes" if sample.image.data is not None else "range"
+    return sample.id, read_media(sample.image), where
+
+
+@pytest.mark.parametrize("spool", [True, False])
+def test_media_bytes_a_reader_holds_are_spooled_when_asked(tmp_path, spool):
+    import gzip
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plain = _tar(tmp_path / "plain.tar", ["p0", "p1"])
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress(_tar(tmp_path / "z.tar", ["z0", "z1"]).read_bytes()))
+    os.remove(tmp_path / "z.tar")
+    folder = tmp_path / "spool"
+
+    def check(out):
+        where = "range" if spool else "bytes"
+        expected = [("p0", b"\xff\xd8p0", "range"), ("p1", b"\xff\xd8p1", "range"),  # left in the plain tar
+                    ("z0", b"\xff\xd8z0", where), ("z1", b"\xff\xd8z1", where)]
+        assert_that(out.samples | beam.Map(_media_read), equal_to(expected))
+
+    _run_spooled(SourceConfig(shards=f"{tmp_path}/*.tar*"), str(folder) if spool else None, check)
+    spooled = sorted(os.listdir(folder)) if folder.exists() else []
+    assert len(spooled) == (1 if spool else 0)  # one file per bundle that held media bytes: the gzipped tar
+    assert os.path.exists(plain)
+
+    # a Parquet manifest with the image bytes in a column (as Hugging Face datasets exports them)
+    table = pa.table({"id": ["q0", "q1"], "image": [{"bytes": b"\xff\xd8q0", "path": None},
+                                                    {"bytes": b"\xff\xd8q1", "path": None}]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    (tmp_path / "m.parquet").write_bytes(buf.getvalue())
+
+    def check_rows(out):
+        where = "range" if spool else "bytes"
+        assert_that(out.samples | beam.Map(_media_read),
+                    equal_to([("q0", b"\xff\xd8q0", where), ("q1", b"\xff\xd8q1", where)]))
+
+    _run_spooled(SourceConfig(manifest=str(tmp_path / "m.parquet")), str(folder) if spool else None, check_rows)
+
+
+def _run_spooled(config, spool, check):
+    with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as p:
+        check(p | ReadSource(config, spool=spool))
