@@ -23,8 +23,11 @@ docs/benchmarks.md.
   [extract] settings; its [output] is replaced by a temporary folder and its [runner] left out (all
   three run here, mbm with one worker per core). --samples is refused as for a folder.
 
+--memory also runs ``mbm preprocess`` on the data at 1x and 4x its size (a manifest's rows repeated, or
+tars written once and four times with unique keys) and reports the growth of its peak memory.
+
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --write
-    .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1
+    .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1 --memory
 """
 
 from __future__ import annotations
@@ -287,12 +290,59 @@ def precision_arg(text: str) -> tuple[str, str]:
     return modality, value
 
 
+TAR_WRITE_MODES = {".gz": "w:gz", ".tgz": "w:gz", ".bz2": "w:bz2", ".tbz": "w:bz2", ".tbz2": "w:bz2",
+                   ".xz": "w:xz", ".txz": "w:xz"}
+
+
+def repeat_tars(source: Path, dest: Path, factor: int) -> Path:
+    """The tars ``source`` names, written ``factor`` times into ``dest`` with unique keys (copy i's member
+    names, and the ``key`` of their json, prefixed ``c{i}-``), compressed as the originals (a .tar.zst is
+    refused: tarfile cannot write it); returns the pattern of the copies. Regular members only."""
+    import io
+    import posixpath
+
+    from pipelines.readers.source import expand_shards
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for n, path in enumerate(expand_shards(str(source))):
+        suffix = Path(path).suffix.lower()
+        if suffix in (".zst", ".tzst"):
+            raise SystemExit(f"--memory: {path} is zstd-compressed, which this benchmark cannot write 4 copies "
+                             "of; decompress the tars (zstd -d) and point --source at those")
+        for i in range(factor):
+            out = dest / f"c{i}-{n:05d}-{Path(path).name}"
+            with tarfile.open(path, "r:*") as src, tarfile.open(out, TAR_WRITE_MODES.get(suffix, "w")) as dst:
+                for info in src:
+                    if not info.isreg():
+                        continue
+                    data = src.extractfile(info).read()
+                    folder, base = posixpath.split(info.name)
+                    if base.partition(".")[2].lower() == "json":
+                        try:
+                            doc = json.loads(data)
+                        except ValueError:
+                            doc = None
+                        if isinstance(doc, dict) and isinstance(doc.get("key"), str | int):
+                            doc["key"] = f"c{i}-{doc['key']}"
+                            data = json.dumps(doc).encode()
+                    copy = tarfile.TarInfo(posixpath.join(folder, f"c{i}-{base}"))
+                    copy.size, copy.mode = len(data), info.mode
+                    dst.addfile(copy, io.BytesIO(data))
+    return dest / "c*"  # a pattern: mbm reads a folder's *.tar only, and the copies may be compressed
+
+
 def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
-    """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each)."""
+    """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each); WebDataset
+    tars (``source``) are written once and four times with unique keys (``repeat_tars``)."""
     rows, peaks = [], {}
+    tars = source is not None and source_kind(source) == "shards"
     for factor in (1, 4):
         data = tmp / f"mem-{factor}x"
-        spec = dataset(data, factor * n, source=source)
+        if tars:
+            spec = dataset(data, 0, source=repeat_tars(source, data / "tars", factor))
+            n = input_count(spec) // factor
+        else:
+            spec = dataset(data, factor * n, source=source)
         r = measure(commands(spec, data / "out")["mbm preprocess"], data / "run.log")
         peaks[factor] = r
         print(f"memory {factor}x: {factor * n} samples, {r['wall']:.1f} s, RSS {r['rss']:.0f} MiB, "
@@ -369,9 +419,9 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if args.samples:
             ap.error(f"--samples {args.samples}: --source {args.source} is {KINDS[kind]}, used as it is (only a "
                      "manifest's rows are repeated to --samples); leave out --samples")
-        if args.memory:
+        if args.memory and kind != "shards":
             ap.error(f"--memory repeats the data to 4x; --source {args.source} is {KINDS[kind]}, which cannot be "
-                     "repeated (a manifest can)")
+                     "repeated (a manifest or WebDataset tars can)")
         args.samples = 0
     elif args.samples is None:
         args.samples = DEFAULT_SAMPLES
@@ -389,8 +439,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--profile", action="store_true", help="also run the plain loop under cProfile")
     ap.add_argument("--memory", action="store_true",
-                    help="also measure mbm's peak memory at 1x and 4x --samples (one run each; the bundled sample or a "
-                         "manifest --source only)")
+                    help="also measure mbm's peak memory at 1x and 4x --samples (one run each; the bundled sample, a "
+                         "manifest --source, or tars, written four times with unique keys)")
     ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
                     help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
     ap.add_argument("--source", type=Path, default=None, metavar="PATH",

@@ -20,6 +20,7 @@ from preprocess import (  # noqa: E402
     main,
     parser,
     precision_arg,
+    repeat_tars,
     source_kind,
 )
 
@@ -242,7 +243,7 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
 @pytest.mark.parametrize("argv, message", [
     (["--source", "FOLDER", "--samples", "5"], "an imagefolder/audiofolder, used as it is"),
     (["--source", "TARS", "--samples", "5"], "WebDataset tars, used as it is"),
-    (["--source", "FOLDER", "--memory"], "cannot be repeated"),
+    (["--source", "FOLDER", "--memory"], "cannot be repeated (a manifest or WebDataset tars can)"),
     (["--source", "FOLDER", "--write"], "--write records"),
     (["--source", "GONE"], "does not exist"),
     (["--samples", "0"], "--samples must be >= 1"),
@@ -253,6 +254,43 @@ def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         _samples(*(paths.get(a, a) for a in argv))
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_tars_are_repeated_with_unique_keys_for_the_memory_check(tmp_path, gzipped):
+    import gzip
+
+    from pipelines.media import read_media
+    from pipelines.readers import iter_tar
+    from pipelines.readers.source import expand_shards
+
+    pattern = tar_set(tmp_path / "tars")
+    if gzipped:  # the copies keep the originals' compression
+        for path in expand_shards(pattern):
+            Path(path + ".gz").write_bytes(gzip.compress(Path(path).read_bytes()))
+        pattern = f"{tmp_path}/tars/*.tar.gz"
+
+    def read(pattern):
+        return [s for path in expand_shards(str(pattern)) for s in iter_tar(path) if isinstance(s, RawSample)]
+
+    originals = read(pattern)
+    copies = read(repeat_tars(Path(pattern), tmp_path / "copies", 3))
+    assert source_kind(tmp_path / "copies" / "c*") == "shards"
+    # tar_set repeats one key across tars (mbm keeps the first): so do the copies, within each copy
+    assert len(copies) == 3 * len(originals) and len({s.id for s in copies}) == 3 * len({s.id for s in originals})
+    assert all(p.name.endswith(".tar.gz" if gzipped else ".tar") for p in (tmp_path / "copies").iterdir())
+    by_id = {}
+    for s in copies:
+        by_id.setdefault(s.id, s)
+    originals = list({s.id: s for s in reversed(originals)}.values())  # the first of each id
+    for s in originals:  # ids from the json key (img2dataset) or the tar key, prefixed per copy
+        for i in range(3):
+            c = by_id[f"c{i}-{s.id}"]
+            assert (c.text, c.label) == (s.text, s.label)
+            for m in ("image", "audio"):
+                assert (getattr(c, m) is None) == (getattr(s, m) is None)
+                if getattr(s, m) is not None:
+                    assert read_media(getattr(c, m)) == read_media(getattr(s, m))
 
 
 def _job_over_tars(tmp_path: Path) -> Path:
