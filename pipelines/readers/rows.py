@@ -47,6 +47,7 @@ _CHUNK = 1 << 16  # compressed bytes read at a time by ``_Streams``
 _BOM = "\ufeff"
 _CSV_FIELD_LIMIT = 1 << 26  # the csv module's default (128 KiB) is shorter than some captions
 _PARQUET_BATCH = 4096
+_PARQUET_BATCH_BYTES = 64 << 20  # uncompressed bytes of rows per batch read (``parquet_batch_rows``)
 # Lists and objects nested deeper than this are refused: the recursive steps after reading (meta
 # cleaning, json.dumps, pickling between workers) would overflow the stack near 1000 levels, and no
 # hand-written metadata comes near 100 (Ruby's JSON parser has the same default limit).
@@ -705,9 +706,21 @@ def _batches(f: BinaryIO) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     try:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH)
+        parquet = pq.ParquetFile(f)
+        yield from parquet.iter_batches(batch_size=parquet_batch_rows(parquet.metadata))
     except Exception as e:  # Arrow raises ArrowInvalid, OSError, ... for a cut or garbled file
         raise _Unreadable(e) from e
+
+
+def parquet_batch_rows(metadata: Any) -> int:
+    """Rows per batch read from a Parquet file: ``_PARQUET_BATCH``, or fewer when its rows are big (images
+    or audio as bytes cells: 4096 one-megabyte rows would be 4 GB in Python objects at once), so that a
+    batch holds about ``_PARQUET_BATCH_BYTES`` of uncompressed data."""
+    rows = metadata.num_rows
+    size = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    if rows <= 0 or size <= 0:
+        return _PARQUET_BATCH
+    return max(1, min(_PARQUET_BATCH, _PARQUET_BATCH_BYTES * rows // size))
 
 
 def _pylist(batch: Any) -> list[dict[str, Any]]:

@@ -714,3 +714,26 @@ def test_a_decoded_audio_array_is_a_reject_saying_how_to_store_audio(tmp_path):
     assert (item.id, item.reason) == ("a1", "read.bad_type")
     assert "'audio' is a decoded array ('array', 'sampling_rate', 'path')" in item.detail
     assert "ds.cast_column('audio', Audio(decode=False))" in item.detail
+
+
+def test_parquet_rows_are_read_in_batches_sized_by_their_bytes(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.readers import rows
+
+    big = tmp_path / "big.parquet"  # images as bytes cells: 1 MB rows
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(40)], "image": [bytes([i]) * (1 << 20) for i in range(40)]}),
+                   big, row_group_size=10)
+    small = tmp_path / "small.parquet"
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(40)], "text": ["x"] * 40}), small)
+    assert rows.parquet_batch_rows(pq.ParquetFile(small).metadata) == rows._PARQUET_BATCH
+    assert rows.parquet_batch_rows(pq.ParquetFile(big).metadata) in (63, 64)  # 64 MB of 1 MB rows (and ids)
+    monkeypatch.setattr(rows, "_PARQUET_BATCH_BYTES", 8 << 20)
+    sizes = []
+    real = rows._pylist
+    monkeypatch.setattr(rows, "_pylist", lambda batch: sizes.append(batch.num_rows) or real(batch))
+    read = list(rows._parquet_rows(str(big)))
+    assert [r["id"] for _, r in read] == [f"r{i}" for i in range(40)]
+    assert read[7][1]["image"] == bytes([7]) * (1 << 20)
+    assert max(sizes) <= 8 and sum(sizes) == 40
