@@ -226,7 +226,9 @@ def _members(path: str, name: str) -> Iterator[tuple[str, bytes | CleanError] | 
             with decompressed(f, kind) as tar:
                 source = tar if kind == CompressionTypes.UNCOMPRESSED else _UpToTheCut(tar)
                 # streamed; ignore_zeros reads on past the end marker of each part
-                stream = tarfile.open(fileobj=source, mode="r|", tarinfo=_TarInfo, ignore_zeros=True)
+                # an uncompressed local tar is read with seeks over the data of the members left in it
+                mode = "r:" if local is not None else "r|"
+                stream = tarfile.open(fileobj=source, mode=mode, tarinfo=_TarInfo, ignore_zeros=True)
                 while (info := stream.next()) is not None:
                     offset = stream.offset
                     stream.members = []  # a streamed tar otherwise keeps every TarInfo

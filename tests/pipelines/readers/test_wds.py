@@ -610,3 +610,37 @@ def test_media_reference_checks():
     with pytest.raises(ValueError, match=">= 0"):
         Media(uri="x.tar", offset=-1, size=3)
     assert Media(uri="/d/x.tar", offset=512, size=3, name="k.jpg").describe() == "k.jpg"
+
+
+def test_the_data_of_members_left_in_an_uncompressed_tar_is_not_read(tmp_path, monkeypatch):
+    from apache_beam.io.filesystems import FileSystems
+
+    big = bytes(range(256)) * 4096  # 1 MiB per image
+    path = write_tar(tmp_path / "t.tar", [{"__key__": f"k{i}", "jpg": JPG + big, "txt": f"t{i}"} for i in range(8)])
+    counted = []
+    real_open = FileSystems.open
+
+    class Counting:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, *args):
+            data = self._f.read(*args)
+            counted.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    monkeypatch.setattr(FileSystems, "open", staticmethod(lambda *a, **k: Counting(real_open(*a, **k))))
+    samples = list(read_tar(str(path)))
+    assert [s.text for s in samples] == [f"t{i}".encode() for i in range(8)]
+    assert path.stat().st_size > 8 << 20 and sum(counted) < 64 << 10  # headers and texts only
+    monkeypatch.undo()
+    assert all(read_media(s.image) == JPG + big for s in samples)
