@@ -179,16 +179,41 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
     )
 
 
-def load_previous(index_path: str | None) -> dict[str, dict[str, Any]]:
-    """Landed samples of the previous version by id (empty when there is none)."""
+class PreviousIndex:
+    """The landed rows of the previous version, by id. Every cleaning worker holds one, so the rows stay
+    Arrow columns (their bytes, a few hundred per row) and a row becomes a dict only when a sample asks
+    for it: as Python dicts they took ~2.8 KB a row, 558 MB for 200,000 rows in each worker."""
+
+    def __init__(self, table: Any) -> None:
+        """``table``: the index's landed rows (status ``ok``)."""
+        self._names = table.column_names
+        self._columns = [table.column(n) for n in self._names]  # a chunk per row group: few
+        # the last row of an id wins, as a dict built from the rows would have it
+        self._at = {sample_id: i for i, sample_id in enumerate(table.column("id").to_pylist())}
+
+    def get(self, sample_id: str) -> dict[str, Any] | None:
+        i = self._at.get(sample_id)
+        if i is None:
+            return None
+        return {name: column[i].as_py() for name, column in zip(self._names, self._columns, strict=True)}
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+
+def load_previous(index_path: str | None) -> PreviousIndex | dict[str, dict[str, Any]]:
+    """Landed samples of the previous version by id (empty when there is none): ``.get(id)`` is its index
+    row as a dict, or None."""
     if not index_path:
         return {}
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
     with FileSystems.open(index_path, compression_type="uncompressed") as f:
-        rows = pq.read_table(f).to_pylist()
-    return {r["id"]: r for r in rows if r["status"] == "ok"}
+        previous = PreviousIndex(pq.read_table(f, filters=[("status", "==", "ok")]))
+    pa.default_memory_pool().release_unused()  # what reading the file took beside the table (~2x it)
+    return previous
 
 
 class CleanSampleFn(beam.DoFn):
@@ -196,7 +221,7 @@ class CleanSampleFn(beam.DoFn):
 
     def __init__(self, cfg: CleanConfig) -> None:
         self._cfg = cfg
-        self._previous: dict[str, dict[str, Any]] = {}
+        self._previous: PreviousIndex | dict[str, dict[str, Any]] = {}
         self._ok = Metrics.counter("mbm", "cleaned")
         self._rejected = Metrics.counter("mbm", "rejected_clean")
         self._unchanged = Metrics.counter("mbm", "unchanged")
