@@ -1,7 +1,10 @@
 """``ReadSource``: a manifest, an imagefolder/audiofolder or WebDataset tars as ``RawSample``s and ``Reject``s.
 
-inputs ─► Read (one file per element) ─► GroupById ─► FirstWins ─┬► Reshuffle ─► Route ─► samples
-             └─► rejects ────────────────────────────────────────┘                   └─► rejects
+inputs ─► Read (one file per element) ─► GroupById ─► FirstWins ─┬► Route ─► samples
+             └─► rejects ────────────────────────────────────────┘      └─► rejects
+
+The de-duplication's shuffle already spreads the samples over the workers (by id), so no reshuffle
+follows it: on Beam's local runner that was one more copy of every sample held in the driver.
 """
 
 from __future__ import annotations
@@ -274,6 +277,5 @@ class ReadSource(beam.PTransform):
         return (
             (unique, read[REJECTS])
             | "Merge" >> beam.Flatten()
-            | "Reshuffle" >> beam.Reshuffle()
             | "Route" >> beam.ParDo(_route).with_outputs(SAMPLES, REJECTS)
         )
