@@ -86,15 +86,14 @@ def _label_key(v: Any) -> tuple[str, str]:
 PLAN_COLUMNS = ("id", "status", "stage", "reason", "modalities")
 
 
-def load_index(out_dir: str, manifest: DatasetManifest | None,
-               columns: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """The rows of ``manifest``'s index (``columns`` of them only: a row of all 14 as a dict is ~2.8 KB)."""
+def load_index(out_dir: str, manifest: DatasetManifest | None, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of ``manifest``'s index, ``columns`` of them only (a row of all 14 as a dict is ~2.8 KB)."""
     if manifest is None:
         return []
     import pyarrow.parquet as pq
 
     with FileSystems.open(join(out_dir, manifest.index), compression_type="uncompressed") as f:
-        return pq.read_table(f, columns=list(columns) if columns else None).to_pylist()
+        return pq.read_table(f, columns=list(columns)).to_pylist()
 
 
 def plan_counts(previous_rows: list[dict], new_rows: list[dict], same_rows: list[dict]) -> dict[str, int]:

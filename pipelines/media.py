@@ -16,7 +16,7 @@ def read_media(media: Media, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if media.data is not None:
         data = media.data
     elif media.offset is not None:
-        if (media.size or 0) > max_bytes:  # its tar header says so: not read
+        if media.size > max_bytes:  # its tar header says so: not read
             raise CleanError("file.too_large", f"{media.describe()} has {media.size} bytes, limit is {max_bytes}")
         data = _read_range(media) if media.size else b""
     else:

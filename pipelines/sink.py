@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import tarfile
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipelines.errors import disk_guard
+from pipelines.spill import BundleFile
 from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
 
 log = logging.getLogger(__name__)
@@ -81,36 +81,23 @@ class SpillFeatures(beam.DoFn):
 
     def __init__(self, staging: str) -> None:
         self._staging = staging.rstrip("/")
-        self._file = None
-        self._path = ""
-        self._offset = 0
 
     def start_bundle(self) -> None:
-        self._file, self._path, self._offset = None, "", 0
+        self._spill = BundleFile(f"{self._staging}/spill", "writing features")
 
     def process(self, sample: CleanSample) -> Iterator[CleanSample]:
         arrays = {m: f for m, f in sample.features.items() if isinstance(f, np.ndarray)}
         if not arrays:
             yield sample
             return
-        with disk_guard("writing features", self._staging):
-            if self._file is None:  # a fresh name per bundle: a retried bundle never appends to a failed one's file
-                self._path = f"{self._staging}/spill/{uuid.uuid4().hex}.bin"
-                self._file = FileSystems.create(self._path, mime_type="application/octet-stream")
-                self._offset = 0
-            refs = {}
-            for m, arr in arrays.items():
-                data = npy_bytes(arr)
-                self._file.write(data)
-                refs[m] = Spilled(self._path, self._offset, len(data))
-                self._offset += len(data)
+        refs = {}
+        for m, arr in arrays.items():
+            data = npy_bytes(arr)
+            refs[m] = Spilled(*self._spill.append(data), len(data))
         yield sample.with_(features={**sample.features, **refs})
 
     def finish_bundle(self) -> None:
-        if self._file is not None:
-            with disk_guard("writing features", self._staging):
-                self._file.close()  # before the bundle commits: readers come after the shuffle
-            self._file = None
+        self._spill.close()
 
 
 def load_spilled(samples: list[CleanSample]) -> list[CleanSample]:

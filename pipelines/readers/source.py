@@ -13,7 +13,6 @@ import glob
 import logging
 import os
 import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -21,12 +20,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines.errors import disk_guard
 from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path
 from pipelines.readers.folder import check_metadata, iter_folder
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import iter_tar
+from pipelines.spill import BundleFile
 from schemas import Media, RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -199,8 +198,7 @@ class _ReadFn(beam.DoFn):
         self._samples = Metrics.counter("read", "samples")
 
     def start_bundle(self) -> None:
-        self._file: Any = None
-        self._path, self._offset = "", 0
+        self._file = BundleFile(self._spool, "spooling media") if self._spool else None
 
     def process(self, item: Input) -> Iterator[Any]:
         for position, out in enumerate(read_input(item, self._config)):
@@ -209,30 +207,20 @@ class _ReadFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(REJECTS, out)
             else:
                 self._samples.inc()
-                yield out.id, ((item.index, position), self._spooled(out) if self._spool else out)
+                yield out.id, ((item.index, position), self._spooled(out) if self._file else out)
 
     def finish_bundle(self) -> None:
         if self._file is not None:
-            with disk_guard("spooling media", self._spool or ""):
-                self._file.close()  # before the bundle commits: the cleaner reads after the shuffle
-            self._file = None
+            self._file.close()
 
     def _spooled(self, sample: RawSample) -> RawSample:
-        held = {m: media for m in ("image", "audio") if (media := getattr(sample, m)) is not None and media.data}
-        if not held:
-            return sample
-        with disk_guard("spooling media", self._spool or ""):
-            if self._file is None:  # a fresh name per bundle: a retried bundle never appends to a failed one's
-                os.makedirs(self._spool, exist_ok=True)
-                self._path = os.path.join(self._spool, f"{uuid.uuid4().hex}.bin")
-                self._file = open(self._path, "wb")  # noqa: SIM115 - closed in finish_bundle
-                self._offset = 0
-            moved = {}
-            for m, media in held.items():
-                self._file.write(media.data)
-                moved[m] = Media(uri=self._path, offset=self._offset, size=len(media.data), name=media.name)
-                self._offset += len(media.data)
-        return replace(sample, **moved)
+        moved = {}
+        for m in ("image", "audio"):
+            media = getattr(sample, m)
+            if media is not None and media.data:
+                path, offset = self._file.append(media.data)
+                moved[m] = Media(uri=path, offset=offset, size=len(media.data), name=media.name)
+        return replace(sample, **moved) if moved else sample
 
 
 class _FirstWinsFn(beam.DoFn):

@@ -1,0 +1,39 @@
+"""One file per Beam bundle that byte strings are appended to (computed features, media bytes a reader
+holds), so that only references to them travel through the job's shuffles."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pipelines.errors import disk_guard
+
+
+class BundleFile:
+    """Appends byte strings to one file in ``folder``, created on the first append under a fresh name (a
+    retried bundle never appends to a failed one's file); ``close`` at the end of the bundle, before it
+    commits (readers come after the shuffle). A full disk raises ``ResourceError`` saying ``what``."""
+
+    def __init__(self, folder: str, what: str) -> None:
+        self._folder, self._what = folder.rstrip("/"), what
+        self._file: Any = None
+        self._path, self._offset = "", 0
+
+    def append(self, data: bytes) -> tuple[str, int]:
+        """Writes ``data``; returns the file's path and the offset ``data`` starts at."""
+        from apache_beam.io.filesystems import FileSystems
+
+        with disk_guard(self._what, self._folder):
+            if self._file is None:
+                self._path = f"{self._folder}/{uuid.uuid4().hex}.bin"
+                self._file = FileSystems.create(self._path, mime_type="application/octet-stream")
+                self._offset = 0
+            self._file.write(data)
+        offset, self._offset = self._offset, self._offset + len(data)
+        return self._path, offset
+
+    def close(self) -> None:
+        if self._file is not None:
+            with disk_guard(self._what, self._folder):
+                self._file.close()
+            self._file = None
