@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
+    if command in ("preprocess", "demo"):  # before any thread or worker process starts
+        from mbm.alloc import limit_arenas
+
+        limit_arenas()
     fork = _early_fork_server(command, argv)
     try:  # whatever happens (argparse exits on a bad argument), the server must not outlive this call
         args = build_parser(with_train=command not in DATASET_COMMANDS).parse_args(argv)

@@ -19,6 +19,7 @@ from typing import Any
 import apache_beam as beam
 
 from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
+from mbm.alloc import limit_arenas
 from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
@@ -190,6 +191,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 raise SpecError(f"[extract.{m}] {ex.name}: {e}") from e
         handlers = build_handlers(extractors, {m: e.batch_size for m, e in spec.extract.items()}, spec.runner.device)
         workers = spec.runner.num_workers()
+        limit_arenas()  # the workers' too (done already when run from the command line)
         os.environ["MBM_WORKERS"] = str(workers)  # extractors size torch's thread pool from this
         options = pipeline_options(spec.runner.name, workers, list(spec.runner.options) + list(extra_options or []))
         progress_dir = f"{staging}/progress"

@@ -9,6 +9,13 @@ EfficientNet-Lite0 on a batch of 32 images at 224 px, one torch thread: 1.73 s p
 
 ``tune_malloc()`` keeps such blocks in the heap and keeps up to 1 GiB of freed heap for reuse.
 It is glibc-only (a no-op elsewhere), idempotent, and ``MBM_MALLOC=default`` turns it off.
+
+``limit_arenas()`` is for the processes of a preprocessing job. glibc gives each thread that meets a
+locked arena an arena of its own, up to 8 per core, and memory freed in one arena serves only the
+threads that use it; Beam's driver and workers run gRPC and bundle threads that allocate the samples'
+bytes in turn, so every arena grows to its own high-water mark. Measured on 40,000 short captions
+(2 workers): the job's peak PSS over its processes 1,865-1,919 MiB with glibc's arenas, 1,572 MiB with
+one, as fast (153.6 against 155-158 s; the 2,000-sample demo 34.4-35.2 s against 35.2-38.3 s).
 """
 
 from __future__ import annotations
@@ -26,29 +33,51 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 
 MMAP_THRESHOLD = 2**31 - 1  # the largest value mallopt accepts: no block is served by mmap on its own
 TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of free heap instead of returning it after each pass
 TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps
+ARENA_MAX = "1"  # MALLOC_ARENA_MAX of a preprocessing job's processes
+
+
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None (not Linux, not glibc, or ``MBM_MALLOC=default``)."""
+    if os.environ.get("MBM_MALLOC", "").strip().lower() == "default" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - present in glibc only (musl has mallopt as a stub)
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
+def limit_arenas() -> bool:
+    """One malloc arena for this process (from now on) and for the processes it starts (through
+    ``MALLOC_ARENA_MAX``, which glibc reads at their start); a ``MALLOC_ARENA_MAX`` already set is
+    left as it is. True when the limit is in effect here."""
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
+        return False
+    value = os.environ.setdefault("MALLOC_ARENA_MAX", ARENA_MAX)
+    try:
+        return mallopt(M_ARENA_MAX, int(value)) == 1
+    except ValueError:  # not a number: glibc ignores it too
+        return False
+
 
 @functools.cache
 def tune_malloc() -> bool:
     """Apply the settings above to this process once; True when they are in effect."""
-    if os.environ.get("MBM_MALLOC", "").strip().lower() == "default":
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu = libc.gnu_get_libc_version  # present in glibc only (musl has mallopt as a stub)
-    except (OSError, AttributeError):
-        return False
-    gnu.restype = ctypes.c_char_p
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     ok = all(mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
     if not ok:
-        log.debug("mallopt refused the allocator settings (glibc %s)", gnu().decode())
+        log.debug("mallopt refused the allocator settings")
     return ok

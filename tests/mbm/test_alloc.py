@@ -56,3 +56,55 @@ def test_tune_malloc_is_idempotent():
     from mbm.alloc import tune_malloc
 
     assert tune_malloc() == tune_malloc()
+
+
+# Four threads allocate while all of them live; glibc's malloc_stats prints one "Arena N:" block per arena.
+ARENAS = textwrap.dedent("""
+    import ctypes, os, sys, threading
+    import numpy as np
+    from mbm.alloc import limit_arenas
+
+    limited = limit_arenas() if sys.argv[1] == "limit" else False
+    kept, together = [], threading.Barrier(4)
+    def work():
+        together.wait()
+        kept.append(np.ones(4096))
+        together.wait()  # an ended thread's arena would go to the next one
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(limited, os.environ.get("MALLOC_ARENA_MAX"), flush=True)
+    ctypes.CDLL("libc.so.6").malloc_stats()
+""")
+
+
+def arenas(mode: str, **env: str) -> tuple[bool, str, int]:
+    base = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, check=True,
+                          env={**base, **env})
+    limited, value = done.stdout.split()
+    return limited == "True", value, done.stderr.count("Arena ")
+
+
+def test_limit_arenas_keeps_threads_to_one_arena_here_and_in_child_processes():
+    limited, value, n = arenas("limit")
+    if not limited:
+        pytest.skip("not glibc")
+    assert value == "1"  # children started from here read it at their start
+    assert n == 1
+    _, value, n = arenas("plain")
+    assert value == "None"
+    assert n >= 3  # glibc's default: a new arena for each new thread, up to 8 per core
+    _, _, n = arenas("plain", MALLOC_ARENA_MAX="1")  # what a started child gets
+    assert n == 1
+
+
+def test_limit_arenas_keeps_a_value_the_user_set_and_mbm_malloc_default_skips_it():
+    limited, value, n = arenas("limit", MALLOC_ARENA_MAX="2")
+    if not limited:
+        pytest.skip("not glibc")
+    assert value == "2" and n == 2
+    limited, value, _ = arenas("limit", MBM_MALLOC="default")
+    assert limited is False and value == "None"
