@@ -24,7 +24,8 @@ docs/benchmarks.md.
   three run here, mbm with one worker per core). --samples is refused as for a folder.
 
 --memory also runs ``mbm preprocess`` on the data at 1x and 4x its size (a manifest's rows repeated, or
-tars written once and four times with unique keys) and reports the growth of its peak memory.
+tars written once and four times with unique keys) and reports the growth of its peak memory;
+``--reps 0 --memory`` runs that check alone.
 
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --write
     .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1 --memory
@@ -427,6 +428,10 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.samples = DEFAULT_SAMPLES
     elif args.samples < (0 if args.source else 1):
         ap.error("--samples must be >= 1 (0 with --source: each of its rows once)")
+    if args.reps < (0 if args.memory else 1):
+        ap.error(f"--reps {args.reps}: give 1 or more (0 only with --memory: the memory check alone)")
+    if args.reps == 0 and (args.write or args.profile):
+        ap.error("--reps 0 runs the memory check alone; --write and --profile need the side-by-side runs")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -435,7 +440,7 @@ def parser() -> argparse.ArgumentParser:
                     help=f"samples built from the bundled sample or a manifest --source, its rows repeated with "
                          f"unique ids (default {DEFAULT_SAMPLES}; 0 with a manifest: its rows as they are); other "
                          "--source kinds are used as they are and refuse it")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="runs of each pipeline (0 with --memory: that check alone)")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--profile", action="store_true", help="also run the plain loop under cProfile")
     ap.add_argument("--memory", action="store_true",
@@ -484,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             profile(spec, tmp)
         extra = memory_growth(tmp, n, args.source) if args.memory else []
+    if not results:  # --reps 0: the memory check alone
+        print("\n".join(extra))
+        return 0
     lines = table(results, n)
     shown = {name: f"{c['samples']} ({c['text']} / {c['image']} / {c['audio']})" for name, c in counts.items()}
     same_counts = len({(c["samples"], c["text"], c["image"], c["audio"]) for c in counts.values()}) == 1

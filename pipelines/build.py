@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.cleaning import REJECTS, UNCHANGED, CleanConfig, CleanSampleFn
 from pipelines.extract import ExtractFeatures
 from pipelines.progress import CountProgress
-from pipelines.sink import SinkConfig, SpillFeatures, WriteShards
+from pipelines.sink import SinkConfig, StageSamples, WriteShards
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def build_graph(p: beam.Pipeline, *, source: Any, clean: CleanConfig, handlers: 
     extracted = cleaned.samples | "Extract" >> ExtractFeatures(handlers)
     landed = (
         extracted.samples
-        | "Spill" >> beam.ParDo(SpillFeatures(sink.staging))
+        | "Stage" >> beam.ParDo(StageSamples(sink))
         | "CountExtracted" >> beam.ParDo(CountProgress("extracted", progress_dir))
     )
     read_rejects = read["rejects"] | "CountReadRejects" >> beam.ParDo(CountProgress("read", progress_dir))

@@ -7,11 +7,13 @@ listing its shards and index rows. The sidecar is written last, via a temporary 
 presence proves the bucket is complete. The same input and spec give the same buckets, order and
 bytes; the commit step (``pipelines.commit``) renames staged shards into the dataset.
 
-Features do not travel through the shuffle: ``SpillFeatures`` runs right after extraction and
-appends each sample's ``.npy`` bytes to a file of its bundle under ``staging/spill/``, leaving a
-``Spilled`` reference in the sample. The grouping then moves only small records (a runner such as
-FnApiRunner holds a whole grouping in the driver's memory), and ``write_bucket`` reads the bytes
-back, one spill file at a time.
+Samples do not travel through the shuffle: ``StageSamples`` runs right after extraction and appends
+each sample's shard members (its json and float16 ``.npy`` features) and index row to a file of its
+bundle under ``staging/spill/``; a tuple of primitives saying where they are continues (~150 bytes
+encoded, against ~720 for a short caption's ``CleanSample`` with its features already spilled). The
+grouping then moves only those (a runner such as FnApiRunner holds a whole grouping in the driver's
+memory, as Python objects while it groups), and ``write_bucket`` reads the bytes back, one spill file
+at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import io
 import json
 import logging
 import math
+import struct
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -66,59 +69,116 @@ def npy_bytes(features: Any) -> bytes:
     return buf.getvalue()
 
 
-@dataclass(frozen=True)
-class Spilled:
-    """Where a sample's ``.npy`` bytes for one modality wait in a spill file."""
+class StageSamples(beam.DoFn):
+    """Landed samples → their shard members and index row, appended to this bundle's file in
+    ``staging/spill/``; what continues is a ``staged`` tuple of primitives (key, id, where its bytes
+    are, the modalities reused from the previous version and their shards), ~150 bytes encoded, so
+    the writing stage's shuffle, which Beam's local runner holds in the driver, carries no sample."""
 
-    path: str
-    offset: int
-    length: int
-
-
-class SpillFeatures(beam.DoFn):
-    """Computed feature arrays → ``.npy`` bytes appended to this bundle's spill file; the sample
-    continues with ``Spilled`` references, so only small records reach the shuffle."""
-
-    def __init__(self, staging: str) -> None:
-        self._staging = staging.rstrip("/")
+    def __init__(self, cfg: SinkConfig) -> None:
+        self._cfg = cfg
 
     def start_bundle(self) -> None:
-        self._spill = BundleFile(f"{self._staging}/spill", "writing features")
+        self._spill = BundleFile(f"{self._cfg.staging.rstrip('/')}/spill", "writing features")
 
-    def process(self, sample: CleanSample) -> Iterator[CleanSample]:
-        arrays = {m: f for m, f in sample.features.items() if isinstance(f, np.ndarray)}
-        if not arrays:
-            yield sample
-            return
-        refs = {}
-        for m, arr in arrays.items():
-            data = npy_bytes(arr)
-            refs[m] = Spilled(*self._spill.append(data), len(data))
-        yield sample.with_(features={**sample.features, **refs})
+    def process(self, sample: CleanSample) -> Iterator[tuple]:
+        data = stage_bytes(prepare(sample, self._cfg.include_text))
+        path, offset = self._spill.append(data)
+        yield staged(sample, path, offset, len(data))
 
     def finish_bundle(self) -> None:
         self._spill.close()
 
 
-def load_spilled(samples: list[CleanSample]) -> list[CleanSample]:
-    """Replace ``Spilled`` references by their bytes, reading each spill file once, in offset order."""
-    refs: dict[str, list[Spilled]] = {}
-    for s in samples:
-        for f in s.features.values():
-            if isinstance(f, Spilled):
-                refs.setdefault(f.path, []).append(f)
-    data: dict[Spilled, bytes] = {}
-    for path, wanted in sorted(refs.items()):
+def staged(sample: CleanSample, path: str, offset: int, length: int) -> tuple:
+    """What travels to the writing stage for a sample whose staged bytes are ``length`` at ``offset`` of
+    ``path``. The id and the path go as bytes: Beam's coder writes a ``str`` as strict UTF-8, and an id
+    or a folder name may hold undecodable bytes as lone surrogates."""
+    return (sample.key, _raw(sample.id), _raw(path), offset, length, tuple(sorted(sample.reused.items())))
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def _ident(item: tuple | CleanSample) -> tuple[str, str]:
+    """(key, id) of a landed sample, staged or not: the order samples take in their shards."""
+    return (item.key, item.id) if isinstance(item, CleanSample) else (item[0], _text(item[1]))
+
+
+@dataclass
+class Prepared:
+    """A landed sample as the writer needs it: its members (``json``, ``{modality}.npy``, ``txt``; a
+    reused modality's ``.npy`` is read from its previous shard at writing), index row (no shard yet),
+    label, and the modalities extracted in this run."""
+
+    key: str
+    id: str
+    members: dict[str, bytes]
+    row: dict[str, Any]
+    label: Any
+    computed: list[str]
+    reused: dict[str, str]
+
+
+def prepare(sample: CleanSample, include_text: bool = False) -> Prepared:
+    placeholders = {m: b"" for m in sample.reused if m not in sample.features}
+    full = sample.with_(features={**sample.features, **placeholders}) if placeholders else sample
+    members = encode_sample(full, include_text)
+    members.pop("__key__")
+    for m in sample.reused:
+        members.pop(f"{m}.npy", None)
+    return Prepared(key=sample.key, id=sample.id, members=members, row=ok_row(full, None).to_dict(),
+                    label=sample.label, computed=sample.computed(), reused=dict(sample.reused))
+
+
+_LEN = struct.Struct("<I")
+
+
+def stage_bytes(p: Prepared) -> bytes:
+    """``p`` as staged: the length of a JSON header, the header (members' names and sizes, row, label,
+    computed), then the members' bytes. JSON escapes what is not ASCII, lone surrogates too."""
+    names = sorted(p.members)
+    header = json.dumps({"members": [[n, len(p.members[n])] for n in names], "row": p.row, "label": p.label,
+                         "computed": p.computed}, sort_keys=True).encode("ascii")
+    return b"".join([_LEN.pack(len(header)), header, *(p.members[n] for n in names)])
+
+
+def unstage(data: bytes, key: str, sample_id: str, reused: dict[str, str]) -> Prepared:
+    (n,) = _LEN.unpack_from(data)
+    header = json.loads(data[_LEN.size:_LEN.size + n])
+    view, at, members = memoryview(data), _LEN.size + n, {}
+    for name, size in header["members"]:
+        members[name] = bytes(view[at:at + size])
+        at += size
+    return Prepared(key=key, id=sample_id, members=members, row=header["row"], label=header["label"],
+                    computed=header["computed"], reused=reused)
+
+
+def load_staged(items: list[Any], include_text: bool = False) -> list[Prepared]:
+    """``Prepared`` samples of a bucket's ``staged`` tuples (read from their spill files, each once, in
+    offset order) and ``CleanSample``s (prepared here), in the order given."""
+    out: list[Prepared | None] = [None] * len(items)
+    by_path: dict[str, list[tuple[int, tuple]]] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, CleanSample):
+            out[i] = prepare(item, include_text)
+        else:
+            by_path.setdefault(_text(item[2]), []).append((i, item))
+    for path, wanted in sorted(by_path.items()):
         with FileSystems.open(path, compression_type="uncompressed") as fh:
-            for ref in sorted(set(wanted), key=lambda r: r.offset):
-                fh.seek(ref.offset)
-                chunk = fh.read(ref.length)
-                if len(chunk) != ref.length:
-                    raise RuntimeError(f"spill file {path} is short: wanted {ref.length} bytes at {ref.offset}, "
+            for i, (key, sample_id, _, offset, length, reused) in sorted(wanted, key=lambda w: w[1][3]):
+                fh.seek(offset)
+                chunk = fh.read(length)
+                if len(chunk) != length:
+                    raise RuntimeError(f"spill file {path} is short: wanted {length} bytes at {offset}, "
                                        f"got {len(chunk)}")
-                data[ref] = chunk
-    return [s.with_(features={m: data[f] if isinstance(f, Spilled) else f for m, f in s.features.items()})
-            if any(isinstance(f, Spilled) for f in s.features.values()) else s for s in samples]
+                out[i] = unstage(chunk, key, _text(sample_id), dict(reused))
+    return out  # type: ignore[return-value]
 
 
 def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, bytes | str]:
@@ -141,7 +201,7 @@ def member_bytes(members: dict[str, bytes | str]) -> int:
     return sum(len(v) + TAR_OVERHEAD for k, v in members.items() if k != "__key__")
 
 
-def ok_row(sample: CleanSample, shard: str) -> IndexRow:
+def ok_row(sample: CleanSample, shard: str | None) -> IndexRow:
     stages = sorted({d.split(": ", 1)[0] for d in sample.dropped.values()})
     reasons = [d.split(": ", 2)[1] if d.count(": ") >= 1 else d for d in sample.dropped.values()]
     return IndexRow(
@@ -180,15 +240,14 @@ def reject_row(reject: Reject) -> IndexRow:
     )
 
 
-def _plan_parts(samples: list[CleanSample], cfg: SinkConfig) -> Iterator[list[tuple[CleanSample, dict]]]:
+def _plan_parts(samples: list[Prepared], cfg: SinkConfig) -> Iterator[list[Prepared]]:
     """Split a bucket into shards under both limits, evenly: 17 samples at 16 per shard give 9 + 8, not 16 + 1."""
-    encoded = [(s, encode_sample(s, cfg.include_text)) for s in samples]
-    sizes = [member_bytes(m) for _, m in encoded]
-    n_parts = max(math.ceil(len(encoded) / cfg.samples_per_shard), math.ceil(sum(sizes) / cfg.max_shard_bytes), 1)
-    target = math.ceil(len(encoded) / n_parts)
-    part: list[tuple[CleanSample, dict]] = []
+    sizes = [member_bytes(p.members) for p in samples]
+    n_parts = max(math.ceil(len(samples) / cfg.samples_per_shard), math.ceil(sum(sizes) / cfg.max_shard_bytes), 1)
+    target = math.ceil(len(samples) / n_parts)
+    part: list[Prepared] = []
     size = 0
-    for item, n in zip(encoded, sizes, strict=True):
+    for item, n in zip(samples, sizes, strict=True):
         if part and (len(part) >= target or size + n > cfg.max_shard_bytes):
             yield part
             part, size = [], 0
@@ -210,14 +269,13 @@ def tar_member(name: str, data: bytes) -> bytes:
     return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
-def _write_tar(path: str, part: list[tuple[CleanSample, dict]]) -> int:
+def _write_tar(path: str, part: list[tuple[str, dict]]) -> int:
     """One shard; the bytes ``webdataset.TarWriter`` writes for the same members (tested), without
     tarfile's stream mode, which copies each member through a Python buffer in 10 KB slices (0.9 s of
     a 2000-sample job's two workers went there)."""
     with FileSystems.create(path, mime_type="application/x-tar") as f:
         offset = total = 0
-        for _, members in part:
-            key = members["__key__"]
+        for key, members in part:
             for suffix in sorted(members):
                 if suffix.startswith("_"):  # __key__, and metadata TarWriter leaves out
                     continue
@@ -249,45 +307,44 @@ def read_members(tar_path: str, wanted: dict[str, set[str]]) -> dict[tuple[str, 
     return found
 
 
-def fill_reused(samples: list[CleanSample], dataset_dir: str) -> list[CleanSample]:
+def fill_reused(samples: list[Prepared], dataset_dir: str) -> None:
     """Give reused modalities their previous .npy bytes, reading each old shard once."""
     needs: dict[str, dict[str, set[str]]] = {}
-    for s in samples:
-        for m, shard in s.reused.items():
-            needs.setdefault(shard, {}).setdefault(s.key, set()).add(f"{m}.npy")
+    for p in samples:
+        for m, shard in p.reused.items():
+            needs.setdefault(shard, {}).setdefault(p.key, set()).add(f"{m}.npy")
     found: dict[tuple[str, str], bytes] = {}
     for shard, wanted in sorted(needs.items()):
         found.update(read_members(f"{dataset_dir.rstrip('/')}/{shard}", wanted))
-    out = []
-    for s in samples:
-        if s.reused:
-            missing = [m for m in s.reused if (s.key, f"{m}.npy") not in found]
+    for p in samples:
+        if p.reused:
+            missing = [m for m in p.reused if (p.key, f"{m}.npy") not in found]
             if missing:
-                raise RuntimeError(f"{s.id}: features of {missing} are missing from {set(s.reused.values())}; "
+                raise RuntimeError(f"{p.id}: features of {missing} are missing from {set(p.reused.values())}; "
                                    "the dataset folder was changed by hand — rerun with --full")
-            s = s.with_(features={**s.features, **{m: found[(s.key, f"{m}.npy")] for m in s.reused}})
-        out.append(s)
-    return out
+            p.members.update({f"{m}.npy": found[(p.key, f"{m}.npy")] for m in p.reused})
 
 
 def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig) -> dict[str, Any]:
-    """Write one bucket's tars and sidecar; returns the sidecar's content."""
+    """Write one bucket's tars and sidecar; returns the sidecar's content. Landed samples come as
+    ``("ok", staged tuple)`` (``StageSamples``) or ``("ok", CleanSample)``."""
     items = list(items)
-    samples = sorted((x for tag, x in items if tag == "ok"), key=lambda s: (s.key, s.id))
-    samples = load_spilled(fill_reused(samples, cfg.dataset_dir))
+    oks = sorted((x for tag, x in items if tag == "ok"), key=_ident)
+    samples = load_staged(oks, cfg.include_text)
+    fill_reused(samples, cfg.dataset_dir)
     rejects = sorted((x for tag, x in items if tag == "reject"), key=lambda r: (r.id, r.source, r.stage))
     same = sorted((x for tag, x in items if tag == "same"), key=lambda r: (r["id"], r["source"]))
     shards: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     for i, part in enumerate(_plan_parts(samples, cfg)):
         rel = f"shards/b{bucket:05d}-{i:03d}.tar"
-        nbytes = _write_tar(f"{cfg.staging}/{rel}", part)
+        nbytes = _write_tar(f"{cfg.staging}/{rel}", [(p.key, p.members) for p in part])
         shards.append({"path": rel, "samples": len(part), "bytes": nbytes, "part": i})
-        rows.extend(ok_row(s, rel).to_dict() for s, _ in part)
+        rows.extend({**p.row, "shard": rel} for p in part)
     rows.extend(reject_row(r).to_dict() for r in rejects)
-    labels = sorted({json.dumps(s.label, sort_keys=True) for s in samples if s.label is not None})
-    computed = [s.computed() for s in samples]
-    extracted = {"samples": sum(1 for c in computed if c), **{m: sum(m in c for c in computed) for m in MODALITIES}}
+    labels = sorted({json.dumps(p.label, sort_keys=True) for p in samples if p.label is not None})
+    extracted = {"samples": sum(1 for p in samples if p.computed),
+                 **{m: sum(m in p.computed for p in samples) for m in MODALITIES}}
     sidecar = {"bucket": bucket, "shards": shards, "rows": rows, "same": same, "extracted": extracted,
                "labels": [json.loads(x) for x in labels]}
     final = f"{cfg.staging}/parts/b{bucket:05d}.json"
@@ -319,8 +376,8 @@ def _tag_same(row: dict[str, Any]) -> tuple[str, Any]:
     return row["key"], ("same", row)
 
 
-def _tag_ok(sample: CleanSample) -> tuple[str, Any]:
-    return sample.key, ("ok", sample)
+def _tag_ok(sample: tuple | CleanSample) -> tuple[str, Any]:
+    return sample.key if isinstance(sample, CleanSample) else sample[0], ("ok", sample)
 
 
 def _tag_reject(reject: Reject) -> tuple[str, Any]:

@@ -238,6 +238,7 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
     assert _samples() == 2000 and _samples("--source", str(tmp_path / "m.jsonl")) == 2000
     assert _samples("--source", str(tmp_path / "m.jsonl"), "--samples", "0") == 0
     assert _samples("--source", folder) == 0 and _samples("--source", folder, "--samples", "0") == 0
+    assert _samples("--reps", "0", "--memory") == 2000  # the memory check alone
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -247,6 +248,8 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
     (["--source", "FOLDER", "--write"], "--write records"),
     (["--source", "GONE"], "does not exist"),
     (["--samples", "0"], "--samples must be >= 1"),
+    (["--reps", "0"], "0 only with --memory"),
+    (["--reps", "0", "--memory", "--write"], "--reps 0 runs the memory check alone"),
 ])
 def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
     paths = {"FOLDER": str(imagefolder(tmp_path / "folder")), "TARS": str(tmp_path / "tars"), "GONE": str(tmp_path / "x")}

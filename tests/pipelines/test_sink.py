@@ -93,43 +93,71 @@ def _spill(fn, samples):
     return out
 
 
-def test_spilled_features_come_back_byte_for_byte_and_write_the_same_shards(tmp_path):
-    from pipelines.sink import Spilled, SpillFeatures, load_spilled
+def test_staged_samples_write_the_same_shards_and_rows_as_the_samples(tmp_path):
+    from apache_beam.coders import coders
 
-    samples = [_sample(i, n_tokens=1 + i) for i in range(7)]
-    fn = SpillFeatures(str(tmp_path / "staging"))
-    light = _spill(fn, samples[:4]) + _spill(fn, samples[4:])  # two bundles, two spill files
-    files = sorted((tmp_path / "staging" / "spill").iterdir())
-    assert len(files) == 2
-    assert all(isinstance(f, Spilled) for s in light for f in s.features.values())
-    back = load_spilled(list(reversed(light)))
-    for s, b in zip(reversed(samples), back, strict=True):
-        assert set(b.features) == set(s.features)
-        for m, arr in s.features.items():
-            assert np.array_equal(np.load(io.BytesIO(b.features[m]), allow_pickle=False), arr)
-    # Shards written from spilled samples are byte-identical to shards written from the arrays.
-    cfg = SinkConfig(staging=str(tmp_path / "a"), samples_per_shard=3, max_shard_bytes=1 << 20)
-    write_bucket(0, [("ok", s) for s in samples], cfg)
-    cfg_b = SinkConfig(staging=str(tmp_path / "b"), samples_per_shard=3, max_shard_bytes=1 << 20)
-    write_bucket(0, [("ok", s) for s in light], cfg_b)
+    from pipelines.sink import StageSamples, load_staged
+
+    odd = _sample(6).with_(label=3, text="ünïcode ✓", meta={"w": 1.5})
+    samples = [_sample(i, n_tokens=1 + i) for i in range(6)] + [odd, _sample(7).with_(features={})]
+    # an undecodable byte in the output folder's name, kept as a lone surrogate
+    cfg = SinkConfig(staging=str(tmp_path / "b\udcff"), samples_per_shard=3, max_shard_bytes=1 << 20,
+                     include_text=True)
+    fn = StageSamples(cfg)
+    staged = _spill(fn, samples[:4]) + _spill(fn, samples[4:])  # two bundles, two spill files
+    assert len(list((tmp_path / "b\udcff" / "spill").iterdir())) == 2
+    coder = coders.FastPrimitivesCoder()
+    assert all(isinstance(x, tuple) and len(coder.encode(("ok", x))) < 250 for x in staged)
+    back = load_staged(list(reversed(staged)))
+    assert [p.id for p in back] == [s.id for s in reversed(samples)]
+    assert back[1].members["json"] == encode_sample(odd, True)["json"] and back[1].label == 3
+    assert back[1].computed == ["text", "image"] and back[0].computed == []
+    # Shards and rows written from staged samples are those written from the samples themselves.
+    cfg_a = SinkConfig(staging=str(tmp_path / "a"), samples_per_shard=3, max_shard_bytes=1 << 20, include_text=True)
+    side_a = write_bucket(0, [("ok", s) for s in samples], cfg_a)
+    side_b = write_bucket(0, [("ok", x) for x in staged], cfg)
+    assert side_a == side_b and sorted(side_a["labels"], key=str) == [3, "cat"]
+    assert side_a["extracted"] == {"samples": 7, "text": 7, "image": 7, "audio": 0}
     tars_a = sorted((tmp_path / "a" / "shards").iterdir())
-    tars_b = sorted((tmp_path / "b" / "shards").iterdir())
+    tars_b = sorted((tmp_path / "b\udcff" / "shards").iterdir())
     assert [t.name for t in tars_a] == [t.name for t in tars_b] and len(tars_a) == 3
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(tars_a, tars_b, strict=True))
+    got = {s["__key__"]: s for t in tars_b for s in wds.WebDataset(str(t), shardshuffle=False)}
+    assert got["s006"]["txt"] == "ünïcode ✓".encode() and {k for k in got["s007"] if not k.startswith("__")} == {"json", "txt"}
+    assert np.array_equal(np.load(io.BytesIO(got["s005"]["text.npy"])), samples[5].features["text"])
 
 
-def test_samples_without_arrays_pass_through_and_a_short_spill_file_is_an_error(tmp_path):
-    from pipelines.sink import SpillFeatures, load_spilled
+def test_a_reused_modality_is_read_from_its_previous_shard_at_writing(tmp_path):
+    from pipelines.sink import StageSamples, _write_tar
 
-    bare = _sample(1).with_(features={})
-    fn = SpillFeatures(str(tmp_path))
-    assert _spill(fn, [bare]) == [bare]
-    assert not (tmp_path / "spill").exists()
-    light = _spill(fn, [_sample(2)])
+    old = _sample(1)
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    members = encode_sample(old)
+    _write_tar(str(tmp_path / "data" / "shards" / "v1.tar"), [(old.key, {k: v for k, v in members.items() if k != "__key__"})])
+    changed = old.with_(features={"text": old.features["text"]}, reused={"image": "shards/v1.tar"}, text="new caption")
+    cfg = SinkConfig(staging=str(tmp_path / "s"), samples_per_shard=3, max_shard_bytes=1 << 20,
+                     dataset_dir=str(tmp_path / "data"))
+    staged = _spill(StageSamples(cfg), [changed])
+    assert staged[0][5] == (("image", "shards/v1.tar"),)
+    sidecar = write_bucket(0, [("ok", staged[0])], cfg)
+    (row,) = sidecar["rows"]
+    assert row["modalities"] == "text,image" and row["shard"] == "shards/b00000-000.tar"
+    assert sidecar["extracted"] == {"samples": 1, "text": 1, "image": 0, "audio": 0}
+    (got,) = wds.WebDataset(str(tmp_path / "s" / row["shard"]), shardshuffle=False)
+    assert got["image.npy"] == members["image.npy"]  # byte for byte from the previous shard
+    assert json.loads(got["json"])["modalities"] == ["text", "image"]
+    assert json.loads(got["json"])["text"] == "new caption"
+
+
+def test_a_short_spill_file_is_an_error(tmp_path):
+    from pipelines.sink import StageSamples, load_staged
+
+    cfg = SinkConfig(staging=str(tmp_path), samples_per_shard=3, max_shard_bytes=1 << 20)
+    staged = _spill(StageSamples(cfg), [_sample(2)])
     spill = next((tmp_path / "spill").iterdir())
     spill.write_bytes(spill.read_bytes()[:10])
     with pytest.raises(RuntimeError, match="is short"):
-        load_spilled(light)
+        load_staged(staged)
 
 
 class _FullDisk(io.RawIOBase):
@@ -147,10 +175,10 @@ class _FullDisk(io.RawIOBase):
 def test_a_full_disk_stops_the_job_instead_of_failing_a_bundle_obscurely(tmp_path, monkeypatch):
     import pipelines.sink as sink
     from pipelines.errors import ResourceError, resource_failure
-    from pipelines.sink import SpillFeatures, WriteBucketFn
+    from pipelines.sink import StageSamples, WriteBucketFn
 
     monkeypatch.setattr(sink.FileSystems, "create", lambda *a, **k: _FullDisk())
-    fn = SpillFeatures(str(tmp_path / "staging"))
+    fn = StageSamples(SinkConfig(staging=str(tmp_path / "staging"), samples_per_shard=3, max_shard_bytes=1 << 20))
     with pytest.raises(ResourceError) as got:
         _spill(fn, [_sample(1)])
     assert str(got.value).startswith(f"writing features: no space left in {tmp_path / 'staging'}")
@@ -161,7 +189,8 @@ def test_a_full_disk_stops_the_job_instead_of_failing_a_bundle_obscurely(tmp_pat
     # Any other failure to write is raised as it is.
     monkeypatch.setattr(sink.FileSystems, "create", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "no")))
     with pytest.raises(PermissionError):
-        _spill(SpillFeatures(str(tmp_path / "other")), [_sample(3)])
+        _spill(StageSamples(SinkConfig(staging=str(tmp_path / "other"), samples_per_shard=3, max_shard_bytes=1 << 20)),
+               [_sample(3)])
 
 
 @pytest.mark.parametrize("sizes", [[0], [1, 511, 512, 513], [10_000, 3, 125_440], [10_239], [9_216]])
@@ -172,8 +201,8 @@ def test_shards_are_the_bytes_webdatasets_tar_writer_writes(tmp_path, sizes):
     part = []
     for i, n in enumerate(sizes):
         members = {"__key__": f"k{i:04d}", "json": '{"id": "é"}'.encode(), "text.npy": rng.bytes(n), "_meta": "left out"}
-        part.append((None, members))
-    part.append((None, {"__key__": "ключ-" + "x" * 120, "json": b"{}"}))  # not ASCII and over 100 bytes: a pax header
+        part.append((members["__key__"], members))
+    part.append(("ключ-" + "x" * 120, {"__key__": "ключ-" + "x" * 120, "json": b"{}"}))  # not ASCII and over 100 bytes: a pax header
     total = _write_tar(str(tmp_path / "mbm.tar"), part)
     with open(tmp_path / "wds.tar", "wb") as f:
         writer = wds.TarWriter(f, user="mbm", group="mbm", encoder=False, mtime=0)
@@ -187,4 +216,4 @@ def test_shards_are_the_bytes_webdatasets_tar_writer_writes(tmp_path, sizes):
         assert tf.extractfile("k0000.text.npy").read() == part[0][1]["text.npy"]
     assert "k0000._meta" not in names and names[-1] == "ключ-" + "x" * 120 + ".json"
     with pytest.raises(TypeError, match="k0000.json: a shard member must be bytes, got str"):
-        _write_tar(str(tmp_path / "bad.tar"), [(None, {"__key__": "k0000", "json": "{}"})])
+        _write_tar(str(tmp_path / "bad.tar"), [("k0000", {"json": "{}"})])
