@@ -19,7 +19,7 @@ from typing import Any
 import apache_beam as beam
 
 from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
-from mbm.alloc import limit_arenas
+from mbm.alloc import Trimmer, limit_arenas
 from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
@@ -228,7 +228,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         monitor = ProgressMonitor(progress_dir, on_progress) if (on_progress and local) else nullcontext()
         beam_errors = HeldErrors()
         try:
-            with beam_errors, monitor:
+            with beam_errors, monitor, Trimmer():
                 p.run().wait_until_finish()
         except Exception as e:
             failure = resource_failure(e) or killed_worker(worker_log, spec)

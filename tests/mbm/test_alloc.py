@@ -108,3 +108,41 @@ def test_limit_arenas_keeps_a_value_the_user_set_and_mbm_malloc_default_skips_it
     assert value == "2" and n == 2
     limited, value, _ = arenas("limit", MBM_MALLOC="default")
     assert limited is False and value == "None"
+
+
+# 3,000 blocks of 64 KiB (below glibc's mmap threshold: in the heap), all freed but the last, which pins
+# the heap's top so that free() alone cannot shrink it; resident MiB before and after a Trimmer ran.
+TRIM = textwrap.dedent("""
+    import ctypes, os, sys, time
+    from mbm.alloc import Trimmer
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 << 10) for _ in range(3000)]
+    for b in blocks:
+        ctypes.memset(b, 1, 64 << 10)
+    for b in blocks[:-1]:
+        libc.free(b)
+    before = rss()
+    with Trimmer(interval=0.05):
+        time.sleep(0.5)
+    print(before, rss())
+""")
+
+
+def test_trimmer_returns_freed_heap_to_the_kernel():
+    from mbm.alloc import _glibc
+
+    if _glibc() is None:
+        pytest.skip("not glibc")
+    before, after = map(int, subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert before >= 150  # 187 MiB freed but held: the heap cannot shrink past the last block
+    assert after <= before - 150
+    before, after = map(int, subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True, check=True,
+                                            env={**os.environ, "MBM_MALLOC": "default"}).stdout.split())
+    assert after >= before - 10  # turned off with the other settings
