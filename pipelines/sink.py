@@ -126,6 +126,8 @@ class Prepared:
 
 
 def prepare(sample: CleanSample, include_text: bool = False) -> Prepared:
+    """``sample``'s members and index row; its reused modalities count in the json and the row, their
+    ``.npy`` left to ``fill_reused``."""
     placeholders = {m: b"" for m in sample.reused if m not in sample.features}
     full = sample.with_(features={**sample.features, **placeholders}) if placeholders else sample
     members = encode_sample(full, include_text)
@@ -188,7 +190,7 @@ def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, 
     members["json"] = json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")
     for modality in doc["modalities"]:
         feats = sample.features[modality]
-        if isinstance(feats, bytes):  # spilled, or reused: the previous version's .npy, copied byte for byte
+        if isinstance(feats, bytes):  # reused: the previous version's .npy, copied byte for byte at writing
             members[f"{modality}.npy"] = feats
             continue
         members[f"{modality}.npy"] = npy_bytes(feats)
