@@ -48,6 +48,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from incremental import MANIFEST_SUFFIXES, build, manifest_of
 from report import write_section
@@ -116,8 +117,37 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def role(pid: int, root: int) -> str:
+    """What a process of an ``mbm preprocess`` tree is: the driver, the fork server, a worker (forked by
+    the fork server, or started by Beam), or a launcher (the ``sh`` and client Beam starts per worker)."""
+    if pid == root:
+        return "driver"
+    cmdline = _cmdline(pid)
+    if b"pipelines.forkserver" in cmdline:
+        parent = _parent(pid)
+        return "worker" if parent != root and b"pipelines.forkserver" in _cmdline(parent) else "fork server"
+    if b"pipelines.forkclient" in cmdline or cmdline.startswith(b"/bin/sh"):
+        return "launcher"
+    return "worker"
+
+
 class TreeMemory(threading.Thread):
-    """Peak RSS (every ``interval`` s) and PSS (every ``pss_every`` samples) summed over a process tree.
+    """Peak RSS (every ``interval`` s) and PSS (every ``pss_every`` samples) summed over a process tree,
+    and each process's PSS at the PSS peak (``peak_parts``: role -> MiB, ``role``).
 
     Sampling is kept light: a monitor that read smaps every 0.2 s took a quarter of a core from the
     measured pipelines, and more from those with more processes.
@@ -127,6 +157,7 @@ class TreeMemory(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval, self.pss_every = pid, interval, pss_every
         self.peak_rss = self.peak_pss = 0  # KiB
+        self.peak_parts: list[tuple[str, float]] = []
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -135,7 +166,12 @@ class TreeMemory(threading.Thread):
             tree = descendants(self.pid)
             self.peak_rss = max(self.peak_rss, sum(rss_kib(p) for p in tree))
             if tick % self.pss_every == 0:
-                self.peak_pss = max(self.peak_pss, sum(pss_kib(p) for p in tree))
+                parts = {p: pss_kib(p) for p in tree}
+                if sum(parts.values()) > self.peak_pss:
+                    self.peak_pss = sum(parts.values())
+                    self.peak_parts = sorted(((role(p, self.pid), kib / 1024) for p, kib in parts.items()
+                                              if kib >= 1024),
+                                             key=lambda x: (x[0], -x[1]))
             tick += 1
             self._done.wait(self.interval)
 
@@ -144,7 +180,15 @@ class TreeMemory(threading.Thread):
         self.join()
 
 
-def measure(cmd: list[str], log: Path) -> dict[str, float]:
+def parts_text(parts: list[tuple[str, float]]) -> str:
+    """``driver 196, fork server 347, worker 330 / 290`` (MiB of PSS per process, by role)."""
+    by_role: dict[str, list[float]] = {}
+    for name, mib in parts:
+        by_role.setdefault(name, []).append(mib)
+    return ", ".join(f"{name} {' / '.join(f'{m:.0f}' for m in mibs)}" for name, mibs in by_role.items())
+
+
+def measure(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run ``cmd`` to completion; wall seconds and peak tree memory. Fails loudly on a non-zero exit."""
     start = time.perf_counter()
     with log.open("wb") as f:
@@ -157,7 +201,7 @@ def measure(cmd: list[str], log: Path) -> dict[str, float]:
     if rc != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{' '.join(cmd)} exited {rc}; last output:\n{tail}")
-    return {"wall": wall, "rss": mem.peak_rss / 1024, "pss": mem.peak_pss / 1024}
+    return {"wall": wall, "rss": mem.peak_rss / 1024, "pss": mem.peak_pss / 1024, "parts": mem.peak_parts}
 
 
 def landed(out: Path) -> tuple[Counter, list[str]]:
@@ -347,7 +391,7 @@ def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
         r = measure(commands(spec, data / "out")["mbm preprocess"], data / "run.log")
         peaks[factor] = r
         print(f"memory {factor}x: {factor * n} samples, {r['wall']:.1f} s, RSS {r['rss']:.0f} MiB, "
-              f"PSS {r['pss']:.0f} MiB", file=sys.stderr, flush=True)
+              f"PSS {r['pss']:.0f} MiB; at the PSS peak: {parts_text(r['parts'])}", file=sys.stderr, flush=True)
         rows.append(f"| {factor}× | {factor * n} | {r['wall']:.1f} | {r['rss']:.0f} | {r['pss']:.0f} |")
     ratio_rss = peaks[4]["rss"] / peaks[1]["rss"]
     ratio_pss = peaks[4]["pss"] / peaks[1]["pss"]

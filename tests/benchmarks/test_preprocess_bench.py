@@ -13,12 +13,14 @@ if str(BENCHMARKS) not in sys.path:
 from baseline_loop import iter_source  # noqa: E402
 from incremental import SAMPLE, build  # noqa: E402
 from preprocess import (  # noqa: E402
+    TreeMemory,
     check_args,
     dataset,
     input_count,
     landed,
     main,
     parser,
+    parts_text,
     precision_arg,
     repeat_tars,
     source_kind,
@@ -330,3 +332,31 @@ def test_landed_counts_features_and_lists_sample_keys(tmp_path):
         sink.write({"__key__": "k1", "json": b"{}", "audio.npy": b"x"})
     counts, keys = landed(tmp_path)
     assert counts == {"samples": 2, "text": 1, "image": 1, "audio": 1} and keys == ["k1", "k2"]
+
+
+def test_tree_memory_names_each_process_at_the_peak():
+    import subprocess
+    import sys
+    import time
+
+    # a "driver" holding 20 MiB that starts a "fork server" (its command line names it) holding 60 MiB,
+    # which forks a "worker" that adds 30 MiB of its own
+    child = ("import os, time; x = b'x' * (60 << 20)\n"
+             "if os.fork() == 0:\n    z = b'z' * (30 << 20); time.sleep(1.5); os._exit(0)\n"
+             "time.sleep(1.5); os.wait()")
+    code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}, "
+            "'pipelines.forkserver']); y = b'y' * (20 << 20); p.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    mem = TreeMemory(proc.pid, interval=0.05, pss_every=1)
+    mem.start()
+    proc.wait()
+    time.sleep(0.1)
+    mem.stop()
+    parts = dict(mem.peak_parts)
+    assert set(parts) == {"driver", "fork server", "worker"}
+    assert 20 <= parts["driver"] < 60
+    assert parts["fork server"] >= 30 and parts["worker"] >= 60  # the 60 MiB shared after the fork count half each
+    assert parts["fork server"] + parts["worker"] >= 90
+    assert abs(sum(parts.values()) - mem.peak_pss / 1024) < 1
+    assert parts_text([("driver", 196.2), ("fork server", 347), ("worker", 330.4), ("worker", 290)]) == \
+        "driver 196, fork server 347, worker 330 / 290"
