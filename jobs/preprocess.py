@@ -19,7 +19,7 @@ from typing import Any
 import apache_beam as beam
 
 from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
-from mbm.alloc import Trimmer, limit_arenas
+from mbm.alloc import Trimmer, arena_env
 from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
@@ -191,7 +191,6 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 raise SpecError(f"[extract.{m}] {ex.name}: {e}") from e
         handlers = build_handlers(extractors, {m: e.batch_size for m, e in spec.extract.items()}, spec.runner.device)
         workers = spec.runner.num_workers()
-        limit_arenas()  # the workers' too (done already when run from the command line)
         os.environ["MBM_WORKERS"] = str(workers)  # extractors size torch's thread pool from this
         options = pipeline_options(spec.runner.name, workers, list(spec.runner.options) + list(extra_options or []))
         progress_dir = f"{staging}/progress"
@@ -228,7 +227,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         monitor = ProgressMonitor(progress_dir, on_progress) if (on_progress and local) else nullcontext()
         beam_errors = HeldErrors()
         try:
-            with beam_errors, monitor, Trimmer():
+            with beam_errors, monitor, Trimmer(), arena_env():  # arena_env: the workers Beam starts
                 p.run().wait_until_finish()
         except Exception as e:
             failure = resource_failure(e) or killed_worker(worker_log, spec)

@@ -146,3 +146,24 @@ def test_trimmer_returns_freed_heap_to_the_kernel():
     before, after = map(int, subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True, check=True,
                                             env={**os.environ, "MBM_MALLOC": "default"}).stdout.split())
     assert after >= before - 10  # turned off with the other settings
+
+
+def test_arena_env_sets_the_limit_for_started_processes_and_restores_the_environment(monkeypatch):
+    from mbm.alloc import _glibc, arena_env
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("MBM_MALLOC", raising=False)
+    if _glibc() is None:
+        pytest.skip("not glibc")
+    with arena_env():
+        child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('MALLOC_ARENA_MAX'))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    assert child == "1" and "MALLOC_ARENA_MAX" not in os.environ
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's value stays, during and after
+    with arena_env():
+        assert os.environ["MALLOC_ARENA_MAX"] == "4"
+    assert os.environ["MALLOC_ARENA_MAX"] == "4"
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("MBM_MALLOC", "default")
+    with arena_env():
+        assert "MALLOC_ARENA_MAX" not in os.environ
