@@ -188,7 +188,7 @@ class _ReadFn(beam.DoFn):
     """One input → ``(id, ((input index, position), pickled sample))`` on the main output, rejects tagged.
 
     The sample goes pickled: Beam's local runner decodes what it groups into Python objects and holds
-    them all in the driver, where a ``RawSample`` object took several times its ~250 pickled bytes.
+    them all in the driver, where a caption's pickled bytes take ~650 bytes against ~900 as a ``RawSample``.
 
     With ``spool`` (a local folder), media bytes a reader holds (a compressed or remote tar's members,
     bytes cells of a Parquet or JSON manifest) are appended to one file there per bundle and the sample
