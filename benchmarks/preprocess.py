@@ -74,15 +74,19 @@ def commands(spec: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
+def parent(pid: int) -> int:
+    """The parent id of ``pid`` from /proc/PID/stat; 0 when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def descendants(root: int) -> list[int]:
     """``root`` and every process below it, from the parent ids in /proc/*/stat."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # exited meanwhile
+        if entry.isdigit() and (ppid := parent(int(entry))):  # 0: exited meanwhile
             children.setdefault(ppid, []).append(int(entry))
     tree, todo = [], [root]
     while todo:
@@ -124,13 +128,6 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def role(pid: int, root: int) -> str:
     """What a process of an ``mbm preprocess`` tree is: the driver, the fork server, a worker (forked by
     the fork server, or started by Beam), or a launcher (the ``sh`` and client Beam starts per worker)."""
@@ -138,8 +135,8 @@ def role(pid: int, root: int) -> str:
         return "driver"
     cmdline = _cmdline(pid)
     if b"pipelines.forkserver" in cmdline:
-        parent = _parent(pid)
-        return "worker" if parent != root and b"pipelines.forkserver" in _cmdline(parent) else "fork server"
+        up = parent(pid)
+        return "worker" if up != root and b"pipelines.forkserver" in _cmdline(up) else "fork server"
     if b"pipelines.forkclient" in cmdline or cmdline.startswith(b"/bin/sh"):
         return "launcher"
     return "worker"
@@ -147,7 +144,7 @@ def role(pid: int, root: int) -> str:
 
 class TreeMemory(threading.Thread):
     """Peak RSS (every ``interval`` s) and PSS (every ``pss_every`` samples) summed over a process tree,
-    and each process's PSS at the PSS peak (``peak_parts``: role -> MiB, ``role``).
+    and each process's PSS at the PSS peak (``peak_parts``: (``role``, MiB) pairs).
 
     Sampling is kept light: a monitor that read smaps every 0.2 s took a quarter of a core from the
     measured pipelines, and more from those with more processes.

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,6 @@ class Trimmer:
     and whose resident memory otherwise stays at the highest of them for the rest of the job."""
 
     def __init__(self, interval: float = 1.0) -> None:
-        import threading
-
         self._libc = _glibc()
         self._interval = interval
         self._stop = threading.Event()

@@ -154,9 +154,9 @@ def stage_bytes(p: Prepared) -> bytes:
 def unstage(data: bytes, key: str, sample_id: str, reused: dict[str, str]) -> Prepared:
     (n,) = _LEN.unpack_from(data)
     header = json.loads(data[_LEN.size:_LEN.size + n])
-    view, at, members = memoryview(data), _LEN.size + n, {}
+    at, members = _LEN.size + n, {}
     for name, size in header["members"]:
-        members[name] = bytes(view[at:at + size])
+        members[name] = data[at:at + size]
         at += size
     return Prepared(key=key, id=sample_id, members=members, row=header["row"], label=header["label"],
                     computed=header["computed"], reused=reused)
@@ -379,8 +379,8 @@ def _tag_same(row: dict[str, Any]) -> tuple[str, Any]:
     return row["key"], ("same", row)
 
 
-def _tag_ok(sample: tuple | CleanSample) -> tuple[str, Any]:
-    return sample.key if isinstance(sample, CleanSample) else sample[0], ("ok", sample)
+def _tag_ok(sample: tuple) -> tuple[str, Any]:
+    return sample[0], ("ok", sample)  # a ``staged`` tuple: its key first
 
 
 def _tag_reject(reject: Reject) -> tuple[str, Any]:
