@@ -17,12 +17,21 @@ Fork safety: the server only imports modules; it runs no torch operation (so no 
 exists), opens no gRPC channel and starts no thread, so a forked child starts from a clean state.
 Children watch their client and the server watches the driver: a killed job leaves nothing behind.
 
+The server imports with the garbage collector off and freezes what it imported (``gc.freeze``, as
+Python's documentation advises for a process that forks): a worker's collections then never walk
+those ~400,000 objects, so they neither spend time on them nor write to their headers, which gives
+the worker its own copy of every page they sit on. Measured with the preprocessing job's imports: one
+full collection in a forked child took 0.19 s and made 64 MB of the server's pages private to it
+(PSS +33 MB); with the freeze 0.001 s and 1.5 MB. The imports themselves are ~0.15 s shorter without
+collections (the server ready in 2.18-2.43 s against 2.37-2.51 s, alternating starts on 2 cores).
+
     python -m pipelines.forkserver SOCKET DRIVER_PID MODULE[,MODULE...]
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import importlib.abc
 import json
@@ -149,6 +158,7 @@ def _preload(names: list[str], skip: tuple[str, ...] = ()) -> None:
 def serve(path: str, driver: int, modules: list[str]) -> None:
     """Import ``modules``, then the job's own (a JSON list on stdin), signal readiness on stdout,
     then fork one worker per connection."""
+    gc.disable()  # the imports make ~400,000 objects that live as long as the process: nothing to collect
     _preload(modules, skip=OPTIONAL_FOR_BEAM)
     line = sys.stdin.readline()  # the driver knows the extractors' modules once it has read the spec
     try:
@@ -156,6 +166,8 @@ def serve(path: str, driver: int, modules: list[str]) -> None:
     except ValueError:
         extra = []
     _preload([m for m in extra if isinstance(m, str)])
+    gc.freeze()  # ... and no collection in a forked worker walks them, writing to (and so copying) their pages
+    gc.enable()
     children: dict[int, socket.socket] = {}  # forked worker → the server's end of its client's connection
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)

@@ -55,6 +55,17 @@ def test_a_forked_child_gets_the_clients_env_output_and_exit_code(server):
     assert ok.communicate(timeout=30)[0].endswith("says again\n") and ok.returncode == 0
 
 
+def test_a_forked_child_collects_garbage_but_never_walks_the_preloaded_objects(server):
+    """The server imports with collection off, then freezes what it imported: a child's collections
+    skip those objects (and so never write to, and copy, their pages), and collect the child's own."""
+    proc = run_client(server, MBM_FORK_TARGET="forktarget:gc_state")
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    _, _, _, enabled, frozen = out.split()
+    assert enabled == "True"
+    assert int(frozen) > 1000  # the interpreter's and the preloaded modules' objects
+
+
 def test_killing_the_client_ends_its_child(server):
     proc = run_client(server, FORK_TEST_SLEEP="60")
     child = int(proc.stdout.readline().split()[1])

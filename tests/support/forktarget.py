@@ -20,3 +20,11 @@ def killed(argv):
     if os.environ.get("FORK_TEST_SIGNAL"):
         os.kill(os.getpid(), getattr(signal, os.environ["FORK_TEST_SIGNAL"]))
     time.sleep(60)
+
+
+
+def gc_state(argv):
+    """Says whether collection is on and how many objects are frozen (never walked by a collection)."""
+    import gc
+
+    print(f"child {os.getpid()} gc {gc.isenabled()} {gc.get_freeze_count()}", flush=True)
