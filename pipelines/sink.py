@@ -13,8 +13,11 @@ bundle under ``staging/spill/``; a tuple of primitives saying where they are con
 encoded, ~480 as the objects a grouping decodes it to, against ~720 and ~1.8 KB for a short caption's
 ``CleanSample``). The
 grouping then moves only those (a runner such as FnApiRunner holds a whole grouping in the driver's
-memory, as Python objects while it groups), and ``write_bucket`` reads the bytes back, one spill file
-at a time.
+memory, as Python objects while it groups), and ``write_bucket`` reads the bytes back. From a local
+staging folder it first reads only each sample's header (member sizes, index row) to plan the shards,
+then each sample's bytes as its tar is written, so a worker holds one sample's bytes, not a bucket's
+(up to ``samples_per_shard`` samples: 130 MB of the sample data's features, more with bigger models);
+a remote one is read a spill file at a time, in offset order, as a whole bucket.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import io
 import json
 import logging
 import math
+import os
 import struct
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -126,6 +130,47 @@ class Prepared:
     reused: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Ref:
+    """A member's bytes not read yet: ``length`` bytes at ``offset`` of the local file ``path`` (a spill
+    file, or a previous shard for a reused modality), read when its shard is written."""
+
+    path: str
+    offset: int
+    length: int
+
+
+def _local(path: str) -> bool:
+    """``path`` is a plain local path (no URI scheme), which ``os`` reads directly."""
+    return FileSystems.get_scheme(path) is None
+
+
+def _resolve(members: dict[str, Any]) -> dict[str, Any]:
+    """``members`` with each ``Ref`` read: one read per file (a sample's staged members lie together,
+    and its reused ones together in their previous shard)."""
+    by_path: dict[str, list[tuple[str, Ref]]] = {}
+    for name, value in members.items():
+        if isinstance(value, Ref):
+            by_path.setdefault(value.path, []).append((name, value))
+    if not by_path:
+        return members
+    out = dict(members)
+    for path, named in by_path.items():
+        start = min(r.offset for _, r in named)
+        end = max(r.offset + r.length for _, r in named)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+        if len(data) != end - start:
+            raise RuntimeError(f"{path} is short: wanted {end - start} bytes at {start}, got {len(data)}")
+        view = memoryview(data)
+        for name, r in named:
+            out[name] = view[r.offset - start:r.offset - start + r.length]
+    return out
+
+
 def prepare(sample: CleanSample, include_text: bool = False) -> Prepared:
     """``sample``'s members and index row; its reused modalities count in the json and the row, their
     ``.npy`` left to ``fill_reused``."""
@@ -158,13 +203,23 @@ def unstage(data: bytes, key: str, sample_id: str, reused: dict[str, str]) -> Pr
     for name, size in header["members"]:
         members[name] = data[at:at + size]
         at += size
+    return _prepared(header, members, key, sample_id, reused)
+
+
+def _prepared(header: dict[str, Any], members: dict[str, Any], key: str, sample_id: str,
+              reused: dict[str, str]) -> Prepared:
     return Prepared(key=key, id=sample_id, members=members, row=header["row"], label=header["label"],
                     computed=header["computed"], reused=reused)
 
 
-def load_staged(items: list[Any], include_text: bool = False) -> list[Prepared]:
+def _short(path: str, offset: int, length: int, got: int) -> RuntimeError:
+    return RuntimeError(f"spill file {path} is short: wanted {length} bytes at {offset}, got {got}")
+
+
+def load_staged(items: list[Any], include_text: bool = False, *, lazy: bool = False) -> list[Prepared]:
     """``Prepared`` samples of a bucket's ``staged`` tuples (read from their spill files, each once, in
-    offset order) and ``CleanSample``s (prepared here), in the order given."""
+    offset order) and ``CleanSample``s (prepared here), in the order given. ``lazy``: from a local spill
+    file only each sample's header is read, its members are ``Ref``s."""
     out: list[Prepared | None] = [None] * len(items)
     by_path: dict[str, list[tuple[int, tuple]]] = {}
     for i, item in enumerate(items):
@@ -173,15 +228,39 @@ def load_staged(items: list[Any], include_text: bool = False) -> list[Prepared]:
         else:
             by_path.setdefault(_text(item[2]), []).append((i, item))
     for path, wanted in sorted(by_path.items()):
+        wanted.sort(key=lambda w: w[1][3])
+        if lazy and _local(path):
+            _read_heads(path, wanted, out)
+            continue
         with FileSystems.open(path, compression_type="uncompressed") as fh:
-            for i, (key, sample_id, _, offset, length, reused) in sorted(wanted, key=lambda w: w[1][3]):
+            for i, (key, sample_id, _, offset, length, reused) in wanted:
                 fh.seek(offset)
                 chunk = fh.read(length)
                 if len(chunk) != length:
-                    raise RuntimeError(f"spill file {path} is short: wanted {length} bytes at {offset}, "
-                                       f"got {len(chunk)}")
+                    raise _short(path, offset, length, len(chunk))
                 out[i] = unstage(chunk, key, _text(sample_id), dict(reused))
     return out  # type: ignore[return-value]
+
+
+def _read_heads(path: str, wanted: list[tuple[int, tuple]], out: list[Prepared | None]) -> None:
+    """The staged samples ``wanted`` (in offset order) of the local spill file ``path`` into ``out``, their
+    headers read and their members left as ``Ref``s."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        for i, (key, sample_id, _, offset, length, reused) in wanted:
+            if offset + length > size:
+                raise _short(path, offset, length, max(0, size - offset))
+            fh.seek(offset)
+            (n,) = _LEN.unpack(fh.read(_LEN.size))
+            header = json.loads(fh.read(n))
+            at, members = offset + _LEN.size + n, {}
+            for name, member_size in header["members"]:
+                members[name] = Ref(path, at, member_size)
+                at += member_size
+            if at != offset + length:
+                raise RuntimeError(f"spill file {path}: the sample at {offset} holds {at - offset} bytes, "
+                                   f"not the {length} staged")
+            out[i] = _prepared(header, members, key, _text(sample_id), dict(reused))
 
 
 def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, bytes | str]:
@@ -200,8 +279,9 @@ def encode_sample(sample: CleanSample, include_text: bool = False) -> dict[str, 
     return members
 
 
-def member_bytes(members: dict[str, bytes | str]) -> int:
-    return sum(len(v) + TAR_OVERHEAD for k, v in members.items() if k != "__key__")
+def member_bytes(members: dict[str, Any]) -> int:
+    return sum((v.length if isinstance(v, Ref) else len(v)) + TAR_OVERHEAD for k, v in members.items()
+               if k != "__key__")
 
 
 def ok_row(sample: CleanSample, shard: str | None) -> IndexRow:
@@ -279,6 +359,7 @@ def _write_tar(path: str, part: list[tuple[str, dict]]) -> int:
     with FileSystems.create(path, mime_type="application/x-tar") as f:
         offset = total = 0
         for key, members in part:
+            members = _resolve(members)  # this sample's bytes only, read now
             for suffix in sorted(members):
                 if suffix.startswith("_"):  # __key__, and metadata TarWriter leaves out
                     continue
@@ -299,9 +380,17 @@ def _write_tar(path: str, part: list[tuple[str, dict]]) -> int:
     return total
 
 
-def read_members(tar_path: str, wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
-    """The members ``{key}.{suffix}`` of one shard for the keys and suffixes in ``wanted``."""
-    found: dict[tuple[str, str], bytes] = {}
+def read_members(tar_path: str, wanted: dict[str, set[str]]) -> dict[tuple[str, str], Any]:
+    """The members ``{key}.{suffix}`` of one shard for the keys and suffixes in ``wanted``: their bytes,
+    or for a local shard ``Ref``s to them (its headers read, its data skipped)."""
+    found: dict[tuple[str, str], Any] = {}
+    if _local(tar_path):
+        with tarfile.open(tar_path, mode="r:") as tf:  # seeks over the members' data
+            for info in tf:
+                key, _, suffix = info.name.partition(".")
+                if suffix in wanted.get(key, ()):
+                    found[(key, suffix)] = Ref(tar_path, info.offset_data, info.size)
+        return found
     with FileSystems.open(tar_path, compression_type="uncompressed") as f, tarfile.open(fileobj=f, mode="r|") as tf:
         for info in tf:
             key, _, suffix = info.name.partition(".")
@@ -311,7 +400,8 @@ def read_members(tar_path: str, wanted: dict[str, set[str]]) -> dict[tuple[str, 
 
 
 def fill_reused(samples: list[Prepared], dataset_dir: str) -> None:
-    """Give reused modalities their previous .npy bytes, reading each old shard once."""
+    """Give reused modalities their previous .npy (bytes, or ``Ref``s into a local dataset's shards),
+    reading each old shard once."""
     needs: dict[str, dict[str, set[str]]] = {}
     for p in samples:
         for m, shard in p.reused.items():
@@ -333,7 +423,7 @@ def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig)
     ``("ok", staged tuple)`` (``StageSamples``) or ``("ok", CleanSample)``."""
     items = list(items)
     oks = sorted((x for tag, x in items if tag == "ok"), key=_ident)
-    samples = load_staged(oks, cfg.include_text)
+    samples = load_staged(oks, cfg.include_text, lazy=True)  # from a local staging folder: headers only
     fill_reused(samples, cfg.dataset_dir)
     rejects = sorted((x for tag, x in items if tag == "reject"), key=lambda r: (r.id, r.source, r.stage))
     same = sorted((x for tag, x in items if tag == "same"), key=lambda r: (r["id"], r["source"]))

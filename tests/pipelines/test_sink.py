@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -158,6 +159,42 @@ def test_a_short_spill_file_is_an_error(tmp_path):
     spill.write_bytes(spill.read_bytes()[:10])
     with pytest.raises(RuntimeError, match="is short"):
         load_staged(staged)
+
+
+def test_a_local_bucket_is_planned_from_headers_and_read_a_sample_at_a_time(tmp_path, monkeypatch):
+    import pipelines.sink as sink
+    from pipelines.sink import Ref, StageSamples, load_staged
+
+    cfg = SinkConfig(staging=str(tmp_path / "s"), samples_per_shard=2, max_shard_bytes=1 << 20, include_text=True)
+    samples = [_sample(i, n_tokens=3 + i).with_(text=f"caption {i}") for i in range(5)]
+    staged = _spill(StageSamples(cfg), samples[:3]) + _spill(StageSamples(cfg), samples[3:])
+    eager = load_staged(staged)
+    lazy = load_staged(staged, lazy=True)
+    assert all(isinstance(v, Ref) for p in lazy for v in p.members.values())
+    assert [(p.id, p.row, p.label, p.computed) for p in lazy] == [(p.id, p.row, p.label, p.computed) for p in eager]
+    assert [{k: bytes(v) for k, v in sink._resolve(p.members).items()} for p in lazy] == [p.members for p in eager]
+    # Writing the bucket reads each sample's members in one read, when its tar gets them.
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(sink.os, "pread", lambda fd, n, at: reads.append(n) or real_pread(fd, n, at))
+    sidecar = write_bucket(0, [("ok", x) for x in staged], cfg)
+    assert sorted(reads) == sorted(sum(len(v) for v in p.members.values()) for p in eager)
+    eager_cfg = SinkConfig(staging=str(tmp_path / "e"), samples_per_shard=2, max_shard_bytes=1 << 20, include_text=True)
+    assert write_bucket(0, [("ok", s) for s in samples], eager_cfg) == sidecar
+    for tar in sorted((tmp_path / "s" / "shards").iterdir()):
+        assert tar.read_bytes() == (tmp_path / "e" / "shards" / tar.name).read_bytes()
+    # A spill file cut short is found before any shard is written.
+    spill = sorted((tmp_path / "s" / "spill").iterdir())[1]
+    spill.write_bytes(spill.read_bytes()[:-1])
+    with pytest.raises(RuntimeError, match="is short"):
+        load_staged(staged, lazy=True)
+
+
+def test_only_plain_local_paths_are_read_lazily():
+    from pipelines.sink import _local
+
+    assert _local("/tmp/out/.staging/spill/a.bin") and _local("relative/out")
+    assert not _local("gs://bucket/out") and not _local("file:///tmp/out")
 
 
 class _FullDisk(io.RawIOBase):
