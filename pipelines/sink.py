@@ -141,8 +141,20 @@ class Ref:
 
 
 def _local(path: str) -> bool:
-    """``path`` is a plain local path (no URI scheme), which ``os`` reads directly."""
-    return FileSystems.get_scheme(path) is None
+    """``path`` is a plain local path (no URI scheme), which ``os.pread`` reads directly."""
+    return hasattr(os, "pread") and FileSystems.get_scheme(path) is None
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset``, fewer only at the end of the file (one read returns at most ~2 GiB)."""
+    parts, got = [], 0
+    while got < size:
+        part = os.pread(fd, size - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _resolve(members: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +172,7 @@ def _resolve(members: dict[str, Any]) -> dict[str, Any]:
         end = max(r.offset + r.length for _, r in named)
         fd = os.open(path, os.O_RDONLY)
         try:
-            data = os.pread(fd, end - start, start)
+            data = _pread(fd, end - start, start)
         finally:
             os.close(fd)
         if len(data) != end - start:

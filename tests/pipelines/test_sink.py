@@ -190,6 +190,19 @@ def test_a_local_bucket_is_planned_from_headers_and_read_a_sample_at_a_time(tmp_
         load_staged(staged, lazy=True)
 
 
+def test_a_member_is_read_whole_when_the_kernel_returns_less_per_read(tmp_path, monkeypatch):
+    import pipelines.sink as sink
+
+    path = tmp_path / "spill.bin"
+    path.write_bytes(bytes(range(256)) * 40)
+    real_pread = os.pread
+    monkeypatch.setattr(sink.os, "pread", lambda fd, n, at: real_pread(fd, min(n, 1000), at))  # as Linux past 2 GiB
+    got = sink._resolve({"a": sink.Ref(str(path), 100, 5000), "b": b"kept"})
+    assert bytes(got["a"]) == path.read_bytes()[100:5100] and got["b"] == b"kept"
+    with pytest.raises(RuntimeError, match="is short"):
+        sink._resolve({"a": sink.Ref(str(path), 10_000, 500)})
+
+
 def test_only_plain_local_paths_are_read_lazily():
     from pipelines.sink import _local
 
