@@ -164,8 +164,9 @@ class TreeMemory(threading.Thread):
             self.peak_rss = max(self.peak_rss, sum(rss_kib(p) for p in tree))
             if tick % self.pss_every == 0:
                 parts = {p: pss_kib(p) for p in tree}
-                if sum(parts.values()) > self.peak_pss:
-                    self.peak_pss = sum(parts.values())
+                total = sum(parts.values())
+                if total > self.peak_pss:
+                    self.peak_pss = total
                     self.peak_parts = sorted(((role(p, self.pid), kib / 1024) for p, kib in parts.items()
                                               if kib >= 1024),
                                              key=lambda x: (x[0], -x[1]))

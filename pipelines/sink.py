@@ -22,6 +22,7 @@ a remote one is read a spill file at a time, in offset order, as a whole bucket.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -123,7 +124,7 @@ class Prepared:
 
     key: str
     id: str
-    members: dict[str, bytes]
+    members: dict[str, Any]  # bytes, or a ``Ref`` to them until its shard is written
     row: dict[str, Any]
     label: Any
     computed: list[str]
@@ -176,7 +177,7 @@ def _resolve(members: dict[str, Any]) -> dict[str, Any]:
         finally:
             os.close(fd)
         if len(data) != end - start:
-            raise RuntimeError(f"{path} is short: wanted {end - start} bytes at {start}, got {len(data)}")
+            raise _short(path, start, end - start, len(data), "file")
         view = memoryview(data)
         for name, r in named:
             out[name] = view[r.offset - start:r.offset - start + r.length]
@@ -224,8 +225,8 @@ def _prepared(header: dict[str, Any], members: dict[str, Any], key: str, sample_
                     computed=header["computed"], reused=reused)
 
 
-def _short(path: str, offset: int, length: int, got: int) -> RuntimeError:
-    return RuntimeError(f"spill file {path} is short: wanted {length} bytes at {offset}, got {got}")
+def _short(path: str, offset: int, length: int, got: int, what: str = "spill file") -> RuntimeError:
+    return RuntimeError(f"{what} {path} is short: wanted {length} bytes at {offset}, got {got}")
 
 
 def load_staged(items: list[Any], include_text: bool = False, *, lazy: bool = False) -> list[Prepared]:
@@ -396,18 +397,18 @@ def read_members(tar_path: str, wanted: dict[str, set[str]]) -> dict[tuple[str, 
     """The members ``{key}.{suffix}`` of one shard for the keys and suffixes in ``wanted``: their bytes,
     or for a local shard ``Ref``s to them (its headers read, its data skipped)."""
     found: dict[tuple[str, str], Any] = {}
-    if _local(tar_path):
-        with tarfile.open(tar_path, mode="r:") as tf:  # seeks over the members' data
-            for info in tf:
-                key, _, suffix = info.name.partition(".")
-                if suffix in wanted.get(key, ()):
-                    found[(key, suffix)] = Ref(tar_path, info.offset_data, info.size)
-        return found
-    with FileSystems.open(tar_path, compression_type="uncompressed") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+    local = _local(tar_path)
+    with contextlib.ExitStack() as stack:
+        if local:
+            tf = stack.enter_context(tarfile.open(tar_path, mode="r:"))  # seeks over the members' data
+        else:
+            f = stack.enter_context(FileSystems.open(tar_path, compression_type="uncompressed"))
+            tf = stack.enter_context(tarfile.open(fileobj=f, mode="r|"))
         for info in tf:
             key, _, suffix = info.name.partition(".")
             if suffix in wanted.get(key, ()):
-                found[(key, suffix)] = tf.extractfile(info).read()
+                found[(key, suffix)] = (Ref(tar_path, info.offset_data, info.size) if local
+                                        else tf.extractfile(info).read())
     return found
 
 
@@ -418,7 +419,7 @@ def fill_reused(samples: list[Prepared], dataset_dir: str) -> None:
     for p in samples:
         for m, shard in p.reused.items():
             needs.setdefault(shard, {}).setdefault(p.key, set()).add(f"{m}.npy")
-    found: dict[tuple[str, str], bytes] = {}
+    found: dict[tuple[str, str], Any] = {}
     for shard, wanted in sorted(needs.items()):
         found.update(read_members(f"{dataset_dir.rstrip('/')}/{shard}", wanted))
     for p in samples:
