@@ -12,9 +12,9 @@ import datetime as _dt
 import io
 import json
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 class CommitResult:
     manifest: DatasetManifest
     report: dict[str, Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def join(base: str, rel: str) -> str:
@@ -41,11 +40,14 @@ def read_text(path: str) -> str:
         return f.read().decode("utf-8")
 
 
-def write_atomic(path: str, data: bytes, mime: str = "application/octet-stream") -> None:
-    """Write via a temporary name and rename, so readers see the old file or the whole new one.
+def write_atomic(path: str, data: bytes | Callable[[BinaryIO], None],
+                 mime: str = "application/octet-stream") -> None:
+    """Write ``data`` (bytes, or a function that writes to the file it is given) via a temporary name
+    and rename, so readers see the old file or the whole new one.
 
     Local files are fsynced and swapped with ``os.replace`` (atomic); object stores get
-    delete + rename, the best FileSystems offers there.
+    delete + rename, the best FileSystems offers there (and a function's output is gathered in memory
+    first, as their writers are not seekable files).
     """
     tmp = path + ".tmp"
     if "://" not in path:
@@ -53,11 +55,15 @@ def write_atomic(path: str, data: bytes, mime: str = "application/octet-stream")
 
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return
+    if callable(data):
+        buf = io.BytesIO()
+        data(buf)
+        data = buf.getvalue()
     with FileSystems.create(tmp, mime_type=mime) as f:
         f.write(data)
     if FileSystems.exists(path):
@@ -72,10 +78,41 @@ def current_manifest(out_dir: str) -> DatasetManifest | None:
     return DatasetManifest.from_json(read_text(path))
 
 
-def load_sidecars(staging: str) -> list[dict[str, Any]]:
+@dataclass
+class Staged:
+    """What the writing stage left in the staging folder, as the commit plans with it. The index rows are
+    Arrow tables (``INDEX_SCHEMA``, a few hundred bytes a row) rather than dicts (~2.8 KB a row): the
+    commit of a job of millions of samples holds all of them at once."""
+
+    new: Any  # pa.Table: rows of this run's samples and rejects, bucket by bucket
+    same: Any  # pa.Table: rows of unchanged samples carried over from the previous version
+    shards: list[dict[str, Any]]  # staged tars, bucket by bucket, part by part
+    extracted: dict[str, int]
+    labels: list[Any]  # label vocabulary of the landed samples (JSON types kept)
+
+
+def _bucket_number(path: str) -> int:
+    return int(path.rsplit("/", 1)[-1][1:-len(".json")])  # parts/bNNNNN.json
+
+
+def load_staged(staging: str, previous: DatasetManifest | None) -> Staged:
+    """The sidecars of ``staging`` in bucket order, each one's rows turned into Arrow as it is read."""
+    import pyarrow as pa
+
     matches = FileSystems.match([join(staging, "parts/b*.json")])[0].metadata_list
-    sidecars = [json.loads(read_text(m.path)) for m in matches]
-    return sorted(sidecars, key=lambda s: s["bucket"])
+    new, same, shards, labels = [], [], [], {}
+    extracted = dict.fromkeys(("samples", "text", "image", "audio"), 0)
+    for path in sorted((m.path for m in matches), key=_bucket_number):
+        sc = json.loads(read_text(path))
+        new.append(index_table(sc["rows"]))
+        same.append(index_table(sc.get("same", [])))
+        shards.extend(sorted(sc["shards"], key=lambda s: s["part"]))
+        for k in extracted:
+            extracted[k] += sc.get("extracted", {}).get(k, 0)
+        labels.update((json.dumps(lbl, sort_keys=True), lbl) for lbl in _labels([sc], sc.get("same", []), previous))
+    empty = index_table([])
+    return Staged(new=pa.concat_tables(new or [empty]), same=pa.concat_tables(same or [empty]), shards=shards,
+                  extracted=extracted, labels=sorted(labels.values(), key=_label_key))
 
 
 def _label_key(v: Any) -> tuple[str, str]:
@@ -86,33 +123,71 @@ def _label_key(v: Any) -> tuple[str, str]:
 PLAN_COLUMNS = ("id", "status", "stage", "reason", "modalities")
 
 
-def load_index(out_dir: str, manifest: DatasetManifest | None, columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The rows of ``manifest``'s index, ``columns`` of them only (a row of all 14 as a dict is ~2.8 KB)."""
-    if manifest is None:
-        return []
+def load_index(out_dir: str, manifest: DatasetManifest | None, columns: tuple[str, ...]) -> Any:
+    """``columns`` of ``manifest``'s index as an Arrow table (no rows without a manifest)."""
     import pyarrow.parquet as pq
 
+    if manifest is None:
+        return index_table([]).select(list(columns))
     with FileSystems.open(join(out_dir, manifest.index), compression_type="uncompressed") as f:
-        return pq.read_table(f, columns=list(columns)).to_pylist()
+        return pq.read_table(f, columns=list(columns))
 
 
-def plan_counts(previous_rows: list[dict], new_rows: list[dict], same_rows: list[dict]) -> dict[str, int]:
-    """new / changed / unchanged / removed, relative to the previous version's landed samples.
+def _ids(table: Any, where: Any = None) -> Any:
+    """The distinct ids of ``table``'s rows (those where ``where`` holds), as one array."""
+    import pyarrow.compute as pc
+
+    column = table.column("id")
+    return pc.unique(column if where is None else column.filter(where))
+
+
+def _count_not_in(values: Any, *sets: Any) -> int:
+    import pyarrow.compute as pc
+
+    keep = None
+    for s in sets:
+        out = pc.invert(pc.is_in(values, value_set=s))
+        keep = out if keep is None else pc.and_(keep, out)
+    return len(values) if keep is None else pc.sum(keep).as_py() or 0
+
+
+def plan_counts(previous: Any, new: Any, same: Any) -> dict[str, int]:
+    """new / changed / unchanged / removed, relative to the previous version's landed samples, from
+    tables with the index's id, status, stage and reason.
 
     A sample rejected again exactly as before counts as unchanged; read-stage rejects without an id
     are keyed by their source line.
     """
-    prev_ok = {r["id"] for r in previous_rows if r["status"] == "ok"}
-    prev_rejects = {(r["id"], r["stage"], r["reason"]) for r in previous_rows if r["status"] == "rejected"}
-    seen = {r["id"] for r in new_rows} | {r["id"] for r in same_rows}
-    lands = {r["id"] for r in new_rows if r["status"] == "ok"} | {r["id"] for r in same_rows}
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    new_ok = pc.equal(new.column("status"), "ok")
+    prev_ok = _ids(previous, pc.equal(previous.column("status"), "ok"))
+    seen = pc.unique(pa.concat_arrays([_ids(new), _ids(same)]))
+    lands = pc.unique(pa.concat_arrays([_ids(new, new_ok), _ids(same)]))
     # A reject row of a landed id (a later row repeating the id) does not change that sample.
-    changed = {r["id"] for r in new_rows if r["id"] in prev_ok and (r["status"] == "ok" or r["id"] not in lands)}
-    same_rejects = {r["id"] for r in new_rows
-                    if r["status"] == "rejected" and (r["id"], r["stage"], r["reason"]) in prev_rejects}
-    new = {r["id"] for r in new_rows} - changed - same_rejects
-    return {"new": len(new), "changed": len(changed), "unchanged": len(same_rows) + len(same_rejects),
-            "removed": len(prev_ok - seen)}
+    changed = _ids(new, pc.and_(pc.is_in(new.column("id"), value_set=prev_ok),
+                                pc.or_(new_ok, pc.invert(pc.is_in(new.column("id"), value_set=lands)))))
+    keys = ["id", "stage", "reason"]
+    prev_rejects = previous.filter(pc.equal(previous.column("status"), "rejected")).select(keys)
+    new_rejects = new.filter(pc.equal(new.column("status"), "rejected")).select(keys)
+    same_rejects = _ids(new_rejects.join(prev_rejects, keys=keys, join_type="left semi"))
+    return {"new": _count_not_in(_ids(new), changed, same_rejects), "changed": len(changed),
+            "unchanged": same.num_rows + len(same_rejects), "removed": _count_not_in(prev_ok, seen)}
+
+
+def _same_rejects(a: Any, b: Any) -> bool:
+    """Whether tables ``a`` and ``b`` hold the same (id, stage, reason) rejects, as many times each."""
+    import pyarrow.compute as pc
+
+    keys = ["id", "stage", "reason"]
+
+    def rejects(table: Any) -> Any:
+        rejected = table.filter(pc.equal(table.column("status"), "rejected")).select(keys)
+        return rejected.sort_by([(k, "ascending") for k in keys])
+
+    a, b = rejects(a), rejects(b)
+    return a.num_rows == b.num_rows and all(a.column(k).equals(b.column(k)) for k in keys)
 
 
 def _copy_members(src: str, dst: str, keys: set[str]) -> int:
@@ -141,7 +216,7 @@ def _copy_many(sources: list[tuple[str, set[str]]], dst: str) -> int:
 COMPACT_AT = 8  # small shards carried from earlier versions before they are merged
 
 
-def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], keep: dict[str, set[str]],
+def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], keep: _Kept,
              renames: dict[str, str], samples_per_shard: int, next_name) -> tuple[list[str], list[int]]:
     """Merge the small shards the previous versions left (each incremental run adds one or more shards of
     only its changed samples) once there are ``COMPACT_AT`` of them: their members are copied byte for
@@ -178,8 +253,23 @@ def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], ke
     return out_shards, out_sizes
 
 
+class _Kept:
+    """shard -> the keys of its samples that an unchanged row keeps, from the ``same`` table; each shard's
+    set is built when asked for (only shards rewritten or merged need it)."""
+
+    def __init__(self, same: Any) -> None:
+        grouped = same.select(["shard", "key"]).group_by("shard").aggregate([("key", "list")])
+        self._row = {s: i for i, s in enumerate(grouped.column("shard").to_pylist())}
+        self._keys = grouped.column("key_list")
+        self.counts = {s: len(self._keys[i]) for s, i in self._row.items()}
+
+    def __getitem__(self, shard: str) -> set[str]:
+        i = self._row.get(shard)
+        return set() if i is None else set(self._keys[i].as_py())
+
+
 def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetManifest | None,
-                    sidecars: list[dict], same_rows: list[dict], samples_per_shard: int | None = None
+                    staged_shards: list[dict], same: Any, samples_per_shard: int | None = None
                     ) -> tuple[list[str], list[int], dict[str, str]]:
     """The new version's shards: untouched old shards shared, touched ones rewritten, small ones left by
     earlier versions merged (with ``samples_per_shard``), new ones renamed in.
@@ -189,9 +279,7 @@ def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetM
     shards: list[str] = []
     sizes: list[int] = []
     renames: dict[str, str] = {}
-    keep: dict[str, set[str]] = {}
-    for r in same_rows:
-        keep.setdefault(r["shard"], set()).add(r["key"])
+    keep = _Kept(same)
     n_new = 0
 
     def next_name() -> str:
@@ -201,25 +289,24 @@ def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetM
 
     if previous is not None:
         for shard, size in zip(previous.shards, previous.shard_sizes, strict=True):
-            kept = keep.get(shard, set())
-            if len(kept) == size:
+            n_kept = keep.counts.get(shard, 0)
+            if n_kept == size:
                 shards.append(shard)  # untouched: shared with the previous version
                 sizes.append(size)
-            elif kept:  # lost or changed samples: copy-on-write
+            elif n_kept:  # lost or changed samples: copy-on-write
                 name = next_name()
-                _copy_members(join(out_dir, shard), join(staging, name), kept)
+                _copy_members(join(out_dir, shard), join(staging, name), keep[shard])
                 renames[shard] = name
                 shards.append(name)
-                sizes.append(len(kept))
+                sizes.append(n_kept)
         if samples_per_shard:
             shards, sizes = _compact(out_dir, staging, shards, sizes, keep, renames, samples_per_shard, next_name)
     staged: dict[str, str] = {}
-    for sc in sidecars:
-        for sh in sorted(sc["shards"], key=lambda s: s["part"]):
-            name = next_name()
-            staged[sh["path"]] = name
-            shards.append(name)
-            sizes.append(sh["samples"])
+    for sh in staged_shards:
+        name = next_name()
+        staged[sh["path"]] = name
+        shards.append(name)
+        sizes.append(sh["samples"])
     moves = {join(staging, n): join(out_dir, n) for n in set(renames.values()) if n in shards}
     moves.update({join(staging, src): join(out_dir, dst) for src, dst in staged.items()})
     if moves:
@@ -238,44 +325,38 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     When nothing changed (no new, changed or removed sample, the same rejects) no version is made and
     the returned manifest is the current one.
     """
+    import pyarrow as pa
+
     previous = current_manifest(out_dir)
     previous_rows = load_index(out_dir, previous, PLAN_COLUMNS)
     job_bytes = job_toml.encode("utf-8", "surrogateescape")  # a path in another encoding keeps its bytes
     version = (previous.version if previous else 0) + 1
-    sidecars = load_sidecars(staging)
-    new_rows = [r for sc in sidecars for r in sc["rows"]]
-    same_rows = [r for sc in sidecars for r in sc.get("same", [])]
-    planned = plan_counts(previous_rows, new_rows, same_rows)
-    extracted = {k: sum(sc.get("extracted", {}).get(k, 0) for sc in sidecars)
-                 for k in ("samples", "text", "image", "audio")}
-    rejects_now = sorted((r["id"], r["stage"], r["reason"]) for r in new_rows if r["status"] == "rejected")
-    rejects_before = sorted((r["id"], r["stage"], r["reason"]) for r in previous_rows if r["status"] == "rejected")
+    staged = load_staged(staging, previous)
+    labels = staged.labels
+    planned = plan_counts(previous_rows, staged.new, staged.same)
+    pa.default_memory_pool().release_unused()  # the sets and joins of the planning
+    extracted = staged.extracted
     unchanged = (previous is not None and planned["new"] == planned["changed"] == planned["removed"] == 0
-                 and rejects_now == rejects_before and previous.fingerprints == fingerprints)
+                 and _same_rejects(staged.new, previous_rows)
+                 and previous.fingerprints == fingerprints)
 
     if unchanged:
         manifest = previous
         rows = previous_rows
     else:
-        shards, sizes, renames = assemble_shards(out_dir, staging, version, previous, sidecars, same_rows,
+        shards, sizes, renames = assemble_shards(out_dir, staging, version, previous, staged.shards, staged.same,
                                                  samples_per_shard)
-        for r in new_rows:
-            r["version"] = version
-            if r["shard"] is not None:
-                r["shard"] = renames[r["shard"]]
-        for r in same_rows:
-            r["shard"] = renames.get(r["shard"], r["shard"])
-        rows = sorted(new_rows + same_rows, key=lambda r: (r["id"], r["source"], r["status"]))
+        new = _set_column(staged.new, "version", pa.repeat(pa.scalar(version, pa.int32()), staged.new.num_rows))
+        new = _set_column(new, "shard", _renamed(new.column("shard"), renames))
+        same = _set_column(staged.same, "shard", _renamed(staged.same.column("shard"), renames))
+        rows = pa.concat_tables([new, same])
+        del new, same, staged
         index_rel = f"index/{version:06d}.parquet"
-        buf = io.BytesIO()
-        import pyarrow.parquet as pq
-
-        pq.write_table(index_table(rows), buf, compression="zstd")
-        write_atomic(join(out_dir, index_rel), buf.getvalue())
+        write_atomic(join(out_dir, index_rel), lambda f: write_index(rows, f))
         manifest = DatasetManifest(
             version=version, shards=shards, shard_sizes=sizes, num_samples=sum(sizes),
             counts={}, index=index_rel, fingerprints=fingerprints, feature_dims=feature_dims,
-            labels=_labels(sidecars, same_rows, previous),
+            labels=labels,
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             parent=previous.version if previous else None, schema_version=SCHEMA_VERSION,
         )
@@ -303,7 +384,41 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     write_atomic(join(out_dir, "report.json"), report_text.encode("utf-8", "surrogateescape"))
     FileSystems.delete([staging])
     _remove_if_empty(join(out_dir, ".staging"))
-    return CommitResult(manifest=manifest, report=report, rows=rows)
+    return CommitResult(manifest=manifest, report=report)
+
+
+INDEX_ORDER = [("id", "ascending"), ("source", "ascending"), ("status", "ascending")]
+INDEX_SLICE_BYTES = 64 << 20  # rows of the index put in order and written at a time
+
+
+def write_index(rows: Any, sink: Any) -> None:
+    """Write the index ``rows`` to ``sink`` as zstd Parquet, in ``INDEX_ORDER`` (a stable sort, so rows
+    equal in it keep their order). Rows are put in order a slice of about ``INDEX_SLICE_BYTES`` at a
+    time, each slice a row group, so the sorted copy never holds the whole index."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    order = pc.sort_indices(rows, sort_keys=INDEX_ORDER)
+    step = max(1, INDEX_SLICE_BYTES * rows.num_rows // max(1, rows.nbytes))
+    with pq.ParquetWriter(sink, rows.schema, compression="zstd") as writer:
+        for start in range(0, max(1, rows.num_rows), step):
+            writer.write_table(rows.take(order.slice(start, step)))
+
+
+def _set_column(table: Any, name: str, column: Any) -> Any:
+    return table.set_column(table.schema.get_field_index(name), table.schema.field(name), column)
+
+
+def _renamed(column: Any, renames: dict[str, str]) -> Any:
+    """``column`` of shard paths with each one ``renames`` names replaced (nulls stay)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = pc.unique(column)
+    if not len(names):
+        return column
+    mapped = pa.array([renames.get(s, s) if s is not None else None for s in names.to_pylist()], pa.string())
+    return pc.take(mapped, pc.index_in(column, value_set=names))
 
 
 def _labels(sidecars: list[dict], same_rows: list[dict], previous: DatasetManifest | None) -> list[Any]:
@@ -368,20 +483,34 @@ def _remove_if_empty(folder: str) -> None:
         pass  # not empty (another run's leftovers) or already gone
 
 
-def build_report(rows: list[dict[str, Any]], seconds: float) -> tuple[dict[str, int], dict[str, Any]]:
-    """Counts per status, stage and reason over the index rows."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    rejected = [r for r in rows if r["status"] == "rejected"]
-    counts = {"input": len(rows), "ok": len(ok), "rejected": len(rejected), "extracted": len(ok)}
-    dropped = Counter(code for r in ok if r["reason"] for code in r["reason"].split("; "))
-    modalities = Counter(m for r in ok for m in r["modalities"].split(",") if m)
+def _tally(values: Any) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    if not len(values):
+        return {}
+    counted = pc.value_counts(values)
+    return dict(sorted(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist(), strict=True)))
+
+
+def build_report(rows: Any, seconds: float) -> tuple[dict[str, int], dict[str, Any]]:
+    """Counts per status, stage and reason over the index rows (a table with the index's status, stage,
+    reason and modalities)."""
+    import pyarrow.compute as pc
+
+    rows = rows.select(["status", "stage", "reason", "modalities"])
+    ok = rows.filter(pc.equal(rows.column("status"), "ok"))
+    rejected = rows.filter(pc.equal(rows.column("status"), "rejected"))
+    counts = {"input": rows.num_rows, "ok": ok.num_rows, "rejected": rejected.num_rows, "extracted": ok.num_rows}
+    reasons = ok.column("reason").filter(pc.not_equal(ok.column("reason"), ""))
+    dropped = pc.list_flatten(pc.split_pattern(reasons, "; "))
+    modalities = pc.list_flatten(pc.split_pattern(ok.column("modalities"), ","))
     report = {
         "counts": counts,
-        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "rejected_by_stage": dict(sorted(Counter(r["stage"] for r in rejected).items())),
-        "dropped_modalities_by_reason": dict(sorted(dropped.items())),
-        "modalities": dict(sorted(modalities.items())),
+        "rejected_by_reason": _tally(rejected.column("reason")),
+        "rejected_by_stage": _tally(rejected.column("stage")),
+        "dropped_modalities_by_reason": _tally(dropped),
+        "modalities": _tally(modalities.filter(pc.not_equal(modalities, ""))),
         "seconds": round(seconds, 3),
-        "samples_per_second": round(len(rows) / seconds, 3) if seconds > 0 else 0.0,
+        "samples_per_second": round(rows.num_rows / seconds, 3) if seconds > 0 else 0.0,
     }
     return counts, report

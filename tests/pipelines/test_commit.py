@@ -1,6 +1,8 @@
 import json
 
-from pipelines.commit import _labels, plan_counts, remove_uncommitted
+import pyarrow as pa
+
+from pipelines.commit import _labels, build_report, plan_counts, remove_uncommitted
 from pipelines.versions import gc
 from schemas import DatasetManifest
 
@@ -9,18 +11,59 @@ def _row(sid, status="ok", stage="", reason="", source=None, label=None):
     return {"id": sid, "status": status, "stage": stage, "reason": reason, "source": source or sid, "label": label}
 
 
+def _table(*rows):
+    schema = pa.schema([(k, pa.string()) for k in ("id", "status", "stage", "reason", "source", "label")])
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
 def test_a_repeated_id_is_no_change_when_its_first_row_is_unchanged():
     dup = _row("a", "rejected", "read", "read.duplicate_id", "m.jsonl:3")
-    previous = [_row("a"), _row("b"), dup]
-    planned = plan_counts(previous, new_rows=[dup], same_rows=[_row("a"), _row("b")])
+    previous = _table(_row("a"), _row("b"), dup)
+    planned = plan_counts(previous, _table(dup), _table(_row("a"), _row("b")))
     assert planned == {"new": 0, "changed": 0, "unchanged": 3, "removed": 0}
 
 
 def test_a_landed_sample_that_is_now_rejected_is_a_change():
-    previous = [_row("a"), _row("b")]
-    planned = plan_counts(previous, new_rows=[_row("a", "rejected", "clean.image", "image.truncated")],
-                          same_rows=[_row("b")])
+    previous = _table(_row("a"), _row("b"))
+    planned = plan_counts(previous, _table(_row("a", "rejected", "clean.image", "image.truncated")),
+                          _table(_row("b")))
     assert planned["changed"] == 1 and planned["removed"] == 0
+
+
+def test_plan_counts_new_changed_unchanged_removed():
+    previous = _table(_row("a"), _row("b"), _row("c"), _row("d"), _row("r", "rejected", "clean.text", "text.empty"),
+                      _row("s", "rejected", "clean.text", "text.empty"))
+    new = _table(
+        _row("b"),  # re-extracted: changed
+        _row("e"), _row("e", "rejected", "read", "read.duplicate_id", "m:9"),  # new, and a repeat of it
+        _row("r", "rejected", "clean.text", "text.empty"),  # rejected again as before: unchanged
+        _row("s", "rejected", "clean.text", "text.too_long"),  # rejected otherwise: new
+        _row("c", "rejected", "clean.image", "image.truncated"),  # landed before, rejected now: changed
+    )
+    planned = plan_counts(previous, new, _table(_row("a")))  # "d" is gone: removed
+    assert planned == {"new": 2, "changed": 2, "unchanged": 2, "removed": 1}
+    nothing = _table()
+    assert plan_counts(nothing, new, nothing) == {"new": 5, "changed": 0, "unchanged": 0, "removed": 0}
+    assert plan_counts(previous, nothing, nothing)["removed"] == 4
+
+
+def test_build_report_counts_statuses_stages_reasons_and_modalities():
+    rows = pa.Table.from_pylist([
+        {"status": "ok", "stage": "", "reason": "", "modalities": "text,image"},
+        {"status": "ok", "stage": "clean.audio", "reason": "audio.silent; image.truncated", "modalities": "text"},
+        {"status": "ok", "stage": "clean.audio", "reason": "audio.silent", "modalities": "image"},
+        {"status": "rejected", "stage": "read", "reason": "read.bad_json", "modalities": ""},
+        {"status": "rejected", "stage": "clean", "reason": "all_modalities_failed", "modalities": ""},
+        {"status": "rejected", "stage": "read", "reason": "read.bad_json", "modalities": ""},
+    ])
+    counts, report = build_report(rows, 2.0)
+    assert counts == {"input": 6, "ok": 3, "rejected": 3, "extracted": 3}
+    assert report["rejected_by_reason"] == {"all_modalities_failed": 1, "read.bad_json": 2}
+    assert report["rejected_by_stage"] == {"clean": 1, "read": 2}
+    assert report["dropped_modalities_by_reason"] == {"audio.silent": 2, "image.truncated": 1}
+    assert report["modalities"] == {"image": 2, "text": 2}
+    assert report["samples_per_second"] == 3.0
+    assert build_report(rows.slice(0, 0), 1.0)[1]["modalities"] == {}
 
 
 def test_label_vocabulary_keeps_1_and_the_string_1_apart():
@@ -77,3 +120,30 @@ def test_diff_in_a_folder_whose_name_is_not_utf8(tmp_path):
         with open(root / "index" / f"{v:06d}.parquet", "wb") as f:
             pq.write_table(table, f)
     assert diff_versions(str(root), 1, 2) == {"added": ["c"], "changed": [], "removed": ["a"]}
+
+
+def test_the_index_is_written_in_order_a_slice_at_a_time_with_ties_kept_in_place(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from pipelines import commit as commit_mod
+    from schemas.arrow import index_table
+
+    ids = ["b", "a", "c", "a", "b", "a"] * 50
+    rows = index_table([
+        {"id": sid, "key": f"k{i}", "shard": None, "content_hash": "", "fingerprint": "{}",
+         "status": "rejected" if i % 7 == 0 else "ok", "stage": "", "reason": "", "detail": str(i),
+         "modalities": "", "label": None, "source": "m.jsonl", "version": 1, "modality_hashes": "{}"}
+        for i, sid in enumerate(ids)])
+    whole = tmp_path / "whole.parquet"
+    commit_mod.write_atomic(str(whole), lambda f: commit_mod.write_index(rows, f))
+    monkeypatch.setattr(commit_mod, "INDEX_SLICE_BYTES", rows.nbytes // 10)
+    sliced = tmp_path / "sliced.parquet"
+    commit_mod.write_atomic(str(sliced), lambda f: commit_mod.write_index(rows, f))
+
+    assert pq.ParquetFile(whole).metadata.num_row_groups == 1
+    assert pq.ParquetFile(sliced).metadata.num_row_groups >= 10
+    got = pq.read_table(sliced)
+    assert got.equals(pq.read_table(whole)) and got.schema.equals(rows.schema)
+    expected = sorted(rows.to_pylist(), key=lambda r: (r["id"], r["source"], r["status"]))  # stable, as Python's
+    assert got.to_pylist() == expected
+    assert not list(tmp_path.glob("*.tmp"))
