@@ -23,9 +23,10 @@ docs/benchmarks.md.
   [extract] settings; its [output] is replaced by a temporary folder and its [runner] left out (all
   three run here, mbm with one worker per core). --samples is refused as for a folder.
 
---memory also runs ``mbm preprocess`` on the data at 1x and 4x its size (a manifest's rows repeated, or
-tars written once and four times with unique keys) and reports the growth of its peak memory;
-``--reps 0 --memory`` runs that check alone.
+--memory also runs ``mbm preprocess`` on the data at 1x and 4x its size (a manifest's rows repeated, tars
+written once and four times with unique keys, or an imagefolder/audiofolder's files linked four times
+under new names with its metadata rows repeated to name them) and reports the growth of its peak
+memory; ``--reps 0 --memory`` runs that check alone. A job spec's data: give its [input] as --source.
 
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --write
     .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1 --memory
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from incremental import MANIFEST_SUFFIXES, build, manifest_of
-from report import write_section
+from report import cpu_description, write_section
 
 from jobs.spec import SpecError, dump_toml, load_spec
 from pipelines.readers.rows import format_of
@@ -220,18 +221,10 @@ def landed(out: Path) -> tuple[Counter, list[str]]:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} cores ({model}), {ram:.0f} GiB RAM, "
+    return (f"{platform.machine()}, {os.cpu_count()} cores ({cpu_description()}), {ram:.0f} GiB RAM, "
             f"Python {platform.python_version()}, torch {torch.__version__}, no GPU used")
 
 
@@ -374,15 +367,90 @@ def repeat_tars(source: Path, dest: Path, factor: int) -> Path:
     return dest / "c*"  # a pattern: mbm reads a folder's *.tar only, and the copies may be compressed
 
 
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # an imagefolder/audiofolder's
+
+
+def _copy_name(name: str, i: int) -> str:
+    """``name`` (a path relative to some folder) with its file name prefixed ``c{i}-``."""
+    folder, base = os.path.split(name)
+    return os.path.join(folder, f"c{i}-{base}")
+
+
+def _repeat_metadata(src: Path, dst: Path, factor: int) -> None:
+    """A folder's metadata file with each row written ``factor`` times, copy i's ``file_name`` prefixed as
+    its file is (``_copy_name``); a JSON line that is not an object with a ``file_name`` is kept as it is
+    in every copy (a bad row is a reject per copy, as in the data repeated)."""
+    if src.name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(src)
+        column = table.schema.get_field_index("file_name")
+        if column < 0:
+            raise SystemExit(f"--memory: {src} has no file_name column")
+        names = table.column(column).to_pylist()
+        copies = [table.set_column(column, "file_name", pa.array(
+            [None if n is None else _copy_name(str(n), i) for n in names], pa.string())) for i in range(factor)]
+        pq.write_table(pa.concat_tables(copies), dst)
+    elif src.name.endswith(".csv"):
+        import csv
+
+        with open(src, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            reader = csv.DictReader(f)
+            rows, fields = list(reader), reader.fieldnames or []
+        with open(dst, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for i in range(factor):
+                writer.writerows({**r, "file_name": _copy_name(r["file_name"], i)} if r.get("file_name") else r
+                                 for r in rows)
+    else:
+        lines = src.read_bytes().splitlines()
+        with open(dst, "wb") as f:
+            for i in range(factor):
+                for line in lines:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = None
+                    if isinstance(row, dict) and isinstance(row.get("file_name"), str):
+                        line = json.dumps({**row, "file_name": _copy_name(row["file_name"], i)}).encode()
+                    f.write(line + b"\n")
+
+
+def repeat_folder(source: Path, dest: Path, factor: int) -> Path:
+    """An imagefolder/audiofolder ``source`` repeated ``factor`` times into ``dest``: the same folders, each
+    file there ``factor`` times as symlinks named ``c{i}-NAME`` to the original (so a file's ``.txt`` or
+    ``.json`` partner keeps its name's match, and class folders their labels), and each metadata file's
+    rows repeated to name the copies (``_repeat_metadata``). Returns ``dest``."""
+    for folder, dirs, files in os.walk(source, followlinks=True):
+        dirs.sort()
+        rel = os.path.relpath(folder, source)
+        out = dest / rel
+        out.mkdir(parents=True, exist_ok=True)
+        for name in sorted(files):
+            real = os.path.realpath(os.path.join(folder, name))
+            if name in METADATA_NAMES:
+                _repeat_metadata(Path(real), out / name, factor)
+                continue
+            for i in range(factor):
+                (out / _copy_name(name, i)).symlink_to(real)
+    return dest
+
+
 def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
     """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each); WebDataset
-    tars (``source``) are written once and four times with unique keys (``repeat_tars``)."""
+    tars (``source``) are written once and four times with unique keys (``repeat_tars``), an imagefolder/
+    audiofolder's files linked once and four times (``repeat_folder``)."""
     rows, peaks = [], {}
-    tars = source is not None and source_kind(source) == "shards"
+    kind = source_kind(source) if source is not None else "manifest"
     for factor in (1, 4):
         data = tmp / f"mem-{factor}x"
-        if tars:
+        if kind == "shards":
             spec = dataset(data, 0, source=repeat_tars(source, data / "tars", factor))
+            n = input_count(spec) // factor
+        elif kind == "folder":
+            spec = dataset(data, 0, source=repeat_folder(source, data / "folder", factor))
             n = input_count(spec) // factor
         else:
             spec = dataset(data, factor * n, source=source)
@@ -462,9 +530,9 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if args.samples:
             ap.error(f"--samples {args.samples}: --source {args.source} is {KINDS[kind]}, used as it is (only a "
                      "manifest's rows are repeated to --samples); leave out --samples")
-        if args.memory and kind != "shards":
-            ap.error(f"--memory repeats the data to 4x; --source {args.source} is {KINDS[kind]}, which cannot be "
-                     "repeated (a manifest or WebDataset tars can)")
+        if args.memory and kind == "spec":
+            ap.error(f"--memory repeats the data to 4x; --source {args.source} is {KINDS[kind]}: point --source at "
+                     "its [input] (a manifest, a folder or tars) instead")
         args.samples = 0
     elif args.samples is None:
         args.samples = DEFAULT_SAMPLES
@@ -487,7 +555,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", action="store_true", help="also run the plain loop under cProfile")
     ap.add_argument("--memory", action="store_true",
                     help="also measure mbm's peak memory at 1x and 4x --samples (one run each; the bundled sample, a "
-                         "manifest --source, or tars, written four times with unique keys)")
+                         "manifest --source, tars written four times with unique keys, or a folder's files linked "
+                         "four times)")
     ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
                     help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
     ap.add_argument("--source", type=Path, default=None, metavar="PATH",

@@ -22,6 +22,7 @@ from preprocess import (  # noqa: E402
     parser,
     parts_text,
     precision_arg,
+    repeat_folder,
     repeat_tars,
     source_kind,
 )
@@ -246,7 +247,7 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
 @pytest.mark.parametrize("argv, message", [
     (["--source", "FOLDER", "--samples", "5"], "an imagefolder/audiofolder, used as it is"),
     (["--source", "TARS", "--samples", "5"], "WebDataset tars, used as it is"),
-    (["--source", "FOLDER", "--memory"], "cannot be repeated (a manifest or WebDataset tars can)"),
+    (["--source", "SPEC", "--memory"], "point --source at its [input]"),
     (["--source", "FOLDER", "--write"], "--write records"),
     (["--source", "GONE"], "does not exist"),
     (["--samples", "0"], "--samples must be >= 1"),
@@ -254,11 +255,71 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
     (["--reps", "0", "--memory", "--write"], "--reps 0 runs the memory check alone"),
 ])
 def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
-    paths = {"FOLDER": str(imagefolder(tmp_path / "folder")), "TARS": str(tmp_path / "tars"), "GONE": str(tmp_path / "x")}
+    paths = {"FOLDER": str(imagefolder(tmp_path / "folder")), "TARS": str(tmp_path / "tars"), "GONE": str(tmp_path / "x"),
+             "SPEC": str(tmp_path / "job.toml")}
     tar_set(tmp_path / "tars")
+    (tmp_path / "job.toml").write_text(f'[input]\nfolder = "{paths["FOLDER"]}"\n[output]\ndir = "o"\n')
     with pytest.raises(SystemExit) as e:
         _samples(*(paths.get(a, a) for a in argv))
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metadata", ["jsonl", "csv", "parquet", "none"])
+def test_a_folder_is_repeated_with_unique_names_for_the_memory_check(tmp_path, metadata):
+    """Each file linked under new names and each metadata row repeated to name them: every sample and
+    reject of the folder, as many times, with its text, label and media, under an id of its own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.media import read_media
+    from pipelines.readers import SourceConfig
+
+    folder = imagefolder(tmp_path / "folder")
+    (folder / "photos" / "cat" / "chelsea.txt").write_text("a cat on a sofa")  # its caption, without metadata
+    meta = folder / "train" / "metadata.jsonl"
+    if metadata == "none":  # class folders: labels from the folder names, captions from .txt partners
+        folder = folder / "photos"
+    elif metadata != "jsonl":
+        rows = [json.loads(x) for x in meta.read_text().splitlines()]
+        meta.unlink()
+        columns = {k: [r.get(k) for r in rows] for r in rows for k in r}
+        if metadata == "csv":
+            import csv
+
+            with open(folder / "train" / "metadata.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(columns))
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            pq.write_table(pa.table(columns), folder / "train" / "metadata.parquet")
+
+    def read(root):
+        samples, rejects = [], []
+        for x in iter_source(SourceConfig(folder=str(root))):
+            (samples if isinstance(x, RawSample) else rejects).append(x)
+        return samples, rejects
+
+    samples, rejects = read(folder)
+    copies, copy_rejects = read(repeat_folder(folder, tmp_path / "copies", 3))
+    assert source_kind(tmp_path / "copies") == "folder"
+    assert len(copies) == 3 * len(samples) and len({s.id for s in copies}) == len(copies)
+    assert sorted(r.reason for r in copy_rejects) == sorted(r.reason for r in rejects for _ in range(3))
+
+    def plain(sample_id):  # the original's id: each path part of the copy's file named c{i}-NAME
+        return "/".join(part.split("-", 1)[1] if part[:1] == "c" and part[1:2].isdigit() else part
+                        for part in sample_id.split("/"))
+
+    by_id = {s.id: s for s in samples}
+    assert sorted(plain(c.id) for c in copies) == sorted(s.id for s in samples for _ in range(3))
+    for c in copies:
+        s = by_id[plain(c.id)]
+        assert (c.text, c.label) == (s.text, s.label)
+        for m in ("image", "audio"):
+            assert (getattr(c, m) is None) == (getattr(s, m) is None)
+            if getattr(s, m) is not None:
+                assert read_media(getattr(c, m)) == read_media(getattr(s, m))
+    if metadata == "none":
+        assert {(s.label, s.text) for s in copies} == {("cat", b"a cat on a sofa"), ("man", None)}  # raw bytes
 
 
 @pytest.mark.parametrize("gzipped", [False, True])
