@@ -18,3 +18,21 @@ def write_section(head: str, body: str, doc: Path = DOC) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     doc.write_text(text)
+
+
+def cpu_description() -> str:
+    """The CPU's model name and widest vector extensions, from /proc/cpuinfo ("Intel(R) Xeon(R)
+    Processor; AVX-512, AMX"): the figures of the models' arithmetic depend on them more than on the name."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        return model
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    extras = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("amx_tile", "AMX")) if flag in flags]
+    return "; ".join([model, ", ".join(x for x in [isa, *extras] if x)]) if isa else model
