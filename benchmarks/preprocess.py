@@ -26,7 +26,8 @@ docs/benchmarks.md.
 --memory also runs ``mbm preprocess`` on the data at 1x and 4x its size (a manifest's rows repeated, tars
 written once and four times with unique keys, or an imagefolder/audiofolder's files linked four times
 under new names with its metadata rows repeated to name them) and reports the growth of its peak
-memory; ``--reps 0 --memory`` runs that check alone. A job spec's data: give its [input] as --source.
+memory; ``--reps 0 --memory`` runs that check alone. A job spec's [input] is repeated the same way, its
+cleaning and extraction settings kept.
 
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --write
     .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1 --memory
@@ -51,7 +52,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from incremental import MANIFEST_SUFFIXES, build, manifest_of
+from incremental import MANIFEST_SUFFIXES, build, manifest_of, source_rows
 from report import cpu_description, write_section
 
 from jobs.spec import SpecError, dump_toml, load_spec
@@ -438,6 +439,38 @@ def repeat_folder(source: Path, dest: Path, factor: int) -> Path:
     return dest
 
 
+def spec_input(job: Path, tables: dict | None = None) -> tuple[str, str]:
+    """(kind, path) of a job spec's [input]: ``manifest``, ``folder`` or ``shards``, and where; ``SystemExit``
+    when that is not on this machine (the memory check copies it)."""
+    tables = tables or spec_tables(job)
+    (kind, where), = ((k, v) for k, v in tables["input"].items() if k in ("manifest", "folder", "shards") and v)
+    if "://" in where:
+        raise SystemExit(f"--memory: the [input] {kind} of {job} is not on this machine ({where}); the memory "
+                         "check repeats the data, which it can do to local data only")
+    return kind, where
+
+
+def repeat_spec(job: Path, data: Path, factor: int) -> Path:
+    """The job spec ``job`` with its [input] repeated ``factor`` times under ``data`` (a manifest's readable
+    rows with unique ids, ``repeat_tars``, ``repeat_folder``) and its cleaning and [extract] settings as
+    they are; returns the spec written there, whose [output] is ``data/out``."""
+    tables = spec_tables(job)
+    kind, where = spec_input(job, tables)
+    data.mkdir(parents=True, exist_ok=True)
+    if kind == "manifest":
+        build(data / "data", factor * len(source_rows(Path(where))), Path(where))
+        copy = data / "data" / manifest_of(data / "data")
+    elif kind == "folder":
+        copy = repeat_folder(Path(where), data / "folder", factor)
+    else:
+        copy = repeat_tars(Path(where), data / "tars", factor)
+    tables["input"] = {kind: str(copy), **({"allow_outside": True} if tables["input"].get("allow_outside") else {})}
+    tables["output"] = {"dir": "out"}
+    spec = data / "job.toml"
+    spec.write_text(dump_toml(tables))
+    return spec
+
+
 def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
     """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each); WebDataset
     tars (``source``) are written once and four times with unique keys (``repeat_tars``), an imagefolder/
@@ -451,6 +484,9 @@ def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
             n = input_count(spec) // factor
         elif kind == "folder":
             spec = dataset(data, 0, source=repeat_folder(source, data / "folder", factor))
+            n = input_count(spec) // factor
+        elif kind == "spec":
+            spec = repeat_spec(source, data, factor)
             n = input_count(spec) // factor
         else:
             spec = dataset(data, factor * n, source=source)
@@ -531,8 +567,10 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             ap.error(f"--samples {args.samples}: --source {args.source} is {KINDS[kind]}, used as it is (only a "
                      "manifest's rows are repeated to --samples); leave out --samples")
         if args.memory and kind == "spec":
-            ap.error(f"--memory repeats the data to 4x; --source {args.source} is {KINDS[kind]}: point --source at "
-                     "its [input] (a manifest, a folder or tars) instead")
+            try:
+                spec_input(args.source)
+            except SystemExit as e:
+                ap.error(str(e))
         args.samples = 0
     elif args.samples is None:
         args.samples = DEFAULT_SAMPLES

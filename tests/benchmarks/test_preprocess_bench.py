@@ -23,6 +23,7 @@ from preprocess import (  # noqa: E402
     parts_text,
     precision_arg,
     repeat_folder,
+    repeat_spec,
     repeat_tars,
     source_kind,
 )
@@ -247,7 +248,7 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
 @pytest.mark.parametrize("argv, message", [
     (["--source", "FOLDER", "--samples", "5"], "an imagefolder/audiofolder, used as it is"),
     (["--source", "TARS", "--samples", "5"], "WebDataset tars, used as it is"),
-    (["--source", "SPEC", "--memory"], "point --source at its [input]"),
+    (["--source", "REMOTE", "--memory"], "not on this machine"),
     (["--source", "FOLDER", "--write"], "--write records"),
     (["--source", "GONE"], "does not exist"),
     (["--samples", "0"], "--samples must be >= 1"),
@@ -256,9 +257,9 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
 ])
 def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
     paths = {"FOLDER": str(imagefolder(tmp_path / "folder")), "TARS": str(tmp_path / "tars"), "GONE": str(tmp_path / "x"),
-             "SPEC": str(tmp_path / "job.toml")}
+             "REMOTE": str(tmp_path / "job.toml")}
     tar_set(tmp_path / "tars")
-    (tmp_path / "job.toml").write_text(f'[input]\nfolder = "{paths["FOLDER"]}"\n[output]\ndir = "o"\n')
+    (tmp_path / "job.toml").write_text('[input]\nshards = "gs://bucket/data-{0000..0009}.tar"\n[output]\ndir = "o"\n')
     with pytest.raises(SystemExit) as e:
         _samples(*(paths.get(a, a) for a in argv))
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -320,6 +321,30 @@ def test_a_folder_is_repeated_with_unique_names_for_the_memory_check(tmp_path, m
                 assert read_media(getattr(c, m)) == read_media(getattr(s, m))
     if metadata == "none":
         assert {(s.label, s.text) for s in copies} == {("cat", b"a cat on a sofa"), ("man", None)}  # raw bytes
+
+
+@pytest.mark.parametrize("kind", ["manifest", "folder", "shards"])
+def test_a_job_specs_input_is_repeated_with_its_settings_kept_for_the_memory_check(tmp_path, kind):
+    if kind == "manifest":
+        build(tmp_path / "jobs" / "data", 12)
+        where = "data/manifest.jsonl"
+    elif kind == "folder":
+        imagefolder(tmp_path / "jobs" / "data")
+        where = "data"
+    else:
+        tar_set(tmp_path / "jobs" / "data")
+        where = "data"
+    job = tmp_path / "jobs" / "job.toml"
+    job.write_text(f'[input]\n{kind} = "{where}"\n[output]\ndir = "elsewhere"\n[image]\nfit = "pad"\n'
+                   '[text]\nlowercase = true\n[extract.image]\nbatch_size = 8\n[runner]\nworkers = 1\n')
+    once, four = repeat_spec(job, tmp_path / "x1", 1), repeat_spec(job, tmp_path / "x4", 4)
+    n = input_count(once)
+    assert n >= 8 and input_count(four) == 4 * n
+    for path, folder in ((once, tmp_path / "x1"), (four, tmp_path / "x4")):
+        spec = load_spec(str(path))
+        assert getattr(spec.input, kind).startswith(str(folder))  # the copies, not the original
+        assert spec.image.fit == "pad" and spec.text.lowercase and spec.extract["image"].batch_size == 8
+        assert spec.output.dir == str(folder / "out") and spec.runner.workers == 0
 
 
 @pytest.mark.parametrize("gzipped", [False, True])
