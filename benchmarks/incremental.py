@@ -53,7 +53,13 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
         if n == 0:  # as it is: every line, readable or not, is the pipelines' business
             shutil.copyfile(manifest, data / f"manifest{''.join(manifest.suffixes)}")
             return []
-        base = source_rows(manifest)
+        try:
+            base = source_rows(manifest)
+        except CellsNotJson:
+            if manifest.suffix != ".parquet":
+                raise
+            repeat_parquet(manifest, data / "manifest.parquet", n)  # media bytes in its cells
+            return []
     rows = []
     for i in range(n or len(base)):
         r = dict(base[i % len(base)])
@@ -81,6 +87,35 @@ def source_manifest(source: Path) -> Path:
     return found[0]
 
 
+class CellsNotJson(SystemExit):
+    """A manifest whose cells are not JSON values (bytes: images as ``datasets`` exports them)."""
+
+
+def repeat_parquet(manifest: Path, dest: Path, n: int) -> None:
+    """A Parquet manifest's rows repeated to ``n`` into ``dest``, as ``build`` repeats rows (a copy's id gets
+    its row number appended, its text the copy number) but in Arrow, so cells that are not JSON values
+    (image or audio bytes) are copied as they are; one copy of the table in memory at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest)
+    if "id" not in table.column_names or not table.num_rows:
+        raise SystemExit(f"--source {manifest}: needs rows and an id column to be repeated with unique ids; use "
+                         "--samples 0 to run it as it is")
+    table = table.set_column(table.column_names.index("id"), "id", pc.cast(table.column("id"), pa.string()))
+    with pq.ParquetWriter(dest, table.schema) as writer:
+        for start in range(0, n, table.num_rows):
+            part = table.slice(0, min(table.num_rows, n - start))
+            if start:
+                ids = [f"{x if x is not None else 'row'}-{start + j:05d}" for j, x in enumerate(part.column("id").to_pylist())]
+                part = part.set_column(part.column_names.index("id"), "id", pa.array(ids, pa.string()))
+                if "text" in part.column_names and pa.types.is_string(part.schema.field("text").type):
+                    texts = [f"{x} (copy {start + j})" if x else x for j, x in enumerate(part.column("text").to_pylist())]
+                    part = part.set_column(part.column_names.index("text"), part.schema.field("text"), pa.array(texts, pa.string()))
+            writer.write_table(part)
+
+
 def source_rows(manifest: Path) -> list[dict]:
     """The manifest's readable rows as JSON objects (mbm's reader: any format it takes)."""
     if manifest.suffix == ".jsonl":
@@ -95,8 +130,9 @@ def source_rows(manifest: Path) -> list[dict]:
         try:
             json.dumps(rows)
         except (TypeError, ValueError):
-            raise SystemExit(f"--source {manifest}: cells that are not JSON values (embedded image bytes?) cannot "
-                             "be repeated; use --samples 0 to run it as it is") from None
+            raise CellsNotJson(f"--source {manifest}: cells that are not JSON values (embedded image bytes?) cannot "
+                               "be repeated in a JSON manifest; use --samples 0 to run it as it is, or give it "
+                               "as Parquet") from None
     if not rows:
         raise SystemExit(f"--source {manifest}: no readable rows")
     return rows

@@ -15,7 +15,8 @@ docs/benchmarks.md.
 
 - a manifest (.jsonl/.json/.csv/.tsv/.parquet, maybe compressed; mbm's columns, media paths relative
   to it) or a folder holding one named ``manifest.*``: its rows repeated to --samples with unique ids
-  (default 2000), or taken as they are with --samples 0;
+  (default 2000; a Parquet manifest whose cells hold media bytes, as ``datasets`` exports images, is
+  repeated as Parquet), or taken as they are with --samples 0;
 - an imagefolder/audiofolder (any other folder; with or without metadata.jsonl/csv/parquet), one tar,
   a folder of ``*.tar`` or a glob/brace pattern of tars (quoted): used as they are, in place (so relative
   paths in metadata files keep resolving); --samples cannot change their size and is refused;

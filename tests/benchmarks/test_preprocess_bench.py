@@ -127,8 +127,9 @@ def test_a_csv_or_parquet_corpus_is_repeated_as_jsonl_or_taken_as_it_is(tmp_path
     assert [r["text"] for r in build(tmp_path / "pq", 2, tmp_path / "m.parquet")] == ["from parquet",
                                                                                       "from parquet (copy 1)"]
     pq.write_table(pa.table({"id": ["q"], "image": [{"bytes": b"\x89PNG", "path": "q.png"}]}), tmp_path / "b.parquet")
-    with pytest.raises(SystemExit, match="--samples 0"):
-        build(tmp_path / "bytes", 2, tmp_path / "b.parquet")
+    assert build(tmp_path / "bytes", 2, tmp_path / "b.parquet") == []  # bytes cells: repeated in Arrow
+    copied = pq.read_table(tmp_path / "bytes" / "manifest.parquet").to_pylist()
+    assert [(r["id"], r["image"]["bytes"]) for r in copied] == [("q", b"\x89PNG"), ("q-00001", b"\x89PNG")]
     assert json.loads((tmp_path / "rep" / "manifest.jsonl").read_text().splitlines()[0])["label"] == "3"
 
 
@@ -446,3 +447,26 @@ def test_tree_memory_names_each_process_at_the_peak():
     assert abs(sum(parts.values()) - mem.peak_pss / 1024) < 1
     assert parts_text([("driver", 196.2), ("fork server", 347), ("worker", 330.4), ("worker", 290)]) == \
         "driver 196, fork server 347, worker 330 / 290"
+
+
+def test_a_parquet_manifest_with_image_bytes_is_repeated_in_arrow(tmp_path):
+    """As ``datasets`` exports images (structs of bytes and a path), cells JSON cannot hold: the rows are
+    repeated in Arrow with unique ids, their bytes as they are, and every copy reads as the original."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.media import read_media
+    from pipelines.readers import SourceConfig
+
+    photos = [(SAMPLE / "images" / name).read_bytes() for name in ("astronaut.jpg", "coffee.jpg", "chelsea.png")]
+    table = pa.table({"id": [1, 2, 3], "text": ["an astronaut", "", None], "label": ["a", "b", "a"],
+                      "image": [{"bytes": b, "path": None} for b in photos]})
+    (tmp_path / "src").mkdir()
+    pq.write_table(table, tmp_path / "src" / "manifest.parquet")
+    spec = load_spec(str(dataset(tmp_path / "bench", 8, source=tmp_path / "src")))
+    assert spec.input.manifest.endswith("manifest.parquet") and input_count(tmp_path / "bench" / "job.toml") == 8
+    samples = [s for s in iter_source(SourceConfig(manifest=spec.input.manifest)) if isinstance(s, RawSample)]
+    assert [s.id for s in samples] == ["1", "2", "3", "1-00003", "2-00004", "3-00005", "1-00006", "2-00007"]
+    assert [s.text for s in samples][:5] == ["an astronaut", None, None, "an astronaut (copy 3)", None]
+    assert [s.label for s in samples] == ["a", "b", "a"] * 2 + ["a", "b"]
+    assert [read_media(s.image) for s in samples] == (photos * 3)[:8]
