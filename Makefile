@@ -25,7 +25,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Benchmarks: side by side with the alternatives, written into docs/benchmarks.md (about 30-40 min on 2 cores).
+# Benchmarks: side by side with the alternatives, written into docs/benchmarks.md (about 10 min on the 2-core Xeon of docs/benchmarks.md, up to 40 on slower 2-core machines).
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
 	$(BIN)/python benchmarks/preprocess.py --memory --write
