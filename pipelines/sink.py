@@ -41,7 +41,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipelines.errors import disk_guard
-from pipelines.spill import BundleFile
+from pipelines.spill import BundleFile, pread_all
 from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
 
 log = logging.getLogger(__name__)
@@ -146,18 +146,6 @@ def _local(path: str) -> bool:
     return hasattr(os, "pread") and FileSystems.get_scheme(path) is None
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    """``size`` bytes at ``offset``, fewer only at the end of the file (one read returns at most ~2 GiB)."""
-    parts, got = [], 0
-    while got < size:
-        part = os.pread(fd, size - got, offset + got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
 def _resolve(members: dict[str, Any]) -> dict[str, Any]:
     """``members`` with each ``Ref`` read: one read per file (a sample's staged members lie together,
     and its reused ones together in their previous shard)."""
@@ -173,7 +161,7 @@ def _resolve(members: dict[str, Any]) -> dict[str, Any]:
         end = max(r.offset + r.length for _, r in named)
         fd = os.open(path, os.O_RDONLY)
         try:
-            data = _pread(fd, end - start, start)
+            data = pread_all(fd, end - start, start)
         finally:
             os.close(fd)
         if len(data) != end - start:

@@ -3,6 +3,7 @@ holds), so that only references to them travel through the job's shuffles."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -37,3 +38,15 @@ class BundleFile:
             with disk_guard(self._what, self._folder):
                 self._file.close()
             self._file = None
+
+
+def pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset``, fewer only at the end of the file (one read returns at most ~2 GiB)."""
+    parts, got = [], 0
+    while got < size:
+        part = os.pread(fd, size - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

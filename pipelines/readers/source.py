@@ -26,7 +26,7 @@ from pipelines.readers.folder import check_metadata, iter_folder
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import iter_tar
-from pipelines.spill import BundleFile
+from pipelines.spill import BundleFile, pread_all
 from schemas import Media, RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -185,15 +185,17 @@ def read_input(item: Input, config: SourceConfig) -> Iterator[RawSample | Reject
 
 
 class _ReadFn(beam.DoFn):
-    """One input → ``(id, ((input index, position), pickled sample))`` on the main output, rejects tagged.
+    """One input → ``(id, ((input index, position), sample))`` on the main output, rejects tagged.
 
     The sample goes pickled: Beam's local runner decodes what it groups into Python objects and holds
     them all in the driver, where a caption's pickled bytes take ~650 bytes against ~900 as a ``RawSample``.
 
-    With ``spool`` (a local folder), media bytes a reader holds (a compressed or remote tar's members,
-    bytes cells of a Parquet or JSON manifest) are appended to one file there per bundle and the sample
-    continues with a reference (``Media`` with an offset and a size) that the cleaner reads: the shuffles
-    after this step, which the local runner holds in memory, carry no media.
+    With ``spool`` (a local folder), the pickled sample itself is appended to one file there per bundle
+    and only ``(path as bytes, offset, size)`` goes through the de-duplication's shuffle, which ``_FirstWinsFn``
+    reads back; media bytes a reader holds (a compressed or remote tar's members, bytes cells of a
+    Parquet or JSON manifest) go to that file first and the sample continues with a reference (``Media``
+    with an offset and a size) that the cleaner reads. So the shuffle, which the local runner holds in
+    the driver and sends on to the workers, carries ~100 bytes a sample, whatever the sample holds.
     """
 
     def __init__(self, config: SourceConfig, spool: str | None = None) -> None:
@@ -211,8 +213,12 @@ class _ReadFn(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(REJECTS, out)
             else:
                 self._samples.inc()
-                sample = self._spooled(out) if self._file else out
-                yield out.id, ((item.index, position), pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
+                if self._file is None:
+                    yield out.id, ((item.index, position), pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+                    continue
+                data = pickle.dumps(self._spooled(out), protocol=pickle.HIGHEST_PROTOCOL)
+                path, offset = self._file.append(data)  # the path as bytes: Beam's coder takes no surrogates
+                yield out.id, ((item.index, position), (os.fsencode(path), offset, len(data)))
 
     def finish_bundle(self) -> None:
         if self._file is not None:
@@ -229,19 +235,41 @@ class _ReadFn(beam.DoFn):
 
 
 class _FirstWinsFn(beam.DoFn):
-    """The first sample of an id (by input order, then position) passes; the others become rejects."""
+    """The first sample of an id (by input order, then position) passes; the others become rejects.
+    A sample comes pickled, or as where ``_ReadFn`` spooled it (read here, one open file per spool file)."""
 
     def __init__(self) -> None:
         self._duplicates = Metrics.counter("read", "read.duplicate_id")
+        self._files: dict[bytes, int] = {}
 
     def process(self, element: tuple[str, Any]) -> Iterator[RawSample | Reject]:
         sample_id, values = element
         ranked = sorted(values, key=lambda v: v[0])
-        kept = pickle.loads(ranked[0][1])
+        kept = self._sample(ranked[0][1])
         yield kept
         for _, other in ranked[1:]:
             self._duplicates.inc()
-            yield duplicate(sample_id, pickle.loads(other).source, kept.source)
+            yield duplicate(sample_id, self._sample(other).source, kept.source)
+
+    def _sample(self, value: bytes | tuple[bytes, int, int]) -> RawSample:
+        if isinstance(value, bytes):
+            return pickle.loads(value)
+        path, offset, size = value
+        if path not in self._files:
+            self._files[path] = os.open(path, os.O_RDONLY)
+        data = pread_all(self._files[path], size, offset)
+        if len(data) != size:
+            raise RuntimeError(f"spool file {os.fsdecode(path)} is short: wanted {size} bytes at {offset}, "
+                               f"got {len(data)}")
+        return pickle.loads(data)
+
+    def finish_bundle(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def teardown(self) -> None:
+        self.finish_bundle()
 
 
 def _route(item: RawSample | Reject) -> Iterator[Any]:

@@ -369,7 +369,7 @@ def test_media_bytes_a_reader_holds_are_spooled_when_asked(tmp_path, spool):
 
     _run_spooled(SourceConfig(shards=f"{tmp_path}/*.tar*"), str(folder) if spool else None, check)
     spooled = sorted(os.listdir(folder)) if folder.exists() else []
-    assert len(spooled) == (1 if spool else 0)  # one file per bundle that held media bytes: the gzipped tar
+    assert len(spooled) == (1 if spool else 0)  # one file per bundle: its samples, the gzipped tar's media
     assert os.path.exists(plain)
 
     # a Parquet manifest with the image bytes in a column (as Hugging Face datasets exports them)
@@ -390,3 +390,49 @@ def test_media_bytes_a_reader_holds_are_spooled_when_asked(tmp_path, spool):
 def _run_spooled(config, spool, check):
     with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as p:
         check(p | ReadSource(config, spool=spool))
+
+
+def test_with_a_spool_only_where_each_sample_lies_goes_through_the_de_duplication(tmp_path):
+    """The shuffle carries (path, offset, size) of the pickled sample, ~100 bytes; the first of an id is
+    read back from there, and a repeated id is the same reject as without a spool."""
+    import pickle
+
+    from pipelines.readers.source import _FirstWinsFn, _ReadFn
+
+    _tar(tmp_path / "a.tar", ["k0", "k1"], caption="a long caption {} " + "x" * 2000)
+    _tar(tmp_path / "b.tar", ["k1", "k2"])
+    config = SourceConfig(shards=f"{tmp_path}/*.tar")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    read = _ReadFn(config, str(spool))
+    read.start_bundle()
+    keyed = [out for item in list_inputs(config) for out in read.process(item)]
+    read.finish_bundle()
+    assert [k for k, _ in keyed] == ["k0", "k1", "k1", "k2"]
+    for _, (_, value) in keyed:
+        path, offset, size = value
+        assert os.path.dirname(os.fsdecode(path)) == str(spool) and len(pickle.dumps(value)) < 200 < size
+
+    grouped = {}
+    for k, v in keyed:
+        grouped.setdefault(k, []).append(v)
+    first_wins = _FirstWinsFn()
+    out = [x for k in sorted(grouped) for x in first_wins.process((k, list(reversed(grouped[k]))))]
+    first_wins.finish_bundle()
+    assert [(x.id, x.text) for x in out if hasattr(x, "text")] == [
+        ("k0", b"a long caption k0 " + b"x" * 2000), ("k1", b"a long caption k1 " + b"x" * 2000), ("k2", b"caption k2")]
+    (reject,) = [x for x in out if not hasattr(x, "text")]
+    assert reject.reason == "read.duplicate_id" and "b.tar" in reject.source and "a.tar" in reject.detail
+
+    def run(spool_dir):
+        with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as p:
+            out = p | ReadSource(config, spool=spool_dir)
+            both = (out.samples, out.rejects) | beam.Flatten()
+            assert_that(both | beam.Map(lambda x: (type(x).__name__, x.id, getattr(x, "text", None),
+                                                   x.source, getattr(x, "reason", None)))
+                        | beam.combiners.ToList() | beam.Map(sorted), equal_to([expected]))
+
+    expected = sorted([("RawSample", x.id, x.text, x.source, None) if hasattr(x, "text") else
+                       ("Reject", x.id, None, x.source, x.reason) for x in out])
+    run(None)
+    run(str(tmp_path / "spool2"))
