@@ -80,10 +80,11 @@ def build_graph(p: beam.Pipeline, *, source: Any, clean: CleanConfig, handlers: 
     from pipelines.readers.common import local_path
     from pipelines.readers.source import ReadSource
 
-    # media bytes that readers hold wait in the staging folder, not in the shuffles (local output only:
-    # a remote runner's workers could not read a local spool, and its shuffle does not sit in memory)
+    # the samples read (and media bytes that readers hold) wait in the staging folder, not in the shuffles
+    # (local output only: a remote runner's workers could not read a local spool, and its shuffle does not
+    # sit in memory)
     staging = local_path(sink.staging)
-    read = p | "Read" >> ReadSource(source, spool=f"{staging}/media" if staging is not None else None)
+    read = p | "Read" >> ReadSource(source, spool=f"{staging}/read" if staging is not None else None)
     samples = read["samples"] | "CountRead" >> beam.ParDo(CountProgress("read", progress_dir))
     n_input = samples | "CountInput" >> beam.combiners.Count.Globally()
     cleaned = samples | "Clean" >> beam.ParDo(CleanSampleFn(clean)).with_outputs(REJECTS, UNCHANGED, main="samples")

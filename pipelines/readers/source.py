@@ -187,8 +187,9 @@ def read_input(item: Input, config: SourceConfig) -> Iterator[RawSample | Reject
 class _ReadFn(beam.DoFn):
     """One input → ``(id, ((input index, position), sample))`` on the main output, rejects tagged.
 
-    The sample goes pickled: Beam's local runner decodes what it groups into Python objects and holds
-    them all in the driver, where a caption's pickled bytes take ~650 bytes against ~900 as a ``RawSample``.
+    Without a spool the sample goes pickled: Beam's local runner decodes what it groups into Python
+    objects and holds them all in the driver, where a caption's pickled bytes take ~650 bytes against
+    ~900 as a ``RawSample``.
 
     With ``spool`` (a local folder), the pickled sample itself is appended to one file there per bundle
     and only ``(path as bytes, offset, size)`` goes through the de-duplication's shuffle, which ``_FirstWinsFn``
@@ -204,7 +205,7 @@ class _ReadFn(beam.DoFn):
         self._samples = Metrics.counter("read", "samples")
 
     def start_bundle(self) -> None:
-        self._file = BundleFile(self._spool, "spooling media") if self._spool else None
+        self._file = BundleFile(self._spool, "spooling the samples read") if self._spool else None
 
     def process(self, item: Input) -> Iterator[Any]:
         for position, out in enumerate(read_input(item, self._config)):
