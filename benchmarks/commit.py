@@ -45,6 +45,11 @@ def row(i: int, shard: str | None) -> dict:
     }
 
 
+def empty_tar(path: Path) -> None:
+    """A valid tar with no members where a shard should be (the commit renames or reads the shards)."""
+    tarfile.open(path, "w").close()
+
+
 def stage(staging: Path, buckets: list[tuple[list[dict], list[dict]]]) -> None:
     """Sidecars ``parts/bNNNNN.json`` (new rows, unchanged rows) and an empty tar for each new shard."""
     (staging / "parts").mkdir(parents=True)
@@ -52,8 +57,7 @@ def stage(staging: Path, buckets: list[tuple[list[dict], list[dict]]]) -> None:
     for b, (rows, same) in enumerate(buckets):
         shards = sorted({r["shard"] for r in rows if r["shard"]})
         for rel in shards:
-            with tarfile.open(staging / rel, "w"):
-                pass
+            empty_tar(staging / rel)
         sidecar = {
             "bucket": b, "rows": rows, "same": same, "labels": sorted({r["label"] for r in rows if r["label"]}),
             "shards": [{"path": rel, "samples": sum(r["shard"] == rel for r in rows), "bytes": 0, "part": 0}
@@ -102,8 +106,7 @@ def stage_rerun(out: Path) -> Path:
 
     manifest = current_manifest(str(out))
     for shard in manifest.shards:  # the copy-on-write of the touched shards reads them
-        with tarfile.open(out / shard, "w"):
-            pass
+        empty_tar(out / shard)
     index = pq.read_table(out / manifest.index).to_pylist()
     changed = [{**r, "shard": "shards/b00000-000.tar"} for i, r in enumerate(index) if i % 20 == 0 and r["shard"]]
     same = [{**r, "label_value": r["label"]} for i, r in enumerate(index) if i % 20 and r["shard"]]

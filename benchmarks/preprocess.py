@@ -440,6 +440,14 @@ def repeat_folder(source: Path, dest: Path, factor: int) -> Path:
     return dest
 
 
+def repeat_as_is(kind: str, source: Path, data: Path, factor: int) -> Path:
+    """WebDataset tars (``kind`` "shards") or an imagefolder/audiofolder ("folder") written ``factor``
+    times under ``data`` (``repeat_tars``, ``repeat_folder``); returns what to read them as."""
+    if kind == "shards":
+        return repeat_tars(source, data / "tars", factor)
+    return repeat_folder(source, data / "folder", factor)
+
+
 def spec_input(job: Path, tables: dict | None = None) -> tuple[str, str]:
     """(kind, path) of a job spec's [input]: ``manifest``, ``folder`` or ``shards``, and where; ``SystemExit``
     when that is not on this machine (the memory check copies it)."""
@@ -461,10 +469,8 @@ def repeat_spec(job: Path, data: Path, factor: int) -> Path:
     if kind == "manifest":
         build(data / "data", factor * len(source_rows(Path(where))), Path(where))
         copy = data / "data" / manifest_of(data / "data")
-    elif kind == "folder":
-        copy = repeat_folder(Path(where), data / "folder", factor)
     else:
-        copy = repeat_tars(Path(where), data / "tars", factor)
+        copy = repeat_as_is(kind, Path(where), data, factor)
     tables["input"] = {kind: str(copy), **({"allow_outside": True} if tables["input"].get("allow_outside") else {})}
     tables["output"] = {"dir": "out"}
     spec = data / "job.toml"
@@ -480,17 +486,12 @@ def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
     kind = source_kind(source) if source is not None else "manifest"
     for factor in (1, 4):
         data = tmp / f"mem-{factor}x"
-        if kind == "shards":
-            spec = dataset(data, 0, source=repeat_tars(source, data / "tars", factor))
-            n = input_count(spec) // factor
-        elif kind == "folder":
-            spec = dataset(data, 0, source=repeat_folder(source, data / "folder", factor))
-            n = input_count(spec) // factor
-        elif kind == "spec":
-            spec = repeat_spec(source, data, factor)
-            n = input_count(spec) // factor
-        else:
+        if kind == "manifest":
             spec = dataset(data, factor * n, source=source)
+        else:  # used as they are: n is what the copies hold, per copy
+            spec = (repeat_spec(source, data, factor) if kind == "spec"
+                    else dataset(data, 0, source=repeat_as_is(kind, source, data, factor)))
+            n = input_count(spec) // factor
         r = measure(commands(spec, data / "out")["mbm preprocess"], data / "run.log")
         peaks[factor] = r
         print(f"memory {factor}x: {factor * n} samples, {r['wall']:.1f} s, RSS {r['rss']:.0f} MiB, "

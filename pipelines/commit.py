@@ -56,7 +56,10 @@ def write_atomic(path: str, data: bytes | Callable[[BinaryIO], None],
 
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(tmp, "wb") as f:
-            data(f) if callable(data) else f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -328,7 +331,7 @@ def _arrow_pool() -> Iterator[None]:
     before = pa.default_memory_pool()
     try:
         pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:
+    except NotImplementedError:  # a pyarrow built without jemalloc
         pool = pa.system_memory_pool()
     pa.set_memory_pool(pool)
     try:

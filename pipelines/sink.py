@@ -41,7 +41,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipelines.errors import disk_guard
-from pipelines.spill import BundleFile, pread_all
+from pipelines.spill import BundleFile, pread_exact, short_read
 from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,9 @@ def _resolve(members: dict[str, Any]) -> dict[str, Any]:
         end = max(r.offset + r.length for _, r in named)
         fd = os.open(path, os.O_RDONLY)
         try:
-            data = pread_all(fd, end - start, start)
+            data = pread_exact(fd, end - start, start, path, "file")
         finally:
             os.close(fd)
-        if len(data) != end - start:
-            raise _short(path, start, end - start, len(data), "file")
         view = memoryview(data)
         for name, r in named:
             out[name] = view[r.offset - start:r.offset - start + r.length]
@@ -213,10 +211,6 @@ def _prepared(header: dict[str, Any], members: dict[str, Any], key: str, sample_
                     computed=header["computed"], reused=reused)
 
 
-def _short(path: str, offset: int, length: int, got: int, what: str = "spill file") -> RuntimeError:
-    return RuntimeError(f"{what} {path} is short: wanted {length} bytes at {offset}, got {got}")
-
-
 def load_staged(items: list[Any], include_text: bool = False, *, lazy: bool = False) -> list[Prepared]:
     """``Prepared`` samples of a bucket's ``staged`` tuples (read from their spill files, each once, in
     offset order) and ``CleanSample``s (prepared here), in the order given. ``lazy``: from a local spill
@@ -238,7 +232,7 @@ def load_staged(items: list[Any], include_text: bool = False, *, lazy: bool = Fa
                 fh.seek(offset)
                 chunk = fh.read(length)
                 if len(chunk) != length:
-                    raise _short(path, offset, length, len(chunk))
+                    raise short_read(path, offset, length, len(chunk))
                 out[i] = unstage(chunk, key, _text(sample_id), dict(reused))
     return out  # type: ignore[return-value]
 
@@ -250,7 +244,7 @@ def _read_heads(path: str, wanted: list[tuple[int, tuple]], out: list[Prepared |
     with open(path, "rb") as fh:
         for i, (key, sample_id, _, offset, length, reused) in wanted:
             if offset + length > size:
-                raise _short(path, offset, length, max(0, size - offset))
+                raise short_read(path, offset, length, max(0, size - offset))
             fh.seek(offset)
             (n,) = _LEN.unpack(fh.read(_LEN.size))
             header = json.loads(fh.read(n))

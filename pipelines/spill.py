@@ -40,13 +40,19 @@ class BundleFile:
             self._file = None
 
 
-def pread_all(fd: int, size: int, offset: int) -> bytes:
-    """``size`` bytes at ``offset``, fewer only at the end of the file (one read returns at most ~2 GiB)."""
+def short_read(path: str, offset: int, length: int, got: int, what: str = "spill file") -> RuntimeError:
+    """The error for a file that holds fewer bytes than were written or staged there."""
+    return RuntimeError(f"{what} {path} is short: wanted {length} bytes at {offset}, got {got}")
+
+
+def pread_exact(fd: int, size: int, offset: int, path: str, what: str) -> bytes:
+    """``size`` bytes at ``offset`` of the open file ``fd`` (Linux reads at most ~2 GiB a call, so this
+    loops); ``short_read`` when the file (``path``, a ``what``) ends before."""
     parts, got = [], 0
     while got < size:
         part = os.pread(fd, size - got, offset + got)
         if not part:
-            break
+            raise short_read(path, offset, size, got, what)
         parts.append(part)
         got += len(part)
     return parts[0] if len(parts) == 1 else b"".join(parts)

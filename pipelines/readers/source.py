@@ -26,7 +26,7 @@ from pipelines.readers.folder import check_metadata, iter_folder
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import iter_tar
-from pipelines.spill import BundleFile, pread_all
+from pipelines.spill import BundleFile, pread_exact
 from schemas import Media, RawSample, Reject
 
 logger = logging.getLogger(__name__)
@@ -258,11 +258,7 @@ class _FirstWinsFn(beam.DoFn):
         path, offset, size = value
         if path not in self._files:
             self._files[path] = os.open(path, os.O_RDONLY)
-        data = pread_all(self._files[path], size, offset)
-        if len(data) != size:
-            raise RuntimeError(f"spool file {os.fsdecode(path)} is short: wanted {size} bytes at {offset}, "
-                               f"got {len(data)}")
-        return pickle.loads(data)
+        return pickle.loads(pread_exact(self._files[path], size, offset, os.fsdecode(path), "spool file"))
 
     def finish_bundle(self) -> None:
         for fd in self._files.values():

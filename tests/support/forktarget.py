@@ -22,7 +22,6 @@ def killed(argv):
     time.sleep(60)
 
 
-
 def gc_state(argv):
     """Says whether collection is on and how many objects are frozen (never walked by a collection)."""
     import gc
