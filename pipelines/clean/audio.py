@@ -104,13 +104,13 @@ def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
     x = _mono(frames)
     peak = float(np.abs(x).max())
     if peak <= SILENCE_PEAK:
-        raise CleanError("audio.silent", f"peak {peak:.3g} is at or below -90 dBFS over {len(x) / sr:.3f} s")
+        raise CleanError("audio.silent", f"peak {peak:.3g} is at or below -90 dBFS over {_span(len(x), sr)}")
     if cfg.trim_db is not None:
         loud = np.flatnonzero(np.abs(x) >= peak * 10 ** (-cfg.trim_db / 20))
         x = x[loud[0] : loud[-1] + 1]
     if len(x) / sr < cfg.min_seconds:
         raise CleanError(
-            "audio.too_short", f"{len(x) / sr:.4f} s after trimming, minimum is {cfg.min_seconds} s"
+            "audio.too_short", f"{_span(len(x), sr)} after trimming, minimum is {cfg.min_seconds} s"
         )
     x = x[: math.ceil(cfg.max_seconds * sr)]
     y = _resample(x, sr, cfg.sample_rate)[: round(cfg.max_seconds * cfg.sample_rate)]
@@ -123,6 +123,11 @@ def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
             "audio.non_finite", f"resampling {sr} -> {cfg.sample_rate} Hz gave no finite samples"
         )
     return y
+
+
+def _span(frames: int, sr: int) -> str:
+    """A clip's length as frames and seconds, with enough digits to compare with a limit (0.00998 s, not 0.0100)."""
+    return f"{frames} frames at {sr} Hz ({frames / sr:.4g} s)"
 
 
 def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:

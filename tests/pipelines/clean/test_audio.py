@@ -192,6 +192,16 @@ def test_too_short_after_trimming(make_sine, make_audio):
     assert len(clean_audio(make_audio(x, 16000, "WAV", "FLOAT"), AudioCleanConfig(min_seconds=0.001))) < 100
 
 
+def test_too_short_says_frames_and_enough_digits(make_sine, make_audio):
+    # 159 frames at 16 kHz is 0.0099375 s: a detail of "0.0100 s ... minimum is 0.01 s" would contradict itself
+    data = make_audio(make_sine(440, 159 / 16000, 16000), 16000, "WAV", "FLOAT")
+    err = reason(data, AudioCleanConfig(trim_db=None))
+    assert err.reason == "audio.too_short"
+    assert err.detail == "159 frames at 16000 Hz (0.009938 s) after trimming, minimum is 0.01 s"
+    assert len(clean_audio(make_audio(make_sine(440, 160 / 16000, 16000), 16000, "WAV", "FLOAT"),
+                           AudioCleanConfig(trim_db=None))) == 160
+
+
 def test_digital_silence_is_rejected(make_audio):
     assert reason(make_audio(np.zeros(16000, np.float32), 16000, "WAV", "PCM_16")).reason == "audio.silent"
 
