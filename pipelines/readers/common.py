@@ -16,16 +16,21 @@ STAGE = "read"
 COLUMNS: tuple[str, ...] = ("id", "text", "image", "audio", "label")
 TEXT_COLUMNS = ("text", "caption", "transcription")  # a row's first non-empty one is its text
 # Extensions of the formats the cleaners decode here (Pillow with AVIF and OpenJPEG; libsndfile with
-# MP3): the cleaners sniff the content, so these only tell media from other files. HEIC, JPEG XL and
-# M4A/AAC are left out: nothing in the environment decodes them.
+# MP3): the cleaners sniff the content, so these only tell media from other files. Hugging Face's
+# imagefolder and audiofolder also list EPS/PS (Ghostscript), WMF/EMF (Windows), BUFR/GRIB/HDF5
+# (Pillow's stubs), MPEG and video containers, Sound Designer II (libsndfile reads it only from a file
+# with its resource fork) and headerless RAW, which nothing here decodes, and FLI/FLC, FTC/FTU, IIM, PCD
+# and PXR, which Pillow opens but no test here writes; HEIC, JPEG XL and M4A/AAC are left out as well.
 IMAGE_EXTS = frozenset({
     "jpg", "jpeg", "jpe", "jfif", "pjpeg", "pjp", "mpo", "png", "apng", "gif", "bmp", "dib", "tif", "tiff",
-    "webp", "avif", "avifs", "tga", "jp2", "j2k", "j2c", "jpc", "jpf", "jpx", "pbm", "pgm", "ppm", "pnm",
-    "qoi",
+    "webp", "avif", "avifs", "tga", "icb", "vda", "vst", "jp2", "j2k", "j2c", "jpc", "jpf", "jpx", "pbm",
+    "pgm", "ppm", "pnm", "pfm", "qoi", "ico", "cur", "icns", "blp", "dds", "pcx", "dcx", "psd", "sgi", "rgb",
+    "rgba", "bw", "ras", "xbm", "xpm", "msp", "im", "gbr", "fit", "fits",
 })
 AUDIO_EXTS = frozenset({
-    "wav", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "aifc", "au", "snd", "caf", "w64", "rf64",
-    "voc", "sph",
+    "wav", "wavex", "flac", "ogg", "oga", "opus", "mp3", "aiff", "aif", "aifc", "au", "snd", "caf", "w64",
+    "rf64", "voc", "sph", "nist", "avr", "htk", "ircam", "mat4", "mat5", "mpc2k", "paf", "pvf", "sds", "svx",
+    "wve", "xi",
 })
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

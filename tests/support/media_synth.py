@@ -140,6 +140,42 @@ BIG_IMAGE_VARIANTS: dict[str, ImageVariant] = {
 }
 
 
+def written_by_hand(ext: str, rgb: np.ndarray) -> bytes:
+    """``rgb`` (uint8 (H, W, 3)) as a file of a format Pillow reads but cannot write (CUR, DCX, PSD, Sun
+    raster, XPM (black and white), FITS (grey), GIMP brush), built from the format's layout."""
+    h, w, _ = rgb.shape
+    if ext == "cur":  # an ICO holding a BMP, typed as a cursor
+        b = bytearray(save(Image.fromarray(rgb), "ICO", sizes=[(w, h)], bitmap_format="bmp"))
+        b[2:4] = struct.pack("<H", 2)
+        return bytes(b)
+    if ext == "dcx":  # a PCX behind DCX's page table
+        return struct.pack("<III", 0x3ADE68B1, 12, 0) + save(Image.fromarray(rgb), "PCX")
+    if ext == "psd":  # RGB, 8 bits, no colour data, resources or layers; raw planar pixels
+        head = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, h, w, 8, 3) + struct.pack(">III", 0, 0, 0)
+        return head + struct.pack(">H", 0) + np.ascontiguousarray(rgb.transpose(2, 0, 1)).tobytes()
+    if ext == "ras":  # 24-bit BGR, rows padded to 16 bits
+        rows = rgb[:, :, ::-1].reshape(h, w * 3)
+        data = np.pad(rows, ((0, 0), (0, (w * 3) % 2))).tobytes()
+        return struct.pack(">8I", 0x59A66A95, w, h, 24, len(data), 1, 0, 0) + data
+    if ext == "xpm":  # two colours, one character a pixel
+        white = rgb.mean(axis=2) > 127
+        rows = ",\n".join('"' + "".join("a" if v else "b" for v in r) + '"' for r in white)
+        return (f'/* XPM */\nstatic char *x[] = {{\n"{w} {h} 2 1",\n"a c #FFFFFF",\n"b c #000000",\n'
+                f"{rows}\n}};\n").encode()
+    if ext in ("fit", "fits"):  # 8-bit grey, bottom row first; header and data in 2880-byte blocks
+        cards = [f"SIMPLE  = {'T':>20}", f"BITPIX  = {8:>20}", f"NAXIS   = {2:>20}", f"NAXIS1  = {w:>20}",
+                 f"NAXIS2  = {h:>20}", "END"]
+        data = rgb.mean(axis=2).astype(np.uint8)[::-1].tobytes()
+        return "".join(c.ljust(80) for c in cards).ljust(2880).encode() + data + bytes(-len(data) % 2880)
+    if ext == "gbr":  # GIMP brush version 2, RGBA
+        rgba = np.concatenate([rgb, np.full((h, w, 1), 255, np.uint8)], axis=2)
+        return struct.pack(">7I", 30, 2, w, h, 4, 0x47494D50, 10) + b"b\0" + rgba.tobytes()
+    raise ValueError(f"no hand-written layout for .{ext}")
+
+
+HAND_WRITTEN = ("cur", "dcx", "psd", "ras", "xpm", "fit", "fits", "gbr")
+
+
 def encode_image(variant: ImageVariant, *, shape: str, index: int) -> bytes:
     """The bytes of a picture in ``variant``'s format."""
     return variant.encode(picture(*variant.size, shape=shape, index=index))

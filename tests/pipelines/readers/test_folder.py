@@ -199,23 +199,39 @@ def test_every_listed_extension_decodes(tmp_path):
     from pipelines.clean.audio import AudioCleanConfig, clean_audio
     from pipelines.clean.image import ImageCleanConfig, clean_image
     from pipelines.readers.common import AUDIO_EXTS, IMAGE_EXTS
+    from tests.support.media_synth import HAND_WRITTEN, written_by_hand
 
-    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    picture = Image.fromarray(rgb)
     formats = Image.registered_extensions()
     for ext in sorted(IMAGE_EXTS):
-        buf = io.BytesIO()
-        picture.convert("L" if ext in ("pbm", "pgm") else "RGB").save(buf, formats.get(f".{ext}", "JPEG"))
-        assert clean_image(buf.getvalue(), ImageCleanConfig()).shape == (224, 224, 3), ext
+        if ext in HAND_WRITTEN:
+            data = written_by_hand(ext, rgb)
+        else:
+            buf = io.BytesIO()
+            mode = {"pbm": "L", "pgm": "L", "pfm": "L", "xbm": "1", "msp": "1", "blp": "P"}.get(ext, "RGB")
+            picture.convert(mode).save(buf, formats.get(f".{ext}", "JPEG"))
+            data = buf.getvalue()
+        resized = {"icns": (1024, 1024), "ico": (32, 26)}  # the sizes those formats store
+        assert Image.open(io.BytesIO(data)).size == resized.get(ext, (50, 40)), ext
+        assert clean_image(data, ImageCleanConfig()).shape == (224, 224, 3), ext
+    for ext in ("cur", "dcx", "psd", "ras", "gbr"):  # lossless: the pixels come back as written
+        assert (np.asarray(Image.open(io.BytesIO(written_by_hand(ext, rgb))).convert("RGB")) == rgb).all(), ext
     tone = (0.3 * np.sin(np.arange(48000) / 5)).astype(np.float32)
-    writers = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG", "oga": "OGG", "opus": "OGG/OPUS", "mp3": "MP3",
-               "aiff": "AIFF", "aif": "AIFF", "aifc": "AIFF", "au": "AU", "snd": "AU", "caf": "CAF",
-               "w64": "W64", "rf64": "RF64", "voc": "VOC", "sph": "NIST"}
+    writers = {"wav": "WAV", "wavex": "WAVEX", "flac": "FLAC", "ogg": "OGG", "oga": "OGG", "opus": "OGG/OPUS",
+               "mp3": "MP3", "aiff": "AIFF", "aif": "AIFF", "aifc": "AIFF", "au": "AU", "snd": "AU",
+               "caf": "CAF", "w64": "W64", "rf64": "RF64", "voc": "VOC", "sph": "NIST", "nist": "NIST",
+               "avr": "AVR/PCM_16", "htk": "HTK", "ircam": "IRCAM", "mat4": "MAT4", "mat5": "MAT5",
+               "mpc2k": "MPC2K", "paf": "PAF", "pvf": "PVF", "sds": "SDS", "svx": "SVX", "wve": "WVE",
+               "xi": "XI"}
     assert set(writers) == AUDIO_EXTS
     for ext, writer in writers.items():
         buf = io.BytesIO()
         fmt, _, subtype = writer.partition("/")
         sf.write(buf, tone, 48000, format=fmt, subtype=subtype or None)
-        assert len(clean_audio(buf.getvalue(), AudioCleanConfig())) > 15000, ext
+        with sf.SoundFile(io.BytesIO(buf.getvalue())) as f:
+            assert f.format == fmt, ext
+        assert len(clean_audio(buf.getvalue(), AudioCleanConfig())) > 4000, ext
 
 
 def test_unreadable_metadata_parquet_is_one_reject_and_the_rest_is_read(tmp_path):
