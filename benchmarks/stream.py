@@ -10,9 +10,11 @@ some modalities missing) of --samples samples and a 4x copy, then measures:
    for each of --train-workers;
 3. memory: peak RSS of one loader epoch (child process + workers) at 1x and 4x the dataset size.
 
-With --data, an existing dataset folder (what `mbm preprocess` wrote; labelled samples, as the
-classify task needs) replaces the synthetic one, and the 4x dataset of the memory check is a view
-that lists each of its shards four times.
+With --data, an existing dataset folder (what `mbm preprocess` wrote) replaces the synthetic one, and
+the 4x dataset of the memory check is a view that lists each of its shards four times. The loaders
+deliver, and the training part trains, the samples of --task: classify (the default where the dataset
+has labels; the synthetic one has), else retrieve between the two modalities found together most
+often, as `mbm train --task retrieve` picks them (a caption dataset: image and text), else generate.
 
 Prints a table and, with --write, updates the section in docs/benchmarks.md.
 
@@ -40,6 +42,7 @@ from report import cpu_description, write_section
 
 HEAD = "## Streaming and training overhead"
 TARGETS = {"ratio": 0.9, "overhead": 0.05, "memory": 1.2}
+USES = {"classify": "unlabelled", "retrieve": "lacking one of the pair", "generate": "without text"}  # the rest
 
 
 def ints(text: str) -> list[int]:
@@ -65,6 +68,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--data", default=None, metavar="DIR",
                     help="a dataset folder written by mbm preprocess, instead of the synthetic dataset")
+    ap.add_argument("--task", choices=("classify", "retrieve", "generate"), default=None,
+                    help="the task whose samples the loaders deliver and the training part trains (default: "
+                    "classify where the dataset has labels, else retrieve, else generate)")
+    ap.add_argument("--pair", default=None, help=argparse.SUPPRESS)  # retrieve's pair, for --child-epoch
     ap.add_argument("--child-epoch", metavar="DATA", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.data and args.write:
@@ -75,7 +82,28 @@ def parse_args() -> argparse.Namespace:
 def base_config(data: str, args: argparse.Namespace):
     from mbm.train.config import TrainConfig
 
-    return TrainConfig(data=data, task="classify", batch_size=args.batch_size, workers=0)
+    pair = args.pair.split(",") if args.pair else []
+    return TrainConfig(data=data, task=args.task, pair=pair, batch_size=args.batch_size, workers=0)
+
+
+def pick_task(source, args: argparse.Namespace) -> None:
+    """``args.task`` (and ``args.pair`` for retrieve) for ``source``: what --task says, else classify where it
+    has labels, else retrieve between the two modalities found together most often, else generate."""
+    from mbm.train.build import common_pair
+
+    task = args.task
+    if task is None:
+        task = "classify" if source.labels else "retrieve"
+    if task == "retrieve":
+        try:
+            args.pair = ",".join(common_pair(source))
+        except ValueError:
+            if args.task == "retrieve":
+                raise SystemExit(f"--task retrieve: no sample of {source.spec} has two modalities") from None
+            task = "generate"
+    if task == "classify" and not source.labels:
+        raise SystemExit(f"--task classify: {source.spec} has no labelled samples")
+    args.task = task
 
 
 def child_epoch(args: argparse.Namespace) -> int:
@@ -182,10 +210,11 @@ def training(cfg, args, tmp: str) -> tuple[list[str], dict[int, float]]:
     return rows, result
 
 
-def memory(datasets: list[tuple[str, str, int]], workers: int) -> tuple[list[str], float]:
+def memory(datasets: list[tuple[str, str, int]], workers: int, args: argparse.Namespace) -> tuple[list[str], float]:
     from stream_memory import peak_of_epoch
 
-    peaks = [(label, n, peak_of_epoch(Path(__file__).resolve(), path, workers)) for label, path, n in datasets]
+    task = ["--task", args.task, *(["--pair", args.pair] if args.pair else [])]
+    peaks = [(label, n, peak_of_epoch(Path(__file__).resolve(), path, workers, task)) for label, path, n in datasets]
     rows = [f"| {label} | {n} | {p.tree_mib:.0f} | {p.largest_mib:.0f} | {p.seconds:.1f} |" for label, n, p in peaks]
     return rows, peaks[-1][2].tree_mib / peaks[0][2].tree_mib
 
@@ -237,8 +266,9 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         "brackets or beside it.",
         "",
         f"**Streaming**, one epoch, batch {args.batch_size}, shuffle buffer {info['buffer']}, worker start-up "
-        "included; rate = dataset samples / epoch wall time. Both loaders deliver the train split's labelled "
-        "samples (the rest: held-out or unlabelled) through mbm's `collate` (float16 features); every mbm "
+        f"included; rate = dataset samples / epoch wall time. Both loaders deliver the train split's samples that "
+        f"{info['task']} uses (the rest: held-out, or {USES[args.task]}) through mbm's `collate` (float16 "
+        "features); every mbm "
         "loader worker reads every shard's headers and json but reads and decodes only the arrays of the "
         "batches it owns (the same order for any worker count) and sends each batch as one shared-memory "
         "buffer; webdataset gives each worker its own shards and sends torch's usual one segment per tensor.",
@@ -247,7 +277,7 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *stream_rows,
         "",
-        f"**Training data overhead**: `Trainer.train_step` (default model, classify, batch {args.batch_size}) "
+        f"**Training data overhead**: `Trainer.train_step` (default model, {info['task']}, batch {args.batch_size}) "
         f"over {args.steps} steps after {args.warmup} warm-up steps, fed by its streaming loader vs the same "
         "batches collected in memory first; overhead = (loader − memory) / loader. On a CPU-only machine "
         "the training step already uses every core, so loader workers take their CPU time from it "
@@ -292,8 +322,6 @@ def main() -> int:
 
             x1 = args.data
             source = resolve_data(x1)
-            if not source.labels:
-                raise SystemExit(f"--data {x1}: no labelled samples; the training part trains the classify task")
             n = sum(source.shard_sizes) if source.shard_sizes else int(source.counts.get("ok", 0))
             described = f"{n} samples of {x1}"
         else:
@@ -304,6 +332,8 @@ def main() -> int:
                          "modality absent from 10–15 % of samples, 5 % unlabelled)")
         print(f"dataset: {n} samples, {len(source.shards)} shards "
               f"({time.perf_counter() - start:.0f} s to write)", file=sys.stderr)
+        pick_task(source, args)
+        print(f"task: {args.task}" + (f" ({args.pair})" if args.task == "retrieve" else ""), file=sys.stderr)
         cfg = base_config(x1, args)
         if args.profile:
             profile(source, cfg)
@@ -311,7 +341,8 @@ def main() -> int:
         if args.breakdown:
             breakdown(source, cfg, args, tmp)
             return 0
-        info = {"machine": machine(), "dataset": described, "shards": len(source.shards),
+        task = f"{args.task} ({args.pair.replace(',', '–')})" if args.task == "retrieve" else args.task
+        info = {"machine": machine(), "dataset": described, "shards": len(source.shards), "task": task,
                 "buffer": cfg.shuffle_buffer,
                 "size_mb": sum(os.path.getsize(p) for p in source.shards) / 1e6,
                 "memory_workers": args.memory_workers if args.memory_workers is not None else max(args.workers)}
@@ -325,7 +356,7 @@ def main() -> int:
             times_four(source, x4)
         else:
             make_dataset(x4, 4 * n, args.per_shard)
-        mem_rows, mem_ratio = memory([("1×", x1, n), ("4×", x4, 4 * n)], info["memory_workers"])
+        mem_rows, mem_ratio = memory([("1×", x1, n), ("4×", x4, 4 * n)], info["memory_workers"], args)
     table = report(args, info, stream_rows, ratios, train_rows, overheads, mem_rows, mem_ratio)
     print(table)
     if args.write:

@@ -58,9 +58,10 @@ def tree_rss_kib(pid: int) -> list[int]:
     return sizes
 
 
-def peak_of_epoch(script: Path, data: str, workers: int, interval: float = 0.02) -> Peak:
-    """Run one mbm loader epoch over ``data`` in a child process; its peak memory."""
-    cmd = [sys.executable, str(script), "--child-epoch", data, "--workers", str(workers)]
+def peak_of_epoch(script: Path, data: str, workers: int, task: list[str], interval: float = 0.02) -> Peak:
+    """Run one mbm loader epoch over ``data`` in a child process (``task``: its --task/--pair arguments);
+    its peak memory."""
+    cmd = [sys.executable, str(script), "--child-epoch", data, "--workers", str(workers), *task]
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
         tree = largest = 0

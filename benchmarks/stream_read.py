@@ -3,7 +3,7 @@
 - ``mbm_epoch``: the trainer's loader (``StreamLoader`` over ``ShardStream``, the train split's
   config as ``mbm train`` builds it: shuffle buffer, task selection, collate).
 - ``wds_epoch``: plain ``webdataset.WebDataset`` with the same decoding (``np.load`` of each .npy,
-  ``json.loads``), the same samples (train split, labelled), a shuffle buffer of the same size and
+  ``json.loads``), the same samples (train split, those the task uses), a shuffle buffer of the same size and
   mbm's own ``collate``, so only the reading differs.
 - ``tar_epoch``: the tar members' bytes read with ``tarfile`` and nothing else (the I/O bound).
 
@@ -30,7 +30,7 @@ from mbm.data.source import DataSource, label_key, resolve_data
 from mbm.data.split import split_of
 from mbm.data.stream import ShardStream, StreamConfig
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
-from mbm.train.build import stream_config
+from mbm.train.build import model_config, stream_config
 from mbm.train.config import TrainConfig
 
 # Realistic feature shapes: MiniLM token features, EfficientNet-Lite0 7x7 patches, log-mel frames.
@@ -53,8 +53,11 @@ def make_dataset(out: str, n: int, per_shard: int, seed: int = 0) -> DataSource:
 
 
 def train_stream(source: DataSource, cfg: TrainConfig) -> StreamConfig:
-    """The train split's stream exactly as the trainer builds it for a classify run."""
-    return stream_config(cfg, source, list(source.labels), dict(source.feature_dims), "train", train=True)
+    """The train split's stream exactly as the trainer builds it for ``cfg.task`` (the modalities its model
+    reads; ``cfg.pair`` set for retrieve)."""
+    labels = list(source.labels)
+    dims = {m: source.feature_dims[m] for m in model_config(cfg, source, labels).input_modalities()}
+    return stream_config(cfg, source, labels, dims, "train", train=True)
 
 
 def mbm_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
@@ -72,17 +75,26 @@ def mbm_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
 
 
 class _Keep:
-    """The samples the mbm loader trains on: this split's ids, with a known label (classify)."""
+    """The samples the mbm loader trains on (the rules of ``mbm.data.stream.Selector``, from the json doc):
+    this split's ids holding a modality the model reads, with what the task needs: a known label
+    (classify), both modalities of the pair (retrieve), a text (generate)."""
 
     def __init__(self, scfg: StreamConfig) -> None:
-        self.split, self.val_fraction = scfg.split, scfg.val_fraction
+        self.split, self.val_fraction, self.task = scfg.split, scfg.val_fraction, scfg.task
+        self.read, self.pair = set(scfg.collate.feature_dims), set(scfg.pair or ())
         self.labels = {label_key(v) for v in scfg.collate.labels}
 
     def __call__(self, raw: dict[str, Any]) -> bool:
         doc = raw["doc"] = json.loads(raw["json"])
-        label = doc.get("label")
-        return (split_of(doc["id"], self.val_fraction) == self.split and label is not None
-                and label_key(label) in self.labels)
+        present = set(doc.get("modalities") or ())
+        if split_of(doc["id"], self.val_fraction) != self.split or not present & self.read:
+            return False
+        if self.task == "classify":
+            label = doc.get("label")
+            return label is not None and label_key(label) in self.labels
+        if self.task == "retrieve":
+            return self.pair <= present
+        return isinstance(doc.get("text"), str) and bool(doc["text"])
 
 
 class _Decode:
@@ -93,8 +105,9 @@ class _Decode:
         doc = raw["doc"]
         feats = {m: np.load(io.BytesIO(raw[f"{m}.npy"]), allow_pickle=False)
                  for m in self.dims if f"{m}.npy" in raw}
-        return Sample(id=doc["id"], key=raw["__key__"], label=doc.get("label"), text=doc.get("text"),
-                      features=feats)
+        text = doc.get("text")
+        return Sample(id=doc["id"], key=raw["__key__"], label=doc.get("label"),
+                      text=text if isinstance(text, str) else None, features=feats)
 
 
 class _Collate:

@@ -19,3 +19,37 @@ def test_four_times_view_lists_every_shard_four_times_and_reads_as_a_dataset(tmp
     assert [Path(p).resolve() for p in view.shards] == 4 * [Path(p).resolve() for p in source.shards]
     assert view.labels == source.labels and view.feature_dims == source.feature_dims
     assert sum(view.shard_sizes) == 120
+
+
+def _ids_each_reader_keeps(data, task, pair=()):
+    """The train split's ids the mbm stream uses for ``task``, and those the plain webdataset reader keeps."""
+    from dataclasses import replace
+
+    import webdataset as wds
+    from stream_read import _Keep, train_stream
+
+    from mbm.data.errors import SkipLog
+    from mbm.data.stream import ShardStream
+    from mbm.train.config import TrainConfig
+
+    source = resolve_data(data)
+    cfg = TrainConfig(data=data, task=task, pair=list(pair), batch_size=2, workers=0)
+    scfg = replace(train_stream(source, cfg), shuffle=False, drop_last=False)
+    used = {s.id for batch in ShardStream(scfg).raw_batches(SkipLog(quiet=True)) for s in batch}
+    keep = _Keep(scfg)
+    kept = {raw["doc"]["id"] for raw in wds.WebDataset(list(source.shards), shardshuffle=False, empty_check=False)
+            if keep(raw)}
+    return used, kept
+
+
+def test_the_plain_webdataset_reader_keeps_the_samples_each_task_trains_on(tmp_path):
+    data = str(tmp_path / "d")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=120, samples_per_shard=25, seed=3))
+    sizes = {}
+    for task, pair in (("classify", ()), ("retrieve", ("image", "text")), ("retrieve", ("audio", "text")),
+                       ("generate", ())):
+        used, kept = _ids_each_reader_keeps(data, task, pair)
+        assert used == kept and used, (task, pair)
+        sizes[task, pair] = len(used)
+    # each task leaves out different samples: unlabelled ones, those lacking one of the pair, those without text
+    assert len(set(sizes.values())) == len(sizes), sizes
