@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from mbm.data import segments
-from mbm.data.decode import Sample
+from mbm.data.decode import InShard, Sample
+from mbm.data.errors import CorruptSample
 from mbm.data.source import label_key
 from mbm.data.tokenizer import encode_targets, load_tokenizer, special_tokens
 
@@ -157,34 +158,43 @@ class _Layout:
         return out
 
 
-def pad_into(x: np.ndarray, mask: np.ndarray, arrays: list[np.ndarray | None]) -> None:
-    """Fill the uninitialized (B, T, dim) ``x`` and (B, T) ``mask``: each array in its row, zeros after it
-    (a whole row of zeros for None), its tokens True in ``mask``. Zeroing only the padding instead of the
-    whole buffer saves a pass over it (0.17 ms for a batch of 32 images' 49 x 1280 float16 patches)."""
+def pad_into(x: np.ndarray, mask: np.ndarray, arrays: list[np.ndarray | InShard | None]) -> None:
+    """Fill the uninitialized (B, T, dim) ``x`` and (B, T) ``mask``: each array in its row (an ``InShard``
+    read from its shard into place), zeros after it (a whole row of zeros for None), its tokens True in
+    ``mask``. Zeroing only the padding instead of the whole buffer saves a pass over it (0.17 ms for a
+    batch of 32 images' 49 x 1280 float16 patches)."""
     steps = x.shape[1]
     lengths = np.zeros(len(arrays), np.int64)
     for i, a in enumerate(arrays):
         n = 0 if a is None else a.shape[0]
         if n:
-            x[i, :n] = a
+            if isinstance(a, InShard):
+                a.read_into(x[i, :n])
+            else:
+                x[i, :n] = a
             lengths[i] = n
         if n < steps:
             x[i, n:] = 0
     np.less(np.arange(steps), lengths[:, None], out=mask)
 
 
+def _fitted(a: np.ndarray | InShard | None, max_len: int | None, modality: str) -> np.ndarray | InShard | None:
+    """``fit_length`` of a decoded array; an ``InShard`` (whose rows all fit) and None as they are."""
+    return a if a is None or isinstance(a, InShard) else fit_length(a, max_len, modality)
+
+
 def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = False) -> PackedBatch:
     """The batch of ``samples`` in one buffer (``shared``: a shared-memory one, for a DataLoader worker to send).
 
-    Features are float16 (B, T_m, dim) per modality, zero-padded, with (B, T_m) masks (True = a real
+    ``CorruptSample`` when an ``InShard`` array turns out cut short or not finite as it is read into place
+    (see ``ShardStream.batches``). Features are float16 (B, T_m, dim) per modality, zero-padded, with (B, T_m) masks (True = a real
     token; a modality absent from the whole batch gets one masked slot); pooled features (``max_tokens``)
     are averaged in float32, then stored as float16. ``present`` (B, M) says which modalities each
     sample has, ``labels`` (B,) the label index (``IGNORE`` for none or unknown); generate adds
     ``target_ids``/``target_mask`` (B, L).
     """
     n = len(samples)
-    fitted = {m: [fit_length(s.features[m], cfg.max_tokens.get(m), m) if m in s.features else None
-                  for s in samples] for m in cfg.feature_dims}
+    fitted = {m: [_fitted(s.features.get(m), cfg.max_tokens.get(m), m) for s in samples] for m in cfg.feature_dims}
     layout = _Layout()
     for m, dim in cfg.feature_dims.items():
         steps = max([a.shape[0] for a in fitted[m] if a is not None], default=1)
@@ -201,8 +211,13 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
         layout.add("target_mask", None, "bool", (n, longest))
     buffer, seq, key = layout.allocate(shared)
     views = layout.views(buffer)
-    for m in cfg.feature_dims:
-        pad_into(views["features", m], views["masks", m], fitted[m])
+    try:
+        for m in cfg.feature_dims:
+            pad_into(views["features", m], views["masks", m], fitted[m])
+    except CorruptSample:  # an array read into place: the caller decodes the batch again, whole
+        if seq is not None:
+            segments.release(buffer, seq)
+        raise
     views["present", None][:] = [[m in s.features for m in cfg.feature_dims] for s in samples]
     index = {label_key(v): i for i, v in enumerate(cfg.labels)}
     views["labels", None][:] = [index.get(label_key(s.label), IGNORE) if s.label is not None else IGNORE

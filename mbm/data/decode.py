@@ -59,8 +59,9 @@ _NPY_HEADER = re.compile(
     r"'shape': \((?P<shape>(?:\d+, )*(?:\d+,?)?)\), \} *\n?")
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    """An array from .npy bytes (a read-only view of ``data`` for plain numeric arrays); pickles are refused."""
+def npy_layout(data: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, offset of the data) from the start of .npy bytes written as numpy writes plain
+    numeric C-order arrays; None for any other header (or one that ``data`` does not hold whole)."""
     if data[:6] != _NPY_MAGIC:
         raise ValueError("not a .npy array: bad magic")
     if data[6:8] == b"\x01\x00":
@@ -70,12 +71,21 @@ def load_npy(data: bytes) -> np.ndarray:
         start = 12 + int.from_bytes(data[8:12], "little")
         header = data[12:start]
     else:
-        return _np_load(data)
+        return None
+    if len(data) < start:
+        return None
     match = _NPY_HEADER.fullmatch(header.decode("latin1"))
     if match is None:
+        return None
+    return np.dtype(match["descr"]), tuple(int(n) for n in match["shape"].split(",") if n.strip()), start
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An array from .npy bytes (a read-only view of ``data`` for plain numeric arrays); pickles are refused."""
+    layout = npy_layout(data)
+    if layout is None:
         return _np_load(data)
-    dtype = np.dtype(match["descr"])
-    shape = tuple(int(n) for n in match["shape"].split(",") if n.strip())
+    dtype, shape, start = layout
     count = math.prod(shape)
     if len(data) < start + count * dtype.itemsize:
         raise ValueError(f"truncated .npy: {dtype} {shape} needs {start + count * dtype.itemsize} bytes, "
@@ -159,10 +169,76 @@ def undecoded(raw: dict[str, Any], doc: dict[str, Any] | None = None,
                      modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted})
 
 
-def decode(sample: Undecoded, feature_dims: dict[str, int] | None = None) -> Sample:
-    """The sample's kept arrays, checked; ``feature_dims`` (when given) must match every array's width."""
+@dataclass(frozen=True)
+class InShard:
+    """A float16 (rows, dim) array still in its shard, its header read and checked: ``read_into`` reads it
+    straight into its place in a batch buffer and checks it there, one copy and one pass fewer than
+    reading it into bytes and copying those into the batch."""
+
+    key: str
+    member: str
+    ref: MemberRef
+    start: int  # where the data begins in the member
+    shape: tuple[int, int]
+
+    def read_into(self, out: np.ndarray) -> None:
+        """Fill ``out`` (C-contiguous float16 of ``shape``); ``CorruptSample`` as ``decode`` would give."""
+        view = memoryview(out).cast("B")
+        try:
+            got = self.ref.read_into(view, self.start)
+        except (OSError, ValueError) as exn:
+            raise CorruptSample("npy.unreadable", f"{self.key}.{self.member}: {exn}") from exn
+        if got < len(view):
+            raise CorruptSample("npy.unreadable", f"{self.key}.{self.member}: {self.ref.shard.path}: member at "
+                                f"byte {self.ref.offset} cut short since the scan")
+        if not _all_finite(out):
+            raise CorruptSample("npy.nonfinite", f"{self.key}.{self.member}")
+
+
+_PREFIX = 256  # bytes read for a .npy header (numpy pads its headers to 64 bytes: 128 for (rows, dim))
+
+
+def _in_shard(key: str, modality: str, ref: MemberRef, dim: int | None,
+              max_rows: int | None) -> InShard | None:
+    """The member as an ``InShard`` when it is a native float16 (rows, dim) array with every row used and
+    nothing to check beyond what ``read_into`` checks; None otherwise (``decode`` then reads it whole and
+    raises for whatever is wrong with it)."""
+    try:
+        layout = npy_layout(ref.read_prefix(_PREFIX))
+    except (OSError, ValueError):
+        return None
+    if layout is None:
+        return None
+    dtype, shape, start = layout
+    if (dtype != _F16 or len(shape) != 2 or shape[0] < 1 or (dim is not None and shape[1] != dim)
+            or (max_rows and shape[0] > max_rows) or ref.size < start + shape[0] * shape[1] * 2):
+        return None
+    return InShard(key, f"{modality}.npy", ref, start, (shape[0], shape[1]))
+
+
+def decode(sample: Undecoded, feature_dims: dict[str, int] | None = None,
+           in_place: dict[str, int | None] | None = None) -> Sample:
+    """The sample's kept arrays, checked; ``feature_dims`` (when given) must match every array's width.
+
+    ``in_place`` (modality -> the most rows a batch takes, None for all) lets those modalities' arrays that
+    are still in their shard come as ``InShard`` for the collate to read into place, where every row is used.
+    """
     dims = feature_dims or {}
-    features = {m: _features(sample.key, m, data, dims.get(m)) for m, data in sample.npy.items()}
+    features: dict[str, np.ndarray | InShard] = {}
+    for m, data in sample.npy.items():
+        lazy = None
+        if in_place is not None and m in in_place and isinstance(data, MemberRef):
+            lazy = _in_shard(sample.key, m, data, dims.get(m), in_place[m])
+        features[m] = lazy if lazy is not None else _features(sample.key, m, data, dims.get(m))
+    return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features)
+
+
+def settle(sample: Sample, feature_dims: dict[str, int] | None = None) -> Sample:
+    """``sample`` with its ``InShard`` arrays read and checked as ``decode`` reads arrays (``CorruptSample``
+    as it gives): for a batch where one of them failed as it was read into place."""
+    dims = feature_dims or {}
+    features = {m: _features(sample.key, m, a.ref, dims.get(m)) if isinstance(a, InShard) else a
+                for m, a in sample.features.items()}
     return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features)
 
 

@@ -48,6 +48,14 @@ class MemberRef:
             raise ValueError(f"{self.shard.path}: member at byte {self.offset} cut short since the scan")
         return data
 
+    def read_prefix(self, size: int) -> bytes:
+        """The member's first ``size`` bytes (fewer where the member or the file is shorter)."""
+        return _OPEN.pread(self.shard, min(size, self.size), self.offset)
+
+    def read_into(self, buffer: memoryview, start: int) -> int:
+        """The member's bytes from ``start`` into ``buffer`` (at most to the member's end); bytes read."""
+        return _OPEN.preadv(self.shard, buffer[: max(0, self.size - start)], self.offset + start)
+
 
 class ShardFile:
     """A shard as it was scanned: its path and the (device, inode, size, mtime) that identify that file."""
@@ -80,6 +88,18 @@ class _OpenShards:
     def pread(self, shard: ShardFile, size: int, offset: int) -> bytes:
         with self.lock:
             return os.pread(self.fd(shard), size, offset)
+
+    def preadv(self, shard: ShardFile, buffer: memoryview, offset: int) -> int:
+        """Read into ``buffer`` from ``offset`` until it is full or the file ends; bytes read."""
+        done = 0
+        with self.lock:
+            fd = self.fd(shard)
+            while done < len(buffer):
+                got = os.preadv(fd, [buffer[done:]], offset + done)
+                if got == 0:
+                    break
+                done += got
+        return done
 
     def fd(self, shard: ShardFile) -> int:
         entry = self.fds.get(shard.path)

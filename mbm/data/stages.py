@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, TypeVar
 
-from mbm.data.decode import Sample, Undecoded, decode, parse_doc, undecoded
+from mbm.data.decode import Sample, Undecoded, decode, parse_doc, settle, undecoded
 from mbm.data.errors import CorruptSample, SkipLog
 
 T = TypeVar("T")
@@ -50,12 +50,25 @@ def selected(items: Iterable[T], keep: Callable[[T, SkipLog], bool], skips: Skip
             yield item
 
 
-def decoded(batch: Iterable[Undecoded], feature_dims: dict[str, int], skips: SkipLog) -> list[Sample]:
-    """The batch's samples whose arrays decode, in order; corrupt ones are counted and left out."""
+def decoded(batch: Iterable[Undecoded], feature_dims: dict[str, int], skips: SkipLog,
+            in_place: dict[str, int | None] | None = None) -> list[Sample]:
+    """The batch's samples whose arrays decode, in order; corrupt ones are counted and left out
+    (``in_place``: see ``decode``)."""
     out = []
     for item in batch:
         try:
-            out.append(decode(item, feature_dims))
+            out.append(decode(item, feature_dims, in_place))
+        except CorruptSample as exn:
+            skips.skip(exn.reason, exn.detail)
+    return out
+
+
+def settled(samples: Iterable[Sample], feature_dims: dict[str, int], skips: SkipLog) -> list[Sample]:
+    """``decode.settle`` of each sample, in order; those that turn out corrupt are counted and left out."""
+    out = []
+    for sample in samples:
+        try:
+            out.append(settle(sample, feature_dims))
         except CorruptSample as exn:
             skips.skip(exn.reason, exn.detail)
     return out

@@ -29,11 +29,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mbm.data.collate import TASKS, CollateConfig, PackedBatch, pack_collate
 from mbm.data.decode import Sample, Undecoded
-from mbm.data.errors import SkipLog
+from mbm.data.errors import CorruptSample, SkipLog
 from mbm.data.scan import cache as scan_cache
 from mbm.data.source import label_key
 from mbm.data.split import SPLITS, split_of
-from mbm.data.stages import batched, decoded, epoch_rng, rank_slice, selected, shard_order, shuffled
+from mbm.data.stages import batched, decoded, epoch_rng, rank_slice, selected, settled, shard_order, shuffled
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +147,27 @@ class ShardStream(IterableDataset):
         stream_skips = SkipLog(quiet=self.rank != 0 or worker != 0)
         decode_skips = SkipLog()  # one process decodes each sample, so each may warn
         self._skip_logs = (stream_skips, decode_skips)
+        collate = self.cfg.collate
+        in_place = {m: collate.max_tokens.get(m) for m in collate.feature_dims}
         for i, raw in enumerate(self.raw_batches(stream_skips)):
             if i < self.skip_batches or (i - self.skip_batches) % workers != worker:
                 continue
-            samples = decoded(raw, self.cfg.collate.feature_dims, decode_skips)
+            batch = None
+            samples = decoded(raw, collate.feature_dims, decode_skips, in_place)
+            if samples:
+                try:
+                    batch = pack_collate(samples, collate, shared=info is not None)
+                except CorruptSample:  # an array read into place is corrupt: read those arrays as decode does
+                    samples = settled(samples, collate.feature_dims, decode_skips)
+                    batch = pack_collate(samples, collate, shared=info is not None) if samples else None
             extras = {"position": (self.epoch, i),
                       "skipped": {"worker": worker, "stream": stream_skips.snapshot(),
                                   "decode": decode_skips.snapshot()}}
-            if not samples:
+            if batch is None:
                 log.warning("epoch %d, batch %d: all %d samples corrupt; the batch is dropped", self.epoch, i, len(raw))
                 if markers:
                     yield {"dropped": len(raw), "ids": [], **extras}
                 continue
-            batch = pack_collate(samples, self.cfg.collate, shared=info is not None)
             batch.extras.update(extras)
             # A worker sends the packed batch (one shared-memory segment); ``StreamLoader`` unpacks it.
             yield batch if info is not None else batch.unpack()

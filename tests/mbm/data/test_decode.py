@@ -132,3 +132,61 @@ def test_finite_values_beyond_float16_are_out_of_range(dtype, big):
     assert exn.value.reason == "npy.out_of_range" and "k1.image.npy" in str(exn.value)
     arr[1, 2] = 65519.0  # rounds to float16's largest, 65504
     assert decode_sample(raw_with(arr)).features["image"][1, 2] == 65504
+
+
+def _lazy_samples(tmp_path, arrays):
+    """Undecoded samples of a shard holding each of ``arrays`` as its image, arrays left in the shard."""
+    import webdataset as wds
+
+    from mbm.data.decode import undecoded
+    from mbm.data.shards import iter_tar
+
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i, arr in enumerate(arrays):
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            doc = {"id": f"s{i}", "modalities": ["image"]}
+            sink.write({"__key__": f"k{i}", "json": json.dumps(doc).encode(), "image.npy": buf.getvalue()})
+    return path, [undecoded(raw) for raw in iter_tar(str(path), lazy=True)]
+
+
+def test_native_float16_arrays_whose_rows_all_fit_are_read_into_place(tmp_path):
+    from mbm.data.decode import InShard, decode, settle
+
+    arrays = [np.arange(12, dtype="<f2").reshape(3, 4), np.ones((3, 4), ">f2"), np.ones((3, 4), "<f4"),
+              np.ones((9, 4), "<f2"), np.ones((3, 5), "<f2")]
+    _, samples = _lazy_samples(tmp_path, arrays)
+    kinds = []
+    for u in samples[:4]:
+        got = decode(u, {"image": 4}, {"image": 8}).features["image"]
+        kinds.append(type(got).__name__)
+        if isinstance(got, InShard):
+            out = np.empty(got.shape, np.float16)
+            got.read_into(out)
+            np.testing.assert_array_equal(out, decode(u, {"image": 4}).features["image"])
+    # other byte orders and dtypes are converted as before, and more rows than a batch takes are pooled
+    assert kinds == ["InShard", "ndarray", "ndarray", "ndarray"]
+    with pytest.raises(CorruptSample, match="npy.dim"):  # a wrong width is refused as before, not deferred
+        decode(samples[4], {"image": 4}, {"image": None})
+    assert isinstance(settle(decode(samples[0], {"image": 4}, {"image": None})).features["image"], np.ndarray)
+
+
+@pytest.mark.parametrize("damage", ["nonfinite", "cut"])
+def test_an_array_read_into_place_is_checked_as_decode_checks_it(tmp_path, damage):
+    from mbm.data.decode import decode, settle
+
+    arr = np.ones((3, 4), "<f2")
+    if damage == "nonfinite":
+        arr[2, 3] = np.nan
+    path, samples = _lazy_samples(tmp_path, [arr])
+    lazy = decode(samples[0], {"image": 4}, {"image": None})
+    if damage == "cut":
+        path.write_bytes(path.read_bytes()[:600])  # cut after the scan
+    reason = {"nonfinite": "npy.nonfinite", "cut": "npy.unreadable"}[damage]
+    with pytest.raises(CorruptSample) as exn:
+        lazy.features["image"].read_into(np.empty((3, 4), np.float16))
+    assert exn.value.reason == reason and "k0.image.npy" in str(exn.value)
+    with pytest.raises(CorruptSample) as again:
+        settle(lazy, {"image": 4})  # the batch's second chance reads it whole, and refuses it for the same reason
+    assert again.value.reason == reason

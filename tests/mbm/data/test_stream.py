@@ -427,3 +427,36 @@ def test_a_later_epoch_without_a_batch_is_passed_over(tmp_path, caplog):
     resumed.load_state_dict({**resumed.state_dict(), "epoch": 3})  # a resumed run: epochs after the first
     with pytest.raises(ValueError, match="corrupt arrays"):  # many empty epochs in a row: the data gives nothing
         next(iter(resumed))
+
+
+@pytest.mark.parametrize("settings", [{}, {"max_tokens": {"text": 3, "audio": 4}}, {"with_targets": True}])
+def test_batches_read_into_place_equal_batches_of_whole_decoded_arrays(dataset, settings, tmp_path, monkeypatch):
+    import torch
+
+    import mbm.data.decode as decode_module
+    from mbm.data.collate import collate
+    from mbm.data.stages import decoded
+    from mbm.data.synthetic import write_tiny_tokenizer
+
+    source = resolve_data(dataset)
+    extra = {"tokenizer": write_tiny_tokenizer(str(tmp_path / "tok"))} if settings.get("with_targets") else {}
+    collate_cfg = CollateConfig(feature_dims=source.feature_dims, labels=tuple(source.labels), **settings, **extra)
+    stream = ShardStream(stream_cfg(source, collate=collate_cfg, task="generate" if extra else "classify"))
+    in_shard = decode_module._in_shard
+    placed = []
+    monkeypatch.setattr(decode_module, "_in_shard", lambda *a: placed.append(in_shard(*a)) or placed[-1])
+    monkeypatch.setattr("mbm.data.stream.settled", lambda *a: pytest.fail("an array read into place was refused"))
+    got = list(stream.batches())
+    assert sum(p is not None for p in placed) > 100
+    want = [collate(decoded(raw, collate_cfg.feature_dims, SkipLog()), collate_cfg)
+            for raw in stream.raw_batches(SkipLog(quiet=True))]
+    assert len(got) == len(want) > 10
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    for g, w in zip(got, want, strict=True):
+        assert g["ids"] == w["ids"]
+        assert all(same(g[k], w[k]) for k in w if k not in ("position", "skipped")), g["ids"]
