@@ -186,12 +186,12 @@ def _fitted(a: np.ndarray | InShard | None, max_len: int | None, modality: str) 
 def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = False) -> PackedBatch:
     """The batch of ``samples`` in one buffer (``shared``: a shared-memory one, for a DataLoader worker to send).
 
-    ``CorruptSample`` when an ``InShard`` array turns out cut short or not finite as it is read into place
-    (see ``ShardStream.batches``). Features are float16 (B, T_m, dim) per modality, zero-padded, with (B, T_m) masks (True = a real
+    Features are float16 (B, T_m, dim) per modality, zero-padded, with (B, T_m) masks (True = a real
     token; a modality absent from the whole batch gets one masked slot); pooled features (``max_tokens``)
     are averaged in float32, then stored as float16. ``present`` (B, M) says which modalities each
     sample has, ``labels`` (B,) the label index (``IGNORE`` for none or unknown); generate adds
-    ``target_ids``/``target_mask`` (B, L).
+    ``target_ids``/``target_mask`` (B, L). Raises ``CorruptSample`` when an ``InShard`` array turns out
+    cut short or not finite as it is read into place (``ShardStream.batches`` then packs the batch again).
     """
     n = len(samples)
     fitted = {m: [_fitted(s.features.get(m), cfg.max_tokens.get(m), m) for s in samples] for m in cfg.feature_dims}

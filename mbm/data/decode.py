@@ -29,13 +29,14 @@ from schemas import MODALITIES, SCHEMA_VERSION
 
 @dataclass
 class Sample:
-    """One decoded shard sample; ``features[m]`` is float16 (tokens, dim) for each decoded modality."""
+    """One decoded shard sample; ``features[m]`` is float16 (tokens, dim) for each decoded modality (an
+    ``InShard`` until the collate reads it into its batch, for ``decode``'s ``in_place`` modalities)."""
 
     id: str
     key: str
     label: Any = None
     text: str | None = None
-    features: dict[str, np.ndarray] = field(default_factory=dict)
+    features: dict[str, np.ndarray | InShard] = field(default_factory=dict)
 
 
 @dataclass
