@@ -103,7 +103,29 @@ def pick_task(source, args: argparse.Namespace) -> None:
             task = "generate"
     if task == "classify" and not source.labels:
         raise SystemExit(f"--task classify: {source.spec} has no labelled samples")
+    if task == "generate" and not has_text(source):
+        why = "" if args.task else " no labels (classify), no sample with two modalities (retrieve),"
+        raise SystemExit(f"--data {source.spec}: nothing to train on:{why} no sample with a text (generate)")
     args.task = task
+
+
+def has_text(source, limit: int = 1000) -> bool:
+    """Whether one of the first ``limit`` samples of ``source`` has a text (what generate trains on)."""
+    from mbm.data.shards import iter_tar
+
+    seen = 0
+    for path in source.shards:
+        try:
+            for raw in iter_tar(path, lazy=True):
+                text = json.loads(raw.get("json") or b"{}").get("text")
+                if isinstance(text, str) and text:
+                    return True
+                seen += 1
+                if seen >= limit:
+                    return False
+        except Exception:  # noqa: BLE001 - a corrupt shard or json: the loader reports it when it reads it
+            continue
+    return False
 
 
 def child_epoch(args: argparse.Namespace) -> int:

@@ -53,3 +53,30 @@ def test_the_plain_webdataset_reader_keeps_the_samples_each_task_trains_on(tmp_p
         sizes[task, pair] = len(used)
     # each task leaves out different samples: unlabelled ones, those lacking one of the pair, those without text
     assert len(set(sizes.values())) == len(sizes), sizes
+
+
+def test_the_task_follows_the_dataset_and_a_dataset_with_nothing_to_train_on_is_refused(tmp_path):
+    import argparse
+
+    import pytest
+    from stream import pick_task
+
+    def picked(config, task=None):
+        path = str(tmp_path / f"d{len(list(tmp_path.iterdir()))}")
+        write_synthetic_dataset(path, config)
+        args = argparse.Namespace(task=task, pair=None)
+        pick_task(resolve_data(path), args)
+        return args.task, args.pair
+
+    dims = {"text": 8, "image": 6, "audio": 4}
+    assert picked(SyntheticConfig(num_samples=20, samples_per_shard=10, feature_dims=dims, seed=1))[0] == "classify"
+    unlabelled = SyntheticConfig(num_samples=20, samples_per_shard=10, feature_dims=dims, null_label=1.0, seed=1)
+    task, pair = picked(unlabelled)
+    assert task == "retrieve" and len(pair.split(",")) == 2
+    assert picked(unlabelled, "generate") == ("generate", None)
+    audio_only = SyntheticConfig(num_samples=20, samples_per_shard=10, feature_dims={"audio": 4}, null_label=1.0,
+                                 missing={}, seed=1)
+    with pytest.raises(SystemExit, match="nothing to train on: no labels .* no sample with a text"):
+        picked(audio_only)
+    with pytest.raises(SystemExit, match="--task classify: .* no labelled samples"):
+        picked(audio_only, "classify")
