@@ -57,6 +57,7 @@ from incremental import MANIFEST_SUFFIXES, build, manifest_of, source_rows
 from report import cpu_description, write_section
 
 from jobs.spec import SpecError, dump_toml, load_spec
+from pipelines.readers.folder import METADATA_NAMES
 from pipelines.readers.rows import format_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,9 +368,6 @@ def repeat_tars(source: Path, dest: Path, factor: int) -> Path:
                     copy.size, copy.mode = len(data), info.mode
                     dst.addfile(copy, io.BytesIO(data))
     return dest / "c*"  # a pattern: mbm reads a folder's *.tar only, and the copies may be compressed
-
-
-METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # an imagefolder/audiofolder's
 
 
 def _copy_name(name: str, i: int) -> str:

@@ -155,6 +155,16 @@ def _count_not_in(values: Any, *sets: Any) -> int:
     return len(values) if keep is None else pc.sum(keep).as_py() or 0
 
 
+REJECT_KEYS = ("id", "stage", "reason")  # what makes a reject the same as an earlier one
+
+
+def _rejects(table: Any) -> Any:
+    """The (id, stage, reason) of ``table``'s rejected rows."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table.column("status"), "rejected")).select(list(REJECT_KEYS))
+
+
 def plan_counts(previous: Any, new: Any, same: Any) -> dict[str, int]:
     """new / changed / unchanged / removed, relative to the previous version's landed samples, from
     tables with the index's id, status, stage and reason.
@@ -172,26 +182,16 @@ def plan_counts(previous: Any, new: Any, same: Any) -> dict[str, int]:
     # A reject row of a landed id (a later row repeating the id) does not change that sample.
     changed = _ids(new, pc.and_(pc.is_in(new.column("id"), value_set=prev_ok),
                                 pc.or_(new_ok, pc.invert(pc.is_in(new.column("id"), value_set=lands)))))
-    keys = ["id", "stage", "reason"]
-    prev_rejects = previous.filter(pc.equal(previous.column("status"), "rejected")).select(keys)
-    new_rejects = new.filter(pc.equal(new.column("status"), "rejected")).select(keys)
-    same_rejects = _ids(new_rejects.join(prev_rejects, keys=keys, join_type="left semi"))
+    same_rejects = _ids(_rejects(new).join(_rejects(previous), keys=list(REJECT_KEYS), join_type="left semi"))
     return {"new": _count_not_in(_ids(new), changed, same_rejects), "changed": len(changed),
             "unchanged": same.num_rows + len(same_rejects), "removed": _count_not_in(prev_ok, seen)}
 
 
 def _same_rejects(a: Any, b: Any) -> bool:
     """Whether tables ``a`` and ``b`` hold the same (id, stage, reason) rejects, as many times each."""
-    import pyarrow.compute as pc
-
-    keys = ["id", "stage", "reason"]
-
-    def rejects(table: Any) -> Any:
-        rejected = table.filter(pc.equal(table.column("status"), "rejected")).select(keys)
-        return rejected.sort_by([(k, "ascending") for k in keys])
-
-    a, b = rejects(a), rejects(b)
-    return a.num_rows == b.num_rows and all(a.column(k).equals(b.column(k)) for k in keys)
+    order = [(k, "ascending") for k in REJECT_KEYS]
+    a, b = _rejects(a).sort_by(order), _rejects(b).sort_by(order)
+    return a.num_rows == b.num_rows and all(a.column(k).equals(b.column(k)) for k in REJECT_KEYS)
 
 
 def _copy_members(src: str, dst: str, keys: set[str]) -> int:

@@ -1,6 +1,7 @@
 import json
 
 import pyarrow as pa
+import pytest
 
 from pipelines.commit import _labels, build_report, plan_counts, remove_uncommitted
 from pipelines.versions import gc
@@ -147,3 +148,21 @@ def test_the_index_is_written_in_order_a_slice_at_a_time_with_ties_kept_in_place
     expected = sorted(rows.to_pylist(), key=lambda r: (r["id"], r["source"], r["status"]))  # stable, as Python's
     assert got.to_pylist() == expected
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("jemalloc", [True, False])
+def test_the_commit_allocates_from_jemalloc_or_else_the_system_pool_and_restores_the_default(monkeypatch, jemalloc):
+    from pipelines.commit import _arrow_pool
+
+    if not jemalloc:  # a pyarrow built without jemalloc raises this
+        def missing():
+            raise NotImplementedError("jemalloc support is not built")
+
+        monkeypatch.setattr(pa, "jemalloc_memory_pool", missing)
+    elif not hasattr(pa, "jemalloc_memory_pool"):
+        pytest.skip("no jemalloc here")
+    before = pa.default_memory_pool().backend_name
+    with _arrow_pool():
+        assert pa.default_memory_pool().backend_name == ("jemalloc" if jemalloc else "system")
+        assert pa.array(["x"] * 10).to_pylist() == ["x"] * 10  # allocates from it
+    assert pa.default_memory_pool().backend_name == before
