@@ -200,3 +200,51 @@ def test_cuda_graphs_give_the_eager_features_and_each_text_its_own(tiny_bert_dir
         t.join()
     for i in range(4):  # threads sharing the model read only their own passes
         assert all(np.array_equal(a, b) for a, b in zip(results[i], graphed[i::4], strict=True))
+
+
+def test_packed_cpu_products_give_the_plain_products_bit_for_bit(monkeypatch):
+    """The encoder's CPU float32 products from MKL's packed weights equal F.linear's for every pass shape
+    (a few rows, where MKL picks other kernels, fall back to F.linear), follow a weight changed in place,
+    and stay out of autograd and autocast."""
+    import torch
+
+    from mbm.extractors import bert_encoder
+
+    _, model = bert.load(minilm_path())
+    torch.manual_seed(0)
+    shapes = [(1, 3), (2, 5), (32, 8), (16, 16), (10, 24), (1, 200)]
+    inputs = [(torch.randint(1000, 20000, s), torch.ones(s, dtype=torch.long)) for s in shapes]
+    for _, mask in inputs[2:]:
+        mask[1:, -3:] = 0
+
+    has_mkl = bert_encoder._HAS_MKL_LINEAR
+
+    def hidden(packed: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(bert_encoder, "_HAS_MKL_LINEAR", packed and has_mkl)
+        with torch.inference_mode():
+            return [model(ids, mask).last_hidden_state for ids, mask in inputs]
+
+    bert_encoder._PackedLinear.EXACT.clear()
+    for a, b in zip(hidden(True), hidden(False), strict=True):
+        assert torch.equal(a, b)
+    if not has_mkl:
+        pytest.skip("torch without MKL: every product is F.linear's")
+    exact = bert_encoder._PackedLinear.EXACT
+    threads = torch.get_num_threads()
+    assert exact[(384, 384, 256, threads)] and exact[(1536, 384, 240, threads)] and exact[(384, 1536, 200, threads)]
+    assert (384, 384, 3, threads) in exact  # checked, and F.linear's result returned either way
+    dense = model.encoder.layer[0].intermediate.dense
+    assert dense.cpu_packed._packed is not None
+
+    with torch.no_grad():  # in place (load_state_dict does the same): packed again from the new values
+        dense.weight.mul_(0.5)
+    before = dense.cpu_packed._packed
+    for a, b in zip(hidden(True), hidden(False), strict=True):
+        assert torch.equal(a, b)
+    assert dense.cpu_packed._packed is not before
+    monkeypatch.setattr(bert_encoder, "_HAS_MKL_LINEAR", True)
+    x = torch.randn(4, 64, 384, requires_grad=True)
+    dense(x).sum().backward()  # with autograd on: F.linear, which has a gradient
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dense(torch.randn(4, 64, 384)).dtype == torch.bfloat16  # autocast's bfloat16 product, not packed
