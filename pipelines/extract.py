@@ -21,6 +21,7 @@ import numpy as np
 from mbm.extractors.beam_api import ModelHandler, RunInference
 from pipelines.errors import ResourceError, describe, resource_kind
 from schemas import MODALITIES, CleanSample, Reject
+from schemas.features import all_finite
 
 log = logging.getLogger(__name__)
 _LOAD_LOCK = threading.Lock()
@@ -276,7 +277,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         media = getattr(sample, m) if m == "text" else None
         if isinstance(result, str):
             return sample.with_(**{m: media}, dropped={**sample.dropped, m: result})
-        if not np.isfinite(result).all():
+        if not all_finite(result):
             return sample.with_(**{m: media}, dropped={**sample.dropped, m: f"extract.{m}: {m}.non_finite_features: "
                                                        "the extractor produced NaN or Inf"})
         return sample.with_(

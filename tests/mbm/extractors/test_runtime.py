@@ -44,3 +44,16 @@ def test_bfloat16_on_a_cpu_without_bf16_dot_products_warns_once(monkeypatch, cap
         autocast("cpu", "bfloat16")
         autocast("cpu", "bfloat16")
     assert [r.getMessage().count("emulated") for r in caplog.records] == [1]
+
+
+@pytest.mark.parametrize(("values", "finite"), [
+    ([1.0, -2.0, 0.5], True), ([3e38, -3e38], True), ([1.0, float("nan"), 2.0], False), ([float("nan")], False),
+    ([1.0, float("inf")], False), ([float("-inf"), 0.0], False), ([], True)])
+def test_float16_on_device_says_whether_every_value_is_finite(values, finite):
+    tensor = torch.tensor(values, dtype=torch.float32)
+    half, ok = runtime.float16_on_device(tensor.reshape(1, -1).expand(3, -1))
+    assert ok.dtype == torch.bool and ok.shape == () and bool(ok) == finite
+    assert half.dtype == torch.float16 and half.shape == (3, len(values))
+    assert bool(ok) == bool(torch.isfinite(tensor).all())
+    if finite:  # saturated at float16's range, not inf
+        assert torch.isfinite(half).all()
