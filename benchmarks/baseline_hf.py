@@ -3,9 +3,9 @@
 The job's input (a manifest, an imagefolder/audiofolder or WebDataset tars) is read by mbm's own readers
 (``iter_source``, the samples mbm's Beam job sees) into a dataset, written to an Arrow file in the cache
 as ``datasets`` does with what it loads; ``fn`` does the loop baseline's work on a batch of those
-samples (mbm's cleaners, the job's extractors in per-modality batches) with models loaded once per
-worker process and one torch thread per worker (the best setting measured with one process per core).
-The mapped dataset (keys, json, feature ``.npy`` bytes) is then written to WebDataset tars. Needs the
+samples (mbm's cleaners, the job's extractors in per-modality batches; ``--stock``: the default models
+loaded as a user's script loads them, ``stock_models``) with models loaded once per worker process and
+one torch thread per worker (the best setting measured with one process per core). The mapped dataset (keys, json, feature ``.npy`` bytes) is then written to WebDataset tars. Needs the
 ``bench`` extra.
 
     .venv/bin/python benchmarks/baseline_hf.py JOB.toml --output OUT
@@ -32,20 +32,20 @@ COLUMNS = ["key", "json", *(f"{m}.npy" for m in MODALITIES)]
 _WORKER: dict[int, tuple[Any, Any, Any]] = {}  # pid -> (spec, clean config, models): load once per process
 
 
-def _worker(job: str) -> tuple[Any, Any, Any]:
+def _worker(job: str, stock: bool) -> tuple[Any, Any, Any]:
     pid = os.getpid()
     if pid not in _WORKER:
         import torch
 
         torch.set_num_threads(1)
         spec = load_spec(job)
-        _WORKER[pid] = (spec, clean_config(spec), load_models(spec))
+        _WORKER[pid] = (spec, clean_config(spec), load_models(spec, stock))
     return _WORKER[pid]
 
 
-def process(batch: dict[str, list], job: str) -> dict[str, list]:
+def process(batch: dict[str, list], job: str, stock: bool = False) -> dict[str, list]:
     """A batch of samples (each pickled) → the rows of the samples that landed (columns ``COLUMNS``)."""
-    spec, cfg, models = _worker(job)
+    spec, cfg, models = _worker(job, stock)
     kept = []
     for raw in map(pickle.loads, batch["sample"]):
         values = clean_one(raw, cfg)
@@ -81,6 +81,8 @@ def main() -> int:
     ap.add_argument("job", help="job spec (TOML); its [input], cleaning and [extract] settings are used")
     ap.add_argument("--output", required=True, help="folder for the tars and baseline.json")
     ap.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--stock", action="store_true", help="the default models as a user's own script loads them "
+                    "(transformers' AutoModel, eager EfficientNet-Lite0; stock_models.py), not mbm's classes")
     args = ap.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,7 @@ def main() -> int:
     # Rows per call: the largest per-modality batch, so every extractor gets calls as full as mbm's.
     rows_per_call = max(e.batch_size for e in spec.extract.values())
     mapped = ds.map(process, batched=True, batch_size=rows_per_call, num_proc=args.num_proc,
-                    remove_columns=ds.column_names, fn_kwargs={"job": job})
+                    remove_columns=ds.column_names, fn_kwargs={"job": job, "stock": args.stock})
     mapped_s = time.perf_counter() - start
     shards = Shards(out, spec.output.samples_per_shard)
     for row in mapped:

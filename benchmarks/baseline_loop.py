@@ -3,7 +3,8 @@
 Reads the job's input (a manifest, an imagefolder/audiofolder or WebDataset tars) with mbm's own
 readers (``iter_source``), decodes and cleans every sample with mbm's own cleaners, runs the job's
 extractors (loaded once, on the CPU, torch threads = cores) in per-modality batches of the job's
-batch size, and writes ``json`` + one float16 ``.npy`` per modality into WebDataset tars. A sample
+batch size (``--stock``: the default models loaded as a user's script loads them, ``stock_models``),
+and writes ``json`` + one float16 ``.npy`` per modality into WebDataset tars. A sample
 whose every modality fails is skipped and counted, as a careful user would. Writes ``baseline.json``
 (landed, skipped, seconds per stage) next to the tars.
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import stock_models
 
 from jobs.spec import JobSpec, create_extractors, load_spec
 from pipelines.cleaning import CleanConfig, clean_value, load_raw
@@ -65,9 +67,15 @@ def clean_one(raw: RawSample, cfg: CleanConfig) -> dict[str, Any]:
     return values
 
 
-def load_models(spec: JobSpec) -> dict[str, tuple[Any, Any, int]]:
-    """modality -> (extractor, loaded model, batch size), on the CPU."""
-    return {m: (ex, ex.load("cpu"), spec.extract[m].batch_size) for m, ex in create_extractors(spec).items()}
+def load_models(spec: JobSpec, stock: bool = False) -> dict[str, tuple[Any, Any, int]]:
+    """modality -> (extractor, loaded model, batch size), on the CPU; ``stock``: the default models loaded as
+    a user's own script loads them (``stock_models``), mbm's classes for the rest."""
+    out = {}
+    for m, ex in create_extractors(spec).items():
+        if stock:
+            ex = stock_models.stock(spec.extract[m].name, ex) or ex
+        out[m] = (ex, ex.load("cpu"), spec.extract[m].batch_size)
+    return out
 
 
 def featurize(values: list[dict[str, Any]], models: dict[str, tuple[Any, Any, int]],
@@ -135,14 +143,14 @@ def chunks(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def run(spec: JobSpec, out: Path) -> dict[str, Any]:
+def run(spec: JobSpec, out: Path, stock: bool = False) -> dict[str, Any]:
     """The whole baseline; returns counts and seconds per stage."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     timings: dict[str, float] = defaultdict(float)
     start = time.perf_counter()
-    models = load_models(spec)
+    models = load_models(spec, stock)
     timings["load_models"] = time.perf_counter() - start
     cfg = clean_config(spec)
     shards = Shards(out, spec.output.samples_per_shard)
@@ -174,10 +182,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", help="job spec (TOML); its [input], cleaning and [extract] settings are used")
     ap.add_argument("--output", required=True, help="folder for the tars and baseline.json")
+    ap.add_argument("--stock", action="store_true", help="the default models as a user's own script loads them "
+                    "(transformers' AutoModel, eager EfficientNet-Lite0; stock_models.py), not mbm's classes")
     args = ap.parse_args()
     spec = load_spec(args.job)
     out = Path(args.output)
-    summary = run(spec, out)
+    summary = run(spec, out, args.stock)
     (out / "baseline.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0

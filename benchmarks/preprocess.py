@@ -24,6 +24,11 @@ docs/benchmarks.md.
   [extract] settings; its [output] is replaced by a temporary folder and its [runner] left out (all
   three run here, mbm with one worker per core). --samples is refused as for a folder.
 
+--stock makes the baselines load the default models as a user's own script does (transformers'
+``AutoModel`` for MiniLM, eager EfficientNet-Lite0 in NCHW; ``stock_models.py``) instead of calling mbm's
+extractor classes, whose optimizations they otherwise share: what a user gains over the code they would
+write, rather than over mbm's models run without mbm's runtime.
+
 --memory also runs ``mbm preprocess`` on the data at 1x and 4x its size (a manifest's rows repeated, tars
 written once and four times with unique keys, or an imagefolder/audiofolder's files linked four times
 under new names with its metadata rows repeated to name them) and reports the growth of its peak
@@ -32,6 +37,7 @@ cleaning and extraction settings kept.
 
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --write
     .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1 --memory
+    .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 2 --stock
 """
 
 from __future__ import annotations
@@ -69,12 +75,15 @@ DEFAULT_SAMPLES = 2000  # the bundled sample, or a manifest --source, repeated t
 KINDS = {"folder": "an imagefolder/audiofolder", "shards": "WebDataset tars", "spec": "a job spec"}
 
 
-def commands(spec: Path, out: Path) -> dict[str, list[str]]:
+def commands(spec: Path, out: Path, stock: bool = False) -> dict[str, list[str]]:
+    """Each pipeline's command line; ``stock``: the baselines load the default models as a user's script
+    does (``stock_models``), and their names say so."""
     py = sys.executable
+    flag, named = (["--stock"], " (stock models)") if stock else ([], "")
     return {
         "mbm preprocess": [py, "-m", "jobs.cli", "preprocess", str(spec), "--no-progress", "--output", str(out)],
-        "plain loop": [py, str(HERE / "baseline_loop.py"), str(spec), "--output", str(out)],
-        "HF datasets.map": [py, str(HERE / "baseline_hf.py"), str(spec), "--output", str(out)],
+        f"plain loop{named}": [py, str(HERE / "baseline_loop.py"), str(spec), "--output", str(out), *flag],
+        f"HF datasets.map{named}": [py, str(HERE / "baseline_hf.py"), str(spec), "--output", str(out), *flag],
     }
 
 
@@ -556,8 +565,11 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuses settings that cannot work together; sets ``--samples`` from the kind of data: its default
     for what can be repeated (the bundled sample, a manifest), 0 (as it is) for what cannot."""
-    if (args.precision or args.source) and args.write:
-        ap.error("--write records the bundled sample with the default settings; leave out --precision and --source")
+    if (args.precision or args.source or args.stock) and args.write:
+        ap.error("--write records the bundled sample with the default settings; leave out --precision, --source "
+                 "and --stock")
+    if args.stock and args.precision:
+        ap.error("--stock runs the baselines' stock models in float32, as a user's script does; leave out --precision")
     try:
         kind = source_kind(args.source) if args.source else "manifest"
     except ValueError as e:
@@ -597,6 +609,10 @@ def parser() -> argparse.ArgumentParser:
                          "four times)")
     ap.add_argument("--precision", type=precision_arg, action="append", default=[], metavar="MODALITY=PRECISION",
                     help="an extractor's compute precision for all three pipelines, e.g. text=bfloat16 (repeatable)")
+    ap.add_argument("--stock", action="store_true",
+                    help="the baselines load the default models as a user's own script does (transformers' AutoModel "
+                         "for MiniLM, eager EfficientNet-Lite0 in NCHW; benchmarks/stock_models.py) instead of calling "
+                         "mbm's extractor classes")
     ap.add_argument("--source", type=Path, default=None, metavar="PATH",
                     help="your data, anything mbm preprocess reads: a manifest (.jsonl/.json/.csv/.tsv/.parquet, "
                          "mbm's columns, media paths relative to it) or a folder with one named manifest.*, its rows "
@@ -623,16 +639,16 @@ def main(argv: list[str] | None = None) -> int:
         spec = dataset(tmp, args.samples, dict(args.precision), args.source)
         n = input_count(spec)
         for rep in range(args.reps):
-            for i, name in enumerate(commands(spec, tmp)):
+            for i, name in enumerate(commands(spec, tmp, args.stock)):
                 if name.startswith("HF") and not has_hf:
                     continue
                 out = tmp / f"run-{rep}-{i}"  # a fresh output folder for every run
-                r = measure(commands(spec, out)[name], tmp / f"{out.name}.log")
+                r = measure(commands(spec, out, args.stock)[name], tmp / f"{out.name}.log")
                 results.setdefault(name, []).append(r)
                 counts[name], keys[name] = landed(out)
                 print(f"rep {rep + 1}/{args.reps} {name}: {r['wall']:.1f} s, {counts[name]['samples']} landed",
                       file=sys.stderr, flush=True)
-                if name == "plain loop":
+                if name.startswith("plain loop"):
                     stages = json.loads((out / "baseline.json").read_text())["seconds"]
                     loop_stages = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
         if args.profile:

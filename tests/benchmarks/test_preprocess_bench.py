@@ -255,6 +255,8 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
     (["--samples", "0"], "--samples must be >= 1"),
     (["--reps", "0"], "0 only with --memory"),
     (["--reps", "0", "--memory", "--write"], "--reps 0 runs the memory check alone"),
+    (["--stock", "--write"], "--write records"),
+    (["--stock", "--precision", "text=bfloat16"], "--stock runs the baselines' stock models in float32"),
 ])
 def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
     paths = {"FOLDER": str(imagefolder(tmp_path / "folder")), "TARS": str(tmp_path / "tars"), "GONE": str(tmp_path / "x"),
@@ -408,6 +410,37 @@ def test_all_three_pipelines_land_the_same_samples(tmp_path, capsys, source, lan
     assert main(["--source", str(source(tmp_path)), "--reps", "1"]) == 0
     printed = capsys.readouterr().out
     assert f"landed samples (text / image / audio): {landed_line}, the same for all" in printed
+
+
+@pytest.mark.slow
+def test_the_baselines_with_stock_models_land_the_same_samples(tmp_path, capsys):
+    assert main(["--source", str(imagefolder(tmp_path / "folder")), "--reps", "1", "--stock"]) == 0
+    printed = capsys.readouterr().out
+    assert "landed samples (text / image / audio): 5 (3 / 4 / 1), the same for all" in printed
+    assert "| plain loop (stock models) |" in printed and "| HF datasets.map (stock models) |" in printed
+
+
+def test_stock_models_give_mbms_features_up_to_rounding():
+    """The user's-script versions of the default models compute what mbm's extractor classes compute."""
+    import numpy as np
+    from stock_models import StockEfficientNetLite0, StockMiniLM, stock
+
+    from mbm.extractors import create_extractor
+
+    texts = ["a cat on a mat", "Gros plan d'un chat tigré aux yeux verts", "x", "word " * 300]
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(3)]
+    for name, values in (("minilm", texts), ("efficientnet-lite0", images)):
+        ours = create_extractor(name, {})
+        theirs = stock(name, ours)
+        assert isinstance(theirs, StockMiniLM if name == "minilm" else StockEfficientNetLite0)
+        want = ours.featurize(ours.load("cpu"), values, "cpu")
+        got = theirs.featurize(theirs.load("cpu"), values, "cpu")
+        for a, b in zip(want, got, strict=True):
+            assert a.shape == b.shape and b.dtype == np.float16
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(a)
+    assert stock("logmel", create_extractor("logmel", {})) is None  # mbm's class, as a user would call it
 
 
 def test_landed_counts_features_and_lists_sample_keys(tmp_path):
