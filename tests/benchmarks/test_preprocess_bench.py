@@ -1,4 +1,5 @@
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -417,7 +418,9 @@ def test_the_baselines_with_stock_models_land_the_same_samples(tmp_path, capsys)
     assert main(["--source", str(imagefolder(tmp_path / "folder")), "--reps", "1", "--stock"]) == 0
     printed = capsys.readouterr().out
     assert "landed samples (text / image / audio): 5 (3 / 4 / 1), the same for all" in printed
-    assert "| plain loop (stock models) |" in printed and "| HF datasets.map (stock models) |" in printed
+    assert "| plain loop (stock models) |" in printed
+    if importlib.util.find_spec("datasets") is not None:  # the bench extra; the test command installs dev only
+        assert "| HF datasets.map (stock models) |" in printed
 
 
 def test_stock_models_give_mbms_features_up_to_rounding():
