@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mbm.extractors.packed import PackedWeight
+
 # keys a BERT checkpoint may hold that the encoder does not use
 UNUSED_PREFIXES = ("pooler.", "cls.")
 UNUSED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -26,69 +28,15 @@ def _weight(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape))
 
 
-class _PackedLinear:
-    """MKL's packed copy of a dense layer's weight, for CPU inference in float32.
-
-    ``F.linear`` on the CPU calls MKL's sgemm, which copies the weight into its blocked layout at
-    every call (``mkl_blas_avx512_sgemm_scopy_*``, 3.4 % of a preprocessing job's CPU under perf).
-    Packed once, the products run from that layout (``torch.ops.mkl._mkl_linear``, what torch's
-    inductor emits for frozen CPU linears): ~9 % less time per MiniLM layer, one thread. The packed
-    product is used for a shape only where it gives ``F.linear``'s result bit for bit on this CPU,
-    checked at the first product of each (weight shape, rows, threads) and remembered in ``EXACT``
-    (MKL picks other kernels for a few rows: below 16 they differ in the last bits), so features do
-    not change. The copy follows the weight: a weight changed in place or replaced is packed again.
-    """
-
-    PACK_ROWS = 256  # the rows MKL is told to expect; the layout serves any row count (checked per shape)
-    EXACT: dict[tuple[int, int, int, int], bool] = {}  # (out, in, rows, threads) -> packed == F.linear
-
-    def __init__(self) -> None:
-        self._packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((data_ptr, version), packed)
-
-    @staticmethod
-    def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (_HAS_MKL_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and x.shape[-1] == weight.shape[1] and x.numel() > 0)
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        key = (weight.shape[0], weight.shape[1], rows, torch.get_num_threads())
-        exact = self.EXACT.get(key)
-        if exact is False:
-            return F.linear(x, weight, bias)
-        of = (weight.data_ptr(), weight._version)
-        if self._packed is None or self._packed[0] != of:
-            self._packed = (of, torch.ops.mkl._mkl_reorder_linear_weight(weight, self.PACK_ROWS))
-        out = torch.ops.mkl._mkl_linear(x, self._packed[1], weight, bias, rows)
-        if exact is None:
-            plain = F.linear(x, weight, bias)
-            self.EXACT[key] = torch.equal(out, plain)
-            return plain
-        return out
-
-
-def _mkl_linear_available() -> bool:
-    try:
-        return bool(torch.backends.mkl.is_available()) and hasattr(torch.ops.mkl, "_mkl_linear")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_HAS_MKL_LINEAR = _mkl_linear_available()
-
-
 class _Dense(nn.Module):
     def __init__(self, width_in: int, width_out: int) -> None:
         super().__init__()
         self.weight = _weight(width_out, width_in)
         self.bias = _weight(width_out)
-        self.cpu_packed = _PackedLinear()
+        self.cpu_packed = PackedWeight()  # on the CPU in float32 inference: MKL's packed products
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _PackedLinear.usable(x, self.weight):
-            return self.cpu_packed(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return self.cpu_packed.linear(x, self.weight, self.bias)
 
 
 class _Norm(nn.Module):

@@ -208,7 +208,7 @@ def test_packed_cpu_products_give_the_plain_products_bit_for_bit(monkeypatch):
     and stay out of autograd and autocast."""
     import torch
 
-    from mbm.extractors import bert_encoder
+    from mbm.extractors import packed
 
     _, model = bert.load(minilm_path())
     torch.manual_seed(0)
@@ -217,19 +217,19 @@ def test_packed_cpu_products_give_the_plain_products_bit_for_bit(monkeypatch):
     for _, mask in inputs[2:]:
         mask[1:, -3:] = 0
 
-    has_mkl = bert_encoder._HAS_MKL_LINEAR
+    has_mkl = packed.HAS_MKL_LINEAR
 
-    def hidden(packed: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(bert_encoder, "_HAS_MKL_LINEAR", packed and has_mkl)
+    def hidden(use: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(packed, "HAS_MKL_LINEAR", use and has_mkl)
         with torch.inference_mode():
             return [model(ids, mask).last_hidden_state for ids, mask in inputs]
 
-    bert_encoder._PackedLinear.EXACT.clear()
+    packed.PackedWeight.EXACT.clear()
     for a, b in zip(hidden(True), hidden(False), strict=True):
         assert torch.equal(a, b)
     if not has_mkl:
         pytest.skip("torch without MKL: every product is F.linear's")
-    exact = bert_encoder._PackedLinear.EXACT
+    exact = packed.PackedWeight.EXACT
     threads = torch.get_num_threads()
     assert exact[(384, 384, 256, threads)] and exact[(1536, 384, 240, threads)] and exact[(384, 1536, 200, threads)]
     assert (384, 384, 3, threads) in exact  # checked, and F.linear's result returned either way
@@ -242,7 +242,7 @@ def test_packed_cpu_products_give_the_plain_products_bit_for_bit(monkeypatch):
     for a, b in zip(hidden(True), hidden(False), strict=True):
         assert torch.equal(a, b)
     assert dense.cpu_packed._packed is not before
-    monkeypatch.setattr(bert_encoder, "_HAS_MKL_LINEAR", True)
+    monkeypatch.setattr(packed, "HAS_MKL_LINEAR", True)
     x = torch.randn(4, 64, 384, requires_grad=True)
     dense(x).sum().backward()  # with autograd on: F.linear, which has a gradient
     assert x.grad is not None and x.grad.abs().sum() > 0
