@@ -277,7 +277,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         media = getattr(sample, m) if m == "text" else None
         if isinstance(result, str):
             return sample.with_(**{m: media}, dropped={**sample.dropped, m: result})
-        if not all_finite(result):
+        if not all_finite(np.asarray(result)):
             return sample.with_(**{m: media}, dropped={**sample.dropped, m: f"extract.{m}: {m}.non_finite_features: "
                                                        "the extractor produced NaN or Inf"})
         return sample.with_(
