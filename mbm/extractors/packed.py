@@ -33,6 +33,11 @@ def _mkl_linear_available() -> bool:
 HAS_MKL_LINEAR = _mkl_linear_available()
 
 
+def _disable() -> None:
+    global HAS_MKL_LINEAR
+    HAS_MKL_LINEAR = False
+
+
 class PackedWeight:
     """One dense layer's packed weight; it follows the weight: one changed in place or replaced is
     packed again. Costs about the weight's size in memory, from the first product on."""
@@ -59,9 +64,13 @@ class PackedWeight:
         if exact is False:
             return F.linear(x, weight, bias)
         of = (weight.data_ptr(), weight._version)
-        if self._packed is None or self._packed[0] != of:
-            self._packed = (of, torch.ops.mkl._mkl_reorder_linear_weight(weight, self.PACK_ROWS))
-        out = torch.ops.mkl._mkl_linear(x, self._packed[1], weight, bias, rows)
+        try:
+            if self._packed is None or self._packed[0] != of:
+                self._packed = (of, torch.ops.mkl._mkl_reorder_linear_weight(weight, self.PACK_ROWS))
+            out = torch.ops.mkl._mkl_linear(x, self._packed[1], weight, bias, rows)
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch build whose ops differ: F.linear from now on
+            _disable()
+            return F.linear(x, weight, bias)
         if exact is None:
             plain = F.linear(x, weight, bias)
             self.EXACT[key] = torch.equal(out, plain)

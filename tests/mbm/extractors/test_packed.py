@@ -101,3 +101,19 @@ def _tokenizer_dir(tmp_path):
     (folder / "merges.txt").write_text("#version: 0.2\n")
     RobertaTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
     return folder
+
+
+def test_a_torch_build_whose_packed_ops_fail_falls_back_to_f_linear(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("mkl_linear: not supported")
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", broken)
+    monkeypatch.setattr(packed, "HAS_MKL_LINEAR", True)
+    layer = nn.Linear(64, 32)
+    packed.pack_linears(layer)
+    x = torch.randn(256, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert torch.equal(layer(x), want)
+        assert not packed.HAS_MKL_LINEAR  # no packed product is tried again
+        assert torch.equal(layer(x), want)
