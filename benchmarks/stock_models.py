@@ -48,17 +48,17 @@ class StockMiniLM:
 class StockEfficientNetLite0:
     """EfficientNet-Lite0's feature map through ``efficientnet_lite_pytorch`` in eval mode, as a user calls it."""
 
-    MEAN, STD = 127.0, 128.0  # the Lite models' TF preprocessing, as mbm's extractor
-
-    def __init__(self, weights: str, image_size: int) -> None:
+    def __init__(self, weights: str, image_size: int, mean: float, std: float) -> None:
         self.weights, self.image_size = weights, image_size
+        self.mean, self.std = mean, std  # the Lite models' TF preprocessing, as mbm's extractor takes it
 
     def load(self, device: str) -> Any:
-        import torch
         from efficientnet_lite_pytorch import EfficientNet
 
+        from mbm.extractors.image import load_state_dict_file  # torch.load, unwrapping {"state_dict": ...}
+
         model = EfficientNet.from_name("efficientnet-lite0", image_size=self.image_size)
-        model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_state_dict_file(self.weights))
         return model.eval().to(device)
 
     def featurize(self, model: Any, images: list[np.ndarray], device: str) -> list[np.ndarray]:
@@ -66,7 +66,7 @@ class StockEfficientNetLite0:
 
         pixels = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float()
         with torch.inference_mode():
-            features = model.extract_features((pixels - self.MEAN) / self.STD)  # (B, 1280, H/32, W/32)
+            features = model.extract_features((pixels - self.mean) / self.std)  # (B, 1280, H/32, W/32)
         return list(features.flatten(2).transpose(1, 2).float().cpu().numpy().astype(np.float16))
 
 
@@ -76,5 +76,6 @@ def stock(name: str, extractor: Any) -> Any | None:
     if name == "minilm":
         return StockMiniLM(extractor.model_path(), extractor.config.max_length)
     if name == "efficientnet-lite0":
-        return StockEfficientNetLite0(extractor.weights_path(), extractor.config.image_size)
+        return StockEfficientNetLite0(extractor.weights_path(), extractor.config.image_size, extractor.MEAN,
+                                      extractor.STD)
     return None
