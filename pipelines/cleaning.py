@@ -16,7 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from mbm.alloc import tune_malloc
+from mbm.extractors.handler import configure_threads
 from pipelines.clean import REVISIONS
 from pipelines.errors import CleanError
 from pipelines.media import read_media
@@ -227,7 +227,11 @@ class CleanSampleFn(beam.DoFn):
         self._unchanged = Metrics.counter("mbm", "unchanged")
 
     def setup(self) -> None:
-        tune_malloc()  # decoded images and waveforms are large blocks too
+        # Decoded images and waveforms are large blocks too (the allocator settings). Resampling runs
+        # torch, and cleaning comes before the first model load: size torch's thread pool here, or each
+        # worker's first cleaning runs with a thread per core (on 2 cores: 4 threads, each worker's
+        # idle OpenMP thread spinning 0.4 CPU-s at the job's start).
+        configure_threads()
         self._previous = load_previous(self._cfg.previous_index)
 
     def process(self, raw: RawSample):

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -55,3 +58,42 @@ def test_the_previous_index_gives_each_landed_row_as_the_parquet_holds_it(tmp_pa
     assert previous.get("c") == rows[2]
     assert previous.get("b") is None and previous.get("zzz") is None  # a reject is no landed sample
     assert load_previous(None) == {} and load_previous("") == {}
+
+
+WORKER_THREADS = r"""
+import io, json, os, threading, wave
+import numpy as np
+os.environ["MBM_WORKERS"] = str(os.cpu_count())  # one worker per core: one torch thread each
+from pipelines.clean import AudioCleanConfig, ImageCleanConfig, TextCleanConfig
+from pipelines.cleaning import CleanConfig, CleanSampleFn
+from schemas import RawSample
+from schemas.records import Media
+
+buf = io.BytesIO()
+with wave.open(buf, "wb") as w:  # 1 s of a 440 Hz tone at 44.1 kHz: resampled to 16 kHz with torch
+    w.setnchannels(1); w.setsampwidth(2); w.setframerate(44100)
+    w.writeframes((np.sin(np.arange(44100) * 2 * np.pi * 440 / 44100) * 20000).astype("<i2").tobytes())
+fn = CleanSampleFn(CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig()))
+fn.setup()
+tasks = lambda: len(os.listdir("/proc/self/task"))
+before, out = tasks(), []
+t = threading.Thread(target=lambda: out.extend(fn.process(RawSample(id="a", audio=Media(data=buf.getvalue(), name="a.wav")))))
+t.start(); t.join()  # a bundle runs in a thread of Beam's, not the one that imported torch
+import torch
+print(json.dumps({"new_threads": tasks() - before, "torch_threads": torch.get_num_threads(),
+                  "kind": type(out[0]).__name__, "frames": len(out[0].audio)}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts threads in /proc; needs 2 cores for torch's default pool to have helpers")
+def test_cleaning_sizes_torchs_thread_pool_before_it_resamples():
+    """A worker's audio cleaning runs torch before any model loads: with the pool at torch's default
+    (every core) each worker would start OpenMP helper threads of its own and oversubscribe the CPU."""
+    proc = subprocess.run([sys.executable, "-c", WORKER_THREADS], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["kind"] == "CleanSample" and got["frames"] == 16000
+    assert got["torch_threads"] == 1
+    assert got["new_threads"] == 0  # no OpenMP team: resampling ran on the bundle's thread alone
