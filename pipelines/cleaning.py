@@ -227,12 +227,16 @@ class CleanSampleFn(beam.DoFn):
         self._unchanged = Metrics.counter("mbm", "unchanged")
 
     def setup(self) -> None:
+        self._previous = load_previous(self._cfg.previous_index)
+
+    def start_bundle(self) -> None:
         # Decoded images and waveforms are large blocks too (the allocator settings). Resampling runs
         # torch, and cleaning comes before the first model load: size torch's thread pool here, or each
         # worker's first cleaning runs with a thread per core (on 2 cores: 4 threads, each worker's
-        # idle OpenMP thread spinning 0.4 CPU-s at the job's start).
-        configure_threads()
-        self._previous = load_previous(self._cfg.previous_index)
+        # idle OpenMP thread spinning 0.4 CPU-s at the job's start). Per bundle, in the bundle's
+        # thread: OpenMP's thread count is a per-thread setting. A worker without torch yet (no fork
+        # server) is not made to import it: a re-run that changed nothing never needs it.
+        configure_threads(load_torch=False)
 
     def process(self, raw: RawSample):
         out = clean_sample(raw, self._cfg, self._previous.get(raw.id))

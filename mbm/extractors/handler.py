@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,16 +19,17 @@ from mbm.extractors.runtime import check_device, resolve_device
 log = logging.getLogger(__name__)
 
 
-def configure_threads() -> None:
+def configure_threads(*, load_torch: bool = True) -> None:
     """Share the CPU between Beam workers: torch threads = cores // MBM_WORKERS (torch's default when unset).
 
     Also keeps large blocks in malloc's heap (``mbm.alloc``): without it CPU inference spends most
     of its time in page faults.
+
+    ``load_torch=False`` (a stage that may or may not run torch, such as cleaning) leaves a process
+    that has not imported torch without it: ``OMP_NUM_THREADS`` is set instead, which torch's OpenMP
+    and MKL read when torch loads, so every thread of the process starts with that many.
     """
-    import torch
-
     tune_malloc()
-
     workers = os.environ.get("MBM_WORKERS")
     if not workers:
         return
@@ -37,7 +39,13 @@ def configure_threads() -> None:
         count = 0
     if count < 1:
         raise ValueError(f"MBM_WORKERS must be a positive integer, got {workers!r}")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // count))
+    threads = max(1, (os.cpu_count() or 1) // count)
+    if not load_torch and "torch" not in sys.modules:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        return
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 FINGERPRINT_BATCH = 32  # the image batch size (pass shape) a plain extractor fingerprint stands for

@@ -61,9 +61,11 @@ def test_the_previous_index_gives_each_landed_row_as_the_parquet_holds_it(tmp_pa
 
 
 WORKER_THREADS = r"""
-import io, json, os, threading, wave
+import io, json, os, sys, threading, time, wave
 import numpy as np
 os.environ["MBM_WORKERS"] = str(os.cpu_count())  # one worker per core: one torch thread each
+if sys.argv[1] == "torch-first":
+    import torch  # a worker forked from the fork server: torch is there before the first sample
 from pipelines.clean import AudioCleanConfig, ImageCleanConfig, TextCleanConfig
 from pipelines.cleaning import CleanConfig, CleanSampleFn
 from schemas import RawSample
@@ -76,24 +78,39 @@ with wave.open(buf, "wb") as w:  # 1 s of a 440 Hz tone at 44.1 kHz: resampled t
 fn = CleanSampleFn(CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig()))
 fn.setup()
 tasks = lambda: len(os.listdir("/proc/self/task"))
-before, out = tasks(), []
-t = threading.Thread(target=lambda: out.extend(fn.process(RawSample(id="a", audio=Media(data=buf.getvalue(), name="a.wav")))))
-t.start(); t.join()  # a bundle runs in a thread of Beam's, not the one that imported torch
+before, out, seen = tasks(), [], {}
+
+def bundle():  # a bundle runs in a thread of Beam's, not the one that imported torch
+    fn.start_bundle()
+    seen["torch_after_start"] = "torch" in sys.modules
+    out.extend(fn.process(RawSample(id="a", audio=Media(data=buf.getvalue(), name="a.wav"))))
+    fn.finish_bundle()
+
+t = threading.Thread(target=bundle)
+t.start(); t.join()
+for _ in range(500):  # join returns before the kernel has removed the thread's task
+    if str(t.native_id) not in os.listdir("/proc/self/task"):
+        break
+    time.sleep(0.01)
 import torch
 print(json.dumps({"new_threads": tasks() - before, "torch_threads": torch.get_num_threads(),
-                  "kind": type(out[0]).__name__, "frames": len(out[0].audio)}))
+                  "torch_after_start": seen["torch_after_start"], "kind": type(out[0]).__name__,
+                  "frames": len(out[0].audio)}))
 """
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
                     reason="counts threads in /proc; needs 2 cores for torch's default pool to have helpers")
-def test_cleaning_sizes_torchs_thread_pool_before_it_resamples():
+@pytest.mark.parametrize("start", ["torch-first", "no-torch"])
+def test_cleaning_sizes_torchs_thread_pool_before_it_resamples(start):
     """A worker's audio cleaning runs torch before any model loads: with the pool at torch's default
-    (every core) each worker would start OpenMP helper threads of its own and oversubscribe the CPU."""
-    proc = subprocess.run([sys.executable, "-c", WORKER_THREADS], capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    (every core) each worker would start OpenMP helper threads of its own and oversubscribe the CPU.
+    A worker that has not imported torch (no fork server) is not made to by the bundle's start."""
+    proc = subprocess.run([sys.executable, "-c", WORKER_THREADS, start], capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["kind"] == "CleanSample" and got["frames"] == 16000
+    assert got["torch_after_start"] == (start == "torch-first")
     assert got["torch_threads"] == 1
     assert got["new_threads"] == 0  # no OpenMP team: resampling ran on the bundle's thread alone

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,10 @@ def test_threads_are_split_between_workers(monkeypatch):
         monkeypatch.setenv("MBM_WORKERS", "16")
         configure_threads()
         assert torch.get_num_threads() == 1
+        monkeypatch.setenv("MBM_WORKERS", "4")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        configure_threads(load_torch=False)  # torch is imported here: its pool is sized, no variable set
+        assert torch.get_num_threads() == 2 and "OMP_NUM_THREADS" not in os.environ
         monkeypatch.delenv("MBM_WORKERS")
         torch.set_num_threads(5)
         configure_threads()
