@@ -24,7 +24,9 @@ __all__ = list(_EXPORTS)
 #: modality's content hash; at 1, the default, the hash is what it was before revisions existed).
 #: text 2: vertical tab, form feed and the U+001C..1F separators are breaks or spaces, no longer deleted.
 #: image 2: a crop resamples only the region it keeps (the same pixels up to rounding).
-REVISIONS = {"text": 2, "image": 2}
+#: text 3: bytes that start with a UTF-16 or UTF-32 byte order mark are read in that encoding (they
+#: were invalid UTF-8: rejected, or repaired as cp1252 into mojibake).
+REVISIONS = {"text": 3, "image": 2}
 
 
 def __getattr__(name: str) -> Any:

@@ -8,6 +8,10 @@ Steps, in order (each documented where a choice was made):
    ``on_invalid_utf8="repair"``, re-read as cp1252 (latin-1 for the five bytes cp1252 leaves undefined).
    Any other lone surrogate (U+D800..U+DC7F, U+DD00..U+DFFF, e.g. from a JSON ``\\ud83d`` escape) cannot be
    a byte: it is rejected as ``text.invalid_unicode``, or replaced by U+FFFD when repairing.
+   ``bytes`` that start with a UTF-16 or UTF-32 byte order mark (a caption file saved as "Unicode" on
+   Windows) are decoded as that encoding instead; where they are not valid in it the text is rejected
+   (``text.invalid_utf16`` / ``text.invalid_utf32``, with the byte offset), or the bad units become
+   U+FFFD when repairing. Without a mark, UTF-16 cannot be told from other bytes and stays UTF-8's case.
 2. A leading BOM is dropped; CRLF, CR, NEL (U+0085), U+2028 and U+2029 become ``\\n``, and so do the
    controls that mean a break: vertical tab (an in-cell line break from FileMaker and old Excel), form
    feed (a page break in text taken from PDFs) and the file, group and record separators (U+001C..1E).
@@ -131,6 +135,10 @@ def _decode(raw: str | bytes, repair: bool) -> str:
         raw = raw.encode("utf-8", "surrogateescape")
     elif not isinstance(raw, bytes):
         raise TypeError(f"clean_text takes str or bytes, got {type(raw).__name__}")
+    else:
+        encoding = wide_encoding(raw)
+        if encoding is not None:
+            return _decode_wide(raw, encoding, repair)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -140,6 +148,31 @@ def _decode(raw: str | bytes, repair: bool) -> str:
         raise CleanError(
             "text.invalid_utf8",
             f"invalid UTF-8 at byte offset {e.start}: {raw[e.start : e.start + 4]!r} ({e.reason})",
+        ) from None
+
+
+# Byte order marks of the wide Unicode encodings, UTF-32's first (its little-endian mark starts with UTF-16's)
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+              (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """``"utf-16"`` or ``"utf-32"`` when ``head`` starts with that encoding's byte order mark, else None."""
+    return next((encoding for bom, encoding in _WIDE_BOMS if head.startswith(bom)), None)
+
+
+def _decode_wide(raw: bytes, encoding: str, repair: bool) -> str:
+    """``raw`` in the UTF-16 or UTF-32 its byte order mark names (Python's codecs read the mark and drop it)."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        if repair:
+            log.debug("repairing invalid %s at byte %d", encoding, e.start)
+            return raw.decode(encoding, "replace")
+        raise CleanError(
+            f"text.invalid_{encoding.replace('-', '')}",
+            f"invalid {encoding.upper()} (byte order mark at its start) at byte offset {e.start}: "
+            f"{raw[e.start : e.start + 4]!r} ({e.reason})",
         ) from None
 
 

@@ -2,6 +2,8 @@
 
 Used by the manifest reader and by the imagefolder/audiofolder metadata reader. Text is decoded with
 ``surrogateescape`` so invalid UTF-8 reaches the text cleaner as lone surrogates instead of failing here.
+A file that starts with a UTF-16 or UTF-32 byte order mark (Excel's "Unicode Text" export, files saved by
+Windows tools as "Unicode") is read in that encoding (``as_utf8``).
 A file that cannot be read, decompressed or decoded as its format (a cut Parquet file, a plain file
 named ``.gz``, a compressed file cut short) ends in one ``read.unreadable`` reject naming it; the rows read
 before that are kept. A column name the header or schema repeats is read as pandas reads it: the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import bz2
+import codecs
 import collections
 import contextlib
 import csv
@@ -29,6 +32,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
+from pipelines.clean.text import wide_encoding
 from pipelines.errors import CleanError
 from pipelines.readers.common import COLUMNS, TEXT_COLUMNS, reject
 from schemas import Reject
@@ -165,7 +169,8 @@ def is_blank(path: str) -> bool:
     from apache_beam.io.filesystem import CompressionTypes
 
     try:
-        with _open(path) as raw, decompressed(raw, CompressionTypes.detect_compression_type(path)) as f:
+        with _open(path) as raw, decompressed(raw, CompressionTypes.detect_compression_type(path)) as data:
+            f = as_utf8(data)
             first = True
             while chunk := f.read(_CHUNK):
                 if (chunk.removeprefix(_BOM.encode()) if first else chunk).strip():
@@ -217,7 +222,8 @@ def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject | _Header]:
         yield from _parquet_rows(path)
         return
     kind = CompressionTypes.detect_compression_type(path)  # by suffix, as Beam's AUTO
-    with _open(path) as raw, decompressed(raw, kind) as f:
+    with _open(path) as raw, decompressed(raw, kind) as data:
+        f = as_utf8(data)
         if fmt == "json":
             yield from _json_file_rows(f, name)
         elif FORMATS[fmt] == "jsonl":
@@ -422,6 +428,53 @@ class _Streams(io.RawIOBase):
             elif not (data := self._f.read(_CHUNK)):
                 raise EOFError("Compressed file ended before the end-of-stream marker was reached")
             self._out = memoryview(self._decompressor.decompress(data))
+        size = min(len(buffer), len(self._out))
+        buffer[:size] = self._out[:size]
+        self._out = self._out[size:]
+        return size
+
+
+def as_utf8(f: BinaryIO) -> BinaryIO:
+    """``f`` as UTF-8: a file that starts with a UTF-16 or UTF-32 byte order mark is decoded as that
+    encoding (the mark dropped) and encoded as UTF-8 while it is read; any other file is ``f`` itself.
+    Without it such a file read as UTF-8 holds a NUL byte after every ASCII character: its header named
+    no column mbm knows, or every line was a bad JSON row. A lone surrogate in it (half of a pair cut
+    apart) becomes bytes that are invalid UTF-8, so the row's text is rejected or repaired as
+    ``on_invalid_utf8`` says, as in a UTF-8 file; a file that ends inside a character is unreadable
+    from there (the rows before are kept)."""
+    if not hasattr(f, "peek"):
+        f = io.BufferedReader(f)  # type: ignore[arg-type]
+    try:
+        head = f.peek(4)[:4]
+    except Exception as e:  # noqa: BLE001 - gzip, zlib, bz2, lzma and zstd each raise their own types
+        raise _Unreadable(e) from e
+    encoding = wide_encoding(head)
+    return f if encoding is None else io.BufferedReader(_Utf8(f, encoding))
+
+
+class _Utf8(io.RawIOBase):
+    """The text of a UTF-16 or UTF-32 stream (``as_utf8``), as UTF-8 bytes."""
+
+    def __init__(self, f: BinaryIO, encoding: str) -> None:
+        self._f = f
+        self._encoding = encoding
+        self._decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+        self._out = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._out and not self._done:
+            data = self._f.read(_CHUNK)
+            self._done = not data
+            try:
+                text = self._decoder.decode(data, final=self._done)
+            except UnicodeDecodeError:
+                raise CleanError("read.unreadable", f"it ends inside a {self._encoding.upper()} character: "
+                                 "the file was cut short") from None
+            self._out = memoryview(text.encode("utf-8", "surrogatepass"))
         size = min(len(buffer), len(self._out))
         buffer[:size] = self._out[:size]
         self._out = self._out[size:]

@@ -191,3 +191,30 @@ def test_truncation_keeps_combining_marks_with_their_base():
     assert clean_text("ab👨\u200d👩", TextCleanConfig(max_chars=4)) == "ab👨"
     # Devanagari: the vowel sign (a mark) at the cut goes together with its consonant
     assert clean_text("नमस्ते", TextCleanConfig(max_chars=5)) == "नमस्"
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
+def test_bytes_with_a_utf16_or_utf32_byte_order_mark_are_read_in_that_encoding(codec):
+    text = "Größe\r\n👩\u200d👩\u200d👧 שלום"
+    raw = text.encode(codec) if codec in ("utf-16", "utf-32") else "\ufeff".encode(codec) + text.encode(codec)
+    for mode in ("reject", "repair"):
+        assert clean_text(raw, TextCleanConfig(on_invalid_utf8=mode)) == "Größe\n👩\u200d👩\u200d👧 שלום"
+
+
+@pytest.mark.parametrize(("raw", "reason", "offset", "repaired"), [
+    (b"\xff\xfeh\x00\x3d\xd8i\x00", "text.invalid_utf16", 4, "h\ufffdi"),  # half a surrogate pair
+    (b"\xff\xfeh\x00A", "text.invalid_utf16", 4, "h\ufffd"),  # an odd byte at the end
+    (b"\xff\xfe\x00\x00h\x00\x00\x00\x00\x00\x11\x00", "text.invalid_utf32", 8, "h\ufffd"),  # beyond U+10FFFF
+])
+def test_invalid_utf16_or_utf32_is_rejected_with_its_offset_or_repaired(raw, reason, offset, repaired):
+    with pytest.raises(CleanError) as e:
+        clean_text(raw, TextCleanConfig())
+    assert e.value.reason == reason and f"at byte offset {offset}:" in e.value.detail
+    assert clean_text(raw, TextCleanConfig(on_invalid_utf8="repair")) == repaired
+
+
+def test_utf16_without_a_byte_order_mark_stays_a_utf8_question():
+    raw = "héllo".encode("utf-16-le")  # no mark: nothing tells it from other bytes
+    with pytest.raises(CleanError) as e:
+        clean_text(raw, TextCleanConfig())
+    assert e.value.reason == "text.invalid_utf8"

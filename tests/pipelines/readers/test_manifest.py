@@ -737,3 +737,59 @@ def test_parquet_rows_are_read_in_batches_sized_by_their_bytes(tmp_path, monkeyp
     assert [r["id"] for _, r in read] == [f"r{i}" for i in range(40)]
     assert read[7][1]["image"] == bytes([7]) * (1 << 20)
     assert max(sizes) <= 8 and sum(sizes) == 40
+
+
+def _excel_unicode_text(rows: list[list[str]], encoding: str = "utf-16") -> bytes:
+    """What Excel's "Unicode Text" export writes: tab-separated, CRLF, UTF-16 LE with its byte order mark."""
+    return "".join("\t".join(r) + "\r\n" for r in rows).encode(encoding)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be-bom", "utf-32", "utf-32-be-bom"])
+def test_a_manifest_with_a_utf16_or_utf32_byte_order_mark_is_read_in_that_encoding(tmp_path, encoding):
+    rows = [["id", "text", "label"], ["a", "Größe 👍", "x"], ["b", "שלום", "y"]]
+    if encoding.endswith("-be-bom"):  # big-endian with its mark (Python's plain codec writes little-endian)
+        codec = encoding.removesuffix("-bom")
+        data = "\ufeff".encode(codec) + "".join("\t".join(r) + "\r\n" for r in rows).encode(codec)
+    else:
+        data = _excel_unicode_text(rows, encoding)
+    (tmp_path / "m.tsv").write_bytes(data)
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.tsv"))))
+    assert rejects == []
+    assert [(s.id, s.text, s.label, s.source) for s in samples] == [
+        ("a", "Größe 👍", "x", "m.tsv:2"), ("b", "שלום", "y", "m.tsv:3")]
+
+
+def test_utf16_csv_and_jsonl_manifests_compressed_or_not(tmp_path):
+    (tmp_path / "m.csv.gz").write_bytes(gzip.compress('id,text\r\n1,"a, quoted\r\ncell"\r\n2,plain\r\n'.encode("utf-16")))
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv.gz"))))
+    assert rejects == [] and [(s.id, s.text) for s in samples] == [("1", "a, quoted\r\ncell"), ("2", "plain")]
+    (tmp_path / "m.jsonl").write_bytes("".join(json.dumps({"id": f"j{i}", "text": f"naïve {i}"}, ensure_ascii=False)
+                                               + "\n" for i in range(3)).encode("utf-16"))
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.jsonl"))))
+    assert rejects == [] and [(s.id, s.text, s.source) for s in samples] == [
+        ("j0", "naïve 0", "m.jsonl:1"), ("j1", "naïve 1", "m.jsonl:2"), ("j2", "naïve 2", "m.jsonl:3")]
+
+
+def test_a_lone_surrogate_in_a_utf16_manifest_reaches_the_text_cleaner_as_invalid_text(tmp_path):
+    data = "id\ttext\r\na\tfine\r\nb\tcut ".encode("utf-16") + b"\x3d\xd8" + "pair\r\nc\tafter\r\n".encode("utf-16-le")
+    (tmp_path / "m.tsv").write_bytes(data)
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.tsv"))))
+    assert rejects == [] and [s.id for s in samples] == ["a", "b", "c"]
+    assert samples[2].text == "after"
+    from pipelines.clean import TextCleanConfig, clean_text
+    from pipelines.errors import CleanError
+
+    with pytest.raises(CleanError) as e:
+        clean_text(samples[1].text, TextCleanConfig())
+    assert e.value.reason == "text.invalid_utf8"  # the half pair, as in a UTF-8 file holding one
+
+
+def test_a_utf16_manifest_cut_inside_a_character_keeps_the_rows_before(tmp_path):
+    data = _excel_unicode_text([["id", "text"], ["a", "x"], ["b", "y"]])
+    (tmp_path / "m.tsv").write_bytes(data + b"\x41")  # one byte of a character more
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.tsv"))))
+    assert [s.id for s in samples] == ["a", "b"]
+    assert [(r.reason, r.detail) for r in rejects] == [(
+        "read.unreadable",
+        "m.tsv: cannot read the file (it ends inside a UTF-16 character: the file was cut short); "
+        "the rows up to line 3 are kept")]
