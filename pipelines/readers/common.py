@@ -134,6 +134,7 @@ def resolve_media(value: str, base: str, allow_outside: bool, where: str, column
     value_local = local_path(value)
     base_local = local_path(base)
     if value_local is not None and base_local is not None:
+        value_local = _slashes(value_local, base_local)
         resolved = os.path.normpath(os.path.join(base_local, value_local))
         inside = _is_under(resolved, os.path.normpath(base_local), os.sep)
     elif value_local is None:  # a URI
@@ -152,6 +153,15 @@ def resolve_media(value: str, base: str, allow_outside: bool, where: str, column
             "(set allow_outside = true to allow it)",
         )
     return resolved
+
+
+def _slashes(value: str, base: str) -> str:
+    """``value`` with ``/`` for each backslash where it names no file as written: a manifest made on
+    Windows writes ``img\\a.jpg``, which on POSIX is one file name with a backslash in it. A file that
+    has such a name is read as it is. The folder check comes after, so ``..\\x.jpg`` leaves the folder."""
+    if os.sep != "/" or "\\" not in value or os.path.lexists(os.path.join(base, value)):
+        return value
+    return value.replace("\\", "/")
 
 
 def _norm_uri(uri: str) -> str:

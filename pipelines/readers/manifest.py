@@ -148,11 +148,33 @@ def _check_repeats(path: str, header: list[str], where: str) -> None:
 def lacking(what: str, rows: list[list[str]], fmt: str) -> str:
     """That a table file lacks the column ``what``, with the columns it has (``rows``: ``columns_of``'s):
     its header or schema, or, in JSON, its first rows' keys."""
-    found = listed_columns(list(dict.fromkeys(column for row in rows for column in row))) or "none"
+    names = list(dict.fromkeys(column for row in rows for column in row))
+    found = listed_columns(names) or "none"
     if FORMATS[fmt] != "jsonl":
-        return f"it has no {what} column (columns: {found})"
+        return f"it has no {what} column (columns: {found}){_separator_hint(names, fmt)}"
     rows_read = f"none of its first {len(rows)} rows has" if len(rows) > 1 else "its first row has no"
     return f"{rows_read} {what} (keys found: {found})"
+
+
+# Separators a header of one column may hide: (separator, its name, how to read such a file)
+_SEPARATORS = (
+    (";", "semicolons", "save it with commas (Excel: \"CSV UTF-8 (Comma delimited)\"; the CSV of many locales "
+                        "uses semicolons) or convert it: pd.read_csv(path, sep=\";\").to_csv(new, index=False)"),
+    ("\t", "tabs", "name it .tsv or set [input] format = \"tsv\""),
+    (",", "commas", "name it .csv or set [input] format = \"csv\""),
+    ("|", "bars", "convert it to commas: pd.read_csv(path, sep=\"|\").to_csv(new, index=False)"),
+)
+
+
+def _separator_hint(names: list[str], fmt: str) -> str:
+    """For a CSV/TSV header read as one column: the separator it holds and how to read such a file."""
+    if len(names) != 1:
+        return ""
+    own = "\t" if fmt == "tsv" else ","
+    for separator, called, fix in _SEPARATORS:
+        if separator != own and separator in names[0]:
+            return f"; its header is one column holding {separator!r}: a file separated by {called}? {fix}"
+    return ""
 
 
 def listed_columns(names: list[str]) -> str:

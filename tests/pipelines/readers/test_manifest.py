@@ -793,3 +793,20 @@ def test_a_utf16_manifest_cut_inside_a_character_keeps_the_rows_before(tmp_path)
         "read.unreadable",
         "m.tsv: cannot read the file (it ends inside a UTF-16 character: the file was cut short); "
         "the rows up to line 3 are kept")]
+
+
+@pytest.mark.skipif(os.sep != "/", reason="on Windows a backslash is the separator already")
+def test_windows_separators_in_media_paths_name_the_files_they_mean(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.jpg").write_bytes(b"a")
+    (tmp_path / "odd\\name.jpg").write_bytes(b"b")  # a POSIX file whose name holds a backslash
+    (tmp_path / "m.csv").write_text(
+        "id,image\r\n1,img\\a.jpg\r\n2,.\\img\\a.jpg\r\n3,odd\\name.jpg\r\n4,img\\missing.jpg\r\n5,..\\out.jpg\r\n")
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.csv"))))
+    assert [(s.id, s.image.uri, s.image.name) for s in samples] == [
+        ("1", str(tmp_path / "img" / "a.jpg"), "img\\a.jpg"),
+        ("2", str(tmp_path / "img" / "a.jpg"), ".\\img\\a.jpg"),
+        ("3", str(tmp_path / "odd\\name.jpg"), "odd\\name.jpg"),  # the file as written exists: read as it is
+        ("4", str(tmp_path / "img" / "missing.jpg"), "img\\missing.jpg"),  # the cleaner says it is missing
+    ]
+    assert [(r.id, r.reason) for r in rejects] == [("5", "read.path_escape")]  # converted, then checked

@@ -234,6 +234,13 @@ def _table(path, columns):
      r"m.tsv': it has no text, image or audio column \(columns: 'id', 'label'\); name the text column one of "
      r"text, caption, transcription, and the columns of media paths image and audio"),
     ("m.csv.gz", b"url,caption\nhttps://x/0.jpg,a\n", r"m.csv.gz': it has no 'id' column \(columns: 'url', 'caption'\)"),
+    ("de.csv", "id;text;image\n1;Hallo;a.jpg\n",
+     r"de.csv': it has no 'id' column \(columns: 'id;text;image'\); its header is one column holding ';': a file "
+     r"separated by semicolons\? save it with commas .* pd.read_csv\(path, sep=\";\"\)"),
+    ("tabs.csv", "id\ttext\n1\tHallo\n",
+     r"its header is one column holding '\\t': a file separated by tabs\? name it .tsv or set \[input\] format = \"tsv\""),
+    ("commas.tsv", "id,text\n1,Hallo\n",
+     r"its header is one column holding ',': a file separated by commas\? name it .csv or set \[input\] format = \"csv\""),
     ("m.jsonl", '{"image": "a.jpg"}\n{"text": "b"}\n',
      r"none of its first 2 rows has 'id' \(keys found: 'image', 'text'\)"),
     ("m.jsonl", '{"id": "a", "url": "x"}\n',
