@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from pipelines.clean.formats import unidentified
 from pipelines.errors import CleanError
 
 log = logging.getLogger(__name__)
@@ -157,9 +158,7 @@ def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
 
 def _error(data: bytes, detail: str, code: int | None) -> CleanError:
     if code == _SF_ERR_UNRECOGNISED_FORMAT:
-        return CleanError(
-            "audio.unidentified", f"not an audio format libsndfile reads; starts with {data[:16]!r}"
-        )
+        return CleanError("audio.unidentified", unidentified(data, "audio", "an audio format libsndfile reads"))
     if _ogg_truncated(data):
         return CleanError("audio.truncated", f"Ogg stream cut off: {detail}")
     return CleanError("audio.decode_error", detail)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.clean.formats import unidentified
 from pipelines.errors import CleanError
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,7 @@ def _error(data: bytes, e: Exception, phase: str, fmt: str | None = None) -> Cle
     if isinstance(e, EOFError) or "truncated" in str(e).lower() or _looks_truncated(data, fmt):
         return CleanError("image.truncated", what)
     if phase == "open" and fmt is None:
-        head = data[:16]
-        return CleanError("image.unidentified", f"not an image format Pillow reads; starts with {head!r}")
+        return CleanError("image.unidentified", unidentified(data, "image", "an image format Pillow reads"))
     return CleanError("image.unreadable", what)
 
 
