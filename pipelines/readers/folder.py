@@ -89,10 +89,16 @@ def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSa
 def check_metadata(folder: str) -> None:
     """Raises ``ValueError`` when a metadata file of ``folder`` has no ``file_name`` column, so that a
     misnamed column (``filename``) stops the job before it starts instead of giving an empty version,
-    a ``read.missing_id`` row per row and a ``read.not_in_metadata`` row per file. Reads headers,
+    a ``read.missing_id`` row per row and a ``read.not_in_metadata`` row per file; and when the folder
+    holds neither a metadata file nor a media file (an empty folder, a ``save_to_disk`` folder of
+    Hugging Face datasets): a version read from it would hold no sample and remove every earlier one. Reads headers,
     schemas and the first rows of JSON only; a file that cannot be read is left to its reject."""
     root = absolute(folder).rstrip("/") or "/"
-    for rel in _metadata_files(list_files(root)):
+    files = list_files(root)
+    metadata = _metadata_files(files)
+    if not metadata and not any(media_kind(rel) for rel in files):
+        raise ValueError(_no_media(folder, files))
+    for rel in metadata:
         fmt = format_of(rel) or ""
         where = f"[input] folder metadata file {posixpath.join(folder, rel)!r}"
         try:
@@ -112,6 +118,26 @@ def check_metadata(folder: str) -> None:
             "or audio file by 'file_name', "
             "a path relative to the metadata file's folder: rename the column, or add it"
         )
+
+
+def _no_media(folder: str, files: list[str]) -> str:
+    """Why ``folder`` gives no sample, with what it holds and what to read instead where that shows."""
+    shown = ", ".join(map(repr, files[:5])) + (", ..." if len(files) > 5 else "")
+    what = (f"{len(files)} other file{'s' if len(files) > 1 else ''}: {shown}" if files
+            else "no files (hidden ones are left out)")
+    names = {posixpath.basename(rel) for rel in files}
+    if any(rel.endswith(".arrow") for rel in files) and names & {"state.json", "dataset_info.json"}:
+        hint = ("; this is a Hugging Face datasets folder written by save_to_disk: export it, "
+                "datasets.load_from_disk(path).to_parquet(\"data.parquet\") (media as {bytes, path} structs), "
+                "and read that with [input] manifest = \"data.parquet\"")
+    elif any(extension(rel) == "tar" for rel in files):
+        hint = "; for WebDataset tars, use [input] shards = the folder"
+    elif manifests := [rel for rel in files if format_of(rel)]:
+        hint = f"; to read a table of samples, use [input] manifest = {posixpath.join(folder, manifests[0])!r}"
+    else:
+        hint = ""
+    return (f"[input] folder {folder!r} holds no image or audio file and no metadata file ({what}){hint}; "
+            "an imagefolder/audiofolder is read by the media files' extensions")
 
 
 def _near_file_name(names: list[str]) -> str:

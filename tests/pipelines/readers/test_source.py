@@ -443,3 +443,25 @@ def test_with_a_spool_only_where_each_sample_lies_goes_through_the_de_duplicatio
                        ("Reject", x.id, None, x.source, x.reason) for x in out])
     run(None)
     run(str(tmp_path / "spool2"))
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({}, r"holds no image or audio file and no metadata file \(no files \(hidden ones are left out\)\)"),
+    ({"readme.md": b"x", "notes.pdf": b"%PDF"}, r"\(2 other files: 'notes.pdf', 'readme.md'\); an imagefolder"),
+    ({"data-00000-of-00001.arrow": b"x", "state.json": b"{}", "dataset_info.json": b"{}"},
+     r"this is a Hugging Face datasets folder written by save_to_disk: export it, "
+     r"datasets.load_from_disk\(path\).to_parquet\(\"data.parquet\"\)"),
+    ({"shard-0.tar": b"x"}, r"\(1 other file: 'shard-0.tar'\); for WebDataset tars, use \[input\] shards = the folder"),
+    ({"sub/captions.csv": b"id,text\n1,a\n"}, r"to read a table of samples, use \[input\] manifest = '.*/sub/captions.csv'"),
+])
+def test_config_refuses_a_folder_that_holds_no_media_file(tmp_path, files, message):
+    """A version read from it would hold no sample, and remove every sample an earlier version holds."""
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / ".hidden.jpg").write_bytes(b"x")  # hidden files are not read, so they do not count
+    with pytest.raises(ValueError, match=message):
+        SourceConfig(folder=str(tmp_path))
+    (tmp_path / "deep" / "one.flac").parent.mkdir(exist_ok=True)
+    (tmp_path / "deep" / "one.flac").write_bytes(b"fLaC")  # one media file anywhere: read as a folder
+    SourceConfig(folder=str(tmp_path))
