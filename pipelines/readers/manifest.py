@@ -104,7 +104,7 @@ def check_columns(path: str, fmt: str) -> None:
         raise ValueError(
             f"[input] manifest {path!r}: {lacking(repr('id'), rows, fmt)}{near}; every row needs an 'id' "
             "(a string or an integer, one per sample): add one, e.g. the row number or the media file's name"
-            f"{coco_hint(names)}"
+            f"{coco_hint(names)}{_metadata_hint(names)}"
         )
     if not any(text_column(row) or "image" in row or "audio" in row for row in rows):
         raise ValueError(
@@ -112,6 +112,12 @@ def check_columns(path: str, fmt: str) -> None:
             f"{', '.join(TEXT_COLUMNS)}, and the columns of media paths image and audio"
         )
     _check_has_rows(path, fmt)  # a header or schema alone
+    if unread := media_columns_unread(names):
+        one = len(unread) == 1
+        logger.warning(
+            "[input] manifest %s has no 'image' or 'audio' column: %s %s read as metadata, and the media files "
+            "%s name%s are not read%s", path, ", ".join(map(repr, unread)), "is" if one else "are",
+            "it" if one else "they", "s" if one else "", _near(names))
 
 
 def _check_has_rows(path: str, fmt: str) -> None:
@@ -182,14 +188,60 @@ def listed_columns(names: list[str]) -> str:
     return ", ".join(map(repr, names[:20])) + (", ..." if len(names) > 20 else "")
 
 
+# What other tools name mbm's columns (compared lower-case, without spaces and quotes): NeMo's ASR
+# manifests (audio_filepath), Common Voice (path, sentence), LAION/img2dataset (url is a download, not
+# listed), COCO-style exports (file_name, image_path), Hugging Face audiofolder metadata (file_name)
+ALIASES = {
+    "audio": ("audio_filepath", "audio_path", "audio_file", "wav", "wav_path", "audiopath", "sound"),
+    "image": ("image_path", "image_file", "img", "img_path", "imagepath", "picture", "photo"),
+    "text": ("sentence", "transcript", "utterance", "prompt", "description", "alt_text", "normalized_text"),
+    "image or audio": ("file_name", "filename", "filepath", "file_path", "file", "path"),
+}
+_ALIAS = {alias: want for want, aliases in ALIASES.items() for alias in aliases}
+
+
 def _near(names: list[str]) -> str:
     """'; did you mean ...' for the columns that would be mbm's but for case, surrounding spaces or quotes
-    (a TSV header is not unquoted)."""
+    (a TSV header is not unquoted), or that other tools name so (``ALIASES``), where mbm's is missing."""
     near = {name: name.strip(" \t\"'").lower() for name in names if name not in ROW_KEYS}
-    pairs = ", ".join(f"{want!r} (not {name!r})" for name, want in near.items() if want in ROW_KEYS)
+    pairs = [f"{want!r} (not {name!r})" for name, want in near.items() if want in ROW_KEYS]
+    if "id" not in names and (pairs_id := [n for n, want in near.items() if want in ("key", "uid", "sample_id")]):
+        pairs.append(f"'id' (not {pairs_id[0]!r})")
+    pairs += _aliased(names, near)
     if not pairs:
         return ""
-    return f"; did you mean {pairs}? column names are matched exactly"
+    return f"; did you mean {', '.join(pairs)}? column names are matched exactly"
+
+
+def _aliased(names: list[str], near: dict[str, str]) -> list[str]:
+    """``"'audio' (not 'audio_filepath')"`` for each column another tool's name for a missing column of mbm's."""
+    present = {want for want in near.values() if want in ROW_KEYS} | set(names)
+    has_text = any(c in present for c in TEXT_COLUMNS)
+    out = []
+    for name, lowered in near.items():
+        want = _ALIAS.get(lowered)
+        if want is None or (want == "text" and has_text) or want in present:
+            continue
+        if want == "image or audio" and ("image" in present or "audio" in present):
+            continue
+        out.append(f"{want!r} (not {name!r})" if want != "image or audio" else f"'image' or 'audio' (not {name!r})")
+    return out
+
+
+def _metadata_hint(names: list[str]) -> str:
+    """For a table that names its files by ``file_name`` and has no ``id``: what it looks like."""
+    if "file_name" not in names:
+        return ""
+    return ("; 'file_name' is how the metadata file of an imagefolder/audiofolder names its files: as "
+            "metadata.csv (or .jsonl, .parquet) beside them, read the folder with [input] folder")
+
+
+def media_columns_unread(names: list[str]) -> list[str]:
+    """The columns of ``names`` that other tools use for media paths, where the manifest has no ``image``
+    and no ``audio`` column: read as metadata, their files would silently not be read."""
+    if "image" in names or "audio" in names:
+        return []
+    return [n for n in names if _ALIAS.get(n.strip(" \t\"'").lower(), "text") != "text"]
 
 
 def row_sample(sample_id: str, row: dict[str, Any], source: str, base: str, allow_outside: bool) -> RawSample:

@@ -234,6 +234,15 @@ def _table(path, columns):
      r"m.tsv': it has no text, image or audio column \(columns: 'id', 'label'\); name the text column one of "
      r"text, caption, transcription, and the columns of media paths image and audio"),
     ("m.csv.gz", b"url,caption\nhttps://x/0.jpg,a\n", r"m.csv.gz': it has no 'id' column \(columns: 'url', 'caption'\)"),
+    ("nemo.jsonl", '{"audio_filepath": "a.wav", "duration": 1.5, "text": "hello"}\n',
+     r"its first row has no 'id' \(keys found: 'audio_filepath', 'duration', 'text'\); did you mean 'audio' "
+     r"\(not 'audio_filepath'\)\? column names are matched exactly"),
+    ("cv.tsv", "client_id\tpath\tsentence\n77\tx.mp3\thi\n",
+     r"did you mean 'image' or 'audio' \(not 'path'\), 'text' \(not 'sentence'\)\?"),
+    ("keyed.csv", "key,caption\nk0,a\n", r"did you mean 'id' \(not 'key'\)\?"),
+    ("metadata_like.csv", "file_name,text\na.jpg,x\n",
+     r"'file_name' is how the metadata file of an imagefolder/audiofolder names its files: as metadata.csv "
+     r"\(or .jsonl, .parquet\) beside them, read the folder with \[input\] folder"),
     ("de.csv", "id;text;image\n1;Hallo;a.jpg\n",
      r"de.csv': it has no 'id' column \(columns: 'id;text;image'\); its header is one column holding ';': a file "
      r"separated by semicolons\? save it with commas .* pd.read_csv\(path, sep=\";\"\)"),
@@ -465,3 +474,18 @@ def test_config_refuses_a_folder_that_holds_no_media_file(tmp_path, files, messa
     (tmp_path / "deep" / "one.flac").parent.mkdir(exist_ok=True)
     (tmp_path / "deep" / "one.flac").write_bytes(b"fLaC")  # one media file anywhere: read as a folder
     SourceConfig(folder=str(tmp_path))
+
+
+def test_a_manifest_whose_media_column_has_another_tools_name_warns_that_its_files_are_not_read(tmp_path, caplog):
+    (tmp_path / "m.csv").write_text("id,image_path,caption\n1,a.jpg,hello\n")
+    with caplog.at_level("WARNING", logger="pipelines.readers.manifest"):
+        SourceConfig(manifest=str(tmp_path / "m.csv"))  # text alone makes samples: a warning, not an error
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[input] manifest {tmp_path / 'm.csv'} has no 'image' or 'audio' column: 'image_path' is read as "
+        "metadata, and the media files it names are not read; did you mean 'image' (not 'image_path')? column "
+        "names are matched exactly"]
+    caplog.clear()
+    (tmp_path / "n.csv").write_text("id,image,path,sentence,caption\n1,a.jpg,b.jpg,s,c\n")
+    with caplog.at_level("WARNING", logger="pipelines.readers.manifest"):
+        SourceConfig(manifest=str(tmp_path / "n.csv"))  # an image column is there: 'path' is plain metadata
+    assert caplog.records == []
