@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import unicodedata
 
 from pipelines.errors import CleanError
 from schemas import Media
@@ -78,12 +79,33 @@ def _read_uri(uri: str, max_bytes: int) -> bytes:
         with FileSystems.open(uri, mime_type="application/octet-stream", compression_type="uncompressed") as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError as e:
+        if other := _other_normalization(uri):
+            return _read_uri(other, max_bytes)
         raise CleanError("file.missing", f"{uri} does not exist") from e
     except Exception as e:  # Beam wraps local errors in BeamIOError / IOError subclasses
         text = str(e)
         if "No such file" in text or "not found" in text.lower():
+            if other := _other_normalization(uri):
+                return _read_uri(other, max_bytes)
             raise CleanError("file.missing", f"{uri} does not exist") from e
         if "Is a directory" in text:
             raise CleanError("file.unreadable", f"{uri} is a directory") from e
         raise CleanError("file.unreadable", f"{uri}: {type(e).__name__}: {text}") from e
     return data
+
+
+def _other_normalization(uri: str) -> str | None:
+    """A local file that has ``uri``'s name in the other Unicode normalization form, where ``uri`` names
+    none: files made on macOS keep decomposed names (NFD: ``e`` + U+0301) when they are copied elsewhere,
+    while a manifest written by other tools holds composed ones (NFC: U+00E9), and the two differ as
+    bytes. Only non-ASCII paths have two forms; the whole path is tried in each."""
+    from pipelines.readers.common import local_path
+
+    path = local_path(uri)
+    if path is None or path.isascii():
+        return None
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, path)
+        if other != path and os.path.isfile(other):
+            return other
+    return None

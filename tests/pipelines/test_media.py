@@ -32,3 +32,21 @@ def test_devices_folders_missing_and_empty(tmp_path):
     assert _reason(str(tmp_path / "nope.jpg")).reason == "file.missing"
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert _reason(str(tmp_path / "empty.jpg")).reason == "file.empty"
+
+
+@pytest.mark.parametrize(("stored", "written"), [("NFD", "NFC"), ("NFC", "NFD")])
+def test_a_name_in_the_other_unicode_normalization_form_reads_the_file(tmp_path, stored, written):
+    import unicodedata
+
+    name = "café-Ångström.png"
+    try:
+        (tmp_path / unicodedata.normalize(stored, name)).write_bytes(b"pixels")
+    except OSError:  # a file system that normalizes names itself (macOS): nothing to find
+        pytest.skip("this file system normalizes file names")
+    if len(os.listdir(tmp_path)) != 1 or os.listdir(tmp_path)[0] != unicodedata.normalize(stored, name):
+        pytest.skip("this file system normalizes file names")
+    uri = str(tmp_path / unicodedata.normalize(written, name))
+    assert read_media(Media(uri=uri, name=name)) == b"pixels"
+    with pytest.raises(CleanError) as e:  # a name that is missing in both forms is still missing
+        read_media(Media(uri=str(tmp_path / unicodedata.normalize(written, "naïve.png")), name="naïve.png"))
+    assert e.value.reason == "file.missing"
