@@ -25,6 +25,7 @@ import logging
 import os
 import posixpath
 import re
+import unicodedata
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -286,8 +287,12 @@ def _not_in_metadata(
     for rel in metadata:
         covering.setdefault(posixpath.dirname(rel), []).append(rel)
     real = _RealPaths(root, named)
+    # a row's name reads the file that has it in the other Unicode form (pipelines.media): that file is named
+    composed = {unicodedata.normalize("NFC", path) for path in named if not path.isascii()}
     for rel in files:
-        if media_kind(rel) is not None and posixpath.join(root, rel) not in named and rel not in real:
+        path = posixpath.join(root, rel)
+        if media_kind(rel) is not None and path not in named and rel not in real and not (
+                composed and not path.isascii() and unicodedata.normalize("NFC", path) in composed):
             yield _unnamed(rel, covering, damaged)
 
 

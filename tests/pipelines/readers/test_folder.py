@@ -551,3 +551,19 @@ def test_config_refuses_an_empty_metadata_file(tmp_path, body):
     (tmp_path / "metadata.jsonl").write_bytes(body)
     with pytest.raises(ValueError, match=r"metadata file .*metadata.jsonl' is empty \(no header, no rows\)"):
         SourceConfig(folder=str(tmp_path))
+
+
+def test_a_metadata_row_naming_a_file_in_the_other_unicode_form_is_its_sample(tmp_path):
+    import unicodedata
+
+    from pipelines.media import read_media
+
+    stored = unicodedata.normalize("NFD", "café.png")  # as files made on macOS keep their names
+    (tmp_path / stored).write_bytes(b"png")
+    if os.listdir(tmp_path) != [stored]:
+        pytest.skip("this file system normalizes file names")
+    (tmp_path / "b.png").write_bytes(b"png")
+    (tmp_path / "metadata.csv").write_text(f"file_name,text\n{unicodedata.normalize('NFC', 'café.png')},x\nb.png,y\n")
+    items = list(iter_folder(str(tmp_path)))
+    assert [type(i).__name__ for i in items] == ["RawSample", "RawSample"]  # no read.not_in_metadata for it
+    assert read_media(items[0].image) == b"png"
