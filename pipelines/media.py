@@ -78,14 +78,10 @@ def _read_uri(uri: str, max_bytes: int) -> bytes:
     try:
         with FileSystems.open(uri, mime_type="application/octet-stream", compression_type="uncompressed") as f:
             data = f.read(max_bytes + 1)
-    except FileNotFoundError as e:
-        if other := _other_normalization(uri):
-            return _read_uri(other, max_bytes)
-        raise CleanError("file.missing", f"{uri} does not exist") from e
     except Exception as e:  # Beam wraps local errors in BeamIOError / IOError subclasses
         text = str(e)
-        if "No such file" in text or "not found" in text.lower():
-            if other := _other_normalization(uri):
+        if isinstance(e, FileNotFoundError) or "No such file" in text or "not found" in text.lower():
+            if other := _other_form_of(uri):
                 return _read_uri(other, max_bytes)
             raise CleanError("file.missing", f"{uri} does not exist") from e
         if "Is a directory" in text:
@@ -94,15 +90,19 @@ def _read_uri(uri: str, max_bytes: int) -> bytes:
     return data
 
 
-def _other_normalization(uri: str) -> str | None:
-    """A local file that has ``uri``'s name in the other Unicode normalization form, where ``uri`` names
-    none: files made on macOS keep decomposed names (NFD: ``e`` + U+0301) when they are copied elsewhere,
-    while a manifest written by other tools holds composed ones (NFC: U+00E9), and the two differ as
-    bytes. Only non-ASCII paths have two forms; the whole path is tried in each."""
+def _other_form_of(uri: str) -> str | None:
     from pipelines.readers.common import local_path
 
     path = local_path(uri)
-    if path is None or path.isascii():
+    return other_form(path) if path is not None else None
+
+
+def other_form(path: str) -> str | None:
+    """The local file named ``path`` in the other Unicode normalization form, where ``path`` names none:
+    files made on macOS keep decomposed names (NFD: ``e`` + U+0301) when they are copied elsewhere,
+    while a manifest written by other tools holds composed ones (NFC: U+00E9), and the two differ as
+    bytes. Only non-ASCII paths have two forms; the whole path is tried in each."""
+    if path.isascii():
         return None
     for form in ("NFC", "NFD"):
         other = unicodedata.normalize(form, path)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pipelines.errors import CleanError
+from pipelines.media import other_form
 from schemas import Media, Reject
 
 STAGE = "read"
@@ -134,7 +135,7 @@ def resolve_media(value: str, base: str, allow_outside: bool, where: str, column
     value_local = local_path(value)
     base_local = local_path(base)
     if value_local is not None and base_local is not None:
-        value_local = _slashes(value_local, base_local)
+        value_local = _on_disk(value_local, base_local)
         resolved = os.path.normpath(os.path.join(base_local, value_local))
         inside = _is_under(resolved, os.path.normpath(base_local), os.sep)
     elif value_local is None:  # a URI
@@ -155,13 +156,18 @@ def resolve_media(value: str, base: str, allow_outside: bool, where: str, column
     return resolved
 
 
-def _slashes(value: str, base: str) -> str:
-    """``value`` with ``/`` for each backslash where it names no file as written: a manifest made on
-    Windows writes ``img\\a.jpg``, which on POSIX is one file name with a backslash in it. A file that
-    has such a name is read as it is. The folder check comes after, so ``..\\x.jpg`` leaves the folder."""
-    if os.sep != "/" or "\\" not in value or os.path.lexists(os.path.join(base, value)):
+def _on_disk(value: str, base: str) -> str:
+    """``value`` (a local path, relative to ``base`` or absolute) as the file it means is named here,
+    where it names none as written: a manifest made on Windows writes ``img\\a.jpg``, which on POSIX is
+    one file name with a backslash in it, and names with accents are stored decomposed by macOS but
+    written composed by most tools (``pipelines.media.other_form``). A file that has the name as written
+    is read as it is; only paths with a backslash or a non-ASCII character are looked up (one stat). The
+    folder check comes after, so ``..\\x.jpg`` leaves the folder."""
+    if (value.isascii() and "\\" not in value) or os.path.lexists(os.path.join(base, value)):
         return value
-    return value.replace("\\", "/")
+    if os.sep == "/":
+        value = value.replace("\\", "/")
+    return other_form(os.path.join(base, value)) or value
 
 
 def _norm_uri(uri: str) -> str:

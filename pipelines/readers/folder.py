@@ -25,7 +25,6 @@ import logging
 import os
 import posixpath
 import re
-import unicodedata
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +126,7 @@ def _no_media(folder: str, files: list[str]) -> str:
     what = (f"{len(files)} other file{'s' if len(files) > 1 else ''}: {shown}" if files
             else "no files (hidden ones are left out)")
     names = {posixpath.basename(rel) for rel in files}
-    if any(rel.endswith(".arrow") for rel in files) and names & {"state.json", "dataset_info.json"}:
+    if any(extension(rel) == "arrow" for rel in files) and names & {"state.json", "dataset_info.json"}:
         hint = ("; this is a Hugging Face datasets folder written by save_to_disk: export it, "
                 "datasets.load_from_disk(path).to_parquet(\"data.parquet\") (media as {bytes, path} structs), "
                 "and read that with [input] manifest = \"data.parquet\"")
@@ -287,12 +286,8 @@ def _not_in_metadata(
     for rel in metadata:
         covering.setdefault(posixpath.dirname(rel), []).append(rel)
     real = _RealPaths(root, named)
-    # a row's name reads the file that has it in the other Unicode form (pipelines.media): that file is named
-    composed = {unicodedata.normalize("NFC", path) for path in named if not path.isascii()}
     for rel in files:
-        path = posixpath.join(root, rel)
-        if media_kind(rel) is not None and path not in named and rel not in real and not (
-                composed and not path.isascii() and unicodedata.normalize("NFC", path) in composed):
+        if media_kind(rel) is not None and posixpath.join(root, rel) not in named and rel not in real:
             yield _unnamed(rel, covering, damaged)
 
 

@@ -192,21 +192,26 @@ def listed_columns(names: list[str]) -> str:
 # manifests (audio_filepath), Common Voice (path, sentence), LAION/img2dataset (url is a download, not
 # listed), COCO-style exports (file_name, image_path), Hugging Face audiofolder metadata (file_name)
 ALIASES = {
+    "id": ("key", "uid", "sample_id"),
     "audio": ("audio_filepath", "audio_path", "audio_file", "wav", "wav_path", "audiopath", "sound"),
     "image": ("image_path", "image_file", "img", "img_path", "imagepath", "picture", "photo"),
     "text": ("sentence", "transcript", "utterance", "prompt", "description", "alt_text", "normalized_text"),
     "image or audio": ("file_name", "filename", "filepath", "file_path", "file", "path"),
 }
 _ALIAS = {alias: want for want, aliases in ALIASES.items() for alias in aliases}
+_MEDIA_ALIASES = ("image", "audio", "image or audio")
+
+
+def _plain(name: str) -> str:
+    """A column name as near misses and aliases are compared: lower-case, without surrounding spaces or quotes."""
+    return name.strip(" \t\"'").lower()
 
 
 def _near(names: list[str]) -> str:
     """'; did you mean ...' for the columns that would be mbm's but for case, surrounding spaces or quotes
     (a TSV header is not unquoted), or that other tools name so (``ALIASES``), where mbm's is missing."""
-    near = {name: name.strip(" \t\"'").lower() for name in names if name not in ROW_KEYS}
+    near = {name: _plain(name) for name in names if name not in ROW_KEYS}
     pairs = [f"{want!r} (not {name!r})" for name, want in near.items() if want in ROW_KEYS]
-    if "id" not in names and (pairs_id := [n for n, want in near.items() if want in ("key", "uid", "sample_id")]):
-        pairs.append(f"'id' (not {pairs_id[0]!r})")
     pairs += _aliased(names, near)
     if not pairs:
         return ""
@@ -241,7 +246,7 @@ def media_columns_unread(names: list[str]) -> list[str]:
     and no ``audio`` column: read as metadata, their files would silently not be read."""
     if "image" in names or "audio" in names:
         return []
-    return [n for n in names if _ALIAS.get(n.strip(" \t\"'").lower(), "text") != "text"]
+    return [n for n in names if _ALIAS.get(_plain(n)) in _MEDIA_ALIASES]
 
 
 def row_sample(sample_id: str, row: dict[str, Any], source: str, base: str, allow_outside: bool) -> RawSample:
