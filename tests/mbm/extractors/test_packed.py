@@ -117,3 +117,42 @@ def test_a_torch_build_whose_packed_ops_fail_falls_back_to_f_linear(monkeypatch)
         assert torch.equal(layer(x), want)
         assert not packed.HAS_MKL_LINEAR  # no packed product is tried again
         assert torch.equal(layer(x), want)
+
+
+def _plain_linear_forward(module):
+    return lambda x: torch.nn.functional.linear(x, module.weight, module.bias)
+
+
+def test_under_bfloat16_autocast_the_kept_bfloat16_copies_give_autocasts_products_bit_for_bit():
+    model = _roberta()
+    torch.manual_seed(2)
+    inputs = [torch.randint(5, 300, shape) for shape in ((1, 4), (32, 8), (16, 16), (3, 64))]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = [model(ids).last_hidden_state for ids in inputs]
+    packed.pack_linears(model)
+    dense = model.encoder.layer[0].intermediate.dense
+    with torch.inference_mode():
+        for _ in range(2):  # autocast entered per pass, as the extractors do: the copies outlive it
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = [model(ids).last_hidden_state for ids in inputs]
+            for a, b in zip(got, want, strict=True):
+                assert a.dtype == b.dtype and torch.equal(a, b)
+        kept = dense.mbm_packed._bf16[1]
+        assert kept.dtype == torch.bfloat16 and torch.equal(kept, dense.weight.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(inputs[1])
+        assert dense.mbm_packed._bf16[1] is kept  # made once, not per pass
+        assert dense.mbm_packed._packed is None  # no float32 product ran
+        x = torch.randn(2, 7, 64)
+        with torch.no_grad():
+            dense.bias.add_(1.0)  # in place: copied again from the new values
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(dense(x), _plain_linear_forward(dense)(x))
+        assert dense.mbm_packed._bf16[1] is not kept
+        with torch.autocast("cpu", dtype=torch.float16):  # another autocast dtype: autocast's own product
+            assert dense(x).dtype == torch.float16
+        assert torch.equal(dense(x), _plain_linear_forward(dense)(x))  # float32 again without autocast
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autograd on: autocast's F.linear, which has a gradient
+        dense(x).float().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0 and dense.weight.grad is not None
