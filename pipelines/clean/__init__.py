@@ -26,7 +26,9 @@ __all__ = list(_EXPORTS)
 #: image 2: a crop resamples only the region it keeps (the same pixels up to rounding).
 #: text 3: bytes that start with a UTF-16 or UTF-32 byte order mark are read in that encoding (they
 #: were invalid UTF-8: rejected, or repaired as cp1252 into mojibake).
-REVISIONS = {"text": 3, "image": 2}
+#: audio 2: resampling convolves 2-second pieces (``clean.audio._polyphase``): the same sums, for some
+#: clips added in another order (a float32 rounding step apart).
+REVISIONS = {"text": 3, "image": 2, "audio": 2}
 
 
 def __getattr__(name: str) -> Any:

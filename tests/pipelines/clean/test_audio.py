@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -125,15 +126,35 @@ def test_mono_mix_equals_numpys_channel_mean_bit_for_bit(channels):
     assert _mono(frames)[0] == got[0] and frames.shape == (40_001, channels)  # the input is left alone
 
 
-@pytest.mark.parametrize("orig", [8000, 11025, 22050, 44100, 48000])
-def test_resampling_matches_torchaudio_functional_bit_for_bit(orig):
+@pytest.mark.parametrize("orig", [8000, 11025, 22050, 44100, 48000, 96000])
+def test_resampling_gives_torchaudios_samples(orig):
     import torch
     import torchaudio.functional as AF
 
-    x = np.random.default_rng(orig).standard_normal(orig // 2).astype(np.float32)
-    expected = AF.resample(torch.from_numpy(x), orig, 16000).numpy()
-    for _ in range(2):  # the second call takes the kept kernel
-        assert np.array_equal(_resample(x, orig, 16000), expected)
+    rng = np.random.default_rng(orig)
+    for seconds in (0.013, 0.5, 2.0, 3.7, 31.0):  # less than one piece, exactly one, several
+        x = rng.standard_normal(round(orig * seconds)).astype(np.float32)
+        expected = AF.resample(torch.from_numpy(x), orig, 16000).numpy()
+        got = _resample(x, orig, 16000)
+        assert got.dtype == np.float32 and got.shape == expected.shape
+        assert np.abs(got - expected).max() < 2e-6  # the same sums, at most a float32 rounding step or two apart
+        assert np.array_equal(_resample(x, orig, 16000), got)  # the second call takes the kept kernel
+
+
+def test_resampling_convolves_pieces_of_one_shape_whatever_the_clip_length(monkeypatch):
+    import torch.nn.functional as F
+
+    shapes = []
+    conv1d = F.conv1d
+    monkeypatch.setattr(F, "conv1d", lambda x, *a, **k: shapes.append(tuple(x.shape)) or conv1d(x, *a, **k))
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(n).astype(np.float32) for n in (44100 * 2 + 1, 100_000, 150_000, 176_400)]
+    first = [_resample(x, 44100, 16000) for x in clips]
+    assert len(set(shapes)) == 1 and shapes[0][:2] == (2, 1)  # four lengths, one convolution shape: built once
+    assert [len(y) for y in first] == [math.ceil(len(x) * 16000 / 44100) for x in clips]
+    _resample(rng.standard_normal(7_777).astype(np.float32), 44100, 16000)  # another shape in between
+    for x, y in zip(clips, first, strict=True):  # a clip's samples do not depend on what came before it
+        assert np.array_equal(_resample(x, 44100, 16000), y)
 
 
 def test_resampling_kernels_are_kept_up_to_a_size_for_the_rates_used_last(monkeypatch):
