@@ -5,7 +5,8 @@ Opus, MP3, AIFF, ...), never from a file name. Steps: decode as float32 (at most
 as much again of leading silence that trimming may remove, so an hour-long file costs no more than a
 minute), reject non-finite samples, mix to mono (channel mean), reject digital silence, trim leading and
 trailing parts quieter than ``peak - trim_db`` dB, check ``min_seconds``, clip to ``max_seconds``,
-resample (torchaudio's polyphase sinc kernel), peak-normalize. Every failure is a ``CleanError`` with an ``audio.*`` reason.
+resample (torchaudio's polyphase sinc kernel), peak-normalize. Every failure is a ``CleanError`` with
+an ``audio.*`` reason.
 
 Partial decodes are accepted when libsndfile returns them without an error (a WAV or MP3 cut short);
 when libsndfile raises (a FLAC that loses sync, an OGG whose last page is cut) the file is rejected.
@@ -202,7 +203,7 @@ def _mono(frames: np.ndarray) -> np.ndarray:
 def _resampler(orig: int, new: int) -> Any:
     """torchaudio's ``Resample`` for one rate pair, its sinc kernel kept for the next clip at that rate
     (``torchaudio.functional.resample`` builds it again for every clip: up to seconds for rates such as
-    8820 Hz; the same kernel and output, bit for bit). The ``_KEPT_KERNELS`` pairs used last are kept,
+    8820 Hz; the same kernel, bit for bit). The ``_KEPT_KERNELS`` pairs used last are kept,
     each kernel at most ``_MAX_KEPT_KERNEL`` floats."""
     with _RESAMPLERS_LOCK:
         found = _RESAMPLERS.get((orig, new))
