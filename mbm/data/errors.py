@@ -5,9 +5,36 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
+
+#: What a task's skip reason means, for messages (``skip_reasons``)
+SKIP_HINTS = {
+    "task.no_label": "samples without a label (classify needs one)",
+    "task.unknown_label": "labels the run's vocabulary does not hold",
+    "task.no_text": "samples without text (generate predicts the text)",
+    "task.no_used_modality": "samples with none of the modalities this model reads",
+    "task.pair_missing": "samples lacking one of the two retrieval modalities",
+}
+
+
+def skip_reasons(counts: dict[str, int], reads: Iterable[str] = (), task: str = "") -> str:
+    """``'N what they are (reason); ...'`` for a split's skip counts. ``reads``: the modalities the
+    model reads, named where samples had none of them (for generate: what it predicts the text from)."""
+    reads = list(reads)
+
+    def hint(reason: str) -> str:
+        if reason not in SKIP_HINTS:  # a data reason (npy.bad, ...): its code says it
+            return reason
+        text = SKIP_HINTS[reason]
+        if reason == "task.no_used_modality" and reads:
+            text = f"{text} ({', '.join(reads)})"
+            if task == "generate":
+                text += ": generate predicts a sample's text from these, so it needs samples that have them"
+        return f"{text} ({reason})"
+
+    return "; ".join(f"{n} {hint(r)}" for r, n in counts.items())
 
 
 class CorruptSample(ValueError):

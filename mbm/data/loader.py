@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mbm.data import segments
 from mbm.data.collate import PackedBatch
-from mbm.data.errors import SkipLog
+from mbm.data.errors import SkipLog, skip_reasons
 from mbm.data.feed import RegisteredFeed
 from mbm.data.stream import ShardStream
 
@@ -227,6 +227,7 @@ class StreamLoader:
             return (f"{split} yields no batch: every sample in this rank's batches has corrupt arrays "
                     f"(skipped {skipped})")
         if usable == 0:
-            return f"{split} has no sample the {cfg.task} task can use (skipped {skipped})"
+            reasons = skip_reasons(dict(sorted(counts.items())), cfg.collate.feature_dims, cfg.task) or "nothing"
+            return f"{split} has no sample the {cfg.task} task can use (skipped {reasons})"
         return (f"{split} yields no batch of {cfg.batch_size} on {self.stream.world} rank(s): {usable} usable "
                 f"sample(s) (skipped {skipped}); lower --batch-size or add data")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from mbm.data.collate import IGNORE, batch_to
+from mbm.data.errors import skip_reasons
 from mbm.model.heads import recall_at_k
 from mbm.model.model import MultimodalModel
 
@@ -24,21 +25,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-SKIP_HINTS = {
-    "task.no_label": "samples without a label (classify needs one)",
-    "task.unknown_label": "labels the run's vocabulary does not hold",
-    "task.no_text": "samples without text (generate predicts the text)",
-    "task.no_used_modality": "samples with none of the modalities this model reads",
-    "task.pair_missing": "samples lacking one of the two retrieval modalities",
-}
-
-
-def empty_split(task: str, skipped: dict[str, int], split: str = "val") -> str:
-    """Why a pass over ``split`` found nothing to evaluate, from what the stream skipped."""
+def empty_split(task: str, skipped: dict[str, int], split: str = "val", reads: Iterable[str] = ()) -> str:
+    """Why a pass over ``split`` found nothing to evaluate, from what the stream skipped (``reads``: the
+    modalities the model reads)."""
     name = "the held-out split" if split == "val" else f"the {split} split"
     if skipped:
-        reasons = "; ".join(f"{n} {SKIP_HINTS.get(r, r)} ({r})" for r, n in skipped.items())
-        return f"{name} has no sample the {task} task can use: skipped {reasons}"
+        return f"{name} has no sample the {task} task can use: skipped {skip_reasons(skipped, reads, task)}"
     advice = "train with a larger --val-fraction, or check" if split == "val" else "check"
     return f"{name} is empty: no readable sample falls in it; {advice} that the dataset's shards exist and hold samples"
 
@@ -74,9 +66,10 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     model.train(was_training)
     skipped = getattr(batches, "skipped", dict)()
     if weight == 0:
-        raise ValueError(empty_split(task, skipped, getattr(getattr(batches, "cfg", None), "split", "val")))
+        raise ValueError(empty_split(task, skipped, getattr(getattr(batches, "cfg", None), "split", "val"),
+                                     model.cfg.input_modalities()))
     if skipped:
-        log.info("evaluation left out %s", "; ".join(f"{n} {SKIP_HINTS.get(r, r)} ({r})" for r, n in skipped.items()))
+        log.info("evaluation left out %s", skip_reasons(skipped, model.cfg.input_modalities(), task))
     metrics = {"loss": loss_sum / weight}
     if task == "classify":
         metrics.update(accuracy=correct / weight, majority_rate=max(label_counts.values()) / weight, samples=weight)

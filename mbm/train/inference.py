@@ -110,5 +110,5 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
             if len(out) >= limit:
                 return out
     if not out:
-        raise ValueError(empty_split("generate", stream.skipped(), split))
+        raise ValueError(empty_split("generate", stream.skipped(), split, loaded.model.cfg.input_modalities()))
     return out

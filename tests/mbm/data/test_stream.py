@@ -398,7 +398,8 @@ def test_a_split_without_a_batch_says_what_was_skipped(tmp_path, workers):
         return str(exn.value)
 
     unlabelled = error("unlabelled", label=None)
-    assert unlabelled == "the train split has no sample the classify task can use (skipped 10 task.no_label)"
+    assert unlabelled == ("the train split has no sample the classify task can use "
+                          "(skipped 10 samples without a label (classify needs one) (task.no_label))")
     assert error("few", batch_size=8) == ("the train split yields no batch of 8 on 2 rank(s): 10 usable sample(s) "
                                           "(skipped nothing); lower --batch-size or add data")
     corrupt = error("corrupt", text=_npy_bytes(np.full((2, 8), np.nan, np.float16)))
