@@ -220,14 +220,14 @@ class StreamLoader:
         skips = SkipLog(quiet=True)
         whole = ShardStream(replace(cfg, batch_size=1, drop_last=False), epoch=self.epoch)
         usable = sum(1 for _ in whole.raw_batches(skips))
-        counts = skips.counts + self._decode_total()
-        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "nothing"
+        counts = dict(sorted((skips.counts + self._decode_total()).items()))
+        skipped = ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "nothing"
         split = f"the {cfg.split} split"
         if self.batch:  # batches came, and every one was dropped
             return (f"{split} yields no batch: every sample in this rank's batches has corrupt arrays "
                     f"(skipped {skipped})")
         if usable == 0:
-            reasons = skip_reasons(dict(sorted(counts.items())), cfg.collate.feature_dims, cfg.task) or "nothing"
+            reasons = skip_reasons(counts, cfg.collate.feature_dims, cfg.task) or "nothing"
             return f"{split} has no sample the {cfg.task} task can use (skipped {reasons})"
         return (f"{split} yields no batch of {cfg.batch_size} on {self.stream.world} rank(s): {usable} usable "
                 f"sample(s) (skipped {skipped}); lower --batch-size or add data")

@@ -58,18 +58,22 @@ class PackedWeight:
         self._bf16: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
 
     @staticmethod
+    def _cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """A non-empty CPU product of a 2-d weight without autograd: one the copies kept here may serve."""
+        return (x.device.type == "cpu" and not torch.is_grad_enabled() and weight.dim() == 2
+                and x.shape[-1] == weight.shape[1] and x.numel() > 0)
+
+    @staticmethod
     def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return (HAS_MKL_LINEAR and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.numel() > 0)
+        return (HAS_MKL_LINEAR and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and PackedWeight._cpu_inference(x, weight))
 
     @staticmethod
     def autocast_bf16(x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether this product runs in bfloat16 under the CPU's autocast, without autograd."""
-        return (x.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
-                and not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.numel() > 0)
+        return (weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and PackedWeight._cpu_inference(x, weight))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``F.linear(x, weight, bias)``, from the packed weight where that is usable and exact (under

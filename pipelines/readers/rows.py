@@ -166,11 +166,8 @@ def has_rows(path: str, fmt: str, name: str) -> bool:
 def is_blank(path: str) -> bool:
     """Whether ``path`` holds nothing but white space once decompressed (0 bytes: a failed export, a full
     disk); False when it cannot be read, which its reader reports."""
-    from apache_beam.io.filesystem import CompressionTypes
-
     try:
-        with _open(path) as raw, decompressed(raw, CompressionTypes.detect_compression_type(path)) as data:
-            f = as_utf8(data)
+        with _text_file(path) as f:
             first = True
             while chunk := f.read(_CHUNK):
                 if (chunk.removeprefix(_BOM.encode()) if first else chunk).strip():
@@ -215,15 +212,21 @@ class _Unreadable(Exception):
         super().__init__(_ADDRESS.sub("", text))
 
 
-def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject | _Header]:
+@contextlib.contextmanager
+def _text_file(path: str) -> Iterator[BinaryIO]:
+    """The bytes of the text table at ``path``, decompressed as its suffix says (as Beam's AUTO) and
+    as UTF-8 (``as_utf8``)."""
     from apache_beam.io.filesystem import CompressionTypes
 
+    with _open(path) as raw, decompressed(raw, CompressionTypes.detect_compression_type(path)) as data:
+        yield as_utf8(data)
+
+
+def _rows(path: str, fmt: str, name: str) -> Iterator[Row | Reject | _Header]:
     if FORMATS[fmt] == "parquet":
         yield from _parquet_rows(path)
         return
-    kind = CompressionTypes.detect_compression_type(path)  # by suffix, as Beam's AUTO
-    with _open(path) as raw, decompressed(raw, kind) as data:
-        f = as_utf8(data)
+    with _text_file(path) as f:
         if fmt == "json":
             yield from _json_file_rows(f, name)
         elif FORMATS[fmt] == "jsonl":
