@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from mbm.alloc import release_free_heap
 from mbm.data import segments
 from mbm.data.collate import PackedBatch
 from mbm.data.errors import SkipLog, skip_reasons
@@ -131,6 +132,9 @@ class StreamLoader:
             # Workers persist across epochs: no fork of the training process per epoch, and they keep
             # their shared-memory segments. A private generator keeps worker seeding from drawing on
             # the global torch RNG (resumption).
+            # The workers are forked at the first batch: freed heap kept for reuse (``mbm.alloc``) must
+            # not be shared with them, or it is copied as the training process writes it again.
+            release_free_heap()
             self._positioned = _PositionedStream(self.stream)
             gen = torch.Generator().manual_seed(self.stream.cfg.seed)
             self._loader = DataLoader(self._positioned, batch_size=None, num_workers=self.workers, generator=gen,

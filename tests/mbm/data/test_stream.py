@@ -3,6 +3,9 @@ import itertools
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 
 import numpy as np
@@ -461,3 +464,48 @@ def test_batches_read_into_place_equal_batches_of_whole_decoded_arrays(dataset, 
     for g, w in zip(got, want, strict=True):
         assert g["ids"] == w["ids"]
         assert all(same(g[k], w[k]) for k in w if k not in ("position", "skipped")), g["ids"]
+
+
+# A training process's freed heap at the moment its loader forks a worker: 768 MiB of tensors freed
+# under a live block (so free() cannot shrink the heap), with mbm's allocator settings. The worker's
+# resident MiB after its first batch: every resident page of the parent is mapped in the child too.
+FORK_AFTER_FREE = textwrap.dedent("""
+    import itertools, sys
+    import torch
+    import mbm.data.loader as loader_module
+    from mbm.alloc import tune_malloc
+    from mbm.data import CollateConfig, ShardStream, StreamConfig, StreamLoader, resolve_data
+
+    if sys.argv[2] == "keep":
+        loader_module.release_free_heap = lambda: False
+    tune_malloc()
+    freed = torch.ones(768 << 18)  # 768 MiB of float32, in the heap
+    pin = torch.ones(1 << 16)  # above it
+    del freed
+    source = resolve_data(sys.argv[1])
+    cfg = StreamConfig(shards=tuple(source.shards), batch_size=4, shuffle_buffer=16, seed=3,
+                       collate=CollateConfig(feature_dims=source.feature_dims, labels=tuple(source.labels)))
+    loader = StreamLoader(ShardStream(cfg), workers=1)
+    batches = iter(loader)
+    next(batches)
+    (pid,) = [w.pid for w in loader._loader._iterator._workers]
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/smaps_rollup") if ":" in line)
+    print(int(fields["Rss"].split()[0]) >> 10)
+    batches.close()
+""")
+
+
+def test_loader_workers_do_not_share_the_freed_heap_of_the_training_process(dataset):
+    from mbm.alloc import _glibc
+
+    if _glibc() is None or not os.path.exists("/proc/self/smaps_rollup"):
+        pytest.skip("glibc and Linux's /proc only")
+
+    def worker_rss(mode):
+        out = subprocess.run([sys.executable, "-c", FORK_AFTER_FREE, dataset, mode], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    kept, released = worker_rss("keep"), worker_rss("release")
+    assert kept - released > 600, (kept, released)  # the 768 MiB are resident in the worker only when kept
