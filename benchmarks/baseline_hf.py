@@ -26,6 +26,7 @@ from typing import Any
 from baseline_loop import Shards, clean_config, clean_one, encode, featurize, iter_source, load_models
 
 from jobs.spec import load_spec
+from mbm.resources import usable_cores
 from schemas import MODALITIES, RawSample
 
 COLUMNS = ["key", "json", *(f"{m}.npy" for m in MODALITIES)]
@@ -80,7 +81,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", help="job spec (TOML); its [input], cleaning and [extract] settings are used")
     ap.add_argument("--output", required=True, help="folder for the tars and baseline.json")
-    ap.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--num-proc", type=int, default=usable_cores(), help="worker processes (default: the cores "
+                    "this process may use, as mbm counts them)")
     ap.add_argument("--stock", action="store_true", help="the default models as a user's own script loads them "
                     "(transformers' AutoModel, eager EfficientNet-Lite0; stock_models.py), not mbm's classes")
     args = ap.parse_args()

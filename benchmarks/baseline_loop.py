@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ import numpy as np
 import stock_models
 
 from jobs.spec import JobSpec, create_extractors, load_spec
+from mbm.resources import usable_cores
 from pipelines.cleaning import CleanConfig, clean_value, load_raw
 from pipelines.readers.common import FirstWins
 from pipelines.readers.source import SourceConfig, list_inputs, read_input
@@ -147,7 +147,7 @@ def run(spec: JobSpec, out: Path, stock: bool = False) -> dict[str, Any]:
     """The whole baseline; returns counts and seconds per stage."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())  # the cores mbm's workers share, as a container limits them
     timings: dict[str, float] = defaultdict(float)
     start = time.perf_counter()
     models = load_models(spec, stock)

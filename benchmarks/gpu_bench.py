@@ -52,10 +52,9 @@ TARGETS = {"image_e2e": 2500.0, "text": 10000.0}  # images/s end to end (decode-
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from mbm.resources import usable_cores
+
+    return usable_cores()
 
 
 def preprocess_sizes(args: argparse.Namespace) -> PreprocessSizes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import shutil
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import write_section
+from report import cores_description, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample"
@@ -202,7 +201,7 @@ def main() -> int:
         results["--full on the changed data"] = run(spec, "--full")
     base = results["--full on the changed data"]["wall"]
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"Machine: {platform.machine()}, {cores_description()}, Python {platform.python_version()}; "
         f"{args.samples} samples (sample media repeated, unique ids); the change: {changed['captions']} new "
         f"captions, {changed['images']} replaced images. Wall time of the whole `mbm preprocess` process "
         "(start-up and model loading included).",

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from incremental import MANIFEST_SUFFIXES, build, manifest_of, source_rows
-from report import cpu_description, write_section
+from report import cores_description, cpu_description, write_section
 
 from jobs.spec import SpecError, dump_toml, load_spec
 from pipelines.readers.folder import METADATA_NAMES
@@ -236,7 +236,7 @@ def machine() -> str:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} cores ({cpu_description()}), {ram:.0f} GiB RAM, "
+    return (f"{platform.machine()}, {cores_description()} ({cpu_description()}), {ram:.0f} GiB RAM, "
             f"Python {platform.python_version()}, torch {torch.__version__}, no GPU used")
 
 

@@ -20,6 +20,17 @@ def write_section(head: str, body: str, doc: Path = DOC) -> None:
     doc.write_text(text)
 
 
+def cores_description() -> str:
+    """"N cores", or "N cores, K of them usable here" where CPU affinity or a cgroup quota limits this
+    process (``mbm.resources``): what mbm's workers and the baselines' threads are sized by."""
+    import os
+
+    from mbm.resources import usable_cores
+
+    total, usable = os.cpu_count() or 1, usable_cores()
+    return f"{total} cores" if usable >= total else f"{total} cores, {usable} of them usable here"
+
+
 def cpu_description() -> str:
     """The CPU's model name and widest vector extensions, from /proc/cpuinfo ("Intel(R) Xeon(R)
     Processor; AVX-512, AMX"): the figures of the models' arithmetic depend on them more than on the name."""

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import cpu_description, write_section
+from report import cores_description, cpu_description, write_section
 
 HEAD = "## Streaming and training overhead"
 TARGETS = {"ratio": 0.9, "overhead": 0.05, "memory": 1.2}
@@ -268,7 +268,7 @@ def machine() -> str:
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{platform.machine()}, {os.cpu_count()} cores ({cpu_description()}), {dev}, "
+    return (f"{platform.machine()}, {cores_description()} ({cpu_description()}), {dev}, "
             f"Python {platform.python_version()}, "
             f"torch {torch.__version__}, webdataset {webdataset.__version__}; load average at start {load}")
 

@@ -258,7 +258,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _early_fork_server(command: str | None, argv: list[str]):
     """Start the worker fork server (``pipelines.forkserver``) before the heavy imports, so that its
     imports overlap the driver's; only for preprocessing on a machine with several cores."""
-    if command not in ("preprocess", "demo") or (os.cpu_count() or 1) < 2 or any(a in ("-h", "--help") for a in argv):
+    from mbm.resources import usable_cores
+
+    if command not in ("preprocess", "demo") or usable_cores() < 2 or any(a in ("-h", "--help") for a in argv):
         return None
     from pipelines import forkserver
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mbm.resources import available_memory, usable_cores
+
 log = logging.getLogger(__name__)
 
 RUNNERS = ("FnApiRunner", "DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PrismRunner")
@@ -75,16 +77,6 @@ DRIVER_HOST_BYTES = 1 << 30
 WORKER_GPU_BYTES = 5 << 29  # 2.5 GiB
 
 
-def available_memory() -> int | None:
-    """Bytes of memory the kernel says can be had without swapping (``MemAvailable``); None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            lines = [line for line in f if line.startswith("MemAvailable:")]
-        return int(lines[0].split()[1]) * 1024
-    except (OSError, ValueError, IndexError):  # no /proc (macOS), or a kernel without the field
-        return None
-
-
 def gpu_memory(device: str) -> int | None:
     """Total bytes of the GPU ``device`` ("cuda", "cuda:N" or "auto") names, from ``nvidia-smi``, which
     does not start CUDA in this process; None without an NVIDIA GPU or the tool."""
@@ -104,10 +96,12 @@ def gpu_memory(device: str) -> int | None:
 
 def auto_workers(device: str, cores: int | None = None, memory: int | None = None,
                  gpu: int | None = None) -> int:
-    """Workers for ``workers = 0``: one per core, but no more than fit in the free memory (a worker may
-    need ``WORKER_HOST_BYTES``, the driver ``DRIVER_HOST_BYTES``) and, on a GPU, in its memory (each
-    worker holds its own models there). The machine is asked for what is not given."""
-    cores = cores or os.cpu_count() or 1
+    """Workers for ``workers = 0``: one per core this process may use, but no more than fit in the free
+    memory (a worker may need ``WORKER_HOST_BYTES``, the driver ``DRIVER_HOST_BYTES``) and, on a GPU, in
+    its memory (each worker holds its own models there). Cores and memory are what a container or batch
+    scheduler leaves this process (``mbm.resources``: CPU affinity, cgroup CPU quota and memory limit).
+    The machine is asked for what is not given."""
+    cores = cores or usable_cores()
     memory = available_memory() if memory is None else memory
     gpu = gpu_memory(device) if gpu is None else gpu
     limits = {"cores": cores}

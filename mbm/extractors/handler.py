@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -15,12 +16,17 @@ from mbm.alloc import tune_malloc
 from mbm.extractors.base import Extractor
 from mbm.extractors.beam_api import ModelHandler
 from mbm.extractors.runtime import check_device, resolve_device
+from mbm.resources import usable_cores
 
 log = logging.getLogger(__name__)
 
+# The cores a worker shares with the others: read once per process (every bundle sizes its threads).
+_usable_cores = functools.cache(usable_cores)
+
 
 def configure_threads(*, load_torch: bool = True) -> None:
-    """Share the CPU between Beam workers: torch threads = cores // MBM_WORKERS (torch's default when unset).
+    """Share the CPU between Beam workers: torch threads = cores // MBM_WORKERS (torch's default when unset),
+    the cores this process may use (``mbm.resources.usable_cores``: affinity and cgroup CPU quota).
 
     Also keeps large blocks in malloc's heap (``mbm.alloc``): without it CPU inference spends most
     of its time in page faults.
@@ -39,7 +45,7 @@ def configure_threads(*, load_torch: bool = True) -> None:
         count = 0
     if count < 1:
         raise ValueError(f"MBM_WORKERS must be a positive integer, got {workers!r}")
-    threads = max(1, (os.cpu_count() or 1) // count)
+    threads = max(1, _usable_cores() // count)
     if not load_torch and "torch" not in sys.modules:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         return

@@ -24,6 +24,7 @@ from mbm.data.source import pinned, resolve_data
 from mbm.data.stream import ShardStream
 from mbm.lock import FolderLock, FolderLockedError
 from mbm.model.model import MultimodalModel
+from mbm.resources import usable_cores
 from mbm.train.build import common_pair, model_config, stream_config
 from mbm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mbm.train.config import TrainConfig
@@ -60,11 +61,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 MAX_AUTO_WORKERS = 8
 
 
-def usable_cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def loader_workers(requested: int | None, device: torch.device) -> int:
     """``--workers``, or when it is not given: 0 on the CPU, where the training step already uses every
     core (2.6 % data overhead against 2.9 % with 2 workers on 2 cores, docs/benchmarks.md); on a GPU, where
@@ -74,12 +70,26 @@ def loader_workers(requested: int | None, device: torch.device) -> int:
         return requested
     if device.type != "cuda":
         return 0
-    cores = usable_cores()
+    return max(1, min(MAX_AUTO_WORKERS, usable_cores() // ranks_here() - 1))
+
+
+def ranks_here() -> int:
+    """Ranks of this run on this machine (``LOCAL_WORLD_SIZE``, as torchrun sets it; 1 without it)."""
     try:
-        ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        ranks_here = 1
-    return max(1, min(MAX_AUTO_WORKERS, cores // ranks_here - 1))
+        return 1
+
+
+def cpu_threads() -> int | None:
+    """torch threads for a CPU rank: its share of the cores this process may use (``mbm.resources``: CPU
+    affinity and cgroup quota) when that is fewer than torch's own default, which counts the machine's
+    cores (a 2-CPU container on a 64-core host would run 32 threads in a quota of 2); None to keep
+    torch's. ``OMP_NUM_THREADS``, when set, is the user's choice and is kept."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    share = max(1, usable_cores() // ranks_here())
+    return share if share < torch.get_num_threads() else None
 
 
 # What _state() writes. The lr schedule is rebuilt at the step (older checkpoints also hold a "scheduler").
@@ -126,6 +136,11 @@ class Trainer:
         self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world), workers=workers,
                                    pin_memory=cuda, feed_device=env.device if registered else None)
         cores = usable_cores()
+        threads = cpu_threads() if env.device.type == "cpu" else None
+        if threads is not None:
+            log.info("training on the CPU with %d torch threads: this rank's share of the %d cores it may use",
+                     threads, cores)
+            torch.set_num_threads(threads)
         if env.device.type == "cpu" and workers and torch.get_num_threads() + workers > cores:
             # Measured on 2 cores: data overhead 2.9 % of a step with 2 workers, 2.6 % with --workers 0
             # (4.2 % and 1.7 % before the workers remembered their scans; docs/benchmarks.md).

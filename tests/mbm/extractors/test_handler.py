@@ -116,7 +116,7 @@ def test_auto_device_prefers_cuda_when_available(monkeypatch):
 def test_threads_are_split_between_workers(monkeypatch):
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr("os.cpu_count", lambda: 8)
+        monkeypatch.setattr("mbm.extractors.handler._usable_cores", lambda: 8)
         monkeypatch.setenv("MBM_WORKERS", "3")
         configure_threads()
         assert torch.get_num_threads() == 2

@@ -76,8 +76,11 @@ def test_loader_workers_default_to_none_on_the_cpu_and_the_rank_share_of_the_cor
 
     import torch
 
+    from mbm import resources
     from mbm.train.config import merge
     from mbm.train.trainer import loader_workers
+
+    monkeypatch.setattr(resources, "cgroup_cpu_limit", lambda *a: None)  # the machine's own quota, if any
 
     assert TrainConfig().workers is None and merge({"workers": 0}).workers == 0
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
