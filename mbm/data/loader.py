@@ -78,6 +78,27 @@ class _PositionedStream(IterableDataset):
 
 
 MAX_EMPTY_EPOCHS = 8  # epochs in a row without a batch after which the data is taken to give none
+SHM = "/dev/shm"
+
+
+def out_of_shared_memory(error: BaseException) -> bool:
+    """Whether a DataLoader error says a worker could not have shared memory for a batch: /dev/shm is
+    full (Docker gives a container 64 MB of it unless told otherwise). torch allocates a segment with
+    ``posix_fallocate``, which fails with ENOSPC; a page that could not be had on write kills the worker
+    with SIGBUS instead."""
+    text = str(error)
+    return ("unable to allocate shared memory" in text
+            or ("shared memory" in text and "No space left on device" in text)
+            or "killed by signal: Bus error" in text)
+
+
+def shm_room(path: str = SHM) -> str:
+    """"/dev/shm: 64 MiB, 3 MiB free", or what is known of it."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return f"{path}: not readable"
+    return f"{path}: {st.f_blocks * st.f_frsize >> 20} MiB, {st.f_bavail * st.f_frsize >> 20} MiB free"
 
 
 class StreamLoader:
@@ -155,6 +176,18 @@ class StreamLoader:
         segments.forget(self._senders)
         self._senders.clear()
 
+    def _without_workers(self) -> None:
+        """Stop the workers and load the batches in this process from now on (the same batches in the
+        same order: the stream does not depend on the worker count)."""
+        log.warning("the %d data-loader worker(s) ran out of shared memory (%s): going on with --workers 0, the "
+                    "same batches loaded in this process. Each worker keeps up to %d batches there; to keep "
+                    "workers, give %s more room (docker run --shm-size=2g; in Kubernetes an emptyDir with medium "
+                    "Memory mounted at %s) or lower --workers or --batch-size", self.workers, shm_room(),
+                    segments.SLOTS, SHM, SHM)
+        self.close()
+        self.workers = 0
+        self.feed_device = None
+
     def _decode_total(self) -> Counter[str]:
         """Decode counters of the epoch's consumed batches."""
         total = Counter(self._decoded_before)
@@ -192,14 +225,20 @@ class StreamLoader:
             # The workers of this pass count from zero; the consumed batches' counters stay (a pass that
             # starts mid-epoch: after a resume, or after an earlier pass was closed).
             self._decoded_before, self._decode_skips = dict(self._decode_total()), {}
-            for batch in self._epoch_batches():
-                self._count_skips(batch.pop("skipped"))
-                self.batch += 1  # a dropped batch (all its samples corrupt) counts as consumed too
-                if "dropped" in batch:
-                    continue
-                produced += 1
-                self.samples += len(batch["ids"])
-                yield batch
+            try:
+                for batch in self._epoch_batches():
+                    self._count_skips(batch.pop("skipped"))
+                    self.batch += 1  # a dropped batch (all its samples corrupt) counts as consumed too
+                    if "dropped" in batch:
+                        continue
+                    produced += 1
+                    self.samples += len(batch["ids"])
+                    yield batch
+            except RuntimeError as e:
+                if not self.workers or not out_of_shared_memory(e):
+                    raise
+                self._without_workers()
+                continue  # this epoch again from the batch it had reached: the same batches, in this process
             if produced == 0 and start == 0:
                 # The first epoch, or many in a row: the data gives nothing. A later epoch alone: its
                 # shuffle put every usable sample of this rank into dropped batches; the next one differs.

@@ -509,3 +509,56 @@ def test_loader_workers_do_not_share_the_freed_heap_of_the_training_process(data
 
     kept, released = worker_rss("keep"), worker_rss("release")
     assert kept - released > 600, (kept, released)  # the 768 MiB are resident in the worker only when kept
+
+
+def _failing_segments(monkeypatch, message, good=2):
+    """Workers (forked after this) get ``good`` new segments each, then ``RuntimeError(message)``."""
+    import mbm.data.segments as seg
+
+    made = [0]
+    real = seg.new_segment
+
+    def new_segment(nbytes):
+        made[0] += 1
+        if made[0] > good:
+            raise RuntimeError(message)
+        return real(nbytes)
+
+    monkeypatch.setattr(seg, "new_segment", new_segment)
+
+
+@pytest.mark.skipif(not REUSABLE, reason="workers reuse segments on x86-64 only")
+def test_workers_out_of_shared_memory_hand_over_to_the_training_process_with_the_same_batches(
+        dataset, monkeypatch, caplog):
+    src = resolve_data(dataset)
+    cfg = stream_cfg(src)
+    alone = StreamLoader(ShardStream(cfg))
+    want = ids_of(itertools.islice(alone, 40))  # into the second epoch
+    _failing_segments(monkeypatch, "unable to allocate shared memory(shm) for file </torch_1_2_3>: "
+                                   "No space left on device (28)")
+    loader = StreamLoader(ShardStream(cfg), workers=2)
+    with caplog.at_level(logging.WARNING, logger="mbm.data.loader"):
+        got = ids_of(itertools.islice(loader, 40))
+    assert got == want
+    assert loader.workers == 0 and loader.state_dict() == alone.state_dict() and alone.state_dict()["epoch"] == 1
+    assert "ran out of shared memory (/dev/shm" in caplog.text and "--shm-size" in caplog.text
+
+
+@pytest.mark.skipif(not REUSABLE, reason="workers reuse segments on x86-64 only")
+def test_other_worker_errors_still_stop_the_loader(dataset, monkeypatch):
+    _failing_segments(monkeypatch, "boom", good=0)
+    loader = StreamLoader(ShardStream(stream_cfg(resolve_data(dataset))), workers=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        next(iter(loader))
+
+
+def test_which_errors_are_shared_memory_ones():
+    from mbm.data.loader import out_of_shared_memory
+
+    assert out_of_shared_memory(RuntimeError("Caught RuntimeError in DataLoader worker process 1.\nOriginal "
+                                             "Traceback...\nRuntimeError: unable to allocate shared memory(shm) "
+                                             "for file </torch_9_1_2>: No space left on device (28)"))
+    assert out_of_shared_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Bus error. It is "
+                                             "possible that dataloader's workers are out of shared memory."))
+    assert not out_of_shared_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed."))
+    assert not out_of_shared_memory(RuntimeError("No space left on device: /tmp/x"))
