@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mbm.resources import available_memory, usable_cores
+from mbm.resources import cgroup_memory_available, machine_memory_available, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,22 @@ def auto_workers(device: str, cores: int | None = None, memory: int | None = Non
     its memory (each worker holds its own models there). Cores and memory are what a container or batch
     scheduler leaves this process (``mbm.resources``: CPU affinity, cgroup CPU quota and memory limit).
     The machine is asked for what is not given."""
-    cores = cores or usable_cores()
-    memory = available_memory() if memory is None else memory
+    if cores is None:
+        cores = usable_cores()
+        if cores < (os.cpu_count() or 1):
+            log.info("%d of this machine's %d cores are this job's to use (CPU affinity, or a container's CPU "
+                     "quota): one worker per core of those", cores, os.cpu_count())
+    memory_name = "free memory"
+    if memory is None:
+        machine, boxed = machine_memory_available(), cgroup_memory_available()
+        if boxed is not None and (machine is None or boxed < machine):
+            memory, memory_name = boxed, "memory its cgroup's limit leaves (a container's)"
+        else:
+            memory = machine
     gpu = gpu_memory(device) if gpu is None else gpu
     limits = {"cores": cores}
     if memory:
-        limits["free memory"] = max(1, (memory - DRIVER_HOST_BYTES) // WORKER_HOST_BYTES)
+        limits[memory_name] = max(1, (memory - DRIVER_HOST_BYTES) // WORKER_HOST_BYTES)
     if gpu:
         limits["GPU memory"] = max(1, int(gpu * 0.9) // WORKER_GPU_BYTES)
     n = min(limits.values())
@@ -114,8 +124,8 @@ def auto_workers(device: str, cores: int | None = None, memory: int | None = Non
         why = min(limits, key=limits.get)
         log.warning("%d preprocessing workers, not one per core (%d): that is what the %s holds (%.1f GiB; a worker "
                     "may need %.1f GiB); set [runner] workers to choose", n, cores, why,
-                    (memory if why == "free memory" else gpu) / 2**30,
-                    (WORKER_HOST_BYTES if why == "free memory" else WORKER_GPU_BYTES) / 2**30)
+                    (memory if why == memory_name else gpu) / 2**30,
+                    (WORKER_HOST_BYTES if why == memory_name else WORKER_GPU_BYTES) / 2**30)
     return n
 
 

@@ -128,16 +128,18 @@ def usable_cores(root: str = CGROUP_ROOT, proc: str = PROC_CGROUP) -> int:
     return max(1, cores)
 
 
-def available_memory(root: str = CGROUP_ROOT, proc: str = PROC_CGROUP, meminfo: str = "/proc/meminfo") -> int | None:
-    """Bytes of memory this process can have without swapping: ``MemAvailable``, capped by what its cgroup's
-    memory limits leave; None when unknown (no /proc: macOS)."""
-    machine = None
+def machine_memory_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """The machine's ``MemAvailable`` in bytes; None when unknown (no /proc: macOS)."""
     try:
         with open(meminfo) as f:
             lines = [line for line in f if line.startswith("MemAvailable:")]
-        machine = int(lines[0].split()[1]) * 1024
+        return int(lines[0].split()[1]) * 1024
     except (OSError, ValueError, IndexError):  # no /proc (macOS), or a kernel without the field
-        pass
-    limited = cgroup_memory_available(root, proc)
-    known = [m for m in (machine, limited) if m is not None]
+        return None
+
+
+def available_memory(root: str = CGROUP_ROOT, proc: str = PROC_CGROUP, meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes of memory this process can have without swapping: ``MemAvailable``, capped by what its cgroup's
+    memory limits leave; None when unknown."""
+    known = [m for m in (machine_memory_available(meminfo), cgroup_memory_available(root, proc)) if m is not None]
     return min(known) if known else None

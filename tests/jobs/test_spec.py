@@ -313,7 +313,8 @@ def test_the_default_worker_count_is_worked_out_once_and_job_toml_keeps_workers_
 def test_free_memory_and_gpu_memory_are_read_without_starting_cuda(tmp_path, monkeypatch):
     import os
 
-    from jobs.spec import available_memory, gpu_memory
+    from jobs.spec import gpu_memory
+    from mbm.resources import available_memory
 
     memory = available_memory()
     assert memory is None or memory > 0

@@ -137,3 +137,18 @@ def test_the_real_machine_reads_without_error():
     memory = available_memory()
     assert memory is None or memory > 0
     assert resources.cgroup_cpu_limit() is None or resources.cgroup_cpu_limit() > 0
+
+
+def test_auto_workers_name_a_containers_memory_limit_when_it_is_what_holds_them_back(monkeypatch, caplog):
+    import logging
+
+    from jobs import spec
+
+    monkeypatch.setattr(spec, "usable_cores", lambda: 8)
+    monkeypatch.setattr(spec, "machine_memory_available", lambda: 64 * GiB)
+    monkeypatch.setattr(spec, "cgroup_memory_available", lambda: 5 * GiB)
+    with caplog.at_level(logging.WARNING, logger="jobs.spec"):
+        assert spec.auto_workers("cpu", gpu=0) == 2  # (5 - 1) / 2, not (64 - 1) / 2
+    assert "memory its cgroup's limit leaves" in caplog.text and "5.0 GiB" in caplog.text
+    monkeypatch.setattr(spec, "cgroup_memory_available", lambda: None)
+    assert spec.auto_workers("cpu", gpu=0) == 8
