@@ -34,8 +34,9 @@ def make_runner(name: str, workers: int = 1, worker_log: str | None = None, work
 
     ``FnApiRunner`` with several workers runs them as subprocesses (Beam's ``multi_processing``
     mode), with their stderr (Beam's per-worker start-up chatter) appended to ``worker_log``.
-    ``worker_command`` replaces the default ``python -m apache_beam.runners.worker.sdk_worker_main``
-    (``pipelines.forkserver`` gives one that forks pre-imported workers).
+    ``worker_command`` replaces the default ``python -m pipelines.forkclient`` (Beam's
+    ``sdk_worker_main`` in that process, ``pipelines.forkclient.run_here``; ``pipelines.forkserver``
+    gives one that forks pre-imported workers).
     """
     if name == "FnApiRunner":
         from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -47,7 +48,8 @@ def make_runner(name: str, workers: int = 1, worker_log: str | None = None, work
 
         from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
-        command = worker_command or f"{shlex.quote(sys.executable)} -m apache_beam.runners.worker.sdk_worker_main"
+        # pipelines.forkclient without a server runs Beam's worker with a stderr that cannot fail it
+        command = worker_command or f"{shlex.quote(sys.executable)} -m pipelines.forkclient"
         if worker_log:  # through the environment: Beam sends the command as UTF-8, a path may not be
             os.environ["MBM_WORKER_LOG"] = worker_log
             command += ' 2>>"$MBM_WORKER_LOG"'

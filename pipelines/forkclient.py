@@ -12,6 +12,12 @@ client answers ``accepted``, the client becomes the worker itself, as an ordinar
 (slower to start, same result) and says so on stderr.
 
     python -m pipelines.forkclient SOCKET SERVER_PID
+    python -m pipelines.forkclient          (no server: this process is the worker)
+
+Either way the worker's stderr, the workers' log in the output folder, drops what it cannot write
+(``LossyStream``): Beam's worker prints a failed bundle's traceback to stderr before it sends the
+runner the error, and on a full disk that print raised, the error was never sent, and the runner
+waited for it forever.
 """
 
 from __future__ import annotations
@@ -74,19 +80,44 @@ def connect(path: str, server: int, wait: float = WAIT) -> socket.socket | None:
         time.sleep(0.02)
 
 
+class LossyStream:
+    """A text stream that drops what it cannot write (an OSError: the disk is full, the pipe is gone)
+    instead of raising; everything else is the wrapped stream's."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run_target(env: Mapping[str, str]) -> None:
-    """Run the worker: ``MBM_FORK_TARGET`` (``module:function``) of ``env``, Beam's SDK worker by default."""
+    """Run the worker: ``MBM_FORK_TARGET`` (``module:function``) of ``env``, Beam's SDK worker by default,
+    with a stderr that cannot fail it (``LossyStream``)."""
     import importlib
 
+    if not isinstance(sys.stderr, LossyStream):
+        sys.stderr = LossyStream(sys.stderr)
     module, _, func = env.get("MBM_FORK_TARGET", DEFAULT_TARGET).partition(":")
     getattr(importlib.import_module(module), func)([sys.argv[0]])
 
 
-def run_here() -> int:
-    """Be the worker in this process, without the server."""
-    # one write, not print's two: the workers share the log
-    sys.stderr.write("mbm: the worker fork server is not running; starting this worker the usual way\n")
-    sys.stderr.flush()
+def run_here(say: bool = True) -> int:
+    """Be the worker in this process, without the server (``say``: note that in the workers' log)."""
+    if say:  # one write, not print's two: the workers share the log
+        with contextlib.suppress(OSError):
+            sys.stderr.write("mbm: the worker fork server is not running; starting this worker the usual way\n")
+            sys.stderr.flush()
     try:
         run_target(os.environ)
     except SystemExit as e:
@@ -115,8 +146,9 @@ def main(path: str, server: int) -> int:
     status = reply[len(ACCEPTED):].decode(errors="replace").strip()
     if status.startswith(SIGNALLED) and status[len(SIGNALLED):].isdigit():
         signum = int(status[len(SIGNALLED):])
-        sys.stderr.write(killed_line(signum))  # one write: the workers share the log
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):  # a full disk under the log: the exit status still says it
+            sys.stderr.write(killed_line(signum))  # one write: the workers share the log
+            sys.stderr.flush()
         return 128 + signum
     try:
         return int(status or "1")  # nothing: the worker and the server died without a word
@@ -125,4 +157,4 @@ def main(path: str, server: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2])))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 1 else run_here(say=False))

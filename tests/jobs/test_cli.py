@@ -1,4 +1,5 @@
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -155,6 +156,28 @@ def test_a_worker_out_of_memory_stops_the_job_in_one_line_and_rejects_nothing(tm
     assert main(["preprocess", str(spec), "--no-progress"]) == 0
     report = __import__("json").loads((out / "report.json").read_text())
     assert report["counts"]["rejected"] == 0 and report["counts"]["ok"] == 24
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device every write to fails")
+@pytest.mark.timeout(120)
+def test_a_failed_bundle_is_reported_when_the_workers_log_cannot_be_written(tmp_path, monkeypatch, capsys):
+    """A full disk under the output folder also fills the workers' log there. Beam's worker prints a failed
+    bundle's traceback to stderr before it tells the runner, and that print raised: the runner waited
+    for the answer forever (found with the output on a full 20 MB tmpfs). /dev/full stands in for that log."""
+    from pathlib import Path
+
+    import jobs.preprocess as preprocess
+    import tests.support.failing_extractor  # noqa: F401
+
+    root = str(Path(__file__).resolve().parents[2])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    real = preprocess.make_runner
+    monkeypatch.setattr(preprocess, "make_runner", lambda name, workers, log, command: real(name, workers,
+                                                                                           "/dev/full", command))
+    spec = _failing_job(tmp_path, "MemoryError", 2)
+    assert main(["preprocess", str(spec), "--no-progress"]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mbm: error:")]
+    assert len(lines) == 1 and "ran out of host memory" in lines[0]
 
 
 def test_a_bad_input_still_becomes_a_reject_row(tmp_path, monkeypatch, capsys):

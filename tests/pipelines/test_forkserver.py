@@ -197,3 +197,24 @@ def test_a_worker_killed_by_a_signal_is_said_in_its_log_and_exit_status(server):
     ok = run_client(server, FORK_TEST_CODE="4")
     ok.communicate(timeout=30)
     assert ok.returncode == 4
+
+
+def test_a_workers_stderr_drops_what_a_full_disk_refuses():
+    import errno
+    import io
+
+    from pipelines.forkclient import LossyStream
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    stream = LossyStream(Full())
+    print("Traceback (most recent call last): ...", file=stream)  # what Beam's worker does before it answers
+    stream.flush()
+    kept = LossyStream(io.StringIO())
+    print("written", file=kept)
+    assert kept.getvalue() == "written\n"
