@@ -136,8 +136,9 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
-def _machine_failure(command: str, exn: Exception, advice: str) -> int:
-    """Out of memory, a failed GPU, a full disk: one line and exit 1; anything else is raised again."""
+def _machine_failure(command: str, exn: Exception, advice: str, disk_advice: str = "") -> int:
+    """Out of memory, a failed GPU, a full disk: one line and exit 1; anything else is raised again.
+    ``disk_advice`` replaces ``advice`` (what needs less memory) for a full disk."""
     from pipelines.errors import describe, resource_kind
 
     kind = resource_kind(exn)
@@ -145,6 +146,8 @@ def _machine_failure(command: str, exn: Exception, advice: str) -> int:
         raise exn
     what, detail = describe(kind, exn)
     what = "the GPU failed" if kind == "GPU" else what
+    if kind == "disk space":
+        advice = disk_advice or "Free space there and run it again"
     print(f"mbm {command}: error: {what} ({detail}). {advice}", file=sys.stderr)
     return 1
 
@@ -261,7 +264,10 @@ def run_train(args: argparse.Namespace) -> int:
         return _machine_failure("train", exn, (
             f"The checkpoints already in {cfg.out} stay: `--resume` continues from the last one once the machine "
             f"has room; a smaller --batch-size (now {cfg.batch_size}), --d-model or --max-tokens needs a new "
-            f"--out; fewer --workers (now {'auto' if cfg.workers is None else cfg.workers}) lowers host memory"))
+            f"--out; fewer --workers (now {'auto' if cfg.workers is None else cfg.workers}) lowers host memory"), (
+            f"No partial checkpoint is left, and those already in {cfg.out} stay: free space there (each checkpoint "
+            f"holds the model and its optimizer state; --keep-checkpoints, now {cfg.keep_checkpoints}, keeps fewer) "
+            "and `--resume` continues from the last one"))
     if int(os.environ.get("RANK", "0")) == 0:
         for record in last.values():
             print(json.dumps(record, ensure_ascii=False))

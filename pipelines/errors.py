@@ -42,12 +42,24 @@ _GPU_FAILURE = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|CU
 _LOADER_KILLED = re.compile(r"DataLoader worker \(pid.*\) is killed by signal: Killed")
 
 
+def disk_full(e: BaseException) -> OSError | None:
+    """The full-disk (or quota) OSError that ``e`` is, or that it was raised from or while handling:
+    torch.save, for one, turns a failed write into "RuntimeError: [enforce fail at inline_container.cc]"."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def resource_kind(e: BaseException) -> str | None:
     """"host memory", "GPU memory", "GPU" or "disk space" when ``e`` is the machine's failure, else None
     (the input's)."""
     if isinstance(e, MemoryError):
         return "host memory"
-    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+    if disk_full(e) is not None:
         return "disk space"
     name = type(e).__name__
     text = str(e)
@@ -64,6 +76,7 @@ def describe(kind: str, e: BaseException) -> tuple[str, str]:
     """For a failure of ``kind`` (``resource_kind``): what happened ("ran out of GPU memory", "failed")
     and the exception in one short line."""
     what = "failed" if kind == "GPU" else f"ran out of {kind}"
+    e = disk_full(e) or e if kind == "disk space" else e
     return what, " ".join(f"{type(e).__name__}: {e}".split()).removesuffix(":")[:300]
 
 

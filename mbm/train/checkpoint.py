@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -19,12 +20,23 @@ def checkpoint_name(step: int) -> str:
 
 
 def _replace_atomic(path: str, write) -> None:
+    """``write(f)`` to a temporary file next to ``path``, then rename it to ``path``. A write that fails
+    leaves no partial file behind; one that failed for an OSError (a full disk) under another exception
+    (torch.save's "[enforce fail at inline_container.cc]") is raised as that OSError, naming ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = e.__cause__ or e.__context__
+        if not isinstance(e, OSError) and isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror, path) from e
+        raise
 
 
 def save_checkpoint(folder: str, step: int, state: dict[str, Any], keep: int) -> str:

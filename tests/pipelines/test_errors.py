@@ -20,6 +20,25 @@ def test_machine_failures_are_told_from_bad_inputs(error, kind):
     assert resource_kind(error) == kind
 
 
+def test_a_full_disk_is_found_behind_the_error_raised_while_handling_it():
+    import errno
+
+    from pipelines.errors import describe
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/out/run/ck.pt")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 96")  # noqa: B904
+    except RuntimeError as e:
+        wrapped = e
+    assert resource_kind(wrapped) == "disk space"
+    assert describe("disk space", wrapped) == ("ran out of disk space",
+                                               "OSError: [Errno 28] No space left on device: '/out/run/ck.pt'")
+    assert resource_kind(OSError(errno.EDQUOT, "Disk quota exceeded")) == "disk space"
+    assert resource_kind(RuntimeError("unexpected pos 100 vs 96")) is None
+
+
 def test_resource_error_is_one_line():
     assert str(ResourceError("out of\n  memory:\tlower it")) == "out of memory: lower it"
 

@@ -63,3 +63,28 @@ def test_a_cut_or_foreign_file_is_a_clear_error(tmp_path):
         load_checkpoint(str(tmp_path / "empty.pt"))
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+def _torch_save_on_a_full_disk(state, f):
+    """What torch.save does when the disk fills: some bytes written, then its own error raised while
+    handling the OSError."""
+    import errno
+
+    f.write(b"PK\x03\x04" + b"\0" * 4096)
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1003456 vs 1003344") from None
+
+
+def test_a_checkpoint_that_meets_a_full_disk_leaves_nothing_and_says_why(tmp_path, monkeypatch):
+    import errno
+
+    folder = str(tmp_path / "ck")
+    save_checkpoint(folder, 5, {"step": 5}, keep=3)
+    monkeypatch.setattr(torch, "save", _torch_save_on_a_full_disk)
+    with pytest.raises(OSError) as caught:
+        save_checkpoint(folder, 10, {"step": 10}, keep=3)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("step-000010.pt")
+    assert sorted(os.listdir(folder)) == ["latest", "step-000005.pt"]  # no partial file, the last one kept
+    assert latest_checkpoint(folder).endswith("step-000005.pt")

@@ -378,3 +378,24 @@ def test_an_unknown_loader_feed_exits_2_before_the_run_starts(data, tmp_path, ca
     assert not (tmp_path / "r").exists()
     monkeypatch.setenv("MBM_LOADER_FEED", "registered")  # accepted; on the CPU the batches move as before
     assert train("--data", data, "--out", str(tmp_path / "r2"), "--steps", "2", "--batch-size", "8") == 0
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(state, f):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8 vs 0") from None
+
+    out = tmp_path / "run"
+    assert train("--data", data, "--out", str(out), "--steps", "4", "--checkpoint-every", "2") == 0
+    monkeypatch.setattr(torch, "save", full)
+    capsys.readouterr()
+    assert train("--data", data, "--out", str(out), "--steps", "8", "--checkpoint-every", "2", "--resume") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mbm train: error: ran out of disk space (OSError: [Errno 28] No space left on device")
+    assert "step-000006.pt" in err and "No partial checkpoint is left" in err and "--resume" in err
+    assert "Traceback" not in err and "--batch-size" not in err
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-000002.pt", "step-000004.pt"]
