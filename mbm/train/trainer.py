@@ -318,7 +318,14 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
     try:
         # One training per run folder: rank 0 holds the lock (a second job's checkpoints and metrics
         # would interleave with this one's); the OS releases it when the process ends, however it ends.
-        with FolderLock(cfg.out) if env.is_main else contextlib.nullcontext():
+        held = contextlib.ExitStack()
+        if env.is_main:
+            try:
+                held.enter_context(FolderLock(cfg.out))
+            except OSError as e:  # a read-only file system, a folder of another user's
+                raise ValueError(f"--out {cfg.out} cannot be created or locked ({e}); give --out a folder this "
+                                 "user can write") from None
+        with held:
             if env.is_main:
                 for path in RunDir(cfg.out).remove_partial_files():
                     log.warning("removed %s, left half-written by a run that was killed", path)

@@ -399,3 +399,18 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(data
     assert "step-000006.pt" in err and "No partial checkpoint is left" in err and "--resume" in err
     assert "Traceback" not in err and "--batch-size" not in err
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-000002.pt", "step-000004.pt"]
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line(data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mbm import lock
+
+    def read_only(self):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(lock.FolderLock, "__enter__", read_only)
+    assert train("--data", data, "--out", str(tmp_path / "ro" / "run"), "--steps", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mbm train: error: --out {tmp_path / 'ro' / 'run'} cannot be created or locked (")
+    assert "Read-only file system" in err and "Traceback" not in err
