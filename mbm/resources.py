@@ -4,8 +4,8 @@
 CPUs (``taskset``, a Slurm allocation, a container's cpuset), or under a cgroup CPU quota (Docker's
 ``--cpus``, a Kubernetes CPU limit) or memory limit (``--memory``, a pod's limit), that sized its
 workers by them would start one per host core: on a 2-CPU pod of a 64-core node, 64 preprocessing
-workers loading three models each, stopped at the pod's memory limit, and 64 torch threads fighting
-over 2 CPUs in training.
+workers loading three models each, stopped at the pod's memory limit, and in training torch's
+default of a thread per physical core of the host (32) in a quota of 2 CPUs.
 
 ``usable_cores()``: the CPUs of the affinity mask, capped by the CPU quota of the process's cgroup and
 its ancestors (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), rounded up (2.5 CPUs: 3 workers share

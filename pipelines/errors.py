@@ -76,7 +76,7 @@ def describe(kind: str, e: BaseException) -> tuple[str, str]:
     """For a failure of ``kind`` (``resource_kind``): what happened ("ran out of GPU memory", "failed")
     and the exception in one short line."""
     what = "failed" if kind == "GPU" else f"ran out of {kind}"
-    e = disk_full(e) or e if kind == "disk space" else e
+    e = (disk_full(e) or e) if kind == "disk space" else e
     return what, " ".join(f"{type(e).__name__}: {e}".split()).removesuffix(":")[:300]
 
 
