@@ -103,6 +103,13 @@ class HeldErrors:
         self.records, self.threads = [], []
 
 
+def _drop_staging(staging: str, staging_root: str) -> None:
+    """Remove a run's staging folder, and the staging root when no other run's is left in it."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with suppress(OSError):
+        os.rmdir(staging_root)
+
+
 def killed_worker(worker_log: str | None, spec: JobSpec) -> str | None:
     """What to tell of a job whose Beam worker process a signal killed (the workers' log says so:
     ``pipelines.forkclient``); None when none was."""
@@ -239,13 +246,19 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             else:  # no log file to keep it in
                 beam_errors.release()
             if local:  # nothing of this run is committed; its spilled features go now, not at the next run
-                shutil.rmtree(staging, ignore_errors=True)
-                with suppress(OSError):
-                    os.rmdir(staging_root)
+                _drop_staging(staging, staging_root)
             where = f" (the workers' log: {worker_log})" if worker_log and os.path.exists(worker_log) else ""
             raise JobError(failure + where) from e
-        except BaseException:  # interrupted: what Beam said is shown, as it would have been
-            beam_errors.release()
+        except BaseException:
+            # Interrupted (Ctrl-C): the workers got the same signal, and Beam's threads report each of them
+            # as a crash ("Worker subprocess exited with return code -2"); that goes to the workers' log.
+            # Nothing is committed, and the run's spilled features go now rather than at the next run.
+            if worker_log and local:
+                beam_errors.divert(worker_log)
+            else:
+                beam_errors.release()
+            if local:
+                _drop_staging(staging, staging_root)
             raise
         beam_errors.release()
         if local and Path(progress_dir).exists():

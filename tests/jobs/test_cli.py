@@ -180,6 +180,41 @@ def test_a_failed_bundle_is_reported_when_the_workers_log_cannot_be_written(tmp_
     assert len(lines) == 1 and "ran out of host memory" in lines[0]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and signals as on Linux")
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_the_job_in_one_line_and_leaves_nothing_to_clean(tmp_path):
+    """Ctrl-C reaches the driver and its workers (one process group). Beam's threads reported each worker
+    that exited on it as a crash, printed before "mbm: interrupted", and the run's staging stayed until
+    the next run."""
+    import signal
+    import time
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    spec = _failing_job(tmp_path, "SLEEP", 2)
+    code = "import sys, tests.support.failing_extractor; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+    def own_group():
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell's children start with it ignored
+
+    job = subprocess.Popen([sys.executable, "-c", code, "preprocess", str(spec), "--no-progress"], cwd=root,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=own_group)
+    log = tmp_path / "out" / ".worker.log"
+    deadline = time.monotonic() + 90
+    while "loading extractor failing-text" not in (log.read_text() if log.exists() else ""):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)  # the workers are in their bundles, one of them asleep in a featurize call
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130
+    assert err.strip().splitlines()[-1] == "mbm: interrupted" and "Traceback" not in err, err
+    out = tmp_path / "out"
+    assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
+
+
 def test_a_bad_input_still_becomes_a_reject_row(tmp_path, monkeypatch, capsys):
     import json
 

@@ -3,7 +3,7 @@
 A text holding ``config.trigger`` makes a featurize call raise ``config.error``: "MemoryError",
 "OutOfMemoryError" (torch.cuda's, which the CPU can raise too), "CudaError" (a RuntimeError as torch
 words a failed CUDA call), "ValueError" (a bad input) or "SIGKILL" (the worker process is killed, as
-the kernel's out-of-memory killer does). Other texts give one row of features per
+the kernel's out-of-memory killer does) or "SLEEP" (the call never ends: a job to interrupt). Other texts give one row of features per
 word, each row the word's length. Its module is preloaded by Beam's worker fork server, so spawned
 workers know the name too.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.registry import register_extractor
 
-ERRORS = ("MemoryError", "OutOfMemoryError", "CudaError", "ValueError", "SIGKILL")
+ERRORS = ("MemoryError", "OutOfMemoryError", "CudaError", "ValueError", "SIGKILL", "SLEEP")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -68,5 +68,9 @@ class FailingTextExtractor(Extractor):
                 import signal
 
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.config.error == "SLEEP":
+                import time
+
+                time.sleep(600)
             raise make_error(self.config.error)
         return [np.array([[len(w)] * self.config.dim for w in text.split() or [""]], np.float32) for text in batch]
