@@ -512,19 +512,21 @@ def test_loader_workers_do_not_share_the_freed_heap_of_the_training_process(data
 
 
 def _failing_segments(monkeypatch, message, good=2):
-    """Workers (forked after this) get ``good`` new segments each, then ``RuntimeError(message)``."""
+    """Workers (forked after this) get a segment for each of their first ``good`` batches, then
+    ``RuntimeError(message)`` (counted per batch, not per new segment: how many segments a worker
+    makes depends on how fast the training process gives them back)."""
     import mbm.data.segments as seg
 
-    made = [0]
-    real = seg.new_segment
+    taken = [0]
+    real = seg.SegmentPool.take
 
-    def new_segment(nbytes):
-        made[0] += 1
-        if made[0] > good:
+    def take(self, nbytes):
+        taken[0] += 1
+        if taken[0] > good:
             raise RuntimeError(message)
-        return real(nbytes)
+        return real(self, nbytes)
 
-    monkeypatch.setattr(seg, "new_segment", new_segment)
+    monkeypatch.setattr(seg.SegmentPool, "take", take)
 
 
 @pytest.mark.skipif(not REUSABLE, reason="workers reuse segments on x86-64 only")
