@@ -51,6 +51,27 @@ def test_a_1khz_sine_lights_the_1khz_mel_bin(logmel):
     assert spectrum.max() - np.median(spectrum) > 10.0  # ~e^10 above the typical bin in power
 
 
+def test_frames_equal_torchaudios_log_mel_spectrogram_up_to_a_float16_step(logmel):
+    import torch
+    import torchaudio
+
+    extractor, model = logmel
+    rng = np.random.default_rng(4)
+    clips = [(rng.standard_normal(n) * rng.uniform(0.01, 1.0)).astype(np.float32) for n in (400, 12345, 16000, 33333)]
+    got = extractor.featurize(model, clips, "cpu")
+    reference = torchaudio.transforms.MelSpectrogram(sample_rate=SR, n_fft=400, hop_length=160, n_mels=80)  # centred
+    differing = 0
+    for clip, features in zip(clips, got, strict=True):
+        with torch.inference_mode():
+            expected = torch.log(reference(torch.from_numpy(clip)) + 1e-6).T.numpy().astype(np.float16)
+        assert features.shape == expected.shape
+        apart = np.abs(features.astype(np.float32) - expected.astype(np.float32))
+        step = np.spacing(np.maximum(np.abs(features), np.abs(expected))).astype(np.float32)
+        assert (apart <= step).all()  # the same sums in another order: at most one float16 step apart
+        differing += int((apart > 0).sum())
+    assert differing < 0.002 * sum(f.size for f in got)
+
+
 def test_silence_is_finite_at_the_log_offset(logmel):
     extractor, model = logmel
     features = extractor.featurize(model, [np.zeros(1600, np.float32)], "cpu")[0]
@@ -75,6 +96,7 @@ def test_bad_clips_are_rejected(logmel, bad):
 
 def test_logmel_fingerprint_comes_from_config_alone():
     assert create_extractor("logmel").weight_paths() == []
+    assert create_extractor("logmel").revision == 2  # the power spectrum's sums changed: older features recompute
     assert (
         create_extractor("logmel", {"hop_length": 80}).fingerprint()
         != create_extractor("logmel").fingerprint()
