@@ -63,6 +63,8 @@ from incremental import MANIFEST_SUFFIXES, build, manifest_of, source_rows
 from report import cores_description, cpu_description, write_section
 
 from jobs.spec import SpecError, dump_toml, load_spec
+from pipelines import proctree
+from pipelines.proctree import parent
 from pipelines.readers.folder import METADATA_NAMES
 from pipelines.readers.rows import format_of
 
@@ -87,26 +89,9 @@ def commands(spec: Path, out: Path, stock: bool = False) -> dict[str, list[str]]
     }
 
 
-def parent(pid: int) -> int:
-    """The parent id of ``pid`` from /proc/PID/stat; 0 when it is gone."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def descendants(root: int) -> list[int]:
-    """``root`` and every process below it, from the parent ids in /proc/*/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (ppid := parent(int(entry))):  # 0: exited meanwhile
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
+    """``root`` and every process below it."""
+    return [root, *proctree.descendants(root)]
 
 
 def rss_kib(pid: int) -> int:

@@ -10,10 +10,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
 from jobs.spec import RUNNERS, SpecError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1  # the job stopped: out of memory, a failed GPU (what to change is in its message)
+
+
+def _stop_workers() -> bool:
+    """SIGTERM reaches the driver alone, Ctrl-C the terminal's whole process group: the workers, their
+    clients and the fork server get Ctrl-C's signal, and stop as they do on it."""
+    import signal
+
+    from pipelines.proctree import signal_descendants
+
+    signal_descendants(os.getpid(), signal.SIGINT)
+    return False  # and the driver stops as on Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
+    with sigterm_as_interrupt(_stop_workers if command in ("preprocess", "demo") else None):
+        try:
+            return _main(command, argv, beam_args)
+        except Terminated:  # also one that came after _main's own handlers (while its fork server closed)
+            print("mbm: terminated (SIGTERM)", file=sys.stderr)
+            return EXIT_TERMINATED
+
+
+def _main(command: str | None, argv: list[str], beam_args: list[str]) -> int:
     if command in ("preprocess", "demo"):  # before any thread or worker process starts
         from mbm.alloc import limit_arenas
 
@@ -137,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        raise  # said by main()
     except KeyboardInterrupt:
         print("mbm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         if fork is not None:
             fork.close()

@@ -215,6 +215,45 @@ def test_ctrl_c_stops_the_job_in_one_line_and_leaves_nothing_to_clean(tmp_path):
     assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers are found in /proc")
+def test_sigterm_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_clean(tmp_path):
+    """A container runtime or a batch scheduler stops a job with SIGTERM to its main process alone. The
+    driver died at once (status -15) and its workers went on until they noticed; the run's staging
+    stayed until the next run."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from pipelines.forkclient import running
+    from pipelines.proctree import descendants
+
+    root = str(Path(__file__).resolve().parents[2])
+    spec = _failing_job(tmp_path, "SLEEP", 2)
+    code = "import sys, tests.support.failing_extractor; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    job = subprocess.Popen([sys.executable, "-c", code, "preprocess", str(spec), "--no-progress"], cwd=root,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    log = tmp_path / "out" / ".worker.log"
+    deadline = time.monotonic() + 90
+    while "loading extractor failing-text" not in (log.read_text() if log.exists() else ""):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)  # the workers are in their bundles, one of them asleep in a featurize call
+    tree = descendants(job.pid)
+    assert len(tree) >= 3  # the fork server, the workers' clients and the workers
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 143
+    assert err.strip().splitlines()[-1] == "mbm: terminated (SIGTERM)" and "Traceback" not in err, err
+    out = tmp_path / "out"
+    assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in tree if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
+
+
 def test_a_bad_input_still_becomes_a_reject_row(tmp_path, monkeypatch, capsys):
     import json
 
