@@ -253,11 +253,19 @@ def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``mbm train``."""
     _setup_logging()
+    from jobs.signals import EXIT_TERMINATED, sigterm_as_interrupt
+    from mbm.train.trainer import TrainingStopped, request_stop, train
+
     try:
         cfg = train_config(args)
-        from mbm.train.trainer import train
-
-        last = train(cfg, progress=False if args.no_progress else None)
+        # SIGTERM (a preemption, a scheduler's limit): the loop checkpoints the step it is in and stops
+        with sigterm_as_interrupt(request_stop):
+            last = train(cfg, progress=False if args.no_progress else None)
+    except TrainingStopped as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"mbm: terminated (SIGTERM) after step {stop.step}, which is checkpointed ({stop.checkpoint}); "
+                  "the same command with --resume continues from it", file=sys.stderr)
+        return EXIT_TERMINATED
     except (ValueError, _Fail) as exn:
         return _fail("train", str(exn))
     except Exception as exn:

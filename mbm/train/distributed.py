@@ -21,6 +21,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     owns_group: bool = False  # we initialised the process group, so we tear it down
+    control: Any = None  # a gloo group for host-side flags (None: the default group, gloo already)
 
     @property
     def is_main(self) -> bool:
@@ -37,6 +38,15 @@ class DistEnv:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item()) / self.world
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank. On the host alone (a gloo group, also under NCCL), so
+        asking at every step never waits for the device."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(t.item())
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order."""
@@ -97,5 +107,6 @@ def init_distributed(device: str = "auto") -> DistEnv:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
         owns = True
     log.info("rank %d of %d on %s (%s)", rank, world, dev, dist.get_backend())
+    control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None  # every rank calls it
     return DistEnv(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=dev,
-                   owns_group=owns)
+                   owns_group=owns, control=control)

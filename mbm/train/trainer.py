@@ -37,6 +37,36 @@ from mbm.train.schedule import warmup_cosine
 log = logging.getLogger(__name__)
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """``fit`` stopped at the end of step ``step`` because ``request_stop`` asked it to (SIGTERM: a
+    preemption, a scheduler's time limit, a pod's eviction), after checkpointing that step."""
+
+    def __init__(self, step: int, checkpoint: str | None) -> None:
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopRequest:
+    """Whether a training loop runs in this process, and whether it was asked to stop."""
+
+    def __init__(self) -> None:
+        self.loop_running = False
+        self.asked = False
+
+
+_STOP = _StopRequest()
+
+
+def request_stop() -> bool:
+    """Ask the training loop running in this process to checkpoint the step it is in, then stop with
+    ``TrainingStopped``; safe to call from a signal handler. False when no loop runs (starting up, or
+    done): the caller stops the process its own way."""
+    if not _STOP.loop_running:
+        return False
+    _STOP.asked = True
+    return True
+
+
 def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, biases, norms and the retrieval temperature do not."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -274,41 +304,50 @@ class Trainer:
             self._log({"step": 0, "split": "val", **self.validate()})
         t0, seen, losses = time.perf_counter(), 0, []
         pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
-        while self.step < end:
-            loss_t, ids = self.train_step(batches)
-            pending.append((self.step, loss_t))
-            logs = self.step % cfg.log_every == 0 or self.step in (1, cfg.steps)
-            evals = self.step % cfg.eval_every == 0 or self.step == cfg.steps
-            saves = self.step % cfg.checkpoint_interval == 0 or self.step == end
-            # A step's loss is read once the next step is queued (the device has finished it meanwhile),
-            # so the host never waits for the device between steps; all of them before a log, an
-            # evaluation or a checkpoint, so a diverged run never saves its weights.
-            ready, pending = (pending, []) if logs or evals or saves else (pending[:-1], pending[-1:])
-            for step, value in ready:
-                losses.append(self._checked_loss(step, value))
-            seen += len(ids)
-            if cfg.log_samples:
-                append_jsonl(self.run.samples_log(env.rank), {"step": self.step, "epoch": self.loader.epoch,
-                                                              "ids": ids})
-            if logs:
-                rate = env.mean(seen / max(time.perf_counter() - t0, 1e-9)) * env.world
-                last["train"] = {"step": self.step, "split": "train", "loss": env.mean(losses[-1]),
-                                 "loss_avg": env.mean(sum(losses) / len(losses)),
-                                 "lr": self.scheduler.get_last_lr()[0], "samples_per_s": round(rate, 2),
-                                 "epoch": self.loader.epoch, "skipped": self.loader.skipped}
-                self._log(last["train"])
-                bar.set_postfix(loss=f"{last['train']['loss']:.4f}", samples_s=f"{rate:.0f}")
-                t0, seen, losses = time.perf_counter(), 0, []
-            if evals:
-                last["val"] = {"step": self.step, "split": "val", **self.validate()}
-                self._log(last["val"])
-                if env.is_main:
-                    plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
-            if saves:
-                self.save()
-            bar.update(1)
-        bar.close()
-        return last
+        _STOP.loop_running, _STOP.asked = True, False
+        try:
+            while self.step < end:
+                loss_t, ids = self.train_step(batches)
+                pending.append((self.step, loss_t))
+                logs = self.step % cfg.log_every == 0 or self.step in (1, cfg.steps)
+                evals = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                # Asked to stop (SIGTERM): every rank agrees at the same step, which is checkpointed.
+                stop = env.any(_STOP.asked)
+                saves = self.step % cfg.checkpoint_interval == 0 or self.step == end or stop
+                # A step's loss is read once the next step is queued (the device has finished it meanwhile),
+                # so the host never waits for the device between steps; all of them before a log, an
+                # evaluation or a checkpoint, so a diverged run never saves its weights.
+                ready, pending = (pending, []) if logs or evals or saves else (pending[:-1], pending[-1:])
+                for step, value in ready:
+                    losses.append(self._checked_loss(step, value))
+                seen += len(ids)
+                if cfg.log_samples:
+                    append_jsonl(self.run.samples_log(env.rank), {"step": self.step, "epoch": self.loader.epoch,
+                                                                  "ids": ids})
+                if logs:
+                    rate = env.mean(seen / max(time.perf_counter() - t0, 1e-9)) * env.world
+                    last["train"] = {"step": self.step, "split": "train", "loss": env.mean(losses[-1]),
+                                     "loss_avg": env.mean(sum(losses) / len(losses)),
+                                     "lr": self.scheduler.get_last_lr()[0], "samples_per_s": round(rate, 2),
+                                     "epoch": self.loader.epoch, "skipped": self.loader.skipped}
+                    self._log(last["train"])
+                    bar.set_postfix(loss=f"{last['train']['loss']:.4f}", samples_s=f"{rate:.0f}")
+                    t0, seen, losses = time.perf_counter(), 0, []
+                if evals:
+                    last["val"] = {"step": self.step, "split": "val", **self.validate()}
+                    self._log(last["val"])
+                    if env.is_main:
+                        plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
+                if saves:
+                    self.save()
+                bar.update(1)
+                if stop:
+                    bar.close()
+                    raise TrainingStopped(self.step, self.run.latest())
+            bar.close()
+            return last
+        finally:
+            _STOP.loop_running = False
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:

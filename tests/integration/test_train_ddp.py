@@ -150,3 +150,39 @@ def test_training_joins_the_process_group_threads_before_returning(tmp_path):
     for r in (0, 1):
         record = json.loads((tmp_path / f"threads-rank{r}.json").read_text())
         assert record == {"code": 0, "left": []}, f"rank {r}: threads left running after training: {record}"
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_both_ranks_at_the_same_step_and_resume_goes_on(tmp_path):
+    """torchrun passes SIGTERM on to its ranks, each at its own moment: they agree on a step (a flag
+    all-reduced at every step end), checkpoint it together and exit; --resume continues from it."""
+    import signal
+    import time
+
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=150, samples_per_shard=150, feature_dims=DIMS,
+                                                  lengths={"text": (3, 6), "image": (4, 4), "audio": (3, 8)}))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "jobs.train_cli", "train", "--d-model", "16", "--heads", "2", "--layers", "1",
+           "--batch-size", "8", "--no-progress", "--log-samples", "--eval-every", "100000", "--data", data,
+           "--out", str(out), "--steps", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [out / f"samples-rank{r}.jsonl" for r in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(log.exists() and log.stat().st_size > 2000 for log in logs):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=90)
+    assert job.returncode != 0  # torchrun's own status on SIGTERM
+    said = [line for line in err.splitlines() if line.startswith("mbm: terminated")]
+    assert len(said) == 1, err[-3000:]  # rank 0 says it
+    step = int(said[0].split("after step ")[1].split(",")[0])
+    steps = [[r["step"] for r in read_jsonl(str(log))] for log in logs]
+    assert steps[0] == steps[1] == list(range(1, step + 1))  # both ranks stopped after the same step
+    assert (out / "checkpoints" / f"step-{step:06d}.pt").is_file()
+    torchrun("--data", data, "--out", str(out), "--steps", str(step + 5), "--resume")
+    for log in logs:
+        assert [r["step"] for r in read_jsonl(str(log))] == list(range(1, step + 6))

@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -414,3 +415,74 @@ def test_an_out_folder_that_cannot_be_written_is_one_line(data, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"mbm train: error: --out {tmp_path / 'ro' / 'run'} cannot be created or locked (")
     assert "Read-only file system" in err and "Traceback" not in err
+
+
+def test_a_stop_request_checkpoints_its_step_and_the_resumed_run_matches_an_uninterrupted_one(
+        data, tmp_path, monkeypatch, capsys):
+    """SIGTERM in `mbm train` asks the loop to stop (``request_stop``): it finishes the step it is in,
+    checkpoints it whatever --checkpoint-every says, and exits 143; --resume goes on from that step."""
+    from mbm.train import trainer as trainer_module
+
+    assert trainer_module.request_stop() is False  # no loop runs: the signal's sender stops the process
+    common = ["--data", data, "--steps", "16", "--eval-every", "8", "--log-every", "4", "--log-samples",
+              "--shuffle-buffer", "32"]
+    once, twice = str(tmp_path / "once"), str(tmp_path / "twice")
+    assert train(*common, "--out", once) == 0
+    original = trainer_module.Trainer.train_step
+
+    def step_then_asked_to_stop(self, batches):
+        out = original(self, batches)
+        if self.step == 7:
+            assert trainer_module.request_stop() is True
+        return out
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_asked_to_stop)
+    capsys.readouterr()
+    assert train(*common, "--out", twice) == 143
+    assert "mbm: terminated (SIGTERM) after step 7, which is checkpointed" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(twice, "checkpoints"))) == ["latest", "step-000007.pt"]
+    assert trainer_module.request_stop() is False  # the loop is over
+    monkeypatch.undo()
+    assert train(*common, "--out", twice, "--resume") == 0
+    a, b = read_jsonl(os.path.join(once, "metrics.jsonl")), read_jsonl(os.path.join(twice, "metrics.jsonl"))
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+    ids_a = read_jsonl(os.path.join(once, "samples-rank0.jsonl"))
+    assert read_jsonl(os.path.join(twice, "samples-rank0.jsonl")) == ids_a
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the loader's workers are found in /proc")
+def test_sigterm_stops_mbm_train_at_a_checkpointed_step_with_no_worker_left(data, tmp_path):
+    """Before, SIGTERM (a preemption, a scheduler's time limit) ended the process at once: the steps
+    since the last checkpoint were lost, with no word said."""
+    import signal
+    import subprocess
+    import time
+
+    from pipelines.forkclient import running
+    from pipelines.proctree import descendants
+
+    out = tmp_path / "run"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
+    job = subprocess.Popen([sys.executable, "-m", "jobs.train_cli", "train", *TINY, "--data", data, "--out", str(out),
+                            "--steps", "100000", "--log-every", "5", "--eval-every", "100000", "--workers", "1"],
+                           cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while '"split": "train"' not in (metrics.read_text() if metrics.exists() else ""):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.1)
+    workers = descendants(job.pid)
+    assert workers  # the loader's worker
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mbm: terminated (SIGTERM) after step ") and "Traceback" not in err, err
+    step = int(last.split("after step ")[1].split(",")[0])
+    assert step >= 5 and (out / "checkpoints" / f"step-{step:06d}.pt").is_file()
+    deadline = time.monotonic() + 10
+    while (left := [pid for pid in workers if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
