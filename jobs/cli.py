@@ -18,13 +18,14 @@ EXIT_FAILED = 1  # the job stopped: out of memory, a failed GPU (what to change 
 
 
 def _stop_workers() -> bool:
-    """SIGTERM reaches the driver alone, Ctrl-C the terminal's whole process group: the workers, their
-    clients and the fork server get Ctrl-C's signal, and stop as they do on it."""
+    """SIGTERM reaches the driver alone (Ctrl-C the terminal's whole process group): the workers, their
+    clients and the fork server get it too. Not SIGINT: a job started in the background (``&`` in a
+    script, nohup) has SIGINT ignored from its start, and so would they."""
     import signal
 
     from pipelines.proctree import signal_descendants
 
-    signal_descendants(os.getpid(), signal.SIGINT)
+    signal_descendants(os.getpid(), signal.SIGTERM)
     return False  # and the driver stops as on Ctrl-C
 
 

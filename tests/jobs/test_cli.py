@@ -182,11 +182,9 @@ def test_a_failed_bundle_is_reported_when_the_workers_log_cannot_be_written(tmp_
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and signals as on Linux")
 @pytest.mark.timeout(120)
-def test_ctrl_c_stops_the_job_in_one_line_and_leaves_nothing_to_clean(tmp_path):
-    """Ctrl-C reaches the driver and its workers (one process group). Beam's threads reported each worker
-    that exited on it as a crash, printed before "mbm: interrupted", and the run's staging stayed until
-    the next run."""
-    import signal
+def _job_asleep_in_featurize(tmp_path, preexec_fn):
+    """A real 2-worker preprocessing job in a process of its own, returned once its workers are in their
+    bundles, one of them asleep in a featurize call (the failing extractor's SLEEP mode)."""
     import time
     from pathlib import Path
 
@@ -194,19 +192,28 @@ def test_ctrl_c_stops_the_job_in_one_line_and_leaves_nothing_to_clean(tmp_path):
     spec = _failing_job(tmp_path, "SLEEP", 2)
     code = "import sys, tests.support.failing_extractor; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-
-    def own_group():
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell's children start with it ignored
-
     job = subprocess.Popen([sys.executable, "-c", code, "preprocess", str(spec), "--no-progress"], cwd=root,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=own_group)
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     log = tmp_path / "out" / ".worker.log"
     deadline = time.monotonic() + 90
     while "loading extractor failing-text" not in (log.read_text() if log.exists() else ""):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
         time.sleep(0.2)
-    time.sleep(1.0)  # the workers are in their bundles, one of them asleep in a featurize call
+    time.sleep(1.0)
+    return job
+
+
+def test_ctrl_c_stops_the_job_in_one_line_and_leaves_nothing_to_clean(tmp_path):
+    """Ctrl-C reaches the driver and its workers (one process group). Beam's threads reported each worker
+    that exited on it as a crash, printed before "mbm: interrupted", and the run's staging stayed until
+    the next run."""
+    import signal
+
+    def own_group():
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell's children start with it ignored
+
+    job = _job_asleep_in_featurize(tmp_path, own_group)
     os.killpg(job.pid, signal.SIGINT)
     _, err = job.communicate(timeout=60)
     assert job.returncode == 130
@@ -222,24 +229,15 @@ def test_sigterm_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_cle
     stayed until the next run."""
     import signal
     import time
-    from pathlib import Path
 
     from pipelines.forkclient import running
     from pipelines.proctree import descendants
 
-    root = str(Path(__file__).resolve().parents[2])
-    spec = _failing_job(tmp_path, "SLEEP", 2)
-    code = "import sys, tests.support.failing_extractor; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    job = subprocess.Popen([sys.executable, "-c", code, "preprocess", str(spec), "--no-progress"], cwd=root,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    log = tmp_path / "out" / ".worker.log"
-    deadline = time.monotonic() + 90
-    while "loading extractor failing-text" not in (log.read_text() if log.exists() else ""):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-        time.sleep(0.2)
-    time.sleep(1.0)  # the workers are in their bundles, one of them asleep in a featurize call
+    def started_in_the_background():  # as `mbm preprocess ... &` in a script, or nohup: SIGINT ignored
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    job = _job_asleep_in_featurize(tmp_path, started_in_the_background)
     tree = descendants(job.pid)
     assert len(tree) >= 3  # the fork server, the workers' clients and the workers
     job.send_signal(signal.SIGTERM)
@@ -248,9 +246,9 @@ def test_sigterm_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_cle
     assert err.strip().splitlines()[-1] == "mbm: terminated (SIGTERM)" and "Traceback" not in err, err
     out = tmp_path / "out"
     assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 2  # the workers watch their clients every 0.5 s; the signal is quicker
     while (left := [pid for pid in tree if running(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert not left
 
 
