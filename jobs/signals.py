@@ -29,8 +29,8 @@ def sigterm_as_interrupt(first: Callable[[], bool] | None = None) -> Iterator[No
     """SIGTERM raises ``Terminated`` in the main thread while this is open, unless ``first()`` (called
     in the handler) returns True: the command took the signal on and stops by itself. Only the first
     SIGTERM counts; later ones are ignored, so that they cannot cut the clean-up short (the sender's
-    SIGKILL still ends it). The handler before is put back on leaving (if none came); outside the main thread, where
-    handlers cannot be set, this does nothing."""
+    SIGKILL still ends it). The handler before is put back on leaving, if no SIGTERM came. Outside the
+    main thread, where handlers cannot be set, this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

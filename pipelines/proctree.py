@@ -1,9 +1,9 @@
 """A process's descendants, from the parent ids in ``/proc/*/stat`` (Linux; elsewhere none are found).
 
 A local preprocessing run is a tree: the driver, the worker clients Beam starts, the worker fork
-server and the workers it forks. Something that stops the driver alone (SIGTERM from a container
-runtime or a batch scheduler) reaches none of the others; ``signal_descendants`` gives them what
-Ctrl-C gives the whole terminal's process group.
+server and the workers it forks. A signal sent to the driver alone (SIGTERM from a container runtime
+or a batch scheduler) reaches none of the others, where Ctrl-C reaches the terminal's whole process
+group; ``signal_descendants`` passes it on to them.
 """
 
 from __future__ import annotations
