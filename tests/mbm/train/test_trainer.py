@@ -470,7 +470,7 @@ def test_sigterm_stops_mbm_train_at_a_checkpointed_step_with_no_worker_left(data
                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while '"split": "train"' not in (metrics.read_text() if metrics.exists() else ""):
+    while '"step": 5, "split": "train"' not in (metrics.read_text() if metrics.exists() else ""):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
         time.sleep(0.1)
     workers = descendants(job.pid)
