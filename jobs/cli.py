@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, sigterm_as_interrupt
+from jobs.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, stop_signals
 from jobs.spec import RUNNERS, SpecError
 
 EXIT_USAGE = 2
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
-    with sigterm_as_interrupt(_stop_workers if command in ("preprocess", "demo") else None):
+    with stop_signals(_stop_workers if command in ("preprocess", "demo") else None):
         try:
             return _main(command, argv, beam_args)
         except Terminated:  # also one that came after _main's own handlers (while its fork server closed)

@@ -18,6 +18,7 @@ from typing import Any
 
 import apache_beam as beam
 
+from jobs.signals import pending
 from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
 from mbm.alloc import Trimmer, arena_env
 from mbm.extractors.handler import features_fingerprint
@@ -236,6 +237,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         try:
             with beam_errors, monitor, Trimmer(), arena_env():  # arena_env: the workers Beam starts
                 p.run().wait_until_finish()
+                if (stop := pending()) is not None:  # raised in a callback from C, which dropped it: in a
+                    raise stop  # run of one worker the DoFns run here (soundfile reads through cffi's)
         except Exception as e:
             failure = resource_failure(e) or killed_worker(worker_log, spec)
             if failure is None:

@@ -1,17 +1,24 @@
-"""SIGTERM, handled as Ctrl-C is.
+"""Ctrl-C and SIGTERM, raised where a command can clean up after them.
 
 SIGTERM is how a container runtime, Kubernetes (a pod's eviction or deletion) or a batch scheduler
 (Slurm at a time limit or a preemption) stops a job, with a grace period before SIGKILL. Python's default
 ends the process on the spot: no message, and whatever the process was in the middle of is left as
-it was. While a command runs, ``sigterm_as_interrupt`` makes SIGTERM raise ``Terminated`` in the main
-thread, as SIGINT raises KeyboardInterrupt, so the clean-up Ctrl-C gets runs for it too; ``first``
-lets a command take the signal on its own way (a training loop checkpoints the step it is in and stops).
+it was. While a command runs inside ``stop_signals``, SIGTERM raises ``Terminated`` in the main
+thread, as Ctrl-C raises KeyboardInterrupt, so the clean-up Ctrl-C gets runs for it too; ``first``
+lets a command take SIGTERM on its own way (a training loop checkpoints the step it is in and stops).
+
+Both carry a message: Beam, when a DoFn it runs in this process raises (a run of one worker),
+re-raises the same type with the step's name added to ``args[0]``, but wraps an exception without one
+in a RuntimeError, which read as a failed job rather than a stopped one. And an exception raised in a
+callback from C (cffi's, which soundfile reads its input through) is printed and dropped there, so the
+command went on as if nothing had come, committing its work: ``pending()`` says one came.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,30 +30,65 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: the command stops as on Ctrl-C."""
 
+    def __init__(self, message: str = "SIGTERM") -> None:
+        super().__init__(message)
+
+
+_pending: KeyboardInterrupt | None = None
+
+
+def pending() -> KeyboardInterrupt | None:
+    """The interrupt raised while the current ``stop_signals`` block runs, if one was; check it before
+    committing work, in case something between the handler and the command dropped it."""
+    return _pending
+
 
 @contextlib.contextmanager
-def sigterm_as_interrupt(first: Callable[[], bool] | None = None) -> Iterator[None]:
-    """SIGTERM raises ``Terminated`` in the main thread while this is open, unless ``first()`` (called
-    in the handler) returns True: the command took the signal on and stops by itself. Only the first
-    SIGTERM counts; later ones are ignored, so that they cannot cut the clean-up short (the sender's
-    SIGKILL still ends it). The handler before is put back on leaving, if no SIGTERM came. Outside the
-    main thread, where handlers cannot be set, this does nothing."""
+def stop_signals(first: Callable[[], bool] | None = None) -> Iterator[None]:
+    """While open, SIGTERM raises ``Terminated`` in the main thread, unless ``first()`` (called in the
+    handler) returns True: the command took the signal on and stops by itself. Only the first SIGTERM
+    counts; later ones are ignored, so that they cannot cut the clean-up short (the sender's SIGKILL
+    still ends it). Ctrl-C raises KeyboardInterrupt as Python's own handler does, with a message (none
+    is installed where SIGINT was ignored from the start: a job run in the background). The handlers
+    before are put back on leaving, SIGTERM's only if none came. Outside the main thread, where
+    handlers cannot be set, this does nothing."""
+    global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
     fired = False
 
     def on_sigterm(signum: int, frame: Any) -> None:
+        global _pending
         nonlocal fired
         fired = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if first is not None and first():
             return
-        raise Terminated()
+        _pending = Terminated()
+        raise _pending
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    def on_sigint(signum: int, frame: Any) -> None:
+        global _pending
+        _pending = KeyboardInterrupt("Ctrl-C")
+        raise _pending
+
+    def unraisable(what: Any) -> None:  # where C drops an exception: ours is kept in pending(), not printed
+        if what.exc_value is None or what.exc_value is not _pending:
+            before_hook(what)
+
+    _pending = None
+    before_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable
+    before_term = signal.signal(signal.SIGTERM, on_sigterm)
+    before_int = signal.getsignal(signal.SIGINT)
+    if before_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if fired else previous)
+        _pending = None  # what came belongs to this block
+        sys.unraisablehook = before_hook
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if fired else before_term)
+        if before_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, before_int)

@@ -253,13 +253,13 @@ def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``mbm train``."""
     _setup_logging()
-    from jobs.signals import EXIT_TERMINATED, sigterm_as_interrupt
+    from jobs.signals import EXIT_TERMINATED, stop_signals
     from mbm.train.trainer import TrainingStopped, request_stop, train
 
     try:
         cfg = train_config(args)
         # SIGTERM (a preemption, a scheduler's limit): the loop checkpoints the step it is in and stops
-        with sigterm_as_interrupt(request_stop):
+        with stop_signals(request_stop):
             last = train(cfg, progress=False if args.no_progress else None)
     except TrainingStopped as stop:
         if int(os.environ.get("RANK", "0")) == 0:

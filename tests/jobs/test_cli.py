@@ -252,6 +252,32 @@ def test_sigterm_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_cle
     assert not left
 
 
+@pytest.mark.parametrize("error, code, said", [
+    ("SIGINT", 130, "mbm: interrupted"),
+    ("SIGTERM", 143, "mbm: terminated (SIGTERM)"),
+    ("DROPPED_SIGINT", 130, "mbm: interrupted"),
+])
+def test_a_one_worker_job_stops_on_a_signal_in_one_line_and_commits_nothing(tmp_path, capsys, error, code, said):
+    """With one worker the DoFns run in the driver's main thread, where the signal's exception is raised.
+    Beam wrapped Ctrl-C's KeyboardInterrupt in a RuntimeError (a traceback, exit 1, the staging left);
+    and one raised in a callback from C (soundfile reads through cffi's) was printed and dropped there,
+    and the job went on to commit a version."""
+    import signal
+
+    import tests.support.failing_extractor  # noqa: F401
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["preprocess", str(_failing_job(tmp_path, error, 1)), "--no-progress"]) == code
+    finally:
+        signal.signal(signal.SIGTERM, before)  # after a SIGTERM the command leaves it ignored
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == said, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    out = tmp_path / "out"
+    assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
+
+
 def test_a_bad_input_still_becomes_a_reject_row(tmp_path, monkeypatch, capsys):
     import json
 

@@ -3,18 +3,19 @@ import signal
 
 import pytest
 
-from jobs.signals import Terminated, sigterm_as_interrupt
+from jobs.signals import Terminated, pending, stop_signals
 
 
 @pytest.fixture(autouse=True)
 def _keep_handler():
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     yield
-    signal.signal(signal.SIGTERM, before)
+    signal.signal(signal.SIGTERM, before[0])
+    signal.signal(signal.SIGINT, before[1])
 
 
 def test_sigterm_raises_terminated_once_and_later_ones_are_ignored():
-    with pytest.raises(Terminated), sigterm_as_interrupt():
+    with pytest.raises(Terminated), stop_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         signal.sigtimedwait([], 5)  # never reached: the handler raises at the next bytecode
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # a second one cannot cut the clean-up short
@@ -23,12 +24,12 @@ def test_sigterm_raises_terminated_once_and_later_ones_are_ignored():
 
 def test_a_command_that_takes_the_signal_on_is_not_interrupted():
     took = []
-    with sigterm_as_interrupt(lambda: took.append(1) or True):
+    with stop_signals(lambda: took.append(1) or True):
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # only the first one reaches the command
     assert took == [1]
     declined = []
-    with pytest.raises(Terminated), sigterm_as_interrupt(lambda: declined.append(1) or False):
+    with pytest.raises(Terminated), stop_signals(lambda: declined.append(1) or False):
         os.kill(os.getpid(), signal.SIGTERM)
     assert declined == [1]
 
@@ -38,10 +39,44 @@ def test_the_handler_before_is_back_when_no_sigterm_came():
         pass
 
     signal.signal(signal.SIGTERM, mine)
-    with sigterm_as_interrupt():
+    with stop_signals():
         assert signal.getsignal(signal.SIGTERM) is not mine
     assert signal.getsignal(signal.SIGTERM) is mine
 
 
 def test_terminated_is_handled_where_ctrl_c_is():
     assert issubclass(Terminated, KeyboardInterrupt) and not issubclass(Terminated, Exception)
+
+
+def test_ctrl_c_raises_with_a_message_so_beam_keeps_its_type():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with pytest.raises(KeyboardInterrupt) as raised, stop_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 5)
+    assert raised.value.args == ("Ctrl-C",)  # Beam adds its step's name to args[0] and re-raises the type
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigint_ignored_from_the_start_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background
+    with stop_signals():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # nothing happens
+    assert pending() is None
+
+
+def test_an_interrupt_that_c_drops_is_still_pending_and_not_printed(capsys):
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    class Finalized:
+        def __del__(self):  # what a finalizer raises is dropped, as in a callback from C
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):
+                pass
+
+    with stop_signals():
+        Finalized()
+        dropped = pending()
+        assert isinstance(dropped, KeyboardInterrupt) and not isinstance(dropped, Terminated)
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert pending() is None  # it belonged to the block

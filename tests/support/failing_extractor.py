@@ -3,8 +3,10 @@
 A text holding ``config.trigger`` makes a featurize call raise ``config.error``: "MemoryError",
 "OutOfMemoryError" (torch.cuda's, which the CPU can raise too), "CudaError" (a RuntimeError as torch
 words a failed CUDA call), "ValueError" (a bad input) or "SIGKILL" (the worker process is killed, as
-the kernel's out-of-memory killer does) or "SLEEP" (the call never ends: a job to interrupt). Other texts give one row of features per
-word, each row the word's length. Its module is preloaded by Beam's worker fork server, so spawned
+the kernel's out-of-memory killer does) or "SLEEP" (the call never ends: a job to interrupt). "SIGINT" and
+"SIGTERM" send the process that signal and go on; "DROPPED_SIGINT" sends SIGINT from a finalizer, where
+what its handler raises is dropped (as in a callback from C), and goes on. Other texts give one row of
+features per word, each row the word's length. Its module is preloaded by Beam's worker fork server, so spawned
 workers know the name too.
 """
 
@@ -18,7 +20,8 @@ import numpy as np
 from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.registry import register_extractor
 
-ERRORS = ("MemoryError", "OutOfMemoryError", "CudaError", "ValueError", "SIGKILL", "SLEEP")
+ERRORS = ("MemoryError", "OutOfMemoryError", "CudaError", "ValueError", "SIGKILL", "SLEEP", "SIGINT", "SIGTERM",
+          "DROPPED_SIGINT")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -31,6 +34,25 @@ class FailingTextConfig(ExtractorConfig):
         super().__post_init__()
         if self.error not in ERRORS:
             self._fail("error", f"must be one of {', '.join(ERRORS)}")
+
+
+def _send(error: str) -> None:
+    import os
+    import signal
+
+    if error != "DROPPED_SIGINT":
+        os.kill(os.getpid(), getattr(signal, error))
+        for _ in range(10_000):  # the handler runs here (between bytecodes of the main thread)
+            pass
+        return
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # the handler runs here; what it raises goes to sys.unraisablehook
+                pass
+
+    Finalized()  # made and freed at once
 
 
 def make_error(name: str) -> BaseException:
@@ -72,5 +94,8 @@ class FailingTextExtractor(Extractor):
                 import time
 
                 time.sleep(600)
-            raise make_error(self.config.error)
+            if self.config.error in ("SIGINT", "SIGTERM", "DROPPED_SIGINT"):
+                _send(self.config.error)
+            else:
+                raise make_error(self.config.error)
         return [np.array([[len(w)] * self.config.dim for w in text.split() or [""]], np.float32) for text in batch]
