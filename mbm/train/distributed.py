@@ -39,15 +39,6 @@ class DistEnv:
         dist.all_reduce(t)
         return float(t.item()) / self.world
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank. On the host alone (a gloo group, also under NCCL), so
-        asking at every step never waits for the device."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
-        return bool(t.item())
-
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order."""
         if not self.distributed:
@@ -76,6 +67,35 @@ class DistEnv:
         if self.owns_group and dist.is_initialized():
             gc.collect()
             dist.destroy_process_group()
+
+
+class AnyRank:
+    """Whether a flag is set on any rank, agreed a step late and without waiting.
+
+    Each call posts this rank's flag in an all-reduce (on the host: a gloo group, also beside NCCL)
+    and returns the result of the one posted at the call before, which ran meanwhile: every rank gets
+    the same answer at the same call, and no call waits for the other ranks. Alone, the flag itself.
+    ``finish()`` waits for the last one, once every rank has made the same calls."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+        self._posted: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        if not self.env.distributed:
+            return flag
+        agreed = self.finish()
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        self._posted = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.env.control, async_op=True), t
+        return agreed
+
+    def finish(self) -> bool:
+        if self._posted is None:
+            return False
+        work, t = self._posted
+        self._posted = None
+        work.wait()
+        return bool(t.item())
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:

@@ -28,7 +28,7 @@ from mbm.resources import usable_cores
 from mbm.train.build import common_pair, model_config, stream_config
 from mbm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mbm.train.config import TrainConfig
-from mbm.train.distributed import DistEnv, init_distributed
+from mbm.train.distributed import AnyRank, DistEnv, init_distributed
 from mbm.train.evaluate import autocast, evaluate
 from mbm.train.plot import plot_metrics
 from mbm.train.run import RunDir, append_jsonl, read_jsonl, truncate_jsonl
@@ -305,14 +305,16 @@ class Trainer:
         t0, seen, losses = time.perf_counter(), 0, []
         pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
         _STOP.loop_running, _STOP.asked = True, False
+        stop_asked = AnyRank(env)
         try:
             while self.step < end:
                 loss_t, ids = self.train_step(batches)
                 pending.append((self.step, loss_t))
                 logs = self.step % cfg.log_every == 0 or self.step in (1, cfg.steps)
                 evals = self.step % cfg.eval_every == 0 or self.step == cfg.steps
-                # Asked to stop (SIGTERM): every rank agrees at the same step, which is checkpointed.
-                stop = env.any(_STOP.asked)
+                # Asked to stop (SIGTERM): every rank agrees at the same step (a step after the ask), and
+                # that step is checkpointed.
+                stop = stop_asked(_STOP.asked)
                 saves = self.step % cfg.checkpoint_interval == 0 or self.step == end or stop
                 # A step's loss is read once the next step is queued (the device has finished it meanwhile),
                 # so the host never waits for the device between steps; all of them before a log, an
@@ -342,8 +344,10 @@ class Trainer:
                     self.save()
                 bar.update(1)
                 if stop:
+                    stop_asked.finish()
                     bar.close()
                     raise TrainingStopped(self.step, self.run.latest())
+            stop_asked.finish()  # every rank posted as many: none is left in flight
             bar.close()
             return last
         finally:
