@@ -156,9 +156,12 @@ class Trainer:
         dims = {m: self.source.feature_dims[m] for m in self.model.cfg.input_modalities()}
         self.train_stream = stream_config(cfg, self.source, self.labels, dims, "train", train=True)
         self.val_stream = stream_config(cfg, self.source, self.labels, dims, "val", train=False)
-        # Unused parameters are normal here: retrieval never reads the third modality, generate never reads text.
+        # Retrieval never reads the third modality and generate never reads text: their embeddings take no
+        # part in a step, which DDP must look for (a walk over the autograd graph at every step). Classify
+        # reads every modality at every step, a batch without one included (its features are then empty).
         ids = [env.device.index] if env.device.type == "cuda" else None
-        self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=True) if env.distributed else self.model
+        self.ddp = (DDP(self.model, device_ids=ids, find_unused_parameters=cfg.task != "classify")
+                    if env.distributed else self.model)
         self.optimizer = adamw(self.model, cfg)
         workers = loader_workers(cfg.workers, env.device)
         cuda = env.device.type == "cuda"

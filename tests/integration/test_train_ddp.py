@@ -186,3 +186,20 @@ def test_sigterm_to_torchrun_checkpoints_both_ranks_at_the_same_step_and_resume_
     torchrun("--data", data, "--out", str(out), "--steps", str(step + 5), "--resume")
     for log in logs:
         assert [r["step"] for r in read_jsonl(str(log))] == list(range(1, step + 6))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["gated", "cross_attention"])
+def test_classify_runs_without_the_unused_parameter_search_also_when_a_batch_lacks_a_modality(tmp_path, fusion):
+    """Classify reads every modality's embedding at every step, so DDP does not walk the autograd graph
+    for unused parameters (which it did, warning on every rank that it found none). A batch where no
+    sample has audio still uses every parameter: its audio features are empty, not left out."""
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=120, samples_per_shard=60, feature_dims=DIMS,
+                                                  lengths={"text": (3, 6), "image": (4, 4), "audio": (3, 8)},
+                                                  missing={"text": 0.2, "image": 0.5, "audio": 0.9}))
+    out = str(tmp_path / "run")
+    proc = torchrun("--data", data, "--out", out, "--steps", "30", "--batch-size", "4", "--fusion", fusion)
+    assert "find any unused parameters" not in proc.stderr
+    logs = [read_jsonl(os.path.join(out, f"samples-rank{r}.jsonl")) for r in (0, 1)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == list(range(1, 31))
