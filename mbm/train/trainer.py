@@ -158,7 +158,7 @@ class Trainer:
         self.val_stream = stream_config(cfg, self.source, self.labels, dims, "val", train=False)
         # Retrieval never reads the third modality and generate never reads text: their embeddings take no
         # part in a step, which DDP must look for (a walk over the autograd graph at every step). Classify
-        # reads every modality at every step, a batch without one included (its features are then empty).
+        # reads every modality at every step, a batch without one included (one masked padding step of it).
         ids = [env.device.index] if env.device.type == "cuda" else None
         self.ddp = (DDP(self.model, device_ids=ids, find_unused_parameters=cfg.task != "classify")
                     if env.distributed else self.model)

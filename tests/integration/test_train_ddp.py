@@ -193,7 +193,7 @@ def test_sigterm_to_torchrun_checkpoints_both_ranks_at_the_same_step_and_resume_
 def test_classify_runs_without_the_unused_parameter_search_also_when_a_batch_lacks_a_modality(tmp_path, fusion):
     """Classify reads every modality's embedding at every step, so DDP does not walk the autograd graph
     for unused parameters (which it did, warning on every rank that it found none). A batch where no
-    sample has audio still uses every parameter: its audio features are empty, not left out."""
+    sample has audio still uses every parameter: its audio is one masked padding step, not left out."""
     data = str(tmp_path / "ds")
     write_synthetic_dataset(data, SyntheticConfig(num_samples=120, samples_per_shard=60, feature_dims=DIMS,
                                                   lengths={"text": (3, 6), "image": (4, 4), "audio": (3, 8)},
