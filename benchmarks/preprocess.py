@@ -64,7 +64,6 @@ from report import cores_description, cpu_description, write_section
 
 from jobs.spec import SpecError, dump_toml, load_spec
 from pipelines import proctree
-from pipelines.proctree import parent
 from pipelines.readers.folder import METADATA_NAMES
 from pipelines.readers.rows import format_of
 
@@ -133,7 +132,7 @@ def role(pid: int, root: int) -> str:
         return "driver"
     cmdline = _cmdline(pid)
     if b"pipelines.forkserver" in cmdline:
-        up = parent(pid)
+        up = proctree.parent(pid)
         return "worker" if up != root and b"pipelines.forkserver" in _cmdline(up) else "fork server"
     if b"pipelines.forkclient" in cmdline or cmdline.startswith(b"/bin/sh"):
         return "launcher"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, stop_signals
+from jobs.signals import report, stop_signals
 from jobs.spec import RUNNERS, SpecError
 
 EXIT_USAGE = 2
@@ -133,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     with stop_signals(_stop_workers if command in ("preprocess", "demo") else None):
         try:
             return _main(command, argv, beam_args)
-        except Terminated:  # also one that came after _main's own handlers (while its fork server closed)
-            print("mbm: terminated (SIGTERM)", file=sys.stderr)
-            return EXIT_TERMINATED
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM, once _main has closed its fork server
+            return report(stop)
 
 
 def _main(command: str | None, argv: list[str], beam_args: list[str]) -> int:
@@ -159,11 +158,6 @@ def _main(command: str | None, argv: list[str], beam_args: list[str]) -> int:
     except SpecError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except Terminated:
-        raise  # said by main()
-    except KeyboardInterrupt:
-        print("mbm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     finally:
         if fork is not None:
             fork.close()

@@ -37,6 +37,15 @@ class Terminated(KeyboardInterrupt):
 _pending: KeyboardInterrupt | None = None
 
 
+def report(stop: KeyboardInterrupt) -> int:
+    """Say in one line how the command was stopped; the exit status for it (130 Ctrl-C, 143 SIGTERM)."""
+    if isinstance(stop, Terminated):
+        print("mbm: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    print("mbm: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def pending() -> KeyboardInterrupt | None:
     """The interrupt raised while the current ``stop_signals`` block runs, if one was; check it before
     committing work, in case something between the handler and the command dropped it."""

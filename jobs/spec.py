@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mbm.resources import cgroup_memory_available, machine_memory_available, usable_cores
+from mbm.resources import memory_room, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,7 @@ def auto_workers(device: str, cores: int | None = None, memory: int | None = Non
                      "quota): one worker per core of those", cores, os.cpu_count())
     memory_name = "free memory"
     if memory is None:
-        machine, boxed = machine_memory_available(), cgroup_memory_available()
-        if boxed is not None and (machine is None or boxed < machine):
-            memory, memory_name = boxed, "memory its cgroup's limit leaves (a container's)"
-        else:
-            memory = machine
+        memory, memory_name = memory_room()
     gpu = gpu_memory(device) if gpu is None else gpu
     limits = {"cores": cores}
     if memory:

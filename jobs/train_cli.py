@@ -350,16 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
-    from jobs.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated
+    from jobs.signals import report
 
     try:  # as `mbm` says them (torchrun starts ranks as `python -m jobs.train_cli` too)
         return args.func(args)
-    except Terminated:  # before the training loop ran, or after it
-        print("mbm: terminated (SIGTERM)", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        print("mbm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM before the training loop ran or after it
+        return report(stop)
 
 
 if __name__ == "__main__":

@@ -138,8 +138,20 @@ def machine_memory_available(meminfo: str = "/proc/meminfo") -> int | None:
         return None
 
 
+CGROUP_MEMORY = "memory its cgroup's limit leaves (a container's)"
+
+
+def memory_room(root: str = CGROUP_ROOT, proc: str = PROC_CGROUP,
+                meminfo: str = "/proc/meminfo") -> tuple[int | None, str]:
+    """``available_memory()`` and what sets it: "free memory" (the machine's ``MemAvailable``) or
+    ``CGROUP_MEMORY`` (a limit leaves less)."""
+    machine, boxed = machine_memory_available(meminfo), cgroup_memory_available(root, proc)
+    if boxed is not None and (machine is None or boxed < machine):
+        return boxed, CGROUP_MEMORY
+    return machine, "free memory"
+
+
 def available_memory(root: str = CGROUP_ROOT, proc: str = PROC_CGROUP, meminfo: str = "/proc/meminfo") -> int | None:
     """Bytes of memory this process can have without swapping: ``MemAvailable``, capped by what its cgroup's
     memory limits leave; None when unknown."""
-    known = [m for m in (machine_memory_available(meminfo), cgroup_memory_available(root, proc)) if m is not None]
-    return min(known) if known else None
+    return memory_room(root, proc, meminfo)[0]

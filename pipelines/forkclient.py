@@ -115,9 +115,8 @@ def run_target(env: Mapping[str, str]) -> None:
 def run_here(say: bool = True) -> int:
     """Be the worker in this process, without the server (``say``: note that in the workers' log)."""
     if say:  # one write, not print's two: the workers share the log
-        with contextlib.suppress(OSError):
-            sys.stderr.write("mbm: the worker fork server is not running; starting this worker the usual way\n")
-            sys.stderr.flush()
+        sys.stderr.write("mbm: the worker fork server is not running; starting this worker the usual way\n")
+        sys.stderr.flush()
     try:
         run_target(os.environ)
     except SystemExit as e:
@@ -146,9 +145,8 @@ def main(path: str, server: int) -> int:
     status = reply[len(ACCEPTED):].decode(errors="replace").strip()
     if status.startswith(SIGNALLED) and status[len(SIGNALLED):].isdigit():
         signum = int(status[len(SIGNALLED):])
-        with contextlib.suppress(OSError):  # a full disk under the log: the exit status still says it
-            sys.stderr.write(killed_line(signum))  # one write: the workers share the log
-            sys.stderr.flush()
+        sys.stderr.write(killed_line(signum))  # one write: the workers share the log
+        sys.stderr.flush()
         return 128 + signum
     try:
         return int(status or "1")  # nothing: the worker and the server died without a word
@@ -157,4 +155,5 @@ def main(path: str, server: int) -> int:
 
 
 if __name__ == "__main__":
+    sys.stderr = LossyStream(sys.stderr)  # the workers' log: a full disk under it must not stop this process
     sys.exit(main(sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 1 else run_here(say=False))

@@ -36,7 +36,7 @@ def test_a_command_that_takes_the_signal_on_is_not_interrupted():
 
 def test_the_handler_before_is_back_when_no_sigterm_came():
     def mine(signum, frame):
-        pass
+        """A handler of the test's own: it does nothing."""
 
     signal.signal(signal.SIGTERM, mine)
     with stop_signals():
@@ -66,16 +66,11 @@ def test_sigint_ignored_from_the_start_stays_ignored():
 
 
 def test_an_interrupt_that_c_drops_is_still_pending_and_not_printed(capsys):
+    from tests.support.signals import send_dropped
+
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    class Finalized:
-        def __del__(self):  # what a finalizer raises is dropped, as in a callback from C
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(10_000):
-                pass
-
     with stop_signals():
-        Finalized()
+        send_dropped()  # from a finalizer, where what is raised is dropped, as in a callback from C
         dropped = pending()
         assert isinstance(dropped, KeyboardInterrupt) and not isinstance(dropped, Terminated)
     assert "Exception ignored" not in capsys.readouterr().err

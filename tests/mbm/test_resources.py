@@ -143,12 +143,13 @@ def test_auto_workers_name_a_containers_memory_limit_when_it_is_what_holds_them_
     import logging
 
     from jobs import spec
+    from mbm import resources
 
     monkeypatch.setattr(spec, "usable_cores", lambda: 8)
-    monkeypatch.setattr(spec, "machine_memory_available", lambda: 64 * GiB)
-    monkeypatch.setattr(spec, "cgroup_memory_available", lambda: 5 * GiB)
+    monkeypatch.setattr(resources, "machine_memory_available", lambda *where: 64 * GiB)
+    monkeypatch.setattr(resources, "cgroup_memory_available", lambda *where: 5 * GiB)
     with caplog.at_level(logging.WARNING, logger="jobs.spec"):
         assert spec.auto_workers("cpu", gpu=0) == 2  # (5 - 1) / 2, not (64 - 1) / 2
     assert "memory its cgroup's limit leaves" in caplog.text and "5.0 GiB" in caplog.text
-    monkeypatch.setattr(spec, "cgroup_memory_available", lambda: None)
+    monkeypatch.setattr(resources, "cgroup_memory_available", lambda *where: None)
     assert spec.auto_workers("cpu", gpu=0) == 8

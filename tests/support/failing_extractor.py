@@ -37,22 +37,14 @@ class FailingTextConfig(ExtractorConfig):
 
 
 def _send(error: str) -> None:
-    import os
     import signal
 
-    if error != "DROPPED_SIGINT":
-        os.kill(os.getpid(), getattr(signal, error))
-        for _ in range(10_000):  # the handler runs here (between bytecodes of the main thread)
-            pass
-        return
+    from tests.support.signals import send, send_dropped
 
-    class Finalized:
-        def __del__(self) -> None:
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(10_000):  # the handler runs here; what it raises goes to sys.unraisablehook
-                pass
-
-    Finalized()  # made and freed at once
+    if error == "DROPPED_SIGINT":
+        send_dropped()
+    else:
+        send(getattr(signal, error))
 
 
 def make_error(name: str) -> BaseException:

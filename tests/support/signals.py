@@ -1,0 +1,31 @@
+"""Signals a test sends its own process, with room for Python to run the handler.
+
+Python runs a signal's handler in the main thread between two bytecodes; ``os.kill`` returns before
+that, so each sender runs a loop of bytecodes after it. ``send_dropped`` sends SIGINT from a
+finalizer, where what the handler raises is dropped (given to ``sys.unraisablehook``), as it is in a
+callback from C such as cffi's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _give_the_handler_its_turn() -> None:
+    for _ in range(10_000):
+        pass
+
+
+def send(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    _give_the_handler_its_turn()
+
+
+class _SendsOnFree:
+    def __del__(self) -> None:
+        send(signal.SIGINT)
+
+
+def send_dropped() -> None:
+    _SendsOnFree()  # made and freed at once: the finalizer runs here
