@@ -24,3 +24,12 @@ def test_an_already_imported_beam_module_is_left_as_it_is():
     code = ("import apache_beam.ml.inference.base as base, mbm.extractors.beam_api as api; "
             "print(api.RunInference is base.RunInference, base.ModelManager is not None)")
     assert _run(code) == "True True"
+
+
+def test_beam_still_reads_the_memory_a_model_load_took():
+    # The failed manager import also left Beam's RunInference without the resource module, so each
+    # model load logged "Resource module is not available for current platform".
+    code = ("import mbm.extractors.beam_api, logging, io; from apache_beam.ml.inference import base; "
+            "s = io.StringIO(); logging.basicConfig(stream=s); "
+            "print(base._get_current_process_memory_in_bytes() > 0, repr(s.getvalue()))")
+    assert _run(code) == "True ''"
