@@ -8,6 +8,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from pipelines.errors import CleanError
 from pipelines.media import other_form
@@ -44,9 +45,15 @@ def has_scheme(path: str) -> bool:
 
 
 def local_path(path: str) -> str | None:
-    """The local filesystem path of ``path`` (``file://`` stripped), or None for a remote URI."""
+    """The local filesystem path of ``path``, or None for a remote URI. A ``file://`` URI is read as
+    RFC 8089 writes it (``pathlib.Path.as_uri()``): ``file:///abs`` or ``file://localhost/abs``, its
+    escapes decoded (``%20`` a space); a ``file://name/...`` with another host stays the relative path
+    ``name/...`` it was read as before."""
     if path.startswith("file://"):
-        return path[len("file://") :]
+        local = path[len("file://"):]
+        if local.startswith("localhost/"):
+            local = local[len("localhost"):]
+        return unquote(local) if "%" in local else local
     return None if has_scheme(path) else path
 
 

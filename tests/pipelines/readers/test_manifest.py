@@ -810,3 +810,15 @@ def test_windows_separators_in_media_paths_name_the_files_they_mean(tmp_path):
         ("4", str(tmp_path / "img" / "missing.jpg"), "img\\missing.jpg"),  # the cleaner says it is missing
     ]
     assert [(r.id, r.reason) for r in rejects] == [("5", "read.path_escape")]  # converted, then checked
+
+
+def test_file_uris_are_read_as_rfc_8089_writes_them(tmp_path):
+    """``Path.as_uri()`` escapes spaces and non-ASCII letters and may name the host localhost."""
+    media = tmp_path / "my media" / "ü x.png"
+    uri = media.as_uri()
+    assert "%20" in uri and "%C3%BC" in uri
+    (tmp_path / "m.jsonl").write_bytes(_line({"id": "a", "image": uri})
+                                       + _line({"id": "b", "image": "file://localhost" + uri[len("file://"):]})
+                                       + _line({"id": "c", "image": f"file://{media}"}))
+    samples = list(iter_manifest(str(tmp_path / "m.jsonl")))
+    assert [(s.id, s.image.uri) for s in samples] == [("a", str(media)), ("b", str(media)), ("c", str(media))]
