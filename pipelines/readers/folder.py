@@ -250,7 +250,7 @@ def _file_name(value: Any, source: str) -> str:
         raise CleanError("read.missing_id", f"{source}: no 'file_name'")
     if not isinstance(value, str):
         raise CleanError("read.bad_type", f"{source}: 'file_name' is {shown(value)}, expected a path string")
-    return value
+    return value.strip()  # as a manifest's media cells are: spaces a spreadsheet left around the name
 
 
 def _kind(file_name: str, source: str) -> str:
