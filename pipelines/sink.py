@@ -280,8 +280,9 @@ def member_bytes(members: dict[str, Any]) -> int:
 
 
 def ok_row(sample: CleanSample, shard: str | None) -> IndexRow:
-    stages = sorted({d.split(": ", 1)[0] for d in sample.dropped.values()})
-    reasons = [d.split(": ", 2)[1] if d.count(": ") >= 1 else d for d in sample.dropped.values()]
+    dropped = sorted(sample.dropped.items())  # stage, reason and detail list the modalities in one order
+    stages = list(dict.fromkeys(d.split(": ", 1)[0] for _, d in dropped))
+    reasons = [d.split(": ", 2)[1] if d.count(": ") >= 1 else d for _, d in dropped]
     return IndexRow(
         id=sample.id,
         key=sample.key,
@@ -291,7 +292,7 @@ def ok_row(sample: CleanSample, shard: str | None) -> IndexRow:
         status="ok",
         stage=", ".join(stages),
         reason="; ".join(reasons),
-        detail="; ".join(f"{m}: {d}" for m, d in sorted(sample.dropped.items())),
+        detail="; ".join(f"{m}: {d}" for m, d in dropped),
         modalities=",".join(m for m in ("text", "image", "audio") if m in sample.features),
         label=None if sample.label is None else str(sample.label),
         source=sample.source,

@@ -267,3 +267,17 @@ def test_shards_are_the_bytes_webdatasets_tar_writer_writes(tmp_path, sizes):
     assert "k0000._meta" not in names and names[-1] == "ключ-" + "x" * 120 + ".json"
     with pytest.raises(TypeError, match="k0000.json: a shard member must be bytes, got str"):
         _write_tar(str(tmp_path / "bad.tar"), [("k0000", {"json": "{}"})])
+
+
+def test_an_index_row_lists_its_dropped_modalities_stages_and_reasons_in_one_order():
+    from pipelines.sink import ok_row
+
+    sample = _sample(1)
+    sample.dropped = {"image": "clean.image: image.truncated: cut at byte 90",
+                      "audio": "clean.audio: audio.unidentified: not a sound file",
+                      "text": "clean.text: text.empty: nothing left"}
+    row = ok_row(sample, "s.tar")
+    assert row.stage == "clean.audio, clean.image, clean.text"
+    assert row.reason == "audio.unidentified; image.truncated; text.empty"
+    assert row.detail == ("audio: clean.audio: audio.unidentified: not a sound file; "
+                          "image: clean.image: image.truncated: cut at byte 90; text: clean.text: text.empty: nothing left")
