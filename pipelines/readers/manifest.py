@@ -38,6 +38,7 @@ from pipelines.readers.rows import (
     iter_rows,
     meta_value,
     unique_columns,
+    unreadable,
 )
 from schemas import RawSample, Reject
 
@@ -81,8 +82,9 @@ def check_columns(path: str, fmt: str) -> None:
     image, audio) or repeat one of mbm's columns, so that a wrong file or a misnamed column stops the
     job before it starts instead of rejecting every row, or reading only one of two ``text`` columns.
     Reads the header or schema only (a header with no rows too), and of JSON the first rows: a file
-    whose first rows are merely broken is left to the per-row rejects. An empty file is refused too: a
-    version of it would hold no sample (on a rerun, removing every one)."""
+    whose first rows are merely broken is left to the per-row rejects. An empty file, and one that cannot
+    be read from its start, are refused too: a version of it would hold no sample (on a rerun, removing
+    every one). A file damaged further on keeps the rows before the damage (``read.unreadable``)."""
     if is_blank(absolute(path)):
         raise ValueError(
             f"[input] manifest {path!r} is empty (no header, no rows): a job reading it would commit a "
@@ -94,6 +96,12 @@ def check_columns(path: str, fmt: str) -> None:
     except ValueError as e:  # a JSON file that is one JSON object
         raise ValueError(f"[input] manifest {path!r}: {e}") from None
     if not rows:
+        if why := unreadable(absolute(path), fmt, display_name(path)):
+            raise ValueError(
+                f"[input] manifest {path!r}: {why.partition(': ')[2]}: a job reading it would "
+                "commit a version with no samples, removing every sample of the version before; write the "
+                "manifest again, or set [input] format if its extension says another format than it holds"
+            )
         _check_has_rows(path, fmt)  # an empty JSON array
         return
     names = list(dict.fromkeys(column for row in rows for column in row))

@@ -163,6 +163,14 @@ def has_rows(path: str, fmt: str, name: str) -> bool:
         return any(not isinstance(item, _Header) for item in items)
 
 
+def unreadable(path: str, fmt: str, name: str) -> str | None:
+    """Why ``path`` cannot be read from its start (its ``read.unreadable`` reject's detail: a plain file
+    named ``.gz``, a Parquet file without its footer), or None where a first row or header reads."""
+    with contextlib.closing(_items(path, fmt, name)) as items:
+        first = next(items, None)
+    return first.detail if isinstance(first, Reject) and first.reason == "read.unreadable" else None
+
+
 def is_blank(path: str) -> bool:
     """Whether ``path`` holds nothing but white space once decompressed (0 bytes: a failed export, a full
     disk); False when it cannot be read, which its reader reports."""

@@ -245,6 +245,12 @@ def _parquet(path, names, columns):
     # an empty file: a version of it would remove every sample
     ("m.csv", "", ["job.toml: [input] manifest ", "m.csv' is empty (no header, no rows)"]),
     ("m.jsonl", " \n\n", ["m.jsonl' is empty", "write the manifest again"]),
+    # so is one that cannot be read from its start: its version would hold no sample either
+    ("m.jsonl.gz", "oops, plain text and not gzip\n",
+     ["m.jsonl.gz': cannot read the file (BadGzipFile: Not a gzipped file (b'oo')): a job reading it",
+      "removing every sample of the version before", "set [input] format"]),
+    ("m.parquet", lambda p: p.write_bytes(b"PAR1" + bytes(300)),
+     ["m.parquet': cannot read the file (ArrowInvalid: Parquet magic bytes not found in footer"]),
     # a header with no rows is judged too
     ("m.csv", "path,caption\n", ["it has no 'id' column (columns: 'path', 'caption')"]),
     ("m.tsv", "id\tpath\n", ["it has no text, image or audio column (columns: 'id', 'path')"]),

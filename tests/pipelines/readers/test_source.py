@@ -282,11 +282,17 @@ def test_config_reads_a_parquet_schema_for_its_columns(tmp_path):
     ("m.jsonl", '{"id": "x", "text": "the line stops\n["a"]\n{"text": "no id"}\n{"id": "a", "caption": "fine"}\n'),
     ("m.json", '{"id": "x", "text": "the line stops\n{"id": "a", "image": "a.jpg"}\n'),
     ("m.csv", 'id,text\nr1,"never closed\nr2,fine\n'),
-    ("cut.parquet", "PAR1 cut"),  # unreadable: one read.unreadable reject when read
 ])
 def test_config_accepts_manifests_with_bad_first_rows(tmp_path, name, body):
     (tmp_path / name).write_text(body)
     SourceConfig(manifest=str(tmp_path / name))
+
+
+def test_config_refuses_a_manifest_that_cannot_be_read_from_its_start(tmp_path):
+    """Its version would hold no sample, as an empty file's would: on a rerun, removing every one."""
+    (tmp_path / "cut.parquet").write_text("PAR1 cut")
+    with pytest.raises(ValueError, match=r"cut.parquet': cannot read the file \(ArrowInvalid: .*no samples"):
+        SourceConfig(manifest=str(tmp_path / "cut.parquet"))
 
 
 def test_config_reads_a_repeated_column_that_is_not_mbm_s_and_logs_how(tmp_path, caplog):
