@@ -171,6 +171,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
     spec.runner.check_device()
     spec.runner.check_options(extra_options)
     spec.runner.check_offline(extra_options)
+    spec.runner.check_workers()
     out_dir = spec.output.dir
     local = _is_local(out_dir)
     held = ExitStack()

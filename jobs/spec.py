@@ -94,34 +94,51 @@ def gpu_memory(device: str) -> int | None:
         return None
 
 
+class WorkerRoom:
+    """How many preprocessing workers this machine holds: one per core this process may use, as many as
+    fit in the free memory (a worker may need ``WORKER_HOST_BYTES``, the driver ``DRIVER_HOST_BYTES``) and,
+    on a GPU, in its memory (each worker holds its own models there). Cores and memory are what a
+    container or batch scheduler leaves this process (``mbm.resources``: CPU affinity, cgroup CPU quota
+    and memory limit). The machine is asked for what is not given."""
+
+    def __init__(self, device: str, cores: int | None = None, memory: int | None = None,
+                 gpu: int | None = None) -> None:
+        if cores is None:
+            cores = usable_cores()
+            if cores < (os.cpu_count() or 1):
+                log.info("%d of this machine's %d cores are this job's to use (CPU affinity, or a container's CPU "
+                         "quota): one worker per core of those", cores, os.cpu_count())
+        self.memory_name = "free memory"
+        if memory is None:
+            memory, self.memory_name = memory_room()
+        self.cores, self.memory = cores, memory
+        self.gpu = gpu_memory(device) if gpu is None else gpu
+        self.limits = {"cores": cores}  # what bounds the worker count -> that bound
+        if memory:
+            self.limits[self.memory_name] = max(1, (memory - DRIVER_HOST_BYTES) // WORKER_HOST_BYTES)
+        if self.gpu:
+            self.limits["GPU memory"] = max(1, int(self.gpu * 0.9) // WORKER_GPU_BYTES)
+
+    def memory_limit(self) -> tuple[str, int] | None:
+        """(name, workers) of the tighter of host and GPU memory; None when neither is known."""
+        bounds = [(n, k) for n, k in self.limits.items() if n != "cores"]
+        return min(bounds, key=lambda b: b[1]) if bounds else None
+
+    def size(self, name: str) -> str:
+        """``name``'s bytes and a worker's need of them, for messages."""
+        have, need = ((self.gpu, WORKER_GPU_BYTES) if name == "GPU memory" else (self.memory, WORKER_HOST_BYTES))
+        return f"{have / 2**30:.1f} GiB; a worker may need {need / 2**30:.1f} GiB"
+
+
 def auto_workers(device: str, cores: int | None = None, memory: int | None = None,
                  gpu: int | None = None) -> int:
-    """Workers for ``workers = 0``: one per core this process may use, but no more than fit in the free
-    memory (a worker may need ``WORKER_HOST_BYTES``, the driver ``DRIVER_HOST_BYTES``) and, on a GPU, in
-    its memory (each worker holds its own models there). Cores and memory are what a container or batch
-    scheduler leaves this process (``mbm.resources``: CPU affinity, cgroup CPU quota and memory limit).
-    The machine is asked for what is not given."""
-    if cores is None:
-        cores = usable_cores()
-        if cores < (os.cpu_count() or 1):
-            log.info("%d of this machine's %d cores are this job's to use (CPU affinity, or a container's CPU "
-                     "quota): one worker per core of those", cores, os.cpu_count())
-    memory_name = "free memory"
-    if memory is None:
-        memory, memory_name = memory_room()
-    gpu = gpu_memory(device) if gpu is None else gpu
-    limits = {"cores": cores}
-    if memory:
-        limits[memory_name] = max(1, (memory - DRIVER_HOST_BYTES) // WORKER_HOST_BYTES)
-    if gpu:
-        limits["GPU memory"] = max(1, int(gpu * 0.9) // WORKER_GPU_BYTES)
-    n = min(limits.values())
-    if n < cores:
-        why = min(limits, key=limits.get)
-        log.warning("%d preprocessing workers, not one per core (%d): that is what the %s holds (%.1f GiB; a worker "
-                    "may need %.1f GiB); set [runner] workers to choose", n, cores, why,
-                    (memory if why == memory_name else gpu) / 2**30,
-                    (WORKER_HOST_BYTES if why == memory_name else WORKER_GPU_BYTES) / 2**30)
+    """Workers for ``workers = 0``: one per core, as far as memory holds (``WorkerRoom``)."""
+    room = WorkerRoom(device, cores, memory, gpu)
+    n = min(room.limits.values())
+    if n < room.cores:
+        why = min(room.limits, key=room.limits.get)
+        log.warning("%d preprocessing workers, not one per core (%d): that is what the %s holds (%s); set [runner] "
+                    "workers to choose", n, room.cores, why, room.size(why))
     return n
 
 
@@ -192,6 +209,26 @@ class RunnerConfig:
             shown.append(f"{arg!r}" + (f" (did you mean {near[0]}?)" if near else ""))
         raise SpecError(f"Beam knows no option {', '.join(shown)}; it would ignore it and run the job with other "
                         "settings than asked: fix it in [runner] options or after `--`")
+
+    def check_workers(self, room: WorkerRoom | None = None) -> None:
+        """An explicit ``workers`` of a local runner that is more than both this machine's cores and what
+        its memory holds (``WorkerRoom``) fails here: each worker is a process holding its own copy of every
+        model, so such a count only runs out of memory, or forks processes by the thousand for a typo.
+        More workers than cores alone are allowed, with a warning: they share the cores, gaining nothing."""
+        if not self.workers or self.name not in LOCAL_RUNNERS:
+            return
+        room = room or WorkerRoom(self.device)
+        bound = room.memory_limit()
+        if bound is not None and self.workers > max(room.cores, bound[1]):
+            name, fit = bound
+            raise SpecError(
+                f"[runner] workers = {self.workers} (or --workers): this machine has {room.cores} core"
+                f"{'s' if room.cores > 1 else ''} and its {name} holds about {fit} worker{'s' if fit > 1 else ''} "
+                f"({room.size(name)}); set workers = 0 for one per core as far as memory holds, or at most "
+                f"{max(room.cores, fit)}")
+        if self.workers > room.cores:
+            log.warning("[runner] workers = %d on %d cores: the workers share the cores, which gains nothing for "
+                        "work that keeps a core busy", self.workers, room.cores)
 
     def check_device(self) -> None:
         """A local run's CUDA device must exist on this machine: say so before any worker starts.

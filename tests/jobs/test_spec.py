@@ -303,6 +303,48 @@ def test_default_workers_are_one_per_core_as_far_as_memory_holds(caplog):
     assert auto_workers("cpu", cores=4, memory=0, gpu=0) == 4  # memory unknown: one per core
 
 
+def test_a_worker_count_neither_the_cores_nor_the_memory_hold_exits_before_any_worker_starts(caplog):
+    import logging
+
+    from jobs.spec import RunnerConfig, WorkerRoom
+
+    GiB = 1 << 30
+    room = WorkerRoom("cpu", cores=2, memory=21 * GiB, gpu=0)  # memory holds (21 - 1) / 2 = 10
+    with pytest.raises(SpecError) as e:
+        RunnerConfig(workers=99999).check_workers(room)
+    assert str(e.value) == (
+        "[runner] workers = 99999 (or --workers): this machine has 2 cores and its free memory holds about 10 "
+        "workers (21.0 GiB; a worker may need 2.0 GiB); set workers = 0 for one per core as far as memory "
+        "holds, or at most 10")
+    with pytest.raises(SpecError, match=r"its GPU memory holds about 5 workers \(16.0 GiB; a worker may need 2.5"):
+        RunnerConfig(workers=9, device="cuda").check_workers(WorkerRoom("cuda", cores=4, memory=64 * GiB,
+                                                                        gpu=16 * GiB))
+    with caplog.at_level(logging.WARNING):
+        RunnerConfig(workers=10).check_workers(room)  # more than the cores, as many as memory holds: allowed
+        RunnerConfig(workers=2).check_workers(room)
+        RunnerConfig(workers=3).check_workers(WorkerRoom("cpu", cores=4, memory=2 * GiB, gpu=0))  # the cores hold it
+        RunnerConfig(workers=500, name="DataflowRunner").check_workers(room)  # not this machine's workers
+        RunnerConfig(workers=64).check_workers(WorkerRoom("cpu", cores=2, memory=0, gpu=0))  # memory unknown
+    assert [r.getMessage() for r in caplog.records] == [
+        "[runner] workers = 10 on 2 cores: the workers share the cores, which gains nothing for work that keeps "
+        "a core busy",
+        "[runner] workers = 64 on 2 cores: the workers share the cores, which gains nothing for work that keeps "
+        "a core busy"]
+
+
+def test_preprocess_refuses_a_worker_count_the_machine_cannot_hold(data, capsys, monkeypatch):
+    import jobs.spec as spec_module
+    from jobs.cli import main
+
+    monkeypatch.setattr(spec_module, "memory_room", lambda: (5 << 30, "free memory"))  # holds 2 workers
+    monkeypatch.setattr(spec_module, "usable_cores", lambda: 2)
+    (data / "data" / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    _write(data / "job.toml", '[input]\nmanifest = "data/m.jsonl"\n[output]\ndir = "out"\n')
+    assert main(["preprocess", str(data / "job.toml"), "--workers", "99999", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "[runner] workers = 99999 (or --workers): this machine has 2 cores" in err and "at most 2" in err
+    assert "Traceback" not in err and not (data / "out" / "dataset.json").exists()
+
 def test_the_default_worker_count_is_worked_out_once_and_job_toml_keeps_workers_0(tmp_path, monkeypatch):
     import jobs.spec as spec_module
     from jobs.spec import RunnerConfig
