@@ -1,7 +1,7 @@
 """WebDataset tar reader (img2dataset layout): ``{key}.jpg``, ``{key}.txt``, ``{key}.json``, ``{key}.cls``.
 
-Members are grouped into samples the way ``webdataset`` does: consecutive members sharing the part of the
-name before the first dot of the base name. Hard links and symlinks to members read as their targets,
+Members are grouped into samples the way ``webdataset`` does: by the part of the name before the first
+dot of the base name; a sample's members need not follow each other (``_joined``), as webdataset's must. Hard links and symlinks to members read as their targets,
 as ``tarfile.extractfile`` reads them; a sample with a link to nothing is one ``read.unreadable`` reject.
 Concatenated tars (``cat a.tar b.tar``, ``cat a.tar.gz b.tar.gz``) are read to their end, like
 ``tar --ignore-zeros``. A tar damaged part-way (a compressed one cut short too) keeps the samples before
@@ -23,6 +23,7 @@ import os
 import posixpath
 import re
 import tarfile
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -55,6 +56,8 @@ _INT = re.compile(r"^[+-]?\d+$")
 JSON_FIELDS = ("key", "caption", "label")  # fields of a sample's json that are its id, text and label
 UNREAD_MEMBERS = "unread_members"  # meta key: the members that hold bytes and were not used
 # names of tars, plain or compressed; a file named otherwise is read only when it starts like one
+# bytes of members held to join a sample's members that other samples' came between (``_joined``)
+JOIN_BYTES = 64 << 20
 TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.lzma",
              ".tar.zst", ".tzst")
 
@@ -87,7 +90,7 @@ def iter_tar(
     """Samples and rejects of one tar (plain or compressed), in member order; the first of one id wins."""
     name = name or display_name(path)
     seen = FirstWins()
-    for key, group in _groups(absolute(path), name):
+    for key, group in _joined(_groups(absolute(path), name), name):
         if isinstance(group, Reject):
             yield group
             continue
@@ -171,6 +174,59 @@ def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, by
         group.setdefault(suffix, (member, data))
     if group:
         yield key, group
+
+
+def _joined(groups: Iterable[tuple[str, dict[str, tuple[str, bytes | CleanError]] | Reject]], name: str,
+            budget: int = JOIN_BYTES) -> Iterator[tuple[str, dict[str, tuple[str, bytes | CleanError]] | Reject]]:
+    """``groups`` with a key's members joined where other samples' members came between them: a tar
+    written in directory order (``tar cf x.tar -C dir .`` lists a folder's files in no set order) or one
+    file kind after another (``tar cf x.tar *.jpg *.txt``). webdataset itself reads such a tar as two
+    samples per key, each with part of the members.
+
+    Groups are held, in the order their keys first came, until the bytes they hold pass ``budget``
+    (an uncompressed local tar's media stay in the tar and count nothing here); the oldest then go on.
+    A later group of a key already gone on is a ``read.split_sample`` reject saying how to write the tar;
+    one holding a kind of member its key's first group has too (``x.jpg`` twice) is a sample of its own,
+    which ``iter_tar`` rejects as a duplicate id, as before."""
+    held: deque[tuple[str, dict[str, Any]]] = deque()
+    open_keys: dict[str, dict[str, Any]] = {}  # key -> its held group, which a later one may join
+    gone: dict[str, frozenset[str]] = {}  # key -> the member kinds of its group that went on
+    size = 0
+    for key, group in groups:
+        if isinstance(group, Reject):  # the end of what can be read
+            yield from held
+            yield key, group
+            return
+        first = open_keys.get(key)
+        if first is not None and not first.keys() & group.keys():
+            first.update(group)
+        elif key in gone and not gone[key] & group.keys():
+            yield "", _split_reject(name, key, group, budget)
+            continue
+        else:
+            held.append((key, group))
+            open_keys[key] = group
+        size += sum(len(data) for _, data in group.values() if isinstance(data, bytes))
+        while held and size > budget:
+            out_key, out = held.popleft()
+            if open_keys.get(out_key) is out:
+                del open_keys[out_key]
+                gone[out_key] = frozenset(out)
+            size -= sum(len(data) for _, data in out.values() if isinstance(data, bytes))
+            yield out_key, out
+    yield from held
+
+
+def _split_reject(name: str, key: str, group: dict[str, tuple[str, Any]], budget: int) -> Reject:
+    members = sorted(member for member, _ in group.values())
+    held = f"{budget >> 20} MB" if budget >= 1 << 20 else f"{budget} bytes"
+    return reject(
+        "read.split_sample",
+        f"{name}: {_some(members)} of sample {key!r} come{'s' if len(members) == 1 else ''} "
+        f"after more than {held} of other samples' members, so the sample was read without "
+        f"{'it' if len(members) == 1 else 'them'}: write the tar with each sample's files together (GNU tar: "
+        "tar --sort=name -cf x.tar -C folder .), or uncompressed (a local .tar's media count nothing here)",
+        f"{name}:{members[0]}", key)
 
 
 def _complete(group: dict[str, Any], previous: set[str], damage: _Damage, key: str) -> bool:
