@@ -390,8 +390,8 @@ def create_extractors(spec: JobSpec) -> dict[str, Any]:
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise SpecError(f"{spec.source_path}: [extract.{modality}]: {e}") from e
         if ex.modality != modality:
-            raise SpecError(f"{spec.source_path}: [extract.{modality}] name = {cfg.name!r} is a {ex.modality} "
-                            f"extractor, not a {modality} one")
+            raise SpecError(f"{spec.source_path}: [extract.{modality}] name = {cfg.name!r} is an extractor of "
+                            f"{ex.modality}, not of {modality}")
         for path in ex.weight_paths():  # models load from local files only: say so before any work starts
             if "://" not in path and not os.path.exists(path):
                 raise SpecError(f"{spec.source_path}: [extract.{modality}] {cfg.name}: the model path {path!r} "

@@ -25,7 +25,7 @@ from pipelines.readers.common import absolute, display_name, duplicate, has_sche
 from pipelines.readers.folder import check_metadata, iter_folder
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
-from pipelines.readers.wds import iter_tar
+from pipelines.readers.wds import TAR_NAMES, iter_tar
 from pipelines.spill import BundleFile, pread_exact
 from schemas import Media, RawSample, Reject
 
@@ -97,6 +97,9 @@ def _check_one_file(manifest: str) -> None:
     from braceexpand import UnbalancedBracesError, braceexpand
 
     local = local_path(manifest)
+    if local is not None and os.path.isdir(local):
+        raise ValueError(f"[input] manifest {manifest!r} is a folder; name the manifest file in it, or read the "
+                         "folder with folder = (an imagefolder or audiofolder) or shards = (WebDataset tars)")
     if local is None or os.path.isfile(local) or not (_GLOB.search(local) or "{" in local):
         return
     try:
@@ -157,8 +160,8 @@ def expand_shards(pattern: str) -> list[str]:
     from braceexpand import braceexpand
 
     parts = [absolute(p) for p in ([pattern] if _literal(pattern) else braceexpand(pattern))]
-    # a folder of tars; a local folder's own name is escaped ("run [2024]")
-    parts = [os.path.join(glob.escape(p) if local_path(p) else p, "*.tar") if os.path.isdir(p) else p for p in parts]
+    # a folder: its tars, plain and compressed
+    parts = [q for p in parts for q in (_tars_in(p) if os.path.isdir(p) else [p])]
     remote = [p for p in parts if _GLOB.search(p) and local_path(p) is None]
     matched = {p: sorted(m.path for m in r.metadata_list)
                for p, r in zip(remote, FileSystems.match(remote), strict=True)} if remote else {}
@@ -171,8 +174,21 @@ def expand_shards(pattern: str) -> list[str]:
     paths = list(dict.fromkeys(paths))
     explicit = (p for p in parts if p not in matched)
     if not paths or not (any(matched.values()) or any(map(FileSystems.exists, explicit))):
+        if _literal(pattern) and os.path.isdir(absolute(pattern)):
+            raise ValueError(f"[input] shards {pattern!r} is a folder holding no tar (a file named "
+                             f"{', '.join('*' + ext for ext in TAR_NAMES[:3])}, ...); name its tars with a pattern")
         raise ValueError(f"[input] shards {pattern!r} matches no files")
     return paths
+
+
+def _tars_in(folder: str) -> list[str]:
+    """The patterns of a folder's tars: ``*.tar``, and one for each compressed tar name its files have
+    (``*.tar.gz``, ``*.tgz``, ...). A local folder's own name is escaped ("run [2024]")."""
+    local = local_path(folder)
+    names = os.listdir(local) if local is not None else []
+    kinds = [ext for ext in TAR_NAMES if ext == ".tar" or any(name.endswith(ext) for name in names)]
+    base = glob.escape(folder) if local is not None else folder
+    return [os.path.join(base, "*" + ext) for ext in kinds]
 
 
 def read_input(item: Input, config: SourceConfig) -> Iterator[RawSample | Reject]:

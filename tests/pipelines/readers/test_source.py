@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 import tarfile
@@ -110,6 +111,28 @@ def test_shard_patterns_expand_in_order(shards):
     assert expand_shards(root) == expand_shards(f"{root}/*.tar")
     inputs = list_inputs(SourceConfig(shards=f"{root}/0000[01].tar"))
     assert [(i.index, i.kind, i.name) for i in inputs] == [(0, "tar", "00000.tar"), (1, "tar", "00001.tar")]
+
+
+def test_a_folder_of_shards_is_read_as_its_tars_compressed_ones_too(tmp_path):
+    import shutil
+
+    _tar(tmp_path / "00000.tar", ["a"])
+    for name in ("00001.tar.gz", "00002.tgz"):
+        with open(tmp_path / "00000.tar", "rb") as f, gzip.open(tmp_path / name, "wb") as g:
+            shutil.copyfileobj(f, g)
+    (tmp_path / "notes.txt").write_text("not a tar")
+    assert [os.path.basename(p) for p in expand_shards(str(tmp_path))] == ["00000.tar", "00001.tar.gz", "00002.tgz"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "captions.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match=r"shards '.*empty' is a folder holding no tar \(a file named \*.tar, "
+                                         r"\*.tar.gz, \*.tgz, ...\); name its tars with a pattern"):
+        expand_shards(str(tmp_path / "empty"))
+
+
+def test_a_manifest_that_is_a_folder_says_what_reads_a_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"manifest '.*' is a folder; name the manifest file in it, or read the "
+                                         r"folder with folder = \(an imagefolder or audiofolder\) or shards = "):
+        SourceConfig(manifest=str(tmp_path))
 
 
 # -- Beam ------------------------------------------------------------------------------------------
