@@ -25,7 +25,7 @@ from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
-from pipelines.commit import commit, current_manifest, remove_uncommitted
+from pipelines.commit import DatasetStateError, commit, current_manifest, remove_uncommitted
 from pipelines.errors import ResourceError, disk_guard, resource_failure
 from pipelines.extract import build_handlers
 from pipelines.progress import ProgressMonitor
@@ -182,12 +182,18 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         raise SpecError(f"[output] dir = {out_dir!r} cannot be created or locked: {e}") from e
     with held:
         staging_root = f"{out_dir.rstrip('/')}/.staging"
-        if local:
-            remove_uncommitted(out_dir)  # we hold the lock: anything uncommitted is left from a killed run
+        try:
+            if local:
+                remove_uncommitted(out_dir)  # we hold the lock: anything uncommitted is left from a killed run
+            previous = current_manifest(out_dir)
+        except DatasetStateError as e:
+            raise SpecError(str(e)) from None
         staging = f"{staging_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         if local:
             Path(staging).mkdir(parents=True)
-        previous = current_manifest(out_dir)
+            # whatever stops the run before its commit (a model folder that is no model, Ctrl-C while the
+            # pipeline is built) takes its staging with it; a committed run's is gone by then
+            held.push(lambda failed, *_: failed is not None and _drop_staging(staging, staging_root))
         if previous is not None and local and not full:
             _warn_output_changes(out_dir, previous.version, spec)
         extractors = create_extractors(spec)

@@ -75,11 +75,34 @@ def write_atomic(path: str, data: bytes | Callable[[BinaryIO], None],
     FileSystems.rename([tmp], [path])
 
 
+class DatasetStateError(ValueError):
+    """A dataset folder in a state no run of mbm leaves (its ``dataset.json`` unreadable, or missing or
+    older beside newer versions): a job refuses to touch it, saying how to make it whole."""
+
+
 def current_manifest(out_dir: str) -> DatasetManifest | None:
     path = join(out_dir, "dataset.json")
     if not FileSystems.exists(path):
         return None
-    return DatasetManifest.from_json(read_text(path))
+    try:
+        return DatasetManifest.from_json(read_text(path))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        newest = _version_numbers(out_dir)
+        fix = (f"copy the version to make current over it (the newest: cp {join(out_dir, version_path(newest[-1]))} "
+               f"{path})" if newest else "remove the folder to start the dataset again")
+        raise DatasetStateError(f"{path} cannot be read ({type(e).__name__}: {e}); it names the dataset's current "
+                                f"version: {fix}") from None
+
+
+def _version_numbers(out_dir: str) -> list[int]:
+    """The versions whose manifests ``versions/`` of a local ``out_dir`` holds, in order."""
+    import re
+    from pathlib import Path
+
+    folder = Path(out_dir) / "versions"
+    if "://" in out_dir or not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for f in folder.iterdir() if (m := re.fullmatch(r"(\d{6})\.json", f.name)))
 
 
 @dataclass
@@ -468,7 +491,9 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     """Delete what a killed run left behind in a local dataset folder; returns the removed paths.
 
     Only files no committed version can reference go: the staging folder, and manifests, index
-    files and shards named for versions above the current one (names carry their version).
+    files and shards named for versions above the current one (names carry their version). A killed
+    run leaves at most the version after the current one: where ``versions/`` holds others above it
+    (``dataset.json`` deleted, or an older copy put back), ``DatasetStateError`` and nothing is removed.
     """
     import re
     import shutil
@@ -477,6 +502,14 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     root = Path(out_dir)
     current = current_manifest(out_dir)
     top = current.version if current else 0
+    above = [v for v in _version_numbers(out_dir) if v > top]
+    if above and (len(above) > 1 or above[0] != top + 1):  # a killed run leaves one version, the next
+        now = f"dataset.json names version {top}" if current else "it has no dataset.json"
+        raise DatasetStateError(
+            f"{out_dir} holds versions {_versions_shown(above)} above its current one ({now}), which no interrupted "
+            "run leaves: was dataset.json deleted, or restored from an older copy? Nothing was changed. Make the "
+            f"version you want current (the newest: cp {root / version_path(above[-1])} {root / 'dataset.json'}) "
+            "and run again")
     removed = []
     if (root / ".staging").exists():
         shutil.rmtree(root / ".staging")
@@ -501,6 +534,10 @@ def remove_uncommitted(out_dir: str) -> list[str]:
         current_spec.write_bytes(spec.read_bytes())  # killed after the commit, before job.toml
         log.warning("restored %s from %s (a run stopped between the two)", current_spec, spec)
     return removed
+
+
+def _versions_shown(versions: list[int]) -> str:
+    return ", ".join(map(str, versions)) if len(versions) <= 4 else f"{versions[0]}..{versions[-1]}"
 
 
 def _remove_if_empty(folder: str) -> None:

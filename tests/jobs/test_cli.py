@@ -117,6 +117,34 @@ def test_a_job_that_fails_while_building_its_pipeline_leaves_no_beam_temp_folder
     with pytest.raises(RuntimeError, match="the graph broke"):
         main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"])
     assert not list(temp.glob("beam-pipeline-temp*"))
+    assert not (tmp_path / "out" / ".staging").exists()  # nor its staging folder
+
+
+def test_a_model_folder_that_is_no_model_leaves_no_staging(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # no width: found when the job hashes the model
+    (tmp_path / "model" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n'
+                                       '[extract.text]\nname = "hf-text"\npath = "model"\n')
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"]) == 2
+    assert "[extract.text] hf-text:" in capsys.readouterr().err
+    assert not (tmp_path / "out" / ".staging").exists()
+
+
+def test_a_dataset_folder_that_lost_its_dataset_json_is_left_as_it_is(tmp_path, capsys):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n')
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"]) == 0
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello again"}\n')
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    (out / "dataset.json").unlink()
+    before = sorted(p.name for p in out.rglob("*") if p.is_file())
+    capsys.readouterr()
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"]) == 2
+    assert f"mbm: error: {out} holds versions 1, 2 above its current one (it has no dataset.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == before  # no version deleted
 
 
 def _failing_job(tmp_path, error: str, workers: int):
@@ -251,6 +279,33 @@ def test_sigterm_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_cle
         time.sleep(0.05)
     assert not left
 
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers are found in /proc")
+def test_ctrl_c_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_clean(tmp_path):
+    """SIGINT to the driver's pid alone (``kill -INT``, ``timeout -s INT``, a supervisor): Beam's clean-up
+    waited for workers that never got it, and the job hung, holding the folder's lock."""
+    import signal
+    import time
+
+    from pipelines.forkclient import running
+    from pipelines.proctree import descendants
+
+    def own_group():
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    job = _job_asleep_in_featurize(tmp_path, own_group)
+    tree = descendants(job.pid)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130
+    assert err.strip().splitlines()[-1] == "mbm: interrupted" and "Traceback" not in err, err
+    out = tmp_path / "out"
+    assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
+    deadline = time.monotonic() + 2
+    while (left := [pid for pid in tree if running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left
 
 @pytest.mark.parametrize("error, code, said", [
     ("SIGINT", 130, "mbm: interrupted"),

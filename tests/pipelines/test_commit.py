@@ -1,9 +1,17 @@
 import json
+import os
 
 import pyarrow as pa
 import pytest
 
-from pipelines.commit import _labels, build_report, plan_counts, remove_uncommitted
+from pipelines.commit import (
+    DatasetStateError,
+    _labels,
+    build_report,
+    current_manifest,
+    plan_counts,
+    remove_uncommitted,
+)
 from pipelines.versions import gc
 from schemas import DatasetManifest
 
@@ -95,6 +103,48 @@ def test_a_kill_between_the_commit_and_job_toml_is_repaired_by_the_next_run(tmp_
     assert str(tmp_path / "versions" / "000003.toml") in removed
     assert remove_uncommitted(str(tmp_path)) == []  # nothing left to do
 
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_a_run_killed_before_its_commit_leaves_one_version_which_goes(tmp_path):
+    _dataset(tmp_path, [1, 2, 3])
+    (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000002.json").read_text())  # 3: not committed
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "v000003-000000.tar").write_bytes(b"")
+    removed = remove_uncommitted(str(tmp_path))
+    assert sorted(os.path.basename(f) for f in removed) == ["000003.json", "000003.toml", "v000003-000000.tar"]
+
+
+@pytest.mark.parametrize("state", ["no dataset.json", "an older dataset.json"])
+def test_versions_no_interrupted_run_leaves_stop_the_run_and_nothing_is_deleted(tmp_path, state):
+    """A deleted dataset.json, or an older copy put back, made every version above it a leftover to delete."""
+    _dataset(tmp_path, [1, 2, 3])
+    if state == "no dataset.json":
+        (tmp_path / "dataset.json").unlink()
+        above, now = "1, 2, 3", "it has no dataset.json"
+    else:
+        (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000001.json").read_text())
+        above, now = "2, 3", "dataset.json names version 1"
+    before = _files(tmp_path)
+    with pytest.raises(DatasetStateError) as e:
+        remove_uncommitted(str(tmp_path))
+    assert str(e.value) == (
+        f"{tmp_path} holds versions {above} above its current one ({now}), which no interrupted run leaves: was "
+        "dataset.json deleted, or restored from an older copy? Nothing was changed. Make the version you want "
+        f"current (the newest: cp {tmp_path}/versions/000003.json {tmp_path}/dataset.json) and run again")
+    assert _files(tmp_path) == before
+
+
+def test_an_unreadable_dataset_json_says_how_to_make_the_folder_whole(tmp_path):
+    _dataset(tmp_path, [1, 2])
+    for text in ('{"version": 2, "sha', "{}", "[]"):
+        (tmp_path / "dataset.json").write_text(text)
+        with pytest.raises(DatasetStateError, match=rf"^{tmp_path}/dataset.json cannot be read \(\w+: .*\); it names "
+                                                    rf"the dataset's current version: copy the version to make current "
+                                                    rf"over it \(the newest: cp {tmp_path}/versions/000002.json "):
+            current_manifest(str(tmp_path))
 
 def test_gc_deletes_the_specs_of_deleted_versions(tmp_path):
     _dataset(tmp_path, [1, 2, 3])
