@@ -17,16 +17,17 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1  # the job stopped: out of memory, a failed GPU (what to change is in its message)
 
 
-def _stop_workers() -> bool:
-    """SIGTERM reaches the driver alone (Ctrl-C the terminal's whole process group): the workers, their
-    clients and the fork server get it too. Not SIGINT: a job started in the background (``&`` in a
-    script, nohup) has SIGINT ignored from its start, and so would they."""
+def _stop_workers() -> None:
+    """SIGTERM, and SIGINT sent to the driver's pid alone (``kill -INT``, ``timeout -s INT``; Ctrl-C
+    reaches the terminal's whole process group), reach the driver alone: the workers, their clients and
+    the fork server get SIGTERM, and the driver stops as on Ctrl-C (Beam's clean-up waited for workers
+    that had not been told, and hung). SIGTERM and not SIGINT: a job started in the background (``&`` in
+    a script, nohup) has SIGINT ignored from its start, and so would they."""
     import signal
 
     from pipelines.proctree import signal_descendants
 
     signal_descendants(os.getpid(), signal.SIGTERM)
-    return False  # and the driver stops as on Ctrl-C
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
-    with stop_signals(_stop_workers if command in ("preprocess", "demo") else None):
+    with stop_signals(passed_on=_stop_workers if command in ("preprocess", "demo") else None):
         try:
             return _main(command, argv, beam_args)
         except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM, once _main has closed its fork server

@@ -53,19 +53,29 @@ def pending() -> KeyboardInterrupt | None:
 
 
 @contextlib.contextmanager
-def stop_signals(first: Callable[[], bool] | None = None) -> Iterator[None]:
+def stop_signals(first: Callable[[], bool] | None = None,
+                 passed_on: Callable[[], None] | None = None) -> Iterator[None]:
     """While open, SIGTERM raises ``Terminated`` in the main thread, unless ``first()`` (called in the
     handler) returns True: the command took the signal on and stops by itself. Only the first SIGTERM
     counts; later ones are ignored, so that they cannot cut the clean-up short (the sender's SIGKILL
     still ends it). Ctrl-C raises KeyboardInterrupt as Python's own handler does, with a message (none
-    is installed where SIGINT was ignored from the start: a job run in the background). The handlers
-    before are put back on leaving, SIGTERM's only if none came. Outside the main thread, where
-    handlers cannot be set, this does nothing."""
+    is installed where SIGINT was ignored from the start: a job run in the background). ``passed_on()``
+    runs once, at the first of either that stops the command: a job's driver passes the stop on to its
+    workers, which a signal sent to its pid alone does not reach. The handlers before are put back on
+    leaving, SIGTERM's only if none came. Outside the main thread, where handlers cannot be set, this
+    does nothing."""
     global _pending
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     fired = False
+    passed = False
+
+    def pass_on() -> None:
+        nonlocal passed
+        if passed_on is not None and not passed:
+            passed = True
+            passed_on()
 
     def on_sigterm(signum: int, frame: Any) -> None:
         global _pending
@@ -74,11 +84,13 @@ def stop_signals(first: Callable[[], bool] | None = None) -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if first is not None and first():
             return
+        pass_on()
         _pending = Terminated()
         raise _pending
 
     def on_sigint(signum: int, frame: Any) -> None:
         global _pending
+        pass_on()
         _pending = KeyboardInterrupt("Ctrl-C")
         raise _pending
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 
@@ -33,6 +34,24 @@ def test_a_command_that_takes_the_signal_on_is_not_interrupted():
         os.kill(os.getpid(), signal.SIGTERM)
     assert declined == [1]
 
+
+def test_the_stop_is_passed_on_once_at_the_first_ctrl_c_or_sigterm():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for first, then in ((signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGINT)):
+        told: list[int] = []
+        with pytest.raises(KeyboardInterrupt), stop_signals(passed_on=lambda told=told: told.append(1)):
+            try:
+                os.kill(os.getpid(), first)
+                signal.sigtimedwait([], 5)
+            finally:
+                with pytest.raises(KeyboardInterrupt) if then == signal.SIGINT else contextlib.nullcontext():
+                    os.kill(os.getpid(), then)  # a second one: not passed on again (a SIGTERM is ignored)
+                    signal.sigtimedwait([], 5)
+        assert told == [1]
+    took = []
+    with stop_signals(lambda: True, passed_on=lambda: took.append(1)):  # taken on: nothing to pass on
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert took == []
 
 def test_the_handler_before_is_back_when_no_sigterm_came():
     def mine(signum, frame):
