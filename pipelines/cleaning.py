@@ -123,6 +123,15 @@ def reusable(previous: dict[str, Any] | None, hashes: dict[str, str], cfg: Clean
     }
 
 
+def retried(previous: dict[str, Any], hashes: dict[str, str], cfg: CleanConfig) -> list[str]:
+    """Modalities of an unchanged sample that failed extraction in the previous version under another
+    extractor than this run's (a fixed model, other settings): they are extracted again. A row without
+    the failed extractor's fingerprint (written before failures recorded it) counts as another one."""
+    stages = previous["stage"].split(", ") if previous["stage"] else []
+    old_fps = json.loads(previous["fingerprint"] or "{}")
+    return [m for m in hashes if f"extract.{m}" in stages and old_fps.get(m) != cfg.fingerprints.get(m)]
+
+
 def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None = None
                  ) -> CleanSample | Reject | dict[str, Any]:
     """Plan and clean one sample against ``previous`` (its index row in the version being updated).
@@ -134,8 +143,8 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
     data, hashes = load_raw(raw, cfg)
     content = content_hash(hashes, raw.label, raw.meta)
     reuse = reusable(previous, hashes, cfg)
-    if previous is not None and previous["content_hash"] == content and set(reuse) == set(
-            previous["modalities"].split(",")):
+    if (previous is not None and previous["content_hash"] == content
+            and set(reuse) == set(previous["modalities"].split(",")) and not retried(previous, hashes, cfg)):
         return previous
     values: dict[str, Any] = {}
     failures: list[tuple[str, CleanError]] = []

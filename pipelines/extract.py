@@ -275,11 +275,14 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
             return sample
         # Decoded pixels and waveforms are dropped once featurized; the cleaned text stays (it goes in the json).
         media = getattr(sample, m) if m == "text" else None
+        # A failure records the extractor that failed too: another one (a fixed model, other settings)
+        # retries the modality on the next run, where the same one would fail again (cleaning.retried)
+        tried = {**sample.fingerprints, m: self._fingerprint}
         if isinstance(result, str):
-            return sample.with_(**{m: media}, dropped={**sample.dropped, m: result})
+            return sample.with_(**{m: media}, dropped={**sample.dropped, m: result}, fingerprints=tried)
         if not all_finite(np.asarray(result)):
             return sample.with_(**{m: media}, dropped={**sample.dropped, m: f"extract.{m}: {m}.non_finite_features: "
-                                                       "the extractor produced NaN or Inf"})
+                                                       "the extractor produced NaN or Inf"}, fingerprints=tried)
         return sample.with_(
             **{m: media},
             features={**sample.features, m: np.ascontiguousarray(result, dtype=np.float16)},

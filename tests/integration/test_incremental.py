@@ -234,3 +234,37 @@ def test_small_shards_left_by_many_small_updates_are_merged(tmp_path):
         index = {r["id"]: r["shard"] for r in pq.read_table(out / version["index"]).to_pylist() if r["status"] == "ok"}
         assert {k: v[0] for k, v in found.items()} == index, path.name
         assert version["shard_sizes"] == [sum(v[0] == sh for v in found.values()) for sh in version["shards"]]
+
+
+def test_a_modality_that_failed_extraction_is_retried_once_its_extractor_changes(tmp_path):
+    """Its sample landed with its other modalities and counted as unchanged, so another extractor (a
+    fixed model, other settings) never retried it; the same extractor does not try again."""
+    import numpy as np
+    import soundfile as sf
+
+    (tmp_path / "data").mkdir()
+    rows = []
+    for i, text in enumerate(["a fine caption", "a bad caption", "another fine one"]):
+        sf.write(tmp_path / "data" / f"{i}.wav", np.sin(np.arange(8000) * (0.05 + i / 100)).astype("float32"), 16000)
+        rows.append({"id": f"s{i}", "text": text, "audio": f"{i}.wav"})
+    _write_rows(tmp_path / "data" / "m.jsonl", rows)
+    spec = tmp_path / "job.toml"
+
+    def write_spec(trigger: str) -> None:
+        spec.write_text('[input]\nmanifest = "data/m.jsonl"\n[output]\ndir = "out"\n[runner]\nworkers = 1\n'
+                        f'[extract.text]\nname = "failing-text"\ntrigger = "{trigger}"\nerror = "ValueError"\n')
+
+    def text_of(version: int) -> dict[str, bool]:
+        return {sid: "text.npy" in m for sid, m in _members(tmp_path / "out", version).items()}
+
+    import tests.support.failing_extractor  # noqa: F401  registers failing-text
+
+    write_spec("bad")
+    _run(spec)
+    assert text_of(1) == {"s0": True, "s1": False, "s2": True}
+    again = _run(spec)  # the same extractor: it would fail again, so nothing to do
+    assert not again["new_version"] and again["extracted_by_modality"]["text"] == 0
+    write_spec("never there")
+    fixed = _run(spec)
+    assert fixed["version"] == 2 and text_of(2) == {"s0": True, "s1": True, "s2": True}
+    assert fixed["extracted_by_modality"] == {"text": 3, "image": 0, "audio": 0}  # the audio is copied
