@@ -277,7 +277,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             with disk_guard("committing the new version", out_dir):
                 result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
                                 fingerprints=fingerprints, feature_dims=dims,
-                                samples_per_shard=spec.output.samples_per_shard)
+                                samples_per_shard=spec.output.samples_per_shard,
+                                max_shard_bytes=spec.output.max_shard_bytes)
         except ResourceError as e:  # nothing committed: the current version stands
             raise JobError(str(e)) from e
     return JobResult(out_dir=out_dir, manifest=result.manifest, report=result.report)

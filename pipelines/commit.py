@@ -244,28 +244,39 @@ COMPACT_AT = 8  # small shards carried from earlier versions before they are mer
 
 
 def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], keep: _Kept,
-             renames: dict[str, str], samples_per_shard: int, next_name) -> tuple[list[str], list[int]]:
+             renames: dict[str, str], samples_per_shard: int, next_name,
+             max_shard_bytes: int | None = None) -> tuple[list[str], list[int]]:
     """Merge the small shards the previous versions left (each incremental run adds one or more shards of
     only its changed samples) once there are ``COMPACT_AT`` of them: their members are copied byte for
-    byte into shards of up to ``samples_per_shard`` samples. Earlier versions keep the originals."""
+    byte into shards of up to ``samples_per_shard`` samples and ``max_shard_bytes`` bytes. Small is under
+    a quarter of both: a shard that ``max_shard_bytes`` cut (big samples) is full, however few samples
+    it holds. Earlier versions keep the originals."""
+    origin = {new: old for old, new in renames.items()}  # a shard rewritten this run -> the one it replaces
+
+    def path(shard: str) -> str:
+        return join(staging, shard) if shard in origin else join(out_dir, shard)
+
     small_size = max(1, samples_per_shard // 4)
-    small = [i for i, size in enumerate(sizes) if size < small_size]
+    counted = [i for i, size in enumerate(sizes) if size < small_size]
+    nbytes = dict(zip(counted, _file_sizes([path(shards[i]) for i in counted]), strict=True)) if counted else {}
+    byte_cap = max_shard_bytes or 0
+    small = [i for i in counted if not byte_cap or nbytes[i] < byte_cap // 4]
     if len(small) < COMPACT_AT:
         return shards, sizes
     groups: list[list[int]] = [[]]
-    total = 0
+    total = total_bytes = 0
     for i in small:
-        if groups[-1] and total + sizes[i] > samples_per_shard:
+        if groups[-1] and (total + sizes[i] > samples_per_shard or (byte_cap and total_bytes + nbytes[i] > byte_cap)):
             groups.append([])
-            total = 0
+            total = total_bytes = 0
         groups[-1].append(i)
         total += sizes[i]
-    origin = {new: old for old, new in renames.items()}  # a shard rewritten this run -> the one it replaces
+        total_bytes += nbytes[i]
     merged: dict[int, tuple[str, int]] = {}
     for group in groups:
         name = next_name()
         members = [shards[i] for i in group]
-        sources = [(join(staging, s) if s in origin else join(out_dir, s), keep[origin.get(s, s)]) for s in members]
+        sources = [(path(s), keep[origin.get(s, s)]) for s in members]
         merged[group[0]] = (name, _copy_many(sources, join(staging, name)))
         for s in members:
             renames[origin.get(s, s)] = name
@@ -278,6 +289,11 @@ def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], ke
             out_shards.append(shard)
             out_sizes.append(size)
     return out_shards, out_sizes
+
+
+def _file_sizes(paths: list[str]) -> list[int]:
+    """Bytes of each of ``paths`` (local or any filesystem Beam reads)."""
+    return [result.metadata_list[0].size_in_bytes for result in FileSystems.match(paths)]
 
 
 class _Kept:
@@ -296,10 +312,10 @@ class _Kept:
 
 
 def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetManifest | None,
-                    staged_shards: list[dict], same: Any, samples_per_shard: int | None = None
-                    ) -> tuple[list[str], list[int], dict[str, str]]:
+                    staged_shards: list[dict], same: Any, samples_per_shard: int | None = None,
+                    max_shard_bytes: int | None = None) -> tuple[list[str], list[int], dict[str, str]]:
     """The new version's shards: untouched old shards shared, touched ones rewritten, small ones left by
-    earlier versions merged (with ``samples_per_shard``), new ones renamed in.
+    earlier versions merged (with ``samples_per_shard`` and ``max_shard_bytes``), new ones renamed in.
 
     Returns (shards, sizes, renames) where renames maps staged or old shard paths to new paths.
     """
@@ -327,7 +343,8 @@ def assemble_shards(out_dir: str, staging: str, version: int, previous: DatasetM
                 shards.append(name)
                 sizes.append(n_kept)
         if samples_per_shard:
-            shards, sizes = _compact(out_dir, staging, shards, sizes, keep, renames, samples_per_shard, next_name)
+            shards, sizes = _compact(out_dir, staging, shards, sizes, keep, renames, samples_per_shard, next_name,
+                                     max_shard_bytes)
     staged: dict[str, str] = {}
     for sh in staged_shards:
         name = next_name()
@@ -365,7 +382,7 @@ def _arrow_pool() -> Iterator[None]:
 
 def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
            fingerprints: dict[str, str], feature_dims: dict[str, int],
-           samples_per_shard: int | None = None) -> CommitResult:
+           samples_per_shard: int | None = None, max_shard_bytes: int | None = None) -> CommitResult:
     """Turn the staging folder of a finished pipeline into the next dataset version.
 
     When nothing changed (no new, changed or removed sample, the same rejects) no version is made and
@@ -373,12 +390,13 @@ def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     """
     with _arrow_pool():
         return _commit(out_dir, staging, job_toml=job_toml, clock=clock, started=started,
-                       fingerprints=fingerprints, feature_dims=feature_dims, samples_per_shard=samples_per_shard)
+                       fingerprints=fingerprints, feature_dims=feature_dims, samples_per_shard=samples_per_shard,
+                       max_shard_bytes=max_shard_bytes)
 
 
 def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
             fingerprints: dict[str, str], feature_dims: dict[str, int],
-            samples_per_shard: int | None) -> CommitResult:
+            samples_per_shard: int | None, max_shard_bytes: int | None = None) -> CommitResult:
     import pyarrow as pa
 
     previous = current_manifest(out_dir)
@@ -399,7 +417,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         rows = previous_rows
     else:
         shards, sizes, renames = assemble_shards(out_dir, staging, version, previous, staged.shards, staged.same,
-                                                 samples_per_shard)
+                                                 samples_per_shard, max_shard_bytes)
         new = _set_column(staged.new, "version", pa.repeat(pa.scalar(version, pa.int32()), staged.new.num_rows))
         new = _set_column(new, "shard", _renamed(new.column("shard"), renames))
         same = _set_column(staged.same, "shard", _renamed(staged.same.column("shard"), renames))

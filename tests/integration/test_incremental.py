@@ -268,3 +268,28 @@ def test_a_modality_that_failed_extraction_is_retried_once_its_extractor_changes
     fixed = _run(spec)
     assert fixed["version"] == 2 and text_of(2) == {"s0": True, "s1": True, "s2": True}
     assert fixed["extracted_by_modality"] == {"text": 3, "image": 0, "audio": 0}  # the audio is copied
+
+
+def test_shards_that_max_shard_bytes_cut_are_full_and_not_merged(tmp_path):
+    """Samples of ~200 KB in shards of at most 1 MiB hold 4 each, a fiftieth of samples_per_shard: every
+    shard counted as small, so one changed caption merged the whole dataset into one 8 MB shard."""
+    import tests.support.failing_extractor  # noqa: F401  registers failing-text
+
+    rows = [{"id": f"s{i:02d}", "text": " ".join(["word"] * 10) + f" {i}"} for i in range(40)]
+    manifest = tmp_path / "m.jsonl"
+    spec = tmp_path / "job.toml"
+    spec.write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\nsamples_per_shard = 400\n'
+                    'max_shard_bytes = 1048576\n[runner]\nworkers = 1\n'
+                    '[extract.text]\nname = "failing-text"\ntrigger = "never there"\ndim = 9000\n')
+    out = tmp_path / "out"
+    _write_rows(manifest, rows)
+    _run(spec)
+    first = json.loads((out / "dataset.json").read_text())
+    assert len(first["shards"]) >= 8 and max(first["shard_sizes"]) < 100
+    rows[3]["text"] += " (edited)"
+    _write_rows(manifest, rows)
+    _run(spec)
+    second = json.loads((out / "dataset.json").read_text())
+    assert len(set(first["shards"]) & set(second["shards"])) == len(first["shards"]) - 1  # one rewritten
+    assert all((out / s).stat().st_size <= 1048576 + 64 * 1024 for s in second["shards"])
+    assert set(_members(out, 2)) == {r["id"] for r in rows}
