@@ -40,6 +40,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device, disk q
 _GPU_FAILURE = re.compile(r"CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|CUDA driver error|NCCL error")
 # The kernel's out-of-memory killer sends SIGKILL; torch then says this of a data-loader worker
 _LOADER_KILLED = re.compile(r"DataLoader worker \(pid.*\) is killed by signal: Killed")
+# torch's CPU allocator raises a RuntimeError, not MemoryError, when malloc fails
+_HOST_ALLOC = re.compile(r"DefaultCPUAllocator: (can't allocate memory|not enough memory)")
 
 
 def disk_full(e: BaseException) -> OSError | None:
@@ -63,8 +65,8 @@ def resource_kind(e: BaseException) -> str | None:
         return "disk space"
     name = type(e).__name__
     text = str(e)
-    if isinstance(e, RuntimeError) and _LOADER_KILLED.search(text):  # torch's words for a SIGKILLed worker
-        return "host memory"
+    if isinstance(e, RuntimeError) and (_LOADER_KILLED.search(text) or _HOST_ALLOC.search(text)):
+        return "host memory"  # a SIGKILLed loader worker (the OOM killer), or a failed allocation
     if name == "OutOfMemoryError" or "CUDA out of memory" in text:  # torch.cuda.OutOfMemoryError
         return "GPU memory"
     if name == "AcceleratorError" or (isinstance(e, RuntimeError) and _GPU_FAILURE.search(text)):

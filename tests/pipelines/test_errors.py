@@ -12,6 +12,8 @@ from pipelines.errors import ResourceError, resource_failure, resource_kind
     (RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm`"), "GPU"),
     (RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. "), "host memory"),
     (RuntimeError("DataLoader worker (pid 4321) is killed by signal: Segmentation fault. "), None),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"), "host memory"),
     (ValueError("input 3 must be a non-empty 1-D float array"), None),
     (RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"), None),
     (ValueError("CUDA error in a caption is just text"), None),  # only a RuntimeError can be torch's
