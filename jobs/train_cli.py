@@ -193,7 +193,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if not getattr(cfg, name):
             raise _Fail(f"--{name} is required (on the command line or in --config)")
     if saved:
-        _check_resume(merge(saved), cfg, out)
+        from mbm.train.run import RunDir
+
+        if RunDir(out).has_checkpoints():  # a run with no checkpoint yet has trained nothing to keep
+            _check_resume(merge(saved), cfg, out)
     return cfg
 
 

@@ -378,10 +378,14 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
             return Trainer(cfg, env, progress=progress).fit()
     except FolderLockedError as e:
         raise ValueError(f"--out {cfg.out}: {e}") from None
-    except ValueError:
-        # refused before anything was written (bad data, a setting): leave no folder holding only the lock
-        if fresh and env.is_main and os.path.isdir(cfg.out) and set(os.listdir(cfg.out)) <= {".lock"}:
-            shutil.rmtree(cfg.out, ignore_errors=True)
+    except Exception as e:
+        # A new run folder that holds no checkpoint has trained nothing to keep: refused (bad data, a
+        # setting; its config and labels may be written), it goes, so that the fixed command, --resume
+        # included, starts afresh; failed otherwise (out of memory), it goes once only the lock is left.
+        if fresh and env.is_main and os.path.isdir(cfg.out):
+            refused = isinstance(e, ValueError) and not RunDir(cfg.out).has_checkpoints()
+            if refused or set(os.listdir(cfg.out)) <= {".lock"}:
+                shutil.rmtree(cfg.out, ignore_errors=True)
         raise
     finally:
         env.close()

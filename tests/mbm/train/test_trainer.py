@@ -89,6 +89,23 @@ def test_out_with_a_run_needs_resume_and_bad_flags_exit_2(data, tmp_path, capsys
     assert "--run" in capsys.readouterr().err
 
 
+def test_a_refused_start_leaves_nothing_that_binds_the_fixed_command(data, tmp_path, capsys):
+    """A batch bigger than the held-out split refused the run after its config and labels were written:
+    the same command with the fixed --batch-size and --resume (as a preemptible job's script always
+    passes) was refused for changing the batch size of a run that had trained nothing."""
+    small = str(tmp_path / "small")
+    write_synthetic_dataset(small, SyntheticConfig(num_samples=12, samples_per_shard=12, feature_dims=DIMS))
+    out = str(tmp_path / "run")
+    common = ["--data", small, "--out", out, "--steps", "2", "--eval-every", "2", "--val-fraction", "0.5"]
+    assert main(["train", *TINY, *common, "--batch-size", "32"]) == 2
+    assert "--batch-size" in capsys.readouterr().err and not os.path.exists(out)
+    # a folder of the run's files but no checkpoint (a run stopped before its first one) binds nothing either
+    os.makedirs(out)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"data": small, "batch_size": 32, "out": out}, f)
+    assert main(["train", *TINY, *common, "--batch-size", "2", "--resume"]) == 0
+    assert json.load(open(os.path.join(out, "config.json")))["batch_size"] == 2
+
 def test_retrieve_picks_the_common_pair_and_reports_recall(data, tmp_path, capsys):
     out = str(tmp_path / "ret")
     assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "4", "--eval-every", "4",
