@@ -161,8 +161,18 @@ FIXED_ON_RESUME = ("task", "fusion", "d_model", "layers", "heads", "mlp_ratio", 
 
 def absolute_data(data: str) -> str:
     """``--data`` (or ``--tokenizer``) with a local path made absolute, so a run's config still finds it
-    from another folder."""
-    return data if not data or "://" in data else os.path.abspath(os.path.expanduser(data))
+    from another folder. A brace pattern whose choices are all absolute paths (``{/a,/b}/*.tar``) is one."""
+    if not data or "://" in data:
+        return data
+    if data.startswith("{"):
+        import braceexpand
+
+        try:
+            if all(os.path.isabs(os.path.expanduser(p)) for p in braceexpand.braceexpand(data)):
+                return data
+        except braceexpand.UnbalancedBracesError:
+            pass  # read as the path it is, which then names no file
+    return os.path.abspath(os.path.expanduser(data))
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -210,8 +220,9 @@ def _same_version(data: str, saved: Any) -> str:
         import braceexpand
 
         shards = list(braceexpand.braceexpand(saved))
-        if shards and all(fnmatch.fnmatchcase(s, data) for s in shards):
-            if sorted(glob.glob(data)) != sorted(shards):
+        patterns = list(braceexpand.braceexpand(data))  # a glob in braces: ds/{a,b}/*.tar
+        if shards and all(any(fnmatch.fnmatchcase(s, p) for p in patterns) for s in shards):
+            if sorted({m for p in patterns for m in glob.glob(p)}) != sorted(shards):
                 logging.getLogger(__name__).warning(
                     "--data %s matches other shards now; this run continues on the %d it started on", data,
                     len(shards))

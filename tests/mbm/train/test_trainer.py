@@ -353,6 +353,17 @@ def test_what_a_run_records_for_data_and_resumes_on(data, tmp_path, capsys):
 
     assert sorted(braceexpand.braceexpand(recorded)) == sorted(globlib.glob(os.path.abspath(pattern)))
     assert train("--data", pattern, "--out", run, "--steps", "4", "--eval-every", "2", "--resume") == 0
+    # a glob inside braces: the resumed run was refused as if given other data
+    for name in ("a", "b"):
+        write_synthetic_dataset(str(tmp_path / name), SyntheticConfig(num_samples=40, samples_per_shard=20,
+                                                                      feature_dims=DIMS))
+    both = str(tmp_path / "{a,b}" / "shards" / "*.tar")
+    run = str(tmp_path / "braced")
+    assert train("--data", both, "--out", run, "--steps", "2", "--eval-every", "2") == 0
+    assert train("--data", both, "--out", run, "--steps", "4", "--eval-every", "2", "--resume") == 0, \
+        capsys.readouterr().err
+    absolute = "{" + str(tmp_path / "a") + "," + str(tmp_path / "b") + "}/shards/*.tar"  # not made relative
+    assert train("--data", absolute, "--out", str(tmp_path / "abs"), "--steps", "2", "--eval-every", "2") == 0
 
 
 def test_resume_with_a_new_lr_and_weight_decay_trains_on_them(data, tmp_path):
