@@ -15,6 +15,7 @@ counters so far, and ``skipped`` continues from them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import Counter
@@ -41,12 +42,24 @@ log = logging.getLogger(__name__)
 # 2-core CPU machine training with 2 workers (benchmarks/stream_train.py pairs, 3 runs each): with
 # workers started anew every epoch, 15 % data overhead at niceness 0 and 10.5 % at 19; with the
 # lighter, persistent workers of now, 4.2 % and 3.9 %, within the runs' noise.
-LOADER_NICE = int(os.environ.get("MBM_LOADER_NICE", "19"))
+DEFAULT_NICE = 19
 
 
-def _lower_priority(_worker_id: int) -> None:
+def loader_nice(value: str | None) -> int:
+    """The niceness ``MBM_LOADER_NICE`` names (``DEFAULT_NICE`` when unset); a clear error for anything
+    but a whole number."""
+    if value is None or not value.strip():
+        return DEFAULT_NICE
     try:
-        os.nice(LOADER_NICE)
+        return int(value)
+    except ValueError:
+        raise ValueError(f"MBM_LOADER_NICE={value!r}: give the loader workers' niceness as a whole number "
+                         f"(0 keeps the training process's priority; {DEFAULT_NICE} is the default)") from None
+
+
+def _lower_priority(nice: int, _worker_id: int) -> None:
+    try:
+        os.nice(nice)
     except OSError:  # not permitted here: run at the parent's priority
         pass
 
@@ -117,6 +130,7 @@ class StreamLoader:
         self.workers = workers
         self.feed_device = torch.device(feed_device) if feed_device is not None and workers else None
         self.pin_memory = pin_memory and self.feed_device is None
+        self.nice = loader_nice(os.environ.get("MBM_LOADER_NICE")) if workers else 0
         self._feed: RegisteredFeed | None = None
         self.epoch = 0
         self.batch = 0  # batches consumed in ``epoch``
@@ -160,7 +174,7 @@ class StreamLoader:
             gen = torch.Generator().manual_seed(self.stream.cfg.seed)
             self._loader = DataLoader(self._positioned, batch_size=None, num_workers=self.workers, generator=gen,
                                       pin_memory=self.pin_memory, persistent_workers=True,
-                                      worker_init_fn=_lower_priority if LOADER_NICE else None)
+                                      worker_init_fn=functools.partial(_lower_priority, self.nice) if self.nice else None)
         assert self._positioned is not None
         self._positioned.position[0], self._positioned.position[1] = self.epoch, self.batch
         if self.feed_device is not None and self._feed is None:

@@ -564,3 +564,11 @@ def test_which_errors_are_shared_memory_ones():
                                              "possible that dataloader's workers are out of shared memory."))
     assert not out_of_shared_memory(RuntimeError("DataLoader worker (pid 12) is killed by signal: Killed."))
     assert not out_of_shared_memory(RuntimeError("No space left on device: /tmp/x"))
+
+
+def test_the_workers_niceness_comes_from_the_environment_with_a_clear_error():
+    from mbm.data.loader import DEFAULT_NICE, loader_nice
+
+    assert loader_nice(None) == DEFAULT_NICE == loader_nice(" ") and loader_nice("0") == 0 and loader_nice("5") == 5
+    with pytest.raises(ValueError, match=r"MBM_LOADER_NICE='abc': give the loader workers' niceness as a whole"):
+        loader_nice("abc")
