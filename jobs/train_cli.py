@@ -116,7 +116,8 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder written by mbm train --out")
     p.add_argument("--data", default=None, help="dataset (default: the run's --data)")
-    p.add_argument("--split", choices=("val", "train"), default="val", help="split (default val)")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val",
+                   help="the held-out split, the training split, or every sample (default val)")
     p.add_argument("--checkpoint", default=None, help="checkpoint step or path (default: latest)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
     p.add_argument("--eval-samples", type=int, default=None, help="cap on samples evaluated")

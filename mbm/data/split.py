@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 SPLITS = ("train", "val")
+EVAL_SPLITS = (*SPLITS, "all")  # what evaluate and generate read: a split, or every sample
 
 
 def holdout_fraction(sample_id: str) -> float:

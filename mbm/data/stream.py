@@ -32,7 +32,7 @@ from mbm.data.decode import Sample, Undecoded
 from mbm.data.errors import CorruptSample, SkipLog
 from mbm.data.scan import cache as scan_cache
 from mbm.data.source import label_key
-from mbm.data.split import SPLITS, split_of
+from mbm.data.split import EVAL_SPLITS, split_of
 from mbm.data.stages import batched, decoded, epoch_rng, rank_slice, selected, settled, shard_order, shuffled
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class StreamConfig:
     shards: tuple[str, ...]
     collate: CollateConfig
     task: str = "classify"
-    split: str = "train"  # "train" | "val"
+    split: str = "train"  # "train" | "val" | "all" (every sample: evaluate, generate)
     val_fraction: float = 0.1
     pair: tuple[str, str] | None = None  # retrieve: both modalities required
     batch_size: int = 32
@@ -52,12 +52,14 @@ class StreamConfig:
     drop_last: bool = True
     seed: int = 0
     max_samples: int | None = None  # cap per epoch (before the rank split), e.g. for evaluation
+    # generate: samples without text are used too (decoding needs no reference; training and its loss do)
+    text_optional: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.split not in SPLITS:
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.split not in EVAL_SPLITS:
+            raise ValueError(f"--split must be one of {', '.join(EVAL_SPLITS)}, got {self.split!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size < 1:
@@ -74,7 +76,7 @@ class Selector:
         self.label_keys = {label_key(v) for v in cfg.collate.labels}
 
     def in_split(self, sample_id: str) -> bool:
-        return split_of(sample_id, self.cfg.val_fraction) == self.cfg.split
+        return self.cfg.split == "all" or split_of(sample_id, self.cfg.val_fraction) == self.cfg.split
 
     def __call__(self, s: Undecoded, skips: SkipLog) -> bool:
         cfg = self.cfg
@@ -92,7 +94,7 @@ class Selector:
             if not all(m in s.modalities for m in cfg.pair):
                 skips.count("task.pair_missing")
                 return False
-        elif cfg.task == "generate" and not s.text:
+        elif cfg.task == "generate" and not s.text and not cfg.text_optional:
             skips.count("task.no_text")
             return False
         return True

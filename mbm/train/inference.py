@@ -30,13 +30,18 @@ class LoadedRun:
     step: int
     device: torch.device
 
-    def stream(self, split: str) -> ShardStream:
+    def stream(self, split: str, *, decode_only: bool = False) -> ShardStream:
+        """The samples of ``split`` ("train", "val" or "all") in order; ``decode_only``: for generating
+        text, samples without a reference text too, and no targets."""
         dims = {m: self.model.cfg.feature_dims[m] for m in self.model.cfg.input_modalities()}
         for m, dim in dims.items():  # a modality the data lacks is masked, as in training
             got = self.source.feature_dims.get(m)
             if got is not None and got != dim:
                 raise ValueError(f"--data {self.source.spec}: {m} features are {got}-d, the run was trained on {dim}-d")
-        return ShardStream(stream_config(self.cfg, self.source, self.labels, dims, split, train=False))
+        cfg = stream_config(self.cfg, self.source, self.labels, dims, split, train=False)
+        if decode_only:
+            cfg = replace(cfg, text_optional=True, collate=replace(cfg.collate, with_targets=False))
+        return ShardStream(cfg)
 
 
 def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = None, device: str = "auto",
@@ -97,12 +102,13 @@ def evaluate_run(loaded: LoadedRun, split: str = "val") -> dict[str, float]:
 
 def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam: int = 1,
                  max_new: int | None = None) -> list[dict[str, str]]:
-    """Generated text next to the reference text for the first ``limit`` samples of a split."""
+    """Generated text next to the reference text (empty where a sample has none: the samples to caption)
+    for the first ``limit`` samples of a split ("all": every sample)."""
     if loaded.model.cfg.task != "generate":
         raise ValueError(f"--run: this run was trained for {loaded.model.cfg.task}, not generate")
     tok = load_tokenizer(loaded.cfg.tokenizer)
     out: list[dict[str, str]] = []
-    stream = loaded.stream(split)
+    stream = loaded.stream(split, decode_only=True)
     for batch in stream:
         ids = loaded.model.generate(batch_to(batch, loaded.device), beam=beam, max_new=max_new)
         for sid, ref, gen in zip(batch["ids"], batch["texts"], ids, strict=True):

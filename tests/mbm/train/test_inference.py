@@ -60,11 +60,17 @@ def test_generate_on_a_split_without_usable_samples_says_why(no_audio, tmp_path,
     tok = write_tiny_tokenizer(str(tmp_path / "tok"))
     assert main(["train", *TINY, "--data", no_audio, "--out", run, "--task", "generate", "--tokenizer", tok,
                  "--max-target-len", "6"]) == 0
-    only_audio = str(tmp_path / "only-audio")  # no text: nothing for generate to compare with
-    write_synthetic_dataset(only_audio, SyntheticConfig(num_samples=24, samples_per_shard=24, feature_dims={"audio": 4},
-                                                        lengths={"audio": (2, 4)}, missing={"audio": 0.0}))
+    only_text = str(tmp_path / "only-text")  # nothing to decode from: generate reads the other modalities
+    write_synthetic_dataset(only_text, SyntheticConfig(num_samples=24, samples_per_shard=24, feature_dims={"text": 8},
+                                                       lengths={"text": (2, 5)}, missing={"text": 0.0}))
+    only_image = str(tmp_path / "only-image")  # no text: captioned, with empty references
+    write_synthetic_dataset(only_image, SyntheticConfig(num_samples=24, samples_per_shard=24, feature_dims={"image": 6},
+                                                        lengths={"image": (3, 3)}, missing={"image": 0.0}))
     capsys.readouterr()
-    assert main(["generate", "--run", run, "--data", only_audio, "--split", "train"]) == 2
+    assert main(["generate", "--run", run, "--data", only_image, "--split", "all", "--limit", "100"]) == 0
+    references = [x.strip() for x in capsys.readouterr().out.splitlines() if "reference:" in x]
+    assert references == ["reference:"] * 24
+    assert main(["generate", "--run", run, "--data", only_text, "--split", "train"]) == 2
     assert "the train split has no sample the generate task can use" in capsys.readouterr().err
 
 

@@ -124,7 +124,16 @@ def test_generate_trains_and_decodes_text(data, tmp_path, capsys):
     assert main(["generate", "--run", out, "--limit", "3", "--beam", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len([x for x in lines if x.strip().startswith("generated:")]) == 3
-    assert all(x.strip().startswith("reference: a ") for x in lines if "reference:" in x)
+    assert all(x.strip() == "reference:" or x.strip().startswith("reference: a ") for x in lines if "reference:" in x)
+    # every sample, those without text too: they are what a captioning run is for (they were skipped)
+    counts = {}
+    for split in ("train", "val", "all"):
+        assert main(["generate", "--run", out, "--split", split, "--limit", "1000"]) == 0
+        references = [x.strip() for x in capsys.readouterr().out.splitlines() if x.strip().startswith("reference:")]
+        counts[split] = len(references)
+        if split == "all":
+            assert "reference:" in references  # a sample without text, captioned
+    assert counts["all"] == counts["train"] + counts["val"] and counts["val"] > 0
 
 
 def test_accumulation_and_loader_workers_see_the_same_samples(data, tmp_path, caplog):
