@@ -210,6 +210,16 @@ def plan_counts(previous: Any, new: Any, same: Any) -> dict[str, int]:
             "unchanged": same.num_rows + len(same_rejects), "removed": _count_not_in(prev_ok, seen)}
 
 
+def _in_use(fingerprints: dict[str, str], rows: Any) -> dict[str, str | None]:
+    """``fingerprints`` of the modalities a landed row of ``rows`` has: an extractor no sample uses (an
+    image extractor's settings in a job of captions) makes no new version when it changes."""
+    import pyarrow.compute as pc
+
+    landed = rows.filter(pc.equal(rows.column("status"), "ok")).column("modalities").unique().to_pylist()
+    used = {m for value in landed if value for m in value.split(",")}
+    return {m: fingerprints.get(m) for m in sorted(used)}
+
+
 def _same_rejects(a: Any, b: Any) -> bool:
     """Whether tables ``a`` and ``b`` hold the same (id, stage, reason) rejects, as many times each."""
     order = [(k, "ascending") for k in REJECT_KEYS]
@@ -410,7 +420,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     extracted = staged.extracted
     unchanged = (previous is not None and planned["new"] == planned["changed"] == planned["removed"] == 0
                  and _same_rejects(staged.new, previous_rows)
-                 and previous.fingerprints == fingerprints)
+                 and _in_use(previous.fingerprints, previous_rows) == _in_use(fingerprints, previous_rows))
 
     if unchanged:
         manifest = previous

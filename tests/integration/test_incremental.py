@@ -293,3 +293,19 @@ def test_shards_that_max_shard_bytes_cut_are_full_and_not_merged(tmp_path):
     assert len(set(first["shards"]) & set(second["shards"])) == len(first["shards"]) - 1  # one rewritten
     assert all((out / s).stat().st_size <= 1048576 + 64 * 1024 for s in second["shards"])
     assert set(_members(out, 2)) == {r["id"] for r in rows}
+
+
+def test_settings_of_an_extractor_no_sample_uses_make_no_new_version(tmp_path):
+    import tests.support.failing_extractor  # noqa: F401  registers failing-text
+
+    _write_rows(tmp_path / "m.jsonl", [{"id": f"s{i}", "text": f"caption {i}"} for i in range(4)])
+    spec = tmp_path / "job.toml"
+    base = ('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n[runner]\nworkers = 1\n'
+            '[extract.text]\nname = "failing-text"\n')
+    spec.write_text(base)
+    assert _run(spec)["version"] == 1
+    spec.write_text(base + "[extract.audio]\nname = \"logmel\"\nn_mels = 40\n")  # captions only: no audio
+    again = _run(spec)
+    assert not again["new_version"] and again["version"] == 1
+    spec.write_text(base.replace('"failing-text"\n', '"failing-text"\ndim = 5\n'))  # the one in use: recomputed
+    assert _run(spec)["version"] == 2
