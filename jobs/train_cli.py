@@ -252,6 +252,13 @@ def _check_out(out: str) -> None:
         raise _Fail("--out is empty; give the run folder")
     if what := file_in_the_way(out):
         raise _Fail(f"--out {out} {what}; give a folder for the run")
+    here = os.path.abspath(out)
+    while True:  # a run's checkpoints and metrics would mix with a dataset's shards and versions
+        if os.path.isfile(os.path.join(here, "dataset.json")):
+            raise _Fail(f"--out {out} is inside the dataset folder {here}; give the run a folder of its own")
+        if os.path.dirname(here) == here:
+            break
+        here = os.path.dirname(here)
 
 
 def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -21,11 +22,20 @@ def load_tokenizer(path: str | None) -> Any:
     """A Hugging Face tokenizer from a local folder (``None``: the text extractor's own); never downloads."""
     from transformers import AutoTokenizer
 
+    from mbm.extractors.text import TOKENIZER_FILES
+
     folder = path or default_tokenizer_path()
+    if not os.path.isdir(folder):
+        raise ValueError(f"--tokenizer {folder}: no such folder; give the folder a tokenizer was saved in "
+                         "(tokenizer.save_pretrained(folder)), which holds tokenizer.json or vocab.txt")
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"--tokenizer {folder}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save one there with tokenizer.save_pretrained(folder)")
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exn:  # noqa: BLE001 - transformers raises many kinds
-        raise ValueError(f"--tokenizer {folder}: cannot load a tokenizer there: {exn}") from exn
+        first = next((line.strip() for line in str(exn).splitlines() if line.strip()), type(exn).__name__)
+        raise ValueError(f"--tokenizer {folder}: cannot load a tokenizer there: {first}") from exn
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,13 @@ class TrainConfig:
         if self.d_model % self.heads:
             raise ValueError(f"--d-model {self.d_model} must be divisible by --heads {self.heads}")
         bad = [m for m in (*self.max_tokens, *self.pair) if m not in MODALITIES]
-        if bad or any(v < 1 for v in self.max_tokens.values()):
-            raise ValueError(f"--max-tokens/--pair: modalities are {', '.join(MODALITIES)} with sizes >= 1, got {bad}")
+        if bad:
+            raise ValueError(f"--max-tokens/--pair: modalities are {', '.join(MODALITIES)}, got {', '.join(bad)}")
+        small = [f"{m}={v}" for m, v in self.max_tokens.items() if v < 1]
+        if small:
+            raise ValueError(f"--max-tokens: each modality's tokens must be >= 1, got {', '.join(small)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.pair and (len(self.pair) != 2 or self.pair[0] == self.pair[1]):
             raise ValueError(f"--pair needs two different modalities, e.g. text,image; got {','.join(self.pair)}")
 

@@ -106,6 +106,11 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
     for the first ``limit`` samples of a split ("all": every sample)."""
     if loaded.model.cfg.task != "generate":
         raise ValueError(f"--run: this run was trained for {loaded.model.cfg.task}, not generate")
+    longest = loaded.model.cfg.decoder.max_len - 1  # positions the decoder learned, less the BOS token
+    if max_new is not None and max_new > longest:
+        raise ValueError(f"--max-new-tokens {max_new}: the run's decoder writes at most {longest} tokens (its "
+                         f"--max-target-len {longest + 1}, less the start token); leave it out, or give at most "
+                         f"{longest}")
     tok = load_tokenizer(loaded.cfg.tokenizer)
     out: list[dict[str, str]] = []
     stream = loaded.stream(split, decode_only=True)

@@ -106,6 +106,29 @@ def test_a_refused_start_leaves_nothing_that_binds_the_fixed_command(data, tmp_p
     assert main(["train", *TINY, *common, "--batch-size", "2", "--resume"]) == 0
     assert json.load(open(os.path.join(out, "config.json")))["batch_size"] == 2
 
+def test_more_settings_that_cannot_work_are_one_line_naming_them(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    for flags, said in (
+            (["--seed", str(2**64)], "--seed must be in [0, 2**63), got 18446744073709551616"),
+            (["--max-tokens", "text=0"], "--max-tokens: each modality's tokens must be >= 1, got text=0"),
+            (["--task", "generate", "--tokenizer", str(tmp_path / "none")], "none: no such folder; give the folder"),
+            (["--task", "generate", "--tokenizer", str(tmp_path / "empty")], "empty: holds no tokenizer (none of "
+                                                                             "tokenizer.json, vocab.txt"),
+            (["--out", os.path.join(data, "runs", "a")], f"is inside the dataset folder {os.path.abspath(data)}; give")):
+        args = ["--data", data, "--out", out, "--steps", "2", *flags]
+        assert train(*args) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(data, "runs"))
+    tok = write_tiny_tokenizer(str(tmp_path / "tok"))
+    gen = str(tmp_path / "gen")
+    assert train("--data", data, "--out", gen, "--task", "generate", "--tokenizer", tok, "--steps", "2",
+                 "--eval-every", "2", "--max-target-len", "8") == 0
+    capsys.readouterr()
+    assert main(["generate", "--run", gen, "--max-new-tokens", "50"]) == 2
+    assert "--max-new-tokens 50: the run's decoder writes at most 7 tokens" in capsys.readouterr().err
+
 def test_retrieve_picks_the_common_pair_and_reports_recall(data, tmp_path, capsys):
     out = str(tmp_path / "ret")
     assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "4", "--eval-every", "4",
