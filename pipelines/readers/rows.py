@@ -630,17 +630,27 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
+_EXCEL_SEP = re.compile(r"sep=([^\s\"])")  # the first line Excel writes to name a CSV's delimiter
+
+
 def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row | Reject | _Header]:
     """Rows of a CSV, parsed strictly so that a quote opened and never closed cannot swallow the
     rest of the file into one cell. A record that fails and whose quoted cell spans lines up to a line
     that balances its quotes (see ``_quoted_span``) is rejected whole, and parsing goes on after it:
     its continuation lines are no records. Any other failed record is taken from its first line alone,
     parsed leniently (``"12" inch`` reads as ``12 inch``, as a lenient parser would) when that gives
-    exactly the header's columns, else rejected; either way parsing goes on at the next line."""
+    exactly the header's columns, else rejected; either way parsing goes on at the next line. A first
+    line ``sep=;`` (Excel's) names the delimiter."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     source = _decoded(lines)
     pending: collections.deque[str] = collections.deque()  # lines to read again after a failed record
     taken: list[str] = []  # the lines the current record consumed
+    base = 0  # physical lines before the current reader's first
+    first_line = next(source, None)
+    if first_line is not None and (excel := _EXCEL_SEP.fullmatch(first_line.rstrip("\r\n"))):
+        delimiter, base = excel.group(1), 1  # Excel's "sep=;" line names the delimiter; the header follows
+    elif first_line is not None:
+        pending.append(first_line)
 
     def feed() -> Iterator[str]:
         while True:
@@ -651,7 +661,6 @@ def _csv_rows(lines: Iterator[bytes], name: str, delimiter: str) -> Iterator[Row
             taken.append(line)
             yield line
 
-    base = 0  # physical lines before the current reader's first
     reader = csv.reader(feed(), delimiter=delimiter, strict=True)
     table = _Table(name, "read.bad_csv", "cells")
     while True:

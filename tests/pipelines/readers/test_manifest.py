@@ -822,3 +822,12 @@ def test_file_uris_are_read_as_rfc_8089_writes_them(tmp_path):
                                        + _line({"id": "c", "image": f"file://{media}"}))
     samples = list(iter_manifest(str(tmp_path / "m.jsonl")))
     assert [(s.id, s.image.uri) for s in samples] == [("a", str(media)), ("b", str(media)), ("c", str(media))]
+
+
+def test_excels_sep_line_names_the_delimiter(tmp_path):
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfsep=;\r\nid;text;label\r\na;x, with a comma;1\r\nb;\"y;z\";2\r\n")
+    items = list(iter_manifest(str(tmp_path / "m.csv")))
+    assert [(s.id, s.text, s.label, s.source) for s in items] == [("a", "x, with a comma", "1", "m.csv:3"),
+                                                                  ("b", "y;z", "2", "m.csv:4")]
+    (tmp_path / "n.csv").write_text("sep=,\nid,text\nc,plain\n")
+    assert [(s.id, s.text, s.source) for s in iter_manifest(str(tmp_path / "n.csv"))] == [("c", "plain", "n.csv:3")]
