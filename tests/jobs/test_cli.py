@@ -251,27 +251,30 @@ def test_ctrl_c_stops_the_job_in_one_line_and_leaves_nothing_to_clean(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers are found in /proc")
-def test_sigterm_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_clean(tmp_path):
-    """A container runtime or a batch scheduler stops a job with SIGTERM to its main process alone. The
-    driver died at once (status -15) and its workers went on until they noticed; the run's staging
-    stayed until the next run."""
+@pytest.mark.parametrize("name, code, said", [("SIGTERM", 143, "mbm: terminated (SIGTERM)"),
+                                              ("SIGINT", 130, "mbm: interrupted")])
+def test_a_signal_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_clean(tmp_path, name, code, said):
+    """A container runtime or a batch scheduler stops a job with SIGTERM to its main process alone; ``kill
+    -INT``, ``timeout -s INT`` or a supervisor send SIGINT to it alone. On SIGTERM the driver died at once
+    (status -15) and its workers went on until they noticed; on SIGINT Beam's clean-up waited for workers
+    that never got it, and the job could hang holding the folder's lock. The run's staging stayed."""
     import signal
     import time
 
     from pipelines.forkclient import running
     from pipelines.proctree import descendants
 
-    def started_in_the_background():  # as `mbm preprocess ... &` in a script, or nohup: SIGINT ignored
+    def started(ignore_sigint=name == "SIGTERM"):  # `mbm preprocess ... &` in a script, or nohup: SIGINT ignored
         os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if ignore_sigint else signal.SIG_DFL)
 
-    job = _job_asleep_in_featurize(tmp_path, started_in_the_background)
+    job = _job_asleep_in_featurize(tmp_path, started)
     tree = descendants(job.pid)
     assert len(tree) >= 3  # the fork server, the workers' clients and the workers
-    job.send_signal(signal.SIGTERM)
+    job.send_signal(getattr(signal, name))
     _, err = job.communicate(timeout=60)
-    assert job.returncode == 143
-    assert err.strip().splitlines()[-1] == "mbm: terminated (SIGTERM)" and "Traceback" not in err, err
+    assert job.returncode == code
+    assert err.strip().splitlines()[-1] == said and "Traceback" not in err, err
     out = tmp_path / "out"
     assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
     deadline = time.monotonic() + 2  # the workers watch their clients every 0.5 s; the signal is quicker
@@ -279,33 +282,6 @@ def test_sigterm_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_cle
         time.sleep(0.05)
     assert not left
 
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers are found in /proc")
-def test_ctrl_c_to_the_driver_alone_stops_the_workers_and_leaves_nothing_to_clean(tmp_path):
-    """SIGINT to the driver's pid alone (``kill -INT``, ``timeout -s INT``, a supervisor): Beam's clean-up
-    waited for workers that never got it, and the job hung, holding the folder's lock."""
-    import signal
-    import time
-
-    from pipelines.forkclient import running
-    from pipelines.proctree import descendants
-
-    def own_group():
-        os.setsid()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    job = _job_asleep_in_featurize(tmp_path, own_group)
-    tree = descendants(job.pid)
-    job.send_signal(signal.SIGINT)
-    _, err = job.communicate(timeout=60)
-    assert job.returncode == 130
-    assert err.strip().splitlines()[-1] == "mbm: interrupted" and "Traceback" not in err, err
-    out = tmp_path / "out"
-    assert not (out / ".staging").exists() and not (out / "dataset.json").exists()
-    deadline = time.monotonic() + 2
-    while (left := [pid for pid in tree if running(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not left
 
 @pytest.mark.parametrize("error, code, said", [
     ("SIGINT", 130, "mbm: interrupted"),
