@@ -47,10 +47,12 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
         manifest = source_manifest(Path(source))
         data.mkdir(parents=True)
         for entry in manifest.parent.iterdir():
-            if entry != manifest:
+            # the media are linked; not the manifest, nor another named manifest.* (the copy written
+            # below would go through that link into the user's own file)
+            if entry != manifest and not entry.name.lower().startswith("manifest."):
                 (data / entry.name).symlink_to(entry.resolve())
         if n == 0:  # as it is: every line, readable or not, is the pipelines' business
-            shutil.copyfile(manifest, data / f"manifest{''.join(manifest.suffixes)}")
+            shutil.copyfile(manifest, data / manifest_name(manifest))
             return []
         try:
             base = source_rows(manifest)
@@ -71,14 +73,28 @@ def build(data: Path, n: int, source: Path | None = None) -> list[dict]:
     return rows
 
 
-MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".jsonl.gz", ".csv.gz")
+def is_manifest(path: Path) -> bool:
+    """A file named ``manifest.*`` in a format mbm reads (any compression mbm reads too)."""
+    from pipelines.readers.rows import format_of
+
+    return path.name.lower().startswith("manifest.") and format_of(path.name) is not None and path.is_file()
+
+
+def manifest_name(manifest: Path) -> str:
+    """``manifest.<format>[.<compression>]`` for a copy of ``manifest`` (``train.v2.jsonl.gz`` ->
+    ``manifest.jsonl.gz``), which mbm reads as the original."""
+    from pipelines.readers.rows import format_of
+
+    name = manifest.name.lower()
+    compression = next((c for c in (".gz", ".bz2", ".zst", ".zstd", ".deflate", ".xz", ".lzma") if name.endswith(c)), "")
+    return f"manifest.{format_of(manifest.name)}{compression}"
 
 
 def source_manifest(source: Path) -> Path:
     """The manifest ``--source`` names: the file itself, or the one ``manifest.*`` in the folder."""
     if source.is_file():
         return source
-    found = [p for p in sorted(source.glob("manifest.*")) if "".join(p.suffixes) in MANIFEST_SUFFIXES]
+    found = [p for p in sorted(source.glob("*")) if is_manifest(p)]
     if len(found) != 1:
         raise SystemExit(f"--source {source}: expected one manifest.jsonl/.csv/.tsv/.parquet there, found "
                          f"{[p.name for p in found] or 'none'} (mbm's columns: id, text, image, audio, label; "
@@ -139,8 +155,8 @@ def source_rows(manifest: Path) -> list[dict]:
 
 def manifest_of(data: Path) -> str:
     """The name of the manifest ``build`` wrote into ``data``."""
-    names = [p.name for p in sorted(data.glob("manifest.*")) if "".join(p.suffixes) in MANIFEST_SUFFIXES]
-    return names[0]
+    (name,) = [p.name for p in sorted(data.glob("*")) if is_manifest(p)]  # build links no other
+    return name
 
 
 def _json_object(line: bytes) -> dict | None:
@@ -153,6 +169,7 @@ def _json_object(line: bytes) -> dict | None:
 
 
 def write(data: Path, rows: list[dict]) -> None:
+    (data / "manifest.jsonl").unlink(missing_ok=True)  # never through a link into a source folder
     (data / "manifest.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 

@@ -59,7 +59,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from incremental import MANIFEST_SUFFIXES, build, manifest_of, source_rows
+from incremental import build, is_manifest, manifest_of, source_rows
 from report import cores_description, cpu_description, write_section
 
 from jobs.spec import SpecError, dump_toml, load_spec
@@ -259,7 +259,7 @@ def source_kind(source: Path) -> str:
         raise ValueError(f"--source {source}: not a manifest (.jsonl/.json/.csv/.tsv/.parquet), a tar or a job "
                          "spec (.toml)")
     if source.is_dir():
-        if any("".join(p.suffixes) in MANIFEST_SUFFIXES for p in source.glob("manifest.*")):
+        if any(is_manifest(p) for p in source.glob("*")):
             return "manifest"
         return "shards" if any(source.glob("*.tar")) else "folder"
     if re.search(r"[*?\[{]", str(source)):

@@ -134,6 +134,27 @@ def test_a_csv_or_parquet_corpus_is_repeated_as_jsonl_or_taken_as_it_is(tmp_path
     assert json.loads((tmp_path / "rep" / "manifest.jsonl").read_text().splitlines()[0])["label"] == "3"
 
 
+@pytest.mark.parametrize("n", [0, 5])
+def test_another_manifest_beside_the_source_is_neither_written_nor_read(tmp_path, n):
+    """The folder's manifest.jsonl was linked into the copy, and the copy written through the link: the
+    user's own manifest overwritten. With n = 0 the copy of train.v2.jsonl was named manifest.v2.jsonl,
+    which no lookup found (IndexError), or the linked neighbour was benchmarked instead."""
+    from incremental import manifest_of
+
+    src = tmp_path / "src"
+    src.mkdir()
+    own = '{"id": "m1", "text": "mine"}\n'
+    (src / "manifest.jsonl").write_text(own)
+    (src / "manifest.csv").write_text("id,text\nx,other\n")
+    (src / "train.v2.jsonl").write_text('{"id": "c1", "text": "a caption"}\n{"id": "c2", "text": "another"}\n')
+    (src / "img.png").write_bytes(b"png")
+    data = tmp_path / "data"
+    build(data, n, src / "train.v2.jsonl")
+    assert (src / "manifest.jsonl").read_text() == own
+    assert manifest_of(data) == "manifest.jsonl" and (data / "img.png").is_symlink()
+    ids = [json.loads(line)["id"] for line in (data / "manifest.jsonl").read_text().splitlines()]
+    assert ids == (["c1", "c2"] if n == 0 else ["c1", "c2", "c1-00002", "c2-00003", "c1-00004"])
+
 def test_hf_baseline_rows_survive_mixed_types_and_keep_the_first_of_an_id(tmp_path):
     """Arrow needs one type per column: samples travel pickled, whole; duplicates and rejects go as in mbm."""
     import pickle
@@ -159,12 +180,14 @@ def test_source_kind_tells_every_input_mbm_preprocess_reads(tmp_path):
     pattern = tar_set(tmp_path / "tars")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "manifest.csv").write_text("id,text\n1,x\n")
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "manifest.tsv.gz").write_bytes(b"")  # any name mbm reads: not taken for an imagefolder
     (tmp_path / "job.toml").write_text("")
     (tmp_path / "plain.tgz").write_bytes(b"")  # named as a tar: mbm judges it
     (tmp_path / "notes.txt").write_text("x")
     kinds = {folder: "folder", folder / "train": "folder", tmp_path / "tars": "shards", Path(pattern): "shards",
              tmp_path / "tars" / "00000.tar": "shards", tmp_path / "plain.tgz": "shards",
-             Path(f"{tmp_path}/tars/*.tar"): "shards", tmp_path / "m": "manifest",
+             Path(f"{tmp_path}/tars/*.tar"): "shards", tmp_path / "m": "manifest", tmp_path / "z": "manifest",
              tmp_path / "m" / "manifest.csv": "manifest", folder / "train" / "metadata.jsonl": "manifest",
              tmp_path / "job.toml": "spec"}
     assert {path: source_kind(path) for path in kinds} == kinds
