@@ -156,10 +156,16 @@ class TreeMemory(threading.Thread):
 
     def run(self) -> None:
         tick = 0
+        rss_at_pss, pss_tick = 0, -self.pss_every  # the tree's RSS when PSS was last read, and when
         while not self._done.is_set():
             tree = descendants(self.pid)
-            self.peak_rss = max(self.peak_rss, sum(rss_kib(p) for p in tree))
-            if tick % self.pss_every == 0:
+            rss = sum(rss_kib(p) for p in tree)
+            self.peak_rss = max(self.peak_rss, rss)
+            # PSS is read every pss_every samples, and sooner (every other sample at most) once RSS has
+            # grown a quarter since the last read: a run shorter than pss_every samples had its PSS read
+            # once, at its start (1 MiB)
+            if tick - pss_tick >= self.pss_every or (rss > rss_at_pss * 1.25 and tick - pss_tick >= 2):
+                rss_at_pss, pss_tick = rss, tick
                 parts = {p: pss_kib(p) for p in tree}
                 total = sum(parts.values())
                 if total > self.peak_pss:
@@ -291,6 +297,8 @@ def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, sourc
     elif kind == "manifest":
         build(folder / "data", n, source)
         tables = {"input": {"manifest": str(folder / "data" / manifest_of(folder / "data"))}}
+        if source is not None:  # a user's manifest may name its media by absolute paths
+            tables["input"]["allow_outside"] = True
     else:
         tables = {"input": {kind: os.path.abspath(source)}}
     tables["output"] = {"dir": "out"}
@@ -618,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[str, Counter] = {}
     keys: dict[str, list[str]] = {}
     loop_stages = ""
+    reasons: dict[str, int] = {}  # mbm's rejects by reason
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = dataset(tmp, args.samples, dict(args.precision), args.source)
@@ -630,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = measure(commands(spec, out, args.stock)[name], tmp / f"{out.name}.log")
                 results.setdefault(name, []).append(r)
                 counts[name], keys[name] = landed(out)
+                if name.startswith("mbm") and (out / "report.json").is_file():
+                    reasons = json.loads((out / "report.json").read_text()).get("rejected_by_reason", {})
                 print(f"rep {rep + 1}/{args.reps} {name}: {r['wall']:.1f} s, {counts[name]['samples']} landed",
                       file=sys.stderr, flush=True)
                 if name.startswith("plain loop"):
@@ -653,6 +664,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plain loop seconds per stage: {loop_stages}")
     if not same:
         print("WARNING: the pipelines landed different samples; the comparison is not like for like", file=sys.stderr)
+    landed_n = next(iter(counts.values()))["samples"]
+    if landed_n < n / 2:
+        top = ", ".join(f"{r} {k}" for r, k in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+        print(f"WARNING: {landed_n} of {n} inputs landed; the rest were rejected ({top}): the figures are of "
+              "what landed", file=sys.stderr)
     if extra:
         print("\n".join(extra))
     if args.write:

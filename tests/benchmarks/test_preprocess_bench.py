@@ -506,6 +506,13 @@ def test_tree_memory_names_each_process_at_the_peak():
     assert abs(sum(parts.values()) - mem.peak_pss / 1024) < 1
     assert parts_text([("driver", 196.2), ("fork server", 347), ("worker", 330.4), ("worker", 290)]) == \
         "driver 196, fork server 347, worker 330 / 290"
+    # a run shorter than pss_every samples: its PSS was read once, at its start, and came out at 1 MiB
+    proc = subprocess.Popen([sys.executable, "-c", "import time; x = b'x' * (80 << 20); time.sleep(1.0)"])
+    mem = TreeMemory(proc.pid, interval=0.05, pss_every=1000)
+    mem.start()
+    proc.wait()
+    mem.stop()
+    assert mem.peak_pss / 1024 >= 80
 
 
 def test_a_parquet_manifest_with_image_bytes_is_repeated_in_arrow(tmp_path):
