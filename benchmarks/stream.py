@@ -76,6 +76,20 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     if args.data and args.write:
         ap.error("--write records the synthetic dataset; leave out --data")
+    for name in ("samples", "per_shard", "reps", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or any(w < 0 for w in (*args.workers, *args.train_workers)):
+        ap.error("--warmup and loader worker counts must be >= 0")
+    if not args.workers or not args.train_workers:
+        ap.error("--workers and --train-workers need at least one count, e.g. 0,2")
+    if args.data:
+        from mbm.data.source import resolve_data
+
+        try:
+            resolve_data(args.data)
+        except ValueError as e:
+            ap.error(str(e))
     return args
 
 

@@ -1,6 +1,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
@@ -80,3 +82,18 @@ def test_the_task_follows_the_dataset_and_a_dataset_with_nothing_to_train_on_is_
         picked(audio_only)
     with pytest.raises(SystemExit, match="--task classify: .* no labelled samples"):
         picked(audio_only, "classify")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--reps", "0"], "--reps must be >= 1, got 0"),  # was KeyError: ('mbm', 0)
+    (["--steps", "0"], "--steps must be >= 1, got 0"),  # was ZeroDivisionError
+    (["--workers", ""], "--workers and --train-workers need at least one count"),  # was IndexError
+    (["--data", "/nonexistent/out"], "--data /nonexistent/out: no such folder or file"),  # was a traceback
+])
+def test_arguments_that_cannot_work_are_an_argparse_error(monkeypatch, capsys, argv, said):
+    from stream import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["stream.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args()
+    assert exit_info.value.code == 2 and said in capsys.readouterr().err
