@@ -46,8 +46,18 @@ elif [ ${#WHEELS[@]} -gt 0 ]; then
     for w in "${WHEELS[@]}"; do "$PY" -m zipfile -e "$w" "$SITE"; done
   fi
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  if ! "$PY" -c "$NEEDED" 2>>"$LOG"; then  # pip installs all or nothing: one wheel for another Python stops it
+    say "error: the wheels of .whl/ did not install for $PY (Python $("$PY" -c 'import sys; print(sys.version.split()[0])')," \
+        "built for: $(ls "$ROOT"/.whl | grep -o 'cp3[0-9]*-cp3[0-9]*' | cut -d- -f1 | sort -u | tr '\n' ' ')); run make gpu-wheels for this" \
+        "Python, or set PYTHON to the one they are for; pip's words are in $LOG"
+    exit 1
+  fi
 else
   say "warning: packages missing and no .whl/*.whl (run: make gpu-wheels); parts that need them will fail"
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  say "error: $PY has no torch; set PYTHON to a Python with torch (and CUDA) installed"
+  exit 1
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
@@ -64,6 +74,6 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHON
 timeout --kill-after=15 "${MBM_GPU_TIMEOUT:-480}" "$PY" "$ROOT/benchmarks/gpu_bench.py" \
   --json "$OUTDIR/gpu-bench.json" ${MBM_GPU_BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
-[ "$rc" -eq 124 ] && say "timed out after ${MBM_GPU_TIMEOUT:-480} s; $OUTDIR/gpu-bench.json holds the parts that finished"
+[ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && say "timed out after ${MBM_GPU_TIMEOUT:-480} s; $OUTDIR/gpu-bench.json holds the parts that finished"
 say "log: $LOG  results: $OUTDIR/gpu-bench.json  (exit $rc)"
 exit "$rc"
