@@ -281,4 +281,6 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                                 max_shard_bytes=spec.output.max_shard_bytes)
         except ResourceError as e:  # nothing committed: the current version stands
             raise JobError(str(e)) from e
+        except DatasetStateError as e:  # every input rejected: the current version stands
+            raise SpecError(str(e)) from None
     return JobResult(out_dir=out_dir, manifest=result.manifest, report=result.report)

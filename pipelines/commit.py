@@ -210,6 +210,23 @@ def plan_counts(previous: Any, new: Any, same: Any) -> dict[str, int]:
             "unchanged": same.num_rows + len(same_rejects), "removed": _count_not_in(prev_ok, seen)}
 
 
+def _check_some_land(staged: Staged, previous: DatasetManifest) -> None:
+    """A run in which no sample lands would commit a version without any, removing every sample of the
+    one before: inputs that all fail at once (a media folder moved, a drive not mounted) are far likelier
+    than a dataset emptied on purpose. ``DatasetStateError`` instead; nothing is committed."""
+    import pyarrow.compute as pc
+
+    new = staged.new
+    if staged.same.num_rows or pc.any(pc.equal(new.column("status"), "ok")).as_py():
+        return
+    reasons = _tally(new.filter(pc.equal(new.column("status"), "rejected")).column("reason"))
+    top = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+    raise DatasetStateError(
+        f"every one of the {new.num_rows} inputs was rejected ({top}): a version of that would hold no sample, "
+        f"removing the {previous.num_samples} of version {previous.version}, so nothing was committed. Fix what "
+        "they lack (a moved media folder, a drive not mounted?); to empty the dataset on purpose, remove its folder")
+
+
 def _in_use(fingerprints: dict[str, str], rows: Any) -> dict[str, str | None]:
     """``fingerprints`` of the modalities a landed row of ``rows`` has: an extractor no sample uses (an
     image extractor's settings in a job of captions) makes no new version when it changes."""
@@ -422,6 +439,8 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
                  and _same_rejects(staged.new, previous_rows)
                  and _in_use(previous.fingerprints, previous_rows) == _in_use(fingerprints, previous_rows))
 
+    if not unchanged and previous is not None and previous.num_samples:
+        _check_some_land(staged, previous)
     if unchanged:
         manifest = previous
         rows = previous_rows

@@ -309,3 +309,24 @@ def test_settings_of_an_extractor_no_sample_uses_make_no_new_version(tmp_path):
     assert not again["new_version"] and again["version"] == 1
     spec.write_text(base.replace('"failing-text"\n', '"failing-text"\ndim = 5\n'))  # the one in use: recomputed
     assert _run(spec)["version"] == 2
+
+
+def test_a_run_in_which_every_input_is_rejected_commits_nothing(tmp_path, capsys):
+    """Its version would hold no sample, removing every one of the version before (a moved media
+    folder rejects every row at once); the first version of such inputs is made, as there is nothing to lose."""
+    import tests.support.failing_extractor  # noqa: F401  registers failing-text
+
+    spec = tmp_path / "job.toml"
+    spec.write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n[runner]\nworkers = 1\n'
+                    '[extract.text]\nname = "failing-text"\n')
+    _write_rows(tmp_path / "m.jsonl", [{"id": f"s{i}", "text": f"caption {i}"} for i in range(4)])
+    assert _run(spec)["version"] == 1
+    _write_rows(tmp_path / "m.jsonl", [{"id": f"s{i}", "audio": f"moved/{i}.wav"} for i in range(4)])
+    capsys.readouterr()
+    assert main(["preprocess", str(spec), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "every one of the 4 inputs was rejected (file.missing 4): a version of that would hold no sample, " \
+           "removing the 4 of version 1, so nothing was committed" in err, err
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["version"] == 1
+    assert not (tmp_path / "out" / ".staging").exists()
+    assert main(["preprocess", str(spec), "--no-progress", "--output", str(tmp_path / "fresh")]) == 0
