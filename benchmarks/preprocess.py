@@ -512,13 +512,14 @@ def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
     ]
 
 
-def profile(spec: Path, tmp: Path) -> None:
-    """Run the loop baseline under cProfile and print the top 15 cumulative entries."""
+def profile(spec: Path, tmp: Path, stock: bool = False) -> None:
+    """Run the loop baseline (``stock``: with the models as a user's script loads them, as timed) under
+    cProfile and print the top 15 cumulative entries."""
     import pstats
 
     prof = tmp / "loop.prof"
     cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), str(HERE / "baseline_loop.py"), str(spec),
-           "--output", str(tmp / "profile")]
+           "--output", str(tmp / "profile"), *(["--stock"] if stock else [])]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     print("\nplain loop under cProfile, top 15 by cumulative time:")
     pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(15)
@@ -647,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                     stages = json.loads((out / "baseline.json").read_text())["seconds"]
                     loop_stages = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
         if args.profile:
-            profile(spec, tmp)
+            profile(spec, tmp, args.stock)
         extra = memory_growth(tmp, n, args.source) if args.memory else []
     if not results:  # --reps 0: the memory check alone
         print("\n".join(extra))

@@ -250,7 +250,8 @@ def memory(datasets: list[tuple[str, str, int]], workers: int, args: argparse.Na
     from stream_memory import peak_of_epoch
 
     task = ["--task", args.task, *(["--pair", args.pair] if args.pair else [])]
-    peaks = [(label, n, peak_of_epoch(Path(__file__).resolve(), path, workers, task)) for label, path, n in datasets]
+    peaks = [(label, n, peak_of_epoch(Path(__file__).resolve(), path, workers, task,
+                                              batch_size=args.batch_size)) for label, path, n in datasets]
     rows = [f"| {label} | {n} | {p.tree_mib:.0f} | {p.largest_mib:.0f} | {p.seconds:.1f} |" for label, n, p in peaks]
     return rows, peaks[-1][2].tree_mib / peaks[0][2].tree_mib
 

@@ -58,10 +58,12 @@ def tree_rss_kib(pid: int) -> list[int]:
     return sizes
 
 
-def peak_of_epoch(script: Path, data: str, workers: int, task: list[str], interval: float = 0.02) -> Peak:
-    """Run one mbm loader epoch over ``data`` in a child process (``task``: its --task/--pair arguments);
-    its peak memory."""
-    cmd = [sys.executable, str(script), "--child-epoch", data, "--workers", str(workers), *task]
+def peak_of_epoch(script: Path, data: str, workers: int, task: list[str], interval: float = 0.02,
+                  batch_size: int = 32) -> Peak:
+    """Run one mbm loader epoch over ``data`` in a child process (``task``: its --task/--pair arguments)
+    in batches of ``batch_size``; its peak memory."""
+    cmd = [sys.executable, str(script), "--child-epoch", data, "--workers", str(workers),
+           "--batch-size", str(batch_size), *task]
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
         tree = largest = 0
