@@ -183,6 +183,7 @@ class Trainer:
         elif cfg.workers is None and workers:
             log.info("%d data-loader workers per rank (--workers sets another number)", workers)
         self.step = 0
+        self.training = False  # whether a step was taken (a failure before one is a refused start)
         if resume_from:
             self._restore(resume_state)
             log.info("resumed %s at step %d (data %s)", resume_from, self.step, self.loader.state_dict())
@@ -312,6 +313,7 @@ class Trainer:
         try:
             while self.step < end:
                 loss_t, ids = self.train_step(batches)
+                self.training = True  # a step was taken: a failure now is no refused start, the folder stays
                 pending.append((self.step, loss_t))
                 logs = self.step % cfg.log_every == 0 or self.step in (1, cfg.steps)
                 evals = self.step % cfg.eval_every == 0 or self.step == cfg.steps
@@ -361,6 +363,7 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) training as configured, alone or as one rank under torchrun."""
     env = init_distributed(cfg.device)
     fresh = not os.path.exists(cfg.out)
+    trainer: Trainer | None = None
     try:
         # One training per run folder: rank 0 holds the lock (a second job's checkpoints and metrics
         # would interleave with this one's); the OS releases it when the process ends, however it ends.
@@ -375,15 +378,18 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
             if env.is_main:
                 for path in RunDir(cfg.out).remove_partial_files():
                     log.warning("removed %s, left half-written by a run that was killed", path)
-            return Trainer(cfg, env, progress=progress).fit()
+            trainer = Trainer(cfg, env, progress=progress)
+            return trainer.fit()
     except FolderLockedError as e:
         raise ValueError(f"--out {cfg.out}: {e}") from None
     except Exception as e:
-        # A new run folder that holds no checkpoint has trained nothing to keep: refused (bad data, a
-        # setting; its config and labels may be written), it goes, so that the fixed command, --resume
-        # included, starts afresh; failed otherwise (out of memory), it goes once only the lock is left.
+        # A new run refused before its first step (bad data, a setting; its config and labels may be
+        # written) has nothing to keep: its folder goes, so that the fixed command, --resume included,
+        # starts afresh. One that failed later (diverged, out of memory) keeps its metrics; a folder left
+        # holding only the lock goes.
         if fresh and env.is_main and os.path.isdir(cfg.out):
-            refused = isinstance(e, ValueError) and not RunDir(cfg.out).has_checkpoints()
+            refused = (isinstance(e, ValueError) and not (trainer is not None and trainer.training)
+                       and not RunDir(cfg.out).has_checkpoints())
             if refused or set(os.listdir(cfg.out)) <= {".lock"}:
                 shutil.rmtree(cfg.out, ignore_errors=True)
         raise

@@ -235,6 +235,8 @@ def test_a_diverging_run_stops_with_a_message(data, tmp_path, capsys):
                  "--grad-clip", "0") == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and "--lr" in err
+    # a failure after the first step is no refused start: the run folder and its metrics stay
+    assert any(r["split"] == "val" for r in read_jsonl(os.path.join(out, "metrics.jsonl")))
 
 
 def test_a_steps_loss_is_read_after_the_next_step_is_queued_or_before_a_log_eval_or_save(data, tmp_path,
