@@ -233,7 +233,7 @@ def _metadata_samples(
         source = f"{rel}:{line}"
         sample_id = None
         try:
-            file_name = _file_name(row.get("file_name"), source)
+            file_name = _file_name(row.get("file_name"), source, base)
             sample_id = f"{subdir}/{file_name}" if subdir else file_name
             kind = _kind(file_name, source)
             uri = resolve_media(file_name, base, allow_outside, source, "file_name")
@@ -245,12 +245,16 @@ def _metadata_samples(
         yield seen.check(sample_id, source) or sample
 
 
-def _file_name(value: Any, source: str) -> str:
+def _file_name(value: Any, source: str, base: str) -> str:
+    """The row's ``file_name``; spaces around it (a spreadsheet's export) are dropped unless a file of
+    ``base`` is named with them."""
     if is_empty(value):
         raise CleanError("read.missing_id", f"{source}: no 'file_name'")
     if not isinstance(value, str):
         raise CleanError("read.bad_type", f"{source}: 'file_name' is {shown(value)}, expected a path string")
-    return value.strip()  # as a manifest's media cells are: spaces a spreadsheet left around the name
+    if value != value.strip() and not os.path.lexists(os.path.join(local_path(base) or base, value)):
+        return value.strip()
+    return value
 
 
 def _kind(file_name: str, source: str) -> str:

@@ -70,11 +70,13 @@ def test_audiofolder_with_metadata_csv_uses_transcription(tmp_path):
 
 def test_spaces_around_a_file_name_in_metadata_csv_are_dropped(tmp_path):
     """As around a manifest's media cells: a spreadsheet's export may keep them."""
-    _touch(tmp_path, "r.png", "s.wav")
-    (tmp_path / "metadata.csv").write_text("file_name,text\n r.png ,spaces\ns.wav\t,tab\n")
+    _touch(tmp_path, "r.png", "s.wav", " lead.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text\n r.png ,spaces\ns.wav\t,tab\n lead.png,named so\n")
     items = list(iter_folder(str(tmp_path)))
-    assert [(i.id, type(i).__name__) for i in items] == [("r.png", "RawSample"), ("s.wav", "RawSample")]
+    assert [(i.id, type(i).__name__) for i in items] == [("r.png", "RawSample"), ("s.wav", "RawSample"),
+                                                         (" lead.png", "RawSample")]  # a file named with one
     assert items[0].image == Media(uri=str(tmp_path / "r.png"), name="r.png")
+    assert items[2].image == Media(uri=str(tmp_path / " lead.png"), name=" lead.png")
 
 def test_metadata_in_split_subfolders(tmp_path):
     _touch(tmp_path, "train/a.jpg", "test/a.jpg")
