@@ -550,10 +550,13 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     current = current_manifest(out_dir)
     top = current.version if current else 0
     above = [v for v in _version_numbers(out_dir) if v > top]
-    if above and (len(above) > 1 or above[0] != top + 1):  # a killed run leaves one version, the next
+    # A killed run leaves one version, the next. The next one committed (report.json, written after
+    # dataset.json, names it) means dataset.json was put back, as more versions above it do.
+    if above and (len(above) > 1 or above[0] != top + 1 or _reported_version(root) == top + 1):
         now = f"dataset.json names version {top}" if current else "it has no dataset.json"
         raise DatasetStateError(
-            f"{out_dir} holds versions {_versions_shown(above)} above its current one ({now}), which no interrupted "
+            f"{out_dir} holds version{'s' if len(above) > 1 else ''} {_versions_shown(above)} above its current "
+            f"one ({now}), which no interrupted "
             "run leaves: was dataset.json deleted, or restored from an older copy? Nothing was changed. Make the "
             f"version you want current (the newest: cp {root / version_path(above[-1])} {root / 'dataset.json'}) "
             "and run again")
@@ -581,6 +584,15 @@ def remove_uncommitted(out_dir: str) -> list[str]:
         current_spec.write_bytes(spec.read_bytes())  # killed after the commit, before job.toml
         log.warning("restored %s from %s (a run stopped between the two)", current_spec, spec)
     return removed
+
+
+def _reported_version(root: Any) -> int | None:
+    """The version the last finished run reported (``report.json``); None when there is none to read."""
+    try:
+        version = json.loads((root / "report.json").read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None
 
 
 def _versions_shown(versions: list[int]) -> str:

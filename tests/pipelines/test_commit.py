@@ -111,27 +111,33 @@ def _files(root):
 def test_a_run_killed_before_its_commit_leaves_one_version_which_goes(tmp_path):
     _dataset(tmp_path, [1, 2, 3])
     (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000002.json").read_text())  # 3: not committed
+    (tmp_path / "report.json").write_text('{"version": 2}')  # the run that committed 2 wrote it last
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "v000003-000000.tar").write_bytes(b"")
     removed = remove_uncommitted(str(tmp_path))
     assert sorted(os.path.basename(f) for f in removed) == ["000003.json", "000003.toml", "v000003-000000.tar"]
 
 
-@pytest.mark.parametrize("state", ["no dataset.json", "an older dataset.json"])
+@pytest.mark.parametrize("state", ["no dataset.json", "an older dataset.json", "the one before put back"])
 def test_versions_no_interrupted_run_leaves_stop_the_run_and_nothing_is_deleted(tmp_path, state):
     """A deleted dataset.json, or an older copy put back, made every version above it a leftover to delete."""
     _dataset(tmp_path, [1, 2, 3])
+    (tmp_path / "report.json").write_text('{"version": 3}')  # written by the run that committed 3
     if state == "no dataset.json":
         (tmp_path / "dataset.json").unlink()
         above, now = "1, 2, 3", "it has no dataset.json"
-    else:
+    elif state == "an older dataset.json":
         (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000001.json").read_text())
         above, now = "2, 3", "dataset.json names version 1"
+    else:  # one version behind, as a killed run leaves it, but report.json says 3 was committed
+        (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000002.json").read_text())
+        above, now = "3", "dataset.json names version 2"
     before = _files(tmp_path)
     with pytest.raises(DatasetStateError) as e:
         remove_uncommitted(str(tmp_path))
     assert str(e.value) == (
-        f"{tmp_path} holds versions {above} above its current one ({now}), which no interrupted run leaves: was "
+        f"{tmp_path} holds version{'s' if ',' in above else ''} {above} above its current one ({now}), which no "
+        "interrupted run leaves: was "
         "dataset.json deleted, or restored from an older copy? Nothing was changed. Make the version you want "
         f"current (the newest: cp {tmp_path}/versions/000003.json {tmp_path}/dataset.json) and run again")
     assert _files(tmp_path) == before
