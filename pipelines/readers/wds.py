@@ -58,6 +58,7 @@ UNREAD_MEMBERS = "unread_members"  # meta key: the members that hold bytes and w
 # names of tars, plain or compressed; a file named otherwise is read only when it starts like one
 # bytes of members held to join a sample's members that other samples' came between (``_joined``)
 JOIN_BYTES = 64 << 20
+JOIN_SAMPLES = 100_000  # and samples held (~1 KB each where their media stay in the tar)
 TAR_NAMES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz", ".tar.lzma",
              ".tar.zst", ".tzst")
 
@@ -184,7 +185,8 @@ def _joined(groups: Iterable[tuple[str, dict[str, tuple[str, bytes | CleanError]
     samples per key, each with part of the members.
 
     Groups are held, in the order their keys first came, until the bytes they hold pass ``budget``
-    (an uncompressed local tar's media stay in the tar and count nothing here); the oldest then go on.
+    (an uncompressed local tar's media stay in the tar and count nothing here) or they number more than
+    ``JOIN_SAMPLES``; the oldest then go on.
     A later group of a key already gone on is a ``read.split_sample`` reject saying how to write the tar;
     one holding a kind of member its key's first group has too (``x.jpg`` twice) is a sample of its own,
     which ``iter_tar`` rejects as a duplicate id, as before."""
@@ -207,7 +209,7 @@ def _joined(groups: Iterable[tuple[str, dict[str, tuple[str, bytes | CleanError]
             held.append((key, group))
             open_keys[key] = group
         size += sum(len(data) for _, data in group.values() if isinstance(data, bytes))
-        while held and size > budget:
+        while held and (size > budget or len(held) > JOIN_SAMPLES):
             out_key, out = held.popleft()
             if open_keys.get(out_key) is out:
                 del open_keys[out_key]
@@ -223,7 +225,7 @@ def _split_reject(name: str, key: str, group: dict[str, tuple[str, Any]], budget
     return reject(
         "read.split_sample",
         f"{name}: {_some(members)} of sample {key!r} come{'s' if len(members) == 1 else ''} "
-        f"after more than {held} of other samples' members, so the sample was read without "
+        f"after more than {held} (or {JOIN_SAMPLES:,} samples) of other samples' members, so the sample was read without "
         f"{'it' if len(members) == 1 else 'them'}: write the tar with each sample's files together (GNU tar: "
         "tar --sort=name -cf x.tar -C folder .), or uncompressed (a local .tar's media count nothing here)",
         f"{name}:{members[0]}", key)

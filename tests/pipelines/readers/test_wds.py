@@ -152,7 +152,8 @@ def test_members_further_apart_than_the_bytes_held_are_a_reject_naming_the_fix(t
         ("0", "read.split_sample", "t.tar.gz:0.jpg"), ("1", "read.split_sample", "t.tar.gz:1.jpg"),
         ("2", "read.split_sample", "t.tar.gz:2.jpg")]
     assert rejects[0].detail == (
-        "t.tar.gz: '0.jpg' of sample '0' comes after more than 350 bytes of other samples' members, so the sample "
+        "t.tar.gz: '0.jpg' of sample '0' comes after more than 350 bytes (or 100,000 samples) of other samples' members, so "
+        "the sample "
         "was read without it: write the tar with each sample's files together (GNU tar: tar --sort=name -cf "
         "x.tar -C folder .), or uncompressed (a local .tar's media count nothing here)")
 
