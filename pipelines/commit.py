@@ -126,10 +126,9 @@ def load_staged(staging: str, previous: DatasetManifest | None) -> Staged:
     """The sidecars of ``staging`` in bucket order, each one's rows turned into Arrow as it is read."""
     import pyarrow as pa
 
-    matches = FileSystems.match([join(staging, "parts/b*.json")])[0].metadata_list
     new, same, shards, labels = [], [], [], {}
     extracted = dict.fromkeys(("samples", "text", "image", "audio"), 0)
-    for path in sorted((m.path for m in matches), key=_bucket_number):
+    for path in sorted(_matching(join(staging, "parts"), "b*.json"), key=_bucket_number):
         sc = json.loads(read_text(path))
         new.append(index_table(sc["rows"]))
         same.append(index_table(sc.get("same", [])))
@@ -319,8 +318,33 @@ def _compact(out_dir: str, staging: str, shards: list[str], sizes: list[int], ke
 
 
 def _file_sizes(paths: list[str]) -> list[int]:
-    """Bytes of each of ``paths`` (local or any filesystem Beam reads)."""
+    """Bytes of each of ``paths`` (local or any filesystem Beam reads; a local name is no pattern)."""
+    import os
+
+    if all("://" not in p for p in paths):
+        return [os.path.getsize(p) for p in paths]
     return [result.metadata_list[0].size_in_bytes for result in FileSystems.match(paths)]
+
+
+def _matching(folder: str, pattern: str) -> list[str]:
+    """The paths of ``folder``'s files matching the glob ``pattern``; a local folder's own name is taken
+    as it is (``run [1]`` is no character class: the staged parts of such a folder were not found, and an
+    empty version was committed)."""
+    if "://" not in folder:
+        import glob
+
+        return glob.glob(f"{glob.escape(folder)}/{pattern}")
+    return [m.path for m in FileSystems.match([join(folder, pattern)])[0].metadata_list]
+
+
+def _delete_tree(path: str) -> None:
+    """Delete the folder ``path`` and all below it (Beam's local delete reads the path as a pattern)."""
+    if "://" not in path:
+        import shutil
+
+        shutil.rmtree(path)
+    else:
+        FileSystems.delete([path])
 
 
 class _Kept:
@@ -483,7 +507,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         write_atomic(join(out_dir, "job.toml"), job_bytes, "application/toml")
     report_text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     write_atomic(join(out_dir, "report.json"), report_text.encode("utf-8", "surrogateescape"))
-    FileSystems.delete([staging])
+    _delete_tree(staging)
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report)
 

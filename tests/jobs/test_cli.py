@@ -363,3 +363,21 @@ def test_a_full_disk_at_commit_is_one_line_and_the_current_version_stands(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("mbm: error: committing the new version: no space left in") and "Traceback" not in err
     assert __import__("json").loads((tmp_path / "out" / "dataset.json").read_text())["version"] == 1
+
+
+def test_a_dataset_folder_whose_name_looks_like_a_pattern_gets_its_samples(tmp_path, capsys):
+    """``run [1]`` was read as a character class where the commit looked for the staged parts: it found
+    none, committed a version of no sample, and then failed to delete the staging folder."""
+    import json
+
+    import tests.support.failing_extractor  # noqa: F401  registers failing-text
+
+    folder = tmp_path / "run [1]"
+    folder.mkdir()
+    (folder / "m.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "text": f"caption {i}"}) + "\n"
+                                            for i in range(3)))
+    (folder / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n[runner]\nworkers = 1\n'
+                                     '[extract.text]\nname = "failing-text"\n')
+    assert main(["preprocess", str(folder / "job.toml"), "--no-progress"]) == 0
+    manifest = json.loads((folder / "out" / "dataset.json").read_text())
+    assert manifest["num_samples"] == 3 and not (folder / "out" / ".staging").exists()
