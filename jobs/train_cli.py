@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from mbm.data.collate import TASKS
@@ -252,13 +253,10 @@ def _check_out(out: str) -> None:
         raise _Fail("--out is empty; give the run folder")
     if what := file_in_the_way(out):
         raise _Fail(f"--out {out} {what}; give a folder for the run")
-    here = os.path.abspath(out)
-    while True:  # a run's checkpoints and metrics would mix with a dataset's shards and versions
-        if os.path.isfile(os.path.join(here, "dataset.json")):
-            raise _Fail(f"--out {out} is inside the dataset folder {here}; give the run a folder of its own")
-        if os.path.dirname(here) == here:
-            break
-        here = os.path.dirname(here)
+    here = Path(os.path.abspath(out))
+    for folder in (here, *here.parents):  # a run's checkpoints and metrics would mix with a dataset's shards
+        if (folder / "dataset.json").is_file():
+            raise _Fail(f"--out {out} is inside the dataset folder {folder}; give the run a folder of its own")
 
 
 def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:

@@ -226,14 +226,13 @@ def _check_some_land(staged: Staged, previous: DatasetManifest) -> None:
         "they lack (a moved media folder, a drive not mounted?); to empty the dataset on purpose, remove its folder")
 
 
-def _in_use(fingerprints: dict[str, str], rows: Any) -> dict[str, str | None]:
-    """``fingerprints`` of the modalities a landed row of ``rows`` has: an extractor no sample uses (an
-    image extractor's settings in a job of captions) makes no new version when it changes."""
+def _landed_modalities(rows: Any) -> set[str]:
+    """The modalities a landed row of ``rows`` has: only their extractors' fingerprints decide whether a
+    run changed anything (an image extractor's settings in a job of captions make no new version)."""
     import pyarrow.compute as pc
 
     landed = rows.filter(pc.equal(rows.column("status"), "ok")).column("modalities").unique().to_pylist()
-    used = {m for value in landed if value for m in value.split(",")}
-    return {m: fingerprints.get(m) for m in sorted(used)}
+    return {m for value in landed if value for m in value.split(",")}
 
 
 def _same_rejects(a: Any, b: Any) -> bool:
@@ -461,7 +460,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     extracted = staged.extracted
     unchanged = (previous is not None and planned["new"] == planned["changed"] == planned["removed"] == 0
                  and _same_rejects(staged.new, previous_rows)
-                 and _in_use(previous.fingerprints, previous_rows) == _in_use(fingerprints, previous_rows))
+                 and all(previous.fingerprints.get(m) == fingerprints.get(m) for m in _landed_modalities(previous_rows)))
 
     if not unchanged and previous is not None and previous.num_samples:
         _check_some_land(staged, previous)

@@ -11,6 +11,7 @@ model load took: it is put back, or every model load logs that memory usage cann
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 _BASE = "apache_beam.ml.inference.base"
@@ -23,11 +24,9 @@ if _BASE not in sys.modules and _MANAGER not in sys.modules:
     finally:
         del sys.modules[_MANAGER]
     if _base.resource is None:
-        try:
+        with contextlib.suppress(ImportError):  # not on this platform: Beam's own fallback stands
             import resource as _resource
-        except ImportError:  # not on this platform: Beam's own fallback
-            pass
-        else:
+
             _base.resource = _resource
 
 from apache_beam.ml.inference.base import ModelHandler, RunInference  # noqa: E402

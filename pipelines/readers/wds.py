@@ -193,6 +193,7 @@ def _joined(groups: Iterable[tuple[str, dict[str, tuple[str, bytes | CleanError]
     held: deque[tuple[str, dict[str, Any]]] = deque()
     open_keys: dict[str, dict[str, Any]] = {}  # key -> its held group, which a later one may join
     gone: dict[str, frozenset[str]] = {}  # key -> the member kinds of its group that went on
+    kinds: dict[frozenset[str], frozenset[str]] = {}  # one set per combination of kinds, shared by the keys
     size = 0
     for key, group in groups:
         if isinstance(group, Reject):  # the end of what can be read
@@ -208,15 +209,20 @@ def _joined(groups: Iterable[tuple[str, dict[str, tuple[str, bytes | CleanError]
         else:
             held.append((key, group))
             open_keys[key] = group
-        size += sum(len(data) for _, data in group.values() if isinstance(data, bytes))
+        size += _bytes_held(group)
         while held and (size > budget or len(held) > JOIN_SAMPLES):
             out_key, out = held.popleft()
             if open_keys.get(out_key) is out:
                 del open_keys[out_key]
-                gone[out_key] = frozenset(out)
-            size -= sum(len(data) for _, data in out.values() if isinstance(data, bytes))
+                gone[out_key] = kinds.setdefault(frozenset(out), frozenset(out))
+            size -= _bytes_held(out)
             yield out_key, out
     yield from held
+
+
+def _bytes_held(group: dict[str, tuple[str, Any]]) -> int:
+    """Bytes a group holds in memory (a ``_Range`` of a local tar's media holds none)."""
+    return sum(len(data) for _, data in group.values() if isinstance(data, bytes))
 
 
 def _split_reject(name: str, key: str, group: dict[str, tuple[str, Any]], budget: int) -> Reject:
