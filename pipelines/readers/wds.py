@@ -11,7 +11,8 @@ the damage and yields one ``read.corrupt_tar`` reject. A file that is neither na
 
 A member whose extension has dots (``p.en.txt``: key ``p``, extension ``en.txt``) stands in for a text,
 image or audio member the sample lacks (or has empty) when its extension ends in one; see ``_stand_ins``.
-Members that are not read (a second image, a dotted one) are listed in the sample's meta. A json member
+Members that are not read (a second image, a dotted one, a second member of
+an extension the sample has: ``a.JPG`` beside ``a.jpg``) are listed in the sample's meta. A json member
 that cannot be used (not JSON, not an object, a caption that is not a string) is a reject of its own,
 and its sample is read without it, as beside a folder's image.
 """
@@ -55,6 +56,8 @@ _SKIP = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta (__index__ and t
 _INT = re.compile(r"^[+-]?\d+$")
 JSON_FIELDS = ("key", "caption", "label")  # fields of a sample's json that are its id, text and label
 UNREAD_MEMBERS = "unread_members"  # meta key: the members that hold bytes and were not used
+# starts a group's key for a member whose extension the sample already has (no member name holds a NUL)
+_REPEAT = "\0"
 # names of tars, plain or compressed; a file named otherwise is read only when it starts like one
 # bytes of members held to join a sample's members that other samples' came between (``_joined``)
 JOIN_BYTES = 64 << 20
@@ -131,7 +134,8 @@ def _read(key: str, group: dict[str, tuple[str, bytes | CleanError]], name: str)
     image = _media(members, IMAGE_EXTS)
     audio = _media(members, AUDIO_EXTS)
     used |= {media.name for media in (image, audio) if media is not None}
-    unread = sorted(member for member, data in group.values() if member not in used and data)
+    unread = sorted(member for suffix, (member, data) in group.items()
+                    if (member not in used or suffix.startswith(_REPEAT)) and data)
     if used_text is None and image is None and audio is None:
         yield reject("read.no_modality", f"{source}: {_nothing(info, group, unread)}", source, sample_id)
         return
@@ -151,7 +155,7 @@ def _bad_json(name: str, member: str, key: str, error: CleanError) -> Reject:
 def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, bytes | CleanError]] | Reject]]:
     """``(key, {suffix: (member, bytes)})`` per sample; ``(key, Reject)`` once when the tar is damaged, or
     when the file is not a tar."""
-    key, group, previous = "", {}, set()
+    key, group, previous, repeats = "", {}, set(), 0
     for item in _members(path, name):
         if isinstance(item, Reject):  # not a tar at all
             yield "", item
@@ -172,7 +176,10 @@ def _groups(path: str, name: str) -> Iterator[tuple[str, dict[str, tuple[str, by
                 yield key, group
                 previous = set(group)
             key, group = prefix, {}
-        group.setdefault(suffix, (member, data))
+        if suffix in group:  # a second a.jpg (a.JPG, or a.jpg again, as tar -r adds it): kept, not read
+            repeats += 1
+            suffix = f"{_REPEAT}{repeats}"
+        group[suffix] = (member, data)
     if group:
         yield key, group
 
@@ -549,7 +556,7 @@ def _stand_ins(group: dict[str, tuple[str, bytes]]) -> dict[str, tuple[str, byte
     is used; of several (``p.en.txt``, ``p.de.txt``), the first in name order, unless every member of the
     sample is dotted: then they are most likely several files under one key (``photo.2019.01.jpg``,
     ``photo.2019.02.jpg``) and none is used. Those not used are listed in meta by the caller."""
-    plain = any("." not in suffix for suffix in group)
+    plain = any("." not in suffix and not suffix.startswith(_REPEAT) for suffix in group)
     used: dict[str, tuple[str, bytes]] = {}
     for suffixes in (TEXT_SUFFIXES, IMAGE_EXTS, AUDIO_EXTS):
         if any(suffix in suffixes and data for suffix, (_, data) in group.items()):

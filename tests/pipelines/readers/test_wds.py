@@ -165,6 +165,21 @@ def test_a_key_that_comes_back_with_a_member_kind_it_had_is_a_duplicate(tmp_path
     assert (a.id, a.text, a.image.data, b.id, c.id) == ("a", b"a", JPG, "b", "c")  # a.txt joined a.jpg
     assert (dup.id, dup.reason) == ("a", "read.duplicate_id")  # a second a.jpg: not joined
 
+
+def test_a_second_member_of_a_kind_the_sample_has_is_listed_as_unread(tmp_path):
+    # a.JPG beside a.jpg, b.TXT beside b.txt, and c.txt added again (tar -r) while c is the last sample:
+    # the first of each is read, the other kept in meta, not dropped unseen
+    path = _tar_of(tmp_path / "t.tar", [("a.jpg", JPG), ("a.JPG", JPG + b"2"), ("a.txt", b"a"),
+                                        ("b.jpg", JPG), ("b.txt", b"b"), ("b.TXT", b"other b"),
+                                        ("c.jpg", JPG), ("c.txt", b"old c"), ("c.txt", b"new c")])
+    a, b, c = iter_tar(str(path))
+    assert (a.image.data, a.text, a.meta) == (JPG, b"a", {"unread_members": ["a.JPG"]})
+    assert (b.text, b.meta) == (b"b", {"unread_members": ["b.TXT"]})
+    assert (c.text, c.meta) == (b"old c", {"unread_members": ["c.txt"]})
+    only, = iter_tar(str(_tar_of(tmp_path / "d.tar", [("d.en.txt", b"en"), ("d.EN.txt", b"EN")])))
+    assert (only.text, only.meta) == (b"en", {"unread_members": ["d.EN.txt"]})  # one dotted text, the other kept
+
+
 def test_truncated_tar_keeps_samples_before_the_cut(tmp_path):
     full = write_tar(tmp_path / "full.tar", img2dataset([f"{i:03d}" for i in range(4)])).read_bytes()
     members = tarfile.open(fileobj=io.BytesIO(full)).getmembers()
