@@ -3,7 +3,7 @@
 The format is sniffed by libsndfile from the content (WAV PCM/float/µ-law/A-law, FLAC, OGG/Vorbis,
 Opus, MP3, AIFF, ...), never from a file name. Steps: decode as float32 (at most ``max_seconds``, plus
 as much again of leading silence that trimming may remove, so an hour-long file costs no more than a
-minute), reject non-finite samples, mix to mono (channel mean), reject digital silence, trim leading and
+minute; longer leading digital silence is read past), reject non-finite samples, mix to mono (channel mean), reject digital silence, trim leading and
 trailing parts quieter than ``peak - trim_db`` dB, check ``min_seconds``, clip to ``max_seconds``,
 resample (torchaudio's polyphase sinc kernel), peak-normalize. Every failure is a ``CleanError`` with
 an ``audio.*`` reason.
@@ -100,7 +100,7 @@ def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
     if len(data) > cfg.max_bytes:
         raise CleanError("audio.file_too_large", f"{len(data)} bytes, limit is {cfg.max_bytes}")
     lead = cfg.max_seconds if cfg.trim_db is not None else 0.0
-    frames, sr = _decode(data, cfg.max_seconds + lead)
+    frames, sr, skipped = _decode(data, cfg.max_seconds + lead, skip_silence=cfg.trim_db is not None)
     if not np.isfinite(frames).all():
         bad = ~np.isfinite(frames)
         first = int(np.flatnonzero(bad.any(axis=1))[0])
@@ -108,7 +108,7 @@ def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
     x = _mono(frames)
     peak = float(np.abs(x).max())
     if peak <= SILENCE_PEAK:
-        raise CleanError("audio.silent", f"peak {peak:.3g} is at or below -90 dBFS over {_span(len(x), sr)}")
+        raise CleanError("audio.silent", f"peak {peak:.3g} is at or below -90 dBFS over {_span(len(x) + skipped, sr)}")
     if cfg.trim_db is not None:
         loud = np.flatnonzero(np.abs(x) >= peak * 10 ** (-cfg.trim_db / 20))
         x = x[loud[0] : loud[-1] + 1]
@@ -134,8 +134,12 @@ def _span(frames: int, sr: int) -> str:
     return f"{frames} frames at {sr} Hz ({frames / sr:.4g} s)"
 
 
-def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
-    """float32 (frames, channels) of at most ``max_seconds``, and the file's sample rate."""
+def _decode(data: bytes, max_seconds: float, skip_silence: bool = False) -> tuple[np.ndarray, int, int]:
+    """float32 (frames, channels) of at most ``max_seconds``, the file's sample rate, and the frames
+    skipped before them: with ``skip_silence``, pieces of ``max_seconds`` that are digital silence
+    throughout are read past (trimming would remove them), so a recording whose sound starts later than
+    that is not taken for silence (the piece where it starts then comes with half as much again after
+    it); a file that is silent to its end gives its last such piece."""
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr, channels, what = f.samplerate, f.channels, f"{f.format}/{f.subtype}"
@@ -143,7 +147,15 @@ def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
                 raise CleanError("audio.decode_error", f"{what} header has {channels} channels")
             if not RATE_RANGE[0] <= sr <= RATE_RANGE[1]:
                 raise CleanError("audio.bad_sample_rate", f"{what} header says {sr} Hz")
-            frames = f.read(math.ceil(max_seconds * sr), dtype="float32", always_2d=True)
+            wanted = math.ceil(max_seconds * sr)
+            frames, skipped = f.read(wanted, dtype="float32", always_2d=True), 0
+            while skip_silence and len(frames) == wanted and _silent(frames):
+                more = f.read(wanted, dtype="float32", always_2d=True)
+                if not len(more):
+                    break
+                frames, skipped = more, skipped + len(frames)
+            if skipped and len(frames) == wanted and not _silent(frames):  # the sound may start late in it
+                frames = np.concatenate([frames, f.read(wanted // 2, dtype="float32", always_2d=True)])
     except CleanError:
         raise
     except sf.LibsndfileError as e:
@@ -156,7 +168,12 @@ def _decode(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
         if _ogg_truncated(data):
             raise CleanError("audio.truncated", f"{what}: no decodable frames, last Ogg page is cut off")
         raise CleanError("audio.empty", f"{what} has 0 frames")
-    return frames, sr
+    return frames, sr, skipped
+
+
+def _silent(frames: np.ndarray) -> bool:
+    """Whether every sample is digital silence (a NaN is not: the caller rejects it as non-finite)."""
+    return bool((np.abs(frames) <= SILENCE_PEAK).all())
 
 
 def _error(data: bytes, detail: str, code: int | None) -> CleanError:

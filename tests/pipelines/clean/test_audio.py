@@ -225,6 +225,19 @@ def test_too_short_says_frames_and_enough_digits(make_sine, make_audio):
 
 def test_digital_silence_is_rejected(make_audio):
     assert reason(make_audio(np.zeros(16000, np.float32), 16000, "WAV", "PCM_16")).reason == "audio.silent"
+    err = reason(make_audio(np.zeros(5 * 16000, np.float32), 16000, "WAV", "PCM_16"), AudioCleanConfig(max_seconds=1.0))
+    assert err.detail.endswith("over 80000 frames at 16000 Hz (5 s)")  # the whole file, not the part decoded
+
+
+@pytest.mark.parametrize("silence", [2.2, 7.5])
+def test_sound_after_long_leading_silence_lands(make_sine, make_audio, peak_hz, silence):
+    # more leading silence than max_seconds and the lead decoded for trimming: the tone is found all the same
+    tone = make_sine(440, 1.6, 16000)
+    x = np.concatenate([np.zeros(round(silence * 16000), np.float32), tone, np.zeros(8000, np.float32)])
+    y = clean_audio(make_audio(x, 16000, "WAV", "FLOAT"), AudioCleanConfig(max_seconds=1.0))
+    assert len(y) == 16000 and abs(peak_hz(y, 16000) - 440) < 5  # a full max_seconds of the tone
+    assert reason(make_audio(x, 16000, "WAV", "FLOAT"), AudioCleanConfig(max_seconds=1.0, trim_db=None)).reason \
+        == "audio.silent"  # untrimmed, the clip is its first second, which is silent
 
 
 # --- bad input ------------------------------------------------------------------------------------
