@@ -196,6 +196,10 @@ def media_from(value: Any, base: str, allow_outside: bool, where: str, column: s
         data, path = value.get("bytes"), value.get("path")
         if isinstance(data, (bytes, bytearray)) and data:
             return Media(data=bytes(data), name=path if isinstance(path, str) else "")
+        if not is_empty(data) and not isinstance(data, (bytes, bytearray)):  # a str of base64, a list of ints
+            raise CleanError("read.bad_type", f"{where}: '{column}' struct's 'bytes' is {shown(data)}, expected "
+                                              "binary data (a Parquet binary column, as datasets writes it) or null "
+                                              "beside a 'path'")
         value = path
         if is_empty(value):
             return None

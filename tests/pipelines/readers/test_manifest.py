@@ -178,6 +178,18 @@ def test_parquet_hf_image_struct_keeps_bytes(tmp_path):
     assert b.image == Media(uri=str(tmp_path / "b.png"), name="b.png")
 
 
+def test_a_struct_whose_bytes_are_not_binary_is_a_reject_not_a_lost_image(tmp_path):
+    images = pa.array([{"bytes": "iVBORw0KGgo=", "path": None}, {"bytes": "", "path": "b.png"}])
+    pq.write_table(pa.table({"id": ["a", "b"], "image": images}), tmp_path / "m.parquet")
+    a, b = iter_manifest(str(tmp_path / "m.parquet"))
+    assert (a.id, a.reason) == ("a", "read.bad_type")
+    assert "'image' struct's 'bytes' is str 'iVBORw0KGgo='" in a.detail
+    assert b.image == Media(uri=str(tmp_path / "b.png"), name="b.png")  # empty bytes: the path is read
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "c", "audio": {"bytes": [82, 73], "path": None}}) + "\n")
+    (c,) = iter_manifest(str(tmp_path / "m.jsonl"))
+    assert (c.id, c.reason) == ("c", "read.bad_type") and "'bytes' is list [82, 73]" in c.detail
+
+
 def test_json_array_file(tmp_path):
     (tmp_path / "ann.json").write_text(
         '[\n  {"id": "a", "image": "a.jpg",\n   "conversations": [{"from": "human"}]},\n  "oops",\n  {"id": "b", "text": "t"}\n]\n'
