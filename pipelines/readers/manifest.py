@@ -123,9 +123,9 @@ def check_columns(path: str, fmt: str) -> None:
     if unread := media_columns_unread(names):
         one = len(unread) == 1
         logger.warning(
-            "[input] manifest %s has no 'image' or 'audio' column: %s %s read as metadata, and the media files "
-            "%s name%s are not read%s", path, ", ".join(map(repr, unread)), "is" if one else "are",
-            "it" if one else "they", "s" if one else "", _near(names))
+            "[input] manifest %s has no 'image' or 'audio' column: %s %s read as metadata, and the media "
+            "%s name%s or hold%s are not read%s", path, ", ".join(map(repr, unread)), "is" if one else "are",
+            "it" if one else "they", "s" if one else "", "s" if one else "", _near(names))
 
 
 def _check_has_rows(path: str, fmt: str) -> None:
@@ -201,8 +201,10 @@ def listed_columns(names: list[str]) -> str:
 # listed), COCO-style exports (file_name, image_path), Hugging Face audiofolder metadata (file_name)
 ALIASES = {
     "id": ("key", "uid", "sample_id"),
-    "audio": ("audio_filepath", "audio_path", "audio_file", "wav", "wav_path", "audiopath", "sound"),
-    "image": ("image_path", "image_file", "img", "img_path", "imagepath", "picture", "photo"),
+    # img2dataset's parquet output holds each image's bytes in a column named by its format (jpg)
+    "audio": ("audio_filepath", "audio_path", "audio_file", "wav", "wav_path", "audiopath", "sound", "flac", "mp3"),
+    "image": ("image_path", "image_file", "img", "img_path", "imagepath", "picture", "photo", "jpg", "jpeg", "png",
+              "webp"),
     "text": ("sentence", "transcript", "utterance", "prompt", "description", "alt_text", "normalized_text"),
     "image or audio": ("file_name", "filename", "filepath", "file_path", "file", "path"),
 }

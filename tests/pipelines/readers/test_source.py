@@ -511,10 +511,25 @@ def test_a_manifest_whose_media_column_has_another_tools_name_warns_that_its_fil
         SourceConfig(manifest=str(tmp_path / "m.csv"))  # text alone makes samples: a warning, not an error
     assert [r.getMessage() for r in caplog.records] == [
         f"[input] manifest {tmp_path / 'm.csv'} has no 'image' or 'audio' column: 'image_path' is read as "
-        "metadata, and the media files it names are not read; did you mean 'image' (not 'image_path')? column "
+        "metadata, and the media it names or holds are not read; did you mean 'image' (not 'image_path')? column "
         "names are matched exactly"]
     caplog.clear()
     (tmp_path / "n.csv").write_text("id,image,path,sentence,caption\n1,a.jpg,b.jpg,s,c\n")
     with caplog.at_level("WARNING", logger="pipelines.readers.manifest"):
         SourceConfig(manifest=str(tmp_path / "n.csv"))  # an image column is there: 'path' is plain metadata
     assert caplog.records == []
+    # img2dataset's parquet output: the images' bytes in a column 'jpg', ids in 'key'
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"key": ["000000000"], "caption": ["a cat"], "jpg": [b"\xff\xd8\xff"], "url": ["http://x/a"]})
+    pq.write_table(table, tmp_path / "00000.parquet")
+    with pytest.raises(ValueError, match=r"did you mean 'id' \(not 'key'\), 'image' \(not 'jpg'\)\?"):
+        SourceConfig(manifest=str(tmp_path / "00000.parquet"))
+    pq.write_table(table.rename_columns(["id", "caption", "jpg", "url"]), tmp_path / "renamed.parquet")
+    with caplog.at_level("WARNING", logger="pipelines.readers.manifest"):
+        SourceConfig(manifest=str(tmp_path / "renamed.parquet"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"[input] manifest {tmp_path / 'renamed.parquet'} has no 'image' or 'audio' column: 'jpg' is read as "
+        "metadata, and the media it names or holds are not read; did you mean 'image' (not 'jpg')? column names are "
+        "matched exactly"]
