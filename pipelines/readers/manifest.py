@@ -56,7 +56,7 @@ def iter_manifest(
     """Samples and rejects of one manifest, in file order; the first of several rows with one id wins."""
     fmt = format_of(path, config.format if config else None)
     if fmt is None:
-        raise ValueError(f"cannot tell the format of manifest {path!r}; set format = jsonl | csv | parquet")
+        raise ValueError(f"cannot tell the format of manifest {path!r}; set format = jsonl | json | csv | tsv | parquet")
     name = name or display_name(path)
     base = folder_of(path)
     allow_outside = bool(config and config.allow_outside)

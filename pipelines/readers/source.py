@@ -21,8 +21,8 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path
-from pipelines.readers.folder import check_metadata, iter_folder
+from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path, media_kind
+from pipelines.readers.folder import check_metadata, iter_folder, list_files
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import TAR_NAMES, iter_tar
@@ -60,8 +60,8 @@ class SourceConfig:
             fmt = format_of(self.manifest, self.format)
             if fmt is None:
                 raise ValueError(
-                    f"[input] cannot tell the format of manifest {self.manifest!r} from its extension; "
-                    "set format = jsonl | csv | parquet"
+                    f"[input] cannot tell the format of manifest {self.manifest!r} from its extension"
+                    f"{_not_a_table(self.manifest)}"
                 )
             _check_local(self.manifest, "manifest", os.path.isfile, "file")
             if local_path(self.manifest) is not None:
@@ -176,9 +176,38 @@ def expand_shards(pattern: str) -> list[str]:
     if not paths or not (any(matched.values()) or any(map(FileSystems.exists, explicit))):
         if _literal(pattern) and os.path.isdir(absolute(pattern)):
             raise ValueError(f"[input] shards {pattern!r} is a folder holding no tar (a file named "
-                             f"{', '.join('*' + ext for ext in TAR_NAMES[:3])}, ...); name its tars with a pattern")
+                             f"{', '.join('*' + ext for ext in TAR_NAMES[:3])}, ...)"
+                             f"{_not_tars(absolute(pattern), pattern)}")
         raise ValueError(f"[input] shards {pattern!r} matches no files")
     return paths
+
+
+def _not_a_table(path: str) -> str:
+    """What to read a manifest path of no table format with: the [input] its kind of file needs, or the
+    format setting."""
+    name = path.lower()
+    if name.endswith(TAR_NAMES):
+        return f": a WebDataset tar is read with [input] shards = {path!r}"
+    if name.endswith(".arrow"):
+        return ("; an .arrow file is what Hugging Face datasets' save_to_disk writes: export the dataset, "
+                "datasets.load_from_disk(folder).to_parquet(\"data.parquet\") (media as {bytes, path} structs), "
+                "and read that with [input] manifest = \"data.parquet\"")
+    if media_kind(name):
+        return ("; a manifest is a table of samples: an image or audio file alone is not one (a folder of them is "
+                "read with [input] folder)")
+    return "; set format = jsonl | json | csv | tsv | parquet if it is one of those"
+
+
+def _not_tars(root: str, pattern: str) -> str:
+    """What to read a folder with that holds no tar: [input] folder for media files (an imagefolder, or
+    img2dataset's files output), [input] manifest for a table; else a pattern of its tars."""
+    files = list_files(root)
+    if any(media_kind(rel) for rel in files):
+        return (f"; it holds image or audio files (an imagefolder/audiofolder, or img2dataset's files output): "
+                f"read it with [input] folder = {pattern!r}")
+    if manifests := [rel for rel in files if format_of(rel)]:
+        return f"; to read a table of samples, use [input] manifest = {os.path.join(pattern, manifests[0])!r}"
+    return "; name its tars with a pattern"
 
 
 def _tars_in(folder: str) -> list[str]:

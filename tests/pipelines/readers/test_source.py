@@ -123,10 +123,30 @@ def test_a_folder_of_shards_is_read_as_its_tars_compressed_ones_too(tmp_path):
     (tmp_path / "notes.txt").write_text("not a tar")
     assert [os.path.basename(p) for p in expand_shards(str(tmp_path))] == ["00000.tar", "00001.tar.gz", "00002.tgz"]
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "captions.jsonl").write_text("{}")
     with pytest.raises(ValueError, match=r"shards '.*empty' is a folder holding no tar \(a file named \*.tar, "
-                                         r"\*.tar.gz, \*.tgz, ...\); name its tars with a pattern"):
+                                         r"\*.tar.gz, \*.tgz, ...\); name its tars with a pattern$"):
         expand_shards(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "captions.jsonl").write_text("{}")
+    with pytest.raises(ValueError, match=r"holding no tar .*; to read a table of samples, use \[input\] manifest = "
+                                         r"'.*empty/captions.jsonl'$"):
+        expand_shards(str(tmp_path / "empty"))
+    (tmp_path / "files" / "00000").mkdir(parents=True)  # img2dataset's files output
+    (tmp_path / "files" / "00000" / "000000000.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ValueError, match=r"holding no tar .*; it holds image or audio files \(.*\): read it with "
+                                         r"\[input\] folder = '.*files'$"):
+        expand_shards(str(tmp_path / "files"))
+
+
+@pytest.mark.parametrize("name, advice", [
+    ("00000.tar", r"from its extension: a WebDataset tar is read with \[input\] shards = '.*00000.tar'$"),
+    ("data-00000-of-00001.arrow", r"save_to_disk writes: export the dataset, datasets.load_from_disk\(folder\)"),
+    ("photo.jpg", r"an image or audio file alone is not one \(a folder of them is read with \[input\] folder\)$"),
+    ("rows.dat", r"set format = jsonl \| json \| csv \| tsv \| parquet if it is one of those$"),
+])
+def test_a_manifest_of_no_table_format_says_what_reads_it(tmp_path, name, advice):
+    (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"cannot tell the format of manifest .*" + advice):
+        SourceConfig(manifest=str(tmp_path / name))
 
 
 def test_a_manifest_that_is_a_folder_says_what_reads_a_folder(tmp_path):
