@@ -229,10 +229,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if not Path(args.dir, "dataset.json").is_file():
         raise SpecError(f"{args.dir} is not an mbm dataset folder (no dataset.json)")
     try:
-        with FolderLock(args.dir):
-            result = gc(args.dir, args.keep, dry_run=args.dry_run)
+        if args.dry_run:  # reads only: also in a folder that cannot be written (no lock file there)
+            result = gc(args.dir, args.keep, dry_run=True)
+        else:
+            with FolderLock(args.dir):
+                result = gc(args.dir, args.keep)
     except FolderLockedError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a read-only folder (its lock file), a file that cannot be deleted
+        print(f"mbm: error: gc of {args.dir}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+              file=sys.stderr)
         return EXIT_USAGE
     except ValueError as e:
         raise SpecError(str(e)) from e

@@ -16,17 +16,22 @@ log = logging.getLogger(__name__)
 
 
 def list_versions(out_dir: str) -> list[DatasetManifest]:
-    """Every committed version still on disk, oldest first."""
+    """Every committed version still on disk, oldest first; the current one (``dataset.json``) last, also
+    where its ``versions/`` file is gone (a copy of the folder without it)."""
     root = Path(out_dir)
     if not (root / "dataset.json").is_file():
         raise ValueError(f"{out_dir} is not an mbm dataset folder (no dataset.json)")
-    current = DatasetManifest.from_json((root / "dataset.json").read_text())
+    try:
+        current = DatasetManifest.from_json((root / "dataset.json").read_text())
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{out_dir}/dataset.json is not a readable mbm dataset manifest ({type(e).__name__}: {e})") \
+            from None
     found = []
     for p in sorted((root / "versions").glob("[0-9]" * 6 + ".json")):
         m = DatasetManifest.from_json(p.read_text())
-        if m.version <= current.version:
+        if m.version < current.version:
             found.append(m)
-    return found
+    return [*found, current]
 
 
 def load_version(out_dir: str, version: int) -> DatasetManifest:
@@ -37,7 +42,12 @@ def load_version(out_dir: str, version: int) -> DatasetManifest:
 
 
 def _landed(out_dir: str, manifest: DatasetManifest) -> dict[str, tuple[str, str]]:
-    with open(Path(out_dir) / manifest.index, "rb") as f:  # an open file: Arrow refuses non-UTF-8 path names
+    try:
+        f = open(Path(out_dir) / manifest.index, "rb")  # an open file: Arrow refuses non-UTF-8 path names
+    except OSError as e:
+        raise ValueError(f"version {manifest.version}'s index {manifest.index} cannot be read ({e.strerror}): "
+                         "the folder was changed by hand; diff compares the indexes of both versions") from None
+    with f:
         rows = pq.read_table(f, columns=["id", "status", "content_hash", "fingerprint"])
     return {r["id"]: (r["content_hash"], r["fingerprint"]) for r in rows.to_pylist() if r["status"] == "ok"}
 

@@ -82,7 +82,10 @@ def resolve_data(spec: str) -> DataSource:
     pinned = _pin(spec)
     if pinned:
         root = pinned["root"] or "."
-        return _from_manifest(spec, root, os.path.join(root, version_path(int(pinned["version"]))))
+        path = os.path.join(root, version_path(int(pinned["version"])))
+        if os.path.isfile(path):
+            _check_committed(spec, root, int(pinned["version"]))
+        return _from_manifest(spec, root, path)
     if os.path.isdir(spec):
         return _from_manifest(spec, spec, os.path.join(spec, "dataset.json"))
     if spec.endswith(".json") and os.path.isfile(spec):
@@ -94,6 +97,20 @@ def resolve_data(spec: str) -> DataSource:
         raise ValueError(f"--data {spec}: no such folder or file; give the output folder of `mbm preprocess` "
                          "(OUT, or OUT/@N for version N), its dataset.json, or shards (a .tar, a pattern)")
     return _from_pattern(spec)
+
+
+def _check_committed(spec: str, root: str, version: int) -> None:
+    """Refuses a pinned version above the dataset's current one: the files of a run stopped before its
+    commit, which the next ``mbm preprocess`` removes (and may replace by another version of that number)."""
+    try:
+        with open(os.path.join(root, "dataset.json"), encoding="utf-8") as f:
+            current = DatasetManifest.from_json(f.read()).version
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # a folder of version manifests alone: nothing to compare with
+    if version > current:
+        raise ValueError(f"--data {spec}: version {version} was never committed (the current version of {root} is "
+                         f"{current}): its files are what a `mbm preprocess` stopped before its commit left, and the "
+                         "next run removes them; `mbm versions` lists the committed versions")
 
 
 def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
@@ -112,6 +129,12 @@ def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
     dims = {m: int(manifest.feature_dims[m]) for m in MODALITIES if m in manifest.feature_dims}
     if not dims:
         raise ValueError(f"--data {spec}: manifest has no feature_dims")
+    missing = [s for s in manifest.shards if not os.path.isfile(os.path.join(root, s))]
+    if missing:
+        raise ValueError(f"--data {spec}: {len(missing)} of the {len(manifest.shards)} shards of dataset version "
+                         f"{manifest.version} are missing from {root} (e.g. {missing[0]}): deleted or moved by hand, or "
+                         "by `mbm gc`; put them back, train on another version (`mbm versions`), or write the version "
+                         "again with `mbm preprocess --full`")
     return DataSource(spec=spec, shards=[os.path.join(root, s) for s in manifest.shards],
                       shard_sizes=list(manifest.shard_sizes), labels=sort_labels(manifest.labels),
                       feature_dims=dims, version=manifest.version, counts=dict(manifest.counts))

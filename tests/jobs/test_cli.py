@@ -381,3 +381,20 @@ def test_a_dataset_folder_whose_name_looks_like_a_pattern_gets_its_samples(tmp_p
     assert main(["preprocess", str(folder / "job.toml"), "--no-progress"]) == 0
     manifest = json.loads((folder / "out" / "dataset.json").read_text())
     assert manifest["num_samples"] == 3 and not (folder / "out" / ".staging").exists()
+
+
+def test_gc_of_a_folder_it_cannot_write_is_one_line_and_a_dry_run_needs_no_lock(tmp_path, monkeypatch, capsys):
+    from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from mbm.lock import FolderLock
+
+    out = tmp_path / "ds"
+    write_synthetic_dataset(str(out), SyntheticConfig(num_samples=6, samples_per_shard=5, feature_dims={"text": 4}))
+
+    def read_only(self):
+        raise OSError(30, "Read-only file system", str(out / ".lock"))
+
+    monkeypatch.setattr(FolderLock, "__enter__", read_only)  # what a read-only mount gives
+    assert main(["gc", str(out), "--keep", "1"]) == 2
+    assert capsys.readouterr().err == f"mbm: error: gc of {out}: Read-only file system: {out / '.lock'}\n"
+    assert main(["gc", str(out), "--keep", "1", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("kept versions [1]; would delete versions [] and 0 files")

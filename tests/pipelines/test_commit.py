@@ -161,6 +161,38 @@ def test_gc_deletes_the_specs_of_deleted_versions(tmp_path):
     assert json.loads((tmp_path / "dataset.json").read_text())["version"] == 3
 
 
+@pytest.mark.parametrize("lost", ["all", "current"])
+def test_gc_keeps_the_current_version_whose_versions_file_is_gone(tmp_path, lost):
+    # a copy of the folder without versions/, or without the current version's file: dataset.json still
+    # names the current version, and gc must not take its shards and index for unreferenced files
+    from pipelines.versions import list_versions
+
+    _dataset(tmp_path, [1, 2])
+    for v in (2, 1) if lost == "all" else (2,):
+        (tmp_path / "versions" / f"{v:06d}.json").unlink()
+    current = DatasetManifest.from_json((tmp_path / "dataset.json").read_text())
+    current.shards, current.shard_sizes = ["shards/v000002-000000.tar"], [1]
+    (tmp_path / "dataset.json").write_text(current.to_json())
+    for name in ("shards/v000001-000000.tar", "shards/v000002-000000.tar", "index/000001.parquet",
+                 "index/000002.parquet"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [m.version for m in list_versions(str(tmp_path))] == ([2] if lost == "all" else [1, 2])
+    result = gc(str(tmp_path), keep=1)
+    assert result["kept_versions"] == [2]
+    assert sorted(result["deleted_files"]) == ["index/000001.parquet", "shards/v000001-000000.tar"]
+    assert (tmp_path / "shards" / "v000002-000000.tar").exists() and (tmp_path / "index" / "000002.parquet").exists()
+
+
+def test_diff_of_a_version_whose_index_is_gone_says_so(tmp_path):
+    from pipelines.versions import diff_versions
+
+    _dataset(tmp_path, [1, 2])
+    with pytest.raises(ValueError, match=r"^version 1's index index/000001.parquet cannot be read \(No such file or "
+                                         r"directory\): the folder was changed by hand"):
+        diff_versions(str(tmp_path), 1, 2)
+
+
 def test_diff_in_a_folder_whose_name_is_not_utf8(tmp_path):
     import os
 

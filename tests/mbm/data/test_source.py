@@ -39,3 +39,27 @@ def test_a_data_path_that_does_not_exist_is_named_as_missing(tmp_path):
         resolve_data(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"matches no file"):  # a pattern is still a pattern
         resolve_data(str(tmp_path / "nope" / "*.tar"))
+
+
+def test_a_pin_above_the_current_version_is_refused(tmp_path):
+    # versions/000002.json of a run stopped before its commit: the next run removes it, maybe for another version 2
+    out = tmp_path / "ds"
+    write_synthetic_dataset(str(out), SyntheticConfig(num_samples=6, samples_per_shard=5, feature_dims={"text": 4}))
+    current = resolve_data(str(out)).version
+    (out / "versions" / f"{current + 1:06d}.json").write_text((out / "dataset.json").read_text())
+    with pytest.raises(ValueError, match=rf"version {current + 1} was never committed \(the current version of .* is "
+                                         rf"{current}\)"):
+        resolve_data(f"{out}/@{current + 1}")
+    assert resolve_data(f"{out}/@{current}").version == current
+
+
+def test_a_version_whose_shards_are_missing_is_refused_before_training(tmp_path):
+    import os
+
+    out = tmp_path / "ds"
+    write_synthetic_dataset(str(out), SyntheticConfig(num_samples=12, samples_per_shard=5, feature_dims={"text": 4}))
+    shards = resolve_data(str(out)).shards
+    os.remove(shards[1])
+    with pytest.raises(ValueError, match=r"1 of the 3 shards of dataset version \d+ are missing from .*ds \(e.g. "
+                                         r"shards/.*\.tar\): deleted or moved by hand"):
+        resolve_data(str(out))
