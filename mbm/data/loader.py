@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -57,11 +58,18 @@ def loader_nice(value: str | None) -> int:
                          f"(0 keeps the training process's priority; {DEFAULT_NICE} is the default)") from None
 
 
-def _lower_priority(nice: int, _worker_id: int) -> None:
-    try:
-        os.nice(nice)
-    except OSError:  # not permitted here: run at the parent's priority
-        pass
+def _start_worker(nice: int, _worker_id: int) -> None:
+    """A loader worker's set-up: its niceness, and SIGTERM ignored. torchrun, Slurm and ``timeout`` send
+    SIGTERM to the whole process group, the workers too; torch's own handler ends a worker on a SIGTERM
+    its parent did not send, and the training process then fails wherever it is (in a checkpoint's
+    write, too) with "DataLoader worker is killed by signal: Terminated", where it should finish its
+    step and checkpoint it. The workers end with the training process's loader, or with the process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:  # not permitted here: run at the parent's priority
+            pass
 
 
 def _unpacked(batches: Iterable[Any], workers: set[int], feed: RegisteredFeed | None = None) -> Iterator[dict[str, Any]]:
@@ -174,7 +182,7 @@ class StreamLoader:
             gen = torch.Generator().manual_seed(self.stream.cfg.seed)
             self._loader = DataLoader(self._positioned, batch_size=None, num_workers=self.workers, generator=gen,
                                       pin_memory=self.pin_memory, persistent_workers=True,
-                                      worker_init_fn=functools.partial(_lower_priority, self.nice) if self.nice else None)
+                                      worker_init_fn=functools.partial(_start_worker, self.nice))
         assert self._positioned is not None
         self._positioned.position[0], self._positioned.position[1] = self.epoch, self.batch
         if self.feed_device is not None and self._feed is None:

@@ -514,9 +514,12 @@ def test_a_stop_request_checkpoints_its_step_and_the_resumed_run_matches_an_unin
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the loader's workers are found in /proc")
-def test_sigterm_stops_mbm_train_at_a_checkpointed_step_with_no_worker_left(data, tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process group"])
+def test_sigterm_stops_mbm_train_at_a_checkpointed_step_with_no_worker_left(data, tmp_path, group):
     """Before, SIGTERM (a preemption, a scheduler's time limit) ended the process at once: the steps
-    since the last checkpoint were lost, with no word said."""
+    since the last checkpoint were lost, with no word said. Sent to the process group, as torchrun,
+    Slurm and ``timeout`` send it, it reached the loader's worker too, which torch ended, and the
+    training process failed ("DataLoader worker is killed by signal: Terminated") without a checkpoint."""
     import signal
     import subprocess
     import time
@@ -529,7 +532,8 @@ def test_sigterm_stops_mbm_train_at_a_checkpointed_step_with_no_worker_left(data
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
     job = subprocess.Popen([sys.executable, "-m", "jobs.train_cli", "train", *TINY, "--data", data, "--out", str(out),
                             "--steps", "100000", "--log-every", "5", "--eval-every", "100000", "--workers", "1"],
-                           cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=group)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while '"step": 5, "split": "train"' not in (metrics.read_text() if metrics.exists() else ""):
@@ -537,11 +541,15 @@ def test_sigterm_stops_mbm_train_at_a_checkpointed_step_with_no_worker_left(data
         time.sleep(0.1)
     workers = descendants(job.pid)
     assert workers  # the loader's worker
-    job.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(job.pid, signal.SIGTERM)
+    else:
+        job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=60)
     assert job.returncode == 143, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("mbm: terminated (SIGTERM) after step ") and "Traceback" not in err, err
+    assert "killed by signal" not in err and "Exception ignored" not in err, err
     step = int(last.split("after step ")[1].split(",")[0])
     assert step >= 5 and (out / "checkpoints" / f"step-{step:06d}.pt").is_file()
     deadline = time.monotonic() + 10
