@@ -48,7 +48,8 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
              **overrides: Any) -> LoadedRun:
     """The run's model at its latest (or the given) checkpoint, and its data (or ``data``)."""
     run = RunDir(run_dir)
-    cfg = replace(run.config(), **{k: v for k, v in overrides.items() if v is not None})
+    # the run's own --eval-samples capped each evaluation during training; here only the command's does
+    cfg = replace(run.config(), **{"eval_samples": None, **{k: v for k, v in overrides.items() if v is not None}})
     path = _checkpoint_path(run, checkpoint)
     state = load_checkpoint(path)
     if not isinstance(state.get("model_config"), dict):

@@ -109,3 +109,18 @@ def test_evaluate_and_generate_out_of_memory_is_one_line(no_audio, tmp_path, mon
     monkeypatch.setattr(inference, "evaluate_run", lambda *a, **k: 1 / 0)  # a bug is not the machine's
     with pytest.raises(ZeroDivisionError):
         main(["evaluate", "--run", run])
+
+
+def test_the_runs_eval_samples_does_not_cap_evaluate(no_audio, tmp_path, capsys):
+    # --eval-samples capped each evaluation during training; `mbm evaluate --split all` reads every sample
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--data", no_audio, "--out", run, "--eval-samples", "3"]) == 0
+    uncapped = str(tmp_path / "uncapped")
+    assert main(["train", *TINY, "--data", no_audio, "--out", uncapped]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", uncapped, "--split", "all", "--json"]) == 0
+    every = json.loads(capsys.readouterr().out)["samples"]
+    assert main(["evaluate", "--run", run, "--split", "all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == every > 40  # the labelled ones of 48
+    assert main(["evaluate", "--run", run, "--split", "all", "--json", "--eval-samples", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 5
