@@ -251,12 +251,17 @@ def _check_out(out: str) -> None:
 
     if not out.strip():
         raise _Fail("--out is empty; give the run folder")
-    if what := file_in_the_way(out):
+    try:
+        what = file_in_the_way(out)
+        here = Path(os.path.abspath(out))
+        # a run's checkpoints and metrics would mix with a dataset's shards
+        inside = next((folder for folder in (here, *here.parents) if (folder / "dataset.json").is_file()), None)
+    except OSError as e:  # a name too long for the file system, a folder it may not look into
+        raise _Fail(f"--out {out}: {e.strerror or e}; give a folder for the run") from None
+    if what:
         raise _Fail(f"--out {out} {what}; give a folder for the run")
-    here = Path(os.path.abspath(out))
-    for folder in (here, *here.parents):  # a run's checkpoints and metrics would mix with a dataset's shards
-        if (folder / "dataset.json").is_file():
-            raise _Fail(f"--out {out} is inside the dataset folder {folder}; give the run a folder of its own")
+    if inside is not None:
+        raise _Fail(f"--out {out} is inside the dataset folder {inside}; give the run a folder of its own")
 
 
 def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:
@@ -278,6 +283,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = train_config(args)
+    except (ValueError, TypeError, OSError, _Fail) as exn:  # settings that cannot be used: nothing has run yet
+        return _fail("train", str(exn))
+    try:
         # SIGTERM (a preemption, a scheduler's limit): the loop checkpoints the step it is in and stops
         with stop_signals(request_stop):
             last = train(cfg, progress=False if args.no_progress else None)

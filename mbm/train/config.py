@@ -186,9 +186,15 @@ def _coerce(name: str, value: Any) -> Any:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is list and isinstance(value, str):
-        return [p for p in value.split(",") if p]
+        names = [p.strip() for p in value.split(",") if p.strip()]
+        if not names:  # an empty list means "not given" (the default): a flag given empty is a mistake
+            raise ValueError(f"{flag(name)} {value!r} names nothing; give modality names, e.g. text,image, or leave "
+                             f"{flag(name)} out")
+        return names
     if want is dict and ok and not all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
         ok = False
+    if want is list and ok and not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{flag(name)} must be a list of names (strings), got {value!r}")
     if not ok:
         raise ValueError(f"{flag(name)} must be {want.__name__}, got {value!r}")
     return value

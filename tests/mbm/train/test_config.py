@@ -50,6 +50,8 @@ def test_toml_round_trip(tmp_path):
     ({"d_model": 30, "heads": 4}, "--d-model"), ({"pair": "text"}, "--pair"), ({"val_fraction": 1.0}, "--val-fraction"),
     ({"val_fraction": 0.0}, r"--val-fraction must be in \(0, 1\), got 0.0; a run evaluates on its held-out split"),
     ({"max_tokens": {"smell": 3}}, "--max-tokens"), ({"workers": -1}, "--workers"),
+    ({"pair": ["text", 3]}, r"--pair must be a list of names \(strings\), got \['text', 3\]"),
+    ({"pair": ","}, r"--pair ',' names nothing; give modality names"), ({"pair": ""}, "--pair '' names nothing"),
 ])
 def test_bad_settings_name_their_flag(settings, flag):
     with pytest.raises(ValueError, match=flag):
@@ -112,3 +114,17 @@ def test_a_schedule_built_at_a_step_continues_as_one_stepped_there():
     assert resumed.last_epoch == 5 and resumed.get_last_lr() == pytest.approx(stepped.get_last_lr())
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * warmup_cosine_factor(5, 3, 10, 0.1))
     assert resumed.base_lrs == [1e-2]
+
+
+def test_settings_that_cannot_be_used_are_one_line_before_anything_runs(tmp_path, capsys):
+    from jobs.train_cli import main
+
+    (tmp_path / "pair.toml").write_text('pair = ["text", 3]\n')
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config",
+                 str(tmp_path / "pair.toml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "mbm train: error: --pair must be a list of names (strings), got ['text', 3]"]
+    long = str(tmp_path / ("a" * 300))
+    assert main(["train", "--data", str(tmp_path), "--out", long]) == 2
+    assert capsys.readouterr().err.strip() == f"mbm train: error: --out {long}: File name too long; give a folder for the run"
+    assert not (tmp_path / "r").exists()
