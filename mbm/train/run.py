@@ -64,8 +64,11 @@ class RunDir:
         """The run's saved settings (as a dict to merge under new ones)."""
         if not os.path.isfile(self.config_json):
             raise ValueError(f"--run {self.root}: no config.json; is this a training run folder?")
-        with open(self.config_json, encoding="utf-8", errors="surrogateescape") as f:
-            return check_keys(json.load(f), self.config_json)
+        settings = _read_json(self.config_json, "the run's settings")
+        if not isinstance(settings, dict):
+            raise ValueError(f"{self.config_json} holds a JSON {type(settings).__name__}, not the run's settings; "
+                             "put back the file the run wrote")
+        return check_keys(settings, self.config_json)
 
     def config(self) -> TrainConfig:
         return merge(self.read_config())
@@ -76,8 +79,21 @@ class RunDir:
     def read_labels(self) -> list[Any] | None:
         if not os.path.isfile(self.labels_path):
             return None
-        with open(self.labels_path, encoding="utf-8", errors="surrogateescape") as f:
+        labels = _read_json(self.labels_path, "the run's label vocabulary")
+        if not isinstance(labels, list):
+            raise ValueError(f"{self.labels_path} holds a JSON {type(labels).__name__}, not the run's list of labels; "
+                             "put back the file the run wrote")
+        return labels
+
+
+def _read_json(path: str, what: str) -> Any:
+    """A run file's JSON; ``ValueError`` naming the file when it is not JSON (cut short, edited by hand)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        try:
             return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); it holds {what}: put back the file the run "
+                             "wrote") from None
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from jobs.train_cli import main
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from mbm.train.config import merge
 from mbm.train.plot import plot_metrics
 from mbm.train.run import RunDir, append_jsonl, read_jsonl
 
@@ -83,3 +84,20 @@ def test_out_of_gpu_memory_mid_run_says_what_to_do_and_keeps_the_checkpoints(tmp
     assert main(["train", *TINY, "--data", data, "--out", out, "--steps", "6", "--resume"]) == 0
     steps = [r["step"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r.get("split") == "train"]
     assert steps and steps[-1] == 6 and min(steps) >= 1
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("config.json", '{"steps": 3,', r"config.json is not valid JSON \(.*\); it holds the run's settings: put back"),
+    ("config.json", "[1, 2]", r"config.json holds a JSON list, not the run's settings"),
+    ("labels.json", "{'a'", r"labels.json is not valid JSON \(.*\); it holds the run's label vocabulary"),
+    ("labels.json", '{"a": 1}', r"labels.json holds a JSON dict, not the run's list of labels"),
+])
+def test_a_run_file_that_is_not_what_the_run_wrote_is_named(tmp_path, name, text, said):
+    run = RunDir(str(tmp_path / "run"))
+    os.makedirs(run.root)
+    run.write_config(merge({"data": "d"}))
+    run.write_labels(["a", "b"])
+    with open(os.path.join(run.root, name), "w") as f:
+        f.write(text)
+    with pytest.raises(ValueError, match=said):
+        run.read_labels() if name == "labels.json" else run.read_config()
