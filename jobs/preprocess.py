@@ -158,6 +158,16 @@ def _warn_output_changes(out_dir: str, version: int, spec: JobSpec) -> None:
                     "keep their shards (run with --full to rewrite them all)", ", ".join(changed), version)
 
 
+def _check_current_files(out_dir: str, previous: Any) -> None:
+    """The current version's index and shards must be there for a run to reuse them; a folder changed by
+    hand stops the job before it starts (a --full run reads neither and makes a whole new version)."""
+    missing = [p for p in (previous.index, *previous.shards) if not os.path.isfile(os.path.join(out_dir, p))]
+    if missing:
+        raise SpecError(f"[output] dir {out_dir}: {len(missing)} of the files of its current version {previous.version} "
+                        f"are missing (e.g. {missing[0]}): the folder was changed by hand; put them back, or rerun "
+                        "with --full (every sample computed again into a new version)")
+
+
 def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str] | None = None,
                    on_progress: Callable[[dict[str, int]], None] | None = None,
                    clock: Callable[[], float] = time.monotonic, fork: Any = None) -> JobResult:
@@ -188,6 +198,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             previous = current_manifest(out_dir)
         except DatasetStateError as e:
             raise SpecError(str(e)) from None
+        if previous is not None and local and not full:
+            _check_current_files(out_dir, previous)
         staging = f"{staging_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         if local:
             Path(staging).mkdir(parents=True)
@@ -276,7 +288,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         try:
             with disk_guard("committing the new version", out_dir):
                 result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
-                                fingerprints=fingerprints, feature_dims=dims,
+                                fingerprints=fingerprints, feature_dims=dims, full=full,
                                 samples_per_shard=spec.output.samples_per_shard,
                                 max_shard_bytes=spec.output.max_shard_bytes)
         except ResourceError as e:  # nothing committed: the current version stands

@@ -149,11 +149,13 @@ def _label_key(v: Any) -> tuple[str, str]:
 PLAN_COLUMNS = ("id", "status", "stage", "reason", "modalities")
 
 
-def load_index(out_dir: str, manifest: DatasetManifest | None, columns: tuple[str, ...]) -> Any:
-    """``columns`` of ``manifest``'s index as an Arrow table (no rows without a manifest)."""
+def load_index(out_dir: str, manifest: DatasetManifest | None, columns: tuple[str, ...],
+               missing_ok: bool = False) -> Any:
+    """``columns`` of ``manifest``'s index as an Arrow table (no rows without a manifest, nor, with
+    ``missing_ok``, when the index file is gone)."""
     import pyarrow.parquet as pq
 
-    if manifest is None:
+    if manifest is None or (missing_ok and not FileSystems.exists(join(out_dir, manifest.index))):
         return index_table([]).select(list(columns))
     with FileSystems.open(join(out_dir, manifest.index), compression_type="uncompressed") as f:
         return pq.read_table(f, columns=list(columns))
@@ -432,25 +434,26 @@ def _arrow_pool() -> Iterator[None]:
 
 def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
            fingerprints: dict[str, str], feature_dims: dict[str, int],
-           samples_per_shard: int | None = None, max_shard_bytes: int | None = None) -> CommitResult:
+           samples_per_shard: int | None = None, max_shard_bytes: int | None = None, full: bool = False) -> CommitResult:
     """Turn the staging folder of a finished pipeline into the next dataset version.
 
     When nothing changed (no new, changed or removed sample, the same rejects) no version is made and
-    the returned manifest is the current one.
+    the returned manifest is the current one. A ``full`` run reuses nothing, so the current version's
+    index may be gone (a folder changed by hand): its samples then count as new.
     """
     with _arrow_pool():
         return _commit(out_dir, staging, job_toml=job_toml, clock=clock, started=started,
                        fingerprints=fingerprints, feature_dims=feature_dims, samples_per_shard=samples_per_shard,
-                       max_shard_bytes=max_shard_bytes)
+                       max_shard_bytes=max_shard_bytes, full=full)
 
 
 def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
             fingerprints: dict[str, str], feature_dims: dict[str, int],
-            samples_per_shard: int | None, max_shard_bytes: int | None = None) -> CommitResult:
+            samples_per_shard: int | None, max_shard_bytes: int | None = None, full: bool = False) -> CommitResult:
     import pyarrow as pa
 
     previous = current_manifest(out_dir)
-    previous_rows = load_index(out_dir, previous, PLAN_COLUMNS)
+    previous_rows = load_index(out_dir, previous, PLAN_COLUMNS, missing_ok=full)
     job_bytes = job_toml.encode("utf-8", "surrogateescape")  # a path in another encoding keeps its bytes
     version = (previous.version if previous else 0) + 1
     staged = load_staged(staging, previous)
@@ -502,10 +505,15 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
     if not unchanged:  # until here readers still see the previous version
         write_atomic(join(out_dir, "dataset.json"), manifest.to_json().encode("utf-8"), "application/json")
-        # The current version's spec; a run killed before this line gets it restored by remove_uncommitted.
-        write_atomic(join(out_dir, "job.toml"), job_bytes, "application/toml")
     report_text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    write_atomic(join(out_dir, "report.json"), report_text.encode("utf-8", "surrogateescape"))
+    try:
+        if not unchanged:
+            # The current version's spec; a run killed before this line gets it restored by remove_uncommitted.
+            write_atomic(join(out_dir, "job.toml"), job_bytes, "application/toml")
+        write_atomic(join(out_dir, "report.json"), report_text.encode("utf-8", "surrogateescape"))
+    except OSError as e:  # the version is committed all the same: a failure here must not say it is not
+        log.warning("version %d of %s is committed, but writing its job.toml and report.json failed (%s); the "
+                    "next run writes job.toml again", manifest.version, out_dir, e)
     _delete_tree(staging)
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report)

@@ -82,7 +82,12 @@ def describe(kind: str, e: BaseException) -> tuple[str, str]:
     return what, " ".join(f"{type(e).__name__}: {e}".split()).removesuffix(":")[:300]
 
 
-_MARK = re.compile(r"ResourceError: (.+?)(?: \[while running '[^']*'\])*\s*$", re.MULTILINE)
+class DatasetDamaged(ResourceError):
+    """The current version's files are not what it wrote (a shard deleted, cut short or replaced by hand):
+    no input's fault either, so the job stops with one line, as for a ``ResourceError``."""
+
+
+_MARK = re.compile(r"(?:ResourceError|DatasetDamaged): (.+?)(?: \[while running '[^']*'\])*\s*$", re.MULTILINE)
 
 
 def resource_failure(e: BaseException) -> str | None:

@@ -40,7 +40,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipelines.errors import disk_guard
+from pipelines.errors import DatasetDamaged, disk_guard
 from pipelines.spill import BundleFile, pread_exact, short_read
 from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
 
@@ -404,13 +404,19 @@ def fill_reused(samples: list[Prepared], dataset_dir: str) -> None:
             needs.setdefault(shard, {}).setdefault(p.key, set()).add(f"{m}.npy")
     found: dict[tuple[str, str], Any] = {}
     for shard, wanted in sorted(needs.items()):
-        found.update(read_members(f"{dataset_dir.rstrip('/')}/{shard}", wanted))
+        try:
+            found.update(read_members(f"{dataset_dir.rstrip('/')}/{shard}", wanted))
+        except (tarfile.TarError, EOFError, OSError) as e:  # cut short, deleted, not a tar any more
+            raise DatasetDamaged(f"{dataset_dir}: the current version's shard {shard} cannot be read ({type(e).__name__}: "
+                                 f"{e}), so the features it holds cannot be reused: the dataset folder was changed by "
+                                 "hand; put the shard back, or rerun with --full (every sample computed again)") from e
     for p in samples:
         if p.reused:
             missing = [m for m in p.reused if (p.key, f"{m}.npy") not in found]
             if missing:
-                raise RuntimeError(f"{p.id}: features of {missing} are missing from {set(p.reused.values())}; "
-                                   "the dataset folder was changed by hand — rerun with --full")
+                raise DatasetDamaged(f"{dataset_dir}: sample {p.id!r}'s {', '.join(missing)} features are missing from "
+                                     f"{', '.join(sorted(set(p.reused.values())))}: the dataset folder was changed by "
+                                     "hand; rerun with --full (every sample computed again)")
             p.members.update({f"{m}.npy": found[(p.key, f"{m}.npy")] for m in p.reused})
 
 

@@ -6,6 +6,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
@@ -330,3 +331,57 @@ def test_a_run_in_which_every_input_is_rejected_commits_nothing(tmp_path, capsys
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["version"] == 1
     assert not (tmp_path / "out" / ".staging").exists()
     assert main(["preprocess", str(spec), "--no-progress", "--output", str(tmp_path / "fresh")]) == 0
+
+
+def test_a_folder_whose_current_files_were_changed_by_hand_says_so_and_full_rebuilds_it(tmp_path, capsys):
+    spec = _setup(tmp_path)
+    out = tmp_path / "out"
+    _run(spec)
+    manifest = json.loads((out / "dataset.json").read_text())
+    rows = _rows(tmp_path / "data" / "manifest.jsonl")
+    rows[0]["text"] = "a caption edited"
+    _write_rows(tmp_path / "data" / "manifest.jsonl", rows)
+    # a shard cut short by hand: the run that would reuse its features stops with one line, commits nothing
+    index = pq.read_table(out / manifest["index"]).to_pylist()
+    shard = next(r["shard"] for r in index if r["id"] == rows[0]["id"])
+    whole = (out / shard).read_bytes()
+    (out / shard).write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert main(["preprocess", str(spec), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the current version's shard {shard} cannot be read (ReadError" in err[0], err
+    assert "put the shard back, or rerun with --full" in err[0]
+    assert json.loads((out / "dataset.json").read_text())["version"] == 1
+    (out / shard).write_bytes(whole)
+    # the index deleted by hand: refused before any work, and --full makes a whole new version
+    (out / manifest["index"]).unlink()
+    assert main(["preprocess", str(spec), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mbm: error: [output] dir {out}: 1 of the files of its current version 1 are missing (e.g. "
+        f"{manifest['index']}): the folder was changed by hand; put them back, or rerun with --full (every sample "
+        "computed again into a new version)")
+    report = _run(spec, "--full")
+    assert report["new_version"] and report["version"] == 2 and report["counts"]["extracted"] == 34
+    assert len(_members(out, 2)) == 34
+
+
+def test_a_full_disk_once_the_version_is_committed_does_not_say_it_is_not(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from pipelines import commit as commit_mod
+
+    spec = _setup(tmp_path)
+    out = tmp_path / "out"
+    real = commit_mod.write_atomic
+
+    def full_after_dataset_json(path, *args, **kwargs):
+        if path.endswith(("job.toml", "report.json")):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(commit_mod, "write_atomic", full_after_dataset_json)
+    with caplog.at_level("WARNING", logger="pipelines.commit"):
+        assert main(["preprocess", str(spec), "--no-progress"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["version"] == 1 and len(_members(out, 1)) == 34
+    assert any("version 1 of" in r.getMessage() and "is committed, but writing its job.toml and report.json failed"
+               in r.getMessage() for r in caplog.records)
