@@ -21,6 +21,7 @@ from mbm.data.collate import TASKS
 from mbm.model.embed import POSITIONAL
 from mbm.model.fusion import FUSIONS
 from mbm.train.config import DEVICES, TrainConfig, known_keys, load_toml, merge
+from schemas.manifest import version_path
 
 # flag → (type, help); every flag defaults to None so a given flag can override --config and a run's config
 _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
@@ -199,6 +200,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             saved["data"] = absolute_data(saved["data"])  # a run saved before paths were stored absolute
     for layer in (flags, file_settings) if saved else ():
         if isinstance(layer.get("data"), str):
+            if (moved := _moved_dataset(layer["data"], saved.get("data"))) is not None:
+                saved["data"] = layer["data"] = moved
             layer["data"] = _same_version(layer["data"], saved.get("data"))
     cfg = merge(saved, file_settings, flags)
     for name in ("data", "out"):
@@ -210,6 +213,28 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if RunDir(out).has_checkpoints():  # a run with no checkpoint yet has trained nothing to keep
             _check_resume(merge(saved), cfg, out)
     return cfg
+
+
+def _moved_dataset(data: str, saved: Any) -> str | None:
+    """``NEW/@N`` when the run's dataset version ``OLD/@N`` is gone from where it was and ``--data`` names
+    the folder it was moved to (``NEW`` or ``NEW/@N``), which holds version N; else None."""
+    from mbm.data.source import pinned, unpinned_root
+
+    old_root = unpinned_root(saved) if isinstance(saved, str) else None
+    if old_root is None:
+        return None
+    version = int(saved.rsplit("@", 1)[1])
+    if os.path.isfile(os.path.join(old_root, version_path(version))):
+        return None  # still there: another --data is another dataset
+    data = pinned(data, None)
+    new_root = unpinned_root(data) or (data if os.path.isdir(data) else None)
+    if new_root is None or (unpinned_root(data) is not None and not data.endswith(f"/@{version}")):
+        return None
+    if not os.path.isfile(os.path.join(new_root, version_path(version))):
+        return None
+    logging.getLogger(__name__).warning("the run's dataset %s is gone from there; going on with version %d at %s, "
+                                        "where --data says it is now", saved, version, new_root)
+    return f"{new_root.rstrip('/')}/@{version}"
 
 
 def _same_version(data: str, saved: Any) -> str:

@@ -117,6 +117,9 @@ def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
     if not os.path.isfile(manifest_path):
         pinned_version = _pin(spec)
         why = " (no such version, or `mbm gc` deleted it; `mbm versions` lists them)" if pinned_version else ""
+        if pinned_version and not os.path.isdir(root):
+            why = (f" ({root} is gone: if the dataset was moved, give --data where it is now, and a resumed run "
+                   "goes on with the same version there)")
         raise ValueError(f"--data {spec}: no dataset manifest at {manifest_path}{why}")
     try:
         with open(manifest_path, encoding="utf-8") as f:

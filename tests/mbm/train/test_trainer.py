@@ -358,6 +358,24 @@ def test_resume_stays_on_the_version_the_run_started_on(data, tmp_path, caplog):
     assert json.load(open(os.path.join(out, "config.json")))["data"] == ds + "/@1"
 
 
+def test_a_run_whose_dataset_was_moved_resumes_on_the_same_version_where_it_is_now(data, tmp_path, capsys, caplog):
+    import shutil
+
+    ds, moved, out = str(tmp_path / "ds"), str(tmp_path / "moved"), str(tmp_path / "r")
+    shutil.copytree(data, ds)
+    assert train("--data", ds, "--out", out, "--steps", "8", "--eval-every", "4", "--stop-at", "4") == 0
+    shutil.move(ds, moved)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", out]) == 2
+    assert f"({ds} is gone: if the dataset was moved, give --data where it is now" in capsys.readouterr().err
+    assert train("--data", os.path.join(moved, "@2"), "--out", out, "--steps", "8", "--resume") == 2  # another version
+    with caplog.at_level(logging.WARNING):
+        assert train("--data", moved, "--out", out, "--steps", "8", "--eval-every", "4", "--resume") == 0
+    assert f"the run's dataset {ds}/@1 is gone from there; going on with version 1 at {moved}" in caplog.text
+    assert json.load(open(os.path.join(out, "config.json")))["data"] == moved + "/@1"
+    assert main(["evaluate", "--run", out]) == 0  # the run's config names the new place now
+
+
 def test_a_run_refused_at_the_start_leaves_no_folder(data, tmp_path, capsys):
     out = tmp_path / "r"
     assert train("--data", os.path.join(data, "@9"), "--out", str(out)) == 2
