@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -363,6 +364,12 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
     """Run (or resume) training as configured, alone or as one rank under torchrun."""
     env = init_distributed(cfg.device)
     fresh = not os.path.exists(cfg.out)
+    # the folders above --out that this run creates (nest/x for --out nest/x/run), removed with it
+    absent = []
+    for folder in map(str, Path(os.path.abspath(cfg.out)).parents):
+        if os.path.exists(folder):
+            break
+        absent.append(folder)
     trainer: Trainer | None = None
     try:
         # One training per run folder: rank 0 holds the lock (a second job's checkpoints and metrics
@@ -392,6 +399,9 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:
                        and not RunDir(cfg.out).has_checkpoints())
             if refused or set(os.listdir(cfg.out)) <= {".lock"}:
                 shutil.rmtree(cfg.out, ignore_errors=True)
+                for folder in absent:  # innermost first; one that something else wrote into stays
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
         raise
     finally:
         env.close()

@@ -381,6 +381,9 @@ def test_a_run_refused_at_the_start_leaves_no_folder(data, tmp_path, capsys):
     assert train("--data", os.path.join(data, "@9"), "--out", str(out)) == 2
     assert "no such version, or `mbm gc` deleted it" in capsys.readouterr().err
     assert not out.exists()
+    nested = tmp_path / "nest" / "x" / "r"  # the folders above it that the run made go too
+    assert train("--data", os.path.join(data, "@9"), "--out", str(nested)) == 2
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_what_a_run_records_for_data_and_resumes_on(data, tmp_path, capsys):
