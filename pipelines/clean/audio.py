@@ -3,9 +3,10 @@
 The format is sniffed by libsndfile from the content (WAV PCM/float/µ-law/A-law, FLAC, OGG/Vorbis,
 Opus, MP3, AIFF, ...), never from a file name. Steps: decode as float32 (at most ``max_seconds``, plus
 as much again of leading silence that trimming may remove, so an hour-long file costs no more than a
-minute; longer leading digital silence is read past), reject non-finite samples, mix to mono (channel mean), reject digital silence, trim leading and
-trailing parts quieter than ``peak - trim_db`` dB, check ``min_seconds``, clip to ``max_seconds``,
-resample (torchaudio's polyphase sinc kernel), peak-normalize. Every failure is a ``CleanError`` with
+minute; longer leading digital silence is read past), reject non-finite samples, mix to mono (channel
+mean), reject digital silence, trim leading and trailing parts quieter than ``peak - trim_db`` dB,
+check ``min_seconds``, clip to ``max_seconds``, resample (torchaudio's polyphase sinc kernel),
+peak-normalize. Every failure is a ``CleanError`` with
 an ``audio.*`` reason.
 
 Partial decodes are accepted when libsndfile returns them without an error (a WAV or MP3 cut short);
