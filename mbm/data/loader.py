@@ -19,6 +19,8 @@ import functools
 import logging
 import os
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -58,18 +60,53 @@ def loader_nice(value: str | None) -> int:
                          f"(0 keeps the training process's priority; {DEFAULT_NICE} is the default)") from None
 
 
+# seconds a loader worker goes on serving batches after a SIGTERM, unless its loader or its parent ends first
+WORKER_GRACE_S = 10.0
+
+
 def _start_worker(nice: int, _worker_id: int) -> None:
-    """A loader worker's set-up: its niceness, and SIGTERM ignored. torchrun, Slurm and ``timeout`` send
-    SIGTERM to the whole process group, the workers too; torch's own handler ends a worker on a SIGTERM
-    its parent did not send, and the training process then fails wherever it is (in a checkpoint's
-    write, too) with "DataLoader worker is killed by signal: Terminated", where it should finish its
-    step and checkpoint it. The workers end with the training process's loader, or with the process."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A loader worker's set-up: its niceness, and its SIGTERM handling.
+
+    torchrun, Slurm and ``timeout`` send SIGTERM to the whole process group, the workers too. torch's own
+    handler ends a worker on a SIGTERM its parent did not send, by the signal, and the training process
+    then fails wherever it is (in a checkpoint's write, too) with "DataLoader worker is killed by
+    signal: Terminated", where it should finish its step (which may take one more batch) and checkpoint
+    it. Here a worker goes on for ``WORKER_GRACE_S`` seconds, then exits with status 0, which torch does
+    not take for a failure; its loader's shutdown or its parent's end ends it sooner. Ignoring the signal
+    outright would hang a process that exits with a loader still open: Python's exit terminates daemonic
+    children with SIGTERM and waits for them, and a worker that sees its parent waiting so leaves at once.
+    """
+    signal.signal(signal.SIGTERM, _leave_soon)
     if nice:
         try:
             os.nice(nice)
         except OSError:  # not permitted here: run at the parent's priority
             pass
+
+
+def _leave_soon(_signum: int, _frame: Any) -> None:
+    """A loader worker's SIGTERM handler (``_start_worker``): exit with status 0 once the parent has
+    ended, is waiting for its children to end (Python's exit terminating a loader left open), or
+    ``WORKER_GRACE_S`` have passed, whichever comes first."""
+    parent = os.getppid()
+
+    def leave() -> None:
+        deadline = time.monotonic() + WORKER_GRACE_S
+        while time.monotonic() < deadline and os.getppid() == parent and not _waits_for_children(parent):
+            time.sleep(0.05)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one countdown is enough
+    threading.Thread(target=leave, name="mbm-loader-worker-leave", daemon=True).start()
+
+
+def _waits_for_children(pid: int) -> bool:
+    """Whether process ``pid`` is waiting for a child to end (Linux; False where that cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip() == "do_wait"
+    except OSError:
+        return False
 
 
 def _unpacked(batches: Iterable[Any], workers: set[int], feed: RegisteredFeed | None = None) -> Iterator[dict[str, Any]]:

@@ -572,3 +572,34 @@ def test_the_workers_niceness_comes_from_the_environment_with_a_clear_error():
     assert loader_nice(None) == DEFAULT_NICE == loader_nice(" ") and loader_nice("0") == 0 and loader_nice("5") == 5
     with pytest.raises(ValueError, match=r"MBM_LOADER_NICE='abc': give the loader workers' niceness as a whole"):
         loader_nice("abc")
+
+
+def test_a_process_that_exits_with_a_loader_open_does_not_wait_on_its_workers(tmp_path):
+    # Python's exit terminates daemonic children (the loader's workers) with SIGTERM and waits for them;
+    # the workers' SIGTERM handling (they outlast a process group's SIGTERM) must not make that wait hang
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "left_open.py"
+    script.write_text(textwrap.dedent("""
+        import functools
+        import torch
+        from torch.utils.data import DataLoader, IterableDataset
+        from mbm.data.loader import _start_worker
+
+        class Endless(IterableDataset):
+            def __iter__(self):
+                while True:
+                    yield torch.zeros(4)
+
+        loader = DataLoader(Endless(), batch_size=None, num_workers=2, persistent_workers=True,
+                            worker_init_fn=functools.partial(_start_worker, 0))
+        batches = iter(loader)
+        next(batches)
+        left_open = [loader, batches]
+    """))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    done = subprocess.run([sys.executable, str(script)], cwd=repo, env={**os.environ, "PYTHONPATH": repo},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
