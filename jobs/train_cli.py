@@ -227,8 +227,11 @@ def _moved_dataset(data: str, saved: Any) -> str | None:
     if os.path.isfile(os.path.join(old_root, version_path(version))):
         return None  # still there: another --data is another dataset
     data = pinned(data, None)
-    new_root = unpinned_root(data) or (data if os.path.isdir(data) else None)
-    if new_root is None or (unpinned_root(data) is not None and not data.endswith(f"/@{version}")):
+    new_root = unpinned_root(data)
+    if new_root is not None and not data.endswith(f"/@{version}"):
+        return None  # another version at the new place
+    new_root = new_root or (data if os.path.isdir(data) else None)
+    if new_root is None:
         return None
     if not os.path.isfile(os.path.join(new_root, version_path(version))):
         return None

@@ -18,14 +18,12 @@ log = logging.getLogger(__name__)
 def list_versions(out_dir: str) -> list[DatasetManifest]:
     """Every committed version still on disk, oldest first; the current one (``dataset.json``) last, also
     where its ``versions/`` file is gone (a copy of the folder without it)."""
+    from pipelines.commit import current_manifest
+
     root = Path(out_dir)
-    if not (root / "dataset.json").is_file():
+    current = current_manifest(out_dir)  # an unreadable one: DatasetStateError (a ValueError) saying how to fix it
+    if current is None:
         raise ValueError(f"{out_dir} is not an mbm dataset folder (no dataset.json)")
-    try:
-        current = DatasetManifest.from_json((root / "dataset.json").read_text())
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{out_dir}/dataset.json is not a readable mbm dataset manifest ({type(e).__name__}: {e})") \
-            from None
     found = []
     for p in sorted((root / "versions").glob("[0-9]" * 6 + ".json")):
         m = DatasetManifest.from_json(p.read_text())

@@ -15,6 +15,7 @@ counters so far, and ``skipped`` continues from them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -78,10 +79,8 @@ def _start_worker(nice: int, _worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, _leave_soon)
     if nice:
-        try:
+        with contextlib.suppress(OSError):  # not permitted here: run at the parent's priority
             os.nice(nice)
-        except OSError:  # not permitted here: run at the parent's priority
-            pass
 
 
 def _leave_soon(_signum: int, _frame: Any) -> None:
