@@ -2,8 +2,9 @@
 
 Runs in the driver after the Beam pipeline finished. Order matters for readers: shards are renamed
 to their final names first (new names, never overwriting a shard of an older version), then the
-index and ``versions/NNNNNN.json`` are written, and ``dataset.json`` is replaced last and atomically.
-A crash at any point leaves ``dataset.json`` at the previous version.
+index and the version's job spec are written, and ``dataset.json`` is replaced atomically: the commit.
+A crash before it leaves ``dataset.json`` at the previous version. ``versions/NNNNNN.json`` is written
+right after it, so a version's manifest there always names a committed version.
 """
 
 from __future__ import annotations
@@ -499,12 +500,15 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         vpath = join(out_dir, version_path(version))
         if FileSystems.exists(vpath):
             raise RuntimeError(f"{vpath} already exists; versions are immutable")
-        write_atomic(vpath, manifest.to_json().encode("utf-8"), "application/json")
         write_atomic(join(out_dir, job_path(version)), job_bytes, "application/toml")
     report["seconds"] = round(clock() - started, 3)
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
     if not unchanged:  # until here readers still see the previous version
-        write_atomic(join(out_dir, "dataset.json"), manifest.to_json().encode("utf-8"), "application/json")
+        manifest_bytes = manifest.to_json().encode("utf-8")
+        write_atomic(join(out_dir, "dataset.json"), manifest_bytes, "application/json")
+        # After the commit: a versions/ manifest then always names a committed version, so no later run takes
+        # one for an interrupted run's leftovers (remove_uncommitted writes it where a kill came between the two).
+        write_atomic(vpath, manifest_bytes, "application/json")
     report_text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
     try:
         if not unchanged:
@@ -568,10 +572,11 @@ def _labels(sidecars: list[dict], same_rows: list[dict], previous: DatasetManife
 def remove_uncommitted(out_dir: str) -> list[str]:
     """Delete what a killed run left behind in a local dataset folder; returns the removed paths.
 
-    Only files no committed version can reference go: the staging folder, and manifests, index
-    files and shards named for versions above the current one (names carry their version). A killed
-    run leaves at most the version after the current one: where ``versions/`` holds others above it
-    (``dataset.json`` deleted, or an older copy put back), ``DatasetStateError`` and nothing is removed.
+    Only files no committed version can reference go: the staging folder, temporary files, and index
+    files, shards and job specs named for versions above the current one (names carry their version).
+    A run writes a version's ``versions/`` manifest only after its commit, so one above the current
+    version means ``dataset.json`` was deleted or an older copy put back: ``DatasetStateError``, and
+    nothing is removed. A run killed between its commit and that manifest gets it written here.
     """
     import re
     import shutil
@@ -581,9 +586,7 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     current = current_manifest(out_dir)
     top = current.version if current else 0
     above = [v for v in _version_numbers(out_dir) if v > top]
-    # A killed run leaves one version, the next. The next one committed (report.json, written after
-    # dataset.json, names it) means dataset.json was put back, as more versions above it do.
-    if above and (len(above) > 1 or above[0] != top + 1 or _reported_version(root) == top + 1):
+    if above:
         now = f"dataset.json names version {top}" if current else "it has no dataset.json"
         raise DatasetStateError(
             f"{out_dir} holds version{'s' if len(above) > 1 else ''} {_versions_shown(above)} above its current "
@@ -602,7 +605,7 @@ def remove_uncommitted(out_dir: str) -> list[str]:
             continue
         for f in (root / folder).iterdir():
             m = re.match(pattern, f.name)
-            if m and int(m.group(1)) > top:
+            if m and (int(m.group(1)) > top or f.name.endswith(".tmp")):
                 f.unlink()
                 removed.append(str(f))
     for f in root.glob("*.tmp"):
@@ -611,19 +614,13 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     if removed:
         log.warning("removed %d leftovers of an interrupted run in %s", len(removed), out_dir)
     spec, current_spec = root / job_path(top), root / "job.toml"
+    if current is not None and spec.is_file() and not (root / version_path(top)).is_file():
+        (root / version_path(top)).write_bytes((root / "dataset.json").read_bytes())  # killed right after the commit
+        log.warning("wrote %s from dataset.json (a run stopped between the two)", root / version_path(top))
     if top and spec.is_file() and (not current_spec.is_file() or current_spec.read_bytes() != spec.read_bytes()):
         current_spec.write_bytes(spec.read_bytes())  # killed after the commit, before job.toml
         log.warning("restored %s from %s (a run stopped between the two)", current_spec, spec)
     return removed
-
-
-def _reported_version(root: Any) -> int | None:
-    """The version the last finished run reported (``report.json``); None when there is none to read."""
-    try:
-        version = json.loads((root / "report.json").read_text()).get("version")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return version if isinstance(version, int) else None
 
 
 def _versions_shown(versions: list[int]) -> str:

@@ -83,8 +83,8 @@ def resolve_data(spec: str) -> DataSource:
     if pinned:
         root = pinned["root"] or "."
         path = os.path.join(root, version_path(int(pinned["version"])))
-        if os.path.isfile(path):
-            _check_committed(spec, root, int(pinned["version"]))
+        if not os.path.isfile(path) and _current_version(root) == int(pinned["version"]):
+            path = os.path.join(root, "dataset.json")  # its versions/ file not written (yet), or not copied
         return _from_manifest(spec, root, path)
     if os.path.isdir(spec):
         return _from_manifest(spec, spec, os.path.join(spec, "dataset.json"))
@@ -99,24 +99,19 @@ def resolve_data(spec: str) -> DataSource:
     return _from_pattern(spec)
 
 
-def _check_committed(spec: str, root: str, version: int) -> None:
-    """Refuses a pinned version above the dataset's current one: the files of a run stopped before its
-    commit, which the next ``mbm preprocess`` removes (and may replace by another version of that number)."""
+def _current_version(root: str) -> int | None:
     try:
         with open(os.path.join(root, "dataset.json"), encoding="utf-8") as f:
-            current = DatasetManifest.from_json(f.read()).version
+            return DatasetManifest.from_json(f.read()).version
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return  # a folder of version manifests alone: nothing to compare with
-    if version > current:
-        raise ValueError(f"--data {spec}: version {version} was never committed (the current version of {root} is "
-                         f"{current}): its files are what a `mbm preprocess` stopped before its commit left, and the "
-                         "next run removes them; `mbm versions` lists the committed versions")
+        return None
 
 
 def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
     if not os.path.isfile(manifest_path):
         pinned_version = _pin(spec)
-        why = " (no such version, or `mbm gc` deleted it; `mbm versions` lists them)" if pinned_version else ""
+        why = (" (no such version: never committed, or `mbm gc` deleted it; `mbm versions` lists them)"
+               if pinned_version else "")
         if pinned_version and not os.path.isdir(root):
             why = (f" ({root} is gone: if the dataset was moved, give --data where it is now, and a resumed run "
                    "goes on with the same version there)")

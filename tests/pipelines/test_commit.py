@@ -109,13 +109,41 @@ def _files(root):
 
 
 def test_a_run_killed_before_its_commit_leaves_one_version_which_goes(tmp_path):
-    _dataset(tmp_path, [1, 2, 3])
-    (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000002.json").read_text())  # 3: not committed
+    _dataset(tmp_path, [1, 2])
     (tmp_path / "report.json").write_text('{"version": 2}')  # the run that committed 2 wrote it last
+    # version 3's files as a run killed before its commit leaves them: no versions/000003.json
+    (tmp_path / "versions" / "000003.toml").write_text("# spec of version 3\n")
+    (tmp_path / "versions" / "000002.json.tmp").write_text("{")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "000003.parquet").write_bytes(b"")
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "v000003-000000.tar").write_bytes(b"")
+    (tmp_path / "shards" / "v000002-000000.tar").write_bytes(b"")
     removed = remove_uncommitted(str(tmp_path))
-    assert sorted(os.path.basename(f) for f in removed) == ["000003.json", "000003.toml", "v000003-000000.tar"]
+    assert sorted(os.path.basename(f) for f in removed) == [
+        "000002.json.tmp", "000003.parquet", "000003.toml", "v000003-000000.tar"]
+    assert (tmp_path / "shards" / "v000002-000000.tar").exists()
+
+
+def test_a_run_killed_between_its_commit_and_its_versions_manifest_gets_it_written(tmp_path):
+    _dataset(tmp_path, [1, 2])
+    (tmp_path / "versions" / "000002.json").unlink()
+    (tmp_path / "job.toml").write_text("# spec of version 2\n")
+    assert remove_uncommitted(str(tmp_path)) == []
+    assert (tmp_path / "versions" / "000002.json").read_text() == (tmp_path / "dataset.json").read_text()
+
+
+def test_a_version_rolled_back_by_hand_is_never_taken_for_leftovers(tmp_path):
+    """dataset.json put back to version 1 and report.json deleted looked like a run killed before committing 2,
+    and the next run deleted version 2's manifest, spec and shards."""
+    _dataset(tmp_path, [1, 2])
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "v000002-000000.tar").write_bytes(b"")
+    (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000001.json").read_text())
+    before = _files(tmp_path)
+    with pytest.raises(DatasetStateError, match=r"holds version 2 above its current one \(dataset.json names version 1\)"):
+        remove_uncommitted(str(tmp_path))
+    assert _files(tmp_path) == before
 
 
 @pytest.mark.parametrize("state", ["no dataset.json", "an older dataset.json", "the one before put back"])

@@ -2,6 +2,7 @@ import pytest
 
 from mbm.data.source import pinned, resolve_data, unpinned_root
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from schemas import DatasetManifest
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +42,38 @@ def test_a_data_path_that_does_not_exist_is_named_as_missing(tmp_path):
         resolve_data(str(tmp_path / "nope" / "*.tar"))
 
 
-def test_a_pin_above_the_current_version_is_refused(tmp_path):
-    # versions/000002.json of a run stopped before its commit: the next run removes it, maybe for another version 2
+def test_a_pin_to_a_version_never_committed_is_refused(tmp_path):
+    # what a run stopped before its commit leaves: shards, index and job spec of the next version, no manifest
     out = tmp_path / "ds"
     write_synthetic_dataset(str(out), SyntheticConfig(num_samples=6, samples_per_shard=5, feature_dims={"text": 4}))
     current = resolve_data(str(out)).version
-    (out / "versions" / f"{current + 1:06d}.json").write_text((out / "dataset.json").read_text())
-    with pytest.raises(ValueError, match=rf"version {current + 1} was never committed \(the current version of .* is "
-                                         rf"{current}\)"):
+    (out / "versions" / f"{current + 1:06d}.toml").write_text("# spec\n")
+    (out / "shards" / f"v{current + 1:06d}-000000.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"no dataset manifest at .*versions/{current + 1:06d}.json \(no such version: "
+                                         r"never committed"):
         resolve_data(f"{out}/@{current + 1}")
     assert resolve_data(f"{out}/@{current}").version == current
+
+
+def test_a_committed_version_above_a_put_back_dataset_json_still_reads(tmp_path):
+    # dataset.json rolled back by hand: the newer version stays committed and whole (mbm preprocess refuses to
+    # run until one is made current, and deletes nothing)
+    out = tmp_path / "ds"
+    write_synthetic_dataset(str(out), SyntheticConfig(num_samples=6, samples_per_shard=5, feature_dims={"text": 4}))
+    current = resolve_data(str(out))
+    newer = DatasetManifest.from_json((out / "dataset.json").read_text())
+    newer.version = current.version + 1
+    (out / "versions" / f"{newer.version:06d}.json").write_text(newer.to_json())
+    assert resolve_data(f"{out}/@{newer.version}").shards == current.shards
+
+
+def test_the_current_version_pinned_reads_dataset_json_where_its_versions_file_is_missing(tmp_path):
+    out = tmp_path / "ds"
+    write_synthetic_dataset(str(out), SyntheticConfig(num_samples=6, samples_per_shard=5, feature_dims={"text": 4}))
+    current = resolve_data(str(out))
+    (out / "versions" / f"{current.version:06d}.json").unlink()  # killed right after the commit
+    pinned = resolve_data(f"{out}/@{current.version}")
+    assert pinned.version == current.version and pinned.shards == current.shards
 
 
 def test_a_version_whose_shards_are_missing_is_refused_before_training(tmp_path):

@@ -379,7 +379,7 @@ def test_a_run_whose_dataset_was_moved_resumes_on_the_same_version_where_it_is_n
 def test_a_run_refused_at_the_start_leaves_no_folder(data, tmp_path, capsys):
     out = tmp_path / "r"
     assert train("--data", os.path.join(data, "@9"), "--out", str(out)) == 2
-    assert "no such version, or `mbm gc` deleted it" in capsys.readouterr().err
+    assert "no such version: never committed, or `mbm gc` deleted it" in capsys.readouterr().err
     assert not out.exists()
     nested = tmp_path / "nest" / "x" / "r"  # the folders above it that the run made go too
     assert train("--data", os.path.join(data, "@9"), "--out", str(nested)) == 2
