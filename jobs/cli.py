@@ -265,7 +265,29 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec
 
     spec = load_spec(args.spec, _overrides(args))
+    if args.output is None:
+        _check_stored_spec(args.spec, spec.output.dir)
     return _run_and_summarize(spec, args)
+
+
+def _check_stored_spec(path: str, out_dir: str) -> None:
+    """A dataset folder's own ``job.toml`` (or ``versions/N.toml``) names, with an absolute path, the folder it
+    was written in: run from a moved or copied folder, it would update the old place (or start a new dataset
+    there) instead of the folder it lies in."""
+    import re
+
+    spec = Path(path).resolve()
+    if re.fullmatch(r"\d{6}\.toml", spec.name) and spec.parent.name == "versions":
+        folder = spec.parent.parent
+    elif spec.name == "job.toml":
+        folder = spec.parent
+    else:
+        return
+    if "://" in out_dir or not (folder / "dataset.json").is_file() or Path(out_dir).resolve() == folder:
+        return
+    raise SpecError(f"{path} is the job spec stored with the dataset at {folder}, but its [output] dir is {out_dir} "
+                    f"(was the folder moved or copied?): give --output {folder} to update this dataset, or "
+                    f"--output {out_dir} to write there")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

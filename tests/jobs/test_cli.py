@@ -398,3 +398,29 @@ def test_gc_of_a_folder_it_cannot_write_is_one_line_and_a_dry_run_needs_no_lock(
     assert capsys.readouterr().err == f"mbm: error: gc of {out}: Read-only file system: {out / '.lock'}\n"
     assert main(["gc", str(out), "--keep", "1", "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("kept versions [1]; would delete versions [] and 0 files")
+
+
+@pytest.mark.parametrize("stored", ["job.toml", "versions/000001.toml"])
+def test_a_moved_dataset_folders_own_spec_does_not_write_to_the_old_place(tmp_path, capsys, monkeypatch, stored):
+    """The stored spec names its folder with an absolute path: run from the folder's new place it updated
+    (or created anew) the old one."""
+    import jobs.cli as cli
+
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    moved = tmp_path / "moved"
+    (moved / "versions").mkdir(parents=True)
+    (moved / "dataset.json").write_text('{"version": 1}')
+    old = tmp_path / "old"
+    (moved / stored).write_text(f'[input]\nmanifest = "{tmp_path / "m.jsonl"}"\n[output]\ndir = "{old}"\n')
+    assert main(["preprocess", str(moved / stored), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mbm: error: {moved / stored} is the job spec stored with the dataset at {moved}, but its [output] dir is "
+        f"{old} (was the folder moved or copied?): give --output {moved} to update this dataset, or --output {old} "
+        "to write there")
+    assert not old.exists()
+    ran = []
+    monkeypatch.setattr(cli, "_run_and_summarize", lambda spec, args: ran.append(spec.output.dir) or 0)
+    assert main(["preprocess", str(moved / stored), "--output", str(moved), "--no-progress"]) == 0
+    (moved / "dataset.json").unlink()  # not a dataset folder: a spec named job.toml like any other
+    assert main(["preprocess", str(moved / stored), "--no-progress"]) == 0
+    assert ran == [str(moved), str(old)]
