@@ -164,7 +164,9 @@ FIXED_ON_RESUME = ("task", "fusion", "d_model", "layers", "heads", "mlp_ratio", 
 
 def absolute_data(data: str) -> str:
     """``--data`` (or ``--tokenizer``) with a local path made absolute, so a run's config still finds it
-    from another folder. A brace pattern whose choices are all absolute paths (``{/a,/b}/*.tar``) is one."""
+    from another folder, and its symbolic links resolved, so a link pointed elsewhere later (``latest``)
+    does not move a resumed run to another dataset. A brace pattern whose choices are all absolute paths
+    (``{/a,/b}/*.tar``) is one."""
     if not data or "://" in data:
         return data
     if data.startswith("{"):
@@ -175,7 +177,7 @@ def absolute_data(data: str) -> str:
                 return data
         except braceexpand.UnbalancedBracesError:
             pass  # read as the path it is, which then names no file
-    return os.path.abspath(os.path.expanduser(data))
+    return os.path.realpath(os.path.expanduser(data))
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -260,7 +262,7 @@ def _same_version(data: str, saved: Any) -> str:
     root = unpinned_root(saved) if isinstance(saved, str) else None
     if os.path.basename(data) == "dataset.json":
         data = os.path.dirname(data)
-    if root is None or os.path.normpath(root) != os.path.normpath(data):
+    if root is None or os.path.realpath(root) != os.path.realpath(data):  # a run recorded before links were resolved
         return data
     try:
         version = resolve_data(data).version

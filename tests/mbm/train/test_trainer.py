@@ -376,6 +376,27 @@ def test_a_run_whose_dataset_was_moved_resumes_on_the_same_version_where_it_is_n
     assert main(["evaluate", "--run", out]) == 0  # the run's config names the new place now
 
 
+def test_a_run_on_a_symlinked_dataset_does_not_follow_the_link_elsewhere_on_resume(data, tmp_path, capsys):
+    """The run recorded ``latest/@1``: with the link pointed at another dataset folder (which also has a
+    version 1), a resume trained on that one without a word."""
+    import shutil
+
+    a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "r")
+    shutil.copytree(data, a)
+    write_synthetic_dataset(b, SyntheticConfig(num_samples=60, samples_per_shard=60, feature_dims=DIMS))
+    latest = tmp_path / "latest"
+    latest.symlink_to(a)
+    assert train("--data", str(latest), "--out", out, "--steps", "8", "--eval-every", "4", "--stop-at", "4") == 0
+    assert json.load(open(os.path.join(out, "config.json")))["data"] == a + "/@1"
+    assert train("--data", str(latest), "--out", out, "--steps", "6", "--eval-every", "4", "--resume",
+                 "--stop-at", "6") == 0  # the link still points at the run's dataset
+    latest.unlink()
+    latest.symlink_to(b)
+    capsys.readouterr()
+    assert train("--data", str(latest), "--out", out, "--steps", "8", "--resume") == 2
+    assert f"--data '{b}' (the run has '{a}/@1')" in capsys.readouterr().err
+
+
 def test_a_run_refused_at_the_start_leaves_no_folder(data, tmp_path, capsys):
     out = tmp_path / "r"
     assert train("--data", os.path.join(data, "@9"), "--out", str(out)) == 2
