@@ -98,7 +98,8 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.task == "retrieve" and self.batch_size < 2:
             raise ValueError(f"--batch-size must be >= 2 for retrieve (the other samples of a batch are the "
-                             f"negatives), got {self.batch_size}")
+                             f"negatives of its contrastive loss, in training and in the loss evaluation reports), "
+                             f"got {self.batch_size}")
         if self.d_model % self.heads:
             raise ValueError(f"--d-model {self.d_model} must be divisible by --heads {self.heads}")
         bad = [m for m in (*self.max_tokens, *self.pair) if m not in MODALITIES]
