@@ -766,13 +766,49 @@ def _parquet_file(path: str) -> Iterator[BinaryIO]:
 def _parquet_rows(path: str) -> Iterator[Row]:
     with _parquet_file(path) as f:
         line = 0
+        classes: dict[str, list[str]] | None = None
         for batch in _batches(f):
+            if classes is None:
+                classes = class_label_names(batch.schema.metadata)
             names = unique_columns(batch.schema.names)
             if names != batch.schema.names:
                 batch = batch.rename_columns(names)
             for row in _pylist(batch):
                 line += 1
-                yield line, {key: _jsonable(value) for key, value in row.items()}
+                yield line, {key: _jsonable(_class_name(value, classes[key]) if key in classes else value)
+                             for key, value in row.items()}
+
+
+def class_label_names(metadata: dict[bytes, bytes] | None) -> dict[str, list[str]]:
+    """``{column: class names}`` for the columns a Hugging Face ``datasets`` Parquet file (``to_parquet``,
+    the Hub's Parquet export) declares ``ClassLabel``, or a list of them, in its schema metadata: such a
+    column holds each class's index, and ``datasets`` shows its name (``features[column].int2str``)."""
+    try:
+        features = json.loads((metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    found = {}
+    for column, feature in features.items() if isinstance(features, dict) else ():
+        if isinstance(feature, dict) and feature.get("_type") in ("List", "Sequence", "LargeList"):
+            feature = feature.get("feature")
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel":
+            names = feature.get("names")
+            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+                found[column] = names
+    return found
+
+
+def _class_name(value: Any, names: list[str]) -> Any:
+    """A ``ClassLabel`` cell's class name; -1, ``datasets``' "no label", is none; a list maps each index; any
+    other value is kept as it is."""
+    if isinstance(value, list):
+        return [_class_name(v, names) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == -1:
+            return None
+        if 0 <= value < len(names):
+            return names[value]
+    return value
 
 
 def _batches(f: BinaryIO) -> Iterator[Any]:

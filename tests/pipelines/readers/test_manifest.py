@@ -178,6 +178,27 @@ def test_parquet_hf_image_struct_keeps_bytes(tmp_path):
     assert b.image == Media(uri=str(tmp_path / "b.png"), name="b.png")
 
 
+def test_hf_class_label_columns_give_class_names(tmp_path):
+    """``datasets``' to_parquet writes a ClassLabel column as class indexes and the names in the schema's
+    "huggingface" metadata (as below, from datasets 5.2): the labels were the numbers, and training's
+    classes 0, 1, ... instead of the dataset's names."""
+    features = {"id": {"dtype": "string", "_type": "Value"}, "text": {"dtype": "string", "_type": "Value"},
+                "label": {"names": ["cat", "dog"], "_type": "ClassLabel"},
+                "tags": {"feature": {"names": ["red", "blue"], "_type": "ClassLabel"}, "_type": "List"}}
+    table = pa.table({"id": ["a", "b", "c", "d"], "text": ["w", "x", "y", "z"], "label": [0, 1, -1, 7],
+                      "tags": [[0, 1], [], [1], None]})
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, tmp_path / "m.parquet")
+    samples = list(iter_manifest(str(tmp_path / "m.parquet")))
+    assert [(s.id, s.label, s.meta) for s in samples] == [
+        ("a", "cat", {"tags": ["red", "blue"]}), ("b", "dog", {"tags": []}),
+        ("c", None, {"tags": ["blue"]}),  # -1: datasets' "no label"
+        ("d", 7, {"tags": None}),  # an index the names do not cover stays as it is
+    ]
+    pq.write_table(table.replace_schema_metadata(None), tmp_path / "plain.parquet")  # no metadata: the numbers
+    assert [s.label for s in iter_manifest(str(tmp_path / "plain.parquet"))] == [0, 1, -1, 7]
+
+
 def test_a_struct_whose_bytes_are_not_binary_is_a_reject_not_a_lost_image(tmp_path):
     images = pa.array([{"bytes": "iVBORw0KGgo=", "path": None}, {"bytes": "", "path": "b.png"}])
     pq.write_table(pa.table({"id": ["a", "b"], "image": images}), tmp_path / "m.parquet")
