@@ -212,21 +212,33 @@ def plan_counts(previous: Any, new: Any, same: Any) -> dict[str, int]:
             "unchanged": same.num_rows + len(same_rejects), "removed": _count_not_in(prev_ok, seen)}
 
 
-def _check_some_land(staged: Staged, previous: DatasetManifest) -> None:
+def _check_some_land(staged: Staged, previous: DatasetManifest | None) -> None:
     """A run in which no sample lands would commit a version without any, removing every sample of the
     one before: inputs that all fail at once (a media folder moved, a drive not mounted) are far likelier
-    than a dataset emptied on purpose. ``DatasetStateError`` instead; nothing is committed."""
+    than a dataset emptied on purpose. A first run would exit 0 with a dataset of nothing, which a
+    pipeline goes on to train on. ``DatasetStateError`` instead; nothing is committed."""
     import pyarrow.compute as pc
 
     new = staged.new
     if staged.same.num_rows or pc.any(pc.equal(new.column("status"), "ok")).as_py():
         return
-    reasons = _tally(new.filter(pc.equal(new.column("status"), "rejected")).column("reason"))
-    top = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+    rejected = new.filter(pc.equal(new.column("status"), "rejected"))
+    reasons = sorted(_tally(rejected.column("reason")).items(), key=lambda x: -x[1])[:3]
+    top = ", ".join(f"{reason} {n}" for reason, n in reasons)
+    shown = []
+    for reason, _ in reasons:
+        row = rejected.filter(pc.equal(rejected.column("reason"), reason)).slice(0, 1).to_pylist()[0]
+        shown.append(f"{row['id']}: {row['detail'] or reason}")
+    examples = "; ".join(shown)
+    if previous is None:
+        raise DatasetStateError(
+            f"every one of the {new.num_rows} inputs was rejected ({top}), so nothing was committed: a first version "
+            f"would hold no sample ({examples}). Fix what they lack (a moved media folder, a drive not mounted?)")
     raise DatasetStateError(
         f"every one of the {new.num_rows} inputs was rejected ({top}): a version of that would hold no sample, "
-        f"removing the {previous.num_samples} of version {previous.version}, so nothing was committed. Fix what "
-        "they lack (a moved media folder, a drive not mounted?); to empty the dataset on purpose, remove its folder")
+        f"removing the {previous.num_samples} of version {previous.version}, so nothing was committed ({examples}). "
+        "Fix what they lack (a moved media folder, a drive not mounted?); to empty the dataset on purpose, remove "
+        "its folder")
 
 
 def _landed_modalities(rows: Any) -> set[str]:
@@ -466,7 +478,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
                  and _same_rejects(staged.new, previous_rows)
                  and all(previous.fingerprints.get(m) == fingerprints.get(m) for m in _landed_modalities(previous_rows)))
 
-    if not unchanged and previous is not None and previous.num_samples:
+    if not unchanged and (previous is None or previous.num_samples):
         _check_some_land(staged, previous)
     if unchanged:
         manifest = previous

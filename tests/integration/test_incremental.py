@@ -314,7 +314,7 @@ def test_settings_of_an_extractor_no_sample_uses_make_no_new_version(tmp_path):
 
 def test_a_run_in_which_every_input_is_rejected_commits_nothing(tmp_path, capsys):
     """Its version would hold no sample, removing every one of the version before (a moved media
-    folder rejects every row at once); the first version of such inputs is made, as there is nothing to lose."""
+    folder rejects every row at once); a first run of such inputs exited 0 with a version of nothing."""
     import tests.support.failing_extractor  # noqa: F401  registers failing-text
 
     spec = tmp_path / "job.toml"
@@ -330,7 +330,12 @@ def test_a_run_in_which_every_input_is_rejected_commits_nothing(tmp_path, capsys
            "removing the 4 of version 1, so nothing was committed" in err, err
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["version"] == 1
     assert not (tmp_path / "out" / ".staging").exists()
-    assert main(["preprocess", str(spec), "--no-progress", "--output", str(tmp_path / "fresh")]) == 0
+    capsys.readouterr()
+    assert main(["preprocess", str(spec), "--no-progress", "--output", str(tmp_path / "fresh")]) == 2
+    err = capsys.readouterr().err
+    assert "every one of the 4 inputs was rejected (file.missing 4), so nothing was committed: a first version " \
+           "would hold no sample (s0: audio: " in err, err
+    assert not (tmp_path / "fresh" / "dataset.json").exists() and not (tmp_path / "fresh" / ".staging").exists()
 
 
 def test_a_folder_whose_current_files_were_changed_by_hand_says_so_and_full_rebuilds_it(tmp_path, capsys):
