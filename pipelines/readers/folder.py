@@ -125,19 +125,37 @@ def _no_media(folder: str, files: list[str]) -> str:
     shown = ", ".join(map(repr, files[:5])) + (", ..." if len(files) > 5 else "")
     what = (f"{len(files)} other file{'s' if len(files) > 1 else ''}: {shown}" if files
             else "no files (hidden ones are left out)")
-    names = {posixpath.basename(rel) for rel in files}
-    if any(extension(rel) == "arrow" for rel in files) and names & {"state.json", "dataset_info.json"}:
-        hint = ("; this is a Hugging Face datasets folder written by save_to_disk: export it, "
-                "datasets.load_from_disk(path).to_parquet(\"data.parquet\") (media as {bytes, path} structs), "
-                "and read that with [input] manifest = \"data.parquet\"")
-    elif any(extension(rel) == "tar" for rel in files):
+    if any(extension(rel) == "tar" for rel in files) and not saved_to_disk(files):
         hint = "; for WebDataset tars, use [input] shards = the folder"
-    elif manifests := [rel for rel in files if format_of(rel)]:
-        hint = f"; to read a table of samples, use [input] manifest = {posixpath.join(folder, manifests[0])!r}"
     else:
-        hint = ""
+        hint = tables_hint(folder, files)
     return (f"[input] folder {folder!r} holds no image or audio file and no metadata file ({what}){hint}; "
             "an imagefolder/audiofolder is read by the media files' extensions")
+
+
+def saved_to_disk(files: list[str]) -> bool:
+    """Whether a folder's ``files`` are what Hugging Face datasets' ``save_to_disk`` writes."""
+    names = {posixpath.basename(rel) for rel in files}
+    return any(extension(rel) == "arrow" for rel in files) and bool(names & {"state.json", "dataset_info.json"})
+
+
+def tables_hint(folder: str, files: list[str]) -> str:
+    """'; ...' saying how to read the tables among a folder's ``files`` (paths relative to it) as a
+    manifest, which is one file; "" where it holds none."""
+    if saved_to_disk(files):
+        return ("; this is a Hugging Face datasets folder written by save_to_disk: export it, "
+                "datasets.load_from_disk(path).to_parquet(\"data.parquet\") (media as {bytes, path} structs), "
+                "and read that with [input] manifest = \"data.parquet\"")
+    tables = sorted(rel for rel in files if format_of(rel))
+    if not tables:
+        return ""
+    if len(tables) == 1:
+        return f"; to read a table of samples, use [input] manifest = {posixpath.join(folder, tables[0])!r}"
+    shown = ", ".join(map(repr, tables[:4])) + (", ..." if len(tables) > 4 else "")
+    return (f"; it holds {len(tables)} tables ({shown}) and a manifest is one file: join those of the split you "
+            "want into one (JSON Lines with cat, CSV/TSV with cat keeping the first header line only, Parquet with "
+            "pyarrow.parquet.write_table(pyarrow.parquet.read_table(sorted(glob.glob('train-*.parquet'))), "
+            "'train.parquet')) and read it with [input] manifest")
 
 
 def _near_file_name(names: list[str]) -> str:

@@ -22,7 +22,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path, media_kind
-from pipelines.readers.folder import check_metadata, iter_folder, list_files
+from pipelines.readers.folder import check_metadata, iter_folder, list_files, tables_hint
 from pipelines.readers.manifest import check_columns, iter_manifest
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import TAR_NAMES, iter_tar
@@ -115,7 +115,9 @@ def _check_one_file(manifest: str) -> None:
         f"[input] manifest {manifest!r} is a pattern (it matches {len(matches)} files): {NOT_EXPANDED} (only "
         "shards = takes patterns, of WebDataset tars). Join the files into one manifest and name that: JSON "
         "Lines with cat, CSV/TSV with cat keeping the first header line only, Parquet with "
-        "pyarrow.parquet.write_table(pyarrow.parquet.read_table(sorted(glob.glob(PATTERN))), 'train.parquet')"
+        "pyarrow.parquet.write_table(pyarrow.parquet.read_table("
+        + ("sorted(f for p in braceexpand.braceexpand(PATTERN) for f in glob.glob(p))" if "{" in local
+           else "sorted(glob.glob(PATTERN))") + "), 'train.parquet')"
     )
 
 
@@ -179,6 +181,18 @@ def expand_shards(pattern: str) -> list[str]:
                              f"{', '.join('*' + ext for ext in TAR_NAMES[:3])}, ...)"
                              f"{_not_tars(absolute(pattern), pattern)}")
         raise ValueError(f"[input] shards {pattern!r} matches no files")
+    others = [p for p in paths if not p.lower().endswith(TAR_NAMES)]
+    if len(others) == len(paths) and any(format_of(p) or media_kind(p) for p in others):
+        # every file a read.not_a_tar reject, and a version of nothing
+        names = [os.path.basename(p) for p in others]
+        shown = ", ".join(map(repr, names[:4])) + (", ..." if len(names) > 4 else "")
+        folder = os.path.dirname(others[0])
+        if any(media_kind(p) for p in others):
+            hint = f"; image or audio files are read with [input] folder = {folder!r}"
+        else:
+            hint = tables_hint(folder, names)
+        raise ValueError(f"[input] shards {pattern!r} matches no WebDataset tar ({len(paths)} other "
+                         f"file{'s' if len(paths) > 1 else ''}: {shown}){hint}")
     return paths
 
 
@@ -205,9 +219,7 @@ def _not_tars(root: str, pattern: str) -> str:
     if any(media_kind(rel) for rel in files):
         return (f"; it holds image or audio files (an imagefolder/audiofolder, or img2dataset's files output): "
                 f"read it with [input] folder = {pattern!r}")
-    if manifests := [rel for rel in files if format_of(rel)]:
-        return f"; to read a table of samples, use [input] manifest = {os.path.join(pattern, manifests[0])!r}"
-    return "; name its tars with a pattern"
+    return tables_hint(pattern, files) or "; name its tars with a pattern"
 
 
 def _tars_in(folder: str) -> list[str]:

@@ -137,6 +137,34 @@ def test_a_folder_of_shards_is_read_as_its_tars_compressed_ones_too(tmp_path):
         expand_shards(str(tmp_path / "files"))
 
 
+def test_shards_naming_a_hub_split_or_a_save_to_disk_folder_say_what_reads_it(tmp_path):
+    """A pattern of Parquet files made every file a read.not_a_tar reject and a version of nothing; a folder of
+    several tables was told to read the first of them alone (half a split, or another split)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"):
+        (data / name).write_bytes(b"PAR1")
+    joined = (r"it holds 3 tables \('test-00000-of-00001.parquet', 'train-00000-of-00002.parquet', "
+              r"'train-00001-of-00002.parquet'\) and a manifest is one file: join those of the split you want into "
+              r"one \(.*\) and read it with \[input\] manifest$")
+    with pytest.raises(ValueError, match=r"shards '.*/data' is a folder holding no tar \(.*\); " + joined):
+        expand_shards(str(data))
+    with pytest.raises(ValueError, match=r"shards '.*/data/train-\*.parquet' matches no WebDataset tar \(2 other files: "
+                                         r"'train-00000-of-00002.parquet', 'train-00001-of-00002.parquet'\); it holds 2"):
+        expand_shards(str(data / "train-*.parquet"))
+    with pytest.raises(ValueError, match=r"matches no WebDataset tar \(1 other file: 'a.jpg'\); image or audio files "
+                                         r"are read with \[input\] folder = '.*/data'$"):
+        (data / "a.jpg").write_bytes(b"\xff\xd8")
+        expand_shards(str(data / "*.jpg"))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"):
+        (saved / name).write_text("{}")
+    with pytest.raises(ValueError, match=r"holding no tar .*; this is a Hugging Face datasets folder written by "
+                                         r"save_to_disk: export it"):
+        expand_shards(str(saved))
+
+
 @pytest.mark.parametrize("name, advice", [
     ("00000.tar", r"from its extension: a WebDataset tar is read with \[input\] shards = '.*00000.tar'$"),
     ("data-00000-of-00001.arrow", r"save_to_disk writes: export the dataset, datasets.load_from_disk\(folder\)"),
