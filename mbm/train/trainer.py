@@ -279,11 +279,20 @@ class Trainer:
     def _checked_loss(self, step: int, loss: torch.Tensor) -> float:
         value = float(loss)
         if not math.isfinite(value):
-            raise ValueError(
-                f"the training loss is {value} at step {step}: training diverged. Lower --lr (now "
-                f"{self.cfg.lr:g}), raise --warmup-steps or keep --grad-clip on, and start again with another "
-                "--out (this run's latest checkpoint may already hold the diverged weights)")
+            raise ValueError(self._diverged(f"the training loss is {value} at step {step}"))
         return value
+
+    def _diverged(self, what: str) -> str:
+        return (f"{what}: training diverged. Lower --lr (now {self.cfg.lr:g}), raise --warmup-steps or keep "
+                "--grad-clip on, and start again with another --out (this run's latest checkpoint may already hold "
+                "the diverged weights)")
+
+    def _check_weights(self) -> None:
+        """Before a checkpoint: the last step's loss was computed before its update, which may have made the
+        weights NaN or infinite (a huge --lr); no later loss shows it when that step is the run's last."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise ValueError(self._diverged(f"the weights are NaN or infinite at step {self.step}"))
 
     def validate(self) -> dict[str, float]:
         """Every rank evaluates the whole held-out split (identical results, no collectives needed)."""
@@ -343,10 +352,13 @@ class Trainer:
                     t0, seen, losses = time.perf_counter(), 0, []
                 if evals:
                     last["val"] = {"step": self.step, "split": "val", **self.validate()}
+                    if not math.isfinite(last["val"]["loss"]):
+                        raise ValueError(self._diverged(f"the held-out loss is {last['val']['loss']} at step {self.step}"))
                     self._log(last["val"])
                     if env.is_main:
                         plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
                 if saves:
+                    self._check_weights()
                     self.save()
                 bar.update(1)
                 if stop:

@@ -274,6 +274,34 @@ def test_a_diverged_step_is_never_saved(data, tmp_path, capsys):
     assert diverged_at == 1 or "step-000001.pt" in saved  # the steps before it were saved
 
 
+def test_a_last_step_that_diverges_is_caught_by_its_held_out_loss(data, tmp_path, capsys):
+    """The last step's training loss is computed before its update; the update made the weights blow up, the
+    held-out loss was NaN, and the run exited 0 having saved them."""
+    out = str(tmp_path / "r")
+    assert train("--data", data, "--out", out, "--steps", "1", "--lr", "1e30", "--warmup-steps", "0",
+                 "--grad-clip", "0") == 2
+    assert "the held-out loss is nan at step 1: training diverged" in capsys.readouterr().err
+    assert not os.path.isdir(os.path.join(out, "checkpoints")) or not os.listdir(os.path.join(out, "checkpoints"))
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(data, tmp_path, capsys, monkeypatch):
+    from mbm.train.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def poisoning(self, batches):
+        result = step(self, batches)
+        with torch.no_grad():
+            next(self.model.parameters()).view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", poisoning)
+    out = str(tmp_path / "r")
+    assert train("--data", data, "--out", out, "--steps", "3", "--eval-every", "100", "--checkpoint-every", "1") == 2
+    assert "the weights are NaN or infinite at step 1: training diverged" in capsys.readouterr().err
+    assert not os.path.isdir(os.path.join(out, "checkpoints")) or not os.listdir(os.path.join(out, "checkpoints"))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_adamw_is_fused_on_a_gpu(device):
