@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import glob
-import json
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ from mbm.data.collate import TASKS
 from mbm.model.embed import POSITIONAL
 from mbm.model.fusion import FUSIONS
 from mbm.train.config import DEVICES, TrainConfig, known_keys, load_toml, merge
+from mbm.train.run import json_line
 from schemas.manifest import version_path
 
 # flag → (type, help); every flag defaults to None so a given flag can override --config and a run's config
@@ -336,7 +336,7 @@ def run_train(args: argparse.Namespace) -> int:
             "and `--resume` continues from the last one"))
     if int(os.environ.get("RANK", "0")) == 0:
         for record in last.values():
-            print(json.dumps(record, ensure_ascii=False))
+            print(json_line(record))
     return 0
 
 
@@ -360,7 +360,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         now = args.batch_size or "the run's"
         return _machine_failure("evaluate", exn, f"A smaller --batch-size (now {now}) or --eval-samples needs less memory")
     if args.json:
-        print(json.dumps(metrics, ensure_ascii=False))
+        print(json_line(metrics))
     else:
         print(f"run {args.run}  step {metrics['step']}  split {metrics['split']}")
         for k, v in metrics.items():
@@ -389,7 +389,8 @@ def run_generate(args: argparse.Namespace) -> int:
     except Exception as exn:
         return _machine_failure("generate", exn, f"A smaller --batch-size (now {args.batch_size}) or --beam (now "
                                 f"{args.beam}) needs less memory")
-    for row in rows:
+    for row in rows:  # a lone surrogate in an id (a JSON "\\ud800" escape) shown escaped, not a crash
+        row = {k: str(v).encode("utf-8", "backslashreplace").decode("utf-8") for k, v in row.items()}
         print(f"{row['id']}\n  generated: {row['generated']}\n  reference: {row['reference']}")
     return 0
 

@@ -97,9 +97,23 @@ def _read_json(path: str, what: str) -> Any:
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
-    """One JSON line; a NaN or infinite metric is written as null (strict JSON readers refuse NaN)."""
-    with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(json.dumps(_finite(record), ensure_ascii=False, sort_keys=False, allow_nan=False) + "\n")
+    """One JSON line (``json_line``)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json_line(record) + "\n")
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """``record`` as one line of strict JSON: a NaN or infinite metric is null (strict JSON readers refuse
+    NaN). A string holding a lone surrogate (a sample id read from a JSON ``"\\ud800"`` escape, or from a
+    file name that is not UTF-8) cannot be written as UTF-8: that line escapes it (``\\ud800``), which
+    JSON readers give back as the same string."""
+    record = _finite(record)
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record, ensure_ascii=True, allow_nan=False)
+    return text
 
 
 def _finite(value: Any) -> Any:

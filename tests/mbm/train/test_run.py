@@ -25,6 +25,23 @@ def test_non_finite_metrics_are_written_as_null_and_plotted_around(tmp_path):
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ids_with_lone_surrogates_are_written_as_strict_json_that_reads_back_the_same(tmp_path):
+    """An id from a JSON "\\ud800" escape made --log-samples stop the run (the file's surrogateescape encodes
+    only U+DC80..U+DCFF) and ``mbm evaluate --json`` print a bare NaN."""
+    from mbm.train.run import json_line
+
+    path = str(tmp_path / "samples.jsonl")
+    records = [{"step": 1, "ids": ["\ud800x", "caf\udce9", "plain é"]}, {"step": 2, "ids": ["b"], "loss": math.nan}]
+    for record in records:
+        append_jsonl(path, record)
+    raw = open(path, "rb").read()
+    raw.decode("utf-8")  # strict UTF-8
+    assert [json.loads(line, parse_constant=pytest.fail) for line in raw.decode().splitlines()] == [
+        records[0], {"step": 2, "ids": ["b"], "loss": None}]
+    assert read_jsonl(path)[0] == records[0]
+    assert json_line({"loss": math.inf, "ids": ["é"]}) == '{"loss": null, "ids": ["é"]}'  # UTF-8 kept where it can be
+
+
 def test_a_last_line_cut_short_is_dropped_and_a_bad_line_elsewhere_is_named(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
