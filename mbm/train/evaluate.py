@@ -44,6 +44,7 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     model.eval()
     task = model.cfg.task
     loss_sum, weight, correct = 0.0, 0, 0
+    alone = 0.0, 0  # retrieve: (loss sum, samples) of batches of one sample, whose contrastive loss is 0
     label_counts: Counter[int] = Counter()
     za, zb = [], []
     for batch in batches:
@@ -59,10 +60,15 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
             n = len(batch["ids"])
             za.append(out["za"].float())
             zb.append(out["zb"].float())
+            if n == 1:  # no other sample to tell it from: its loss is 0 whatever the model (a split's last batch)
+                alone = alone[0] + float(out["loss"]), alone[1] + 1
+                continue
         else:
             n = int(batch["target_mask"][:, 1:].sum())
         loss_sum += float(out["loss"]) * n
         weight += n
+    if weight == 0 and alone[1]:  # a split of one sample: nothing better to report
+        loss_sum, weight = alone
     model.train(was_training)
     skipped = getattr(batches, "skipped", dict)()
     if weight == 0:

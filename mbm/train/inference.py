@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from mbm.data.collate import batch_to
+from mbm.data.errors import skip_reasons
 from mbm.data.source import DataSource, resolve_data
 from mbm.data.stream import ShardStream
 from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens, vocab_digest
@@ -19,6 +21,8 @@ from mbm.train.config import TrainConfig
 from mbm.train.distributed import pick_device
 from mbm.train.evaluate import empty_split, evaluate
 from mbm.train.run import RunDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,8 +101,16 @@ def _checkpoint_path(run: RunDir, checkpoint: str | None) -> str:
 
 
 def evaluate_run(loaded: LoadedRun, split: str = "val") -> dict[str, float]:
-    """The run's metrics on a split of its (or another) dataset."""
-    return {"step": loaded.step, "split": split, **evaluate(loaded.model, loaded.stream(split), loaded.device)}
+    """The run's metrics on a split of its (or another) dataset; ``skipped``: the samples of the split left
+    out, by reason (no label, a label the run does not know, ...), also said in a warning."""
+    stream = loaded.stream(split)
+    metrics = {"step": loaded.step, "split": split, **evaluate(loaded.model, stream, loaded.device)}
+    skipped = dict(stream.skipped())
+    if skipped:
+        log.warning("evaluation left out %s", skip_reasons(skipped, loaded.model.cfg.input_modalities(),
+                                                            loaded.model.cfg.task))
+        metrics["skipped"] = skipped
+    return metrics
 
 
 def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam: int = 1,

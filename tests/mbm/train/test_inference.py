@@ -124,3 +124,24 @@ def test_the_runs_eval_samples_does_not_cap_evaluate(no_audio, tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["samples"] == every > 40  # the labelled ones of 48
     assert main(["evaluate", "--run", run, "--split", "all", "--json", "--eval-samples", "5"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 5
+
+
+def test_evaluate_says_what_it_left_out_of_a_split(no_audio, tmp_path, capsys, caplog):
+    """Samples whose label the run does not know were left out of the accuracy with nothing said (an INFO
+    line only), a third of the data in a real case."""
+    import logging
+
+    run = str(tmp_path / "run")
+    assert main(["train", *TINY, "--data", no_audio, "--out", run]) == 0
+    other = str(tmp_path / "other")
+    write_synthetic_dataset(other, SyntheticConfig(num_samples=30, samples_per_shard=30,
+                                                   feature_dims={"text": 8, "image": 6, "audio": 4},
+                                                   labels=("cat", "dog", "never-seen")))
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert main(["evaluate", "--run", run, "--data", other, "--split", "all", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    unknown = metrics["skipped"]["task.unknown_label"]
+    assert unknown > 0 and metrics["samples"] + sum(metrics["skipped"].values()) == 30
+    assert "evaluation left out " in caplog.text
+    assert f"{unknown} labels the run's vocabulary does not hold (task.unknown_label)" in caplog.text
