@@ -59,6 +59,7 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
     if not isinstance(state.get("model_config"), dict):
         raise ValueError(f"--checkpoint {path}: holds no model_config, so the model cannot be rebuilt from it")
     model_cfg = ModelConfig.from_dict(state["model_config"])
+    _check_same_run(run, path, model_cfg, cfg)
     dev = pick_device(device, 0)
     model = MultimodalModel(model_cfg).to(dev)
     model.load_state_dict(state["model"])
@@ -70,6 +71,20 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
     pair = list(model_cfg.pair) if model_cfg.pair else cfg.pair
     return LoadedRun(cfg=replace(cfg, pair=pair), model=model, source=source, labels=labels,
                      step=int(state["step"]), device=dev)
+
+
+def _check_same_run(run: RunDir, path: str, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """The model comes from the checkpoint, the samples it is given (task, split, pair, tokenizer, token
+    limits) from ``--run``'s config: a checkpoint of another run would be fed samples chosen for this one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    owner = os.path.dirname(folder)
+    if (os.path.basename(folder) == "checkpoints" and os.path.isfile(os.path.join(owner, "config.json"))
+            and os.path.realpath(owner) != os.path.realpath(run.root)):
+        raise ValueError(f"--checkpoint {path} was saved by the run {owner}, not --run {run.root}: the samples it is "
+                         f"given follow the run's settings (task, split, pair, tokenizer); give --run {owner}")
+    if model_cfg.task != cfg.task:
+        raise ValueError(f"--checkpoint {path} holds a {model_cfg.task} model, but --run {run.root} trains "
+                         f"{cfg.task}: give --run the run that saved it")
 
 
 def _check_tokenizer(path: str | None, decoder: Any) -> None:

@@ -145,3 +145,23 @@ def test_evaluate_says_what_it_left_out_of_a_split(no_audio, tmp_path, capsys, c
     assert unknown > 0 and metrics["samples"] + sum(metrics["skipped"].values()) == 30
     assert "evaluation left out " in caplog.text
     assert f"{unknown} labels the run's vocabulary does not hold (task.unknown_label)" in caplog.text
+
+
+def test_a_checkpoint_of_another_run_is_refused(no_audio, tmp_path, capsys):
+    """The model came from the checkpoint and the samples from --run's settings: a retrieve checkpoint given
+    to a classify run was scored on samples chosen for classify (with labels, without its pair)."""
+    import shutil
+
+    cls, ret = str(tmp_path / "cls"), str(tmp_path / "ret")
+    assert main(["train", *TINY, "--data", no_audio, "--out", cls]) == 0
+    assert main(["train", *TINY, "--data", no_audio, "--out", ret, "--task", "retrieve", "--pair", "text,image"]) == 0
+    theirs = os.path.join(ret, "checkpoints", "step-000002.pt")
+    capsys.readouterr()
+    assert main(["evaluate", "--run", cls, "--checkpoint", theirs]) == 2
+    assert f"--checkpoint {theirs} was saved by the run {ret}, not --run {cls}: " in capsys.readouterr().err
+    loose = str(tmp_path / "loose.pt")
+    shutil.copy(theirs, loose)
+    assert main(["evaluate", "--run", cls, "--checkpoint", loose]) == 2
+    assert f"--checkpoint {loose} holds a retrieve model, but --run {cls} trains classify" in capsys.readouterr().err
+    assert main(["evaluate", "--run", cls, "--checkpoint", os.path.join(cls, "checkpoints", "step-000002.pt")]) == 0
+    assert main(["evaluate", "--run", cls, "--checkpoint", "2"]) == 0
