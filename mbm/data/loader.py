@@ -200,7 +200,10 @@ class StreamLoader:
         theirs = {k: state.get(k) for k in mine}
         if theirs != mine:
             changed = ", ".join(f"{k} {theirs[k]} → {mine[k]}" for k in mine if theirs[k] != mine[k])
-            raise ValueError(f"cannot resume the data stream exactly: {changed} changed since the checkpoint")
+            how = (f"; resume with {theirs['world_size']} process{'es' if theirs['world_size'] != 1 else ''} "
+                   f"(torchrun --nproc_per_node {theirs['world_size']} ...): each rank's share of the data follows "
+                   "the number of ranks" if theirs["world_size"] != mine["world_size"] and theirs["world_size"] else "")
+            raise ValueError(f"cannot resume the data stream exactly: {changed} changed since the checkpoint{how}")
         self.epoch, self.batch, self.samples = int(state["epoch"]), int(state["batch"]), int(state["samples"])
         self._decoded_before = {k: int(v) for k, v in state.get("decode_skipped", {}).items()}  # older states: none
 

@@ -104,6 +104,9 @@ def test_state_from_another_layout_is_refused(dataset):
     loader = StreamLoader(ShardStream(stream_cfg(src), world=2))
     with pytest.raises(ValueError, match="batch_size 4 → 8"):
         StreamLoader(ShardStream(stream_cfg(src, batch_size=8), world=2)).load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match=r"world_size 2 → 1 changed since the checkpoint; resume with 2 processes "
+                                         r"\(torchrun --nproc_per_node 2 ...\)"):
+        StreamLoader(ShardStream(stream_cfg(src), world=1)).load_state_dict(loader.state_dict())
 
 
 def test_workers_yield_the_same_batches_in_the_same_order(dataset):
