@@ -184,6 +184,7 @@ class Trainer:
         elif cfg.workers is None and workers:
             log.info("%d data-loader workers per rank (--workers sets another number)", workers)
         self.step = 0
+        self._unlogged: list[float] = []  # this rank's losses since the last train record
         self.training = False  # whether a step was taken (a failure before one is a refused start)
         if resume_from:
             self._restore(resume_state)
@@ -218,9 +219,11 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         rngs = self.env.gather(rng_state())  # per rank: dropout draws differ with each rank's batches
         data = self.env.gather(self.loader.state_dict())  # per rank: one that dropped a batch is ahead of the others
+        # per rank: the losses of the steps since the last train record, which the next one's loss_avg includes
+        unlogged = self.env.gather(list(self._unlogged))
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "data": data, "rng": rngs, "world_size": self.env.world, "model_config": self.model.cfg.to_dict(),
-                "labels": self.labels}
+                "labels": self.labels, "unlogged_losses": unlogged}
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:
@@ -232,6 +235,9 @@ class Trainer:
         self.loader.load_state_dict(self._loader_state(state["data"]))
         set_rng_state(state["rng"][self.env.rank])
         self.step = int(state["step"])
+        unlogged = state.get("unlogged_losses")  # older checkpoints: none
+        if isinstance(unlogged, list) and len(unlogged) == self.env.world:
+            self._unlogged = [float(v) for v in unlogged[self.env.rank]]
 
     def _loader_state(self, data: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
         """This rank's loader state; older checkpoints hold rank 0's alone. From another world size, rank 0's
@@ -316,7 +322,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         if self.step == 0 and end > 0:  # the untrained baseline, so every curve has its starting point
             self._log({"step": 0, "split": "val", **self.validate()})
-        t0, seen, losses = time.perf_counter(), 0, []
+        t0, seen, losses = time.perf_counter(), 0, self._unlogged
         pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
         _STOP.loop_running, _STOP.asked = True, False
         stop_asked = AnyRank(env)
@@ -349,7 +355,8 @@ class Trainer:
                                      "epoch": self.loader.epoch, "skipped": self.loader.skipped}
                     self._log(last["train"])
                     bar.set_postfix(loss=f"{last['train']['loss']:.4f}", samples_s=f"{rate:.0f}")
-                    t0, seen, losses = time.perf_counter(), 0, []
+                    t0, seen = time.perf_counter(), 0
+                    losses.clear()
                 if evals:
                     last["val"] = {"step": self.step, "split": "val", **self.validate()}
                     if not math.isfinite(last["val"]["loss"]):
