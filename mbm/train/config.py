@@ -100,6 +100,9 @@ class TrainConfig:
             raise ValueError(f"--batch-size must be >= 2 for retrieve (the other samples of a batch are the "
                              f"negatives of its contrastive loss, in training and in the loss evaluation reports), "
                              f"got {self.batch_size}")
+        if self.task == "generate" and self.max_target_len < 3:
+            raise ValueError(f"--max-target-len must be >= 3 for generate (it counts [BOS] and [EOS], so "
+                             f"{self.max_target_len} leaves no room for a token of the text), got {self.max_target_len}")
         if self.d_model % self.heads:
             raise ValueError(f"--d-model {self.d_model} must be divisible by --heads {self.heads}")
         bad = [m for m in (*self.max_tokens, *self.pair) if m not in MODALITIES]

@@ -359,6 +359,8 @@ def test_small_flag_checks(data, tmp_path, capsys):
     assert "--batch-size must be >= 2 for retrieve" in capsys.readouterr().err
     assert main(["generate", "--run", str(tmp_path / "r"), "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert train("--data", data, "--out", str(tmp_path / "g"), "--task", "generate", "--max-target-len", "2") == 2
+    assert "--max-target-len must be >= 3 for generate (it counts [BOS] and [EOS]" in capsys.readouterr().err
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(data, tmp_path):
