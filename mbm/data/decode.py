@@ -38,6 +38,7 @@ class Sample:
     label: Any = None
     text: str | None = None
     features: dict[str, np.ndarray | InShard] = field(default_factory=dict)
+    shard: str = ""  # the shard it was read from, for messages
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Undecoded:
     text: str | None = None
     modalities: tuple[str, ...] = ()  # listed in the doc, in ``MODALITIES`` order
     npy: dict[str, bytes | MemberRef | None] = field(default_factory=dict)  # the members to decode, by modality
+    shard: str = ""  # the shard it was read from, for messages
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -156,7 +158,7 @@ def undecoded(raw: dict[str, Any], doc: dict[str, Any] | None = None,
     text = doc.get("text")
     wanted = present if modalities is None else [m for m in present if m in modalities]
     return Undecoded(id=doc["id"], key=key, label=doc.get("label"), text=text if isinstance(text, str) else None,
-                     modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted})
+                     modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted}, shard=raw.get("__url__", ""))
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,8 @@ def decode(sample: Undecoded, feature_dims: dict[str, int] | None = None,
         if in_place is not None and m in in_place and isinstance(data, MemberRef):
             lazy = _in_shard(sample.key, m, data, dims.get(m), in_place[m])
         features[m] = lazy if lazy is not None else _features(sample.key, m, data, dims.get(m))
-    return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features)
+    return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features,
+                  shard=sample.shard)
 
 
 def settle(sample: Sample, feature_dims: dict[str, int] | None = None) -> Sample:
@@ -229,7 +232,8 @@ def settle(sample: Sample, feature_dims: dict[str, int] | None = None) -> Sample
     dims = feature_dims or {}
     features = {m: _features(sample.key, m, a.ref, dims.get(m)) if isinstance(a, InShard) else a
                 for m, a in sample.features.items()}
-    return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features)
+    return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features,
+                  shard=sample.shard)
 
 
 def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = None,

@@ -37,6 +37,11 @@ def skip_reasons(counts: dict[str, int], reads: Iterable[str] = (), task: str = 
     return "; ".join(f"{n} {hint(r)}" for r, n in counts.items())
 
 
+def in_shard(shard: str | None, detail: str) -> str:
+    """A skipped sample's ``detail`` with the shard it is in, where known."""
+    return f"{shard}: {detail}" if shard else detail
+
+
 class CorruptSample(ValueError):
     """A sample that cannot be used; ``reason`` is a stable code such as ``npy.bad``."""
 

@@ -13,7 +13,7 @@ from typing import Any
 import braceexpand
 
 from mbm.data.decode import decode_sample
-from mbm.data.errors import CorruptSample, SkipLog
+from mbm.data.errors import CorruptSample, SkipLog, in_shard
 from mbm.data.shards import iter_tar
 from schemas import MODALITIES, DatasetManifest
 from schemas.manifest import version_path
@@ -169,7 +169,7 @@ def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
                 try:
                     sample = decode_sample(raw)
                 except CorruptSample as exn:
-                    skips.skip(exn.reason, exn.detail)
+                    skips.skip(exn.reason, in_shard(path, exn.detail))
                     continue
                 n += 1
                 labels.append(sample.label)

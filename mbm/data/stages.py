@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any, TypeVar
 
 from mbm.data.decode import Sample, Undecoded, decode, parse_doc, settle, undecoded
-from mbm.data.errors import CorruptSample, SkipLog
+from mbm.data.errors import CorruptSample, SkipLog, in_shard
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ def parsed(raws: Iterable[dict[str, Any]], skips: SkipLog, keep_id: Callable[[st
             if keep_id(doc["id"]):
                 yield undecoded(raw, doc, modalities)
         except CorruptSample as exn:
-            skips.skip(exn.reason, exn.detail)
+            skips.skip(exn.reason, in_shard(raw.get("__url__"), exn.detail))
 
 
 def selected(items: Iterable[T], keep: Callable[[T, SkipLog], bool], skips: SkipLog) -> Iterator[T]:
@@ -59,7 +59,7 @@ def decoded(batch: Iterable[Undecoded], feature_dims: dict[str, int], skips: Ski
         try:
             out.append(decode(item, feature_dims, in_place))
         except CorruptSample as exn:
-            skips.skip(exn.reason, exn.detail)
+            skips.skip(exn.reason, in_shard(item.shard, exn.detail))
     return out
 
 
@@ -70,7 +70,7 @@ def settled(samples: Iterable[Sample], feature_dims: dict[str, int], skips: Skip
         try:
             out.append(settle(sample, feature_dims))
         except CorruptSample as exn:
-            skips.skip(exn.reason, exn.detail)
+            skips.skip(exn.reason, in_shard(sample.shard, exn.detail))
     return out
 
 

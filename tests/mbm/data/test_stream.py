@@ -174,6 +174,9 @@ def test_corrupt_shards_and_samples_are_skipped_counted_and_warned(dataset, tmp_
                                                 drop_last=False, val_fraction=0.0))), [])
     assert set(intact) < set(ids)  # the good shards and the truncated shard's head all still arrive
     assert any("shard.corrupt" in r.getMessage() for r in caplog.records)
+    # a bad member's warning names its shard (it named the sample's key alone)
+    for reason in ("npy.bad", "npy.dim", "json.bad"):
+        assert any(r.getMessage().startswith(f"skipped {reason}: {bad_samples}: ") for r in caplog.records), reason
 
 
 def test_pattern_and_pinned_versions(dataset, tmp_path):
