@@ -37,6 +37,7 @@ from pipelines.readers.rows import (
     is_blank,
     iter_rows,
     meta_value,
+    parquet_schema,
     unique_columns,
     unreadable,
 )
@@ -120,12 +121,35 @@ def check_columns(path: str, fmt: str) -> None:
             f"{', '.join(TEXT_COLUMNS)}, and the columns of media paths image and audio"
         )
     _check_has_rows(path, fmt)  # a header or schema alone
+    if FORMATS[fmt] == "parquet":
+        _check_text_types(path)
     if unread := media_columns_unread(names):
         one = len(unread) == 1
         logger.warning(
             "[input] manifest %s has no 'image' or 'audio' column: %s %s read as metadata, and the media "
             "%s name%s or hold%s are not read%s", path, ", ".join(map(repr, unread)), "is" if one else "are",
             "it" if one else "they", "s" if one else "", "s" if one else "", _near(names))
+    elif near:  # a Common Voice 'sentence', a LAION 'TEXT', a datasets 'labels': no text or label, and no word
+        logger.warning("[input] manifest %s: some columns look like mbm's but are read as metadata%s", path, near)
+
+
+def _check_text_types(path: str) -> None:
+    """A Parquet manifest whose text columns hold lists of strings (several captions a row, as Flickr30k and
+    COCO exports of Hugging Face datasets have them) would reject every row as ``read.bad_type``."""
+    import pyarrow as pa
+
+    schema = parquet_schema(absolute(path))
+    if schema is None:
+        return
+    types = {name: schema.field(name).type for name in TEXT_COLUMNS if schema.get_field_index(name) >= 0}
+    lists = [name for name, t in types.items() if pa.types.is_list(t) or pa.types.is_large_list(t)]
+    if lists and len(lists) == len(types):
+        column = lists[0]
+        raise ValueError(
+            f"[input] manifest {path!r}: {column!r} holds lists ({types[column]}), several texts a row as Flickr30k "
+            "and COCO caption exports have them, and a sample's text is one string: write one row per text, each "
+            f"with its own id (pandas: df = df.explode({column!r}); df['id'] = df['id'].astype(str) + '-' + "
+            "df.groupby('id').cumcount().astype(str))")
 
 
 def _check_has_rows(path: str, fmt: str) -> None:
@@ -206,6 +230,7 @@ ALIASES = {
     "image": ("image_path", "image_file", "img", "img_path", "imagepath", "picture", "photo", "jpg", "jpeg", "png",
               "webp"),
     "text": ("sentence", "transcript", "utterance", "prompt", "description", "alt_text", "normalized_text"),
+    "label": ("labels", "class", "class_label", "category", "fine_label", "coarse_label"),
     "image or audio": ("file_name", "filename", "filepath", "file_path", "file", "path"),
 }
 _ALIAS = {alias: want for want, aliases in ALIASES.items() for alias in aliases}

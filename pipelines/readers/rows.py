@@ -148,6 +148,17 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
     return [list(row) for row in found]
 
 
+def parquet_schema(path: str) -> Any:
+    """The Arrow schema of a Parquet file; None where it cannot be read (its reader reports that)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with _parquet_file(path) as f:
+            return pq.ParquetFile(f).schema_arrow
+    except Exception:  # a cut or garbled file: read.unreadable when read
+        return None
+
+
 def has_rows(path: str, fmt: str, name: str) -> bool:
     """Whether ``path`` holds a row besides its header: a good one or a bad one (which becomes a reject
     row); True when it cannot be read, which its reader reports. Reads up to the first row."""

@@ -553,6 +553,40 @@ def test_config_refuses_a_folder_that_holds_no_media_file(tmp_path, files, messa
     SourceConfig(folder=str(tmp_path))
 
 
+def test_a_text_or_label_column_under_another_tools_name_warns_that_it_is_metadata(tmp_path, caplog):
+    """Common Voice's 'sentence', LAION's 'TEXT' and datasets' 'labels' landed as metadata without a word: an
+    audio-only or image-only dataset, or one with no labels for classify."""
+    (tmp_path / "cv.tsv").write_text("id\taudio\tsentence\n1\ta.wav\thello\n")
+    (tmp_path / "laion.csv").write_text("id,image,TEXT\n1,a.jpg,a cat\n")
+    (tmp_path / "beans.csv").write_text("id,image,labels\n1,a.jpg,2\n")
+    (tmp_path / "fine.csv").write_text("id,text,label,labels\n1,t,1,2\n")  # a label column is there: plain metadata
+    expected = {"cv.tsv": "'text' (not 'sentence')", "laion.csv": "'text' (not 'TEXT')",
+                "beans.csv": "'label' (not 'labels')", "fine.csv": None}
+    for name, hint in expected.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipelines.readers.manifest"):
+            SourceConfig(manifest=str(tmp_path / name))
+        assert [r.getMessage() for r in caplog.records] == ([] if hint is None else [
+            f"[input] manifest {tmp_path / name}: some columns look like mbm's but are read as metadata; did you "
+            f"mean {hint}? column names are matched exactly"]), name
+
+
+def test_a_parquet_manifest_of_caption_lists_stops_before_the_run(tmp_path):
+    """A Flickr30k/COCO export from datasets (captions: list<string>) rejected every row as read.bad_type and
+    committed a version of nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": ["a", "b"], "caption": [["c0", "c1"], ["c2"]], "image": ["a.jpg", "b.jpg"]})
+    pq.write_table(table, tmp_path / "flickr.parquet")
+    with pytest.raises(ValueError, match=r"'caption' holds lists \(list<element: string>\), several texts a row as "
+                                         r"Flickr30k and COCO caption exports have them, .* write one row per text, "
+                                         r"each with its own id \(pandas: df = df.explode\('caption'\); "):
+        SourceConfig(manifest=str(tmp_path / "flickr.parquet"))
+    pq.write_table(table.append_column("text", pa.array(["t0", "t1"])), tmp_path / "both.parquet")
+    SourceConfig(manifest=str(tmp_path / "both.parquet"))  # a string text column: the lists are plain metadata
+
+
 def test_a_manifest_whose_media_column_has_another_tools_name_warns_that_its_files_are_not_read(tmp_path, caplog):
     (tmp_path / "m.csv").write_text("id,image_path,caption\n1,a.jpg,hello\n")
     with caplog.at_level("WARNING", logger="pipelines.readers.manifest"):
