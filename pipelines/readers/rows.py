@@ -790,35 +790,54 @@ def _parquet_rows(path: str) -> Iterator[Row]:
                              for key, value in row.items()}
 
 
-def class_label_names(metadata: dict[bytes, bytes] | None) -> dict[str, list[str]]:
-    """``{column: class names}`` for the columns a Hugging Face ``datasets`` Parquet file (``to_parquet``,
-    the Hub's Parquet export) declares ``ClassLabel``, or a list of them, in its schema metadata: such a
-    column holds each class's index, and ``datasets`` shows its name (``features[column].int2str``)."""
+def class_label_names(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """``{column: its datasets feature}`` for the columns a Hugging Face ``datasets`` Parquet file
+    (``to_parquet``, the Hub's Parquet export) declares in its schema metadata with a ``ClassLabel``
+    anywhere in them (the column itself, lists of them, a struct's field, an object list's field): such a
+    value is a class's index, and ``datasets`` shows its name (``features[column].int2str``)."""
     try:
         features = json.loads((metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
     except (ValueError, KeyError, TypeError):
         return {}
-    found = {}
-    for column, feature in features.items() if isinstance(features, dict) else ():
-        if isinstance(feature, dict) and feature.get("_type") in ("List", "Sequence", "LargeList"):
-            feature = feature.get("feature")
-        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel":
-            names = feature.get("names")
-            if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-                found[column] = names
-    return found
+    if not isinstance(features, dict):
+        return {}
+    return {column: feature for column, feature in features.items() if _has_class_label(feature)}
 
 
-def _class_name(value: Any, names: list[str]) -> Any:
-    """A ``ClassLabel`` cell's class name; -1, ``datasets``' "no label", is none; a list maps each index; any
-    other value is kept as it is."""
-    if isinstance(value, list):
-        return [_class_name(v, names) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value == -1:
-            return None
-        if 0 <= value < len(names):
-            return names[value]
+def _has_class_label(feature: Any) -> bool:
+    if not isinstance(feature, dict):
+        return False
+    if feature.get("_type") == "ClassLabel":
+        names = feature.get("names")
+        return isinstance(names, list) and bool(names) and all(isinstance(n, str) for n in names)
+    return any(_has_class_label(f) for f in feature.values())
+
+
+def _class_name(value: Any, feature: Any) -> Any:
+    """``value`` with each class index of ``feature`` (a ``datasets`` feature) replaced by its class name;
+    -1, ``datasets``' "no label", is none; an index the names do not cover, or a value of another shape than
+    the feature says, is kept as it is."""
+    if not isinstance(feature, dict):
+        return value
+    kind = feature.get("_type")
+    if kind == "ClassLabel":
+        names = feature.get("names") or []
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value == -1:
+                return None
+            if 0 <= value < len(names) and isinstance(names[value], str):
+                return names[value]
+        return value
+    if kind in ("List", "Sequence", "LargeList"):
+        inner = feature.get("feature")
+        if isinstance(value, list):
+            return [_class_name(v, inner) for v in value]
+        if isinstance(value, dict) and isinstance(inner, dict) and "_type" not in inner:
+            # a Sequence of a struct, which datasets stores as a struct of lists
+            return {k: [_class_name(x, inner.get(k)) for x in v] if isinstance(v, list) else v for k, v in value.items()}
+        return value
+    if kind is None and isinstance(value, dict):  # a struct: {field: feature}
+        return {k: _class_name(v, feature.get(k)) for k, v in value.items()}
     return value
 
 

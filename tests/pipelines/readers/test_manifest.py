@@ -199,6 +199,27 @@ def test_hf_class_label_columns_give_class_names(tmp_path):
     assert [s.label for s in iter_manifest(str(tmp_path / "plain.parquet"))] == [0, 1, -1, 7]
 
 
+def test_hf_class_labels_nested_in_lists_and_structs_give_class_names(tmp_path):
+    # the metadata datasets 5.2 writes for these features (an object-detection list of objects, a struct,
+    # a list of lists, and a Sequence of a struct, which it stores as a struct of lists)
+    names = {"a": ["car", "bus"], "x": ["day", "night"], "p": ["on", "off"], "m": ["left", "right"]}
+    features = {
+        "id": {"dtype": "string", "_type": "Value"}, "text": {"dtype": "string", "_type": "Value"},
+        "objects": {"feature": {"bbox": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"},
+                                "category": {"names": names["a"], "_type": "ClassLabel"}}, "_type": "List"},
+        "ann": {"kind": {"names": names["x"], "_type": "ClassLabel"}},
+        "nested": {"feature": {"feature": {"names": names["p"], "_type": "ClassLabel"}, "_type": "List"},
+                   "_type": "List"},
+        "legacy": {"feature": {"cat": {"names": names["m"], "_type": "ClassLabel"}}, "_type": "Sequence"}}
+    table = pa.table({"id": ["1"], "text": ["t"], "objects": [[{"bbox": [1.0], "category": 1}]], "ann": [{"kind": 0}],
+                      "nested": [[[0, 1], [1]]], "legacy": [{"cat": [1, 0]}]})
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, tmp_path / "m.parquet")
+    (sample,) = iter_manifest(str(tmp_path / "m.parquet"))
+    assert sample.meta == {"objects": [{"bbox": [1.0], "category": "bus"}], "ann": {"kind": "day"},
+                           "nested": [["on", "off"], ["off"]], "legacy": {"cat": ["right", "left"]}}
+
+
 def test_a_struct_whose_bytes_are_not_binary_is_a_reject_not_a_lost_image(tmp_path):
     images = pa.array([{"bytes": "iVBORw0KGgo=", "path": None}, {"bytes": "", "path": "b.png"}])
     pq.write_table(pa.table({"id": ["a", "b"], "image": images}), tmp_path / "m.parquet")
