@@ -162,6 +162,8 @@ def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
     """Per-shard sample counts, labels and feature dims, found by reading every sample."""
     skips = SkipLog()
     sizes, labels, dims = [], [], {}
+    seen: set[str] = set()
+    repeated = 0
     for path in paths:
         n = 0
         try:
@@ -172,6 +174,8 @@ def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
                     skips.skip(exn.reason, in_shard(path, exn.detail))
                     continue
                 n += 1
+                repeated += sample.id in seen
+                seen.add(sample.id)
                 labels.append(sample.label)
                 for m, arr in sample.features.items():
                     dims.setdefault(m, int(arr.shape[1]))
@@ -179,4 +183,11 @@ def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
             skips.skip("shard.corrupt", f"{path}: {exn}")
         sizes.append(n)
     log.info("scanned %d shard(s): %d samples, dims %s, skipped %s", len(paths), sum(sizes), dims, skips.snapshot())
+    if repeated:
+        versions = sorted({m.group(1) for p in paths if (m := re.fullmatch(r"v(\d{6})-\d{6}\.tar", os.path.basename(p)))})
+        log.warning("%d of the %d samples of these %d shards have an id another of them has too, and each is read as "
+                    "often as it appears%s", repeated, sum(sizes), len(paths),
+                    f": they are shards of {len(versions)} versions of an mbm dataset folder, which keeps every "
+                    "version's shards; give the folder (OUT, or OUT/@N for version N) to read one version"
+                    if len(versions) > 1 else "")
     return sizes, labels, {m: dims[m] for m in MODALITIES if m in dims}

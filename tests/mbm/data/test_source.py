@@ -86,3 +86,24 @@ def test_a_version_whose_shards_are_missing_is_refused_before_training(tmp_path)
     with pytest.raises(ValueError, match=r"1 of the 3 shards of dataset version \d+ are missing from .*ds \(e.g. "
                                          r"shards/.*\.tar\): deleted or moved by hand"):
         resolve_data(str(out))
+
+
+def test_a_pattern_over_a_dataset_folders_shards_of_several_versions_warns_of_repeated_ids(tmp_path, caplog):
+    """OUT/shards/*.tar after two versions read every version's samples together: each id twice, and stale
+    samples beside their replacements, without a word."""
+    import logging
+
+    out = tmp_path / "ds"
+    cfg = SyntheticConfig(num_samples=6, samples_per_shard=5, feature_dims={"text": 4})
+    write_synthetic_dataset(str(out), cfg, version=1)
+    write_synthetic_dataset(str(out), cfg, version=2)
+    with caplog.at_level(logging.WARNING):
+        source = resolve_data(str(out / "shards" / "*.tar"))
+    assert len(source.shards) == 4
+    assert ("6 of the 12 samples of these 4 shards have an id another of them has too, and each is read as often as "
+            "it appears: they are shards of 2 versions of an mbm dataset folder, which keeps every version's shards; "
+            "give the folder (OUT, or OUT/@N for version N) to read one version") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        resolve_data(str(out / "shards" / "v000002-*.tar"))
+    assert "have an id another of them has too" not in caplog.text
