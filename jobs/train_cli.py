@@ -200,6 +200,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         saved = {k: v for k, v in RunDir(out).read_config().items() if k not in ("resume", "stop_at")}
         if isinstance(saved.get("data"), str) and "://" not in saved["data"] and not os.path.isabs(saved["data"]):
             saved["data"] = absolute_data(saved["data"])  # a run saved before paths were stored absolute
+    elif resume and out:
+        saved = _settings_from_checkpoint(out)
     for layer in (flags, file_settings) if saved else ():
         if isinstance(layer.get("data"), str):
             if (moved := _moved_dataset(layer["data"], saved.get("data"))) is not None:
@@ -215,6 +217,29 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         if RunDir(out).has_checkpoints():  # a run with no checkpoint yet has trained nothing to keep
             _check_resume(merge(saved), cfg, out)
     return cfg
+
+
+def _settings_from_checkpoint(out: str) -> dict[str, Any]:
+    """A run folder that lost its config.json: the settings its latest checkpoint holds, so a resume still
+    keeps the run's data, split and model (without them any --data or --val-fraction went on silently)."""
+    from mbm.train.checkpoint import load_checkpoint
+    from mbm.train.config import check_keys
+    from mbm.train.run import RunDir
+
+    path = RunDir(out).latest()
+    if path is None:
+        return {}
+    try:
+        settings = load_checkpoint(path).get("config")
+    except ValueError:
+        return {}  # unreadable: the trainer falls back to an older checkpoint, or says none can be read
+    log = logging.getLogger(__name__)
+    if not isinstance(settings, dict):
+        log.warning("--resume: %s has no config.json, and its checkpoint %s holds no settings (saved by an older "
+                    "mbm): the flags given now are the run's, unchecked", out, path)
+        return {}
+    log.warning("--resume: %s has no config.json; the run's settings come from its checkpoint %s", out, path)
+    return {k: v for k, v in check_keys(settings, path).items() if k not in ("resume", "stop_at")}
 
 
 def _moved_dataset(data: str, saved: Any) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -223,7 +224,8 @@ class Trainer:
         unlogged = self.env.gather(list(self._unlogged))
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "data": data, "rng": rngs, "world_size": self.env.world, "model_config": self.model.cfg.to_dict(),
-                "labels": self.labels, "unlogged_losses": unlogged}
+                "labels": self.labels, "unlogged_losses": unlogged,
+                "config": json.loads(json.dumps(self.cfg.to_dict()))}  # plain values: what resume checks without config.json
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:

@@ -429,6 +429,25 @@ def test_a_run_on_a_symlinked_dataset_does_not_follow_the_link_elsewhere_on_resu
     assert f"--data '{b}' (the run has '{a}/@1')" in capsys.readouterr().err
 
 
+def test_a_run_that_lost_its_config_json_resumes_with_the_settings_its_checkpoint_holds(data, tmp_path, capsys,
+                                                                                         caplog):
+    """Without config.json a resume took the flags given as the run's: another --data, --val-fraction or
+    --max-tokens went on from the checkpoint without a word."""
+    other, out = str(tmp_path / "other"), str(tmp_path / "r")
+    write_synthetic_dataset(other, SyntheticConfig(num_samples=120, samples_per_shard=60, feature_dims=DIMS))
+    assert train("--data", data, "--out", out, "--steps", "8", "--eval-every", "4", "--stop-at", "4",
+                 "--val-fraction", "0.2") == 0
+    os.remove(os.path.join(out, "config.json"))
+    capsys.readouterr()
+    assert train("--data", other, "--out", out, "--steps", "8", "--resume") == 2
+    assert f"--data '{other}' (the run has '{data}/@1')" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        assert train("--data", data, "--out", out, "--steps", "8", "--eval-every", "4", "--resume") == 0
+    assert "has no config.json; the run's settings come from its checkpoint" in caplog.text
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["val_fraction"] == 0.2 and config["data"] == data + "/@1"
+
+
 def test_a_run_refused_at_the_start_leaves_no_folder(data, tmp_path, capsys):
     out = tmp_path / "r"
     assert train("--data", os.path.join(data, "@9"), "--out", str(out)) == 2
