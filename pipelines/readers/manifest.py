@@ -224,7 +224,7 @@ def listed_columns(names: list[str]) -> str:
 # manifests (audio_filepath), Common Voice (path, sentence), LAION/img2dataset (url is a download, not
 # listed), COCO-style exports (file_name, image_path), Hugging Face audiofolder metadata (file_name)
 ALIASES = {
-    "id": ("key", "uid", "sample_id"),
+    "id": ("key", "uid", "sample_id", "idx"),  # idx: GLUE and other datasets exports
     # img2dataset's parquet output holds each image's bytes in a column named by its format (jpg)
     "audio": ("audio_filepath", "audio_path", "audio_file", "wav", "wav_path", "audiopath", "sound", "flac", "mp3"),
     "image": ("image_path", "image_file", "img", "img_path", "imagepath", "picture", "photo", "jpg", "jpeg", "png",

@@ -311,6 +311,7 @@ def _table(path, columns):
     ("cv.tsv", "client_id\tpath\tsentence\n77\tx.mp3\thi\n",
      r"did you mean 'image' or 'audio' \(not 'path'\), 'text' \(not 'sentence'\)\?"),
     ("keyed.csv", "key,caption\nk0,a\n", r"did you mean 'id' \(not 'key'\)\?"),
+    ("glue.csv", "idx,sentence,label\n0,a,1\n", r"did you mean 'id' \(not 'idx'\), 'text' \(not 'sentence'\)\?"),
     ("metadata_like.csv", "file_name,text\na.jpg,x\n",
      r"'file_name' is how the metadata file of an imagefolder/audiofolder names its files: as metadata.csv "
      r"\(or .jsonl, .parquet\) beside them, read the folder with \[input\] folder"),
