@@ -17,7 +17,7 @@ from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens, vocab
 from mbm.model.model import ModelConfig, MultimodalModel
 from mbm.train.build import stream_config
 from mbm.train.checkpoint import checkpoint_name, load_checkpoint
-from mbm.train.config import TrainConfig
+from mbm.train.config import TrainConfig, check_keys, merge
 from mbm.train.distributed import pick_device
 from mbm.train.evaluate import empty_split, evaluate
 from mbm.train.run import RunDir
@@ -52,10 +52,20 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
              **overrides: Any) -> LoadedRun:
     """The run's model at its latest (or the given) checkpoint, and its data (or ``data``)."""
     run = RunDir(run_dir)
+    if os.path.isfile(run.config_json) or not run.has_checkpoints():
+        saved = run.config()  # a folder that is no run: says so
+        path = _checkpoint_path(run, checkpoint)
+        state = load_checkpoint(path)
+    else:  # a run folder that lost its config.json: the settings its checkpoint holds
+        path = _checkpoint_path(run, checkpoint)
+        state = load_checkpoint(path)
+        if not isinstance(state.get("config"), dict):
+            raise ValueError(f"--run {run.root}: no config.json, and its checkpoint {path} holds no settings (saved by "
+                             "an older mbm): put back the run's config.json")
+        log.warning("--run %s has no config.json; its settings come from the checkpoint %s", run.root, path)
+        saved = merge(check_keys(state["config"], path))
     # the run's own --eval-samples capped each evaluation during training; here only the command's does
-    cfg = replace(run.config(), **{"eval_samples": None, **{k: v for k, v in overrides.items() if v is not None}})
-    path = _checkpoint_path(run, checkpoint)
-    state = load_checkpoint(path)
+    cfg = replace(saved, **{"eval_samples": None, **{k: v for k, v in overrides.items() if v is not None}})
     if not isinstance(state.get("model_config"), dict):
         raise ValueError(f"--checkpoint {path}: holds no model_config, so the model cannot be rebuilt from it")
     model_cfg = ModelConfig.from_dict(state["model_config"])

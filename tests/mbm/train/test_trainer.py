@@ -438,7 +438,11 @@ def test_a_run_that_lost_its_config_json_resumes_with_the_settings_its_checkpoin
     assert train("--data", data, "--out", out, "--steps", "8", "--eval-every", "4", "--stop-at", "4",
                  "--val-fraction", "0.2") == 0
     os.remove(os.path.join(out, "config.json"))
-    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):  # evaluate reads the settings from the checkpoint too
+        assert main(["evaluate", "--run", out, "--json"]) == 0
+    assert "has no config.json; its settings come from the checkpoint" in caplog.text
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 4
+    caplog.clear()
     assert train("--data", other, "--out", out, "--steps", "8", "--resume") == 2
     assert f"--data '{other}' (the run has '{data}/@1')" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING):
