@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.io.filesystem import BeamIOError
 
 from jobs.signals import pending
 from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
@@ -198,6 +199,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             previous = current_manifest(out_dir)
         except DatasetStateError as e:
             raise SpecError(str(e)) from None
+        except BeamIOError as e:  # a remote folder without credentials or options (s3:// needs --s3_* options)
+            raise SpecError(f"[output] dir = {out_dir!r} cannot be read: {e}") from None
         if previous is not None and local and not full:
             _check_current_files(out_dir, previous)
         staging = f"{staging_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"

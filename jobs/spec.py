@@ -324,7 +324,15 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
     if isinstance(out["dir"], str):
         if not out["dir"].strip():
             raise SpecError(f"{where}: [output] dir is empty; set the dataset folder to write")
-        out["dir"] = str(_resolve(out["dir"], base_dir))
+        if "://" not in out["dir"]:  # a URI stays as it is (str(Path("gs://b/x")) is the local "gs:/b/x")
+            out["dir"] = str(_resolve(out["dir"], base_dir))
+        else:
+            from apache_beam.io.filesystems import FileSystems
+
+            try:
+                FileSystems.get_filesystem(out["dir"])
+            except ValueError as e:  # gs:// without apache-beam[gcp], an unknown scheme
+                raise SpecError(f"{where}: [output] dir = {out['dir']!r}: {e}") from None
         _check_output_dir(out["dir"], where)
         if isinstance(inp.get("folder"), str) and _inside(out["dir"], inp["folder"]):
             raise SpecError(f"{where}: [output] dir = {out['dir']!r} is inside [input] folder = {inp['folder']!r}, "
@@ -459,7 +467,7 @@ def _check_type(value: Any, annotation: Any, what: str) -> Any:
 
 def _resolve(p: str, base_dir: Path) -> Path:
     if "://" in p:
-        return Path(p)  # URIs pass through untouched (str() below keeps them intact on POSIX only)
+        return Path(p)  # callers keep URIs as strings: str() of this Path turns "gs://b" into "gs:/b"
     path = Path(os.path.expanduser(p))
     try:
         return path if path.is_absolute() else (base_dir / path).resolve()

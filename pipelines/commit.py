@@ -88,14 +88,14 @@ def current_manifest(out_dir: str) -> DatasetManifest | None:
     try:
         return DatasetManifest.from_json(read_text(path))
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        newest = _version_numbers(out_dir)
+        newest = version_numbers(out_dir)
         fix = (f"copy the version to make current over it (the newest: cp {join(out_dir, version_path(newest[-1]))} "
                f"{path})" if newest else "remove the folder to start the dataset again")
         raise DatasetStateError(f"{path} cannot be read ({type(e).__name__}: {e}); it names the dataset's current "
                                 f"version: {fix}") from None
 
 
-def _version_numbers(out_dir: str) -> list[int]:
+def version_numbers(out_dir: str) -> list[int]:
     """The versions whose manifests ``versions/`` of a local ``out_dir`` holds, in order."""
     import re
     from pathlib import Path
@@ -597,7 +597,7 @@ def remove_uncommitted(out_dir: str) -> list[str]:
     root = Path(out_dir)
     current = current_manifest(out_dir)
     top = current.version if current else 0
-    above = [v for v in _version_numbers(out_dir) if v > top]
+    above = [v for v in version_numbers(out_dir) if v > top]
     if above:
         now = f"dataset.json names version {top}" if current else "it has no dataset.json"
         raise DatasetStateError(

@@ -67,6 +67,15 @@ def gc(out_dir: str, keep: int, *, dry_run: bool = False) -> dict[str, Any]:
         raise ValueError(f"--keep must be >= 1, got {keep}")
     root = Path(out_dir)
     versions = list_versions(out_dir)
+    from pipelines.commit import version_numbers
+
+    above = [v for v in version_numbers(out_dir) if v > versions[-1].version]
+    if above:  # dataset.json put back by hand: their files would count as unreferenced, their manifests stay
+        raise ValueError(f"{out_dir} holds version{'s' if len(above) > 1 else ''} {', '.join(map(str, above))} above its "
+                         f"current one ({versions[-1].version}; dataset.json was put back by hand?): gc deletes "
+                         f"nothing until the version you want is current (the newest: cp "
+                         f"{root / version_path(above[-1])} {root / 'dataset.json'}), or those versions' manifests "
+                         "are removed")
     kept = versions[-keep:]
     referenced = {s for m in kept for s in m.shards} | {m.index for m in kept}
     kept_numbers = {m.version for m in kept}

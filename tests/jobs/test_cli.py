@@ -424,3 +424,20 @@ def test_a_moved_dataset_folders_own_spec_does_not_write_to_the_old_place(tmp_pa
     (moved / "dataset.json").unlink()  # not a dataset folder: a spec named job.toml like any other
     assert main(["preprocess", str(moved / stored), "--no-progress"]) == 0
     assert ran == [str(moved), str(old)]
+
+
+def test_a_remote_output_dir_is_never_written_to_a_local_folder(tmp_path, capsys, monkeypatch):
+    """str(Path("gs://bucket/ds")) is "gs:/bucket/ds": the dataset went to ./gs:/bucket/ds, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "gs://bucket/ds"\n')
+    from apache_beam.io.filesystems import FileSystems
+
+    with contextlib.suppress(ValueError):
+        FileSystems.get_filesystem("gs://bucket/ds")
+        pytest.skip("apache-beam[gcp] is installed here")
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"]) == 2
+    assert "[output] dir = 'gs://bucket/ds': Unable to get filesystem" in capsys.readouterr().err
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress", "--output", "s3://bucket/ds"]) == 2
+    assert "[output] dir = 's3://bucket/ds' cannot be read" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["job.toml", "m.jsonl"]

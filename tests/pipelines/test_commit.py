@@ -180,6 +180,20 @@ def test_an_unreadable_dataset_json_says_how_to_make_the_folder_whole(tmp_path):
                                                     rf"over it \(the newest: cp {tmp_path}/versions/000002.json "):
             current_manifest(str(tmp_path))
 
+def test_gc_after_a_rollback_by_hand_deletes_nothing(tmp_path):
+    """With dataset.json put back to version 1, gc deleted version 2's shards and index as unreferenced and
+    kept its manifest, so making version 2 current again, as the preprocess refusal advises, failed."""
+    _dataset(tmp_path, [1, 2])
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "v000002-000000.tar").write_bytes(b"")
+    (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000001.json").read_text())
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match=r"holds version 2 above its current one \(1; dataset.json was put back by "
+                                         r"hand\?\): gc deletes nothing"):
+        gc(str(tmp_path), keep=1)
+    assert _files(tmp_path) == before
+
+
 def test_gc_deletes_the_specs_of_deleted_versions(tmp_path):
     _dataset(tmp_path, [1, 2, 3])
     result = gc(str(tmp_path), keep=2)
