@@ -167,6 +167,15 @@ def _check_current_files(out_dir: str, previous: Any) -> None:
         raise SpecError(f"[output] dir {out_dir}: {len(missing)} of the files of its current version {previous.version} "
                         f"are missing (e.g. {missing[0]}): the folder was changed by hand; put them back, or rerun "
                         "with --full (every sample computed again into a new version)")
+    import pyarrow.parquet as pq
+
+    try:
+        with open(os.path.join(out_dir, previous.index), "rb") as f:
+            pq.ParquetFile(f).metadata  # noqa: B018  the footer: what a file cut short or emptied lacks
+    except Exception as e:  # ArrowInvalid, OSError
+        raise SpecError(f"[output] dir {out_dir}: the index of its current version {previous.version}, "
+                        f"{previous.index}, cannot be read ({e}): the folder was changed by hand; put it back, or "
+                        "rerun with --full (every sample computed again into a new version)") from None
 
 
 def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str] | None = None,

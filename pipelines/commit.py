@@ -158,8 +158,13 @@ def load_index(out_dir: str, manifest: DatasetManifest | None, columns: tuple[st
 
     if manifest is None or (missing_ok and not FileSystems.exists(join(out_dir, manifest.index))):
         return index_table([]).select(list(columns))
-    with FileSystems.open(join(out_dir, manifest.index), compression_type="uncompressed") as f:
-        return pq.read_table(f, columns=list(columns))
+    try:
+        with FileSystems.open(join(out_dir, manifest.index), compression_type="uncompressed") as f:
+            return pq.read_table(f, columns=list(columns))
+    except Exception:  # ArrowInvalid: a file cut short or emptied by hand
+        if missing_ok:  # a --full run reads no index: as if it were gone
+            return index_table([]).select(list(columns))
+        raise
 
 
 def _ids(table: Any, where: Any = None) -> Any:

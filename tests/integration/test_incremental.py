@@ -368,6 +368,14 @@ def test_a_folder_whose_current_files_were_changed_by_hand_says_so_and_full_rebu
     report = _run(spec, "--full")
     assert report["new_version"] and report["version"] == 2 and report["counts"]["extracted"] == 34
     assert len(_members(out, 2)) == 34
+    # the index cut short by hand: one line before any work (it was a 124-line traceback from the workers), and
+    # --full makes a whole new version (it failed at the commit)
+    index2 = out / json.loads((out / "dataset.json").read_text())["index"]
+    index2.write_bytes(index2.read_bytes()[:1000])
+    assert main(["preprocess", str(spec), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the index of its current version 2, index/000002.parquet, cannot be read (" in err[0]
+    assert _run(spec, "--full")["version"] == 3
 
 
 def test_a_full_disk_once_the_version_is_committed_does_not_say_it_is_not(tmp_path, monkeypatch, caplog):
