@@ -222,24 +222,23 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def _settings_from_checkpoint(out: str) -> dict[str, Any]:
     """A run folder that lost its config.json: the settings its latest checkpoint holds, so a resume still
     keeps the run's data, split and model (without them any --data or --val-fraction went on silently)."""
-    from mbm.train.checkpoint import load_checkpoint
-    from mbm.train.config import check_keys
+    from mbm.train.checkpoint import checkpoint_settings, load_checkpoint
     from mbm.train.run import RunDir
 
     path = RunDir(out).latest()
     if path is None:
         return {}
     try:
-        settings = load_checkpoint(path).get("config")
+        settings = checkpoint_settings(load_checkpoint(path), path)
     except ValueError:
         return {}  # unreadable: the trainer falls back to an older checkpoint, or says none can be read
     log = logging.getLogger(__name__)
-    if not isinstance(settings, dict):
+    if settings is None:
         log.warning("--resume: %s has no config.json, and its checkpoint %s holds no settings (saved by an older "
                     "mbm): the flags given now are the run's, unchecked", out, path)
         return {}
     log.warning("--resume: %s has no config.json; the run's settings come from its checkpoint %s", out, path)
-    return {k: v for k, v in check_keys(settings, path).items() if k not in ("resume", "stop_at")}
+    return {k: v for k, v in settings.items() if k not in ("resume", "stop_at")}
 
 
 def _moved_dataset(data: str, saved: Any) -> str | None:

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mbm.train.config import check_keys
+
 _NAME = re.compile(r"^step-(\d{6,})\.pt$")
 
 
@@ -85,6 +87,13 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not an mbm checkpoint")
     return state
+
+
+def checkpoint_settings(state: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The run's settings a checkpoint's ``state`` holds (what a run folder that lost its config.json goes
+    by); None for one saved before checkpoints held them."""
+    settings = state.get("config")
+    return check_keys(settings, path) if isinstance(settings, dict) else None
 
 
 def rng_state() -> dict[str, Any]:

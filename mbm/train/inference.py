@@ -16,8 +16,8 @@ from mbm.data.stream import ShardStream
 from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens, vocab_digest
 from mbm.model.model import ModelConfig, MultimodalModel
 from mbm.train.build import stream_config
-from mbm.train.checkpoint import checkpoint_name, load_checkpoint
-from mbm.train.config import TrainConfig, check_keys, merge
+from mbm.train.checkpoint import checkpoint_name, checkpoint_settings, load_checkpoint
+from mbm.train.config import TrainConfig, merge
 from mbm.train.distributed import pick_device
 from mbm.train.evaluate import empty_split, evaluate
 from mbm.train.run import RunDir
@@ -52,18 +52,17 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
              **overrides: Any) -> LoadedRun:
     """The run's model at its latest (or the given) checkpoint, and its data (or ``data``)."""
     run = RunDir(run_dir)
-    if os.path.isfile(run.config_json) or not run.has_checkpoints():
-        saved = run.config()  # a folder that is no run: says so
-        path = _checkpoint_path(run, checkpoint)
-        state = load_checkpoint(path)
-    else:  # a run folder that lost its config.json: the settings its checkpoint holds
-        path = _checkpoint_path(run, checkpoint)
-        state = load_checkpoint(path)
-        if not isinstance(state.get("config"), dict):
+    lost_config = not os.path.isfile(run.config_json) and run.has_checkpoints()
+    saved = None if lost_config else run.config()  # a folder that is no run: says so
+    path = _checkpoint_path(run, checkpoint)
+    state = load_checkpoint(path)
+    if saved is None:  # a run folder that lost its config.json: the settings its checkpoint holds
+        settings = checkpoint_settings(state, path)
+        if settings is None:
             raise ValueError(f"--run {run.root}: no config.json, and its checkpoint {path} holds no settings (saved by "
                              "an older mbm): put back the run's config.json")
         log.warning("--run %s has no config.json; its settings come from the checkpoint %s", run.root, path)
-        saved = merge(check_keys(state["config"], path))
+        saved = merge(settings)
     # the run's own --eval-samples capped each evaluation during training; here only the command's does
     cfg = replace(saved, **{"eval_samples": None, **{k: v for k, v in overrides.items() if v is not None}})
     if not isinstance(state.get("model_config"), dict):

@@ -225,7 +225,7 @@ class Trainer:
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "data": data, "rng": rngs, "world_size": self.env.world, "model_config": self.model.cfg.to_dict(),
                 "labels": self.labels, "unlogged_losses": unlogged,
-                "config": json.loads(json.dumps(self.cfg.to_dict()))}  # plain values: what resume checks without config.json
+                "config": json.loads(self.cfg.to_json())}  # plain values: what a run folder without config.json goes by
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:

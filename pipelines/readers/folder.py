@@ -42,7 +42,7 @@ from pipelines.readers.common import (
     shown,
     text_column,
 )
-from pipelines.readers.manifest import CHECKED_ROWS, lacking, text_cell
+from pipelines.readers.manifest import CHECKED_ROWS, lacking, listed_columns, text_cell
 from pipelines.readers.rows import columns_of, format_of, is_blank, iter_rows, meta_value
 from pipelines.readers.wds import json_object, with_json
 from schemas import Media, RawSample, Reject
@@ -122,8 +122,7 @@ def check_metadata(folder: str) -> None:
 
 def _no_media(folder: str, files: list[str]) -> str:
     """Why ``folder`` gives no sample, with what it holds and what to read instead where that shows."""
-    shown = ", ".join(map(repr, files[:5])) + (", ..." if len(files) > 5 else "")
-    what = (f"{len(files)} other file{'s' if len(files) > 1 else ''}: {shown}" if files
+    what = (f"{len(files)} other file{'s' if len(files) > 1 else ''}: {listed_columns(files, 5)}" if files
             else "no files (hidden ones are left out)")
     if any(extension(rel) == "tar" for rel in files) and not saved_to_disk(files):
         hint = "; for WebDataset tars, use [input] shards = the folder"
@@ -151,8 +150,7 @@ def tables_hint(folder: str, files: list[str]) -> str:
         return ""
     if len(tables) == 1:
         return f"; to read a table of samples, use [input] manifest = {posixpath.join(folder, tables[0])!r}"
-    shown = ", ".join(map(repr, tables[:4])) + (", ..." if len(tables) > 4 else "")
-    return (f"; it holds {len(tables)} tables ({shown}) and a manifest is one file: join those of the split you "
+    return (f"; it holds {len(tables)} tables ({listed_columns(tables, 4)}) and a manifest is one file: join those of the split you "
             "want into one (JSON Lines with cat, CSV/TSV with cat keeping the first header line only, Parquet with "
             "pyarrow.parquet.write_table(pyarrow.parquet.read_table(sorted(glob.glob('train-*.parquet'))), "
             "'train.parquet')) and read it with [input] manifest")

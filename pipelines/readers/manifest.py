@@ -215,9 +215,9 @@ def _separator_hint(names: list[str], fmt: str) -> str:
     return ""
 
 
-def listed_columns(names: list[str]) -> str:
-    """The first 20 column names, quoted so that a space or a quote in one shows."""
-    return ", ".join(map(repr, names[:20])) + (", ..." if len(names) > 20 else "")
+def listed_columns(names: list[str], limit: int = 20) -> str:
+    """The first ``limit`` names (columns, files), quoted so that a space or a quote in one shows."""
+    return ", ".join(map(repr, names[:limit])) + (", ..." if len(names) > limit else "")
 
 
 # What other tools name mbm's columns (compared lower-case, without spaces and quotes): NeMo's ASR

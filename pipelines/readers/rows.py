@@ -113,13 +113,8 @@ def columns_of(path: str, fmt: str, name: str, rows: int = 100) -> list[list[str
     JSON object, not rows (COCO annotations, pandas' column-oriented ``to_json``), or whose first rows
     are arrays, not objects (pandas' ``orient="values"``), raises ``ValueError`` saying so."""
     if FORMATS[fmt] == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            with _parquet_file(path) as f:
-                return [list(pq.ParquetFile(f).schema_arrow.names)]
-        except Exception:  # a cut or garbled file: read.unreadable when read
-            return []
+        schema = parquet_schema(path)
+        return [list(schema.names)] if schema is not None else []
     found: list[dict[str, Any]] = []
     lists = 0  # rows that are arrays
     with contextlib.closing(_items(path, fmt, name)) as items:
@@ -777,10 +772,10 @@ def _parquet_file(path: str) -> Iterator[BinaryIO]:
 def _parquet_rows(path: str) -> Iterator[Row]:
     with _parquet_file(path) as f:
         line = 0
-        classes: dict[str, list[str]] | None = None
+        classes: dict[str, Any] | None = None  # column -> its datasets feature holding a ClassLabel
         for batch in _batches(f):
             if classes is None:
-                classes = class_label_names(batch.schema.metadata)
+                classes = _class_label_features(batch.schema.metadata)
             names = unique_columns(batch.schema.names)
             if names != batch.schema.names:
                 batch = batch.rename_columns(names)
@@ -790,7 +785,7 @@ def _parquet_rows(path: str) -> Iterator[Row]:
                              for key, value in row.items()}
 
 
-def class_label_names(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+def _class_label_features(metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
     """``{column: its datasets feature}`` for the columns a Hugging Face ``datasets`` Parquet file
     (``to_parquet``, the Hub's Parquet export) declares in its schema metadata with a ``ClassLabel``
     anywhere in them (the column itself, lists of them, a struct's field, an object list's field): such a

@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 
 from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path, media_kind
 from pipelines.readers.folder import check_metadata, iter_folder, list_files, tables_hint
-from pipelines.readers.manifest import check_columns, iter_manifest
+from pipelines.readers.manifest import check_columns, iter_manifest, listed_columns
 from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import TAR_NAMES, iter_tar
 from pipelines.spill import BundleFile, pread_exact
@@ -185,14 +185,13 @@ def expand_shards(pattern: str) -> list[str]:
     if len(others) == len(paths) and any(format_of(p) or media_kind(p) for p in others):
         # every file a read.not_a_tar reject, and a version of nothing
         names = [os.path.basename(p) for p in others]
-        shown = ", ".join(map(repr, names[:4])) + (", ..." if len(names) > 4 else "")
         folder = os.path.dirname(others[0])
         if any(media_kind(p) for p in others):
             hint = f"; image or audio files are read with [input] folder = {folder!r}"
         else:
             hint = tables_hint(folder, names)
         raise ValueError(f"[input] shards {pattern!r} matches no WebDataset tar ({len(paths)} other "
-                         f"file{'s' if len(paths) > 1 else ''}: {shown}){hint}")
+                         f"file{'s' if len(paths) > 1 else ''}: {listed_columns(names, 4)}){hint}")
     return paths
 
 

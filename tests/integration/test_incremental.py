@@ -374,7 +374,7 @@ def test_a_folder_whose_current_files_were_changed_by_hand_says_so_and_full_rebu
     index2.write_bytes(index2.read_bytes()[:1000])
     assert main(["preprocess", str(spec), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"the index of its current version 2, index/000002.parquet, cannot be read (" in err[0]
+    assert len(err) == 1 and "the index of its current version 2, index/000002.parquet, cannot be read (" in err[0]
     assert _run(spec, "--full")["version"] == 3
 
 
