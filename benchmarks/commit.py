@@ -45,9 +45,12 @@ def row(i: int, shard: str | None) -> dict:
     }
 
 
-def empty_tar(path: Path) -> None:
-    """A valid tar with no members where a shard should be (the commit renames or reads the shards)."""
-    tarfile.open(path, "w").close()
+def empty_tar(path: Path, keys: list[str] = ()) -> None:
+    """A tar where a shard should be, with an empty ``KEY.json`` member for each of ``keys`` (the commit renames
+    new shards, and copies the members of the samples a touched shard keeps, checking that all are there)."""
+    with tarfile.open(path, "w") as t:
+        for key in keys:
+            t.addfile(tarfile.TarInfo(f"{key}.json"))
 
 
 def stage(staging: Path, buckets: list[tuple[list[dict], list[dict]]]) -> None:
@@ -105,9 +108,9 @@ def stage_rerun(out: Path) -> Path:
     from pipelines.commit import current_manifest
 
     manifest = current_manifest(str(out))
-    for shard in manifest.shards:  # the copy-on-write of the touched shards reads them
-        empty_tar(out / shard)
     index = pq.read_table(out / manifest.index).to_pylist()
+    for shard in manifest.shards:  # the copy-on-write of the touched shards reads them
+        empty_tar(out / shard, [r["key"] for r in index if r["shard"] == shard])
     changed = [{**r, "shard": "shards/b00000-000.tar"} for i, r in enumerate(index) if i % 20 == 0 and r["shard"]]
     same = [{**r, "label_value": r["label"]} for i, r in enumerate(index) if i % 20 and r["shard"]]
     rejects = [r for r in index if not r["shard"]]

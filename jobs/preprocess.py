@@ -26,7 +26,7 @@ from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
-from pipelines.commit import DatasetStateError, commit, current_manifest, remove_uncommitted
+from pipelines.commit import DatasetStateError, check_new_folder, commit, current_manifest, remove_uncommitted
 from pipelines.errors import ResourceError, disk_guard, resource_failure
 from pipelines.extract import build_handlers
 from pipelines.progress import ProgressMonitor
@@ -176,6 +176,31 @@ def _check_current_files(out_dir: str, previous: Any) -> None:
         raise SpecError(f"[output] dir {out_dir}: the index of its current version {previous.version}, "
                         f"{previous.index}, cannot be read ({e}): the folder was changed by hand; put it back, or "
                         "rerun with --full (every sample computed again into a new version)") from None
+    if (cut := _cut_shard(out_dir, previous)) is not None:
+        raise SpecError(f"[output] dir {out_dir}: the shard {cut} of its current version {previous.version} is cut "
+                        "short or damaged (its size is not the one recorded, or it does not end as a tar does): the "
+                        "folder was changed by hand; put it back, or rerun with --full (every sample computed again "
+                        "into a new version)")
+
+
+def _cut_shard(out_dir: str, previous: Any) -> str | None:
+    """The first of the current version's shards whose size is not the manifest's, or (a manifest from before
+    sizes were recorded) that does not end as every shard mbm writes does: whole 512-byte blocks, the last two
+    zeros. Such a shard's unchanged samples would be carried into the next version without being read."""
+    for i, shard in enumerate(previous.shards):
+        path = os.path.join(out_dir, shard)
+        size = os.path.getsize(path)
+        if previous.shard_bytes:
+            if size != previous.shard_bytes[i]:
+                return shard
+            continue
+        if size < 1024 or size % 512:
+            return shard
+        with open(path, "rb") as f:
+            f.seek(size - 1024)
+            if any(f.read(1024)):
+                return shard
+    return None
 
 
 def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str] | None = None,
@@ -197,7 +222,10 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
     held = ExitStack()
     try:
         if local:
+            check_new_folder(out_dir)  # before the lock, which would leave its file in a folder that is refused
             held.enter_context(FolderLock(out_dir))
+    except DatasetStateError as e:
+        raise SpecError(str(e)) from None
     except OSError as e:
         raise SpecError(f"[output] dir = {out_dir!r} cannot be created or locked: {e}") from e
     with held:

@@ -272,17 +272,26 @@ def _copy_many(sources: list[tuple[str, set[str]]], dst: str) -> int:
     returns the number of samples copied."""
     import tarfile
 
-    copied: set[tuple[int, str]] = set()
+    copied = 0
     with FileSystems.create(dst, mime_type="application/x-tar") as out, \
             tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tout:
-        for number, (src, keys) in enumerate(sources):
-            with FileSystems.open(src, compression_type="uncompressed") as f, \
-                    tarfile.open(fileobj=f, mode="r|") as tin:
-                for info in tin:
-                    if (key := info.name.partition(".")[0]) in keys:
-                        tout.addfile(info, tin.extractfile(info))
-                        copied.add((number, key))
-    return len(copied)
+        for src, keys in sources:
+            found: set[str] = set()
+            try:
+                with FileSystems.open(src, compression_type="uncompressed") as f, \
+                        tarfile.open(fileobj=f, mode="r|") as tin:
+                    for info in tin:
+                        if (key := info.name.partition(".")[0]) in keys:
+                            tout.addfile(info, tin.extractfile(info))
+                            found.add(key)
+            except (tarfile.TarError, EOFError) as e:  # cut short, or not a tar
+                raise DatasetStateError(f"the shard {src}, which this version carries samples of, cannot be read "
+                                        f"({e}): put it back, or rerun with --full") from None
+            if len(found) != len(keys):
+                raise DatasetStateError(f"the shard {src} holds {len(found)} of the {len(keys)} samples its index "
+                                        "lists: put it back, or rerun with --full")
+            copied += len(found)
+    return copied
 
 
 COMPACT_AT = 8  # small shards carried from earlier versions before they are merged
@@ -504,6 +513,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
             labels=labels,
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             parent=previous.version if previous else None, schema_version=SCHEMA_VERSION,
+            shard_bytes=_file_sizes([join(out_dir, s) for s in shards]) if shards else [],
         )
     counts, report = build_report(rows, clock() - started)
     counts["extracted"] = extracted["samples"]
@@ -611,13 +621,13 @@ def remove_uncommitted(out_dir: str) -> list[str]:
             "run leaves: was dataset.json deleted, or restored from an older copy? Nothing was changed. Make the "
             f"version you want current (the newest: cp {root / version_path(above[-1])} {root / 'dataset.json'}) "
             "and run again")
+    if current is None:
+        check_new_folder(out_dir)
     removed = []
     if (root / ".staging").exists():
         shutil.rmtree(root / ".staging")
         removed.append(str(root / ".staging"))
-    patterns = {"versions": r"^(\d{6})\.(json|toml)(\.tmp)?$", "index": r"^(\d{6})\.parquet(\.tmp)?$",
-                "shards": r"^v(\d{6})-\d{6}\.tar$"}
-    for folder, pattern in patterns.items():
+    for folder, pattern in _LEFTOVER_FOLDERS.items():
         if not (root / folder).is_dir():
             continue
         for f in (root / folder).iterdir():
@@ -638,6 +648,38 @@ def remove_uncommitted(out_dir: str) -> list[str]:
         current_spec.write_bytes(spec.read_bytes())  # killed after the commit, before job.toml
         log.warning("restored %s from %s (a run stopped between the two)", current_spec, spec)
     return removed
+
+
+# What an mbm run writes into its folder before the first version is committed; a killed first run leaves only these.
+_LEFTOVER_FILES = r"^(\.lock|\.worker\.log|.*\.tmp)$"
+_LEFTOVER_FOLDERS = {"versions": r"^(\d{6})\.(json|toml)(\.tmp)?$", "index": r"^(\d{6})\.parquet(\.tmp)?$",
+                     "shards": r"^v(\d{6})-\d{6}\.tar(\.tmp)?$"}
+
+
+def check_new_folder(out_dir: str) -> None:
+    """A folder without ``dataset.json`` becomes a dataset only if it is empty or holds nothing but a killed
+    first run's leftovers: in any other folder, files named like mbm's (``job.toml``, ``index/000001.parquet``,
+    ``*.tmp``) would be taken for leftovers and deleted or overwritten."""
+    import re
+    from pathlib import Path
+
+    root = Path(out_dir)
+    if not root.is_dir() or (root / "dataset.json").exists() or version_numbers(out_dir):
+        return  # a dataset, or one whose dataset.json was lost (remove_uncommitted says what to do)
+    foreign = []
+    for f in sorted(root.iterdir()):
+        if f.name == ".staging" and f.is_dir():
+            continue
+        if f.is_dir() and f.name in _LEFTOVER_FOLDERS:
+            foreign += [g for g in sorted(f.iterdir()) if not re.match(_LEFTOVER_FOLDERS[f.name], g.name)]
+        elif not (f.is_file() and re.match(_LEFTOVER_FILES, f.name)):
+            foreign.append(f)
+    if foreign:
+        shown = ", ".join(str(f.relative_to(root)) for f in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DatasetStateError(
+            f"{root} is not empty and is no mbm dataset (it has no dataset.json; it holds {len(foreign)} other "
+            f"entr{'ies' if len(foreign) > 1 else 'y'}: {shown}): nothing was changed. Give an [output] dir "
+            "(or --output) that is new or empty")
 
 
 def _versions_shown(versions: list[int]) -> str:

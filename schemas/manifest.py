@@ -26,12 +26,17 @@ class DatasetManifest:
     created: str = ""
     parent: int | None = None
     schema_version: int = SCHEMA_VERSION
+    # bytes of each shard, same order as ``shards``: a shard cut short is found without reading it (empty in
+    # manifests written before it was recorded)
+    shard_bytes: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.version < 1:
             raise ValueError(f"dataset version must be >= 1, got {self.version}")
         if len(self.shards) != len(self.shard_sizes):
             raise ValueError("shards and shard_sizes differ in length")
+        if self.shard_bytes and len(self.shard_bytes) != len(self.shards):
+            raise ValueError("shards and shard_bytes differ in length")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -352,12 +352,20 @@ def test_a_folder_whose_current_files_were_changed_by_hand_says_so_and_full_rebu
     whole = (out / shard).read_bytes()
     (out / shard).write_bytes(whole[: len(whole) // 2])
     capsys.readouterr()
-    assert main(["preprocess", str(spec), "--no-progress"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"the current version's shard {shard} cannot be read (ReadError" in err[0], err
-    assert "put the shard back, or rerun with --full" in err[0]
-    assert json.loads((out / "dataset.json").read_text())["version"] == 1
+    cut_message = (f"mbm: error: [output] dir {out}: the shard {shard} of its current version 1 is cut short or "
+                   "damaged (its size is not the one recorded, or it does not end as a tar does): the folder was "
+                   "changed by hand; put it back, or rerun with --full (every sample computed again into a new "
+                   "version)")
+    assert main(["preprocess", str(spec), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == cut_message
+    # the same with no sample of that shard changed: its samples were carried into version 2 unread
+    _write_rows(tmp_path / "data" / "manifest.jsonl", [rows[0] | {"text": "another"}] + rows[1:])
+    other = next(r["shard"] for r in index if r["shard"] != shard)
     (out / shard).write_bytes(whole)
+    (out / other).write_bytes((out / other).read_bytes()[:-512])
+    assert main(["preprocess", str(spec), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == cut_message.replace(shard, other)
+    assert json.loads((out / "dataset.json").read_text())["version"] == 1
     # the index deleted by hand: refused before any work, and --full makes a whole new version
     (out / manifest["index"]).unlink()
     assert main(["preprocess", str(spec), "--no-progress"]) == 2

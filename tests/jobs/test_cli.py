@@ -441,3 +441,18 @@ def test_a_remote_output_dir_is_never_written_to_a_local_folder(tmp_path, capsys
     assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress", "--output", "s3://bucket/ds"]) == 2
     assert "[output] dir = 's3://bucket/ds' cannot be read" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["job.toml", "m.jsonl"]
+
+
+def test_an_output_folder_that_is_no_dataset_is_refused_before_it_is_touched(tmp_path, capsys):
+    """[output] dir = "." next to the spec: the commit overwrote the user's job.toml with mbm's record of it."""
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    spec = '[input]\nmanifest = "m.jsonl"\n[output]\ndir = "."\n'
+    (tmp_path / "job.toml").write_text(spec)
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mbm: error: {tmp_path} is not empty and is no mbm dataset (it has no dataset.json; it holds 2 other "
+        "entries: job.toml, m.jsonl): nothing was changed. Give an [output] dir (or --output) that is new or empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "m.jsonl"]  # no .lock left either
+    assert (tmp_path / "job.toml").read_text() == spec
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress", "--output", str(tmp_path / "ds")]) == 0
+    assert (tmp_path / "ds" / "dataset.json").is_file()

@@ -71,3 +71,33 @@ def test_with_beam_at_debug_level_nothing_is_held(capsys):
         with held:
             logging.getLogger("apache_beam.runners.worker.data_plane").error("Failed to read inputs.")
         assert "Failed to read inputs." in out.getvalue() and held.records == []
+
+
+def _tar(path, members: dict[str, bytes]) -> bytes:
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_a_shard_cut_short_is_found_by_its_recorded_size_or_by_its_end(tmp_path):
+    from jobs.preprocess import _cut_shard
+    from schemas import DatasetManifest
+
+    (tmp_path / "shards").mkdir()
+    names = ["shards/v000001-000000.tar", "shards/v000001-000001.tar"]
+    whole = [_tar(tmp_path / n, {f"s{i}.json": b"x" * 3000, f"s{i}.npy": b"\1" * 5000}) for i, n in enumerate(names)]
+    recorded = DatasetManifest(version=1, shards=names, shard_sizes=[1, 1], num_samples=2, counts={}, index="",
+                               shard_bytes=[len(w) for w in whole])
+    older = DatasetManifest(version=1, shards=names, shard_sizes=[1, 1], num_samples=2, counts={}, index="")
+    assert _cut_shard(str(tmp_path), recorded) is None and _cut_shard(str(tmp_path), older) is None
+    (tmp_path / names[1]).write_bytes(whole[1][:4096])  # whole blocks, ending inside a member's data
+    assert _cut_shard(str(tmp_path), recorded) == names[1] and _cut_shard(str(tmp_path), older) == names[1]
+    (tmp_path / names[1]).write_bytes(whole[1] + b"\0" * 512)  # a zero block more: only the size tells
+    assert _cut_shard(str(tmp_path), recorded) == names[1] and _cut_shard(str(tmp_path), older) is None
+    (tmp_path / names[1]).write_bytes(whole[1][:1001])
+    assert _cut_shard(str(tmp_path), older) == names[1]

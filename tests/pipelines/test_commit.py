@@ -8,6 +8,7 @@ from pipelines.commit import (
     DatasetStateError,
     _labels,
     build_report,
+    check_new_folder,
     current_manifest,
     plan_counts,
     remove_uncommitted,
@@ -296,3 +297,68 @@ def test_the_commit_allocates_from_jemalloc_or_else_the_system_pool_and_restores
         assert pa.default_memory_pool().backend_name == ("jemalloc" if jemalloc else "system")
         assert pa.array(["x"] * 10).to_pylist() == ["x"] * 10  # allocates from it
     assert pa.default_memory_pool().backend_name == before
+
+
+def test_a_killed_first_run_leaves_only_what_goes(tmp_path):
+    """No dataset.json yet: a first run killed before its commit leaves staging, temp files and its version's
+    files; the next run deletes exactly those."""
+    (tmp_path / ".lock").write_text("{}")
+    (tmp_path / ".worker.log").write_text("")
+    (tmp_path / ".staging" / "run").mkdir(parents=True)
+    (tmp_path / "dataset.json.tmp").write_text("{")
+    for folder, name in [("versions", "000001.toml"), ("index", "000001.parquet"), ("shards", "v000001-000000.tar")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(b"")
+    removed = remove_uncommitted(str(tmp_path))
+    assert sorted(os.path.basename(f) for f in removed) == [
+        ".staging", "000001.parquet", "000001.toml", "dataset.json.tmp", "v000001-000000.tar"]
+    assert _files(tmp_path) == [".lock", ".worker.log"]
+
+
+@pytest.mark.parametrize("foreign", ["job.toml", "notes.txt", "index/000001.parquet.bak", "shards/part-0.tar", "data/"])
+def test_a_folder_that_is_no_dataset_is_refused_and_nothing_is_deleted(tmp_path, foreign):
+    """A user's folder given as [output] dir: its index/NNNNNN.parquet, shards/vNNNNNN-*.tar and *.tmp files were
+    taken for a killed run's leftovers and deleted, and its job.toml overwritten by the commit."""
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "000001.parquet").write_bytes(b"the user's")
+    (tmp_path / "draft.tmp").write_text("the user's")
+    path = tmp_path / foreign
+    if foreign.endswith("/"):
+        path.mkdir()
+    else:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("the user's")
+    before = _files(tmp_path)
+    with pytest.raises(DatasetStateError) as e:
+        remove_uncommitted(str(tmp_path))
+    assert str(e.value) == (
+        f"{tmp_path} is not empty and is no mbm dataset (it has no dataset.json; it holds 1 other entry: "
+        f"{foreign.rstrip('/')}): nothing was changed. Give an [output] dir (or --output) that is new or empty")
+    assert _files(tmp_path) == before
+    check_new_folder(str(tmp_path / "new"))  # a folder still to be made, or an empty one, is fine
+    (tmp_path / "empty").mkdir()
+    check_new_folder(str(tmp_path / "empty"))
+
+
+def test_a_shard_that_lost_samples_stops_the_copy_naming_it(tmp_path):
+    """A carried shard damaged after the run's checks: assemble_shards gave a traceback from tarfile, or copied
+    fewer samples than the new version's index lists."""
+    import io
+    import tarfile
+
+    from pipelines.commit import _copy_members
+
+    src = tmp_path / "v000001-000000.tar"
+    with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as t:
+        for key in ("a", "b"):
+            info = tarfile.TarInfo(f"{key}.npy")
+            info.size = 4000
+            t.addfile(info, io.BytesIO(b"\1" * 4000))
+    assert _copy_members(str(src), str(tmp_path / "copy.tar"), {"a", "b"}) == 2
+    with pytest.raises(DatasetStateError, match=rf"^the shard {src} holds 1 of the 2 samples its index lists: put it "
+                                                 r"back, or rerun with --full$"):
+        _copy_members(str(src), str(tmp_path / "copy.tar"), {"a", "c"})
+    src.write_bytes(src.read_bytes()[:3000])
+    with pytest.raises(DatasetStateError, match=rf"^the shard {src}, which this version carries samples of, cannot be "
+                                                 r"read \(.+\): put it back, or rerun with --full$"):
+        _copy_members(str(src), str(tmp_path / "copy.tar"), {"a", "b"})
