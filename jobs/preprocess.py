@@ -251,7 +251,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         extractors = create_extractors(spec)
         fingerprints, dims = {}, {}
         for m, ex in extractors.items():
-            try:  # hashes the weights and reads the model's config: a folder that is no model fails here
+            try:  # checks and hashes the weights and reads the model's config: a folder that is no model fails here
+                ex.check_files()
                 fingerprints[m] = features_fingerprint(ex, spec.extract[m].batch_size)
                 dims[m] = ex.dim
             except (ValueError, OSError) as e:

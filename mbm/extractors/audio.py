@@ -31,6 +31,11 @@ class LogMelConfig(ExtractorConfig):
             self._check_int(field)
         if self.win_length > self.n_fft:
             self._fail("win_length", f"must be <= n_fft ({self.n_fft})")
+        bins = self.n_fft // 2 + 1
+        if self.n_mels > bins:  # torchaudio only warns, and the extra mel filters give constant features
+            self._fail("n_mels", f"must be <= n_fft // 2 + 1 = {bins}, the frequency bins of n_fft = {self.n_fft}: "
+                       "more mel filters than bins leaves some with no bin to sum (features always log(log_offset)); "
+                       f"set n_mels <= {bins}, or n_fft >= {2 * (self.n_mels - 1)}")
         self._check_float("f_min")
         if self.f_max is not None:
             self._check_float("f_max", minimum=self.f_min, strict=True)

@@ -144,6 +144,11 @@ class Extractor(ABC):
         """Modules ``load`` imports, which a worker fork server can import once for all workers."""
         return []
 
+    def check_files(self) -> None:
+        """Whether the model files are what ``load`` needs, from their headers or config.json alone (nothing
+        is loaded: the job's driver runs this before any worker starts); ValueError saying what to fix."""
+        return None  # nothing to check (weight-free extractors)
+
     def fingerprint(self) -> str:
         """sha256 hex of name, config and weights hash; equal configs and weights give equal fingerprints."""
         if self._fingerprint is None:

@@ -12,7 +12,7 @@ import numpy as np
 from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.registry import register_extractor
 from mbm.extractors.runtime import autocast, seeded, to_device, to_float16_numpy
-from mbm.extractors.text import HFFolderModel, read_hf_config
+from mbm.extractors.text import KINDS, WANTED, HFFolderModel, about_model, model_kind, read_hf_config
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -61,15 +61,22 @@ class HFAudioExtractor(HFFolderModel, Extractor):
     def input_spec(self) -> dict[str, Any]:
         return {"sample_rate": int(self._preprocessor().get("sampling_rate", 16000))}
 
+    def check_files(self) -> None:
+        """config.json must declare the convolutional front end over the waveform that ``load`` reads."""
+        config = read_hf_config(self.config.path)
+        if isinstance(config.get("conv_kernel"), list) and isinstance(config.get("conv_stride"), list):
+            return
+        kind = model_kind(config)
+        held = f"holds {KINDS[kind]}" if kind not in (None, "audio") else "holds no wav2vec2-style encoder"
+        raise ValueError(f"path = {self.config.path!r} {held} ({about_model(config)}; no conv_kernel and conv_stride "
+                         f"lists of a front end over the waveform); set path to the folder of {WANTED['audio']}")
+
     def load(self, device: str) -> HFAudioModel:
         import torch
         from transformers import AutoModel
 
+        self.check_files()
         config = read_hf_config(self.config.path)
-        if "conv_kernel" not in config:
-            raise ValueError(
-                f"{self.config.path} is not a wav2vec2-style encoder (no conv_kernel in config.json)"
-            )
         with seeded(0):  # weights missing from the checkpoint initialise the same on every worker
             model = AutoModel.from_pretrained(self.config.path, local_files_only=True, dtype=torch.float32)
         normalize = bool(self._preprocessor().get("do_normalize", True))

@@ -81,6 +81,7 @@ class HFImageExtractor(HFFolderModel, Extractor):
         import torch
         from transformers import AutoModel
 
+        self.check_files()
         size = self.image_size()
         with seeded(0):  # a pooler missing from the checkpoint initialises the same on every worker
             model = AutoModel.from_pretrained(self.config.path, local_files_only=True, dtype=torch.float32)

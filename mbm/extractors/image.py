@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -285,10 +287,40 @@ def _zero_border(x: Any, pad: tuple[int, int, int, int]) -> None:
         x[:, :, top:h - bottom, w - right:].zero_()
 
 
+# torch.serialization.MAGIC_NUMBER as the legacy (non-zip) torch.save format pickles it first
+TORCH_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def check_weights_file(path: str) -> None:
+    """``path`` must be a file torch.save wrote: a zip archive holding a data.pkl, or a pickle that begins with
+    torch's magic number (the legacy format). Read from its first bytes and the zip's directory, no tensor."""
+    if os.path.isdir(path):
+        raise ValueError(f"weights = {path!r} is a folder; set weights to the state dict file torch.save wrote")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            why = "it starts like a zip archive whose directory cannot be read: cut short?"
+        else:
+            if any(name.rpartition("/")[2] == "data.pkl" for name in names):
+                return
+            why = "it is a zip archive without the data.pkl torch.save writes"
+    elif TORCH_LEGACY_MAGIC in head:
+        return
+    else:
+        why = f"it starts with {head[:16]!r}" if head else "it is empty"
+    raise ValueError(f"weights = {path!r} is not a PyTorch weights file ({why}); set weights to a state dict "
+                     "saved with torch.save(model.state_dict(), path)")
+
+
 def load_state_dict_file(path: str) -> dict[str, Any]:
     """A state dict saved with torch.save (also unwraps {"state_dict": ...} / {"model": ...} checkpoints)."""
     import torch
 
+    check_weights_file(path)  # a file of another kind says so, not with a KeyError from torch's unpickler
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -364,6 +396,9 @@ class EfficientNetLite0Extractor(Extractor):
 
     def preload_modules(self) -> list[str]:
         return ["efficientnet_lite_pytorch"]
+
+    def check_files(self) -> None:
+        check_weights_file(self.weights_path())
 
     def build(self) -> Any:
         """The architecture, randomly initialised."""

@@ -56,9 +56,47 @@ def hidden_size(config: dict[str, Any], path: str) -> int:
     )
 
 
+# config.json keys of models that take pixels (vision encoders and backbones, timm wrappers, vision towers)
+PIXEL_KEYS = ("num_channels", "image_size", "patch_size", "pretrained_cfg", "backbone_config", "vision_config")
+KINDS = {"text": "a text model", "image": "an image model", "audio": "a speech model"}
+WANTED = {"text": "a text encoder with its tokenizer (BERT, RoBERTa, MiniLM, ...)",
+          "image": "a vision model (ViT, ConvNeXt, DINOv2, ...)",
+          "audio": "a wav2vec2-style speech encoder (wav2vec2, HuBERT, WavLM)"}
+
+
+def model_kind(config: dict[str, Any]) -> str | None:
+    """The modality a HF config.json describes, as far as its keys tell: "audio" for a convolutional front end
+    over the waveform (a conv_kernel list), "image" for pixel inputs without a vocabulary, "text" for a
+    vocabulary without pixels; None when they cannot tell (multimodal models, other layouts)."""
+    if isinstance(config.get("conv_kernel"), list):
+        return "audio"
+    pixels = any(key in config for key in PIXEL_KEYS)
+    words = "vocab_size" in config or "text_config" in config
+    if pixels == words:
+        return None
+    return "image" if pixels else "text"
+
+
+def about_model(config: dict[str, Any]) -> str:
+    """What a config.json says a model is, for messages: its model_type and architectures."""
+    said = [f"model_type {config.get('model_type')!r}"]
+    if isinstance(config.get("architectures"), list) and config["architectures"]:
+        said.append(f"architectures {', '.join(map(str, config['architectures']))}")
+    return "config.json: " + ", ".join(said)
+
+
 class HFFolderModel:
     """What every extractor over a local Hugging Face model folder shares: the folder is its weights,
     config.json declares its width, and loading imports transformers and the model's modeling module."""
+
+    def check_files(self) -> None:
+        """A folder whose config.json describes a model of another modality (``model_kind``) is refused:
+        AutoModel would load it, and then fail on every sample in the workers."""
+        config = read_hf_config(self.model_path())
+        kind = model_kind(config)
+        if kind is not None and kind != self.modality:
+            raise ValueError(f"path = {self.model_path()!r} holds {KINDS[kind]} ({about_model(config)}), not "
+                             f"{KINDS[self.modality]}; set path to the folder of {WANTED[self.modality]}")
 
     def model_path(self) -> str:
         return self.config.path
@@ -72,6 +110,9 @@ class HFFolderModel:
     @property
     def dim(self) -> int:
         return hidden_size(read_hf_config(self.model_path()), self.model_path())
+
+
+MIN_LENGTH = 3  # [CLS], one token of the text, [SEP]
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -88,6 +129,9 @@ class HFTextConfig(ExtractorConfig):
         super().__post_init__()
         self._check_str("path", optional=not self.path_required)
         self._check_int("max_length")
+        if self.max_length < MIN_LENGTH:
+            self._fail("max_length", f"must be >= {MIN_LENGTH}: the tokenizer adds its own tokens around each text "
+                       "([CLS] and [SEP] for BERT), and at least one token of the text must fit beside them")
         self._check_int("max_batch_tokens")
         if self.max_batch_tokens < self.max_length:
             self._fail("max_batch_tokens", f"must be >= max_length ({self.max_length})")
@@ -222,6 +266,7 @@ class HFTextExtractor(HFFolderModel, Extractor):
         from mbm.extractors import bert
 
         path = self.model_path()
+        self.check_files()
         self.input_spec()
         native = bert.load(path)  # a BERT encoder without importing transformers; the same features
         if native is not None:

@@ -12,6 +12,7 @@ from mbm.extractors.base import Extractor, ExtractorConfig
 from mbm.extractors.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    check_weights_file,
     images_to_tensor,
     load_state_dict_file,
     load_strict,
@@ -85,6 +86,10 @@ class TorchvisionExtractor(Extractor):
 
     def preload_modules(self) -> list[str]:
         return ["torchvision"]
+
+    def check_files(self) -> None:
+        if self.config.weights:
+            check_weights_file(self.config.weights)
 
     def build(self, device: str = "cpu") -> Any:
         """The whole classifier, randomly initialised (seeded), on `device` ("meta": shapes only)."""

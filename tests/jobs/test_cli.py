@@ -132,6 +132,33 @@ def test_a_model_folder_that_is_no_model_leaves_no_staging(tmp_path, capsys):
     assert not (tmp_path / "out" / ".staging").exists()
 
 
+BERT_CONFIG = '{"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 14, "hidden_size": 32}'
+
+
+@pytest.mark.parametrize("extract, said", [
+    ('[extract.image]\nweights = "notes.txt"\n',
+     "[extract.image] efficientnet-lite0: weights = '{d}/notes.txt' is not a PyTorch weights file (it starts with "
+     "b'these are notes\\n'); set weights to a state dict saved with torch.save"),
+    ('[extract.audio]\nname = "hf-audio"\npath = "bert"\n',
+     "[extract.audio] hf-audio: path = '{d}/bert' holds a text model (config.json: model_type 'bert', architectures "
+     "BertModel; no conv_kernel and conv_stride lists of a front end over the waveform); set path to the folder of a "
+     "wav2vec2-style speech encoder"),
+    ('[extract.image]\nname = "hf-image"\npath = "bert"\n',
+     "[extract.image] hf-image: path = '{d}/bert' holds a text model (config.json: model_type 'bert', architectures "
+     "BertModel), not an image model; set path to the folder of a vision model"),
+])
+def test_model_files_of_the_wrong_kind_stop_the_job_in_the_driver_in_one_line(tmp_path, capsys, extract, said):
+    (tmp_path / "notes.txt").write_text("these are notes\n")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(BERT_CONFIG)
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n' + extract)
+    assert main(["preprocess", str(tmp_path / "job.toml"), "--workers", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mbm: error: {said.format(d=tmp_path)}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "dataset.json").exists() and not (tmp_path / "out" / ".staging").exists()
+
+
 def test_a_dataset_folder_that_lost_its_dataset_json_is_left_as_it_is(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
     (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n')

@@ -89,6 +89,12 @@ def test_input_relative_to_cwd_is_accepted_when_not_next_to_spec(data, tmp_path,
          r"\[input\] manifest must be str or None, got \['data/manifest.jsonl'\]"),
         ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.text]\nmax_length = 1024\n',
          r"\[extract.text\]: max_length = 1024 exceeds the 512 positions of the model .*; set max_length <= 512"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.text]\nmax_length = 2\n',
+         r"\[extract.text\]: MiniLMConfig.max_length must be >= 3: the tokenizer adds its own tokens around each text "
+         r"\(\[CLS\] and \[SEP\] for BERT\), and at least one token of the text must fit beside them, got 2"),
+        ('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "o"\n[extract.audio]\nn_mels = 256\n',
+         r"\[extract.audio\]: LogMelConfig.n_mels must be <= n_fft // 2 \+ 1 = 201, the frequency bins of n_fft = 400: "
+         r".*; set n_mels <= 201, or n_fft >= 510, got 256"),
     ],
 )
 def test_bad_specs_name_what_to_fix(data, body, message):

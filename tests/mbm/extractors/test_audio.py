@@ -1,3 +1,4 @@
+import functools
 import math
 
 import numpy as np
@@ -121,6 +122,31 @@ def test_hf_audio_tiny_wav2vec2_frames_match_the_model(tiny_wav2vec2_dir):
     np.testing.assert_allclose(features[1].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="shorter than one frame"):
         extractor.featurize(model, [np.zeros(12, np.float32)], "cpu")
+
+
+def test_hf_audio_refuses_a_folder_without_a_waveform_front_end(tiny_bert_dir, tiny_vit_dir, tiny_wav2vec2_dir):
+    create_extractor("hf-audio", {"path": str(tiny_wav2vec2_dir)}).check_files()
+    for path, held in ((tiny_bert_dir, "holds a text model (config.json: model_type 'bert', architectures BertModel"),
+                       (tiny_vit_dir, "holds an image model (config.json: model_type 'vit', architectures ViTModel")):
+        extractor = create_extractor("hf-audio", {"path": str(path)})
+        said = (f"path = '{path}' {held}; no conv_kernel and conv_stride lists of a front end over the waveform); set "
+                "path to the folder of a wav2vec2-style speech encoder (wav2vec2, HuBERT, WavLM)")
+        for step in (extractor.check_files, functools.partial(extractor.load, "cpu")):
+            with pytest.raises(ValueError) as err:
+                step()
+            assert str(err.value) == said
+
+
+def test_more_mels_than_frequency_bins_are_refused_with_the_numbers():
+    from mbm.extractors.audio import LogMelConfig
+
+    assert LogMelConfig(n_fft=400, n_mels=201).n_mels == 201  # one per bin: the most there is room for
+    with pytest.raises(ValueError) as err:
+        LogMelConfig(n_fft=256, win_length=256, n_mels=130)
+    assert str(err.value) == (
+        "LogMelConfig.n_mels must be <= n_fft // 2 + 1 = 129, the frequency bins of n_fft = 256: more mel filters "
+        "than bins leaves some with no bin to sum (features always log(log_offset)); set n_mels <= 129, or "
+        "n_fft >= 258, got 130")
 
 
 def test_length_groups_sort_and_bound_the_padding():

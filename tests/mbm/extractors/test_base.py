@@ -21,6 +21,7 @@ from mbm.extractors.torchvision_image import TorchvisionConfig
     [
         (lambda: MiniLMConfig(max_length=0), "max_length"),
         (lambda: MiniLMConfig(max_length=True), "max_length"),
+        (lambda: MiniLMConfig(max_length=2), "max_length"),
         (lambda: MiniLMConfig(max_length=512, max_batch_tokens=100), "max_batch_tokens"),
         (lambda: HFTextConfig(), "path"),
         (lambda: HFImageConfig(path=""), "path"),
@@ -33,6 +34,7 @@ from mbm.extractors.torchvision_image import TorchvisionConfig
         (lambda: LogMelConfig(f_min=100.0, f_max=50.0), "f_max"),
         (lambda: LogMelConfig(log_offset=0.0), "log_offset"),
         (lambda: LogMelConfig(hop_length=-160), "hop_length"),
+        (lambda: LogMelConfig(n_mels=202), "n_mels"),
         (lambda: MiniLMConfig(precision="float16"), "precision"),
         (lambda: EfficientNetLiteConfig(precision=None), "precision"),
     ],

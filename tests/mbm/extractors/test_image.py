@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,65 @@ def test_lite0_weights_must_match_strictly(tmp_path, lite0):
         ValueError, match=r"1 missing keys \['_fc.bias'\], 1 unexpected keys \['extra.weight'\]"
     ):
         bad.load("cpu")
+
+
+def _zip_without_a_pickle(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes/readme.txt", "hello")
+
+
+def _cut_short(path):
+    torch.save({"w": torch.zeros(64)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("write, why", [
+    (lambda p: p.write_text("hello, not weights\n"), r"it starts with b'hello, not weigh'"),
+    (lambda p: p.write_bytes(b""), "it is empty"),
+    (_zip_without_a_pickle, "it is a zip archive without the data.pkl torch.save writes"),
+    (_cut_short, "it starts like a zip archive whose directory cannot be read: cut short?"),
+])
+def test_a_file_that_is_no_torch_weights_is_refused_from_its_first_bytes(tmp_path, write, why):
+    from mbm.extractors.image import load_state_dict_file
+
+    path = tmp_path / "w.pth"
+    write(path)
+    said = (f"weights = '{path}' is not a PyTorch weights file ({why}); set weights to a state dict saved with "
+            "torch.save(model.state_dict(), path)")
+    for name, options in (("efficientnet-lite0", {}), ("torchvision", {"arch": "resnet18"})):
+        with pytest.raises(ValueError) as err:
+            create_extractor(name, {**options, "weights": str(path)}).check_files()
+        assert str(err.value) == said
+    with pytest.raises(ValueError) as err:  # what a worker says too, not a KeyError from torch's unpickler
+        load_state_dict_file(str(path))
+    assert str(err.value) == said
+
+
+def test_a_weights_folder_is_refused_and_files_torch_saved_pass(tmp_path):
+    with pytest.raises(ValueError, match=f"weights = '{tmp_path}' is a folder; set weights to the state dict file"):
+        create_extractor("efficientnet-lite0", {"weights": str(tmp_path)}).check_files()
+    state = {"w": torch.arange(3.0)}
+    torch.save(state, tmp_path / "zip.pth")
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False, pickle_protocol=4)
+    for name in ("zip.pth", "legacy.pth"):
+        create_extractor("efficientnet-lite0", {"weights": str(tmp_path / name)}).check_files()
+    create_extractor("efficientnet-lite0").check_files()  # the shipped ImageNet weights (legacy format)
+
+
+def test_hf_image_refuses_a_text_or_speech_model_folder_from_its_config(tiny_bert_dir, tiny_wav2vec2_dir, tiny_vit_dir):
+    create_extractor("hf-image", {"path": str(tiny_vit_dir)}).check_files()
+    for path, held in ((tiny_bert_dir, "a text model (config.json: model_type 'bert', architectures BertModel)"),
+                       (tiny_wav2vec2_dir, "a speech model (config.json: model_type 'wav2vec2', architectures "
+                                           "Wav2Vec2Model)")):
+        extractor = create_extractor("hf-image", {"path": str(path)})
+        said = (f"path = '{path}' holds {held}, not an image model; set path to the folder of a vision model "
+                "(ViT, ConvNeXt, DINOv2, ...)")
+        for step in (extractor.check_files, functools.partial(extractor.load, "cpu")):
+            with pytest.raises(ValueError) as err:
+                step()
+            assert str(err.value) == said
 
 
 def test_lite0_rejects_images_of_the_wrong_size(lite0):

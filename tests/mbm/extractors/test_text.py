@@ -235,6 +235,36 @@ def test_a_model_folder_without_a_tokenizer_is_refused(tiny_bert_dir, tmp_path):
         extractor.input_spec()
 
 
+def test_a_speech_or_image_model_folder_with_a_vocabulary_is_refused(tiny_bert_dir, tiny_wav2vec2_dir,
+                                                                      tiny_vit_dir, tmp_path):
+    import shutil
+
+    create_extractor("hf-text", {"path": str(tiny_bert_dir)}).check_files()
+    for source, held in ((tiny_wav2vec2_dir, "a speech model (config.json: model_type 'wav2vec2'"),
+                         (tiny_vit_dir, "an image model (config.json: model_type 'vit'")):
+        folder = tmp_path / source.name
+        shutil.copytree(source, folder)
+        (folder / "vocab.json").write_text('{"<pad>": 0, "a": 1}')  # a CTC tokenizer passes the tokenizer check
+        extractor = create_extractor("hf-text", {"path": str(folder)})
+        extractor.input_spec()
+        with pytest.raises(ValueError) as err:
+            extractor.check_files()
+        assert str(err.value).startswith(f"path = '{folder}' holds {held}")
+        assert str(err.value).endswith("not a text model; set path to the folder of a text encoder with its "
+                                       "tokenizer (BERT, RoBERTa, MiniLM, ...)")
+
+
+def test_max_length_leaves_room_for_one_token_beside_the_special_ones():
+    from mbm.extractors.text import MiniLMConfig
+
+    assert MiniLMConfig(max_length=3).max_length == 3  # [CLS] word [SEP]
+    with pytest.raises(ValueError) as err:
+        MiniLMConfig(max_length=1)
+    assert str(err.value) == ("MiniLMConfig.max_length must be >= 3: the tokenizer adds its own tokens around each "
+                              "text ([CLS] and [SEP] for BERT), and at least one token of the text must fit beside "
+                              "them, got 1")
+
+
 def test_gpt2_style_configs_give_their_width():
     from mbm.extractors.text import hidden_size
 
