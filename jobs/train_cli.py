@@ -44,6 +44,9 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--keep-checkpoints": (int, "checkpoints kept (default 3)"),
     "--stop-at": (int, "stop after this step (checkpointed), keeping the schedule of --steps"),
     "--val-fraction": (float, "held-out fraction, chosen by a hash of the sample id (default 0.1)"),
+    "--split-by": (str, "what chooses a sample's split: id, or text, image or audio (samples with the same "
+                        "content of it share a split); default auto: retrieve by its pair's non-text modality, "
+                        "else id"),
     "--workers": (int, "data-loader worker processes per rank (default: 0 on the CPU; on a GPU the rank's share "
                        "of the cores less one, 1 to 8)"),
     "--shuffle-buffer": (int, "sample shuffle buffer (default 500)"),
@@ -159,7 +162,7 @@ def _machine_failure(command: str, exn: Exception, advice: str, disk_advice: str
 # checkpointing and runtime settings may change between invocations.
 FIXED_ON_RESUME = ("task", "fusion", "d_model", "layers", "heads", "mlp_ratio", "positional", "embed_dim",
                    "decoder_layers", "max_tokens", "pair", "tokenizer", "max_target_len", "data", "val_fraction",
-                   "seed", "batch_size", "shuffle_buffer")
+                   "split_by", "seed", "batch_size", "shuffle_buffer")
 
 
 def absolute_data(data: str) -> str:

@@ -51,17 +51,17 @@ class ScanCache:
         self.size = 0  # samples held
         self.entries: dict[tuple[str, Any], tuple[tuple[int, int, int, int], list[Any]]] = {}
 
-    def samples(self, paths: list[str], skips: SkipLog, keep_id: Callable[[str], bool],
+    def samples(self, paths: list[str], skips: SkipLog, keep_doc: Callable[[dict], bool],
                 modalities: Collection[str], split: Any) -> Iterator[Undecoded]:
-        """``parsed(read_shards(paths, skips, lazy=True), skips, keep_id, modalities)``, from memory where it can be.
+        """``parsed(read_shards(paths, skips, lazy=True), skips, keep_doc, modalities)``, from memory where it can be.
 
-        ``split`` names what ``keep_id`` keeps (two calls with equal ``split`` must pass the same ids).
+        ``split`` names what ``keep_doc`` keeps (two calls with equal ``split`` must pass the same samples).
         """
         mods = tuple(sorted(modalities))
         for path in paths:
-            yield from self._shard(path, skips, keep_id, mods, (path, split, mods))
+            yield from self._shard(path, skips, keep_doc, mods, (path, split, mods))
 
-    def _shard(self, path: str, skips: SkipLog, keep_id: Callable[[str], bool], mods: tuple[str, ...],
+    def _shard(self, path: str, skips: SkipLog, keep_doc: Callable[[dict], bool], mods: tuple[str, ...],
                key: tuple[str, Any]) -> Iterator[Undecoded]:
         try:
             identity = file_identity(os.stat(path))
@@ -81,7 +81,7 @@ class ScanCache:
         events: list[Any] = []
         sink = _Recorder(skips, events) if keep else skips
         count = 0
-        for sample in parsed(read_shards([path], sink, lazy=True), sink, keep_id=keep_id, modalities=mods):
+        for sample in parsed(read_shards([path], sink, lazy=True), sink, keep_doc=keep_doc, modalities=mods):
             if keep and any(isinstance(v, bytes) for v in sample.npy.values()):
                 keep, events, sink = False, [], skips  # arrays read eagerly (a compressed tar): too big to keep
             if keep:

@@ -29,16 +29,16 @@ def shard_order(shards: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def parsed(raws: Iterable[dict[str, Any]], skips: SkipLog, keep_id: Callable[[str], bool] = lambda _: True,
+def parsed(raws: Iterable[dict[str, Any]], skips: SkipLog, keep_doc: Callable[[dict], bool] = lambda _: True,
            modalities: Collection[str] | None = None) -> Iterator[Undecoded]:
-    """Raw samples whose id passes ``keep_id``, with the json doc checked and the arrays not decoded.
+    """Raw samples whose json doc passes ``keep_doc`` (a split), checked, with the arrays not decoded.
 
     Only the .npy members of ``modalities`` (None: all listed) are kept; corrupt docs are counted.
     """
     for raw in raws:
         try:
             doc = parse_doc(raw)
-            if keep_id(doc["id"]):
+            if keep_doc(doc):
                 yield undecoded(raw, doc, modalities)
         except CorruptSample as exn:
             skips.skip(exn.reason, in_shard(raw.get("__url__"), exn.detail))

@@ -32,7 +32,7 @@ from mbm.data.decode import Sample, Undecoded
 from mbm.data.errors import CorruptSample, SkipLog
 from mbm.data.scan import cache as scan_cache
 from mbm.data.source import label_key
-from mbm.data.split import EVAL_SPLITS, split_of
+from mbm.data.split import EVAL_SPLITS, SPLIT_BY, split_key, split_of
 from mbm.data.stages import batched, decoded, epoch_rng, rank_slice, selected, settled, shard_order, shuffled
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class StreamConfig:
     task: str = "classify"
     split: str = "train"  # "train" | "val" | "all" (every sample: evaluate, generate)
     val_fraction: float = 0.1
+    split_by: str = "id"  # or a modality: samples with the same content of it share a split (``split_key``)
     pair: tuple[str, str] | None = None  # retrieve: both modalities required
     batch_size: int = 32
     shuffle: bool = True
@@ -62,6 +63,8 @@ class StreamConfig:
             raise ValueError(f"--split must be one of {', '.join(EVAL_SPLITS)}, got {self.split!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"--split-by must be one of {', '.join(SPLIT_BY)}, got {self.split_by!r}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.task == "retrieve" and (self.pair is None or len(set(self.pair)) != 2):
@@ -75,8 +78,9 @@ class Selector:
         self.cfg = cfg
         self.label_keys = {label_key(v) for v in cfg.collate.labels}
 
-    def in_split(self, sample_id: str) -> bool:
-        return self.cfg.split == "all" or split_of(sample_id, self.cfg.val_fraction) == self.cfg.split
+    def in_split(self, doc: dict) -> bool:
+        cfg = self.cfg
+        return cfg.split == "all" or split_of(split_key(doc, cfg.split_by), cfg.val_fraction) == cfg.split
 
     def __call__(self, s: Undecoded, skips: SkipLog) -> bool:
         cfg = self.cfg
@@ -122,7 +126,7 @@ class ShardStream(IterableDataset):
         select = Selector(cfg)
         # Each shard scanned once per process: a long-lived worker replays its scans in later epochs.
         samples = scan_cache().samples(shards, skips, select.in_split, cfg.collate.feature_dims,
-                                       split=(cfg.split, cfg.val_fraction))
+                                       split=(cfg.split, cfg.val_fraction, cfg.split_by))
         samples = selected(samples, select, skips)
         if cfg.max_samples is not None:
             samples = itertools.islice(samples, cfg.max_samples)

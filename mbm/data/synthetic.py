@@ -36,6 +36,9 @@ class SyntheticConfig:
     null_label: float = 0.05
     noise: float = 1.0
     seed: int = 0
+    # consecutive samples sharing their image and audio content (their modality_hashes), as COCO's five
+    # captions of one picture do
+    media_repeats: int = 1
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -64,6 +67,7 @@ def _sample(i: int, cfg: SyntheticConfig, rng: np.random.Generator, proj: dict[s
     label = None if rng.random() < cfg.null_label else cfg.labels[c]
     doc = {"id": sid, "label": label, "text": text if "text" in present else None, "modalities": present,
            "content_hash": f"{i:040x}", "fingerprint": {}, "dropped": {}, "meta": {},
+           "modality_hashes": {m: f"{m}-{i // cfg.media_repeats if m != 'text' else i:060x}" for m in present},
            "schema_version": SCHEMA_VERSION}
     members["json"] = json.dumps(doc, sort_keys=True).encode("utf-8")
     return members

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mbm.train.config import check_keys
+from mbm.train.config import saved_settings
 
 _NAME = re.compile(r"^step-(\d{6,})\.pt$")
 
@@ -93,7 +93,7 @@ def checkpoint_settings(state: dict[str, Any], path: str) -> dict[str, Any] | No
     """The run's settings a checkpoint's ``state`` holds (what a run folder that lost its config.json goes
     by); None for one saved before checkpoints held them."""
     settings = state.get("config")
-    return check_keys(settings, path) if isinstance(settings, dict) else None
+    return saved_settings(settings, path) if isinstance(settings, dict) else None
 
 
 def rng_state() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from mbm.data.collate import TASKS
+from mbm.data.split import SPLIT_BY
 from mbm.model.embed import POSITIONAL
 from mbm.model.fusion import FUSIONS
 from schemas import MODALITIES
@@ -51,6 +52,7 @@ class TrainConfig:
     log_samples: bool = False  # write samples-rank{r}.jsonl with the ids of every step
     # data
     val_fraction: float = 0.1
+    split_by: str = "auto"  # id | text | image | audio; auto: retrieve by its pair's non-text modality, else id
     workers: int | None = None  # loader workers per rank; None: 0 on the CPU, on a GPU see trainer.loader_workers
     shuffle_buffer: int = 500
     max_tokens: dict[str, int] = field(default_factory=lambda: {"text": 64, "image": 64, "audio": 128})
@@ -71,7 +73,8 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        choices = {"task": TASKS, "fusion": FUSIONS, "positional": POSITIONAL, "device": DEVICES}
+        choices = {"task": TASKS, "fusion": FUSIONS, "positional": POSITIONAL, "device": DEVICES,
+                   "split_by": ("auto", *SPLIT_BY)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -214,3 +217,9 @@ def merge(*layers: dict[str, Any]) -> TrainConfig:
     if "max_tokens" in out:
         out["max_tokens"] = {**cfg.max_tokens, **out["max_tokens"]}
     return replace(cfg, **out)
+
+
+def saved_settings(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """A run's saved settings (config.json, a checkpoint's) to merge under new ones: ``check_keys``, and a run
+    saved before ``split_by`` existed chose its split by sample id."""
+    return {"split_by": "id", **check_keys(settings, where)}

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from mbm.train.checkpoint import checkpoint_name, latest_checkpoint, list_checkpoints
-from mbm.train.config import TrainConfig, check_keys, merge
+from mbm.train.config import TrainConfig, merge, saved_settings
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class RunDir:
         if not isinstance(settings, dict):
             raise ValueError(f"{self.config_json} holds a JSON {type(settings).__name__}, not the run's settings; "
                              "put back the file the run wrote")
-        return check_keys(settings, self.config_json)
+        return saved_settings(settings, self.config_json)
 
     def config(self) -> TrainConfig:
         return merge(self.read_config())

@@ -135,9 +135,35 @@ def test_retrieve_picks_the_common_pair_and_reports_recall(data, tmp_path, capsy
     out = str(tmp_path / "ret")
     assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "4", "--eval-every", "4",
                  "--fusion", "weighted_sum") == 0
-    assert json.load(open(os.path.join(out, "config.json")))["pair"] == ["text", "image"]
+    saved = json.load(open(os.path.join(out, "config.json")))
+    assert saved["pair"] == ["text", "image"] and saved["split_by"] == "image"  # one image's captions: one side
     val = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "val"][-1]
     assert {"recall@1", "recall@5", "recall@10", "chance@5"} <= set(val)
+    capsys.readouterr()
+    assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "8", "--resume",
+                 "--split-by", "id") == 2
+    assert "--split-by" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_split_by_keeps_its_split_by_id(data, tmp_path, capsys):
+    out = str(tmp_path / "old")
+    assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "4", "--eval-every", "4",
+                 "--split-by", "id") == 0
+    config = os.path.join(out, "config.json")
+    saved = json.load(open(config))
+    assert saved.pop("split_by") == "id"
+    with open(config, "w") as f:
+        json.dump(saved, f)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", out, "--json"]) == 0
+    by_id = json.loads(capsys.readouterr().out)
+    assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "8", "--eval-every", "4",
+                 "--resume") == 0  # no --split-by: the run's own (id), not auto's image
+    assert json.load(open(config))["split_by"] == "id"
+    at_4 = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "val" and r["step"] == 4][0]
+    assert by_id["samples"] == at_4["samples"] and by_id["loss"] == pytest.approx(at_4["loss"])
+    assert train("--data", data, "--out", str(tmp_path / "bad"), "--split-by", "picture") == 2
+    assert "--split-by must be one of auto, id, text, image, audio, got 'picture'" in capsys.readouterr().err
 
 
 def test_generate_trains_and_decodes_text(data, tmp_path, capsys):
