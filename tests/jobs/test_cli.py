@@ -483,3 +483,52 @@ def test_an_output_folder_that_is_no_dataset_is_refused_before_it_is_touched(tmp
     assert (tmp_path / "job.toml").read_text() == spec
     assert main(["preprocess", str(tmp_path / "job.toml"), "--no-progress", "--output", str(tmp_path / "ds")]) == 0
     assert (tmp_path / "ds" / "dataset.json").is_file()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["demo", "--output", "", "--workers", "1", "--no-progress"],
+     "--output is empty; give the dataset folder to write"),
+    (["preprocess", "", "--no-progress"], "the job spec is empty; give its .toml file, e.g. jobs/examples/demo.toml"),
+    (["versions", ""], "the dataset folder is empty; give the folder mbm preprocess wrote, e.g. out/demo"),
+    (["diff", " ", "1", "2"], "the dataset folder is empty; give the folder mbm preprocess wrote, e.g. out/demo"),
+    (["gc", "", "--keep", "1"], "the dataset folder is empty; give the folder mbm preprocess wrote, e.g. out/demo"),
+])
+def test_an_empty_path_argument_is_one_line_and_touches_nothing(tmp_path, monkeypatch, capsys, args, said):
+    """``Path("")`` is the current folder: ``mbm demo --output ""`` wrote the demo dataset there."""
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [f"mbm: error: {said}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_quoted_tilde_in_a_path_argument_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """Quoted, ``"~/ds"`` reaches mbm as written: the dataset went to a folder named ``~`` in the current one."""
+    import json
+
+    import jobs.demo
+    import tests.support.failing_extractor  # noqa: F401
+    from jobs.spec import SpecError
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    _failing_job(home, "ValueError", 1)
+    assert main(["preprocess", "~/job.toml", "--output", "~/ds", "--no-progress"]) == 0
+    assert json.loads((home / "ds" / "dataset.json").read_text())["version"] == 1
+    capsys.readouterr()
+    assert main(["versions", "~/ds", "--json"]) == 0
+    assert [r["version"] for r in json.loads(capsys.readouterr().out)] == [1]
+    assert main(["gc", "~/ds", "--keep", "1", "--dry-run"]) == 0
+    asked = []
+
+    def demo_spec(output, workers=None):
+        asked.append(output)
+        raise SpecError("enough")
+
+    monkeypatch.setattr(jobs.demo, "demo_spec", demo_spec)
+    assert main(["demo", "--output", "~/demo"]) == 2
+    assert asked == [str(home / "demo")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+

@@ -188,6 +188,20 @@ def test_beam_options_beam_does_not_know_are_refused_naming_them(tmp_path):
         RunnerConfig(name="FlinkRunner", options=["--flink_mastr=h:1"]).check_options()
 
 
+@pytest.mark.parametrize("key", ["manifest", "folder", "shards"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_input_path_is_refused_not_read_as_the_specs_folder(data, key, value):
+    with pytest.raises(SpecError, match=rf"bad.toml: \[input\] {key} is empty; set the .* to read$"):
+        load_spec(_write(data / "bad.toml", f'[input]\n{key} = "{value}"\n[output]\ndir = "o"\n'))
+
+
+def test_home_in_spec_paths_is_expanded(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(data))
+    spec = load_spec(_write(tmp_path / "j.toml",
+                            '[input]\nmanifest = "~/data/manifest.jsonl"\n[output]\ndir = "~/o"\n'))
+    assert spec.input.manifest == str(data / "data" / "manifest.jsonl") and spec.output.dir == str(data / "o")
+
+
 def test_a_manifest_that_gives_no_sample_exits_2_before_the_job_starts(data, capsys):
     import json
 

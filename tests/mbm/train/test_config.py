@@ -128,3 +128,18 @@ def test_settings_that_cannot_be_used_are_one_line_before_anything_runs(tmp_path
     assert main(["train", "--data", str(tmp_path), "--out", long]) == 2
     assert capsys.readouterr().err.strip() == f"mbm train: error: --out {long}: File name too long; give a folder for the run"
     assert not (tmp_path / "r").exists()
+@pytest.mark.parametrize("argv, said", [
+    (["train", "--data", "", "--out", "{tmp}/r"], "mbm train: error: --data is empty; give the path"),
+    (["train", "--data", "{tmp}", "--out", "{tmp}/r", "--tokenizer", " "],
+     "mbm train: error: --tokenizer is empty; give the path"),
+    (["evaluate", "--run", ""], "mbm evaluate: error: --run is empty; give the path"),
+    (["evaluate", "--run", "{tmp}/r", "--data", ""], "mbm evaluate: error: --data is empty; give the path"),
+    (["generate", "--run", "{tmp}/r", "--checkpoint", ""], "mbm generate: error: --checkpoint is empty; give the path"),
+])
+def test_an_empty_path_flag_is_one_line_not_the_default_or_the_current_folder(tmp_path, capsys, argv, said):
+    """``evaluate --data ""`` went on with the run's dataset; ``train --data ""`` said --data was missing."""
+    from jobs.train_cli import main
+
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert capsys.readouterr().err.splitlines() == [said]
+    assert list(tmp_path.iterdir()) == []
