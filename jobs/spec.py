@@ -289,8 +289,9 @@ def load_spec(path: str | Path, overrides: dict[str, dict[str, Any]] | None = No
     if not path.is_file():
         raise SpecError(f"job spec {path} does not exist")
     try:
-        # surrogateescape: a path written in another encoding (a Latin-1 folder name) keeps its bytes
-        raw = tomllib.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
+        # surrogateescape: a path written in another encoding (a Latin-1 folder name) keeps its bytes;
+        # utf-8-sig: the byte order mark Windows editors (Notepad) put first is not TOML
+        raw = tomllib.loads(path.read_bytes().decode("utf-8-sig", "surrogateescape"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from e
     for section, values in (overrides or {}).items():

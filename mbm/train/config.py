@@ -172,9 +172,9 @@ def check_keys(settings: dict[str, Any], where: str) -> dict[str, Any]:
 def load_toml(path: str) -> dict[str, Any]:
     """Settings from a TOML file: top-level keys, or a ``[train]`` table."""
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exn:
+        with open(path, "rb") as f:  # utf-8-sig: the byte order mark Windows editors (Notepad) put first
+            doc = tomllib.loads(f.read().decode("utf-8-sig"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exn:
         raise ValueError(f"--config {path}: {exn}") from exn
     if set(doc) == {"train"} and isinstance(doc["train"], dict):
         doc = doc["train"]

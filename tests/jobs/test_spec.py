@@ -195,6 +195,14 @@ def test_an_empty_input_path_is_refused_not_read_as_the_specs_folder(data, key, 
         load_spec(_write(data / "bad.toml", f'[input]\n{key} = "{value}"\n[output]\ndir = "o"\n'))
 
 
+def test_a_spec_starting_with_a_byte_order_mark_is_read(data):
+    """Windows Notepad saves UTF-8 with a BOM first; tomllib reads it as a stray character at line 1."""
+    body = '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out/é"\n'
+    (data / "bom.toml").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    spec = load_spec(data / "bom.toml")
+    assert spec.input.manifest == str(data / "data" / "manifest.jsonl") and spec.output.dir == str(data / "out" / "é")
+
+
 def test_home_in_spec_paths_is_expanded(data, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(data))
     spec = load_spec(_write(tmp_path / "j.toml",

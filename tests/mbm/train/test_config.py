@@ -128,6 +128,22 @@ def test_settings_that_cannot_be_used_are_one_line_before_anything_runs(tmp_path
     assert main(["train", "--data", str(tmp_path), "--out", long]) == 2
     assert capsys.readouterr().err.strip() == f"mbm train: error: --out {long}: File name too long; give a folder for the run"
     assert not (tmp_path / "r").exists()
+def test_settings_paths_take_a_tilde_and_a_byte_order_mark(tmp_path, monkeypatch):
+    """Quoted, "~/runs/a" reached mbm as written (a folder named ~ in the current one); a settings file
+    saved by Windows Notepad starts with a BOM, which tomllib does not read."""
+    from jobs.train_cli import build_parser, train_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.toml").write_bytes(b'\xef\xbb\xbfsteps = 7\nout = "~/runs/a"\n')
+    parser = build_parser()
+    cfg = train_config(parser.parse_args(["train", "--data", str(tmp_path), "--config", "~/t.toml"]))
+    assert cfg.steps == 7 and cfg.out == str(tmp_path / "runs" / "a")
+    cfg = train_config(parser.parse_args(["train", "--data", "~", "--config", "~/t.toml", "--out", "~/runs/b"]))
+    assert cfg.out == str(tmp_path / "runs" / "b") and cfg.data == str(tmp_path.resolve())
+    args = parser.parse_args(["evaluate", "--run", "~/runs/a", "--data", "~/ds", "--tokenizer", "~/tok"])
+    assert (args.run, args.data, args.tokenizer) == tuple(str(tmp_path / p) for p in ("runs/a", "ds", "tok"))
+
+
 @pytest.mark.parametrize("argv, said", [
     (["train", "--data", "", "--out", "{tmp}/r"], "mbm train: error: --data is empty; give the path"),
     (["train", "--data", "{tmp}", "--out", "{tmp}/r", "--tokenizer", " "],
