@@ -4,7 +4,7 @@ The format is sniffed by libsndfile from the content (WAV PCM/float/µ-law/A-law
 Opus, MP3, AIFF, ...), never from a file name. Steps: decode as float32 (at most ``max_seconds``, plus
 as much again of leading silence that trimming may remove, so an hour-long file costs no more than a
 minute; longer leading digital silence is read past), reject non-finite samples, mix to mono (channel
-mean), reject digital silence, trim leading and trailing parts quieter than ``peak - trim_db`` dB,
+mean), reject digital silence, trim leading and trailing parts quieter than ``peak - trim_db`` dB (0: none),
 check ``min_seconds``, clip to ``max_seconds``, resample (torchaudio's polyphase sinc kernel),
 peak-normalize. Every failure is a ``CleanError`` with
 an ``audio.*`` reason.
@@ -58,7 +58,7 @@ class AudioCleanConfig:
     sample_rate: int = 16000
     max_seconds: float = 30.0  # longer is clipped (not rejected)
     min_seconds: float = 0.01  # shorter after trimming -> audio.too_short
-    trim_db: float | None = 40.0  # None disables trimming
+    trim_db: float = 40.0  # 0 disables trimming (TOML has no null); None, from Python, is taken as 0
     peak: float = 0.95  # peak-normalize to this; 0 disables
     max_bytes: int = 256 * 1024 * 1024
 
@@ -77,10 +77,15 @@ class AudioCleanConfig:
                 f"AudioCleanConfig.min_seconds must be a number in 0..max_seconds ({self.max_seconds}), "
                 f"got {self.min_seconds!r}"
             )
-        if self.trim_db is not None and (not _is_number(self.trim_db) or not 0 < self.trim_db < math.inf):
+        if self.trim_db is None:
+            self.trim_db = 0.0
+        if not _is_number(self.trim_db) or not 0 <= self.trim_db < math.inf:
             raise ValueError(
-                f"AudioCleanConfig.trim_db must be a number > 0 (dB) or None, got {self.trim_db!r}"
+                f"AudioCleanConfig.trim_db must be a number >= 0 (dB below the peak; 0 disables trimming), "
+                f"got {self.trim_db!r}"
             )
+        if self.trim_db == 0:
+            self.trim_db = 0.0  # one value for off, whichever way it was given: it is part of the content hash
         if not _is_number(self.peak) or not 0 <= self.peak <= 1:
             raise ValueError(
                 f"AudioCleanConfig.peak must be a number in 0..1 (0 disables), got {self.peak!r}"
@@ -100,8 +105,8 @@ def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
         raise CleanError("audio.empty", "0 bytes")
     if len(data) > cfg.max_bytes:
         raise CleanError("audio.file_too_large", f"{len(data)} bytes, limit is {cfg.max_bytes}")
-    lead = cfg.max_seconds if cfg.trim_db is not None else 0.0
-    frames, sr, skipped = _decode(data, cfg.max_seconds + lead, skip_silence=cfg.trim_db is not None)
+    lead = cfg.max_seconds if cfg.trim_db else 0.0
+    frames, sr, skipped = _decode(data, cfg.max_seconds + lead, skip_silence=bool(cfg.trim_db))
     if not np.isfinite(frames).all():
         bad = ~np.isfinite(frames)
         first = int(np.flatnonzero(bad.any(axis=1))[0])
@@ -110,7 +115,7 @@ def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
     peak = float(np.abs(x).max())
     if peak <= SILENCE_PEAK:
         raise CleanError("audio.silent", f"peak {peak:.3g} is at or below -90 dBFS over {_span(len(x) + skipped, sr)}")
-    if cfg.trim_db is not None:
+    if cfg.trim_db:
         loud = np.flatnonzero(np.abs(x) >= peak * 10 ** (-cfg.trim_db / 20))
         x = x[loud[0] : loud[-1] + 1]
     if len(x) / sr < cfg.min_seconds:

@@ -210,6 +210,21 @@ def test_home_in_spec_paths_is_expanded(data, tmp_path, monkeypatch):
     assert spec.input.manifest == str(data / "data" / "manifest.jsonl") and spec.output.dir == str(data / "o")
 
 
+def test_audio_trimming_is_turned_off_with_trim_db_0_and_stays_off_in_job_toml(data, tmp_path):
+    """TOML has no null, and None was the only value that turned trimming off."""
+    spec = load_spec(_write(data / "job.toml", '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n'
+                                               '[audio]\ntrim_db = 0\n'))
+    assert spec.audio.trim_db == 0.0
+    written = dump_toml(spec.to_dict())
+    assert "[audio]" in written and "trim_db = 0.0" in written
+    assert load_spec(_write(tmp_path / "again.toml", written)).audio == spec.audio
+    default = load_spec(_write(data / "d.toml", '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n'))
+    assert default.audio.trim_db == 40.0
+    with pytest.raises(SpecError, match=r"\[audio\] trim_db must be float, got False"):
+        load_spec(_write(data / "b.toml", '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n'
+                                          '[audio]\ntrim_db = false\n'))
+
+
 def test_a_manifest_that_gives_no_sample_exits_2_before_the_job_starts(data, capsys):
     import json
 

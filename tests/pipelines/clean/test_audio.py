@@ -46,8 +46,16 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
 
 def test_config_round_trips_through_a_dict():
     cfg = AudioCleanConfig(sample_rate=22050, trim_db=None, peak=0)
-    assert cfg.to_dict()["trim_db"] is None
+    assert cfg.to_dict()["trim_db"] == 0.0  # off is 0, which TOML can hold (it has no null)
     assert AudioCleanConfig(**cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("off", [0, 0.0, None])
+def test_trim_db_0_turns_trimming_off_as_one_setting(off):
+    cfg = AudioCleanConfig(trim_db=off)
+    assert cfg.trim_db == 0.0 and isinstance(cfg.trim_db, float)  # the same content hash however it was said
+    with pytest.raises(ValueError, match=r"trim_db must be a number >= 0 \(dB below the peak; 0 disables trimming\)"):
+        AudioCleanConfig(trim_db=False)
 
 
 # --- formats and rates ----------------------------------------------------------------------------
@@ -184,6 +192,7 @@ def test_leading_and_trailing_silence_are_trimmed(make_sine, make_audio):
     y = clean_audio(data, CFG)
     assert abs(len(y) - 16000) <= 2
     assert len(clean_audio(data, AudioCleanConfig(trim_db=None))) == 32000
+    assert len(clean_audio(data, AudioCleanConfig(trim_db=0))) == 32000
 
 
 def test_long_audio_is_clipped_not_rejected(make_sine, make_audio):
