@@ -8,6 +8,7 @@ Every problem raises ``SpecError`` naming the section and key, so the CLI can ex
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -15,7 +16,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mbm.resources import memory_room, usable_cores
 
@@ -34,6 +35,32 @@ INPUT_KINDS = {"manifest": "manifest file", "folder": "imagefolder or audiofolde
 
 class SpecError(ValueError):
     """A job spec or CLI argument that cannot work; the message says what to fix."""
+
+
+# Beam options that mbm sets itself (pipelines.build: pipeline_options, make_runner), and what to set instead
+SET_BY_MBM = {
+    "runner": "[runner] name (or --runner)",
+    "direct_num_workers": "[runner] workers (or --workers)",
+    "direct_running_mode": "[runner] workers (or --workers)",
+}
+
+
+class _BeamOptionParser(argparse.ArgumentParser):
+    """Beam's options, parsed to check them: a bad value is one SpecError naming the option, where
+    argparse would print Beam's whole usage (some 300 lines) and exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SpecError(f"Beam option {message.removeprefix('argument ')}; fix it in [runner] options or after `--`")
+
+
+def _option_values(args: list[str], names: list[str]) -> list[str]:
+    """The values ``args`` give the option called ``names`` (``--opt=value`` or ``--opt value``)."""
+    values = []
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            values.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+    return values
 
 
 @dataclass(kw_only=True)
@@ -192,16 +219,16 @@ class RunnerConfig:
         """Every Beam option ([runner] options, and those after ``--``) must be one Beam knows: Beam
         only logs and drops an unknown one, so a typo (``--direct_num_worker``) would run the job with
         other settings than asked."""
-        import argparse
         import difflib
 
         from apache_beam.options.pipeline_options import PipelineOptions
 
-        parser = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
+        parser = _BeamOptionParser(allow_abbrev=False, add_help=False)
         for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
             cls._add_argparse_args(parser)  # noqa: SLF001 - how Beam itself collects its options
         _, unknown = parser.parse_known_args(list(self.options) + list(extra or []))
         if not unknown:
+            self._check_set_by_mbm(parser, extra or [])
             return
         known = [opt for action in parser._actions for opt in action.option_strings]  # noqa: SLF001
         shown = []
@@ -210,6 +237,26 @@ class RunnerConfig:
             shown.append(f"{arg!r}" + (f" (did you mean {near[0]}?)" if near else ""))
         raise SpecError(f"Beam knows no option {', '.join(shown)}; it would ignore it and run the job with other "
                         "settings than asked: fix it in [runner] options or after `--`")
+
+    def _check_set_by_mbm(self, parser: argparse.ArgumentParser, extra: list[str]) -> None:
+        """The Beam options mbm sets itself (``SET_BY_MBM``) given in [runner] options or after ``--``: a
+        runner other than [runner] name's is ignored (mbm hands Beam the runner it builds), and a worker
+        count or mode would disagree with the one mbm starts workers, sizes their threads and checks the
+        memory for."""
+        for action in parser._actions:  # noqa: SLF001
+            if action.dest not in SET_BY_MBM:
+                continue
+            for where, args in (("in [runner] options", self.options), ("after `--`", extra)):
+                for value in _option_values(list(args), action.option_strings):
+                    if action.dest == "runner" and _runner_key(value) == _runner_key(self.name):
+                        continue  # says what [runner] name says
+                    said = f"{action.option_strings[0]}={value}"
+                    if action.dest == "runner":
+                        raise SpecError(f"Beam option {said} {where}: mbm runs the job on [runner] name = "
+                                        f"{self.name!r} and would ignore it; set the runner with "
+                                        f"{SET_BY_MBM['runner']} instead")
+                    raise SpecError(f"Beam option {said} {where}: mbm sets it from {SET_BY_MBM[action.dest]}; "
+                                    "set that instead")
 
     def check_workers(self, room: WorkerRoom | None = None) -> None:
         """An explicit ``workers`` of a local runner that is more than both this machine's cores and what
@@ -247,6 +294,11 @@ class RunnerConfig:
             seen = "no GPU" if count == 0 else f"{count} GPU{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})"
             raise SpecError(f"[runner] device = {self.device!r}, but torch sees {seen} on this machine; use "
                             f"device = \"auto\" (a GPU when there is one) or \"cpu\"")
+
+
+def _runner_key(name: str) -> str:
+    """A runner's name as Beam matches it (``dataflow`` is ``DataflowRunner``)."""
+    return name.lower().removesuffix("runner")
 
 
 @dataclass(kw_only=True)

@@ -179,13 +179,51 @@ def test_beam_options_beam_does_not_know_are_refused_naming_them(tmp_path):
     """Beam logs and drops an unknown option: a typo would run the job with other settings than asked."""
     from jobs.spec import RunnerConfig
 
-    runner = RunnerConfig(options=["--direct_running_mode=in_memory", "--job_name", "mine"])
+    runner = RunnerConfig(options=["--max_num_workers=4", "--job_name", "mine"])
     runner.check_options(["--experiments=a", "--temp_location=/tmp/x"])  # all Beam's
     with pytest.raises(SpecError, match=r"Beam knows no option '--direct_num_worker=1' \(did you mean "
                                         r"--direct_num_workers\?\), '--some_beam_option=value'; it would"):
         runner.check_options(["--direct_num_worker=1", "--some_beam_option=value"])
     with pytest.raises(SpecError, match="'--flink_mastr=h:1'"):
         RunnerConfig(name="FlinkRunner", options=["--flink_mastr=h:1"]).check_options()
+
+
+@pytest.mark.parametrize("name, options, extra, message", [
+    ("FnApiRunner", ["--runner=DataflowRunner"], [],
+     r"^Beam option --runner=DataflowRunner in \[runner\] options: mbm runs the job on \[runner\] name = 'FnApiRunner' "
+     r"and would ignore it; set the runner with \[runner\] name \(or --runner\) instead$"),
+    ("DirectRunner", [], ["--runner", "FlinkRunner"],
+     r"^Beam option --runner=FlinkRunner after `--`: .* name = 'DirectRunner'"),
+    ("FnApiRunner", [], ["--direct_num_workers=8"],
+     r"^Beam option --direct_num_workers=8 after `--`: mbm sets it from \[runner\] workers \(or --workers\); set that "
+     r"instead$"),
+    ("DirectRunner", ["--direct_running_mode=multi_threading"], [],
+     r"^Beam option --direct_running_mode=multi_threading in \[runner\] options: mbm sets it from \[runner\] workers"),
+    ("DataflowRunner", [], ["--runner=DataflowRunner", "--direct_num_workers", "2"],
+     r"--direct_num_workers=2 after `--`"),
+])
+def test_beam_options_mbm_sets_itself_are_refused_naming_the_spec_key(name, options, extra, message):
+    """Beam took them and mbm went on with its own: a runner other than [runner] name's was ignored."""
+    from jobs.spec import RunnerConfig
+
+    with pytest.raises(SpecError, match=message):
+        RunnerConfig(name=name, options=options).check_options(extra)
+    RunnerConfig(name="DataflowRunner").check_options(["--runner=DataflowRunner"])  # says what [runner] name says
+    RunnerConfig(name="DataflowRunner").check_options(["--runner", "dataflow"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--direct_num_workers=abc"], "Beam option --direct_num_workers: invalid int value: 'abc'; fix it in [runner] "
+                                   "options or after `--`"),
+    (["--job_name"], "Beam option --job_name: expected one argument; fix it in [runner] options or after `--`"),
+])
+def test_a_bad_beam_option_value_is_one_line_naming_the_option(extra, message, capsys):
+    from jobs.spec import RunnerConfig
+
+    with pytest.raises(SpecError) as info:
+        RunnerConfig().check_options(extra)
+    assert str(info.value) == message
+    assert capsys.readouterr().err == ""  # not Beam's usage, some 300 lines of it
 
 
 @pytest.mark.parametrize("key", ["manifest", "folder", "shards"])
