@@ -26,17 +26,41 @@ def list_versions(out_dir: str) -> list[DatasetManifest]:
         raise ValueError(f"{out_dir} is not an mbm dataset folder (no dataset.json)")
     found = []
     for p in sorted((root / "versions").glob("[0-9]" * 6 + ".json")):
-        m = DatasetManifest.from_json(p.read_text())
+        if int(p.stem) >= current.version:
+            continue  # the current one is dataset.json's; one above it is no committed version
+        m = read_manifest(p)
         if m.version < current.version:
             found.append(m)
     return [*found, current]
+
+
+def read_manifest(path: Path) -> DatasetManifest:
+    """A ``versions/NNNNNN.json``; one that cannot be read (changed by hand, cut short by a full disk, a
+    copy broken on the way) raises ``ValueError`` naming it and how to go on."""
+    try:
+        return DatasetManifest.from_json(path.read_bytes().decode("utf-8"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or UTF-8, a field missing or mistyped
+        said = f"{path} cannot be read ({type(e).__name__}: {e})"
+    version, current = int(path.stem), path.parent.parent / "dataset.json"
+    if version == _version_of(current):
+        raise ValueError(f"{said}; it is a copy of the current version's {current.name}: cp {current} {path}") from None
+    raise ValueError(f"{said}: put back a good copy of it, or delete it to give up version {version} (mbm gc then "
+                     "deletes the shards and index only that version used)") from None
 
 
 def load_version(out_dir: str, version: int) -> DatasetManifest:
     path = Path(out_dir) / version_path(version)
     if not path.is_file():
         raise ValueError(f"version {version} of {out_dir} does not exist (or was garbage-collected)")
-    return DatasetManifest.from_json(path.read_text())
+    return read_manifest(path)
+
+
+def _version_of(manifest: Path) -> int | None:
+    """The version a manifest file names, if it can be read."""
+    try:
+        return json.loads(manifest.read_bytes()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _landed(out_dir: str, manifest: DatasetManifest) -> dict[str, tuple[str, str]]:

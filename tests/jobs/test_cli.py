@@ -532,3 +532,30 @@ def test_a_quoted_tilde_in_a_path_argument_is_the_home_folder(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
 
 
+def _manifests(out, versions: int, shards: int = 1):
+    from schemas import DatasetManifest
+
+    (out / "versions").mkdir(parents=True)
+    for v in range(1, versions + 1):
+        m = DatasetManifest(version=v, shards=[f"shards/v{v:06d}-{i:06d}.tar" for i in range(shards)],
+                            shard_sizes=[10] * shards, num_samples=10 * shards, counts={"input": 10, "rejected": 0},
+                            index=f"index/{v:06d}.parquet", created="2026-01-01T00:00:00Z")
+        (out / "versions" / f"{v:06d}.json").write_text(m.to_json())
+    (out / "dataset.json").write_text(m.to_json())
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[:50], lambda text: "{}"])
+def test_a_damaged_old_version_manifest_is_one_line_naming_it(tmp_path, capsys, damage):
+    out = tmp_path / "ds"
+    _manifests(out, 2)
+    old = out / "versions" / "000001.json"
+    old.write_text(damage(old.read_text()))
+    for args in (["versions", str(out)], ["gc", str(out), "--keep", "1"], ["diff", str(out), "1", "2"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(f"mbm: error: {old} cannot be read ("), err
+        assert err.endswith(": put back a good copy of it, or delete it to give up version 1 (mbm gc then deletes "
+                            "the shards and index only that version used)\n"), err
+    assert old.exists()
+
+
