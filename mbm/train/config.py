@@ -19,6 +19,8 @@ from mbm.model.fusion import FUSIONS
 from schemas import MODALITIES
 
 DEVICES = ("auto", "cpu", "cuda")
+FLOAT32_MAX = 3.4028234663852886e38  # the model and the optimizer's arithmetic are float32
+ADAM_FIRST_STEP = 10  # AdamW's first step moves a weight by up to lr / (1 - beta1), beta1 = 0.9
 
 
 def flag(name: str) -> str:
@@ -90,6 +92,13 @@ class TrainConfig:
         for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "dropout", "val_fraction"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
+            if abs(getattr(self, name)) > FLOAT32_MAX:
+                raise ValueError(f"{flag(name)} {getattr(self, name):g} is beyond float32's range (at most "
+                                 f"{FLOAT32_MAX:.4g}), in which the model trains")
+        if self.lr * ADAM_FIRST_STEP > FLOAT32_MAX:  # torch fails there with "cannot be converted to type float"
+            raise ValueError(f"--lr {self.lr:g} is too large: AdamW's first step moves a weight by up to "
+                             f"{ADAM_FIRST_STEP} x --lr, which float32 cannot hold (at most {FLOAT32_MAX:.4g}); "
+                             "learning rates are usually below 0.01")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

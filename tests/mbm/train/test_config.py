@@ -128,6 +128,34 @@ def test_settings_that_cannot_be_used_are_one_line_before_anything_runs(tmp_path
     assert main(["train", "--data", str(tmp_path), "--out", long]) == 2
     assert capsys.readouterr().err.strip() == f"mbm train: error: --out {long}: File name too long; give a folder for the run"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"lr": 1e38}, r"^--lr 1e\+38 is too large: AdamW's first step moves a weight by up to 10 x --lr, which float32 "
+                   r"cannot hold \(at most 3\.403e\+38\); learning rates are usually below 0\.01$"),
+    ({"lr": 1e39}, r"^--lr 1e\+39 is beyond float32's range \(at most 3\.403e\+38\), in which the model trains$"),
+    ({"weight_decay": 1e39}, r"^--weight-decay 1e\+39 is beyond float32's range"),
+    ({"grad_clip": 1e300}, r"^--grad-clip 1e\+300 is beyond float32's range"),
+    ({"lr": float("nan")}, r"^--lr must be a finite number, got nan$"),
+    ({"grad_clip": float("inf")}, r"^--grad-clip must be a finite number, got inf$"),
+])
+def test_float_settings_that_overflow_float32_are_refused_naming_the_flag(settings, message):
+    """Torch failed on them mid-run: "RuntimeError: value cannot be converted to type float without overflow"."""
+    with pytest.raises(ValueError, match=message):
+        merge(settings)
+    assert merge({"lr": 1.0, "weight_decay": 1e30}).lr == 1.0  # large is not refused for being large
+
+
+def test_an_overflowing_flag_is_one_line_before_anything_runs(tmp_path, capsys):
+    from jobs.train_cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--lr", "1e38",
+                 "--warmup-steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mbm train: error: --lr 1e+38 is too large")
+    assert not (tmp_path / "r").exists()
+
+
 def test_settings_paths_take_a_tilde_and_a_byte_order_mark(tmp_path, monkeypatch):
     """Quoted, "~/runs/a" reached mbm as written (a folder named ~ in the current one); a settings file
     saved by Windows Notepad starts with a BOM, which tomllib does not read."""
