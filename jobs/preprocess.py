@@ -19,7 +19,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 
-from jobs.signals import pending
+from jobs.signals import held_stop, hold_stops, pending
 from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
 from mbm.alloc import Trimmer, arena_env
 from mbm.extractors.handler import features_fingerprint
@@ -331,9 +331,13 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
                                 fingerprints=fingerprints, feature_dims=dims, full=full,
                                 samples_per_shard=spec.output.samples_per_shard,
-                                max_shard_bytes=spec.output.max_shard_bytes)
+                                max_shard_bytes=spec.output.max_shard_bytes,
+                                before_commit=hold_stops)  # a version made current is finished, not cut short
         except ResourceError as e:  # nothing committed: the current version stands
             raise JobError(str(e)) from e
         except DatasetStateError as e:  # every input rejected: the current version stands
             raise SpecError(str(e)) from None
+        if (stop := held_stop()) is not None:
+            log.warning("%s came as version %d was committed: the job finished writing it and ends as done",
+                        stop, result.manifest.version)
     return JobResult(out_dir=out_dir, manifest=result.manifest, report=result.report)

@@ -35,6 +35,8 @@ class Terminated(KeyboardInterrupt):
 
 
 _pending: KeyboardInterrupt | None = None
+_holding = False  # hold_stops() was called in the current stop_signals block
+_held: KeyboardInterrupt | None = None
 
 
 def report(stop: KeyboardInterrupt) -> int:
@@ -52,6 +54,20 @@ def pending() -> KeyboardInterrupt | None:
     return _pending
 
 
+def hold_stops() -> None:
+    """From now until the current ``stop_signals`` block ends, Ctrl-C and SIGTERM are kept (``held_stop()``)
+    instead of raised: the command is past the point after which stopping would leave its work half
+    written instead of undone (a job's new version has been made current, or is being made so, and its
+    other files are still to write). The command then finishes, and says that a stop came."""
+    global _holding
+    _holding = True
+
+
+def held_stop() -> KeyboardInterrupt | None:
+    """The first Ctrl-C or SIGTERM that came while stops were held (``hold_stops``), if one did."""
+    return _held
+
+
 @contextlib.contextmanager
 def stop_signals(first: Callable[[], bool] | None = None,
                  passed_on: Callable[[], None] | None = None) -> Iterator[None]:
@@ -64,7 +80,7 @@ def stop_signals(first: Callable[[], bool] | None = None,
     workers, which a signal sent to its pid alone does not reach. The handlers before are put back on
     leaving, SIGTERM's only if none came. Outside the main thread, where handlers cannot be set, this
     does nothing."""
-    global _pending
+    global _pending, _holding, _held
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -78,10 +94,13 @@ def stop_signals(first: Callable[[], bool] | None = None,
             passed_on()
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        global _pending
+        global _pending, _held
         nonlocal fired
         fired = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if _holding:
+            _held = _held or Terminated()
+            return
         if first is not None and first():
             return
         pass_on()
@@ -89,7 +108,10 @@ def stop_signals(first: Callable[[], bool] | None = None,
         raise _pending
 
     def on_sigint(signum: int, frame: Any) -> None:
-        global _pending
+        global _pending, _held
+        if _holding:
+            _held = _held or KeyboardInterrupt("Ctrl-C")
+            return
         pass_on()
         _pending = KeyboardInterrupt("Ctrl-C")
         raise _pending
@@ -98,7 +120,7 @@ def stop_signals(first: Callable[[], bool] | None = None,
         if what.exc_value is None or what.exc_value is not _pending:
             before_hook(what)
 
-    _pending = None
+    _pending, _holding, _held = None, False, None
     before_hook = sys.unraisablehook
     sys.unraisablehook = unraisable
     before_term = signal.signal(signal.SIGTERM, on_sigterm)
@@ -108,7 +130,7 @@ def stop_signals(first: Callable[[], bool] | None = None,
     try:
         yield
     finally:
-        _pending = None  # what came belongs to this block
+        _pending, _holding, _held = None, False, None  # what came belongs to this block
         sys.unraisablehook = before_hook
         signal.signal(signal.SIGTERM, signal.SIG_IGN if fired else before_term)
         if before_int is signal.default_int_handler:

@@ -461,22 +461,25 @@ def _arrow_pool() -> Iterator[None]:
 
 def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
            fingerprints: dict[str, str], feature_dims: dict[str, int],
-           samples_per_shard: int | None = None, max_shard_bytes: int | None = None, full: bool = False) -> CommitResult:
+           samples_per_shard: int | None = None, max_shard_bytes: int | None = None, full: bool = False,
+           before_commit: Callable[[], None] | None = None) -> CommitResult:
     """Turn the staging folder of a finished pipeline into the next dataset version.
 
     When nothing changed (no new, changed or removed sample, the same rejects) no version is made and
     the returned manifest is the current one. A ``full`` run reuses nothing, so the current version's
-    index may be gone (a folder changed by hand): its samples then count as new.
+    index may be gone (a folder changed by hand): its samples then count as new. ``before_commit`` is
+    called right before ``dataset.json`` is replaced (a caller stops taking interrupts from there on).
     """
     with _arrow_pool():
         return _commit(out_dir, staging, job_toml=job_toml, clock=clock, started=started,
                        fingerprints=fingerprints, feature_dims=feature_dims, samples_per_shard=samples_per_shard,
-                       max_shard_bytes=max_shard_bytes, full=full)
+                       max_shard_bytes=max_shard_bytes, full=full, before_commit=before_commit)
 
 
 def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
             fingerprints: dict[str, str], feature_dims: dict[str, int],
-            samples_per_shard: int | None, max_shard_bytes: int | None = None, full: bool = False) -> CommitResult:
+            samples_per_shard: int | None, max_shard_bytes: int | None = None, full: bool = False,
+            before_commit: Callable[[], None] | None = None) -> CommitResult:
     import pyarrow as pa
 
     previous = current_manifest(out_dir)
@@ -532,6 +535,8 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
     if not unchanged:  # until here readers still see the previous version
         manifest_bytes = manifest.to_json().encode("utf-8")
+        if before_commit is not None:
+            before_commit()
         write_atomic(join(out_dir, "dataset.json"), manifest_bytes, "application/json")
         # After the commit: a versions/ manifest then always names a committed version, so no later run takes
         # one for an interrupted run's leftovers (remove_uncommitted writes it where a kill came between the two).

@@ -559,3 +559,36 @@ def test_a_damaged_old_version_manifest_is_one_line_naming_it(tmp_path, capsys, 
     assert old.exists()
 
 
+@pytest.mark.parametrize("name, said", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
+def test_a_stop_right_after_the_commit_lets_the_run_finish_and_succeed(tmp_path, monkeypatch, capsys, caplog, name,
+                                                                       said):
+    """Once dataset.json names the new version it is committed: a stop then ended the run with 143 (or 130),
+    before its versions/ manifest, job.toml and report.json were written, and its staging went."""
+    import json
+    import signal
+
+    import pipelines.commit as commit
+    import tests.support.failing_extractor  # noqa: F401
+    from tests.support.signals import send
+
+    replace = commit.write_atomic
+
+    def then_stop(path, data, *args):
+        replace(path, data, *args)
+        if path.endswith("/dataset.json"):
+            send(getattr(signal, name))
+
+    monkeypatch.setattr(commit, "write_atomic", then_stop)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["preprocess", str(_failing_job(tmp_path, "ValueError", 1)), "--no-progress"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)  # after a SIGTERM the command leaves it ignored
+    captured = capsys.readouterr()
+    assert f"{said} came as version 1 was committed: the job finished writing it and ends as done" in caplog.text
+    assert "Traceback" not in captured.err and "terminated" not in captured.err and "interrupted" not in captured.err
+    assert "version 1" in captured.out
+    out = tmp_path / "out"
+    assert json.loads((out / "versions" / "000001.json").read_text())["version"] == 1
+    assert (out / "job.toml").exists() and json.loads((out / "report.json").read_text())["version"] == 1
+    assert not (out / ".staging").exists()

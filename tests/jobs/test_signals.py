@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from jobs.signals import Terminated, pending, stop_signals
+from jobs.signals import Terminated, held_stop, hold_stops, pending, stop_signals
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +94,18 @@ def test_an_interrupt_that_c_drops_is_still_pending_and_not_printed(capsys):
         assert isinstance(dropped, KeyboardInterrupt) and not isinstance(dropped, Terminated)
     assert "Exception ignored" not in capsys.readouterr().err
     assert pending() is None  # it belonged to the block
+
+
+def test_stops_held_after_the_commit_point_are_kept_not_raised():
+    from tests.support.signals import send
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    passed = []
+    with stop_signals(passed_on=lambda: passed.append(1)):
+        hold_stops()
+        send(signal.SIGTERM)
+        send(signal.SIGINT)
+        assert isinstance(held_stop(), Terminated) and pending() is None
+    assert held_stop() is None and passed == []  # the command finishes: nothing to stop
+    with pytest.raises(KeyboardInterrupt), stop_signals():  # a new block holds nothing
+        send(signal.SIGINT)
