@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.signals import report, stop_signals
+from jobs.signals import broken_pipe, report, stop_signals
 from jobs.spec import RUNNERS, SpecError
 
 EXIT_USAGE = 2
@@ -182,9 +182,16 @@ def run() -> None:
     stopped its workers, the fork server is closed and the version is committed; logging and the
     standard streams are flushed before ``os._exit``. Other commands (training, which may own
     DataLoader workers and process groups) exit normally.
+
+    Output piped into a reader that stops early (``| head -1``) ends the command quietly with exit status
+    141, as SIGPIPE ends a Unix tool (``jobs.signals.broken_pipe``).
     """
     argv = sys.argv[1:]
-    code = main(argv)
+    try:
+        code = main(argv)
+        sys.stdout.flush()  # here, where a reader that went away can still be told from a failure
+    except BrokenPipeError:
+        code = broken_pipe()
     if _command(argv) in DATASET_COMMANDS:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):

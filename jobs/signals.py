@@ -17,6 +17,7 @@ command went on as if nothing had come, committing its work: ``pending()`` says 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a tool that SIGPIPE ends reports (`yes | head -1`)
 
 
 class Terminated(KeyboardInterrupt):
@@ -46,6 +48,16 @@ def report(stop: KeyboardInterrupt) -> int:
         return EXIT_TERMINATED
     print("mbm: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
+
+
+def broken_pipe() -> int:
+    """The reader of stdout went away (``mbm versions DIR | head -1``): say nothing more, as a Unix tool
+    that SIGPIPE ends says nothing, and return its exit status. stdout then points at /dev/null, so that
+    the interpreter's last flush of what it still holds does not fail again ("Exception ignored")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def pending() -> KeyboardInterrupt | None:

@@ -459,4 +459,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: quiet, as SIGPIPE ends a Unix tool
+        from jobs.signals import broken_pipe
+
+        code = broken_pipe()
+    sys.exit(code)

@@ -559,6 +559,33 @@ def test_a_damaged_old_version_manifest_is_one_line_naming_it(tmp_path, capsys, 
     assert old.exists()
 
 
+def _closed_pipe():
+    """A pipe whose reader is gone, as after ``| head -1`` has read its line: every write to it fails."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+def test_output_into_a_closed_pipe_ends_quietly_with_status_141(tmp_path):
+    """``mbm versions OUT | head -1`` printed a BrokenPipeError traceback once the listing outgrew a buffer."""
+    out = tmp_path / "ds"
+    _manifests(out, 150)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    pipe = _closed_pipe()
+    try:
+        listed = subprocess.run([sys.executable, "-m", "jobs.cli", "versions", str(out)], stdout=pipe,
+                                stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+        # a command that exits the usual way (sys.exit), as training, evaluate and generate do
+        script = ("import sys, jobs.cli as cli; cli.main = lambda argv: print('{}\\n' * 20000) or 0; "
+                  "sys.argv = ['mbm', 'evaluate']; cli.run()")
+        evaluated = subprocess.run([sys.executable, "-c", script], stdout=pipe, stderr=subprocess.PIPE, text=True,
+                                   timeout=120, env=env)
+    finally:
+        os.close(pipe)
+    for done in (listed, evaluated):
+        assert (done.returncode, done.stderr) == (141, "")
+
+
 @pytest.mark.parametrize("name, said", [("SIGTERM", "SIGTERM"), ("SIGINT", "Ctrl-C")])
 def test_a_stop_right_after_the_commit_lets_the_run_finish_and_succeed(tmp_path, monkeypatch, capsys, caplog, name,
                                                                        said):
