@@ -27,7 +27,7 @@ from mbm.data.collate import CollateConfig, collate
 from mbm.data.decode import Sample
 from mbm.data.loader import StreamLoader
 from mbm.data.source import DataSource, label_key, resolve_data
-from mbm.data.split import split_of
+from mbm.data.split import split_key, split_of
 from mbm.data.stream import ShardStream, StreamConfig
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from mbm.train.build import model_config, stream_config
@@ -76,18 +76,18 @@ def mbm_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
 
 class _Keep:
     """The samples the mbm loader trains on (the rules of ``mbm.data.stream.Selector``, from the json doc):
-    this split's ids holding a modality the model reads, with what the task needs: a known label
+    this split's samples holding a modality the model reads, with what the task needs: a known label
     (classify), both modalities of the pair (retrieve), a text (generate)."""
 
     def __init__(self, scfg: StreamConfig) -> None:
-        self.split, self.val_fraction, self.task = scfg.split, scfg.val_fraction, scfg.task
+        self.split, self.val_fraction, self.split_by, self.task = scfg.split, scfg.val_fraction, scfg.split_by, scfg.task
         self.read, self.pair = set(scfg.collate.feature_dims), set(scfg.pair or ())
         self.labels = {label_key(v) for v in scfg.collate.labels}
 
     def __call__(self, raw: dict[str, Any]) -> bool:
         doc = raw["doc"] = json.loads(raw["json"])
         present = set(doc.get("modalities") or ())
-        if split_of(doc["id"], self.val_fraction) != self.split or not present & self.read:
+        if split_of(split_key(doc, self.split_by), self.val_fraction) != self.split or not present & self.read:
             return False
         if self.task == "classify":
             label = doc.get("label")
