@@ -36,7 +36,7 @@ class SyntheticConfig:
     null_label: float = 0.05
     noise: float = 1.0
     seed: int = 0
-    # consecutive samples sharing their image and audio content (their modality_hashes), as COCO's five
+    # consecutive samples sharing their image and audio (features and modality_hashes), as COCO's five
     # captions of one picture do
     media_repeats: int = 1
 
@@ -48,7 +48,7 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def _sample(i: int, cfg: SyntheticConfig, rng: np.random.Generator, proj: dict[str, np.ndarray],
-            protos: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
+            protos: np.ndarray, weights: np.ndarray, shared: dict[str, tuple[int, bytes]]) -> dict[str, Any]:
     c = int(rng.choice(len(cfg.labels), p=weights))
     z = rng.normal(size=protos.shape[1])
     present = [m for m in cfg.feature_dims if rng.random() >= cfg.missing.get(m, 0.0)]
@@ -64,6 +64,11 @@ def _sample(i: int, cfg: SyntheticConfig, rng: np.random.Generator, proj: dict[s
         signal = protos[c] + (z if m != "audio" else 0.0)
         feats = signal @ proj[m] + cfg.noise * rng.normal(size=(n, cfg.feature_dims[m]))
         members[f"{m}.npy"] = _npy(feats)
+        if m != "text" and cfg.media_repeats > 1:  # the group's first sample's features, for all of it
+            group = i // cfg.media_repeats
+            if shared.get(m, (None,))[0] != group:
+                shared[m] = (group, members[f"{m}.npy"])
+            members[f"{m}.npy"] = shared[m][1]
     label = None if rng.random() < cfg.null_label else cfg.labels[c]
     doc = {"id": sid, "label": label, "text": text if "text" in present else None, "modalities": present,
            "content_hash": f"{i:040x}", "fingerprint": {}, "dropped": {}, "meta": {},
@@ -85,12 +90,13 @@ def write_synthetic_dataset(out: str, cfg: SyntheticConfig | None = None, versio
     w = np.array(cfg.class_weights or [2.0 ** -k for k in range(len(cfg.labels))], float)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     shards, sizes, labels = [], [], []
+    shared: dict[str, tuple[int, bytes]] = {}
     for start in range(0, cfg.num_samples, cfg.samples_per_shard):
         rel = f"shards/v{version:06d}-{len(shards):06d}.tar"
         n = min(cfg.samples_per_shard, cfg.num_samples - start)
         with wds.TarWriter(os.path.join(out, rel), encoder=False, mtime=0) as sink:
             for i in range(start, start + n):
-                members = _sample(i, cfg, rng, proj, protos, w / w.sum())
+                members = _sample(i, cfg, rng, proj, protos, w / w.sum(), shared)
                 labels.append(json.loads(members["json"])["label"])
                 sink.write(members)
         shards.append(rel)

@@ -44,14 +44,25 @@ class RetrievalHead(nn.Module):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def recall_at_k(za: torch.Tensor, zb: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@k of matching pairs (row i of za ↔ row i of zb), averaged over both directions."""
-    sim = za @ zb.T  # (N, N)
-    target = torch.arange(sim.shape[0], device=sim.device)
-    out = {}
-    for k in ks:
-        kk = min(k, sim.shape[1])
-        a2b = (sim.topk(kk, dim=1).indices == target[:, None]).any(1).float().mean()
-        b2a = (sim.T.topk(kk, dim=1).indices == target[:, None]).any(1).float().mean()
-        out[f"recall@{k}"] = float((a2b + b2a) / 2)
-    return out
+def recall_at_k(za: torch.Tensor, zb: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
+                groups: tuple[torch.Tensor, torch.Tensor] | None = None, chunk: int = 4096) -> dict[str, float]:
+    """Recall@k of matching pairs (row i of za ↔ row i of zb), averaged over both directions.
+
+    ``groups``: for each row, ids of its a-side and its b-side content; a retrieved row counts as a match
+    when either side's content is the query's (the same picture under another of its captions, the same
+    caption of another picture). Without them, with COCO-style data (five captions of one picture in the
+    split), one picture's copies tie, and its other captions count as misses. Rows are ranked ``chunk``
+    queries at a time, so memory stays (chunk, N), not (N, N)."""
+    n = za.shape[0]
+    ga, gb = groups if groups is not None else (torch.arange(n), torch.arange(n))
+    ga, gb = ga.to(za.device), gb.to(za.device)
+    k_max = min(max(ks), zb.shape[0])
+    hits = {k: 0.0 for k in ks}
+    for queries, keys in ((za, zb), (zb, za)):
+        for start in range(0, n, chunk):
+            top = (queries[start:start + chunk] @ keys.T).topk(k_max, dim=1).indices  # (chunk, k_max)
+            rows = torch.arange(start, start + top.shape[0], device=za.device)[:, None]
+            match = (ga[top] == ga[rows]) | (gb[top] == gb[rows])
+            for k in ks:
+                hits[k] += float(match[:, :min(k, k_max)].any(1).sum())
+    return {f"recall@{k}": hits[k] / (2 * n) for k in ks}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -47,7 +48,11 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     alone = 0.0, 0  # retrieve: (loss sum, samples) of batches of one sample, whose contrastive loss is 0
     label_counts: Counter[int] = Counter()
     za, zb = [], []
+    contents: dict[str, list[bytes]] = {m: [] for m in (model.cfg.pair or ())}
     for batch in batches:
+        if task == "retrieve":
+            for m, keys in contents.items():
+                keys += content_keys(batch, m)
         batch = batch_to(batch, device)
         with autocast(device):
             out = model(batch)
@@ -81,8 +86,22 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
         metrics.update(accuracy=correct / weight, majority_rate=max(label_counts.values()) / weight, samples=weight)
     elif task == "retrieve":
         a, b = torch.cat(za), torch.cat(zb)
-        metrics.update(recall_at_k(a, b), samples=len(a))
+        metrics.update(recall_at_k(a, b, groups=tuple(group_ids(keys) for keys in contents.values())), samples=len(a))
         metrics["chance@5"] = min(5, len(a)) / len(a)
     else:
         metrics.update(tokens=weight)
     return metrics
+
+
+def content_keys(batch: dict[str, Any], modality: str) -> list[bytes]:
+    """A digest of each sample's input features of ``modality`` (before the batch moves to a device): mbm
+    writes bit-identical features for identical media, so samples sharing a picture, a clip or a caption
+    have equal digests."""
+    feats, masks = batch["features"][modality].cpu(), batch["masks"][modality].cpu()
+    return [hashlib.blake2b(feats[i][masks[i]].numpy().tobytes(), digest_size=16).digest() for i in range(len(feats))]
+
+
+def group_ids(keys: list[bytes]) -> torch.Tensor:
+    """Equal keys → equal ids, numbered in order of first appearance."""
+    ids: dict[bytes, int] = {}
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long)

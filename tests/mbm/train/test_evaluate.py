@@ -33,14 +33,16 @@ def test_samples_without_a_modality_the_model_reads_are_named_with_those_modalit
 
 
 class _Retriever(torch.nn.Module):
-    """A retrieve model's interface: in-batch contrastive loss over unit embeddings (0 for one sample)."""
+    """A retrieve model's interface: in-batch contrastive loss over unit embeddings (0 for one sample); each
+    side's embedding is its features' sum."""
 
     def __init__(self):
         super().__init__()
-        self.cfg = types.SimpleNamespace(task="retrieve", input_modalities=lambda: ["text", "image"])
+        self.cfg = types.SimpleNamespace(task="retrieve", input_modalities=lambda: ["text", "image"],
+                                         pair=("text", "image"))
 
     def forward(self, batch):
-        za, zb = batch["za"], batch["zb"]
+        za, zb = (F.normalize(batch["features"][m].float().sum(1), dim=-1) for m in ("text", "image"))
         logits = za @ zb.T / 0.1
         target = torch.arange(len(za))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -56,7 +58,7 @@ def test_a_retrieve_splits_last_batch_of_one_sample_does_not_pull_its_loss_to_ze
     def batches(*sizes):
         start = 0
         for n in sizes:
-            yield {"ids": [str(i) for i in range(start, start + n)], "za": za[start:start + n], "zb": zb[start:start + n]}
+            yield _pairs([str(i) for i in range(start, start + n)], za[start:start + n], zb[start:start + n])
             start += n
 
     model, cpu = _Retriever(), torch.device("cpu")
@@ -65,3 +67,41 @@ def test_a_retrieve_splits_last_batch_of_one_sample_does_not_pull_its_loss_to_ze
     assert with_one["loss"] == pytest.approx(six) and six > 0
     assert with_one["samples"] == 7  # the lone pair still counts for recall
     assert evaluate(model, batches(1), cpu)["loss"] == 0.0  # a split of one pair: nothing better to report
+
+
+def _pairs(ids, text, image):
+    """A retrieve batch whose text and image features are one token each: ``text`` and ``image`` rows."""
+    ones = torch.ones(len(ids), 1, dtype=torch.bool)
+    return {"ids": ids, "features": {"text": text[:, None, :], "image": image[:, None, :]},
+            "masks": {"text": ones, "image": ones}}
+
+
+def test_retrieve_recall_counts_a_pictures_other_captions_and_its_copies_as_matches():
+    """COCO-style split: five captions of each picture. Each picture's five samples carry identical image
+    features, so their embeddings tie, and which copy ranks first is arbitrary: a model that matches every
+    caption to its picture scored text->image recall@1 of about 1/5, and image->text counted the picture's
+    other captions as misses."""
+    torch.manual_seed(0)
+    pictures = F.normalize(torch.randn(8, 16), dim=-1)
+    image = pictures.repeat_interleave(5, dim=0)  # samples 0-4 show picture 0, ...
+    text = F.normalize(image + 0.05 * torch.randn(40, 16), dim=-1)  # each caption nearest its own picture
+    ids = [f"p{i // 5}-c{i % 5}" for i in range(40)]
+    cpu = torch.device("cpu")
+    metrics = evaluate(_Retriever(), [_pairs(ids[:24], text[:24], image[:24]), _pairs(ids[24:], text[24:], image[24:])],
+                       cpu)
+    assert metrics["recall@1"] == 1.0 and metrics["samples"] == 40
+    shuffled = image[torch.randperm(40)]  # captions paired with random pictures: recall near chance
+    assert evaluate(_Retriever(), [_pairs(ids, text, shuffled)], cpu)["recall@1"] < 0.5
+
+
+def test_recall_with_groups_and_chunks_equals_the_whole_matrix():
+    from mbm.model.heads import recall_at_k
+
+    torch.manual_seed(1)
+    za, zb = F.normalize(torch.randn(50, 8), dim=-1), F.normalize(torch.randn(50, 8), dim=-1)
+    whole = recall_at_k(za, zb)
+    assert recall_at_k(za, zb, chunk=7) == whole
+    alone = torch.arange(50)
+    assert recall_at_k(za, zb, groups=(alone, alone), chunk=16) == whole
+    same = torch.zeros(50, dtype=torch.long)  # every row the same content: every retrieval matches
+    assert recall_at_k(za, zb, ks=(1,), groups=(same, alone))["recall@1"] == 1.0
