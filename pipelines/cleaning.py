@@ -26,6 +26,12 @@ from schemas.records import escape_undecodable
 log = logging.getLogger(__name__)
 
 REJECTS = "rejects"
+#: what to do about a file over its modality's ``max_bytes``, said in the ``file.too_large`` detail
+TOO_LARGE_HINT = {
+    "image": "raise it in the job spec, or make the image smaller",
+    "audio": "the whole file is read, though only max_seconds of it are kept; raise it in the job spec, or "
+             "cut the file first (ffmpeg -i IN -t 60 OUT.flac)",
+}
 UNCHANGED = "unchanged"
 
 
@@ -86,9 +92,16 @@ def load_raw(raw: RawSample, cfg: CleanConfig) -> tuple[dict[str, Any], dict[str
             data[m] = read_media(getattr(raw, m), mcfg.max_bytes)
             hashes[m] = _digest(m.encode(), data[m], _config_bytes(m, mcfg))
         except CleanError as e:
-            data[m] = e
+            data[m] = _with_hint(e, m)
             hashes[m] = _digest(m.encode(), b"<unreadable>", e.reason.encode(), _config_bytes(m, mcfg))
     return data, hashes
+
+
+def _with_hint(error: CleanError, modality: str) -> CleanError:
+    """A media read error, with the setting to change where it is one of size."""
+    if error.reason != "file.too_large":
+        return error
+    return CleanError(error.reason, f"{error.detail} ([{modality}] max_bytes: {TOO_LARGE_HINT[modality]})")
 
 
 def content_hash(hashes: dict[str, str], label: Any, meta: dict[str, Any]) -> str:

@@ -25,8 +25,22 @@ def read_media(media: Media, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if len(data) == 0:
         raise CleanError("file.empty", f"{media.describe()} is empty (0 bytes)")
     if len(data) > max_bytes:
-        raise CleanError("file.too_large", f"{media.describe()} has {len(data)} bytes, limit is {max_bytes}")
+        raise CleanError("file.too_large", f"{media.describe()} has {_size(media, data)} bytes, limit is {max_bytes}")
     return data
+
+
+def _size(media: Media, data: bytes) -> str:
+    """The size of media found over the limit: a file is read only to one byte past it, so its size is
+    asked of the file system ("more than N" where it cannot say)."""
+    if media.data is not None or media.offset is not None:
+        return str(len(data))
+    from pipelines.readers.common import local_path
+
+    path = local_path(media.uri or "")
+    try:
+        return str(os.path.getsize(path)) if path is not None else f"more than {len(data) - 1}"
+    except OSError:
+        return f"more than {len(data) - 1}"
 
 
 _SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),

@@ -114,3 +114,17 @@ def test_cleaning_sizes_torchs_thread_pool_before_it_resamples(start):
     assert got["torch_after_start"] == (start == "torch-first")
     assert got["torch_threads"] == 1
     assert got["new_threads"] == 0  # no OpenMP team: resampling ran on the bundle's thread alone
+
+
+def test_a_file_over_max_bytes_names_the_setting_to_raise(tmp_path):
+    (tmp_path / "long.wav").write_bytes(b"\x01" * 5000)
+    (tmp_path / "big.png").write_bytes(b"\x02" * 5000)
+    config = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(max_bytes=1000),
+                         audio=AudioCleanConfig(max_bytes=1000))
+    raw = RawSample(id="a", image=Media(uri=str(tmp_path / "big.png")), audio=Media(uri=str(tmp_path / "long.wav")))
+    data, _ = load_raw(raw, config)
+    audio, image = data["audio"], data["image"]
+    assert audio.reason == image.reason == "file.too_large"
+    assert audio.detail.startswith(f"{tmp_path / 'long.wav'} has 5000 bytes, limit is 1000 ([audio] max_bytes: ")
+    assert "only max_seconds of it are kept" in audio.detail and "ffmpeg -i IN -t 60" in audio.detail
+    assert image.detail.startswith(f"{tmp_path / 'big.png'} has 5000 bytes, limit is 1000 ([image] max_bytes: ")

@@ -50,3 +50,11 @@ def test_a_name_in_the_other_unicode_normalization_form_reads_the_file(tmp_path,
     with pytest.raises(CleanError) as e:  # a name that is missing in both forms is still missing
         read_media(Media(uri=str(tmp_path / unicodedata.normalize(written, "naïve.png")), name="naïve.png"))
     assert e.value.reason == "file.missing"
+
+
+def test_a_file_over_the_limit_is_reported_with_its_own_size(tmp_path):
+    (tmp_path / "long.wav").write_bytes(b"\x01" * 5000)  # read only to one byte past the limit
+    with pytest.raises(CleanError) as e:
+        read_media(Media(uri=str(tmp_path / "long.wav")), max_bytes=1000)
+    assert e.value.reason == "file.too_large"
+    assert e.value.detail == f"{tmp_path / 'long.wav'} has 5000 bytes, limit is 1000"
