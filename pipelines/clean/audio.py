@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from pipelines.clean.formats import unidentified
+from pipelines.clean.formats import ogg_codec, unidentified
 from pipelines.errors import CleanError
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _silent(frames: np.ndarray) -> bool:
 
 
 def _error(data: bytes, detail: str, code: int | None) -> CleanError:
-    if code == _SF_ERR_UNRECOGNISED_FORMAT:
+    if code == _SF_ERR_UNRECOGNISED_FORMAT or (data.startswith(b"OggS") and ogg_codec(data)):
         return CleanError("audio.unidentified", unidentified(data, "audio", "an audio format libsndfile reads"))
     if _ogg_truncated(data):
         return CleanError("audio.truncated", f"Ogg stream cut off: {detail}")

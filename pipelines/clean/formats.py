@@ -33,6 +33,15 @@ _SIGNATURES: tuple[tuple[bytes, str, str | None], ...] = (
     (b"MThd", "a MIDI file (notes, not sound)", None),
     (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "a Windows Media file (ASF: WMA or WMV)", "video"),
     (b"\x00\x00\x01\xba", "an MPEG program stream", "video"),
+    (b"\x0b\x77", "Dolby Digital (AC-3) audio", "audio"),
+    (b"\x7f\xfe\x80\x01", "DTS audio", "audio"),
+)
+# the first packet of an Ogg file names its first stream's codec; these are ones libsndfile does not read
+# (it reads Vorbis, Opus and FLAC), and it fails on them with an internal or "unimplemented" error
+_OGG_CODECS: tuple[tuple[bytes, str, str], ...] = (
+    (b"Speex   ", "Speex speech audio in an Ogg file", "audio"),
+    (b"\x80theora", "an Ogg Theora video (.ogv)", "video"),
+    (b"fishead\x00", "an Ogg file with a Skeleton stream, as Ogg videos (.ogv) have", "video"),
 )
 _MARKUP = re.compile(rb"\s*(<!doctype html|<html|<\?xml|<svg)", re.IGNORECASE)
 
@@ -54,7 +63,31 @@ def _identify(data: bytes) -> tuple[str, str | None] | None:
         if b"<svg" in data[:2048].lower():
             return "an SVG drawing", "drawing"
         return "an HTML or XML page (a failed download?)", None
+    if data[:3] == b"ID3" and len(data) > 10:  # an MP3 behind it libsndfile reads: what else is there?
+        rest = data[_id3_end(data):]
+        found = None if rest[:3] == b"ID3" else _identify(rest)
+        return (f"{found[0]} behind an ID3 tag", found[1]) if found else None
+    if data[:1] == b"\xff" and data[1:2] and data[1] & 0xF6 == 0xF0:  # MPEG audio's sync with layer 0
+        return "raw AAC audio (ADTS, as .aac files hold it)", "audio"
+    if data[:4] == b"OggS":
+        return ogg_codec(data)
     return next(((what, kind) for signature, what, kind in _SIGNATURES if data.startswith(signature)), None)
+
+
+def _id3_end(data: bytes) -> int:
+    """Where the audio starts after the ID3v2 tag at the start of ``data``: its size is four 7-bit bytes."""
+    size = 0
+    for b in data[6:10]:
+        size = size << 7 | b & 0x7F
+    return 10 + size + (10 if data[5] & 0x10 else 0)  # flag 0x10: a footer follows
+
+
+def ogg_codec(data: bytes) -> tuple[str, str] | None:
+    """(what, kind) for an Ogg file whose first stream has a codec libsndfile does not read, or None."""
+    if len(data) < 27:
+        return None
+    packet = 27 + data[26]  # after the header's segment table
+    return next(((what, kind) for start, what, kind in _OGG_CODECS if data.startswith(start, packet)), None)
 
 
 def unidentified(data: bytes, column: str, decoder: str) -> str:

@@ -48,3 +48,47 @@ def test_bytes_that_name_no_known_format_are_only_shown():
     assert unidentified(data, "image", "an image format Pillow reads") == (
         f"not an image format Pillow reads; starts with {data[:16]!r}")
     assert unidentified(_mp4(b"avif"), "image", "x") == f"not x; starts with {_mp4(b'avif')[:16]!r}"  # Pillow's own
+
+
+def _ogg_page(packet: bytes, flags: int, sequence: int) -> bytes:
+    """One Ogg page holding ``packet``, its CRC right (libogg skips a page whose CRC is wrong)."""
+    lacing = [255] * (len(packet) // 255) + [len(packet) % 255]
+    page = b"OggS" + bytes([0, flags]) + struct.pack("<qIII", 0, 1, sequence, 0) + bytes([len(lacing), *lacing])
+    page += packet
+    crc = 0
+    for byte in page:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = (crc << 1 ^ 0x04C11DB7 if crc & 0x80000000 else crc << 1) & 0xFFFFFFFF
+    return page[:22] + struct.pack("<I", crc) + page[26:]
+
+
+def _ogg(first: bytes) -> bytes:
+    """An Ogg file whose first stream starts with the packet ``first``, complete to its end-of-stream page."""
+    return _ogg_page(first, 0x02, 0) + _ogg_page(b"comments" + bytes(20), 0, 1) + _ogg_page(bytes(200), 0x04, 2)
+
+
+ADTS = bytes.fromhex("fff15080021ffc") + bytes(300)
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    (ADTS, "this is raw AAC audio (ADTS, as .aac files hold it): convert it to FLAC or WAV first (ffmpeg -i IN"),
+    (b"ID3\x04\x00\x00\x00\x00\x00\x05title" + ADTS,
+     "this is raw AAC audio (ADTS, as .aac files hold it) behind an ID3 tag: convert it to FLAC or WAV first"),
+    (b"\x0b\x77" + bytes(300), "this is Dolby Digital (AC-3) audio: convert it to FLAC or WAV first"),
+    (bytes.fromhex("7ffe8001") + bytes(300), "this is DTS audio: convert it to FLAC or WAV first"),
+    (_ogg(b"Speex   1.2rc1" + bytes(66)), "this is Speex speech audio in an Ogg file: convert it to FLAC or WAV"),
+    (_ogg(b"\x80theora" + bytes(34)), "this is an Ogg Theora video (.ogv): convert it to FLAC or WAV first (ffmpeg "
+                                      "-i IN -vn OUT.flac), for its sound"),
+])
+def test_audio_codecs_libsndfile_does_not_read_are_named(data, says):
+    with pytest.raises(CleanError) as e:
+        clean_audio(data, AudioCleanConfig())
+    assert e.value.reason == "audio.unidentified"  # an Ogg Speex file was 'Unspecified internal error', Theora
+    assert says in e.value.detail                  # 'audio.truncated' when its last page was not at the end
+
+
+def test_an_id3_tag_before_nothing_known_or_before_another_tag_names_nothing():
+    tag = b"ID3\x04\x00\x00\x00\x00\x00\x00"
+    assert unidentified(tag + bytes(64), "audio", "x") == f"not x; starts with {(tag + bytes(6))!r}"
+    assert unidentified(tag * 5000 + ADTS, "audio", "x") == f"not x; starts with {(tag + tag[:6])!r}"
