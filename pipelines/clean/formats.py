@@ -14,11 +14,19 @@ _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b
 _AUDIO_MP4_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A ", b"F4B "}
 
 _TO_AUDIO = "convert it to FLAC or WAV first (ffmpeg -i IN -vn OUT.flac)"
-_FIX = {  # kind of file -> what to do when it stands where media of that kind are read
+FIX = {  # kind of file -> what to do when it stands where media of that kind are read
     "image": "convert it to JPEG or PNG first",
     "audio": _TO_AUDIO,
     "video": f"{_TO_AUDIO}, for its sound",
     "drawing": "render it to PNG first",
+}
+
+# extensions of media that the cleaners do not decode here, by kind: their files are named with what to do
+UNREAD_EXTENSIONS = {
+    **dict.fromkeys(("heic", "heif", "jxl"), "image"),
+    **dict.fromkeys(("m4a", "m4b", "aac", "wma", "amr", "awb", "ape", "wv", "ac3", "dts", "spx", "mka"), "audio"),
+    **dict.fromkeys(("mp4", "m4v", "mov", "webm", "mkv", "avi", "ogv", "3gp", "wmv"), "video"),
+    **dict.fromkeys(("svg", "eps"), "drawing"),
 }
 
 # (signature at offset 0, what it is, its kind: image, audio, video, drawing, or None for no media)
@@ -99,5 +107,5 @@ def unidentified(data: bytes, column: str, decoder: str) -> str:
         return detail
     what, kind = known
     if kind == column or (column == "audio" and kind == "video") or (column == "image" and kind == "drawing"):
-        return f"{detail}; this is {what}: {_FIX[kind]}"
+        return f"{detail}; this is {what}: {FIX[kind]}"
     return f"{detail}; this is {what}, not {'an image' if column == 'image' else 'audio'}: the path or the file is wrong"

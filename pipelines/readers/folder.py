@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pipelines.clean.formats import FIX, UNREAD_EXTENSIONS
 from pipelines.errors import CleanError
 from pipelines.media import read_media
 from pipelines.readers.common import (
@@ -276,10 +277,20 @@ def _file_name(value: Any, source: str, base: str) -> str:
 def _kind(file_name: str, source: str) -> str:
     kind = media_kind(file_name)
     if kind is None:
+        unread = _unread_format(extension(file_name))
         raise CleanError(
-            "read.unsupported_file", f"{source}: {file_name!r} is neither an image nor an audio file"
+            "read.unsupported_file",
+            f"{source}: {file_name!r} is " + (unread or "neither an image nor an audio file"),
         )
     return kind
+
+
+def _unread_format(ext: str) -> str | None:
+    """What a file of an image, audio or video format that the cleaners do not decode is, and what to do."""
+    kind = UNREAD_EXTENSIONS.get(ext)
+    if kind is None:
+        return None
+    return f"{'an' if kind[0] in 'ai' else 'a'} {kind} format mbm does not decode ('.{ext}'): {FIX[kind]}"
 
 
 def _row_sample(sample_id: str, row: dict[str, Any], source: str, kind: str, media: Media) -> RawSample:
@@ -466,6 +477,8 @@ def _unsupported(rel: str, partner: str | None = None) -> Reject:
         what = f"{partner} already holds the {PARTNERS[ext]} of the image or audio files named '{stem}.*'"
     elif ext in PARTNERS:
         what = f"no image or audio file named '{stem}.*' beside it, whose {PARTNERS[ext]} it would be"
+    elif ext in UNREAD_EXTENSIONS:
+        what = f"it is {_unread_format(ext)}"
     elif ext:
         what = f"'.{ext}' is not an image or audio extension mbm reads"
     else:

@@ -194,7 +194,8 @@ def test_less_common_media_extensions_and_unknown_files_without_metadata(tmp_pat
         ("dogs/LICENSE", "read.unsupported_file", "dogs/LICENSE",
          "dogs/LICENSE: not read as a sample (it has no extension)"),
         ("dogs/j.HEIC", "read.unsupported_file", "dogs/j.HEIC",
-         "dogs/j.HEIC: not read as a sample ('.heic' is not an image or audio extension mbm reads)"),
+         "dogs/j.HEIC: not read as a sample (it is an image format mbm does not decode ('.heic'): convert it to "
+         "JPEG or PNG first)"),
     ]
 
 
@@ -335,7 +336,8 @@ def test_a_text_file_beside_a_media_file_is_its_text(tmp_path):
     rejects = [(r.id, r.reason, r.detail) for r in items if isinstance(r, Reject)]
     assert rejects == [
         ("a.heic", "read.unsupported_file",
-         "a.heic: not read as a sample ('.heic' is not an image or audio extension mbm reads)"),
+         "a.heic: not read as a sample (it is an image format mbm does not decode ('.heic'): convert it to JPEG "
+         "or PNG first)"),
         ("d.txt", "read.unsupported_file",
          "d.txt: not read as a sample "
          "(d.TXT already holds the text of the image or audio files named 'd.*')"),
@@ -577,3 +579,21 @@ def test_a_metadata_row_naming_a_file_in_the_other_unicode_form_is_its_sample(tm
     items = list(iter_folder(str(tmp_path)))
     assert [type(i).__name__ for i in items] == ["RawSample", "RawSample"]  # no read.not_in_metadata for it
     assert read_media(items[0].image) == b"png"
+
+
+def test_media_of_formats_mbm_does_not_decode_say_how_to_convert_them(tmp_path):
+    _touch(tmp_path, "memo.m4a", "clip.webm", "raw.aac", "a.wav", "listed/b.wav", "listed/talk.M4A")
+    (tmp_path / "listed" / "metadata.csv").write_text("file_name\nb.wav\ntalk.M4A\n")
+    rejects = [(r.id, r.detail) for r in iter_folder(str(tmp_path / "listed")) if isinstance(r, Reject)]
+    assert rejects == [("talk.M4A", "metadata.csv:3: 'talk.M4A' is an audio format mbm does not decode "
+                                    "('.m4a'): convert it to FLAC or WAV first (ffmpeg -i IN -vn OUT.flac)")]
+    (tmp_path / "listed" / "metadata.csv").unlink()
+    (tmp_path / "listed" / "talk.M4A").unlink()
+    rejects = [(r.id, r.detail) for r in iter_folder(str(tmp_path)) if isinstance(r, Reject)]
+    to_flac = "convert it to FLAC or WAV first (ffmpeg -i IN -vn OUT.flac)"
+    assert rejects == [
+        ("clip.webm", f"clip.webm: not read as a sample (it is a video format mbm does not decode ('.webm'): "
+                      f"{to_flac}, for its sound)"),
+        ("memo.m4a", f"memo.m4a: not read as a sample (it is an audio format mbm does not decode ('.m4a'): {to_flac})"),
+        ("raw.aac", f"raw.aac: not read as a sample (it is an audio format mbm does not decode ('.aac'): {to_flac})"),
+    ]
