@@ -59,6 +59,8 @@ FILE_NAME_NEAR = frozenset({"filename", "file", "filepath", "path", "image", "im
                             "audio", "audiopath", "audiofile"})
 # without metadata, the files that hold the text and the metadata of the media files of the same name
 TEXT_EXTENSION, INFO_EXTENSION = "txt", "json"
+# LibriSpeech's per-chapter transcripts (19-198.trans.txt: '19-198-0000 TEXT' lines), said what they are
+TRANSCRIPTS = ".trans"
 PARTNERS = {TEXT_EXTENSION: "text", INFO_EXTENSION: "metadata"}
 # img2dataset names its shard folders {shard:05d}: folders all named so are shards, not classes
 SHARD_FOLDER = re.compile(r"[0-9]{5,}")
@@ -475,6 +477,11 @@ def _unsupported(rel: str, partner: str | None = None) -> Reject:
     stem = posixpath.basename(posixpath.splitext(rel)[0])
     if ext in PARTNERS and partner is not None:
         what = f"{partner} already holds the {PARTNERS[ext]} of the image or audio files named '{stem}.*'"
+    elif ext == TEXT_EXTENSION and stem.endswith(TRANSCRIPTS):
+        what = (
+            "a LibriSpeech transcript: mbm takes a file's text from a .txt of the same name beside it, not from "
+            "one file of '<id> <text>' lines; write a manifest from these lines (README: LibriSpeech)"
+        )
     elif ext in PARTNERS:
         what = f"no image or audio file named '{stem}.*' beside it, whose {PARTNERS[ext]} it would be"
     elif ext in UNREAD_EXTENSIONS:

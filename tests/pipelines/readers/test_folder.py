@@ -597,3 +597,16 @@ def test_media_of_formats_mbm_does_not_decode_say_how_to_convert_them(tmp_path):
         ("memo.m4a", f"memo.m4a: not read as a sample (it is an audio format mbm does not decode ('.m4a'): {to_flac})"),
         ("raw.aac", f"raw.aac: not read as a sample (it is an audio format mbm does not decode ('.aac'): {to_flac})"),
     ]
+
+
+def test_a_librispeech_transcript_is_named_with_what_to_do(tmp_path):
+    _touch(tmp_path, "19/198/19-198-0000.flac", "19/198/19-198-0001.flac")
+    (tmp_path / "19/198/19-198.trans.txt").write_text("19-198-0000 HELLO\n19-198-0001 WORLD\n")
+    items = list(iter_folder(str(tmp_path)))
+    assert [(s.id, s.text) for s in items if isinstance(s, RawSample)] == [
+        ("19/198/19-198-0000.flac", None), ("19/198/19-198-0001.flac", None)]
+    assert [(r.id, r.reason, r.detail) for r in items if isinstance(r, Reject)] == [(
+        "19/198/19-198.trans.txt", "read.unsupported_file",
+        "19/198/19-198.trans.txt: not read as a sample (a LibriSpeech transcript: mbm takes a file's text from a "
+        ".txt of the same name beside it, not from one file of '<id> <text>' lines; write a manifest from these "
+        "lines (README: LibriSpeech))")]
