@@ -165,3 +165,29 @@ def test_a_checkpoint_of_another_run_is_refused(no_audio, tmp_path, capsys):
     assert f"--checkpoint {loose} holds a retrieve model, but --run {cls} trains classify" in capsys.readouterr().err
     assert main(["evaluate", "--run", cls, "--checkpoint", os.path.join(cls, "checkpoints", "step-000002.pt")]) == 0
     assert main(["evaluate", "--run", cls, "--checkpoint", "2"]) == 0
+
+
+def test_generate_says_what_it_left_out_of_a_split_it_read_to_the_end(tmp_path, capsys, caplog):
+    """Samples with none of the modalities the decoder reads were left out of generate's output without a
+    word, while evaluate warned about them."""
+    import logging
+
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=40, samples_per_shard=40,
+                                                  feature_dims={"text": 8, "image": 6, "audio": 4},
+                                                  missing={"text": 0.0, "image": 0.5, "audio": 1.0}))
+    run = str(tmp_path / "gen")
+    tok = write_tiny_tokenizer(str(tmp_path / "tok"))
+    assert main(["train", *TINY, "--data", data, "--out", run, "--task", "generate", "--tokenizer", tok,
+                 "--max-target-len", "6"]) == 0
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING):
+        assert main(["generate", "--run", run, "--split", "all", "--limit", "1000"]) == 0
+    shown = capsys.readouterr().out.count("  generated: ")
+    assert 0 < shown < 40
+    assert (f"generate left out {40 - shown} samples with none of the modalities this model reads (image, audio)"
+            in caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["generate", "--run", run, "--split", "all", "--limit", "1"]) == 0  # stopped early: not known
+    assert "left out" not in caplog.text
