@@ -8,7 +8,9 @@ BICUBIC and center-crop (``fit="crop"``) or pad (``fit="pad"``). Every failure i
 with an ``image.*`` reason.
 
 Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 2x for an error) still applies at
-``Image.open``; it is mapped to ``image.too_large`` as well. Colour profiles are not applied.
+``Image.open``; it is mapped to ``image.too_large`` as well. Colour profiles are not applied, so a PNG
+whose compressed metadata (an ICC profile, Photoshop's XMP) unpacks past Pillow's text limits is decoded
+without its text and profile chunks rather than refused.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ FITS = ("crop", "pad")
 _REDUCING_GAP = 2.0  # JPEG draft keeps >= 2x the target size, then BICUBIC does the rest
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# PNG chunks of text and colour profile: Pillow unpacks them at open and refuses the whole file when one
+# unpacks past PngImagePlugin.MAX_TEXT_CHUNK (1 MB) or all past MAX_TEXT_MEMORY; mbm uses none of them
+_PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"iCCP"})
+_PNG_TEXT_LIMIT = "PngImagePlugin.MAX_TEXT"
 _SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "PNG",
     b"\xff\xd8\xff": "JPEG",
@@ -90,13 +96,27 @@ def clean_image(data: bytes, cfg: ImageCleanConfig) -> np.ndarray:
 
 
 def _open(data: bytes, cfg: ImageCleanConfig) -> Image.Image:
-    """Open, check the header's pixel count, then decode the first frame's pixels."""
+    """Open, check the header's pixel count, then decode the first frame's pixels. A PNG refused for
+    metadata past Pillow's text limits is decoded again without its text and profile chunks (the
+    pixels are fine; photos edited in Photoshop carry megabytes of XMP history)."""
+    try:
+        return _decode(data, cfg)
+    except _PngTextTooLarge as e:
+        log.debug("PNG metadata past Pillow's limits (%s): decoding without its text and profile chunks", e)
+        return _decode(_without_png_text(data), cfg, retry=False)
+
+
+class _PngTextTooLarge(Exception):
+    """Pillow refused a PNG for the size of its text or colour profile chunks, not for its pixels."""
+
+
+def _decode(data: bytes, cfg: ImageCleanConfig, retry: bool = True) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise CleanError("image.too_large", str(e)) from None
     except Exception as e:  # UnidentifiedImageError, or a plugin failing outside Pillow's identify loop
-        raise _error(data, e, "open") from None
+        raise _error(data, e, "open", retry=retry) from None
     w, h = img.size
     if w * h > cfg.max_pixels:
         raise CleanError(
@@ -110,15 +130,18 @@ def _open(data: bytes, cfg: ImageCleanConfig) -> Image.Image:
     try:
         img.load()
     except Exception as e:
-        raise _error(data, e, "load", img.format) from None
+        raise _error(data, e, "load", img.format, retry) from None
     if _looks_truncated(data, _sniff(data)):  # pixels complete but the file cut short (PNG without IEND)
         raise CleanError("image.truncated", f"{img.format} ({len(data)} bytes) ends before its last chunk")
     return img
 
 
-def _error(data: bytes, e: Exception, phase: str, fmt: str | None = None) -> CleanError:
-    """Map a Pillow exception to a reason code; the message alone is not reliable, so sniff the bytes too."""
+def _error(data: bytes, e: Exception, phase: str, fmt: str | None = None, retry: bool = False) -> Exception:
+    """Map a Pillow exception to a reason code; the message alone is not reliable, so sniff the bytes too.
+    With ``retry``, a PNG refused for its text chunks' size is ``_PngTextTooLarge``, to decode without them."""
     fmt = fmt or _sniff(data)
+    if retry and fmt == "PNG" and isinstance(e, ValueError) and _PNG_TEXT_LIMIT in str(e):
+        return _PngTextTooLarge(str(e))
     message = _OBJECT_REPR.sub("<bytes>", str(e))  # Pillow names the BytesIO by its address: not reproducible
     what = f"{fmt or 'unknown format'} ({len(data)} bytes): {type(e).__name__}: {message}"
     if isinstance(e, Image.DecompressionBombError | MemoryError):
@@ -175,6 +198,22 @@ def _gif_has_trailer(data: bytes) -> bool:
             pos += 1 + data[pos]
         pos += 1
     return False
+
+
+def _without_png_text(data: bytes) -> bytes:
+    """``data`` (a PNG) without its text and colour profile chunks; every other chunk, and any bytes
+    after the last whole chunk (a cut file stays cut), as they are."""
+    parts, pos = [data[:8]], 8
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        if kind not in _PNG_TEXT_CHUNKS:
+            parts.append(data[pos:end])
+        pos = end
+    parts.append(data[pos:])
+    return b"".join(parts)
 
 
 def _png_has_iend(data: bytes) -> bool:

@@ -359,3 +359,42 @@ def test_tiff_with_bogus_compression_is_unreadable(make_stripes, make_image):
     data[at : at + 2] = struct.pack("<H", 12345)
     err = reason(bytes(data))
     assert err.reason == "image.unreadable" and "TIFF" in err.detail
+
+
+# --- PNG metadata past Pillow's text limits ----------------------------------------------------------
+
+
+def _png_with(make_image, **save) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in save.pop("text", {}).items():
+        info.add_itxt(key, value, zip=True)
+    return make_image(Image.new("RGB", (16, 12), RED), "PNG", pnginfo=info, **save)
+
+
+@pytest.mark.parametrize("what", ["xmp", "icc"])
+def test_png_with_metadata_past_pillows_text_limit_is_read(make_image, what):
+    """Photoshop's XMP history and big ICC profiles unpack past Pillow's 1 MB text limit
+    (``PngImagePlugin.MAX_TEXT_CHUNK``), which refuses the whole file; mbm uses neither, so the pixels land."""
+    big = "x" * (2 * 1024 * 1024)
+    data = (_png_with(make_image, text={"XML:com.adobe.xmp": big}) if what == "xmp"
+            else _png_with(make_image, icc_profile=big.encode()))
+    with pytest.raises(ValueError, match="MAX_TEXT_CHUNK"):
+        Image.open(io.BytesIO(data)).load()
+    assert np.array_equal(mean_rgb(clean_image(data, CFG)), RED)
+
+
+def test_png_metadata_stripped_keeps_transparency_and_truncation_checks(make_image):
+    big = "x" * (2 * 1024 * 1024)
+    img = Image.new("RGBA", (16, 12), (*RED, 255))
+    img.paste((0, 0, 0, 0), (0, 0, 8, 12))  # left half transparent: the background shows there
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", big, zip=True)
+    data = make_image(img, "PNG", pnginfo=info)
+    out = clean_image(data, ImageCleanConfig(size=12, fit="pad", background=(0, 0, 255)))
+    assert tuple(out[6, 1]) == (0, 0, 255) and tuple(out[6, 10]) == RED
+    assert reason(data[:-20]).reason == "image.truncated"  # IEND cut off: still a truncated file
+
