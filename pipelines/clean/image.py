@@ -7,8 +7,9 @@ to RGB (alpha composited over ``background``; 16-bit and float images rescaled, 
 BICUBIC and center-crop (``fit="crop"``) or pad (``fit="pad"``). Every failure is a ``CleanError``
 with an ``image.*`` reason.
 
-Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, 2x for an error) still applies at
-``Image.open``; it is mapped to ``image.too_large`` as well. Colour profiles are not applied, so a PNG
+``max_pixels`` is the decompression-bomb limit: Pillow's own (``Image.MAX_IMAGE_PIXELS``, 179 M pixels
+for an error) is off while a header is read, so that a larger ``max_pixels`` is honoured and a refusal
+names the setting that decides. Colour profiles are not applied, so a PNG
 whose compressed metadata (an ICC profile, Photoshop's XMP) unpacks past Pillow's text limits is decoded
 without its text and profile chunks rather than refused.
 """
@@ -19,6 +20,7 @@ import io
 import logging
 import re
 import struct
+import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -37,6 +39,8 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # unpacks past PngImagePlugin.MAX_TEXT_CHUNK (1 MB) or all past MAX_TEXT_MEMORY; mbm uses none of them
 _PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"iCCP"})
 _PNG_TEXT_LIMIT = "PngImagePlugin.MAX_TEXT"
+# held while Pillow's pixel limit is off: opening reads headers only, and max_pixels is checked right after
+_HEADER_ONLY = threading.Lock()
 _SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "PNG",
     b"\xff\xd8\xff": "JPEG",
@@ -106,13 +110,25 @@ def _open(data: bytes, cfg: ImageCleanConfig) -> Image.Image:
         return _decode(_without_png_text(data), cfg, retry=False)
 
 
+def _open_header(data: bytes) -> Image.Image:
+    """``Image.open`` (the header; no pixel decoded) without Pillow's pixel limit, which would refuse
+    images a ``max_pixels`` above 179 M allows; the caller checks ``max_pixels`` before decoding."""
+    with _HEADER_ONLY:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 class _PngTextTooLarge(Exception):
     """Pillow refused a PNG for the size of its text or colour profile chunks, not for its pixels."""
 
 
 def _decode(data: bytes, cfg: ImageCleanConfig, retry: bool = True) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open_header(data)
     except Image.DecompressionBombError as e:
         raise CleanError("image.too_large", str(e)) from None
     except Exception as e:  # UnidentifiedImageError, or a plugin failing outside Pillow's identify loop
@@ -120,7 +136,8 @@ def _decode(data: bytes, cfg: ImageCleanConfig, retry: bool = True) -> Image.Ima
     w, h = img.size
     if w * h > cfg.max_pixels:
         raise CleanError(
-            "image.too_large", f"{img.format} header says {w}x{h} = {w * h} pixels, limit is {cfg.max_pixels}"
+            "image.too_large",
+            f"{img.format} header says {w}x{h} = {w * h} pixels, limit is {cfg.max_pixels} ([image] max_pixels)",
         )
     if w < 1 or h < 1:
         raise CleanError("image.unreadable", f"{img.format} header says {w}x{h}")

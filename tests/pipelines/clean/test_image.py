@@ -398,3 +398,23 @@ def test_png_metadata_stripped_keeps_transparency_and_truncation_checks(make_ima
     assert tuple(out[6, 1]) == (0, 0, 255) and tuple(out[6, 10]) == RED
     assert reason(data[:-20]).reason == "image.truncated"  # IEND cut off: still a truncated file
 
+
+# --- max_pixels and Pillow's decompression-bomb limit ------------------------------------------------
+
+
+def test_max_pixels_above_pillows_limit_is_honoured(make_image, monkeypatch):
+    """Pillow refuses images past 2 x Image.MAX_IMAGE_PIXELS (179 M pixels) whatever [image] max_pixels
+    says; a larger max_pixels (scans, satellite tiles) must let them through. Pillow's limit is made
+    small here so that a small image stands for a 200 M pixel one."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    data = make_image(Image.new("RGB", (60, 40), RED), "PNG")  # 2400 pixels > 2 x 100
+    assert np.array_equal(mean_rgb(clean_image(data, ImageCleanConfig(size=32, max_pixels=10_000))), RED)
+    err = reason(data, ImageCleanConfig(size=32, max_pixels=1_000))
+    assert err.reason == "image.too_large" and err.detail == "PNG header says 60x40 = 2400 pixels, limit is 1000 ([image] max_pixels)"
+
+
+def test_pillows_bomb_error_names_max_pixels(make_png_header):
+    """An image past Pillow's own limit too is refused naming the setting that decides, not Pillow's 179 M."""
+    err = reason(make_png_header(100_000, 100_000), ImageCleanConfig(max_pixels=64_000_000))
+    assert err.reason == "image.too_large"
+    assert err.detail == "PNG header says 100000x100000 = 10000000000 pixels, limit is 64000000 ([image] max_pixels)"
