@@ -48,11 +48,15 @@ def local_path(path: str) -> str | None:
     """The local filesystem path of ``path``, or None for a remote URI. A ``file://`` URI is read as
     RFC 8089 writes it (``pathlib.Path.as_uri()``): ``file:///abs`` or ``file://localhost/abs``, its
     escapes decoded (``%20`` a space); a ``file://name/...`` with another host stays the relative path
-    ``name/...`` it was read as before."""
+    ``name/...`` it was read as before. So is ``file:/abs``, RFC 8089's form without an authority, as
+    Java's ``File.toURI()`` and Hadoop and Spark paths write it."""
     if path.startswith("file://"):
         local = path[len("file://"):]
         if local.startswith("localhost/"):
             local = local[len("localhost"):]
+        return unquote(local) if "%" in local else local
+    if path.startswith("file:/"):
+        local = path[len("file:"):]
         return unquote(local) if "%" in local else local
     return None if has_scheme(path) else path
 

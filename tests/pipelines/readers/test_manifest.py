@@ -885,3 +885,16 @@ def test_excels_sep_line_names_the_delimiter(tmp_path):
                                                                   ("b", "y;z", "2", "m.csv:4")]
     (tmp_path / "n.csv").write_text("sep=,\nid,text\nc,plain\n")
     assert [(s.id, s.text, s.source) for s in iter_manifest(str(tmp_path / "n.csv"))] == [("c", "plain", "n.csv:3")]
+
+
+def test_file_uris_without_an_authority_are_local_paths(tmp_path):
+    """Java's ``File.toURI()`` and Hadoop/Spark paths write ``file:/abs`` (RFC 8089's minimal form): the file
+    at /abs, not a relative path ``file:/abs`` under the manifest's folder (a file.missing reject)."""
+    media = tmp_path / "my media" / "a.png"
+    (tmp_path / "m.jsonl").write_bytes(_line({"id": "a", "image": f"file:{media}"})
+                                       + _line({"id": "b", "image": "file:" + str(media).replace(" ", "%20")})
+                                       + _line({"id": "c", "image": "file:/elsewhere/x.png"}))
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.jsonl"))))
+    assert [(s.id, s.image.uri) for s in samples] == [("a", str(media)), ("b", str(media))]
+    assert [(r.id, r.reason) for r in rejects] == [("c", "read.path_escape")]
+    assert "resolves to '/elsewhere/x.png'" in rejects[0].detail
