@@ -1,3 +1,4 @@
+import base64
 import bz2
 import gzip
 import io
@@ -898,3 +899,30 @@ def test_file_uris_without_an_authority_are_local_paths(tmp_path):
     assert [(s.id, s.image.uri) for s in samples] == [("a", str(media)), ("b", str(media))]
     assert [(r.id, r.reason) for r in rejects] == [("c", "read.path_escape")]
     assert "resolves to '/elsewhere/x.png'" in rejects[0].detail
+
+
+def test_data_uris_are_the_media_bytes(tmp_path):
+    """A ``data:`` URI (base64, as web pages, scrapes and chat-format vision datasets embed images; or
+    percent-escaped) holds the file's bytes: it is read as they are, not opened as a path named by
+    the whole payload (a file.unreadable reject whose detail held all of it)."""
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 200
+    b64 = base64.b64encode(png).decode()
+    rows = [
+        {"id": "a", "image": "data:image/png;base64," + b64},
+        {"id": "b", "image": "DATA:image/png;BASE64," + "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))},
+        {"id": "c", "image": "data:image/svg+xml,%3Csvg%3E%3C/svg%3E"},
+        {"id": "d", "image": "data:image/png;base64," + b64[:-3] + "*=="},
+        {"id": "e", "image": "data:image/png;base64"},
+    ]
+    (tmp_path / "m.jsonl").write_bytes(b"".join(_line(r) for r in rows))
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.jsonl"))))
+    assert [(s.id, s.image.data, s.image.uri, s.image.name) for s in samples] == [
+        ("a", png, None, "data:image/png;base64,..."),
+        ("b", png, None, "data:image/png;BASE64,..."),
+        ("c", b"<svg></svg>", None, "data:image/svg+xml,..."),
+    ]
+    assert [(r.id, r.reason, r.detail) for r in rejects] == [
+        ("d", "read.bad_data_uri", "m.jsonl:4: 'image' is a data: URI (image/png;base64) whose base64 does not "
+                                   "decode: Only base64 data is allowed"),
+        ("e", "read.bad_data_uri", "m.jsonl:5: 'image' is a data: URI with no ',' before its data"),
+    ]
