@@ -27,7 +27,7 @@ from mbm.data.collate import CollateConfig, collate
 from mbm.data.decode import Sample
 from mbm.data.loader import StreamLoader
 from mbm.data.source import DataSource, label_key, resolve_data
-from mbm.data.split import split_key, split_of
+from mbm.data.split import sample_split
 from mbm.data.stream import ShardStream, StreamConfig
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from mbm.train.build import model_config, stream_config
@@ -87,7 +87,7 @@ class _Keep:
     def __call__(self, raw: dict[str, Any]) -> bool:
         doc = raw["doc"] = json.loads(raw["json"])
         present = set(doc.get("modalities") or ())
-        if split_of(split_key(doc, self.split_by), self.val_fraction) != self.split or not present & self.read:
+        if sample_split(doc, self.val_fraction, self.split_by) != self.split or not present & self.read:
             return False
         if self.task == "classify":
             label = doc.get("label")

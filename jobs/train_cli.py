@@ -55,8 +55,9 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--stop-at": (int, "stop after this step (checkpointed), keeping the schedule of --steps"),
     "--val-fraction": (float, "held-out fraction, chosen by a hash of the sample id (default 0.1)"),
     "--split-by": (str, "what chooses a sample's split: id, or text, image or audio (samples with the same "
-                        "content of it share a split); default auto: retrieve by its pair's non-text modality, "
-                        "else id"),
+                        "content of it share a split), or split: the dataset's own (train/ and test/ folders, a "
+                        "'split' column: test, validation, val, dev and eval are held out; a sample naming none "
+                        "goes by its id); default auto: retrieve by its pair's non-text modality, else id"),
     "--workers": (int, "data-loader worker processes per rank (default: 0 on the CPU; on a GPU the rank's share "
                        "of the cores less one, 1 to 8)"),
     "--shuffle-buffer": (int, "sample shuffle buffer (default 500)"),

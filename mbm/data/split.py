@@ -1,4 +1,5 @@
-"""Held-out split chosen by a hash of the sample id: stable across runs, seeds and dataset versions."""
+"""Held-out split chosen by a hash of the sample id: stable across runs, seeds and dataset versions; or
+by the dataset's own split, where its samples name one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from schemas import MODALITIES
 
 SPLITS = ("train", "val")
 EVAL_SPLITS = (*SPLITS, "all")  # what evaluate and generate read: a split, or every sample
-SPLIT_BY = ("id", *MODALITIES)  # what a sample's split is chosen by: its id, or one modality's content
+# what a sample's split is chosen by: its id, one modality's content, or the split its metadata names
+SPLIT_BY = ("id", *MODALITIES, "split")
+# the dataset's own split names (a ``split`` metadata value: imagefolders' split folders, a manifest's column)
+TRAIN_NAMES = frozenset({"train", "training"})
+HELD_OUT_NAMES = frozenset({"test", "testing", "validation", "valid", "val", "dev", "eval"})
 
 
 def holdout_fraction(sample_id: str) -> float:
@@ -32,3 +37,23 @@ def split_key(doc: dict[str, Any], split_by: str = "id") -> str:
         if isinstance(hashes, dict) and isinstance(digest := hashes.get(split_by), str) and digest:
             return f"{split_by}:{digest}"
     return doc["id"]
+
+
+def named_split(doc: dict[str, Any]) -> str | None:
+    """``"train"`` or ``"val"`` for a sample whose metadata names its split (``train/``, ``test/`` folders of
+    an imagefolder, a manifest's ``split`` column): train and training train; test, validation, val, dev
+    and eval are held out. None for a sample without one, or with another name."""
+    meta = doc.get("meta")
+    value = meta.get("split") if isinstance(meta, dict) else None
+    if not isinstance(value, str):
+        return None
+    name = value.strip().lower()
+    return "train" if name in TRAIN_NAMES else "val" if name in HELD_OUT_NAMES else None
+
+
+def sample_split(doc: dict[str, Any], val_fraction: float, split_by: str = "id") -> str:
+    """``"train"`` or ``"val"`` for a sample's json doc: with ``split_by="split"`` the split its metadata
+    names, else (and for a sample that names none) a hash of ``split_key``."""
+    if split_by == "split" and (named := named_split(doc)) is not None:
+        return named
+    return split_of(split_key(doc, split_by), val_fraction)

@@ -32,7 +32,7 @@ from mbm.data.decode import Sample, Undecoded
 from mbm.data.errors import CorruptSample, SkipLog
 from mbm.data.scan import cache as scan_cache
 from mbm.data.source import label_key
-from mbm.data.split import EVAL_SPLITS, SPLIT_BY, split_key, split_of
+from mbm.data.split import EVAL_SPLITS, SPLIT_BY, sample_split
 from mbm.data.stages import batched, decoded, epoch_rng, rank_slice, selected, settled, shard_order, shuffled
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ class StreamConfig:
     task: str = "classify"
     split: str = "train"  # "train" | "val" | "all" (every sample: evaluate, generate)
     val_fraction: float = 0.1
-    split_by: str = "id"  # or a modality: samples with the same content of it share a split (``split_key``)
+    # or a modality: samples with the same content of it share a split (``split_key``); or "split": the
+    # dataset's own, where a sample's metadata names it (``named_split``)
+    split_by: str = "id"
     pair: tuple[str, str] | None = None  # retrieve: both modalities required
     batch_size: int = 32
     shuffle: bool = True
@@ -80,7 +82,7 @@ class Selector:
 
     def in_split(self, doc: dict) -> bool:
         cfg = self.cfg
-        return cfg.split == "all" or split_of(split_key(doc, cfg.split_by), cfg.val_fraction) == cfg.split
+        return cfg.split == "all" or sample_split(doc, cfg.val_fraction, cfg.split_by) == cfg.split
 
     def __call__(self, s: Undecoded, skips: SkipLog) -> bool:
         cfg = self.cfg

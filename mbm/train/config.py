@@ -54,7 +54,7 @@ class TrainConfig:
     log_samples: bool = False  # write samples-rank{r}.jsonl with the ids of every step
     # data
     val_fraction: float = 0.1
-    split_by: str = "auto"  # id | text | image | audio; auto: retrieve by its pair's non-text modality, else id
+    split_by: str = "auto"  # id | text | image | audio | split; auto: retrieve by its pair's non-text modality, else id
     workers: int | None = None  # loader workers per rank; None: 0 on the CPU, on a GPU see trainer.loader_workers
     shuffle_buffer: int = 500
     max_tokens: dict[str, int] = field(default_factory=lambda: {"text": 64, "image": 64, "audio": 128})

@@ -66,7 +66,8 @@ PARTNERS = {TEXT_EXTENSION: "text", INFO_EXTENSION: "metadata"}
 SHARD_FOLDER = re.compile(r"[0-9]{5,}")
 # prefixes of the folders (and, but for "__", files) that are not part of a dataset: .git, __MACOSX
 SKIPPED_FOLDERS, SKIPPED_FILES = (".", "__"), "."
-# folders HF reads as splits, not classes
+# folders HF reads as splits, not classes; a sample under one records it as its split (``mbm train
+# --split-by split`` holds out all but train and training: mbm.data.split)
 SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval"})
 # files the system writes into any folder it shows (compared lower-case); not part of a dataset
 CLUTTER_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
@@ -258,6 +259,7 @@ def _metadata_samples(
             uri = resolve_media(file_name, base, allow_outside, source, "file_name")
             named.add(uri)
             sample = _row_sample(sample_id, row, source, kind, Media(uri=uri, name=file_name))
+            _record_split(sample)
         except CleanError as e:
             yield reject(e.reason, e.detail, source, sample_id)
             continue
@@ -293,6 +295,14 @@ def _unread_format(ext: str) -> str | None:
     if kind is None:
         return None
     return f"{'an' if kind[0] in 'ai' else 'a'} {kind} format mbm does not decode ('.{ext}'): {FIX[kind]}"
+
+
+def _record_split(sample: RawSample) -> None:
+    """A sample under a split folder (``train/``, ``test/``) records it, as without metadata, unless its
+    row has a ``split`` of its own."""
+    top = sample.id.split("/", 1)[0] if "/" in sample.id else ""
+    if top in SPLIT_NAMES and "split" not in sample.meta:
+        sample.meta["split"] = top
 
 
 def _row_sample(sample_id: str, row: dict[str, Any], source: str, kind: str, media: Media) -> RawSample:

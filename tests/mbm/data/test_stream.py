@@ -638,5 +638,25 @@ def test_split_by_a_modality_keeps_samples_sharing_its_content_on_one_side(tmp_p
     assert split_key({"id": "a", "modality_hashes": {"image": "ff"}}, "image") == "image:ff"
     assert split_key({"id": "a", "modality_hashes": {"text": "ff"}}, "image") == "a"  # no image: its id
     assert split_key({"id": "a"}, "audio") == split_key({"id": "a", "modality_hashes": {"image": "ff"}}, "id") == "a"
-    with pytest.raises(ValueError, match="--split-by must be one of id, text, image, audio, got 'picture'"):
+    with pytest.raises(ValueError, match="--split-by must be one of id, text, image, audio, split, got 'picture'"):
         stream_cfg(src, split_by="picture")
+
+
+def test_split_by_split_follows_the_datasets_own_split(dataset):
+    """A torchvision ImageFolder's or an imagefolder's train/ and test/ (a manifest's 'split' column): split by
+    id, test images were trained on and a tenth of the train images held out instead."""
+    from mbm.data.split import sample_split
+    from mbm.data.stream import Selector
+
+    src = resolve_data(dataset)
+    docs = {name: {"id": f"{name}/1.jpg", "meta": {"split": name}}
+            for name in ("train", "Training", "test", "validation", "val", "dev", "eval")}
+    val = Selector(stream_cfg(src, split="val", split_by="split", val_fraction=0.0))
+    train = Selector(stream_cfg(src, split="train", split_by="split", val_fraction=0.0))
+    assert {n for n, d in docs.items() if val.in_split(d)} == {"test", "validation", "val", "dev", "eval"}
+    assert {n for n, d in docs.items() if train.in_split(d)} == {"train", "Training"}
+    # no split, or one of another name: by the id's hash, as --split-by id
+    for doc in ({"id": "s000007"}, {"id": "s000007", "meta": {"split": "unlabeled"}}, {"id": "s000007", "meta": {}}):
+        assert [sample_split(doc, f, "split") for f in (0.0, 0.999999)] == ["train", "val"]
+    with pytest.raises(ValueError, match="--split-by must be one of id, text, image, audio, split, got 'folder'"):
+        stream_cfg(src, split_by="folder")

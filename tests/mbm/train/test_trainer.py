@@ -163,7 +163,7 @@ def test_a_run_saved_before_split_by_keeps_its_split_by_id(data, tmp_path, capsy
     at_4 = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "val" and r["step"] == 4][0]
     assert by_id["samples"] == at_4["samples"] and by_id["loss"] == pytest.approx(at_4["loss"])
     assert train("--data", data, "--out", str(tmp_path / "bad"), "--split-by", "picture") == 2
-    assert "--split-by must be one of auto, id, text, image, audio, got 'picture'" in capsys.readouterr().err
+    assert "--split-by must be one of auto, id, text, image, audio, split, got 'picture'" in capsys.readouterr().err
 
 
 def test_generate_trains_and_decodes_text(data, tmp_path, capsys):

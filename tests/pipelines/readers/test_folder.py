@@ -89,6 +89,19 @@ def test_metadata_in_split_subfolders(tmp_path):
     ]
 
 
+def test_metadata_samples_under_split_folders_record_their_split(tmp_path):
+    """As without metadata, so that ``mbm train --split-by split`` holds out a Hugging Face imagefolder's
+    ``test/``; a row's own ``split`` is kept."""
+    _touch(tmp_path, "train/a.jpg", "test/b.jpg", "validation/c.jpg", "validation/d.jpg", "extra/e.jpg")
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,text\na.jpg,x\n")
+    (tmp_path / "test" / "metadata.jsonl").write_text('{"file_name": "b.jpg"}\n')
+    (tmp_path / "validation" / "metadata.jsonl").write_text('{"file_name": "c.jpg"}\n{"file_name": "d.jpg", "split": "train"}\n')
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "extra/e.jpg"}\n')
+    got = sorted((s.id, s.meta) for s in iter_folder(str(tmp_path)))
+    assert got == [("extra/e.jpg", {}), ("test/b.jpg", {"split": "test"}), ("train/a.jpg", {"split": "train"}),
+                   ("validation/c.jpg", {"split": "validation"}), ("validation/d.jpg", {"split": "train"})]
+
+
 def test_class_subfolders_without_metadata(tmp_path):
     _touch(
         tmp_path, "dog/2.jpg", "cat/1.png", "cat/readme.txt", "cat/.hidden.jpg", ".cache/x.jpg", "dog/3.wav"
