@@ -11,8 +11,8 @@ files sit in more than one class folder, its text taken from a ``.txt`` file of 
 ``.json`` file of that name, read as a tar's json member is; and one ``read.unsupported_file`` reject
 per other file, so that a photo in a format mbm does not read (``.heic``) or a stray file is listed
 rather than silently left out; a ``.txt`` or ``.json`` that cannot be used is a reject of its own, and
-its media files are read without it. Folders all named by digits of one width of five or more are
-img2dataset's shards (``00000/``, ``00001/``), not classes. Hidden files and folders, folders named
+its media files are read without it. Folders all named by digits of one width of five or more, beside
+img2dataset's ``.json`` or ``_stats.json`` files, are its shards (``00000/``, ``00001/``), not classes. Hidden files and folders, folders named
 ``__x`` (``__MACOSX``, ``__pycache__``) and the thumbnail and settings files Windows and macOS leave
 behind are skipped.
 
@@ -396,7 +396,8 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
     in_folders = all("/" in rel for rel, kind in kinds if kind)
     partners = _partners(kinds)
     texts, infos = partners[TEXT_EXTENSION], partners[INFO_EXTENSION]
-    labelled = in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES and not _shards(root, parents)
+    labelled = (in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES
+                and not _shards(root, parents, files, bool(partners[INFO_EXTENSION])))
     bad: set[str] = set()  # .txt and .json files already rejected
     for rel, kind in kinds:
         stem = posixpath.splitext(rel)[0]
@@ -440,11 +441,17 @@ def _partners(kinds: list[tuple[str, str | None]]) -> dict[str, dict[str, str]]:
     return partners
 
 
-def _shards(root: str, parents: set[str]) -> bool:
+def _shards(root: str, parents: set[str], files: list[str], with_json: bool) -> bool:
     """Whether the folders of the media files are img2dataset's shards (``00000/``, ``00001/``), not
-    classes: all named by digits of one width of five or more, as img2dataset names them. MNIST's
-    ``0/`` .. ``9/`` are classes, and so are ``cats/`` and ``dogs/`` whatever files lie beside the images."""
+    classes: all named by digits of one width of five or more, as img2dataset names them, and with the
+    files it writes: a ``.json`` beside its images (``with_json``: any, so that a shard missing some stays
+    a shard) or a ``NNNNN_stats.json`` beside a shard folder. MNIST's ``0/`` .. ``9/`` are classes, and so
+    are ``cats/`` and ``dogs/`` whatever files lie beside the images, and GTSRB's ``00000/`` .. ``00042/``,
+    which hold images and a ``GT-00000.csv``."""
     if len({len(name) for name in parents}) != 1 or not all(SHARD_FOLDER.fullmatch(name) for name in parents):
+        return False
+    stats = {f"{name}_stats.json" for name in parents}
+    if not with_json and not any(posixpath.basename(rel) in stats for rel in files):
         return False
     shown_names = ", ".join(sorted(parents)[:3]) + (", ..." if len(parents) > 3 else "")
     logger.info(

@@ -448,10 +448,10 @@ def test_img2dataset_files_output_reads_each_json_as_its_samples_metadata(tmp_pa
     ]
 
 
-def test_folders_are_img2dataset_shards_by_their_names_only(tmp_path, caplog):
-    """img2dataset numbers its shard folders with five digits or more; what lies beside the images does
-    not decide: images downloaded by it and sorted into classes keep their labels, and a shard missing
-    a .json does not turn the shard numbers into labels."""
+def test_folders_are_img2dataset_shards_by_their_names(tmp_path, caplog):
+    """img2dataset numbers its shard folders with five digits or more; its files beside the images do not
+    make other folders shards: images downloaded by it and sorted into classes keep their labels, and a
+    shard missing a .json does not turn the shard numbers into labels."""
     sorted_ = tmp_path / "sorted"
     _img2dataset_files(sorted_, {"cats": ["000000000"], "dogs": ["000000001"]})
     mnist = tmp_path / "mnist"
@@ -623,3 +623,24 @@ def test_a_librispeech_transcript_is_named_with_what_to_do(tmp_path):
         "19/198/19-198.trans.txt: not read as a sample (a LibriSpeech transcript: mbm takes a file's text from a "
         ".txt of the same name beside it, not from one file of '<id> <text>' lines; write a manifest from these "
         "lines (README: LibriSpeech))")]
+
+
+def test_numbered_class_folders_without_img2dataset_files_are_classes(tmp_path, caplog):
+    """GTSRB's training images lie in class folders 00000/ .. 00042/ (with a GT-00000.csv each): named as
+    img2dataset names its shards, but with none of the .json files img2dataset writes beside every image or
+    the NNNNN_stats.json beside every shard folder, so they are classes; they were read without labels."""
+    gtsrb = tmp_path / "gtsrb"
+    _touch(gtsrb, "00000/00000_00000.ppm", "00000/00000_00001.ppm", "00001/00000_00000.ppm", "00001/GT-00001.csv")
+    stats_only = tmp_path / "stats_only"  # img2dataset shards whose .json files were removed
+    _img2dataset_files(stats_only, {"00000": ["000000000"], "00001": ["000010000"]})
+    for info in stats_only.glob("0*/*.json"):
+        info.unlink()
+
+    def labels(root):
+        return [(s.id, s.label) for s in iter_folder(str(root)) if isinstance(s, RawSample)]
+
+    with caplog.at_level(logging.INFO, logger="pipelines.readers.folder"):
+        assert labels(gtsrb) == [("00000/00000_00000.ppm", "00000"), ("00000/00000_00001.ppm", "00000"),
+                                 ("00001/00000_00000.ppm", "00001")]
+        assert caplog.messages == []
+        assert labels(stats_only) == [("00000/000000000.jpg", None), ("00001/000010000.jpg", None)]
