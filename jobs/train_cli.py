@@ -125,6 +125,8 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=5, help="samples to show (default 5)")
     p.add_argument("--beam", type=int, default=1, help="beam size; 1 = greedy (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on generated tokens")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample (id, generated, reference), "
+                                                       "texts whole")
     p.set_defaults(func=run_generate)
     return p
 
@@ -431,10 +433,26 @@ def run_generate(args: argparse.Namespace) -> int:
     except Exception as exn:
         return _machine_failure("generate", exn, f"A smaller --batch-size (now {args.batch_size}) or --beam (now "
                                 f"{args.beam}) needs less memory")
-    for row in rows:  # a lone surrogate in an id (a JSON "\\ud800" escape) shown escaped, not a crash
-        row = {k: str(v).encode("utf-8", "backslashreplace").decode("utf-8") for k, v in row.items()}
-        print(f"{row['id']}\n  generated: {row['generated']}\n  reference: {row['reference']}")
+    for row in rows:
+        if args.json:
+            print(json_line({k: row[k] for k in ("id", "generated", "reference")}))
+            continue
+        shown = {k: _one_line(v) for k, v in row.items()}
+        print(f"{shown['id']}\n  generated: {shown['generated']}\n  reference: {shown['reference']}")
     return 0
+
+
+SHOWN_CHARS = 300  # of a text in generate's listing; --json prints it whole
+
+
+def _one_line(value: Any) -> str:
+    """A text as one line of generate's listing: line breaks and tabs escaped, a lone surrogate (a JSON
+    "\\ud800" escape in an id) escaped rather than a crash, and a long text cut, saying how much is left."""
+    text = str(value).replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > SHOWN_CHARS:
+        text = f"{text[:SHOWN_CHARS]}... (+{len(text) - SHOWN_CHARS} characters; --json prints it whole)"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,17 +24,20 @@ def skip_reasons(counts: dict[str, int], reads: Iterable[str] = (), task: str = 
     model reads, named where samples had none of them (for generate: what it predicts the text from)."""
     reads = list(reads)
 
-    def hint(reason: str) -> str:
+    def hint(reason: str, n: int) -> str:
         if reason not in SKIP_HINTS:  # a data reason (npy.bad, ...): its code says it
             return reason
         text = SKIP_HINTS[reason]
+        if n == 1:  # "samples without ..." / "labels the run's ..." of one
+            first, _, rest = text.partition(" ")
+            text = f"{first.removesuffix('s')} {rest}"
         if reason == "task.no_used_modality" and reads:
             text = f"{text} ({', '.join(reads)})"
             if task == "generate":
                 text += ": generate predicts a sample's text from these, so it needs samples that have them"
         return f"{text} ({reason})"
 
-    return "; ".join(f"{n} {hint(r)}" for r, n in counts.items())
+    return "; ".join(f"{n} {hint(r, n)}" for r, n in counts.items())
 
 
 def in_shard(shard: str | None, detail: str) -> str:

@@ -30,6 +30,9 @@ def test_samples_without_a_modality_the_model_reads_are_named_with_those_modalit
                          "these, so it needs samples that have them (task.no_used_modality)")
     assert skip_reasons({"npy.bad": 1, "task.no_label": 2}) == (  # a data reason's code says what it is
         "1 npy.bad; 2 samples without a label (classify needs one) (task.no_label)")
+    assert skip_reasons({"task.no_label": 1, "task.unknown_label": 1, "task.pair_missing": 3}) == (
+        "1 sample without a label (classify needs one) (task.no_label); 1 label the run's vocabulary does not hold "
+        "(task.unknown_label); 3 samples lacking one of the two retrieval modalities (task.pair_missing)")
 
 
 class _Retriever(torch.nn.Module):

@@ -185,6 +185,18 @@ def test_generate_trains_and_decodes_text(data, tmp_path, capsys):
         if split == "all":
             assert "reference:" in references  # a sample without text, captioned
     assert counts["all"] == counts["train"] + counts["val"] and counts["val"] > 0
+    assert main(["generate", "--run", out, "--limit", "3", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and all(set(r) == {"id", "generated", "reference"} for r in rows)
+
+
+def test_generate_shows_each_text_on_one_line_and_cut():
+    from jobs.train_cli import SHOWN_CHARS, _one_line
+
+    assert _one_line("two\nlines\tand\r\n") == "two\\nlines\\tand\\r\\n"
+    assert _one_line("s\ud800") == "s\\ud800"
+    long = "x" * (SHOWN_CHARS + 20)
+    assert _one_line(long) == "x" * SHOWN_CHARS + "... (+20 characters; --json prints it whole)"
 
 
 def test_accumulation_and_loader_workers_see_the_same_samples(data, tmp_path, caplog):
