@@ -39,6 +39,7 @@ AUDIO_EXTS = frozenset({
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _URL = re.compile(r"^https?://", re.IGNORECASE)
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")  # C:\Users\me\a.jpg, D:/data/a.wav
 
 
 def has_scheme(path: str) -> bool:
@@ -145,8 +146,15 @@ def resolve_media(value: str, base: str, allow_outside: bool, where: str, column
             "fetch the media first (e.g. img2dataset, which writes WebDataset tars) and read those tars with "
             "[input] shards = ...",
         )
-    value_local = local_path(value)
     base_local = local_path(base)
+    if _WINDOWS_DRIVE.match(value) and not (base_local and os.path.lexists(os.path.join(base_local, value))):
+        raise CleanError(
+            "read.windows_path",
+            f"{where}: '{column}' is a Windows absolute path ({value!r}), which names no file on this machine: "
+            "write the manifest's paths relative to its folder (images\\a.jpg is read as images/a.jpg), or "
+            "replace the drive prefix with the folder the files are in here",
+        )
+    value_local = local_path(value)
     if value_local is not None and base_local is not None:
         value_local = _on_disk(value_local, base_local)
         resolved = os.path.normpath(os.path.join(base_local, value_local))

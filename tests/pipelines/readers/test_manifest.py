@@ -926,3 +926,22 @@ def test_data_uris_are_the_media_bytes(tmp_path):
                                    "decode: Only base64 data is allowed"),
         ("e", "read.bad_data_uri", "m.jsonl:5: 'image' is a data: URI with no ',' before its data"),
     ]
+
+
+@pytest.mark.parametrize("allow_outside", [False, True])
+def test_a_windows_absolute_path_is_a_reject_saying_so(tmp_path, allow_outside):
+    """A manifest written on Windows with absolute paths: C:\\Users\\me\\a.png was read as the relative file
+    'C:/Users/me/a.png' under the manifest's folder, a file.missing naming a path nobody wrote."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "b.png").write_bytes(b"png")
+    (tmp_path / "m.jsonl").write_bytes(_line({"id": "a", "image": "C:\\Users\\me\\a.png"})
+                                       + _line({"id": "d", "image": "d:/data/a.png"})
+                                       + _line({"id": "b", "image": "img\\b.png"}))
+    config = SourceConfig(manifest=str(tmp_path / "m.jsonl"), allow_outside=allow_outside)
+    samples, rejects = _split(list(iter_manifest(str(tmp_path / "m.jsonl"), config)))
+    assert [s.id for s in samples] == ["b"]
+    assert [(r.id, r.reason) for r in rejects] == [("a", "read.windows_path"), ("d", "read.windows_path")]
+    assert rejects[0].detail == (
+        "m.jsonl:1: 'image' is a Windows absolute path ('C:\\\\Users\\\\me\\\\a.png'), which names no file on this "
+        "machine: write the manifest's paths relative to its folder (images\\a.jpg is read as images/a.jpg), or "
+        "replace the drive prefix with the folder the files are in here")
