@@ -235,15 +235,17 @@ def _check_some_land(staged: Staged, previous: DatasetManifest | None) -> None:
         row = rejected.filter(pc.equal(rejected.column("reason"), reason)).slice(0, 1).to_pylist()[0]
         shown.append(f"{row['id']}: {row['detail'] or reason}")
     examples = "; ".join(shown)
+    # files not found at once: the media moved; other reasons (paths outside the folder, a format) say their fix
+    fix = ("Fix what they lack (a moved media folder, a drive not mounted?)" if reasons[0][0].startswith("file.")
+           else "Fix what these say")
     if previous is None:
         raise DatasetStateError(
             f"every one of the {new.num_rows} inputs was rejected ({top}), so nothing was committed: a first version "
-            f"would hold no sample ({examples}). Fix what they lack (a moved media folder, a drive not mounted?)")
+            f"would hold no sample ({examples}). {fix}")
     raise DatasetStateError(
         f"every one of the {new.num_rows} inputs was rejected ({top}): a version of that would hold no sample, "
         f"removing the {previous.num_samples} of version {previous.version}, so nothing was committed ({examples}). "
-        "Fix what they lack (a moved media folder, a drive not mounted?); to empty the dataset on purpose, remove "
-        "its folder")
+        f"{fix}; to empty the dataset on purpose, remove its folder")
 
 
 def _landed_modalities(rows: Any) -> set[str]:

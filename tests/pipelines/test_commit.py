@@ -362,3 +362,21 @@ def test_a_shard_that_lost_samples_stops_the_copy_naming_it(tmp_path):
     with pytest.raises(DatasetStateError, match=rf"^the shard {src}, which this version carries samples of, cannot be "
                                                  r"read \(.+\): put it back, or rerun with --full$"):
         _copy_members(str(src), str(tmp_path / "copy.tar"), {"a", "b"})
+
+
+def test_every_input_rejected_gives_advice_that_fits_its_reasons():
+    """Every row a read.path_escape (allow_outside unset) was told to look for a moved media folder."""
+    from pipelines.commit import Staged, _check_some_land
+
+    def staged(reason, detail):
+        table = pa.Table.from_pylist([{"id": f"s{i}", "status": "rejected", "reason": reason, "detail": detail}
+                                      for i in range(3)])
+        return Staged(new=table, same=table.slice(0, 0), shards=[], extracted={}, labels=[])
+
+    with pytest.raises(DatasetStateError) as e:
+        _check_some_land(staged("read.path_escape", "set allow_outside = true to allow it"), None)
+    assert str(e.value) == (
+        "every one of the 3 inputs was rejected (read.path_escape 3), so nothing was committed: a first version "
+        "would hold no sample (s0: set allow_outside = true to allow it). Fix what these say")
+    with pytest.raises(DatasetStateError, match=r"Fix what they lack \(a moved media folder, a drive not mounted\?\)$"):
+        _check_some_land(staged("file.missing", "/m/a.jpg does not exist"), None)
