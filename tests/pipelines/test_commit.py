@@ -380,3 +380,49 @@ def test_every_input_rejected_gives_advice_that_fits_its_reasons():
         "would hold no sample (s0: set allow_outside = true to allow it). Fix what these say")
     with pytest.raises(DatasetStateError, match=r"Fix what they lack \(a moved media folder, a drive not mounted\?\)$"):
         _check_some_land(staged("file.missing", "/m/a.jpg does not exist"), None)
+
+
+def test_copied_members_keep_their_bytes_and_long_names(tmp_path):
+    """The copy-on-write of a touched shard parses headers itself (tarfile's stream reading took 43 s of a
+    400,000-sample commit): each kept member's header and data are copied as they are, pax long names
+    included, and the result is a tar that tarfile and webdataset read."""
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from pipelines.commit import _copy_many
+    from pipelines.sink import tar_member
+
+    long_key = "k" * 120  # a name over 100 bytes: a pax header before its member
+    members = [(f"{key}.{suffix}", bytes([i]) * (700 * i + 1))
+               for i, (key, suffix) in enumerate([("a", "json"), ("a", "image.npy"), ("b", "json"),
+                                                  (long_key, "json"), ("c", "json")])]
+    src = tmp_path / "v000001-000000.tar"
+    blobs = {}
+    with open(src, "wb") as f:
+        for name, data in members:
+            blobs[name] = tar_member(name, data) + data + bytes(-len(data) % 512)
+            f.write(blobs[name])
+        f.write(bytes(10240 - f.tell() % 10240 + 1024))
+    other = tmp_path / "other.tar"
+    with tarfile.open(other, "w", format=tarfile.GNU_FORMAT) as t:  # another writer's tar: GNU long names
+        info = tarfile.TarInfo("d" * 150 + ".json")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"xyz"))
+    dst = tmp_path / "copy.tar"
+    assert _copy_many([(str(src), {"a", long_key}), (str(other), {"d" * 150})], str(dst)) == 3
+    out = dst.read_bytes()
+    kept = b"".join(blobs[name] for name, _ in members if name.partition(".")[0] in {"a", long_key})
+    assert out.startswith(kept) and len(out) % 10240 == 0 and not any(out[-1024:])
+    with tarfile.open(dst) as t:
+        assert [(m.name, t.extractfile(m).read()) for m in t] == [
+            *[(name, data) for name, data in members if name.partition(".")[0] in {"a", long_key}],
+            ("d" * 150 + ".json", b"xyz")]
+    assert [s["__key__"] for s in wds.WebDataset(str(dst), shardshuffle=False, empty_check=False)] == [
+        "a", long_key, "d" * 150]
+    bad = bytearray(src.read_bytes())
+    bad[100] ^= 1  # a header byte: its checksum no longer holds
+    src.write_bytes(bytes(bad))
+    with pytest.raises(DatasetStateError, match="bad checksum"):
+        _copy_many([(str(src), {"a"})], str(dst))
