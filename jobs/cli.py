@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs.environment import check_environment
 from jobs.signals import broken_pipe, report, stop_signals
 from jobs.spec import RUNNERS, SpecError
 
@@ -140,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, beam_args = argv[:cut], argv[cut + 1:]
     command = _command(argv)
+    try:
+        check_environment(os.environ)
+    except SpecError as e:
+        print(f"mbm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     with stop_signals(passed_on=_stop_workers if command in ("preprocess", "demo") else None):
         try:
             return _main(command, argv, beam_args)
