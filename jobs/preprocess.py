@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 
 from jobs.signals import held_stop, hold_stops, pending
-from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
+from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules, option_errors_line
 from mbm.alloc import Trimmer, arena_env
 from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
@@ -135,6 +135,21 @@ def killed_worker(worker_log: str | None, spec: JobSpec) -> str | None:
             f"in flight) or smaller batches ({batches})")
 
 
+def runner_failure(e: BaseException, name: str, worker_log: str | None) -> str | None:
+    """What to tell of a job that a runner with a service of its own (Flink, Spark, Prism, Dataflow) did not
+    run: a job server that did not start or answered something else, a remote job that failed. One line;
+    Beam's traceback goes to the workers' log. None for the in-process runners, whose failures are mbm's."""
+    if name in ("FnApiRunner", "DirectRunner"):
+        return None
+    details = getattr(e, "details", None)  # a gRPC error's own words, without its debug dump
+    said = " ".join(str(details() if callable(details) else e).split()) or type(e).__name__
+    if worker_log:
+        with suppress(OSError), open(worker_log, "a") as f:
+            f.write("driver: " + "".join(traceback.format_exception(e)))
+    return (f"[runner] {name}: the job did not run ({type(e).__name__}: {said[:300]}); check the runner's service "
+            "and its options")
+
+
 def _is_local(path: str) -> bool:
     return "://" not in path
 
@@ -216,6 +231,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
     spec.runner.check_device()
     spec.runner.check_options(extra_options)
     spec.runner.check_offline(extra_options)
+    spec.runner.check_endpoint(extra_options)
+    spec.runner.check_beam_options(extra_options)
     spec.runner.check_workers()
     out_dir = spec.output.dir
     local = _is_local(out_dir)
@@ -274,8 +291,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         except ValueError as e:  # Beam's own check of the runner's options (a remote runner's project, region, ...)
             if local:
                 shutil.rmtree(staging, ignore_errors=True)
-            raise SpecError(f"[runner] {spec.runner.name}: {e}; pass the runner's options after `--` or in "
-                            "[runner] options") from e
+            raise SpecError(f"[runner] {spec.runner.name}: {option_errors_line(str(e))}; pass the runner's options after "
+                            "`--` or in [runner] options") from e
         try:
             build_graph(
                 p,
@@ -300,7 +317,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 if (stop := pending()) is not None:  # raised in a callback from C, which dropped it: in a
                     raise stop  # run of one worker the DoFns run here (soundfile reads through cffi's)
         except Exception as e:
-            failure = resource_failure(e) or killed_worker(worker_log, spec)
+            failure = (resource_failure(e) or killed_worker(worker_log, spec)
+                       or runner_failure(e, spec.runner.name, worker_log if local else None))
             if failure is None:
                 beam_errors.release()
                 raise

@@ -215,6 +215,41 @@ class RunnerConfig:
                         f"time, and mbm never downloads; give {' or '.join(f'{k}=...' for k in keys)} in [runner] "
                         "options (or after `--`)")
 
+    def check_endpoint(self, extra: list[str] | None = None, timeout: float = 5.0) -> None:
+        """A ``--job_endpoint`` (a Flink, Spark or Prism job server already running) must accept a connection:
+        Beam waits ``--job_server_timeout`` (300 s) for one that does not, then fails with a traceback."""
+        if self.name not in OFFLINE_OPTIONS:
+            return
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        endpoint = PipelineOptions(list(self.options) + list(extra or [])).get_all_options().get("job_endpoint")
+        host, sep, port = (endpoint or "").rpartition(":")
+        if not sep or not port.isdigit():
+            return  # none given, or one of Beam's own ("embed")
+        import socket
+
+        try:
+            socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout).close()
+        except OSError as e:
+            why = e.strerror or type(e).__name__  # TimeoutError has no strerror
+            raise SpecError(f"[runner] --job_endpoint={endpoint}: no {self.name} job server answers there ({why}); "
+                            "start it first, or give the address it listens on") from None
+
+    def check_beam_options(self, extra: list[str] | None = None) -> None:
+        """Beam's own check of a remote runner's options (Dataflow's project, region, temp_location), made here
+        before the output folder is touched; Beam makes it again when it builds the pipeline."""
+        if self.name in LOCAL_RUNNERS:
+            return
+        from apache_beam.options.pipeline_options import PipelineOptions
+        from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+        from apache_beam.runners.runner import create_runner
+
+        options = PipelineOptions([f"--runner={self.name}", *self.options, *(extra or [])])
+        errors = PipelineOptionsValidator(options, create_runner(self.name)).validate()
+        if errors:
+            raise SpecError(f"[runner] {self.name}: {option_errors_line(errors)}; pass the runner's options after `--` or in "
+                            "[runner] options")
+
     def check_options(self, extra: list[str] | None = None) -> None:
         """Every Beam option ([runner] options, and those after ``--``) must be one Beam knows: Beam
         only logs and drops an unknown one, so a typo (``--direct_num_worker``) would run the job with
@@ -294,6 +329,16 @@ class RunnerConfig:
             seen = "no GPU" if count == 0 else f"{count} GPU{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})"
             raise SpecError(f"[runner] device = {self.device!r}, but torch sees {seen} on this machine; use "
                             f"device = \"auto\" (a GPU when there is one) or \"cpu\"")
+
+
+def option_errors_line(lines: list[str] | str) -> str:
+    """Beam's list of option errors (one a line, each ending in a full stop) as one line."""
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    said = [line.strip().rstrip(".") for line in lines if line.strip()]
+    if said and said[0].endswith(":"):  # "Pipeline has validations errors:" heads the list
+        said = said[1:]
+    return "; ".join(said)
 
 
 def _runner_key(name: str) -> str:

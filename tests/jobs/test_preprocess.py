@@ -101,3 +101,36 @@ def test_a_shard_cut_short_is_found_by_its_recorded_size_or_by_its_end(tmp_path)
     assert _cut_shard(str(tmp_path), recorded) == names[1] and _cut_shard(str(tmp_path), older) is None
     (tmp_path / names[1]).write_bytes(whole[1][:1001])
     assert _cut_shard(str(tmp_path), older) == names[1]
+
+
+def test_a_remote_runner_refused_by_beam_leaves_no_output_folder(tmp_path):
+    """Beam's own check of Dataflow's options came after the output folder was created and locked."""
+    import pytest
+
+    from jobs.preprocess import run_preprocess
+    from jobs.spec import SpecError, load_spec
+
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n'
+                                       '[runner]\nname = "DataflowRunner"\n')
+    with pytest.raises(SpecError, match=r"^\[runner\] DataflowRunner: Missing GCS path option: temp_location; "):
+        run_preprocess(load_spec(str(tmp_path / "job.toml")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_runner_s_service_that_fails_is_told_in_one_line(tmp_path):
+    from jobs.preprocess import runner_failure
+
+    class RpcError(Exception):
+        def details(self):
+            return "Received http2 header with status: 404"
+
+    log = tmp_path / ".worker.log"
+    said = runner_failure(RpcError("<a multi-line\ndump>"), "SparkRunner", str(log))
+    assert said == ("[runner] SparkRunner: the job did not run (RpcError: Received http2 header with status: 404); "
+                    "check the runner's service and its options")
+    assert "Traceback" not in said and "multi-line" in log.read_text()  # the whole error is kept in the log
+    assert runner_failure(RuntimeError("Service failed to start up\nwith error 1"), "FlinkRunner", None) == (
+        "[runner] FlinkRunner: the job did not run (RuntimeError: Service failed to start up with error 1); "
+        "check the runner's service and its options")
+    assert runner_failure(RuntimeError("x"), "FnApiRunner", None) is None  # mbm's own failures: told elsewhere

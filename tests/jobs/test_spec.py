@@ -457,3 +457,34 @@ def test_free_memory_and_gpu_memory_are_read_without_starting_cuda(tmp_path, mon
     assert gpu_memory("cpu") is None
     tool.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
     assert gpu_memory("auto") is None
+
+
+def test_a_job_endpoint_nothing_listens_on_is_refused_at_once(tmp_path):
+    """Beam waited its --job_server_timeout (300 s) for the job server, then printed a traceback."""
+    import socket
+
+    from jobs.spec import RunnerConfig
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        RunnerConfig(name="FlinkRunner", options=[f"--job_endpoint=127.0.0.1:{port}"]).check_endpoint()
+    with pytest.raises(SpecError) as exc:  # the port is closed now
+        RunnerConfig(name="SparkRunner").check_endpoint([f"--job_endpoint=127.0.0.1:{port}"])
+    assert str(exc.value) == (f"[runner] --job_endpoint=127.0.0.1:{port}: no SparkRunner job server answers there "
+                              "(Connection refused); start it first, or give the address it listens on")
+    RunnerConfig(name="FnApiRunner").check_endpoint([f"--job_endpoint=127.0.0.1:{port}"])  # not its option
+    RunnerConfig(name="PrismRunner").check_endpoint(["--job_endpoint=embed"])  # Beam's own
+
+
+def test_beam_s_check_of_a_remote_runner_s_options_is_one_line():
+    from jobs.spec import RunnerConfig
+
+    with pytest.raises(SpecError) as exc:
+        RunnerConfig(name="DataflowRunner").check_beam_options()
+    said = str(exc.value)
+    assert "\n" not in said and said.startswith("[runner] DataflowRunner: Missing GCS path option: temp_location; ")
+    assert "Missing required option: project; Missing required option: region; pass the runner's options" in said
+    RunnerConfig(name="FnApiRunner").check_beam_options()
+    RunnerConfig(name="FlinkRunner").check_beam_options()
