@@ -32,7 +32,7 @@ class FolderLock:
 
     def _refuse(self, holder: str) -> FolderLockedError:
         return FolderLockedError(
-            f"{self._path.parent} is being written by another mbm job ({holder or 'unknown holder'}); "
+            f"{self._path.parent} is being written by another mbm job ({_holder(holder)}); "
             "wait for it to finish or use another output folder"
         )
 
@@ -41,7 +41,9 @@ class FolderLock:
         key = os.path.realpath(self._path)
         if key in self._HELD:
             raise self._refuse(f"pid {os.getpid()}, this process")
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        # 0o666 less the umask, as for the folder's other files: a group that may write the dataset (umask 002)
+        # may also take its lock
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # EAGAIN / EACCES: held
@@ -61,3 +63,13 @@ class FolderLock:
             os.close(self._fd)
             self._fd = None
             self._HELD.discard(self._key)
+
+
+def _holder(text: str) -> str:
+    """The lock file's record of its holder, as words: ``pid 123 on host, since 2024-05-01T12:00:00``."""
+    try:
+        record = json.loads(text)
+        said = f"pid {record['pid']} on {record['host']}, since {record['since']}"
+    except (ValueError, TypeError, KeyError):
+        return text or "unknown holder"
+    return said

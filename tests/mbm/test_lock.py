@@ -88,3 +88,29 @@ def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
     proc.wait(30)
     with FolderLock(str(tmp_path)):  # free although the child still runs
         assert _held_here(tmp_path)
+
+
+def test_the_refusal_names_the_holder_in_words(tmp_path):
+    """It showed the lock file's JSON: ({"pid": 30454, "host": "vm", "since": "..."})."""
+    import socket
+
+    proc = _start_holder(tmp_path)
+    try:
+        with pytest.raises(FolderLockedError) as exc:
+            with FolderLock(str(tmp_path)):
+                pytest.fail("the lock was taken twice")
+    finally:
+        proc.communicate("go\n", timeout=30)
+    said = str(exc.value)
+    assert f"(pid {proc.pid} on {socket.gethostname()}, since 20" in said and "{" not in said
+
+
+def test_the_lock_file_follows_the_umask_as_the_folder_s_other_files_do(tmp_path):
+    """A group that may write the dataset (umask 002) may also take its lock: the file was always 0644."""
+    old = os.umask(0o002)
+    try:
+        with FolderLock(str(tmp_path)):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / ".lock").stat().st_mode & 0o777 == 0o664
