@@ -55,6 +55,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    """``--workers``: as ``_positive_int``; 0, which means one per core in a spec's [runner] workers, says so."""
+    if text.strip() == "0":
+        raise argparse.ArgumentTypeError("must be >= 1; leave --workers out (or set [runner] workers = 0) for one "
+                                         "worker per core")
+    return _positive_int(text)
+
+
 DATASET_COMMANDS = ("preprocess", "demo", "versions", "diff", "gc")  # none of them needs the trainer
 DATASET_EXAMPLE = "the folder mbm preprocess wrote, e.g. out/demo"
 
@@ -76,7 +84,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     pre.add_argument("spec", help="job spec, e.g. jobs/examples/demo.toml")
     pre.add_argument("--output", help="dataset folder to write (overrides [output] dir)")
     pre.add_argument("--runner", choices=RUNNERS, help="Beam runner (default FnApiRunner: in-process, one worker per core)")
-    pre.add_argument("--workers", type=_positive_int, help="worker processes for local runners (default: one per core)")
+    pre.add_argument("--workers", type=_workers, help="worker processes for local runners (default: one per core)")
     pre.add_argument("--device", help="extractor device: auto, cpu, cuda, cuda:N (default auto)")
     pre.add_argument("--full", action="store_true", help="recompute every sample, not only what changed")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,7 +92,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="preprocess the bundled sample dataset")
     demo.add_argument("--output", default="out/demo", help="dataset folder to write (default out/demo)")
-    demo.add_argument("--workers", type=_positive_int, help="worker processes (default: one per core)")
+    demo.add_argument("--workers", type=_workers, help="worker processes (default: one per core)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=cmd_demo)
 

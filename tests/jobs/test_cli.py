@@ -16,7 +16,10 @@ def test_bad_spec_exits_2_with_message(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["preprocess", "x.toml", "--workers", "0"], "--workers"),
+    (["preprocess", "x.toml", "--workers", "0"], "--workers: must be >= 1; leave --workers out (or set [runner] "
+                                                 "workers = 0) for one worker per core"),
+    (["demo", "--workers", "0"], "leave --workers out"),
+    (["preprocess", "x.toml", "--workers", "-2"], "--workers: must be >= 1, got -2"),
     (["preprocess", "x.toml", "--runner", "Prism2"], "--runner"),
     (["nonsense"], "invalid choice"),
 ])
