@@ -277,7 +277,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SpecError(str(e)) from e
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"kept versions {result['kept_versions']}; {verb} versions {result['deleted_versions']} and "
+    in_use = (f" ({', '.join(map(str, result['in_use']))} beyond --keep: a running mbm train, evaluate or generate "
+              "reads it; run gc again once it has ended)" if result["in_use"] else "")
+    print(f"kept versions {result['kept_versions']}{in_use}; {verb} versions {result['deleted_versions']} and "
           f"{len(result['deleted_files'])} files ({result['freed_bytes'] / 1e6:.1f} MB)")
     return 0
 

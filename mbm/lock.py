@@ -1,5 +1,7 @@
 """One job per output folder (a dataset or a training run): an advisory ``lockf`` record lock on
-``OUT/.lock``, released by the OS when the holding process ends, even on kill -9."""
+``OUT/.lock``, released by the OS when the holding process ends, even on kill -9. And readers of a dataset
+version (a training, an evaluation): a shared ``flock`` on its ``versions/N.json``, which ``mbm gc`` asks
+about before it deletes a version."""
 
 from __future__ import annotations
 
@@ -73,3 +75,41 @@ def _holder(text: str) -> str:
     except (ValueError, TypeError, KeyError):
         return text or "unknown holder"
     return said
+
+
+_READING: dict[str, int] = {}  # version manifests this process reads -> the descriptor holding the lock
+
+
+def hold_version(manifest: str) -> bool:
+    """Take a shared lock on a dataset version's manifest (``OUT/versions/N.json``) for the rest of this
+    process (and of the loader workers it forks, which share it): ``mbm gc`` keeps a version so held. False
+    where it cannot be taken (no such file, a folder that cannot be opened, gc deleting it right now)."""
+    key = os.path.realpath(manifest)
+    if key in _READING:
+        return True
+    try:
+        fd = os.open(key, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _READING[key] = fd
+    return True
+
+
+def version_in_use(manifest: str) -> bool:
+    """Whether a running process holds ``hold_version`` on ``manifest``."""
+    try:
+        fd = os.open(manifest, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK: a reader holds it
+        return True
+    finally:
+        os.close(fd)  # also releases the exclusive lock taken to ask
+    return False

@@ -100,7 +100,11 @@ def gc(out_dir: str, keep: int, *, dry_run: bool = False) -> dict[str, Any]:
                          f"nothing until the version you want is current (the newest: cp "
                          f"{root / version_path(above[-1])} {root / 'dataset.json'}), or those versions' manifests "
                          "are removed")
+    from mbm.lock import version_in_use
+
     kept = versions[-keep:]
+    in_use = [m for m in versions[:-keep] if version_in_use(str(root / version_path(m.version)))]
+    kept = sorted(kept + in_use, key=lambda m: m.version)  # read by a running training or evaluation
     referenced = {s for m in kept for s in m.shards} | {m.index for m in kept}
     kept_numbers = {m.version for m in kept}
     doomed_versions = [root / version_path(m.version) for m in versions if m.version not in kept_numbers]
@@ -112,7 +116,7 @@ def gc(out_dir: str, keep: int, *, dry_run: bool = False) -> dict[str, Any]:
     if not dry_run:
         for p in doomed_versions + doomed_specs + doomed_files:  # manifests first: no version points at a missing shard
             p.unlink()
-    return {"kept_versions": sorted(kept_numbers), "deleted_versions": [int(p.stem) for p in doomed_versions],
+    return {"kept_versions": sorted(kept_numbers), "in_use": [m.version for m in in_use], "deleted_versions": [int(p.stem) for p in doomed_versions],
             "deleted_files": [str(p.relative_to(root)) for p in doomed_files], "freed_bytes": freed}
 
 

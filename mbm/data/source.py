@@ -15,6 +15,7 @@ import braceexpand
 from mbm.data.decode import decode_sample
 from mbm.data.errors import CorruptSample, SkipLog, in_shard
 from mbm.data.shards import iter_tar
+from mbm.lock import hold_version
 from schemas import MODALITIES, DatasetManifest
 from schemas.manifest import version_path
 
@@ -41,6 +42,14 @@ class DataSource:
     feature_dims: dict[str, int]
     version: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    manifest: str | None = None  # the version's manifest file, where read from a dataset folder
+
+    def hold(self) -> None:
+        """Keep ``mbm gc`` from deleting this version while this process (and its loader workers) read it
+        (``mbm.lock.hold_version`` on its ``versions/N.json``)."""
+        if self.manifest is not None and self.version is not None:
+            hold_version(os.path.join(os.path.dirname(self.manifest), version_path(self.version))
+                         if os.path.basename(self.manifest) == "dataset.json" else self.manifest)
 
 
 def pinned(spec: str, version: int | None, shards: list[str] | None = None) -> str:
@@ -135,7 +144,8 @@ def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
                          "again with `mbm preprocess --full`")
     return DataSource(spec=spec, shards=[os.path.join(root, s) for s in manifest.shards],
                       shard_sizes=list(manifest.shard_sizes), labels=sort_labels(manifest.labels),
-                      feature_dims=dims, version=manifest.version, counts=dict(manifest.counts))
+                      feature_dims=dims, version=manifest.version, counts=dict(manifest.counts),
+                      manifest=manifest_path)
 
 
 def _from_pattern(spec: str) -> DataSource:

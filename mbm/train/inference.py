@@ -77,6 +77,7 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
         _check_tokenizer(cfg.tokenizer, model_cfg.decoder)
     labels = list(state.get("labels") or run.read_labels() or [])
     source = resolve_data(data or cfg.data)
+    source.hold()  # mbm gc keeps the version while it is read
     pair = list(model_cfg.pair) if model_cfg.pair else cfg.pair
     return LoadedRun(cfg=replace(cfg, pair=pair), model=model, source=source, labels=labels,
                      step=int(state["step"]), device=dev)

@@ -144,6 +144,7 @@ class Trainer:
         if cfg.resume and resume_from is None:
             log.warning("--resume: no checkpoint in %s yet, starting from step 0", cfg.out)
         self.source = resolve_data(cfg.data)
+        self.source.hold()  # mbm gc keeps the version while the run reads it
         if (data := pinned(cfg.data, self.source.version, self.source.shards)) != cfg.data:
             # The run trains on this version from start to end (a resume included), whatever
             # `mbm preprocess` adds to the folder meanwhile; the config records it pinned.

@@ -426,3 +426,34 @@ def test_copied_members_keep_their_bytes_and_long_names(tmp_path):
     src.write_bytes(bytes(bad))
     with pytest.raises(DatasetStateError, match="bad checksum"):
         _copy_many([(str(src), {"a"})], str(dst))
+
+
+def test_gc_keeps_a_version_a_running_reader_holds(tmp_path):
+    """mbm gc deleted the version a running training read, which then stopped at its next epoch."""
+    import subprocess
+    import sys
+
+    _dataset(tmp_path, [1, 2, 3])
+    for v in (1, 2, 3):
+        current = DatasetManifest.from_json((tmp_path / "versions" / f"{v:06d}.json").read_text())
+        current.shards, current.shard_sizes = [f"shards/v{v:06d}-000000.tar"], [1]
+        current.feature_dims = {"text": 4}
+        (tmp_path / "versions" / f"{v:06d}.json").write_text(current.to_json())
+        (tmp_path / "shards").mkdir(exist_ok=True)
+        (tmp_path / "shards" / f"v{v:06d}-000000.tar").write_bytes(b"x")
+    (tmp_path / "dataset.json").write_text((tmp_path / "versions" / "000003.json").read_text())
+    reader = subprocess.Popen(  # a training of version 1: holds it until told to stop
+        [sys.executable, "-c", "import sys; from mbm.data.source import resolve_data; "
+         f"resolve_data({str(tmp_path)!r} + '/@1').hold(); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline() == "held\n"
+        assert gc(str(tmp_path), keep=1, dry_run=True)["in_use"] == [1]
+        result = gc(str(tmp_path), keep=1)
+        assert result["kept_versions"] == [1, 3] and result["in_use"] == [1] and result["deleted_versions"] == [2]
+        assert (tmp_path / "shards" / "v000001-000000.tar").exists()
+        assert not (tmp_path / "shards" / "v000002-000000.tar").exists()
+    finally:
+        reader.communicate("")
+    result = gc(str(tmp_path), keep=1)  # the reader has ended
+    assert result["deleted_versions"] == [1] and result["in_use"] == []
