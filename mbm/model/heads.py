@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -66,3 +67,19 @@ def recall_at_k(za: torch.Tensor, zb: torch.Tensor, ks: tuple[int, ...] = (1, 5,
             for k in ks:
                 hits[k] += float(match[:, :min(k, k_max)].any(1).sum())
     return {f"recall@{k}": hits[k] / (2 * n) for k in ks}
+
+
+def chance_at_k(k: int, groups: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Recall@k of a ranking drawn at random, matches counted as ``recall_at_k`` counts them with ``groups``: a
+    row with m matching rows (itself included) among n finds one in its top k with 1 - C(n - m, k) / C(n, k).
+    With five captions per picture in the split, that is about 5 k / n, not k / n."""
+    ga, gb = (g.tolist() for g in groups)
+    by_a, by_b, by_both = Counter(ga), Counter(gb), Counter(zip(ga, gb, strict=True))
+    total = 0.0
+    for a, b in zip(ga, gb, strict=True):
+        matches = by_a[a] + by_b[b] - by_both[a, b]  # rows sharing either side's content with this one
+        miss = 1.0
+        for t in range(min(k, len(ga))):  # C(n - m, k) / C(n, k) as a product, no huge integers
+            miss *= max(len(ga) - matches - t, 0) / (len(ga) - t)
+        total += 1.0 - miss
+    return total / len(ga) if ga else 0.0

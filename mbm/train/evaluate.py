@@ -13,7 +13,7 @@ import torch
 
 from mbm.data.collate import IGNORE, batch_to
 from mbm.data.errors import skip_reasons
-from mbm.model.heads import recall_at_k
+from mbm.model.heads import chance_at_k, recall_at_k
 from mbm.model.model import MultimodalModel
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
         metrics.update(accuracy=correct / weight, majority_rate=max(label_counts.values()) / weight, samples=weight)
     elif task == "retrieve":
         a, b = torch.cat(za), torch.cat(zb)
-        metrics.update(recall_at_k(a, b, groups=tuple(group_ids(keys) for keys in contents.values())), samples=len(a))
-        metrics["chance@5"] = min(5, len(a)) / len(a)
+        groups = tuple(group_ids(keys) for keys in contents.values())
+        metrics.update(recall_at_k(a, b, groups=groups), samples=len(a))
+        metrics["chance@5"] = chance_at_k(5, groups)  # a picture's other captions count as matches here too
     else:
         metrics.update(tokens=weight)
     return metrics

@@ -108,3 +108,33 @@ def test_recall_with_groups_and_chunks_equals_the_whole_matrix():
     assert recall_at_k(za, zb, groups=(alone, alone), chunk=16) == whole
     same = torch.zeros(50, dtype=torch.long)  # every row the same content: every retrieval matches
     assert recall_at_k(za, zb, ks=(1,), groups=(same, alone))["recall@1"] == 1.0
+
+
+def test_chance_at_5_counts_a_pictures_other_captions_as_recall_does():
+    """Five captions of each of 8 pictures: a caption's random top 5 holds one of its picture's 5 samples with
+    1 - C(35, 5) / C(40, 5) = 0.507, the chance recall@5 is to be read against; it said 5 / 40 = 0.125, so a
+    model at chance looked 4 times better than chance."""
+    from math import comb
+
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(8, 16), dim=-1).repeat_interleave(5, dim=0)
+    text = F.normalize(torch.randn(40, 16), dim=-1)  # every caption its own text
+    ids = [f"p{i // 5}-c{i % 5}" for i in range(40)]
+    metrics = evaluate(_Retriever(), [_pairs(ids, text, image)], torch.device("cpu"))
+    assert metrics["chance@5"] == pytest.approx(1 - comb(35, 5) / comb(40, 5))
+    distinct = F.normalize(torch.randn(40, 16), dim=-1)  # 40 pictures: k / n as before
+    assert evaluate(_Retriever(), [_pairs(ids, text, distinct)], torch.device("cpu"))["chance@5"] == pytest.approx(5 / 40)
+
+
+def test_chance_at_k_matches_a_count_over_every_ranking():
+    """Exact on a case small enough to enumerate: 4 rows, rows 0 and 1 share their image, k = 2."""
+    from itertools import permutations
+
+    from mbm.model.heads import chance_at_k
+
+    ga, gb = torch.arange(4), torch.tensor([0, 0, 1, 2])
+    matches = [{0, 1}, {0, 1}, {2}, {3}]
+    orders = list(permutations(range(4)))
+    expected = sum(any(j in matches[q] for j in order[:2]) for q in range(4) for order in orders) / (4 * len(orders))
+    assert chance_at_k(2, (ga, gb)) == pytest.approx(expected) == pytest.approx((5 / 6 + 5 / 6 + 1 / 2 + 1 / 2) / 4)
+    assert chance_at_k(9, (ga, gb)) == 1.0  # k past the rows: every ranking holds the match
