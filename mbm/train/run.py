@@ -148,7 +148,7 @@ def truncate_jsonl(path: str, step: int) -> None:
     """Drop records after ``step`` (written by a run that went on past its last checkpoint)."""
     if os.path.isfile(path):
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        _write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        _write_text(path, "".join(json_line(r) + "\n" for r in kept))
 
 
 def _write_text(path: str, text: str) -> None:

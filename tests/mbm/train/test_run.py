@@ -42,6 +42,20 @@ def test_ids_with_lone_surrogates_are_written_as_strict_json_that_reads_back_the
     assert json_line({"loss": math.inf, "ids": ["é"]}) == '{"loss": null, "ids": ["é"]}'  # UTF-8 kept where it can be
 
 
+def test_a_resume_cuts_a_sample_log_holding_lone_surrogates_back_to_its_checkpoint(tmp_path):
+    """--resume --log-samples on a dataset with such an id stopped with a UnicodeEncodeError traceback:
+    cutting the log back to the checkpoint's step rewrote its records without ``json_line``'s escapes."""
+    from mbm.train.run import truncate_jsonl
+
+    path = str(tmp_path / "samples-rank0.jsonl")
+    records = [{"step": 1, "ids": ["\ud800x", "caf\udce9"]}, {"step": 2, "ids": ["b"], "loss": math.nan}]
+    for record in records:
+        append_jsonl(path, record)
+    truncate_jsonl(path, 1)
+    assert read_jsonl(path) == records[:1]
+    open(path, "rb").read().decode("utf-8")  # still strict UTF-8
+
+
 def test_a_last_line_cut_short_is_dropped_and_a_bad_line_elsewhere_is_named(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
