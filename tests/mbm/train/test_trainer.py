@@ -145,6 +145,24 @@ def test_retrieve_picks_the_common_pair_and_reports_recall(data, tmp_path, capsy
     assert "--split-by" in capsys.readouterr().err
 
 
+def test_resume_with_split_by_auto_continues_the_run_auto_started(data, tmp_path, capsys):
+    """The command that started a retrieve run with --split-by auto, given again with --resume, was refused:
+    "--split-by 'auto' (the run has 'image')", though auto chooses image for that run."""
+    out = str(tmp_path / "auto")
+    args = ["--data", data, "--out", out, "--task", "retrieve", "--pair", "text,image", "--split-by", "auto",
+            "--eval-every", "2"]
+    assert train(*args, "--steps", "2") == 0
+    capsys.readouterr()
+    assert train(*args, "--steps", "4", "--resume") == 0, capsys.readouterr().err
+    assert json.load(open(os.path.join(out, "config.json")))["split_by"] == "image"
+    assert [r["step"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "val"] == [0, 2, 4]
+    classify = str(tmp_path / "classify")  # auto is id for the other tasks; a run by image is another split
+    assert train("--data", data, "--out", classify, "--steps", "2", "--eval-every", "2") == 0
+    assert train("--data", data, "--out", classify, "--steps", "4", "--resume", "--split-by", "auto") == 0
+    assert train("--data", data, "--out", classify, "--steps", "4", "--resume", "--split-by", "image") == 2
+    assert "--split-by 'image' (the run has 'id')" in capsys.readouterr().err
+
+
 def test_a_run_saved_before_split_by_keeps_its_split_by_id(data, tmp_path, capsys):
     out = str(tmp_path / "old")
     assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "4", "--eval-every", "4",
