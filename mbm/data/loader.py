@@ -35,6 +35,7 @@ from mbm.data import segments
 from mbm.data.collate import PackedBatch
 from mbm.data.errors import SkipLog, skip_reasons
 from mbm.data.feed import RegisteredFeed
+from mbm.data.split import empty_under_split
 from mbm.data.stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,10 @@ class StreamLoader:
         if self.batch:  # batches came, and every one was dropped
             return (f"{split} yields no batch: every sample in this rank's batches has corrupt arrays "
                     f"(skipped {skipped})")
+        if usable == 0 and not counts:  # nothing skipped: no sample falls in the split
+            why = (empty_under_split(cfg.split) if cfg.split_by == "split" and cfg.split != "all" else
+                   "no readable sample falls in it; check that the dataset's shards exist and hold samples")
+            return f"{split} is empty: {why}"
         if usable == 0:
             reasons = skip_reasons(counts, cfg.collate.feature_dims, cfg.task) or "nothing"
             return f"{split} has no sample the {cfg.task} task can use (skipped {reasons})"

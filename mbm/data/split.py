@@ -14,7 +14,8 @@ EVAL_SPLITS = (*SPLITS, "all")  # what evaluate and generate read: a split, or e
 SPLIT_BY = ("id", *MODALITIES, "split")
 # the dataset's own split names (a ``split`` metadata value: imagefolders' split folders, a manifest's column)
 TRAIN_NAMES = frozenset({"train", "training"})
-HELD_OUT_NAMES = frozenset({"test", "testing", "validation", "valid", "val", "dev", "eval"})
+HELD_OUT = ("test", "testing", "validation", "valid", "val", "dev", "eval")
+HELD_OUT_NAMES = frozenset(HELD_OUT)
 
 
 def holdout_fraction(sample_id: str) -> float:
@@ -57,3 +58,15 @@ def sample_split(doc: dict[str, Any], val_fraction: float, split_by: str = "id")
     if split_by == "split" and (named := named_split(doc)) is not None:
         return named
     return split_of(split_key(doc, split_by), val_fraction)
+
+
+def empty_under_split(split: str) -> str:
+    """Why ``split`` ("train" or "val") holds no sample under ``--split-by split`` (none skipped), and what to
+    change: a larger --val-fraction does not move samples that name their split."""
+    if split == "train":
+        return ("every sample names a held-out split (" + ", ".join(HELD_OUT) + ") in its metadata, and "
+                "--split-by split holds those out, so none is left to train on; give --split-by id (or text, "
+                "image, audio) to split the samples by hash, or add samples of the train split")
+    return ("no sample names a held-out split (" + ", ".join(HELD_OUT) + ") in its metadata, and --split-by "
+            "split holds out only those (and a --val-fraction of the samples naming no split); give --split-by "
+            "id (or text, image, audio) to hold out a --val-fraction of the samples by hash")

@@ -39,6 +39,7 @@ class SyntheticConfig:
     # consecutive samples sharing their image and audio (features and modality_hashes), as COCO's five
     # captions of one picture do
     media_repeats: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)  # every sample's metadata, e.g. {"split": "test"}
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -71,7 +72,7 @@ def _sample(i: int, cfg: SyntheticConfig, rng: np.random.Generator, proj: dict[s
             members[f"{m}.npy"] = shared[m][1]
     label = None if rng.random() < cfg.null_label else cfg.labels[c]
     doc = {"id": sid, "label": label, "text": text if "text" in present else None, "modalities": present,
-           "content_hash": f"{i:040x}", "fingerprint": {}, "dropped": {}, "meta": {},
+           "content_hash": f"{i:040x}", "fingerprint": {}, "dropped": {}, "meta": dict(cfg.meta),
            "modality_hashes": {m: f"{m}-{i // cfg.media_repeats if m != 'text' else i:060x}" for m in present},
            "schema_version": SCHEMA_VERSION}
     members["json"] = json.dumps(doc, sort_keys=True).encode("utf-8")

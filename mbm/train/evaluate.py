@@ -13,6 +13,7 @@ import torch
 
 from mbm.data.collate import IGNORE, batch_to
 from mbm.data.errors import skip_reasons
+from mbm.data.split import empty_under_split
 from mbm.model.heads import chance_at_k, recall_at_k
 from mbm.model.model import MultimodalModel
 
@@ -26,12 +27,15 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def empty_split(task: str, skipped: dict[str, int], split: str = "val", reads: Iterable[str] = ()) -> str:
+def empty_split(task: str, skipped: dict[str, int], split: str = "val", reads: Iterable[str] = (),
+                split_by: str = "id") -> str:
     """Why a pass over ``split`` found nothing to evaluate, from what the stream skipped (``reads``: the
-    modalities the model reads)."""
+    modalities the model reads) and what chose the split (``split_by``)."""
     name = "the held-out split" if split == "val" else f"the {split} split"
     if skipped:
         return f"{name} has no sample the {task} task can use: skipped {skip_reasons(skipped, reads, task)}"
+    if split_by == "split" and split != "all":
+        return f"{name} is empty: {empty_under_split(split)}"
     advice = "train with a larger --val-fraction, or check" if split == "val" else "check"
     return f"{name} is empty: no readable sample falls in it; {advice} that the dataset's shards exist and hold samples"
 
@@ -77,8 +81,9 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     model.train(was_training)
     skipped = getattr(batches, "skipped", dict)()
     if weight == 0:
-        raise ValueError(empty_split(task, skipped, getattr(getattr(batches, "cfg", None), "split", "val"),
-                                     model.cfg.input_modalities()))
+        cfg = getattr(batches, "cfg", None)
+        raise ValueError(empty_split(task, skipped, getattr(cfg, "split", "val"), model.cfg.input_modalities(),
+                                     getattr(cfg, "split_by", "id")))
     if skipped:
         log.info("evaluation left out %s", skip_reasons(skipped, model.cfg.input_modalities(), task))
     metrics = {"loss": loss_sum / weight}

@@ -159,7 +159,8 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
             if len(out) >= limit:
                 return out
     if not out:
-        raise ValueError(empty_split("generate", stream.skipped(), split, loaded.model.cfg.input_modalities()))
+        raise ValueError(empty_split("generate", stream.skipped(), split, loaded.model.cfg.input_modalities(),
+                                     stream.cfg.split_by))
     skipped = dict(stream.skipped())  # the whole split was read: what it held that could not be shown
     if skipped:
         log.warning("generate left out %s", skip_reasons(skipped, loaded.model.cfg.input_modalities(),

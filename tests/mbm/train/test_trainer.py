@@ -184,6 +184,25 @@ def test_a_run_saved_before_split_by_keeps_its_split_by_id(data, tmp_path, capsy
     assert "--split-by must be one of auto, id, text, image, audio, split, got 'picture'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("named, empty, says", [
+    ("train", "the held-out split", "no sample names a held-out split (test, testing, validation, valid, val, dev, "
+                                    "eval) in its metadata"),
+    ("test", "the train split", "every sample names a held-out split (test, testing, validation, valid, val, dev, "
+                                "eval) in its metadata"),
+])
+def test_split_by_split_with_one_side_empty_says_what_to_change(tmp_path, capsys, named, empty, says):
+    """Every sample in train/ (or test/): --split-by split told to raise --val-fraction, which moves no sample
+    that names its split, or said the train split had no sample classify can use, 'skipped nothing'."""
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=40, samples_per_shard=40, feature_dims=DIMS,
+                                                  meta={"split": named}))
+    assert train("--data", data, "--out", str(tmp_path / "run"), "--steps", "2", "--split-by", "split") == 2
+    err = capsys.readouterr().err
+    assert f"{empty} is empty: {says}" in err and "give --split-by id" in err, err
+    assert "larger --val-fraction" not in err and "skipped nothing" not in err
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_generate_trains_and_decodes_text(data, tmp_path, capsys):
     tok = write_tiny_tokenizer(str(tmp_path / "tok"))
     out = str(tmp_path / "gen")
