@@ -89,10 +89,13 @@ class TextDecoder(nn.Module):
                 elif len(keep_seqs) < beam:
                     keep_seqs.append([cfg.bos, *ids])
                     keep_scores.append(score)
-            if len(done) >= beam or not keep_seqs:
+            if not keep_seqs:
                 break
             seqs = torch.tensor(keep_seqs, device=memory.device)
             scores = torch.tensor(keep_scores, device=memory.device)
-        if not done:
-            done = [(float(s) / seqs.shape[1] ** alpha, q.tolist()[1:]) for s, q in zip(scores, seqs, strict=True)]
+            # enough ended, and the best of them scores above every beam still open (at its length so far)
+            if len(done) >= beam and max(d[0] for d in done) >= max(keep_scores) / seqs.shape[1] ** alpha:
+                break
+        else:  # out of steps: the beams still open compete with those that ended (an early [EOS] may score less)
+            done += [(float(s) / seqs.shape[1] ** alpha, q.tolist()[1:]) for s, q in zip(scores, seqs, strict=True)]
         return max(done, key=lambda d: d[0])[1]

@@ -136,3 +136,26 @@ def test_config_round_trip_and_validation():
         ModelConfig(task="retrieve", feature_dims={"text": 3}, pair=("text", "image"))
     with pytest.raises(ValueError, match="--d-model"):
         TransformerConfig(d_model=10, n_heads=3)
+
+
+def test_beam_search_weighs_unfinished_beams_against_an_early_end():
+    """Beam 2 returned an empty text where greedy (beam 1) wrote "a a", more likely by far: a hypothesis that
+    ended at the first step was the only finished one when the steps ran out, and the beams still open were
+    not compared with it."""
+    import torch.nn.functional as F
+
+    from mbm.model.decoder import TextDecoder
+
+    pad, bos, eos, a, b = range(5)
+
+    class Table(TextDecoder):  # next-token probabilities fixed by the last token
+        def forward(self, ids, mask, memory, memory_mask):
+            probs = {bos: [0, 0, 0.35, 0.6, 0.05], a: [0, 0, 0.01, 0.98, 0.01], b: [0, 0, 0.5, 0.25, 0.25]}
+            rows = torch.tensor([probs[int(t)] for t in ids[:, -1]]) + 1e-9
+            return F.pad(rows.log()[:, None, :], (0, 0, ids.shape[1] - 1, 0))  # (K, L, V)
+
+    head = Table(DecoderConfig(vocab_size=5, bos=bos, eos=eos, pad=pad, max_len=3, n_layers=1),
+                 TransformerConfig(d_model=8, n_layers=1, n_heads=2))
+    memory, mask = torch.zeros(1, 1, 8), torch.ones(1, 1, dtype=torch.bool)
+    assert head.beam_search(memory, mask, beam=1) == [[a, a]]
+    assert head.beam_search(memory, mask, beam=2) == [[a, a]]  # log(0.6 * 0.98) / 2 beats log(0.35) / 1
