@@ -41,8 +41,12 @@ class ModelConfig:
             raise ValueError(f"classify needs at least 2 labels in the dataset, found {self.num_labels}")
         if self.task == "retrieve" and (not self.pair or any(m not in self.feature_dims for m in self.pair)):
             raise ValueError(f"--pair {self.pair} must name two modalities of the dataset {list(self.feature_dims)}")
-        if self.task == "generate" and (self.decoder is None or not self.input_modalities()):
-            raise ValueError("generate needs a tokenizer and image or audio features to condition on")
+        if self.task == "generate" and self.decoder is None:
+            raise ValueError("generate needs a tokenizer (--tokenizer)")
+        if self.task == "generate" and not self.input_modalities():
+            raise ValueError(f"generate writes a sample's text from its image or audio features, and this dataset "
+                             f"has {', '.join(self.feature_dims) or 'no'} features only: preprocess it with "
+                             "[extract.image] or [extract.audio], or train --task classify or retrieve on it")
 
     def input_modalities(self) -> list[str]:
         """Modalities the encoder reads: all for classify, the pair for retrieve, all but text for generate."""

@@ -201,6 +201,11 @@ class Trainer:
             for path in (self.run.metrics, *(self.run.samples_log(r) for r in range(env.world))):
                 # from a checkpoint: what came after it is redone; from nothing: everything is
                 truncate_jsonl(path, self.step if resume_from else -1)
+            if os.path.isfile(self.run.plot):  # drawn from records cut back just now (a run killed after them)
+                if resume_from:
+                    plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
+                else:
+                    os.remove(self.run.plot)
         env.barrier()
 
     # -- checkpoints ------------------------------------------------------------------------------

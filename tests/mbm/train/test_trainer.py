@@ -447,6 +447,21 @@ def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(data
     assert [r["step"] for r in val] == [0, 2] and val[0]["loss"] != 9.0
 
 
+def test_a_resume_redraws_the_plot_of_records_it_cut_back(data, tmp_path, monkeypatch):
+    """A run killed after writing records past its last checkpoint (and drawing them): the resume cut the
+    records back, and metrics.png showed the lost steps until the next evaluation."""
+    from mbm.train import trainer as trainer_mod
+
+    out = tmp_path / "r"
+    assert train("--data", data, "--out", str(out), "--steps", "4", "--eval-every", "2", "--stop-at", "2") == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "split": "train", "loss": 99.0, "lr": 0.001}\n')  # after the checkpoint at 2
+    drawn = []
+    monkeypatch.setattr(trainer_mod, "plot_metrics", lambda records, path: drawn.append([r["step"] for r in records]))
+    assert train("--data", data, "--out", str(out), "--steps", "4", "--eval-every", "2", "--resume") == 0
+    assert drawn and 3 not in drawn[0] and max(drawn[0]) == 2  # redrawn at once, without step 3's record
+
+
 def test_resume_stays_on_the_version_the_run_started_on(data, tmp_path, caplog):
     import shutil
 
@@ -728,3 +743,15 @@ def test_sigterm_stops_mbm_train_at_a_checkpointed_step_with_no_worker_left(data
     while (left := [pid for pid in workers if running(pid)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left
+
+
+def test_generate_on_a_dataset_of_text_features_only_says_what_is_missing(tmp_path, capsys):
+    """It said generate needs a tokenizer and image or audio features, with a tokenizer given."""
+    text_only = str(tmp_path / "t")
+    write_synthetic_dataset(text_only, SyntheticConfig(num_samples=40, samples_per_shard=20, feature_dims={"text": 8},
+                                                       lengths={"text": (2, 4)}, missing={}))
+    tok = write_tiny_tokenizer(str(tmp_path / "tok"))
+    assert train("--data", text_only, "--out", str(tmp_path / "g"), "--task", "generate", "--tokenizer", tok) == 2
+    err = capsys.readouterr().err
+    assert "generate writes a sample's text from its image or audio features, and this dataset has text features " \
+           "only: preprocess it with [extract.image] or [extract.audio], or train --task classify or retrieve" in err
