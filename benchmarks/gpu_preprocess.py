@@ -92,7 +92,7 @@ def run_preprocess(sizes: PreprocessSizes, device: str, monitor: GpuMonitor, tmp
             f"({r['samples'] / r['wall_s']:,.0f} samples/s, {r['images'] / r['wall_s']:,.0f} images/s), "
             f"GPU util {r['gpu']['util_mean_pct']}%")
     a, b = runs[f"default {sizes.small}"], runs[f"default {sizes.large}"]
-    from jobs.spec import auto_workers  # what the job ran with workers = 0
+    from jobs.runner_config import auto_workers  # what the job ran with workers = 0
 
     out = {"runs": runs, "workers": sizes.workers or auto_workers("cuda"),
            "marginal": {"samples_per_s": marginal(a, b, "samples"), "images_per_s": marginal(a, b, "images"),

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs.environment import check_environment
+from jobs.runner_config import RUNNERS
 from jobs.signals import broken_pipe, report, stop_signals
-from jobs.spec import RUNNERS, SpecError
+from jobs.spec import SpecError
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1  # the job stopped: out of memory, a failed GPU (what to change is in its message)

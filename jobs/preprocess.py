@@ -19,8 +19,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystem import BeamIOError
 
+from jobs.runner_config import option_errors_line
 from jobs.signals import held_stop, hold_stops, pending
-from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules, option_errors_line
+from jobs.spec import JobSpec, SpecError, create_extractors, dump_toml, extractor_modules
 from mbm.alloc import Trimmer, arena_env
 from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock

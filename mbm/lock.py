@@ -80,36 +80,41 @@ def _holder(text: str) -> str:
 _READING: dict[str, int] = {}  # version manifests this process reads -> the descriptor holding the lock
 
 
+def _flocked(path: str, mode: int) -> int | None:
+    """A descriptor of ``path`` holding ``flock(mode)`` (non-blocking), or None where another process holds a
+    lock that conflicts; OSError where the file cannot be opened."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK
+        os.close(fd)
+        return None
+    return fd
+
+
 def hold_version(manifest: str) -> bool:
     """Take a shared lock on a dataset version's manifest (``OUT/versions/N.json``) for the rest of this
     process (and of the loader workers it forks, which share it): ``mbm gc`` keeps a version so held. False
     where it cannot be taken (no such file, a folder that cannot be opened, gc deleting it right now)."""
     key = os.path.realpath(manifest)
-    if key in _READING:
-        return True
-    try:
-        fd = os.open(key, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return False
-    _READING[key] = fd
+    if key not in _READING:
+        try:
+            fd = _flocked(key, fcntl.LOCK_SH)
+        except OSError:
+            return False
+        if fd is None:
+            return False
+        _READING[key] = fd
     return True
 
 
 def version_in_use(manifest: str) -> bool:
     """Whether a running process holds ``hold_version`` on ``manifest``."""
     try:
-        fd = os.open(manifest, os.O_RDONLY)
+        fd = _flocked(manifest, fcntl.LOCK_EX)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # EWOULDBLOCK: a reader holds it
+    if fd is None:
         return True
-    finally:
-        os.close(fd)  # also releases the exclusive lock taken to ask
+    os.close(fd)  # also releases the exclusive lock taken to ask
     return False

@@ -121,7 +121,7 @@ def test_missing_spec_file(tmp_path):
 def test_a_local_run_on_a_missing_gpu_fails_before_any_worker_starts(monkeypatch, gpus, device, error):
     import torch
 
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
@@ -163,7 +163,7 @@ def test_a_changed_shard_layout_is_reported_against_the_version_it_differs_from(
     ("DataflowRunner", [], None),
 ])
 def test_runners_that_would_download_need_a_local_copy_or_a_job_server(tmp_path, name, options, error):
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     (tmp_path / "artifact").write_bytes(b"")
     runner = RunnerConfig(name=name, options=[o.format(file=tmp_path / "artifact") for o in options])
@@ -177,7 +177,7 @@ def test_runners_that_would_download_need_a_local_copy_or_a_job_server(tmp_path,
 
 def test_beam_options_beam_does_not_know_are_refused_naming_them(tmp_path):
     """Beam logs and drops an unknown option: a typo would run the job with other settings than asked."""
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     runner = RunnerConfig(options=["--max_num_workers=4", "--job_name", "mine"])
     runner.check_options(["--experiments=a", "--temp_location=/tmp/x"])  # all Beam's
@@ -204,7 +204,7 @@ def test_beam_options_beam_does_not_know_are_refused_naming_them(tmp_path):
 ])
 def test_beam_options_mbm_sets_itself_are_refused_naming_the_spec_key(name, options, extra, message):
     """Beam took them and mbm went on with its own: a runner other than [runner] name's was ignored."""
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     with pytest.raises(SpecError, match=message):
         RunnerConfig(name=name, options=options).check_options(extra)
@@ -218,7 +218,7 @@ def test_beam_options_mbm_sets_itself_are_refused_naming_the_spec_key(name, opti
     (["--job_name"], "Beam option --job_name: expected one argument; fix it in [runner] options or after `--`"),
 ])
 def test_a_bad_beam_option_value_is_one_line_naming_the_option(extra, message, capsys):
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     with pytest.raises(SpecError) as info:
         RunnerConfig().check_options(extra)
@@ -371,7 +371,7 @@ def test_a_manifest_with_a_caption_column_is_accepted(data):
 def test_default_workers_are_one_per_core_as_far_as_memory_holds(caplog):
     import logging
 
-    from jobs.spec import auto_workers
+    from jobs.runner_config import auto_workers
 
     GiB = 1 << 30
     assert auto_workers("cpu", cores=16, memory=64 * GiB, gpu=0) == 16
@@ -387,7 +387,7 @@ def test_default_workers_are_one_per_core_as_far_as_memory_holds(caplog):
 def test_a_worker_count_neither_the_cores_nor_the_memory_hold_exits_before_any_worker_starts(caplog):
     import logging
 
-    from jobs.spec import RunnerConfig, WorkerRoom
+    from jobs.runner_config import RunnerConfig, WorkerRoom
 
     GiB = 1 << 30
     room = WorkerRoom("cpu", cores=2, memory=21 * GiB, gpu=0)  # memory holds (21 - 1) / 2 = 10
@@ -414,11 +414,11 @@ def test_a_worker_count_neither_the_cores_nor_the_memory_hold_exits_before_any_w
 
 
 def test_preprocess_refuses_a_worker_count_the_machine_cannot_hold(data, capsys, monkeypatch):
-    import jobs.spec as spec_module
+    import jobs.runner_config as runner_module
     from jobs.cli import main
 
-    monkeypatch.setattr(spec_module, "memory_room", lambda: (5 << 30, "free memory"))  # holds 2 workers
-    monkeypatch.setattr(spec_module, "usable_cores", lambda: 2)
+    monkeypatch.setattr(runner_module, "memory_room", lambda: (5 << 30, "free memory"))  # holds 2 workers
+    monkeypatch.setattr(runner_module, "usable_cores", lambda: 2)
     (data / "data" / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
     _write(data / "job.toml", '[input]\nmanifest = "data/m.jsonl"\n[output]\ndir = "out"\n')
     assert main(["preprocess", str(data / "job.toml"), "--workers", "99999", "--no-progress"]) == 2
@@ -427,11 +427,12 @@ def test_preprocess_refuses_a_worker_count_the_machine_cannot_hold(data, capsys,
     assert "Traceback" not in err and not (data / "out" / "dataset.json").exists()
 
 def test_the_default_worker_count_is_worked_out_once_and_job_toml_keeps_workers_0(tmp_path, monkeypatch):
+    import jobs.runner_config as runner_module
     import jobs.spec as spec_module
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     calls = []
-    monkeypatch.setattr(spec_module, "auto_workers", lambda device: calls.append(device) or 3)
+    monkeypatch.setattr(runner_module, "auto_workers", lambda device: calls.append(device) or 3)
     runner = RunnerConfig(device="cpu")
     assert runner.num_workers() == 3 and runner.num_workers() == 3 and calls == ["cpu"]
     assert spec_module._asdict(runner)["workers"] == 0 and "_auto_workers" not in spec_module._asdict(runner)
@@ -442,7 +443,7 @@ def test_the_default_worker_count_is_worked_out_once_and_job_toml_keeps_workers_
 def test_free_memory_and_gpu_memory_are_read_without_starting_cuda(tmp_path, monkeypatch):
     import os
 
-    from jobs.spec import gpu_memory
+    from jobs.runner_config import gpu_memory
     from mbm.resources import available_memory
 
     memory = available_memory()
@@ -463,7 +464,7 @@ def test_a_job_endpoint_nothing_listens_on_is_refused_at_once(tmp_path):
     """Beam waited its --job_server_timeout (300 s) for the job server, then printed a traceback."""
     import socket
 
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -479,7 +480,7 @@ def test_a_job_endpoint_nothing_listens_on_is_refused_at_once(tmp_path):
 
 
 def test_beam_s_check_of_a_remote_runner_s_options_is_one_line():
-    from jobs.spec import RunnerConfig
+    from jobs.runner_config import RunnerConfig
 
     with pytest.raises(SpecError) as exc:
         RunnerConfig(name="DataflowRunner").check_beam_options()

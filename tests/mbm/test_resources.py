@@ -96,7 +96,7 @@ def test_a_process_pinned_to_one_cpu_gets_one_worker_and_one_thread_per_worker()
         import os
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
         from mbm.resources import usable_cores
-        from jobs.spec import RunnerConfig
+        from jobs.runner_config import RunnerConfig
         print(usable_cores(), RunnerConfig(device="cpu").num_workers())
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -105,10 +105,10 @@ def test_a_process_pinned_to_one_cpu_gets_one_worker_and_one_thread_per_worker()
 
 
 def test_auto_workers_count_the_cores_this_process_may_use(monkeypatch):
-    from jobs import spec
+    from jobs import runner_config as runner
 
-    monkeypatch.setattr(spec, "usable_cores", lambda: 3)
-    assert spec.auto_workers("cpu", memory=64 * GiB, gpu=0) == 3
+    monkeypatch.setattr(runner, "usable_cores", lambda: 3)
+    assert runner.auto_workers("cpu", memory=64 * GiB, gpu=0) == 3
 
 
 def test_cpu_training_threads_are_the_ranks_share_of_the_usable_cores(monkeypatch):
@@ -142,14 +142,14 @@ def test_the_real_machine_reads_without_error():
 def test_auto_workers_name_a_containers_memory_limit_when_it_is_what_holds_them_back(monkeypatch, caplog):
     import logging
 
-    from jobs import spec
+    from jobs import runner_config as runner
     from mbm import resources
 
-    monkeypatch.setattr(spec, "usable_cores", lambda: 8)
+    monkeypatch.setattr(runner, "usable_cores", lambda: 8)
     monkeypatch.setattr(resources, "machine_memory_available", lambda *where: 64 * GiB)
     monkeypatch.setattr(resources, "cgroup_memory_available", lambda *where: 5 * GiB)
-    with caplog.at_level(logging.WARNING, logger="jobs.spec"):
-        assert spec.auto_workers("cpu", gpu=0) == 2  # (5 - 1) / 2, not (64 - 1) / 2
+    with caplog.at_level(logging.WARNING, logger="jobs.runner_config"):
+        assert runner.auto_workers("cpu", gpu=0) == 2  # (5 - 1) / 2, not (64 - 1) / 2
     assert "memory its cgroup's limit leaves" in caplog.text and "5.0 GiB" in caplog.text
     monkeypatch.setattr(resources, "cgroup_memory_available", lambda *where: None)
-    assert spec.auto_workers("cpu", gpu=0) == 8
+    assert runner.auto_workers("cpu", gpu=0) == 8
