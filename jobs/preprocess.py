@@ -229,12 +229,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
     started ``pipelines.forkserver.ForkServer`` whose pre-imported workers the local runner uses.
     """
     started = clock()
-    spec.runner.check_device()
-    spec.runner.check_options(extra_options)
-    spec.runner.check_offline(extra_options)
-    spec.runner.check_endpoint(extra_options)
-    spec.runner.check_beam_options(extra_options)
-    spec.runner.check_workers()
+    spec.runner.check(extra_options)
     out_dir = spec.output.dir
     local = _is_local(out_dir)
     held = ExitStack()

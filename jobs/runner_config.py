@@ -10,7 +10,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from jobs.errors import SpecError
 from mbm.resources import memory_room, usable_cores
@@ -51,6 +51,7 @@ def _option_values(args: list[str], names: list[str]) -> list[str]:
     return values
 
 
+# What one preprocessing worker may need, for the default worker count. Measured with the default
 # extractors (MiniLM, EfficientNet-Lite0, log-mel): 0.9-1.2 GB of PSS per worker on the CPU
 # (docs/benchmarks.md: 2.6 GB for two workers and the driver), 1.6-2.4 GiB of GPU memory per worker on
 # an H200 (a CUDA context, three models, their passes).
@@ -150,15 +151,30 @@ class RunnerConfig:
             object.__setattr__(self, "_auto_workers", auto)
         return auto
 
+    def check(self, extra: list[str] | None = None) -> None:
+        """Every check of the section, before a job touches its output folder: the device, the Beam options
+        ([runner] options and those after ``--``), what the runner would download or connect to, and the
+        worker count."""
+        self.check_device()
+        self.check_options(extra)
+        self.check_offline(extra)
+        self.check_endpoint(extra)
+        self.check_beam_options(extra)
+        self.check_workers()
+
+    def _given(self, extra: list[str] | None) -> dict[str, Any]:
+        """The Beam options [runner] options and ``extra`` give, by name, as Beam parses them."""
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        return PipelineOptions(list(self.options) + list(extra or [])).get_all_options()
+
     def check_offline(self, extra: list[str] | None = None) -> None:
         """Runners that Beam would fetch something for (the Prism binary, a Flink or Spark job server
         jar) need a local copy or a running job server among their options: mbm never downloads."""
         if self.name not in OFFLINE_OPTIONS:
             return
         what, keys = OFFLINE_OPTIONS[self.name]
-        from apache_beam.options.pipeline_options import PipelineOptions
-
-        given = PipelineOptions(list(self.options) + list(extra or [])).get_all_options()
+        given = self._given(extra)
         for key in keys:
             value = given.get(key.removeprefix("--"))
             if value and key != "--job_endpoint" and not os.path.isfile(value):
@@ -174,9 +190,7 @@ class RunnerConfig:
         Beam waits ``--job_server_timeout`` (300 s) for one that does not, then fails with a traceback."""
         if self.name not in OFFLINE_OPTIONS:
             return
-        from apache_beam.options.pipeline_options import PipelineOptions
-
-        endpoint = PipelineOptions(list(self.options) + list(extra or [])).get_all_options().get("job_endpoint")
+        endpoint = self._given(extra).get("job_endpoint")
         host, sep, port = (endpoint or "").rpartition(":")
         if not sep or not port.isdigit():
             return  # none given, or one of Beam's own ("embed")

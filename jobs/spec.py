@@ -58,7 +58,6 @@ class ExtractConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-# What one preprocessing worker may need, for the default worker count. Measured with the default
 @dataclass(kw_only=True)
 class JobSpec:
     """A resolved, validated preprocessing job."""

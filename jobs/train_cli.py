@@ -342,10 +342,10 @@ def _check_resume(saved: TrainConfig, cfg: TrainConfig, out: str) -> None:
     """A resumed run keeps its model, data and data order: a setting that would change them is refused
     before anything in the run folder is touched. ``--split-by auto`` names what auto chose for the run (image
     for a text,image retrieve run), as when the run started."""
-    if cfg.split_by == "auto" and (cfg.task != "retrieve" or cfg.pair):
-        from mbm.train.build import split_by_default
+    if cfg.task != "retrieve" or cfg.pair:
+        from mbm.train.build import resolved_split_by
 
-        cfg = replace(cfg, split_by=split_by_default(cfg))
+        cfg = replace(cfg, split_by=resolved_split_by(cfg))
     changed = [name for name in FIXED_ON_RESUME if getattr(saved, name) != getattr(cfg, name)]
     if changed:
         shown = "; ".join(f"--{n.replace('_', '-')} {getattr(cfg, n)!r} (the run has {getattr(saved, n)!r})"

@@ -42,9 +42,12 @@ def common_pair(source: DataSource, limit: int = 1000) -> list[str]:
     return list(counts.most_common(1)[0][0])
 
 
-def split_by_default(cfg: TrainConfig) -> str:
-    """``--split-by auto``: for retrieve, the pair's modality that is not text (the first of a pair without
-    text), so that one image's or clip's captions never fall on both sides of the held-out split; else id."""
+def resolved_split_by(cfg: TrainConfig) -> str:
+    """``--split-by``, with ``auto`` as what it stands for: for retrieve, the pair's modality that is not text
+    (the first of a pair without text), so that one image's or clip's captions never fall on both sides of
+    the held-out split; else id."""
+    if cfg.split_by != "auto":
+        return cfg.split_by
     if cfg.task != "retrieve" or not cfg.pair:
         return "id"
     return next((m for m in cfg.pair if m != "text"), cfg.pair[0])
@@ -75,6 +78,6 @@ def stream_config(cfg: TrainConfig, source: DataSource, labels: list[Any], dims:
                             with_targets=cfg.task == "generate")
     return StreamConfig(shards=tuple(source.shards), collate=collate, task=cfg.task, split=split,
                         val_fraction=cfg.val_fraction, pair=tuple(cfg.pair) if cfg.pair else None,
-                        split_by=split_by_default(cfg) if cfg.split_by == "auto" else cfg.split_by,
+                        split_by=resolved_split_by(cfg),
                         batch_size=cfg.batch_size, shuffle=train, shuffle_buffer=cfg.shuffle_buffer,
                         drop_last=train, seed=cfg.seed, max_samples=None if train else cfg.eval_samples)

@@ -27,7 +27,7 @@ from mbm.data.stream import ShardStream
 from mbm.lock import FolderLock, FolderLockedError
 from mbm.model.model import MultimodalModel
 from mbm.resources import usable_cores
-from mbm.train.build import common_pair, model_config, split_by_default, stream_config
+from mbm.train.build import common_pair, model_config, resolved_split_by, stream_config
 from mbm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mbm.train.config import TrainConfig
 from mbm.train.distributed import AnyRank, DistEnv, init_distributed
@@ -152,8 +152,7 @@ class Trainer:
             cfg = replace(cfg, data=data)
         if cfg.task == "retrieve" and not cfg.pair:
             cfg = replace(cfg, pair=common_pair(self.source))
-        if cfg.split_by == "auto":  # the config records what it chose
-            cfg = replace(cfg, split_by=split_by_default(cfg))
+        cfg = replace(cfg, split_by=resolved_split_by(cfg))  # the config records what auto chose
         self.cfg = cfg
         self.labels = (self.run.read_labels() if resume_from else None) or list(self.source.labels)
         torch.manual_seed(cfg.seed)

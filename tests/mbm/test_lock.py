@@ -110,7 +110,7 @@ def test_the_lock_file_follows_the_umask_as_the_folder_s_other_files_do(tmp_path
     old = os.umask(0o002)
     try:
         with FolderLock(str(tmp_path)):
-            pass
+            assert (tmp_path / ".lock").is_file()
     finally:
         os.umask(old)
     assert (tmp_path / ".lock").stat().st_mode & 0o777 == 0o664
