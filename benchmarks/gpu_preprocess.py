@@ -45,7 +45,8 @@ def job_spec(folder: Path, model: str, device: str, workers: int, batches: tuple
     spec.write_text(
         '[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\n'
         f'[extract.text]\nname = "hf-text"\npath = {json.dumps(model)}\n{text_batch}{image}'
-        f'[runner]\ndevice = "{device}"\nworkers = {workers}\n')
+        f'[runner]\ndevice = "{device}"\nworkers = {workers}\n'
+        "dedupe = false\n")  # the inputs repeat the sample media: each one is extracted, as a pass of its own
     return spec
 
 

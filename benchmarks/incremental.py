@@ -211,7 +211,9 @@ def main() -> int:
         tmp = Path(tmp)
         rows = build(tmp / "data", args.samples)
         spec = tmp / "job.toml"
-        spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\nsamples_per_shard = 100\n')
+        # dedupe off: the sample media repeat, and each copy is extracted as the figures have always counted
+        spec.write_text('[input]\nmanifest = "data/manifest.jsonl"\n[output]\ndir = "out"\nsamples_per_shard = 100\n'
+                        "[runner]\ndedupe = false\n")
         results = {"full (first run)": run(spec), "no change": run(spec)}
         changed = change(tmp / "data", rows, args.change)
         results[f"{args.change:.0%} changed"] = run(spec)

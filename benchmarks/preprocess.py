@@ -283,12 +283,16 @@ def spec_tables(job: Path) -> dict:
     return {k: v for k, v in tables.items() if k not in ("output", "runner")}
 
 
-def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, source: Path | None = None) -> Path:
+def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, source: Path | None = None,
+            repeated: bool = False) -> Path:
     """The job spec ``folder/job.toml`` the three pipelines run (with ``precision``, modality -> extractor
     precision, in its [extract] sections), writing into ``folder/out``.
 
     The sample media, or a manifest ``source``'s rows, are repeated to ``n`` samples under ``folder/data``
     (``incremental.build``); any other ``source`` is read where it is, as it is (``n`` is not used).
+    Data repeated here (or ``repeated``: by the caller) is run with ``[runner] dedupe = false``: mbm would
+    extract each medium once and copy its features to the copies (``pipelines.dedupe``), where the
+    baselines extract each copy. Data as it is keeps dedupe on: repeats there are the data's own.
     """
     kind = source_kind(source) if source else "manifest"
     folder.mkdir(parents=True, exist_ok=True)
@@ -299,9 +303,12 @@ def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, sourc
         tables = {"input": {"manifest": str(folder / "data" / manifest_of(folder / "data"))}}
         if source is not None:  # a user's manifest may name its media by absolute paths
             tables["input"]["allow_outside"] = True
+        repeated = repeated or n > 0
     else:
         tables = {"input": {kind: os.path.abspath(source)}}
     tables["output"] = {"dir": "out"}
+    if repeated:
+        tables["runner"] = {"dedupe": False}
     for m, p in sorted((precision or {}).items()):
         tables.setdefault("extract", {}).setdefault(m, {})["precision"] = p
     spec = folder / "job.toml"
@@ -472,6 +479,7 @@ def repeat_spec(job: Path, data: Path, factor: int) -> Path:
         copy = repeat_as_is(kind, Path(where), data, factor)
     tables["input"] = {kind: str(copy), **({"allow_outside": True} if tables["input"].get("allow_outside") else {})}
     tables["output"] = {"dir": "out"}
+    tables["runner"] = {"dedupe": False}  # the copies are the same media: each is extracted, as at 1x
     spec = data / "job.toml"
     spec.write_text(dump_toml(tables))
     return spec
@@ -489,7 +497,7 @@ def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
             spec = dataset(data, factor * n, source=source)
         else:  # used as they are: n is what the copies hold, per copy
             spec = (repeat_spec(source, data, factor) if kind == "spec"
-                    else dataset(data, 0, source=repeat_as_is(kind, source, data, factor)))
+                    else dataset(data, 0, source=repeat_as_is(kind, source, data, factor), repeated=True))
             n = input_count(spec) // factor
         r = measure(commands(spec, data / "out")["mbm preprocess"], data / "run.log")
         peaks[factor] = r

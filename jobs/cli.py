@@ -423,6 +423,10 @@ def print_summary(out_dir: str, report: dict[str, Any]) -> None:
         print("  modalities dropped from samples that landed:")
         for reason, n in report["dropped_modalities_by_reason"].items():
             print(f"    {reason:<40} {n:>6}")
+    copies = {m: n for m, n in report.get("copies_by_modality", {}).items() if n}
+    if copies:
+        listed = ", ".join(f"{m} {n}" for m, n in copies.items())
+        print(f"  repeats      {sum(copies.values()):>8}   (features copied from the same input in this run: {listed})")
     print(f"  time         {report['seconds']:>8.1f} s   ({report['samples_per_second']:.1f} samples/s)")
     print(f"  report       {out_dir}/report.json")
 

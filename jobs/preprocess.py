@@ -219,6 +219,24 @@ def _cut_shard(out_dir: str, previous: Any) -> str | None:
     return None
 
 
+def _copies(run: Any) -> dict[str, int]:
+    """By modality, the samples whose features were copied from the same input featurized in the run
+    (``pipelines.dedupe``), from the pipeline's counters; empty where the runner keeps none."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        counters = run.metrics().query(MetricsFilter().with_name("copies"))["counters"]
+    except Exception:  # noqa: BLE001 - a runner without metrics: the report says 0
+        return {}
+    out: dict[str, int] = {}
+    for c in counters:
+        namespace = c.key.metric.namespace
+        if namespace.startswith("mbm_extract_"):
+            m = namespace.removeprefix("mbm_extract_")
+            out[m] = out.get(m, 0) + int(c.committed or c.attempted or 0)
+    return out
+
+
 def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str] | None = None,
                    on_progress: Callable[[dict[str, int]], None] | None = None,
                    clock: Callable[[], float] = time.monotonic, fork: Any = None) -> JobResult:
@@ -270,7 +288,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 dims[m] = ex.dim
             except (ValueError, OSError) as e:
                 raise SpecError(f"[extract.{m}] {ex.name}: {e}") from e
-        handlers = build_handlers(extractors, {m: e.batch_size for m, e in spec.extract.items()}, spec.runner.device)
+        handlers = build_handlers(extractors, {m: e.batch_size for m, e in spec.extract.items()}, spec.runner.device,
+                                  spec.runner.dedupe)
         workers = spec.runner.num_workers()
         os.environ["MBM_WORKERS"] = str(workers)  # extractors size torch's thread pool from this
         options = pipeline_options(spec.runner.name, workers, list(spec.runner.options) + list(extra_options or []))
@@ -294,6 +313,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 p,
                 source=spec.input,
                 clean=CleanConfig(text=spec.text, image=spec.image, audio=spec.audio, fingerprints=fingerprints,
+                                  dedupe=spec.runner.dedupe,
                                   previous_index=None if (full or previous is None) else f"{out_dir}/{previous.index}"),
                 handlers=handlers,
                 sink=SinkConfig(staging=staging, samples_per_shard=spec.output.samples_per_shard,
@@ -309,7 +329,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
         beam_errors = HeldErrors()
         try:
             with beam_errors, monitor, Trimmer(), arena_env():  # arena_env: the workers Beam starts
-                p.run().wait_until_finish()
+                run = p.run()
+                run.wait_until_finish()
                 if (stop := pending()) is not None:  # raised in a callback from C, which dropped it: in a
                     raise stop  # run of one worker the DoFns run here (soundfile reads through cffi's)
         except Exception as e:
@@ -345,7 +366,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 result = commit(out_dir, staging, job_toml=dump_toml(spec.to_dict()), clock=clock, started=started,
                                 fingerprints=fingerprints, feature_dims=dims, full=full,
                                 samples_per_shard=spec.output.samples_per_shard,
-                                max_shard_bytes=spec.output.max_shard_bytes,
+                                max_shard_bytes=spec.output.max_shard_bytes, copies=_copies(run),
                                 before_commit=hold_stops)  # a version made current is finished, not cut short
         except ResourceError as e:  # nothing committed: the current version stands
             raise JobError(str(e)) from e

@@ -131,6 +131,7 @@ class RunnerConfig:
     workers: int = 0  # 0: one per core
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     options: list[str] = field(default_factory=list)  # extra Beam pipeline options
+    dedupe: bool = True  # media that repeat in the input are decoded and featurized once (pipelines.dedupe)
 
     def __post_init__(self) -> None:
         if self.name not in RUNNERS:

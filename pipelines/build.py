@@ -86,7 +86,8 @@ def build_graph(p: beam.Pipeline, *, source: Any, clean: CleanConfig, handlers: 
     # (local output only: a remote runner's workers could not read a local spool, and its shuffle does not
     # sit in memory)
     staging = local_path(sink.staging)
-    read = p | "Read" >> ReadSource(source, spool=f"{staging}/read" if staging is not None else None)
+    read = p | "Read" >> ReadSource(source, spool=f"{staging}/read" if staging is not None else None,
+                                    dedupe=clean.dedupe)
     samples = read["samples"] | "CountRead" >> beam.ParDo(CountProgress("read", progress_dir))
     n_input = samples | "CountInput" >> beam.combiners.Count.Globally()
     cleaned = samples | "Clean" >> beam.ParDo(CleanSampleFn(clean)).with_outputs(REJECTS, UNCHANGED, main="samples")

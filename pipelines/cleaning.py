@@ -18,6 +18,7 @@ from apache_beam.metrics import Metrics
 
 from mbm.extractors.handler import configure_threads
 from pipelines.clean import REVISIONS
+from pipelines.dedupe import LRUCache, cleaned_cache
 from pipelines.errors import CleanError
 from pipelines.media import read_media
 from schemas import CleanSample, RawSample, Reject, sample_key
@@ -44,6 +45,7 @@ class CleanConfig:
     audio: Any  # pipelines.clean.audio.AudioCleanConfig
     fingerprints: dict[str, str] = field(default_factory=dict)  # modality -> current extractor fingerprint
     previous_index: str | None = None  # Parquet index of the version to update; None recomputes everything
+    dedupe: bool = True  # keep recent cleaned media by content hash: a copy is not decoded again (pipelines.dedupe)
 
     def for_modality(self, modality: str) -> Any:
         return getattr(self, modality)
@@ -145,13 +147,25 @@ def retried(previous: dict[str, Any], hashes: dict[str, str], cfg: CleanConfig) 
     return [m for m in hashes if f"extract.{m}" in stages and old_fps.get(m) != cfg.fingerprints.get(m)]
 
 
-def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None = None
-                 ) -> CleanSample | Reject | dict[str, Any]:
+def _clean_or_error(modality: str, data: Any, cfg: CleanConfig, sample_id: str) -> Any:
+    """The cleaned value, or the CleanError that says why there is none."""
+    try:
+        return clean_value(modality, data, cfg)
+    except CleanError as e:
+        return e
+    except Exception as e:  # a cleaner bug or an exotic decoder failure must not kill the job
+        log.debug("unexpected error cleaning %s of %s", modality, sample_id, exc_info=True)
+        return CleanError(f"{modality}.error", f"{type(e).__name__}: {e}")
+
+
+def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None = None,
+                 cache: LRUCache | None = None) -> CleanSample | Reject | dict[str, Any]:
     """Plan and clean one sample against ``previous`` (its index row in the version being updated).
 
     Returns the previous index row itself when nothing about the sample changed, a Reject when no
     modality survives cleaning, else a CleanSample whose ``reused`` modalities skip cleaning and
-    extraction (their features are copied from the previous version's shard).
+    extraction (their features are copied from the previous version's shard). ``cache`` holds the
+    cleaned media (or their errors) of recent samples by content hash (``pipelines.dedupe``).
     """
     data, hashes = load_raw(raw, cfg)
     content = content_hash(hashes, raw.label, raw.meta)
@@ -164,13 +178,17 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
     for modality in raw.present():
         if modality in reuse and modality != "text":  # text is cheap and its cleaned form goes in the json
             continue
-        try:
-            values[modality] = clean_value(modality, data[modality], cfg)
-        except CleanError as e:
-            failures.append((modality, e))
-        except Exception as e:  # a cleaner bug or an exotic decoder failure must not kill the job
-            log.debug("unexpected error cleaning %s of %s", modality, raw.id, exc_info=True)
-            failures.append((modality, CleanError(f"{modality}.error", f"{type(e).__name__}: {e}")))
+        if cache is not None and modality != "text":  # a copy of media cleaned just before is not decoded again
+            value = cache.get(hashes[modality])
+            if value is None:
+                value = _clean_or_error(modality, data[modality], cfg, raw.id)
+                cache.put(hashes[modality], value)
+        else:
+            value = _clean_or_error(modality, data[modality], cfg, raw.id)
+        if isinstance(value, CleanError):
+            failures.append((modality, value))
+        else:
+            values[modality] = value
     if not values and not reuse:
         if not failures:
             return Reject(id=raw.id, stage="read", reason="read.no_modality", detail="no text, image or audio",
@@ -250,6 +268,7 @@ class CleanSampleFn(beam.DoFn):
 
     def setup(self) -> None:
         self._previous = load_previous(self._cfg.previous_index)
+        self._cache = cleaned_cache() if self._cfg.dedupe else None
 
     def start_bundle(self) -> None:
         # Decoded images and waveforms are large blocks too (the allocator settings). Resampling runs
@@ -261,7 +280,7 @@ class CleanSampleFn(beam.DoFn):
         configure_threads(load_torch=False)
 
     def process(self, raw: RawSample):
-        out = clean_sample(raw, self._cfg, self._previous.get(raw.id))
+        out = clean_sample(raw, self._cfg, self._previous.get(raw.id), self._cache)
         if isinstance(out, Reject):
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(REJECTS, out)

@@ -535,24 +535,26 @@ def _arrow_pool() -> Iterator[None]:
 def commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
            fingerprints: dict[str, str], feature_dims: dict[str, int],
            samples_per_shard: int | None = None, max_shard_bytes: int | None = None, full: bool = False,
-           before_commit: Callable[[], None] | None = None) -> CommitResult:
+           before_commit: Callable[[], None] | None = None, copies: dict[str, int] | None = None) -> CommitResult:
     """Turn the staging folder of a finished pipeline into the next dataset version.
 
     When nothing changed (no new, changed or removed sample, the same rejects) no version is made and
     the returned manifest is the current one. A ``full`` run reuses nothing, so the current version's
     index may be gone (a folder changed by hand): its samples then count as new. ``before_commit`` is
     called right before ``dataset.json`` is replaced (a caller stops taking interrupts from there on).
+    ``copies``: by modality, the features copied from the same input featurized in the run (the report's
+    ``copies_by_modality``; ``pipelines.dedupe``).
     """
     with _arrow_pool():
         return _commit(out_dir, staging, job_toml=job_toml, clock=clock, started=started,
                        fingerprints=fingerprints, feature_dims=feature_dims, samples_per_shard=samples_per_shard,
-                       max_shard_bytes=max_shard_bytes, full=full, before_commit=before_commit)
+                       max_shard_bytes=max_shard_bytes, full=full, before_commit=before_commit, copies=copies)
 
 
 def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
             fingerprints: dict[str, str], feature_dims: dict[str, int],
             samples_per_shard: int | None, max_shard_bytes: int | None = None, full: bool = False,
-            before_commit: Callable[[], None] | None = None) -> CommitResult:
+            before_commit: Callable[[], None] | None = None, copies: dict[str, int] | None = None) -> CommitResult:
     import pyarrow as pa
 
     previous = current_manifest(out_dir)
@@ -596,6 +598,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     report["counts"] = counts
     report["planned"] = planned
     report["extracted_by_modality"] = {m: extracted[m] for m in ("text", "image", "audio")}
+    report["copies_by_modality"] = {m: (copies or {}).get(m, 0) for m in ("text", "image", "audio")}
     report["version"] = manifest.version
     report["new_version"] = not unchanged
     if not unchanged:

@@ -17,8 +17,10 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 
 from mbm.extractors.beam_api import ModelHandler, RunInference
+from pipelines.dedupe import LRUCache, feature_cache
 from pipelines.errors import ResourceError, describe, resource_kind
 from schemas import MODALITIES, CleanSample, Reject
 from schemas.features import all_finite
@@ -68,7 +70,9 @@ class FillBatches(beam.DoFn):
     ``batch_size``. The second trigger is for long texts (a 512-token text is a pass of its own): the
     work then follows the input instead of piling up to the end of the bundle, where no idle worker
     can take part of it (``pipelines.runner``). Samples without the modality ride along with the next batch (at most
-    ``MAX_RIDERS``; that many leave on their own). Leftovers that fill no pass go as they are once
+    ``MAX_RIDERS``; that many leave on their own). With ``[runner] dedupe``, a sample whose input is a copy of
+    one waiting (the same content hash) waits with it and leaves in its batch, and one whose features are in
+    the worker's cache (``pipelines.dedupe``) rides along: neither takes a row of a pass. Leftovers that fill no pass go as they are once
     ``2 x batch_size`` are waiting, and at the end of the bundle, so memory stays bounded. Passes have
     fixed shapes either way, so features do not depend on the batching (but see the README on
     bfloat16 on a GPU).
@@ -82,19 +86,27 @@ class FillBatches(beam.DoFn):
 
     def setup(self) -> None:
         self._keys: Any = None  # loaded with the first sample to featurize (a tokenizer for text)
+        self._cache = self._handler.cache()
 
     def start_bundle(self) -> None:
         self._queues: dict[Any, tuple[int, list[CleanSample]]] = {}
         self._riders: list[CleanSample] = []
         self._waiting = 0
+        self._copies: dict[str, list[CleanSample]] = {}  # content hash of a waiting sample -> its copies
 
     def process(self, sample: CleanSample):
         m = self._handler.modality
-        if not _featurizes(m, sample):
+        digest = sample.modality_hashes.get(m) if self._cache is not None and _featurizes(m, sample) else None
+        if digest and digest in self._copies:
+            self._copies[digest].append(sample)
+            return
+        if not _featurizes(m, sample) or (digest and digest in self._cache):
             self._riders.append(sample)
             if len(self._riders) >= MAX_RIDERS:
                 yield self._batch([])
             return
+        if digest:
+            self._copies[digest] = []
         if self._keys is None:
             self._keys = self._handler.pass_keys()
         try:
@@ -136,6 +148,9 @@ class FillBatches(beam.DoFn):
         self._waiting -= len(taken)
         riders = self._riders[:MAX_RIDERS]
         del self._riders[:len(riders)]
+        if self._copies:
+            m = self._handler.modality
+            taken = [c for s in taken for c in (s, *self._copies.pop(s.modality_hashes.get(m), ()))]
         return taken + riders
 
 
@@ -163,11 +178,12 @@ def _resolved(device: str) -> str:
 class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
     """Featurizes one modality of whole CleanSamples with an inner ``ExtractorHandler``."""
 
-    def __init__(self, modality: str, inner: Any, fingerprint: str) -> None:
+    def __init__(self, modality: str, inner: Any, fingerprint: str, dedupe: bool = False) -> None:
         super().__init__()
         self._modality = modality
         self._inner = inner
         self._fingerprint = fingerprint
+        self._dedupe = dedupe
 
     def load_model(self) -> LazyModel:
         return LazyModel(self._inner)
@@ -182,6 +198,10 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
 
     def pass_keys(self) -> Any:
         return self._inner.pass_keys()
+
+    def cache(self) -> LRUCache | None:
+        """This worker's features of recent inputs by content hash (``pipelines.dedupe``); None without dedupe."""
+        return feature_cache(self._modality, self._fingerprint) if self._dedupe else None
 
     def should_skip_batching(self) -> bool:
         return True  # FillBatches batches the samples before RunInference
@@ -204,6 +224,13 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         m = self._modality
         todo = [i for i, s in enumerate(batch) if _featurizes(m, s)]
         results: dict[int, np.ndarray | str] = {}
+        cache = self.cache() if todo else None
+        copies: list[tuple[int, int]] = []  # (sample, the sample in this batch whose features it copies)
+        first: dict[str, int] = {}
+        if cache is not None:
+            todo, copies, first = self._unique(batch, todo, cache, results)
+            if results or copies:
+                Metrics.counter(self.get_metrics_namespace(), "copies").inc(len(results) + len(copies))
         if todo:
             try:
                 model = model.get()
@@ -214,7 +241,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
                 raise ResourceError(self._advice(kind, e, "loading its model", None)) from e
             try:
                 feats = self._featurize([getattr(batch[i], m) for i in todo], model)
-                results = dict(zip(todo, feats, strict=True))
+                results.update(zip(todo, feats, strict=True))
             except ResourceError:
                 raise
             except Exception:
@@ -226,7 +253,34 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
                         raise
                     except Exception as e:
                         results[i] = f"extract.{m}: {m}.extract_error: {type(e).__name__}: {e}"
+        if cache is not None:
+            for digest, i in first.items():  # a row of a batch's array is copied: the rest would stay held
+                result = results[i]
+                cache.put(digest, result.copy() if isinstance(result, np.ndarray) and result.base is not None else result)
+            for i, j in copies:
+                results[i] = results[j]
         return [self._attach(s, results.get(i)) for i, s in enumerate(batch)]
+
+    def _unique(self, batch: Sequence[CleanSample], todo: list[int], cache: LRUCache,
+                results: dict[int, np.ndarray | str]) -> tuple[list[int], list[tuple[int, int]], dict[str, int]]:
+        """``todo`` less the samples whose input is in ``cache`` (their results filled in) or a copy of an
+        earlier one in the batch (returned as pairs); the content hash of each sample left, by sample."""
+        left: list[int] = []
+        copies: list[tuple[int, int]] = []
+        first: dict[str, int] = {}
+        for i in todo:
+            digest = batch[i].modality_hashes.get(self._modality)
+            if digest:
+                hit = cache.get(digest)
+                if hit is not None:
+                    results[i] = hit
+                    continue
+                if digest in first:
+                    copies.append((i, first[digest]))
+                    continue
+                first[digest] = i
+            left.append(i)
+        return left, copies, first
 
     def _featurize(self, inputs: list, model: Any) -> list:
         """The inner handler's features; a failure of the machine (memory, the GPU) raises ResourceError,
@@ -319,12 +373,14 @@ class ExtractFeatures(beam.PTransform):
         return samples | "SplitFailed" >> beam.FlatMap(_split_failed).with_outputs("rejects", main="samples")
 
 
-def build_handlers(extractors: dict[str, Any], batch_sizes: dict[str, int], device: str) -> dict[str, ModalityHandler]:
-    """One ModalityHandler per modality around each extractor's ExtractorHandler."""
+def build_handlers(extractors: dict[str, Any], batch_sizes: dict[str, int], device: str,
+                   dedupe: bool = True) -> dict[str, ModalityHandler]:
+    """One ModalityHandler per modality around each extractor's ExtractorHandler; ``dedupe``: inputs
+    that repeat are featurized once (``pipelines.dedupe``)."""
     from mbm.extractors.handler import ExtractorHandler, features_fingerprint
 
     return {
         m: ModalityHandler(m, ExtractorHandler(ex, batch_size=batch_sizes[m], device=device),
-                           features_fingerprint(ex, batch_sizes[m]))
+                           features_fingerprint(ex, batch_sizes[m]), dedupe)
         for m, ex in extractors.items()
     }

@@ -1,15 +1,17 @@
 """``ReadSource``: a manifest, an imagefolder/audiofolder or WebDataset tars as ``RawSample``s and ``Reject``s.
 
-inputs ─► Read (one file per element) ─► GroupById ─► FirstWins ─┬► Route ─► samples
-             └─► rejects ────────────────────────────────────────┘      └─► rejects
+inputs ─► Read (one file per element) ─► GroupById ─► FirstWins [─► GroupByMedia] ─┬► Route ─► samples
+             └─► rejects ───────────────────────────────────────────────────────────┘      └─► rejects
 
 The de-duplication's shuffle already spreads the samples over the workers (by id), so no reshuffle
-follows it: on Beam's local runner that was one more copy of every sample held in the driver.
+follows it: on Beam's local runner that was one more copy of every sample held in the driver. With
+``dedupe``, ``GroupByMedia`` (``pipelines.dedupe``) shuffles them once more, by the media they point at.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import pickle
@@ -255,13 +257,17 @@ class _ReadFn(beam.DoFn):
     the driver and sends on to the workers, carries ~100 bytes a sample, whatever the sample holds.
     """
 
-    def __init__(self, config: SourceConfig, spool: str | None = None) -> None:
+    def __init__(self, config: SourceConfig, spool: str | None = None, dedupe: bool = False) -> None:
         self._config = config
         self._spool = spool
+        self._dedupe = dedupe
         self._samples = Metrics.counter("read", "samples")
 
     def start_bundle(self) -> None:
         self._file = BundleFile(self._spool, "spooling the samples read") if self._spool else None
+        # with dedupe, the same bytes (a picture a tar holds under each caption) are spooled once, so that
+        # their samples point at one place and group together (pipelines.dedupe.media_key)
+        self._spooled_at: dict[bytes, tuple[str, int]] = {}
 
     def process(self, item: Input) -> Iterator[Any]:
         for position, out in enumerate(read_input(item, self._config)):
@@ -286,7 +292,10 @@ class _ReadFn(beam.DoFn):
         for m in ("image", "audio"):
             media = getattr(sample, m)
             if media is not None and media.data:
-                path, offset = self._file.append(media.data)
+                digest = hashlib.blake2b(media.data, digest_size=16).digest() if self._dedupe else b""
+                path, offset = self._spooled_at.get(digest) or self._file.append(media.data)
+                if digest:
+                    self._spooled_at[digest] = (path, offset)
                 moved[m] = Media(uri=path, offset=offset, size=len(media.data), name=media.name)
         return replace(sample, **moved) if moved else sample
 
@@ -332,12 +341,14 @@ def _route(item: RawSample | Reject) -> Iterator[Any]:
 class ReadSource(beam.PTransform):
     """Reads ``config``'s source; outputs ``samples`` (``RawSample``, unique ids) and ``rejects`` (``Reject``)."""
 
-    def __init__(self, config: SourceConfig, spool: str | None = None) -> None:
+    def __init__(self, config: SourceConfig, spool: str | None = None, dedupe: bool = False) -> None:
         """``spool``: a local folder for the media bytes readers hold (``_ReadFn``); None keeps them in
-        the samples (a remote runner's shuffle is not held in one process's memory)."""
+        the samples (a remote runner's shuffle is not held in one process's memory). ``dedupe``: the
+        samples come grouped by the media they point at (``pipelines.dedupe.GroupByMedia``)."""
         super().__init__()
         self._config = config
         self._spool = spool
+        self._dedupe = dedupe
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
         inputs = list_inputs(self._config)
@@ -345,9 +356,13 @@ class ReadSource(beam.PTransform):
         read = (
             pbegin
             | "Inputs" >> beam.Create(inputs)
-            | "Read" >> beam.ParDo(_ReadFn(self._config, self._spool)).with_outputs(REJECTS, main="keyed")
+            | "Read" >> beam.ParDo(_ReadFn(self._config, self._spool, self._dedupe)).with_outputs(REJECTS, main="keyed")
         )
         unique = read.keyed | "GroupById" >> beam.GroupByKey() | "FirstWins" >> beam.ParDo(_FirstWinsFn())
+        if self._dedupe:
+            from pipelines.dedupe import GroupByMedia
+
+            unique = unique | "GroupByMedia" >> GroupByMedia()
         return (
             (unique, read[REJECTS])
             | "Merge" >> beam.Flatten()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pipelines import cleaning
@@ -128,3 +129,39 @@ def test_a_file_over_max_bytes_names_the_setting_to_raise(tmp_path):
     assert audio.detail.startswith(f"{tmp_path / 'long.wav'} has 5000 bytes, limit is 1000 ([audio] max_bytes: ")
     assert "only max_seconds of it are kept" in audio.detail and "ffmpeg -i IN -t 60" in audio.detail
     assert image.detail.startswith(f"{tmp_path / 'big.png'} has 5000 bytes, limit is 1000 ([image] max_bytes: ")
+
+
+def _png(color) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_copy_of_media_cleaned_just_before_is_not_decoded_again(monkeypatch):
+    from pipelines.dedupe import cleaned_cache
+    from schemas import CleanSample, Reject
+
+    decoded = []
+    real = cleaning.clean_value
+    monkeypatch.setattr(cleaning, "clean_value", lambda m, data, cfg: decoded.append(m) or real(m, data, cfg))
+    red, blue = _png((200, 0, 0)), _png((0, 0, 200))
+    rows = [RawSample(id="r1", text="one", image=Media(data=red, name="r.png")),
+            RawSample(id="b1", text="two", image=Media(data=blue, name="b.png")),
+            RawSample(id="r2", text="three", image=Media(data=red, name="copy.png")),
+            RawSample(id="x1", text="four", image=Media(data=b"\x89PNG\r\n\x1a\n cut", name="x.png")),
+            RawSample(id="x2", image=Media(data=b"\x89PNG\r\n\x1a\n cut", name="x.png"))]
+    cache = cleaned_cache()
+    out = {r.id: cleaning.clean_sample(r, CFG, None, cache) for r in rows}
+    assert decoded.count("image") == 3  # red, blue, the broken one: once each
+    assert isinstance(out["r2"], CleanSample) and np.array_equal(out["r2"].image, out["r1"].image)
+    assert out["r2"].modality_hashes["image"] == out["r1"].modality_hashes["image"] != out["b1"].modality_hashes["image"]
+    assert out["r2"].text == "three"  # only the media are shared
+    assert out["x1"].dropped["image"].startswith("clean.image: image.") and isinstance(out["x2"], Reject)
+    reason = out["x2"].reason  # the same error for both: one decode
+    assert out["x1"].dropped["image"] == f"clean.image: {reason}: {out['x2'].detail.removeprefix('image: ')}"
+    without = [cleaning.clean_sample(r, CFG) for r in rows[:3]]  # no cache: decoded every time
+    assert decoded.count("image") == 6 and np.array_equal(without[2].image, out["r2"].image)

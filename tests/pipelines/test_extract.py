@@ -259,3 +259,67 @@ def test_long_texts_leave_once_four_whole_passes_wait_not_batch_size_texts():
     assert [len(b) for b in batches[:inner.streamed]] == [4, 4]  # texts 0-3, then 4-7: not the bundle's end
     assert _ids(batches) == [s.id for s in samples]
     assert [len(b) for b in batches[inner.streamed:]] == [9, 3]  # at the end: whole passes (text 8, 8 "y"s), then the rest
+
+
+def _fill_deduped(samples, fingerprint, batch_size=4):
+    """The batches FillBatches gives ``samples`` with dedupe on (a fresh cache under ``fingerprint``)."""
+    handler = ModalityHandler("text", FakeInner(batch_size), fingerprint, dedupe=True)
+    fill = FillBatches(handler)
+    fill.setup()
+    fill.start_bundle()
+    batches = [b for s in samples for b in fill.process(s)]
+    return batches + [w.value for w in fill.finish_bundle()], handler
+
+
+def _h(sid, text, digest):
+    return _s(sid, text=text, modality_hashes={"text": digest})
+
+
+def test_copies_wait_with_the_sample_they_copy_and_take_no_row_of_a_pass():
+    # pictures a..f, the rows of a and b five times each: 4 distinct inputs fill a batch of 4
+    samples = [_h(f"{d}{i}", d * 3, d) for d in "ab" for i in range(5)] + [_h(d, d * 3, d) for d in "cdef"]
+    batches, handler = _fill_deduped(samples, "fp-copies-wait")
+    assert _ids(batches) == sorted(s.id for s in samples)
+    distinct = [len({s.modality_hashes["text"] for s in b}) for b in batches]
+    assert distinct == [4, 2] and [len(b) for b in batches] == [12, 2]
+    first = batches[0]
+    for d in "ab":  # each copy right after the sample it copies, in that one's batch
+        rows = [s.id for s in first if s.modality_hashes["text"] == d]
+        assert rows == [f"{d}{i}" for i in range(5)]
+
+
+def test_run_inference_featurizes_each_input_once_and_copies_get_the_same_features():
+    handler = ModalityHandler("text", FakeInner(), "fp-run-once", dedupe=True)
+    model = handler.load_model()
+    batch = [_h("a0", "aaa", "a"), _h("b0", "bb", "b"), _h("a1", "aaa", "a"), _h("n", None, "")]
+    out = {s.id: s for s in handler.run_inference(batch, model)}
+    inner = handler._inner
+    assert inner.calls == [["aaa", "bb"]]
+    assert np.array_equal(out["a1"].features["text"], out["a0"].features["text"])
+    assert float(out["a1"].features["text"][0, 0]) == 3.0 and float(out["b0"].features["text"][0, 0]) == 2.0
+    assert out["a1"].fingerprints == {"text": "fp-run-once"} and out["n"].features == {}
+    # a later batch: "aaa" is in the worker's cache, "boom" fails once for both of its rows
+    later = [_h("a2", "aaa", "a"), _h("x0", "boom", "x"), _h("x1", "boom", "x"), _h("c", "c", "c")]
+    out = {s.id: s for s in handler.run_inference(later, model)}
+    assert inner.calls[1:] == [["boom", "c"], ["boom"], ["c"]]  # the batch, then one by one
+    assert float(out["a2"].features["text"][0, 0]) == 3.0
+    assert "text.extract_error" in out["x0"].dropped["text"] and out["x1"].dropped == out["x0"].dropped
+    handler.run_inference([_h("x2", "boom", "x")], model)  # the failure is cached too: no call
+    assert len(inner.calls) == 4
+
+
+def test_without_dedupe_every_row_is_featurized():
+    handler = ModalityHandler("text", FakeInner(), "fp-no-dedupe")
+    batch = [_h("a0", "aaa", "a"), _h("a1", "aaa", "a")]
+    handler.run_inference(batch, handler.load_model())
+    assert handler._inner.calls == [["aaa", "aaa"]]
+    batches, _ = _fill([_h(f"a{i}", "aaa", "a") for i in range(8)])
+    assert [len(b) for b in batches] == [4, 4]
+
+
+def test_a_cached_input_rides_along_without_a_row():
+    samples = [_h("a0", "aaa", "a")]
+    _, handler = _fill_deduped(samples, "fp-rides")
+    handler.run_inference(samples, handler.load_model())  # now in the cache
+    batches, _ = _fill_deduped([_h("a1", "aaa", "a")] + [_h(d, d, d) for d in "bcde"], "fp-rides")
+    assert [[s.id for s in b] for b in batches] == [["b", "c", "d", "e", "a1"]]

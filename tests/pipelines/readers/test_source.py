@@ -616,3 +616,33 @@ def test_a_manifest_whose_media_column_has_another_tools_name_warns_that_its_fil
         f"[input] manifest {tmp_path / 'renamed.parquet'} has no 'image' or 'audio' column: 'jpg' is read as "
         "metadata, and the media it names or holds are not read; did you mean 'image' (not 'jpg')? column names are "
         "matched exactly"]
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_with_dedupe_the_same_bytes_are_spooled_once_and_their_samples_come_together(tmp_path, dedupe):
+    """A Parquet manifest holding one picture's bytes under each of its captions (as an export of a caption
+    dataset does): with dedupe the copies point at one place in the spool and leave the read grouped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.dedupe import media_key
+
+    pictures = {"a": b"\xff\xd8picture a" * 1000, "b": b"\xff\xd8picture b" * 1000}  # 11 kB each
+    ids = [f"{p}{c}" for c in range(3) for p in "ab"]
+    pq.write_table(pa.table({"id": ids, "text": [f"caption of {i}" for i in ids],
+                             "image": [{"bytes": pictures[i[0]], "path": None} for i in ids]}), tmp_path / "m.parquet")
+    spool = tmp_path / "spool"
+    with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as p:
+        out = p | ReadSource(SourceConfig(manifest=str(tmp_path / "m.parquet")), spool=str(spool), dedupe=dedupe)
+        keys = out.samples | beam.Map(lambda s: (s.id, media_key(s), read_media(s.image)))
+        assert_that(keys | beam.Map(lambda k: (k[0], k[2])), equal_to([(i, pictures[i[0]]) for i in ids]))
+        assert_that(keys | beam.Map(lambda k: (k[0][0], k[1])) | beam.Distinct() | beam.combiners.Count.Globally(),
+                    equal_to([2 if dedupe else 6]), label="places")
+    spooled = sum(os.path.getsize(spool / f) for f in os.listdir(spool))
+    assert (spooled < 3 * 11000) == dedupe  # each picture once (and the samples, ~300 bytes each), or 6 times
+
+
+def read_media(media):
+    from pipelines.media import read_media as read
+
+    return read(media)
