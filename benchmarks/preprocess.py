@@ -29,6 +29,10 @@ docs/benchmarks.md.
 extractor classes, whose optimizations they otherwise share: what a user gains over the code they would
 write, rather than over mbm's models run without mbm's runtime.
 
+--captions K runs them on a caption dataset instead (``captions.py``): --samples rows, each of --samples / K
+pictures (unique, cut from the sample photos) under K captions, rows shuffled, as COCO (K = 5) holds them;
+mbm with ``[runner] dedupe`` (its default: each picture decoded and featurized once), and again without.
+
 --memory also runs ``mbm preprocess`` on the data at 1x and 4x its size (a manifest's rows repeated, tars
 written once and four times with unique keys, or an imagefolder/audiofolder's files linked four times
 under new names with its metadata rows repeated to name them) and reports the growth of its peak
@@ -38,6 +42,7 @@ cleaning and extraction settings kept.
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --write
     .venv/bin/python benchmarks/preprocess.py --source 'data/shard-{0000..0009}.tar' --reps 1 --memory
     .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 2 --stock
+    .venv/bin/python benchmarks/preprocess.py --samples 2000 --reps 3 --captions 5
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from captions import build_captions
 from incremental import build, is_manifest, manifest_of, source_rows
 from report import cores_description, cpu_description, write_section
 
@@ -78,11 +84,15 @@ KINDS = {"folder": "an imagefolder/audiofolder", "shards": "WebDataset tars", "s
 
 def commands(spec: Path, out: Path, stock: bool = False) -> dict[str, list[str]]:
     """Each pipeline's command line; ``stock``: the baselines load the default models as a user's script
-    does (``stock_models``), and their names say so."""
+    does (``stock_models``), and their names say so. A spec with a ``job-no-dedupe.toml`` beside it (the
+    caption data) runs mbm a second time with that one."""
     py = sys.executable
     flag, named = (["--stock"], " (stock models)") if stock else ([], "")
+    mbm = [py, "-m", "jobs.cli", "preprocess", "--no-progress", "--output", str(out)]
+    no_dedupe = spec.parent / "job-no-dedupe.toml"
     return {
-        "mbm preprocess": [py, "-m", "jobs.cli", "preprocess", str(spec), "--no-progress", "--output", str(out)],
+        "mbm preprocess": [*mbm, str(spec)],
+        **({"mbm preprocess, dedupe off": [*mbm, str(no_dedupe)]} if no_dedupe.is_file() else {}),
         f"plain loop{named}": [py, str(HERE / "baseline_loop.py"), str(spec), "--output", str(out), *flag],
         f"HF datasets.map{named}": [py, str(HERE / "baseline_hf.py"), str(spec), "--output", str(out), *flag],
     }
@@ -284,7 +294,7 @@ def spec_tables(job: Path) -> dict:
 
 
 def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, source: Path | None = None,
-            repeated: bool = False) -> Path:
+            repeated: bool = False, captions: int = 0) -> Path:
     """The job spec ``folder/job.toml`` the three pipelines run (with ``precision``, modality -> extractor
     precision, in its [extract] sections), writing into ``folder/out``.
 
@@ -293,10 +303,16 @@ def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, sourc
     Data repeated here (or ``repeated``: by the caller) is run with ``[runner] dedupe = false``: mbm would
     extract each medium once and copy its features to the copies (``pipelines.dedupe``), where the
     baselines extract each copy. Data as it is keeps dedupe on: repeats there are the data's own.
+    ``captions``: ``n`` rows of a caption dataset instead (``captions.build_captions``), with a
+    ``job-no-dedupe.toml`` beside the spec that turns dedupe off.
     """
     kind = source_kind(source) if source else "manifest"
     folder.mkdir(parents=True, exist_ok=True)
-    if kind == "spec":
+    if captions:
+        tables = {"input": {"manifest": str(build_captions(folder / "data", n, captions))}}
+        tables["output"] = {"dir": "out"}
+        (folder / "job-no-dedupe.toml").write_text(dump_toml({**tables, "runner": {"dedupe": False}}))
+    elif kind == "spec":
         tables = spec_tables(source)
     elif kind == "manifest":
         build(folder / "data", n, source)
@@ -566,9 +582,15 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
 def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuses settings that cannot work together; sets ``--samples`` from the kind of data: its default
     for what can be repeated (the bundled sample, a manifest), 0 (as it is) for what cannot."""
-    if (args.precision or args.source or args.stock) and args.write:
-        ap.error("--write records the bundled sample with the default settings; leave out --precision, --source "
-                 "and --stock")
+    if (args.precision or args.source or args.stock or args.captions) and args.write:
+        ap.error("--write records the bundled sample with the default settings; leave out --precision, --source, "
+                 "--stock and --captions")
+    if args.captions and args.source:
+        ap.error("--captions builds its own caption dataset from the bundled sample; leave out --source")
+    if args.captions and args.memory:
+        ap.error("--memory measures the data repeated 4x; leave out --captions")
+    if args.captions == 1 or args.captions < 0:
+        ap.error(f"--captions {args.captions}: give the captions a picture has, 2 or more")
     if args.stock and args.precision:
         ap.error("--stock runs the baselines' stock models in float32, as a user's script does; leave out --precision")
     try:
@@ -614,6 +636,9 @@ def parser() -> argparse.ArgumentParser:
                     help="the baselines load the default models as a user's own script does (transformers' AutoModel "
                          "for MiniLM, eager EfficientNet-Lite0 in NCHW; benchmarks/stock_models.py) instead of calling "
                          "mbm's extractor classes")
+    ap.add_argument("--captions", type=int, default=0, metavar="K",
+                    help="a caption dataset instead of the bundled sample: --samples rows, K captions a picture "
+                         "(unique pictures), as COCO (K = 5); mbm runs with dedupe and again without")
     ap.add_argument("--source", type=Path, default=None, metavar="PATH",
                     help="your data, anything mbm preprocess reads: a manifest (.jsonl/.json/.csv/.tsv/.parquet, "
                          "mbm's columns, media paths relative to it) or a folder with one named manifest.*, its rows "
@@ -638,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     reasons: dict[str, int] = {}  # mbm's rejects by reason
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        spec = dataset(tmp, args.samples, dict(args.precision), args.source)
+        spec = dataset(tmp, args.samples, dict(args.precision), args.source, captions=args.captions)
         n = input_count(spec)
         for rep in range(args.reps):
             for i, name in enumerate(commands(spec, tmp, args.stock)):

@@ -16,6 +16,7 @@ from incremental import SAMPLE, build  # noqa: E402
 from preprocess import (  # noqa: E402
     TreeMemory,
     check_args,
+    commands,
     dataset,
     input_count,
     landed,
@@ -281,6 +282,10 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
     (["--reps", "0", "--memory", "--write"], "--reps 0 runs the memory check alone"),
     (["--stock", "--write"], "--write records"),
     (["--stock", "--precision", "text=bfloat16"], "--stock runs the baselines' stock models in float32"),
+    (["--captions", "5", "--write"], "--write records"),
+    (["--captions", "5", "--source", "FOLDER"], "--captions builds its own caption dataset"),
+    (["--captions", "5", "--memory"], "leave out --captions"),
+    (["--captions", "1"], "2 or more"),
 ])
 def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
     paths = {"FOLDER": str(imagefolder(tmp_path / "folder")), "TARS": str(tmp_path / "tars"), "GONE": str(tmp_path / "x"),
@@ -536,3 +541,35 @@ def test_a_parquet_manifest_with_image_bytes_is_repeated_in_arrow(tmp_path):
     assert [s.text for s in samples][:5] == ["an astronaut", None, None, "an astronaut (copy 3)", None]
     assert [s.label for s in samples] == ["a", "b", "a"] * 2 + ["a", "b"]
     assert [read_media(s.image) for s in samples] == (photos * 3)[:8]
+
+
+def test_data_the_benchmark_repeats_runs_with_dedupe_off_and_data_as_it_is_with_it_on(tmp_path):
+    """Repeated media would be extracted once by mbm (pipelines.dedupe) and by the baselines every time."""
+    assert load_spec(str(dataset(tmp_path / "a", 12))).runner.dedupe is False
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    assert load_spec(str(dataset(tmp_path / "b", 0, source=tmp_path / "m.jsonl"))).runner.dedupe is True
+    folder = imagefolder(tmp_path / "folder")
+    assert load_spec(str(dataset(tmp_path / "c", 0, source=folder))).runner.dedupe is True
+    assert load_spec(str(dataset(tmp_path / "d", 0, source=folder, repeated=True))).runner.dedupe is False
+    assert load_spec(str(repeat_spec(dataset(tmp_path / "e", 0, source=folder), tmp_path / "e4", 4))).runner.dedupe is False
+    assert "mbm preprocess, dedupe off" not in commands(tmp_path / "a" / "job.toml", tmp_path / "out")
+
+
+def test_the_caption_dataset_has_unique_pictures_under_k_captions_each_in_no_order(tmp_path):
+    import hashlib
+    from collections import Counter
+
+    spec = dataset(tmp_path, 23, captions=5)
+    rows = [json.loads(x) for x in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 23 and len({r["id"] for r in rows}) == 23 and len({r["text"] for r in rows}) == 23
+    per_picture = Counter(r["image"] for r in rows)
+    assert sorted(per_picture.values()) == [3, 5, 5, 5, 5]  # the last picture has the rows left
+    digests = {hashlib.sha256((tmp_path / "data" / p).read_bytes()).hexdigest() for p in per_picture}
+    assert len(digests) == 5  # no two pictures the same bytes
+    assert [r["image"] for r in rows] != sorted(r["image"] for r in rows)  # shuffled
+    assert load_spec(str(spec)).runner.dedupe is True
+    off = tmp_path / "job-no-dedupe.toml"
+    assert load_spec(str(off)).runner.dedupe is False and load_spec(str(off)).input.manifest == load_spec(str(spec)).input.manifest
+    cmds = commands(spec, tmp_path / "out")
+    assert list(cmds) == ["mbm preprocess", "mbm preprocess, dedupe off", "plain loop", "HF datasets.map"]
+    assert cmds["mbm preprocess, dedupe off"][-1] == str(off)
