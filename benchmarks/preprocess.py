@@ -501,15 +501,18 @@ def repeat_spec(job: Path, data: Path, factor: int) -> Path:
     return spec
 
 
-def memory_growth(tmp: Path, n: int, source: Path | None = None) -> list[str]:
+def memory_growth(tmp: Path, n: int, source: Path | None = None, captions: int = 0) -> list[str]:
     """Peak memory of ``mbm preprocess`` on the dataset at 1x and 4x ``n`` samples (one run each); WebDataset
     tars (``source``) are written once and four times with unique keys (``repeat_tars``), an imagefolder/
-    audiofolder's files linked once and four times (``repeat_folder``)."""
+    audiofolder's files linked once and four times (``repeat_folder``); the caption dataset (``captions``)
+    built with four times the pictures, dedupe on."""
     rows, peaks = [], {}
     kind = source_kind(source) if source is not None else "manifest"
     for factor in (1, 4):
         data = tmp / f"mem-{factor}x"
-        if kind == "manifest":
+        if captions:
+            spec = dataset(data, factor * n, captions=captions)
+        elif kind == "manifest":
             spec = dataset(data, factor * n, source=source)
         else:  # used as they are: n is what the copies hold, per copy
             spec = (repeat_spec(source, data, factor) if kind == "spec"
@@ -587,8 +590,6 @@ def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                  "--stock and --captions")
     if args.captions and args.source:
         ap.error("--captions builds its own caption dataset from the bundled sample; leave out --source")
-    if args.captions and args.memory:
-        ap.error("--memory measures the data repeated 4x; leave out --captions")
     if args.captions == 1 or args.captions < 0:
         ap.error(f"--captions {args.captions}: give the captions a picture has, 2 or more")
     if args.stock and args.precision:
@@ -682,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                     loop_stages = ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
         if args.profile:
             profile(spec, tmp, args.stock)
-        extra = memory_growth(tmp, n, args.source) if args.memory else []
+        extra = memory_growth(tmp, n, args.source, args.captions) if args.memory else []
     if not results:  # --reps 0: the memory check alone
         print("\n".join(extra))
         return 0

@@ -284,7 +284,6 @@ def test_samples_defaults_to_2000_for_a_manifest_and_to_as_it_is_otherwise(tmp_p
     (["--stock", "--precision", "text=bfloat16"], "--stock runs the baselines' stock models in float32"),
     (["--captions", "5", "--write"], "--write records"),
     (["--captions", "5", "--source", "FOLDER"], "--captions builds its own caption dataset"),
-    (["--captions", "5", "--memory"], "leave out --captions"),
     (["--captions", "1"], "2 or more"),
 ])
 def test_what_cannot_work_is_an_argparse_error(tmp_path, capsys, argv, message):
