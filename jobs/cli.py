@@ -88,6 +88,8 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
     pre.add_argument("--workers", type=_workers, help="worker processes for local runners (default: one per core)")
     pre.add_argument("--device", help="extractor device: auto, cpu, cuda, cuda:N (default auto)")
     pre.add_argument("--full", action="store_true", help="recompute every sample, not only what changed")
+    pre.add_argument("--no-dedupe", action="store_true",
+                     help="decode and featurize every copy of a repeated image or clip (overrides [runner] dedupe)")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.set_defaults(func=cmd_preprocess)
 
@@ -293,6 +295,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for flag, key in (("runner", "name"), ("workers", "workers"), ("device", "device")):
         if getattr(args, flag, None) is not None:
             o.setdefault("runner", {})[key] = getattr(args, flag)
+    if getattr(args, "no_dedupe", False):
+        o.setdefault("runner", {})["dedupe"] = False
     return o
 
 

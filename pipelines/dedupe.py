@@ -5,9 +5,12 @@ corpora one clip under several transcripts. A plain pipeline decodes that pictur
 model on it five times for the same features. Here:
 
 - ``GroupByMedia``, after reading: samples are grouped by the media they point at (the image's file or
-  tar member, or a digest of its bytes; else the audio's), so that the rows of one picture reach one
-  worker one after the other. Without it they spread over every worker and the whole run: Beam's local
-  runner deals a shuffle's keys out to its workers in turn, other runners by hash.
+  tar member, else the audio's), so that the rows of one picture reach one worker one after the other.
+  Without it they spread over every worker and the whole run: Beam's local runner deals a shuffle's keys
+  out to its workers in turn, other runners by hash. Media bytes a reader holds are spooled on a local
+  run, the same bytes once (``pipelines.readers.source._ReadFn``), so copies point at one place and group
+  too; without a spool (a remote output folder) a sample holding its media's bytes is not grouped, so
+  the bytes never cross one more shuffle.
 - ``CleanedCache``: cleaning keeps the last few cleaned values by content hash (the raw bytes and the
   cleaning settings, ``pipelines.cleaning.load_raw``), so a copy is not decoded and resized again.
 - ``FeatureCache``: ``FillBatches`` holds a copy back with the sample it copies instead of giving it a
@@ -21,7 +24,6 @@ bytes share features too, where they meet in a batch or in the cache, grouped or
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -36,14 +38,14 @@ FEATURE_CACHE_BYTES = 32 * 1024 * 1024  # per worker and modality: ~250 Efficien
 
 
 def media_key(sample: RawSample | Reject) -> str | None:
-    """What groups ``sample`` with its copies: its image's (else its audio's) file and place in it, or
-    a digest of bytes in hand; None when it has neither (a Reject too)."""
+    """What groups ``sample`` with its copies: its image's (else its audio's) file and place in it; None
+    for media bytes in hand, and for a sample with neither medium (a Reject too)."""
     for m in ("image", "audio"):
         media = getattr(sample, m, None)
         if media is None:
             continue
         if media.uri is None:
-            return f"{m}:bytes:{hashlib.blake2b(media.data or b'', digest_size=16).hexdigest()}"
+            return None
         where = f":{media.offset}:{media.size}" if media.offset is not None else ""
         return f"{m}:{media.uri}{where}"
     return None

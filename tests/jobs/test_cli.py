@@ -622,3 +622,14 @@ def test_a_stop_right_after_the_commit_lets_the_run_finish_and_succeed(tmp_path,
     assert json.loads((out / "versions" / "000001.json").read_text())["version"] == 1
     assert (out / "job.toml").exists() and json.loads((out / "report.json").read_text())["version"] == 1
     assert not (out / ".staging").exists()
+
+
+def test_no_dedupe_turns_the_spec_s_dedupe_off(tmp_path):
+    from jobs.cli import _overrides, build_parser
+    from jobs.spec import load_spec
+
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n[runner]\ndedupe = true\n')
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    for argv, dedupe in ((["--no-dedupe"], False), ([], True)):
+        args = build_parser().parse_args(["preprocess", str(tmp_path / "job.toml"), *argv])
+        assert load_spec(args.spec, _overrides(args)).runner.dedupe is dedupe
