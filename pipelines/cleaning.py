@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,8 @@ from pipelines.clean import REVISIONS
 from pipelines.dedupe import LRUCache, cleaned_cache
 from pipelines.errors import CleanError
 from pipelines.media import read_media
-from schemas import CleanSample, RawSample, Reject, sample_key
-from schemas.records import escape_undecodable
+from schemas import MODALITIES, CleanSample, RawSample, Reject, sample_key
+from schemas.records import OTHER_KEY, escape_undecodable
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,11 @@ def clean_value(modality: str, data: Any, cfg: CleanConfig) -> Any:
     return cleaner(data, cfg.for_modality(modality))
 
 
+# Media whose features another sample of the previous version may hold (a new caption of a known picture);
+# a text is cheap to featurize again.
+CONTENT_REUSE = ("image", "audio")
+
+
 def reusable(previous: dict[str, Any] | None, hashes: dict[str, str], cfg: CleanConfig) -> dict[str, str]:
     """Modalities whose features in the previous version are still valid -> the shard holding them."""
     if previous is None:
@@ -159,13 +165,16 @@ def _clean_or_error(modality: str, data: Any, cfg: CleanConfig, sample_id: str) 
 
 
 def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None = None,
-                 cache: LRUCache | None = None) -> CleanSample | Reject | dict[str, Any]:
+                 cache: LRUCache | None = None, holding: Callable[[str, str], dict[str, Any] | None] | None = None
+                 ) -> CleanSample | Reject | dict[str, Any]:
     """Plan and clean one sample against ``previous`` (its index row in the version being updated).
 
     Returns the previous index row itself when nothing about the sample changed, a Reject when no
     modality survives cleaning, else a CleanSample whose ``reused`` modalities skip cleaning and
     extraction (their features are copied from the previous version's shard). ``cache`` holds the
-    cleaned media (or their errors) of recent samples by content hash (``pipelines.dedupe``).
+    cleaned media (or their errors) of recent samples by content hash (``pipelines.dedupe``);
+    ``holding(modality, content hash)`` gives a landed row of the previous version with those media (a
+    picture under a new caption): their features are copied from that sample.
     """
     data, hashes = load_raw(raw, cfg)
     content = content_hash(hashes, raw.label, raw.meta)
@@ -173,6 +182,11 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
     if (previous is not None and previous["content_hash"] == content
             and set(reuse) == set(previous["modalities"].split(",")) and not retried(previous, hashes, cfg)):
         return previous
+    if holding is not None:  # media another sample of the previous version holds the features of
+        for m in CONTENT_REUSE:
+            if m in hashes and m not in reuse and (row := holding(m, hashes[m])) is not None:
+                if m in reusable(row, {m: hashes[m]}, cfg):
+                    reuse[m] = f"{row['shard']}{OTHER_KEY}{sample_key(row['id'])}"
     values: dict[str, Any] = {}
     failures: list[tuple[str, CleanError]] = []
     for modality in raw.present():
@@ -230,12 +244,47 @@ class PreviousIndex:
         self._columns = [table.column(n) for n in self._names]  # a chunk per row group: few
         # the last row of an id wins, as a dict built from the rows would have it
         self._at = {sample_id: i for i, sample_id in enumerate(table.column("id").to_pylist())}
+        self._content: tuple[Any, Any] | None = None  # sorted keys and their rows, built when first asked (holding)
+
+    def _row(self, i: int) -> dict[str, Any]:
+        return {name: column[i].as_py() for name, column in zip(self._names, self._columns, strict=True)}
+
+    @staticmethod
+    def _content_key(modality: str, digest: str) -> int:
+        """62 bits of the content hash and the modality in 64 (a collision only costs a look at the row's hashes)."""
+        return int(digest[:16], 16) & ~3 | MODALITIES.index(modality)
+
+    def holding(self, modality: str, digest: str) -> dict[str, Any] | None:
+        """A landed row whose ``modality`` features came from media with content hash ``digest``, or None.
+        The lookup is built on the first call, from the rows' hashes: 12 bytes per landed image or clip."""
+        import numpy as np
+
+        if self._content is None:
+            keys, rows = np.empty(0, np.uint64), np.empty(0, np.int32)
+            hashes = self._columns[self._names.index("modality_hashes")]
+            landed = self._columns[self._names.index("modalities")]
+            for start in range(0, len(hashes), 65536):  # as Python strings a slice at a time
+                part_keys, part_rows = [], []
+                texts, mods = (c.slice(start, 65536).to_pylist() for c in (hashes, landed))
+                for i, (text, row_mods) in enumerate(zip(texts, mods, strict=True), start):
+                    if text and row_mods:
+                        row_hashes = json.loads(text)
+                        for m in CONTENT_REUSE:
+                            if m in row_hashes and m in row_mods.split(","):
+                                part_keys.append(self._content_key(m, row_hashes[m]))
+                                part_rows.append(i)
+                keys = np.concatenate([keys, np.array(part_keys, np.uint64)])
+                rows = np.concatenate([rows, np.array(part_rows, np.int32)])
+            order = np.argsort(keys, kind="stable")
+            self._content = keys[order], rows[order]
+        keys, rows = self._content
+        key = np.uint64(self._content_key(modality, digest))
+        at = int(np.searchsorted(keys, key))
+        return self._row(int(rows[at])) if at < len(keys) and keys[at] == key else None
 
     def get(self, sample_id: str) -> dict[str, Any] | None:
         i = self._at.get(sample_id)
-        if i is None:
-            return None
-        return {name: column[i].as_py() for name, column in zip(self._names, self._columns, strict=True)}
+        return None if i is None else self._row(i)
 
     def __len__(self) -> int:
         return len(self._at)
@@ -280,7 +329,8 @@ class CleanSampleFn(beam.DoFn):
         configure_threads(load_torch=False)
 
     def process(self, raw: RawSample):
-        out = clean_sample(raw, self._cfg, self._previous.get(raw.id), self._cache)
+        holding = getattr(self._previous, "holding", None) if self._cfg.dedupe else None
+        out = clean_sample(raw, self._cfg, self._previous.get(raw.id), self._cache, holding)
         if isinstance(out, Reject):
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(REJECTS, out)

@@ -43,6 +43,7 @@ from apache_beam.metrics import Metrics
 from pipelines.errors import DatasetDamaged, disk_guard
 from pipelines.spill import BundleFile, pread_exact, short_read
 from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
+from schemas.records import OTHER_KEY
 
 log = logging.getLogger(__name__)
 
@@ -399,9 +400,12 @@ def fill_reused(samples: list[Prepared], dataset_dir: str) -> None:
     """Give reused modalities their previous .npy (bytes, or ``Ref``s into a local dataset's shards),
     reading each old shard once."""
     needs: dict[str, dict[str, set[str]]] = {}
+    sources: dict[tuple[str, str], str] = {}  # (sample key, modality) -> the key its features are copied from
     for p in samples:
-        for m, shard in p.reused.items():
-            needs.setdefault(shard, {}).setdefault(p.key, set()).add(f"{m}.npy")
+        for m, where in p.reused.items():
+            shard, _, other = where.partition(OTHER_KEY)  # another sample's features: a new caption of a known picture
+            sources[(p.key, m)] = other or p.key
+            needs.setdefault(shard, {}).setdefault(other or p.key, set()).add(f"{m}.npy")
     found: dict[tuple[str, str], Any] = {}
     for shard, wanted in sorted(needs.items()):
         try:
@@ -412,12 +416,13 @@ def fill_reused(samples: list[Prepared], dataset_dir: str) -> None:
                                  "hand; put the shard back, or rerun with --full (every sample computed again)") from e
     for p in samples:
         if p.reused:
-            missing = [m for m in p.reused if (p.key, f"{m}.npy") not in found]
+            missing = [m for m in p.reused if (sources[(p.key, m)], f"{m}.npy") not in found]
             if missing:
+                shards = sorted({w.partition(OTHER_KEY)[0] for w in p.reused.values()})
                 raise DatasetDamaged(f"{dataset_dir}: sample {p.id!r}'s {', '.join(missing)} features are missing from "
-                                     f"{', '.join(sorted(set(p.reused.values())))}: the dataset folder was changed by "
+                                     f"{', '.join(shards)}: the dataset folder was changed by "
                                      "hand; rerun with --full (every sample computed again)")
-            p.members.update({f"{m}.npy": found[(p.key, f"{m}.npy")] for m in p.reused})
+            p.members.update({f"{m}.npy": found[(sources[(p.key, m)], f"{m}.npy")] for m in p.reused})
 
 
 def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig) -> dict[str, Any]:

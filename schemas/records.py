@@ -16,6 +16,11 @@ MODALITIES: tuple[str, ...] = ("text", "image", "audio")
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 
 
+# Between a shard and the key of the sample whose features a ``CleanSample.reused`` entry copies, when it is
+# not the sample's own. Shards are mbm's own names and keys tar- and dot-safe: neither holds a newline.
+OTHER_KEY = "\n"
+
+
 def sample_key(sample_id: str) -> str:
     """WebDataset ``__key__`` for a sample id: the id itself when it is tar- and dot-safe, else a hash.
 
@@ -149,6 +154,7 @@ class CleanSample:
     source: str = ""
     # Incremental runs: modality -> shard (relative path) of the previous version holding features that
     # are still valid (same content hash and extractor fingerprint); the sink copies them byte for byte.
+    # Another sample's features (the same picture under a new caption): the shard, OTHER_KEY, that sample's key.
     reused: dict[str, str] = field(default_factory=dict)
     plan: str = "new"  # new | changed (relative to the previous version)
 

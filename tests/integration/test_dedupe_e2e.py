@@ -74,3 +74,25 @@ def test_repeated_media_are_featurized_once_and_the_dataset_is_the_same(tmp_path
     assert sorted(index[True], key=lambda r: r["id"]) == sorted(index[False], key=lambda r: r["id"])
     assert {r["id"]: r["reason"] for r in index[True] if r["status"] == "rejected"}.keys() == {"cut-0", "cut-1"}
     assert tomllib.loads((outs[True] / "job.toml").read_text())["runner"]["dedupe"] is True
+
+
+def test_a_new_caption_of_a_known_picture_copies_its_features_from_the_previous_version(tmp_path):
+    _caption_dataset(tmp_path)
+    spec = tmp_path / "job.toml"
+    spec.write_text('[input]\nmanifest = "manifest.jsonl"\n[output]\ndir = "out"\n[runner]\nworkers = 2\n')
+    assert main(["preprocess", str(spec), "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    rows += [{"id": f"p{p}-new", "text": f"a new caption of picture {p}", "image": f"images/p{p}.png"} for p in range(5)]
+    (tmp_path / "images" / "new.png").write_bytes(ms.save(ms.picture(80, 80, shape="square", index=9), "PNG"))
+    rows.append({"id": "new-picture", "text": "a picture not seen before", "image": "images/new.png"})
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["preprocess", str(spec), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["planned"]["new"] == 6 and report["planned"]["unchanged"] == len(rows) - 6  # the rejects too
+    assert report["extracted_by_modality"] == {"text": 6, "image": 1, "audio": 0}  # the new picture only
+    full = tmp_path / "full"
+    assert main(["preprocess", str(spec), "--no-progress", "--full", "--output", str(full)]) == 0
+    assert json.loads((full / "report.json").read_text())["extracted_by_modality"]["image"] == 1 + 5 * 4 + 1 + 5
+    incremental, everything = _members(tmp_path / "out"), _members(full)
+    assert sorted(incremental) == sorted(everything)
+    assert [k for k in incremental if incremental[k] != everything[k]] == []

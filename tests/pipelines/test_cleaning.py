@@ -165,3 +165,51 @@ def test_a_copy_of_media_cleaned_just_before_is_not_decoded_again(monkeypatch):
     assert out["x1"].dropped["image"] == f"clean.image: {reason}: {out['x2'].detail.removeprefix('image: ')}"
     without = [cleaning.clean_sample(r, CFG) for r in rows[:3]]  # no cache: decoded every time
     assert decoded.count("image") == 6 and np.array_equal(without[2].image, out["r2"].image)
+
+
+def test_a_known_picture_under_a_new_caption_reuses_the_features_another_sample_holds(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.cleaning import load_previous
+    from schemas import CleanSample, sample_key
+    from schemas.records import OTHER_KEY
+
+    red, blue = _png((200, 0, 0)), _png((0, 0, 200))
+    (tmp_path / "red.png").write_bytes(red)
+    (tmp_path / "blue.png").write_bytes(blue)
+    cfg = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig(),
+                      fingerprints={"text": "ft", "image": "fi"})
+    known = RawSample(id="old/1", text="a red square", image=Media(uri=str(tmp_path / "red.png")))
+    hashes = load_raw(known, cfg)[1]
+    rows = [{"id": "old/1", "status": "ok", "shard": "shards/a.tar", "modalities": "text,image",
+             "modality_hashes": json.dumps(hashes), "fingerprint": json.dumps({"text": "ft", "image": "fi"}),
+             "content_hash": "c1"},
+            {"id": "old-2", "status": "ok", "shard": "shards/b.tar", "modalities": "text",  # its image failed
+             "modality_hashes": json.dumps({"image": load_raw(RawSample(id="x", image=Media(data=blue)), cfg)[1]["image"]}),
+             "fingerprint": json.dumps({"text": "ft", "image": "fi"}), "content_hash": "c2"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "index.parquet")
+    previous = load_previous(str(tmp_path / "index.parquet"))
+    assert previous.holding("image", hashes["image"])["id"] == "old/1"
+    assert previous.holding("text", hashes["text"]) is None  # texts are featurized again: cheap
+    assert previous.holding("audio", hashes["image"]) is None
+
+    def clean(raw, fingerprints=cfg.fingerprints):
+        c = CleanConfig(text=cfg.text, image=cfg.image, audio=cfg.audio, fingerprints=fingerprints)
+        return cleaning.clean_sample(raw, c, previous.get(raw.id), None, previous.holding)
+
+    new = clean(RawSample(id="new", text="another caption", image=Media(uri=str(tmp_path / "red.png"))))
+    assert isinstance(new, CleanSample) and new.plan == "new" and new.image is None  # not even decoded
+    assert new.reused == {"image": f"shards/a.tar{OTHER_KEY}{sample_key('old/1')}"} and new.text == "another caption"
+    # features of another extractor, or media that did not land, are not reused
+    assert clean(RawSample(id="n2", text="x", image=Media(uri=str(tmp_path / "red.png"))),
+                 {"text": "ft", "image": "other"}).reused == {}
+    assert clean(RawSample(id="n3", text="x", image=Media(data=blue))).reused == {}
+    for dedupe, reused in ((True, {"image"}), (False, set())):  # the job's step, with [runner] dedupe on and off
+        fn = cleaning.CleanSampleFn(CleanConfig(text=cfg.text, image=cfg.image, audio=cfg.audio, dedupe=dedupe,
+                                                fingerprints=cfg.fingerprints,
+                                                previous_index=str(tmp_path / "index.parquet")))
+        fn.setup()
+        fn.start_bundle()
+        (out,) = fn.process(RawSample(id="n4", text="y", image=Media(uri=str(tmp_path / "red.png"))))
+        assert set(out.reused) == reused

@@ -281,3 +281,30 @@ def test_an_index_row_lists_its_dropped_modalities_stages_and_reasons_in_one_ord
     assert row.reason == "audio.unidentified; image.truncated; text.empty"
     assert row.detail == ("audio: clean.audio: audio.unidentified: not a sound file; "
                           "image: clean.image: image.truncated: cut at byte 90; text: clean.text: text.empty: nothing left")
+
+
+def test_another_samples_features_are_read_from_its_previous_shard_by_its_key(tmp_path):
+    """A new caption of a known picture: its image features are the picture's sample's, byte for byte."""
+    from pipelines.errors import DatasetDamaged
+    from pipelines.sink import StageSamples, _write_tar
+    from schemas.records import OTHER_KEY
+
+    old = _sample(1)
+    old = old.with_(features={**old.features, "image": np.arange(16, dtype=np.float16).reshape(2, 8)})
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    members = encode_sample(old)
+    _write_tar(str(tmp_path / "data" / "shards" / "v1.tar"), [(old.key, {k: v for k, v in members.items() if k != "__key__"})])
+    new = [_sample(7).with_(features={"text": _sample(7).features["text"]},
+                            reused={"image": f"shards/v1.tar{OTHER_KEY}{old.key}"}, text=f"caption {i}", id=f"new-{i}",
+                            key=f"new-{i}") for i in range(2)]
+    cfg = SinkConfig(staging=str(tmp_path / "s"), samples_per_shard=3, max_shard_bytes=1 << 20,
+                     dataset_dir=str(tmp_path / "data"))
+    sidecar = write_bucket(0, [("ok", s) for s in _spill(StageSamples(cfg), new)], cfg)
+    assert [r["id"] for r in sidecar["rows"]] == ["new-0", "new-1"]
+    assert sidecar["extracted"] == {"samples": 2, "text": 2, "image": 0, "audio": 0}
+    got = list(wds.WebDataset(str(tmp_path / "s" / sidecar["rows"][0]["shard"]), shardshuffle=False))
+    assert [g["__key__"] for g in got] == ["new-0", "new-1"]
+    assert all(g["image.npy"] == members["image.npy"] for g in got)
+    gone = [new[0].with_(reused={"image": f"shards/v1.tar{OTHER_KEY}nobody"})]
+    with pytest.raises(DatasetDamaged, match="image features are missing from shards/v1.tar:"):
+        write_bucket(1, [("ok", s) for s in _spill(StageSamples(cfg), gone)], cfg)
