@@ -192,7 +192,9 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
     for modality in raw.present():
         if modality in reuse and modality != "text":  # text is cheap and its cleaned form goes in the json
             continue
-        if cache is not None and modality != "text":  # a copy of media cleaned just before is not decoded again
+        # a copy of media cleaned just before is not decoded again; media that could not be read are not
+        # copies (their hash is the reason's: two missing files share it, not their messages)
+        if cache is not None and modality != "text" and not isinstance(data[modality], CleanError):
             value = cache.get(hashes[modality])
             if value is None:
                 value = _clean_or_error(modality, data[modality], cfg, raw.id)

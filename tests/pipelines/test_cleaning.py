@@ -165,6 +165,10 @@ def test_a_copy_of_media_cleaned_just_before_is_not_decoded_again(monkeypatch):
     assert out["x1"].dropped["image"] == f"clean.image: {reason}: {out['x2'].detail.removeprefix('image: ')}"
     without = [cleaning.clean_sample(r, CFG) for r in rows[:3]]  # no cache: decoded every time
     assert decoded.count("image") == 6 and np.array_equal(without[2].image, out["r2"].image)
+    # two missing files share a content hash (the reason's), not their messages
+    gone = [cleaning.clean_sample(RawSample(id=f"g{i}", image=Media(uri=f"/nowhere/{i}.png")), CFG, None, cache)
+            for i in range(2)]
+    assert gone[0].reason == gone[1].reason and "/nowhere/0.png" in gone[0].detail and "/nowhere/1.png" in gone[1].detail
 
 
 def test_a_known_picture_under_a_new_caption_reuses_the_features_another_sample_holds(tmp_path):
