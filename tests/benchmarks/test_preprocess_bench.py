@@ -572,3 +572,24 @@ def test_the_caption_dataset_has_unique_pictures_under_k_captions_each_in_no_ord
     cmds = commands(spec, tmp_path / "out")
     assert list(cmds) == ["mbm preprocess", "mbm preprocess, dedupe off", "plain loop", "HF datasets.map"]
     assert cmds["mbm preprocess, dedupe off"][-1] == str(off)
+
+
+def test_new_captions_are_added_to_every_picture_under_new_ids(tmp_path):
+    from captions import add_captions, build_captions
+
+    build_captions(tmp_path / "data", 6, 3)
+    assert add_captions(tmp_path / "data", 2) == 4
+    rows = [json.loads(x) for x in (tmp_path / "data" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and len({r["id"] for r in rows}) == 10
+    assert sorted(r["image"] for r in rows[6:]) == ["images/000000.jpg"] * 2 + ["images/000001.jpg"] * 2
+
+
+@pytest.mark.slow
+def test_the_caption_rerun_extracts_the_new_captions_texts_and_no_picture(capsys, monkeypatch):
+    import captions
+
+    monkeypatch.setattr(sys, "argv", ["captions.py", "--pictures", "4", "--per", "2", "--new", "1"])
+    assert captions.main() == 0
+    table = capsys.readouterr().out
+    assert "| new captions |" in table and " | 12 | 4 / 0 | " in table  # 12 samples, 4 texts, no picture
+    assert " | 12 | 12 / 12 | 1.00x |" in table  # --full: every picture again
