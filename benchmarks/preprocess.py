@@ -302,7 +302,8 @@ def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, sourc
     (``incremental.build``); any other ``source`` is read where it is, as it is (``n`` is not used).
     Data repeated here (or ``repeated``: by the caller) is run with ``[runner] dedupe = false``: mbm would
     extract each medium once and copy its features to the copies (``pipelines.dedupe``), where the
-    baselines extract each copy. Data as it is keeps dedupe on: repeats there are the data's own.
+    baselines extract each copy. Data as it is (or the first ``n`` rows of a manifest that has more)
+    keeps dedupe on: repeats there are the data's own.
     ``captions``: ``n`` rows of a caption dataset instead (``captions.build_captions``), with a
     ``job-no-dedupe.toml`` beside the spec that turns dedupe off.
     """
@@ -319,7 +320,7 @@ def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, sourc
         tables = {"input": {"manifest": str(folder / "data" / manifest_of(folder / "data"))}}
         if source is not None:  # a user's manifest may name its media by absolute paths
             tables["input"]["allow_outside"] = True
-        repeated = repeated or n > 0
+        repeated = repeated or (n > 0 and (source is None or n > _row_count(source)))
     else:
         tables = {"input": {kind: os.path.abspath(source)}}
     tables["output"] = {"dir": "out"}
@@ -330,6 +331,16 @@ def dataset(folder: Path, n: int, precision: dict[str, str] | None = None, sourc
     spec = folder / "job.toml"
     spec.write_text(dump_toml(tables))
     return spec
+
+
+def _row_count(source: Path) -> int:
+    """Readable rows of a manifest ``source``; 0 where they cannot be told (a Parquet with media bytes)."""
+    from incremental import source_manifest
+
+    try:
+        return len(source_rows(source_manifest(source)))
+    except SystemExit:
+        return 0
 
 
 def input_count(spec: Path) -> int:

@@ -545,8 +545,10 @@ def test_a_parquet_manifest_with_image_bytes_is_repeated_in_arrow(tmp_path):
 def test_data_the_benchmark_repeats_runs_with_dedupe_off_and_data_as_it_is_with_it_on(tmp_path):
     """Repeated media would be extracted once by mbm (pipelines.dedupe) and by the baselines every time."""
     assert load_spec(str(dataset(tmp_path / "a", 12))).runner.dedupe is False
-    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "c", "text": "z"}\n')
     assert load_spec(str(dataset(tmp_path / "b", 0, source=tmp_path / "m.jsonl"))).runner.dedupe is True
+    assert load_spec(str(dataset(tmp_path / "b2", 2, source=tmp_path / "m.jsonl"))).runner.dedupe is True  # 2 of 3 rows
+    assert load_spec(str(dataset(tmp_path / "b3", 4, source=tmp_path / "m.jsonl"))).runner.dedupe is False
     folder = imagefolder(tmp_path / "folder")
     assert load_spec(str(dataset(tmp_path / "c", 0, source=folder))).runner.dedupe is True
     assert load_spec(str(dataset(tmp_path / "d", 0, source=folder, repeated=True))).runner.dedupe is False
