@@ -139,13 +139,17 @@ _FEATURES: dict[str, LRUCache] = {}
 _FEATURES_LOCK = threading.Lock()
 
 
-def feature_cache(modality: str, fingerprint: str) -> LRUCache:
-    """This process's cache of ``modality`` features (or failures) by content hash, for one extractor
-    fingerprint; shared by ``FillBatches`` and ``ModalityHandler`` of that modality."""
-    key = f"{modality}:{fingerprint}"
+def feature_cache(modality: str, scope: str) -> LRUCache:
+    """This process's cache of ``modality`` features (or failures) by content hash for one job's extractor
+    (``scope``: its fingerprint and the job's run), shared by ``FillBatches`` and ``ModalityHandler`` of
+    that modality. A job run in-process after another (one worker) starts with an empty cache, and the
+    other's is dropped: each job's copies are its own input's."""
+    key = f"{modality}:{scope}"
     with _FEATURES_LOCK:
         cache = _FEATURES.get(key)
         if cache is None:
+            for old in [k for k in _FEATURES if k.startswith(f"{modality}:")]:
+                del _FEATURES[old]
             cache = _FEATURES[key] = LRUCache(FEATURE_CACHE_BYTES)
         return cache
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -70,12 +71,12 @@ class FillBatches(beam.DoFn):
     ``batch_size``. The second trigger is for long texts (a 512-token text is a pass of its own): the
     work then follows the input instead of piling up to the end of the bundle, where no idle worker
     can take part of it (``pipelines.runner``). Samples without the modality ride along with the next batch (at most
-    ``MAX_RIDERS``; that many leave on their own). With ``[runner] dedupe``, a sample whose input is a copy of
-    one waiting (the same content hash) waits with it and leaves in its batch, and one whose features are in
-    the worker's cache (``pipelines.dedupe``) rides along: neither takes a row of a pass. Leftovers that fill no pass go as they are once
-    ``2 x batch_size`` are waiting, and at the end of the bundle, so memory stays bounded. Passes have
-    fixed shapes either way, so features do not depend on the batching (but see the README on
-    bfloat16 on a GPU).
+    ``MAX_RIDERS``; that many leave on their own). With ``[runner] dedupe``, a sample whose input is a copy
+    of one waiting (the same content hash) waits with it and leaves in its batch, and one whose features are
+    in the worker's cache (``pipelines.dedupe``) rides along: neither takes a row of a pass. Leftovers that
+    fill no pass go as they are once ``2 x batch_size`` are waiting, and at the end of the bundle, so
+    memory stays bounded. Passes have fixed shapes either way, so features do not depend on the
+    batching (but see the README on bfloat16 on a GPU).
     """
 
     def __init__(self, handler: ModalityHandler) -> None:
@@ -184,6 +185,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
         self._inner = inner
         self._fingerprint = fingerprint
         self._dedupe = dedupe
+        self._run = uuid.uuid4().hex  # the job's: its workers share it, another job's cache is not this one's
 
     def load_model(self) -> LazyModel:
         return LazyModel(self._inner)
@@ -201,7 +203,7 @@ class ModalityHandler(ModelHandler[CleanSample, CleanSample, Any]):
 
     def cache(self) -> LRUCache | None:
         """This worker's features of recent inputs by content hash (``pipelines.dedupe``); None without dedupe."""
-        return feature_cache(self._modality, self._fingerprint) if self._dedupe else None
+        return feature_cache(self._modality, f"{self._fingerprint}:{self._run}") if self._dedupe else None
 
     def should_skip_batching(self) -> bool:
         return True  # FillBatches batches the samples before RunInference

@@ -93,10 +93,12 @@ def test_no_change_then_edits_recompute_only_what_changed(tmp_path):
     assert second["new_version"] and second["version"] == 2
     assert second["planned"] == {"new": 4, "changed": 6, "unchanged": 36 - 6 - 2, "removed": 2}
     assert second["counts"]["extracted"] == 10
-    assert second["extracted_by_modality"] == {"text": 3 + 4, "image": 3 + 4, "audio": 0}
+    # the new samples' picture is the template's: its features are copied from that sample, not extracted
+    assert second["extracted_by_modality"] == {"text": 3 + 4, "image": 3, "audio": 0}
 
     v1, v2 = _members(out, 1), _members(out, 2)
     assert set(v2) == (set(v1) - set(removed)) | {a["id"] for a in added}
+    assert all(v2[a["id"]]["image.npy"] == v1[template["id"]]["image.npy"] for a in added)
     text_changed = {r["id"] for r in ok_with_text_only_change}
     image_changed = {r["id"] for r in image_rows}
     for sid in set(v1) & set(v2):

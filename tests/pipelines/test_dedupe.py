@@ -74,3 +74,12 @@ def test_group_by_media_puts_a_pictures_rows_together_and_loses_none(tmp_path, c
             together = (out | beam.combiners.ToList() | beam.Map(runs)
                         | beam.Map(lambda r: sorted(n for _, n in r)))
             assert_that(together, equal_to([[copies] * 4]), label="together")
+
+
+def test_a_job_run_after_another_in_one_process_starts_with_an_empty_cache():
+    first = dedupe.feature_cache("image", "fp:run-1")
+    first.put("h", np.zeros(4, np.float16))
+    assert dedupe.feature_cache("image", "fp:run-1") is first and "h" in first
+    second = dedupe.feature_cache("image", "fp:run-2")
+    assert "h" not in second and "image:fp:run-1" not in dedupe._FEATURES  # the other job's is dropped
+    assert dedupe.feature_cache("text", "fp:run-3") is not second

@@ -261,9 +261,10 @@ def test_long_texts_leave_once_four_whole_passes_wait_not_batch_size_texts():
     assert [len(b) for b in batches[inner.streamed:]] == [9, 3]  # at the end: whole passes (text 8, 8 "y"s), then the rest
 
 
-def _fill_deduped(samples, fingerprint, batch_size=4):
-    """The batches FillBatches gives ``samples`` with dedupe on (a fresh cache under ``fingerprint``)."""
-    handler = ModalityHandler("text", FakeInner(batch_size), fingerprint, dedupe=True)
+def _fill_deduped(samples, fingerprint, batch_size=4, handler=None):
+    """The batches FillBatches gives ``samples`` with dedupe on (a fresh cache under ``fingerprint``, or
+    ``handler``'s)."""
+    handler = handler or ModalityHandler("text", FakeInner(batch_size), fingerprint, dedupe=True)
     fill = FillBatches(handler)
     fill.setup()
     fill.start_bundle()
@@ -321,5 +322,8 @@ def test_a_cached_input_rides_along_without_a_row():
     samples = [_h("a0", "aaa", "a")]
     _, handler = _fill_deduped(samples, "fp-rides")
     handler.run_inference(samples, handler.load_model())  # now in the cache
-    batches, _ = _fill_deduped([_h("a1", "aaa", "a")] + [_h(d, d, d) for d in "bcde"], "fp-rides")
+    batches, _ = _fill_deduped([_h("a1", "aaa", "a")] + [_h(d, d, d) for d in "bcde"], "fp-rides", handler=handler)
     assert [[s.id for s in b] for b in batches] == [["b", "c", "d", "e", "a1"]]
+    # another job (another handler) in this process does not see this one's cache
+    batches, _ = _fill_deduped([_h("a2", "aaa", "a")] + [_h(d, d, d) for d in "bcd"], "fp-rides")
+    assert [[s.id for s in b] for b in batches] == [["a2", "b", "c", "d"]]
