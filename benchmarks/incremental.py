@@ -221,7 +221,8 @@ def main() -> int:
     base = results["--full on the changed data"]["wall"]
     lines = [
         f"Machine: {platform.machine()}, {cores_description()}, Python {platform.python_version()}; "
-        f"{args.samples} samples (sample media repeated, unique ids); the change: {changed['captions']} new "
+        f"{args.samples} samples (sample media repeated, unique ids; `[runner] dedupe = false`, each copy extracted); "
+        f"the change: {changed['captions']} new "
         f"captions, {changed['images']} replaced images. Wall time of the whole `mbm preprocess` process "
         "(start-up and model loading included).",
         "",

@@ -582,7 +582,8 @@ def write_doc(table_lines: list[str], args: argparse.Namespace, counts: str, loo
         "one torch thread per worker. The baselines call mbm's extractor classes, so what those do "
         "(fused convolutions, fixed-shape text passes, MiniLM without transformers) they do too; what only mbm's runtime does is "
         "its process layout, batches that fill the forward passes (`FillBatches`) and the allocator settings of "
-        "`mbm/alloc.py`.",
+        "`mbm/alloc.py`. The media repeat, so mbm runs with `[runner] dedupe = false`: each copy extracted, as the "
+        "baselines do.",
         "",
         *table_lines,
         "",
