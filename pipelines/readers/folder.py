@@ -62,6 +62,7 @@ TEXT_EXTENSION, INFO_EXTENSION = "txt", "json"
 # LibriSpeech's per-chapter transcripts (19-198.trans.txt: '19-198-0000 TEXT' lines), said what they are
 TRANSCRIPTS = ".trans"
 PARTNERS = {TEXT_EXTENSION: "text", INFO_EXTENSION: "metadata"}
+UNREAD_FILES = "unread_files"  # meta key: the dotted .txt files beside a media file that did not give its text
 # img2dataset names its shard folders {shard:05d}: folders all named so are shards, not classes
 SHARD_FOLDER = re.compile(r"[0-9]{5,}")
 # prefixes of the folders (and, but for "__", files) that are not part of a dataset: .git, __MACOSX
@@ -396,6 +397,8 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
     in_folders = all("/" in rel for rel, kind in kinds if kind)
     partners = _partners(kinds)
     texts, infos = partners[TEXT_EXTENSION], partners[INFO_EXTENSION]
+    variants = _text_variants(kinds, texts)
+    in_variants = {rel for names in variants.values() for rel in names}
     labelled = (in_folders and len(parents) > 1 and not parents <= SPLIT_NAMES
                 and not _shards(root, parents, files, bool(partners[INFO_EXTENSION])))
     bad: set[str] = set()  # .txt and .json files already rejected
@@ -403,7 +406,7 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
         stem = posixpath.splitext(rel)[0]
         if kind is None:
             partner = partners.get(extension(rel), {}).get(stem)
-            if partner != rel:
+            if partner != rel and rel not in in_variants:
                 yield _unsupported(rel, partner)
             continue
         split = rel.split("/", 1)[0] if "/" in rel else ""
@@ -416,6 +419,15 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
                 text = _partner_file(root, texts[stem])
             except CleanError as e:
                 yield from _bad_partner(texts[stem], e, bad)
+        unread = list(variants.get(stem, ()))
+        if text is None and unread:  # utt.normalized.txt, the first in name order; an empty utt.txt does not hide it
+            used = unread.pop(0)
+            try:
+                text = _partner_file(root, used)
+            except CleanError as e:
+                yield from _bad_partner(used, e, bad)
+        if unread:
+            meta[UNREAD_FILES] = unread
         if stem in infos:
             try:
                 info = json_object(_partner_file(root, infos[stem]) or b"", infos[stem])
@@ -426,6 +438,22 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
             meta["split"] = split
         media = Media(uri=f"{root}/{rel}", name=rel)
         yield RawSample(id=rel, text=text, label=label, meta=meta, source=rel, **{kind: media})
+
+
+def _text_variants(kinds: list[tuple[str, str | None]], texts: dict[str, str]) -> dict[str, list[str]]:
+    """Media path without extension -> the ``.txt`` files named after it with one more dot part, in name
+    order: LibriTTS's ``utt.normalized.txt`` and ``utt.original.txt`` beside ``utt.wav``, or a caption per
+    language (``p.en.txt``). Without a plain ``utt.txt`` that gives a text, the first is the text, as a tar's
+    dotted member stands in for its text (``pipelines.readers.wds``); the others go in the sample's meta."""
+    media = {posixpath.splitext(rel)[0] for rel, kind in kinds if kind}
+    found: dict[str, list[str]] = {}
+    for rel, kind in kinds:
+        if kind is None and extension(rel) == TEXT_EXTENSION:
+            stem = posixpath.splitext(rel)[0]
+            base, dot, _ = stem.rpartition(".")
+            if dot and "/" not in stem[len(base):] and base in media and stem not in texts:
+                found.setdefault(base, []).append(rel)
+    return {base: sorted(names) for base, names in found.items()}
 
 
 def _partners(kinds: list[tuple[str, str | None]]) -> dict[str, dict[str, str]]:

@@ -644,3 +644,25 @@ def test_numbered_class_folders_without_img2dataset_files_are_classes(tmp_path, 
                                  ("00001/00000_00000.ppm", "00001")]
         assert caplog.messages == []
         assert labels(stats_only) == [("00000/000000000.jpg", None), ("00001/000010000.jpg", None)]
+
+
+def test_dotted_text_files_beside_a_clip_give_its_text_as_in_a_tar(tmp_path):
+    """LibriTTS: utt.wav, utt.normalized.txt, utt.original.txt. The first in name order is the text, the
+    others are listed in meta; a plain utt.txt with a text wins; none of them is a reject."""
+    files = {"19/198/u1.wav": b"RIFF", "19/198/u1.normalized.txt": b"Hello, normalized.",
+             "19/198/u1.original.txt": b"HELLO; original", "19/198/u2.wav": b"RIFF", "19/198/u2.txt": b"plain",
+             "19/198/u2.en.txt": b"english", "19/198/u3.wav": b"RIFF", "19/198/u3.txt": b"",
+             "19/198/u3.de.txt": b"deutsch", "19/198/v.x.txt": b"alone", "dir.v2/a.jpg": b"\xff\xd8",
+             "dir.v2/a.txt": b"a caption"}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    items = list(iter_folder(str(tmp_path)))
+    samples = {s.id: s for s in items if isinstance(s, RawSample)}
+    assert (samples["19/198/u1.wav"].text, samples["19/198/u1.wav"].meta) == (
+        b"Hello, normalized.", {"unread_files": ["19/198/u1.original.txt"]})
+    assert (samples["19/198/u2.wav"].text, samples["19/198/u2.wav"].meta) == (b"plain", {"unread_files": ["19/198/u2.en.txt"]})
+    assert samples["19/198/u3.wav"].text == b"deutsch"  # an empty u3.txt does not hide it
+    assert samples["dir.v2/a.jpg"].text == b"a caption"
+    rejects = [r for r in items if isinstance(r, Reject)]
+    assert [(r.id, r.reason) for r in rejects] == [("19/198/v.x.txt", "read.unsupported_file")]  # no v.* media
