@@ -51,13 +51,6 @@ def media_key(sample: RawSample | Reject) -> str | None:
     return None
 
 
-_ALONE = "alone"
-
-
-def _key_by_media(sample: RawSample | Reject) -> Any:
-    """``(media key, sample)``; a sample without media (a caption alone, a reject) goes around the shuffle."""
-    key = media_key(sample)
-    return (key, sample) if key is not None else beam.pvalue.TaggedOutput(_ALONE, sample)
 
 
 # Samples of one group that stay together; the rest are spread over the workers again. One element of the
@@ -74,16 +67,17 @@ def _ungroup(group: tuple[str, Any]) -> Any:
 
 
 class GroupByMedia(beam.PTransform):
-    """RawSamples → the same RawSamples, a picture's (or clip's) rows one after the other on one worker
-    (up to ``GROUP_MAX`` of them; the others anywhere). Samples without media and rejects pass as they are."""
+    """``(media key, sample)`` pairs → the samples, those of one key one after the other on one worker (up
+    to ``GROUP_MAX`` of them; the others anywhere). The samples are whatever the caller sends: the read
+    step sends where each lies in its spool (``pipelines.readers.source``), ~100 bytes, as Beam's local
+    runner holds a shuffle in the driver."""
 
-    def expand(self, samples):
-        keyed = samples | "KeyByMedia" >> beam.Map(_key_by_media).with_outputs(_ALONE, main="keyed")
-        grouped = (keyed.keyed
+    def expand(self, keyed):
+        grouped = (keyed
                    | "GroupByMedia" >> beam.GroupByKey()
                    | "Ungroup" >> beam.FlatMap(_ungroup).with_outputs(_SPREAD, main="grouped"))
         spread = grouped[_SPREAD] | "Spread" >> beam.Reshuffle()
-        return (grouped.grouped, spread, keyed[_ALONE]) | "Together" >> beam.Flatten()
+        return (grouped.grouped, spread) | "Together" >> beam.Flatten()
 
 
 def nbytes(value: Any) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from pipelines.dedupe import media_key
 from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path, media_kind
 from pipelines.readers.folder import check_metadata, iter_folder, list_files, tables_hint
 from pipelines.readers.manifest import check_columns, iter_manifest, listed_columns
@@ -34,6 +35,7 @@ from schemas import Media, RawSample, Reject
 logger = logging.getLogger(__name__)
 
 SAMPLES, REJECTS = "samples", "rejects"
+BY_MEDIA = "by_media"  # _FirstWinsFn's output of (media key, where a sample lies), with dedupe
 _GLOB = re.compile(r"[*?\[]")
 NOT_EXPANDED = "manifest names one file and patterns are not expanded"
 
@@ -277,11 +279,16 @@ class _ReadFn(beam.DoFn):
             else:
                 self._samples.inc()
                 if self._file is None:
-                    yield out.id, ((item.index, position), pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
-                    continue
-                data = pickle.dumps(self._spooled(out), protocol=pickle.HIGHEST_PROTOCOL)
-                path, offset = self._file.append(data)  # the path as bytes: Beam's coder takes no surrogates
-                yield out.id, ((item.index, position), (os.fsencode(path), offset, len(data)))
+                    where: Any = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+                else:
+                    out = self._spooled(out)
+                    data = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+                    path, offset = self._file.append(data)  # the path as bytes: Beam's coder takes no surrogates
+                    where = (os.fsencode(path), offset, len(data))
+                if self._dedupe:  # what groups it with its copies, once its id is known to be unique
+                    yield out.id, ((item.index, position), where, media_key(out))
+                else:
+                    yield out.id, ((item.index, position), where)
 
     def finish_bundle(self) -> None:
         if self._file is not None:
@@ -300,22 +307,11 @@ class _ReadFn(beam.DoFn):
         return replace(sample, **moved) if moved else sample
 
 
-class _FirstWinsFn(beam.DoFn):
-    """The first sample of an id (by input order, then position) passes; the others become rejects.
-    A sample comes pickled, or as where ``_ReadFn`` spooled it (read here, one open file per spool file)."""
+class _SpoolReader(beam.DoFn):
+    """Reads samples that come pickled, or as where ``_ReadFn`` spooled them (one open file per spool file)."""
 
     def __init__(self) -> None:
-        self._duplicates = Metrics.counter("read", "read.duplicate_id")
         self._files: dict[bytes, int] = {}
-
-    def process(self, element: tuple[str, Any]) -> Iterator[RawSample | Reject]:
-        sample_id, values = element
-        ranked = sorted(values, key=lambda v: v[0])
-        kept = self._sample(ranked[0][1])
-        yield kept
-        for _, other in ranked[1:]:
-            self._duplicates.inc()
-            yield duplicate(sample_id, self._sample(other).source, kept.source)
 
     def _sample(self, value: bytes | tuple[bytes, int, int]) -> RawSample:
         if isinstance(value, bytes):
@@ -332,6 +328,34 @@ class _FirstWinsFn(beam.DoFn):
 
     def teardown(self) -> None:
         self.finish_bundle()
+
+
+class _FirstWinsFn(_SpoolReader):
+    """The first sample of an id (by input order, then position) passes; the others become rejects.
+    With ``dedupe``, a first sample with media passes unread, as ``(media key, where it lies)`` on the
+    ``by_media`` output, for ``GroupByMedia``: the shuffle then carries ~100 bytes a sample, as here."""
+
+    def __init__(self, dedupe: bool = False) -> None:
+        super().__init__()
+        self._dedupe = dedupe
+        self._duplicates = Metrics.counter("read", "read.duplicate_id")
+
+    def process(self, element: tuple[str, Any]) -> Iterator[Any]:
+        sample_id, values = element
+        ranked = sorted(values, key=lambda v: v[0])
+        key = ranked[0][2] if self._dedupe else None
+        kept = self._sample(ranked[0][1]) if key is None or len(ranked) > 1 else None
+        yield kept if key is None else beam.pvalue.TaggedOutput(BY_MEDIA, (key, ranked[0][1]))
+        for other in ranked[1:]:
+            self._duplicates.inc()
+            yield duplicate(sample_id, self._sample(other[1]).source, kept.source)
+
+
+class _LoadFn(_SpoolReader):
+    """Samples grouped by their media, read from where they lie."""
+
+    def process(self, value: bytes | tuple[bytes, int, int]) -> Iterator[RawSample]:
+        yield self._sample(value)
 
 
 def _route(item: RawSample | Reject) -> Iterator[Any]:
@@ -358,13 +382,15 @@ class ReadSource(beam.PTransform):
             | "Inputs" >> beam.Create(inputs)
             | "Read" >> beam.ParDo(_ReadFn(self._config, self._spool, self._dedupe)).with_outputs(REJECTS, main="keyed")
         )
-        unique = read.keyed | "GroupById" >> beam.GroupByKey() | "FirstWins" >> beam.ParDo(_FirstWinsFn())
+        first = (read.keyed | "GroupById" >> beam.GroupByKey()
+                 | "FirstWins" >> beam.ParDo(_FirstWinsFn(self._dedupe)).with_outputs(BY_MEDIA, main="unique"))
+        parts = [first.unique, read[REJECTS]]
         if self._dedupe:
             from pipelines.dedupe import GroupByMedia
 
-            unique = unique | "GroupByMedia" >> GroupByMedia()
+            parts.append(first[BY_MEDIA] | "GroupByMedia" >> GroupByMedia() | "Load" >> beam.ParDo(_LoadFn()))
         return (
-            (unique, read[REJECTS])
+            parts
             | "Merge" >> beam.Flatten()
             | "Route" >> beam.ParDo(_route).with_outputs(SAMPLES, REJECTS)
         )

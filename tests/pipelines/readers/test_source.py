@@ -646,3 +646,36 @@ def read_media(media):
     from pipelines.media import read_media as read
 
     return read(media)
+
+
+def test_with_dedupe_a_first_sample_with_media_goes_on_unread_to_be_grouped(tmp_path):
+    """Like the de-duplication by id, the grouping by media carries where each sample lies (~100 bytes),
+    not the sample: Beam's local runner holds a shuffle in the driver."""
+    import pickle
+
+    from pipelines.readers.source import BY_MEDIA, _FirstWinsFn, _LoadFn, _ReadFn
+
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8a")
+    rows = [{"id": "a", "text": "one", "image": "a.jpg"}, {"id": "t", "text": "text only"},
+            {"id": "b", "text": "two", "image": "a.jpg"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = SourceConfig(manifest=str(tmp_path / "m.jsonl"))
+    (tmp_path / "spool").mkdir()
+    read = _ReadFn(config, str(tmp_path / "spool"), dedupe=True)
+    read.start_bundle()
+    keyed = [out for item in list_inputs(config) for out in read.process(item)]
+    read.finish_bundle()
+    assert not [x.value for x in keyed if isinstance(x, beam.pvalue.TaggedOutput)]
+    assert [(k, v[2]) for k, v in keyed] == [("a", f"image:{tmp_path}/a.jpg"), ("t", None), ("b", f"image:{tmp_path}/a.jpg")]
+    first = _FirstWinsFn(dedupe=True)
+    out = {k: list(first.process((k, [v]))) for k, v in keyed}
+    (by_media,) = out["a"]
+    assert by_media.tag == BY_MEDIA and by_media.value[0] == f"image:{tmp_path}/a.jpg"
+    path, _, size = by_media.value[1]  # where it lies in the spool, not the sample
+    assert os.path.dirname(os.fsdecode(path)) == str(tmp_path / "spool") and b"one" not in pickle.dumps(by_media.value)
+    assert [s.text for s in out["t"]] == ["text only"]  # no media: read here, not grouped
+    (rank, where, key) = keyed[2][1]  # the same id from a later input: a reject, as without dedupe
+    by_media, reject = first.process(("a", [((1, 0), where, key), keyed[0][1]]))
+    assert by_media.value[1] == keyed[0][1][1] and reject.reason == "read.duplicate_id"
+    (loaded,) = _LoadFn().process(by_media.value[1])
+    assert (loaded.id, loaded.text) == ("a", "one")
