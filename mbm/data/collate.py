@@ -189,7 +189,9 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
     Features are float16 (B, T_m, dim) per modality, zero-padded, with (B, T_m) masks (True = a real
     token; a modality absent from the whole batch gets one masked slot); pooled features (``max_tokens``)
     are averaged in float32, then stored as float16. ``present`` (B, M) says which modalities each
-    sample has, ``labels`` (B,) the label index (``IGNORE`` for none or unknown); generate adds
+    sample has, ``labels`` (B,) the label index (``IGNORE`` for none or unknown), ``content`` (B,) per modality
+    an id of its input's content (``content_id``: retrieve's loss does not count the same picture under
+    another caption as a negative); generate adds
     ``target_ids``/``target_mask`` (B, L). Raises ``CorruptSample`` when an ``InShard`` array turns out
     cut short or not finite as it is read into place (``ShardStream.batches`` then packs the batch again).
     """
@@ -202,6 +204,8 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
         layout.add("masks", m, "bool", (n, steps))
     layout.add("present", None, "bool", (n, len(cfg.feature_dims)))
     layout.add("labels", None, "int64", (n,))
+    for m in cfg.feature_dims:
+        layout.add("content", m, "int64", (n,))
     seqs: list[list[int]] = []
     if cfg.with_targets:
         tok = load_tokenizer(cfg.tokenizer)
@@ -222,6 +226,9 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
     index = {label_key(v): i for i, v in enumerate(cfg.labels)}
     views["labels", None][:] = [index.get(label_key(s.label), IGNORE) if s.label is not None else IGNORE
                                 for s in samples]
+    for j, m in enumerate(cfg.feature_dims):
+        views["content", m][:] = [content_id(s.content.get(m), i * len(cfg.feature_dims) + j)
+                                  for i, s in enumerate(samples)]
     if cfg.with_targets:
         ids, mask = views["target_ids", None], views["target_mask", None]
         ids[:] = special_tokens(tok).pad
@@ -230,6 +237,17 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
         np.less(np.arange(mask.shape[1]), np.array([len(s) for s in seqs])[:, None], out=mask)
     extras = {"ids": [s.id for s in samples], "texts": [s.text for s in samples]}
     return PackedBatch(buffer, tuple(layout.entries), extras, seq, key)
+
+
+def content_id(digest: str | None, slot: int) -> int:
+    """A batch's ``content`` value: 60 bits of a content hash (equal for the same input: the same picture
+    under two captions), or for a sample without one a negative number of its own (``slot``), equal to none."""
+    if digest:
+        try:
+            return int(digest[:15], 16)
+        except ValueError:
+            pass
+    return -1 - slot
 
 
 def collate(samples: list[Sample], cfg: CollateConfig) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class Sample:
     text: str | None = None
     features: dict[str, np.ndarray | InShard] = field(default_factory=dict)
     shard: str = ""  # the shard it was read from, for messages
+    content: dict[str, str] = field(default_factory=dict)  # modality -> content hash of its input (the doc's)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Undecoded:
     modalities: tuple[str, ...] = ()  # listed in the doc, in ``MODALITIES`` order
     npy: dict[str, bytes | MemberRef | None] = field(default_factory=dict)  # the members to decode, by modality
     shard: str = ""  # the shard it was read from, for messages
+    content: dict[str, str] = field(default_factory=dict)  # modality -> content hash of its input (the doc's)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -157,8 +159,11 @@ def undecoded(raw: dict[str, Any], doc: dict[str, Any] | None = None,
         raise CorruptSample("modalities.none", f"{key}: no modality present")
     text = doc.get("text")
     wanted = present if modalities is None else [m for m in present if m in modalities]
+    hashes = doc.get("modality_hashes")
+    content = {m: h for m, h in hashes.items() if isinstance(h, str)} if isinstance(hashes, dict) else {}
     return Undecoded(id=doc["id"], key=key, label=doc.get("label"), text=text if isinstance(text, str) else None,
-                     modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted}, shard=raw.get("__url__", ""))
+                     modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted}, shard=raw.get("__url__", ""),
+                     content=content)
 
 
 @dataclass(frozen=True)
@@ -223,7 +228,7 @@ def decode(sample: Undecoded, feature_dims: dict[str, int] | None = None,
             lazy = _in_shard(sample.key, m, data, dims.get(m), in_place[m])
         features[m] = lazy if lazy is not None else _features(sample.key, m, data, dims.get(m))
     return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features,
-                  shard=sample.shard)
+                  shard=sample.shard, content=sample.content)
 
 
 def settle(sample: Sample, feature_dims: dict[str, int] | None = None) -> Sample:
@@ -233,7 +238,7 @@ def settle(sample: Sample, feature_dims: dict[str, int] | None = None) -> Sample
     features = {m: _features(sample.key, m, a.ref, dims.get(m)) if isinstance(a, InShard) else a
                 for m, a in sample.features.items()}
     return Sample(id=sample.id, key=sample.key, label=sample.label, text=sample.text, features=features,
-                  shard=sample.shard)
+                  shard=sample.shard, content=sample.content)
 
 
 def decode_sample(raw: dict[str, Any], feature_dims: dict[str, int] | None = None,

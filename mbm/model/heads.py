@@ -39,9 +39,18 @@ class RetrievalHead(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.proj_a(a), dim=-1), F.normalize(self.proj_b(b), dim=-1)  # (B, E) each
 
-    def loss(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    def loss(self, za: torch.Tensor, zb: torch.Tensor,
+             groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch. ``groups``: per row, ids of its a-side and b-side content; a
+        pair other than the row's own whose a or b content is the row's (the same picture under another
+        caption in the batch) is left out of the negatives rather than pushed apart."""
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * za @ zb.T  # (B, B)
         target = torch.arange(za.shape[0], device=za.device)
+        if groups is not None:
+            ga, gb = groups
+            same = (ga[:, None] == ga[None, :]) | (gb[:, None] == gb[None, :])
+            same.fill_diagonal_(False)
+            logits = logits.masked_fill(same, float("-inf"))  # no .any(): a step does not wait for the device
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 

@@ -96,7 +96,9 @@ class MultimodalModel(nn.Module):
         if cfg.task == "retrieve":
             a, b = cfg.pair
             za, zb = self.head(self.fuse(batch, [a]).pooled, self.fuse(batch, [b]).pooled)  # (B, E) each
-            return {"loss": self.head.loss(za, zb), "za": za, "zb": zb}
+            content = batch.get("content", {})
+            groups = (content[a], content[b]) if a in content and b in content else None
+            return {"loss": self.head.loss(za, zb, groups), "za": za, "zb": zb}
         fused = self.fuse(batch, cfg.input_modalities())
         return {"loss": self.head.loss(batch["target_ids"], batch["target_mask"], fused.tokens, fused.mask)}
 

@@ -328,3 +328,19 @@ def test_without_segment_reuse_every_batch_gets_its_own_segment(monkeypatch):
     assert all(p.seq is None and p.buffer.is_shared() for p in packed)
     assert len({p.buffer.data_ptr() for p in packed}) == 3
     assert torch.equal(packed[0].unpack()["features"]["text"], collate(samples, cfg)["features"]["text"])
+
+
+def test_content_ids_are_equal_for_the_same_input_and_distinct_without_one():
+    cfg = CollateConfig(feature_dims={"text": 2, "image": 3})
+    img = np.ones((1, 3), np.float16)
+    samples = [Sample(id="a", key="a", features={"text": np.ones((2, 2), np.float16), "image": img},
+                      content={"text": "aa" * 32, "image": "f0" * 32}),
+               Sample(id="b", key="b", features={"text": np.ones((2, 2), np.float16), "image": img},
+                      content={"text": "bb" * 32, "image": "f0" * 32}),  # the same picture, another caption
+               Sample(id="c", key="c", features={"image": img}),  # no hashes (an older dataset)
+               Sample(id="d", key="d", features={"image": img})]
+    batch = collate(samples, cfg)
+    image, text = batch["content"]["image"].tolist(), batch["content"]["text"].tolist()
+    assert image[0] == image[1] == int("f0" * 7 + "f", 16) and image[2] != image[3] and min(image[2:]) < 0
+    assert text[0] != text[1] and len(set(text + image)) == 7
+    assert batch["content"]["image"].dtype == torch.int64

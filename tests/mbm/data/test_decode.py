@@ -190,3 +190,10 @@ def test_an_array_read_into_place_is_checked_as_decode_checks_it(tmp_path, damag
     with pytest.raises(CorruptSample) as again:
         settle(lazy, {"image": 4})  # the batch's second chance reads it whole, and refuses it for the same reason
     assert again.value.reason == reason
+
+
+def test_a_sample_carries_the_content_hashes_its_doc_lists():
+    raw = raw_with(np.ones((2, 4), np.float16))
+    doc = {"id": "s1", "modalities": ["image"], "modality_hashes": {"image": "ab" * 32, "text": 3}}
+    assert decode_sample({**raw, "json": json.dumps(doc).encode()}).content == {"image": "ab" * 32}  # strings only
+    assert decode_sample(raw).content == {}  # a doc without them
