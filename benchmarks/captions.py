@@ -21,13 +21,11 @@ import argparse
 import json
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from incremental import SAMPLE
+from incremental import SAMPLE, run
 from PIL import Image
 
 
@@ -66,17 +64,6 @@ def add_captions(data: Path, new: int) -> int:
               "image": p} for p in pictures for c in range(new)]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows + added))
     return len(added)
-
-
-def run(spec: Path, *extra: str) -> dict:
-    """One ``mbm preprocess`` process: wall seconds and its report."""
-    root = Path(__file__).resolve().parents[1]
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jobs.cli", "preprocess", str(spec), "--no-progress", *extra], check=True,
-                   cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    out = Path(extra[extra.index("--output") + 1]) if "--output" in extra else spec.parent / "out"
-    return {"wall": wall, "report": json.loads((out / "report.json").read_text())}
 
 
 def main() -> int:

@@ -193,12 +193,14 @@ def change(data: Path, rows: list[dict], fraction: float, seed: int = 0) -> dict
 
 
 def run(spec: Path, *extra: str) -> dict:
+    """One ``mbm preprocess`` process: wall seconds and the report of the folder it wrote (the spec's
+    ``out``, or ``--output`` among ``extra``)."""
     start = time.perf_counter()
     subprocess.run([*MBM, "preprocess", str(spec), "--no-progress", *extra], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    report = json.loads((spec.parent / "out" / "report.json").read_text())
-    return {"wall": wall, "report": report}
+    out = Path(extra[extra.index("--output") + 1]) if "--output" in extra else spec.parent / "out"
+    return {"wall": wall, "report": json.loads((out / "report.json").read_text())}
 
 
 def main() -> int:

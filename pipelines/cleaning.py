@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics import Metrics
 
 from mbm.extractors.handler import configure_threads
@@ -259,8 +260,6 @@ class PreviousIndex:
     def holding(self, modality: str, digest: str) -> dict[str, Any] | None:
         """A landed row whose ``modality`` features came from media with content hash ``digest``, or None.
         The lookup is built on the first call, from the rows' hashes: 12 bytes per landed image or clip."""
-        import numpy as np
-
         if self._content is None:
             keys, rows = np.empty(0, np.uint64), np.empty(0, np.int32)
             hashes = self._columns[self._names.index("modality_hashes")]

@@ -97,11 +97,12 @@ class FillBatches(beam.DoFn):
 
     def process(self, sample: CleanSample):
         m = self._handler.modality
-        digest = sample.modality_hashes.get(m) if self._cache is not None and _featurizes(m, sample) else None
+        featurizes = _featurizes(m, sample)
+        digest = sample.modality_hashes.get(m) if self._cache is not None and featurizes else None
         if digest and digest in self._copies:
             self._copies[digest].append(sample)
             return
-        if not _featurizes(m, sample) or (digest and digest in self._cache):
+        if not featurizes or (digest and digest in self._cache):
             self._riders.append(sample)
             if len(self._riders) >= MAX_RIDERS:
                 yield self._batch([])

@@ -6,6 +6,7 @@ The model casts them to its own dtype on its device (``ModalityEmbedding``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -241,13 +242,14 @@ def pack_collate(samples: list[Sample], cfg: CollateConfig, *, shared: bool = Fa
 
 def content_id(digest: str | None, slot: int) -> int:
     """A batch's ``content`` value: 60 bits of a content hash (equal for the same input: the same picture
-    under two captions), or for a sample without one a negative number of its own (``slot``), equal to none."""
-    if digest:
-        try:
-            return int(digest[:15], 16)
-        except ValueError:
-            pass
-    return -1 - slot
+    under two captions), or for a sample without one a negative number of its own (``slot``), equal to none.
+    A hash that is not hex (a doc written by other tools) gives 56 bits of a digest of its text."""
+    if not digest:
+        return -1 - slot
+    try:
+        return int(digest[:15], 16)
+    except ValueError:
+        return int.from_bytes(hashlib.blake2b(digest.encode("utf-8", "surrogatepass"), digest_size=7).digest(), "big")
 
 
 def collate(samples: list[Sample], cfg: CollateConfig) -> dict[str, Any]:

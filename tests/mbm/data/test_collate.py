@@ -344,3 +344,10 @@ def test_content_ids_are_equal_for_the_same_input_and_distinct_without_one():
     assert image[0] == image[1] == int("f0" * 7 + "f", 16) and image[2] != image[3] and min(image[2:]) < 0
     assert text[0] != text[1] and len(set(text + image)) == 7
     assert batch["content"]["image"].dtype == torch.int64
+
+
+def test_a_content_hash_that_is_not_hex_still_groups_equal_strings():
+    from mbm.data.collate import content_id
+
+    assert content_id("image-0007", 0) == content_id("image-0007", 5) != content_id("image-0008", 0)
+    assert content_id("image-0007", 0) >= 0 and content_id(None, 3) == content_id("", 3) == -4

@@ -634,18 +634,12 @@ def test_with_dedupe_the_same_bytes_are_spooled_once_and_their_samples_come_toge
     spool = tmp_path / "spool"
     with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as p:
         out = p | ReadSource(SourceConfig(manifest=str(tmp_path / "m.parquet")), spool=str(spool), dedupe=dedupe)
-        keys = out.samples | beam.Map(lambda s: (s.id, media_key(s), read_media(s.image)))
+        keys = out.samples | beam.Map(lambda s: (s.id, media_key(s), _media_read(s)[1]))
         assert_that(keys | beam.Map(lambda k: (k[0], k[2])), equal_to([(i, pictures[i[0]]) for i in ids]))
         assert_that(keys | beam.Map(lambda k: (k[0][0], k[1])) | beam.Distinct() | beam.combiners.Count.Globally(),
                     equal_to([2 if dedupe else 6]), label="places")
     spooled = sum(os.path.getsize(spool / f) for f in os.listdir(spool))
     assert (spooled < 3 * 11000) == dedupe  # each picture once (and the samples, ~300 bytes each), or 6 times
-
-
-def read_media(media):
-    from pipelines.media import read_media as read
-
-    return read(media)
 
 
 def test_with_dedupe_a_first_sample_with_media_goes_on_unread_to_be_grouped(tmp_path):
