@@ -431,6 +431,9 @@ def print_summary(out_dir: str, report: dict[str, Any]) -> None:
     if copies:
         listed = ", ".join(f"{m} {n}" for m, n in copies.items())
         print(f"  repeats      {sum(copies.values()):>8}   (features copied from the same input in this run: {listed})")
+    if report.get("splits"):
+        print("  splits       " + ", ".join(f"{name} {n}" for name, n in report["splits"].items())
+              + "   (named in the samples' metadata; mbm train --split-by split)")
     print(f"  time         {report['seconds']:>8.1f} s   ({report['samples_per_second']:.1f} samples/s)")
     print(f"  report       {out_dir}/report.json")
 

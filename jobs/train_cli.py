@@ -57,8 +57,10 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--val-fraction": (float, "held-out fraction, chosen by a hash of the sample id (default 0.1)"),
     "--split-by": (str, "what chooses a sample's split: id, or text, image or audio (samples with the same "
                         "content of it share a split), or split: the dataset's own (train/ and test/ folders, a "
-                        "'split' column: test, validation, val, dev and eval are held out; a sample naming none "
-                        "goes by its id); default auto: retrieve by its pair's non-text modality, else id"),
+                        "'split' column: validation, valid, val, dev and eval are held out, and test and testing "
+                        "too unless the dataset also names a validation split, when they are kept apart for mbm "
+                        "evaluate --split test; a sample naming none goes by its id); default auto: retrieve by its "
+                        "pair's non-text modality, else id"),
     "--workers": (int, "data-loader worker processes per rank (default: 0 on the CPU; on a GPU the rank's share "
                        "of the cores less one, 1 to 8)"),
     "--shuffle-buffer": (int, "sample shuffle buffer (default 500)"),
@@ -135,8 +137,10 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, type=_path, help="run folder written by mbm train --out")
     p.add_argument("--data", default=None, type=_path, help="dataset (default: the run's --data)")
-    p.add_argument("--split", choices=("val", "train", "all"), default="val",
-                   help="the held-out split, the training split, or every sample (default val)")
+    p.add_argument("--split", choices=("val", "train", "test", "all"), default="val",
+                   help="the held-out split, the training split, the test split (a run with --split-by split on a "
+                        "dataset naming both a validation and a test split; training never reads it), or every "
+                        "sample (default val)")
     p.add_argument("--checkpoint", default=None, type=_path, help="checkpoint step or path (default: latest)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
     p.add_argument("--eval-samples", type=int, default=None, help="cap on samples evaluated")

@@ -24,6 +24,7 @@ from pipelines.dedupe import LRUCache, cleaned_cache
 from pipelines.errors import CleanError
 from pipelines.media import read_media
 from schemas import MODALITIES, CleanSample, RawSample, Reject, sample_key
+from schemas.manifest import split_name
 from schemas.records import OTHER_KEY, escape_undecodable
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,8 @@ class CleanSampleFn(beam.DoFn):
             self._unchanged.inc()
             # The index holds labels as text; the vocabulary needs the label as read (1 and "1" differ).
             # The source is where the sample is now (rows move, manifests change format).
-            yield beam.pvalue.TaggedOutput(UNCHANGED, {**out, "label_value": raw.label, "source": raw.source})
+            yield beam.pvalue.TaggedOutput(UNCHANGED, {**out, "label_value": raw.label, "source": raw.source,
+                                                         "split_value": split_name(raw.meta)})
         else:
             self._ok.inc()
             yield out

@@ -14,8 +14,9 @@ import datetime as _dt
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from apache_beam.io.filesystems import FileSystems
@@ -117,6 +118,7 @@ class Staged:
     shards: list[dict[str, Any]]  # staged tars, bucket by bucket, part by part
     extracted: dict[str, int]
     labels: list[Any]  # label vocabulary of the landed samples (JSON types kept)
+    splits: dict[str, int] = field(default_factory=dict)  # landed samples per named split (``split_name``)
 
 
 def _bucket_number(path: str) -> int:
@@ -127,7 +129,7 @@ def load_staged(staging: str, previous: DatasetManifest | None) -> Staged:
     """The sidecars of ``staging`` in bucket order, each one's rows turned into Arrow as it is read."""
     import pyarrow as pa
 
-    new, same, shards, labels = [], [], [], {}
+    new, same, shards, labels, splits = [], [], [], {}, Counter()
     extracted = dict.fromkeys(("samples", "text", "image", "audio"), 0)
     for path in sorted(_matching(join(staging, "parts"), "b*.json"), key=_bucket_number):
         sc = json.loads(read_text(path))
@@ -137,9 +139,11 @@ def load_staged(staging: str, previous: DatasetManifest | None) -> Staged:
         for k in extracted:
             extracted[k] += sc.get("extracted", {}).get(k, 0)
         labels.update((json.dumps(lbl, sort_keys=True), lbl) for lbl in _labels([sc], sc.get("same", []), previous))
+        splits.update(sc.get("splits", {}))
     empty = index_table([])
     return Staged(new=pa.concat_tables(new or [empty]), same=pa.concat_tables(same or [empty]), shards=shards,
-                  extracted=extracted, labels=sorted(labels.values(), key=_label_key))
+                  extracted=extracted, labels=sorted(labels.values(), key=_label_key),
+                  splits=dict(sorted(splits.items())))
 
 
 def _label_key(v: Any) -> tuple[str, str]:
@@ -562,13 +566,15 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     job_bytes = job_toml.encode("utf-8", "surrogateescape")  # a path in another encoding keeps its bytes
     version = (previous.version if previous else 0) + 1
     staged = load_staged(staging, previous)
-    labels = staged.labels
+    labels, splits = staged.labels, staged.splits
     planned = plan_counts(previous_rows, staged.new, staged.same)
     pa.default_memory_pool().release_unused()  # the sets and joins of the planning
     extracted = staged.extracted
     unchanged = (previous is not None and planned["new"] == planned["changed"] == planned["removed"] == 0
                  and _same_rejects(staged.new, previous_rows)
-                 and all(previous.fingerprints.get(m) == fingerprints.get(m) for m in _landed_modalities(previous_rows)))
+                 and all(previous.fingerprints.get(m) == fingerprints.get(m) for m in _landed_modalities(previous_rows))
+                 # a version written before the split counts were recorded gets a new version that has them
+                 and previous.splits == splits)
 
     if not unchanged and (previous is None or previous.num_samples):
         _check_some_land(staged, previous)
@@ -588,7 +594,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         manifest = DatasetManifest(
             version=version, shards=shards, shard_sizes=sizes, num_samples=sum(sizes),
             counts={}, index=index_rel, fingerprints=fingerprints, feature_dims=feature_dims,
-            labels=labels,
+            labels=labels, splits=splits,
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             parent=previous.version if previous else None, schema_version=SCHEMA_VERSION,
             shard_bytes=_file_sizes([join(out_dir, s) for s in shards]) if shards else [],
@@ -599,6 +605,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     report["planned"] = planned
     report["extracted_by_modality"] = {m: extracted[m] for m in ("text", "image", "audio")}
     report["copies_by_modality"] = {m: (copies or {}).get(m, 0) for m in ("text", "image", "audio")}
+    report["splits"] = dict(manifest.splits)  # landed samples per split their metadata names
     report["version"] = manifest.version
     report["new_version"] = not unchanged
     if not unchanged:

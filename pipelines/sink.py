@@ -31,6 +31,7 @@ import math
 import os
 import struct
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from apache_beam.metrics import Metrics
 from pipelines.errors import DatasetDamaged, disk_guard
 from pipelines.spill import BundleFile, pread_exact, short_read
 from schemas import MODALITIES, SCHEMA_VERSION, CleanSample, IndexRow, Reject, sample_key
+from schemas.manifest import split_name
 from schemas.records import OTHER_KEY
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ class Prepared:
     label: Any
     computed: list[str]
     reused: dict[str, str]
+    split: str | None = None  # the split its metadata names (``split_name``), counted in the manifest's ``splits``
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,8 @@ def prepare(sample: CleanSample, include_text: bool = False) -> Prepared:
     for m in sample.reused:
         members.pop(f"{m}.npy", None)
     return Prepared(key=sample.key, id=sample.id, members=members, row=ok_row(full, None).to_dict(),
-                    label=sample.label, computed=sample.computed(), reused=dict(sample.reused))
+                    label=sample.label, computed=sample.computed(), reused=dict(sample.reused),
+                    split=split_name(sample.meta))
 
 
 _LEN = struct.Struct("<I")
@@ -189,10 +193,10 @@ _LEN = struct.Struct("<I")
 
 def stage_bytes(p: Prepared) -> bytes:
     """``p`` as staged: the length of a JSON header, the header (members' names and sizes, row, label,
-    computed), then the members' bytes. JSON escapes what is not ASCII, lone surrogates too."""
+    computed, split), then the members' bytes. JSON escapes what is not ASCII, lone surrogates too."""
     names = sorted(p.members)
     header = json.dumps({"members": [[n, len(p.members[n])] for n in names], "row": p.row, "label": p.label,
-                         "computed": p.computed}, sort_keys=True).encode("ascii")
+                         "computed": p.computed, "split": p.split}, sort_keys=True).encode("ascii")
     return b"".join([_LEN.pack(len(header)), header, *(p.members[n] for n in names)])
 
 
@@ -209,7 +213,7 @@ def unstage(data: bytes, key: str, sample_id: str, reused: dict[str, str]) -> Pr
 def _prepared(header: dict[str, Any], members: dict[str, Any], key: str, sample_id: str,
               reused: dict[str, str]) -> Prepared:
     return Prepared(key=key, id=sample_id, members=members, row=header["row"], label=header["label"],
-                    computed=header["computed"], reused=reused)
+                    computed=header["computed"], reused=reused, split=header["split"])
 
 
 def load_staged(items: list[Any], include_text: bool = False, *, lazy: bool = False) -> list[Prepared]:
@@ -445,8 +449,10 @@ def write_bucket(bucket: int, items: Iterable[tuple[str, Any]], cfg: SinkConfig)
     labels = sorted({json.dumps(p.label, sort_keys=True) for p in samples if p.label is not None})
     extracted = {"samples": sum(1 for p in samples if p.computed),
                  **{m: sum(m in p.computed for p in samples) for m in MODALITIES}}
+    splits = Counter(p.split for p in samples if p.split is not None)
+    splits.update(r["split_value"] for r in same if r.get("split_value") is not None)
     sidecar = {"bucket": bucket, "shards": shards, "rows": rows, "same": same, "extracted": extracted,
-               "labels": [json.loads(x) for x in labels]}
+               "labels": [json.loads(x) for x in labels], "splits": dict(sorted(splits.items()))}
     final = f"{cfg.staging}/parts/b{bucket:05d}.json"
     tmp = final + ".tmp"
     with FileSystems.create(tmp, mime_type="application/json") as f:

@@ -9,6 +9,15 @@ from typing import Any
 from schemas.version import SCHEMA_VERSION
 
 
+def split_name(meta: Any) -> str | None:
+    """The split a sample's metadata names (its ``split`` value, stripped and lower-case), or None: what a
+    manifest's ``splits`` counts, and what ``mbm train --split-by split`` reads."""
+    value = meta.get("split") if isinstance(meta, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip().lower()
+
+
 @dataclass
 class DatasetManifest:
     """One immutable dataset version. ``shards`` are paths relative to the dataset folder; reading
@@ -29,6 +38,10 @@ class DatasetManifest:
     # bytes of each shard, same order as ``shards``: a shard cut short is found without reading it (empty in
     # manifests written before it was recorded)
     shard_bytes: list[int] = field(default_factory=list)
+    # landed samples per split their metadata names (its ``split`` value, stripped and lower-case: the split
+    # folders of an imagefolder, a manifest's column); empty where none names one, and in manifests written
+    # before it was recorded
+    splits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.version < 1:

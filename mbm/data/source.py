@@ -7,14 +7,16 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import braceexpand
 
-from mbm.data.decode import decode_sample
+from mbm.data.decode import decode_sample, parse_doc
 from mbm.data.errors import CorruptSample, SkipLog, in_shard
 from mbm.data.shards import iter_tar
+from mbm.data.split import split_name
 from mbm.lock import hold_version
 from schemas import MODALITIES, DatasetManifest
 from schemas.manifest import version_path
@@ -42,6 +44,9 @@ class DataSource:
     feature_dims: dict[str, int]
     version: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    # samples per split their metadata names (``mbm.data.split.split_name``): the manifest's (empty in one
+    # written before mbm recorded them), or counted while scanning the shards of a pattern
+    splits: dict[str, int] = field(default_factory=dict)
     manifest: str | None = None  # the version's manifest file, where read from a dataset folder
 
     def hold(self) -> None:
@@ -145,7 +150,7 @@ def _from_manifest(spec: str, root: str, manifest_path: str) -> DataSource:
     return DataSource(spec=spec, shards=[os.path.join(root, s) for s in manifest.shards],
                       shard_sizes=list(manifest.shard_sizes), labels=sort_labels(manifest.labels),
                       feature_dims=dims, version=manifest.version, counts=dict(manifest.counts),
-                      manifest=manifest_path)
+                      splits=dict(manifest.splits), manifest=manifest_path)
 
 
 def _from_pattern(spec: str) -> DataSource:
@@ -162,16 +167,18 @@ def _from_pattern(spec: str) -> DataSource:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"--data {spec}: not a dataset folder, and {len(missing)} shard(s) missing, e.g. {missing[0]}")
-    sizes, labels, dims = _scan(paths)
+    sizes, labels, dims, splits = _scan(paths)
     if not dims:
         raise ValueError(f"--data {spec}: no readable samples in {len(paths)} shard(s)")
-    return DataSource(spec=spec, shards=paths, shard_sizes=sizes, labels=sort_labels(labels), feature_dims=dims)
+    return DataSource(spec=spec, shards=paths, shard_sizes=sizes, labels=sort_labels(labels), feature_dims=dims,
+                      splits=splits)
 
 
-def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
-    """Per-shard sample counts, labels and feature dims, found by reading every sample."""
+def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int], dict[str, int]]:
+    """Per-shard sample counts, labels, feature dims and samples per named split, found by reading every sample."""
     skips = SkipLog()
     sizes, labels, dims = [], [], {}
+    splits: Counter[str] = Counter()
     seen: set[str] = set()
     repeated = 0
     for path in paths:
@@ -179,11 +186,14 @@ def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
         try:
             for raw in iter_tar(path):
                 try:
-                    sample = decode_sample(raw)
+                    doc = parse_doc(raw)
+                    sample = decode_sample(raw, doc=doc)
                 except CorruptSample as exn:
                     skips.skip(exn.reason, in_shard(path, exn.detail))
                     continue
                 n += 1
+                if (name := split_name(doc.get("meta"))) is not None:
+                    splits[name] += 1
                 repeated += sample.id in seen
                 seen.add(sample.id)
                 labels.append(sample.label)
@@ -200,4 +210,4 @@ def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int]]:
                     f": they are shards of {len(versions)} versions of an mbm dataset folder, which keeps every "
                     "version's shards; give the folder (OUT, or OUT/@N for version N) to read one version"
                     if len(versions) > 1 else "")
-    return sizes, labels, {m: dims[m] for m in MODALITIES if m in dims}
+    return sizes, labels, {m: dims[m] for m in MODALITIES if m in dims}, dict(sorted(splits.items()))

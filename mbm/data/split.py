@@ -4,18 +4,33 @@ by the dataset's own split, where its samples name one."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any
 
 from schemas import MODALITIES
+from schemas.manifest import split_name
 
 SPLITS = ("train", "val")
-EVAL_SPLITS = (*SPLITS, "all")  # what evaluate and generate read: a split, or every sample
+# what evaluate and generate read: a split, every sample, or (``--split-by split`` on a dataset naming both a
+# validation and a test split) the test split, which training never reads, not even to evaluate
+EVAL_SPLITS = (*SPLITS, "test", "all")
 # what a sample's split is chosen by: its id, one modality's content, or the split its metadata names
 SPLIT_BY = ("id", *MODALITIES, "split")
 # the dataset's own split names (a ``split`` metadata value: imagefolders' split folders, a manifest's column)
 TRAIN_NAMES = frozenset({"train", "training"})
-HELD_OUT = ("test", "testing", "validation", "valid", "val", "dev", "eval")
+VALIDATION = ("validation", "valid", "val", "dev", "eval")
+TEST = ("test", "testing")
+HELD_OUT = (*TEST, *VALIDATION)
 HELD_OUT_NAMES = frozenset(HELD_OUT)
+
+
+def holds_test_apart(splits: Mapping[str, int] | None) -> bool:
+    """Whether a dataset's named splits (its manifest's ``splits``: landed samples per name) hold both a
+    validation split and a test split. Then ``--split-by split`` holds out the validation split, evaluates
+    on it while training, and keeps the test split for ``mbm evaluate --split test``; a dataset with a test
+    split alone (train/ and test/ folders) holds the test split out instead."""
+    names = {n for n, count in (splits or {}).items() if count}
+    return bool(names & set(VALIDATION)) and bool(names & set(TEST))
 
 
 def holdout_fraction(sample_id: str) -> float:
@@ -40,33 +55,57 @@ def split_key(doc: dict[str, Any], split_by: str = "id") -> str:
     return doc["id"]
 
 
-def named_split(doc: dict[str, Any]) -> str | None:
-    """``"train"`` or ``"val"`` for a sample whose metadata names its split (``train/``, ``test/`` folders of
-    an imagefolder, a manifest's ``split`` column): train and training train; test, validation, val, dev
-    and eval are held out. None for a sample without one, or with another name."""
-    meta = doc.get("meta")
-    value = meta.get("split") if isinstance(meta, dict) else None
-    if not isinstance(value, str):
+def named_split(doc: dict[str, Any], test_apart: bool = False) -> str | None:
+    """``"train"``, ``"val"`` or ``"test"`` for a sample whose metadata names its split (``train/``, ``test/``
+    folders of an imagefolder, a manifest's ``split`` column): train and training train; validation, valid,
+    val, dev and eval are held out, and so are test and testing, as ``"test"`` where the dataset also names a
+    validation split (``test_apart``), else as ``"val"``. None for a sample without one, or another name."""
+    name = split_name(doc.get("meta"))
+    if name is None:
         return None
-    name = value.strip().lower()
-    return "train" if name in TRAIN_NAMES else "val" if name in HELD_OUT_NAMES else None
+    if name in TRAIN_NAMES:
+        return "train"
+    if name in TEST:
+        return "test" if test_apart else "val"
+    return "val" if name in HELD_OUT_NAMES else None
 
 
-def sample_split(doc: dict[str, Any], val_fraction: float, split_by: str = "id") -> str:
-    """``"train"`` or ``"val"`` for a sample's json doc: with ``split_by="split"`` the split its metadata
-    names, else (and for a sample that names none) a hash of ``split_key``."""
-    if split_by == "split" and (named := named_split(doc)) is not None:
+def sample_split(doc: dict[str, Any], val_fraction: float, split_by: str = "id", test_apart: bool = False) -> str:
+    """``"train"``, ``"val"`` (or with ``test_apart``, ``"test"``) for a sample's json doc: with
+    ``split_by="split"`` the split its metadata names, else (and for a sample that names none) a hash of
+    ``split_key``."""
+    if split_by == "split" and (named := named_split(doc, test_apart)) is not None:
         return named
     return split_of(split_key(doc, split_by), val_fraction)
 
 
 def empty_under_split(split: str) -> str:
-    """Why ``split`` ("train" or "val") holds no sample under ``--split-by split`` (none skipped), and what to
-    change: a larger --val-fraction does not move samples that name their split."""
+    """Why ``split`` ("train", "val" or "test") holds no sample under ``--split-by split`` (none skipped), and
+    what to change: a larger --val-fraction does not move samples that name their split."""
     if split == "train":
         return ("every sample names a held-out split (" + ", ".join(HELD_OUT) + ") in its metadata, and "
                 "--split-by split holds those out, so none is left to train on; give --split-by id (or text, "
                 "image, audio) to split the samples by hash, or add samples of the train split")
+    if split == "test":
+        return ("no sample the run reads names a test split (" + ", ".join(TEST) + ") in its metadata")
     return ("no sample names a held-out split (" + ", ".join(HELD_OUT) + ") in its metadata, and --split-by "
             "split holds out only those (and a --val-fraction of the samples naming no split); give --split-by "
             "id (or text, image, audio) to hold out a --val-fraction of the samples by hash")
+
+
+def no_test_split(split_by: str, splits: Mapping[str, int]) -> str | None:
+    """Why a run's data has no test split apart from its held-out one (what ``--split test`` reads), or None
+    when it has one: the run split by something else than the dataset's own splits, or the dataset does not
+    name both a validation and a test split (``splits``: samples per named split, the manifest's or counted
+    from the shards)."""
+    if split_by == "split" and holds_test_apart(splits):
+        return None
+    if split_by != "split":
+        return (f"the run split its samples by {split_by}, so its held-out split is all it holds out; --split test "
+                "needs a run trained with --split-by split on a dataset naming both a validation and a test split "
+                "(give --split val for the held-out samples)")
+    named = (f"samples per named split: {', '.join(f'{n} {c}' for n, c in sorted(splits.items()))}" if splits else
+             "it records no named split: none of its samples names one, or it was written before mbm counted them, "
+             "which the next `mbm preprocess` of it does")
+    return (f"the dataset does not name both a validation ({', '.join(VALIDATION)}) and a test ({', '.join(TEST)}) "
+            f"split ({named}), so its test samples, if any, are part of the held-out split: give --split val")

@@ -43,11 +43,14 @@ class StreamConfig:
     shards: tuple[str, ...]
     collate: CollateConfig
     task: str = "classify"
-    split: str = "train"  # "train" | "val" | "all" (every sample: evaluate, generate)
+    split: str = "train"  # "train" | "val" | "test" (``test_apart``) | "all" (every sample: evaluate, generate)
     val_fraction: float = 0.1
     # or a modality: samples with the same content of it share a split (``split_key``); or "split": the
     # dataset's own, where a sample's metadata names it (``named_split``)
     split_by: str = "id"
+    # with split_by "split": the dataset names both a validation and a test split, so the test split is kept
+    # apart ("test") instead of held out with the validation split (``mbm.data.split.holds_test_apart``)
+    test_apart: bool = False
     pair: tuple[str, str] | None = None  # retrieve: both modalities required
     batch_size: int = 32
     shuffle: bool = True
@@ -67,6 +70,9 @@ class StreamConfig:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.split_by not in SPLIT_BY:
             raise ValueError(f"--split-by must be one of {', '.join(SPLIT_BY)}, got {self.split_by!r}")
+        if self.split == "test" and (self.split_by != "split" or not self.test_apart):
+            raise ValueError("--split test needs --split-by split on a dataset naming both a validation and a test "
+                             "split; otherwise the test samples are part of the held-out split (--split val)")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.task == "retrieve" and (self.pair is None or len(set(self.pair)) != 2):
@@ -82,7 +88,7 @@ class Selector:
 
     def in_split(self, doc: dict) -> bool:
         cfg = self.cfg
-        return cfg.split == "all" or sample_split(doc, cfg.val_fraction, cfg.split_by) == cfg.split
+        return cfg.split == "all" or sample_split(doc, cfg.val_fraction, cfg.split_by, cfg.test_apart) == cfg.split
 
     def __call__(self, s: Undecoded, skips: SkipLog) -> bool:
         cfg = self.cfg
@@ -128,7 +134,7 @@ class ShardStream(IterableDataset):
         select = Selector(cfg)
         # Each shard scanned once per process: a long-lived worker replays its scans in later epochs.
         samples = scan_cache().samples(shards, skips, select.in_split, cfg.collate.feature_dims,
-                                       split=(cfg.split, cfg.val_fraction, cfg.split_by))
+                                       split=(cfg.split, cfg.val_fraction, cfg.split_by, cfg.test_apart))
         samples = selected(samples, select, skips)
         if cfg.max_samples is not None:
             samples = itertools.islice(samples, cfg.max_samples)

@@ -17,7 +17,7 @@ import numpy as np
 
 from mbm.data.source import sort_labels
 from schemas import SCHEMA_VERSION, DatasetManifest, sample_key
-from schemas.manifest import version_path
+from schemas.manifest import split_name, version_path
 
 CLASS_WORDS = ["cat", "dog", "bird", "horse", "fish", "frog", "car", "ship"]
 ATTR_WORDS = ["red", "blue", "small", "large"]
@@ -40,6 +40,9 @@ class SyntheticConfig:
     # captions of one picture do
     media_repeats: int = 1
     meta: dict[str, Any] = field(default_factory=dict)  # every sample's metadata, e.g. {"split": "test"}
+    # sample i names the split splits[i % len(splits)] in its metadata (over ``meta``'s), as a dataset with
+    # train, validation and test splits does
+    splits: tuple[str, ...] = ()
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -72,7 +75,8 @@ def _sample(i: int, cfg: SyntheticConfig, rng: np.random.Generator, proj: dict[s
             members[f"{m}.npy"] = shared[m][1]
     label = None if rng.random() < cfg.null_label else cfg.labels[c]
     doc = {"id": sid, "label": label, "text": text if "text" in present else None, "modalities": present,
-           "content_hash": f"{i:040x}", "fingerprint": {}, "dropped": {}, "meta": dict(cfg.meta),
+           "content_hash": f"{i:040x}", "fingerprint": {}, "dropped": {},
+           "meta": {**cfg.meta, **({"split": cfg.splits[i % len(cfg.splits)]} if cfg.splits else {})},
            "modality_hashes": {m: f"{m}-{i // cfg.media_repeats if m != 'text' else i:060x}" for m in present},
            "schema_version": SCHEMA_VERSION}
     members["json"] = json.dumps(doc, sort_keys=True).encode("utf-8")
@@ -91,6 +95,7 @@ def write_synthetic_dataset(out: str, cfg: SyntheticConfig | None = None, versio
     w = np.array(cfg.class_weights or [2.0 ** -k for k in range(len(cfg.labels))], float)
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     shards, sizes, labels = [], [], []
+    splits: dict[str, int] = {}
     shared: dict[str, tuple[int, bytes]] = {}
     for start in range(0, cfg.num_samples, cfg.samples_per_shard):
         rel = f"shards/v{version:06d}-{len(shards):06d}.tar"
@@ -98,14 +103,18 @@ def write_synthetic_dataset(out: str, cfg: SyntheticConfig | None = None, versio
         with wds.TarWriter(os.path.join(out, rel), encoder=False, mtime=0) as sink:
             for i in range(start, start + n):
                 members = _sample(i, cfg, rng, proj, protos, w / w.sum(), shared)
-                labels.append(json.loads(members["json"])["label"])
+                doc = json.loads(members["json"])
+                labels.append(doc["label"])
+                if (name := split_name(doc["meta"])) is not None:
+                    splits[name] = splits.get(name, 0) + 1
                 sink.write(members)
         shards.append(rel)
         sizes.append(n)
     manifest = DatasetManifest(
         version=version, shards=shards, shard_sizes=sizes, num_samples=sum(sizes),
         counts={"input": sum(sizes), "ok": sum(sizes), "rejected": 0, "extracted": sum(sizes)},
-        index=f"index/{version:06d}.parquet", feature_dims=dict(cfg.feature_dims), labels=sort_labels(labels))
+        index=f"index/{version:06d}.parquet", feature_dims=dict(cfg.feature_dims), labels=sort_labels(labels),
+        splits=dict(sorted(splits.items())))
     os.makedirs(os.path.join(out, "versions"), exist_ok=True)
     for rel in (version_path(version), "dataset.json"):
         with open(os.path.join(out, rel), "w", encoding="utf-8") as f:

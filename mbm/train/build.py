@@ -10,6 +10,7 @@ from mbm.data.decode import decode_sample
 from mbm.data.errors import CorruptSample
 from mbm.data.shards import iter_tar
 from mbm.data.source import DataSource
+from mbm.data.split import holds_test_apart
 from mbm.data.stream import StreamConfig
 from mbm.data.tokenizer import load_tokenizer, special_tokens, vocab_digest
 from mbm.model.decoder import DecoderConfig
@@ -72,12 +73,15 @@ def model_config(cfg: TrainConfig, source: DataSource, labels: list[Any]) -> Mod
 
 def stream_config(cfg: TrainConfig, source: DataSource, labels: list[Any], dims: dict[str, int],
                   split: str, *, train: bool) -> StreamConfig:
-    """A split's stream: shuffled full batches for training; every sample in order for evaluation."""
+    """A split's stream: shuffled full batches for training; every sample in order for evaluation. With
+    ``--split-by split`` on a dataset naming both a validation and a test split, the test split is kept apart:
+    neither trained on nor evaluated while training, read only as ``split="test"``."""
     collate = CollateConfig(feature_dims=dims, max_tokens=dict(cfg.max_tokens), labels=tuple(labels),
                             tokenizer=cfg.tokenizer, max_target_len=cfg.max_target_len,
                             with_targets=cfg.task == "generate")
+    split_by = resolved_split_by(cfg)
     return StreamConfig(shards=tuple(source.shards), collate=collate, task=cfg.task, split=split,
                         val_fraction=cfg.val_fraction, pair=tuple(cfg.pair) if cfg.pair else None,
-                        split_by=resolved_split_by(cfg),
+                        split_by=split_by, test_apart=split_by == "split" and holds_test_apart(source.splits),
                         batch_size=cfg.batch_size, shuffle=train, shuffle_buffer=cfg.shuffle_buffer,
                         drop_last=train, seed=cfg.seed, max_samples=None if train else cfg.eval_samples)

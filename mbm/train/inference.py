@@ -12,10 +12,11 @@ import torch
 from mbm.data.collate import batch_to
 from mbm.data.errors import skip_reasons
 from mbm.data.source import DataSource, resolve_data
+from mbm.data.split import no_test_split
 from mbm.data.stream import ShardStream
 from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens, vocab_digest
 from mbm.model.model import ModelConfig, MultimodalModel
-from mbm.train.build import stream_config
+from mbm.train.build import resolved_split_by, stream_config
 from mbm.train.checkpoint import checkpoint_name, checkpoint_settings, load_checkpoint
 from mbm.train.config import TrainConfig, merge
 from mbm.train.distributed import pick_device
@@ -35,13 +36,15 @@ class LoadedRun:
     device: torch.device
 
     def stream(self, split: str, *, decode_only: bool = False) -> ShardStream:
-        """The samples of ``split`` ("train", "val" or "all") in order; ``decode_only``: for generating
+        """The samples of ``split`` ("train", "val", "test" or "all") in order; ``decode_only``: for generating
         text, samples without a reference text too, and no targets."""
         dims = {m: self.model.cfg.feature_dims[m] for m in self.model.cfg.input_modalities()}
         for m, dim in dims.items():  # a modality the data lacks is masked, as in training
             got = self.source.feature_dims.get(m)
             if got is not None and got != dim:
                 raise ValueError(f"--data {self.source.spec}: {m} features are {got}-d, the run was trained on {dim}-d")
+        if split == "test" and (why := no_test_split(resolved_split_by(self.cfg), self.source.splits)):
+            raise ValueError(f"--split test: {why}")
         cfg = stream_config(self.cfg, self.source, self.labels, dims, split, train=False)
         if decode_only:
             cfg = replace(cfg, text_optional=True, collate=replace(cfg.collate, with_targets=False))

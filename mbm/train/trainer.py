@@ -160,6 +160,10 @@ class Trainer:
         dims = {m: self.source.feature_dims[m] for m in self.model.cfg.input_modalities()}
         self.train_stream = stream_config(cfg, self.source, self.labels, dims, "train", train=True)
         self.val_stream = stream_config(cfg, self.source, self.labels, dims, "val", train=False)
+        if self.val_stream.test_apart and env.is_main:
+            named = ", ".join(f"{n} {c}" for n, c in self.source.splits.items())
+            log.info("--split-by split: the dataset names a validation and a test split (samples: %s); evaluating "
+                     "on the validation split, the test split kept apart (mbm evaluate --split test)", named)
         # Retrieval never reads the third modality and generate never reads text: their embeddings take no
         # part in a step, which DDP must look for (a walk over the autograd graph at every step). Classify
         # reads every modality at every step, a batch without one included (one masked padding step of it).

@@ -660,3 +660,40 @@ def test_split_by_split_follows_the_datasets_own_split(dataset):
         assert [sample_split(doc, f, "split") for f in (0.0, 0.999999)] == ["train", "val"]
     with pytest.raises(ValueError, match="--split-by must be one of id, text, image, audio, split, got 'folder'"):
         stream_cfg(src, split_by="folder")
+
+
+def test_a_dataset_naming_validation_and_test_splits_keeps_the_test_split_apart(tmp_path):
+    """Hugging Face's train/validation/test: validation is what training evaluates on, and test is read only
+    as --split test; a dataset naming test alone holds it out, as before."""
+    from mbm.data.split import holds_test_apart, sample_split
+    from mbm.data.stream import Selector
+
+    names = ("train", "Training", "test", "Testing", "validation", "valid", "val", "dev", "eval")
+    docs = {name: {"id": f"{name}/1.jpg", "meta": {"split": name}} for name in names}
+    assert holds_test_apart({"train": 8, "validation": 1, "test": 1})
+    assert holds_test_apart({"dev": 1, "testing": 2})
+    assert not holds_test_apart({"train": 8, "test": 2}) and not holds_test_apart({"train": 8, "validation": 2})
+    assert not holds_test_apart({"validation": 0, "test": 2}) and not holds_test_apart({})
+    pattern = tmp_path / "shards"
+    write_synthetic_dataset(str(pattern), SyntheticConfig(num_samples=30, samples_per_shard=10,
+                                                          feature_dims={"text": 8}, null_label=0.0, splits=("train", "validation",
+                                                                                            " Test ")))
+    manifest = json.loads((pattern / "dataset.json").read_text())
+    assert manifest["splits"] == {"test": 10, "train": 10, "validation": 10}
+    src = resolve_data(str(pattern))
+    glob_src = resolve_data(str(pattern / "shards" / "*.tar"))  # no manifest: counted while scanning
+    assert src.splits == glob_src.splits == {"test": 10, "train": 10, "validation": 10}
+    chosen = {}
+    for split in ("train", "val", "test"):
+        cfg = stream_cfg(src, split=split, split_by="split", val_fraction=0.0, test_apart=True)
+        chosen[split] = {n for n, d in docs.items() if Selector(cfg).in_split(d)}
+    assert chosen == {"train": {"train", "Training"}, "val": {"validation", "valid", "val", "dev", "eval"},
+                      "test": {"test", "Testing"}}
+    assert sample_split({"id": "s000007"}, 0.999999, "split", test_apart=True) == "val"  # naming none: by hash
+    assert sample_split(docs["test"], 0.0, "split") == "val"  # no validation split: test is held out
+    for kw in ({"split_by": "split"}, {"split_by": "id", "test_apart": True}):
+        with pytest.raises(ValueError, match="--split test needs --split-by split on a dataset naming both"):
+            stream_cfg(src, split="test", **kw)
+    batches = list(ShardStream(stream_cfg(src, split="test", split_by="split", test_apart=True, drop_last=False,
+                                          shuffle=False)))
+    assert sorted(i for b in batches for i in b["ids"]) == [f"s{i:06d}" for i in range(2, 30, 3)]
