@@ -52,7 +52,10 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--eval-samples": (int, "cap on held-out samples per evaluation"),
     "--log-every": (int, "log the training loss every N steps (default 10)"),
     "--checkpoint-every": (int, "checkpoint every N steps (default: --eval-every)"),
-    "--keep-checkpoints": (int, "checkpoints kept (default 3)"),
+    "--keep-checkpoints": (int, "checkpoints kept (default 3), besides the best one (--best-by)"),
+    "--best-by": (str, "the held-out metric whose best evaluation's checkpoint is kept as checkpoints/best (mbm "
+                       "evaluate --checkpoint best): accuracy or loss (classify), recall@1, recall@5, recall@10 or "
+                       "loss (retrieve), loss (generate); default auto: the first of those for the task"),
     "--stop-at": (int, "stop after this step (checkpointed), keeping the schedule of --steps"),
     "--val-fraction": (float, "held-out fraction, chosen by a hash of the sample id (default 0.1)"),
     "--split-by": (str, "what chooses a sample's split: id, or text, image or audio (samples with the same "
@@ -141,7 +144,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="the held-out split, the training split, the test split (a run with --split-by split on a "
                         "dataset naming both a validation and a test split; training never reads it), or every "
                         "sample (default val)")
-    p.add_argument("--checkpoint", default=None, type=_path, help="checkpoint step or path (default: latest)")
+    p.add_argument("--checkpoint", default=None, type=_path,
+                   help="checkpoint step, path, or best: the best held-out evaluation's (default: latest)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
     p.add_argument("--eval-samples", type=int, default=None, help="cap on samples evaluated")
     p.add_argument("--tokenizer", default=None, type=_path, help="tokenizer folder (default: the run's)")

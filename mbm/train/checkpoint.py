@@ -1,4 +1,5 @@
-"""Checkpoints: ``checkpoints/step-NNNNNN.pt`` written atomically, a ``latest`` pointer, loaded with weights_only."""
+"""Checkpoints: ``checkpoints/step-NNNNNN.pt`` written atomically, ``latest`` and ``best`` pointers, loaded with
+weights_only."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from mbm.train.config import saved_settings
 
 _NAME = re.compile(r"^step-(\d{6,})\.pt$")
+BEST = "best"  # the pointer to the checkpoint of the best held-out evaluation, as ``latest`` to the newest
 
 
 def checkpoint_name(step: int) -> str:
@@ -41,16 +43,42 @@ def _replace_atomic(path: str, write) -> None:
         raise
 
 
-def save_checkpoint(folder: str, step: int, state: dict[str, Any], keep: int) -> str:
-    """Write ``state`` as this step's checkpoint (temp file + rename), point ``latest`` at it, prune old ones."""
+def save_checkpoint(folder: str, step: int, state: dict[str, Any], keep: int, best: bool = False) -> str:
+    """Write ``state`` as this step's checkpoint (temp file + rename), point ``latest`` at it (and ``best``,
+    when it is the run's best so far), and prune old ones: the last ``keep`` stay, and the one ``best`` names."""
     os.makedirs(folder, exist_ok=True)
     name = checkpoint_name(step)
     path = os.path.join(folder, name)
     _replace_atomic(path, lambda f: torch.save(state, f))
     _replace_atomic(os.path.join(folder, "latest"), lambda f: f.write(name.encode() + b"\n"))
+    if best:
+        point_best(folder, step)
+    kept = best_checkpoint(folder)
     for old in list_checkpoints(folder)[:-keep]:
-        os.remove(os.path.join(folder, checkpoint_name(old)))
+        if kept is None or os.path.basename(kept) != checkpoint_name(old):
+            os.remove(os.path.join(folder, checkpoint_name(old)))
     return path
+
+
+def point_best(folder: str, step: int | None) -> None:
+    """Point ``best`` at this step's checkpoint, or remove it (None)."""
+    if step is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, BEST))
+        return
+    _replace_atomic(os.path.join(folder, BEST), lambda f: f.write(checkpoint_name(step).encode() + b"\n"))
+
+
+def best_checkpoint(folder: str) -> str | None:
+    """The checkpoint ``best`` names (the best held-out evaluation so far, ``--best-by``); None when there is
+    none, or it is gone."""
+    try:
+        with open(os.path.join(folder, BEST), encoding="utf-8") as f:
+            name = f.read().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    path = os.path.join(folder, name)
+    return path if _NAME.match(name) and os.path.isfile(path) else None
 
 
 def list_checkpoints(folder: str) -> list[int]:

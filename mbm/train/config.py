@@ -20,6 +20,10 @@ from schemas import MODALITIES
 
 DEVICES = ("auto", "cpu", "cuda")
 FLOAT32_MAX = 3.4028234663852886e38  # the model and the optimizer's arithmetic are float32
+# the held-out metrics that can choose a run's best checkpoint, by task (the first is --best-by auto's choice);
+# the loss is best lowest, the others highest
+BEST_BY_TASK = {"classify": ("accuracy", "loss"), "retrieve": ("recall@1", "recall@5", "recall@10", "loss"),
+                "generate": ("loss",)}
 ADAM_FIRST_STEP = 10  # AdamW's first step moves a weight by up to lr / (1 - beta1), beta1 = 0.9
 
 
@@ -50,6 +54,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int | None = None  # None: --eval-every
     keep_checkpoints: int = 3
+    # what makes a held-out evaluation the best so far, whose checkpoint is kept (``checkpoints/best``): auto is
+    # accuracy for classify, recall@1 for retrieve, the loss for generate
+    best_by: str = "auto"
     stop_at: int | None = None  # stop (after a checkpoint) at this step, as if interrupted
     log_samples: bool = False  # write samples-rank{r}.jsonl with the ids of every step
     # data
@@ -73,6 +80,11 @@ class TrainConfig:
     # runtime
     device: str = "auto"
     resume: bool = False
+
+    @property
+    def best_metric(self) -> str:
+        """The held-out metric that chooses the best checkpoint (``--best-by``, auto resolved)."""
+        return BEST_BY_TASK[self.task][0] if self.best_by == "auto" else self.best_by
 
     def __post_init__(self) -> None:
         choices = {"task": TASKS, "fusion": FUSIONS, "positional": POSITIONAL, "device": DEVICES,
@@ -108,6 +120,9 @@ class TrainConfig:
                              "held-out split (use e.g. 0.01 to hold out very little)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        allowed = ("auto", *BEST_BY_TASK.get(self.task, ()))
+        if self.best_by not in allowed:
+            raise ValueError(f"--best-by must be one of {', '.join(allowed)} for --task {self.task}, got {self.best_by!r}")
         if self.task == "retrieve" and self.batch_size < 2:
             raise ValueError(f"--batch-size must be >= 2 for retrieve (the other samples of a batch are the "
                              f"negatives of its contrastive loss, in training and in the loss evaluation reports), "

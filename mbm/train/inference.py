@@ -17,7 +17,7 @@ from mbm.data.stream import ShardStream
 from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens, vocab_digest
 from mbm.model.model import ModelConfig, MultimodalModel
 from mbm.train.build import resolved_split_by, stream_config
-from mbm.train.checkpoint import checkpoint_name, checkpoint_settings, load_checkpoint
+from mbm.train.checkpoint import BEST, best_checkpoint, checkpoint_name, checkpoint_settings, load_checkpoint
 from mbm.train.config import TrainConfig, merge
 from mbm.train.distributed import pick_device
 from mbm.train.evaluate import empty_split, evaluate
@@ -120,6 +120,13 @@ def _checkpoint_path(run: RunDir, checkpoint: str | None) -> str:
         path = run.latest()
         if path is None:
             raise ValueError(f"--run {run.root}: no checkpoint yet")
+        return path
+    if checkpoint == BEST:
+        path = best_checkpoint(run.checkpoints)
+        if path is None:
+            raise ValueError(f"--checkpoint best: {run.root} has no best checkpoint: it has not been evaluated on its "
+                             "held-out split since its first checkpoint, or was trained before mbm kept one; give "
+                             "a step, or leave --checkpoint out for the latest")
         return path
     if checkpoint.isdigit():
         checkpoint = os.path.join(run.checkpoints, checkpoint_name(int(checkpoint)))

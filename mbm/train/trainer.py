@@ -28,7 +28,15 @@ from mbm.lock import FolderLock, FolderLockedError
 from mbm.model.model import MultimodalModel
 from mbm.resources import usable_cores
 from mbm.train.build import common_pair, model_config, resolved_split_by, stream_config
-from mbm.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mbm.train.checkpoint import (
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    point_best,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mbm.train.config import TrainConfig
 from mbm.train.distributed import AnyRank, DistEnv, init_distributed
 from mbm.train.evaluate import autocast, evaluate
@@ -209,7 +217,11 @@ class Trainer:
                     plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
                 else:
                     os.remove(self.run.plot)
+            self.best = self._best_so_far()
+            point_best(self.run.checkpoints, self.best[0] if self.best else None)
         env.barrier()
+        # every rank compares its evaluations (the same on each) with rank 0's best
+        self.best = env.gather(self.best if env.is_main else None)[0]
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume_point(self) -> tuple[str | None, dict[str, Any] | None]:
@@ -263,11 +275,36 @@ class Trainer:
             return data
         return data[self.env.rank] if len(data) == self.env.world else data[0]
 
-    def save(self) -> None:
+    def save(self, best: bool = False) -> None:
         state = self._state()
         if self.env.is_main:
-            save_checkpoint(self.run.checkpoints, self.step, state, self.cfg.keep_checkpoints)
+            save_checkpoint(self.run.checkpoints, self.step, state, self.cfg.keep_checkpoints, best=best)
         self.env.barrier()
+
+    # -- the best checkpoint ----------------------------------------------------------------------
+    def _best_so_far(self) -> tuple[int, float] | None:
+        """(step, value) of the best held-out evaluation up to this step whose checkpoint is still there, from
+        the run's metrics (a resumed run goes on comparing with it; one resumed from an older checkpoint than
+        the newest forgets what came after it)."""
+        metric, kept = self.cfg.best_metric, set(list_checkpoints(self.run.checkpoints))
+        best = None
+        for r in read_jsonl(self.run.metrics):
+            value = r.get(metric)
+            if (r.get("split") == "val" and 0 < r.get("step", 0) <= self.step and r["step"] in kept
+                    and isinstance(value, (int, float)) and math.isfinite(value)
+                    and (best is None or self._better(value, best[1]))):
+                best = (r["step"], float(value))
+        return best
+
+    def _better(self, value: float, than: float) -> bool:
+        return value < than if self.cfg.best_metric == "loss" else value > than
+
+    def _improves(self, record: dict[str, Any]) -> bool:
+        """Whether this held-out evaluation is the run's best so far (``--best-by``); every rank agrees."""
+        value = record.get(self.cfg.best_metric)
+        better = (isinstance(value, (int, float)) and math.isfinite(value)
+                  and (self.best is None or self._better(float(value), self.best[1])))
+        return self.env.mean(1.0 if better else 0.0) > 0 if self.env.distributed else better
 
     # -- steps ------------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, list[str]]:
@@ -377,9 +414,12 @@ class Trainer:
                     self._log(last["val"])
                     if env.is_main:
                         plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
-                if saves:
+                best = evals and self._improves(last["val"])
+                if saves or best:
                     self._check_weights()
-                    self.save()
+                    self.save(best=best)
+                if best:
+                    self.best = (self.step, float(last["val"][cfg.best_metric]))
                 bar.update(1)
                 if stop:
                     stop_asked.finish()
@@ -387,6 +427,9 @@ class Trainer:
                     raise TrainingStopped(self.step, self.run.latest())
             stop_asked.finish()  # every rank posted as many: none is left in flight
             bar.close()
+            if self.best is not None and env.is_main:
+                log.info("best held-out %s: %.4g at step %d, %s (mbm evaluate --checkpoint best)", cfg.best_metric,
+                         self.best[1], self.best[0], os.path.join(self.run.checkpoints, checkpoint_name(self.best[0])))
             return last
         finally:
             _STOP.loop_running = False

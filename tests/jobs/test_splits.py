@@ -83,6 +83,11 @@ def test_split_by_split_keeps_the_test_split_apart_when_the_dataset_names_valida
         assert metrics["split"] == split
         counts[split] = metrics["samples"]
     assert counts == {"val": 20, "test": 20, "train": 80, "all": 120}
+    # model selection on validation, the last word on test
+    best = max((r for r in val if r["step"]), key=lambda r: (r["accuracy"], -r["step"]))
+    assert train_main(["evaluate", "--run", run, "--checkpoint", "best", "--split", "test", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["step"] == best["step"] and metrics["samples"] == 20
 
 
 def test_split_test_says_when_there_is_no_test_split_apart(tmp_path, capsys):

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from mbm.train.checkpoint import (
+    best_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    point_best,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -23,6 +25,23 @@ def test_save_is_atomic_points_latest_and_prunes(tmp_path):
     assert latest_checkpoint(folder).endswith("step-000040.pt")
     assert not [f for f in os.listdir(folder) if ".tmp" in f]
     assert load_checkpoint(latest_checkpoint(folder))["w"].tolist() == [40.0, 40.0]
+
+
+def test_the_best_checkpoint_is_kept_beside_the_last_ones(tmp_path):
+    folder = str(tmp_path / "ck")
+    assert best_checkpoint(folder) is None
+    for step, best in ((10, True), (20, False), (30, True), (40, False), (50, False), (60, False)):
+        save_checkpoint(folder, step, {"step": step}, keep=2, best=best)
+    assert list_checkpoints(folder) == [30, 50, 60]  # step 10 went once 30 was the best
+    assert best_checkpoint(folder).endswith("step-000030.pt")
+    assert load_checkpoint(best_checkpoint(folder))["step"] == 30
+    save_checkpoint(folder, 70, {"step": 70}, keep=2, best=True)
+    assert list_checkpoints(folder) == [60, 70] and best_checkpoint(folder).endswith("step-000070.pt")
+    point_best(folder, None)
+    assert best_checkpoint(folder) is None and sorted(os.listdir(folder)) == ["latest", "step-000060.pt",
+                                                                             "step-000070.pt"]
+    point_best(folder, 20)  # a pointer to a checkpoint that is gone names nothing
+    assert best_checkpoint(folder) is None
 
 
 def test_latest_falls_back_to_the_highest_complete_checkpoint(tmp_path):

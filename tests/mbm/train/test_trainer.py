@@ -42,13 +42,56 @@ def test_classify_run_writes_metrics_plot_config_and_checkpoints(data, tmp_path,
     assert json.load(open(os.path.join(out, "config.json")))["fusion"] == "gated"
     assert os.path.isfile(os.path.join(out, "config.toml"))
     assert json.load(open(os.path.join(out, "labels.json"))) == [0, 1, "bird", "cat", "dog"]
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-000006.pt", "step-000012.pt"]
+    best = max((r for r in val if r["step"]), key=lambda r: (r["accuracy"], -r["step"]))  # --best-by auto: accuracy
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["best", "latest", "step-000006.pt", "step-000012.pt"]
+    assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{best['step']:06d}.pt\n"
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed[-1]["split"] == "val" and printed[-1]["step"] == 12
 
     assert main(["evaluate", "--run", out, "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["step"] == 12 and metrics["accuracy"] == pytest.approx(val[-1]["accuracy"])
+
+
+def test_the_best_held_out_evaluation_keeps_its_checkpoint_and_evaluate_reads_it(data, tmp_path, capsys, caplog):
+    """--keep-checkpoints 1 keeps the newest and the best by --best-by; a resumed run compares with the best
+    before it; evaluate and generate take --checkpoint best."""
+    out = str(tmp_path / "run")
+    common = ["--data", data, "--out", out, "--eval-every", "2", "--keep-checkpoints", "1", "--best-by", "loss",
+              "--lr", "2e-2", "--checkpoint-every", "5"]
+    caplog.set_level(logging.INFO)
+    assert train(*common, "--steps", "12", "--stop-at", "6") == 0
+    assert train(*common, "--steps", "12", "--resume") == 0
+
+    def best_of(records):
+        return min((r for r in records if r["split"] == "val" and r["step"]), key=lambda r: (r["loss"], r["step"]))
+
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    best = best_of(records)
+    kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert kept == sorted({"best", "latest", "step-000012.pt", f"step-{best['step']:06d}.pt"})
+    assert f"best held-out loss: {best['loss']:.4g} at step {best['step']}" in caplog.text
+    capsys.readouterr()
+    assert main(["evaluate", "--run", out, "--checkpoint", "best", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["step"] == best["step"] and metrics["loss"] == pytest.approx(best["loss"], rel=1e-5)
+
+    # resumed with another --best-by: the best so far is chosen again among the checkpoints still there
+    assert train(*common, "--steps", "14", "--resume", "--best-by", "accuracy") == 0
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    by_accuracy = max((r for r in records if r["split"] == "val" and r["step"] and
+                       os.path.isfile(os.path.join(out, "checkpoints", f"step-{r['step']:06d}.pt"))),
+                      key=lambda r: (r["accuracy"], -r["step"]))
+    assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{by_accuracy['step']:06d}.pt\n"
+
+    assert train("--data", data, "--out", str(tmp_path / "bad"), "--best-by", "recall@1") == 2
+    assert "--best-by must be one of auto, accuracy, loss for --task classify, got 'recall@1'" in capsys.readouterr().err
+    fresh = str(tmp_path / "fresh")
+    assert train("--data", data, "--out", fresh, "--steps", "10", "--eval-every", "5", "--stop-at", "2") == 0
+    assert sorted(os.listdir(os.path.join(fresh, "checkpoints"))) == ["latest", "step-000002.pt"]  # no evaluation yet
+    capsys.readouterr()
+    assert main(["evaluate", "--run", fresh, "--checkpoint", "best"]) == 2
+    assert "--checkpoint best: " in capsys.readouterr().err
 
 
 def test_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
@@ -648,7 +691,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(data
     assert err.startswith("mbm train: error: ran out of disk space (OSError: [Errno 28] No space left on device")
     assert "step-000006.pt" in err and "No partial checkpoint is left" in err and "--resume" in err
     assert "Traceback" not in err and "--batch-size" not in err
-    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step-000002.pt", "step-000004.pt"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["best", "latest", "step-000002.pt", "step-000004.pt"]
 
 
 def test_an_out_folder_that_cannot_be_written_is_one_line(data, tmp_path, capsys, monkeypatch):
