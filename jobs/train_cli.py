@@ -53,6 +53,8 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--log-every": (int, "log the training loss every N steps (default 10)"),
     "--checkpoint-every": (int, "checkpoint every N steps (default: --eval-every)"),
     "--keep-checkpoints": (int, "checkpoints kept (default 3), besides the best one (--best-by)"),
+    "--patience": (int, "stop early once this many held-out evaluations in a row are no better than the best one "
+                        "(--best-by), checkpointing the step it stops at (default: never)"),
     "--best-by": (str, "the held-out metric whose best evaluation's checkpoint is kept as checkpoints/best (mbm "
                        "evaluate --checkpoint best): accuracy or loss (classify), recall@1, recall@5, recall@10 or "
                        "loss (retrieve), loss (generate); default auto: the first of those for the task"),

@@ -57,6 +57,7 @@ class TrainConfig:
     # what makes a held-out evaluation the best so far, whose checkpoint is kept (``checkpoints/best``): auto is
     # accuracy for classify, recall@1 for retrieve, the loss for generate
     best_by: str = "auto"
+    patience: int | None = None  # stop once this many held-out evaluations in a row are no better than the best
     stop_at: int | None = None  # stop (after a checkpoint) at this step, as if interrupted
     log_samples: bool = False  # write samples-rank{r}.jsonl with the ids of every step
     # data
@@ -94,7 +95,7 @@ class TrainConfig:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         positive = ["steps", "batch_size", "accum_steps", "eval_every", "log_every", "keep_checkpoints",
                     "d_model", "layers", "heads", "mlp_ratio", "embed_dim", "decoder_layers", "max_target_len"]
-        optional_positive = ["schedule_steps", "eval_samples", "checkpoint_every", "stop_at"]
+        optional_positive = ["schedule_steps", "eval_samples", "checkpoint_every", "stop_at", "patience"]
         for name in positive + [n for n in optional_positive if getattr(self, n) is not None]:
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -206,7 +207,7 @@ def load_toml(path: str) -> dict[str, Any]:
 
 
 _OPTIONAL = {"schedule_steps": int, "eval_samples": int, "checkpoint_every": int, "stop_at": int, "tokenizer": str,
-             "workers": int}
+             "workers": int, "patience": int}
 
 
 def _coerce(name: str, value: Any) -> Any:

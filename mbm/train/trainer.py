@@ -217,11 +217,11 @@ class Trainer:
                     plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
                 else:
                     os.remove(self.run.plot)
-            self.best = self._best_so_far()
+            self.best, self.stale = self._best_so_far()
             point_best(self.run.checkpoints, self.best[0] if self.best else None)
         env.barrier()
         # every rank compares its evaluations (the same on each) with rank 0's best
-        self.best = env.gather(self.best if env.is_main else None)[0]
+        self.best, self.stale = env.gather((self.best, self.stale) if env.is_main else None)[0]
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume_point(self) -> tuple[str | None, dict[str, Any] | None]:
@@ -282,19 +282,29 @@ class Trainer:
         self.env.barrier()
 
     # -- the best checkpoint ----------------------------------------------------------------------
-    def _best_so_far(self) -> tuple[int, float] | None:
+    def _best_so_far(self) -> tuple[tuple[int, float] | None, int]:
         """(step, value) of the best held-out evaluation up to this step whose checkpoint is still there, from
         the run's metrics (a resumed run goes on comparing with it; one resumed from an older checkpoint than
-        the newest forgets what came after it)."""
+        the newest forgets what came after it), and how many evaluations came after it (``--patience``)."""
         metric, kept = self.cfg.best_metric, set(list_checkpoints(self.run.checkpoints))
-        best = None
+        best, evaluated = None, []
         for r in read_jsonl(self.run.metrics):
+            if r.get("split") != "val" or not 0 < r.get("step", 0) <= self.step:
+                continue
+            evaluated.append(r["step"])
             value = r.get(metric)
-            if (r.get("split") == "val" and 0 < r.get("step", 0) <= self.step and r["step"] in kept
-                    and isinstance(value, (int, float)) and math.isfinite(value)
+            if (r["step"] in kept and isinstance(value, (int, float)) and math.isfinite(value)
                     and (best is None or self._better(value, best[1]))):
                 best = (r["step"], float(value))
-        return best
+        return best, sum(step > best[0] for step in evaluated) if best else 0
+
+    def _patience_spent(self) -> bool:
+        return self.cfg.patience is not None and self.best is not None and self.stale >= self.cfg.patience
+
+    def _stopped_early(self) -> str:
+        assert self.best is not None
+        return (f"no held-out {self.cfg.best_metric} better than step {self.best[0]}'s {self.best[1]:.4g} in "
+                f"{self.stale} evaluation(s) (--patience {self.cfg.patience})")
 
     def _better(self, value: float, than: float) -> bool:
         return value < than if self.cfg.best_metric == "loss" else value > than
@@ -366,6 +376,10 @@ class Trainer:
             log.warning("the run is already at step %d (--steps %d%s): nothing to train; raise --steps to go on",
                         self.step, cfg.steps, f", --stop-at {cfg.stop_at}" if cfg.stop_at else "")
             return {}
+        if self._patience_spent():
+            log.warning("the run stopped early at step %d: %s; raise --patience, or leave it out, to go on",
+                        self.step, self._stopped_early())
+            return {}
         batches = iter(self.loader)
         last: dict[str, Any] = {}
         bar = tqdm(total=end, initial=self.step, disable=True if not env.is_main or self.progress is False else None,
@@ -415,11 +429,21 @@ class Trainer:
                     if env.is_main:
                         plot_metrics(read_jsonl(self.run.metrics), self.run.plot)
                 best = evals and self._improves(last["val"])
-                if saves or best:
+                if best:
+                    self.stale = 0
+                elif evals and self.best is not None:
+                    self.stale += 1
+                early = evals and self._patience_spent()
+                if saves or best or early:
                     self._check_weights()
                     self.save(best=best)
                 if best:
                     self.best = (self.step, float(last["val"][cfg.best_metric]))
+                if early:
+                    if env.is_main:
+                        log.info("stopping early at step %d of %d: %s", self.step, end, self._stopped_early())
+                    bar.update(1)
+                    break
                 bar.update(1)
                 if stop:
                     stop_asked.finish()

@@ -94,6 +94,35 @@ def test_the_best_held_out_evaluation_keeps_its_checkpoint_and_evaluate_reads_it
     assert "--checkpoint best: " in capsys.readouterr().err
 
 
+def test_patience_stops_a_run_whose_held_out_loss_stopped_improving(data, tmp_path, caplog):
+    out = str(tmp_path / "run")
+    common = ["--data", data, "--out", out, "--eval-every", "1", "--best-by", "loss", "--lr", "5e-2",
+              "--checkpoint-every", "100"]
+    caplog.set_level(logging.INFO)
+    assert train(*common, "--steps", "60", "--patience", "2") == 0
+    val = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "val" and r["step"]]
+    best, stale, stop = None, 0, None
+    for r in val:  # the rule, replayed on the records
+        if best is None or r["loss"] < best["loss"]:
+            best, stale = r, 0
+        else:
+            stale += 1
+        if stale == 2:
+            stop = r["step"]
+            break
+    assert stop is not None and stop < 60 and val[-1]["step"] == stop
+    assert f"stopping early at step {stop} of 60: no held-out loss better than step {best['step']}'s" in caplog.text
+    kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert kept == sorted({"best", "latest", f"step-{stop:06d}.pt", f"step-{best['step']:06d}.pt"})
+    caplog.clear()
+    assert train(*common, "--steps", "60", "--patience", "2", "--resume") == 0  # nothing more to do
+    assert f"the run stopped early at step {stop}" in caplog.text and "raise --patience" in caplog.text
+    assert read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]["step"] == stop
+    assert train(*common, "--steps", str(stop + 2), "--patience", "9", "--resume") == 0  # more patience: goes on
+    assert read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]["step"] == stop + 2
+    assert train("--data", data, "--out", str(tmp_path / "bad"), "--patience", "0") == 2
+
+
 def test_resumed_run_matches_an_uninterrupted_one(data, tmp_path):
     common = ["--data", data, "--steps", "24", "--eval-every", "8", "--log-every", "4", "--log-samples",
               "--fusion", "cross_attention", "--shuffle-buffer", "32"]
