@@ -40,9 +40,21 @@ def empty_split(task: str, skipped: dict[str, int], split: str = "val", reads: I
     return f"{name} is empty: no readable sample falls in it; {advice} that the dataset's shards exist and hold samples"
 
 
+def class_balanced(truth: Counter[int], predicted: Counter[int], right: Counter[int]) -> dict[str, float]:
+    """What accuracy hides on classes of very different sizes: ``balanced_accuracy``, the mean over the
+    split's classes of the share of each one's samples predicted right (its recall; a model that always says
+    the majority class gets 1 / classes), and ``macro_f1``, the mean F1 over the classes that are a sample's
+    label or a prediction (as scikit-learn's ``f1_score(average="macro")``). From samples per true class,
+    predictions per class and right predictions per class."""
+    recall = [right[c] / n for c, n in truth.items()]
+    f1 = [2 * right[c] / (truth[c] + predicted[c]) for c in set(truth) | set(predicted)]
+    return {"balanced_accuracy": sum(recall) / len(recall), "macro_f1": sum(f1) / len(f1)}
+
+
 @torch.no_grad()
 def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device) -> dict[str, float]:
-    """{"loss", "samples", and accuracy/majority_rate (classify), recall@k/chance@5 (retrieve)}.
+    """{"loss", "samples", and accuracy/balanced_accuracy/macro_f1/majority_rate (classify), recall@k/chance@5
+    (retrieve)}.
 
     ``batches`` may be a ``ShardStream``: when nothing usable comes out, its skip counts say why."""
     was_training = model.training
@@ -51,6 +63,8 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     loss_sum, weight, correct = 0.0, 0, 0
     alone = 0.0, 0  # retrieve: (loss sum, samples) of batches of one sample, whose contrastive loss is 0
     label_counts: Counter[int] = Counter()
+    predicted: Counter[int] = Counter()  # classify: predictions per class, and the right ones per class
+    right: Counter[int] = Counter()
     za, zb = [], []
     contents: dict[str, list[bytes]] = {m: [] for m in (model.cfg.pair or ())}
     for batch in batches:
@@ -63,8 +77,12 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
         if task == "classify":
             labels = batch["labels"]
             n = int((labels != IGNORE).sum())
-            correct += int((out["logits"].argmax(-1) == labels).sum())
-            label_counts.update(labels[labels != IGNORE].tolist())
+            kept = labels != IGNORE
+            truth, guess = labels[kept], out["logits"].argmax(-1)[kept]
+            correct += int((guess == truth).sum())
+            label_counts.update(truth.tolist())
+            predicted.update(guess.tolist())
+            right.update(truth[guess == truth].tolist())
         elif task == "retrieve":
             n = len(batch["ids"])
             za.append(out["za"].float())
@@ -88,7 +106,8 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
         log.info("evaluation left out %s", skip_reasons(skipped, model.cfg.input_modalities(), task))
     metrics = {"loss": loss_sum / weight}
     if task == "classify":
-        metrics.update(accuracy=correct / weight, majority_rate=max(label_counts.values()) / weight, samples=weight)
+        metrics.update(accuracy=correct / weight, **class_balanced(label_counts, predicted, right),
+                       majority_rate=max(label_counts.values()) / weight, samples=weight)
     elif task == "retrieve":
         a, b = torch.cat(za), torch.cat(zb)
         groups = tuple(group_ids(keys) for keys in contents.values())

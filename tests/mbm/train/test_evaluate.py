@@ -138,3 +138,40 @@ def test_chance_at_k_matches_a_count_over_every_ranking():
     expected = sum(any(j in matches[q] for j in order[:2]) for q in range(4) for order in orders) / (4 * len(orders))
     assert chance_at_k(2, (ga, gb)) == pytest.approx(expected) == pytest.approx((5 / 6 + 5 / 6 + 1 / 2 + 1 / 2) / 4)
     assert chance_at_k(9, (ga, gb)) == 1.0  # k past the rows: every ranking holds the match
+
+
+def test_balanced_accuracy_and_macro_f1_say_what_accuracy_hides_on_uneven_classes():
+    from collections import Counter
+
+    from mbm.train.evaluate import class_balanced
+
+    truth, guess = [0, 0, 0, 0, 1, 1, 2], [0, 0, 0, 1, 1, 0, 0]
+    got = class_balanced(Counter(truth), Counter(guess), Counter(t for t, g in zip(truth, guess, strict=True) if t == g))
+    assert got["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 0) / 3)
+    assert got["macro_f1"] == pytest.approx((6 / 9 + 2 / 4 + 0) / 3)  # class 2: never predicted, F1 0
+    # always the majority class: accuracy 0.9, balanced accuracy 0.5
+    majority = class_balanced(Counter({0: 9, 1: 1}), Counter({0: 10}), Counter({0: 9}))
+    assert majority == {"balanced_accuracy": 0.5, "macro_f1": pytest.approx((18 / 19 + 0) / 2)}
+
+
+class _Classifier(torch.nn.Module):
+    """A classify model's interface whose prediction is the batch's ``guess`` (IGNORE labels: no target)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = types.SimpleNamespace(task="classify", input_modalities=lambda: ["text"], pair=None)
+
+    def forward(self, batch):
+        logits = F.one_hot(batch["guess"], 3).float() * 5
+        return {"loss": F.cross_entropy(logits, batch["labels"], ignore_index=-100), "logits": logits}
+
+
+def test_evaluate_reports_the_class_balanced_metrics_over_the_labelled_samples():
+    truth = torch.tensor([0, 0, -100, 0, 0, 1, 1, 2])
+    guess = torch.tensor([0, 0, 2, 0, 1, 1, 0, 0])  # the unlabelled sample's guess counts nowhere
+    batches = [{"labels": truth[:3], "guess": guess[:3]}, {"labels": truth[3:], "guess": guess[3:]}]
+    metrics = evaluate(_Classifier(), batches, torch.device("cpu"))
+    assert metrics["samples"] == 7 and metrics["accuracy"] == pytest.approx(4 / 7)
+    assert metrics["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 0) / 3)
+    assert metrics["macro_f1"] == pytest.approx((6 / 9 + 2 / 4 + 0) / 3)
+    assert metrics["majority_rate"] == pytest.approx(4 / 7)
