@@ -423,9 +423,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(json_line(metrics))
     else:
         print(f"run {args.run}  step {metrics['step']}  split {metrics['split']}")
-        for k, v in metrics.items():
-            if k not in ("step", "split"):
-                print(f"  {k:<14} {v:.4f}" if isinstance(v, float) else f"  {k:<14} {v}")
+        shown = {k: v for k, v in metrics.items() if k not in ("step", "split")}
+        width = max(map(len, shown), default=0)
+        for k, v in shown.items():
+            print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     return 0
 
 

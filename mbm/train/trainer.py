@@ -282,21 +282,31 @@ class Trainer:
         self.env.barrier()
 
     # -- the best checkpoint ----------------------------------------------------------------------
-    def _best_so_far(self) -> tuple[tuple[int, float] | None, int]:
-        """(step, value) of the best held-out evaluation up to this step whose checkpoint is still there, from
-        the run's metrics (a resumed run goes on comparing with it; one resumed from an older checkpoint than
-        the newest forgets what came after it), and how many evaluations came after it (``--patience``)."""
-        metric, kept = self.cfg.best_metric, set(list_checkpoints(self.run.checkpoints))
+    def _best_so_far(self) -> tuple[tuple[int, float, tuple[float, ...]] | None, int]:
+        """(step, value, score) of the best held-out evaluation up to this step whose checkpoint is still there,
+        from the run's metrics (a resumed run goes on comparing with it; one resumed from an older checkpoint
+        than the newest forgets what came after it), and how many evaluations came after it (``--patience``)."""
+        kept = set(list_checkpoints(self.run.checkpoints))
         best, evaluated = None, []
         for r in read_jsonl(self.run.metrics):
             if r.get("split") != "val" or not 0 < r.get("step", 0) <= self.step:
                 continue
             evaluated.append(r["step"])
-            value = r.get(metric)
-            if (r["step"] in kept and isinstance(value, (int, float)) and math.isfinite(value)
-                    and (best is None or self._better(value, best[1]))):
-                best = (r["step"], float(value))
+            score = self._score(r)
+            if r["step"] in kept and score is not None and (best is None or score > best[2]):
+                best = (r["step"], float(r[self.cfg.best_metric]), score)
         return best, sum(step > best[0] for step in evaluated) if best else 0
+
+    def _score(self, record: dict[str, Any]) -> tuple[float, ...] | None:
+        """How good a held-out evaluation is by ``--best-by``, higher better: the metric (the loss negated),
+        then for a metric other than the loss, the lower loss (a tie in accuracy goes to the surer model);
+        None without a finite value."""
+        value, loss = record.get(self.cfg.best_metric), record.get("loss")
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        if self.cfg.best_metric == "loss":
+            return (-float(value),)
+        return (float(value), -float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else -math.inf)
 
     def _patience_spent(self) -> bool:
         return self.cfg.patience is not None and self.best is not None and self.stale >= self.cfg.patience
@@ -306,14 +316,10 @@ class Trainer:
         return (f"no held-out {self.cfg.best_metric} better than step {self.best[0]}'s {self.best[1]:.4g} in "
                 f"{self.stale} evaluation(s) (--patience {self.cfg.patience})")
 
-    def _better(self, value: float, than: float) -> bool:
-        return value < than if self.cfg.best_metric == "loss" else value > than
-
     def _improves(self, record: dict[str, Any]) -> bool:
         """Whether this held-out evaluation is the run's best so far (``--best-by``); every rank agrees."""
-        value = record.get(self.cfg.best_metric)
-        better = (isinstance(value, (int, float)) and math.isfinite(value)
-                  and (self.best is None or self._better(float(value), self.best[1])))
+        score = self._score(record)
+        better = score is not None and (self.best is None or score > self.best[2])
         return self.env.mean(1.0 if better else 0.0) > 0 if self.env.distributed else better
 
     # -- steps ------------------------------------------------------------------------------------
@@ -437,8 +443,8 @@ class Trainer:
                 if saves or best or early:
                     self._check_weights()
                     self.save(best=best)
-                if best:
-                    self.best = (self.step, float(last["val"][cfg.best_metric]))
+                if best and (score := self._score(last["val"])) is not None:
+                    self.best = (self.step, float(last["val"][cfg.best_metric]), score)
                 if early:
                     if env.is_main:
                         log.info("stopping early at step %d of %d: %s", self.step, end, self._stopped_early())

@@ -84,7 +84,7 @@ def test_split_by_split_keeps_the_test_split_apart_when_the_dataset_names_valida
         counts[split] = metrics["samples"]
     assert counts == {"val": 20, "test": 20, "train": 80, "all": 120}
     # model selection on validation, the last word on test
-    best = max((r for r in val if r["step"]), key=lambda r: (r["accuracy"], -r["step"]))
+    best = max((r for r in val if r["step"]), key=lambda r: (r["accuracy"], -r["loss"]))
     assert train_main(["evaluate", "--run", run, "--checkpoint", "best", "--split", "test", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["step"] == best["step"] and metrics["samples"] == 20

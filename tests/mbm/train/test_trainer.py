@@ -42,7 +42,7 @@ def test_classify_run_writes_metrics_plot_config_and_checkpoints(data, tmp_path,
     assert json.load(open(os.path.join(out, "config.json")))["fusion"] == "gated"
     assert os.path.isfile(os.path.join(out, "config.toml"))
     assert json.load(open(os.path.join(out, "labels.json"))) == [0, 1, "bird", "cat", "dog"]
-    best = max((r for r in val if r["step"]), key=lambda r: (r["accuracy"], -r["step"]))  # --best-by auto: accuracy
+    best = max((r for r in val if r["step"]), key=lambda r: (r["accuracy"], -r["loss"]))  # --best-by auto: accuracy
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["best", "latest", "step-000006.pt", "step-000012.pt"]
     assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{best['step']:06d}.pt\n"
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -81,7 +81,7 @@ def test_the_best_held_out_evaluation_keeps_its_checkpoint_and_evaluate_reads_it
     records = read_jsonl(os.path.join(out, "metrics.jsonl"))
     by_accuracy = max((r for r in records if r["split"] == "val" and r["step"] and
                        os.path.isfile(os.path.join(out, "checkpoints", f"step-{r['step']:06d}.pt"))),
-                      key=lambda r: (r["accuracy"], -r["step"]))
+                      key=lambda r: (r["accuracy"], -r["loss"]))
     assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{by_accuracy['step']:06d}.pt\n"
 
     assert train("--data", data, "--out", str(tmp_path / "bad"), "--best-by", "recall@1") == 2
@@ -827,3 +827,17 @@ def test_generate_on_a_dataset_of_text_features_only_says_what_is_missing(tmp_pa
     err = capsys.readouterr().err
     assert "generate writes a sample's text from its image or audio features, and this dataset has text features " \
            "only: preprocess it with [extract.image] or [extract.audio], or train --task classify or retrieve" in err
+
+
+def test_a_tie_in_the_best_by_metric_goes_to_the_lower_held_out_loss():
+    import types
+
+    from mbm.train.trainer import Trainer
+
+    by = {m: types.SimpleNamespace(cfg=types.SimpleNamespace(best_metric=m)) for m in ("accuracy", "loss")}
+    early, late = {"accuracy": 1.0, "loss": 0.44}, {"accuracy": 1.0, "loss": 0.0006}
+    assert Trainer._score(by["accuracy"], late) > Trainer._score(by["accuracy"], early)
+    assert Trainer._score(by["accuracy"], {"accuracy": 0.9, "loss": 0.0}) < Trainer._score(by["accuracy"], early)
+    assert Trainer._score(by["loss"], late) > Trainer._score(by["loss"], early)
+    assert Trainer._score(by["accuracy"], {"loss": 0.1}) is None
+    assert Trainer._score(by["loss"], {"loss": float("nan")}) is None
