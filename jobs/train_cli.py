@@ -120,6 +120,8 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("evaluate", help="print a run's metrics on a split",
                               description="Evaluate a run's latest (or a given) checkpoint on a split.")
     _add_run_flags(p)
+    p.add_argument("--per-class", action="store_true",
+                   help="classify: also each label's support, precision, recall and F1")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     p.set_defaults(func=run_evaluate)
     return p
@@ -413,7 +415,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     try:
         from mbm.train.inference import evaluate_run
 
-        metrics = evaluate_run(_load(args), split=args.split)
+        metrics = evaluate_run(_load(args), split=args.split, per_class=args.per_class)
     except ValueError as exn:
         return _fail("evaluate", str(exn))
     except Exception as exn:
@@ -423,10 +425,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(json_line(metrics))
     else:
         print(f"run {args.run}  step {metrics['step']}  split {metrics['split']}")
-        shown = {k: v for k, v in metrics.items() if k not in ("step", "split")}
+        shown = {k: v for k, v in metrics.items() if k not in ("step", "split", "per_class")}
         width = max(map(len, shown), default=0)
         for k, v in shown.items():
             print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+        if "per_class" in metrics:
+            rows = [(_one_line(str(r["label"]))[:40], r) for r in metrics["per_class"]]
+            width = max([len("label"), *(len(name) for name, _ in rows)])
+            print(f"  {'label':<{width}}  {'support':>7}  precision  recall      f1")
+            for name, r in rows:
+                print(f"  {name:<{width}}  {r['support']:>7}  {r['precision']:>9.4f}  {r['recall']:>6.4f}  {r['f1']:>6.4f}")
     return 0
 
 

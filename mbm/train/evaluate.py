@@ -51,12 +51,26 @@ def class_balanced(truth: Counter[int], predicted: Counter[int], right: Counter[
     return {"balanced_accuracy": sum(recall) / len(recall), "macro_f1": sum(f1) / len(f1)}
 
 
+def per_class(truth: Counter[int], predicted: Counter[int], right: Counter[int]) -> dict[int, dict[str, float]]:
+    """For each class that is a sample's label or a prediction: its samples (``support``), ``precision``,
+    ``recall`` and ``f1`` (0 where undefined: a class never predicted has precision 0, as scikit-learn's
+    ``zero_division=0``)."""
+    out = {}
+    for c in sorted(set(truth) | set(predicted)):
+        out[c] = {"support": truth[c], "precision": right[c] / predicted[c] if predicted[c] else 0.0,
+                  "recall": right[c] / truth[c] if truth[c] else 0.0,
+                  "f1": 2 * right[c] / (truth[c] + predicted[c])}
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device) -> dict[str, float]:
+def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device,
+             classes: bool = False) -> dict[str, Any]:
     """{"loss", "samples", and accuracy/balanced_accuracy/macro_f1/majority_rate (classify), recall@k/chance@5
     (retrieve)}.
 
-    ``batches`` may be a ``ShardStream``: when nothing usable comes out, its skip counts say why."""
+    ``batches`` may be a ``ShardStream``: when nothing usable comes out, its skip counts say why. ``classes``
+    (classify): also ``per_class``, each class's support, precision, recall and F1 by label index."""
     was_training = model.training
     model.eval()
     task = model.cfg.task
@@ -108,6 +122,8 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     if task == "classify":
         metrics.update(accuracy=correct / weight, **class_balanced(label_counts, predicted, right),
                        majority_rate=max(label_counts.values()) / weight, samples=weight)
+        if classes:  # by label index
+            metrics["per_class"] = per_class(label_counts, predicted, right)
     elif task == "retrieve":
         a, b = torch.cat(za), torch.cat(zb)
         groups = tuple(group_ids(keys) for keys in contents.values())

@@ -135,11 +135,20 @@ def _checkpoint_path(run: RunDir, checkpoint: str | None) -> str:
     return checkpoint
 
 
-def evaluate_run(loaded: LoadedRun, split: str = "val") -> dict[str, float]:
+def evaluate_run(loaded: LoadedRun, split: str = "val", per_class: bool = False) -> dict[str, Any]:
     """The run's metrics on a split of its (or another) dataset; ``skipped``: the samples of the split left
-    out, by reason (no label, a label the run does not know, ...), also said in a warning."""
+    out, by reason (no label, a label the run does not know, ...), also said in a warning. ``per_class``
+    (classify): each label's support, precision, recall and F1, as ``per_class`` (a list in the run's label
+    order, each with its ``label``)."""
+    if per_class and loaded.model.cfg.task != "classify":
+        raise ValueError(f"--per-class: this run was trained for {loaded.model.cfg.task}; per-class metrics are "
+                         "classify's")
     stream = loaded.stream(split)
-    metrics = {"step": loaded.step, "split": split, **evaluate(loaded.model, stream, loaded.device)}
+    metrics = {"step": loaded.step, "split": split,
+               **evaluate(loaded.model, stream, loaded.device, classes=per_class)}
+    if per_class:
+        by_index = metrics.pop("per_class")
+        metrics["per_class"] = [{"label": loaded.labels[c], **by_index[c]} for c in sorted(by_index)]
     skipped = dict(stream.skipped())
     if skipped:
         log.warning("evaluation left out %s", skip_reasons(skipped, loaded.model.cfg.input_modalities(),

@@ -52,6 +52,18 @@ def test_classify_run_writes_metrics_plot_config_and_checkpoints(data, tmp_path,
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["step"] == 12 and metrics["accuracy"] == pytest.approx(val[-1]["accuracy"])
 
+    assert main(["evaluate", "--run", out, "--json", "--per-class"]) == 0
+    classes = json.loads(capsys.readouterr().out)["per_class"]
+    assert [c["label"] for c in classes] == [lbl for lbl in [0, 1, "bird", "cat", "dog"]
+                                             if lbl in {c["label"] for c in classes}]
+    assert sum(c["support"] for c in classes) == metrics["samples"]
+    assert sum(c["recall"] * c["support"] for c in classes) / metrics["samples"] == pytest.approx(metrics["accuracy"])
+    assert sum(c["f1"] for c in classes) / len(classes) == pytest.approx(metrics["macro_f1"])
+    assert main(["evaluate", "--run", out, "--per-class"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[:2] == ["label", "support"])
+    assert len(table) - header - 1 == len(classes)
+
 
 def test_the_best_held_out_evaluation_keeps_its_checkpoint_and_evaluate_reads_it(data, tmp_path, capsys, caplog):
     """--keep-checkpoints 1 keeps the newest and the best by --best-by; a resumed run compares with the best
@@ -215,6 +227,8 @@ def test_retrieve_picks_the_common_pair_and_reports_recall(data, tmp_path, capsy
     assert train("--data", data, "--out", out, "--task", "retrieve", "--steps", "8", "--resume",
                  "--split-by", "id") == 2
     assert "--split-by" in capsys.readouterr().err
+    assert main(["evaluate", "--run", out, "--per-class"]) == 2
+    assert "--per-class: this run was trained for retrieve" in capsys.readouterr().err
 
 
 def test_resume_with_split_by_auto_continues_the_run_auto_started(data, tmp_path, capsys):
