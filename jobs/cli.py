@@ -124,7 +124,7 @@ def build_parser(with_train: bool = True) -> argparse.ArgumentParser:
         except ImportError:  # the trainer is optional for preprocessing-only installs
             train_cli = None
     if train_cli is not None:
-        for name in ("add_train_parser", "add_evaluate_parser", "add_generate_parser"):
+        for name in ("add_train_parser", "add_evaluate_parser", "add_generate_parser", "add_predict_parser"):
             if hasattr(train_cli, name):
                 getattr(train_cli, name)(sub)
     return parser

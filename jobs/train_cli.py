@@ -141,13 +141,34 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
+def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``predict``."""
+    p = subparsers.add_parser(
+        "predict", help="a run's predictions for every sample: labels, generated text or embeddings",
+        description="Run a trained model over a dataset's samples (every one by default, those without a label "
+                    "or text included). classify: one JSON line per sample (id, label, predicted, probability, "
+                    "top); generate: one per sample (id, generated, reference); retrieve: with --output DIR, each "
+                    "pair modality's unit embeddings as MODALITY.npy (float32) with the ids of its rows in "
+                    "MODALITY.ids.jsonl, described by embeddings.json.")
+    _add_run_flags(p, split="all")
+    p.add_argument("--output", default=None, type=_path,
+                   help="file for the JSON lines (default: standard output); for a retrieve run, the folder of "
+                        "its embeddings (required)")
+    p.add_argument("--top-k", type=int, default=3, help="classify: labels listed per sample, most likely first "
+                                                        "(default 3)")
+    p.add_argument("--beam", type=int, default=1, help="generate: beam size; 1 = greedy (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generate: cap on generated tokens")
+    p.set_defaults(func=run_predict)
+    return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser, split: str = "val") -> None:
     p.add_argument("--run", required=True, type=_path, help="run folder written by mbm train --out")
     p.add_argument("--data", default=None, type=_path, help="dataset (default: the run's --data)")
-    p.add_argument("--split", choices=("val", "train", "test", "all"), default="val",
+    p.add_argument("--split", choices=("val", "train", "test", "all"), default=split,
                    help="the held-out split, the training split, the test split (a run with --split-by split on a "
                         "dataset naming both a validation and a test split; training never reads it), or every "
-                        "sample (default val)")
+                        f"sample (default {split})")
     p.add_argument("--checkpoint", default=None, type=_path,
                    help="checkpoint step, path, or best: the best held-out evaluation's (default: latest)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the run's)")
@@ -467,6 +488,53 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_predict(args: argparse.Namespace) -> int:
+    """Handler of ``mbm predict``."""
+    _setup_logging()
+    for name in ("top_k", "beam", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            return _fail("predict", f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        from mbm.train.inference import embed_run, predict_run
+
+        loaded = _load(args)
+        if loaded.model.cfg.task == "retrieve":
+            if args.output is None:
+                raise ValueError("a retrieve run predicts embeddings: give --output DIR, where they are written as "
+                                 ".npy files")
+            if os.path.isfile(args.output):
+                raise ValueError(f"--output {args.output} is a file; a retrieve run's embeddings go to a folder")
+            info = embed_run(loaded, args.output, split=args.split)
+            counts = ", ".join(f"{m} {n}" for m, n in info["counts"].items())
+            print(f"embeddings of step {info['step']} ({info['dim']}-d, unit length) in {args.output}: {counts}")
+            return 0
+        if args.output is not None and os.path.isdir(args.output):
+            raise ValueError(f"--output {args.output} is a folder; a {loaded.model.cfg.task} run's predictions go "
+                             "to a file (JSON lines)")
+        rows = predict_run(loaded, split=args.split, top_k=args.top_k, beam=args.beam, max_new=args.max_new_tokens)
+        if args.output is None:
+            for row in rows:
+                print(json_line(row))
+        else:
+            tmp = f"{args.output}.tmp-{os.getpid()}"
+            try:
+                n = 0
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for row in rows:
+                        f.write(json_line(row) + "\n")
+                        n += 1
+                os.replace(tmp, args.output)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            print(f"{n} predictions of step {loaded.step} in {args.output}")
+    except ValueError as exn:
+        return _fail("predict", str(exn))
+    except Exception as exn:
+        return _machine_failure("predict", exn, "A smaller --batch-size needs less memory")
+    return 0
+
+
 SHOWN_CHARS = 300  # of a text in generate's listing; --json prints it whole
 
 
@@ -486,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_generate_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 

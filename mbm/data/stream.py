@@ -58,8 +58,9 @@ class StreamConfig:
     drop_last: bool = True
     seed: int = 0
     max_samples: int | None = None  # cap per epoch (before the rank split), e.g. for evaluation
-    # generate: samples without text are used too (decoding needs no reference; training and its loss do)
-    text_optional: bool = False
+    # predicting (mbm generate, mbm predict): samples are used without what training needs of them besides
+    # their inputs: generate's text, classify's label, and retrieve's second modality of the pair
+    targets_optional: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -95,18 +96,18 @@ class Selector:
         if not any(m in cfg.collate.feature_dims for m in s.modalities):
             skips.count("task.no_used_modality")
             return False
-        if cfg.task == "classify":
+        if cfg.task == "classify" and not cfg.targets_optional:
             if s.label is None:
                 skips.count("task.no_label")
                 return False
             if label_key(s.label) not in self.label_keys:
                 skips.count("task.unknown_label")
                 return False
-        elif cfg.task == "retrieve":
+        elif cfg.task == "retrieve" and not cfg.targets_optional:
             if not all(m in s.modalities for m in cfg.pair):
                 skips.count("task.pair_missing")
                 return False
-        elif cfg.task == "generate" and not s.text and not cfg.text_optional:
+        elif cfg.task == "generate" and not s.text and not cfg.targets_optional:
             skips.count("task.no_text")
             return False
         return True

@@ -103,6 +103,17 @@ class MultimodalModel(nn.Module):
         return {"loss": self.head.loss(batch["target_ids"], batch["target_mask"], fused.tokens, fused.mask)}
 
     @torch.no_grad()
+    def unit_embeddings(self, batch: dict[str, Any], modality: str) -> torch.Tensor:
+        """A retrieve model's unit embeddings (B, E) of one of its pair's modalities, as ``forward`` gives them
+        (``za`` for the pair's first, ``zb`` for its second); rows of samples without it mean nothing."""
+        if self.cfg.task != "retrieve" or modality not in (self.cfg.pair or ()):
+            raise ValueError(f"embeddings are a retrieve run's, of its pair {self.cfg.pair}; got {modality!r} of a "
+                             f"{self.cfg.task} run")
+        pooled = self.fuse(batch, [modality]).pooled
+        proj = self.head.proj_a if modality == self.cfg.pair[0] else self.head.proj_b
+        return torch.nn.functional.normalize(proj(pooled), dim=-1)
+
+    @torch.no_grad()
     def generate(self, batch: dict[str, Any], beam: int = 1, max_new: int | None = None) -> list[list[int]]:
         """Token ids decoded from each sample's non-text features (greedy when ``beam`` is 1)."""
         if self.cfg.task != "generate":

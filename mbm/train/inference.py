@@ -1,15 +1,20 @@
-"""Using a finished run: load its model from a checkpoint, evaluate a split, generate text."""
+"""Using a finished run: load its model from a checkpoint, evaluate a split, generate text, predict labels,
+export embeddings."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
-from mbm.data.collate import batch_to
+from mbm.data.collate import IGNORE, batch_to
 from mbm.data.errors import skip_reasons
 from mbm.data.source import DataSource, resolve_data
 from mbm.data.split import no_test_split
@@ -20,7 +25,7 @@ from mbm.train.build import resolved_split_by, stream_config
 from mbm.train.checkpoint import BEST, best_checkpoint, checkpoint_name, checkpoint_settings, load_checkpoint
 from mbm.train.config import TrainConfig, merge
 from mbm.train.distributed import pick_device
-from mbm.train.evaluate import empty_split, evaluate
+from mbm.train.evaluate import autocast, empty_split, evaluate
 from mbm.train.run import RunDir
 
 log = logging.getLogger(__name__)
@@ -36,8 +41,9 @@ class LoadedRun:
     device: torch.device
 
     def stream(self, split: str, *, decode_only: bool = False) -> ShardStream:
-        """The samples of ``split`` ("train", "val", "test" or "all") in order; ``decode_only``: for generating
-        text, samples without a reference text too, and no targets."""
+        """The samples of ``split`` ("train", "val", "test" or "all") in order; ``decode_only``: for predicting,
+        samples without what training needs besides their inputs too (a reference text, a label, the pair's
+        other modality), and no targets."""
         dims = {m: self.model.cfg.feature_dims[m] for m in self.model.cfg.input_modalities()}
         for m, dim in dims.items():  # a modality the data lacks is masked, as in training
             got = self.source.feature_dims.get(m)
@@ -47,7 +53,7 @@ class LoadedRun:
             raise ValueError(f"--split test: {why}")
         cfg = stream_config(self.cfg, self.source, self.labels, dims, split, train=False)
         if decode_only:
-            cfg = replace(cfg, text_optional=True, collate=replace(cfg.collate, with_targets=False))
+            cfg = replace(cfg, targets_optional=True, collate=replace(cfg.collate, with_targets=False))
         return ShardStream(cfg)
 
 
@@ -185,3 +191,103 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
         log.warning("generate left out %s", skip_reasons(skipped, loaded.model.cfg.input_modalities(),
                                                          loaded.model.cfg.task))
     return out
+
+
+def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: int = 1,
+                max_new: int | None = None) -> Iterator[dict[str, Any]]:
+    """One row per sample of a split ("all": every sample), in the stream's order, samples without a label or
+    reference text included: for classify ``id``, ``label`` (the sample's, where the run knows it; else None),
+    ``predicted``, its ``probability`` and the ``top`` ``top_k`` labels with theirs; for generate ``id``,
+    ``generated`` and ``reference``. A retrieve run's outputs are embeddings: ``embed_run``."""
+    task = loaded.model.cfg.task
+    if task == "retrieve":
+        raise ValueError("a retrieve run predicts embeddings: give --output DIR, where they are written as .npy files")
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    if task == "generate":
+        yield from generate_run(loaded, split=split, limit=2**62, beam=beam, max_new=max_new)
+        return
+    stream = loaded.stream(split, decode_only=True)
+    k = min(top_k, len(loaded.labels))
+    model = loaded.model.eval()
+    seen = 0
+    with torch.no_grad():
+        for batch in stream:
+            with autocast(loaded.device):
+                logits = model(batch_to(batch, loaded.device))["logits"]
+            probs, top = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            for sid, truth, p_row, i_row in zip(batch["ids"], batch["labels"].tolist(), probs.tolist(),
+                                                top.tolist(), strict=True):
+                yield {"id": sid, "label": None if truth == IGNORE else loaded.labels[truth],
+                       "predicted": loaded.labels[i_row[0]], "probability": p_row[0],
+                       "top": [{"label": loaded.labels[i], "probability": q} for i, q in zip(i_row, p_row, strict=True)]}
+                seen += 1
+    _said_what_was_left_out(stream, seen, split, loaded)
+
+
+def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[str, Any]:
+    """A retrieve run's unit embeddings of a split's samples ("all": every sample), for each modality of its
+    pair the samples that have it: ``OUT/{modality}.npy`` (float32, one row a sample) and
+    ``OUT/{modality}.ids.jsonl`` (their ids in row order, one JSON string a line), and ``OUT/embeddings.json``
+    saying what they are. Returns that description."""
+    cfg = loaded.model.cfg
+    if cfg.task != "retrieve":
+        raise ValueError(f"--output DIR holds a retrieve run's embeddings; this run was trained for {cfg.task}: leave "
+                         "--output out, or give it a file, for its predictions")
+    assert cfg.pair is not None
+    stream = loaded.stream(split, decode_only=True)
+    order = list(loaded.model.cfg.feature_dims)
+    rows: dict[str, list[np.ndarray]] = {m: [] for m in cfg.pair}
+    ids: dict[str, list[str]] = {m: [] for m in cfg.pair}
+    model = loaded.model.eval()
+    seen = 0
+    with torch.no_grad():
+        for batch in stream:
+            on_device = batch_to(batch, loaded.device)
+            present = batch["present"]
+            for m in cfg.pair:
+                has = present[:, order.index(m)]
+                if not bool(has.any()):
+                    continue
+                with autocast(loaded.device):
+                    z = model.unit_embeddings(on_device, m)
+                rows[m].append(z.float()[has.to(z.device)].cpu().numpy())
+                ids[m].extend(sid for sid, h in zip(batch["ids"], has.tolist(), strict=True) if h)
+            seen += len(batch["ids"])
+    _said_what_was_left_out(stream, seen, split, loaded)
+    os.makedirs(out_dir, exist_ok=True)
+    for m in cfg.pair:
+        matrix = np.concatenate(rows[m]) if rows[m] else np.zeros((0, cfg.embed_dim), np.float32)
+        _write_atomic(os.path.join(out_dir, f"{m}.npy"), lambda f, a=matrix: np.save(f, a, allow_pickle=False))
+        text = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ids[m])
+        _write_atomic(os.path.join(out_dir, f"{m}.ids.jsonl"),
+                      lambda f, t=text: f.write(t.encode("utf-8", "surrogatepass")))
+    info = {"run": loaded.cfg.out, "step": loaded.step, "data": loaded.source.spec, "split": split,
+            "pair": list(cfg.pair), "dim": cfg.embed_dim, "normalized": True,
+            "counts": {m: len(ids[m]) for m in cfg.pair},
+            "files": {m: {"embeddings": f"{m}.npy", "ids": f"{m}.ids.jsonl"} for m in cfg.pair}}
+    _write_atomic(os.path.join(out_dir, "embeddings.json"),
+                  lambda f: f.write((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+    return info
+
+
+def _said_what_was_left_out(stream: ShardStream, seen: int, split: str, loaded: LoadedRun) -> None:
+    """Raise when a split gave no sample; else warn of what it held that could not be used."""
+    task, reads = loaded.model.cfg.task, loaded.model.cfg.input_modalities()
+    if not seen:
+        raise ValueError(empty_split(task, stream.skipped(), split, reads, stream.cfg.split_by))
+    skipped = dict(stream.skipped())
+    if skipped:
+        log.warning("left out %s", skip_reasons(skipped, reads, task))
+
+
+def _write_atomic(path: str, write: Callable[[Any], Any]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
