@@ -8,6 +8,13 @@ from typing import Any
 
 from schemas.version import SCHEMA_VERSION
 
+# the split names a dataset's samples may carry (a ``split`` metadata value: the split folders of an imagefolder,
+# a manifest's column), lower-case: those that train, the validation splits and the test splits
+TRAIN_SPLITS = ("train", "training")
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "eval")
+TEST_SPLITS = ("test", "testing")
+SPLIT_NAMES = frozenset((*TRAIN_SPLITS, *VALIDATION_SPLITS, *TEST_SPLITS))
+
 
 def split_name(meta: Any) -> str | None:
     """The split a sample's metadata names (its ``split`` value, stripped and lower-case), or None: what a

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from schemas import MODALITIES
-from schemas.manifest import split_name
+from schemas.manifest import TEST_SPLITS, TRAIN_SPLITS, VALIDATION_SPLITS, split_name
 
 SPLITS = ("train", "val")
 # what evaluate and generate read: a split, every sample, or (``--split-by split`` on a dataset naming both a
@@ -17,9 +17,9 @@ EVAL_SPLITS = (*SPLITS, "test", "all")
 # what a sample's split is chosen by: its id, one modality's content, or the split its metadata names
 SPLIT_BY = ("id", *MODALITIES, "split")
 # the dataset's own split names (a ``split`` metadata value: imagefolders' split folders, a manifest's column)
-TRAIN_NAMES = frozenset({"train", "training"})
-VALIDATION = ("validation", "valid", "val", "dev", "eval")
-TEST = ("test", "testing")
+TRAIN_NAMES = frozenset(TRAIN_SPLITS)
+VALIDATION = VALIDATION_SPLITS
+TEST = TEST_SPLITS
 HELD_OUT = (*TEST, *VALIDATION)
 HELD_OUT_NAMES = frozenset(HELD_OUT)
 

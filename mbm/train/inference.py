@@ -237,34 +237,31 @@ def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[st
     assert cfg.pair is not None
     stream = loaded.stream(split, decode_only=True)
     order = list(loaded.model.cfg.feature_dims)
-    rows: dict[str, list[np.ndarray]] = {m: [] for m in cfg.pair}
-    ids: dict[str, list[str]] = {m: [] for m in cfg.pair}
+    os.makedirs(out_dir, exist_ok=True)
     model = loaded.model.eval()
     seen = 0
-    with torch.no_grad():
-        for batch in stream:
-            on_device = batch_to(batch, loaded.device)
-            present = batch["present"]
-            for m in cfg.pair:
-                has = present[:, order.index(m)]
-                if not bool(has.any()):
-                    continue
-                with autocast(loaded.device):
-                    z = model.unit_embeddings(on_device, m)
-                rows[m].append(z.float()[has.to(z.device)].cpu().numpy())
-                ids[m].extend(sid for sid, h in zip(batch["ids"], has.tolist(), strict=True) if h)
-            seen += len(batch["ids"])
-    _said_what_was_left_out(stream, seen, split, loaded)
-    os.makedirs(out_dir, exist_ok=True)
-    for m in cfg.pair:
-        matrix = np.concatenate(rows[m]) if rows[m] else np.zeros((0, cfg.embed_dim), np.float32)
-        _write_atomic(os.path.join(out_dir, f"{m}.npy"), lambda f, a=matrix: np.save(f, a, allow_pickle=False))
-        text = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in ids[m])
-        _write_atomic(os.path.join(out_dir, f"{m}.ids.jsonl"),
-                      lambda f, t=text: f.write(t.encode("utf-8", "surrogatepass")))
+    with contextlib.ExitStack() as files:
+        # rows and ids go to temporary files as they come (memory stays one batch), made .npy at the end
+        rows = {m: files.enter_context(_RowsFile(os.path.join(out_dir, f"{m}.npy"), cfg.embed_dim)) for m in cfg.pair}
+        with torch.no_grad():
+            for batch in stream:
+                on_device = batch_to(batch, loaded.device)
+                present = batch["present"]
+                for m in cfg.pair:
+                    has = present[:, order.index(m)]
+                    if not bool(has.any()):
+                        continue
+                    with autocast(loaded.device):
+                        z = model.unit_embeddings(on_device, m)
+                    rows[m].add(z.float()[has.to(z.device)].cpu().numpy(),
+                                [sid for sid, h in zip(batch["ids"], has.tolist(), strict=True) if h])
+                seen += len(batch["ids"])
+        _said_what_was_left_out(stream, seen, split, loaded)
+        for m in cfg.pair:
+            rows[m].finish(os.path.join(out_dir, f"{m}.ids.jsonl"))
     info = {"run": loaded.cfg.out, "step": loaded.step, "data": loaded.source.spec, "split": split,
             "pair": list(cfg.pair), "dim": cfg.embed_dim, "normalized": True,
-            "counts": {m: len(ids[m]) for m in cfg.pair},
+            "counts": {m: rows[m].count for m in cfg.pair},
             "files": {m: {"embeddings": f"{m}.npy", "ids": f"{m}.ids.jsonl"} for m in cfg.pair}}
     _write_atomic(os.path.join(out_dir, "embeddings.json"),
                   lambda f: f.write((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
@@ -279,6 +276,47 @@ def _said_what_was_left_out(stream: ShardStream, seen: int, split: str, loaded: 
     skipped = dict(stream.skipped())
     if skipped:
         log.warning("left out %s", skip_reasons(skipped, reads, task))
+
+
+class _RowsFile:
+    """float32 rows of one width and their ids, written to temporary files as they come; ``finish`` makes them
+    a ``.npy`` and a JSON-lines file of ids (ASCII: an id's other characters and lone surrogates escaped)."""
+
+    def __init__(self, path: str, width: int) -> None:
+        self.path, self.width, self.count = path, width, 0
+        self._rows = open(f"{path}.rows.tmp-{os.getpid()}", "w+b")
+        self._ids = open(f"{path}.ids.tmp-{os.getpid()}", "w+b")
+
+    def add(self, rows: np.ndarray, ids: list[str]) -> None:
+        assert rows.shape == (len(ids), self.width)
+        self._rows.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        self._ids.write("".join(json.dumps(i) + "\n" for i in ids).encode("ascii"))
+        self.count += len(ids)
+
+    def finish(self, ids_path: str) -> None:
+        import shutil
+
+        def write_npy(f: Any) -> None:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (self.count, self.width)}
+            np.lib.format.write_array_header_1_0(f, header)
+            self._rows.seek(0)
+            shutil.copyfileobj(self._rows, f, 1 << 20)
+
+        def write_ids(f: Any) -> None:
+            self._ids.seek(0)
+            shutil.copyfileobj(self._ids, f, 1 << 20)
+
+        _write_atomic(self.path, write_npy)
+        _write_atomic(ids_path, write_ids)
+
+    def __enter__(self) -> _RowsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in (self._rows, self._ids):
+            f.close()
+            with contextlib.suppress(OSError):
+                os.remove(f.name)
 
 
 def _write_atomic(path: str, write: Callable[[Any], Any]) -> None:

@@ -47,6 +47,7 @@ from pipelines.readers.manifest import CHECKED_ROWS, lacking, listed_columns, te
 from pipelines.readers.rows import columns_of, format_of, is_blank, iter_rows, meta_value
 from pipelines.readers.wds import json_object, with_json
 from schemas import Media, RawSample, Reject
+from schemas.manifest import SPLIT_NAMES
 
 if TYPE_CHECKING:
     from pipelines.readers.source import SourceConfig
@@ -67,9 +68,8 @@ UNREAD_FILES = "unread_files"  # meta key: the dotted .txt files beside a media 
 SHARD_FOLDER = re.compile(r"[0-9]{5,}")
 # prefixes of the folders (and, but for "__", files) that are not part of a dataset: .git, __MACOSX
 SKIPPED_FOLDERS, SKIPPED_FILES = (".", "__"), "."
-# folders HF reads as splits, not classes; a sample under one records it as its split (``mbm train
-# --split-by split`` holds out all but train and training: mbm.data.split)
-SPLIT_NAMES = frozenset({"train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval"})
+# SPLIT_NAMES: folders HF reads as splits, not classes; a sample under one records it as its split (``mbm
+# train --split-by split`` trains on train and training and holds out the others: mbm.data.split)
 # files the system writes into any folder it shows (compared lower-case); not part of a dataset
 CLUTTER_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 

@@ -90,6 +90,7 @@ def test_retrieve_writes_each_modality_s_embeddings_with_their_ids(data, tmp_pat
         assert z.shape == (len(ids), 8) and z.dtype == np.float32 and info["counts"][m] == len(ids)
         np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     assert f"embeddings of step 6 (8-d, unit length) in {out}: text " in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["embeddings.json", "image.ids.jsonl", "image.npy", "text.ids.jsonl", "text.npy"]
 
 
 def test_unit_embeddings_are_what_the_retrieve_loss_sees():
