@@ -203,3 +203,22 @@ def test_classify_runs_without_the_unused_parameter_search_also_when_a_batch_lac
     assert "find any unused parameters" not in proc.stderr
     logs = [read_jsonl(os.path.join(out, f"samples-rank{r}.jsonl")) for r in (0, 1)]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_best_checkpoint_and_stop_early_together(tmp_path):
+    """The best evaluation forces a checkpoint (a collective of both ranks) and --patience ends both ranks'
+    loops at the same step, whatever --checkpoint-every says."""
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=150, samples_per_shard=150, feature_dims=DIMS,
+                                                  lengths={"text": (3, 6), "image": (4, 4), "audio": (3, 8)}))
+    out = str(tmp_path / "run")
+    proc = torchrun("--data", data, "--out", out, "--steps", "60", "--eval-every", "1", "--patience", "2",
+                    "--best-by", "loss", "--lr", "5e-2", "--checkpoint-every", "100")
+    val = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["split"] == "val" and r["step"]]
+    best = min(val, key=lambda r: (r["loss"], r["step"]))
+    stop = val[-1]["step"]
+    assert stop < 60 and "stopping early at step" in proc.stderr
+    assert [read_jsonl(os.path.join(out, f"samples-rank{r}.jsonl"))[-1]["step"] for r in (0, 1)] == [stop, stop]
+    assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{best['step']:06d}.pt\n"
+    assert open(os.path.join(out, "checkpoints", "latest")).read() == f"step-{stop:06d}.pt\n"
