@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import pickle
+import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +32,7 @@ from pipelines.readers.rows import FORMATS, format_of
 from pipelines.readers.wds import TAR_NAMES, iter_tar
 from pipelines.spill import BundleFile, pread_exact
 from schemas import Media, RawSample, Reject
+from schemas.manifest import SPLIT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +135,25 @@ class Input:
     kind: str  # "manifest" | "folder" | "tar"
     path: str
     name: str  # short name used in sources and reject ids
+    split: str | None = None  # a tar's split, from its path (``tar_split``): its samples' unless they name one
+
+
+def tar_split(path: str, root: str) -> str | None:
+    """The split a tar's path names (``mbm train --split-by split``), as Hugging Face lays out WebDataset
+    datasets: a folder under ``root`` (the folder all of the input's tars share: data/train/0000.tar), else a
+    word of the file's name (cc3m-validation-0001.tar); the first of those that is a split name, lower-case.
+    Folders above ``root`` do not count (a home folder named dev)."""
+    rel = posixpath.relpath(path, root) if root else posixpath.basename(path)
+    *folders, name = rel.split("/")
+    stem = name
+    for ext in sorted(TAR_NAMES, key=len, reverse=True):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    for word in (*folders, *re.split(r"[^0-9A-Za-z]+", stem)):
+        if word.lower() in SPLIT_NAMES:
+            return word.lower()
+    return None
 
 
 def list_inputs(config: SourceConfig) -> list[Input]:
@@ -150,7 +171,10 @@ def list_inputs(config: SourceConfig) -> list[Input]:
     names = [display_name(p) for p in paths]
     if len(set(names)) < len(names):  # same base name in two folders: full paths keep sources apart
         names = paths
-    return [Input(i, kind, p, n) for i, (p, n) in enumerate(zip(paths, names, strict=True))]
+    if kind != "tar":
+        return [Input(i, kind, p, n) for i, (p, n) in enumerate(zip(paths, names, strict=True))]
+    root = posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths)
+    return [Input(i, kind, p, n, tar_split(p, root)) for i, (p, n) in enumerate(zip(paths, names, strict=True))]
 
 
 def _literal(path: str) -> bool:
@@ -241,7 +265,7 @@ def read_input(item: Input, config: SourceConfig) -> Iterator[RawSample | Reject
         return iter_manifest(item.path, config, name=item.name)
     if item.kind == "folder":
         return iter_folder(item.path, config)
-    return iter_tar(item.path, config, name=item.name)
+    return iter_tar(item.path, config, name=item.name, split=item.split)
 
 
 class _ReadFn(beam.DoFn):

@@ -89,9 +89,10 @@ class _Damage:
 
 
 def iter_tar(
-    path: str, config: SourceConfig | None = None, *, name: str | None = None
+    path: str, config: SourceConfig | None = None, *, name: str | None = None, split: str | None = None
 ) -> Iterator[RawSample | Reject]:
-    """Samples and rejects of one tar (plain or compressed), in member order; the first of one id wins."""
+    """Samples and rejects of one tar (plain or compressed), in member order; the first of one id wins.
+    ``split``: the split the tar's path names, recorded in the meta of each sample whose json names none."""
     name = name or display_name(path)
     seen = FirstWins()
     for key, group in _joined(_groups(absolute(path), name), name):
@@ -99,7 +100,12 @@ def iter_tar(
             yield group
             continue
         for item in _read(key, group, name):
-            yield item if isinstance(item, Reject) else seen.check(item.id, item.source) or item
+            if isinstance(item, Reject):
+                yield item
+                continue
+            if split is not None and "split" not in item.meta:
+                item.meta["split"] = split
+            yield seen.check(item.id, item.source) or item
 
 
 def _read(key: str, group: dict[str, tuple[str, bytes | CleanError]], name: str) -> Iterator[RawSample | Reject]:

@@ -165,6 +165,38 @@ def test_shards_naming_a_hub_split_or_a_save_to_disk_folder_say_what_reads_it(tm
         expand_shards(str(saved))
 
 
+def test_tars_laid_out_by_split_give_their_samples_that_split(tmp_path):
+    """Hugging Face's WebDataset layouts, data/train/0000.tar and cc3m-validation-0000.tar: the split a tar's
+    folder or name gives goes to its samples' meta (what --split-by split reads), unless a sample's json names
+    its own; folders above the tars' common folder (a home folder named dev) do not count."""
+    from pipelines.readers.source import read_input, tar_split
+
+    data = tmp_path / "dev" / "data"
+    for folder, keys in (("train", ["a0", "a1"]), ("Validation", ["b0"]), ("test", ["c0"])):
+        (data / folder).mkdir(parents=True)
+        _tar(data / folder / "0000.tar", keys)
+    with wds.TarWriter(str(data / "test" / "0001.tar")) as sink:  # a json naming its own split wins
+        sink.write({"__key__": "c1", "txt": "x", "json": {"key": "c1", "split": "extra"}})
+    inputs = list_inputs(SourceConfig(shards=str(data / "*" / "*.tar")))
+    assert [(os.path.relpath(i.path, data), i.split) for i in inputs] == [
+        ("Validation/0000.tar", "validation"), ("test/0000.tar", "test"), ("test/0001.tar", "test"),
+        ("train/0000.tar", "train")]
+    config = SourceConfig(shards=str(data / "*" / "*.tar"))
+    splits = {s.id: s.meta.get("split") for i in inputs for s in read_input(i, config)}
+    assert splits == {"a0": "train", "a1": "train", "b0": "validation", "c0": "test", "c1": "extra"}
+    # one folder of tars named by split; the folders above them say nothing
+    flat = tmp_path / "dev" / "flat"
+    flat.mkdir()
+    for name in ("cc3m-train-0000.tar", "cc3m-validation-0000.tar.gz", "shard_dev_01.tgz", "00000.tar"):
+        _tar(flat / name, [name[:4]])
+    assert [tar_split(str(flat / n), str(flat)) for n in ("cc3m-train-0000.tar", "cc3m-validation-0000.tar.gz",
+                                                          "shard_dev_01.tgz", "00000.tar")] == [
+        "train", "validation", "dev", None]
+    assert [i.split for i in list_inputs(SourceConfig(shards=str(flat / "00000.tar")))] == [None]  # under dev/
+    assert tar_split("/x/dev/data/train/0.tar", "/x/dev/data") == "train"
+    assert tar_split("/x/trainer/0.tar", "/x") is None  # words, not parts of them
+
+
 @pytest.mark.parametrize("name, advice", [
     ("00000.tar", r"from its extension: a WebDataset tar is read with \[input\] shards = '.*00000.tar'$"),
     ("data-00000-of-00001.arrow", r"save_to_disk writes: export the dataset, datasets.load_from_disk\(folder\)"),
