@@ -53,6 +53,8 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--log-every": (int, "log the training loss every N steps (default 10)"),
     "--checkpoint-every": (int, "checkpoint every N steps (default: --eval-every)"),
     "--keep-checkpoints": (int, "checkpoints kept (default 3), besides the best one (--best-by)"),
+    "--class-weights": (str, "classify: none (default), or balanced: each label's loss weighted by the inverse of "
+                             "its share of the training split (n / (labels x n_label)), against uneven classes"),
     "--patience": (int, "stop early once this many held-out evaluations in a row are no better than the best one "
                         "(--best-by), checkpointing the step it stops at (default: never)"),
     "--best-by": (str, "the held-out metric whose best evaluation's checkpoint is kept as checkpoints/best (mbm "
@@ -209,7 +211,7 @@ def _machine_failure(command: str, exn: Exception, advice: str, disk_advice: str
 # checkpointing and runtime settings may change between invocations.
 FIXED_ON_RESUME = ("task", "fusion", "d_model", "layers", "heads", "mlp_ratio", "positional", "embed_dim",
                    "decoder_layers", "max_tokens", "pair", "tokenizer", "max_target_len", "data", "val_fraction",
-                   "split_by", "seed", "batch_size", "shuffle_buffer")
+                   "split_by", "seed", "batch_size", "shuffle_buffer", "class_weights")
 
 
 def absolute_data(data: str) -> str:

@@ -13,18 +13,23 @@ IGNORE = -100
 
 
 class ClassifyHead(nn.Module):
-    """Pooled (B, C) → logits (B, num_labels); labels index the run's label vocabulary."""
+    """Pooled (B, C) → logits (B, num_labels); labels index the run's label vocabulary. ``class_weights``: a
+    weight per label in the cross-entropy (the weighted mean over the batch), e.g. against uneven classes."""
 
-    def __init__(self, d_model: int, num_labels: int, dropout: float) -> None:
+    def __init__(self, d_model: int, num_labels: int, dropout: float,
+                 class_weights: tuple[float, ...] | None = None) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(d_model), nn.Dropout(dropout), nn.Linear(d_model, num_labels))
+        # not in the state dict: the model config holds the weights, and older checkpoints load as they are
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weight", weight, persistent=False)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net(pooled)
 
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
+        return F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE)
 
 
 class RetrievalHead(nn.Module):

@@ -26,6 +26,7 @@ class ModelConfig:
     positional: str = "sinusoidal"
     max_len: int = 512  # longest token sequence per modality
     num_labels: int = 0  # classify
+    class_weights: tuple[float, ...] | None = None  # classify: the loss weight of each label (--class-weights)
     pair: tuple[str, str] | None = None  # retrieve
     embed_dim: int = 128  # retrieve
     decoder: DecoderConfig | None = None  # generate
@@ -39,6 +40,10 @@ class ModelConfig:
             raise ValueError(f"--positional must be one of {', '.join(POSITIONAL)}, got {self.positional!r}")
         if self.task == "classify" and self.num_labels < 2:
             raise ValueError(f"classify needs at least 2 labels in the dataset, found {self.num_labels}")
+        if self.class_weights is not None and (len(self.class_weights) != self.num_labels
+                                               or not all(w >= 0 for w in self.class_weights)):
+            raise ValueError(f"class weights must be {self.num_labels} numbers >= 0, one per label, got "
+                             f"{self.class_weights}")
         if self.task == "retrieve" and (not self.pair or any(m not in self.feature_dims for m in self.pair)):
             raise ValueError(f"--pair {self.pair} must name two modalities of the dataset {list(self.feature_dims)}")
         if self.task == "generate" and self.decoder is None:
@@ -65,6 +70,7 @@ class ModelConfig:
         d["transformer"] = TransformerConfig(**d["transformer"])
         d["decoder"] = DecoderConfig(**d["decoder"]) if d.get("decoder") else None
         d["pair"] = tuple(d["pair"]) if d.get("pair") else None
+        d["class_weights"] = tuple(d["class_weights"]) if d.get("class_weights") else None
         return cls(**d)
 
 
@@ -78,7 +84,7 @@ class MultimodalModel(nn.Module):
         self.embed = ModalityEmbedding(cfg.feature_dims, t.d_model, cfg.max_len, cfg.positional, t.dropout)
         self.fusion = build_fusion(cfg.fusion, t, list(cfg.feature_dims))
         if cfg.task == "classify":
-            self.head = ClassifyHead(t.d_model, cfg.num_labels, t.dropout)
+            self.head = ClassifyHead(t.d_model, cfg.num_labels, t.dropout, cfg.class_weights)
         elif cfg.task == "retrieve":
             self.head = RetrievalHead(t.d_model, cfg.embed_dim)
         else:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from mbm.data.collate import CollateConfig
 from mbm.data.decode import decode_sample
-from mbm.data.errors import CorruptSample
+from mbm.data.errors import CorruptSample, SkipLog
 from mbm.data.shards import iter_tar
-from mbm.data.source import DataSource
+from mbm.data.source import DataSource, label_key
 from mbm.data.split import holds_test_apart
-from mbm.data.stream import StreamConfig
+from mbm.data.stream import ShardStream, StreamConfig
 from mbm.data.tokenizer import load_tokenizer, special_tokens, vocab_digest
 from mbm.model.decoder import DecoderConfig
 from mbm.model.model import ModelConfig
@@ -54,7 +55,29 @@ def resolved_split_by(cfg: TrainConfig) -> str:
     return next((m for m in cfg.pair if m != "text"), cfg.pair[0])
 
 
-def model_config(cfg: TrainConfig, source: DataSource, labels: list[Any]) -> ModelConfig:
+def label_counts(cfg: TrainConfig, source: DataSource, labels: list[Any]) -> list[int]:
+    """Samples per label (in ``labels`` order) of the training split, as training selects them, from the
+    shards' json (no array is decoded)."""
+    stream = stream_config(cfg, source, labels, dict(source.feature_dims), "train", train=False)
+    stream = replace(stream, batch_size=1024, max_samples=None)
+    index = {label_key(v): i for i, v in enumerate(labels)}
+    counts = [0] * len(labels)
+    for batch in ShardStream(stream).raw_batches(SkipLog(quiet=True)):
+        for s in batch:
+            counts[index[label_key(s.label)]] += 1
+    return counts
+
+
+def balanced_weights(counts: list[int]) -> tuple[float, ...]:
+    """``n / (k * n_label)`` for each label of the ``k`` the training split holds (scikit-learn's
+    "balanced"), 1 for a label it lacks (its loss never counts in training)."""
+    present = [n for n in counts if n]
+    total, k = sum(present), len(present)
+    return tuple(round(total / (k * n), 6) if n else 1.0 for n in counts)
+
+
+def model_config(cfg: TrainConfig, source: DataSource, labels: list[Any],
+                 class_weights: tuple[float, ...] | None = None) -> ModelConfig:
     """The model a run with these settings trains on this dataset."""
     decoder = None
     if cfg.task == "generate":
@@ -68,6 +91,7 @@ def model_config(cfg: TrainConfig, source: DataSource, labels: list[Any]) -> Mod
         transformer=TransformerConfig(d_model=cfg.d_model, n_layers=cfg.layers, n_heads=cfg.heads,
                                       mlp_ratio=cfg.mlp_ratio, dropout=cfg.dropout),
         positional=cfg.positional, max_len=max(cfg.max_tokens.values()) + 1, num_labels=len(labels),
+        class_weights=class_weights,
         pair=tuple(cfg.pair) if cfg.pair else None, embed_dim=cfg.embed_dim, decoder=decoder)
 
 

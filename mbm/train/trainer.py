@@ -27,7 +27,14 @@ from mbm.data.stream import ShardStream
 from mbm.lock import FolderLock, FolderLockedError
 from mbm.model.model import MultimodalModel
 from mbm.resources import usable_cores
-from mbm.train.build import common_pair, model_config, resolved_split_by, stream_config
+from mbm.train.build import (
+    balanced_weights,
+    common_pair,
+    label_counts,
+    model_config,
+    resolved_split_by,
+    stream_config,
+)
 from mbm.train.checkpoint import (
     checkpoint_name,
     list_checkpoints,
@@ -164,7 +171,15 @@ class Trainer:
         self.cfg = cfg
         self.labels = (self.run.read_labels() if resume_from else None) or list(self.source.labels)
         torch.manual_seed(cfg.seed)
-        self.model = MultimodalModel(model_config(cfg, self.source, self.labels)).to(env.device)
+        weights = None
+        if cfg.class_weights == "balanced":
+            counts = label_counts(cfg, self.source, self.labels)
+            weights = balanced_weights(counts)
+            if env.is_main:
+                log.info("--class-weights balanced: training samples per label %s; loss weights %s",
+                         dict(zip(map(str, self.labels), counts, strict=True)),
+                         dict(zip(map(str, self.labels), weights, strict=True)))
+        self.model = MultimodalModel(model_config(cfg, self.source, self.labels, weights)).to(env.device)
         dims = {m: self.source.feature_dims[m] for m in self.model.cfg.input_modalities()}
         self.train_stream = stream_config(cfg, self.source, self.labels, dims, "train", train=True)
         self.val_stream = stream_config(cfg, self.source, self.labels, dims, "val", train=False)

@@ -855,3 +855,56 @@ def test_a_tie_in_the_best_by_metric_goes_to_the_lower_held_out_loss():
     assert Trainer._score(by["loss"], late) > Trainer._score(by["loss"], early)
     assert Trainer._score(by["accuracy"], {"loss": 0.1}) is None
     assert Trainer._score(by["loss"], {"loss": float("nan")}) is None
+
+
+def test_balanced_class_weights_weigh_each_label_by_the_inverse_of_its_share(data, tmp_path, capsys, caplog):
+    import webdataset as wds
+
+    from mbm.data.source import resolve_data
+    from mbm.data.split import sample_split
+    from mbm.train.build import balanced_weights, label_counts
+    from mbm.train.checkpoint import load_checkpoint
+    from mbm.train.config import merge
+
+    assert balanced_weights([90, 10, 0]) == (round(100 / 180, 6), 5.0, 1.0)
+    assert balanced_weights([5, 5]) == (1.0, 1.0)
+    source = resolve_data(data)
+    labels = list(source.labels)
+    counts = label_counts(merge({"data": data}), source, labels)
+    docs = {}
+    for shard in source.shards:
+        for s in wds.WebDataset(shard, shardshuffle=False):
+            doc = json.loads(s["json"])
+            docs[doc["id"]] = doc
+    want = [sum(d["label"] == lbl and type(d["label"]) is type(lbl) and sample_split(d, 0.1) == "train"
+                for d in docs.values()) for lbl in labels]
+    assert counts == want and len(set(counts)) > 1  # uneven classes
+
+    out = str(tmp_path / "run")
+    caplog.set_level(logging.INFO)
+    assert train("--data", data, "--out", out, "--steps", "4", "--eval-every", "4", "--class-weights", "balanced") == 0
+    assert "--class-weights balanced: training samples per label" in caplog.text
+    saved = load_checkpoint(os.path.join(out, "checkpoints", "step-000004.pt"))["model_config"]["class_weights"]
+    assert saved == pytest.approx(list(balanced_weights(counts)))
+    assert main(["evaluate", "--run", out, "--json"]) == 0  # the weights come back with the model
+    capsys.readouterr()
+    assert train("--data", data, "--out", out, "--steps", "8", "--resume") == 0  # the run's weights go on
+    capsys.readouterr()
+    assert train("--data", data, "--out", out, "--steps", "12", "--resume", "--class-weights", "none") == 2
+    assert "--class-weights 'none' (the run has 'balanced')" in capsys.readouterr().err
+    assert train("--data", data, "--out", str(tmp_path / "r2"), "--task", "retrieve", "--class-weights",
+                 "balanced") == 2
+    assert "--class-weights balanced weighs classify's labels; --task retrieve has none" in capsys.readouterr().err
+
+
+def test_the_weighted_loss_is_scikit_learn_s_weighted_mean():
+    from mbm.model.heads import ClassifyHead
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 0, 1, 2, -100])
+    head = ClassifyHead(4, 3, 0.0, class_weights=(0.5, 2.0, 1.5))
+    per = torch.nn.functional.cross_entropy(logits[:5], labels[:5], reduction="none")
+    w = torch.tensor([0.5, 0.5, 0.5, 2.0, 1.5])
+    assert float(head.loss(logits, labels)) == pytest.approx(float((per * w).sum() / w.sum()), rel=1e-6)
+    assert float(ClassifyHead(4, 3, 0.0).loss(logits, labels)) == pytest.approx(float(per.mean()), rel=1e-6)
+    assert "class_weight" not in ClassifyHead(4, 3, 0.0, class_weights=(1.0, 1.0, 1.0)).state_dict()
