@@ -518,18 +518,17 @@ def run_predict(args: argparse.Namespace) -> int:
             for row in rows:
                 print(json_line(row))
         else:
-            tmp = f"{args.output}.tmp-{os.getpid()}"
-            try:
-                n = 0
-                with open(tmp, "w", encoding="utf-8") as f:
-                    for row in rows:
-                        f.write(json_line(row) + "\n")
-                        n += 1
-                os.replace(tmp, args.output)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            print(f"{n} predictions of step {loaded.step} in {args.output}")
+            from mbm.train.checkpoint import replace_atomic
+
+            written = []
+
+            def write(f: Any) -> None:
+                for row in rows:
+                    f.write((json_line(row) + "\n").encode("utf-8"))
+                    written.append(row["id"])
+
+            replace_atomic(args.output, write)
+            print(f"{len(written)} predictions of step {loaded.step} in {args.output}")
     except ValueError as exn:
         return _fail("predict", str(exn))
     except Exception as exn:

@@ -23,7 +23,7 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}.pt"
 
 
-def _replace_atomic(path: str, write) -> None:
+def replace_atomic(path: str, write) -> None:
     """``write(f)`` to a temporary file next to ``path``, then rename it to ``path``. A write that fails
     leaves no partial file behind; one that failed for an OSError (a full disk) under another exception
     (torch.save's "[enforce fail at inline_container.cc]") is raised as that OSError, naming ``path``."""
@@ -49,8 +49,8 @@ def save_checkpoint(folder: str, step: int, state: dict[str, Any], keep: int, be
     os.makedirs(folder, exist_ok=True)
     name = checkpoint_name(step)
     path = os.path.join(folder, name)
-    _replace_atomic(path, lambda f: torch.save(state, f))
-    _replace_atomic(os.path.join(folder, "latest"), lambda f: f.write(name.encode() + b"\n"))
+    replace_atomic(path, lambda f: torch.save(state, f))
+    replace_atomic(os.path.join(folder, "latest"), lambda f: f.write(name.encode() + b"\n"))
     if best:
         point_best(folder, step)
     kept = best_checkpoint(folder)
@@ -66,7 +66,7 @@ def point_best(folder: str, step: int | None) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, BEST))
         return
-    _replace_atomic(os.path.join(folder, BEST), lambda f: f.write(checkpoint_name(step).encode() + b"\n"))
+    replace_atomic(os.path.join(folder, BEST), lambda f: f.write(checkpoint_name(step).encode() + b"\n"))
 
 
 def best_checkpoint(folder: str) -> str | None:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,7 +22,14 @@ from mbm.data.stream import ShardStream
 from mbm.data.tokenizer import decode_ids, load_tokenizer, special_tokens, vocab_digest
 from mbm.model.model import ModelConfig, MultimodalModel
 from mbm.train.build import resolved_split_by, stream_config
-from mbm.train.checkpoint import BEST, best_checkpoint, checkpoint_name, checkpoint_settings, load_checkpoint
+from mbm.train.checkpoint import (
+    BEST,
+    best_checkpoint,
+    checkpoint_name,
+    checkpoint_settings,
+    load_checkpoint,
+    replace_atomic,
+)
 from mbm.train.config import TrainConfig, merge
 from mbm.train.distributed import pick_device
 from mbm.train.evaluate import autocast, empty_split, evaluate
@@ -263,7 +270,7 @@ def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[st
             "pair": list(cfg.pair), "dim": cfg.embed_dim, "normalized": True,
             "counts": {m: rows[m].count for m in cfg.pair},
             "files": {m: {"embeddings": f"{m}.npy", "ids": f"{m}.ids.jsonl"} for m in cfg.pair}}
-    _write_atomic(os.path.join(out_dir, "embeddings.json"),
+    replace_atomic(os.path.join(out_dir, "embeddings.json"),
                   lambda f: f.write((json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
     return info
 
@@ -306,8 +313,8 @@ class _RowsFile:
             self._ids.seek(0)
             shutil.copyfileobj(self._ids, f, 1 << 20)
 
-        _write_atomic(self.path, write_npy)
-        _write_atomic(ids_path, write_ids)
+        replace_atomic(self.path, write_npy)
+        replace_atomic(ids_path, write_ids)
 
     def __enter__(self) -> _RowsFile:
         return self
@@ -317,15 +324,3 @@ class _RowsFile:
             f.close()
             with contextlib.suppress(OSError):
                 os.remove(f.name)
-
-
-def _write_atomic(path: str, write: Callable[[Any], Any]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise

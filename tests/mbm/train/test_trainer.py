@@ -9,10 +9,7 @@ import torch
 from jobs.train_cli import main
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset, write_tiny_tokenizer
 from mbm.train.run import read_jsonl
-
-DIMS = {"text": 12, "image": 10, "audio": 6}
-TINY = ["--d-model", "16", "--heads", "2", "--layers", "1", "--decoder-layers", "1", "--embed-dim", "8",
-        "--batch-size", "8", "--no-progress", "--warmup-steps", "4", "--lr", "3e-3"]
+from tests.support.tiny_run import DIMS, TINY
 
 
 @pytest.fixture(scope="module")
