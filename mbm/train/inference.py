@@ -243,7 +243,7 @@ def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[st
                          "--output out, or give it a file, for its predictions")
     assert cfg.pair is not None
     stream = loaded.stream(split, decode_only=True)
-    order = list(loaded.model.cfg.feature_dims)
+    order = list(stream.cfg.collate.feature_dims)  # the columns of a batch's ``present``: the pair's modalities
     os.makedirs(out_dir, exist_ok=True)
     model = loaded.model.eval()
     seen = 0

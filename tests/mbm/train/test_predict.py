@@ -69,9 +69,10 @@ def test_classify_predicts_every_sample_unlabelled_ones_too(data, tmp_path, caps
     assert "--top-k must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_retrieve_writes_each_modality_s_embeddings_with_their_ids(data, tmp_path, capsys):
+@pytest.mark.parametrize("pair", ["text,image", "audio,text"])  # a pair that is not the dataset's first modalities
+def test_retrieve_writes_each_modality_s_embeddings_with_their_ids(data, tmp_path, capsys, pair):
     run = str(tmp_path / "ret")
-    _train(data, run, "--task", "retrieve", "--pair", "text,image")
+    _train(data, run, "--task", "retrieve", "--pair", pair)
     capsys.readouterr()
     assert main(["predict", "--run", run]) == 2
     assert "a retrieve run predicts embeddings: give --output DIR" in capsys.readouterr().err
@@ -79,15 +80,16 @@ def test_retrieve_writes_each_modality_s_embeddings_with_their_ids(data, tmp_pat
     assert main(["predict", "--run", run, "--output", str(out)]) == 0
     docs = _docs(data)
     info = json.loads((out / "embeddings.json").read_text())
-    assert info["pair"] == ["text", "image"] and info["dim"] == 8 and info["step"] == 6
-    for m in ("text", "image"):
+    assert info["pair"] == pair.split(",") and info["dim"] == 8 and info["step"] == 6
+    for m in pair.split(","):
         z = np.load(out / f"{m}.npy", allow_pickle=False)
         ids = [json.loads(line) for line in (out / f"{m}.ids.jsonl").read_text().splitlines()]
         assert sorted(ids) == sorted(i for i, d in docs.items() if m in d["modalities"])  # one side is enough
         assert z.shape == (len(ids), 8) and z.dtype == np.float32 and info["counts"][m] == len(ids)
         np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
-    assert f"embeddings of step 6 (8-d, unit length) in {out}: text " in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["embeddings.json", "image.ids.jsonl", "image.npy", "text.ids.jsonl", "text.npy"]
+    assert f"embeddings of step 6 (8-d, unit length) in {out}: {pair.split(',')[0]} " in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == sorted(["embeddings.json", *(f"{m}.{x}" for m in pair.split(",")
+                                                                   for x in ("ids.jsonl", "npy"))])
 
 
 def test_unit_embeddings_are_what_the_retrieve_loss_sees():
