@@ -58,7 +58,7 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
     "--patience": (int, "stop early once this many held-out evaluations in a row are no better than the best one "
                         "(--best-by), checkpointing the step it stops at (default: never)"),
     "--best-by": (str, "the held-out metric whose best evaluation's checkpoint is kept as checkpoints/best (mbm "
-                       "evaluate --checkpoint best): accuracy, balanced_accuracy, macro_f1 or loss (classify), recall@1, recall@5, recall@10 or "
+                       "evaluate --checkpoint best): accuracy, balanced_accuracy, macro_f1, top5_accuracy (over more than five labels) or loss (classify), recall@1, recall@5, recall@10 or "
                        "loss (retrieve), loss (generate); default auto: the first of those for the task"),
     "--stop-at": (int, "stop after this step (checkpointed), keeping the schedule of --steps"),
     "--val-fraction": (float, "held-out fraction, chosen by a hash of the sample id (default 0.1)"),

@@ -22,7 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 FLOAT32_MAX = 3.4028234663852886e38  # the model and the optimizer's arithmetic are float32
 # the held-out metrics that can choose a run's best checkpoint, by task (the first is --best-by auto's choice);
 # the loss is best lowest, the others highest
-BEST_BY_TASK = {"classify": ("accuracy", "balanced_accuracy", "macro_f1", "loss"), "retrieve": ("recall@1", "recall@5", "recall@10", "loss"),
+BEST_BY_TASK = {"classify": ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy", "loss"), "retrieve": ("recall@1", "recall@5", "recall@10", "loss"),
                 "generate": ("loss",)}
 CLASS_WEIGHTS = ("none", "balanced")
 ADAM_FIRST_STEP = 10  # AdamW's first step moves a weight by up to lr / (1 - beta1), beta1 = 0.9

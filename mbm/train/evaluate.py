@@ -40,6 +40,9 @@ def empty_split(task: str, skipped: dict[str, int], split: str = "val", reads: I
     return f"{name} is empty: no readable sample falls in it; {advice} that the dataset's shards exist and hold samples"
 
 
+TOP_K = 5  # classify over more labels than this also reports top5_accuracy
+
+
 def class_balanced(truth: Counter[int], predicted: Counter[int], right: Counter[int]) -> dict[str, float]:
     """What accuracy hides on classes of very different sizes: ``balanced_accuracy``, the mean over the
     split's classes of the share of each one's samples predicted right (its recall; a model that always says
@@ -66,8 +69,8 @@ def per_class(truth: Counter[int], predicted: Counter[int], right: Counter[int])
 @torch.no_grad()
 def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device,
              classes: bool = False) -> dict[str, Any]:
-    """{"loss", "samples", and accuracy/balanced_accuracy/macro_f1/majority_rate (classify), recall@k/chance@5
-    (retrieve)}.
+    """{"loss", "samples", and accuracy/balanced_accuracy/macro_f1/majority_rate, top5_accuracy over more than
+    five labels (classify), recall@k/chance@5 (retrieve)}.
 
     ``batches`` may be a ``ShardStream``: when nothing usable comes out, its skip counts say why. ``classes``
     (classify): also ``per_class``, each class's support, precision, recall and F1 by label index."""
@@ -78,6 +81,7 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     alone = 0.0, 0  # retrieve: (loss sum, samples) of batches of one sample, whose contrastive loss is 0
     label_counts: Counter[int] = Counter()
     predicted: Counter[int] = Counter()  # classify: predictions per class, and the right ones per class
+    correct_top = 0  # classify with more than TOP_K labels: samples whose label is among the TOP_K likeliest
     right: Counter[int] = Counter()
     za, zb = [], []
     contents: dict[str, list[bytes]] = {m: [] for m in (model.cfg.pair or ())}
@@ -94,6 +98,9 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
             kept = labels != IGNORE
             truth, guess = labels[kept], out["logits"].argmax(-1)[kept]
             correct += int((guess == truth).sum())
+            if model.cfg.num_labels > TOP_K:
+                top = out["logits"][kept].topk(TOP_K, dim=-1).indices
+                correct_top += int((top == truth[:, None]).any(-1).sum())
             label_counts.update(truth.tolist())
             predicted.update(guess.tolist())
             right.update(truth[guess == truth].tolist())
@@ -122,6 +129,8 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
     if task == "classify":
         metrics.update(accuracy=correct / weight, **class_balanced(label_counts, predicted, right),
                        majority_rate=max(label_counts.values()) / weight, samples=weight)
+        if model.cfg.num_labels > TOP_K:
+            metrics[f"top{TOP_K}_accuracy"] = correct_top / weight
         if classes:  # by label index
             metrics["per_class"] = per_class(label_counts, predicted, right)
     elif task == "retrieve":

@@ -46,7 +46,7 @@ from mbm.train.checkpoint import (
 )
 from mbm.train.config import TrainConfig
 from mbm.train.distributed import AnyRank, DistEnv, init_distributed
-from mbm.train.evaluate import autocast, evaluate
+from mbm.train.evaluate import TOP_K, autocast, evaluate
 from mbm.train.plot import plot_metrics
 from mbm.train.run import RunDir, append_jsonl, read_jsonl, truncate_jsonl
 from mbm.train.schedule import warmup_cosine
@@ -171,6 +171,9 @@ class Trainer:
         self.cfg = cfg
         self.labels = (self.run.read_labels() if resume_from else None) or list(self.source.labels)
         torch.manual_seed(cfg.seed)
+        if cfg.best_metric == f"top{TOP_K}_accuracy" and len(self.labels) <= TOP_K:
+            raise ValueError(f"--best-by {cfg.best_metric}: the dataset has {len(self.labels)} labels, and with "
+                             f"{TOP_K} or fewer every label is among the top {TOP_K}; give --best-by accuracy")
         weights = None
         if cfg.class_weights == "balanced":
             counts = label_counts(cfg, self.source, self.labels)

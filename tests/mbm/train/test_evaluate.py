@@ -159,10 +159,10 @@ class _Classifier(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.cfg = types.SimpleNamespace(task="classify", input_modalities=lambda: ["text"], pair=None)
+        self.cfg = types.SimpleNamespace(task="classify", input_modalities=lambda: ["text"], pair=None, num_labels=3)
 
     def forward(self, batch):
-        logits = F.one_hot(batch["guess"], 3).float() * 5
+        logits = batch["logits"] if "logits" in batch else F.one_hot(batch["guess"], 3).float() * 5
         return {"loss": F.cross_entropy(logits, batch["labels"], ignore_index=-100), "logits": logits}
 
 
@@ -175,3 +175,14 @@ def test_evaluate_reports_the_class_balanced_metrics_over_the_labelled_samples()
     assert metrics["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2 + 0) / 3)
     assert metrics["macro_f1"] == pytest.approx((6 / 9 + 2 / 4 + 0) / 3)
     assert metrics["majority_rate"] == pytest.approx(4 / 7)
+    assert "top5_accuracy" not in metrics  # three labels: the top five hold every one
+
+
+def test_over_more_than_five_labels_top5_accuracy_counts_a_label_among_the_five_likeliest():
+    model = _Classifier()
+    model.cfg.num_labels = 7
+    order = [6, 5, 4, 3, 2, 1, 0]  # logits: class 0 likeliest, class 6 least
+    logits = torch.tensor([order, order, order, order], dtype=torch.float32)
+    labels = torch.tensor([0, 4, 5, -100])  # ranks 1, 5 and 6; the unlabelled sample counts nowhere
+    metrics = evaluate(model, [{"labels": labels, "logits": logits}], torch.device("cpu"))
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["top5_accuracy"] == pytest.approx(2 / 3)

@@ -94,7 +94,11 @@ def test_the_best_held_out_evaluation_keeps_its_checkpoint_and_evaluate_reads_it
     assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{by_accuracy['step']:06d}.pt\n"
 
     assert train("--data", data, "--out", str(tmp_path / "bad"), "--best-by", "recall@1") == 2
-    assert "--best-by must be one of auto, accuracy, balanced_accuracy, macro_f1, loss for --task classify, got 'recall@1'" in capsys.readouterr().err
+    assert ("--best-by must be one of auto, accuracy, balanced_accuracy, macro_f1, top5_accuracy, loss for --task "
+            "classify, got 'recall@1'") in capsys.readouterr().err
+    assert train("--data", data, "--out", str(tmp_path / "bad"), "--best-by", "top5_accuracy") == 2
+    assert "--best-by top5_accuracy: the dataset has 5 labels" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "bad")
     fresh = str(tmp_path / "fresh")
     assert train("--data", data, "--out", fresh, "--steps", "10", "--eval-every", "5", "--stop-at", "2") == 0
     assert sorted(os.listdir(os.path.join(fresh, "checkpoints"))) == ["latest", "step-000002.pt"]  # no evaluation yet
