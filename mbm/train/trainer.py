@@ -393,7 +393,9 @@ class Trainer:
             append_jsonl(self.run.metrics, record)
 
     def fit(self) -> dict[str, Any]:
-        """Train until ``--steps`` (or ``--stop-at``); returns the last train and val records."""
+        """Train until ``--steps`` (or ``--stop-at``, or ``--patience`` spent); returns the last train and val
+        records, then ``stopped_early`` (step, why) where patience ended the run, and ``best`` (the best held-out
+        evaluation's step, metric value and checkpoint)."""
         cfg, env = self.cfg, self.env
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
         if self.step >= end:
@@ -466,6 +468,7 @@ class Trainer:
                 if early:
                     if env.is_main:
                         log.info("stopping early at step %d of %d: %s", self.step, end, self._stopped_early())
+                    last["stopped_early"] = {"step": self.step, "of": end, "why": self._stopped_early()}
                     bar.update(1)
                     break
                 bar.update(1)
@@ -475,9 +478,14 @@ class Trainer:
                     raise TrainingStopped(self.step, self.run.latest())
             stop_asked.finish()  # every rank posted as many: none is left in flight
             bar.close()
-            if self.best is not None and env.is_main:
-                log.info("best held-out %s: %.4g at step %d, %s (mbm evaluate --checkpoint best)", cfg.best_metric,
-                         self.best[1], self.best[0], os.path.join(self.run.checkpoints, checkpoint_name(self.best[0])))
+            if self.best is not None:
+                path = os.path.join(self.run.checkpoints, checkpoint_name(self.best[0]))
+                if env.is_main:
+                    log.info("best held-out %s: %.4g at step %d, %s (mbm evaluate --checkpoint best)",
+                             cfg.best_metric, self.best[1], self.best[0], path)
+                # what `mbm train` prints last: the run's best evaluation and where its checkpoint is
+                last["best"] = {"step": self.best[0], "best_by": cfg.best_metric, "value": self.best[1],
+                                "checkpoint": path}
             return last
         finally:
             _STOP.loop_running = False

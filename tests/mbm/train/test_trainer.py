@@ -43,7 +43,9 @@ def test_classify_run_writes_metrics_plot_config_and_checkpoints(data, tmp_path,
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["best", "latest", "step-000006.pt", "step-000012.pt"]
     assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{best['step']:06d}.pt\n"
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert printed[-1]["split"] == "val" and printed[-1]["step"] == 12
+    assert printed[-2]["split"] == "val" and printed[-2]["step"] == 12
+    assert printed[-1] == {"step": best["step"], "best_by": "accuracy", "value": best["accuracy"],
+                           "checkpoint": os.path.join(out, "checkpoints", f"step-{best['step']:06d}.pt")}
 
     assert main(["evaluate", "--run", out, "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -107,7 +109,7 @@ def test_the_best_held_out_evaluation_keeps_its_checkpoint_and_evaluate_reads_it
     assert "--checkpoint best: " in capsys.readouterr().err
 
 
-def test_patience_stops_a_run_whose_held_out_loss_stopped_improving(data, tmp_path, caplog):
+def test_patience_stops_a_run_whose_held_out_loss_stopped_improving(data, tmp_path, caplog, capsys):
     out = str(tmp_path / "run")
     common = ["--data", data, "--out", out, "--eval-every", "1", "--best-by", "loss", "--lr", "5e-2",
               "--checkpoint-every", "100"]
@@ -125,6 +127,9 @@ def test_patience_stops_a_run_whose_held_out_loss_stopped_improving(data, tmp_pa
             break
     assert stop is not None and stop < 60 and val[-1]["step"] == stop
     assert f"stopping early at step {stop} of 60: no held-out loss better than step {best['step']}'s" in caplog.text
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed[-2]["step"] == stop and printed[-2]["of"] == 60 and "--patience 2" in printed[-2]["why"]
+    assert printed[-1]["step"] == best["step"] and printed[-1]["value"] == pytest.approx(best["loss"])
     kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
     assert kept == sorted({"best", "latest", f"step-{stop:06d}.pt", f"step-{best['step']:06d}.pt"})
     caplog.clear()
