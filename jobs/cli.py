@@ -234,8 +234,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
     print(f"{'version':>7}  {'samples':>8}  {'shards':>6}  {'input':>7}  {'rejected':>8}  created")
     for r in rows:
         mark = "  (current)" if r["current"] else ""
+        splits = ", ".join(f"{name} {n}" for name, n in r["splits"].items())
         print(f"{r['version']:>7}  {r['samples']:>8}  {r['shards']:>6}  {r['input'] or 0:>7}  {r['rejected'] or 0:>8}  "
-              f"{r['created']}{mark}")
+              f"{r['created']}{mark}" + (f"  splits: {splits}" if splits else ""))
     return 0
 
 

@@ -122,7 +122,8 @@ def gc(out_dir: str, keep: int, *, dry_run: bool = False) -> dict[str, Any]:
 
 def describe(m: DatasetManifest, current: int) -> dict[str, Any]:
     return {"version": m.version, "current": m.version == current, "created": m.created,
-            "samples": m.num_samples, "shards": len(m.shards), **{k: m.counts.get(k) for k in ("input", "rejected")}}
+            "samples": m.num_samples, "shards": len(m.shards), **{k: m.counts.get(k) for k in ("input", "rejected")},
+            "splits": dict(m.splits)}
 
 
 def to_json(obj: Any) -> str:

@@ -60,6 +60,14 @@ def test_preprocess_counts_the_named_splits_in_each_version(tmp_path, capsys):
     _write(tmp_path, rows)
     report = _preprocess(tmp_path, capsys)
     assert report["version"] == 3 and report["splits"] == {**want, "train": 19, "validation": 5, "test": 5}
+    capsys.readouterr()
+    assert main(["versions", str(out)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert "splits" not in listing[1]  # version 1's manifest lost its counts above: written before them
+    assert listing[2].endswith("splits: dev 6, test 6, train 18, unlabeled 6, validation 6")
+    assert listing[3].endswith("(current)  splits: dev 6, test 5, train 19, unlabeled 6, validation 5")
+    assert main(["versions", str(out), "--json"]) == 0
+    assert [v["splits"] for v in json.loads(capsys.readouterr().out)][-1] == report["splits"]
 
 
 def test_split_by_split_keeps_the_test_split_apart_when_the_dataset_names_validation_too(tmp_path, capsys, caplog):
