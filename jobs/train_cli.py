@@ -419,8 +419,17 @@ def run_train(args: argparse.Namespace) -> int:
             f"holds the model and its optimizer state; --keep-checkpoints, now {cfg.keep_checkpoints}, keeps fewer) "
             "and `--resume` continues from the last one"))
     if int(os.environ.get("RANK", "0")) == 0:
-        for record in last.values():
-            print(json_line(record))
+        for name in ("train", "val"):  # standard output: the last records, as JSON lines, val last
+            if name in last:
+                print(json_line(last[name]))
+        if "stopped_early" in last:
+            stopped = last["stopped_early"]
+            print(f"mbm train: stopped early at step {stopped['step']} of {stopped['of']}: {stopped['why']}",
+                  file=sys.stderr)
+        if "best" in last:
+            best = last["best"]
+            print(f"mbm train: best held-out {best['best_by']} {best['value']:.4g} at step {best['step']}: "
+                  f"{best['checkpoint']} (mbm evaluate --checkpoint best)", file=sys.stderr)
     return 0
 
 

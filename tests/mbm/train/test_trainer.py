@@ -42,10 +42,12 @@ def test_classify_run_writes_metrics_plot_config_and_checkpoints(data, tmp_path,
     best = max((r for r in val if r["step"]), key=lambda r: (r["accuracy"], -r["loss"]))  # --best-by auto: accuracy
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["best", "latest", "step-000006.pt", "step-000012.pt"]
     assert open(os.path.join(out, "checkpoints", "best")).read() == f"step-{best['step']:06d}.pt\n"
-    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert printed[-2]["split"] == "val" and printed[-2]["step"] == 12
-    assert printed[-1] == {"step": best["step"], "best_by": "accuracy", "value": best["accuracy"],
-                           "checkpoint": os.path.join(out, "checkpoints", f"step-{best['step']:06d}.pt")}
+    said = capsys.readouterr()
+    printed = [json.loads(line) for line in said.out.splitlines()]
+    assert [r["split"] for r in printed] == ["train", "val"] and printed[-1]["step"] == 12
+    path = os.path.join(out, "checkpoints", f"step-{best['step']:06d}.pt")
+    assert (f"mbm train: best held-out accuracy {best['accuracy']:.4g} at step {best['step']}: {path} "
+            "(mbm evaluate --checkpoint best)") in said.err
 
     assert main(["evaluate", "--run", out, "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
@@ -127,9 +129,10 @@ def test_patience_stops_a_run_whose_held_out_loss_stopped_improving(data, tmp_pa
             break
     assert stop is not None and stop < 60 and val[-1]["step"] == stop
     assert f"stopping early at step {stop} of 60: no held-out loss better than step {best['step']}'s" in caplog.text
-    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert printed[-2]["step"] == stop and printed[-2]["of"] == 60 and "--patience 2" in printed[-2]["why"]
-    assert printed[-1]["step"] == best["step"] and printed[-1]["value"] == pytest.approx(best["loss"])
+    said = capsys.readouterr()
+    assert [json.loads(line)["split"] for line in said.out.splitlines()] == ["train", "val"]
+    assert f"mbm train: stopped early at step {stop} of 60: no held-out loss better than step" in said.err
+    assert f"mbm train: best held-out loss {best['loss']:.4g} at step {best['step']}:" in said.err
     kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
     assert kept == sorted({"best", "latest", f"step-{stop:06d}.pt", f"step-{best['step']:06d}.pt"})
     caplog.clear()
