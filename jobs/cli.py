@@ -14,6 +14,7 @@ from jobs.environment import check_environment
 from jobs.runner_config import RUNNERS
 from jobs.signals import broken_pipe, report, stop_signals
 from jobs.spec import SpecError
+from schemas.manifest import listed_splits
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1  # the job stopped: out of memory, a failed GPU (what to change is in its message)
@@ -234,7 +235,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     print(f"{'version':>7}  {'samples':>8}  {'shards':>6}  {'input':>7}  {'rejected':>8}  created")
     for r in rows:
         mark = "  (current)" if r["current"] else ""
-        splits = ", ".join(f"{name} {n}" for name, n in r["splits"].items())
+        splits = listed_splits(r["splits"])
         print(f"{r['version']:>7}  {r['samples']:>8}  {r['shards']:>6}  {r['input'] or 0:>7}  {r['rejected'] or 0:>8}  "
               f"{r['created']}{mark}" + (f"  splits: {splits}" if splits else ""))
     return 0
@@ -433,7 +434,7 @@ def print_summary(out_dir: str, report: dict[str, Any]) -> None:
         listed = ", ".join(f"{m} {n}" for m, n in copies.items())
         print(f"  repeats      {sum(copies.values()):>8}   (features copied from the same input in this run: {listed})")
     if report.get("splits"):
-        print("  splits       " + ", ".join(f"{name} {n}" for name, n in report["splits"].items())
+        print("  splits       " + listed_splits(report["splits"])
               + "   (named in the samples' metadata; mbm train --split-by split)")
     print(f"  time         {report['seconds']:>8.1f} s   ({report['samples_per_second']:.1f} samples/s)")
     print(f"  report       {out_dir}/report.json")

@@ -529,15 +529,16 @@ def run_predict(args: argparse.Namespace) -> int:
         else:
             from mbm.train.checkpoint import replace_atomic
 
-            written = []
+            written = 0
 
             def write(f: Any) -> None:
+                nonlocal written
                 for row in rows:
                     f.write((json_line(row) + "\n").encode("utf-8"))
-                    written.append(row["id"])
+                    written += 1
 
             replace_atomic(args.output, write)
-            print(f"{len(written)} predictions of step {loaded.step} in {args.output}")
+            print(f"{written} predictions of step {loaded.step} in {args.output}")
     except ValueError as exn:
         return _fail("predict", str(exn))
     except Exception as exn:

@@ -16,6 +16,11 @@ TEST_SPLITS = ("test", "testing")
 SPLIT_NAMES = frozenset((*TRAIN_SPLITS, *VALIDATION_SPLITS, *TEST_SPLITS))
 
 
+def listed_splits(splits: dict[str, int]) -> str:
+    """A manifest's ``splits`` as one phrase: "test 8, train 24, validation 8"."""
+    return ", ".join(f"{name} {n}" for name, n in sorted(splits.items()))
+
+
 def split_name(meta: Any) -> str | None:
     """The split a sample's metadata names (its ``split`` value, stripped and lower-case), or None: what a
     manifest's ``splits`` counts, and what ``mbm train --split-by split`` reads."""

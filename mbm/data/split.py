@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from schemas import MODALITIES
-from schemas.manifest import TEST_SPLITS, TRAIN_SPLITS, VALIDATION_SPLITS, split_name
+from schemas.manifest import TEST_SPLITS, TRAIN_SPLITS, VALIDATION_SPLITS, listed_splits, split_name
 
 SPLITS = ("train", "val")
 # what evaluate and generate read: a split, every sample, or (``--split-by split`` on a dataset naming both a
@@ -18,9 +18,7 @@ EVAL_SPLITS = (*SPLITS, "test", "all")
 SPLIT_BY = ("id", *MODALITIES, "split")
 # the dataset's own split names (a ``split`` metadata value: imagefolders' split folders, a manifest's column)
 TRAIN_NAMES = frozenset(TRAIN_SPLITS)
-VALIDATION = VALIDATION_SPLITS
-TEST = TEST_SPLITS
-HELD_OUT = (*TEST, *VALIDATION)
+HELD_OUT = (*TEST_SPLITS, *VALIDATION_SPLITS)
 HELD_OUT_NAMES = frozenset(HELD_OUT)
 
 
@@ -30,7 +28,7 @@ def holds_test_apart(splits: Mapping[str, int] | None) -> bool:
     on it while training, and keeps the test split for ``mbm evaluate --split test``; a dataset with a test
     split alone (train/ and test/ folders) holds the test split out instead."""
     names = {n for n, count in (splits or {}).items() if count}
-    return bool(names & set(VALIDATION)) and bool(names & set(TEST))
+    return bool(names & set(VALIDATION_SPLITS)) and bool(names & set(TEST_SPLITS))
 
 
 def holdout_fraction(sample_id: str) -> float:
@@ -65,7 +63,7 @@ def named_split(doc: dict[str, Any], test_apart: bool = False) -> str | None:
         return None
     if name in TRAIN_NAMES:
         return "train"
-    if name in TEST:
+    if name in TEST_SPLITS:
         return "test" if test_apart else "val"
     return "val" if name in HELD_OUT_NAMES else None
 
@@ -87,7 +85,7 @@ def empty_under_split(split: str) -> str:
                 "--split-by split holds those out, so none is left to train on; give --split-by id (or text, "
                 "image, audio) to split the samples by hash, or add samples of the train split")
     if split == "test":
-        return ("no sample the run reads names a test split (" + ", ".join(TEST) + ") in its metadata")
+        return ("no sample the run reads names a test split (" + ", ".join(TEST_SPLITS) + ") in its metadata")
     return ("no sample names a held-out split (" + ", ".join(HELD_OUT) + ") in its metadata, and --split-by "
             "split holds out only those (and a --val-fraction of the samples naming no split); give --split-by "
             "id (or text, image, audio) to hold out a --val-fraction of the samples by hash")
@@ -104,8 +102,9 @@ def no_test_split(split_by: str, splits: Mapping[str, int]) -> str | None:
         return (f"the run split its samples by {split_by}, so its held-out split is all it holds out; --split test "
                 "needs a run trained with --split-by split on a dataset naming both a validation and a test split "
                 "(give --split val for the held-out samples)")
-    named = (f"samples per named split: {', '.join(f'{n} {c}' for n, c in sorted(splits.items()))}" if splits else
+    named = (f"samples per named split: {listed_splits(dict(splits))}" if splits else
              "it records no named split: none of its samples names one, or it was written before mbm counted them, "
              "which the next `mbm preprocess` of it does")
-    return (f"the dataset does not name both a validation ({', '.join(VALIDATION)}) and a test ({', '.join(TEST)}) "
-            f"split ({named}), so its test samples, if any, are part of the held-out split: give --split val")
+    return (f"the dataset does not name both a validation ({', '.join(VALIDATION_SPLITS)}) and a test "
+            f"({', '.join(TEST_SPLITS)}) split ({named}), so its test samples, if any, are part of the held-out split: "
+            "give --split val")

@@ -94,8 +94,8 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
             out = model(batch)
         if task == "classify":
             labels = batch["labels"]
-            n = int((labels != IGNORE).sum())
             kept = labels != IGNORE
+            n = int(kept.sum())
             truth, guess = labels[kept], out["logits"].argmax(-1)[kept]
             correct += int((guess == truth).sum())
             if model.cfg.num_labels > TOP_K:

@@ -4,6 +4,7 @@ export embeddings."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -174,6 +175,12 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
                  max_new: int | None = None) -> list[dict[str, str]]:
     """Generated text next to the reference text (empty where a sample has none: the samples to caption)
     for the first ``limit`` samples of a split ("all": every sample)."""
+    return list(itertools.islice(_generated(loaded, split, beam, max_new), limit))
+
+
+def _generated(loaded: LoadedRun, split: str, beam: int, max_new: int | None) -> Iterator[dict[str, str]]:
+    """``id``, ``generated`` and ``reference`` of each sample of a split, in the stream's order; read to its
+    end, what it could not use is said (``_said_what_was_left_out``)."""
     if loaded.model.cfg.task != "generate":
         raise ValueError(f"--run: this run was trained for {loaded.model.cfg.task}, not generate")
     longest = loaded.model.cfg.decoder.max_len - 1  # positions the decoder learned, less the BOS token
@@ -182,22 +189,14 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
                          f"--max-target-len {longest + 1}, less the start token); leave it out, or give at most "
                          f"{longest}")
     tok = load_tokenizer(loaded.cfg.tokenizer)
-    out: list[dict[str, str]] = []
     stream = loaded.stream(split, decode_only=True)
+    seen = 0
     for batch in stream:
         ids = loaded.model.generate(batch_to(batch, loaded.device), beam=beam, max_new=max_new)
         for sid, ref, gen in zip(batch["ids"], batch["texts"], ids, strict=True):
-            out.append({"id": sid, "generated": decode_ids(tok, gen), "reference": ref or ""})
-            if len(out) >= limit:
-                return out
-    if not out:
-        raise ValueError(empty_split("generate", stream.skipped(), split, loaded.model.cfg.input_modalities(),
-                                     stream.cfg.split_by))
-    skipped = dict(stream.skipped())  # the whole split was read: what it held that could not be shown
-    if skipped:
-        log.warning("generate left out %s", skip_reasons(skipped, loaded.model.cfg.input_modalities(),
-                                                         loaded.model.cfg.task))
-    return out
+            yield {"id": sid, "generated": decode_ids(tok, gen), "reference": ref or ""}
+            seen += 1
+    _said_what_was_left_out(stream, seen, split, loaded, "generate")
 
 
 def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: int = 1,
@@ -212,7 +211,7 @@ def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: 
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
     if task == "generate":
-        yield from generate_run(loaded, split=split, limit=2**62, beam=beam, max_new=max_new)
+        yield from _generated(loaded, split, beam, max_new)
         return
     stream = loaded.stream(split, decode_only=True)
     k = min(top_k, len(loaded.labels))
@@ -229,7 +228,7 @@ def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: 
                        "predicted": loaded.labels[i_row[0]], "probability": p_row[0],
                        "top": [{"label": loaded.labels[i], "probability": q} for i, q in zip(i_row, p_row, strict=True)]}
                 seen += 1
-    _said_what_was_left_out(stream, seen, split, loaded)
+    _said_what_was_left_out(stream, seen, split, loaded, "predict")
 
 
 def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[str, Any]:
@@ -263,7 +262,7 @@ def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[st
                     rows[m].add(z.float()[has.to(z.device)].cpu().numpy(),
                                 [sid for sid, h in zip(batch["ids"], has.tolist(), strict=True) if h])
                 seen += len(batch["ids"])
-        _said_what_was_left_out(stream, seen, split, loaded)
+        _said_what_was_left_out(stream, seen, split, loaded, "predict")
         for m in cfg.pair:
             rows[m].finish(os.path.join(out_dir, f"{m}.ids.jsonl"))
     info = {"run": loaded.cfg.out, "step": loaded.step, "data": loaded.source.spec, "split": split,
@@ -275,14 +274,15 @@ def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[st
     return info
 
 
-def _said_what_was_left_out(stream: ShardStream, seen: int, split: str, loaded: LoadedRun) -> None:
-    """Raise when a split gave no sample; else warn of what it held that could not be used."""
+def _said_what_was_left_out(stream: ShardStream, seen: int, split: str, loaded: LoadedRun, command: str) -> None:
+    """Raise when a split, read to its end, gave no sample; else warn of what it held that ``command`` could
+    not use."""
     task, reads = loaded.model.cfg.task, loaded.model.cfg.input_modalities()
     if not seen:
         raise ValueError(empty_split(task, stream.skipped(), split, reads, stream.cfg.split_by))
     skipped = dict(stream.skipped())
     if skipped:
-        log.warning("left out %s", skip_reasons(skipped, reads, task))
+        log.warning("%s left out %s", command, skip_reasons(skipped, reads, task))
 
 
 class _RowsFile:

@@ -50,6 +50,7 @@ from mbm.train.evaluate import TOP_K, autocast, evaluate
 from mbm.train.plot import plot_metrics
 from mbm.train.run import RunDir, append_jsonl, read_jsonl, truncate_jsonl
 from mbm.train.schedule import warmup_cosine
+from schemas.manifest import listed_splits
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,9 @@ class Trainer:
         self.train_stream = stream_config(cfg, self.source, self.labels, dims, "train", train=True)
         self.val_stream = stream_config(cfg, self.source, self.labels, dims, "val", train=False)
         if self.val_stream.test_apart and env.is_main:
-            named = ", ".join(f"{n} {c}" for n, c in self.source.splits.items())
             log.info("--split-by split: the dataset names a validation and a test split (samples: %s); evaluating "
-                     "on the validation split, the test split kept apart (mbm evaluate --split test)", named)
+                     "on the validation split, the test split kept apart (mbm evaluate --split test)",
+                     listed_splits(self.source.splits))
         # Retrieval never reads the third modality and generate never reads text: their embeddings take no
         # part in a step, which DDP must look for (a walk over the autograd graph at every step). Classify
         # reads every modality at every step, a batch without one included (one masked padding step of it).
