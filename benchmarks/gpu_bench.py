@@ -170,7 +170,11 @@ def table(results: dict[str, Any], device: str) -> str:
         ("train samples/s, streaming loader", fmt_rate(trn, "loader"), fmt_gpu(trn, "loader"),
          f"data overhead {trn['data_overhead']:.0%}" if "data_overhead" in trn else "-"),
         *((f"train samples/s, loader with {name.split('_')[1]} workers", fmt_rate(trn, name), fmt_gpu(trn, name),
-           f"data overhead {trn[name]['data_overhead']:.0%}") for name in trn if name.endswith("_workers")),
+           f"data overhead {trn[name]['data_overhead']:.0%}") for name in trn
+          if name.startswith("loader_") and name.endswith("_workers")),
+        *((f"held-out samples/s, evaluation {name.removeprefix('eval_').replace('_', ' ')}", fmt_rate(trn, name),
+           "-", f"{trn[name]['seconds_per_pass']} s a pass of {trn[name]['samples']}")
+          for name in trn if name.startswith("eval_")),
         *((f"samples/s, loader alone, {name.split('_')[2]} workers", fmt_rate(trn, name), "n/a", "no step")
           for name in trn if name.startswith("loader_alone_")),
         *((f"train samples/s, loader, registered feed{', alone' if name.endswith('alone') else ''}",

@@ -82,6 +82,7 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
             out[name]["hand_over"] = probe.summary(rate.calls * cfg.accum_steps)
             log(probe.line(rate.calls * cfg.accum_steps))
     out["data_overhead"] = round(1 - out["loader"]["per_s"] / out["memory"]["per_s"], 3)
+    out.update(held_out(trainer, log))
     # On the CPU the feed setting changes nothing (no pinning there): the smoke run still goes through it.
     try:
         out.update(registered_feed(cfg, trainer.env, sizes, device, monitor, out["memory"]["per_s"], log))
@@ -94,6 +95,32 @@ def run_train(sizes: TrainSizes, device: str, monitor: GpuMonitor, tmp: str, log
         other = Trainer(replace(cfg, workers=workers), trainer.env, progress=False)
         out.update(loader_measures(other, ((f"loader_alone_{workers}", False), (f"loader_{workers}_workers", True)),
                                    f"with {workers} workers", sizes, device, monitor, out["memory"]["per_s"], log))
+    return out
+
+
+def held_out(trainer: Any, log: Callable[[str], None], passes: int = 2) -> dict:
+    """Held-out evaluation (what ``Trainer.validate`` runs) read by the trainer's evaluation workers, then in
+    this process as before they existed: samples/s over ``passes`` passes each, after one untimed pass (the
+    workers' start and their scans of the shards)."""
+    from mbm.data.loader import PassLoader
+    from mbm.data.stream import ShardStream
+    from mbm.train.evaluate import evaluate
+
+    out: dict[str, Any] = {}
+    workers = trainer.val_loader.workers
+    with PassLoader(ShardStream(trainer.val_stream)) as alone:
+        for name, loader in ((f"eval_{workers}_workers", trainer.val_loader), ("eval_in_process", alone)):
+            samples = evaluate(trainer.model, loader, trainer.env.device)["samples"]
+            start = time.perf_counter()
+            for _ in range(passes):
+                evaluate(trainer.model, loader, trainer.env.device)
+            seconds = time.perf_counter() - start
+            out[name] = {"per_s": round(passes * samples / seconds, 1), "unit": "samples", "samples": samples,
+                         "seconds_per_pass": round(seconds / passes, 3)}
+            where = f"by {workers} workers" if loader is not alone else "in the training process"
+            log(f"  held-out evaluation read {where}: {samples} samples, {seconds / passes:.3f} s a pass, "
+                f"{passes * samples / seconds:,.0f} samples/s")
+    trainer.val_loader.close()
     return out
 
 

@@ -177,6 +177,9 @@ def _add_run_flags(p: argparse.ArgumentParser, split: str = "val") -> None:
     p.add_argument("--eval-samples", type=int, default=None, help="cap on samples evaluated")
     p.add_argument("--tokenizer", default=None, type=_path, help="tokenizer folder (default: the run's)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto | cpu | cuda")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loader worker processes reading the split (default: 0 on the CPU; on a GPU a share of "
+                        "the cores less one, 1 to 8)")
 
 
 def _setup_logging() -> None:
@@ -437,7 +440,7 @@ def _load(args: argparse.Namespace, **extra: Any):
     from mbm.train.inference import load_run
 
     _not_empty(run=args.run, data=args.data, checkpoint=args.checkpoint, tokenizer=args.tokenizer)
-    return load_run(args.run, data=args.data, checkpoint=args.checkpoint, device=args.device,
+    return load_run(args.run, data=args.data, checkpoint=args.checkpoint, device=args.device, workers=args.workers,
                     batch_size=args.batch_size, eval_samples=args.eval_samples, tokenizer=args.tokenizer, **extra)
 
 

@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -282,25 +282,8 @@ class StreamLoader:
     def _epochs(self) -> Iterator[dict[str, Any]]:
         empty = 0  # epochs in a row that gave no batch
         while True:
-            self._check_shards()
-            start, produced = self.batch, 0
-            # The workers of this pass count from zero; the consumed batches' counters stay (a pass that
-            # starts mid-epoch: after a resume, or after an earlier pass was closed).
-            self._decoded_before, self._decode_skips = dict(self._decode_total()), {}
-            try:
-                for batch in self._epoch_batches():
-                    self._count_skips(batch.pop("skipped"))
-                    self.batch += 1  # a dropped batch (all its samples corrupt) counts as consumed too
-                    if "dropped" in batch:
-                        continue
-                    produced += 1
-                    self.samples += len(batch["ids"])
-                    yield batch
-            except RuntimeError as e:
-                if not self.workers or not out_of_shared_memory(e):
-                    raise
-                self._without_workers()
-                continue  # this epoch again from the batch it had reached: the same batches, in this process
+            start = self.batch
+            produced = yield from self._rest_of_epoch()
             if produced == 0 and start == 0:
                 # The first epoch, or many in a row: the data gives nothing. A later epoch alone: its
                 # shuffle put every usable sample of this rank into dropped batches; the next one differs.
@@ -314,9 +297,50 @@ class StreamLoader:
             if self.skipped:
                 log.info("epoch %d: skipped %s", self.epoch, self.skipped)
             self.epoch += 1
-            self.batch = 0
-            self.samples = 0
-            self.skipped, self._decoded_before, self._decode_skips = {}, {}, {}
+            self._restart_epoch()
+
+    def _restart_epoch(self) -> None:
+        self.batch = 0
+        self.samples = 0
+        self.skipped, self._decoded_before, self._decode_skips = {}, {}, {}
+
+    def _rest_of_epoch(self) -> Generator[dict[str, Any], None, int]:
+        """The batches of epoch ``self.epoch`` from batch ``self.batch`` on; returns how many it yielded."""
+        self._check_shards()
+        produced = 0
+        while True:
+            # The workers of this pass count from zero; the consumed batches' counters stay (a pass that
+            # starts mid-epoch: after a resume, or after an earlier pass was closed).
+            self._decoded_before, self._decode_skips = dict(self._decode_total()), {}
+            try:
+                for batch in self._epoch_batches():
+                    self._count_skips(batch.pop("skipped"))
+                    if "end" in batch:  # a worker's last counters, after its last batch
+                        continue
+                    self.batch += 1  # a dropped batch (all its samples corrupt) counts as consumed too
+                    if "dropped" in batch:
+                        continue
+                    produced += 1
+                    self.samples += len(batch["ids"])
+                    yield batch
+                return produced
+            except RuntimeError as e:
+                if not self.workers or not out_of_shared_memory(e):
+                    raise
+                self._without_workers()  # this epoch again from the batch it had reached: the same batches, here
+
+    def one_pass(self) -> Iterator[dict[str, Any]]:
+        """Epoch ``self.epoch``'s batches from its start, once (an evaluation over a held-out split); then
+        ``skipped`` holds what the pass left out, and the workers stay for the next pass. A pass given up
+        half-way stops them (the next one starts new ones)."""
+        self._restart_epoch()
+        finished = False
+        try:
+            yield from self._rest_of_epoch()
+            finished = True
+        finally:
+            if not finished:
+                self.close()
 
     def _no_batch(self) -> str:
         """Why an epoch gave no batch, naming what was skipped. Workers send their counters with batches
@@ -340,3 +364,38 @@ class StreamLoader:
             return f"{split} has no sample the {cfg.task} task can use (skipped {reasons})"
         return (f"{split} yields no batch of {cfg.batch_size} on {self.stream.world} rank(s): {usable} usable "
                 f"sample(s) (skipped {skipped}); lower --batch-size or add data")
+
+
+class PassLoader:
+    """Whole passes over a held-out stream, one per iteration, in the stream's order (the same for any worker
+    count), its arrays read and decoded by ``workers`` processes that stay from one pass to the next (their
+    scans of the shards with them). Reads like a ``ShardStream`` where evaluation looks: ``cfg``, and
+    ``skipped()`` after a pass. Without workers the pass runs in this process."""
+
+    def __init__(self, stream: ShardStream, *, workers: int = 0, pin_memory: bool = False) -> None:
+        self.loader = StreamLoader(stream, workers=workers, pin_memory=pin_memory)
+
+    @property
+    def cfg(self) -> Any:
+        return self.loader.stream.cfg
+
+    @property
+    def workers(self) -> int:
+        return self.loader.workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.loader.one_pass()
+
+    def skipped(self) -> dict[str, int]:
+        """What the last pass left out, by reason."""
+        return dict(self.loader.skipped)
+
+    def close(self) -> None:
+        """Stop the workers (the next pass starts new ones)."""
+        self.loader.close()
+
+    def __enter__(self) -> PassLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -152,7 +152,10 @@ class ShardStream(IterableDataset):
 
     def batches(self, *, markers: bool = False) -> Iterator[dict[str, Any] | PackedBatch]:
         """This worker's collated batches; with ``markers``, a batch whose samples were all corrupt comes as
-        ``{"dropped": n, "ids": []}`` (plus position and counters) instead of being left out.
+        ``{"dropped": n, "ids": []}`` (plus position and counters) instead of being left out, and the pass
+        ends with ``{"end": True, "ids": []}`` and this worker's final counters (samples skipped after its
+        last batch included). A worker's end marker follows its last batch, so in the DataLoader's
+        round-robin order every batch still comes in its place.
 
         Every batch carries ``position`` (epoch, index) and ``skipped``: this worker's id, the stream's
         counters (the same in every worker) and this worker's decode counters (its own batches only).
@@ -186,6 +189,9 @@ class ShardStream(IterableDataset):
             batch.extras.update(extras)
             # A worker sends the packed batch (one shared-memory segment); ``StreamLoader`` unpacks it.
             yield batch if info is not None else batch.unpack()
+        if markers:
+            yield {"end": True, "ids": [],
+                   "skipped": {"worker": worker, "stream": stream_skips.snapshot(), "decode": decode_skips.snapshot()}}
 
     def skipped(self) -> dict[str, int]:
         """What the last pass over this stream (in this process) skipped, by reason."""

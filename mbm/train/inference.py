@@ -17,6 +17,7 @@ import torch
 
 from mbm.data.collate import IGNORE, batch_to
 from mbm.data.errors import skip_reasons
+from mbm.data.loader import PassLoader
 from mbm.data.source import DataSource, resolve_data
 from mbm.data.split import no_test_split
 from mbm.data.stream import ShardStream
@@ -35,6 +36,7 @@ from mbm.train.config import TrainConfig, merge
 from mbm.train.distributed import pick_device
 from mbm.train.evaluate import autocast, empty_split, evaluate
 from mbm.train.run import RunDir
+from mbm.train.trainer import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,12 @@ class LoadedRun:
     labels: list[Any]
     step: int
     device: torch.device
+    workers: int = 0  # data-loader worker processes reading the split
 
-    def stream(self, split: str, *, decode_only: bool = False) -> ShardStream:
-        """The samples of ``split`` ("train", "val", "test" or "all") in order; ``decode_only``: for predicting,
-        samples without what training needs besides their inputs too (a reference text, a label, the pair's
-        other modality), and no targets."""
+    def stream(self, split: str, *, decode_only: bool = False) -> PassLoader:
+        """The samples of ``split`` ("train", "val", "test" or "all") in order, one pass, read by ``workers``
+        processes; ``decode_only``: for predicting, samples without what training needs besides their inputs too
+        (a reference text, a label, the pair's other modality), and no targets."""
         dims = {m: self.model.cfg.feature_dims[m] for m in self.model.cfg.input_modalities()}
         for m, dim in dims.items():  # a modality the data lacks is masked, as in training
             got = self.source.feature_dims.get(m)
@@ -62,12 +65,16 @@ class LoadedRun:
         cfg = stream_config(self.cfg, self.source, self.labels, dims, split, train=False)
         if decode_only:
             cfg = replace(cfg, targets_optional=True, collate=replace(cfg.collate, with_targets=False))
-        return ShardStream(cfg)
+        return PassLoader(ShardStream(cfg), workers=self.workers, pin_memory=self.device.type == "cuda")
 
 
 def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = None, device: str = "auto",
-             **overrides: Any) -> LoadedRun:
-    """The run's model at its latest (or the given) checkpoint, and its data (or ``data``)."""
+             workers: int | None = None, **overrides: Any) -> LoadedRun:
+    """The run's model at its latest (or the given) checkpoint, and its data (or ``data``), read by ``workers``
+    data-loader processes (None: 0 on the CPU, a share of the cores on a GPU, as training's default; not the
+    run's own ``--workers``, which was chosen for the machine it trained on)."""
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
     run = RunDir(run_dir)
     lost_config = not os.path.isfile(run.config_json) and run.has_checkpoints()
     saved = None if lost_config else run.config()  # a folder that is no run: says so
@@ -97,7 +104,7 @@ def load_run(run_dir: str, *, data: str | None = None, checkpoint: str | None = 
     source.hold()  # mbm gc keeps the version while it is read
     pair = list(model_cfg.pair) if model_cfg.pair else cfg.pair
     return LoadedRun(cfg=replace(cfg, pair=pair), model=model, source=source, labels=labels,
-                     step=int(state["step"]), device=dev)
+                     step=int(state["step"]), device=dev, workers=loader_workers(workers, dev))
 
 
 def _check_same_run(run: RunDir, path: str, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
@@ -157,9 +164,9 @@ def evaluate_run(loaded: LoadedRun, split: str = "val", per_class: bool = False)
     if per_class and loaded.model.cfg.task != "classify":
         raise ValueError(f"--per-class: this run was trained for {loaded.model.cfg.task}; per-class metrics are "
                          "classify's")
-    stream = loaded.stream(split)
-    metrics = {"step": loaded.step, "split": split,
-               **evaluate(loaded.model, stream, loaded.device, classes=per_class)}
+    with loaded.stream(split) as stream:
+        metrics = {"step": loaded.step, "split": split,
+                   **evaluate(loaded.model, stream, loaded.device, classes=per_class)}
     if per_class:
         by_index = metrics.pop("per_class")
         metrics["per_class"] = [{"label": loaded.labels[c], **by_index[c]} for c in sorted(by_index)]
@@ -175,7 +182,8 @@ def generate_run(loaded: LoadedRun, *, split: str = "val", limit: int = 5, beam:
                  max_new: int | None = None) -> list[dict[str, str]]:
     """Generated text next to the reference text (empty where a sample has none: the samples to caption)
     for the first ``limit`` samples of a split ("all": every sample)."""
-    return list(itertools.islice(_generated(loaded, split, beam, max_new), limit))
+    with contextlib.closing(_generated(loaded, split, beam, max_new)) as rows:  # its workers stop at the limit
+        return list(itertools.islice(rows, limit))
 
 
 def _generated(loaded: LoadedRun, split: str, beam: int, max_new: int | None) -> Iterator[dict[str, str]]:
@@ -189,14 +197,14 @@ def _generated(loaded: LoadedRun, split: str, beam: int, max_new: int | None) ->
                          f"--max-target-len {longest + 1}, less the start token); leave it out, or give at most "
                          f"{longest}")
     tok = load_tokenizer(loaded.cfg.tokenizer)
-    stream = loaded.stream(split, decode_only=True)
     seen = 0
-    for batch in stream:
-        ids = loaded.model.generate(batch_to(batch, loaded.device), beam=beam, max_new=max_new)
-        for sid, ref, gen in zip(batch["ids"], batch["texts"], ids, strict=True):
-            yield {"id": sid, "generated": decode_ids(tok, gen), "reference": ref or ""}
-            seen += 1
-    _said_what_was_left_out(stream, seen, split, loaded, "generate")
+    with loaded.stream(split, decode_only=True) as stream:  # workers stopped however the caller stops reading
+        for batch in stream:
+            ids = loaded.model.generate(batch_to(batch, loaded.device), beam=beam, max_new=max_new)
+            for sid, ref, gen in zip(batch["ids"], batch["texts"], ids, strict=True):
+                yield {"id": sid, "generated": decode_ids(tok, gen), "reference": ref or ""}
+                seen += 1
+        _said_what_was_left_out(stream, seen, split, loaded, "generate")
 
 
 def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: int = 1,
@@ -213,11 +221,10 @@ def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: 
     if task == "generate":
         yield from _generated(loaded, split, beam, max_new)
         return
-    stream = loaded.stream(split, decode_only=True)
     k = min(top_k, len(loaded.labels))
     model = loaded.model.eval()
     seen = 0
-    with torch.no_grad():
+    with loaded.stream(split, decode_only=True) as stream, torch.no_grad():
         for batch in stream:
             with autocast(loaded.device):
                 logits = model(batch_to(batch, loaded.device))["logits"]
@@ -228,7 +235,7 @@ def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: 
                        "predicted": loaded.labels[i_row[0]], "probability": p_row[0],
                        "top": [{"label": loaded.labels[i], "probability": q} for i, q in zip(i_row, p_row, strict=True)]}
                 seen += 1
-    _said_what_was_left_out(stream, seen, split, loaded, "predict")
+        _said_what_was_left_out(stream, seen, split, loaded, "predict")
 
 
 def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[str, Any]:
@@ -247,6 +254,7 @@ def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[st
     model = loaded.model.eval()
     seen = 0
     with contextlib.ExitStack() as files:
+        files.enter_context(stream)
         # rows and ids go to temporary files as they come (memory stays one batch), made .npy at the end
         rows = {m: files.enter_context(_RowsFile(os.path.join(out_dir, f"{m}.npy"), cfg.embed_dim)) for m in cfg.pair}
         with torch.no_grad():
@@ -274,7 +282,7 @@ def embed_run(loaded: LoadedRun, out_dir: str, *, split: str = "all") -> dict[st
     return info
 
 
-def _said_what_was_left_out(stream: ShardStream, seen: int, split: str, loaded: LoadedRun, command: str) -> None:
+def _said_what_was_left_out(stream: PassLoader, seen: int, split: str, loaded: LoadedRun, command: str) -> None:
     """Raise when a split, read to its end, gave no sample; else warn of what it held that ``command`` could
     not use."""
     task, reads = loaded.model.cfg.task, loaded.model.cfg.input_modalities()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from mbm.alloc import tune_malloc
 from mbm.data.collate import batch_to
 from mbm.data.feed import feed_from_env
-from mbm.data.loader import StreamLoader
+from mbm.data.loader import PassLoader, StreamLoader
 from mbm.data.source import pinned, resolve_data
 from mbm.data.stream import ShardStream
 from mbm.lock import FolderLock, FolderLockedError
@@ -203,6 +203,9 @@ class Trainer:
         registered = feed == "registered" and cuda
         self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world), workers=workers,
                                    pin_memory=cuda, feed_device=env.device if registered else None)
+        # held-out passes read by as many workers of their own, which stay between evaluations: on a GPU a
+        # pass read in the training process would leave the device waiting for it
+        self.val_loader = PassLoader(ShardStream(self.val_stream), workers=workers, pin_memory=cuda)
         cores = usable_cores()
         threads = cpu_threads() if env.device.type == "cpu" else None
         if threads is not None:
@@ -387,7 +390,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Every rank evaluates the whole held-out split (identical results, no collectives needed)."""
-        return evaluate(self.model, ShardStream(self.val_stream), self.env.device)
+        return evaluate(self.model, self.val_loader, self.env.device)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -411,13 +414,13 @@ class Trainer:
         last: dict[str, Any] = {}
         bar = tqdm(total=end, initial=self.step, disable=True if not env.is_main or self.progress is False else None,
                    unit="step", dynamic_ncols=True)
-        if self.step == 0 and end > 0:  # the untrained baseline, so every curve has its starting point
-            self._log({"step": 0, "split": "val", **self.validate()})
-        t0, seen, losses = time.perf_counter(), 0, self._unlogged
-        pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
-        _STOP.loop_running, _STOP.asked = True, False
-        stop_asked = AnyRank(env)
         try:
+            if self.step == 0 and end > 0:  # the untrained baseline, so every curve has its starting point
+                self._log({"step": 0, "split": "val", **self.validate()})
+            t0, seen, losses = time.perf_counter(), 0, self._unlogged
+            pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not read yet
+            _STOP.loop_running, _STOP.asked = True, False
+            stop_asked = AnyRank(env)
             while self.step < end:
                 loss_t, ids = self.train_step(batches)
                 self.training = True  # a step was taken: a failure now is no refused start, the folder stays
@@ -490,6 +493,7 @@ class Trainer:
             return last
         finally:
             _STOP.loop_running = False
+            self.val_loader.close()
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import webdataset as wds
 
 from mbm.data import CollateConfig, ShardStream, StreamConfig, StreamLoader, resolve_data, split_of
 from mbm.data.errors import SkipLog
+from mbm.data.loader import PassLoader
 from mbm.data.segments import REUSABLE, SLOTS
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
 
@@ -697,3 +698,69 @@ def test_a_dataset_naming_validation_and_test_splits_keeps_the_test_split_apart(
     batches = list(ShardStream(stream_cfg(src, split="test", split_by="split", test_apart=True, drop_last=False,
                                           shuffle=False)))
     assert sorted(i for b in batches for i in b["ids"]) == [f"s{i:06d}" for i in range(2, 30, 3)]
+
+
+def _held_out(source):
+    return stream_cfg(source, split="val", val_fraction=0.3, shuffle=False, drop_last=False, batch_size=3)
+
+
+def test_held_out_passes_equal_the_stream_and_keep_their_workers_between_passes(dataset):
+    import multiprocessing
+
+    def children():  # this process's, less those other tests left
+        return {p.pid for p in multiprocessing.active_children()} - before
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    cfg = _held_out(resolve_data(dataset))
+    stream = ShardStream(cfg)
+    want = ids_of(stream)
+    assert len(want) > 4
+    with PassLoader(ShardStream(cfg), workers=2) as loader:
+        assert loader.cfg is cfg
+        first = ids_of(loader)
+        workers = children()
+        second = ids_of(loader)
+        assert first == second == want  # in the stream's order, whole, every pass
+        assert len(workers) == 2 and children() == workers
+        assert loader.skipped() == stream.skipped()
+    assert not children()
+    with PassLoader(ShardStream(cfg)) as alone:  # without workers: this process
+        assert ids_of(alone) == want and not children()
+
+
+def test_a_held_out_pass_given_up_half_way_stops_its_workers(dataset):
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    cfg = _held_out(resolve_data(dataset))
+    want = ids_of(ShardStream(cfg))
+    loader = PassLoader(ShardStream(cfg), workers=2)
+    batches = iter(loader)
+    assert next(batches)["ids"] == want[0]
+    assert len({p.pid for p in multiprocessing.active_children()} - before) == 2
+    batches.close()
+    assert not {p.pid for p in multiprocessing.active_children()} - before
+    assert ids_of(loader) == want  # the next pass whole, from new workers
+    loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_a_pass_counts_what_it_skipped_after_its_last_batch(tmp_path, workers, caplog):
+    """Samples left out after the last batch is full still count: each worker ends its pass with its final
+    counters."""
+    path = tmp_path / "t.tar"
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for i in range(11):
+            doc = {"id": f"s{i:02d}", "label": "cat" if i < 8 else None, "text": "t", "modalities": ["text"]}
+            sink.write({"__key__": f"s{i:02d}", "json": json.dumps(doc).encode(),
+                        "text.npy": _npy_bytes(np.full((2, 8), i, np.float16))})
+    collate = CollateConfig(feature_dims={"text": 8}, labels=("cat",))
+    cfg = StreamConfig(shards=(str(path),), collate=collate, batch_size=4, shuffle=False, drop_last=False,
+                       val_fraction=0.0)
+    with PassLoader(ShardStream(cfg), workers=workers) as loader:
+        assert ids_of(loader) == [[f"s{i:02d}" for i in range(j, j + 4)] for j in (0, 4)]
+        assert loader.skipped() == {"task.no_label": 3}
+    training = StreamLoader(ShardStream(cfg), workers=workers)  # an epoch of training counts them too
+    with caplog.at_level(logging.INFO, logger="mbm.data.loader"):
+        assert [b["ids"][0] for b in itertools.islice(training, 3)] == ["s00", "s04", "s00"]
+    assert "epoch 0: skipped {'task.no_label': 3}" in caplog.text

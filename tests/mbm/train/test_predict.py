@@ -127,3 +127,29 @@ def test_generate_predicts_a_text_for_every_sample_with_media(data, tmp_path, ca
     assert {r["id"] for r in rows} == with_media and len(rows) == len(with_media)
     assert all(set(r) == {"id", "generated", "reference"} for r in rows)
     assert any(r["reference"] == "" for r in rows)  # uncaptioned media get a caption too
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}  # those other tests left
+    # three of them, read by two workers that stop at the limit
+    assert main(["generate", "--run", run, "--split", "all", "--limit", "3", "--json", "--max-new-tokens", "4",
+                 "--workers", "2"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows[:3]
+    assert not {p.pid for p in multiprocessing.active_children()} - before
+
+
+def test_evaluate_and_predict_read_with_workers_as_without(data, tmp_path, capsys):
+    import multiprocessing
+
+    before = {p.pid for p in multiprocessing.active_children()}  # those other tests left
+    run = str(tmp_path / "cls")
+    _train(data, run)
+    capsys.readouterr()
+    outs = []
+    for workers in ("0", "2"):
+        assert main(["evaluate", "--run", run, "--json", "--per-class", "--workers", workers]) == 0
+        assert main(["predict", "--run", run, "--workers", workers]) == 0
+        outs.append(capsys.readouterr().out)
+        assert not {p.pid for p in multiprocessing.active_children()} - before  # stopped with the command
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 91  # evaluate's object, then 90 predictions
+    assert main(["predict", "--run", run, "--workers", "-1"]) == 2
+    assert "--workers must be >= 0, got -1" in capsys.readouterr().err

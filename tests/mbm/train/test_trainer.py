@@ -346,6 +346,9 @@ def test_accumulation_and_loader_workers_see_the_same_samples(data, tmp_path, ca
     la = read_jsonl(str(tmp_path / "w0" / "metrics.jsonl"))
     lb = read_jsonl(str(tmp_path / "w2" / "metrics.jsonl"))
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-6)
+    # the held-out passes, read by the evaluation's own two workers, score the same samples the same way
+    val = [[{k: v for k, v in r.items() if k != "loss"} for r in runs if r["split"] == "val"] for runs in (la, lb)]
+    assert [r["step"] for r in val[0]] == [0, 3] and val[0] == val[1]
 
 
 def test_resume_refuses_a_changed_model_or_data_and_leaves_the_run_untouched(data, tmp_path, capsys):
