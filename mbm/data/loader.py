@@ -390,6 +390,11 @@ class PassLoader:
         """What the last pass left out, by reason."""
         return dict(self.loader.skipped)
 
+    def decode_skipped(self) -> dict[str, int]:
+        """Of that, the samples whose arrays were corrupt: found by the process that decoded them, so a rank
+        reading its share of a split counts those of its share only (the rest every rank sees alike)."""
+        return dict(sorted(self.loader._decode_total().items()))
+
     def close(self) -> None:
         """Stop the workers (the next pass starts new ones)."""
         self.loader.close()

@@ -88,11 +88,12 @@ def shuffled(items: Iterable[T], buffer_size: int, rng: random.Random) -> Iterat
     yield from buf
 
 
-def rank_slice(items: Iterable[T], rank: int, world: int) -> Iterator[T]:
+def rank_slice(items: Iterable[T], rank: int, world: int, *, whole: bool = False) -> Iterator[T]:
     """Rank ``rank``'s share: item ``rank`` of each complete group of ``world`` consecutive items.
 
     Ranks get disjoint items and the same count (the last incomplete group is dropped), so no rank
-    waits for another at the end of an epoch.
+    waits for another at the end of an epoch. ``whole`` (an evaluation, where every item counts): the
+    last incomplete group too, so the ranks' shares make up all the items.
     """
     group: list[T] = []
     for item in items:
@@ -100,6 +101,8 @@ def rank_slice(items: Iterable[T], rank: int, world: int) -> Iterator[T]:
         if len(group) == world:
             yield group[rank]
             group = []
+    if whole and rank < len(group):
+        yield group[rank]
 
 
 def batched(items: Iterable[T], size: int, drop_last: bool) -> Iterator[list[T]]:

@@ -141,7 +141,9 @@ class ShardStream(IterableDataset):
             samples = itertools.islice(samples, cfg.max_samples)
         if cfg.shuffle and cfg.shuffle_buffer > 1:
             samples = shuffled(samples, cfg.shuffle_buffer, epoch_rng(cfg.seed, self.epoch, "samples"))
-        return batched(rank_slice(samples, self.rank, self.world), cfg.batch_size, cfg.drop_last)
+        # a stream that keeps its last partial batch (evaluation) keeps every sample over the ranks too
+        return batched(rank_slice(samples, self.rank, self.world, whole=not cfg.drop_last), cfg.batch_size,
+                       cfg.drop_last)
 
     def sample_batches(self, skips: SkipLog) -> Iterator[list[Sample]]:
         """This rank's batches of decoded samples, all of them; corrupt samples and empty batches left out."""

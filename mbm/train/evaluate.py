@@ -6,7 +6,8 @@ import contextlib
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -66,28 +67,58 @@ def per_class(truth: Counter[int], predicted: Counter[int], right: Counter[int])
     return out
 
 
-@torch.no_grad()
-def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device,
-             classes: bool = False) -> dict[str, Any]:
-    """{"loss", "samples", and accuracy/balanced_accuracy/macro_f1/majority_rate, top5_accuracy over more than
-    five labels (classify), recall@k/chance@5 (retrieve)}.
+@dataclass
+class Tally:
+    """The sums a pass over a split leaves, from which its metrics follow; tallies of disjoint shares of a
+    split add up to the tally of the whole (``merged``)."""
 
-    ``batches`` may be a ``ShardStream``: when nothing usable comes out, its skip counts say why. ``classes``
-    (classify): also ``per_class``, each class's support, precision, recall and F1 by label index."""
+    loss_sum: float = 0.0
+    weight: int = 0  # samples (classify, retrieve) or target tokens (generate) the loss is averaged over
+    alone: tuple[float, int] = (0.0, 0)  # retrieve: (loss sum, samples) of batches of one sample, whose loss is 0
+    correct: int = 0
+    correct_top: int = 0  # classify with more than TOP_K labels: samples whose label is among the TOP_K likeliest
+    truth: Counter[int] = field(default_factory=Counter)  # classify: samples per true class,
+    predicted: Counter[int] = field(default_factory=Counter)  # predictions per class
+    right: Counter[int] = field(default_factory=Counter)  # and right predictions per class
+    za: list[torch.Tensor] = field(default_factory=list)  # retrieve: unit embeddings of both sides, batch by batch
+    zb: list[torch.Tensor] = field(default_factory=list)
+    contents: dict[str, list[bytes]] = field(default_factory=dict)  # retrieve: each sample's content digest per side
+    skipped: Counter[str] = field(default_factory=Counter)  # what the pass left out, by reason
+
+    def portable(self) -> Tally:
+        """This tally with its embeddings joined and on the CPU, to send to other ranks."""
+        za, zb = ([torch.cat(z).cpu()] if z else [] for z in (self.za, self.zb))
+        return replace(self, za=za, zb=zb)
+
+
+def merged(tallies: list[Tally]) -> Tally:
+    """One tally of the shares of a split that ``tallies`` counted, in their order."""
+    out = Tally(contents={m: [] for m in tallies[0].contents})
+    for t in tallies:
+        out.loss_sum += t.loss_sum
+        out.weight += t.weight
+        out.alone = out.alone[0] + t.alone[0], out.alone[1] + t.alone[1]
+        out.correct += t.correct
+        out.correct_top += t.correct_top
+        for mine, theirs in ((out.truth, t.truth), (out.predicted, t.predicted), (out.right, t.right)):
+            mine.update(theirs)
+        out.za += t.za
+        out.zb += t.zb
+        for m, keys in t.contents.items():
+            out.contents[m] += keys
+    return out
+
+
+@torch.no_grad()
+def tally(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device) -> Tally:
+    """One pass of ``model`` over ``batches``: the sums its metrics follow from."""
     was_training = model.training
     model.eval()
     task = model.cfg.task
-    loss_sum, weight, correct = 0.0, 0, 0
-    alone = 0.0, 0  # retrieve: (loss sum, samples) of batches of one sample, whose contrastive loss is 0
-    label_counts: Counter[int] = Counter()
-    predicted: Counter[int] = Counter()  # classify: predictions per class, and the right ones per class
-    correct_top = 0  # classify with more than TOP_K labels: samples whose label is among the TOP_K likeliest
-    right: Counter[int] = Counter()
-    za, zb = [], []
-    contents: dict[str, list[bytes]] = {m: [] for m in (model.cfg.pair or ())}
+    t = Tally(contents={m: [] for m in (model.cfg.pair or ())})
     for batch in batches:
         if task == "retrieve":
-            for m, keys in contents.items():
+            for m, keys in t.contents.items():
                 keys += content_keys(batch, m)
         batch = batch_to(batch, device)
         with autocast(device):
@@ -97,28 +128,52 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
             kept = labels != IGNORE
             n = int(kept.sum())
             truth, guess = labels[kept], out["logits"].argmax(-1)[kept]
-            correct += int((guess == truth).sum())
+            t.correct += int((guess == truth).sum())
             if model.cfg.num_labels > TOP_K:
                 top = out["logits"][kept].topk(TOP_K, dim=-1).indices
-                correct_top += int((top == truth[:, None]).any(-1).sum())
-            label_counts.update(truth.tolist())
-            predicted.update(guess.tolist())
-            right.update(truth[guess == truth].tolist())
+                t.correct_top += int((top == truth[:, None]).any(-1).sum())
+            t.truth.update(truth.tolist())
+            t.predicted.update(guess.tolist())
+            t.right.update(truth[guess == truth].tolist())
         elif task == "retrieve":
             n = len(batch["ids"])
-            za.append(out["za"].float())
-            zb.append(out["zb"].float())
+            t.za.append(out["za"].float())
+            t.zb.append(out["zb"].float())
             if n == 1:  # no other sample to tell it from: its loss is 0 whatever the model (a split's last batch)
-                alone = alone[0] + float(out["loss"]), alone[1] + 1
+                t.alone = t.alone[0] + float(out["loss"]), t.alone[1] + 1
                 continue
         else:
             n = int(batch["target_mask"][:, 1:].sum())
-        loss_sum += float(out["loss"]) * n
-        weight += n
-    if weight == 0 and alone[1]:  # a split of one sample: nothing better to report
-        loss_sum, weight = alone
+        t.loss_sum += float(out["loss"]) * n
+        t.weight += n
     model.train(was_training)
-    skipped = getattr(batches, "skipped", dict)()
+    return t
+
+
+def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: torch.device,
+             classes: bool = False, gather: Callable[[Any], list[Any]] | None = None) -> dict[str, Any]:
+    """{"loss", "samples", and accuracy/balanced_accuracy/macro_f1/majority_rate, top5_accuracy over more than
+    five labels (classify), recall@k/chance@5 (retrieve)}.
+
+    ``batches`` may be a ``ShardStream`` or a ``PassLoader``: when nothing usable comes out, its skip counts say
+    why. ``classes`` (classify): also ``per_class``, each class's support, precision, recall and F1 by label
+    index. ``gather`` (ranks that each read a share of the split: ``DistEnv.gather``): every rank's tally, so
+    that each gets the metrics of the whole split."""
+    t = tally(model, batches, device)
+    skipped = Counter(getattr(batches, "skipped", dict)())
+    if gather is not None:
+        # what the stream left out every rank saw alike (each scans every sample); corrupt arrays only the
+        # rank that decoded them
+        decoded = Counter(getattr(batches, "decode_skipped", dict)())
+        t = replace(t.portable(), skipped=decoded)
+        tallies = gather(t)
+        t = merged(tallies)
+        skipped = (skipped - decoded) + sum((x.skipped for x in tallies), Counter())
+    task = model.cfg.task
+    loss_sum, weight = t.loss_sum, t.weight
+    if weight == 0 and t.alone[1]:  # a split of one sample: nothing better to report
+        loss_sum, weight = t.alone
+    skipped = dict(sorted(skipped.items()))
     if weight == 0:
         cfg = getattr(batches, "cfg", None)
         raise ValueError(empty_split(task, skipped, getattr(cfg, "split", "val"), model.cfg.input_modalities(),
@@ -127,15 +182,15 @@ def evaluate(model: MultimodalModel, batches: Iterable[dict[str, Any]], device: 
         log.info("evaluation left out %s", skip_reasons(skipped, model.cfg.input_modalities(), task))
     metrics = {"loss": loss_sum / weight}
     if task == "classify":
-        metrics.update(accuracy=correct / weight, **class_balanced(label_counts, predicted, right),
-                       majority_rate=max(label_counts.values()) / weight, samples=weight)
+        metrics.update(accuracy=t.correct / weight, **class_balanced(t.truth, t.predicted, t.right),
+                       majority_rate=max(t.truth.values()) / weight, samples=weight)
         if model.cfg.num_labels > TOP_K:
-            metrics[f"top{TOP_K}_accuracy"] = correct_top / weight
+            metrics[f"top{TOP_K}_accuracy"] = t.correct_top / weight
         if classes:  # by label index
-            metrics["per_class"] = per_class(label_counts, predicted, right)
+            metrics["per_class"] = per_class(t.truth, t.predicted, t.right)
     elif task == "retrieve":
-        a, b = torch.cat(za), torch.cat(zb)
-        groups = tuple(group_ids(keys) for keys in contents.values())
+        a, b = torch.cat([z.to(device) for z in t.za]), torch.cat([z.to(device) for z in t.zb])
+        groups = tuple(group_ids(keys) for keys in t.contents.values())
         metrics.update(recall_at_k(a, b, groups=groups), samples=len(a))
         metrics["chance@5"] = chance_at_k(5, groups)  # a picture's other captions count as matches here too
     else:

@@ -203,9 +203,10 @@ class Trainer:
         registered = feed == "registered" and cuda
         self.loader = StreamLoader(ShardStream(self.train_stream, rank=env.rank, world=env.world), workers=workers,
                                    pin_memory=cuda, feed_device=env.device if registered else None)
-        # held-out passes read by as many workers of their own, which stay between evaluations: on a GPU a
-        # pass read in the training process would leave the device waiting for it
-        self.val_loader = PassLoader(ShardStream(self.val_stream), workers=workers, pin_memory=cuda)
+        # held-out passes, each rank reading its share of the split, by as many workers of their own, which
+        # stay between evaluations: on a GPU a pass read in the training process would leave it waiting
+        self.val_loader = PassLoader(ShardStream(self.val_stream, rank=env.rank, world=env.world), workers=workers,
+                                     pin_memory=cuda)
         cores = usable_cores()
         threads = cpu_threads() if env.device.type == "cpu" else None
         if threads is not None:
@@ -389,8 +390,10 @@ class Trainer:
             raise ValueError(self._diverged(f"the weights are NaN or infinite at step {self.step}"))
 
     def validate(self) -> dict[str, float]:
-        """Every rank evaluates the whole held-out split (identical results, no collectives needed)."""
-        return evaluate(self.model, self.val_loader, self.env.device)
+        """Each rank evaluates its share of the held-out split, and every rank gets the metrics of the whole
+        split from all ranks' sums."""
+        return evaluate(self.model, self.val_loader, self.env.device,
+                        gather=self.env.gather if self.env.distributed else None)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:

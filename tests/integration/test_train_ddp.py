@@ -32,6 +32,30 @@ def torchrun(*argv, timeout=150):
     return proc
 
 
+def evaluate_alone(run, *argv):
+    """``mbm evaluate --json`` of a run's latest checkpoint, in one process."""
+    proc = subprocess.run([sys.executable, "-m", "jobs.train_cli", "evaluate", "--run", run, "--json", *argv], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_their_shares_of_a_retrieve_split_as_one_process_evaluates_it(tmp_path):
+    data = str(tmp_path / "ds")
+    write_synthetic_dataset(data, SyntheticConfig(num_samples=150, samples_per_shard=150, feature_dims=DIMS,
+                                                  lengths={"text": (3, 6), "image": (4, 4), "audio": (3, 8)},
+                                                  media_repeats=3))
+    out = str(tmp_path / "ret")
+    torchrun("--data", data, "--out", out, "--steps", "10", "--task", "retrieve", "--pair", "text,image",
+             "--val-fraction", "0.3")
+    val = read_jsonl(os.path.join(out, "metrics.jsonl"))[-1]
+    whole = evaluate_alone(out)
+    assert val["step"] == whole["step"] == 10 and val["samples"] == whole["samples"] > 16
+    for key in ("recall@1", "recall@5", "recall@10", "chance@5"):  # over the whole split, samples sharing a picture
+        assert val[key] == pytest.approx(whole[key], abs=1e-9), key
+
+
 @pytest.mark.slow
 def test_two_ranks_take_equal_steps_on_disjoint_samples_and_resume_exactly(tmp_path):
     data = str(tmp_path / "ds")
@@ -50,6 +74,13 @@ def test_two_ranks_take_equal_steps_on_disjoint_samples_and_resume_exactly(tmp_p
         assert len(ids) == len(set(ids)), f"a sample was seen twice in epoch {epoch}"
     metrics = read_jsonl(os.path.join(once, "metrics.jsonl"))
     assert [r["step"] for r in metrics if r["split"] == "val"] == [0, 10, 20]  # rank 0 alone writes
+    # each rank evaluated its share of the held-out split; together, the whole split as one process reads it
+    whole = evaluate_alone(once)
+    val = metrics[-1]
+    assert val["split"] == "val" and val["step"] == whole["step"] == 20
+    for key in ("samples", "accuracy", "balanced_accuracy", "macro_f1", "majority_rate"):
+        assert val[key] == whole[key], key
+    assert val["loss"] == pytest.approx(whole["loss"], rel=1e-5)
 
     torchrun("--data", data, "--out", twice, "--steps", "20", "--stop-at", "10")
     torchrun("--data", data, "--out", twice, "--steps", "20", "--resume")

@@ -52,14 +52,15 @@ def test_order_is_fixed_by_seed_and_epoch(dataset):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_are_disjoint_and_get_equal_batches(dataset, world):
     src = resolve_data(dataset)
-    cfg = stream_cfg(src, drop_last=False)
+    cfg = stream_cfg(src)  # training's: whole batches
     per_rank = [sum(ids_of(ShardStream(cfg, rank=r, world=world)), []) for r in range(world)]
-    everything = sum(ids_of(ShardStream(cfg)), [])
+    everything = sum(ids_of(ShardStream(replace(cfg, drop_last=False))), [])
     assert len({len(ids) for ids in per_rank}) == 1
     assert len({len(ids_of(ShardStream(cfg, rank=r, world=world))) for r in range(world)}) == 1
     flat = sum(per_rank, [])
     assert len(flat) == len(set(flat))
-    assert set(flat) <= set(everything) and len(everything) - len(flat) < world
+    # left out: under one group of ``world`` samples, and under a batch on each rank
+    assert set(flat) <= set(everything) and len(everything) - len(flat) < world * cfg.batch_size + world
 
 
 def test_split_is_a_hash_of_the_id_and_train_val_partition(dataset):
@@ -764,3 +765,21 @@ def test_a_pass_counts_what_it_skipped_after_its_last_batch(tmp_path, workers, c
     with caplog.at_level(logging.INFO, logger="mbm.data.loader"):
         assert [b["ids"][0] for b in itertools.islice(training, 3)] == ["s00", "s04", "s00"]
     assert "epoch 0: skipped {'task.no_label': 3}" in caplog.text
+
+
+def test_rank_shares_of_an_evaluation_hold_every_sample_once():
+    from mbm.data.stages import rank_slice
+
+    items = list(range(11))
+    training = [list(rank_slice(items, r, 3)) for r in range(3)]
+    assert training == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # equal shares: the last incomplete group dropped
+    shares = [list(rank_slice(items, r, 3, whole=True)) for r in range(3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+
+
+def test_an_evaluation_stream_over_ranks_keeps_every_sample(dataset):
+    cfg = _held_out(resolve_data(dataset))
+    whole = sorted(i for b in ShardStream(cfg) for i in b["ids"])
+    shares = [[i for b in ShardStream(cfg, rank=r, world=3) for i in b["ids"]] for r in range(3)]
+    assert sorted(sum(shares, [])) == whole and len(whole) % 3  # a remainder to place
+    assert max(map(len, shares)) - min(map(len, shares)) == 1

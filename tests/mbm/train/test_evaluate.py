@@ -186,3 +186,69 @@ def test_over_more_than_five_labels_top5_accuracy_counts_a_label_among_the_five_
     labels = torch.tensor([0, 4, 5, -100])  # ranks 1, 5 and 6; the unlabelled sample counts nowhere
     metrics = evaluate(model, [{"labels": labels, "logits": logits}], torch.device("cpu"))
     assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["top5_accuracy"] == pytest.approx(2 / 3)
+
+
+class _Share(list):
+    """A rank's share of a split's batches, with the skip counts a PassLoader keeps."""
+
+    def __init__(self, batches, skipped, decoded):
+        super().__init__(batches)
+        self._skipped, self._decoded = skipped, decoded
+
+    def skipped(self):
+        return dict(self._skipped)
+
+    def decode_skipped(self):
+        return dict(self._decoded)
+
+
+def test_ranks_evaluating_shares_of_a_split_get_the_metrics_of_the_whole_split(caplog):
+    """Each rank reads its share of the held-out split; the ranks' tallies, gathered, give every rank the
+    metrics one process gets from the whole split, and what was left out counted once."""
+    import logging
+
+    from mbm.train.evaluate import tally
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    truth = torch.tensor([0, 0, -100, 0, 0, 1, 1, 2, 2, 1, 6, 5, 4])
+    logits = torch.randn(13, 7)
+    model = _Classifier()
+    model.cfg.num_labels = 7  # top5_accuracy too
+    batches = [{"labels": truth[i:i + 3], "logits": logits[i:i + 3]} for i in range(0, 13, 3)]
+    whole = evaluate(model, batches, cpu, classes=True)
+    # rank 0 read batches 0 and 2, rank 1 batches 1 and 3; the stream's skips (a bad json) both saw, the
+    # corrupt arrays only the rank that decoded them
+    shares = [_Share(batches[0::2], {"json.bad": 1, "npy.bad": 2}, {"npy.bad": 2}),
+              _Share(batches[1::2], {"json.bad": 1, "npy.nonfinite": 1}, {"npy.nonfinite": 1})]
+
+    def gather_for(rank):
+        def gather(mine):
+            assert not mine.za and mine.skipped == shares[rank].decode_skipped()
+            others = [tally(model, shares[r], cpu) for r in range(2)]
+            for r in range(2):
+                others[r].skipped = type(mine.skipped)(shares[r].decode_skipped())
+            others[rank] = mine
+            return others
+        return gather
+
+    for rank in range(2):
+        with caplog.at_level(logging.INFO, logger="mbm.train.evaluate"):
+            caplog.clear()
+            got = evaluate(model, shares[rank], cpu, classes=True, gather=gather_for(rank))
+        assert got.pop("per_class") == whole["per_class"]  # from counts: exact
+        assert got == pytest.approx({k: v for k, v in whole.items() if k != "per_class"})
+        assert got["samples"] == 12 and "top5_accuracy" in got
+        assert "left out 1 json.bad; 2 npy.bad; 1 npy.nonfinite" in caplog.text
+
+    torch.manual_seed(0)  # retrieve: recall over every rank's embeddings, samples sharing a picture matched
+    image = F.normalize(torch.randn(6, 16), dim=-1).repeat_interleave(3, dim=0)
+    text = F.normalize(image + 0.3 * torch.randn(18, 16), dim=-1)
+    ids = [f"p{i // 3}-c{i % 3}" for i in range(18)]
+    pairs = [_pairs(ids[i:i + 4], text[i:i + 4], image[i:i + 4]) for i in range(0, 18, 4)]  # the last of 2
+    whole = evaluate(_Retriever(), pairs, cpu)
+    halves = [pairs[0::2], pairs[1::2]]
+    parts = [tally(_Retriever(), h, cpu).portable() for h in halves]
+    got = evaluate(_Retriever(), halves[0], cpu, gather=lambda mine: [mine, parts[1]])
+    for key in ("recall@1", "recall@5", "recall@10", "chance@5", "samples"):
+        assert got[key] == whole[key], key
