@@ -66,7 +66,7 @@ def mbm_epoch(source: DataSource, cfg: TrainConfig) -> Epoch:
     start = time.perf_counter()
     batches = samples = 0
     # One epoch of what ``StreamLoader.__iter__`` repeats forever (the same DataLoader and stream).
-    for batch in loader._epoch_batches():
+    for batch in loader.one_pass():
         batches += 1
         samples += len(batch["ids"])
     seconds = time.perf_counter() - start

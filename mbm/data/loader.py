@@ -250,6 +250,11 @@ class StreamLoader:
         self.workers = 0
         self.feed_device = None
 
+    def decode_skipped(self) -> dict[str, int]:
+        """Of ``skipped``, the samples whose arrays were corrupt: counted by the process that decoded them, so
+        a rank counts those of its own share only (the rest, the stream's, every rank sees alike)."""
+        return dict(sorted(self._decode_total().items()))
+
     def _decode_total(self) -> Counter[str]:
         """Decode counters of the epoch's consumed batches."""
         total = Counter(self._decoded_before)
@@ -391,9 +396,8 @@ class PassLoader:
         return dict(self.loader.skipped)
 
     def decode_skipped(self) -> dict[str, int]:
-        """Of that, the samples whose arrays were corrupt: found by the process that decoded them, so a rank
-        reading its share of a split counts those of its share only (the rest every rank sees alike)."""
-        return dict(sorted(self.loader._decode_total().items()))
+        """Of that, the samples whose arrays were corrupt (``StreamLoader.decode_skipped``)."""
+        return self.loader.decode_skipped()
 
     def close(self) -> None:
         """Stop the workers (the next pass starts new ones)."""

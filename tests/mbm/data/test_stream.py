@@ -783,3 +783,15 @@ def test_an_evaluation_stream_over_ranks_keeps_every_sample(dataset):
     shares = [[i for b in ShardStream(cfg, rank=r, world=3) for i in b["ids"]] for r in range(3)]
     assert sorted(sum(shares, [])) == whole and len(whole) % 3  # a remainder to place
     assert max(map(len, shares)) - min(map(len, shares)) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_tells_corrupt_arrays_from_what_the_stream_left_out(partly_corrupt, workers):
+    with PassLoader(ShardStream(partly_corrupt), workers=workers) as loader:
+        assert ids_of(loader) == expected_batches()[0]
+        assert loader.skipped() == {"json.bad": 1, "npy.bad": 5, "npy.dim": 1, "npy.missing": 1, "npy.nonfinite": 1,
+                                    "npy.out_of_range": 1, "npy.shape": 1, "task.no_label": 1}
+        assert loader.decode_skipped() == {"npy.bad": 5, "npy.dim": 1, "npy.missing": 1, "npy.nonfinite": 1,
+                                           "npy.out_of_range": 1, "npy.shape": 1}
+        assert ids_of(loader) == expected_batches()[0]  # a second pass counts afresh
+        assert sum(loader.skipped().values()) == 12
