@@ -142,7 +142,7 @@ def iter_tar(path: str, *, lazy: bool = False) -> Iterator[dict[str, Any]]:
             members = _members(f, ShardFile(path, os.fstat(f.fileno())) if lazy else None)
         current: dict[str, Any] | None = None
         for name, data in members:
-            key, ext = base_plus_ext(name)
+            key, ext = _key_ext(name)
             if key is None or ext is None or name.startswith("__"):
                 continue
             if current is not None and current["__key__"] != key:
@@ -155,21 +155,40 @@ def iter_tar(path: str, *, lazy: bool = False) -> Iterator[dict[str, Any]]:
             yield current
 
 
+def _key_ext(name: str) -> tuple[str | None, str | None]:
+    """webdataset's ``base_plus_ext``: (the name up to the first dot of its last part, the rest); the
+    string operations where they give its answer (a name whose last part has a dot after its first
+    character), its regular expression otherwise."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot > slash:
+        return name[:dot], name[dot + 1:]
+    return base_plus_ext(name)
+
+
+_AHEAD = 4 * _BLOCK  # bytes read with each header: the data of a small member (a json doc) comes with it
+
+
 def _members(f: BinaryIO, shard: ShardFile | None = None) -> Iterator[tuple[str, bytes | MemberRef]]:
     """(name, data) of the regular members of an uncompressed tar, as ``tarfile`` would name them; with a
-    ``shard``, the data of ``.npy`` members is a ``MemberRef`` and the scan skips over it."""
+    ``shard``, the data of ``.npy`` members is a ``MemberRef`` and the scan skips over it.
+
+    Each header is read at its offset with one ``pread`` that also brings the next ``_AHEAD`` bytes, so a
+    small member's data comes with its header and a skipped member costs no seek."""
+    fd = f.fileno()
     pax: dict[str, str] = {}
     shared: dict[str, str] = {}  # global pax headers
     long_name: str | None = None
     first = True
     offset = 0  # of the next header
     while True:
-        block = f.read(_BLOCK)
+        chunk = os.pread(fd, _BLOCK + _AHEAD, offset)
+        block = chunk[:_BLOCK]
         offset += _BLOCK
         if len(block) < _BLOCK:
             raise tarfile.ReadError("empty file" if first and not block else "unexpected end of data: truncated")
         if block == _ZEROS:
-            tail = f.read(_BLOCK)
+            tail = chunk[_BLOCK:2 * _BLOCK]
             if tail != _ZEROS:  # tarfile reads this as the end; the second zero block says the file is whole
                 raise tarfile.ReadError("no end-of-archive marker: truncated")
             return
@@ -178,7 +197,7 @@ def _members(f: BinaryIO, shard: ShardFile | None = None) -> Iterator[tuple[str,
         kind = block[156:157]
         size = _number(block[124:136])
         if kind in _PAX or kind in (b"L", b"K"):
-            data = _read(f, size)
+            data = _data(fd, chunk, offset, size)
             offset += _padded(size)
             if kind == b"g":
                 shared.update(_pax_records(data))
@@ -188,9 +207,9 @@ def _members(f: BinaryIO, shard: ShardFile | None = None) -> Iterator[tuple[str,
                 long_name = _text(data.split(b"\0", 1)[0])
             continue
         headers = {**shared, **pax} if shared else pax
-        if kind == b"S" or any(k.startswith("GNU.sparse") for k in headers):
+        if kind == b"S" or (headers and any(k.startswith("GNU.sparse") for k in headers)):
             raise tarfile.ReadError("sparse members are not supported")
-        if "size" in headers:
+        if headers and "size" in headers:
             size = int(headers["size"])
         name = _name(block, headers, long_name)
         pax, long_name = {}, None
@@ -199,12 +218,21 @@ def _members(f: BinaryIO, shard: ShardFile | None = None) -> Iterator[tuple[str,
         if kind in _REGULAR and shard is not None and name.endswith(".npy"):
             # A member cut short shows at the next header: the scan reads past the end of the file.
             yield name, MemberRef(shard, offset, size)
-            f.seek(_padded(size), 1)
         elif kind in _REGULAR:
-            yield name, _read(f, size)
-        elif kind not in _NO_DATA:
-            f.seek(_padded(size), 1)
-        offset += _padded(size) if kind not in _NO_DATA else 0
+            yield name, _data(fd, chunk, offset, size)
+        if kind not in _NO_DATA:
+            offset += _padded(size)
+
+
+def _data(fd: int, chunk: bytes, offset: int, size: int) -> bytes:
+    """``size`` bytes of member data at ``offset``: from ``chunk`` (its header and what followed it) when it
+    holds them, else read."""
+    if size <= len(chunk) - _BLOCK:
+        return chunk[_BLOCK:_BLOCK + size]
+    data = os.pread(fd, size, offset)
+    if len(data) < size:
+        raise tarfile.ReadError("unexpected end of data: truncated")
+    return data
 
 
 def _read(f: BinaryIO, size: int) -> bytes:
@@ -255,6 +283,8 @@ def _name(block: bytes, headers: dict[str, str], long_name: str | None) -> str:
     if long_name is not None:
         return long_name
     name = _text(block[:100].split(b"\0", 1)[0])
+    if not block[345]:  # no ustar prefix (nearly every name)
+        return name
     prefix = _text(block[345:500].split(b"\0", 1)[0])
     return prefix + "/" + name if prefix else name
 

@@ -175,3 +175,12 @@ def test_byte_sum_is_exact_for_any_header_block():
     blocks = [bytes(512), b"\xff" * 512, b"\xff" * 256 + bytes(256), bytes(256) + b"\xff" * 256]
     blocks += [bytes(rng.randrange(256) for _ in range(512)) for _ in range(200)]
     assert all(_byte_sum(b) == sum(b) for b in blocks)
+
+
+def test_member_names_split_into_key_and_extension_as_webdataset_splits_them():
+    from mbm.data.shards import _key_ext
+
+    names = ["a.json", "a.text.npy", "dir/a.b.c", "x/.a", ".hidden", "noext", "dir.d/file", "dir.d/x/file", "a.",
+             "/abs/k.jpg", "x/y/", "é/ü.npy", "a..b", "./a.json", "s01.JSON", ""]
+    for name in names:
+        assert _key_ext(name) == base_plus_ext(name), name
