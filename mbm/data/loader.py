@@ -125,14 +125,21 @@ class _PositionedStream(IterableDataset):
     """``stream`` at the (epoch, skipped batches) in a shared tensor: persistent DataLoader workers,
     forked once, read the position each time the loader starts an epoch."""
 
-    def __init__(self, stream: ShardStream) -> None:
+    def __init__(self, stream: ShardStream, *, release: bool = False) -> None:
         super().__init__()
         self.stream = stream
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self.release = release  # each worker lets go of its segments once its pass is done
 
     def __iter__(self) -> Iterator[Any]:
         epoch, skip = (int(v) for v in self.position)
-        return iter(self.stream.at(epoch, skip))
+        batches = iter(self.stream.at(epoch, skip))
+        return self._then_released(batches) if self.release else batches
+
+    @staticmethod
+    def _then_released(batches: Iterator[Any]) -> Iterator[Any]:
+        yield from batches
+        segments.drop_pool()  # the training process has received every batch of the pass by now or will
 
 
 MAX_EMPTY_EPOCHS = 8  # epochs in a row without a batch after which the data is taken to give none
@@ -163,10 +170,12 @@ class StreamLoader:
     """Iterate forever; ``state_dict()``/``load_state_dict()`` save and restore the position."""
 
     def __init__(self, stream: ShardStream, *, workers: int = 0, pin_memory: bool = False,
-                 feed_device: torch.device | None = None) -> None:
+                 feed_device: torch.device | None = None, release_segments: bool = False) -> None:
         """``pin_memory``: workers' batches go through page-locked memory (DataLoader's pin thread);
         ``feed_device``: a CUDA device that batches are copied to straight from the workers' segments
-        instead (``mbm.data.feed``; workers > 0 only)."""
+        instead (``mbm.data.feed``; workers > 0 only); ``release_segments``: the workers' shared memory is
+        let go of after each ``one_pass`` (held-out passes: their workers idle between evaluations, and
+        their segments would stay in /dev/shm beside the training loader's)."""
         if workers < 0:
             raise ValueError(f"--workers must be >= 0, got {workers}")
         if feed_device is not None and torch.device(feed_device).type != "cuda":
@@ -176,6 +185,7 @@ class StreamLoader:
         self.feed_device = torch.device(feed_device) if feed_device is not None and workers else None
         self.pin_memory = pin_memory and self.feed_device is None
         self.nice = loader_nice(os.environ.get("MBM_LOADER_NICE")) if workers else 0
+        self.release_segments = release_segments
         self._feed: RegisteredFeed | None = None
         self.epoch = 0
         self.batch = 0  # batches consumed in ``epoch``
@@ -218,7 +228,7 @@ class StreamLoader:
             # The workers are forked at the first batch: freed heap kept for reuse (``mbm.alloc``) must
             # not be shared with them, or it is copied as the training process writes it again.
             release_free_heap()
-            self._positioned = _PositionedStream(self.stream)
+            self._positioned = _PositionedStream(self.stream, release=self.release_segments)
             gen = torch.Generator().manual_seed(self.stream.cfg.seed)
             self._loader = DataLoader(self._positioned, batch_size=None, num_workers=self.workers, generator=gen,
                                       pin_memory=self.pin_memory, persistent_workers=True,
@@ -346,6 +356,9 @@ class StreamLoader:
         finally:
             if not finished:
                 self.close()
+        if self.release_segments and self._senders:  # every batch copied out: the workers let go of theirs too
+            segments.forget(self._senders)
+            self._senders.clear()
 
     def _no_batch(self) -> str:
         """Why an epoch gave no batch, naming what was skipped. Workers send their counters with batches
@@ -374,11 +387,12 @@ class StreamLoader:
 class PassLoader:
     """Whole passes over a held-out stream, one per iteration, in the stream's order (the same for any worker
     count), its arrays read and decoded by ``workers`` processes that stay from one pass to the next (their
-    scans of the shards with them). Reads like a ``ShardStream`` where evaluation looks: ``cfg``, and
-    ``skipped()`` after a pass. Without workers the pass runs in this process."""
+    scans of the shards with them; their shared memory is let go of after each pass). Reads like a
+    ``ShardStream`` where evaluation looks: ``cfg``, and ``skipped()`` after a pass. Without workers the pass
+    runs in this process."""
 
     def __init__(self, stream: ShardStream, *, workers: int = 0, pin_memory: bool = False) -> None:
-        self.loader = StreamLoader(stream, workers=workers, pin_memory=pin_memory)
+        self.loader = StreamLoader(stream, workers=workers, pin_memory=pin_memory, release_segments=True)
 
     @property
     def cfg(self) -> Any:

@@ -166,9 +166,11 @@ def pool() -> SegmentPool:
     return _POOL
 
 
-def _forget_pool() -> None:
+def drop_pool() -> None:
+    """Let go of this process's segments (a forked child's start, a worker's end of a held-out pass): the
+    next batch takes new ones, under a new token."""
     global _POOL
     _POOL = None
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=drop_pool)

@@ -795,3 +795,25 @@ def test_a_pass_tells_corrupt_arrays_from_what_the_stream_left_out(partly_corrup
                                            "npy.out_of_range": 1, "npy.shape": 1}
         assert ids_of(loader) == expected_batches()[0]  # a second pass counts afresh
         assert sum(loader.skipped().values()) == 12
+
+
+@pytest.mark.skipif(not REUSABLE, reason="segments are reused on x86-64 only")
+def test_held_out_pass_workers_let_go_of_their_shared_memory_after_each_pass(dataset, monkeypatch):
+    """The workers of held-out passes idle between evaluations: their segments are let go of after each pass
+    (on both sides), so /dev/shm holds the training loader's alone meanwhile; the next pass takes new ones."""
+    from mbm.data import segments
+
+    received = []
+    real = segments.receive
+    monkeypatch.setattr(segments, "receive", lambda key, segment: (received.append(key), real(key, segment)))
+    cfg = _held_out(resolve_data(dataset))
+    want = ids_of(ShardStream(cfg))
+    with PassLoader(ShardStream(cfg), workers=2) as loader:
+        for _ in range(2):
+            before = len(received)
+            assert ids_of(loader) == want
+            new = received[before:]
+            assert len(new) >= 2 and len({key[1] for key in new}) == 2  # each worker's segments, a new pool each
+            assert not segments._RECEIVED and not loader.loader._senders
+        tokens = {key[1] for key in received}
+        assert len(tokens) == 4  # no pool of the first pass was used again
