@@ -2,9 +2,9 @@
 
 Every data-loader worker scans every shard's headers and json docs each epoch to agree on the sample
 order (``mbm.data.stream``): 30-75 µs per sample per worker (faster and slower periods of a 2-core
-machine), the same work in every worker and every epoch. Workers live for the whole run, so each keeps what its scans found: per shard, the
-checked samples (ids, labels, text, and ``MemberRef``s to their arrays, never the arrays) and the skips
-recorded on the way, in their order. A later epoch replays them, skips included, when the shard is
+machine), the same work in every worker and every epoch. Workers live for the whole run, so each keeps
+what its scans found: per shard, the checked samples (ids, labels, text, and ``MemberRef``s to their
+arrays, never the arrays) and the skips recorded on the way, in their order. A later epoch replays them, skips included, when the shard is
 still the same file (device, inode, size, mtime), so the stream and its counters are what a fresh
 scan gives. Shards whose arrays were read eagerly (compressed tars) and shards that fail to open are
 scanned anew each time. At most ``MBM_SCAN_CACHE`` samples (default 100000: 125-150 MB at the 1.3-1.5 KB

@@ -207,9 +207,9 @@ def _members(f: BinaryIO, shard: ShardFile | None = None) -> Iterator[tuple[str,
                 long_name = _text(data.split(b"\0", 1)[0])
             continue
         headers = {**shared, **pax} if shared else pax
-        if kind == b"S" or (headers and any(k.startswith("GNU.sparse") for k in headers)):
+        if kind == b"S" or any(k.startswith("GNU.sparse") for k in headers):
             raise tarfile.ReadError("sparse members are not supported")
-        if headers and "size" in headers:
+        if "size" in headers:
             size = int(headers["size"])
         name = _name(block, headers, long_name)
         pax, long_name = {}, None
@@ -232,16 +232,6 @@ def _data(fd: int, chunk: bytes, offset: int, size: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) < size:
         raise tarfile.ReadError("unexpected end of data: truncated")
-    return data
-
-
-def _read(f: BinaryIO, size: int) -> bytes:
-    """``size`` bytes of member data, then past the block padding."""
-    data = f.read(size)
-    if len(data) < size:
-        raise tarfile.ReadError("unexpected end of data: truncated")
-    if size % _BLOCK:
-        f.seek(_BLOCK - size % _BLOCK, 1)
     return data
 
 

@@ -83,7 +83,9 @@ class Tally:
     za: list[torch.Tensor] = field(default_factory=list)  # retrieve: unit embeddings of both sides, batch by batch
     zb: list[torch.Tensor] = field(default_factory=list)
     contents: dict[str, list[bytes]] = field(default_factory=dict)  # retrieve: each sample's content digest per side
-    skipped: Counter[str] = field(default_factory=Counter)  # what the pass left out, by reason
+    # the corrupt arrays this share's reader found, by reason (gathered ranks: the stream's other skips every
+    # rank sees alike, and ``evaluate`` counts them once)
+    skipped: Counter[str] = field(default_factory=Counter)
 
     def portable(self) -> Tally:
         """This tally with its embeddings joined and on the CPU, to send to other ranks."""
