@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -176,17 +177,26 @@ def persistent_epochs(source: DataSource, cfg: TrainConfig, epochs: int) -> list
     from mbm.data.errors import SkipLog
 
     stream = ShardStream(train_stream(source, cfg))
-    scan._CACHE = scan.ScanCache(limit=0)  # count the batches without leaving scans for the workers to inherit
+    # count the batches without leaving scans for the workers to inherit or read from disk
+    scan._CACHE = scan.ScanCache(limit=0, folder=None)
     per_epoch = sum(1 for _ in stream.raw_batches(SkipLog(quiet=True)))
     scan._CACHE = None  # each worker starts empty: its first epoch scans
-    loader = StreamLoader(stream, workers=cfg.workers)
-    out, batches = [], iter(loader)
-    for _ in range(epochs):
-        cpu, start = children_cpu(), time.perf_counter()
-        for _ in range(per_epoch):
-            next(batches)
-        out.append(((children_cpu() - cpu) / per_epoch * 1e3, (time.perf_counter() - start) / per_epoch * 1e3))
-    loader.close()
+    folder = os.environ.get("MBM_SCAN_DIR", "")
+    with tempfile.TemporaryDirectory(prefix="mbm-scans-") as fresh:
+        if folder.strip().lower() != "off":  # an empty folder: the first epoch scans, later ones replay
+            os.environ["MBM_SCAN_DIR"] = fresh
+        try:
+            loader = StreamLoader(stream, workers=cfg.workers)
+            out, batches = [], iter(loader)
+            for _ in range(epochs):
+                cpu, start = children_cpu(), time.perf_counter()
+                for _ in range(per_epoch):
+                    next(batches)
+                out.append(((children_cpu() - cpu) / per_epoch * 1e3,
+                            (time.perf_counter() - start) / per_epoch * 1e3))
+            loader.close()
+        finally:
+            os.environ["MBM_SCAN_DIR"] = folder
     return out
 
 
@@ -200,3 +210,41 @@ def loader_cpu(source: DataSource, cfg: TrainConfig, epochs: int) -> tuple[float
     main = (after.user - before.user) + (after.system - before.system)
     workers = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     return main / batches * 1e3, workers / batches * 1e3, wall / batches * 1e3
+
+
+def scan_costs(source: DataSource, cfg: TrainConfig, reps: int, folder: str) -> dict[str, Any]:
+    """CPU µs per shard sample of the stream's part before decoding (scan, split, select, shuffle, batches) for
+    one epoch of the train split, best of ``reps``: scanning every shard, replaying its scans from the files
+    in ``folder`` (a fresh process's memory: each rep a new cache), and replaying them from memory."""
+    import mbm.data.scan as scan
+    from mbm.data.errors import SkipLog
+
+    stream = ShardStream(train_stream(source, cfg))
+    n = sum(source.shard_sizes)
+    before = scan._CACHE
+
+    def best(make_cache) -> float:
+        times = []
+        for _ in range(reps):
+            scan._CACHE = make_cache()
+            start = time.process_time()
+            for _ in stream.raw_batches(SkipLog(quiet=True)):
+                pass
+            times.append((time.process_time() - start) / n * 1e6)
+        return min(times)
+
+    try:
+        scanned = best(lambda: scan.ScanCache(limit=0, folder=None))
+        scan._CACHE = scan.ScanCache(limit=0, folder=folder)
+        for _ in stream.raw_batches(SkipLog(quiet=True)):  # writes the files
+            pass
+        on_disk = best(lambda: scan.ScanCache(limit=0, folder=folder))
+        memory = scan.ScanCache(limit=10 * n, folder=None)
+        for _ in stream.raw_batches(SkipLog(quiet=True)):
+            pass
+        in_memory = best(lambda: memory)
+    finally:
+        scan._CACHE = before
+    files = [os.path.join(folder, f) for f in os.listdir(folder)]
+    return {"samples": n, "shards": len(source.shards), "scanned_us": scanned, "disk_us": on_disk,
+            "memory_us": in_memory, "files": len(files), "bytes_per_sample": sum(map(os.path.getsize, files)) / n}

@@ -8,6 +8,7 @@ stops the command with one line saying what the variable takes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from jobs.spec import SpecError
@@ -33,3 +34,7 @@ def check_environment(env: Mapping[str, str]) -> None:
     if value and not (value.isdigit() and value.isascii()):
         raise SpecError(f"MBM_SCAN_CACHE={env['MBM_SCAN_CACHE']!r}: give the number of samples a loader process keeps "
                         "shard scans for as a whole number >= 0 (0 scans every epoch; 100000 is the default)")
+    value = env.get("MBM_SCAN_DIR", "").strip()
+    if value and value.lower() != "off" and os.path.exists(value) and not os.path.isdir(value):
+        raise SpecError(f"MBM_SCAN_DIR={env['MBM_SCAN_DIR']!r} is not a folder: give a folder for the shard scans "
+                        "loaders keep on disk (created if missing), or off")

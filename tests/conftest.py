@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,18 @@ if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
 
 import corpus  # noqa: E402
+
+_SCAN_DIR = tempfile.mkdtemp(prefix="mbm-test-scans-")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # shard scans kept on disk (mbm.data.scan) go to a folder of this test run, not the user's cache; the
+    # commands tests start inherit it
+    os.environ["MBM_SCAN_DIR"] = _SCAN_DIR
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SCAN_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -159,11 +159,15 @@ def undecoded(raw: dict[str, Any], doc: dict[str, Any] | None = None,
         raise CorruptSample("modalities.none", f"{key}: no modality present")
     text = doc.get("text")
     wanted = present if modalities is None else [m for m in present if m in modalities]
-    hashes = doc.get("modality_hashes")
-    content = {m: h for m, h in hashes.items() if isinstance(h, str)} if isinstance(hashes, dict) else {}
     return Undecoded(id=doc["id"], key=key, label=doc.get("label"), text=text if isinstance(text, str) else None,
                      modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted}, shard=raw.get("__url__", ""),
-                     content=content)
+                     content=content_hashes(doc))
+
+
+def content_hashes(doc: dict[str, Any]) -> dict[str, str]:
+    """modality -> the content hash of its input: the string values of the doc's ``modality_hashes``."""
+    hashes = doc.get("modality_hashes")
+    return {m: h for m, h in hashes.items() if isinstance(h, str)} if isinstance(hashes, dict) else {}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from mbm.data import segments
 from mbm.data.collate import PackedBatch
 from mbm.data.errors import SkipLog, skip_reasons
 from mbm.data.feed import RegisteredFeed
+from mbm.data.scan import index_shards
 from mbm.data.split import empty_under_split
 from mbm.data.stream import ShardStream
 
@@ -228,6 +229,9 @@ class StreamLoader:
             # The workers are forked at the first batch: freed heap kept for reuse (``mbm.alloc``) must
             # not be shared with them, or it is copied as the training process writes it again.
             release_free_heap()
+            # Each worker would scan every shard in its first pass: scan those not kept yet once, in parallel.
+            shards = self.stream.cfg.shards
+            index_shards(shards, self.workers, start=len(shards) * self.stream.rank // self.stream.world)
             self._positioned = _PositionedStream(self.stream, release=self.release_segments)
             gen = torch.Generator().manual_seed(self.stream.cfg.seed)
             self._loader = DataLoader(self._positioned, batch_size=None, num_workers=self.workers, generator=gen,

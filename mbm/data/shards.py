@@ -26,7 +26,7 @@ from mbm.data.errors import SkipLog
 
 _BLOCK = tarfile.BLOCKSIZE
 _ZEROS = bytes(_BLOCK)
-_COMPRESSED = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")  # what tarfile's "r|*" detects
+COMPRESSED = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")  # what tarfile's "r|*" detects
 _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos: tarfile reads no data for them
 _PAX = (b"x", b"g", b"X")
@@ -136,7 +136,7 @@ def iter_tar(path: str, *, lazy: bool = False) -> Iterator[dict[str, Any]]:
     ``lazy``: ``.npy`` members of a plain tar come as ``MemberRef`` instead of bytes.
     """
     with open(path, "rb") as f:
-        if f.peek(6).startswith(_COMPRESSED):
+        if f.peek(6).startswith(COMPRESSED):
             members = _tarfile_members(f)
         else:
             members = _members(f, ShardFile(path, os.fstat(f.fileno())) if lazy else None)

@@ -68,6 +68,19 @@ def named_split(doc: dict[str, Any], test_apart: bool = False) -> str | None:
     return "val" if name in HELD_OUT_NAMES else None
 
 
+def split_doc(sample_id: str, hashes: Mapping[str, str], split: Any) -> dict[str, Any]:
+    """A json doc reduced to what ``sample_split`` reads of it: the id, the content hashes (``content_hashes``:
+    the string values of its ``modality_hashes``) and the ``split`` value of its metadata, as the doc holds it.
+    ``sample_split`` of it equals ``sample_split`` of the doc; a shard scan keeps these three."""
+    return {"id": sample_id, "modality_hashes": hashes, "meta": {"split": split}}
+
+
+def meta_split(doc: dict[str, Any]) -> Any:
+    """The ``split`` value of a doc's metadata, as the doc holds it (None where it has none)."""
+    meta = doc.get("meta")
+    return meta.get("split") if isinstance(meta, dict) else None
+
+
 def sample_split(doc: dict[str, Any], val_fraction: float, split_by: str = "id", test_apart: bool = False) -> str:
     """``"train"``, ``"val"`` (or with ``test_apart``, ``"test"``) for a sample's json doc: with
     ``split_by="split"`` the split its metadata names, else (and for a sample that names none) a hash of

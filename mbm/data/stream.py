@@ -1,6 +1,7 @@
 """``ShardStream``: an IterableDataset of collated batches whose order is fixed by (seed, epoch, rank, world).
 
-Pipeline (every rank and every data-loader worker runs the stream part whole, scanning every shard):
+Pipeline (every rank and every data-loader worker runs the stream part whole, scanning every shard, or
+replaying a kept scan of it: ``mbm.data.scan``):
 
     shards (shuffled per epoch) → raw samples → json doc (corrupt: skip + count) → this split's ids
     → select (task, from the doc alone) → shuffle buffer (arrays still in the shard) → rank slice
@@ -86,6 +87,19 @@ class Selector:
     def __init__(self, cfg: StreamConfig) -> None:
         self.cfg = cfg
         self.label_keys = {label_key(v) for v in cfg.collate.labels}
+        self._known: dict[tuple[type, Any], bool] = {}  # (type, label) -> in the vocabulary, for hashable labels
+
+    def known_label(self, label: Any) -> bool:
+        """Whether ``label`` is in the run's vocabulary (``label_key`` is a json dump: remembered per label)."""
+        try:
+            hit = self._known.get((type(label), label))
+        except TypeError:  # a list or dict label
+            return label_key(label) in self.label_keys
+        if hit is None:
+            hit = label_key(label) in self.label_keys
+            if len(self._known) < 10_000:  # labels that never compare equal (NaN) are not remembered forever
+                self._known[(type(label), label)] = hit
+        return hit
 
     def in_split(self, doc: dict) -> bool:
         cfg = self.cfg
@@ -100,7 +114,7 @@ class Selector:
             if s.label is None:
                 skips.count("task.no_label")
                 return False
-            if label_key(s.label) not in self.label_keys:
+            if not self.known_label(s.label):
                 skips.count("task.unknown_label")
                 return False
         elif cfg.task == "retrieve" and not cfg.targets_optional:
@@ -133,9 +147,8 @@ class ShardStream(IterableDataset):
         cfg = self.cfg
         shards = shard_order(list(cfg.shards), cfg.seed, self.epoch) if cfg.shuffle else list(cfg.shards)
         select = Selector(cfg)
-        # Each shard scanned once per process: a long-lived worker replays its scans in later epochs.
-        samples = scan_cache().samples(shards, skips, select.in_split, cfg.collate.feature_dims,
-                                       split=(cfg.split, cfg.val_fraction, cfg.split_by, cfg.test_apart))
+        # Each shard scanned once: later epochs, workers, ranks and runs replay its scan (``mbm.data.scan``).
+        samples = scan_cache().samples(shards, skips, select.in_split, cfg.collate.feature_dims)
         samples = selected(samples, select, skips)
         if cfg.max_samples is not None:
             samples = itertools.islice(samples, cfg.max_samples)

@@ -8,9 +8,17 @@ from jobs.spec import SpecError
 @pytest.mark.parametrize("env", [
     {}, {"MBM_FORKSERVER": "0"}, {"MBM_FORKSERVER": "1"}, {"MBM_NATIVE_BERT": " 0 "}, {"MBM_FORKSERVER": ""},
     {"MBM_MALLOC": "default"}, {"MBM_MALLOC": "Default"}, {"MBM_SCAN_CACHE": "0"}, {"MBM_SCAN_CACHE": "250000"},
+    {"MBM_SCAN_DIR": "OFF"}, {"MBM_SCAN_DIR": "/no/such/folder/yet"}, {"MBM_SCAN_DIR": " "},
 ])
 def test_documented_values_pass(env):
     check_environment(env)
+
+
+def test_a_scan_dir_that_is_a_file_is_refused(tmp_path):
+    check_environment({"MBM_SCAN_DIR": str(tmp_path)})
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SpecError, match=r"MBM_SCAN_DIR='.*f' is not a folder: give a folder for the shard scans"):
+        check_environment({"MBM_SCAN_DIR": str(tmp_path / "f")})
 
 
 @pytest.mark.parametrize("env, said", [

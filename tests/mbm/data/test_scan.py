@@ -1,12 +1,18 @@
 import gzip
+import json
+import logging
 import os
+import time
 
+import pytest
 import webdataset as wds
 
+import mbm.data.scan as scan
 from mbm.data.decode import Undecoded
 from mbm.data.errors import SkipLog
 from mbm.data.scan import ScanCache
 from mbm.data.shards import MemberRef, read_shards
+from mbm.data.split import meta_split, sample_split, split_doc
 from mbm.data.stages import parsed
 
 MODS = ("text",)
@@ -20,20 +26,43 @@ def write(path, ids, bad_doc_at=None):
             sink.write({"__key__": i, "json": doc, "text.npy": b"x" * 64})
 
 
-def keep_all(_id):
+def write_docs(path, docs, members=("text", "image")):
+    """A plain shard of the given json docs, with a .npy member per modality in ``members``."""
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+        for n, doc in enumerate(docs):
+            sample = {"__key__": f"k{n:03d}", "json": json.dumps(doc).encode()}
+            sample.update({f"{m}.npy": bytes([n]) * (10 + n) for m in members})
+            sink.write(sample)
+
+
+def settle(*paths):
+    """Date the files an hour back: a shard written just before its scan is not kept on disk."""
+    then = time.time_ns() - 3600 * 10**9
+    for path in paths:
+        os.utime(path, ns=(then, then))
+
+
+def keep_all(_doc):
     return True
 
 
-def direct(paths):
-    skips = SkipLog(quiet=True)
-    return [(s.id, s.key) for s in parsed(read_shards(paths, skips, lazy=True), skips, keep_all, MODS)], skips.counts
+def view(s):
+    """Everything a sample holds, its arrays as the bytes of the member (with a lazy scan's offset and size)."""
+    npy = {m: v if v is None or isinstance(v, bytes) else (v.offset, v.size, v.read()) for m, v in s.npy.items()}
+    return s.id, s.key, s.label, s.text, s.modalities, npy, s.shard, s.content
 
 
-def cached(cache, paths, split="train"):
+def direct(paths, keep=keep_all, mods=MODS):
     skips = SkipLog(quiet=True)
-    samples = list(cache.samples(paths, skips, keep_all, MODS, split))
-    assert all(isinstance(v, MemberRef) for s in samples for v in s.npy.values())
-    return [(s.id, s.key) for s in samples], skips.counts
+    return [view(s) for s in parsed(read_shards(paths, skips, lazy=True), skips, keep, mods)], dict(skips.counts)
+
+
+def cached(cache, paths, keep=keep_all, mods=MODS):
+    skips = SkipLog(quiet=True)
+    samples = list(cache.samples(paths, skips, keep, mods))
+    assert all(isinstance(v, MemberRef) for s in samples for v in s.npy.values() if v is not None
+               and not s.shard.endswith(".gz"))
+    return [view(s) for s in samples], dict(skips.counts)
 
 
 def test_a_second_scan_replays_the_first_skips_included(tmp_path):
@@ -43,24 +72,126 @@ def test_a_second_scan_replays_the_first_skips_included(tmp_path):
     paths = [str(a), str(tmp_path / "missing.tar"), str(b)]
     expected = direct(paths)
     assert expected[1] == {"json.bad": 1, "shard.corrupt": 1}
-    cache = ScanCache(limit=100)
+    cache = ScanCache(limit=100, folder=None)
     assert cached(cache, paths) == expected
-    assert cache.size == 4 and len(cache.entries) == 2  # the missing shard is not remembered
-    first = [e for e in cache.entries.values()]
+    assert cache.size == 4 and sorted(cache.entries) == [str(a), str(b)]  # the missing shard is not remembered
+    first = dict(cache.entries)
     assert cached(cache, paths) == expected  # from memory: the same samples and the same counts
-    assert [e for e in cache.entries.values()] == first
-    assert cached(cache, paths, split="val") == expected and len(cache.entries) == 4  # another split, its own scan
+    assert cache.entries == first
+    odd = lambda doc: doc["id"] in ("a2", "b1")  # noqa: E731 - another split: replayed from the same scan
+    assert cached(cache, paths, odd) == direct(paths, odd) and cache.entries == first
 
 
 def test_a_changed_shard_is_scanned_again(tmp_path):
     a = tmp_path / "a.tar"
     write(a, ["a0", "a1"])
-    cache = ScanCache(limit=100)
-    assert cached(cache, [str(a)])[0] == [("a0", "a0"), ("a1", "a1")]
+    settle(a)
+    folder = tmp_path / "scans"
+    cache = ScanCache(limit=100, folder=str(folder))
+    assert [s[0] for s in cached(cache, [str(a)])[0]] == ["a0", "a1"]
     write(a, ["c0", "c1", "c2"])
     os.utime(a, ns=(1, 1))  # a new mtime even within the same clock tick
-    assert cached(cache, [str(a)])[0] == [("c0", "c0"), ("c1", "c1"), ("c2", "c2")]
+    assert [s[0] for s in cached(cache, [str(a)])[0]] == ["c0", "c1", "c2"]
     assert cache.size == 3 and len(cache.entries) == 1
+    # the file on disk was rewritten too: a new process replays the new scan
+    assert [s[0] for s in cached(ScanCache(limit=0, folder=str(folder)), [str(a)])[0]] == ["c0", "c1", "c2"]
+    assert len(os.listdir(folder)) == 1
+
+
+def messy_docs():
+    """Docs a scan must replay exactly: odd labels and texts, split names, hashes of every kind, a sample
+    listing a modality without its member, and samples with no modality (a skip in their split only)."""
+    return [
+        {"id": "s0", "modalities": ["text", "image"], "label": "cat", "text": "a cat",
+         "modality_hashes": {"text": "t0", "image": "i0"}, "meta": {"split": "Train "}},
+        {"id": "s1", "modalities": ["image", "text"], "label": 3, "text": "naïve \ud800 ✓",
+         "modality_hashes": {"image": "i0", "text": 7}, "meta": {"split": "test"}},
+        {"id": "s2", "modalities": ["text"], "label": [1, {"a": None}], "text": None, "modality_hashes": "x"},
+        {"id": "s3", "modalities": [], "label": "dog", "meta": {"split": "validation"}},
+        {"id": "s4", "modalities": ["audio"], "label": 1.5, "meta": "nope"},  # audio listed, no member
+        {"id": "s5", "modalities": ["image"], "modality_hashes": {"image": "i5"}, "meta": {"split": 4}},
+        {"id": "s6"},
+    ]
+
+
+SPLITS = [(0.5, "id", False, "train"), (0.5, "id", False, "val"), (0.3, "image", False, "val"),
+          (0.2, "split", True, "test"), (0.2, "split", False, "val"), (0.9, "split", True, "train")]
+
+
+@pytest.mark.parametrize("fraction,split_by,apart,split", SPLITS)
+def test_replays_from_disk_equal_a_fresh_scan_in_every_split(tmp_path, monkeypatch, fraction, split_by, apart, split):
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    write_docs(a, messy_docs())
+    write(b, ["b0", "b1", "b2"], bad_doc_at=2)
+    gz = tmp_path / "c.tar.gz"
+    gz.write_bytes(gzip.compress(b.read_bytes()))
+    settle(a, b, gz)
+    paths = [str(a), str(b), str(gz), str(tmp_path / "missing.tar")]
+    folder = str(tmp_path / "scans")
+
+    def keep(doc):
+        return sample_split(doc, fraction, split_by, apart) == split
+
+    for mods in (("text", "image", "audio"), ("image",)):
+        expected = direct(paths, keep, mods)
+        assert cached(ScanCache(limit=0, folder=folder), paths, keep, mods) == expected  # scanned, written
+        assert sorted(os.listdir(folder)) == sorted(os.path.basename(ScanCache(folder=folder).file(p))
+                                                    for p in paths[:2])  # not the compressed or the missing one
+        replayed = ScanCache(limit=0, folder=folder)
+        with monkeypatch.context() as m:  # a plain shard is not read again: its records are replayed
+            m.setattr(scan, "read_shards", lambda ps, skips, lazy: read_shards([p for p in ps if p.endswith("gz")],
+                                                                                skips, lazy=lazy))
+            assert cached(replayed, paths[:3], keep, mods) == direct(paths[:3], keep, mods)
+        assert cached(replayed, paths, keep, mods) == expected
+
+
+def test_the_split_doc_splits_as_the_doc_does():
+    docs = messy_docs() + [{"id": f"x{i}", "modality_hashes": {"image": f"h{i % 3}", "text": None},
+                            "meta": {"split": ["train", "dev", "Test", None, ""][i % 5]}} for i in range(40)]
+    from mbm.data.decode import content_hashes
+
+    for doc in docs:
+        small = split_doc(doc["id"], content_hashes(doc), meta_split(doc))
+        for fraction, split_by, apart, _ in SPLITS:
+            assert sample_split(small, fraction, split_by, apart) == sample_split(doc, fraction, split_by, apart)
+
+
+def test_damaged_or_foreign_scan_files_are_scanned_over(tmp_path):
+    a = tmp_path / "a.tar"
+    write(a, ["a0", "a1", "a2"], bad_doc_at=0)
+    settle(a)
+    folder = str(tmp_path / "scans")
+    expected = direct([str(a)])
+    assert cached(ScanCache(limit=0, folder=folder), [str(a)]) == expected
+    file = ScanCache(folder=folder).file(str(a))
+    good = open(file, "rb").read()
+    head, _, blob = good.partition(b"\n")
+    header = json.loads(head)
+    damaged = [good[: len(good) // 2], b"", b"junk", head + b"\n" + blob[:-3] + b"xyz",
+               json.dumps({**header, "format": 99}).encode() + b"\n" + blob,
+               json.dumps({**header, "path": "other.tar"}).encode() + b"\n" + blob,
+               json.dumps({**header, "identity": [1, 2, 3]}).encode() + b"\n" + blob]
+    for data in damaged:
+        with open(file, "wb") as f:
+            f.write(data)
+        assert cached(ScanCache(limit=0, folder=folder), [str(a)]) == expected
+        assert open(file, "rb").read() == good  # scanned and written again
+
+
+def test_an_unwritable_folder_warns_once_and_scans(tmp_path, caplog):
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    write(a, ["a0"])
+    write(b, ["b0"])
+    settle(a, b)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    cache = ScanCache(limit=0, folder=str(blocked / "scans"))
+    with caplog.at_level(logging.WARNING, logger="mbm.data.scan"):
+        for _ in range(2):
+            assert cached(cache, [str(a), str(b)]) == direct([str(a), str(b)])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "set MBM_SCAN_DIR to a writable folder" in warnings[0]
+    assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar", "file"]
 
 
 def test_partial_scans_over_limit_shards_and_compressed_tars_are_not_kept(tmp_path):
@@ -68,25 +199,75 @@ def test_partial_scans_over_limit_shards_and_compressed_tars_are_not_kept(tmp_pa
     write(a, ["a0", "a1", "a2"])
     write(big, [f"b{i}" for i in range(5)])
     gz.write_bytes(gzip.compress(a.read_bytes()))
-    cache = ScanCache(limit=4)
+    settle(a, big, gz)
+    folder = tmp_path / "scans"
+    cache = ScanCache(limit=4, folder=str(folder))
     skips = SkipLog(quiet=True)
-    it = cache.samples([str(a)], skips, keep_all, MODS, "train")
+    it = cache.samples([str(a)], skips, keep_all, MODS)
     assert isinstance(next(it), Undecoded)
     it.close()  # the consumer stopped after one sample: nothing is remembered
-    assert cache.entries == {} and cache.size == 0
-    assert len(cached_any(cache, [str(big)])) == 5 and cache.entries == {}  # 5 samples > limit 4
+    assert cache.entries == {} and cache.size == 0 and not folder.exists()
+    assert len(cached_any(cache, [str(big)])) == 5 and cache.entries == {}  # 5 samples > limit 4: on disk only
+    assert os.listdir(folder) == [os.path.basename(cache.file(str(big)))]
     assert len(cached_any(cache, [str(gz)])) == 3 and cache.entries == {}  # arrays read eagerly: not kept
+    assert len(os.listdir(folder)) == 1
     assert len(cached_any(cache, [str(a)])) == 3 and cache.size == 3
-    off = ScanCache(limit=0)
+    off = ScanCache(limit=0, folder=None)
     assert len(cached_any(off, [str(a)])) == 3 and off.entries == {}
 
 
+def test_a_shard_written_just_before_its_scan_is_kept_in_memory_only(tmp_path):
+    a = tmp_path / "a.tar"
+    write(a, ["a0", "a1"])
+    folder = tmp_path / "scans"
+    cache = ScanCache(limit=100, folder=str(folder))
+    assert len(cached_any(cache, [str(a)])) == 2
+    assert cache.size == 2 and not folder.exists()  # rewritten within its mtime's tick, it would look the same
+    assert len(cached_any(ScanCache(limit=100, folder=str(folder)), [str(a)])) == 2 and not folder.exists()
+    settle(a)  # a new mtime: scanned again, and now written
+    assert len(cached_any(cache, [str(a)])) == 2 and len(os.listdir(folder)) == 1
+
+
 def cached_any(cache, paths):
-    return list(cache.samples(paths, SkipLog(quiet=True), keep_all, MODS, "train"))
+    return list(cache.samples(paths, SkipLog(quiet=True), keep_all, MODS))
 
 
-def test_limit_comes_from_the_environment(monkeypatch):
+def test_limit_and_folder_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MBM_SCAN_CACHE", "7")
     assert ScanCache().limit == 7
     monkeypatch.setenv("MBM_SCAN_CACHE", "lots")
     assert ScanCache().limit == 100_000
+    monkeypatch.setenv("MBM_SCAN_DIR", str(tmp_path))
+    assert ScanCache().folder == str(tmp_path)
+    monkeypatch.setenv("MBM_SCAN_DIR", " Off ")
+    assert ScanCache().folder is None
+    monkeypatch.setenv("MBM_SCAN_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ScanCache().folder == str(tmp_path / "xdg" / "mbm" / "scan")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ScanCache().folder == str(tmp_path / "home" / ".cache" / "mbm" / "scan")
+
+
+def test_index_shards_scans_the_missing_ones_in_parallel(tmp_path, monkeypatch):
+    paths = []
+    for name in "abc":
+        path = tmp_path / f"{name}.tar"
+        write(path, [f"{name}{i}" for i in range(4)], bad_doc_at=1 if name == "b" else None)
+        paths.append(str(path))
+    fresh, gz = tmp_path / "fresh.tar", tmp_path / "c.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    settle(*paths, gz)
+    write(fresh, ["f0"])  # written just now: left to the loader
+    everything = [*paths, str(fresh), str(gz), str(tmp_path / "missing.tar")]
+    folder = tmp_path / "scans"
+    monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=str(folder)))
+    assert scan.index_shards(everything, 1) == 0 and not folder.exists()  # one process: the loader's scan is as fast
+    assert scan.index_shards(everything, 4, start=2) == 3
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(scan.cache().file(p)) for p in paths)
+    assert scan.index_shards(everything, 4) == 0  # all kept: nothing to do
+    with monkeypatch.context() as m:  # the plain shards are replayed, skips included, without reading them
+        m.setattr(scan, "read_shards", lambda ps, skips, lazy: iter(()))
+        assert cached(ScanCache(limit=0, folder=str(folder)), paths) == direct(paths)
+    monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=None))
+    assert scan.index_shards(everything, 4) == 0

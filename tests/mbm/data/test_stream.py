@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -120,6 +121,37 @@ def test_workers_yield_the_same_batches_in_the_same_order(dataset):
     b = [b["ids"] for b in itertools.islice(pooled, 30)]
     assert a == b
     assert pooled.state_dict() == alone.state_dict()
+
+
+def test_workers_start_after_the_shards_are_scanned_once(tmp_path, monkeypatch):
+    import mbm.data.loader as loader_module
+    import mbm.data.scan as scan
+
+    out = str(tmp_path / "ds")
+    write_synthetic_dataset(out, SyntheticConfig(num_samples=60, samples_per_shard=10, feature_dims=DIMS,
+                                                 lengths={"text": (2, 5), "image": (3, 3), "audio": (2, 6)}))
+    src = resolve_data(out)
+    then = time.time_ns() - 3600 * 10**9
+    for shard in src.shards:
+        os.utime(shard, ns=(then, then))
+    folder = tmp_path / "scans"
+    monkeypatch.setattr(scan, "_CACHE", scan.ScanCache(limit=0, folder=str(folder)))
+    calls = []
+
+    def spy(paths, processes, *, start=0):
+        calls.append((len(os.listdir(folder)) if folder.exists() else 0, processes, start))
+        done = scan.index_shards(paths, processes, start=start)
+        assert done == len(src.shards) == len(os.listdir(folder))
+        return done
+
+    monkeypatch.setattr(loader_module, "index_shards", spy)
+    cfg = stream_cfg(src, drop_last=False)
+    pooled = StreamLoader(ShardStream(cfg, rank=1, world=2), workers=2)
+    try:
+        assert [b["ids"] for b in pooled.one_pass()] == [b["ids"] for b in ShardStream(cfg, rank=1, world=2)]
+    finally:
+        pooled.close()
+    assert calls == [(0, 2, 3)]  # before the workers started, none kept; rank 1 of 2 begins half-way
 
 
 def test_empty_split_is_an_error_not_a_hang(dataset):
@@ -355,7 +387,7 @@ def test_each_worker_segment_crosses_once_across_epochs_and_is_let_go_of_at_clos
     assert not segments._RECEIVED and not loader._senders
 
 
-def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatch):
+def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatch, tmp_path):
     import mbm.data.scan as scan
 
     src = resolve_data(dataset)
@@ -365,10 +397,16 @@ def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatc
         monkeypatch.setattr(scan, "_CACHE", cache)
         return [[(b["ids"], b["skipped"]["stream"]) for b in ShardStream(cfg, epoch=e)] for e in range(3)]
 
-    remembered = scan.ScanCache(limit=10_000)
+    remembered = scan.ScanCache(limit=10_000, folder=None)
     first = epochs(remembered)
     assert remembered.size > 0  # every shard was remembered after the first epoch
-    assert epochs(remembered) == first == epochs(scan.ScanCache(limit=0))
+    assert epochs(remembered) == first == epochs(scan.ScanCache(limit=0, folder=None))
+    folder = tmp_path / "scans"
+    then = time.time_ns() - 3600 * 10**9
+    for shard in src.shards:  # written an hour ago: their scans are kept on disk
+        os.utime(shard, ns=(then, then))
+    assert epochs(scan.ScanCache(limit=0, folder=str(folder))) == first  # scanned once, then replayed from disk
+    assert len(os.listdir(folder)) == len(src.shards)
 
 
 def test_a_shard_deleted_during_the_run_stops_it_at_the_next_epoch(tmp_path):
@@ -817,3 +855,17 @@ def test_held_out_pass_workers_let_go_of_their_shared_memory_after_each_pass(dat
             assert not segments._RECEIVED and not loader.loader._senders
         tokens = {key[1] for key in received}
         assert len(tokens) == 4  # no pool of the first pass was used again
+
+
+def test_the_selector_knows_labels_as_their_json_does():
+    from mbm.data.stream import Selector
+
+    cfg = StreamConfig(shards=(), collate=CollateConfig(feature_dims={"text": 4}, labels=("1", 2, 1.5, False, [1, 2])))
+    select = Selector(cfg)
+    cases = [("1", True), (1, False), (2, True), ("2", False), (2.0, False), (1.5, True), (False, True), (0, False),
+             (True, False), ([1, 2], True), ([2, 1], False), ({"a": 1}, False), (float("nan"), False)]
+    for _ in range(2):  # the second time from memory
+        assert [select.known_label(label) for label, _ in cases] == [known for _, known in cases]
+    for n in range(10_050):  # labels that never repeat are remembered up to a bound
+        select.known_label(f"x{n}")
+    assert len(select._known) == 10_000
