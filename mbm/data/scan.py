@@ -5,22 +5,25 @@ sample order (``mbm.data.stream``): 75-80 µs a sample on a 2-core machine, the 
 every rank and every epoch, which capped the loader's throughput on large datasets (docs/benchmarks.md,
 "Where the loader's time goes"). What a scan finds is small: per sample its key, id, label, text,
 modalities, the offset and size of each array in the shard, its content hashes and the split its metadata
-names, and the skips met on the way, in order; as compressed json, 40-60 bytes a sample on shards
-``mbm preprocess`` wrote. It is kept for every split alike (the split is chosen as it is replayed), and
+names, and the skips met on the way, in order. It is kept
 
-- in this process, for up to ``MBM_SCAN_CACHE`` samples (default 100000; 0: none);
 - on disk, one file per shard in ``MBM_SCAN_DIR`` (default ``$XDG_CACHE_HOME/mbm/scan``, else
-  ``~/.cache/mbm/scan``; ``off``: none), which every worker, rank and later run (and ``mbm evaluate``)
-  reads instead of scanning the shard again. Files are written whole and renamed into place, so
-  processes scanning the same shard at once each leave a complete one; the folder can be deleted at any
-  time.
+  ``~/.cache/mbm/scan``; ``off``: none), as compressed json records for every split alike (the split is
+  chosen as they are replayed), 40-60 bytes a sample on shards ``mbm preprocess`` wrote. Every worker,
+  rank and later run (and ``mbm evaluate``) reads it instead of scanning the shard again. Files are written
+  whole and renamed into place, so processes scanning the same shard at once each leave a complete one;
+  the folder can be deleted at any time;
+- in this process, as the samples one split of the shard gave, ready to be yielded again (1.3-1.5 KB a
+  sample, tracemalloc on shards mbm preprocess wrote), for up to ``MBM_SCAN_CACHE`` samples (default
+  100000; 0: none).
 
 A loader with two or more workers first has the shards without a kept scan scanned in parallel
 (``index_shards``), so that its workers replay every shard from their first epoch on.
 
 Either is replayed only while the shard is the same file (size, mtime, inode), and gives exactly the
-samples and skips a fresh scan gives, in order: 13-15 µs a sample for the stream's whole part before
-decoding, against 75-80 µs scanning (``benchmarks/stream.py --scan``). A shard written less than 2 s
+samples and skips a fresh scan gives, in order. The stream's whole part before decoding takes 75-85 µs a
+sample scanning, 14-15 replaying the records on disk and 4.5 replaying the samples in memory
+(``benchmarks/stream.py --scan``). A shard written less than 2 s
 before its scan began could be written again without its mtime changing (a timestamp tick is a few ms
 here, 2 s on some file systems), so its scan is not written to disk; a later epoch's is. Shards whose
 arrays are read eagerly (compressed tars) and shards that fail to open are scanned anew each time.
@@ -84,50 +87,83 @@ def _identity(stat: os.stat_result) -> list[int]:
 
 
 class _Recorder:
-    """Passes skips on to ``skips`` and, while ``records`` is a list, records them there in order."""
+    """Passes skips on to ``skips`` and, while ``events`` is a list, records them there in order, as ``record``
+    makes them."""
 
-    def __init__(self, skips: SkipLog, records: list[Any] | None) -> None:
-        self.skips, self.records = skips, records
+    def __init__(self, skips: SkipLog | _Recorder, events: list[Any] | None,
+                 record: Callable[[str, str], Any]) -> None:
+        self.skips, self.events, self.record = skips, events, record
 
     def skip(self, reason: str, detail: str = "") -> None:
-        if self.records is not None:
-            self.records.append([_SKIP, reason, detail])
+        if self.events is not None:
+            self.events.append(self.record(reason, detail))
         self.skips.skip(reason, detail)
 
 
 class ScanCache:
-    """This process's scans by shard path (compressed records), backed by the files in ``folder``."""
+    """This process's scans, and those kept in ``folder`` by every process.
+
+    In memory: the samples one split of a shard gave (``Undecoded``, ready to yield again, 1.3-1.5 KB a sample)
+    and its skips, by (path, split, modalities), up to ``limit`` samples. On disk: the shard's compact records
+    for every split, by path."""
 
     def __init__(self, limit: int | None = None, folder: Any = _ENV) -> None:
         self.limit = _limit() if limit is None else limit
         self.folder: str | None = env_folder() if folder is _ENV else folder
-        self.size = 0  # samples held
-        self.entries: dict[str, tuple[list[int], bytes, int]] = {}  # path -> (identity, records, samples)
+        self.size = 0  # samples held in memory
+        self.entries: dict[tuple[str, Any, tuple[str, ...]], tuple[list[int], list[Any], int]] = {}
         self._warned = False
 
     def samples(self, paths: list[str], skips: SkipLog, keep_doc: Callable[[dict], bool],
-                modalities: Collection[str]) -> Iterator[Undecoded]:
+                modalities: Collection[str], split: Any) -> Iterator[Undecoded]:
         """``parsed(read_shards(paths, skips, lazy=True), skips, keep_doc, modalities)``, from a kept scan where
-        there is one. ``keep_doc`` (a split) reads only what ``split_doc`` keeps of a doc."""
+        there is one. ``keep_doc`` (a split) reads only what ``split_doc`` keeps of a doc; ``split`` names it
+        (two calls with equal ``split`` must pass the same samples)."""
+        mods = tuple(sorted(modalities))
         for path in paths:
-            yield from self._shard(path, skips, keep_doc, modalities)
+            yield from self._shard(path, skips, keep_doc, mods, (path, split, mods))
 
-    def _shard(self, path: str, skips: SkipLog, keep_doc: Callable[[dict], bool],
-               modalities: Collection[str]) -> Iterator[Undecoded]:
+    def _shard(self, path: str, skips: SkipLog, keep_doc: Callable[[dict], bool], mods: tuple[str, ...],
+               key: tuple[str, Any, tuple[str, ...]]) -> Iterator[Undecoded]:
         try:
             stat = os.stat(path)
         except OSError:
             stat = None
-        records = self._kept(path, _identity(stat)) if stat is not None else None
-        if records is not None:
-            yield from _replay(records, path, ShardFile(path, stat), skips, keep_doc, modalities)
-        else:
-            yield from self._scan(path, stat, skips, keep_doc, modalities)
+        identity = _identity(stat) if stat is not None else None
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == identity:
+            for event in hit[1]:
+                if isinstance(event, Undecoded):
+                    yield event
+                else:
+                    skips.skip(*event)
+            return
+        if hit is not None:  # the shard changed: forget the old scan
+            self.size -= self.entries.pop(key)[2]
+        keep = identity is not None and self.limit > 0
+        events: list[Any] = []
+        sink = _Recorder(skips, events if keep else None, lambda reason, detail: (reason, detail))
+        records = self._on_disk(path, identity) if identity is not None else None
+        found = (_replay(records, path, ShardFile(path, stat), sink, keep_doc, mods) if records is not None
+                 else self._scan(path, stat, sink, keep_doc, mods))
+        count = 0
+        for sample in found:
+            if keep and any(isinstance(v, bytes) for v in sample.npy.values()):
+                keep, events, sink.events = False, [], None  # arrays read eagerly (a compressed tar): too big to keep
+            if keep:
+                events.append(sample)
+                count += 1
+            yield sample
+        # Reached only when the whole shard was read (a consumer that stops early closes the generator above).
+        if keep and self.size + count <= self.limit:
+            self.entries[key] = (identity, events, count)
+            self.size += count
 
-    def _scan(self, path: str, stat: os.stat_result | None, skips: SkipLog, keep_doc: Callable[[dict], bool],
-              modalities: Collection[str]) -> Iterator[Undecoded]:
-        """A fresh scan of the shard, recorded as it goes; kept once the whole shard is read."""
-        sink = _Recorder(skips, [] if stat is not None else None)
+    def _scan(self, path: str, stat: os.stat_result | None, skips: SkipLog | _Recorder,
+              keep_doc: Callable[[dict], bool], modalities: Collection[str]) -> Iterator[Undecoded]:
+        """A fresh scan of the shard, recorded as it goes; written to disk once the whole shard is read."""
+        keep = stat is not None and self.folder is not None
+        sink = _Recorder(skips, [] if keep else None, lambda reason, detail: [_SKIP, reason, detail])
         started = time.time_ns()
         count = 0
         for raw in read_shards([path], sink, lazy=True):
@@ -143,57 +179,39 @@ class ScanCache:
             except CorruptSample as exn:
                 detail = in_shard(url, exn.detail)
                 view["modality_hashes"] = hashes = content_hashes(doc)
-                if sink.records is not None:
-                    sink.records.append([_BAD, exn.reason, detail, doc["id"], hashes, view["meta"]["split"]])
+                if sink.events is not None:
+                    sink.events.append([_BAD, exn.reason, detail, doc["id"], hashes, view["meta"]["split"]])
                 if keep_doc(view):
                     skips.skip(exn.reason, detail)
                 continue
             view["modality_hashes"] = sample.content
-            if sink.records is not None:
+            if sink.events is not None:
                 refs = [_ref(v) for v in sample.npy.values()]
                 if any(r is False for r in refs):  # arrays read eagerly (a compressed tar): too big to keep
-                    sink.records = None
+                    sink.events = None
                 else:
-                    sink.records.append([_SAMPLE, sample.key, sample.id, sample.label, sample.text,
-                                         list(sample.modalities), refs, sample.content, view["meta"]["split"]])
+                    sink.events.append([_SAMPLE, sample.key, sample.id, sample.label, sample.text,
+                                        list(sample.modalities), refs, sample.content, view["meta"]["split"]])
                     count += 1
             if keep_doc(view):
                 sample.npy = {m: v for m, v in sample.npy.items() if m in modalities}
                 yield sample
         # Reached only when the whole shard was read (a consumer that stops early closes the generator above).
-        if sink.records is not None and _unchanged(path, stat):
-            # A file written less than a timestamp tick before the scan could be written again with the same
-            # size and mtime: such a scan stays in this process (as a racily clean file in git's index).
-            self._keep(path, _identity(stat), sink.records, count, to_disk=stat.st_mtime_ns <= started - _SETTLED)
+        # A file written less than a timestamp tick before the scan could be written again with the same size
+        # and mtime: such a scan is not written (as a racily clean file in git's index).
+        if sink.events is not None and stat.st_mtime_ns <= started - _SETTLED and _unchanged(path, stat):
+            blob = zlib.compress(json.dumps(sink.events, separators=(",", ":")).encode("ascii"), 1)
+            self._save(path, _identity(stat), blob, count)
 
-    def _kept(self, path: str, identity: list[int]) -> list[Any] | None:
-        """The shard's records, from memory or from its file, where they are of this very file."""
-        hit = self.entries.get(path)
-        if hit is not None:
-            if hit[0] == identity:
-                return _records(hit[1])
-            self.size -= self.entries.pop(path)[2]  # the shard changed: forget the old scan
+    def _on_disk(self, path: str, identity: list[int]) -> list[Any] | None:
+        """The shard's records from its file, where they are of this very file."""
         loaded = self._load(path, identity)
         if loaded is None:
             return None
-        blob, count = loaded
         try:
-            records = _records(blob)
+            return _records(loaded[0])
         except (zlib.error, ValueError):
             return None
-        self._remember(path, identity, blob, count)
-        return records
-
-    def _keep(self, path: str, identity: list[int], records: list[Any], count: int, *, to_disk: bool) -> None:
-        blob = zlib.compress(json.dumps(records, separators=(",", ":")).encode("ascii"), 1)
-        self._remember(path, identity, blob, count)
-        if self.folder is not None and to_disk:
-            self._save(path, identity, blob, count)
-
-    def _remember(self, path: str, identity: list[int], blob: bytes, count: int) -> None:
-        if self.limit > 0 and self.size + count <= self.limit:
-            self.entries[path] = (identity, blob, count)
-            self.size += count
 
     def file(self, path: str) -> str:
         """Where the scan of the shard at ``path`` is kept on disk (``folder`` must be set)."""

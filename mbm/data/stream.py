@@ -148,7 +148,8 @@ class ShardStream(IterableDataset):
         shards = shard_order(list(cfg.shards), cfg.seed, self.epoch) if cfg.shuffle else list(cfg.shards)
         select = Selector(cfg)
         # Each shard scanned once: later epochs, workers, ranks and runs replay its scan (``mbm.data.scan``).
-        samples = scan_cache().samples(shards, skips, select.in_split, cfg.collate.feature_dims)
+        samples = scan_cache().samples(shards, skips, select.in_split, cfg.collate.feature_dims,
+                                       split=(cfg.split, cfg.val_fraction, cfg.split_by, cfg.test_apart))
         samples = selected(samples, select, skips)
         if cfg.max_samples is not None:
             samples = itertools.islice(samples, cfg.max_samples)

@@ -57,9 +57,9 @@ def direct(paths, keep=keep_all, mods=MODS):
     return [view(s) for s in parsed(read_shards(paths, skips, lazy=True), skips, keep, mods)], dict(skips.counts)
 
 
-def cached(cache, paths, keep=keep_all, mods=MODS):
+def cached(cache, paths, keep=keep_all, mods=MODS, split="all"):
     skips = SkipLog(quiet=True)
-    samples = list(cache.samples(paths, skips, keep, mods))
+    samples = list(cache.samples(paths, skips, keep, mods, split))
     assert all(isinstance(v, MemberRef) for s in samples for v in s.npy.values() if v is not None
                and not s.shard.endswith(".gz"))
     return [view(s) for s in samples], dict(skips.counts)
@@ -74,12 +74,13 @@ def test_a_second_scan_replays_the_first_skips_included(tmp_path):
     assert expected[1] == {"json.bad": 1, "shard.corrupt": 1}
     cache = ScanCache(limit=100, folder=None)
     assert cached(cache, paths) == expected
-    assert cache.size == 4 and sorted(cache.entries) == [str(a), str(b)]  # the missing shard is not remembered
+    assert cache.size == 4 and sorted(k[0] for k in cache.entries) == [str(a), str(b)]  # not the missing shard
     first = dict(cache.entries)
     assert cached(cache, paths) == expected  # from memory: the same samples and the same counts
     assert cache.entries == first
-    odd = lambda doc: doc["id"] in ("a2", "b1")  # noqa: E731 - another split: replayed from the same scan
-    assert cached(cache, paths, odd) == direct(paths, odd) and cache.entries == first
+    odd = lambda doc: doc["id"] in ("a2", "b1")  # noqa: E731
+    assert cached(cache, paths, odd, split="odd") == direct(paths, odd)  # another split: its own scan
+    assert len(cache.entries) == 4 and cache.size == 6
 
 
 def test_a_changed_shard_is_scanned_again(tmp_path):
@@ -134,15 +135,16 @@ def test_replays_from_disk_equal_a_fresh_scan_in_every_split(tmp_path, monkeypat
 
     for mods in (("text", "image", "audio"), ("image",)):
         expected = direct(paths, keep, mods)
-        assert cached(ScanCache(limit=0, folder=folder), paths, keep, mods) == expected  # scanned, written
+        name = (fraction, split_by, apart, split)
+        assert cached(ScanCache(limit=0, folder=folder), paths, keep, mods, name) == expected  # scanned, written
         assert sorted(os.listdir(folder)) == sorted(os.path.basename(ScanCache(folder=folder).file(p))
                                                     for p in paths[:2])  # not the compressed or the missing one
         replayed = ScanCache(limit=0, folder=folder)
         with monkeypatch.context() as m:  # a plain shard is not read again: its records are replayed
             m.setattr(scan, "read_shards", lambda ps, skips, lazy: read_shards([p for p in ps if p.endswith("gz")],
                                                                                 skips, lazy=lazy))
-            assert cached(replayed, paths[:3], keep, mods) == direct(paths[:3], keep, mods)
-        assert cached(replayed, paths, keep, mods) == expected
+            assert cached(replayed, paths[:3], keep, mods, name) == direct(paths[:3], keep, mods)
+        assert cached(replayed, paths, keep, mods, name) == expected
 
 
 def test_the_split_doc_splits_as_the_doc_does():
@@ -203,7 +205,7 @@ def test_partial_scans_over_limit_shards_and_compressed_tars_are_not_kept(tmp_pa
     folder = tmp_path / "scans"
     cache = ScanCache(limit=4, folder=str(folder))
     skips = SkipLog(quiet=True)
-    it = cache.samples([str(a)], skips, keep_all, MODS)
+    it = cache.samples([str(a)], skips, keep_all, MODS, "all")
     assert isinstance(next(it), Undecoded)
     it.close()  # the consumer stopped after one sample: nothing is remembered
     assert cache.entries == {} and cache.size == 0 and not folder.exists()
@@ -214,6 +216,26 @@ def test_partial_scans_over_limit_shards_and_compressed_tars_are_not_kept(tmp_pa
     assert len(cached_any(cache, [str(a)])) == 3 and cache.size == 3
     off = ScanCache(limit=0, folder=None)
     assert len(cached_any(off, [str(a)])) == 3 and off.entries == {}
+
+
+def test_a_scan_read_from_disk_is_then_replayed_from_memory(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    write(a, ["a0", "a1", "a2"], bad_doc_at=1)
+    write(b, ["b0", "b1"])
+    settle(a, b)
+    paths = [str(a), str(b)]
+    folder = str(tmp_path / "scans")
+    expected = direct(paths)
+    assert cached(ScanCache(limit=0, folder=folder), paths) == expected  # scanned: the files written
+    cache = ScanCache(limit=100, folder=folder)
+    with monkeypatch.context() as m:
+        m.setattr(scan, "read_shards", lambda *_a, **_k: iter(()))
+        assert cached(cache, paths) == expected  # from the files
+        assert cache.size == 4
+        m.setattr(ScanCache, "_on_disk", lambda *_a: None)
+        assert cached(cache, paths) == expected  # from memory
+    a2 = lambda doc: doc["id"] == "a2"  # noqa: E731 - another split: from the files again
+    assert cached(cache, paths, a2, split="a2") == direct(paths, a2) == ([expected[0][1]], {"json.bad": 1})
 
 
 def test_a_shard_written_just_before_its_scan_is_kept_in_memory_only(tmp_path):
@@ -229,7 +251,7 @@ def test_a_shard_written_just_before_its_scan_is_kept_in_memory_only(tmp_path):
 
 
 def cached_any(cache, paths):
-    return list(cache.samples(paths, SkipLog(quiet=True), keep_all, MODS))
+    return list(cache.samples(paths, SkipLog(quiet=True), keep_all, MODS, "all"))
 
 
 def test_limit_and_folder_come_from_the_environment(monkeypatch, tmp_path):
