@@ -22,7 +22,8 @@ Prints a table and, with --write, updates the section in docs/benchmarks.md.
     .venv/bin/python benchmarks/stream.py --samples 300 --reps 1 --steps 10   # a quick check
     .venv/bin/python benchmarks/stream.py --samples 300 --profile              # where an epoch's time goes
     .venv/bin/python benchmarks/stream.py --breakdown    # loader CPU per batch; step time, wait and CPU
-    .venv/bin/python benchmarks/stream.py --scan         # the scan per sample: fresh, from disk, from memory
+    .venv/bin/python benchmarks/stream.py --scan --workers 1,2,4   # the scan per sample: fresh, from disk,
+                                                                    # from memory; workers' CPU with and without
     .venv/bin/python benchmarks/stream.py --data out/mydata   # another dataset
 """
 
@@ -67,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--breakdown", action="store_true", help="only print the loader's CPU time per batch and, "
                     "for each of --train-workers, the training step's wall time, wait for data and CPU time")
     ap.add_argument("--scan", action="store_true", help="only print the CPU time per sample of the stream's scan "
-                    "(every shard scanned, its scans replayed from MBM_SCAN_DIR's files, and from memory)")
+                    "(every shard scanned, its scans replayed from MBM_SCAN_DIR's files, and from memory), and "
+                    "the CPU per batch of each of --workers with the scans on disk and without")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     ap.add_argument("--data", default=None, metavar="DIR",
                     help="a dataset folder written by mbm preprocess, instead of the synthetic dataset")
@@ -197,6 +199,41 @@ def breakdown(source, cfg, args, tmp: str) -> None:
     for w in args.train_workers:
         b = step_breakdown(with_workers(cfg, w), os.path.join(tmp, f"breakdown-{w}"), args.warmup, args.steps)
         print(f"| {w} | {b.step_ms:.1f} | {b.wait_ms:.1f} | {b.cpu_ms:.0f} |")
+
+
+def scan_workers(source, cfg, args, folder: str) -> None:
+    """Workers living across 4 epochs with no scan memory (MBM_SCAN_CACHE=0, a dataset past it): their
+    CPU per batch with the scans kept on disk and with MBM_SCAN_DIR=off, --reps rounds interleaved."""
+    from stream_read import persistent_epochs, with_workers
+
+    workers = sorted(set(args.workers) - {0})
+    if not workers or not sys.platform.startswith("linux"):
+        return
+    saved = {k: os.environ.get(k) for k in ("MBM_SCAN_CACHE", "MBM_SCAN_DIR")}
+    runs: dict[tuple[str, int], list[list[tuple[float, float]]]] = {}
+    try:
+        os.environ["MBM_SCAN_CACHE"] = "0"
+        for _ in range(args.reps):
+            for mode in ("disk", "off"):
+                os.environ["MBM_SCAN_DIR"] = folder if mode == "disk" else "off"
+                for w in workers:
+                    runs.setdefault((mode, w), []).append(persistent_epochs(source, with_workers(cfg, w), epochs=4))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    print(f"\nWorkers living across 4 epochs, MBM_SCAN_CACHE=0, {args.reps} round(s) interleaved (the first epoch "
+          "scans, with the scans on disk after the loader's parallel scan; workers' CPU does not count that scan):\n")
+    print("| loader workers | workers' CPU ms/batch, epochs 2–4: scans on disk | the same, MBM_SCAN_DIR=off "
+          "| epoch 1: on disk | epoch 1: off |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for w in workers:
+        later = {mode: [cpu for epochs in runs[(mode, w)] for cpu, _ in epochs[1:]] for mode in ("disk", "off")}
+        first = {mode: " / ".join(f"{epochs[0][0]:.1f}" for epochs in runs[(mode, w)]) for mode in ("disk", "off")}
+        print(f"| {w} | {min(later['disk']):.1f}–{max(later['disk']):.1f} | {min(later['off']):.1f}–"
+              f"{max(later['off']):.1f} | {first['disk']} | {first['off']} |")
 
 
 def spread(values: list[float], fmt: str) -> tuple[str, str]:
@@ -398,6 +435,7 @@ def main() -> int:
                   f"({c['scanned_us'] / c['disk_us']:.1f}x), from memory {c['memory_us']:.1f} "
                   f"({c['scanned_us'] / c['memory_us']:.1f}x); {c['files']} scan files, "
                   f"{c['bytes_per_sample']:.0f} bytes a sample")
+            scan_workers(source, cfg, args, folder)
             return 0
         task = f"{args.task} ({args.pair.replace(',', '–')})" if args.task == "retrieve" else args.task
         info = {"machine": machine(), "dataset": described, "shards": len(source.shards), "task": task,

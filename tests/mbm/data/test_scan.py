@@ -124,10 +124,11 @@ def test_replays_from_disk_equal_a_fresh_scan_in_every_split(tmp_path, monkeypat
     a, b = tmp_path / "a.tar", tmp_path / "b.tar"
     write_docs(a, messy_docs())
     write(b, ["b0", "b1", "b2"], bad_doc_at=2)
-    gz = tmp_path / "c.tar.gz"
+    gz, cut = tmp_path / "c.tar.gz", tmp_path / "cut.tar"
     gz.write_bytes(gzip.compress(b.read_bytes()))
-    settle(a, b, gz)
-    paths = [str(a), str(b), str(gz), str(tmp_path / "missing.tar")]
+    cut.write_bytes(a.read_bytes()[:5000])  # a truncated shard: the samples before the damage, then a skip
+    settle(a, b, gz, cut)
+    paths = [str(a), str(b), str(gz), str(cut), str(tmp_path / "missing.tar")]
     folder = str(tmp_path / "scans")
 
     def keep(doc):
@@ -138,12 +139,13 @@ def test_replays_from_disk_equal_a_fresh_scan_in_every_split(tmp_path, monkeypat
         name = (fraction, split_by, apart, split)
         assert cached(ScanCache(limit=0, folder=folder), paths, keep, mods, name) == expected  # scanned, written
         assert sorted(os.listdir(folder)) == sorted(os.path.basename(ScanCache(folder=folder).file(p))
-                                                    for p in paths[:2])  # not the compressed or the missing one
+                                                    for p in paths if "c.tar" not in p and "missing" not in p)
+        assert expected[1]["shard.corrupt"] == 2  # the truncated and the missing shard
         replayed = ScanCache(limit=0, folder=folder)
         with monkeypatch.context() as m:  # a plain shard is not read again: its records are replayed
             m.setattr(scan, "read_shards", lambda ps, skips, lazy: read_shards([p for p in ps if p.endswith("gz")],
                                                                                 skips, lazy=lazy))
-            assert cached(replayed, paths[:3], keep, mods, name) == direct(paths[:3], keep, mods)
+            assert cached(replayed, paths[:4], keep, mods, name) == direct(paths[:4], keep, mods)
         assert cached(replayed, paths, keep, mods, name) == expected
 
 
