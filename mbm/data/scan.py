@@ -37,6 +37,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 import time
 import zlib
@@ -325,11 +326,23 @@ def index_shards(paths: Sequence[str], processes: int, *, start: int = 0) -> int
     if len(todo) < 2:  # one shard: the loader's first epoch scans it as soon
         return 0
     begun = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(min(processes, len(todo))) as pool:
+    pool = multiprocessing.get_context("fork").Pool(min(processes, len(todo)), initializer=_pool_signals)
+    try:
         done = sum(pool.imap_unordered(_index_one, todo))
+        pool.close()  # the processes leave once the queue is empty
+        pool.join()
+    finally:
+        pool.terminate()  # interrupted: stop them (no-op once joined)
     log.info("scanned %d of %d shards in %.1f s with %d processes; their scans are kept in %s", done, len(paths),
              time.perf_counter() - begun, min(processes, len(todo)), kept.folder)
     return done
+
+
+def _pool_signals() -> None:
+    """A pool process ends quietly when the pool stops it, and leaves Ctrl-C to the process that started it
+    (it inherits that process's handlers, which may raise)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _index_one(path: str) -> int:

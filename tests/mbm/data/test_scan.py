@@ -295,3 +295,29 @@ def test_index_shards_scans_the_missing_ones_in_parallel(tmp_path, monkeypatch):
         assert cached(ScanCache(limit=0, folder=str(folder)), paths) == direct(paths)
     monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=None))
     assert scan.index_shards(everything, 4) == 0
+
+
+def test_the_parallel_scan_processes_are_not_stopped_by_signal_nor_run_the_parents_handler(tmp_path, monkeypatch):
+    """``mbm train``'s SIGTERM handler raises: the pool's processes, forked under it, must neither be sent SIGTERM
+    at the end (they leave once the work is done) nor run it when they are (they printed tracebacks)."""
+    import signal
+
+    paths = []
+    for name in "abcd":
+        write(tmp_path / f"{name}.tar", [f"{name}0", f"{name}1"])
+        paths.append(str(tmp_path / f"{name}.tar"))
+    settle(*paths)
+    monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=str(tmp_path / "scans")))
+    marker = tmp_path / "handled"
+
+    def handler(*_):
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        assert scan.index_shards(paths, 3) == 4
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert not marker.exists()
+    assert signal.getsignal(signal.SIGTERM) is old
