@@ -11,8 +11,9 @@ names, and the skips met on the way, in order. It is kept
   ``~/.cache/mbm/scan``; ``off``: none), as compressed json records for every split alike (the split is
   chosen as they are replayed), 40-60 bytes a sample on shards ``mbm preprocess`` wrote. Every worker,
   rank and later run (and ``mbm evaluate``) reads it instead of scanning the shard again. Files are written
-  whole and renamed into place, so processes scanning the same shard at once each leave a complete one;
-  the folder can be deleted at any time;
+  whole and renamed into place, so processes scanning the same shard at once each leave a complete one.
+  Files no process wrote or read for 30 days are deleted (``prune``, at most once a day, by a process
+  writing a scan); the folder can be deleted at any time;
 - in this process, as the samples one split of the shard gave, ready to be yielded again (1.3-1.5 KB a
   sample, tracemalloc on shards mbm preprocess wrote), for up to ``MBM_SCAN_CACHE`` samples (default
   100000; 0: none).
@@ -59,6 +60,8 @@ _SAMPLE, _SKIP, _BAD = 0, 1, 2
 _ENV = object()
 # a shard's scan is written to disk only when the shard was last written this long before the scan began
 _SETTLED = 2_000_000_000
+UNUSED_DAYS = 30  # a scan file neither written nor read for this long is deleted (``prune``)
+_DAY = 86400
 
 
 def _limit() -> int:
@@ -113,7 +116,7 @@ class ScanCache:
         self.folder: str | None = env_folder() if folder is _ENV else folder
         self.size = 0  # samples held in memory
         self.entries: dict[tuple[str, Any, tuple[str, ...]], tuple[list[int], list[Any], int]] = {}
-        self._warned = False
+        self._warned = self._pruned = False
 
     def samples(self, paths: list[str], skips: SkipLog, keep_doc: Callable[[dict], bool],
                 modalities: Collection[str], split: Any) -> Iterator[Undecoded]:
@@ -227,11 +230,13 @@ class ScanCache:
         try:
             with open(self.file(path), "rb") as f:
                 head, _, blob = (f.readline(), b"", b"") if header_only else f.read().partition(b"\n")
-            header = json.loads(head)
+                header = json.loads(head)
+                if (not isinstance(header, dict) or header.get("format") != FORMAT or header.get("path") != path
+                        or header.get("identity") != identity or not isinstance(count := header.get("samples"), int)):
+                    return None
+                if not header_only and time.time() - os.fstat(f.fileno()).st_mtime > _DAY:
+                    os.utime(f.fileno())  # in use: its mtime says so to ``prune``
         except (OSError, ValueError):
-            return None
-        if (not isinstance(header, dict) or header.get("format") != FORMAT or header.get("path") != path
-                or header.get("identity") != identity or not isinstance(count := header.get("samples"), int)):
             return None
         return blob, count
 
@@ -256,6 +261,9 @@ class ScanCache:
         tmp = None
         try:
             os.makedirs(self.folder, exist_ok=True)
+            if not self._pruned:
+                self._pruned = True
+                prune(self.folder)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(header.encode("ascii") + b"\n" + blob)
@@ -271,6 +279,37 @@ class ScanCache:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+
+def prune(folder: str) -> int:
+    """Delete the scan files in ``folder`` that no process wrote or read for ``UNUSED_DAYS`` days (their shards
+    deleted, or a dataset version no longer read) and temporary files left for a day; at most once a day
+    (``.pruned``'s mtime says when it last ran). Returns the number of files deleted."""
+    now = time.time()
+    marker = os.path.join(folder, ".pruned")
+    try:
+        if now - os.stat(marker).st_mtime < _DAY:
+            return 0
+    except OSError:
+        pass
+    try:
+        with open(marker, "a"):
+            pass
+        os.utime(marker)
+    except OSError:
+        return 0
+    deleted = 0
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                age = now - entry.stat(follow_symlinks=False).st_mtime
+                if ((entry.name.endswith(".scan") and age > UNUSED_DAYS * _DAY)
+                        or (entry.name.endswith(".tmp") and age > _DAY)):
+                    os.unlink(entry.path)
+                    deleted += 1
+    if deleted:
+        log.info("deleted %d shard scan file(s) unused for %d days from %s", deleted, UNUSED_DAYS, folder)
+    return deleted
 
 
 def _ref(value: Any) -> list[int] | None | bool:

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -16,6 +17,11 @@ from mbm.data.split import meta_split, sample_split, split_doc
 from mbm.data.stages import parsed
 
 MODS = ("text",)
+
+
+def scan_files(folder):
+    """The scan files in ``folder`` (not its ``.pruned`` marker), sorted."""
+    return sorted(name for name in os.listdir(folder) if name.endswith(".scan"))
 
 
 def write(path, ids, bad_doc_at=None):
@@ -96,7 +102,7 @@ def test_a_changed_shard_is_scanned_again(tmp_path):
     assert cache.size == 3 and len(cache.entries) == 1
     # the file on disk was rewritten too: a new process replays the new scan
     assert [s[0] for s in cached(ScanCache(limit=0, folder=str(folder)), [str(a)])[0]] == ["c0", "c1", "c2"]
-    assert len(os.listdir(folder)) == 1
+    assert len(scan_files(folder)) == 1
 
 
 def messy_docs():
@@ -138,7 +144,7 @@ def test_replays_from_disk_equal_a_fresh_scan_in_every_split(tmp_path, monkeypat
         expected = direct(paths, keep, mods)
         name = (fraction, split_by, apart, split)
         assert cached(ScanCache(limit=0, folder=folder), paths, keep, mods, name) == expected  # scanned, written
-        assert sorted(os.listdir(folder)) == sorted(os.path.basename(ScanCache(folder=folder).file(p))
+        assert scan_files(folder) == sorted(os.path.basename(ScanCache(folder=folder).file(p))
                                                     for p in paths if "c.tar" not in p and "missing" not in p)
         assert expected[1]["shard.corrupt"] == 2  # the truncated and the missing shard
         replayed = ScanCache(limit=0, folder=folder)
@@ -212,9 +218,9 @@ def test_partial_scans_over_limit_shards_and_compressed_tars_are_not_kept(tmp_pa
     it.close()  # the consumer stopped after one sample: nothing is remembered
     assert cache.entries == {} and cache.size == 0 and not folder.exists()
     assert len(cached_any(cache, [str(big)])) == 5 and cache.entries == {}  # 5 samples > limit 4: on disk only
-    assert os.listdir(folder) == [os.path.basename(cache.file(str(big)))]
+    assert scan_files(folder) == [os.path.basename(cache.file(str(big)))]
     assert len(cached_any(cache, [str(gz)])) == 3 and cache.entries == {}  # arrays read eagerly: not kept
-    assert len(os.listdir(folder)) == 1
+    assert len(scan_files(folder)) == 1
     assert len(cached_any(cache, [str(a)])) == 3 and cache.size == 3
     off = ScanCache(limit=0, folder=None)
     assert len(cached_any(off, [str(a)])) == 3 and off.entries == {}
@@ -249,7 +255,7 @@ def test_a_shard_written_just_before_its_scan_is_kept_in_memory_only(tmp_path):
     assert cache.size == 2 and not folder.exists()  # rewritten within its mtime's tick, it would look the same
     assert len(cached_any(ScanCache(limit=100, folder=str(folder)), [str(a)])) == 2 and not folder.exists()
     settle(a)  # a new mtime: scanned again, and now written
-    assert len(cached_any(cache, [str(a)])) == 2 and len(os.listdir(folder)) == 1
+    assert len(cached_any(cache, [str(a)])) == 2 and len(scan_files(folder)) == 1
 
 
 def cached_any(cache, paths):
@@ -288,7 +294,7 @@ def test_index_shards_scans_the_missing_ones_in_parallel(tmp_path, monkeypatch):
     monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=str(folder)))
     assert scan.index_shards(everything, 1) == 0 and not folder.exists()  # one process: the loader's scan is as fast
     assert scan.index_shards(everything, 4, start=2) == 3
-    assert sorted(os.listdir(folder)) == sorted(os.path.basename(scan.cache().file(p)) for p in paths)
+    assert scan_files(folder) == sorted(os.path.basename(scan.cache().file(p)) for p in paths)
     assert scan.index_shards(everything, 4) == 0  # all kept: nothing to do
     with monkeypatch.context() as m:  # the plain shards are replayed, skips included, without reading them
         m.setattr(scan, "read_shards", lambda ps, skips, lazy: iter(()))
@@ -321,3 +327,35 @@ def test_the_parallel_scan_processes_are_not_stopped_by_signal_nor_run_the_paren
         signal.signal(signal.SIGTERM, old)
     assert not marker.exists()
     assert signal.getsignal(signal.SIGTERM) is old
+
+
+def test_scan_files_unused_for_30_days_are_pruned_once_a_day(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    day = 86400 * 10**9
+    now = time.time_ns()
+
+    def aged(name, days):
+        path = folder / name
+        path.write_bytes(b"x")
+        os.utime(path, ns=(now - days * day, now - days * day))
+        return path
+
+    old, recent, old_tmp, new_tmp, other = (aged("o.scan", 31), aged("r.scan", 29), aged(".a.tmp", 2),
+                                            aged(".b.tmp", 0), aged("notes.txt", 400))
+    # a scan file read now is in use, however old it was
+    a = tmp_path / "a.tar"
+    write(a, ["a0", "a1"])
+    settle(a)
+    cache = ScanCache(limit=0, folder=str(folder))
+    assert cached(cache, [str(a)]) == direct([str(a)])  # scanned and written: the folder pruned first
+    used = Path(cache.file(str(a)))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([".pruned", ".b.tmp", "notes.txt", "r.scan", used.name])
+    os.utime(used, ns=(now - 40 * day, now - 40 * day))
+    assert cached(ScanCache(limit=0, folder=str(folder)), [str(a)]) == direct([str(a)])  # read: marked as used
+    assert time.time() - used.stat().st_mtime < 60
+    assert scan.prune(str(folder)) == 0  # pruned today already
+    aged("o2.scan", 31)
+    os.utime(folder / ".pruned", ns=(now - 2 * day, now - 2 * day))
+    assert scan.prune(str(folder)) == 1 and used.exists() and recent.exists() and other.exists()
+    assert not old.exists() and not old_tmp.exists() and new_tmp.exists()

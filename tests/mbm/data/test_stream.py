@@ -30,6 +30,11 @@ def dataset(tmp_path_factory):
     return out
 
 
+def scan_files(folder):
+    """The scan files in ``folder`` (not its ``.pruned`` marker), sorted."""
+    return sorted(name for name in os.listdir(folder) if name.endswith(".scan"))
+
+
 def stream_cfg(source, **kw):
     collate = CollateConfig(feature_dims=source.feature_dims, labels=tuple(source.labels))
     defaults = dict(shards=tuple(source.shards), collate=collate, batch_size=4, shuffle_buffer=16, seed=3)
@@ -139,9 +144,9 @@ def test_workers_start_after_the_shards_are_scanned_once(tmp_path, monkeypatch):
     calls = []
 
     def spy(paths, processes, *, start=0):
-        calls.append((len(os.listdir(folder)) if folder.exists() else 0, processes, start))
+        calls.append((len(scan_files(folder)) if folder.exists() else 0, processes, start))
         done = scan.index_shards(paths, processes, start=start)
-        assert done == len(src.shards) == len(os.listdir(folder))
+        assert done == len(src.shards) == len(scan_files(folder))
         return done
 
     monkeypatch.setattr(loader_module, "index_shards", spy)
@@ -406,7 +411,7 @@ def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatc
     for shard in src.shards:  # written an hour ago: their scans are kept on disk
         os.utime(shard, ns=(then, then))
     assert epochs(scan.ScanCache(limit=0, folder=str(folder))) == first  # scanned once, then replayed from disk
-    assert len(os.listdir(folder)) == len(src.shards)
+    assert len(scan_files(folder)) == len(src.shards)
 
 
 def test_a_shard_deleted_during_the_run_stops_it_at_the_next_epoch(tmp_path):
