@@ -61,6 +61,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
+# the loaders' shard scans of the benchmark's temporary datasets: beside them, not in the home folder
+export MBM_SCAN_DIR="${MBM_SCAN_DIR:-${TMPDIR:-/tmp}/mbm-gpu-bench-scans}"
 
 {
   echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(uname -n), $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM"
