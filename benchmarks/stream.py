@@ -30,6 +30,7 @@ Prints a table and, with --write, updates the section in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -241,6 +242,27 @@ def spread(values: list[float], fmt: str) -> tuple[str, str]:
     return format(statistics.median(values), fmt), f"{format(min(values), fmt)}–{format(max(values), fmt)}"
 
 
+@contextlib.contextmanager
+def no_kept_scans():
+    """``MBM_SCAN_DIR`` an empty temporary folder, and no scan in this process's memory (unless scans are off)."""
+    import mbm.data.scan as scan
+
+    saved = os.environ.get("MBM_SCAN_DIR")
+    if (saved or "").strip().lower() == "off":
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="mbm-scans-") as folder:
+        os.environ["MBM_SCAN_DIR"], scan._CACHE = folder, None
+        try:
+            yield
+        finally:
+            scan._CACHE = None
+            if saved is None:
+                os.environ.pop("MBM_SCAN_DIR", None)
+            else:
+                os.environ["MBM_SCAN_DIR"] = saved
+
+
 def streaming(source, cfg, args, n: int) -> tuple[list[str], dict[int, float]]:
     """Rows of the streaming table and, per worker count, the ratio of median rates mbm / webdataset."""
     from stream_read import mbm_epoch, tar_epoch, wds_epoch, with_workers
@@ -249,7 +271,8 @@ def streaming(source, cfg, args, n: int) -> tuple[list[str], dict[int, float]]:
     for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every reader alike
         for w in args.workers:
             for name, reader in (("mbm", mbm_epoch), ("wds", wds_epoch)):
-                runs.setdefault((name, w), []).append(reader(source, with_workers(cfg, w)))
+                with no_kept_scans():  # a run's first epoch on this data
+                    runs.setdefault((name, w), []).append(reader(source, with_workers(cfg, w)))
         runs.setdefault(("tar", 1), []).append(tar_epoch(source, cfg))
     size_mb = sum(os.path.getsize(p) for p in source.shards) / 1e6
     labels = {"mbm": "mbm loader", "wds": "plain webdataset", "tar": "tar bytes only (tarfile, 1 process)"}
@@ -349,7 +372,10 @@ def report(args, info: dict, stream_rows, ratios, train_rows, overheads, mem_row
         "features); every mbm "
         "loader worker reads every shard's headers and json but reads and decodes only the arrays of the "
         "batches it owns (the same order for any worker count) and sends each batch as one shared-memory "
-        "buffer; webdataset gives each worker its own shards and sends torch's usual one segment per tensor.",
+        "buffer; webdataset gives each worker its own shards and sends torch's usual one segment per tensor. "
+        "Each mbm epoch starts with no shard scan kept on disk, as a run's first epoch on new data does (with "
+        "2 or more workers the loader scans the shards in parallel before they start; later epochs and runs "
+        "replay the scans: \"Shard scans kept on disk\").",
         "",
         "| reader | workers | samples/s | min–max | MB/s | batches | samples in batches |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

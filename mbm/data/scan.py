@@ -19,7 +19,8 @@ names, and the skips met on the way, in order. It is kept
   100000; 0: none).
 
 A loader with two or more workers first has the shards without a kept scan scanned in parallel
-(``index_shards``), so that its workers replay every shard from their first epoch on.
+(``index_shards``; not for a few thousand samples), so that its workers replay every shard from their
+first epoch on.
 
 Either is replayed only while the shard is the same file (size, mtime, inode), and gives exactly the
 samples and skips a fresh scan gives, in order. The stream's whole part before decoding takes 75-85 µs a
@@ -60,6 +61,8 @@ _SAMPLE, _SKIP, _BAD = 0, 1, 2
 _ENV = object()
 # a shard's scan is written to disk only when the shard was last written this long before the scan began
 _SETTLED = 2_000_000_000
+# fewer samples than this left to scan (as the first shard's count projects them): no processes started
+POOL_SAMPLES = 5000
 UNUSED_DAYS = 30  # a scan file neither written nor read for this long is deleted (``prune``)
 _DAY = 86400
 
@@ -356,7 +359,11 @@ def index_shards(paths: Sequence[str], processes: int, *, start: int = 0) -> int
     ``processes`` at once, and write their scans: a loader's workers then replay every shard from the first
     epoch on, instead of each scanning all of them as it goes. ``start``: the place in ``paths`` to begin
     at (the ranks on one machine begin at their own shares, and skip shards another has done meanwhile).
-    Returns the number of shards scanned; a failure leaves a shard to the loader's own scan."""
+
+    The first shard is scanned in this process; where the shards left look like fewer than ``POOL_SAMPLES``
+    samples (by the first one's count), they are left to the workers, whose scans of a small dataset take
+    less than starting the processes (about 50 ms). Returns the number of shards scanned; a failure leaves a
+    shard to the loader's own scan."""
     kept = cache()
     if processes < 2 or kept.folder is None or "fork" not in multiprocessing.get_all_start_methods():
         return 0
@@ -365,15 +372,19 @@ def index_shards(paths: Sequence[str], processes: int, *, start: int = 0) -> int
     if len(todo) < 2:  # one shard: the loader's first epoch scans it as soon
         return 0
     begun = time.perf_counter()
-    pool = multiprocessing.get_context("fork").Pool(min(processes, len(todo)), initializer=_pool_signals)
+    first = _index_one(todo[0])
+    rest = todo[1:]
+    if first is None or first * len(rest) < POOL_SAMPLES:
+        return int(first is not None)
+    pool = multiprocessing.get_context("fork").Pool(min(processes, len(rest)), initializer=_pool_signals)
     try:
-        done = sum(pool.imap_unordered(_index_one, todo))
+        done = 1 + sum(n is not None for n in pool.imap_unordered(_index_one, rest))
         pool.close()  # the processes leave once the queue is empty
         pool.join()
     finally:
         pool.terminate()  # interrupted: stop them (no-op once joined)
     log.info("scanned %d of %d shards in %.1f s with %d processes; their scans are kept in %s", done, len(paths),
-             time.perf_counter() - begun, min(processes, len(todo)), kept.folder)
+             time.perf_counter() - begun, min(processes, len(rest)), kept.folder)
     return done
 
 
@@ -384,19 +395,20 @@ def _pool_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _index_one(path: str) -> int:
-    """(In a pool process) 1 where this process scanned the shard and kept its scan on disk, else 0."""
+def _index_one(path: str) -> int | None:
+    """The samples of the shard where this process scanned it and kept its scan on disk, else None."""
     try:
         kept = ScanCache(limit=0, folder=cache().folder)
         stat = kept.wants_scan(path)  # another rank may have done it meanwhile
         if stat is None:
-            return 0
+            return None
         for _ in kept._scan(path, stat, SkipLog(quiet=True), lambda _doc: True, ()):
             pass
-        return int(kept._load(path, _identity(stat), header_only=True) is not None)
+        loaded = kept._load(path, _identity(stat), header_only=True)
+        return None if loaded is None else loaded[1]
     except Exception:  # noqa: BLE001 - a shard the loader then scans itself, and reports if it is bad
         log.debug("could not scan %s ahead", path, exc_info=True)
-        return 0
+        return None
 
 
 _CACHE: ScanCache | None = None

@@ -293,7 +293,11 @@ def test_index_shards_scans_the_missing_ones_in_parallel(tmp_path, monkeypatch):
     folder = tmp_path / "scans"
     monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=str(folder)))
     assert scan.index_shards(everything, 1) == 0 and not folder.exists()  # one process: the loader's scan is as fast
-    assert scan.index_shards(everything, 4, start=2) == 3
+    # a small dataset: the first shard (c, at start 2) scanned here, the rest left to the loader's workers
+    assert scan.index_shards(everything, 4, start=2) == 1
+    assert scan_files(folder) == [os.path.basename(scan.cache().file(paths[2]))]
+    monkeypatch.setattr(scan, "POOL_SAMPLES", 0)  # as a large one: the rest in parallel
+    assert scan.index_shards(everything, 4) == 2
     assert scan_files(folder) == sorted(os.path.basename(scan.cache().file(p)) for p in paths)
     assert scan.index_shards(everything, 4) == 0  # all kept: nothing to do
     with monkeypatch.context() as m:  # the plain shards are replayed, skips included, without reading them
@@ -314,6 +318,7 @@ def test_the_parallel_scan_processes_are_not_stopped_by_signal_nor_run_the_paren
         paths.append(str(tmp_path / f"{name}.tar"))
     settle(*paths)
     monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=str(tmp_path / "scans")))
+    monkeypatch.setattr(scan, "POOL_SAMPLES", 0)
     marker = tmp_path / "handled"
 
     def handler(*_):

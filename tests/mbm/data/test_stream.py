@@ -150,6 +150,7 @@ def test_workers_start_after_the_shards_are_scanned_once(tmp_path, monkeypatch):
         return done
 
     monkeypatch.setattr(loader_module, "index_shards", spy)
+    monkeypatch.setattr(scan, "POOL_SAMPLES", 0)  # 60 samples: scanned in parallel as a large dataset would be
     cfg = stream_cfg(src, drop_last=False)
     pooled = StreamLoader(ShardStream(cfg, rank=1, world=2), workers=2)
     try:
