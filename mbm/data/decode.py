@@ -24,6 +24,7 @@ import numpy as np
 
 from mbm.data.errors import CorruptSample
 from mbm.data.shards import MemberRef, read_member
+from mbm.data.split import meta_split
 from schemas import MODALITIES, SCHEMA_VERSION
 from schemas.features import FLOAT16, all_finite
 
@@ -55,6 +56,7 @@ class Undecoded:
     npy: dict[str, bytes | MemberRef | None] = field(default_factory=dict)  # the members to decode, by modality
     shard: str = ""  # the shard it was read from, for messages
     content: dict[str, str] = field(default_factory=dict)  # modality -> content hash of its input (the doc's)
+    split: Any = None  # the ``split`` value of its metadata, as the doc holds it (``mbm.data.split.meta_split``)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -161,7 +163,7 @@ def undecoded(raw: dict[str, Any], doc: dict[str, Any] | None = None,
     wanted = present if modalities is None else [m for m in present if m in modalities]
     return Undecoded(id=doc["id"], key=key, label=doc.get("label"), text=text if isinstance(text, str) else None,
                      modalities=present, npy={m: raw.get(f"{m}.npy") for m in wanted}, shard=raw.get("__url__", ""),
-                     content=content_hashes(doc))
+                     content=content_hashes(doc), split=meta_split(doc))
 
 
 def content_hashes(doc: dict[str, Any]) -> dict[str, str]:

@@ -198,7 +198,7 @@ class ScanCache:
                     sink.events = None
                 else:
                     sink.events.append([_SAMPLE, sample.key, sample.id, sample.label, sample.text,
-                                        list(sample.modalities), refs, sample.content, view["meta"]["split"]])
+                                        list(sample.modalities), refs, sample.content, sample.split])
                     count += 1
             if keep_doc(view):
                 sample.npy = {m: v for m, v in sample.npy.items() if m in modalities}
@@ -345,7 +345,7 @@ def _replay(records: list[Any], path: str, shard: ShardFile, skips: SkipLog, kee
                 npy = {m: None if r is None else MemberRef(shard, r[0], r[1])
                        for m, r in zip(present, refs, strict=True) if m in modalities}
                 yield Undecoded(id=sample_id, key=key, label=label, text=text, modalities=tuple(present), npy=npy,
-                                shard=path, content=content)
+                                shard=path, content=content, split=split)
         elif kind == _SKIP:
             skips.skip(record[1], record[2])
         else:

@@ -13,9 +13,10 @@ from typing import Any
 
 import braceexpand
 
-from mbm.data.decode import decode_sample, parse_doc
+from mbm.data.decode import decode
 from mbm.data.errors import CorruptSample, SkipLog, in_shard
-from mbm.data.shards import iter_tar
+from mbm.data.scan import cache as scan_cache
+from mbm.data.scan import index_shards
 from mbm.data.split import split_name
 from mbm.lock import hold_version
 from schemas import MODALITIES, DatasetManifest
@@ -174,33 +175,45 @@ def _from_pattern(spec: str) -> DataSource:
                       splits=splits)
 
 
+def _machine_share(shards: int) -> tuple[int, int]:
+    """(processes, first shard) for this process's share of a parallel scan: the cores it may use, divided
+    among the ranks torchrun started on this machine (``LOCAL_WORLD_SIZE``), each beginning at its own share."""
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        rank = min(max(0, int(os.environ.get("LOCAL_RANK") or 0)), local - 1)
+    except ValueError:
+        local, rank = 1, 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local), shards * rank // local
+
+
 def _scan(paths: list[str]) -> tuple[list[int], list[Any], dict[str, int], dict[str, int]]:
-    """Per-shard sample counts, labels, feature dims and samples per named split, found by reading every sample."""
+    """Per-shard sample counts, labels, feature dims and samples per named split of the samples whose json doc
+    is usable, from the shards' scans (``mbm.data.scan``: kept on disk for the loaders, and replayed by later
+    commands); dims from the first sample whose arrays decode, each modality's."""
     skips = SkipLog()
-    sizes, labels, dims = [], [], {}
+    labels, dims = [], {}
     splits: Counter[str] = Counter()
     seen: set[str] = set()
     repeated = 0
+    processes, start = _machine_share(len(paths))
+    index_shards(paths, processes, start=start)  # a large dataset's first scan, in parallel
+    sizes = []
     for path in paths:
         n = 0
-        try:
-            for raw in iter_tar(path):
+        for sample in scan_cache().samples([path], skips, lambda _doc: True, MODALITIES, split="all"):
+            n += 1
+            if (name := split_name({"split": sample.split})) is not None:
+                splits[name] += 1
+            repeated += sample.id in seen
+            seen.add(sample.id)
+            labels.append(sample.label)
+            if any(m not in dims for m in sample.npy):
                 try:
-                    doc = parse_doc(raw)
-                    sample = decode_sample(raw, doc=doc)
+                    for m, arr in decode(sample).features.items():
+                        dims.setdefault(m, int(arr.shape[1]))
                 except CorruptSample as exn:
                     skips.skip(exn.reason, in_shard(path, exn.detail))
-                    continue
-                n += 1
-                if (name := split_name(doc.get("meta"))) is not None:
-                    splits[name] += 1
-                repeated += sample.id in seen
-                seen.add(sample.id)
-                labels.append(sample.label)
-                for m, arr in sample.features.items():
-                    dims.setdefault(m, int(arr.shape[1]))
-        except Exception as exn:  # noqa: BLE001
-            skips.skip("shard.corrupt", f"{path}: {exn}")
         sizes.append(n)
     log.info("scanned %d shard(s): %d samples, dims %s, skipped %s", len(paths), sum(sizes), dims, skips.snapshot())
     if repeated:

@@ -107,3 +107,79 @@ def test_a_pattern_over_a_dataset_folders_shards_of_several_versions_warns_of_re
     with caplog.at_level(logging.WARNING):
         resolve_data(str(out / "shards" / "v000002-*.tar"))
     assert "have an id another of them has too" not in caplog.text
+
+
+def _npy(arr):
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr, dtype=np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _shard(path, samples):
+    import json
+
+    import webdataset as wds
+
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
+        for key, doc, members in samples:
+            sink.write({"__key__": key, "json": doc if isinstance(doc, bytes) else json.dumps(doc).encode(), **members})
+
+
+def test_a_shard_pattern_is_described_from_the_scans_and_replayed_by_the_next_command(tmp_path, monkeypatch):
+    import os
+    import time
+
+    import numpy as np
+
+    import mbm.data.scan as scan
+
+    good_text, good_image = _npy(np.ones((3, 4))), _npy(np.ones((2, 6)))
+    _shard(tmp_path / "a.tar", [
+        # the first sample's image is 5 wide and not finite: the dims come from the next sample that decodes
+        ("a0", {"id": "a0", "modalities": ["text", "image"], "label": "cat", "meta": {"split": "Train"}},
+         {"text.npy": good_text, "image.npy": _npy(np.full((2, 5), np.inf))}),
+        ("a1", {"id": "a1", "modalities": ["text", "image"], "label": "dog", "meta": {"split": "test"}},
+         {"text.npy": good_text, "image.npy": good_image}),
+        ("a2", b"{broken", {"text.npy": good_text}),
+        ("a3", {"id": "a3", "modalities": []}, {}),
+    ])
+    _shard(tmp_path / "b.tar", [
+        ("b0", {"id": "b0", "modalities": ["audio"], "label": 1}, {"audio.npy": _npy(np.ones((7, 3)))}),
+        ("b1", {"id": "b1", "modalities": ["text"], "label": "cat", "meta": {"split": "test"}},
+         {"text.npy": b"not an array"}),
+    ])
+    then = time.time_ns() - 3600 * 10**9
+    for name in ("a.tar", "b.tar"):
+        os.utime(tmp_path / name, ns=(then, then))
+    monkeypatch.setattr(scan, "_CACHE", scan.ScanCache(limit=0, folder=str(tmp_path / "scans")))
+    source = resolve_data(str(tmp_path / "*.tar"))
+    # samples with a usable doc count, corrupt arrays or not (the loader skips those as it reads them)
+    assert source.shard_sizes == [2, 2]
+    assert source.feature_dims == {"text": 4, "image": 6, "audio": 3}
+    assert source.labels == [1, "cat", "dog"]
+    assert source.splits == {"test": 2, "train": 1}
+    with monkeypatch.context() as m:  # the next command replays the scans kept on disk
+        m.setattr(scan, "read_shards", lambda *_a, **_k: iter(()))
+        again = resolve_data(str(tmp_path / "*.tar"))
+    assert (again.shard_sizes, again.feature_dims, again.labels, again.splits) == (
+        source.shard_sizes, source.feature_dims, source.labels, source.splits)
+
+
+@pytest.mark.parametrize("env, share", [({}, (8, 0)), ({"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": "2"}, (2, 5)),
+                                        ({"LOCAL_WORLD_SIZE": "16", "LOCAL_RANK": "15"}, (1, 9)),
+                                        ({"LOCAL_WORLD_SIZE": "x"}, (8, 0))])
+def test_each_rank_on_a_machine_scans_with_its_share_of_the_cores(monkeypatch, env, share):
+    import os
+
+    from mbm.data import source
+
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert source._machine_share(10) == share
