@@ -33,7 +33,8 @@ def check_environment(env: Mapping[str, str]) -> None:
     value = env.get("MBM_SCAN_CACHE", "").strip()
     if value and not (value.isdigit() and value.isascii()):
         raise SpecError(f"MBM_SCAN_CACHE={env['MBM_SCAN_CACHE']!r}: give the number of samples a loader process keeps "
-                        "shard scans for as a whole number >= 0 (0 scans every epoch; 100000 is the default)")
+                        "shard scans for in memory as a whole number >= 0 (0: none, each epoch replays the scans kept in "
+                        "MBM_SCAN_DIR; 100000 is the default)")
     value = env.get("MBM_SCAN_DIR", "").strip()
     if value and value.lower() != "off" and os.path.exists(value) and not os.path.isdir(value):
         raise SpecError(f"MBM_SCAN_DIR={env['MBM_SCAN_DIR']!r} is not a folder: give a folder for the shard scans "

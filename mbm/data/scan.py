@@ -180,18 +180,15 @@ class ScanCache:
             except CorruptSample as exn:
                 sink.skip(exn.reason, in_shard(url, exn.detail))
                 continue
-            view = split_doc(doc["id"], {}, meta_split(doc))
             try:
                 sample = undecoded(raw, doc)
             except CorruptSample as exn:
-                detail = in_shard(url, exn.detail)
-                view["modality_hashes"] = hashes = content_hashes(doc)
+                detail, hashes, split = in_shard(url, exn.detail), content_hashes(doc), meta_split(doc)
                 if sink.events is not None:
-                    sink.events.append([_BAD, exn.reason, detail, doc["id"], hashes, view["meta"]["split"]])
-                if keep_doc(view):
+                    sink.events.append([_BAD, exn.reason, detail, doc["id"], hashes, split])
+                if keep_doc(split_doc(doc["id"], hashes, split)):
                     skips.skip(exn.reason, detail)
                 continue
-            view["modality_hashes"] = sample.content
             if sink.events is not None:
                 refs = [_ref(v) for v in sample.npy.values()]
                 if any(r is False for r in refs):  # arrays read eagerly (a compressed tar): too big to keep
@@ -200,7 +197,7 @@ class ScanCache:
                     sink.events.append([_SAMPLE, sample.key, sample.id, sample.label, sample.text,
                                         list(sample.modalities), refs, sample.content, sample.split])
                     count += 1
-            if keep_doc(view):
+            if keep_doc(split_doc(sample.id, sample.content, sample.split)):
                 sample.npy = {m: v for m, v in sample.npy.items() if m in modalities}
                 yield sample
         # Reached only when the whole shard was read (a consumer that stops early closes the generator above).

@@ -87,18 +87,19 @@ class Selector:
     def __init__(self, cfg: StreamConfig) -> None:
         self.cfg = cfg
         self.label_keys = {label_key(v) for v in cfg.collate.labels}
-        self._known: dict[tuple[type, Any], bool] = {}  # (type, label) -> in the vocabulary, for hashable labels
+        self._known: dict[tuple[type, Any], bool] = {}  # (type, label) -> in the vocabulary: str, int, bool labels
 
     def known_label(self, label: Any) -> bool:
-        """Whether ``label`` is in the run's vocabulary (``label_key`` is a json dump: remembered per label)."""
-        try:
-            hit = self._known.get((type(label), label))
-        except TypeError:  # a list or dict label
+        """Whether ``label`` is in the run's vocabulary (``label_key`` is a json dump: remembered per string, int
+        and bool label; floats are not, as 0.0 and -0.0 are equal and dump differently)."""
+        kind = type(label)
+        if kind not in (str, int, bool):
             return label_key(label) in self.label_keys
+        hit = self._known.get((kind, label))
         if hit is None:
             hit = label_key(label) in self.label_keys
-            if len(self._known) < 10_000:  # labels that never compare equal (NaN) are not remembered forever
-                self._known[(type(label), label)] = hit
+            if len(self._known) < 10_000:  # a vocabulary of many labels is not remembered whole
+                self._known[(kind, label)] = hit
         return hit
 
     def in_split(self, doc: dict) -> bool:

@@ -866,10 +866,12 @@ def test_held_out_pass_workers_let_go_of_their_shared_memory_after_each_pass(dat
 def test_the_selector_knows_labels_as_their_json_does():
     from mbm.data.stream import Selector
 
-    cfg = StreamConfig(shards=(), collate=CollateConfig(feature_dims={"text": 4}, labels=("1", 2, 1.5, False, [1, 2])))
+    cfg = StreamConfig(shards=(), collate=CollateConfig(feature_dims={"text": 4},
+                                                        labels=("1", 2, 1.5, False, [1, 2], 0.0)))
     select = Selector(cfg)
     cases = [("1", True), (1, False), (2, True), ("2", False), (2.0, False), (1.5, True), (False, True), (0, False),
-             (True, False), ([1, 2], True), ([2, 1], False), ({"a": 1}, False), (float("nan"), False)]
+             (True, False), ([1, 2], True), ([2, 1], False), ({"a": 1}, False), (float("nan"), False), (0.0, True),
+             (-0.0, False)]
     for _ in range(2):  # the second time from memory
         assert [select.known_label(label) for label, _ in cases] == [known for _, known in cases]
     for n in range(10_050):  # labels that never repeat are remembered up to a bound
