@@ -261,6 +261,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from mbm.lock import FolderLock, FolderLockedError
+    from mbm.scanfiles import forget
     from pipelines.versions import gc
 
     args.dir = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
@@ -272,6 +273,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         else:
             with FolderLock(args.dir):
                 result = gc(args.dir, args.keep)
+            # the loaders' kept scans of the deleted shards (mbm.data.scan) go with them
+            forget([str(Path(args.dir, f)) for f in result["deleted_files"] if f.endswith(".tar")])
     except FolderLockedError as e:
         print(f"mbm: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,8 +12,9 @@ names, and the skips met on the way, in order. It is kept
   chosen as they are replayed), 40-60 bytes a sample on shards ``mbm preprocess`` wrote. Every worker,
   rank and later run (and ``mbm evaluate``) reads it instead of scanning the shard again. Files are written
   whole and renamed into place, so processes scanning the same shard at once each leave a complete one.
-  Files no process wrote or read for 30 days are deleted (``prune``, at most once a day, by a process
-  writing a scan); the folder can be deleted at any time;
+  Files no process wrote or read for 30 days are deleted (``mbm.scanfiles.prune``, at most once a day, by a
+  process writing a scan), and ``mbm gc`` deletes those of the shards it deletes; the folder can be
+  deleted at any time;
 - in this process, as the samples one split of the shard gave, ready to be yielded again (1.3-1.5 KB a
   sample, tracemalloc on shards mbm preprocess wrote), for up to ``MBM_SCAN_CACHE`` samples (default
   100000; 0: none).
@@ -34,7 +35,6 @@ arrays are read eagerly (compressed tars) and shards that fail to open are scann
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import multiprocessing
@@ -50,12 +50,12 @@ from mbm.data.decode import Undecoded, content_hashes, parse_doc, undecoded
 from mbm.data.errors import CorruptSample, SkipLog, in_shard
 from mbm.data.shards import COMPRESSED, MemberRef, ShardFile, read_shards
 from mbm.data.split import meta_split, split_doc
+from mbm.scanfiles import _DAY, env_folder, prune, scan_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LIMIT = 100_000
 FORMAT = 1  # of the files in MBM_SCAN_DIR; another number is read as no file
-OFF = "off"
 # records: a sample, a skip whatever the split, a sample whose doc is unusable (a skip in its split only)
 _SAMPLE, _SKIP, _BAD = 0, 1, 2
 _ENV = object()
@@ -63,8 +63,6 @@ _ENV = object()
 _SETTLED = 2_000_000_000
 # fewer samples than this left to scan (as the first shard's count projects them): no processes started
 POOL_SAMPLES = 5000
-UNUSED_DAYS = 30  # a scan file neither written nor read for this long is deleted (``prune``)
-_DAY = 86400
 
 
 def _limit() -> int:
@@ -72,19 +70,6 @@ def _limit() -> int:
         return max(0, int(os.environ.get("MBM_SCAN_CACHE", DEFAULT_LIMIT)))
     except ValueError:
         return DEFAULT_LIMIT
-
-
-def default_folder() -> str:
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mbm", "scan")
-
-
-def env_folder() -> str | None:
-    """``MBM_SCAN_DIR``: the folder of the scans kept on disk, None for ``off``."""
-    value = os.environ.get("MBM_SCAN_DIR", "").strip()
-    if value.lower() == OFF:
-        return None
-    return value or default_folder()
 
 
 def _identity(stat: os.stat_result) -> list[int]:
@@ -219,8 +204,7 @@ class ScanCache:
 
     def file(self, path: str) -> str:
         """Where the scan of the shard at ``path`` is kept on disk (``folder`` must be set)."""
-        name = hashlib.sha1(os.path.abspath(path).encode("utf-8", "surrogateescape")).hexdigest()
-        return os.path.join(self.folder, name + ".scan")
+        return scan_file(self.folder, path)
 
     def _load(self, path: str, identity: list[int], *, header_only: bool = False) -> tuple[bytes, int] | None:
         """(records, samples) of the shard's file where it is a scan of this very shard; with ``header_only``,
@@ -279,37 +263,6 @@ class ScanCache:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-
-
-def prune(folder: str) -> int:
-    """Delete the scan files in ``folder`` that no process wrote or read for ``UNUSED_DAYS`` days (their shards
-    deleted, or a dataset version no longer read) and temporary files left for a day; at most once a day
-    (``.pruned``'s mtime says when it last ran). Returns the number of files deleted."""
-    now = time.time()
-    marker = os.path.join(folder, ".pruned")
-    try:
-        if now - os.stat(marker).st_mtime < _DAY:
-            return 0
-    except OSError:
-        pass
-    try:
-        with open(marker, "a"):
-            pass
-        os.utime(marker)
-    except OSError:
-        return 0
-    deleted = 0
-    with contextlib.suppress(OSError), os.scandir(folder) as entries:
-        for entry in entries:
-            with contextlib.suppress(OSError):
-                age = now - entry.stat(follow_symlinks=False).st_mtime
-                if ((entry.name.endswith(".scan") and age > UNUSED_DAYS * _DAY)
-                        or (entry.name.endswith(".tmp") and age > _DAY)):
-                    os.unlink(entry.path)
-                    deleted += 1
-    if deleted:
-        log.info("deleted %d shard scan file(s) unused for %d days from %s", deleted, UNUSED_DAYS, folder)
-    return deleted
 
 
 def _ref(value: Any) -> list[int] | None | bool:

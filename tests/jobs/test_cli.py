@@ -633,3 +633,26 @@ def test_no_dedupe_turns_the_spec_s_dedupe_off(tmp_path):
     for argv, dedupe in ((["--no-dedupe"], False), ([], True)):
         args = build_parser().parse_args(["preprocess", str(tmp_path / "job.toml"), *argv])
         assert load_spec(args.spec, _overrides(args)).runner.dedupe is dedupe
+
+
+def test_gc_deletes_the_kept_scans_of_the_shards_it_deletes(tmp_path, monkeypatch, capsys):
+    from mbm.scanfiles import scan_file
+
+    out = tmp_path / "ds"
+    _manifests(out, 2, shards=2)
+    (out / "shards").mkdir()
+    for v in (1, 2):
+        for i in range(2):
+            (out / "shards" / f"v{v:06d}-{i:06d}.tar").write_bytes(b"x")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    monkeypatch.setenv("MBM_SCAN_DIR", str(folder))
+    names = {f"v{v:06d}-{i:06d}.tar": scan_file(str(folder), str(out / "shards" / f"v{v:06d}-{i:06d}.tar"))
+             for v in (1, 2) for i in range(2)}
+    for file in names.values():
+        open(file, "w").close()
+    assert main(["gc", str(out), "--keep", "1", "--dry-run"]) == 0
+    assert all(os.path.exists(f) for f in names.values())  # a dry run deletes nothing
+    assert main(["gc", str(out), "--keep", "1"]) == 0
+    assert "deleted versions [1] and 2 files" in capsys.readouterr().out
+    assert {n for n, f in names.items() if os.path.exists(f)} == {"v000002-000000.tar", "v000002-000001.tar"}
