@@ -104,7 +104,7 @@ class ScanCache:
         self.folder: str | None = env_folder() if folder is _ENV else folder
         self.size = 0  # samples held in memory
         self.entries: dict[tuple[str, Any, tuple[str, ...]], tuple[list[int], list[Any], int]] = {}
-        self._warned = self._pruned = False
+        self._pruned = False
 
     def samples(self, paths: list[str], skips: SkipLog, keep_doc: Callable[[dict], bool],
                 modalities: Collection[str], split: Any) -> Iterator[Undecoded]:
@@ -254,15 +254,33 @@ class ScanCache:
             os.replace(tmp, self.file(path))
             tmp = None
         except OSError as exn:
-            if not self._warned:
-                self._warned = True
-                log.warning("cannot keep shard scans in %s (%s): every loader process scans each shard again, every "
-                            "epoch past MBM_SCAN_CACHE samples; set MBM_SCAN_DIR to a writable folder (or to off)",
-                            self.folder, exn)
+            _cannot_write(self.folder, exn)
         finally:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+
+_WARNED: set[str] = set()  # folders this process (or the one it was forked from) said it cannot write to
+
+
+def _cannot_write(folder: str, exn: OSError) -> None:
+    if folder not in _WARNED:
+        _WARNED.add(folder)
+        log.warning("cannot keep shard scans in %s (%s): every loader process scans each shard again, every epoch "
+                    "past MBM_SCAN_CACHE samples; set MBM_SCAN_DIR to a writable folder (or to off)", folder, exn)
+
+
+def _writable(folder: str) -> bool:
+    """Whether scans can be written to ``folder`` (created if missing); says so once where not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {folder}")
+    except OSError as exn:
+        _cannot_write(folder, exn)
+        return False
+    return True
 
 
 def _ref(value: Any) -> list[int] | None | bool:
@@ -316,6 +334,8 @@ def index_shards(paths: Sequence[str], processes: int, *, start: int = 0) -> int
     shard to the loader's own scan."""
     kept = cache()
     if processes < 2 or kept.folder is None or "fork" not in multiprocessing.get_all_start_methods():
+        return 0
+    if not _writable(kept.folder):  # said once here, so the workers forked next do not say it again
         return 0
     order = [*paths[start:], *paths[:start]]
     todo = [p for p in order if kept.wants_scan(p) is not None]

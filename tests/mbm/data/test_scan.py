@@ -188,20 +188,29 @@ def test_damaged_or_foreign_scan_files_are_scanned_over(tmp_path):
         assert open(file, "rb").read() == good  # scanned and written again
 
 
-def test_an_unwritable_folder_warns_once_and_scans(tmp_path, caplog):
+def test_an_unwritable_folder_warns_once_and_scans(tmp_path, caplog, monkeypatch):
     a, b = tmp_path / "a.tar", tmp_path / "b.tar"
     write(a, ["a0"])
     write(b, ["b0"])
     settle(a, b)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    cache = ScanCache(limit=0, folder=str(blocked / "scans"))
+    folder = str(blocked / "scans")
+    monkeypatch.setattr(scan, "_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="mbm.data.scan"):
-        for _ in range(2):
-            assert cached(cache, [str(a), str(b)]) == direct([str(a), str(b)])
+        for cache in (ScanCache(limit=0, folder=folder), ScanCache(limit=0, folder=folder)):
+            for _ in range(2):
+                assert cached(cache, [str(a), str(b)]) == direct([str(a), str(b)])
+        monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=folder))
+        monkeypatch.setattr(scan, "POOL_SAMPLES", 0)
+        assert scan.index_shards([str(a), str(b)], 2) == 0
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "set MBM_SCAN_DIR to a writable folder" in warnings[0]
+    assert len(warnings) == 1 and "set MBM_SCAN_DIR to a writable folder" in warnings[0]  # once per process
     assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar", "file"]
+    monkeypatch.setattr(scan, "_WARNED", set())  # the parallel scan says it before any process is started
+    with caplog.at_level(logging.WARNING, logger="mbm.data.scan"):
+        assert scan.index_shards([str(a), str(b)], 2) == 0
+    assert len(caplog.records) == 2 and caplog.records[1].getMessage().startswith(f"cannot keep shard scans in {folder}")
 
 
 def test_partial_scans_over_limit_shards_and_compressed_tars_are_not_kept(tmp_path):
