@@ -30,7 +30,6 @@ Prints a table and, with --write, updates the section in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -202,29 +201,20 @@ def breakdown(source, cfg, args, tmp: str) -> None:
         print(f"| {w} | {b.step_ms:.1f} | {b.wait_ms:.1f} | {b.cpu_ms:.0f} |")
 
 
-def scan_workers(source, cfg, args, folder: str) -> None:
+def scan_workers(source, cfg, args) -> None:
     """Workers living across 4 epochs with no scan memory (MBM_SCAN_CACHE=0, a dataset past it): their
     CPU per batch with the scans kept on disk and with MBM_SCAN_DIR=off, --reps rounds interleaved."""
-    from stream_read import persistent_epochs, with_workers
+    from stream_read import environ, persistent_epochs, with_workers
 
     workers = sorted(set(args.workers) - {0})
     if not workers or not sys.platform.startswith("linux"):
         return
-    saved = {k: os.environ.get(k) for k in ("MBM_SCAN_CACHE", "MBM_SCAN_DIR")}
     runs: dict[tuple[str, int], list[list[tuple[float, float]]]] = {}
-    try:
-        os.environ["MBM_SCAN_CACHE"] = "0"
-        for _ in range(args.reps):
-            for mode in ("disk", "off"):
-                os.environ["MBM_SCAN_DIR"] = folder if mode == "disk" else "off"
+    for _ in range(args.reps):
+        for mode in ("disk", "off"):  # on disk: a fresh folder of persistent_epochs's
+            with environ(MBM_SCAN_CACHE="0", MBM_SCAN_DIR=None if mode == "disk" else "off"):
                 for w in workers:
                     runs.setdefault((mode, w), []).append(persistent_epochs(source, with_workers(cfg, w), epochs=4))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     print(f"\nWorkers living across 4 epochs, MBM_SCAN_CACHE=0, {args.reps} round(s) interleaved (the first epoch "
           "scans, with the scans on disk after the loader's parallel scan; workers' CPU does not count that scan):\n")
     print("| loader workers | workers' CPU ms/batch, epochs 2–4: scans on disk | the same, MBM_SCAN_DIR=off "
@@ -242,30 +232,9 @@ def spread(values: list[float], fmt: str) -> tuple[str, str]:
     return format(statistics.median(values), fmt), f"{format(min(values), fmt)}–{format(max(values), fmt)}"
 
 
-@contextlib.contextmanager
-def no_kept_scans():
-    """``MBM_SCAN_DIR`` an empty temporary folder, and no scan in this process's memory (unless scans are off)."""
-    import mbm.data.scan as scan
-
-    saved = os.environ.get("MBM_SCAN_DIR")
-    if (saved or "").strip().lower() == "off":
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="mbm-scans-") as folder:
-        os.environ["MBM_SCAN_DIR"], scan._CACHE = folder, None
-        try:
-            yield
-        finally:
-            scan._CACHE = None
-            if saved is None:
-                os.environ.pop("MBM_SCAN_DIR", None)
-            else:
-                os.environ["MBM_SCAN_DIR"] = saved
-
-
 def streaming(source, cfg, args, n: int) -> tuple[list[str], dict[int, float]]:
     """Rows of the streaming table and, per worker count, the ratio of median rates mbm / webdataset."""
-    from stream_read import mbm_epoch, tar_epoch, wds_epoch, with_workers
+    from stream_read import mbm_epoch, no_kept_scans, tar_epoch, wds_epoch, with_workers
 
     runs: dict[tuple[str, int], list] = {}
     for _ in range(args.reps):  # interleaved, so drift in the machine's load hits every reader alike
@@ -461,7 +430,7 @@ def main() -> int:
                   f"({c['scanned_us'] / c['disk_us']:.1f}x), from memory {c['memory_us']:.1f} "
                   f"({c['scanned_us'] / c['memory_us']:.1f}x); {c['files']} scan files, "
                   f"{c['bytes_per_sample']:.0f} bytes a sample")
-            scan_workers(source, cfg, args, folder)
+            scan_workers(source, cfg, args)
             return 0
         task = f"{args.task} ({args.pair.replace(',', '–')})" if args.task == "retrieve" else args.task
         info = {"machine": machine(), "dataset": described, "shards": len(source.shards), "task": task,

@@ -12,12 +12,15 @@ Each returns ``Epoch(seconds, batches, samples)``; ``samples`` counts those in t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import tarfile
 import tempfile
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -170,6 +173,42 @@ def children_cpu() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def environ(**values: str | None) -> Iterator[None]:
+    """The environment with ``values`` set (None: unset), as it was again after."""
+    saved = {k: os.environ.get(k) for k in values}
+
+    def put(items: dict[str, str | None]) -> None:
+        for k, v in items.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    put(values)
+    try:
+        yield
+    finally:
+        put(saved)
+
+
+@contextlib.contextmanager
+def no_kept_scans() -> Iterator[None]:
+    """``MBM_SCAN_DIR`` an empty temporary folder and no scan in this process's memory, as for a run's first
+    epoch on new data (unless scans are off)."""
+    import mbm.data.scan as scan
+
+    if os.environ.get("MBM_SCAN_DIR", "").strip().lower() == "off":
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="mbm-scans-") as folder, environ(MBM_SCAN_DIR=folder):
+        scan._CACHE = None
+        try:
+            yield
+        finally:
+            scan._CACHE = None
+
+
 def persistent_epochs(source: DataSource, cfg: TrainConfig, epochs: int) -> list[tuple[float, float]]:
     """(workers' CPU ms per batch, wall ms per batch) of each of ``epochs`` epochs of one loader whose
     workers live for all of them, as the trainer's do (Linux: read from /proc)."""
@@ -180,23 +219,15 @@ def persistent_epochs(source: DataSource, cfg: TrainConfig, epochs: int) -> list
     # count the batches without leaving scans for the workers to inherit or read from disk
     scan._CACHE = scan.ScanCache(limit=0, folder=None)
     per_epoch = sum(1 for _ in stream.raw_batches(SkipLog(quiet=True)))
-    scan._CACHE = None  # each worker starts empty: its first epoch scans
-    folder = os.environ.get("MBM_SCAN_DIR", "")
-    with tempfile.TemporaryDirectory(prefix="mbm-scans-") as fresh:
-        if folder.strip().lower() != "off":  # an empty folder: the first epoch scans, later ones replay
-            os.environ["MBM_SCAN_DIR"] = fresh
-        try:
-            loader = StreamLoader(stream, workers=cfg.workers)
-            out, batches = [], iter(loader)
-            for _ in range(epochs):
-                cpu, start = children_cpu(), time.perf_counter()
-                for _ in range(per_epoch):
-                    next(batches)
-                out.append(((children_cpu() - cpu) / per_epoch * 1e3,
-                            (time.perf_counter() - start) / per_epoch * 1e3))
-            loader.close()
-        finally:
-            os.environ["MBM_SCAN_DIR"] = folder
+    with no_kept_scans():  # each worker starts with none: its first epoch scans, later ones replay
+        loader = StreamLoader(stream, workers=cfg.workers)
+        out, batches = [], iter(loader)
+        for _ in range(epochs):
+            cpu, start = children_cpu(), time.perf_counter()
+            for _ in range(per_epoch):
+                next(batches)
+            out.append(((children_cpu() - cpu) / per_epoch * 1e3, (time.perf_counter() - start) / per_epoch * 1e3))
+        loader.close()
     return out
 
 
@@ -228,23 +259,20 @@ def scan_costs(source: DataSource, cfg: TrainConfig, reps: int, folder: str) -> 
         for _ in range(reps):
             scan._CACHE = make_cache()
             start = time.process_time()
-            for _ in stream.raw_batches(SkipLog(quiet=True)):
-                pass
+            deque(stream.raw_batches(SkipLog(quiet=True)), maxlen=0)
             times.append((time.process_time() - start) / n * 1e6)
         return min(times)
 
     try:
         scanned = best(lambda: scan.ScanCache(limit=0, folder=None))
         scan._CACHE = scan.ScanCache(limit=0, folder=folder)
-        for _ in stream.raw_batches(SkipLog(quiet=True)):  # writes the files
-            pass
+        deque(stream.raw_batches(SkipLog(quiet=True)), maxlen=0)  # writes the files
         on_disk = best(lambda: scan.ScanCache(limit=0, folder=folder))
-        memory = scan.ScanCache(limit=10 * n, folder=None)
-        for _ in stream.raw_batches(SkipLog(quiet=True)):
-            pass
+        scan._CACHE = memory = scan.ScanCache(limit=10 * n, folder=None)
+        deque(stream.raw_batches(SkipLog(quiet=True)), maxlen=0)
         in_memory = best(lambda: memory)
     finally:
         scan._CACHE = before
-    files = [os.path.join(folder, f) for f in os.listdir(folder)]
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".scan")]
     return {"samples": n, "shards": len(source.shards), "scanned_us": scanned, "disk_us": on_disk,
             "memory_us": in_memory, "files": len(files), "bytes_per_sample": sum(map(os.path.getsize, files)) / n}

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 from jobs.spec import SpecError
+from mbm import scanfiles
 
 SWITCHES = {  # name: what 0 does (1, the default, is the other value)
     "MBM_FORKSERVER": "start preprocessing workers the usual way, not from the fork server",
@@ -36,6 +37,6 @@ def check_environment(env: Mapping[str, str]) -> None:
                         "shard scans for in memory as a whole number >= 0 (0: none, each epoch replays the scans kept in "
                         "MBM_SCAN_DIR; 100000 is the default)")
     value = env.get("MBM_SCAN_DIR", "").strip()
-    if value and value.lower() != "off" and os.path.exists(value) and not os.path.isdir(value):
+    if value and value.lower() != scanfiles.OFF and os.path.exists(value) and not os.path.isdir(value):
         raise SpecError(f"MBM_SCAN_DIR={env['MBM_SCAN_DIR']!r} is not a folder: give a folder for the shard scans "
                         "loaders keep on disk (created if missing), or off")

@@ -11,12 +11,13 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 OFF = "off"
-UNUSED_DAYS = 30  # a scan file neither written nor read for this long is deleted (``prune``)
-_DAY = 86400
+UNUSEDDAYS = 30  # a scan file neither written nor read for this long is deleted (``prune``)
+DAY = 86400
 
 
 def default_folder() -> str:
@@ -54,20 +55,16 @@ def forget(paths: Iterable[str], folder: str | None = None) -> int:
 
 
 def prune(folder: str) -> int:
-    """Delete the scan files in ``folder`` that no process wrote or read for ``UNUSED_DAYS`` days (their shards
+    """Delete the scan files in ``folder`` that no process wrote or read for ``UNUSEDDAYS`` days (their shards
     deleted, or a dataset version no longer read) and temporary files left for a day; at most once a day
     (``.pruned``'s mtime says when it last ran). Returns the number of files deleted."""
     now = time.time()
     marker = os.path.join(folder, ".pruned")
-    try:
-        if now - os.stat(marker).st_mtime < _DAY:
+    with contextlib.suppress(OSError):
+        if now - os.stat(marker).st_mtime < DAY:
             return 0
-    except OSError:
-        pass
     try:
-        with open(marker, "a"):
-            pass
-        os.utime(marker)
+        Path(marker).touch()  # created, or its mtime set to now
     except OSError:
         return 0
     deleted = 0
@@ -75,10 +72,10 @@ def prune(folder: str) -> int:
         for entry in entries:
             with contextlib.suppress(OSError):
                 age = now - entry.stat(follow_symlinks=False).st_mtime
-                if ((entry.name.endswith(".scan") and age > UNUSED_DAYS * _DAY)
-                        or (entry.name.endswith(".tmp") and age > _DAY)):
+                if ((entry.name.endswith(".scan") and age > UNUSEDDAYS * DAY)
+                        or (entry.name.endswith(".tmp") and age > DAY)):
                     os.unlink(entry.path)
                     deleted += 1
     if deleted:
-        log.info("deleted %d shard scan file(s) unused for %d days from %s", deleted, UNUSED_DAYS, folder)
+        log.info("deleted %d shard scan file(s) unused for %d days from %s", deleted, UNUSEDDAYS, folder)
     return deleted

@@ -43,6 +43,7 @@ import signal
 import tempfile
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ from mbm.data.decode import Undecoded, content_hashes, parse_doc, undecoded
 from mbm.data.errors import CorruptSample, SkipLog, in_shard
 from mbm.data.shards import COMPRESSED, MemberRef, ShardFile, read_shards
 from mbm.data.split import meta_split, split_doc
-from mbm.scanfiles import _DAY, env_folder, prune, scan_file
+from mbm.scanfiles import DAY, env_folder, prune, scan_file
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class ScanCache:
                 if (not isinstance(header, dict) or header.get("format") != FORMAT or header.get("path") != path
                         or header.get("identity") != identity or not isinstance(count := header.get("samples"), int)):
                     return None
-                if not header_only and time.time() - os.fstat(f.fileno()).st_mtime > _DAY:
+                if not header_only and time.time() - os.fstat(f.fileno()).st_mtime > DAY:
                     os.utime(f.fileno())  # in use: its mtime says so to ``prune``
         except (OSError, ValueError):
             return None
@@ -372,8 +373,7 @@ def _index_one(path: str) -> int | None:
         stat = kept.wants_scan(path)  # another rank may have done it meanwhile
         if stat is None:
             return None
-        for _ in kept._scan(path, stat, SkipLog(quiet=True), lambda _doc: True, ()):
-            pass
+        deque(kept._scan(path, stat, SkipLog(quiet=True), lambda _doc: True, ()), maxlen=0)  # written as it ends
         loaded = kept._load(path, _identity(stat), header_only=True)
         return None if loaded is None else loaded[1]
     except Exception:  # noqa: BLE001 - a shard the loader then scans itself, and reports if it is bad
