@@ -224,11 +224,14 @@ def predict_run(loaded: LoadedRun, *, split: str = "all", top_k: int = 3, beam: 
     k = min(top_k, len(loaded.labels))
     model = loaded.model.eval()
     seen = 0
-    with loaded.stream(split, decode_only=True) as stream, torch.no_grad():
+    with loaded.stream(split, decode_only=True) as stream:
         for batch in stream:
-            with autocast(loaded.device):
-                logits = model(batch_to(batch, loaded.device))["logits"]
-            probs, top = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            # grad mode off for the batch's forward pass only: a generator's ``with`` would stay open while the
+            # caller holds a row, and switch autograd off in the caller's code too
+            with torch.no_grad():
+                with autocast(loaded.device):
+                    logits = model(batch_to(batch, loaded.device))["logits"]
+                probs, top = torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
             for sid, truth, p_row, i_row in zip(batch["ids"], batch["labels"].tolist(), probs.tolist(),
                                                 top.tolist(), strict=True):
                 yield {"id": sid, "label": None if truth == IGNORE else loaded.labels[truth],

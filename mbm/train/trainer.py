@@ -148,6 +148,7 @@ class Trainer:
     """One run: ``Trainer(cfg, env).fit()``; rank 0 writes the run folder."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, *, progress: bool | None = None) -> None:
+        self._fitting = False  # fit is running: held-out workers stay between evaluations
         self.env, self.progress, self.run = env, progress, RunDir(cfg.out)
         # MBM_LOADER_FEED=registered: batches go to the GPU straight from the workers' segments (mbm.data.feed)
         feed = feed_from_env(os.environ.get("MBM_LOADER_FEED"))
@@ -391,9 +392,27 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Each rank evaluates its share of the held-out split, and every rank gets the metrics of the whole
-        split from all ranks' sums."""
-        return evaluate(self.model, self.val_loader, self.env.device,
-                        gather=self.env.gather if self.env.distributed else None)
+        split from all ranks' sums. The pass's loader workers stay for the next evaluation while ``fit`` runs;
+        called on its own, its workers stop when it returns."""
+        try:
+            return evaluate(self.model, self.val_loader, self.env.device,
+                            gather=self.env.gather if self.env.distributed else None)
+        finally:
+            if not self._fitting:
+                self.val_loader.close()
+
+    def close(self) -> None:
+        """Stop the held-out loader's workers, which stay between passes, and the training loader's (those also
+        stop with the iterator of its batches). ``fit`` calls it as it returns; a later ``fit`` or ``validate``
+        starts new ones."""
+        self.val_loader.close()
+        self.loader.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -417,6 +436,7 @@ class Trainer:
         last: dict[str, Any] = {}
         bar = tqdm(total=end, initial=self.step, disable=True if not env.is_main or self.progress is False else None,
                    unit="step", dynamic_ncols=True)
+        self._fitting = True
         try:
             if self.step == 0 and end > 0:  # the untrained baseline, so every curve has its starting point
                 self._log({"step": 0, "split": "val", **self.validate()})
@@ -496,7 +516,8 @@ class Trainer:
             return last
         finally:
             _STOP.loop_running = False
-            self.val_loader.close()
+            self._fitting = False
+            self.close()
 
 
 def train(cfg: TrainConfig, *, progress: bool | None = None) -> dict[str, Any]:

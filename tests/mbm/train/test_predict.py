@@ -10,6 +10,7 @@ import webdataset as wds
 
 from jobs.train_cli import main
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset, write_tiny_tokenizer
+from mbm.train.inference import load_run, predict_run
 from tests.support.tiny_run import DIMS, TINY
 
 
@@ -153,3 +154,20 @@ def test_evaluate_and_predict_read_with_workers_as_without(data, tmp_path, capsy
     assert outs[0] == outs[1] and len(outs[0].splitlines()) == 91  # evaluate's object, then 90 predictions
     assert main(["predict", "--run", run, "--workers", "-1"]) == 2
     assert "--workers must be >= 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["classify", "generate"])
+def test_predict_rows_leave_the_callers_grad_mode_alone(data, tmp_path, task):
+    """A caller holding predict_run's rows trains, or checks grad mode, with autograd as it left it."""
+    tok = write_tiny_tokenizer(str(tmp_path / "tok"))
+    run = str(tmp_path / task)
+    _train(data, run, "--task", task, *(["--tokenizer", tok] if task == "generate" else []))
+    loaded = load_run(run)
+    w = torch.ones(2, requires_grad=True)
+    rows = 0
+    for row in predict_run(loaded, split="val", top_k=1):
+        assert torch.is_grad_enabled()
+        assert (w * 2).sum().requires_grad  # the caller's own product still records its graph
+        rows += 1
+        assert row["id"]
+    assert rows > 0 and torch.is_grad_enabled()

@@ -2,6 +2,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -920,3 +921,40 @@ def test_the_weighted_loss_is_scikit_learn_s_weighted_mean():
     assert float(head.loss(logits, labels)) == pytest.approx(float((per * w).sum() / w.sum()), rel=1e-6)
     assert float(ClassifyHead(4, 3, 0.0).loss(logits, labels)) == pytest.approx(float(per.mean()), rel=1e-6)
     assert "class_weight" not in ClassifyHead(4, 3, 0.0, class_weights=(1.0, 1.0, 1.0)).state_dict()
+
+
+def test_validate_on_its_own_and_fit_leave_no_loader_worker(data, tmp_path):
+    """Held-out workers stay between evaluations only while fit runs; fit stops them as it returns, and a
+    Trainer used as a context manager stops them at its end."""
+    import multiprocessing
+
+    from mbm.train.config import TrainConfig
+    from mbm.train.distributed import init_distributed
+    from mbm.train.evaluate import evaluate
+    from mbm.train.trainer import Trainer
+
+    def workers():
+        return {p.pid for p in multiprocessing.active_children()} - before
+
+    before = {p.pid for p in multiprocessing.active_children()}  # those other tests left
+    cfg = TrainConfig(data=data, out=str(tmp_path / "run"), d_model=16, heads=2, layers=1, batch_size=8, steps=4,
+                      eval_every=2, workers=2, warmup_steps=1)
+    env = init_distributed("cpu")
+    try:
+        trainer = Trainer(cfg, env, progress=False)
+        first = trainer.validate()
+        assert not workers()  # its pass's workers stopped with it
+        assert trainer.validate() == first  # and the next one starts new ones
+        batches = iter(trainer.loader)
+        trainer.train_step(batches)
+        assert workers()  # the training loader's, living across epochs while its batches are read
+        batches.close()
+        assert not workers()
+        last = trainer.fit()
+        assert last["val"]["step"] == 4 and not workers()
+        with Trainer(replace(cfg, out=str(tmp_path / "other")), env, progress=False) as other:
+            evaluate(other.model, other.val_loader, other.env.device)  # as fit does: its workers stay
+            assert workers()
+        assert not workers()
+    finally:
+        env.close()
