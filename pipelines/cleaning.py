@@ -7,6 +7,7 @@ cleaning settings, so the incremental planner can tell what changed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from mbm.extractors.handler import configure_threads
 from pipelines.clean import REVISIONS
 from pipelines.dedupe import LRUCache, cleaned_cache
 from pipelines.errors import CleanError
-from pipelines.media import read_media
+from pipelines.media import media_identity, read_media
 from schemas import MODALITIES, CleanSample, RawSample, Reject, sample_key
 from schemas.manifest import split_name
 from schemas.records import OTHER_KEY, escape_undecodable
@@ -52,6 +53,12 @@ class CleanConfig:
 
     def for_modality(self, modality: str) -> Any:
         return getattr(self, modality)
+
+    @functools.cached_property
+    def config_bytes(self) -> dict[str, bytes]:
+        """Each modality's ``_config_bytes``, made once (a dict of the settings dumped to JSON per sample took
+        ~5 % of a re-run's work)."""
+        return {m: _config_bytes(m, self.for_modality(m)) for m in MODALITIES}
 
 
 def _digest(*parts: bytes) -> str:
@@ -85,21 +92,57 @@ def load_raw(raw: RawSample, cfg: CleanConfig) -> tuple[dict[str, Any], dict[str
     The hash covers the raw bytes and that modality's cleaning settings, so a changed caption, a
     replaced image or new audio settings each change exactly one modality's hash.
     """
+    data, hashes, _ = plan_raw(raw, cfg)
+    return data, hashes
+
+
+class _Unread:
+    """In ``plan_raw``'s data: media not read, their hash known from the previous version (``read_later``)."""
+
+
+UNREAD = _Unread()
+
+
+def plan_raw(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None = None
+             ) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """``load_raw``'s data and hashes, and the ``media_keys`` of the media files read: their identity on disk
+    (``media_identity``) and the modality's settings, hashed. A file whose key is the one the sample's row in
+    the previous version recorded is not read: its hash is that row's, and its data ``UNREAD``."""
     data: dict[str, Any] = {}
     hashes: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    settings = cfg.config_bytes
+    old_keys = json.loads(previous.get("media_stats") or "{}") if previous is not None else {}
+    old_hashes = json.loads(previous["modality_hashes"] or "{}") if old_keys else {}
     for m in raw.present():
-        mcfg = cfg.for_modality(m)
         if m == "text":
             data[m] = raw.text
-            hashes[m] = _digest(b"text", _text_bytes(raw.text), _config_bytes(m, mcfg))
+            hashes[m] = _digest(b"text", _text_bytes(raw.text), settings[m])
+            continue
+        media = getattr(raw, m)
+        identity = media_identity(media)
+        key = None if identity is None else _digest(identity.encode("utf-8", "surrogatepass"), settings[m])[:32]
+        if key is not None and old_keys.get(m) == key and m in old_hashes:
+            data[m], hashes[m], keys[m] = UNREAD, old_hashes[m], key
             continue
         try:
-            data[m] = read_media(getattr(raw, m), mcfg.max_bytes)
-            hashes[m] = _digest(m.encode(), data[m], _config_bytes(m, mcfg))
+            data[m] = read_media(media, cfg.for_modality(m).max_bytes)
+            hashes[m] = _digest(m.encode(), data[m], settings[m])
+            if key is not None:
+                keys[m] = key
         except CleanError as e:
             data[m] = _with_hint(e, m)
-            hashes[m] = _digest(m.encode(), b"<unreadable>", e.reason.encode(), _config_bytes(m, mcfg))
-    return data, hashes
+            hashes[m] = _digest(m.encode(), b"<unreadable>", e.reason.encode(), settings[m])
+    return data, hashes, keys
+
+
+def read_later(raw: RawSample, modality: str, cfg: CleanConfig) -> Any:
+    """The bytes of media ``plan_raw`` left unread (or the CleanError that says why there are none), for a
+    sample whose features of them cannot be reused."""
+    try:
+        return read_media(getattr(raw, modality), cfg.for_modality(modality).max_bytes)
+    except CleanError as e:
+        return _with_hint(e, modality)
 
 
 def _with_hint(error: CleanError, modality: str) -> CleanError:
@@ -171,19 +214,20 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
                  ) -> CleanSample | Reject | dict[str, Any]:
     """Plan and clean one sample against ``previous`` (its index row in the version being updated).
 
-    Returns the previous index row itself when nothing about the sample changed, a Reject when no
+    Returns the previous index row itself (with the media keys this run found) when nothing about the
+    sample changed, a Reject when no
     modality survives cleaning, else a CleanSample whose ``reused`` modalities skip cleaning and
     extraction (their features are copied from the previous version's shard). ``cache`` holds the
     cleaned media (or their errors) of recent samples by content hash (``pipelines.dedupe``);
     ``holding(modality, content hash)`` gives a landed row of the previous version with those media (a
     picture under a new caption): their features are copied from that sample.
     """
-    data, hashes = load_raw(raw, cfg)
+    data, hashes, keys = plan_raw(raw, cfg, previous)
     content = content_hash(hashes, raw.label, raw.meta)
     reuse = reusable(previous, hashes, cfg)
     if (previous is not None and previous["content_hash"] == content
             and set(reuse) == set(previous["modalities"].split(",")) and not retried(previous, hashes, cfg)):
-        return previous
+        return {**previous, "media_stats": json.dumps(keys, sort_keys=True) if keys else None}
     if holding is not None:  # media another sample of the previous version holds the features of
         for m in CONTENT_REUSE:
             if m in hashes and m not in reuse and (row := holding(m, hashes[m])) is not None:
@@ -194,6 +238,8 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
     for modality in raw.present():
         if modality in reuse and modality != "text":  # text is cheap and its cleaned form goes in the json
             continue
+        if data[modality] is UNREAD:  # unchanged media whose features cannot be reused (another extractor)
+            data[modality] = read_later(raw, modality, cfg)
         # a copy of media cleaned just before is not decoded again; media that could not be read are not
         # copies (their hash is the reason's: two missing files share it, not their messages)
         if cache is not None and modality != "text" and not isinstance(data[modality], CleanError):
@@ -231,6 +277,7 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
         dropped={m: escape_undecodable(f"clean.{m}: {e.reason}: {e.detail}") for m, e in failures},
         content_hash=content,
         modality_hashes=hashes,
+        media_keys=keys,
         source=raw.source,
         reused=reuse,
         plan="changed" if previous is not None else "new",
@@ -298,11 +345,17 @@ def load_previous(index_path: str | None) -> PreviousIndex | dict[str, dict[str,
     if not index_path:
         return {}
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
+    # the landed rows, a row group at a time (read_table's filters import pyarrow.dataset: 0.23 s in every worker)
     with FileSystems.open(index_path, compression_type="uncompressed") as f:
-        previous = PreviousIndex(pq.read_table(f, filters=[("status", "==", "ok")]))
+        pf = pq.ParquetFile(f)
+        groups = [g.filter(pc.equal(g.column("status"), "ok"))
+                  for g in (pf.read_row_group(i) for i in range(pf.num_row_groups))]
+        previous = PreviousIndex(pa.concat_tables(groups) if groups else pf.schema_arrow.empty_table())
+    del groups
     pa.default_memory_pool().release_unused()  # what reading the file took beside the table (~2x it)
     return previous
 

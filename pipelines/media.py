@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 import unicodedata
 
 from pipelines.errors import CleanError
 from schemas import Media
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+#: seconds a file must have gone unchanged before its identity stands for its bytes (``media_identity``)
+SETTLED = 2.0
 
 
 def read_media(media: Media, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -41,6 +44,30 @@ def _size(media: Media, data: bytes) -> str:
         return str(os.path.getsize(path)) if path is not None else f"more than {len(data) - 1}"
     except OSError:
         return f"more than {len(data) - 1}"
+
+
+def media_identity(media: Media) -> str | None:
+    """What says, without reading them, that a local file's bytes (or a tar member's) are the ones read
+    before: its path, size, modification and status-change times and inode, and a member's offset and size.
+    The status-change time moves with every write and cannot be set back (``cp -p`` and ``touch -d`` set the
+    modification time only). None for bytes in hand, a remote URI, anything but a regular file, and a file
+    changed less than ``SETTLED`` seconds ago: a write in the same clock tick as the one before it would
+    leave every field as it was (git's "racily clean" files)."""
+    if media.data is not None or media.uri is None:
+        return None
+    from pipelines.readers.common import local_path
+
+    path = local_path(media.uri)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError, UnicodeError):
+        return None
+    if not stat.S_ISREG(st.st_mode) or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED * 1e9:
+        return None
+    member = "" if media.offset is None else f"\0{media.offset}\0{media.size}"
+    return f"{media.uri}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}{member}"
 
 
 _SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),

@@ -303,6 +303,7 @@ def ok_row(sample: CleanSample, shard: str | None) -> IndexRow:
         source=sample.source,
         version=0,
         modality_hashes=json.dumps(sample.modality_hashes, sort_keys=True),
+        media_stats=json.dumps(sample.media_keys, sort_keys=True) if sample.media_keys else None,
     )
 
 

@@ -20,6 +20,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("version", pa.int32(), nullable=False),
         pa.field("modality_hashes", pa.string(), nullable=False),
+        pa.field("media_stats", pa.string()),  # null in rows without local media files, and in older indexes
     ],
     metadata={"mbm.table": "index"},
 )

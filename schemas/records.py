@@ -150,6 +150,9 @@ class CleanSample:
     dropped: dict[str, str] = field(default_factory=dict)
     content_hash: str = ""
     modality_hashes: dict[str, str] = field(default_factory=dict)
+    # modality -> what identified its media file on disk as read (path, size, times, inode) with its cleaning
+    # settings, hashed: a re-run that finds the same key takes the modality's hash without reading the file
+    media_keys: dict[str, str] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
     source: str = ""
     # Incremental runs: modality -> shard (relative path) of the previous version holding features that
@@ -231,6 +234,7 @@ class IndexRow:
     source: str
     version: int  # the dataset version that last wrote this sample's features (or rejected it)
     modality_hashes: str = "{}"  # JSON {modality: content hash of raw bytes + cleaning settings}
+    media_stats: str | None = None  # JSON {modality: media key} of the local media files read (CleanSample.media_keys)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -408,3 +408,40 @@ def test_a_full_disk_once_the_version_is_committed_does_not_say_it_is_not(tmp_pa
     assert json.loads((out / "dataset.json").read_text())["version"] == 1 and len(_members(out, 1)) == 34
     assert any("version 1 of" in r.getMessage() and "is committed, but writing its job.toml and report.json failed"
                in r.getMessage() for r in caplog.records)
+
+
+def test_media_files_are_read_again_only_when_changed_on_disk_even_if_size_and_mtime_stay(tmp_path):
+    """Each landed row records its media files' keys (``media_stats``); a re-run takes an unchanged file's hash
+    from it. A file rewritten in place with its size and modification time kept (``cp -p``) is still seen."""
+    import os
+    import time
+
+    from pipelines.media import SETTLED
+
+    spec = _setup(tmp_path)
+    out = tmp_path / "out"
+    time.sleep(SETTLED + 0.2)  # files written in the last SETTLED seconds are read on every run
+    first = _run(spec)
+    rows = {r["id"]: r for r in pq.read_table(out / "index" / "000001.parquet").to_pylist() if r["status"] == "ok"}
+    for r in rows.values():
+        files = {m for m in ("image", "audio") if m in r["modalities"].split(",")}
+        assert set(json.loads(r["media_stats"] or "{}")) == files, r["id"]
+    again = _run(spec)
+    assert not again["new_version"] and again["planned"]["unchanged"] == first["planned"]["new"]
+
+    picture = tmp_path / "data" / "images" / "astronaut.jpg"
+    users = {r["id"] for r in _rows(tmp_path / "data" / "manifest.jsonl") if r["image"] == "images/astronaut.jpg"}
+    st = picture.stat()
+    data = bytearray(picture.read_bytes())
+    data[-3] ^= 0xFF  # the same size, other bytes (the scan data's end: it still decodes)
+    picture.write_bytes(bytes(data))
+    os.utime(picture, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (picture.stat().st_size, picture.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    time.sleep(SETTLED + 0.2)  # settled again: only its status-change time tells
+    third = _run(spec)
+    assert third["new_version"] and third["planned"]["changed"] == len(users) >= 1
+    assert third["extracted_by_modality"] == {"text": 0, "image": len(users), "audio": 0}
+    rows3 = {r["id"]: r for r in pq.read_table(out / "index" / "000002.parquet").to_pylist() if r["status"] == "ok"}
+    for sid in users:
+        assert json.loads(rows3[sid]["modality_hashes"])["image"] != json.loads(rows[sid]["modality_hashes"])["image"]
+        assert rows3[sid]["media_stats"] != rows[sid]["media_stats"]

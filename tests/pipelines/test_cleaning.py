@@ -20,7 +20,8 @@ CFG = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioC
 def _hashes() -> dict[str, str]:
     raw = RawSample(id="a", text="a caption", image=Media(data=b"not decoded here", name="a.png"),
                     audio=Media(data=b"nor here", name="a.wav"))
-    return load_raw(raw, CFG)[1]
+    # a config of its own: a config makes its settings' bytes once, and the test changes a revision between calls
+    return load_raw(raw, CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig()))[1]
 
 
 def test_a_cleaner_revision_changes_only_its_modality_hash(monkeypatch):
@@ -217,3 +218,76 @@ def test_a_known_picture_under_a_new_caption_reuses_the_features_another_sample_
         fn.start_bundle()
         (out,) = fn.process(RawSample(id="n4", text="y", image=Media(uri=str(tmp_path / "red.png"))))
         assert set(out.reused) == reused
+
+
+def test_media_files_unchanged_on_disk_are_not_read_again(tmp_path, monkeypatch):
+    """A re-run takes an image's hash from the previous version's row when the file's identity and the
+    settings are those the row recorded; a rewrite (same size and mtime, as ``cp -p`` leaves it) is read."""
+    import pipelines.media as media
+    from pipelines.sink import ok_row
+    from schemas import CleanSample
+
+    monkeypatch.setattr(media, "SETTLED", 0.0)
+    red = tmp_path / "red.png"
+    red.write_bytes(_png((200, 0, 0)))
+    cfg = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig(),
+                      fingerprints={"text": "ft", "image": "fi"})
+    raw = RawSample(id="a", text="a red square", image=Media(uri=str(red)), label="red")
+    first = cleaning.clean_sample(raw, cfg)
+    assert isinstance(first, CleanSample) and set(first.media_keys) == {"image"}
+    row = ok_row(first.with_(features={"text": 0, "image": 0}, fingerprints=cfg.fingerprints), "shards/a.tar").to_dict()
+    assert json.loads(row["media_stats"]) == first.media_keys
+
+    reads = []
+    real_read = cleaning.read_media
+    monkeypatch.setattr(cleaning, "read_media", lambda m, limit: reads.append(m.uri) or real_read(m, limit))
+    again = cleaning.clean_sample(raw, cfg, row)
+    assert isinstance(again, dict) and again["id"] == "a" and again["media_stats"] == row["media_stats"]
+    assert reads == []  # unchanged, and the picture was not read
+    # a new caption: the picture's features are reused, still without reading it
+    changed = cleaning.clean_sample(RawSample(id="a", text="a new caption", image=Media(uri=str(red)), label="red"),
+                                    cfg, row)
+    assert isinstance(changed, CleanSample) and changed.reused == {"image": "shards/a.tar"} and reads == []
+    assert changed.modality_hashes["image"] == first.modality_hashes["image"] and changed.media_keys == first.media_keys
+    # another image extractor: the picture is read, cleaned and extracted again
+    other = CleanConfig(text=cfg.text, image=cfg.image, audio=cfg.audio, fingerprints={"text": "ft", "image": "new"})
+    redo = cleaning.clean_sample(raw, other, row)
+    assert isinstance(redo, CleanSample) and "image" not in redo.reused and redo.image is not None
+    assert reads == [str(red)]
+    # other image settings: the key differs, so the file is read for its new hash
+    wider = CleanConfig(text=cfg.text, image=ImageCleanConfig(size=cfg.image.size + 32), audio=cfg.audio,
+                        fingerprints=cfg.fingerprints)
+    assert cleaning.clean_sample(raw, wider, row).media_keys["image"] != first.media_keys["image"]
+    assert reads == [str(red)] * 2
+    # rewritten in place with the same size and modification time
+    st = os.stat(red)
+    blue = _png((0, 0, 200))
+    assert len(blue) == st.st_size
+    red.write_bytes(blue)
+    os.utime(red, ns=(st.st_atime_ns, st.st_mtime_ns))
+    seen = cleaning.clean_sample(raw, cfg, row)
+    assert isinstance(seen, CleanSample) and seen.plan == "changed" and "image" not in seen.reused
+    assert seen.modality_hashes["image"] != first.modality_hashes["image"] and reads == [str(red)] * 3
+    # a row of an index written before media keys (no column), or without a key: the file is read
+    for old in ({k: v for k, v in row.items() if k != "media_stats"}, {**row, "media_stats": None}):
+        cleaning.clean_sample(raw, cfg, old)
+    assert reads == [str(red)] * 5
+
+
+def test_media_in_hand_beside_a_keyed_file_are_hashed_every_time(tmp_path, monkeypatch):
+    """Only a modality with a key of its own takes its hash from the row: bytes in hand (a Parquet cell) have none."""
+    import pipelines.media as media
+    from pipelines.sink import ok_row
+    from schemas import CleanSample
+
+    monkeypatch.setattr(media, "SETTLED", 0.0)
+    red = tmp_path / "red.png"
+    red.write_bytes(_png((200, 0, 0)))
+    cfg = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig(),
+                      fingerprints={"image": "fi", "audio": "fa"})
+    first = cleaning.clean_sample(RawSample(id="a", image=Media(uri=str(red)), audio=Media(data=b"RIFF-one")), cfg)
+    assert isinstance(first, CleanSample) and set(first.media_keys) == {"image"}  # the audio is no WAV: dropped
+    row = ok_row(first.with_(features={"image": 0, "audio": 0}, fingerprints=cfg.fingerprints), "shards/a.tar").to_dict()
+    again = cleaning.clean_sample(RawSample(id="a", image=Media(uri=str(red)), audio=Media(data=b"RIFF-two")), cfg, row)
+    assert isinstance(again, CleanSample) and again.modality_hashes["audio"] != first.modality_hashes["audio"]
+    assert again.modality_hashes["image"] == first.modality_hashes["image"]

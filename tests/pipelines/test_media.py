@@ -58,3 +58,42 @@ def test_a_file_over_the_limit_is_reported_with_its_own_size(tmp_path):
         read_media(Media(uri=str(tmp_path / "long.wav")), max_bytes=1000)
     assert e.value.reason == "file.too_large"
     assert e.value.detail == f"{tmp_path / 'long.wav'} has 5000 bytes, limit is 1000"
+
+
+def test_media_identity_names_a_settled_local_file_or_tar_member_only(tmp_path, monkeypatch):
+    import pipelines.media as media
+
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"abc")
+    assert media.media_identity(Media(uri=str(f))) is None  # written just now: a write in the same tick is unseen
+    monkeypatch.setattr(media, "SETTLED", 0.0)
+    st = os.stat(f)
+    ident = media.media_identity(Media(uri=str(f)))
+    assert ident == f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+    assert media.media_identity(Media(uri=f"file://{f}")) != ident  # the uri as given is part of it
+    member = media.media_identity(Media(uri=str(f), offset=1, size=2))
+    assert member == f"{ident}\0{1}\0{2}"
+    for other in (Media(data=b"abc", name="a.jpg"), Media(uri="gs://bucket/a.jpg"), Media(uri=str(tmp_path / "no")),
+                  Media(uri=str(tmp_path)), Media(uri="/dev/zero")):
+        assert media.media_identity(other) is None
+    os.mkfifo(tmp_path / "pipe.jpg")
+    assert media.media_identity(Media(uri=str(tmp_path / "pipe.jpg"))) is None
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_changes_the_identity(tmp_path, monkeypatch):
+    """What ``cp -p`` or ``touch -d`` leaves: the same size and modification time; the status-change time moves."""
+    import time
+
+    import pipelines.media as media
+
+    monkeypatch.setattr(media, "SETTLED", 0.0)
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"abc")
+    before = os.stat(f)
+    ident = media.media_identity(Media(uri=str(f)))
+    time.sleep(0.05)
+    f.write_bytes(b"xyz")
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(f)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert media.media_identity(Media(uri=str(f))) != ident
