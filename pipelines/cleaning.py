@@ -56,8 +56,8 @@ class CleanConfig:
 
     @functools.cached_property
     def config_bytes(self) -> dict[str, bytes]:
-        """Each modality's ``_config_bytes``, made once (a dict of the settings dumped to JSON per sample took
-        ~5 % of a re-run's work)."""
+        """Each modality's ``_config_bytes``, made once (dumped to JSON for every sample and modality, they took
+        ~5 % of a re-run's worker time)."""
         return {m: _config_bytes(m, self.for_modality(m)) for m in MODALITIES}
 
 
@@ -215,12 +215,11 @@ def clean_sample(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | No
     """Plan and clean one sample against ``previous`` (its index row in the version being updated).
 
     Returns the previous index row itself (with the media keys this run found) when nothing about the
-    sample changed, a Reject when no
-    modality survives cleaning, else a CleanSample whose ``reused`` modalities skip cleaning and
-    extraction (their features are copied from the previous version's shard). ``cache`` holds the
-    cleaned media (or their errors) of recent samples by content hash (``pipelines.dedupe``);
-    ``holding(modality, content hash)`` gives a landed row of the previous version with those media (a
-    picture under a new caption): their features are copied from that sample.
+    sample changed, a Reject when no modality survives cleaning, else a CleanSample whose ``reused``
+    modalities skip cleaning and extraction (their features are copied from the previous version's shard).
+    ``cache`` holds the cleaned media (or their errors) of recent samples by content hash
+    (``pipelines.dedupe``); ``holding(modality, content hash)`` gives a landed row of the previous version
+    with those media (a picture under a new caption): their features are copied from that sample.
     """
     data, hashes, keys = plan_raw(raw, cfg, previous)
     content = content_hash(hashes, raw.label, raw.meta)
