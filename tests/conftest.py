@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # shard scans kept on disk (mbm.data.scan) go to a folder of this test run, not the user's cache; the
     # commands tests start inherit it
     os.environ["MBM_SCAN_DIR"] = _SCAN_DIR
+    # Tests send Ctrl-C (SIGINT) to commands and check how they stop. A test run started in the background
+    # (`&` in a script, nohup, some CI runners) has SIGINT ignored from its start, which mbm keeps, as a
+    # background job should: Python's handler here, which the commands tests start get as the default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
