@@ -23,7 +23,7 @@ from mbm.extractors.handler import configure_threads
 from pipelines.clean import REVISIONS
 from pipelines.dedupe import LRUCache, cleaned_cache
 from pipelines.errors import CleanError
-from pipelines.media import media_identity, read_media
+from pipelines.media import LocalFile, large_local_file, media_identity, read_media
 from schemas import MODALITIES, CleanSample, RawSample, Reject, sample_key
 from schemas.manifest import split_name
 from schemas.records import OTHER_KEY, escape_undecodable
@@ -34,8 +34,8 @@ REJECTS = "rejects"
 #: what to do about a file over its modality's ``max_bytes``, said in the ``file.too_large`` detail
 TOO_LARGE_HINT = {
     "image": "raise it in the job spec, or make the image smaller",
-    "audio": "the whole file is read, though only max_seconds of it are kept; raise it in the job spec, or "
-             "cut the file first (ffmpeg -i IN -t 60 OUT.flac)",
+    "audio": "audio held in memory (a tar member, bytes in a manifest) is read whole, though only max_seconds of "
+             "it are kept; raise it in the job spec, or cut the file first (ffmpeg -i IN -t 60 OUT.flac)",
 }
 UNCHANGED = "unchanged"
 
@@ -126,8 +126,8 @@ def plan_raw(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None =
             data[m], hashes[m], keys[m] = UNREAD, old_hashes[m], key
             continue
         try:
-            data[m] = read_media(media, cfg.for_modality(m).max_bytes)
-            hashes[m] = _digest(m.encode(), data[m], settings[m])
+            data[m] = _read(media, m, cfg)
+            hashes[m] = _media_hash(m, data[m], settings[m])
             if key is not None:
                 keys[m] = key
         except CleanError as e:
@@ -140,9 +140,43 @@ def read_later(raw: RawSample, modality: str, cfg: CleanConfig) -> Any:
     """The bytes of media ``plan_raw`` left unread (or the CleanError that says why there are none), for a
     sample whose features of them cannot be reused."""
     try:
-        return read_media(getattr(raw, modality), cfg.for_modality(modality).max_bytes)
+        return _read(getattr(raw, modality), modality, cfg)
     except CleanError as e:
         return _with_hint(e, modality)
+
+
+def _read(media: Any, modality: str, cfg: CleanConfig) -> bytes | LocalFile:
+    """The media's bytes; a local audio file over ``[audio] max_bytes`` stays in its file (``LocalFile``): its
+    cleaner decodes at most ``max_seconds`` of it, so an hour-long recording is not read into memory."""
+    limit = cfg.for_modality(modality).max_bytes
+    if modality == "audio" and (local := large_local_file(media, limit)) is not None:
+        return local
+    return read_media(media, limit)
+
+
+def _media_hash(modality: str, data: bytes | LocalFile, settings: bytes) -> str:
+    """``_digest`` of the media's bytes and settings; a ``LocalFile``'s bytes read a MiB at a time."""
+    if not isinstance(data, LocalFile):
+        return _digest(modality.encode(), data, settings)
+    h = hashlib.sha256()
+    tag = modality.encode()
+    h.update(len(tag).to_bytes(8, "little"))
+    h.update(tag)
+    h.update(data.size.to_bytes(8, "little"))
+    read = 0
+    try:
+        with open(data.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                read += len(chunk)
+    except OSError as e:
+        raise CleanError("file.unreadable", f"{data.name}: {type(e).__name__}: {e}") from None
+    if read != data.size:
+        raise CleanError("file.unreadable", f"{data.name}: {read} of its {data.size} bytes were there as it was read; "
+                         "the file was changed while the job ran")
+    h.update(len(settings).to_bytes(8, "little"))
+    h.update(settings)
+    return h.hexdigest()
 
 
 def _with_hint(error: CleanError, modality: str) -> CleanError:

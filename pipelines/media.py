@@ -6,6 +6,7 @@ import os
 import stat
 import time
 import unicodedata
+from dataclasses import dataclass
 
 from pipelines.errors import CleanError
 from schemas import Media
@@ -44,6 +45,46 @@ def _size(media: Media, data: bytes) -> str:
         return str(os.path.getsize(path)) if path is not None else f"more than {len(data) - 1}"
     except OSError:
         return f"more than {len(data) - 1}"
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """Media over the limit of what is held in memory, left in their local file: the cleaner reads what it
+    keeps (an audio cleaner decodes at most ``max_seconds`` of a clip). ``head`` and ``tail`` give the first
+    and last bytes, for saying what a file that does not decode is."""
+
+    path: str
+    size: int
+    name: str
+
+    SNIFF = 70_000  # bytes: more than an Ogg page (at most 65,307), so the tail holds the last page's start
+
+    def head(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read(self.SNIFF)
+
+    def tail(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(max(0, self.size - self.SNIFF))
+            return f.read(self.SNIFF)
+
+
+def large_local_file(media: Media, max_bytes: int) -> LocalFile | None:
+    """``media`` as a ``LocalFile`` where it is a regular local file of more than ``max_bytes``, else None."""
+    if media.data is not None or media.offset is not None or media.uri is None:
+        return None
+    from pipelines.readers.common import local_path
+
+    path = local_path(media.uri)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError, UnicodeError):
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size <= max_bytes:
+        return None
+    return LocalFile(path=path, size=st.st_size, name=media.describe())
 
 
 def media_identity(media: Media) -> str | None:

@@ -28,6 +28,7 @@ import soundfile as sf
 
 from pipelines.clean.formats import ogg_codec, unidentified
 from pipelines.errors import CleanError
+from pipelines.media import LocalFile
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class AudioCleanConfig:
     min_seconds: float = 0.01  # shorter after trimming -> audio.too_short
     trim_db: float = 40.0  # 0 disables trimming (TOML has no null); None, from Python, is taken as 0
     peak: float = 0.95  # peak-normalize to this; 0 disables
-    max_bytes: int = 256 * 1024 * 1024
+    max_bytes: int = 256 * 1024 * 1024  # held in memory at most; a larger local file is decoded from its file
 
     def __post_init__(self) -> None:
         for name in ("sample_rate", "max_bytes"):
@@ -99,12 +100,14 @@ def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
 
 
-def clean_audio(data: bytes, cfg: AudioCleanConfig) -> np.ndarray:
-    """Decode, check, mono-mix, trim, clip, resample and normalize one clip; float32 (n,), all finite."""
-    if len(data) == 0:
-        raise CleanError("audio.empty", "0 bytes")
-    if len(data) > cfg.max_bytes:
-        raise CleanError("audio.file_too_large", f"{len(data)} bytes, limit is {cfg.max_bytes}")
+def clean_audio(data: bytes | LocalFile, cfg: AudioCleanConfig) -> np.ndarray:
+    """Decode, check, mono-mix, trim, clip, resample and normalize one clip; float32 (n,), all finite. A
+    ``LocalFile`` (a local file over ``max_bytes``) is decoded from its file, never read whole."""
+    if not isinstance(data, LocalFile):
+        if len(data) == 0:
+            raise CleanError("audio.empty", "0 bytes")
+        if len(data) > cfg.max_bytes:
+            raise CleanError("audio.file_too_large", f"{len(data)} bytes, limit is {cfg.max_bytes}")
     lead = cfg.max_seconds if cfg.trim_db else 0.0
     frames, sr, skipped = _decode(data, cfg.max_seconds + lead, skip_silence=bool(cfg.trim_db))
     if not np.isfinite(frames).all():
@@ -140,14 +143,14 @@ def _span(frames: int, sr: int) -> str:
     return f"{frames} frames at {sr} Hz ({frames / sr:.4g} s)"
 
 
-def _decode(data: bytes, max_seconds: float, skip_silence: bool = False) -> tuple[np.ndarray, int, int]:
+def _decode(data: bytes | LocalFile, max_seconds: float, skip_silence: bool = False) -> tuple[np.ndarray, int, int]:
     """float32 (frames, channels) of at most ``max_seconds``, the file's sample rate, and the frames
     skipped before them: with ``skip_silence``, pieces of ``max_seconds`` that are digital silence
     throughout are read past (trimming would remove them), so a recording whose sound starts later than
     that is not taken for silence (the piece where it starts then comes with half as much again after
     it); a file that is silent to its end gives its last such piece."""
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with sf.SoundFile(data.path if isinstance(data, LocalFile) else io.BytesIO(data)) as f:
             sr, channels, what = f.samplerate, f.channels, f"{f.format}/{f.subtype}"
             if channels < 1:
                 raise CleanError("audio.decode_error", f"{what} header has {channels} channels")
@@ -171,7 +174,7 @@ def _decode(data: bytes, max_seconds: float, skip_silence: bool = False) -> tupl
     except Exception as e:  # soundfile's own checks (ValueError, RuntimeError) and anything else
         raise _error(data, f"{type(e).__name__}: {e}", None) from None
     if frames.shape[0] == 0:
-        if _ogg_truncated(data):
+        if _ogg_truncated(*_ends(data)):
             raise CleanError("audio.truncated", f"{what}: no decodable frames, last Ogg page is cut off")
         raise CleanError("audio.empty", f"{what} has 0 frames")
     return frames, sr, skipped
@@ -182,26 +185,38 @@ def _silent(frames: np.ndarray) -> bool:
     return bool((np.abs(frames) <= SILENCE_PEAK).all())
 
 
-def _error(data: bytes, detail: str, code: int | None) -> CleanError:
-    if code == _SF_ERR_UNRECOGNISED_FORMAT or (data.startswith(b"OggS") and ogg_codec(data)):
-        return CleanError("audio.unidentified", unidentified(data, "audio", "an audio format libsndfile reads"))
-    if _ogg_truncated(data):
+def _ends(data: bytes | LocalFile) -> tuple[bytes, bytes]:
+    """The first and the last bytes of a clip (all of them, for bytes in memory)."""
+    if isinstance(data, LocalFile):
+        try:
+            return data.head(), data.tail()
+        except OSError:
+            return b"", b""
+    return data, data
+
+
+def _error(data: bytes | LocalFile, detail: str, code: int | None) -> CleanError:
+    head, tail = _ends(data)
+    if code == _SF_ERR_UNRECOGNISED_FORMAT or (head.startswith(b"OggS") and ogg_codec(head)):
+        return CleanError("audio.unidentified", unidentified(head, "audio", "an audio format libsndfile reads"))
+    if _ogg_truncated(head, tail):
         return CleanError("audio.truncated", f"Ogg stream cut off: {detail}")
     return CleanError("audio.decode_error", detail)
 
 
-def _ogg_truncated(data: bytes) -> bool:
-    """True for an Ogg file whose last page is incomplete or is not an end-of-stream page."""
-    if not data.startswith(b"OggS"):
+def _ogg_truncated(head: bytes, tail: bytes) -> bool:
+    """True for an Ogg file whose last page is incomplete or is not an end-of-stream page: ``head`` its first
+    bytes, ``tail`` its last ones, holding the last page's start (the same bytes for a clip in memory)."""
+    if not head.startswith(b"OggS"):
         return False
-    i = data.rfind(b"OggS")
-    if len(data) < i + 27:
+    i = tail.rfind(b"OggS")
+    if i < 0 or len(tail) < i + 27:
         return True
-    nseg = data[i + 26]
-    body = sum(data[i + 27 : i + 27 + nseg])
-    if len(data) < i + 27 + nseg + body:
+    nseg = tail[i + 26]
+    body = sum(tail[i + 27 : i + 27 + nseg])
+    if len(tail) < i + 27 + nseg + body:
         return True
-    return not data[i + 5] & 0x04
+    return not tail[i + 5] & 0x04
 
 
 def _mono(frames: np.ndarray) -> np.ndarray:

@@ -119,17 +119,56 @@ def test_cleaning_sizes_torchs_thread_pool_before_it_resamples(start):
 
 
 def test_a_file_over_max_bytes_names_the_setting_to_raise(tmp_path):
-    (tmp_path / "long.wav").write_bytes(b"\x01" * 5000)
+    """An image over the limit, and audio held in memory (here a tar member): a local audio file stays in its
+    file instead (the next test)."""
+    import tarfile
+
     (tmp_path / "big.png").write_bytes(b"\x02" * 5000)
+    (tmp_path / "long.wav").write_bytes(b"\x01" * 5000)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(tmp_path / "long.wav", arcname="a.wav")
     config = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(max_bytes=1000),
                          audio=AudioCleanConfig(max_bytes=1000))
-    raw = RawSample(id="a", image=Media(uri=str(tmp_path / "big.png")), audio=Media(uri=str(tmp_path / "long.wav")))
+    raw = RawSample(id="a", image=Media(uri=str(tmp_path / "big.png")),
+                    audio=Media(uri=str(tmp_path / "a.tar"), offset=512, size=5000, name="a.wav"))
     data, _ = load_raw(raw, config)
     audio, image = data["audio"], data["image"]
     assert audio.reason == image.reason == "file.too_large"
-    assert audio.detail.startswith(f"{tmp_path / 'long.wav'} has 5000 bytes, limit is 1000 ([audio] max_bytes: ")
+    assert audio.detail.startswith("a.wav has 5000 bytes, limit is 1000 ([audio] max_bytes: ")
     assert "only max_seconds of it are kept" in audio.detail and "ffmpeg -i IN -t 60" in audio.detail
     assert image.detail.startswith(f"{tmp_path / 'big.png'} has 5000 bytes, limit is 1000 ([image] max_bytes: ")
+
+
+def test_a_local_audio_file_over_max_bytes_is_hashed_whole_and_decoded_from_its_file(tmp_path, monkeypatch):
+    """Not read into memory: its hash is the one its bytes in memory give, read a MiB at a time, and its
+    clip is cleaned from the file."""
+    import io
+    import wave
+
+    from pipelines.media import LocalFile
+    from schemas import CleanSample
+
+    t = np.arange(3 * 16000) / 16000
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(2 * np.pi * 440 * t) * 10000).astype("<i2").tobytes())
+    wav = buf.getvalue()
+    (tmp_path / "long.wav").write_bytes(wav)
+    small = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig(max_bytes=1000))
+    raw = RawSample(id="a", audio=Media(uri=str(tmp_path / "long.wav")))
+    data, hashes = load_raw(raw, small)
+    assert isinstance(data["audio"], LocalFile) and data["audio"].size == len(wav)
+    monkeypatch.setattr(cleaning, "read_media", lambda *a: pytest.fail("the file was read into memory"))
+    assert hashes["audio"] == cleaning._digest(b"audio", wav, small.config_bytes["audio"])
+    out = cleaning.clean_sample(raw, small)
+    assert isinstance(out, CleanSample) and 47_900 < len(out.audio) <= 3 * 16000  # trimming takes a sample or two
+    monkeypatch.undo()
+    whole = cleaning.clean_sample(raw, CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(),
+                                                   audio=AudioCleanConfig()))
+    assert np.array_equal(out.audio, whole.audio)
 
 
 def _png(color) -> bytes:

@@ -304,3 +304,33 @@ def test_not_audio_is_unidentified():
 
 def test_max_bytes(wav_16k):
     assert reason(wav_16k, AudioCleanConfig(max_bytes=len(wav_16k) - 1)).reason == "audio.file_too_large"
+
+
+def _local(tmp_path, name: str, data: bytes):
+    from pipelines.media import LocalFile
+
+    path = tmp_path / name
+    path.write_bytes(data)
+    return LocalFile(path=str(path), size=len(data), name=str(path))
+
+
+@pytest.mark.parametrize("fmt, subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS")])
+def test_a_local_file_over_max_bytes_is_decoded_from_its_file_as_from_memory(make_sine, make_audio, tmp_path, fmt,
+                                                                              subtype):
+    """What the cleaning stage gives for a local file over ``max_bytes``: the clip decoded from the file, up to
+    ``max_seconds``, the same samples as from its bytes in memory."""
+    data = make_audio(make_sine(440, 5.0, 44100), 44100, fmt, subtype)
+    cfg = AudioCleanConfig(max_seconds=2.0, max_bytes=1000)
+    from_file = clean_audio(_local(tmp_path, f"a.{fmt.lower()}", data), cfg)
+    from_memory = clean_audio(data, AudioCleanConfig(max_seconds=2.0))
+    assert_output(from_file)
+    assert len(from_file) == 32000 and np.array_equal(from_file, from_memory)
+
+
+def test_a_local_file_over_max_bytes_that_does_not_decode_says_why(make_sine, make_audio, tmp_path):
+    cfg = AudioCleanConfig(max_bytes=100)
+    pdf = _local(tmp_path, "a.pdf", b"%PDF-1.4\n" + b"x" * 200_000)
+    assert reason(pdf, cfg).reason == "audio.unidentified" and "%PDF" in reason(pdf, cfg).detail
+    ogg = make_audio(make_sine(440, 3.0, 16000), 16000, "OGG", "VORBIS")
+    for keep in (0.5, 0.97):  # the last page, found in the file's tail
+        assert reason(_local(tmp_path, "cut.ogg", ogg[: int(len(ogg) * keep)]), cfg).reason == "audio.truncated"
