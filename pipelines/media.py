@@ -71,20 +71,24 @@ class LocalFile:
 
 def large_local_file(media: Media, max_bytes: int) -> LocalFile | None:
     """``media`` as a ``LocalFile`` where it is a regular local file of more than ``max_bytes``, else None."""
-    if media.data is not None or media.offset is not None or media.uri is None:
+    if media.data is not None or media.offset is not None or (found := _regular_file(media.uri)) is None:
         return None
+    path, st = found
+    return LocalFile(path=path, size=st.st_size, name=media.describe()) if st.st_size > max_bytes else None
+
+
+def _regular_file(uri: str | None) -> tuple[str, os.stat_result] | None:
+    """The local path of ``uri`` and its ``os.stat``, where it names a regular local file."""
     from pipelines.readers.common import local_path
 
-    path = local_path(media.uri)
+    path = local_path(uri) if uri is not None else None
     if path is None:
         return None
     try:
         st = os.stat(path)
     except (OSError, ValueError, UnicodeError):
         return None
-    if not stat.S_ISREG(st.st_mode) or st.st_size <= max_bytes:
-        return None
-    return LocalFile(path=path, size=st.st_size, name=media.describe())
+    return (path, st) if stat.S_ISREG(st.st_mode) else None
 
 
 def media_identity(media: Media) -> str | None:
@@ -94,18 +98,10 @@ def media_identity(media: Media) -> str | None:
     modification time only). None for bytes in hand, a remote URI, anything but a regular file, and a file
     changed less than ``SETTLED`` seconds ago: a write in the same clock tick as the one before it would
     leave every field as it was (git's "racily clean" files)."""
-    if media.data is not None or media.uri is None:
+    if media.data is not None or (found := _regular_file(media.uri)) is None:
         return None
-    from pipelines.readers.common import local_path
-
-    path = local_path(media.uri)
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError, UnicodeError):
-        return None
-    if not stat.S_ISREG(st.st_mode) or time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED * 1e9:
+    st = found[1]
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED * 1e9:
         return None
     member = "" if media.offset is None else f"\0{media.offset}\0{media.size}"
     return f"{media.uri}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}{member}"
