@@ -34,8 +34,9 @@ REJECTS = "rejects"
 #: what to do about a file over its modality's ``max_bytes``, said in the ``file.too_large`` detail
 TOO_LARGE_HINT = {
     "image": "raise it in the job spec, or make the image smaller",
-    "audio": "audio held in memory (a tar member, bytes in a manifest) is read whole, though only max_seconds of "
-             "it are kept; raise it in the job spec, or cut the file first (ffmpeg -i IN -t 60 OUT.flac)",
+    "audio": "audio held in memory (bytes in a manifest, a member of a compressed or remote tar) is read whole, "
+             "though only max_seconds of it are kept; raise it in the job spec, or cut the file first "
+             "(ffmpeg -i IN -t 60 OUT.flac)",
 }
 UNCHANGED = "unchanged"
 
@@ -146,8 +147,9 @@ def read_later(raw: RawSample, modality: str, cfg: CleanConfig) -> Any:
 
 
 def _read(media: Any, modality: str, cfg: CleanConfig) -> bytes | LocalFile:
-    """The media's bytes; a local audio file over ``[audio] max_bytes`` stays in its file (``LocalFile``): its
-    cleaner decodes at most ``max_seconds`` of it, so an hour-long recording is not read into memory."""
+    """The media's bytes; a local audio file (or uncompressed tar member) over ``[audio] max_bytes`` stays in
+    its file (``LocalFile``): its cleaner decodes at most ``max_seconds`` of it, so an hour-long recording is
+    not read into memory."""
     limit = cfg.for_modality(modality).max_bytes
     if modality == "audio" and (local := large_local_file(media, limit)) is not None:
         return local
@@ -165,7 +167,7 @@ def _media_hash(modality: str, data: bytes | LocalFile, settings: bytes) -> str:
     h.update(data.size.to_bytes(8, "little"))
     read = 0
     try:
-        with open(data.path, "rb") as f:
+        with data.open() as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
                 read += len(chunk)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import time
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 from pipelines.errors import CleanError
 from schemas import Media
@@ -49,31 +51,77 @@ def _size(media: Media, data: bytes) -> str:
 
 @dataclass(frozen=True)
 class LocalFile:
-    """Media over the limit of what is held in memory, left in their local file: the cleaner reads what it
-    keeps (an audio cleaner decodes at most ``max_seconds`` of a clip). ``head`` and ``tail`` give the first
-    and last bytes, for saying what a file that does not decode is."""
+    """Media over the limit of what is held in memory, left where they are: the ``size`` bytes at ``offset``
+    of a local file (the whole file, or a member of an uncompressed tar). The cleaner reads what it keeps
+    (an audio cleaner decodes at most ``max_seconds`` of a clip) through ``open()``; ``head`` and ``tail``
+    give the first and last bytes, for saying what media that do not decode are."""
 
     path: str
     size: int
     name: str
+    offset: int = 0
 
     SNIFF = 70_000  # bytes: more than an Ogg page (at most 65,307), so the tail holds the last page's start
 
+    def open(self) -> io.BufferedReader:
+        """The media's bytes as a seekable file of their own."""
+        return io.BufferedReader(_Window(self.path, self.offset, self.size), buffer_size=1 << 16)
+
     def head(self) -> bytes:
-        with open(self.path, "rb") as f:
+        with self.open() as f:
             return f.read(self.SNIFF)
 
     def tail(self) -> bytes:
-        with open(self.path, "rb") as f:
+        with self.open() as f:
             f.seek(max(0, self.size - self.SNIFF))
             return f.read(self.SNIFF)
 
 
+class _Window(io.RawIOBase):
+    """``size`` bytes at ``offset`` of the file at ``path``, read as a file that starts at 0 and ends there."""
+
+    def __init__(self, path: str, offset: int, size: int) -> None:
+        super().__init__()
+        self._f = open(path, "rb")  # noqa: SIM115 - closed with the window
+        self._start, self._size, self._at = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._size - self._at)
+        if want <= 0:
+            return 0
+        n = os.preadv(self._f.fileno(), [memoryview(buffer)[:want]], self._start + self._at)
+        self._at += n
+        return n
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._size}[whence]
+        self._at = max(0, base + pos)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
 def large_local_file(media: Media, max_bytes: int) -> LocalFile | None:
-    """``media`` as a ``LocalFile`` where it is a regular local file of more than ``max_bytes``, else None."""
-    if media.data is not None or media.offset is not None or (found := _regular_file(media.uri)) is None:
+    """``media`` as a ``LocalFile`` where it is a regular local file, or a member of one (an uncompressed
+    tar's), of more than ``max_bytes``; else None."""
+    if media.data is not None or (found := _regular_file(media.uri)) is None:
         return None
     path, st = found
+    if media.offset is not None:
+        return LocalFile(path=path, size=media.size, name=media.describe(), offset=media.offset) \
+            if media.size > max_bytes else None
     return LocalFile(path=path, size=st.st_size, name=media.describe()) if st.st_size > max_bytes else None
 
 

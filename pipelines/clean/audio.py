@@ -150,7 +150,7 @@ def _decode(data: bytes | LocalFile, max_seconds: float, skip_silence: bool = Fa
     that is not taken for silence (the piece where it starts then comes with half as much again after
     it); a file that is silent to its end gives its last such piece."""
     try:
-        with sf.SoundFile(data.path if isinstance(data, LocalFile) else io.BytesIO(data)) as f:
+        with (data.open() if isinstance(data, LocalFile) else io.BytesIO(data)) as source, sf.SoundFile(source) as f:
             sr, channels, what = f.samplerate, f.channels, f"{f.format}/{f.subtype}"
             if channels < 1:
                 raise CleanError("audio.decode_error", f"{what} header has {channels} channels")

@@ -119,18 +119,12 @@ def test_cleaning_sizes_torchs_thread_pool_before_it_resamples(start):
 
 
 def test_a_file_over_max_bytes_names_the_setting_to_raise(tmp_path):
-    """An image over the limit, and audio held in memory (here a tar member): a local audio file stays in its
-    file instead (the next test)."""
-    import tarfile
-
+    """An image over the limit, and audio held in memory (a manifest's bytes cell): a local audio file or tar
+    member stays in its file instead (the next test)."""
     (tmp_path / "big.png").write_bytes(b"\x02" * 5000)
-    (tmp_path / "long.wav").write_bytes(b"\x01" * 5000)
-    with tarfile.open(tmp_path / "a.tar", "w") as tar:
-        tar.add(tmp_path / "long.wav", arcname="a.wav")
     config = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(max_bytes=1000),
                          audio=AudioCleanConfig(max_bytes=1000))
-    raw = RawSample(id="a", image=Media(uri=str(tmp_path / "big.png")),
-                    audio=Media(uri=str(tmp_path / "a.tar"), offset=512, size=5000, name="a.wav"))
+    raw = RawSample(id="a", image=Media(uri=str(tmp_path / "big.png")), audio=Media(data=b"\x01" * 5000, name="a.wav"))
     data, _ = load_raw(raw, config)
     audio, image = data["audio"], data["image"]
     assert audio.reason == image.reason == "file.too_large"
@@ -169,6 +163,25 @@ def test_a_local_audio_file_over_max_bytes_is_hashed_whole_and_decoded_from_its_
     whole = cleaning.clean_sample(raw, CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(),
                                                    audio=AudioCleanConfig()))
     assert np.array_equal(out.audio, whole.audio)
+
+    # the same clip as a member of an uncompressed tar, between two others: decoded from its window of the tar
+    import tarfile
+
+    (tmp_path / "before.txt").write_bytes(b"x" * 3000)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for name in ("before.txt", "long.wav", "before.txt"):
+            tar.add(tmp_path / name, arcname=f"k{len(tar.getmembers())}.{name}")
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        member = tar.getmember("k1.long.wav")
+    assert member.offset_data > 0 and member.size == len(wav)
+    in_tar = RawSample(id="a", audio=Media(uri=str(tmp_path / "a.tar"), offset=member.offset_data, size=member.size,
+                                           name="k1.long.wav"))
+    monkeypatch.setattr(cleaning, "read_media", lambda *a: pytest.fail("the member was read into memory"))
+    data, hashes = load_raw(in_tar, small)
+    assert isinstance(data["audio"], LocalFile) and data["audio"].offset == member.offset_data
+    assert data["audio"].head() == wav[:LocalFile.SNIFF] and data["audio"].tail() == wav[-LocalFile.SNIFF:]
+    assert hashes["audio"] == cleaning._digest(b"audio", wav, small.config_bytes["audio"])
+    assert np.array_equal(cleaning.clean_sample(in_tar, small).audio, whole.audio)
 
 
 def _png(color) -> bytes:

@@ -97,3 +97,23 @@ def test_a_rewrite_that_keeps_size_and_mtime_changes_the_identity(tmp_path, monk
     after = os.stat(f)
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
     assert media.media_identity(Media(uri=str(f))) != ident
+
+
+def test_a_local_file_window_reads_its_bytes_only(tmp_path):
+    import io
+
+    from pipelines.media import LocalFile, large_local_file
+
+    (tmp_path / "f.bin").write_bytes(bytes(range(256)) * 4)
+    window = LocalFile(path=str(tmp_path / "f.bin"), size=100, name="m", offset=300)
+    want = (bytes(range(256)) * 4)[300:400]
+    with window.open() as f:
+        assert f.read() == want and f.tell() == 100 and f.read(5) == b""
+        assert f.seek(-10, io.SEEK_END) == 90 and f.read() == want[90:]
+        assert f.seek(5) == 5 and f.read(3) == want[5:8] and f.seek(2, io.SEEK_CUR) == 10 and f.read(1) == want[10:11]
+        assert f.seek(500) == 500 and f.read() == b""
+    assert window.head() == want and window.tail() == want
+    member = Media(uri=str(tmp_path / "f.bin"), offset=300, size=100, name="m")
+    assert large_local_file(member, 100) is None and large_local_file(member, 99) == window
+    assert large_local_file(Media(uri=str(tmp_path / "f.bin")), 1023).size == 1024
+    assert large_local_file(Media(data=b"x" * 2000), 10) is None and large_local_file(Media(uri="gs://b/f"), 1) is None
