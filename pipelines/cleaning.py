@@ -62,12 +62,31 @@ class CleanConfig:
         return {m: _config_bytes(m, self.for_modality(m)) for m in MODALITIES}
 
 
-def _digest(*parts: bytes) -> str:
+def _digest(*parts: bytes | LocalFile) -> str:
+    """SHA-256 of the parts, each after its length; a ``LocalFile``'s bytes are read a MiB at a time."""
     h = hashlib.sha256()
     for p in parts:
+        if isinstance(p, LocalFile):
+            h.update(p.size.to_bytes(8, "little"))
+            _update_from_file(h, p)
+            continue
         h.update(len(p).to_bytes(8, "little"))
         h.update(p)
     return h.hexdigest()
+
+
+def _update_from_file(h: Any, local: LocalFile) -> None:
+    read = 0
+    try:
+        with local.open() as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                read += len(chunk)
+    except OSError as e:
+        raise CleanError("file.unreadable", f"{local.name}: {type(e).__name__}: {e}") from None
+    if read != local.size:
+        raise CleanError("file.unreadable", f"{local.name}: {read} of its {local.size} bytes were there as it was "
+                         "read; the file was changed while the job ran")
 
 
 def _config_bytes(modality: str, cfg: Any) -> bytes:
@@ -128,7 +147,7 @@ def plan_raw(raw: RawSample, cfg: CleanConfig, previous: dict[str, Any] | None =
             continue
         try:
             data[m] = _read(media, m, cfg)
-            hashes[m] = _media_hash(m, data[m], settings[m])
+            hashes[m] = _digest(m.encode(), data[m], settings[m])
             if key is not None:
                 keys[m] = key
         except CleanError as e:
@@ -154,31 +173,6 @@ def _read(media: Any, modality: str, cfg: CleanConfig) -> bytes | LocalFile:
     if modality == "audio" and (local := large_local_file(media, limit)) is not None:
         return local
     return read_media(media, limit)
-
-
-def _media_hash(modality: str, data: bytes | LocalFile, settings: bytes) -> str:
-    """``_digest`` of the media's bytes and settings; a ``LocalFile``'s bytes read a MiB at a time."""
-    if not isinstance(data, LocalFile):
-        return _digest(modality.encode(), data, settings)
-    h = hashlib.sha256()
-    tag = modality.encode()
-    h.update(len(tag).to_bytes(8, "little"))
-    h.update(tag)
-    h.update(data.size.to_bytes(8, "little"))
-    read = 0
-    try:
-        with data.open() as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                read += len(chunk)
-    except OSError as e:
-        raise CleanError("file.unreadable", f"{data.name}: {type(e).__name__}: {e}") from None
-    if read != data.size:
-        raise CleanError("file.unreadable", f"{data.name}: {read} of its {data.size} bytes were there as it was read; "
-                         "the file was changed while the job ran")
-    h.update(len(settings).to_bytes(8, "little"))
-    h.update(settings)
-    return h.hexdigest()
 
 
 def _with_hint(error: CleanError, modality: str) -> CleanError:

@@ -402,11 +402,9 @@ class Trainer:
                 self.val_loader.close()
 
     def close(self) -> None:
-        """Stop the held-out loader's workers, which stay between passes, and the training loader's (those also
-        stop with the iterator of its batches). ``fit`` calls it as it returns; a later ``fit`` or ``validate``
-        starts new ones."""
+        """Stop the held-out loader's workers, which stay between passes (the training loader's stop with the
+        iterator of its batches). ``fit`` calls it as it returns; a later evaluation starts new ones."""
         self.val_loader.close()
-        self.loader.close()
 
     def __enter__(self) -> Trainer:
         return self
