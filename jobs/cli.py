@@ -436,6 +436,9 @@ def print_summary(out_dir: str, report: dict[str, Any]) -> None:
     if copies:
         listed = ", ".join(f"{m} {n}" for m, n in copies.items())
         print(f"  repeats      {sum(copies.values()):>8}   (features copied from the same input in this run: {listed})")
+    if report.get("media_keys_updated"):
+        print(f"  media keys   {report['media_keys_updated']:>8}   (samples whose files were moved, copied or touched, "
+              "bytes unchanged: recorded for the next run, which does not read them)")
     if report.get("splits"):
         print("  splits       " + listed_splits(report["splits"])
               + "   (named in the samples' metadata; mbm train --split-by split)")

@@ -370,7 +370,8 @@ class PreviousIndex:
 
 def load_previous(index_path: str | None) -> PreviousIndex | dict[str, dict[str, Any]]:
     """Landed samples of the previous version by id (empty when there is none): ``.get(id)`` is its index
-    row as a dict, or None."""
+    row as a dict, or None. Its ``media_stats`` are those of the version's keys file where a later run that
+    changed nothing wrote one (``pipelines.commit.keys_path``)."""
     if not index_path:
         return {}
     import pyarrow as pa
@@ -378,13 +379,22 @@ def load_previous(index_path: str | None) -> PreviousIndex | dict[str, dict[str,
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
 
+    from pipelines.commit import recorded_keys
+
     # the landed rows, a row group at a time (read_table's filters import pyarrow.dataset: 0.23 s in every worker)
     with FileSystems.open(index_path, compression_type="uncompressed") as f:
         pf = pq.ParquetFile(f)
         groups = [g.filter(pc.equal(g.column("status"), "ok"))
                   for g in (pf.read_row_group(i) for i in range(pf.num_row_groups))]
-        previous = PreviousIndex(pa.concat_tables(groups) if groups else pf.schema_arrow.empty_table())
+        landed = pa.concat_tables(groups) if groups else pf.schema_arrow.empty_table()
     del groups
+    keys = recorded_keys(index_path, landed)  # those a later run that made no version found
+    if keys is not None:
+        field = pa.field("media_stats", pa.string())
+        at = landed.schema.get_field_index("media_stats")
+        landed = landed.set_column(at, field, keys) if at >= 0 else landed.append_column(field, keys)
+    previous = PreviousIndex(landed)
+    del landed
     pa.default_memory_pool().release_unused()  # what reading the file took beside the table (~2x it)
     return previous
 

@@ -578,9 +578,11 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
 
     if not unchanged and (previous is None or previous.num_samples):
         _check_some_land(staged, previous)
+    keys_updated = 0
     if unchanged:
         manifest = previous
         rows = previous_rows
+        keys_updated = record_media_keys(out_dir, previous, staged.same)
     else:
         shards, sizes, renames = assemble_shards(out_dir, staging, version, previous, staged.shards, staged.same,
                                                  samples_per_shard, max_shard_bytes)
@@ -608,6 +610,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     report["splits"] = dict(manifest.splits)  # landed samples per split their metadata names
     report["version"] = manifest.version
     report["new_version"] = not unchanged
+    report["media_keys_updated"] = keys_updated
     if not unchanged:
         manifest.counts = counts
         vpath = join(out_dir, version_path(version))
@@ -636,6 +639,80 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     _delete_tree(staging)
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report)
+
+
+KEY_COLUMNS = ("id", "source", "media_stats")  # a keys file's columns (``keys_path``)
+
+
+def keys_path(index: str) -> str:
+    """The keys file beside a version's index (``index/NNNNNN.parquet`` -> ``index/_NNNNNN.keys.parquet``;
+    the underscore keeps it out of what Arrow, pandas and Spark read as the dataset ``index/``).
+
+    A re-run that changes nothing makes no version, and so writes no index; the media keys it found
+    (``CleanSample.media_keys``: which files a re-run need not read) go there instead, for every landed
+    sample, in the index's order. The files of a dataset folder copied, moved or restored keep their bytes
+    but not their inodes and status-change times: without this, each later run read them all again until
+    some sample changed. The version itself, its index included, stays as it was written."""
+    folder, _, name = index.rpartition("/")
+    return f"{folder}/_{name[: -len('.parquet')]}.keys.parquet" if folder else f"_{name[: -len('.parquet')]}.keys.parquet"
+
+
+def _read_columns(path: str, columns: tuple[str, ...]) -> Any:
+    """``columns`` of the Parquet file at ``path``, those it has (an older index has no ``media_stats``)."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        pf = pq.ParquetFile(f)
+        return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+
+
+def recorded_keys(index_path: str, landed: Any) -> Any | None:
+    """The media keys of ``landed`` (a version's landed index rows, in the index's order) that a later
+    run recorded in the version's keys file, aligned with those rows; None when there is no such file, or
+    it cannot be read or does not hold the same samples in the same order (the index's keys then hold)."""
+    path = keys_path(index_path)
+    try:
+        if not FileSystems.exists(path):
+            return None
+        keys = _read_columns(path, KEY_COLUMNS)
+    except Exception as e:  # ArrowInvalid, OSError: a file cut short or changed by hand only costs reads
+        log.warning("ignoring the media keys in %s (%s): unchanged media files are read again", path, e)
+        return None
+    if keys.column_names != list(KEY_COLUMNS) or keys.num_rows != landed.num_rows or not all(
+            keys.column(c).equals(landed.column(c)) for c in ("id", "source")):
+        log.warning("ignoring the media keys in %s: they are not those of the version's landed samples; "
+                    "unchanged media files are read again", path)
+        return None
+    return keys.column("media_stats")
+
+
+def record_media_keys(out_dir: str, manifest: DatasetManifest, same: Any) -> int:
+    """After a run that changed nothing: write the media keys it found (``same``, the landed rows it carried
+    over, with this run's ``media_stats``) to the current version's keys file where they differ from those
+    the version has (its keys file's, else its index's). Returns how many samples' keys changed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    index_path = join(out_dir, manifest.index)
+    landed = _read_columns(index_path, ("id", "source", "status", "media_stats"))
+    landed = landed.filter(pc.equal(landed.column("status"), "ok"))
+    before = recorded_keys(index_path, landed)
+    if before is None:
+        before = (landed.column("media_stats") if "media_stats" in landed.column_names
+                  else pa.nulls(landed.num_rows, pa.string()))
+    found = same.select(list(KEY_COLUMNS))
+    found = found.take(pc.sort_indices(found, sort_keys=INDEX_ORDER[:2]))  # the index's order
+    if found.num_rows != landed.num_rows or not all(found.column(c).equals(landed.column(c)) for c in ("id", "source")):
+        return 0  # not the version's landed samples (cannot happen when nothing changed): keep what it has
+    now = found.column("media_stats")
+    changed = pc.sum(pc.not_equal(pc.fill_null(now, ""), pc.fill_null(before, ""))).as_py() or 0  # null: no keys
+    if changed:
+        import pyarrow.parquet as pq
+
+        table = pa.table({c: found.column(c) for c in KEY_COLUMNS})
+        write_atomic(join(out_dir, keys_path(manifest.index)),
+                     lambda f: pq.write_table(table, f, compression="zstd"))
+    return changed
 
 
 INDEX_ORDER = [("id", "ascending"), ("source", "ascending"), ("status", "ascending")]
@@ -740,7 +817,7 @@ def remove_uncommitted(out_dir: str) -> list[str]:
 
 # What an mbm run writes into its folder before the first version is committed; a killed first run leaves only these.
 _LEFTOVER_FILES = r"^(\.lock|\.worker\.log|.*\.tmp)$"
-_LEFTOVER_FOLDERS = {"versions": r"^(\d{6})\.(json|toml)(\.tmp)?$", "index": r"^(\d{6})\.parquet(\.tmp)?$",
+_LEFTOVER_FOLDERS = {"versions": r"^(\d{6})\.(json|toml)(\.tmp)?$", "index": r"^(?=\d{6}\.parquet|_\d{6}\.keys\.parquet)_?(\d{6})(?:\.keys)?\.parquet(\.tmp)?$",
                      "shards": r"^v(\d{6})-\d{6}\.tar(\.tmp)?$"}
 
 

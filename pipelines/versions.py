@@ -105,7 +105,9 @@ def gc(out_dir: str, keep: int, *, dry_run: bool = False) -> dict[str, Any]:
     kept = versions[-keep:]
     in_use = [m for m in versions[:-keep] if version_in_use(str(root / version_path(m.version)))]
     kept = sorted(kept + in_use, key=lambda m: m.version)  # read by a running training or evaluation
-    referenced = {s for m in kept for s in m.shards} | {m.index for m in kept}
+    from pipelines.commit import keys_path
+
+    referenced = {s for m in kept for s in m.shards} | {m.index for m in kept} | {keys_path(m.index) for m in kept}
     kept_numbers = {m.version for m in kept}
     doomed_versions = [root / version_path(m.version) for m in versions if m.version not in kept_numbers]
     doomed_specs = [p for m in versions if m.version not in kept_numbers and (p := root / job_path(m.version)).is_file()]

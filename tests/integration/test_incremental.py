@@ -445,3 +445,52 @@ def test_media_files_are_read_again_only_when_changed_on_disk_even_if_size_and_m
     for sid in users:
         assert json.loads(rows3[sid]["modality_hashes"])["image"] != json.loads(rows[sid]["modality_hashes"])["image"]
         assert rows3[sid]["media_stats"] != rows[sid]["media_stats"]
+
+
+def test_a_restored_copy_of_the_media_is_read_once_and_its_keys_recorded_without_a_new_version(tmp_path, capsys):
+    """Media restored from a copy keep their bytes and mtimes but get new inodes: the first run after reads
+    them, changes nothing, and records their keys in the version's keys file; the next run finds them there."""
+    import time
+
+    from pipelines.commit import keys_path
+    from pipelines.media import SETTLED
+
+    spec = _setup(tmp_path)
+    out = tmp_path / "out"
+    time.sleep(SETTLED + 0.2)
+    first = _run(spec)
+    assert first["media_keys_updated"] == 0
+    index_bytes = (out / "index" / "000001.parquet").read_bytes()
+    rows = {r["id"]: r for r in pq.read_table(out / "index" / "000001.parquet").to_pylist() if r["status"] == "ok"}
+    keyed = {sid for sid, r in rows.items() if r["media_stats"]}
+    assert len(keyed) >= 20
+
+    shutil.copytree(tmp_path / "data", tmp_path / "restored")  # copy2: bytes and mtimes kept, new inodes
+    shutil.rmtree(tmp_path / "data")
+    (tmp_path / "restored").rename(tmp_path / "data")
+    time.sleep(SETTLED + 0.2)
+    capsys.readouterr()
+    second = _run(spec)
+    assert not second["new_version"] and second["planned"]["unchanged"] == first["planned"]["new"]
+    assert second["media_keys_updated"] == len(keyed)
+    assert "media keys" in capsys.readouterr().out
+    assert (out / "index" / "000001.parquet").read_bytes() == index_bytes  # the version is as it was written
+    keys_file = out / keys_path("index/000001.parquet")
+    recorded = {r["id"]: r["media_stats"] for r in pq.read_table(keys_file).to_pylist()}
+    assert set(recorded) == set(rows) and all(recorded[sid] != rows[sid]["media_stats"] for sid in keyed)
+
+    third = _run(spec)
+    assert not third["new_version"] and third["media_keys_updated"] == 0
+
+    # the next version's index carries the recorded keys of the samples it did not change
+    manifest = tmp_path / "data" / "manifest.jsonl"
+    entries = _rows(manifest)
+    entries[0]["text"] = "A new caption."
+    _write_rows(manifest, entries)
+    fourth = _run(spec)
+    assert fourth["new_version"] and fourth["planned"]["changed"] == 1
+    assert fourth["extracted_by_modality"] == {"text": 1, "image": 0, "audio": 0}
+    rows2 = {r["id"]: r for r in pq.read_table(out / "index" / "000002.parquet").to_pylist() if r["status"] == "ok"}
+    assert {sid: r["media_stats"] for sid, r in rows2.items()} == recorded
+    assert main(["gc", str(out), "--keep", "1"]) == 0
+    assert sorted(p.name for p in (out / "index").iterdir()) == ["000002.parquet"]

@@ -343,3 +343,48 @@ def test_media_in_hand_beside_a_keyed_file_are_hashed_every_time(tmp_path, monke
     again = cleaning.clean_sample(RawSample(id="a", image=Media(uri=str(red)), audio=Media(data=b"RIFF-two")), cfg, row)
     assert isinstance(again, CleanSample) and again.modality_hashes["audio"] != first.modality_hashes["audio"]
     assert again.modality_hashes["image"] == first.modality_hashes["image"]
+
+
+def test_media_keys_a_later_run_recorded_beside_the_index_spare_reading_a_copied_file(tmp_path, monkeypatch):
+    """A dataset folder copied elsewhere keeps its bytes and mtimes, not its inodes: the run after the copy
+    reads every file and, changing nothing, records the new keys in the version's keys file. The run after
+    it takes them from there (``load_previous``) and reads nothing."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipelines.media as media
+    from pipelines.cleaning import load_previous
+    from pipelines.commit import keys_path
+    from pipelines.sink import ok_row
+    from schemas import CleanSample
+
+    monkeypatch.setattr(media, "SETTLED", 0.0)
+    (tmp_path / "a").mkdir()
+    red = tmp_path / "a" / "red.png"
+    red.write_bytes(_png((200, 0, 0)))
+    cfg = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig(),
+                      fingerprints={"image": "fi"})
+    raw = RawSample(id="s", image=Media(uri=str(red)))
+    first = cleaning.clean_sample(raw, cfg)
+    assert isinstance(first, CleanSample)
+    row = ok_row(first.with_(features={"image": 0}, fingerprints=cfg.fingerprints), "shards/a.tar").to_dict()
+    index = tmp_path / "index" / "000001.parquet"
+    index.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist([row]), index)
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # copy2: the same bytes and mtime, another inode
+    shutil.rmtree(tmp_path / "a")
+    (tmp_path / "b").rename(tmp_path / "a")
+    reads = []
+    real_read = cleaning.read_media
+    monkeypatch.setattr(cleaning, "read_media", lambda m, limit: reads.append(m.uri) or real_read(m, limit))
+    again = cleaning.clean_sample(raw, cfg, load_previous(str(index)).get("s"))
+    assert isinstance(again, dict) and reads == [str(red)]  # unchanged, but read to know it
+    assert again["media_stats"] != row["media_stats"]
+    pq.write_table(pa.table({"id": ["s"], "source": [row["source"]], "media_stats": [again["media_stats"]]}),
+                   tmp_path / keys_path("index/000001.parquet"))
+    previous = load_previous(str(index))
+    assert previous.get("s") == again  # the index's row, with the keys file's media_stats
+    assert cleaning.clean_sample(raw, cfg, previous.get("s")) == again and reads == [str(red)]  # not read

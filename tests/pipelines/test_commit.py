@@ -457,3 +457,111 @@ def test_gc_keeps_a_version_a_running_reader_holds(tmp_path):
         reader.communicate("")
     result = gc(str(tmp_path), keep=1)  # the reader has ended
     assert result["deleted_versions"] == [1] and result["in_use"] == []
+
+
+def _index_with_keys(root, keys, column=True):
+    """Version 1 of a dataset at ``root`` whose index holds a landed row per id in ``keys`` (id -> its
+    media_stats) and one reject; ``column=False`` writes an index from before media keys."""
+    from pipelines.commit import write_index
+    from schemas.arrow import index_table
+
+    _dataset(root, [1])
+    rows = [{"id": sid, "key": sid, "shard": "shards/v000001-000000.tar", "content_hash": "c", "fingerprint": "{}",
+             "status": "ok", "stage": "", "reason": "", "detail": "", "modalities": "image", "source": f"m:{sid}",
+             "version": 1, "modality_hashes": "{}", "media_stats": stats} for sid, stats in keys.items()]
+    rows.append({**rows[0], "id": "rej", "key": "rej", "shard": None, "status": "rejected", "stage": "read",
+                 "reason": "read.missing_file", "modalities": "", "media_stats": None})
+    table = index_table(rows)
+    if not column:
+        table = table.drop_columns(["media_stats"])
+    (root / "index").mkdir()
+    with open(root / "index" / "000001.parquet", "wb") as f:
+        write_index(table, f)
+    return current_manifest(str(root)), index_table([r for r in rows if r["status"] == "ok"])
+
+
+def test_a_run_that_changes_nothing_records_the_media_keys_it_found_beside_the_index(tmp_path):
+    """A folder copied or touched keeps its samples but not its files' keys: the run that finds them writes
+    them to the version's keys file (the version's own files stay as they were), once."""
+    import pyarrow.parquet as pq
+
+    from pipelines.commit import keys_path, record_media_keys, recorded_keys
+
+    manifest, same = _index_with_keys(tmp_path, {"b": '{"image": "k1"}', "a": '{"image": "k2"}', "c": None})
+    index = tmp_path / manifest.index
+    before = index.read_bytes()
+    assert keys_path(manifest.index) == "index/_000001.keys.parquet"
+    keys_file = tmp_path / keys_path(manifest.index)
+    assert record_media_keys(str(tmp_path), manifest, same) == 0 and not keys_file.exists()  # the index's keys
+
+    moved = same.set_column(same.schema.get_field_index("media_stats"), "media_stats",
+                            pa.array(['{"image": "k1-moved"}', '{"image": "k2"}', '{"image": "k3"}']))
+    moved = moved.take([2, 0, 1])  # the order the run staged them in
+    assert record_media_keys(str(tmp_path), manifest, moved) == 2  # b moved, c got its first key
+    assert index.read_bytes() == before
+    assert pq.read_table(keys_file).to_pylist() == [  # in the index's order
+        {"id": "a", "source": "m:a", "media_stats": '{"image": "k2"}'},
+        {"id": "b", "source": "m:b", "media_stats": '{"image": "k1-moved"}'},
+        {"id": "c", "source": "m:c", "media_stats": '{"image": "k3"}'}]
+    landed = pq.read_table(index).filter(pa.compute.equal(pq.read_table(index).column("status"), "ok"))
+    assert recorded_keys(str(index), landed).to_pylist() == ['{"image": "k2"}', '{"image": "k1-moved"}',
+                                                             '{"image": "k3"}']
+    written = keys_file.stat().st_mtime_ns
+    assert record_media_keys(str(tmp_path), manifest, moved) == 0 and keys_file.stat().st_mtime_ns == written
+    # a key lost (a file changed less than SETTLED ago gets none) is recorded as lost
+    lost = moved.set_column(moved.schema.get_field_index("media_stats"), "media_stats",
+                            pa.array([None, '{"image": "k1-moved"}', '{"image": "k2"}']))
+    assert record_media_keys(str(tmp_path), manifest, lost) == 1
+    assert pq.read_table(keys_file).column("media_stats").to_pylist() == ['{"image": "k2"}', '{"image": "k1-moved"}',
+                                                                          None]
+
+
+def test_an_index_from_before_media_keys_gets_a_keys_file_without_a_new_version(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.commit import keys_path, record_media_keys
+
+    manifest, same = _index_with_keys(tmp_path, {"a": '{"image": "k"}', "b": None}, column=False)
+    assert record_media_keys(str(tmp_path), manifest, same) == 1
+    assert pq.read_table(tmp_path / keys_path(manifest.index)).column("media_stats").to_pylist() == [
+        '{"image": "k"}', None]
+
+
+@pytest.mark.parametrize("damage", ["other samples", "not parquet", "no media_stats"])
+def test_a_keys_file_that_does_not_fit_the_index_is_ignored_with_a_warning(tmp_path, caplog, damage):
+    import pyarrow.parquet as pq
+
+    from pipelines.commit import keys_path, recorded_keys
+
+    manifest, same = _index_with_keys(tmp_path, {"a": '{"image": "k"}', "b": None})
+    keys_file = tmp_path / keys_path(manifest.index)
+    if damage == "other samples":
+        pq.write_table(pa.table({"id": ["a", "x"], "source": ["m:a", "m:x"], "media_stats": ["1", "2"]}), keys_file)
+    elif damage == "not parquet":
+        keys_file.write_bytes(b"PAR1 cut short")
+    else:
+        pq.write_table(pa.table({"id": ["a", "b"], "source": ["m:a", "m:b"]}), keys_file)
+    with caplog.at_level("WARNING", logger="pipelines.commit"):
+        assert recorded_keys(str(tmp_path / manifest.index), same.select(["id", "source"])) is None
+    assert any(f"ignoring the media keys in {keys_file}" in r.getMessage() for r in caplog.records)
+    assert recorded_keys(str(tmp_path / "index" / "000009.parquet"), same) is None  # no keys file: no warning
+
+
+def test_gc_and_leftover_removal_treat_a_keys_file_as_part_of_its_version(tmp_path):
+    from pipelines.commit import keys_path
+
+    _dataset(tmp_path, [1, 2, 3])
+    (tmp_path / "index").mkdir()
+    for v in (1, 2, 3, 4):
+        (tmp_path / "index" / f"{v:06d}.parquet").write_bytes(b"x")
+        (tmp_path / keys_path(f"index/{v:06d}.parquet")).write_bytes(b"k")
+    (tmp_path / "index" / "_000003.keys.parquet.tmp").write_bytes(b"cut")
+    (tmp_path / "index" / "notes.parquet").write_bytes(b"a user's")  # not mbm's
+    removed = remove_uncommitted(str(tmp_path))  # version 4 was never committed
+    assert sorted(os.path.basename(f) for f in removed) == [
+        "000004.parquet", "_000003.keys.parquet.tmp", "_000004.keys.parquet"]
+    (tmp_path / "index" / "notes.parquet").unlink()
+    result = gc(str(tmp_path), keep=2)
+    assert sorted(result["deleted_files"]) == ["index/000001.parquet", "index/_000001.keys.parquet"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        "000002.parquet", "000003.parquet", "_000002.keys.parquet", "_000003.keys.parquet"]
