@@ -16,6 +16,11 @@ from schemas import Media
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 #: seconds a file must have gone unchanged before its identity stands for its bytes (``media_identity``)
 SETTLED = 2.0
+#: the same for a remote object, whose update time comes from its store's clock, not this machine's
+REMOTE_SETTLED = 60.0
+#: object stores whose server sets an object's update time at every write, which no client can set back
+#: (HDFS takes a client's modification time; a local file is keyed by its status-change time instead)
+KEYED_SCHEMES = frozenset({"gs", "s3", "azfs"})
 
 
 def read_media(media: Media, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -143,16 +148,33 @@ def media_identity(media: Media) -> str | None:
     """What says, without reading them, that a local file's bytes (or a tar member's) are the ones read
     before: its path, size, modification and status-change times and inode, and a member's offset and size.
     The status-change time moves with every write and cannot be set back (``cp -p`` and ``touch -d`` set the
-    modification time only). None for bytes in hand, a remote URI, anything but a regular file, and a file
-    changed less than ``SETTLED`` seconds ago: a write in the same clock tick as the one before it would
-    leave every field as it was (git's "racily clean" files)."""
-    if media.data is not None or (found := _regular_file(media.uri)) is None:
+    modification time only). A remote object's is its path and the ``stamp`` its folder's listing gave it
+    (``remote_stamp``). None for bytes in hand, a remote URI without a stamp, anything else but a regular file,
+    and a file changed less than ``SETTLED`` seconds ago: a write in the same clock tick as the one before it
+    would leave every field as it was (git's "racily clean" files)."""
+    if media.data is not None:
+        return None
+    member = "" if media.offset is None else f"\0{media.offset}\0{media.size}"
+    if media.stamp is not None:  # a remote object, as its folder's listing found it
+        return f"{media.uri}\0{media.stamp}{member}"
+    if (found := _regular_file(media.uri)) is None:
         return None
     st = found[1]
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED * 1e9:
         return None
-    member = "" if media.offset is None else f"\0{media.offset}\0{media.size}"
     return f"{media.uri}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}{member}"
+
+
+def remote_stamp(path: str, size: int, updated: float) -> str | None:
+    """What a listing's metadata of a remote object (Beam's ``FileMetadata``: its size and the update time
+    its store set) says of its bytes, for ``Media.stamp``: a later listing that gives the same stamp for
+    the same path lists the same bytes. None outside ``KEYED_SCHEMES``, without an update time, and for an
+    object updated less than ``REMOTE_SETTLED`` seconds ago: a write within the same tick of the store's
+    clock would give the same stamp, and the margin covers a clock of this machine that runs ahead."""
+    scheme, sep, _ = path.partition("://")
+    if not sep or scheme.lower() not in KEYED_SCHEMES or not updated or time.time() - updated < REMOTE_SETTLED:
+        return None
+    return f"{size}\0{updated!r}"
 
 
 _SPECIAL = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),

@@ -87,6 +87,8 @@ class Media:
     name: str = ""  # file name as the source gave it, for messages and format hints only
     offset: int | None = None  # with ``uri`` and ``size``: where in that file the media's bytes start
     size: int | None = None
+    # a remote object's size and update time as its folder's listing gave them (``pipelines.media.remote_stamp``)
+    stamp: str | None = None
 
     def __post_init__(self) -> None:
         if self.uri is None and self.data is None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.clean.formats import FIX, UNREAD_EXTENSIONS
 from pipelines.errors import CleanError
-from pipelines.media import read_media
+from pipelines.media import read_media, remote_stamp
 from pipelines.readers.common import (
     FirstWins,
     absolute,
@@ -77,17 +77,18 @@ CLUTTER_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r"})
 def iter_folder(root: str, config: SourceConfig | None = None) -> Iterator[RawSample | Reject]:
     """Samples and rejects of an imagefolder/audiofolder, metadata files (root first) or files in path order."""
     root = absolute(root).rstrip("/") or "/"
-    files = list_files(root)
+    stamps: dict[str, str] = {}  # a remote folder's objects
+    files = list_files(root, stamps)
     metadata = _metadata_files(files)
     if not metadata:
-        yield from _file_samples(root, files)
+        yield from _file_samples(root, files, stamps)
         return
     allow_outside = bool(config and config.allow_outside)
     seen = FirstWins()
     named: set[str] = set()  # the paths metadata rows resolve to
     damaged: set[str] = set()  # metadata files with rows that could not be read
     for rel in metadata:
-        yield from _metadata_samples(root, rel, allow_outside, seen, named, damaged)
+        yield from _metadata_samples(root, rel, allow_outside, seen, named, damaged, stamps)
     yield from _not_in_metadata(root, files, metadata, named, damaged)
 
 
@@ -175,9 +176,11 @@ def _metadata_files(files: list[str]) -> list[str]:
     return sorted((f for f in files if posixpath.basename(f) in METADATA_NAMES), key=_depth_first)
 
 
-def list_files(root: str) -> list[str]:
+def list_files(root: str, stamps: dict[str, str] | None = None) -> list[str]:
     """Paths under ``root`` relative to it, sorted; hidden files (``.x``) and hidden or ``__x`` folders
-    (``.git``, ``__MACOSX``) left out. A file named ``__x`` is read as any other.
+    (``.git``, ``__MACOSX``) left out. A file named ``__x`` is read as any other. A remote folder's
+    objects' stamps (``remote_stamp``: the size and update time its listing gives) go to ``stamps``, by
+    URI, so that a re-run need not read them again to know they did not change.
 
     A local folder is walked with ``os.walk``, so a broken symlink or a symlink to itself is listed
     and becomes a reject when read (Beam's listing drops any entry whose size it cannot read, and such
@@ -194,7 +197,11 @@ def list_files(root: str) -> list[str]:
 
         (result,) = FileSystems.match([root.rstrip("/") + "/**"])
         prefix = root.rstrip("/") + "/"
-        rels = (m.path[len(prefix) :] for m in result.metadata_list if m.path.startswith(prefix))
+        listed = [m for m in result.metadata_list if m.path.startswith(prefix)]
+        if stamps is not None:
+            stamps.update((m.path, stamp) for m in listed
+                          if (stamp := remote_stamp(m.path, m.size_in_bytes, m.last_updated_in_seconds)))
+        rels = (m.path[len(prefix) :] for m in listed)
     return sorted(r for r in rels if _kept(r))
 
 
@@ -238,7 +245,8 @@ def _depth_first(rel: str) -> tuple[int, str]:
 
 
 def _metadata_samples(
-    root: str, rel: str, allow_outside: bool, seen: FirstWins, named: set[str], damaged: set[str]
+    root: str, rel: str, allow_outside: bool, seen: FirstWins, named: set[str], damaged: set[str],
+    stamps: dict[str, str] | None = None,
 ) -> Iterator[RawSample | Reject]:
     """The samples of one metadata file, adding the paths its rows name to ``named``; one that cannot
     be read (a broken symlink, a pipe, a cut Parquet file) is one ``read.unreadable`` reject from
@@ -259,7 +267,8 @@ def _metadata_samples(
             kind = _kind(file_name, source)
             uri = resolve_media(file_name, base, allow_outside, source, "file_name")
             named.add(uri)
-            sample = _row_sample(sample_id, row, source, kind, Media(uri=uri, name=file_name))
+            media = Media(uri=uri, name=file_name, stamp=(stamps or {}).get(uri))
+            sample = _row_sample(sample_id, row, source, kind, media)
             _record_split(sample)
         except CleanError as e:
             yield reject(e.reason, e.detail, source, sample_id)
@@ -388,7 +397,7 @@ def _unnamed(rel: str, covering: dict[str, list[str]], damaged: set[str]) -> Rej
     return reject("read.not_in_metadata", detail, rel, rel)
 
 
-def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
+def _file_samples(root: str, files: list[str], stamps: dict[str, str] | None = None) -> Iterator[RawSample | Reject]:
     """The samples of a folder without metadata, one per media file, with the text and metadata of the
     ``.txt`` and ``.json`` beside it; one of those that cannot be used is a reject of its own, read once
     (one may serve an image and an audio file), and its media files are read without it."""
@@ -436,7 +445,8 @@ def _file_samples(root: str, files: list[str]) -> Iterator[RawSample | Reject]:
                 yield from _bad_partner(infos[stem], e, bad)
         if split in SPLIT_NAMES:
             meta["split"] = split
-        media = Media(uri=f"{root}/{rel}", name=rel)
+        uri = f"{root}/{rel}"
+        media = Media(uri=uri, name=rel, stamp=(stamps or {}).get(uri))
         yield RawSample(id=rel, text=text, label=label, meta=meta, source=rel, **{kind: media})
 
 
