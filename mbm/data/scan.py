@@ -23,12 +23,13 @@ A loader with two or more workers first has the shards without a kept scan scann
 (``index_shards``; not for a few thousand samples), so that its workers replay every shard from their
 first epoch on.
 
-Either is replayed only while the shard is the same file (size, mtime, inode), and gives exactly the
+Either is replayed only while the shard is the same file (size, mtime, ctime, inode), and gives exactly the
 samples and skips a fresh scan gives, in order. The stream's whole part before decoding takes 75-85 µs a
 sample scanning, 14-15 replaying the records on disk and 4.5 replaying the samples in memory
 (``benchmarks/stream.py --scan``). A shard written less than 2 s
-before its scan began could be written again without its mtime changing (a timestamp tick is a few ms
-here, 2 s on some file systems), so its scan is not written to disk; a later epoch's is. Shards whose
+before its scan began (or whose times were set then) could be written again without its identity changing
+(a timestamp tick is a few ms here, 2 s on some file systems), so its scan is not written to disk; a later
+epoch's is. Shards whose
 arrays are read eagerly (compressed tars) and shards that fail to open are scanned anew each time.
 """
 
@@ -74,9 +75,16 @@ def _limit() -> int:
 
 
 def _identity(stat: os.stat_result) -> list[int]:
-    """(size, mtime, inode): a shard rewritten or replaced has another (the device is left out: a network
-    file system's differs between the machines that share the folder)."""
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    """(size, mtime, ctime, inode): a shard rewritten or replaced has another. The status-change time moves
+    with every write and no tool sets it back: a shard rewritten in place with its size and mtime kept
+    (``cp -p`` over it) is scanned again. The device is left out: a network file system's differs between
+    the machines that share the folder."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _changed_at(stat: os.stat_result) -> int:
+    """When the shard was last written, or its times set (ns)."""
+    return max(stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 class _Recorder:
@@ -187,9 +195,9 @@ class ScanCache:
                 sample.npy = {m: v for m, v in sample.npy.items() if m in modalities}
                 yield sample
         # Reached only when the whole shard was read (a consumer that stops early closes the generator above).
-        # A file written less than a timestamp tick before the scan could be written again with the same size
-        # and mtime: such a scan is not written (as a racily clean file in git's index).
-        if sink.events is not None and stat.st_mtime_ns <= started - _SETTLED and _unchanged(path, stat):
+        # A file written less than a timestamp tick before the scan could be written again with the same
+        # identity: such a scan is not written (as a racily clean file in git's index).
+        if sink.events is not None and _changed_at(stat) <= started - _SETTLED and _unchanged(path, stat):
             blob = zlib.compress(json.dumps(sink.events, separators=(",", ":")).encode("ascii"), 1)
             self._save(path, _identity(stat), blob, count)
 
@@ -236,7 +244,7 @@ class ScanCache:
                 magic = f.read(6)
         except OSError:
             return None
-        if (magic.startswith(COMPRESSED) or stat.st_mtime_ns > time.time_ns() - _SETTLED
+        if (magic.startswith(COMPRESSED) or _changed_at(stat) > time.time_ns() - _SETTLED
                 or self._load(path, _identity(stat), header_only=True) is not None):
             return None
         return stat

@@ -15,6 +15,7 @@ from mbm.data.scan import ScanCache
 from mbm.data.shards import MemberRef, read_shards
 from mbm.data.split import meta_split, sample_split, split_doc
 from mbm.data.stages import parsed
+from tests.support.scans import SETTLED, wait_settled
 
 MODS = ("text",)
 
@@ -41,11 +42,22 @@ def write_docs(path, docs, members=("text", "image")):
             sink.write(sample)
 
 
+@pytest.fixture(autouse=True)
+def _short_settling(monkeypatch):
+    monkeypatch.setattr(scan, "_SETTLED", SETTLED)
+
+
 def settle(*paths):
-    """Date the files an hour back: a shard written just before its scan is not kept on disk."""
-    then = time.time_ns() - 3600 * 10**9
+    """Date the files' mtimes an hour back and wait until their status-change times (which cannot be set)
+    are ``SETTLED`` old: a shard written just before its scan is not kept on disk."""
+    wait_settled(*paths)
+
+
+def fresh(*paths):
+    """Date the files' mtimes an hour ahead: written just now, whatever time the test takes."""
+    ahead = time.time_ns() + 3600 * 10**9
     for path in paths:
-        os.utime(path, ns=(then, then))
+        os.utime(path, ns=(ahead, ahead))
 
 
 def keep_all(_doc):
@@ -103,6 +115,24 @@ def test_a_changed_shard_is_scanned_again(tmp_path):
     # the file on disk was rewritten too: a new process replays the new scan
     assert [s[0] for s in cached(ScanCache(limit=0, folder=str(folder)), [str(a)])[0]] == ["c0", "c1", "c2"]
     assert len(scan_files(folder)) == 1
+
+
+def test_a_shard_rewritten_in_place_with_its_size_and_mtime_kept_is_scanned_again(tmp_path):
+    """``cp -p`` over a shard keeps its inode and sets its size and mtime back to what they were: only its
+    status-change time tells. A new process must not replay the old shard's samples."""
+    a, other = tmp_path / "a.tar", tmp_path / "other.tar"
+    write(a, ["a0", "a1"])
+    write(other, ["b0", "b1"])  # the same sizes, other ids
+    assert a.stat().st_size == other.stat().st_size
+    settle(a)
+    folder = tmp_path / "scans"
+    assert [s[0] for s in cached(ScanCache(limit=0, folder=str(folder)), [str(a)])[0]] == ["a0", "a1"]
+    assert len(scan_files(folder)) == 1
+    st = a.stat()
+    a.write_bytes(other.read_bytes())
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (a.stat().st_ino, a.stat().st_size, a.stat().st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert [s[0] for s in cached(ScanCache(limit=0, folder=str(folder)), [str(a)])[0]] == ["b0", "b1"]
 
 
 def messy_docs():
@@ -258,6 +288,7 @@ def test_a_scan_read_from_disk_is_then_replayed_from_memory(tmp_path, monkeypatc
 def test_a_shard_written_just_before_its_scan_is_kept_in_memory_only(tmp_path):
     a = tmp_path / "a.tar"
     write(a, ["a0", "a1"])
+    fresh(a)
     folder = tmp_path / "scans"
     cache = ScanCache(limit=100, folder=str(folder))
     assert len(cached_any(cache, [str(a)])) == 2
@@ -294,11 +325,12 @@ def test_index_shards_scans_the_missing_ones_in_parallel(tmp_path, monkeypatch):
         path = tmp_path / f"{name}.tar"
         write(path, [f"{name}{i}" for i in range(4)], bad_doc_at=1 if name == "b" else None)
         paths.append(str(path))
-    fresh, gz = tmp_path / "fresh.tar", tmp_path / "c.tar.gz"
+    new, gz = tmp_path / "fresh.tar", tmp_path / "c.tar.gz"
     gz.write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
     settle(*paths, gz)
-    write(fresh, ["f0"])  # written just now: left to the loader
-    everything = [*paths, str(fresh), str(gz), str(tmp_path / "missing.tar")]
+    write(new, ["f0"])  # written just now: left to the loader
+    fresh(new)
+    everything = [*paths, str(new), str(gz), str(tmp_path / "missing.tar")]
     folder = tmp_path / "scans"
     monkeypatch.setattr(scan, "_CACHE", ScanCache(limit=0, folder=str(folder)))
     assert scan.index_shards(everything, 1) == 0 and not folder.exists()  # one process: the loader's scan is as fast

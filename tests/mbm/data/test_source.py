@@ -3,6 +3,7 @@ import pytest
 from mbm.data.source import pinned, resolve_data, unpinned_root
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from schemas import DatasetManifest
+from tests.support.scans import settle_shards
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +131,6 @@ def _shard(path, samples):
 
 
 def test_a_shard_pattern_is_described_from_the_scans_and_replayed_by_the_next_command(tmp_path, monkeypatch):
-    import os
-    import time
 
     import numpy as np
 
@@ -152,9 +151,7 @@ def test_a_shard_pattern_is_described_from_the_scans_and_replayed_by_the_next_co
         ("b1", {"id": "b1", "modalities": ["text"], "label": "cat", "meta": {"split": "test"}},
          {"text.npy": b"not an array"}),
     ])
-    then = time.time_ns() - 3600 * 10**9
-    for name in ("a.tar", "b.tar"):
-        os.utime(tmp_path / name, ns=(then, then))
+    settle_shards(monkeypatch, tmp_path / "a.tar", tmp_path / "b.tar")
     monkeypatch.setattr(scan, "_CACHE", scan.ScanCache(limit=0, folder=str(tmp_path / "scans")))
     source = resolve_data(str(tmp_path / "*.tar"))
     # samples with a usable doc count, corrupt arrays or not (the loader skips those as it reads them)

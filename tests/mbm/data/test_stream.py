@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +17,7 @@ from mbm.data.errors import SkipLog
 from mbm.data.loader import PassLoader
 from mbm.data.segments import REUSABLE, SLOTS
 from mbm.data.synthetic import SyntheticConfig, write_synthetic_dataset
+from tests.support.scans import settle_shards
 
 DIMS = {"text": 8, "image": 6, "audio": 4}
 
@@ -136,9 +136,7 @@ def test_workers_start_after_the_shards_are_scanned_once(tmp_path, monkeypatch):
     write_synthetic_dataset(out, SyntheticConfig(num_samples=60, samples_per_shard=10, feature_dims=DIMS,
                                                  lengths={"text": (2, 5), "image": (3, 3), "audio": (2, 6)}))
     src = resolve_data(out)
-    then = time.time_ns() - 3600 * 10**9
-    for shard in src.shards:
-        os.utime(shard, ns=(then, then))
+    settle_shards(monkeypatch, *src.shards)
     folder = tmp_path / "scans"
     monkeypatch.setattr(scan, "_CACHE", scan.ScanCache(limit=0, folder=str(folder)))
     calls = []
@@ -408,9 +406,7 @@ def test_remembered_scans_give_the_same_batches_and_counters(dataset, monkeypatc
     assert remembered.size > 0  # every shard was remembered after the first epoch
     assert epochs(remembered) == first == epochs(scan.ScanCache(limit=0, folder=None))
     folder = tmp_path / "scans"
-    then = time.time_ns() - 3600 * 10**9
-    for shard in src.shards:  # written an hour ago: their scans are kept on disk
-        os.utime(shard, ns=(then, then))
+    settle_shards(monkeypatch, *src.shards)  # written long enough ago: their scans are kept on disk
     assert epochs(scan.ScanCache(limit=0, folder=str(folder))) == first  # scanned once, then replayed from disk
     assert len(scan_files(folder)) == len(src.shards)
 
