@@ -710,8 +710,13 @@ def record_media_keys(out_dir: str, manifest: DatasetManifest, same: Any) -> int
         import pyarrow.parquet as pq
 
         table = pa.table({c: found.column(c) for c in KEY_COLUMNS})
-        write_atomic(join(out_dir, keys_path(manifest.index)),
-                     lambda f: pq.write_table(table, f, compression="zstd"))
+        path = join(out_dir, keys_path(manifest.index))
+        try:
+            write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
+        except OSError as e:  # the run changed nothing: not being able to say so costs the next run reads only
+            log.warning("could not record the media keys of %d samples in %s (%s): the next run reads their files "
+                        "again", changed, path, e)
+            return 0
     return changed
 
 

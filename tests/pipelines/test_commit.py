@@ -565,3 +565,21 @@ def test_gc_and_leftover_removal_treat_a_keys_file_as_part_of_its_version(tmp_pa
     assert sorted(result["deleted_files"]) == ["index/000001.parquet", "index/_000001.keys.parquet"]
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
         "000002.parquet", "000003.parquet", "_000002.keys.parquet", "_000003.keys.parquet"]
+
+
+def test_a_keys_file_that_cannot_be_written_is_a_warning(tmp_path, caplog, monkeypatch):
+    import pipelines.commit as commit_mod
+    from pipelines.commit import keys_path, record_media_keys
+
+    manifest, same = _index_with_keys(tmp_path, {"a": '{"image": "k"}'})
+    moved = same.set_column(same.schema.get_field_index("media_stats"), "media_stats", pa.array(['{"image": "k2"}']))
+
+    def full(path, data, mime="application/octet-stream"):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(commit_mod, "write_atomic", full)
+    with caplog.at_level("WARNING", logger="pipelines.commit"):
+        assert record_media_keys(str(tmp_path), manifest, moved) == 0
+    assert any("could not record the media keys of 1 samples" in r.getMessage() and "No space left" in r.getMessage()
+               for r in caplog.records)
+    assert not (tmp_path / keys_path(manifest.index)).exists()
