@@ -65,13 +65,25 @@ class CudaCopies:
 
     def lock(self, segment: torch.Tensor) -> bool:
         err = int(self.cudart.cudaHostRegister(segment.data_ptr(), segment.numel(), 0))
-        if err:  # torch's binding clears the error, so later CUDA calls do not see it
+        if err:
+            self._take_error()
             log.warning("cudaHostRegister of a %d-byte loader segment failed (cudaError %d); its batches are "
                         "copied through pinned memory instead", segment.numel(), err)
         return err == 0
 
     def unlock(self, segment: torch.Tensor) -> None:
-        self.cudart.cudaHostUnregister(segment.data_ptr())
+        if int(self.cudart.cudaHostUnregister(segment.data_ptr())):
+            self._take_error()
+
+    def _take_error(self) -> None:
+        """Take the error a failed runtime call left as this thread's last CUDA error. Torch's binding
+        returns it and leaves it there, and torch checks the last error after every kernel launch
+        (``cudaGetLastError``), so the step's next operation would raise it as its own. A launch here
+        takes it (torch has no binding of ``cudaGetLastError``)."""
+        try:
+            torch.ones(1, device=self.device).add_(1)
+        except RuntimeError as e:
+            log.debug("took the pending CUDA error: %s", e)
 
     def copy(self, batch: dict[str, Any]) -> tuple[dict[str, Any], torch.cuda.Event]:
         step = torch.cuda.current_stream(self.device)

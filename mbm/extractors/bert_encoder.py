@@ -205,7 +205,9 @@ class GraphedEncoder:
             return self.model(**inputs)
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         key = (tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in inputs.items())), autocast)
-        with self._lock:
+        # streams, captures and replays are the current device's: a model on cuda:1 while cuda:0 is current
+        # captured an empty graph (the passes ran on the other device) and replayed nothing, with a warning only
+        with self._lock, torch.cuda.device(input_ids.device):
             if key not in self._graphs:
                 try:
                     self._graphs[key] = self._capture(inputs, autocast)
