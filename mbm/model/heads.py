@@ -28,7 +28,11 @@ class ClassifyHead(nn.Module):
         return self.net(pooled)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
+        weight = self.class_weight
+        if weight is not None and not torch.is_autocast_enabled(logits.device.type):
+            # cross_entropy takes weights of the logits' dtype; under autocast it computes in float32 from
+            # the weights as given, and bfloat16 logits must not round them (0.8333 -> 0.8320)
+            weight = weight.to(logits.dtype)
         return F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE)
 
 

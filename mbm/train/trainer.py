@@ -99,8 +99,13 @@ def adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """The checkpoint's moments and step counts under this run's lr and weight decay: its param groups
-    hold the ones the run had, and a resume may change them (the lr schedule is rebuilt from them)."""
+    hold the ones the run had, and a resume may change them (the lr schedule is rebuilt from them).
+    The implementation is this run's too: a checkpoint written on the CPU and resumed on a GPU runs the
+    fused AdamW (``load_state_dict`` takes ``fused`` from the saved groups, and moves the step counts to
+    the device only for a fused group)."""
     settings = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    state = {**state, "param_groups": [{**saved, "fused": current.get("fused")} for saved, current
+                                       in zip(state["param_groups"], optimizer.param_groups, strict=True)]}
     optimizer.load_state_dict(state)
     for group, current in zip(optimizer.param_groups, settings, strict=True):
         group.update(current)

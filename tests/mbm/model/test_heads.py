@@ -26,3 +26,18 @@ def test_retrieval_loss_leaves_the_same_picture_under_another_caption_out_of_the
     assert got < plain
     unique = head.loss(za, zb, (ga, torch.tensor([20, 21, 22, 23])))  # no shared content: as without groups
     assert torch.allclose(unique, plain)
+
+
+def test_class_weights_keep_their_float32_values_under_bfloat16_autocast():
+    """On a GPU the classify loss runs under bfloat16 autocast: the weights rounded to the logits' bfloat16
+    (0.8333 -> 0.8320) gave another loss than the CPU's float32 run."""
+    from mbm.model.heads import ClassifyHead
+
+    torch.manual_seed(0)
+    head = ClassifyHead(4, 3, 0.0, class_weights=(0.8333333, 1.7, 0.61))
+    logits, labels = torch.randn(64, 3), torch.randint(0, 3, (64,))
+    exact = F.cross_entropy(logits.bfloat16().float(), labels, weight=torch.tensor([0.8333333, 1.7, 0.61]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head.loss(logits.bfloat16(), labels)
+    assert loss.dtype == torch.float32 and torch.equal(loss, exact)
+    assert torch.equal(head.loss(logits, labels), F.cross_entropy(logits, labels, weight=head.class_weight))

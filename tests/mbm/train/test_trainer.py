@@ -958,3 +958,29 @@ def test_validate_on_its_own_and_fit_leave_no_loader_worker(data, tmp_path):
         assert not workers()
     finally:
         env.close()
+
+
+def test_a_resume_runs_this_runs_adamw_whatever_the_checkpoint_ran():
+    """A checkpoint written on the CPU (foreach AdamW) and resumed on a GPU kept the saved groups' fused=None
+    and stepped with the unfused optimizer; here a fused CPU AdamW stands for the GPU's."""
+    from mbm.train.trainer import load_optimizer_state
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    saved = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=0.1)
+    sum(p.sum() for p in params).backward()
+    saved.step()
+    state = saved.state_dict()
+    assert [g["fused"] for g in state["param_groups"]] == [None, None]
+    resumed = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=0.05,
+                                fused=True)
+    load_optimizer_state(resumed, state)
+    assert [g["fused"] for g in resumed.param_groups] == [True, True]
+    assert [g["lr"] for g in resumed.param_groups] == [0.05, 0.05]  # this run's settings
+    assert all(s["step"].dtype == torch.float32 and float(s["step"]) == 1.0 for s in resumed.state.values())
+    assert torch.equal(resumed.state[params[0]]["exp_avg"], saved.state[params[0]]["exp_avg"])
+    resumed.step()  # the fused kernel takes the moved state
+    back = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "weight_decay": 0.0}], lr=0.1)
+    load_optimizer_state(back, resumed.state_dict())  # and a fused run's checkpoint resumed unfused
+    assert [g["fused"] for g in back.param_groups] == [None, None]
+    back.step()
