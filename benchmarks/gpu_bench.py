@@ -76,7 +76,7 @@ def sizes_for(args: argparse.Namespace) -> tuple[Sizes, TrainSizes]:
                            more_workers=tuple(args.train_more_workers))
     else:
         sizes = replace(Sizes(), workers=workers, seconds=args.seconds or Sizes.seconds)
-        train = replace(TrainSizes(), workers=min(args.train_workers, workers), seconds=args.seconds or 20.0,
+        train = replace(TrainSizes(), workers=min(args.train_workers, workers), seconds=args.seconds or TrainSizes.seconds,
                         more_workers=tuple(args.train_more_workers))
     if args.text_batch:
         sizes = replace(sizes, text_batch=args.text_batch)
@@ -240,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny inputs and ~1 s per measure (a CPU smoke run)")
-    p.add_argument("--seconds", type=float, default=None, help="timed seconds per measure (default 20; quick 1)")
+    p.add_argument("--seconds", type=float, default=None, help="timed seconds per measure (default 12, so that a default run does every part within --budget; quick 1)")
     p.add_argument("--budget", type=float, default=420.0, help="skip parts that would end past this many seconds")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--workers", type=int, default=None, help="decode workers (default: cores - 1)")

@@ -36,7 +36,7 @@ class TrainSizes:
     d_model: int = 128  # mbm train's defaults
     layers: int = 2
     heads: int = 4
-    seconds: float = 20.0
+    seconds: float = 12.0
     warmup: int = 3
 
 
