@@ -11,7 +11,7 @@
 # $MBM_SITE (default /tmp/mbm-site). The repo is used in place via PYTHONPATH, not installed.
 #
 # Environment: PYTHON (default python3; the repo's .venv when python3 has no torch), MBM_GPU_BENCH_ARGS
-# (extra arguments for gpu_bench.py: "--seconds 10" for a shorter run, "--parts image,text" for some
+# (extra arguments for gpu_bench.py: "--seconds 6" for a shorter run (default 12), "--parts image,text" for some
 # parts, "--device cpu --quick" for a smoke run without a GPU), MBM_GPU_TIMEOUT (default 480 s).
 # Writes OUTDIR/gpu-bench.json (updated after each part, so a timeout keeps what finished) and
 # OUTDIR/gpu-bench.log.
