@@ -47,6 +47,16 @@ def _local_arg(value: str, what: str, example: str) -> str:
     return os.path.expanduser(value)
 
 
+def _dataset_dir(args: argparse.Namespace) -> str:
+    """The local dataset folder that versions, diff and gc read: they list and delete files as a local file
+    system has them, so a remote folder (gs://, s3://) is refused in one line rather than misread."""
+    folder = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
+    if "://" in folder:
+        raise SpecError(f"mbm {args.command} reads a local dataset folder, not {folder!r}: copy the folder here "
+                        f"(gsutil -m cp -r, aws s3 sync) or mount it, and give its local path")
+    return folder
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -222,7 +232,7 @@ def run() -> None:
 def cmd_versions(args: argparse.Namespace) -> int:
     from pipelines.versions import describe, list_versions, to_json
 
-    args.dir = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
+    args.dir = _dataset_dir(args)
     try:
         versions = list_versions(args.dir)
     except ValueError as e:
@@ -244,7 +254,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from pipelines.versions import diff_versions, to_json
 
-    args.dir = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
+    args.dir = _dataset_dir(args)
     try:
         d = diff_versions(args.dir, args.a, args.b)
     except ValueError as e:
@@ -264,7 +274,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from mbm.scanfiles import forget
     from pipelines.versions import gc
 
-    args.dir = _local_arg(args.dir, "the dataset folder", DATASET_EXAMPLE)
+    args.dir = _dataset_dir(args)
     if not Path(args.dir, "dataset.json").is_file():
         raise SpecError(f"{args.dir} is not an mbm dataset folder (no dataset.json)")
     try:

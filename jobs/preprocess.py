@@ -107,7 +107,17 @@ class HeldErrors:
 
 
 def _drop_staging(staging: str, staging_root: str) -> None:
-    """Remove a run's staging folder, and the staging root when no other run's is left in it."""
+    """Remove a run's staging folder, and the staging root when no other run's is left in it (an object
+    store's prefix goes with its last object)."""
+    if "://" in staging:
+        from apache_beam.io.filesystems import FileSystems
+
+        try:
+            FileSystems.delete([staging.rstrip("/") + "/"])
+        except Exception as e:  # noqa: BLE001 - BeamIOError: what is left of a failed run is not its failure
+            log.warning("the staging folder %s of this failed run could not be deleted (%s); delete it by hand",
+                        staging, e)
+        return
     shutil.rmtree(staging, ignore_errors=True)
     with suppress(OSError):
         os.rmdir(staging_root)
@@ -178,6 +188,9 @@ def _warn_output_changes(out_dir: str, version: int, spec: JobSpec) -> None:
 def _check_current_files(out_dir: str, previous: Any) -> None:
     """The current version's index and shards must be there for a run to reuse them; a folder changed by
     hand stops the job before it starts (a --full run reads neither and makes a whole new version)."""
+    if not _is_local(out_dir):
+        _check_current_objects(out_dir, previous)
+        return
     missing = [p for p in (previous.index, *previous.shards) if not os.path.isfile(os.path.join(out_dir, p))]
     if missing:
         raise SpecError(f"[output] dir {out_dir}: {len(missing)} of the files of its current version {previous.version} "
@@ -197,6 +210,29 @@ def _check_current_files(out_dir: str, previous: Any) -> None:
                         "short or damaged (its size is not the one recorded, or it does not end as a tar does): the "
                         "folder was changed by hand; put it back, or rerun with --full (every sample computed again "
                         "into a new version)")
+
+
+def _check_current_objects(out_dir: str, previous: Any) -> None:
+    """``_check_current_files`` in an object store: the current version's index and shards are there, and each
+    shard has the size its manifest records (one listing of each folder, not a request per file)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    sizes = {}
+    for folder in ("index", "shards"):
+        (listed,) = FileSystems.match([f"{out_dir}/{folder}/*"])
+        sizes.update((m.path, m.size_in_bytes) for m in listed.metadata_list)
+    missing = [p for p in (previous.index, *previous.shards) if f"{out_dir}/{p}" not in sizes]
+    if missing:
+        raise SpecError(f"[output] dir {out_dir}: {len(missing)} of the files of its current version {previous.version} "
+                        f"are missing (e.g. {missing[0]}): the folder was changed by hand; put them back, or rerun "
+                        "with --full (every sample computed again into a new version)")
+    recorded = previous.shard_bytes or []
+    for shard, size in zip(previous.shards, recorded, strict=False):
+        if sizes[f"{out_dir}/{shard}"] != size:
+            raise SpecError(f"[output] dir {out_dir}: the shard {shard} of its current version {previous.version} "
+                            f"has {sizes[f'{out_dir}/{shard}']} bytes, not the {size} recorded: the folder was changed "
+                            "by hand; put it back, or rerun with --full (every sample computed again into a new "
+                            "version)")
 
 
 def _cut_shard(out_dir: str, previous: Any) -> str | None:
@@ -252,11 +288,13 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
     local = _is_local(out_dir)
     held = ExitStack()
     try:
-        if local:
-            check_new_folder(out_dir)  # before the lock, which would leave its file in a folder that is refused
+        check_new_folder(out_dir)  # before the lock, which would leave its file in a folder that is refused
+        if local:  # an object store has no lock: one job at a time on a remote folder (README)
             held.enter_context(FolderLock(out_dir))
     except DatasetStateError as e:
         raise SpecError(str(e)) from None
+    except BeamIOError as e:  # a remote folder without credentials or options (s3:// needs --s3_* options)
+        raise SpecError(f"[output] dir = {out_dir!r} cannot be read: {e}") from None
     except OSError as e:
         raise SpecError(f"[output] dir = {out_dir!r} cannot be created or locked: {e}") from e
     with held:
@@ -269,8 +307,11 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             raise SpecError(str(e)) from None
         except BeamIOError as e:  # a remote folder without credentials or options (s3:// needs --s3_* options)
             raise SpecError(f"[output] dir = {out_dir!r} cannot be read: {e}") from None
-        if previous is not None and local and not full:
-            _check_current_files(out_dir, previous)
+        if previous is not None and not full:
+            try:
+                _check_current_files(out_dir, previous)
+            except BeamIOError as e:
+                raise SpecError(f"[output] dir = {out_dir!r} cannot be read: {e}") from None
         staging = f"{staging_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         if local:
             Path(staging).mkdir(parents=True)
@@ -343,8 +384,8 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 beam_errors.divert(worker_log)
             else:  # no log file to keep it in
                 beam_errors.release()
-            if local:  # nothing of this run is committed; its spilled features go now, not at the next run
-                _drop_staging(staging, staging_root)
+            # nothing of this run is committed; its spilled features go now, not at the next run
+            _drop_staging(staging, staging_root)
             where = f" (the workers' log: {worker_log})" if worker_log and os.path.exists(worker_log) else ""
             raise JobError(failure + where) from e
         except BaseException:
@@ -355,8 +396,7 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
                 beam_errors.divert(worker_log)
             else:
                 beam_errors.release()
-            if local:
-                _drop_staging(staging, staging_root)
+            _drop_staging(staging, staging_root)
             raise
         beam_errors.release()
         if local and Path(progress_dir).exists():

@@ -146,6 +146,11 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
                 FileSystems.get_filesystem(out["dir"])
             except ValueError as e:  # gs:// without apache-beam[gcp], an unknown scheme
                 raise SpecError(f"{where}: [output] dir = {out['dir']!r}: {e}") from None
+            from pipelines.readers.common import strip_slashes
+
+            # gs://b/out/ and gs://b/out are one folder, but an object store's keys are strings: out//index/x
+            # is not out/index/x, and every path the job builds joins with "/"
+            out["dir"] = strip_slashes(out["dir"])
         _check_output_dir(out["dir"], where)
         if isinstance(inp.get("folder"), str) and _inside(out["dir"], inp["folder"]):
             raise SpecError(f"{where}: [output] dir = {out['dir']!r} is inside [input] folder = {inp['folder']!r}, "
@@ -181,6 +186,11 @@ def parse_spec(raw: dict[str, Any], *, base_dir: Path, source_path: str = "<spec
         runner=_build(RunnerConfig, raw.get("runner", {}), "runner", where),
         source_path=source_path,
     )
+    if spec.runner.name == "DataflowRunner" and "://" not in spec.output.dir:
+        # Dataflow's workers are other machines: they would stage shards on their own disks, and the commit
+        # here would find none of them
+        raise SpecError(f"{where}: [output] dir = {spec.output.dir!r} is a local folder, which Dataflow's workers "
+                        "cannot write to: give a gs:// folder (and copy the dataset here to train on it)")
     extractors = create_extractors(spec)
     _input_spec(extractors, "text", where)  # checks the token limit against the model
     image_spec, audio_spec = (_input_spec(extractors, m, where) for m in ("image", "audio"))
@@ -300,11 +310,16 @@ def file_in_the_way(path: str) -> str | None:
 
 
 def _inside(path: str, folder: str) -> bool:
-    """Whether local ``path`` is ``folder`` or below it."""
-    if "://" in path or "://" in folder:
+    """Whether ``path`` is ``folder`` or below it (two local paths, or two URIs)."""
+    if ("://" in path) != ("://" in folder):
         return False
+    if "://" in path:
+        from pipelines.readers.common import strip_slashes
+
+        return (strip_slashes(path) + "/").startswith(strip_slashes(folder) + "/")
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
+
 
 
 def _check_output_dir(path: str, where: str) -> None:
@@ -327,7 +342,7 @@ def _resolve_existing(p: str, base_dir: Path) -> str:
 
 def _resolve_input(p: str, base_dir: Path, where: str, key: str) -> str:
     if "://" in p:
-        return p
+        return _check_remote_input(p, where, key)
     resolved = _resolve_existing(p, base_dir)
     if _exists(Path(resolved)):
         return resolved  # a manifest pattern that matches files: the input check says to join them
@@ -337,6 +352,32 @@ def _resolve_input(p: str, base_dir: Path, where: str, key: str) -> str:
 
         why = f" ({NOT_EXPANDED})"
     raise SpecError(f"{where}: [input] {key} = {p!r}: {resolved} does not exist{why}")
+
+
+def _check_remote_input(p: str, where: str, key: str) -> str:
+    """A remote [input] manifest must be an object and a folder must hold objects; shards are matched later.
+    An object store has no folders: a folder URI exists when something is stored under it."""
+    from apache_beam.io.filesystem import BeamIOError
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.readers.common import remote_folder_exists, strip_slashes
+
+    if key == "shards":
+        return p
+    if key == "folder":
+        p = strip_slashes(p)
+    try:
+        FileSystems.get_filesystem(p)
+        found = FileSystems.exists(p) if key == "manifest" else remote_folder_exists(p)
+    except ValueError as e:  # gs:// without apache-beam[gcp], an unknown scheme
+        raise SpecError(f"{where}: [input] {key} = {p!r}: {e}") from None
+    except BeamIOError as e:  # no credentials, no such bucket
+        raise SpecError(f"{where}: [input] {key} = {p!r} cannot be read: {e}") from None
+    if not found:
+        raise SpecError(f"{where}: [input] {key} = {p!r} does not exist"
+                        + (" (nothing is stored under it)" if key == "folder" else ""))
+    return p
+
 
 
 def _exists(path: Path) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import SCHEMA_VERSION, DatasetManifest
@@ -48,9 +49,10 @@ def write_atomic(path: str, data: bytes | Callable[[BinaryIO], None],
     """Write ``data`` (bytes, or a function that writes to the file it is given) via a temporary name
     and rename, so readers see the old file or the whole new one.
 
-    Local files are fsynced and swapped with ``os.replace`` (atomic); object stores get
-    delete + rename, the best FileSystems offers there (and a function's output is gathered in memory
-    first, as their writers are not seekable files).
+    Local files are fsynced and swapped with ``os.replace`` (atomic); elsewhere the temporary file is
+    renamed over the old one (on an object store a copy that replaces it whole), or, where a rename will
+    not replace, the old one is deleted first (a function's output is gathered in memory first, as
+    remote writers are not seekable files).
     """
     tmp = path + ".tmp"
     if "://" not in path:
@@ -72,9 +74,15 @@ def write_atomic(path: str, data: bytes | Callable[[BinaryIO], None],
         data = buf.getvalue()
     with FileSystems.create(tmp, mime_type=mime) as f:
         f.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
+    try:
+        # an object store's rename is a copy over the destination and a delete: readers see the old object
+        # or the new one, and a failure leaves the old one (deleting it first would leave none)
+        FileSystems.rename([tmp], [path])
+    except BeamIOError:
+        if not FileSystems.exists(path):
+            raise
+        FileSystems.delete([path])  # a file system whose rename will not replace (HDFS)
+        FileSystems.rename([tmp], [path])
 
 
 class DatasetStateError(ValueError):
@@ -231,6 +239,10 @@ def _check_some_land(staged: Staged, previous: DatasetManifest | None) -> None:
     new = staged.new
     if staged.same.num_rows or pc.any(pc.equal(new.column("status"), "ok")).as_py():
         return
+    if not new.num_rows:  # not even a reject
+        raise DatasetStateError(
+            "no sample and no reject reached the commit, so nothing was committed: an input without rows, or, with "
+            "a remote runner, an [output] dir that its workers and this machine do not share (use gs://, s3://)")
     rejected = new.filter(pc.equal(new.column("status"), "rejected"))
     reasons = sorted(_tally(rejected.column("reason")).items(), key=lambda x: -x[1])[:3]
     top = ", ".join(f"{reason} {n}" for reason, n in reasons)
@@ -428,7 +440,13 @@ def _file_sizes(paths: list[str]) -> list[int]:
 
     if all("://" not in p for p in paths):
         return [os.path.getsize(p) for p in paths]
-    return [result.metadata_list[0].size_in_bytes for result in FileSystems.match(paths)]
+    results = FileSystems.match(paths)
+    if gone := [p for p, result in zip(paths, results, strict=True) if not result.metadata_list]:
+        more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
+        raise DatasetStateError(f"{gone[0]}{more} went missing while the run wrote the new version, so nothing was "
+                                "committed: was the folder changed by hand meanwhile? Run again (with --full if "
+                                "shards of the current version are gone)")
+    return [result.metadata_list[0].size_in_bytes for result in results]
 
 
 def _matching(folder: str, pattern: str) -> list[str]:
@@ -443,13 +461,14 @@ def _matching(folder: str, pattern: str) -> list[str]:
 
 
 def _delete_tree(path: str) -> None:
-    """Delete the folder ``path`` and all below it (Beam's local delete reads the path as a pattern)."""
+    """Delete the folder ``path`` and all below it (Beam's local delete reads the path as a pattern; an
+    object store's deletes a prefix only when it ends in a slash, else the one object of that name)."""
     if "://" not in path:
         import shutil
 
         shutil.rmtree(path)
     else:
-        FileSystems.delete([path])
+        FileSystems.delete([path.rstrip("/") + "/"])
 
 
 class _Kept:
@@ -576,6 +595,13 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
                  # a version written before the split counts were recorded gets a new version that has them
                  and previous.splits == splits)
 
+    vpath = join(out_dir, version_path(version))
+    if not unchanged and FileSystems.exists(vpath):
+        # before any shard is renamed: a committed version's files must not be written over (a remote folder
+        # whose dataset.json was put back to an older version; a local one is refused before the run)
+        raise DatasetStateError(f"{vpath} already exists, above the current version {version - 1}: versions are "
+                                "immutable, and nothing was changed. Make the version you want current (copy its "
+                                "versions/ manifest over dataset.json) and run again")
     if not unchanged and (previous is None or previous.num_samples):
         _check_some_land(staged, previous)
     keys_updated = 0
@@ -613,9 +639,6 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     report["media_keys_updated"] = keys_updated
     if not unchanged:
         manifest.counts = counts
-        vpath = join(out_dir, version_path(version))
-        if FileSystems.exists(vpath):
-            raise RuntimeError(f"{vpath} already exists; versions are immutable")
         write_atomic(join(out_dir, job_path(version)), job_bytes, "application/toml")
     report["seconds"] = round(clock() - started, 3)
     report["samples_per_second"] = round(counts["input"] / report["seconds"], 3) if report["seconds"] > 0 else 0.0
@@ -636,7 +659,11 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
     except OSError as e:  # the version is committed all the same: a failure here must not say it is not
         log.warning("version %d of %s is committed, but writing its job.toml and report.json failed (%s); the "
                     "next run writes job.toml again", manifest.version, out_dir, e)
-    _delete_tree(staging)
+    try:
+        _delete_tree(staging)
+    except Exception as e:  # noqa: BLE001 - BeamIOError, OSError: the version is committed all the same
+        log.warning("version %d of %s is committed, but its staging folder %s could not be deleted (%s); delete "
+                    "it by hand", manifest.version, out_dir, staging, e)
     _remove_if_empty(join(out_dir, ".staging"))
     return CommitResult(manifest=manifest, report=report)
 
@@ -833,23 +860,53 @@ def check_new_folder(out_dir: str) -> None:
     import re
     from pathlib import Path
 
-    root = Path(out_dir)
-    if not root.is_dir() or (root / "dataset.json").exists() or version_numbers(out_dir):
-        return  # a dataset, or one whose dataset.json was lost (remove_uncommitted says what to do)
-    foreign = []
-    for f in sorted(root.iterdir()):
-        if f.name == ".staging" and f.is_dir():
-            continue
-        if f.is_dir() and f.name in _LEFTOVER_FOLDERS:
-            foreign += [g for g in sorted(f.iterdir()) if not re.match(_LEFTOVER_FOLDERS[f.name], g.name)]
-        elif not (f.is_file() and re.match(_LEFTOVER_FILES, f.name)):
-            foreign.append(f)
-    if foreign:
-        shown = ", ".join(str(f.relative_to(root)) for f in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    if "://" in out_dir:
+        foreign_names = _foreign_objects(out_dir)
+        root_shown = out_dir
+    else:
+        root = Path(out_dir)
+        if not root.is_dir() or (root / "dataset.json").exists() or version_numbers(out_dir):
+            return  # a dataset, or one whose dataset.json was lost (remove_uncommitted says what to do)
+        foreign = []
+        for f in sorted(root.iterdir()):
+            if f.name == ".staging" and f.is_dir():
+                continue
+            if f.is_dir() and f.name in _LEFTOVER_FOLDERS:
+                foreign += [g for g in sorted(f.iterdir()) if not re.match(_LEFTOVER_FOLDERS[f.name], g.name)]
+            elif not (f.is_file() and re.match(_LEFTOVER_FILES, f.name)):
+                foreign.append(f)
+        foreign_names = [str(f.relative_to(root)) for f in foreign]
+        root_shown = str(root)
+    if foreign_names:
+        foreign = foreign_names
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise DatasetStateError(
-            f"{root} is not empty and is no mbm dataset (it has no dataset.json; it holds {len(foreign)} other "
+            f"{root_shown} is not empty and is no mbm dataset (it has no dataset.json; it holds {len(foreign)} other "
             f"entr{'ies' if len(foreign) > 1 else 'y'}: {shown}): nothing was changed. Give an [output] dir "
             "(or --output) that is new or empty")
+
+
+def _foreign_objects(out_dir: str) -> list[str]:
+    """``check_new_folder`` in an object store: what is stored under ``out_dir`` (a prefix of its keys) that a
+    killed first run of mbm does not leave; nothing when it holds a ``dataset.json`` or ``versions/`` manifests."""
+    import re
+
+    (listed,) = FileSystems.match([out_dir.rstrip("/") + "/**"])
+    prefix = out_dir.rstrip("/") + "/"
+    rels = sorted(m.path[len(prefix):] for m in listed.metadata_list if m.path.startswith(prefix))
+    if "dataset.json" in rels or any(re.fullmatch(r"versions/\d{6}\.json", r) for r in rels):
+        return []
+    foreign = []
+    for rel in rels:
+        folder, _, name = rel.rpartition("/")
+        if folder == ".staging" or folder.startswith(".staging/"):
+            continue
+        if folder in _LEFTOVER_FOLDERS and re.match(_LEFTOVER_FOLDERS[folder], name):
+            continue
+        if not folder and re.match(_LEFTOVER_FILES, name):
+            continue
+        foreign.append(rel)
+    return foreign
 
 
 def _versions_shown(versions: list[int]) -> str:

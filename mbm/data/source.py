@@ -94,6 +94,10 @@ def sort_labels(labels: list[Any]) -> list[Any]:
 
 def resolve_data(spec: str) -> DataSource:
     """A ``DataSource`` for ``--data``; raises ``ValueError`` naming what is wrong."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", spec):
+        raise ValueError(f"--data {spec}: the loader reads local shards (it reads each sample's arrays from its "
+                         "shard with pread); copy the dataset folder here (gsutil -m cp -r, aws s3 sync) or mount "
+                         "it, and give its local path")
     pinned = _pin(spec)
     if pinned:
         root = pinned["root"] or "."

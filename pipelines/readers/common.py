@@ -293,3 +293,17 @@ def duplicate(sample_id: str, source: str, kept: str) -> Reject:
         source,
         sample_id,
     )
+
+
+def strip_slashes(uri: str) -> str:
+    """A folder URI without trailing slashes: ``gs://b/out/`` is ``gs://b/out``, ``gs://b/`` is ``gs://b``."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+def remote_folder_exists(uri: str) -> bool:
+    """Whether anything is stored under the folder ``uri`` of an object store (one object listed is enough)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    (result,) = FileSystems.match([strip_slashes(uri) + "/**"], [1])
+    return bool(result.metadata_list)

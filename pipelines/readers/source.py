@@ -25,7 +25,16 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipelines.dedupe import media_key
-from pipelines.readers.common import absolute, display_name, duplicate, has_scheme, local_path, media_kind
+from pipelines.readers.common import (
+    absolute,
+    display_name,
+    duplicate,
+    has_scheme,
+    local_path,
+    media_kind,
+    remote_folder_exists,
+    strip_slashes,
+)
 from pipelines.readers.folder import check_metadata, iter_folder, list_files, tables_hint
 from pipelines.readers.manifest import check_columns, iter_manifest, listed_columns
 from pipelines.readers.rows import FORMATS, format_of
@@ -163,10 +172,12 @@ def list_inputs(config: SourceConfig) -> list[Input]:
     if config.manifest:
         kind, paths = "manifest", [absolute(config.manifest)]
     elif config.folder:
-        kind, paths = "folder", [absolute(config.folder)]
+        folder = absolute(config.folder)
+        kind, paths = "folder", [strip_slashes(folder) if has_scheme(folder) else folder]
     else:
         kind, paths = "tar", expand_shards(config.shards or "")
-    if has_scheme(paths[0]) and not FileSystems.exists(paths[0]) and kind != "tar":
+    if has_scheme(paths[0]) and kind != "tar" and not (
+            FileSystems.exists(paths[0]) if kind == "manifest" else remote_folder_exists(paths[0])):
         raise ValueError(f"[input] {kind} {paths[0]!r} does not exist")
     names = [display_name(p) for p in paths]
     if len(set(names)) < len(names):  # same base name in two folders: full paths keep sources apart
@@ -191,7 +202,7 @@ def expand_shards(pattern: str) -> list[str]:
 
     parts = [absolute(p) for p in ([pattern] if _literal(pattern) else braceexpand(pattern))]
     # a folder: its tars, plain and compressed
-    parts = [q for p in parts for q in (_tars_in(p) if os.path.isdir(p) else [p])]
+    parts = [q for p in parts for q in (_tars_in(p) if _is_folder(p) else [p])]
     remote = [p for p in parts if _GLOB.search(p) and local_path(p) is None]
     matched = {p: sorted(m.path for m in r.metadata_list)
                for p, r in zip(remote, FileSystems.match(remote), strict=True)} if remote else {}
@@ -249,14 +260,33 @@ def _not_tars(root: str, pattern: str) -> str:
     return tables_hint(pattern, files) or "; name its tars with a pattern"
 
 
+def _is_folder(path: str) -> bool:
+    """Whether ``path`` names a folder: a local one, or a prefix of an object store's keys that is not itself
+    an object and has objects below it (``gs://b/tars``: an object store has no folders)."""
+    local = local_path(path)
+    if local is not None:
+        return os.path.isdir(local)
+    if _GLOB.search(path):
+        return False
+    from apache_beam.io.filesystems import FileSystems
+
+    return not FileSystems.exists(path) and remote_folder_exists(path)
+
+
 def _tars_in(folder: str) -> list[str]:
     """The patterns of a folder's tars: ``*.tar``, and one for each compressed tar name its files have
     (``*.tar.gz``, ``*.tgz``, ...). A local folder's own name is escaped ("run [2024]")."""
     local = local_path(folder)
-    names = os.listdir(local) if local is not None else []
+    if local is not None:
+        names = os.listdir(local)
+    else:
+        from apache_beam.io.filesystems import FileSystems
+
+        (listed,) = FileSystems.match([strip_slashes(folder) + "/*"])
+        names = [posixpath.basename(m.path) for m in listed.metadata_list]
     kinds = [ext for ext in TAR_NAMES if ext == ".tar" or any(name.endswith(ext) for name in names)]
-    base = glob.escape(folder) if local is not None else folder
-    return [os.path.join(base, "*" + ext) for ext in kinds]
+    base = glob.escape(folder) if local is not None else strip_slashes(folder)
+    return [posixpath.join(base, "*" + ext) for ext in kinds]
 
 
 def read_input(item: Input, config: SourceConfig) -> Iterator[RawSample | Reject]:

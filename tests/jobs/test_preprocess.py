@@ -111,11 +111,11 @@ def test_a_remote_runner_refused_by_beam_leaves_no_output_folder(tmp_path):
     from jobs.spec import SpecError, load_spec
 
     (tmp_path / "m.jsonl").write_text('{"id": "a", "text": "hello"}\n')
-    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "out"\n'
+    (tmp_path / "job.toml").write_text('[input]\nmanifest = "m.jsonl"\n[output]\ndir = "s3://bucket/out"\n'
                                        '[runner]\nname = "DataflowRunner"\n')
     with pytest.raises(SpecError, match=r"^\[runner\] DataflowRunner: Missing GCS path option: temp_location; "):
         run_preprocess(load_spec(str(tmp_path / "job.toml")))
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "m.jsonl"]
 
 
 def test_a_runner_s_service_that_fails_is_told_in_one_line(tmp_path):

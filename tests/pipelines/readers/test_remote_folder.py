@@ -1,12 +1,9 @@
 """A folder in an object store: its listing's metadata stands for its objects' bytes on a re-run."""
 
 import json
-import os
 import time
 
 import pytest
-from apache_beam.io.filesystem import FileMetadata, MatchResult
-from apache_beam.io.localfilesystem import LocalFileSystem
 
 import pipelines.media as media
 from pipelines import cleaning
@@ -15,42 +12,15 @@ from pipelines.cleaning import CleanConfig
 from pipelines.readers import iter_folder
 from pipelines.sink import ok_row
 from schemas import CleanSample, Media, RawSample
-
-
-class FakeStore(LocalFileSystem):
-    """``mbmstore://bucket/key``: an object store kept in a local folder (``ROOT``). Its listing gives each
-    object's size and modification time, as a store's gives its update time."""
-
-    ROOT = ""
-
-    @classmethod
-    def scheme(cls):
-        return "mbmstore"
-
-    def _local(self, path):  # the base class's match calls exists() with the local path again
-        return os.path.join(self.ROOT, path[len("mbmstore://"):]) if path.startswith("mbmstore://") else path
-
-    def _remote(self, path):
-        return "mbmstore://" + os.path.relpath(path, self.ROOT)
-
-    def match(self, patterns, limits=None):
-        return [MatchResult(p, [FileMetadata(self._remote(m.path), m.size_in_bytes, m.last_updated_in_seconds)
-                                for m in r.metadata_list])
-                for p, r in zip(patterns, super().match([self._local(p) for p in patterns], limits), strict=True)]
-
-    def open(self, path, mime_type="application/octet-stream", compression_type="auto"):
-        return super().open(self._local(path), mime_type, compression_type)
-
-    def exists(self, path):
-        return super().exists(self._local(path))
+from tests.support import objstore
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setattr(FakeStore, "ROOT", str(tmp_path / "store"))
+def store(monkeypatch):
+    objstore.clear()
     monkeypatch.setattr(media, "KEYED_SCHEMES", media.KEYED_SCHEMES | {"mbmstore"})
-    (tmp_path / "store" / "bucket").mkdir(parents=True)
-    return tmp_path / "store" / "bucket"
+    yield "mbmstore://bucket"
+    objstore.clear()
 
 
 def _png(rgb):
@@ -61,14 +31,6 @@ def _png(rgb):
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), rgb).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _put(path, data, age):
-    """Write an object updated ``age`` seconds ago."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    t = time.time() - age
-    os.utime(path, (t, t))
 
 
 def test_remote_stamp_only_for_object_stores_and_settled_objects():
@@ -86,27 +48,27 @@ def test_remote_stamp_only_for_object_stores_and_settled_objects():
 
 @pytest.mark.parametrize("with_metadata", [False, True])
 def test_a_remote_folders_objects_get_their_listings_stamps(store, with_metadata):
-    _put(store / "cats" / "a.png", _png((200, 0, 0)), 3600)
-    _put(store / "dogs" / "b.png", _png((0, 0, 200)), 3600)
-    _put(store / "dogs" / "new.png", _png((0, 200, 0)), 1)  # just written: no stamp yet
+    objstore.put(f"{store}/cats/a.png", _png((200, 0, 0)), 3600)
+    objstore.put(f"{store}/dogs/b.png", _png((0, 0, 200)), 3600)
+    objstore.put(f"{store}/dogs/new.png", _png((0, 200, 0)), 1)  # just written: no stamp yet
     if with_metadata:
         rows = [{"file_name": n, "text": n} for n in ("cats/a.png", "dogs/b.png", "dogs/new.png")]
-        _put(store / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), 3600)
-    samples = {s.id: s for s in iter_folder("mbmstore://bucket") if isinstance(s, RawSample)}
+        objstore.put(f"{store}/metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), 3600)
+    samples = {s.id: s for s in iter_folder(store) if isinstance(s, RawSample)}
     assert set(samples) == {"cats/a.png", "dogs/b.png", "dogs/new.png"}
-    size = (store / "cats" / "a.png").stat().st_size
-    assert samples["cats/a.png"].image.stamp == f"{size}\0{os.path.getmtime(store / 'cats' / 'a.png')!r}"
+    data, updated = objstore.OBJECTS[f"{store}/cats/a.png"]
+    assert samples["cats/a.png"].image.stamp == f"{len(data)}\0{updated!r}"
     assert samples["dogs/b.png"].image.stamp and samples["dogs/new.png"].image.stamp is None
 
 
 def test_a_re_run_does_not_read_a_remote_object_its_listing_says_is_unchanged(store, monkeypatch):
-    _put(store / "cats" / "a.png", _png((200, 0, 0)), 3600)
-    _put(store / "dogs" / "b.png", _png((0, 0, 200)), 3600)
+    objstore.put(f"{store}/cats/a.png", _png((200, 0, 0)), 3600)
+    objstore.put(f"{store}/dogs/b.png", _png((0, 0, 200)), 3600)
     cfg = CleanConfig(text=TextCleanConfig(), image=ImageCleanConfig(), audio=AudioCleanConfig(),
                       fingerprints={"image": "fi"})
 
     def listed():
-        return [s for s in iter_folder("mbmstore://bucket") if isinstance(s, RawSample)]
+        return [s for s in iter_folder(store) if isinstance(s, RawSample)]
 
     rows = {}
     for raw in listed():
@@ -121,9 +83,9 @@ def test_a_re_run_does_not_read_a_remote_object_its_listing_says_is_unchanged(st
         assert isinstance(again, dict) and again["media_stats"] == rows[raw.id]["media_stats"]
     assert reads == []  # the listing alone said both were unchanged
     # one rewritten (the same size: another colour of the same picture) gets a new update time: it is read
-    _put(store / "cats" / "a.png", _png((0, 200, 0)), 1800)
-    assert (store / "cats" / "a.png").stat().st_size == len(_png((200, 0, 0)))
+    objstore.put(f"{store}/cats/a.png", _png((0, 200, 0)), 1800)
+    assert len(_png((0, 200, 0))) == len(_png((200, 0, 0)))
     changed = {raw.id: cleaning.clean_sample(raw, cfg, rows[raw.id]) for raw in listed()}
-    assert reads == ["mbmstore://bucket/cats/a.png"]
+    assert reads == [f"{store}/cats/a.png"]
     assert isinstance(changed["cats/a.png"], CleanSample) and changed["cats/a.png"].plan == "changed"
     assert isinstance(changed["dogs/b.png"], dict)
