@@ -861,27 +861,24 @@ def check_new_folder(out_dir: str) -> None:
     from pathlib import Path
 
     if "://" in out_dir:
-        foreign_names = _foreign_objects(out_dir)
-        root_shown = out_dir
+        foreign = _foreign_objects(out_dir)
     else:
         root = Path(out_dir)
         if not root.is_dir() or (root / "dataset.json").exists() or version_numbers(out_dir):
             return  # a dataset, or one whose dataset.json was lost (remove_uncommitted says what to do)
-        foreign = []
+        found = []
         for f in sorted(root.iterdir()):
             if f.name == ".staging" and f.is_dir():
                 continue
             if f.is_dir() and f.name in _LEFTOVER_FOLDERS:
-                foreign += [g for g in sorted(f.iterdir()) if not re.match(_LEFTOVER_FOLDERS[f.name], g.name)]
+                found += [g for g in sorted(f.iterdir()) if not re.match(_LEFTOVER_FOLDERS[f.name], g.name)]
             elif not (f.is_file() and re.match(_LEFTOVER_FILES, f.name)):
-                foreign.append(f)
-        foreign_names = [str(f.relative_to(root)) for f in foreign]
-        root_shown = str(root)
-    if foreign_names:
-        foreign = foreign_names
+                found.append(f)
+        foreign = [str(f.relative_to(root)) for f in found]
+    if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise DatasetStateError(
-            f"{root_shown} is not empty and is no mbm dataset (it has no dataset.json; it holds {len(foreign)} other "
+            f"{out_dir} is not empty and is no mbm dataset (it has no dataset.json; it holds {len(foreign)} other "
             f"entr{'ies' if len(foreign) > 1 else 'y'}: {shown}): nothing was changed. Give an [output] dir "
             "(or --output) that is new or empty")
 
