@@ -266,7 +266,7 @@ def _is_folder(path: str) -> bool:
     local = local_path(path)
     if local is not None:
         return os.path.isdir(local)
-    if _GLOB.search(path):
+    if _GLOB.search(path) or path.lower().endswith(TAR_NAMES):  # no request per tar of a {0000..9999} pattern
         return False
     from apache_beam.io.filesystems import FileSystems
 
