@@ -888,8 +888,10 @@ def _foreign_objects(out_dir: str) -> list[str]:
     killed first run of mbm does not leave; nothing when it holds a ``dataset.json`` or ``versions/`` manifests."""
     import re
 
-    (listed,) = FileSystems.match([out_dir.rstrip("/") + "/**"])
     prefix = out_dir.rstrip("/") + "/"
+    if FileSystems.exists(prefix + "dataset.json"):  # a dataset: not a listing of all its shards
+        return []
+    (listed,) = FileSystems.match([prefix + "**"])
     rels = sorted(m.path[len(prefix):] for m in listed.metadata_list if m.path.startswith(prefix))
     if "dataset.json" in rels or any(re.fullmatch(r"versions/\d{6}\.json", r) for r in rels):
         return []
