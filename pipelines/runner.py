@@ -32,7 +32,7 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 log = logging.getLogger(__name__)
 
 MIN_SPLIT_ELEMENTS = 2  # a bundle of fewer unread elements is left to finish
-SPLIT_TIMEOUT_S = 10.0  # a worker that does not answer a split (it died) is left to its bundle's error
+SPLIT_POLL_S = 1.0  # how often a split waiting for its answer wakes (a worker answers every request, however late)
 
 
 @dataclass
@@ -84,10 +84,7 @@ def split_rest(handler: Any, bundle_id: str, transform_id: str, total: int) -> i
                 fraction_of_remainder=0.5, estimated_input_elements=total)}))
     for pause in (0.0, 0.05, 0.1):  # the bundle may not have registered yet
         time.sleep(pause)
-        try:
-            response = handler.control_conn.push(request).get(timeout=SPLIT_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - no answer (Beam asserts on a timeout) or a dead connection
-            return None
+        response = _answer(handler.control_conn.push(request))
         if "Unknown process bundle" not in response.error:
             break
     if response.error or response.process_bundle_split.primary_roots or response.process_bundle_split.residual_roots:
@@ -96,6 +93,19 @@ def split_rest(handler: Any, bundle_id: str, transform_id: str, total: int) -> i
         if channel.transform_id == transform_id:
             return channel.first_residual_element
     return None
+
+
+def _answer(future: Any) -> Any:
+    """The worker's answer to a split request, however long it takes. A worker that is slow to answer
+    (swapping, stopped, in a long call holding the GIL) still applies the split when it gets to it and
+    stops its bundle there: reading no answer as a refusal lost the rest of that bundle (125 samples
+    of a job whose worker was stopped for 30 s). A connection that closes raises, and the stage fails
+    with the bundle it was running."""
+    while True:
+        try:
+            return future.get(timeout=SPLIT_POLL_S)
+        except AssertionError:  # Beam's ControlFuture asserts on a wait that ends without an answer
+            log.debug("split request %s: no answer yet", getattr(future, "instruction_id", "?"))
 
 
 class BalancedBundleManager(fn_runner.ParallelBundleManager):

@@ -3,6 +3,7 @@ import sys
 import time
 
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.environments import SubprocessSDKEnvironment
@@ -69,3 +70,44 @@ def test_a_failing_bundle_fails_the_stage_with_its_error(tmp_path):
     with pytest.raises(Exception, match="element 7 is bad"):
         with beam.Pipeline(runner=runner, options=options) as p:
             _ = p | beam.Create(list(range(20))) | beam.Reshuffle() | beam.Map(boom)
+
+
+def test_a_split_answered_late_is_applied_not_taken_for_a_refusal(monkeypatch):
+    """A worker slow to answer a split (stopped, swapping) still applies it and stops its bundle there: a
+    split read as refused after a timeout lost the rest of that bundle (125 samples, exit 0)."""
+    import threading
+
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.portability.fn_api_runner.worker_handlers import ControlFuture
+
+    monkeypatch.setattr(balanced, "SPLIT_POLL_S", 0.01)
+    monkeypatch.setattr(balanced, "SPLIT_TIMEOUT_S", 0.01, raising=False)  # the old code's limit, as short
+
+    class Slow:
+        """A control connection whose worker answers each request 0.2 s late, with a split at element 7."""
+
+        def push(self, request):
+            future = ControlFuture("split-1")
+            answer = beam_fn_api_pb2.InstructionResponse(
+                process_bundle_split=beam_fn_api_pb2.ProcessBundleSplitResponse(channel_splits=[
+                    beam_fn_api_pb2.ProcessBundleSplitResponse.ChannelSplit(transform_id="t",
+                                                                            first_residual_element=7)]))
+            threading.Timer(0.2, future.set, args=(answer,)).start()
+            return future
+
+    class Handler:
+        control_conn = Slow()
+
+    assert balanced.split_rest(Handler(), "bundle-1", "t", 12) == 7
+
+    class Dead:
+        def push(self, request):
+            future = ControlFuture("split-2")
+            threading.Timer(0.05, future.abort, args=(RuntimeError("the worker's connection closed"),)).start()
+            return future
+
+    class Gone:
+        control_conn = Dead()
+
+    with pytest.raises(RuntimeError, match="connection closed"):  # the stage fails, nothing is dropped quietly
+        balanced.split_rest(Gone(), "bundle-2", "t", 12)
