@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class _Running:
     elements: list[Any] | None = None  # decoded, once a split needs them
     bundle_id: str | None = None  # known once its input is sent
     done: bool = False
+    failed: bool = False  # the bundle ended in an error (its worker died): the stage fails with it
     splitting: bool = False  # a split request is out; one at a time
     splits: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -74,9 +76,11 @@ class _TrackedBundleManager(fn_runner.BundleManager):
             self._running.bundle_id = process_bundle_id
 
 
-def split_rest(handler: Any, bundle_id: str, transform_id: str, total: int) -> int | None:
+def split_rest(handler: Any, bundle_id: str, transform_id: str, total: int,
+               failed: Callable[[], bool] = lambda: False) -> int | None:
     """Ask a running bundle to stop halfway through the elements it has not read; the index of
-    the first element it will not process, or None when it would not split (done, or too far)."""
+    the first element it will not process, or None when it would not split (done, or too far), or when
+    the bundle failed before its worker answered (``failed``: the stage fails with that bundle's error)."""
     request = beam_fn_api_pb2.InstructionRequest(
         process_bundle_split=beam_fn_api_pb2.ProcessBundleSplitRequest(
             instruction_id=bundle_id,
@@ -84,7 +88,9 @@ def split_rest(handler: Any, bundle_id: str, transform_id: str, total: int) -> i
                 fraction_of_remainder=0.5, estimated_input_elements=total)}))
     for pause in (0.0, 0.05, 0.1):  # the bundle may not have registered yet
         time.sleep(pause)
-        response = _answer(handler.control_conn.push(request))
+        response = _answer(handler.control_conn.push(request), failed)
+        if response is None:
+            return None
         if "Unknown process bundle" not in response.error:
             break
     if response.error or response.process_bundle_split.primary_roots or response.process_bundle_split.residual_roots:
@@ -95,16 +101,19 @@ def split_rest(handler: Any, bundle_id: str, transform_id: str, total: int) -> i
     return None
 
 
-def _answer(future: Any) -> Any:
-    """The worker's answer to a split request, however long it takes. A worker that is slow to answer
-    (swapping, stopped, in a long call holding the GIL) still applies the split when it gets to it and
-    stops its bundle there: reading no answer as a refusal lost the rest of that bundle (125 samples
-    of a job whose worker was stopped for 30 s). A connection that closes raises, and the stage fails
-    with the bundle it was running."""
+def _answer(future: Any, failed: Callable[[], bool]) -> Any | None:
+    """The worker's answer to a split request, however long it takes; None once the bundle has failed
+    without one (a killed worker answers nothing, and the stage fails with its bundle's error). A worker
+    that is only slow to answer (swapping, stopped, in a long call holding the GIL) still applies the
+    split when it gets to it and stops its bundle there: reading no answer as a refusal lost the rest of
+    that bundle (125 samples of a job whose worker was stopped for 30 s, exit 0). Its bundle may even
+    end before the answer arrives, so only a failed bundle ends the wait. A connection that closes raises."""
     while True:
         try:
             return future.get(timeout=SPLIT_POLL_S)
         except AssertionError:  # Beam's ControlFuture asserts on a wait that ends without an answer
+            if failed():
+                return None
             log.debug("split request %s: no answer yet", getattr(future, "instruction_id", "?"))
 
 
@@ -132,6 +141,9 @@ class BalancedBundleManager(fn_runner.ParallelBundleManager):
             try:
                 result = manager.process_bundle({transform_id: payload}, expected_outputs, {},
                                                 expected_output_timers, dry_run)
+            except BaseException:
+                job.failed = True
+                raise
             finally:
                 with job.lock:
                     job.done = True
@@ -154,7 +166,8 @@ class BalancedBundleManager(fn_runner.ParallelBundleManager):
                         continue
                     job.splitting = True
                 try:
-                    first = split_rest(job.handler, job.bundle_id, transform_id, len(job.elements))
+                    first = split_rest(job.handler, job.bundle_id, transform_id, len(job.elements),
+                                       lambda job=job: job.failed or bool(errors))
                     if first is None or first >= len(job.elements):
                         continue
                     # the worker accepted: it stops before element ``first`` even if its bundle has ended since

@@ -33,8 +33,8 @@ def test_an_idle_worker_takes_over_half_of_a_busy_workers_rest(tmp_path, monkeyp
     splits = []
     split_rest = balanced.split_rest
 
-    def record(handler, bundle_id, transform_id, total):
-        first = split_rest(handler, bundle_id, transform_id, total)
+    def record(handler, bundle_id, transform_id, total, failed):
+        first = split_rest(handler, bundle_id, transform_id, total, failed)
         splits.append((total, first))
         return first
 
@@ -111,3 +111,16 @@ def test_a_split_answered_late_is_applied_not_taken_for_a_refusal(monkeypatch):
 
     with pytest.raises(RuntimeError, match="connection closed"):  # the stage fails, nothing is dropped quietly
         balanced.split_rest(Gone(), "bundle-2", "t", 12)
+
+    class Killed:
+        """A worker killed with its bundle: it answers nothing, and the bundle fails."""
+
+        def push(self, request):
+            return ControlFuture("split-3")
+
+    class Dying:
+        control_conn = Killed()
+
+    ended = threading.Event()
+    threading.Timer(0.1, ended.set).start()
+    assert balanced.split_rest(Dying(), "bundle-3", "t", 12, ended.is_set) is None  # the stage fails with it
