@@ -846,6 +846,7 @@ def test_held_out_pass_workers_let_go_of_their_shared_memory_after_each_pass(dat
     received = []
     real = segments.receive
     monkeypatch.setattr(segments, "receive", lambda key, segment: (received.append(key), real(key, segment)))
+    monkeypatch.setattr(segments, "_RECEIVED", {})  # this test's loader's alone, whatever an earlier test left
     cfg = _held_out(resolve_data(dataset))
     want = ids_of(ShardStream(cfg))
     with PassLoader(ShardStream(cfg), workers=2) as loader:
