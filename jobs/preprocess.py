@@ -27,7 +27,14 @@ from mbm.extractors.handler import features_fingerprint
 from mbm.lock import FolderLock
 from pipelines.build import build_graph, make_runner, pipeline_options
 from pipelines.cleaning import CleanConfig
-from pipelines.commit import DatasetStateError, check_new_folder, commit, current_manifest, remove_uncommitted
+from pipelines.commit import (
+    DatasetStateError,
+    check_new_folder,
+    commit,
+    current_manifest,
+    delete_tree,
+    remove_uncommitted,
+)
 from pipelines.errors import ResourceError, disk_guard, resource_failure
 from pipelines.extract import build_handlers
 from pipelines.progress import ProgressMonitor
@@ -110,10 +117,8 @@ def _drop_staging(staging: str, staging_root: str) -> None:
     """Remove a run's staging folder, and the staging root when no other run's is left in it (an object
     store's prefix goes with its last object)."""
     if "://" in staging:
-        from apache_beam.io.filesystems import FileSystems
-
         try:
-            FileSystems.delete([staging.rstrip("/") + "/"])
+            delete_tree(staging)
         except Exception as e:  # noqa: BLE001 - BeamIOError: what is left of a failed run is not its failure
             log.warning("the staging folder %s of this failed run could not be deleted (%s); delete it by hand",
                         staging, e)
@@ -191,11 +196,8 @@ def _check_current_files(out_dir: str, previous: Any) -> None:
     if not _is_local(out_dir):
         _check_current_objects(out_dir, previous)
         return
-    missing = [p for p in (previous.index, *previous.shards) if not os.path.isfile(os.path.join(out_dir, p))]
-    if missing:
-        raise SpecError(f"[output] dir {out_dir}: {len(missing)} of the files of its current version {previous.version} "
-                        f"are missing (e.g. {missing[0]}): the folder was changed by hand; put them back, or rerun "
-                        "with --full (every sample computed again into a new version)")
+    _refuse_missing(out_dir, previous, [p for p in (previous.index, *previous.shards)
+                                        if not os.path.isfile(os.path.join(out_dir, p))])
     import pyarrow.parquet as pq
 
     try:
@@ -212,6 +214,14 @@ def _check_current_files(out_dir: str, previous: Any) -> None:
                         "into a new version)")
 
 
+def _refuse_missing(out_dir: str, previous: Any, missing: list[str]) -> None:
+    """Stop the job when files of the current version are gone (paths relative to ``out_dir``)."""
+    if missing:
+        raise SpecError(f"[output] dir {out_dir}: {len(missing)} of the files of its current version {previous.version} "
+                        f"are missing (e.g. {missing[0]}): the folder was changed by hand; put them back, or rerun "
+                        "with --full (every sample computed again into a new version)")
+
+
 def _check_current_objects(out_dir: str, previous: Any) -> None:
     """``_check_current_files`` in an object store: the current version's index and shards are there, and each
     shard has the size its manifest records (one listing of each folder, not a request per file)."""
@@ -221,11 +231,7 @@ def _check_current_objects(out_dir: str, previous: Any) -> None:
     for folder in ("index", "shards"):
         (listed,) = FileSystems.match([f"{out_dir}/{folder}/*"])
         sizes.update((m.path, m.size_in_bytes) for m in listed.metadata_list)
-    missing = [p for p in (previous.index, *previous.shards) if f"{out_dir}/{p}" not in sizes]
-    if missing:
-        raise SpecError(f"[output] dir {out_dir}: {len(missing)} of the files of its current version {previous.version} "
-                        f"are missing (e.g. {missing[0]}): the folder was changed by hand; put them back, or rerun "
-                        "with --full (every sample computed again into a new version)")
+    _refuse_missing(out_dir, previous, [p for p in (previous.index, *previous.shards) if f"{out_dir}/{p}" not in sizes])
     recorded = previous.shard_bytes or []
     for shard, size in zip(previous.shards, recorded, strict=False):
         if sizes[f"{out_dir}/{shard}"] != size:
@@ -303,15 +309,12 @@ def run_preprocess(spec: JobSpec, *, full: bool = False, extra_options: list[str
             if local:
                 remove_uncommitted(out_dir)  # we hold the lock: anything uncommitted is left from a killed run
             previous = current_manifest(out_dir)
+            if previous is not None and not full:
+                _check_current_files(out_dir, previous)
         except DatasetStateError as e:
             raise SpecError(str(e)) from None
         except BeamIOError as e:  # a remote folder without credentials or options (s3:// needs --s3_* options)
             raise SpecError(f"[output] dir = {out_dir!r} cannot be read: {e}") from None
-        if previous is not None and not full:
-            try:
-                _check_current_files(out_dir, previous)
-            except BeamIOError as e:
-                raise SpecError(f"[output] dir = {out_dir!r} cannot be read: {e}") from None
         staging = f"{staging_root}/{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         if local:
             Path(staging).mkdir(parents=True)

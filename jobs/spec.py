@@ -321,7 +321,6 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-
 def _check_output_dir(path: str, where: str) -> None:
     """A local output folder must be a folder, or creatable: no file in its place or above it."""
     if "://" not in path and (what := file_in_the_way(path)):
@@ -377,7 +376,6 @@ def _check_remote_input(p: str, where: str, key: str) -> str:
         raise SpecError(f"{where}: [input] {key} = {p!r} does not exist"
                         + (" (nothing is stored under it)" if key == "folder" else ""))
     return p
-
 
 
 def _exists(path: Path) -> bool:

@@ -460,7 +460,7 @@ def _matching(folder: str, pattern: str) -> list[str]:
     return [m.path for m in FileSystems.match([join(folder, pattern)])[0].metadata_list]
 
 
-def _delete_tree(path: str) -> None:
+def delete_tree(path: str) -> None:
     """Delete the folder ``path`` and all below it (Beam's local delete reads the path as a pattern; an
     object store's deletes a prefix only when it ends in a slash, else the one object of that name)."""
     if "://" not in path:
@@ -660,7 +660,7 @@ def _commit(out_dir: str, staging: str, *, job_toml: str, clock, started: float,
         log.warning("version %d of %s is committed, but writing its job.toml and report.json failed (%s); the "
                     "next run writes job.toml again", manifest.version, out_dir, e)
     try:
-        _delete_tree(staging)
+        delete_tree(staging)
     except Exception as e:  # noqa: BLE001 - BeamIOError, OSError: the version is committed all the same
         log.warning("version %d of %s is committed, but its staging folder %s could not be deleted (%s); delete "
                     "it by hand", manifest.version, out_dir, staging, e)

@@ -26,11 +26,10 @@ first epoch on.
 Either is replayed only while the shard is the same file (size, mtime, ctime, inode), and gives exactly the
 samples and skips a fresh scan gives, in order. The stream's whole part before decoding takes 75-85 µs a
 sample scanning, 14-15 replaying the records on disk and 4.5 replaying the samples in memory
-(``benchmarks/stream.py --scan``). A shard written less than 2 s
-before its scan began (or whose times were set then) could be written again without its identity changing
-(a timestamp tick is a few ms here, 2 s on some file systems), so its scan is not written to disk; a later
-epoch's is. Shards whose
-arrays are read eagerly (compressed tars) and shards that fail to open are scanned anew each time.
+(``benchmarks/stream.py --scan``). A shard written less than 2 s before its scan began (or whose times
+were set then) could be written again without its identity changing (a timestamp tick is a few ms here,
+2 s on some file systems), so its scan is not written to disk; a later epoch's is. Shards whose arrays
+are read eagerly (compressed tars) and shards that fail to open are scanned anew each time.
 """
 
 from __future__ import annotations

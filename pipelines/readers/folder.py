@@ -246,7 +246,7 @@ def _depth_first(rel: str) -> tuple[int, str]:
 
 def _metadata_samples(
     root: str, rel: str, allow_outside: bool, seen: FirstWins, named: set[str], damaged: set[str],
-    stamps: dict[str, str] | None = None,
+    stamps: dict[str, str],
 ) -> Iterator[RawSample | Reject]:
     """The samples of one metadata file, adding the paths its rows name to ``named``; one that cannot
     be read (a broken symlink, a pipe, a cut Parquet file) is one ``read.unreadable`` reject from
@@ -267,7 +267,7 @@ def _metadata_samples(
             kind = _kind(file_name, source)
             uri = resolve_media(file_name, base, allow_outside, source, "file_name")
             named.add(uri)
-            media = Media(uri=uri, name=file_name, stamp=(stamps or {}).get(uri))
+            media = Media(uri=uri, name=file_name, stamp=stamps.get(uri))
             sample = _row_sample(sample_id, row, source, kind, media)
             _record_split(sample)
         except CleanError as e:
@@ -397,7 +397,7 @@ def _unnamed(rel: str, covering: dict[str, list[str]], damaged: set[str]) -> Rej
     return reject("read.not_in_metadata", detail, rel, rel)
 
 
-def _file_samples(root: str, files: list[str], stamps: dict[str, str] | None = None) -> Iterator[RawSample | Reject]:
+def _file_samples(root: str, files: list[str], stamps: dict[str, str]) -> Iterator[RawSample | Reject]:
     """The samples of a folder without metadata, one per media file, with the text and metadata of the
     ``.txt`` and ``.json`` beside it; one of those that cannot be used is a reject of its own, read once
     (one may serve an image and an audio file), and its media files are read without it."""
@@ -446,7 +446,7 @@ def _file_samples(root: str, files: list[str], stamps: dict[str, str] | None = N
         if split in SPLIT_NAMES:
             meta["split"] = split
         uri = f"{root}/{rel}"
-        media = Media(uri=uri, name=rel, stamp=(stamps or {}).get(uri))
+        media = Media(uri=uri, name=rel, stamp=stamps.get(uri))
         yield RawSample(id=rel, text=text, label=label, meta=meta, source=rel, **{kind: media})
 
 

@@ -62,7 +62,7 @@ class MemoryStore(FileSystem):
         return PREFIX + head, tail
 
     def mkdirs(self, path):
-        pass
+        """Nothing to make: an object store has no folders (GCS's and S3's mkdirs do nothing either)."""
 
     def has_dirs(self):
         return False
@@ -122,4 +122,4 @@ class MemoryStore(FileSystem):
             raise BeamIOError("Delete operation failed", errors)
 
     def report_lineage(self, path, lineage):
-        pass
+        """No lineage to report for a store in memory."""
